@@ -1,0 +1,319 @@
+"""The one boundary to protobuf: load, check, save, and convert to/from graphsurgeon graphs.
+
+Everything else in onnxcompress works on :class:`onnx_graphsurgeon.Graph` objects and numpy arrays.
+Loading refuses what it cannot trust (not a file, not a model, external data outside the model's
+folder, unknown operator domains) with an :class:`~onnxcompress.errors.InputError`; saving is
+atomic (a temporary file in the destination folder, then a rename) and switches to external data
+when the weights would not fit in a 2 GB protobuf.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import InputError
+
+__all__ = [
+    "ModelSource",
+    "KNOWN_DOMAINS",
+    "MIN_OPSET",
+    "PROTO_LIMIT",
+    "load_model",
+    "save_model",
+    "check_model",
+    "to_graph",
+    "to_model",
+    "infer_shapes",
+    "weights_nbytes",
+    "model_opset",
+    "model_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+#: Operator domains whose ops onnxruntime's CPU provider knows.
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
+#: Oldest default-domain opset we accept.
+MIN_OPSET = 7
+#: Protobuf's hard limit; above ~this many bytes of weights a model must use external data.
+PROTO_LIMIT = 2**31 - 1
+_EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+
+
+def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
+    """Load and sanity-check a model from a path, serialized bytes, or a ``ModelProto``.
+
+    External data is loaded only from files inside the model's own folder.
+
+    Args:
+        source: A path to an ``.onnx`` file, its bytes, or a ``ModelProto`` (deep-copied).
+        check: Run ``onnx.checker`` (without shape inference) and the domain/opset checks.
+
+    Returns:
+        The model with all weights in memory.
+
+    Raises:
+        InputError: The source is missing, unreadable, not an ONNX model, or not supported.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = copy.deepcopy(source)
+    elif isinstance(source, (bytes, bytearray)):
+        model = _parse(bytes(source), "<bytes>")
+    else:
+        model = _load_path(Path(source))
+    if check:
+        _check_supported(model)
+    return model
+
+
+def _load_path(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if not data:
+        raise InputError(f"{path}: empty file")
+    model = _parse(data, str(path))
+    del data
+    _load_external(model, path.parent)
+    return model
+
+
+def _parse(data: bytes, name: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{name}: not an ONNX model (protobuf parse failed: {exc})") from None
+    if not model.HasField("graph") or not model.opset_import or model.ir_version <= 0:
+        raise InputError(f"{name}: not an ONNX model (no graph, ir_version or opset_import)")
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            yield tensor
+
+
+def _load_external(model: onnx.ModelProto, base: Path) -> None:
+    """Resolve external data, refusing any location outside ``base`` (no reads happen first)."""
+    tensors = list(_external_tensors(model))
+    if not tensors:
+        return
+    root = base.resolve()
+    for tensor in tensors:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        loc = info.location
+        if not loc or os.path.isabs(loc) or Path(loc).drive:
+            raise InputError(f"tensor {tensor.name!r}: external data location {loc!r} is not a relative path")
+        target = (root / loc).resolve()
+        if root != target and root not in target.parents:
+            raise InputError(f"tensor {tensor.name!r}: external data location {loc!r} points outside the model's folder")
+        if not target.is_file():
+            raise InputError(f"tensor {tensor.name!r}: external data file {loc!r} not found next to the model")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(root))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load external data: {exc}") from None
+
+
+def _check_supported(model: onnx.ModelProto) -> None:
+    opset = model_opset(model)
+    if opset is None:
+        raise InputError("model imports no default-domain (ai.onnx) opset")
+    if opset < MIN_OPSET:
+        raise InputError(f"opset {opset} is too old (onnxcompress supports opset >= {MIN_OPSET})")
+    local = {f.domain for f in model.functions}
+    for node in _all_nodes(model.graph):
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise InputError(f"node {node.name or node.op_type!r}: unknown operator domain {node.domain!r}")
+    try:
+        onnx.checker.check_model(model) if model.ByteSize() < PROTO_LIMIT else None
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"model fails the ONNX checker: {first}") from None
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
+
+
+def model_opset(model: onnx.ModelProto) -> int | None:
+    """The model's default-domain opset version, or ``None`` if it imports none."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def weights_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data (in memory or external) of the main graph."""
+    total = 0
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize if init.data_type else 0
+    return total
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes (weights included); estimated from the weights above 2 GB."""
+    nbytes = weights_nbytes(model)
+    if nbytes > _EXTERNAL_THRESHOLD:
+        return nbytes
+    return model.ByteSize()
+
+
+def check_model(model: onnx.ModelProto, *, full: bool = True) -> None:
+    """Run ``onnx.checker`` (with shape inference when ``full``), also on models over 2 GB.
+
+    Raises:
+        onnx.checker.ValidationError: The model is invalid.
+    """
+    if weights_nbytes(model) <= _EXTERNAL_THRESHOLD:
+        onnx.checker.check_model(model, full_check=full)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _write(model, path, external=True)
+        onnx.checker.check_model(str(path), full_check=full)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bool | None = None,
+               protect: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` atomically; with external data when asked or when it must.
+
+    Args:
+        model: The model (not modified).
+        path: Destination ``.onnx`` path. Its external data, if any, goes to ``<name>.data`` beside it.
+        external: Force external data on/off; ``None`` decides from the weights' size.
+        protect: A path that must not be overwritten (the input model).
+
+    Returns:
+        The destination path.
+
+    Raises:
+        InputError: The destination is the protected input, or its folder is missing or not writable.
+    """
+    dest = Path(path)
+    if protect is not None and dest.exists() and dest.resolve() == Path(protect).resolve():
+        raise InputError(f"{dest}: output path is the input model; choose another output")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: output folder does not exist")
+    if dest.is_dir():
+        raise InputError(f"{dest}: is a directory")
+    if external is None:
+        external = weights_nbytes(model) > _EXTERNAL_THRESHOLD
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".onnxcompress-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{folder}: output folder not writable ({exc.strerror})") from None
+    try:
+        tmp = Path(tmpdir) / dest.name
+        _write(model, tmp, external=external)
+        data = tmp.with_name(dest.name + ".data")
+        if data.exists():
+            os.replace(data, dest.with_name(dest.name + ".data"))
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise InputError(f"{dest}: cannot write ({exc.strerror})") from None
+    finally:
+        for leftover in Path(tmpdir).glob("*"):
+            leftover.unlink()
+        os.rmdir(tmpdir)
+    return dest
+
+
+def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    if not external:
+        with open(path, "wb") as fh:
+            fh.write(model.SerializeToString())
+        return
+    # onnx.save_model moves the weights out of the protos; read them back afterwards so the
+    # caller's model is unchanged without ever holding a second copy of the weights.
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    external_data_helper.load_external_data_for_model(model, str(path.parent))
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import a model into an onnx-graphsurgeon graph (weights are shared, not copied)."""
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graph back to a model, keeping the template's IR version and metadata.
+
+    Args:
+        graph: The graph to export.
+        template: The model the graph came from; its ``ir_version``, producer, doc string,
+            model version and metadata are carried over.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    if template is not None:
+        model.ir_version = template.ir_version
+        model.producer_name = template.producer_name
+        model.producer_version = template.producer_version
+        model.domain = template.domain
+        model.model_version = template.model_version
+        model.doc_string = template.doc_string
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``model`` with inferred value_info.
+
+    Uses onnx's inference with data propagation; where it leaves intermediate tensors without a
+    shape (dynamic reshapes, unknown ops), falls back to onnxruntime's symbolic shape inference.
+    The input is never modified; on failure the best result so far is returned.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference is best effort
+        log.debug("onnx shape inference failed: %s", exc)
+        inferred = copy.deepcopy(model)
+    if _all_shaped(inferred):
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
+        if symbolic is not None:
+            return symbolic
+    except Exception as exc:  # noqa: BLE001 - fallback is best effort
+        log.debug("symbolic shape inference failed: %s", exc)
+    return inferred
+
+
+def _all_shaped(model: onnx.ModelProto) -> bool:
+    known = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}
+    known |= {v.name for v in model.graph.input} | {i.name for i in model.graph.initializer}
+    known |= {v.name for v in model.graph.output}
+    return all(out in known for node in model.graph.node for out in node.output if out)

@@ -1,0 +1,53 @@
+"""Shared helpers for tests: build tiny models, run them in ORT with optimizations off, run passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxcompress import serde
+from onnxcompress.manager import PassContext, PassManager, parse_spec
+
+__all__ = ["parse", "ort_run", "random_feeds", "run_passes", "op_types"]
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """Parse ONNX text syntax and check the model."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` on CPU with every ORT graph optimization disabled."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str, np.ndarray]:
+    """Seeded float inputs for every graph input (symbolic dims become ``dim``)."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else dim for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run_passes(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None):
+    """Run the pipeline ``spec`` on ``model`` and return ``(new_model, records)``."""
+    return PassManager(parse_spec(spec), ctx).run(serde.load_model(model))
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    """Op types of the main graph's nodes, in order."""
+    return [n.op_type for n in model.graph.node]
