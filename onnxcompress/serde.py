@@ -259,6 +259,8 @@ def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     external_data_helper.load_external_data_for_model(model, str(path.parent))
+    for tensor in external_data_helper._get_all_tensors(model):
+        tensor.ClearField("data_location")
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:

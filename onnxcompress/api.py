@@ -1,0 +1,161 @@
+"""The library API: :func:`optimize`, :func:`inspect`, :func:`compare`. The CLI is a thin layer on it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import onnx
+
+from . import serde
+from .calib import CalibSource, open_source
+from .errors import GateFailed, InputError
+from .manager import Numerics, Pass, PassContext, PassManager, PassRecord, parse_spec
+from .metrics import ModelMetrics, model_metrics
+from .recipes import Recipe, load_recipe
+from .validate import Gate, ValidationReport, compare_models
+
+__all__ = ["Report", "optimize", "inspect", "compare", "DEFAULT_VALIDATION_SAMPLES"]
+
+log = logging.getLogger(__name__)
+
+#: Random samples used for validation when no data is given.
+DEFAULT_VALIDATION_SAMPLES = 8
+
+
+@dataclass
+class Report:
+    """Everything ``optimize`` measured: the same numbers the CLI prints."""
+
+    before: ModelMetrics
+    after: ModelMetrics
+    passes: list[PassRecord]
+    numerics: Numerics
+    validation: ValidationReport | None = None
+    seconds: float = 0.0
+    recipe: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True unless validation ran and failed its gate."""
+        return self.validation is None or self.validation.passed
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "recipe": self.recipe,
+            "numerics": self.numerics.name.lower(),
+            "before": self.before.as_dict(),
+            "after": self.after.as_dict(),
+            "passes": [r.as_dict() for r in self.passes],
+            "validation": self.validation.as_dict() if self.validation else None,
+            "passed": self.passed,
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+
+def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None) -> tuple[list[Pass], dict, str | None]:
+    if passes is not None and recipe is not None:
+        raise InputError("give either passes or a recipe, not both")
+    if passes is not None:
+        return (parse_spec(passes) if isinstance(passes, str) else list(passes)), {}, None
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or "default")
+    return rec.passes, rec.gate, rec.name
+
+
+def optimize(
+    model: serde.ModelSource,
+    passes: str | Sequence[Pass] | None = None,
+    *,
+    recipe: str | Recipe | None = None,
+    calib: Any = None,
+    data: Any = None,
+    validate: bool = True,
+    gate: dict[str, float | None] | None = None,
+    force: bool = False,
+    seed: int = 0,
+    batch_size: int = 32,
+    samples: int | None = None,
+    dims: dict[str, int] | None = None,
+    preprocess: Any = None,
+    progress: bool = False,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Optimize a model and validate the result against the original.
+
+    Args:
+        model: Path, bytes or ``ModelProto`` (never modified).
+        passes: ``"fold_bn,prune_channels:ratio=0.3"`` or a list of :class:`Pass` objects.
+        recipe: A built-in recipe name or a TOML path (default: ``default`` when ``passes`` is None).
+        calib: Calibration data for data-driven passes (see :func:`onnxcompress.calib.open_source`).
+        data: Validation data; defaults to ``calib``, else seeded random inputs.
+        validate: Compare the result with the original in onnxruntime and apply the gate.
+        gate: Gate threshold overrides (``min_cosine``, ``max_top1_drop``, ...).
+        force: Return the model even if the gate fails (the report says it failed).
+        seed: Seed for every random choice.
+        batch_size: Batch size for calibration and validation runs.
+        samples: Use at most this many validation samples.
+        dims: Values for symbolic input dims (by name).
+        preprocess: Image preprocessing spec for image-folder data.
+        progress: Show progress bars.
+        on_pass: Called after each pass with its record.
+
+    Returns:
+        ``(optimized model, report)``.
+
+    Raises:
+        InputError: Bad model, data or pipeline.
+        PassFailed: A pass failed.
+        GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
+    """
+    start = time.perf_counter()
+    pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe)
+    original = serde.load_model(model)
+    calib_src = open_source(calib, original, preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
+    ctx = PassContext(calib=calib_src, seed=seed, progress=progress)
+    manager = PassManager(pipeline, ctx, on_pass=on_pass)
+    result, records = manager.run(original)
+    report = Report(model_metrics(original, dims), model_metrics(result, dims), records, manager.numerics,
+                    recipe=recipe_name)
+    if validate:
+        source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
+        report.validation = compare_models(original, result, source, batch_size=batch_size, progress=progress)
+        report.validation.gate = Gate.for_numerics(manager.numerics, **{**recipe_gate, **(gate or {})})
+        report.validation.failures = report.validation.gate.check(report.validation)
+    report.seconds = time.perf_counter() - start
+    if not report.passed and not force:
+        exc = GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report)
+        exc.model = result
+        raise exc
+    return result, report
+
+
+def _validation_source(data, calib, model, seed, samples, dims, preprocess) -> CalibSource:
+    chosen = data if data is not None else calib
+    if chosen is None:
+        chosen = f"random:{samples or DEFAULT_VALIDATION_SAMPLES}"
+    return open_source(chosen, model, preprocess=preprocess, limit=samples, seed=seed, dims=dims)
+
+
+def inspect(model: serde.ModelSource, dims: dict[str, int] | None = None) -> ModelMetrics:
+    """Size, parameters, MACs per node and in total, op counts of a model."""
+    return model_metrics(serde.load_model(model), dims)
+
+
+def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: Any = None, *,
+            samples: int | None = None, seed: int = 0, batch_size: int = 32, dims: dict[str, int] | None = None,
+            preprocess: Any = None, gate: Gate | None = None, progress: bool = False) -> ValidationReport:
+    """Compare a candidate's outputs with a reference model's on the same inputs.
+
+    Without ``data``, seeded random inputs are used. With a ``gate`` its verdict is filled in.
+    """
+    ref, cand = serde.load_model(reference), serde.load_model(candidate)
+    source = _validation_source(data, None, ref, seed, samples, dims, preprocess)
+    report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress)
+    if gate is not None:
+        report.gate, report.failures = gate, gate.check(report)
+    return report

@@ -1,0 +1,530 @@
+"""Calibration and validation data: where input samples come from, batch by batch.
+
+A source yields :class:`Batch` objects (a dict of input arrays keyed by input name, plus optional
+labels). Sources never hold more than one file or one batch in memory at once, except an
+in-memory iterable given by the caller. Every array is checked against the model's inputs:
+unknown or missing names, wrong dtype kind and wrong static dims are :class:`InputError`.
+
+Sources:
+    * ``.npz`` file, keyed by input name with a leading sample axis (``labels`` optional).
+    * A folder of ``.npz`` files (as above) or ``.npy`` files (single-input models), read in
+      sorted order, one file at a time.
+    * A folder of images (``.png``, ``.jpg``, ...) with a :class:`Preprocess` spec; images in
+      sub-folders get the sorted sub-folder index as label.
+    * ``random``: seeded random inputs that respect dtypes and shapes (a warning is logged).
+    * Any iterable of ``{input_name: array}`` dicts, a callable returning one, or an object with
+      ``get_next()`` like onnxruntime's ``CalibrationDataReader``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+
+__all__ = [
+    "LABEL_KEYS",
+    "Batch",
+    "InputSpec",
+    "Preprocess",
+    "CalibSource",
+    "FileSource",
+    "ImageFolderSource",
+    "RandomSource",
+    "IterableSource",
+    "input_specs",
+    "open_source",
+    "parse_dims",
+    "parse_preprocess",
+]
+
+log = logging.getLogger(__name__)
+
+LABEL_KEYS = ("labels", "label")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: Symbolic dims other than the leading (batch) axis take this value unless given.
+DEFAULT_DYNAMIC_DIM = 32
+
+
+@dataclass
+class Batch:
+    """One batch: arrays keyed by input name (leading sample axis) and optional labels."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.feeds.values()))) if self.feeds else 0
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and shape (``None`` where symbolic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+    dim_names: tuple[str | None, ...] = ()
+
+    def batch_dim_static(self) -> int | None:
+        """The leading dim when it is fixed, else ``None``."""
+        return self.shape[0] if self.shape and self.shape[0] is not None else None
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializer-backed inputs excluded)."""
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        if not inp.type.HasField("tensor_type"):
+            raise InputError(f"input {inp.name!r}: only tensor inputs are supported")
+        dims = list(tt.shape.dim)
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+        names = tuple(d.dim_param if d.HasField("dim_param") else None for d in dims)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        specs.append(InputSpec(inp.name, dtype, shape, names))
+    return specs
+
+
+def parse_dims(items: Iterable[str]) -> dict[str, int]:
+    """Parse ``NAME=VALUE`` strings (``--dim batch=4``).
+
+    Raises:
+        InputError: Malformed item or non-positive value.
+    """
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise InputError(f"--dim {item!r}: expected NAME=POSITIVE_INT")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _fit(spec: InputSpec, array: Any, where: str) -> np.ndarray:
+    """Check ``array`` against ``spec``; add the sample axis to a single sample; cast within kind."""
+    arr = np.asarray(array)
+    if arr.ndim == len(spec.shape) - 1:
+        arr = arr[None]
+    if arr.ndim != len(spec.shape):
+        raise InputError(f"{where}: input {spec.name!r} expects rank {len(spec.shape)}, got shape {list(arr.shape)}")
+    for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+        if axis > 0 and want is not None and want != got:
+            raise InputError(f"{where}: input {spec.name!r} expects shape {_fmt(spec.shape)}, got {list(arr.shape)}")
+    if arr.dtype != spec.dtype:
+        if arr.dtype.kind != spec.dtype.kind and not (arr.dtype.kind in "iu" and spec.dtype.kind in "iu"):
+            raise InputError(f"{where}: input {spec.name!r} expects {spec.dtype}, got {arr.dtype}")
+        arr = arr.astype(spec.dtype)
+    return arr
+
+
+def _fmt(shape: tuple) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _split_labels(arrays: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray | None]:
+    labels = None
+    feeds = dict(arrays)
+    for key in LABEL_KEYS:
+        if key in feeds:
+            labels = np.asarray(feeds.pop(key)).reshape(-1)
+    return feeds, labels
+
+
+def _fit_all(specs: list[InputSpec], arrays: dict[str, Any], where: str) -> Batch:
+    feeds, labels = _split_labels(arrays)
+    names = {s.name for s in specs}
+    unknown = sorted(set(feeds) - names)
+    missing = sorted(names - set(feeds))
+    if unknown or missing:
+        msg = f"unknown input name(s) {unknown}" if unknown else f"missing input(s) {missing}"
+        raise InputError(f"{where}: {msg}; model inputs are {sorted(names)}")
+    fitted = {s.name: _fit(s, feeds[s.name], where) for s in specs}
+    counts = {len(a) for a in fitted.values()}
+    if len(counts) > 1 or (labels is not None and len(labels) not in counts):
+        raise InputError(f"{where}: arrays disagree on the number of samples")
+    return Batch(fitted, labels)
+
+
+def _rebatch(chunks: Iterable[Batch], size: int, limit: int | None) -> Iterator[Batch]:
+    """Re-cut a stream of chunks into batches of ``size`` samples (the last may be smaller)."""
+    pending: list[Batch] = []
+    have = 0
+    seen = 0
+    for chunk in chunks:
+        if limit is not None and seen + len(chunk) > limit:
+            chunk = _slice(chunk, 0, limit - seen)
+        seen += len(chunk)
+        pending.append(chunk)
+        have += len(chunk)
+        while have >= size:
+            merged = _concat(pending)
+            yield _slice(merged, 0, size)
+            rest = _slice(merged, size, have)
+            pending, have = ([rest] if len(rest) else []), have - size
+        if limit is not None and seen >= limit:
+            break
+    if have:
+        yield _concat(pending)
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    labels = batch.labels[start:stop] if batch.labels is not None else None
+    return Batch({k: v[start:stop] for k, v in batch.feeds.items()}, labels)
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    feeds = {k: np.concatenate([b.feeds[k] for b in batches]) for k in batches[0].feeds}
+    has_labels = all(b.labels is not None for b in batches)
+    labels = np.concatenate([b.labels for b in batches]) if has_labels else None
+    return Batch(feeds, labels)
+
+
+class CalibSource:
+    """Base class: a re-iterable stream of input samples checked against a model's inputs.
+
+    Args:
+        specs: The model's inputs (see :func:`input_specs`).
+        limit: Use at most this many samples.
+    """
+
+    description = "data"
+
+    def __init__(self, specs: list[InputSpec], limit: int | None = None):
+        self.specs = specs
+        self.limit = limit
+
+    def _chunks(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int = 32) -> Iterator[Batch]:
+        """Yield batches of ``batch_size`` samples (or the model's fixed batch size)."""
+        fixed = {s.batch_dim_static() for s in self.specs} - {None}
+        size = fixed.pop() if len(fixed) == 1 else batch_size
+        yield from _rebatch(self._chunks(), max(1, size), self.limit)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Iterate feed dicts (the shape onnxruntime's data readers produce)."""
+        for batch in self.batches():
+            yield batch.feeds
+
+    def count(self) -> int:
+        """Number of samples (iterates the source once)."""
+        return sum(len(b) for b in self.batches())
+
+
+class FileSource(CalibSource):
+    """An ``.npz`` file or a folder of ``.npz``/``.npy`` files."""
+
+    def __init__(self, path: str | os.PathLike, specs: list[InputSpec], limit: int | None = None):
+        super().__init__(specs, limit)
+        self.path = Path(path)
+        self.description = str(self.path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such file or folder")
+        self.files = self._files()
+        if not self.files:
+            raise InputError(f"{self.path}: no .npz or .npy files found")
+        next(iter(self._chunks()), None)  # fail early on a bad first file
+
+    def _files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        return sorted(p for p in self.path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+
+    def _chunks(self) -> Iterator[Batch]:
+        for file in self.files:
+            yield _fit_all(self.specs, self._read(file), str(file))
+
+    def _read(self, file: Path) -> dict[str, Any]:
+        try:
+            if file.suffix == ".npy":
+                if len(self.specs) != 1:
+                    raise InputError(f"{file}: .npy files need a single-input model; use .npz keyed by input name")
+                return {self.specs[0].name: np.load(file, allow_pickle=False)}
+            with np.load(file, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - numpy raises many types on bad files
+            raise InputError(f"{file}: cannot read array file ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass
+class Preprocess:
+    """How to turn an image file into a model input.
+
+    Attributes:
+        size: ``(height, width)``; default: the model input's static spatial dims.
+        resize: ``stretch`` (to size) or ``crop`` (shorter side to size, then center crop).
+        mean: Per-channel mean subtracted after scaling.
+        std: Per-channel std divided by after subtracting the mean.
+        scale: Pixel values are multiplied by this first (1/255 maps to [0, 1]).
+        layout: ``NCHW`` or ``NHWC``.
+        order: ``RGB``, ``BGR`` or ``L`` (grayscale).
+    """
+
+    size: tuple[int, int] | None = None
+    resize: str = "stretch"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    scale: float = 1 / 255
+    layout: str = "NCHW"
+    order: str = "RGB"
+
+
+def parse_preprocess(text: str | None) -> Preprocess:
+    """Parse ``key=value,key=value`` (``size=224x224,mean=0.485/0.456/0.406,layout=NHWC``)
+    or the path of a TOML file with the same keys.
+
+    Raises:
+        InputError: Unknown key or malformed value.
+    """
+    if not text:
+        return Preprocess()
+    if Path(text).is_file():
+        from .recipes import read_toml
+
+        return _preprocess_from(read_toml(Path(text)))
+    pairs = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--preprocess {item!r}: expected key=value")
+        pairs[key.strip()] = value.strip()
+    return _preprocess_from(pairs)
+
+
+def _floats(value: Any) -> tuple[float, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
+    return tuple(float(v) for v in str(value).split("/"))
+
+
+def _preprocess_from(pairs: dict[str, Any]) -> Preprocess:
+    pre = Preprocess()
+    try:
+        for key, value in pairs.items():
+            if key == "size":
+                parts = value if isinstance(value, (list, tuple)) else str(value).lower().split("x")
+                h, w = (int(parts[0]), int(parts[-1]))
+                pre.size = (h, w)
+            elif key in ("mean", "std"):
+                setattr(pre, key, _floats(value))
+            elif key == "scale":
+                pre.scale = float(value)
+            elif key in ("layout", "order", "resize"):
+                setattr(pre, key, str(value).upper() if key != "resize" else str(value).lower())
+            else:
+                raise InputError(f"preprocess: unknown key {key!r} (size, resize, mean, std, scale, layout, order)")
+    except (ValueError, IndexError):
+        raise InputError(f"preprocess: bad value in {pairs}") from None
+    if pre.layout not in ("NCHW", "NHWC") or pre.order not in ("RGB", "BGR", "L") or pre.resize not in ("stretch", "crop"):
+        raise InputError("preprocess: layout is NCHW|NHWC, order RGB|BGR|L, resize stretch|crop")
+    return pre
+
+
+class ImageFolderSource(CalibSource):
+    """A folder of images (optionally in class sub-folders) for a single image-input model."""
+
+    def __init__(self, folder: str | os.PathLike, specs: list[InputSpec], pre: Preprocess,
+                 limit: int | None = None):
+        super().__init__(specs, limit)
+        if len(specs) != 1 or len(specs[0].shape) != 4:
+            raise InputError("image folders need a model with one rank-4 image input")
+        self.folder, self.pre = Path(folder), pre
+        self.description = f"{self.folder} (images)"
+        self.spec = specs[0]
+        self.files, self.labels = self._scan()
+        if not self.files:
+            raise InputError(f"{self.folder}: no image files found")
+        self.size = pre.size or self._spatial()
+
+    def _scan(self) -> tuple[list[Path], list[int] | None]:
+        subdirs = sorted(p for p in self.folder.iterdir() if p.is_dir())
+        if subdirs:
+            files, labels = [], []
+            for idx, sub in enumerate(subdirs):
+                for f in sorted(sub.iterdir()):
+                    if f.suffix.lower() in IMAGE_SUFFIXES:
+                        files.append(f)
+                        labels.append(idx)
+            return files, labels
+        return sorted(f for f in self.folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), None
+
+    def _spatial(self) -> tuple[int, int]:
+        shape = self.spec.shape
+        h, w = (shape[2], shape[3]) if self.pre.layout == "NCHW" else (shape[1], shape[2])
+        if h is None or w is None:
+            raise InputError("the model's image size is dynamic: give --preprocess size=HxW")
+        return h, w
+
+    def _chunks(self) -> Iterator[Batch]:
+        for i, file in enumerate(self.files):
+            arr = self._load(file)[None]
+            labels = np.array([self.labels[i]]) if self.labels is not None else None
+            yield Batch({self.spec.name: _fit(self.spec, arr, str(file))}, labels)
+
+    def _load(self, file: Path) -> np.ndarray:
+        try:
+            from PIL import Image
+
+            with Image.open(file) as img:
+                img = img.convert("L" if self.pre.order == "L" else "RGB")
+                img = self._resize(img)
+                arr = np.asarray(img, dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad files
+            raise InputError(f"{file}: cannot read image ({exc})") from None
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        if self.pre.order == "BGR":
+            arr = arr[..., ::-1]
+        arr = (arr * self.pre.scale - np.asarray(self.pre.mean, np.float32)) / np.asarray(self.pre.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1) if self.pre.layout == "NCHW" else arr)
+
+    def _resize(self, img):
+        from PIL import Image
+
+        h, w = self.size
+        if self.pre.resize == "stretch":
+            return img.resize((w, h), Image.BILINEAR)
+        ratio = max(h / img.height, w / img.width)
+        img = img.resize((max(w, round(img.width * ratio)), max(h, round(img.height * ratio))), Image.BILINEAR)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        return img.crop((left, top, left + w, top + h))
+
+
+class RandomSource(CalibSource):
+    """Seeded random inputs: normal floats, small non-negative integers, random booleans.
+
+    Symbolic dims: the leading axis is the batch; any other takes ``dims[name]`` or
+    :data:`DEFAULT_DYNAMIC_DIM`.
+    """
+
+    def __init__(self, specs: list[InputSpec], count: int = 8, seed: int = 0,
+                 dims: dict[str, int] | None = None):
+        super().__init__(specs, count)
+        self.count_, self.seed, self.dims = count, seed, dims or {}
+        self.description = f"random ({count} samples, seed {seed})"
+
+    def _shape(self, spec: InputSpec) -> list[int]:
+        shape = []
+        for axis, (d, name) in enumerate(itertools.zip_longest(spec.shape, spec.dim_names)):
+            if d is not None:
+                shape.append(d)
+            elif name in self.dims:
+                shape.append(self.dims[name])
+            else:
+                shape.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
+        return shape
+
+    def _chunks(self) -> Iterator[Batch]:
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self.count_):
+            feeds = {}
+            for spec in self.specs:
+                shape = self._shape(spec)
+                shape[0] = shape[0] if spec.shape and spec.shape[0] is not None else 1
+                feeds[spec.name] = _random(rng, spec.dtype, shape)
+            yield Batch(feeds)
+
+
+def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 10, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    raise InputError(f"cannot make random inputs of dtype {dtype}")
+
+
+class IterableSource(CalibSource):
+    """Samples from the caller: an iterable of dicts, a callable returning one, or a reader
+    with ``get_next()``. One-shot iterators are cached on first use so they can be re-read."""
+
+    description = "iterable"
+
+    def __init__(self, data: Any, specs: list[InputSpec], limit: int | None = None):
+        super().__init__(specs, limit)
+        self.data = data
+        self._cache: list[Batch] | None = None
+
+    def _raw(self) -> Iterator[dict]:
+        data = self.data
+        if hasattr(data, "get_next"):
+            if hasattr(data, "rewind"):
+                data.rewind()
+            return iter(data.get_next, None)
+        if callable(data):
+            return iter(data())
+        return iter(data)
+
+    def _chunks(self) -> Iterator[Batch]:
+        if self._cache is not None:
+            yield from self._cache
+            return
+        one_shot = hasattr(self.data, "get_next") and not hasattr(self.data, "rewind")
+        one_shot = one_shot or (not callable(self.data) and iter(self.data) is self.data)
+        cache: list[Batch] = []
+        for i, item in enumerate(self._raw()):
+            if not isinstance(item, dict):
+                raise InputError(f"calibration item {i}: expected a dict of arrays, got {type(item).__name__}")
+            batch = _fit_all(self.specs, item, f"calibration item {i}")
+            if one_shot:
+                cache.append(batch)
+            yield batch
+        if one_shot:
+            self._cache = cache
+
+
+def open_source(data: Any, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
+                limit: int | None = None, seed: int = 0, dims: dict[str, int] | None = None) -> CalibSource:
+    """Open ``data`` as a calibration/validation source for ``model``.
+
+    Args:
+        data: A path (``.npz``/``.npy`` file or folder, image folder), ``"random:N"``, a
+            :class:`CalibSource`, or an iterable/callable/reader of input dicts.
+        model: The model whose inputs the samples must fit.
+        preprocess: For image folders: a :class:`Preprocess` or its string/TOML form.
+        limit: Use at most this many samples.
+        seed: Seed for random data.
+        dims: Values for symbolic dims (random data).
+
+    Raises:
+        InputError: The data cannot be used with this model.
+    """
+    if isinstance(data, CalibSource):
+        return data
+    specs = input_specs(model)
+    if isinstance(data, str) and data.startswith("random"):
+        _, _, n = data.partition(":")
+        count = int(n) if n.isdigit() else 8
+        log.warning("using %d random input samples: metrics on random data say little about accuracy", count)
+        return RandomSource(specs, count, seed, dims)
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.is_dir() and _has_images(path):
+            pre = preprocess if isinstance(preprocess, Preprocess) else parse_preprocess(preprocess)
+            return ImageFolderSource(path, specs, pre, limit)
+        return FileSource(path, specs, limit)
+    return IterableSource(data, specs, limit)
+
+
+def _has_images(folder: Path) -> bool:
+    for p in itertools.islice(folder.rglob("*"), 10000):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return True
+    return False

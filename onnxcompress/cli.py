@@ -1,0 +1,246 @@
+"""Command line: a thin layer over :mod:`onnxcompress.api`.
+
+Exit codes: 0 ok, 1 validation gate failed, 2 bad input or usage, 3 a pass or internal failure.
+Errors print one line to stderr; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from . import __version__, api, serde
+from .calib import parse_dims
+from .display import show_metrics, show_passes, show_report, show_validation
+from .errors import GateFailed, InputError, OnnxCompressError
+from .manager import registry
+from .recipes import builtin_recipes, load_recipe
+from .validate import Gate
+
+__all__ = ["main", "cli"]
+
+log = logging.getLogger("onnxcompress")
+
+_STATE = {"debug": False}
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _setup_logging(verbose: int, debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
+    level = logging.ERROR if quiet and not (debug or verbose) else level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxcompress")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("--debug", is_flag=True, help="Debug logging and full tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No tables, no progress bars; errors only.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, debug: bool, quiet: bool) -> None:
+    """Make ONNX models smaller and faster, and prove they still work."""
+    _STATE["debug"] = debug
+    _setup_logging(verbose, debug, quiet)
+    ctx.obj = {"quiet": quiet, "progress": not quiet}
+
+
+def _data_options(f):
+    f = click.option("--dim", "dims", multiple=True, metavar="NAME=N",
+                     help="Value of a symbolic input dim (default: 1 for the batch, 32 otherwise).")(f)
+    f = click.option("--batch-size", default=32, show_default=True, help="Batch size for ORT runs.")(f)
+    f = click.option("--samples", type=int, default=None, help="Use at most N validation samples.")(f)
+    f = click.option("--preprocess", default=None, metavar="SPEC|TOML",
+                     help="Image folders: size=HxW,mean=a/b/c,std=a/b/c,layout=NCHW|NHWC,order=RGB|BGR|L.")(f)
+    f = click.option("--seed", default=0, show_default=True, help="Seed for random inputs and passes.")(f)
+    return f
+
+
+def _gate_options(f):
+    f = click.option("--max-rel-err", type=float, default=None, help="Max error relative to max|ref| (exact default 1e-4).")(f)
+    f = click.option("--min-sqnr", type=float, default=None, help="Minimum SQNR in dB.")(f)
+    f = click.option("--min-top1-agreement", type=float, default=None, help="Minimum top-1 agreement (0..1).")(f)
+    f = click.option("--max-top1-drop", type=float, default=None, help="Max accuracy drop in points (needs labels).")(f)
+    f = click.option("--min-cosine", type=float, default=None, help="Minimum cosine similarity per output.")(f)
+    return f
+
+
+def _gate_overrides(kw: dict) -> dict:
+    return {k: kw.pop(k) for k in ("min_cosine", "max_top1_drop", "min_top1_agreement", "min_sqnr", "max_rel_err")}
+
+
+def _write_json(target: str | None, payload: dict) -> None:
+    if not target:
+        return
+    text = json.dumps(payload, indent=2, default=str)
+    if target == "-":
+        click.echo(text)
+        return
+    _atomic_text(Path(target), text + "\n")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxcompress-", dir=folder)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output model (default: <model name>.opt.onnx in the current folder).")
+@click.option("--passes", "spec", default=None, metavar="SPEC",
+              help="name[:key=value[:key=value]],name2,...  (see `onnxcompress passes`).")
+@click.option("--recipe", default=None, metavar="NAME|TOML", help="A built-in recipe or a recipe file (default: default).")
+@click.option("--calib", default=None, metavar="PATH", help="Calibration data: .npz, folder of .npz/.npy, or image folder.")
+@click.option("--calib-random", type=int, default=None, metavar="N", help="Use N random calibration samples (warns).")
+@click.option("--data", default=None, metavar="PATH", help="Validation data (default: --calib, else 8 random samples).")
+@click.option("--no-validate", is_flag=True, help="Skip validation against the original (not recommended).")
+@click.option("--force", is_flag=True, help="Write the model even if the validation gate fails (exit code stays 1).")
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Write the report as JSON ('-' for stdout).")
+@click.option("--external-data/--no-external-data", default=None, help="Save weights to <output>.data (default: only above 2 GB).")
+@_gate_options
+@_data_options
+@click.pass_obj
+def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, recipe: str | None, calib: str | None,
+             calib_random: int | None, data: str | None, no_validate: bool, force: bool, json_path: str | None,
+             external_data: bool | None, **kw) -> None:
+    """Run a pipeline of passes on MODEL, validate against the original, and save."""
+    gate = _gate_overrides(kw)
+    output = output or Path(model.name.removesuffix(".onnx") + ".opt.onnx")
+    if output.exists() and model.exists() and output.resolve() == model.resolve():
+        raise InputError(f"{output}: output path is the input model; choose another output")
+    if calib is not None and calib_random is not None:
+        raise InputError("give --calib or --calib-random, not both")
+    calib_src = f"random:{calib_random}" if calib_random is not None else calib
+    console = _console()
+    try:
+        result, report = api.optimize(
+            model, spec, recipe=recipe if spec is None else _no_both(recipe), calib=calib_src, data=data,
+            validate=not no_validate, gate=gate, force=force, seed=kw["seed"], batch_size=kw["batch_size"],
+            samples=kw["samples"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"])
+    except GateFailed as exc:
+        _print_report(obj, console, exc.report)
+        _write_json(json_path, {"output": None, **exc.report.as_dict()})
+        raise
+    serde.save_model(result, output, external=external_data, protect=model)
+    _print_report(obj, console, report)
+    _write_json(json_path, {"output": str(output), **report.as_dict()})
+    if not obj["quiet"]:
+        console.print(f"wrote {output}")
+    if not report.passed:
+        raise GateFailed("validation gate failed (written anyway because of --force)")
+
+
+def _no_both(recipe: str | None) -> None:
+    if recipe is not None:
+        raise InputError("give --passes or --recipe, not both")
+    return None
+
+
+def _print_report(obj: dict, console: Console, report: api.Report) -> None:
+    if not obj["quiet"]:
+        show_report(console, report.before, report.after, report.passes, report.validation)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Write metrics as JSON ('-' for stdout).")
+@click.option("--top", default=10, show_default=True, help="Show the N nodes with the most MACs.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Value of a symbolic input dim (default 1).")
+@click.pass_obj
+def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple[str, ...]) -> None:
+    """Size, parameters, MACs (per node and total) and op counts of MODEL."""
+    metrics = api.inspect(model, parse_dims(dims))
+    if json_path != "-" and not obj["quiet"]:
+        show_metrics(_console(), metrics, top)
+    _write_json(json_path, metrics.as_dict())
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", default=None, metavar="PATH", help="Inputs (.npz with optional labels, folder, images); default random.")
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Write metrics as JSON ('-' for stdout).")
+@_gate_options
+@_data_options
+@click.pass_obj
+def compare(obj: dict, reference: Path, candidate: Path, data: str | None, json_path: str | None, **kw) -> None:
+    """Compare CANDIDATE's outputs with REFERENCE's (exit 1 if a given threshold fails)."""
+    overrides = _gate_overrides(kw)
+    gate = Gate(**{k: v for k, v in overrides.items() if v is not None}) if any(
+        v is not None for v in overrides.values()) else None
+    report = api.compare(reference, candidate, data, samples=kw["samples"], seed=kw["seed"],
+                         batch_size=kw["batch_size"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"],
+                         gate=gate, progress=obj["progress"])
+    if json_path != "-" and not obj["quiet"]:
+        show_validation(_console(), report)
+    _write_json(json_path, report.as_dict())
+    if not report.passed:
+        raise GateFailed("; ".join(report.failures))
+
+
+@cli.command(name="passes")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
+def list_passes(as_json: bool) -> None:
+    """List every pass (numerics, summary, options) and the built-in recipes."""
+    recipes = {name: load_recipe(path).description for name, path in builtin_recipes().items()}
+    if as_json:
+        payload = {"passes": [{"name": n, "numerics": c.numerics.name.lower(), "summary": c.summary(),
+                               "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
+                                               "choices": list(o.choices) if o.choices else None}
+                                           for k, o in c.options.items()}}
+                              for n, c in registry().items()],
+                   "recipes": recipes}
+        click.echo(json.dumps(payload, indent=2, default=str))
+        return
+    show_passes(_console(), recipes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map errors to exit codes and one-line messages."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=args, prog_name="onnxcompress", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 2
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return 2
+    except OnnxCompressError as exc:
+        if _STATE["debug"]:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
+        if _STATE["debug"]:
+            raise
+        click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

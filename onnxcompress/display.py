@@ -1,0 +1,135 @@
+"""Terminal rendering of reports (rich tables); plain text when stdout is not a terminal."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from .manager import PassRecord, registry
+from .metrics import ModelMetrics
+from .validate import ValidationReport
+
+__all__ = ["show_report", "show_metrics", "show_validation", "show_passes", "human_bytes", "human_count"]
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{after / before:.3f}×" if before else "-"
+
+
+def show_metrics(console: Console, m: ModelMetrics, top: int = 10) -> None:
+    """The ``inspect`` view: totals, op counts and the heaviest nodes."""
+    t = Table(title="model", show_header=False)
+    t.add_row("file size", human_bytes(m.file_bytes))
+    t.add_row("parameters", f"{m.params:,}")
+    t.add_row("MACs / inference", f"{m.macs:,} ({human_count(m.macs)})")
+    t.add_row("nodes", str(m.nodes))
+    t.add_row("opset", str(m.opset))
+    t.add_row("inputs", ", ".join(f"{k} {v}" for k, v in m.inputs.items()))
+    t.add_row("outputs", ", ".join(f"{k} {v}" for k, v in m.outputs.items()))
+    t.add_row("ops", ", ".join(f"{k}×{v}" for k, v in m.op_counts.items()))
+    console.print(t)
+    if m.per_node and top:
+        nodes = Table(title=f"heaviest nodes (top {top})")
+        for col in ("node", "op", "MACs", "share"):
+            nodes.add_column(col, justify="right" if col in ("MACs", "share") else "left")
+        for n in sorted(m.per_node, key=lambda n: -n.macs)[:top]:
+            nodes.add_row(n.name or "?", n.op_type, f"{n.macs:,}", f"{100 * n.macs / m.macs:.1f}%")
+        console.print(nodes)
+
+
+def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, records: list[PassRecord],
+                validation: ValidationReport | None) -> None:
+    """The ``optimize`` view: before/after, per-pass stats and declines, validation."""
+    t = Table(title="before → after")
+    for col in ("", "before", "after", "ratio"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("file size", human_bytes(before.file_bytes), human_bytes(after.file_bytes),
+              _ratio(before.file_bytes, after.file_bytes))
+    t.add_row("parameters", f"{before.params:,}", f"{after.params:,}", _ratio(before.params, after.params))
+    t.add_row("MACs", f"{before.macs:,}", f"{after.macs:,}", _ratio(before.macs, after.macs))
+    t.add_row("nodes", str(before.nodes), str(after.nodes), _ratio(before.nodes, after.nodes))
+    for op in sorted(set(before.op_counts) | set(after.op_counts)):
+        b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
+        if a != b:
+            t.add_row(f"  {op}", str(b), str(a), "")
+    console.print(t)
+    _show_passes_run(console, records)
+    if validation is not None:
+        show_validation(console, validation)
+
+
+def _show_passes_run(console: Console, records: list[PassRecord]) -> None:
+    t = Table(title="passes")
+    for col in ("pass", "numerics", "changed", "stats", "declined (reason × count)", "s"):
+        t.add_column(col)
+    for r in records:
+        stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items())
+        declined = "; ".join(f"{reason} ×{n}" for reason, n in r.result.decline_reasons().items())
+        t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", stats or "-",
+                  declined or "-", f"{r.seconds:.2f}")
+    console.print(t)
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, spec)
+
+
+def show_validation(console: Console, v: ValidationReport) -> None:
+    """Per-output agreement metrics and the gate's verdict."""
+    t = Table(title=f"validation on {v.data} ({v.samples} samples, onnxruntime CPU, optimizations off)")
+    for col in ("output", "max abs err", "mean abs err", "rel max err", "cosine", "SQNR dB",
+                "top-1 agree", "acc ref → new"):
+        t.add_column(col, justify="left" if col == "output" else "right")
+    for o in v.outputs:
+        acc = "-" if o.ref_accuracy is None else f"{100 * o.ref_accuracy:.2f}% → {100 * o.cand_accuracy:.2f}%"
+        t.add_row(o.name, _fmt(o.max_abs, ".3g"), _fmt(o.mean_abs, ".3g"), _fmt(o.rel_max, ".3g"),
+                  _fmt(o.cosine, ".6f"), _fmt(o.sqnr_db, ".1f"),
+                  _fmt(None if o.top1_agreement is None else 100 * o.top1_agreement, ".2f") + ("%" if o.top1_agreement is not None else ""),
+                  acc)
+    console.print(t)
+    if v.gate is not None:
+        if v.passed:
+            console.print("[green]gate passed[/green]")
+        else:
+            for failure in v.failures:
+                console.print(f"[red]gate failed:[/red] {failure}")
+
+
+def show_passes(console: Console, recipes: dict) -> None:
+    """Every registered pass with its numerics, summary and options; then the recipes."""
+    for name, cls in registry().items():
+        console.print(f"[bold]{name}[/bold] ({cls.numerics.name.lower()}): {cls.summary()}")
+        for key, opt in cls.options.items():
+            choices = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
+            console.print(f"    {key}: {opt.type.__name__} = {opt.default!r}{choices}  {opt.help}", highlight=False)
+    if recipes:
+        console.print("\n[bold]recipes[/bold] (--recipe NAME):")
+        for name, recipe in recipes.items():
+            console.print(f"    {name}: {recipe}")

@@ -1,0 +1,114 @@
+"""Normalise what exporters leave behind, before any pass runs.
+
+* ``Constant`` nodes holding weights (Paddle and some TF exports) become initializers.
+* ``Identity`` nodes whose input is a constant are bypassed (consumers read the constant).
+* A two-input ``Sum`` becomes ``Add`` (same semantics, and the op every pass understands).
+* :func:`upgrade_opset` converts a model to a newer opset when a pass needs one.
+
+All of these are exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from . import serde
+from .errors import InputError
+
+__all__ = ["normalize", "normalize_graph", "upgrade_opset"]
+
+log = logging.getLogger(__name__)
+
+_SCALAR_ATTRS = {"value_float": np.float32, "value_int": np.int64}
+_LIST_ATTRS = {"value_floats": np.float32, "value_ints": np.int64}
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a normalised copy of ``model`` (the input is not modified)."""
+    graph = serde.to_graph(model)
+    stats = normalize_graph(graph)
+    if not any(stats.values()):
+        return model
+    log.info("normalize: %s", ", ".join(f"{k}={v}" for k, v in stats.items() if v))
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return serde.to_model(graph, model)
+
+
+def normalize_graph(graph: gs.Graph) -> dict[str, int]:
+    """Apply every normalisation to ``graph`` in place and return counts of what changed."""
+    outputs = {t.name for t in graph.outputs}
+    stats = {"constants_to_initializers": 0, "identities_bypassed": 0, "sum_to_add": 0}
+    for node in list(graph.nodes):
+        if node.op == "Constant" and _constant_to_initializer(node, outputs):
+            stats["constants_to_initializers"] += 1
+        elif node.op == "Sum" and len(node.inputs) == 2:
+            node.op = "Add"
+            stats["sum_to_add"] += 1
+    for node in list(graph.nodes):
+        if node.op == "Identity" and _bypass_identity(node, outputs):
+            stats["identities_bypassed"] += 1
+    return stats
+
+
+def _constant_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        if isinstance(value, gs.Constant):
+            return value.values
+        if isinstance(value, onnx.TensorProto):
+            return numpy_helper.to_array(value)
+        return None
+    for key, dtype in _SCALAR_ATTRS.items():
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in _LIST_ATTRS.items():
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    return None  # sparse_value, value_string(s): leave the node alone
+
+
+def _constant_to_initializer(node: gs.Node, outputs: set[str]) -> bool:
+    out = node.outputs[0]
+    if out.name in outputs:
+        return False
+    value = _constant_value(node)
+    if value is None:
+        return False
+    out.to_constant(np.asarray(value))
+    node.outputs.clear()
+    return True
+
+
+def _bypass_identity(node: gs.Node, outputs: set[str]) -> bool:
+    src, out = node.inputs[0], node.outputs[0]
+    if not isinstance(src, gs.Constant) or out.name in outputs:
+        return False
+    for consumer in list(out.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is out:
+                consumer.inputs[i] = src
+    node.outputs.clear()
+    return True
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Convert ``model`` to default-domain opset ``target`` with onnx's version converter.
+
+    Raises:
+        InputError: The converter cannot convert this model.
+    """
+    current = serde.model_opset(model) or 0
+    if current >= target:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+        raise InputError(f"cannot convert model from opset {current} to {target}: {exc}") from None
+    log.info("converted model from opset %d to %d", current, target)
+    return converted

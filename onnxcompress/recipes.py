@@ -1,0 +1,105 @@
+"""Pipeline recipes: TOML files naming passes, their options and the validation gate.
+
+Built-in recipes live in the repository's top-level ``passes/`` folder, installed into the wheel
+as the ``onnxcompress.recipes`` package. A recipe looks like::
+
+    description = "Fold BN, then simplify"
+
+    [gate]                 # optional: overrides the gate defaults of the passes' numerics
+    min_cosine = 0.99
+
+    [[pass]]
+    name = "fold_bn"
+
+    [[pass]]
+    name = "prune_channels"
+    ratio = 0.3
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import InputError
+from .manager import Pass, get_pass
+
+__all__ = ["Recipe", "load_recipe", "builtin_recipes", "read_toml"]
+
+_TOP_KEYS = {"description", "gate", "pass"}
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe."""
+
+    name: str
+    description: str
+    passes: list[Pass]
+    gate: dict[str, float] = field(default_factory=dict)
+
+
+def _builtin_dir() -> Path:
+    try:
+        root = resources.files("onnxcompress.recipes")
+        if root.is_dir():
+            return Path(str(root))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "passes"  # running from a source checkout
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe names (file stems) and their paths."""
+    folder = _builtin_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def read_toml(path: Path) -> dict:
+    """Parse a TOML file.
+
+    Raises:
+        InputError: Unreadable file or invalid TOML.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(path.read_text())
+    except Exception as exc:  # noqa: BLE001 - OSError, UnicodeDecodeError, TOMLDecodeError
+        raise InputError(f"{path}: invalid TOML ({exc})") from None
+
+
+def load_recipe(ref: str | os.PathLike) -> Recipe:
+    """Load a recipe by built-in name (``default``) or by path.
+
+    Raises:
+        InputError: Unknown recipe, bad TOML, unknown keys, unknown pass or option.
+    """
+    path = Path(ref)
+    builtin = builtin_recipes()
+    if not path.is_file():
+        if str(ref) not in builtin:
+            raise InputError(f"unknown recipe {str(ref)!r}; built-in recipes: {', '.join(builtin)} (or give a path)")
+        path = builtin[str(ref)]
+    data = read_toml(path)
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise InputError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
+    entries = data.get("pass", [])
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{path}: a recipe needs at least one [[pass]] table")
+    passes = []
+    for entry in entries:
+        opts = dict(entry)
+        name = opts.pop("name", None)
+        if not name:
+            raise InputError(f"{path}: every [[pass]] needs a name")
+        passes.append(get_pass(name)(**opts))
+    gate = data.get("gate", {})
+    if not isinstance(gate, dict):
+        raise InputError(f"{path}: [gate] must be a table")
+    return Recipe(path.stem, str(data.get("description", "")), passes, gate)

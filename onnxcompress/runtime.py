@@ -1,0 +1,52 @@
+"""onnxruntime sessions, created the same way everywhere (CPU, optimizations off by default)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from . import serde
+from .errors import InputError
+
+__all__ = ["make_session"]
+
+log = logging.getLogger(__name__)
+
+_LIMIT = int(1.8 * 2**30)
+
+
+def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0,
+                 providers: list[str] | None = None) -> ort.InferenceSession:
+    """Create an inference session for ``model``.
+
+    Args:
+        model: The model; above ~1.8 GB of weights it is written to a temporary folder with
+            external data and loaded from there.
+        optimize: Enable ORT's graph optimizations. Validation leaves them off, so ORT's own
+            fusions cannot hide (or cause) a difference.
+        threads: Intra-op threads (0: ORT's default).
+        providers: Execution providers (default CPU).
+
+    Raises:
+        InputError: onnxruntime refuses the model.
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        if serde.weights_nbytes(model) <= _LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="onnxcompress-ort-") as tmp:
+            path = serde.save_model(model, Path(tmp) / "model.onnx", external=True)
+            return ort.InferenceSession(str(path), opts, providers=providers)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented, ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"onnxruntime cannot load the model: {first}") from None

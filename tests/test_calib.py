@@ -1,0 +1,136 @@
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from helpers import parse
+from onnxcompress.calib import (FileSource, ImageFolderSource, IterableSource, RandomSource, input_specs,
+                                open_source, parse_dims, parse_preprocess)
+from onnxcompress.errors import InputError
+
+IMG = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,4,4] x) => (float[N,3,4,4] y) { y = Relu(x) }""")
+FIXED = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2] x, int64[1,3] ids) => (float[1,2] y) { y = Relu(x) }""")
+
+
+def _npz(path, n=10, **extra):
+    arrays = {"x": np.arange(n * 48, dtype=np.float32).reshape(n, 3, 4, 4), **extra}
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_batches_and_labels(tmp_path):
+    src = FileSource(_npz(tmp_path / "d.npz", labels=np.arange(10)), input_specs(IMG))
+    batches = list(src.batches(4))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert np.array_equal(np.concatenate([b.labels for b in batches]), np.arange(10))
+    assert np.array_equal(batches[1].feeds["x"][0], np.arange(48 * 4, 48 * 5).reshape(3, 4, 4))
+
+
+def test_folder_streams_files_in_order_and_limit(tmp_path):
+    for i in range(3):
+        _npz(tmp_path / f"part{i}.npz", n=3)
+    src = open_source(tmp_path, IMG, limit=7)
+    assert src.count() == 7
+    assert [len(b) for b in src.batches(5)] == [5, 2]
+
+
+def test_single_sample_gets_batch_axis_and_float64_cast(tmp_path):
+    np.save(tmp_path / "one.npy", np.ones((3, 4, 4), np.float64))
+    (b,) = list(open_source(tmp_path, IMG).batches())
+    assert b.feeds["x"].shape == (1, 3, 4, 4) and b.feeds["x"].dtype == np.float32
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"nope": np.zeros((2, 3, 4, 4), np.float32)}, "unknown input name"),
+    ({"x": np.zeros((2, 3, 5, 4), np.float32)}, r"expects shape \[\?,3,4,4\]"),
+    ({"x": np.zeros((2, 3, 4, 4), np.int32)}, "expects float32, got int32"),
+    ({"x": np.zeros((2, 4, 4), np.float32)[None, None]}, "expects rank 4"),
+    ({"x": np.zeros((2, 3, 4, 4), np.float32), "labels": np.zeros(3)}, "disagree"),
+])
+def test_bad_calibration_files(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(InputError, match=match):
+        FileSource(tmp_path / "bad.npz", input_specs(IMG))
+
+
+def test_missing_and_garbage_files(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        open_source(tmp_path / "nope.npz", IMG)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="cannot read"):
+        open_source(tmp_path / "junk.npz", IMG)
+
+
+def test_random_respects_dtypes_fixed_batch_and_seed():
+    specs = input_specs(FIXED)
+    a = [b.feeds for b in RandomSource(specs, 3, seed=1).batches(8)]
+    b = [b.feeds for b in RandomSource(specs, 3, seed=1).batches(8)]
+    assert len(a) == 3  # the model's batch dim is fixed at 1
+    assert a[0]["ids"].dtype == np.int64 and a[0]["x"].shape == (1, 2)
+    assert all(np.array_equal(x["x"], y["x"]) for x, y in zip(a, b))
+
+
+def test_random_dynamic_dims():
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,C,L] x) => (float[N,C,L] y) { y = Relu(x) }""")
+    (batch,) = list(RandomSource(input_specs(model), 2, dims={"L": 5}).batches(8))
+    assert batch.feeds["x"].shape == (2, 32, 5)
+
+
+def test_iterable_sources_reusable():
+    data = [{"x": np.zeros((2, 3, 4, 4), np.float32)}, {"x": np.ones((1, 3, 4, 4), np.float32)}]
+    gen = (d for d in data)
+    src = IterableSource(gen, input_specs(IMG))
+    assert src.count() == 3 and src.count() == 3  # one-shot iterator cached
+
+    class Reader:  # onnxruntime's CalibrationDataReader shape
+        def __init__(self):
+            self.it = iter(data)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    assert IterableSource(Reader(), input_specs(IMG)).count() == 3
+    assert IterableSource(lambda: iter(data), input_specs(IMG)).count() == 3
+    with pytest.raises(InputError, match="expected a dict"):
+        IterableSource([np.zeros(3)], input_specs(IMG)).count()
+
+
+def test_image_folder_with_classes(tmp_path):
+    for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 6), color).save(tmp_path / cls / "a.png")
+    pre = parse_preprocess("size=4x4,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,order=BGR")
+    src = open_source(tmp_path, IMG, preprocess=pre)
+    assert isinstance(src, ImageFolderSource)
+    (batch,) = list(src.batches(8))
+    assert list(batch.labels) == [0, 1]
+    x = batch.feeds["x"]
+    assert x.shape == (2, 3, 4, 4)
+    # red image in BGR order: channel 2 is 1.0, channels 0/1 are -1.0
+    assert np.allclose(x[0, 2], 1.0) and np.allclose(x[0, 0], -1.0)
+
+
+def test_preprocess_errors():
+    with pytest.raises(InputError, match="unknown key"):
+        parse_preprocess("colour=red")
+    with pytest.raises(InputError):
+        parse_preprocess("size=axb")
+    with pytest.raises(InputError):
+        parse_preprocess("layout=NWHC")
+
+
+def test_parse_dims():
+    assert parse_dims(["batch=4", "L=7"]) == {"batch": 4, "L": 7}
+    for bad in ("batch", "batch=0", "batch=x"):
+        with pytest.raises(InputError):
+            parse_dims([bad])
+
+
+def test_input_specs_skip_initializer_inputs():
+    m = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2] x, float[2] w) => (float[2] y) { y = Add(x, w) }""")
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(2, np.float32), "w"))
+    assert [s.name for s in input_specs(m)] == ["x"]

@@ -1,0 +1,47 @@
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxcompress.metrics import model_metrics
+
+
+def _conv_model(group=1, transpose=False):
+    cin, cout, k = 4, 8, 3
+    if transpose:
+        w = np.zeros((cin, cout // group, k, k), np.float32)
+        node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], group=group, strides=[2, 2])
+    else:
+        w = np.zeros((cout, cin // group, k, k), np.float32)
+        node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, pads=[1, 1, 1, 1])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, ["N", cin, 10, 10])],
+                          [helper.make_tensor_value_info("y", 1, None)], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_macs_grouped():
+    m = model_metrics(_conv_model(group=2))
+    assert m.macs == 8 * 10 * 10 * (4 // 2) * 9
+    assert m.params == 8 * 2 * 9
+    assert m.op_counts == {"Conv": 1} and m.inputs == {"x": [1, 4, 10, 10]}
+
+
+def test_conv_macs_batch_dim():
+    assert model_metrics(_conv_model(), dims={"N": 4}).macs == 4 * 8 * 100 * 4 * 9
+
+
+def test_conv_transpose_macs():
+    m = model_metrics(_conv_model(transpose=True))
+    assert m.macs == 4 * 10 * 10 * 8 * 9  # each input pixel scatters a Cout×k×k kernel
+
+
+def test_gemm_and_matmul():
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("MatMul", ["h", "v"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", 1, ["N", 16])], [helper.make_tensor_value_info("y", 1, None)],
+        [numpy_helper.from_array(np.zeros((32, 16), np.float32), "w"),
+         numpy_helper.from_array(np.zeros((32, 5), np.float32), "v")])
+    m = model_metrics(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [n.macs for n in m.per_node] == [32 * 16, 5 * 32]
+    assert m.macs == 32 * 16 + 5 * 32 and m.params == 32 * 16 + 32 * 5
+    assert m.outputs == {"y": [1, 5]}
+    assert m.file_bytes > 4 * (32 * 16 + 32 * 5)
