@@ -82,7 +82,7 @@ def _show_passes_run(console: Console, records: list[PassRecord]) -> None:
     for col in ("pass", "numerics", "changed", "stats", "declined (reason × count)", "s"):
         t.add_column(col)
     for r in records:
-        stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items())
+        stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items() if v)
         declined = "; ".join(f"{reason} ×{n}" for reason, n in r.result.decline_reasons().items())
         t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", stats or "-",
                   declined or "-", f"{r.seconds:.2f}")
@@ -103,7 +103,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def show_validation(console: Console, v: ValidationReport) -> None:
     """Per-output agreement metrics and the gate's verdict."""
-    t = Table(title=f"validation on {v.data} ({v.samples} samples, onnxruntime CPU, optimizations off)")
+    t = Table(title=f"validation: {v.data}, {v.samples} samples (onnxruntime CPU, optimizations off)")
     for col in ("output", "max abs err", "mean abs err", "rel max err", "cosine", "SQNR dB",
                 "top-1 agree", "acc ref → new"):
         t.add_column(col, justify="left" if col == "output" else "right")

@@ -143,7 +143,7 @@ def model_metrics(model: onnx.ModelProto, dims: dict[str, int] | None = None,
     shapes_in = concrete_inputs(model, dims, default_dim)
     inferred = serde.infer_shapes(_with_concrete_inputs(model, shapes_in))
     shapes = _shape_map(inferred)
-    per_node = [NodeMacs(n.name, n.op_type, _node_macs(n, shapes)) for n in inferred.graph.node]
+    per_node = [NodeMacs(n.name or n.output[0], n.op_type, _node_macs(n, shapes)) for n in inferred.graph.node]
     params = sum(_prod(list(i.dims)) for i in model.graph.initializer)
     params += sum(_prod(list(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"
                   for a in n.attribute if a.name == "value")

@@ -1,0 +1,413 @@
+"""Graph simplification: onnxsim, constant folding, Identity/Dropout removal, dead-node removal."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import serde
+from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
+
+__all__ = ["Simplify"]
+
+log = logging.getLogger(__name__)
+
+#: onnx-optimizer passes (run by onnxsim) that are not exact: they change results beyond float
+#: rounding on some inputs. ``fuse_bn_into_conv`` is skipped too: BN folding is ``fold_bn``'s job.
+_INEXACT_OPTIMIZERS = (
+    "fuse_bn_into_conv",  # fold_bn does this, with its own checks and report
+    "fuse_consecutive_log_softmax",  # Log(Softmax(x)) -> LogSoftmax(x): no more -inf where x underflows
+    "eliminate_nop_monotone_argmax",  # ArgMax(Exp(x)) -> ArgMax(x): ties from saturation differ
+)
+#: Operators whose result is random: never folded.
+_NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+)
+#: Result dtypes a folded constant may have (what numpy, ORT and onnx all represent the same way).
+_FOLDABLE_DTYPES = frozenset(
+    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"}
+)
+_DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+_STAT_KEYS = (
+    "nodes_before",
+    "nodes_after",
+    "onnxsim_nodes_removed",
+    "identities_removed",
+    "dropouts_removed",
+    "constants_folded",
+    "dead_nodes_removed",
+)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """Name, dtype and shape of one graph input or output."""
+
+    name: str
+    dtype: Any
+    shape: Any
+
+
+@register
+class Simplify(Pass):
+    """Simplifies the graph exactly: onnxsim, constant folding, Identity/Dropout and dead-node removal.
+
+    Before: ``y = Relu(Identity(Dropout(x)))``, ``s = Reshape(x, Concat(Unsqueeze(Gather(Shape(x)))))``
+    After:  ``y = Relu(x)``, ``s = Reshape(x, <constant shape>)`` (static shapes)
+
+    Steps, in order:
+
+    1. onnxsim (option ``onnxsim``) with shape inference, constant folding and its exact
+       fusions/eliminations; its BatchNormalization fusion and the few rewrites that are not
+       exact are switched off, input shapes are never fixed, nothing runs on a network.
+       onnxsim's result is used only if it passes the full checker and keeps every graph input and
+       output (names, order); otherwise the pass records the decline ``onnxsim failed: <reason>``
+       and continues from the original graph.
+    2. ``Identity`` nodes, and ``Dropout`` nodes in inference mode whose mask output is unused,
+       are bypassed. When the output is a graph output, the producer of the input is made to
+       write the graph output directly, so graph output names never change; when the input is a
+       graph input or a constant too, the node stays.
+    3. Constant folding (option ``fold_constants``): nodes of the default domain whose inputs are
+       all constants are evaluated once in onnxruntime (optimizations off) and replaced by their
+       results. Random ops, Dropout, nodes with subgraphs, and results that are not plain numeric
+       tensors are left alone, as is any result larger than ``max_fold_bytes`` that is bigger
+       than the constants it is computed from (e.g. an ``Expand`` to a 100 MB tensor).
+    4. Nodes that no graph output depends on are removed.
+
+    Graph inputs and outputs keep their names, order, dtypes and shapes (symbolic dimensions stay
+    symbolic); the result is deterministic. Declines are recorded with their reason.
+    """
+
+    name = "simplify"
+    numerics = Numerics.EXACT
+    options = {
+        "onnxsim": Option(bool, True, "run onnxsim first (shape inference, folding, exact fusions)"),
+        "fold_constants": Option(bool, True, "fold nodes whose inputs are all constants"),
+        "max_fold_bytes": Option(int, 1 << 20, "largest folded result allowed to grow past its source constants"),
+    }
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Simplify ``graph``; the result comes back as ``PassResult.graph``."""
+        result = PassResult(stats=dict.fromkeys(_STAT_KEYS, 0))
+        logger = ctx.logger
+        inputs, outputs = _signature(graph.inputs), _signature(graph.outputs)
+        before = _node_count(graph)
+        result.stats["nodes_before"] = before
+        if self.opts["onnxsim"]:
+            graph = _run_onnxsim(graph, self.opts, result, logger)
+        _remove_passthrough(graph, result, logger)
+        if self.opts["fold_constants"]:
+            _fold_constants(graph, self.opts["max_fold_bytes"], result, logger)
+        n_before_cleanup = _node_count(graph)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        result.count("dead_nodes_removed", n_before_cleanup - _node_count(graph))
+        _restore_signature(graph.inputs, inputs)
+        _restore_signature(graph.outputs, outputs)
+        result.stats["nodes_after"] = _node_count(graph)
+        result.modified = result.modified or result.stats["nodes_after"] != before
+        result.graph = graph
+        return result
+
+
+# --- graph signature ---------------------------------------------------------------------------
+
+
+def _signature(tensors: list[gs.Tensor]) -> list[_Signature]:
+    return [_Signature(t.name, getattr(t, "dtype", None), getattr(t, "shape", None)) for t in tensors]
+
+
+def _same_names(graph: gs.Graph, inputs: list[_Signature], outputs: list[_Signature]) -> bool:
+    return [t.name for t in graph.inputs] == [s.name for s in inputs] and [t.name for t in graph.outputs] == [
+        s.name for s in outputs
+    ]
+
+
+def _restore_signature(tensors: list[gs.Tensor], signature: list[_Signature]) -> None:
+    """Put back the original dtype and shape of every graph input/output (onnxsim may refine them)."""
+    for tensor, sig in zip(tensors, signature):
+        if isinstance(tensor, gs.Variable):
+            tensor.dtype, tensor.shape = sig.dtype, sig.shape
+
+
+def _node_count(graph: gs.Graph) -> int:
+    return len(graph.nodes)
+
+
+# --- onnxsim -----------------------------------------------------------------------------------
+
+
+def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logger: logging.Logger) -> gs.Graph:
+    """Run onnxsim on ``graph``; return its result, or ``graph`` itself when onnxsim fails."""
+    inputs, outputs = _signature(graph.inputs), _signature(graph.outputs)
+    model = serde.to_model(graph)
+    try:
+        simplified = _onnxsim_call(model, opts)
+        serde.check_model(simplified, full=True)
+        new_graph = serde.to_graph(simplified)
+    except Exception as exc:  # noqa: BLE001 - onnxsim and the checker raise assorted types
+        return _onnxsim_failed(graph, _short(exc), result, logger)
+    if not _same_names(new_graph, inputs, outputs):
+        return _onnxsim_failed(graph, "changed the graph inputs or outputs", result, logger)
+    result.count("onnxsim_nodes_removed", len(graph.nodes) - len(new_graph.nodes))
+    result.modified = result.modified or simplified.graph.SerializeToString() != model.graph.SerializeToString()
+    return new_graph
+
+
+def _onnxsim_call(model: onnx.ModelProto, opts: dict[str, Any]) -> onnx.ModelProto:
+    import onnxsim  # slow to import (~5 s): only when the step runs
+
+    simplified, _ = onnxsim.simplify(
+        model,
+        check_n=0,  # no random-input check: exactness comes from the options below
+        perform_optimization=True,
+        skip_fuse_bn=True,
+        skipped_optimizers=list(_INEXACT_OPTIMIZERS),
+        skip_constant_folding=not opts["fold_constants"],
+        include_subgraph=False,
+        tensor_size_threshold=f"{max(int(opts['max_fold_bytes']), 1)}B",
+        mutable_initializer=True,  # an initializer that is also a graph input may be overridden: keep it
+        overwrite_input_shapes=None,  # never fix dynamic dims
+        certify=False,
+        import_custom_schemas=False,
+        inline_functions=False,
+        providers=["CPUExecutionProvider"],
+        gemm_fusion_backend="ort_cpu",
+    )
+    return simplified
+
+
+def _onnxsim_failed(graph: gs.Graph, reason: str, result: PassResult, logger: logging.Logger) -> gs.Graph:
+    logger.warning("simplify: onnxsim failed (%s); continuing without it", reason)
+    result.decline("<model>", f"onnxsim failed: {reason}", logger)
+    return graph
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    msg = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# --- Identity / Dropout ------------------------------------------------------------------------
+
+
+def _remove_passthrough(graph: gs.Graph, result: PassResult, logger: logging.Logger) -> None:
+    """Bypass every removable Identity and inference-mode Dropout of the main graph."""
+    for node in list(graph.nodes):
+        if node.op == "Identity" and node.domain in _DEFAULT_DOMAINS:
+            key = "identities_removed"
+        elif node.op == "Dropout" and node.domain in _DEFAULT_DOMAINS:
+            key = "dropouts_removed"
+            reason = _dropout_blocker(graph, node)
+            if reason:
+                result.decline(node.name or node.outputs[0].name, reason, logger)
+                continue
+            while len(node.outputs) > 1:
+                node.outputs.pop()
+        else:
+            continue
+        reason = _bypass(graph, node)
+        if reason:
+            result.decline(node.name or node.outputs[0].name, reason, logger)
+        else:
+            result.count(key)
+            result.modified = True
+
+
+def _dropout_blocker(graph: gs.Graph, node: gs.Node) -> str | None:
+    """Why ``node`` (a Dropout) cannot be removed, or ``None`` if it is an identity."""
+    if len(node.outputs) > 1 and not node.outputs[1].is_empty():
+        mask = node.outputs[1]
+        if mask.outputs or mask in graph.outputs:
+            return "dropout mask output is used"
+    if node.attrs.get("is_test", 1) == 0:
+        return "dropout in training mode (is_test=0)"
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        mode = node.inputs[2]
+        if not isinstance(mode, gs.Constant):
+            return "dropout training_mode is not a constant"
+        if np.asarray(mode.values).any():
+            return "dropout in training mode"
+    return None
+
+
+def _bypass(graph: gs.Graph, node: gs.Node) -> str | None:
+    """Remove a one-input pass-through ``node``; return why not when it must stay."""
+    src, out = node.inputs[0], node.outputs[0]
+    if src.is_empty():
+        return "input is omitted"
+    if out not in graph.outputs:
+        _rewire(out, src)
+        node.inputs.clear()
+        node.outputs.clear()
+        return None
+    producer = src.inputs[0] if len(src.inputs) == 1 and isinstance(src, gs.Variable) else None
+    if producer is None or src in graph.outputs or src in graph.inputs:
+        return "output is a graph output fed by a graph input or constant"
+    node.inputs.clear()
+    node.outputs.clear()
+    _rewire(src, out)
+    producer.outputs[producer.outputs.index(src)] = out
+    return None
+
+
+def _rewire(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of ``old`` (subgraphs included) read ``new`` instead."""
+    for consumer in list(old.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[i] = new
+
+
+# --- constant folding --------------------------------------------------------------------------
+
+
+def _fold_constants(graph: gs.Graph, limit: int, result: PassResult, logger: logging.Logger) -> None:
+    """Replace nodes computed only from constants by their values (evaluated in onnxruntime)."""
+    nodes = _foldable_nodes(graph)
+    if not nodes:
+        return
+    values = _evaluate(graph, nodes, result, logger)
+    sources = _source_bytes(nodes)
+    outputs = set(id(t) for t in graph.outputs)
+    for node in nodes:
+        if node.op == "Constant":
+            continue  # evaluated for its consumers; normalize turns the foldable ones into initializers
+        reason = _fold_blocker(node, values, sources, limit)
+        if reason:
+            result.decline(node.name or node.outputs[0].name, reason, logger)
+            continue
+        if any(id(t) in outputs for t in node.outputs):
+            if len(node.outputs) > 1:
+                result.decline(node.name or node.outputs[0].name, "multi-output node feeds a graph output", logger)
+                continue
+            _fold_into_constant_node(node, values)
+        else:
+            for tensor in node.outputs:
+                tensor.to_constant(values[tensor.name])
+            node.inputs.clear()
+            node.outputs.clear()
+        result.count("constants_folded")
+        result.modified = True
+
+
+def _foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Nodes (in topological order) computable from constants alone."""
+    graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    local = {(f.domain, f.name) for f in graph.functions}
+    known: set[int] = set()
+    out = []
+    for node in graph.nodes:
+        if not _foldable_op(node, local):
+            continue
+        if all(t.is_empty() or isinstance(t, gs.Constant) or id(t) in known for t in node.inputs):
+            out.append(node)
+            known.update(id(t) for t in node.outputs)
+    return out
+
+
+def _foldable_op(node: gs.Node, local: set[tuple[str, str]]) -> bool:
+    if node.domain not in _DEFAULT_DOMAINS or (node.domain, node.op) in local:
+        return False
+    if node.op in _NONDETERMINISTIC or not node.outputs:
+        return False
+    return not any(isinstance(v, gs.Graph) or _is_graph_list(v) for v in node.attrs.values())
+
+
+def _is_graph_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and any(isinstance(v, gs.Graph) for v in value)
+
+
+def _evaluate(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, logger: logging.Logger) -> dict[str, np.ndarray]:
+    """Values of the outputs of ``nodes``: all at once, or node by node if that fails."""
+    try:
+        return _run_nodes(graph, nodes)
+    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
+        logger.debug("simplify: batch constant evaluation failed (%s); trying node by node", _short(exc))
+    values: dict[str, np.ndarray] = {}
+    for node in nodes:
+        if not all(t.is_empty() or isinstance(t, gs.Constant) or t.name in values for t in node.inputs):
+            continue
+        try:
+            values.update(_run_nodes(graph, [node], values))
+        except Exception as exc:  # noqa: BLE001
+            result.decline(node.name or node.outputs[0].name, f"cannot evaluate: {_short(exc, 100)}", logger)
+    return values
+
+
+def _run_nodes(graph: gs.Graph, nodes: list[gs.Node], known: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Run ``nodes`` alone in onnxruntime (optimizations off) and return every output's value."""
+    import onnxruntime as ort
+
+    known = known or {}
+    produced = {id(t) for n in nodes for t in n.outputs}
+    feeds = {}
+    for node in nodes:
+        for tensor in node.inputs:
+            if not tensor.is_empty() and id(tensor) not in produced and tensor.name in known:
+                feeds[tensor.name] = known[tensor.name]
+    wanted = [t for n in nodes for t in n.outputs if not t.is_empty()]
+    model = _sub_model(graph, nodes, wanted, feeds)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    arrays = sess.run([t.name for t in wanted], {})
+    return {t.name: a for t, a in zip(wanted, arrays) if isinstance(a, np.ndarray)}
+
+
+def _sub_model(graph: gs.Graph, nodes: list[gs.Node], wanted: list[gs.Tensor], feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A model holding ``nodes`` with their constant inputs as initializers and ``wanted`` as outputs."""
+    sub = gs.Graph(nodes=list(nodes), inputs=[], outputs=list(wanted), opset=graph.opset,
+                   import_domains=graph.import_domains, ir_version=graph.ir_version)
+    model = gs.export_onnx(sub, do_type_check=False)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in feeds.items())
+    del model.graph.value_info[:]  # shapes recorded on the big graph may be stale: let ORT infer
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=t.name) for t in wanted)
+    return model
+
+
+def _source_bytes(nodes: list[gs.Node]) -> dict[int, int]:
+    """For each output of ``nodes``: bytes of the distinct constants it is computed from."""
+    sources: dict[int, dict[int, int]] = {}
+    for node in nodes:
+        leaves: dict[int, int] = {}
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant):
+                leaves[id(tensor)] = int(np.asarray(tensor.values).nbytes)
+            else:
+                leaves.update(sources.get(id(tensor), {}))
+        for tensor in node.outputs:
+            sources[id(tensor)] = leaves
+    return {key: sum(leaves.values()) for key, leaves in sources.items()}
+
+
+def _fold_blocker(node: gs.Node, values: dict[str, np.ndarray], sources: dict[int, int], limit: int) -> str | None:
+    """Why ``node`` is not replaced by its values, or ``None``."""
+    for tensor in node.outputs:
+        if tensor.is_empty():
+            continue
+        value = values.get(tensor.name)
+        if value is None:
+            return "value not computed"
+        if value.dtype.name not in _FOLDABLE_DTYPES:
+            return f"result dtype {value.dtype} is not folded"
+        if value.nbytes > limit and value.nbytes > sources.get(id(tensor), 0):
+            return f"result too large to fold ({value.nbytes} bytes)"
+    return None
+
+
+def _fold_into_constant_node(node: gs.Node, values: dict[str, np.ndarray]) -> None:
+    """Turn ``node`` (whose single output is a graph output) into a ``Constant`` node."""
+    out = node.outputs[0]
+    node.inputs.clear()
+    node.op, node.domain = "Constant", None
+    node.attrs = {"value": gs.Constant(f"{out.name}_value", values[out.name])}

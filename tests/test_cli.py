@@ -1,0 +1,162 @@
+"""CLI behaviour: exit codes, one-line errors, no partial outputs, input never modified."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxcompress.cli import main
+
+
+def _conv_bn_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var"),
+        numpy_helper.from_array(rng.standard_normal((c * 8 * 8, 5)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.array([0, -1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["logits"]),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", 1, ["N", 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(_conv_bn_model().SerializeToString())
+    return p
+
+
+def _digest(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_optimize_writes_validated_model_and_json(tmp_path, model_path, capsys):
+    before = _digest(model_path)
+    out = tmp_path / "o.onnx"
+    code, stdout, err = _run(capsys, "optimize", model_path, "-o", out, "--passes", "fold_bn,simplify",
+                             "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "before → after" in stdout and "gate passed" in stdout
+    assert _digest(model_path) == before
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["output"] == str(out)
+    assert report["before"]["op_counts"]["BatchNormalization"] == 1
+    assert "BatchNormalization" not in report["after"]["op_counts"]
+    assert [p["pass"] for p in report["passes"]] == ["fold_bn", "simplify"]
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(out).graph.node]
+
+
+def test_default_recipe_and_default_output(tmp_path, model_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "-q", "optimize", model_path)
+    assert code == 0, err
+    assert (tmp_path / "m.opt.onnx").exists()
+
+
+def test_output_equal_to_input_refused(model_path, capsys):
+    before = _digest(model_path)
+    code, _, err = _run(capsys, "optimize", model_path, "-o", model_path)
+    assert code == 2 and err.startswith("error:") and "input model" in err
+    assert len(err.strip().splitlines()) == 1 and _digest(model_path) == before
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--passes", "nope"], "unknown pass 'nope'; valid passes: "),
+    (["--passes", "fold_bn:bogus=1"], "unknown option 'bogus'"),
+    (["--passes", "fold_bn", "--recipe", "default"], "not both"),
+    (["--recipe", "nope"], "unknown recipe"),
+    (["--calib", "missing.npz"], "no such file"),
+])
+def test_bad_usage_exit_2_no_output(tmp_path, model_path, capsys, args, match):
+    out = tmp_path / "o.onnx"
+    code, _, err = _run(capsys, "optimize", model_path, "-o", out, *args)
+    assert code == 2 and match in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage bytes", None])
+def test_bad_models_exit_2(tmp_path, capsys, content):
+    p = tmp_path / "bad.onnx"
+    if content is not None:
+        p.write_bytes(content)
+    code, _, err = _run(capsys, "optimize", p, "-o", tmp_path / "o.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_failed_gate_exit_1_nothing_written(tmp_path, model_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, stdout, err = _run(capsys, "optimize", model_path, "-o", out, "--passes", "fold_bn",
+                             "--max-rel-err", "-1", "--json", tmp_path / "r.json")
+    assert code == 1 and "validation gate failed" in err
+    assert not out.exists()
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    code, _, _ = _run(capsys, "optimize", model_path, "-o", out, "--passes", "fold_bn", "--max-rel-err", "-1", "--force")
+    assert code == 1 and out.exists()
+
+
+def test_calibration_data_with_labels(tmp_path, model_path, capsys):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((20, 3, 8, 8)).astype(np.float32), labels=rng.integers(0, 5, 20))
+    code, stdout, err = _run(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--data", tmp_path / "d.npz")
+    assert code == 0, err
+    assert "20 samples" in stdout and "→" in stdout
+    np.savez(tmp_path / "bad.npz", y=np.zeros((2, 3, 8, 8), np.float32))
+    code, _, err = _run(capsys, "optimize", model_path, "-o", tmp_path / "o2.onnx", "--data", tmp_path / "bad.npz")
+    assert code == 2 and "unknown input name" in err and not (tmp_path / "o2.onnx").exists()
+
+
+def test_inspect_json(model_path, capsys):
+    code, out, _ = _run(capsys, "inspect", model_path, "--json", "-")
+    data = json.loads(out)
+    assert code == 0 and data["macs"] == 4 * 64 * 27 + 256 * 5 and data["op_counts"]["Conv"] == 1
+
+
+def test_compare(tmp_path, model_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert _run(capsys, "-q", "optimize", model_path, "-o", out)[0] == 0
+    code, stdout, _ = _run(capsys, "compare", model_path, out, "--json", "-")
+    assert code == 0 and json.loads(stdout)["outputs"][0]["cosine"] > 0.999999
+    code, _, err = _run(capsys, "compare", model_path, out, "--min-sqnr", "1000")
+    assert code == 1 and "SQNR" in err
+
+
+def test_passes_lists_registry(capsys):
+    code, out, _ = _run(capsys, "passes", "--json")
+    names = [p["name"] for p in json.loads(out)["passes"]]
+    assert code == 0 and {"fold_bn", "simplify"} <= set(names)
+    assert "default" in json.loads(out)["recipes"]
+
+
+def test_console_script_no_traceback(tmp_path):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(b"\x08\x01garbage")
+    proc = subprocess.run([sys.executable, "-m", "onnxcompress", "inspect", str(p)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error:")
