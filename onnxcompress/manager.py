@@ -107,8 +107,10 @@ class PassContext:
         seed: Seed for every random choice a pass makes.
         logger: Logger passes report to.
         progress: Whether long loops may show a progress bar.
-        extra: Free-form values shared between passes of one pipeline (e.g. BN scales kept for
-            pruning after ``fold_bn``).
+        extra: Values shared between passes of one pipeline. Known keys:
+            ``"fold_bn.gamma"``: ``{tensor name: |gamma| array}`` of the BNs ``fold_bn`` folded,
+            keyed by the folded node's output, so ``prune_channels:criterion=bn_scale`` can run
+            after ``fold_bn``.
     """
 
     calib: Any = None
@@ -288,6 +290,17 @@ class PassManager:
         """The loosest numerics of the pipeline."""
         return max((p.effective_numerics() for p in self.passes), default=Numerics.EXACT)
 
+    def _finish(self, model: onnx.ModelProto, graph: gs.Graph, result: PassResult) -> onnx.ModelProto:
+        """Clean up, sort, export and check the pass's graph; an unchanged graph keeps ``model``."""
+        if not result.modified and result.graph is None:
+            return model
+        graph = result.graph if result.graph is not None else graph
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        new_model = serde.to_model(graph, model)
+        if self.check:
+            serde.check_model(new_model, full=True)
+        return new_model
+
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
         """Run the pipeline on ``model`` (not modified) and return the new model and the records.
 
@@ -306,11 +319,7 @@ class PassManager:
                 start = time.perf_counter()
                 graph = serde.to_graph(model)
                 result = p.run(graph, self.ctx)
-                graph = result.graph if result.graph is not None else graph
-                graph.cleanup(remove_unused_graph_inputs=False).toposort()
-                new_model = serde.to_model(graph, model)
-                if self.check:
-                    serde.check_model(new_model, full=True)
+                new_model = self._finish(model, graph, result)
             except InputError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure inside a pass is reported as such

@@ -3,6 +3,10 @@
 * ``Constant`` nodes holding weights (Paddle and some TF exports) become initializers.
 * ``Identity`` nodes whose input is a constant are bypassed (consumers read the constant).
 * A two-input ``Sum`` becomes ``Add`` (same semantics, and the op every pass understands).
+* Initializers that are also listed as graph inputs (IR < 4 exports) are treated as constants
+  and leave the graph inputs: an optimizer can only fold weights it may assume fixed.
+* Unnamed nodes get a deterministic name (their first output's name), so every report and
+  decline can point at a node.
 * :func:`upgrade_opset` converts a model to a newer opset when a pass needs one.
 
 All of these are exact.
@@ -30,8 +34,10 @@ _LIST_ATTRS = {"value_floats": np.float32, "value_ints": np.int64}
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a normalised copy of ``model`` (the input is not modified)."""
+    init_names = {i.name for i in model.graph.initializer}
     graph = serde.to_graph(model)
     stats = normalize_graph(graph)
+    stats["initializer_inputs_dropped"] = sum(i.name in init_names for i in model.graph.input)
     if not any(stats.values()):
         return model
     log.info("normalize: %s", ", ".join(f"{k}={v}" for k, v in stats.items() if v))
@@ -42,7 +48,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize_graph(graph: gs.Graph) -> dict[str, int]:
     """Apply every normalisation to ``graph`` in place and return counts of what changed."""
     outputs = {t.name for t in graph.outputs}
-    stats = {"constants_to_initializers": 0, "identities_bypassed": 0, "sum_to_add": 0}
+    stats = {"constants_to_initializers": 0, "identities_bypassed": 0, "sum_to_add": 0,
+             "nodes_named": _name_nodes(graph)}
     for node in list(graph.nodes):
         if node.op == "Constant" and _constant_to_initializer(node, outputs):
             stats["constants_to_initializers"] += 1
@@ -53,6 +60,22 @@ def normalize_graph(graph: gs.Graph) -> dict[str, int]:
         if node.op == "Identity" and _bypass_identity(node, outputs):
             stats["identities_bypassed"] += 1
     return stats
+
+
+def _name_nodes(graph: gs.Graph) -> int:
+    taken = {n.name for n in graph.nodes if n.name}
+    named = 0
+    for node in graph.nodes:
+        if node.name:
+            continue
+        base = node.outputs[0].name if node.outputs else node.op
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
 
 
 def _constant_value(node: gs.Node) -> np.ndarray | None:

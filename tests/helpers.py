@@ -39,7 +39,10 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[st
         tt = inp.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else dim for d in tt.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        if np.dtype(dtype).kind == "f":
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[inp.name] = rng.integers(0, 10, size=shape).astype(dtype)
     return feeds
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -83,7 +82,7 @@ def _all_finite(*arrays: np.ndarray) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
-def _bn_affine(bn: gs.Node) -> Union[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _bn_affine(bn: gs.Node) -> str | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(scale, shift, gamma)`` of an inference-mode BN with constant parameters, or a reason."""
     if int(bn.attrs.get("training_mode", 0)) or sum(1 for t in bn.outputs if t.name) > 1:
         return R_TRAINING
@@ -104,7 +103,7 @@ def _bn_affine(bn: gs.Node) -> Union[str, tuple[np.ndarray, np.ndarray, np.ndarr
     return scale, shift, gamma
 
 
-def _per_channel(c: np.ndarray, layout: _Layout) -> Union[str, np.ndarray]:
+def _per_channel(c: np.ndarray, layout: _Layout) -> str | np.ndarray:
     """``c`` as a float64 vector over the channel axis, or a reason if it broadcasts elsewhere."""
     rank, axis, channels = layout
     if c.ndim > rank:
@@ -117,7 +116,7 @@ def _per_channel(c: np.ndarray, layout: _Layout) -> Union[str, np.ndarray]:
     return np.broadcast_to(c.astype(np.float64).reshape(-1), (channels,))
 
 
-def _elementwise_affine(op: str, c: np.ndarray, x_first: bool) -> Union[str, _Affine]:
+def _elementwise_affine(op: str, c: np.ndarray, x_first: bool) -> str | _Affine:
     """``y = op(x, c)`` (or ``op(c, x)``) written as ``y = x * scale + shift``."""
     ones, zeros = np.ones_like(c), np.zeros_like(c)
     with np.errstate(all="ignore"):
@@ -163,7 +162,7 @@ def _scale_weight(node: gs.Node, w: np.ndarray, scale: np.ndarray) -> np.ndarray
     return w * scale[None, :]  # Gemm with transB=0, MatMul: B is [K, N]
 
 
-def _scaled_weights(node: gs.Node, affine: _Affine) -> Union[str, _Weights]:
+def _scaled_weights(node: gs.Node, affine: _Affine) -> str | _Weights:
     """New weight and bias for ``node`` so that it computes ``node(x) * scale + shift``."""
     scale, shift = affine
     w = _const(node.inputs[1])
@@ -179,7 +178,7 @@ def _scaled_weights(node: gs.Node, affine: _Affine) -> Union[str, _Weights]:
     return new_w, new_b.astype(w.dtype if bias is None else bias.dtype)
 
 
-def _pre_scaled_weights(conv: gs.Node, affine: _Affine) -> Union[str, _Weights]:
+def _pre_scaled_weights(conv: gs.Node, affine: _Affine) -> str | _Weights:
     """New weight and bias for ``conv`` so that ``conv(x)`` equals the old ``conv(x * scale + shift)``."""
     scale, shift = affine
     w = _const(conv.inputs[1])
@@ -229,7 +228,7 @@ class _State:
     ranks: dict[str, int] | None = None
 
     @classmethod
-    def create(cls, graph: gs.Graph, ctx: PassContext, result: PassResult) -> "_State":
+    def create(cls, graph: gs.Graph, ctx: PassContext, result: PassResult) -> _State:
         names: set[str] = set()
         for g in [graph, *graph.subgraphs(recursive=True)]:
             names.update(g.tensors().keys())
@@ -275,48 +274,60 @@ class _State:
 
 @register
 class FoldBn(Pass):
-    """Folds BatchNormalization and constant per-channel Mul/Add/Sub/Div into Conv, ConvTranspose, Gemm and MatMul.
+    """Folds BatchNorm and constant per-channel Mul/Add into the adjacent Conv/ConvTranspose/Gemm/MatMul.
 
-    Before: ``y = BN(Conv(x, W, b))``                After: ``y = Conv(x, W', b')``
+    Before: ``y = BN(Conv(x, W, b))``  or  ``y = Add(Mul(Conv(x, W, b), k1), k2)``
+    After:  ``y = Conv(x, W', b')``
 
-    Math (``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``; float64, cast back to the
-    weight's dtype): ``W' = W * s`` per output channel and ``b' = b * s + t``.
+    Math:
+        Every folded op is a per-channel affine ``y = x * s + t`` computed in float64 and cast
+        back to the weight's dtype. BN: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``
+        (``epsilon`` defaults to 1e-5). Then ``W' = W * s`` per output channel and
+        ``b' = b * s + t``:
 
-    * Conv: ``W[o, ...] *= s[o]``.
-    * ConvTranspose (W is ``[Cin, Cout/g, k...]``): output channel ``o = gi * Cout/g + j`` scales
-      ``W[gi*Cin/g:(gi+1)*Cin/g, j]``.
-    * Gemm (constant B): the columns of ``op(B)`` are scaled; ``C' = beta * C * s + t`` and
-      ``beta`` becomes 1 (``alpha`` and ``transA`` are kept).
-    * MatMul (constant 2-D B, 2-D input): becomes ``Gemm(x, B * s, t)``.
-    * ``Mul``/``Add``/``Sub``/``Div`` by a constant after a Conv or ConvTranspose is the affine
-      ``y = x * s + t`` with the constant as ``s`` or ``t``; it must be a scalar or broadcast only
-      along the channel axis (``[C,1,1]``, ``[1,C,1,1]``, ``[1]``; a ``[C]`` constant aligns with
-      the *last* axis, so it is declined unless ``C == 1``).
-    * BN *before* a Conv (``Conv(BN(x))``): ``W'[o, i, k] = W[o, i, k] * s[i]`` and
-      ``b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[i]`` (group-aware; exact only without padding).
+        * Conv ``W[Cout, Cin/g, k...]``: ``W'[o] = W[o] * s[o]``.
+        * ConvTranspose ``W[Cin, Cout/g, k...]``: output channel ``o = gi * Cout/g + j`` scales
+          ``W[gi*Cin/g:(gi+1)*Cin/g, j]``.
+        * Gemm with constant B: the columns of ``op(B)`` (``transB`` respected) are scaled,
+          ``C' = beta * C * s + t`` and ``beta`` becomes 1; ``alpha``/``transA`` are kept.
+        * MatMul with a constant 2-D B and a 2-D input becomes ``Gemm(x, B * s, t)``.
+        * ``Mul``/``Add``/``Sub``/``Div`` by a constant after a Conv or ConvTranspose: the
+          constant is ``s`` (Mul, Div as ``1/c``) or ``t`` (Add, Sub; ``c - x`` has ``s = -1``).
+        * BN *before* a Conv, ``Conv(BN(x))``: ``W'[o, i, k] = W[o, i, k] * s[i]`` and
+          ``b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[i]`` (``i`` taken within ``o``'s group).
 
-    Folds repeat until nothing changes, so ``Conv -> BN -> Mul -> Add`` becomes one Conv. The
-    folded node takes over the folded op's output tensor, so downstream names (and graph output
-    names) are kept. New weights are new constants named ``<node>_W_folded``/``<node>_B_folded``
-    (uniquified); initializers are never edited in place, so a weight shared with another node is
-    copied and the other user keeps the original. For pruning, each BN's ``gamma`` folded into
-    a preceding node is kept in ``ctx.extra["fold_bn.gamma"]`` under the node's output name.
+        Folds repeat until nothing changes, so ``Conv -> BN -> Mul -> Add`` becomes one Conv.
+        The folded node takes over the removed op's output tensor, so downstream and graph-output
+        names are kept. New weights are new constants ``<node>_W_folded``/``<node>_B_folded``
+        (``<node>`` is the node name, else its output name; uniquified); initializers are never
+        edited in place, so a weight shared with another node is in effect copied and the other
+        user keeps the original. The ``gamma`` of each BN folded into a preceding node is kept in
+        ``ctx.extra["fold_bn.gamma"]`` under that node's (new) output name, for pruning.
 
-    Fires on a BN (inference form) or constant Mul/Add/Sub/Div whose input comes from one of those
-    nodes when: the parameters, weight and bias are constants; the producer's output feeds only
-    this op and is not a graph output; the channel axis of the op is the producer's output
-    channel axis. A BN that cannot fold backwards folds into a following Conv when its output
-    feeds only that Conv (as the data input), is not a graph output and the Conv has no padding
-    (pads all 0, auto_pad NOTSET or VALID).
+    Fires when:
+        A BN in inference form (one output, ``training_mode`` 0, ``spatial`` 1) or a Mul/Add/
+        Sub/Div with a Conv/ConvTranspose input has constant parameters; the producer's weight
+        (and bias) are constants; the producer's output feeds only this op and is not a graph
+        output; and the op's channel axis is the producer's output channel axis (axis 1; for
+        MatMul the input must be 2-D; a Mul/Add constant must be a scalar or broadcast only along
+        axis 1: ``[C,1,1]``, ``[1,C,1,1]``, ``[1]`` -- a ``[C]`` vector aligns with the *last*
+        axis and is declined). A BN that cannot fold backwards folds into the Conv it feeds when
+        its output feeds only that Conv's data input, is not a graph output, and the Conv has no
+        padding (pads all 0, auto_pad NOTSET or VALID); any group count is handled.
 
-    Declines (reason in :data:`DECLINE_REASONS`): BN in training mode (``training_mode=1`` or
-    extra outputs); BN params not constant; operand not constant; not affine in conv output
-    (``c / conv``); weight or bias not constant; conv output has other consumers or is a graph
-    output; BN output has other consumers or is a graph output (BN before Conv); bn before conv
-    with padding; unsupported layout (``spatial=0``, MatMul output not 2-D, malformed weights);
-    unknown rank; channel count mismatch; not per-channel (broadcast over a non-channel axis);
-    non-finite scale (``var + eps <= 0``, division by 0); no conv to fold into. Subgraphs are not
-    visited.
+    Declines:
+        One reason per candidate left alone, from :data:`DECLINE_REASONS`: BN in training mode;
+        BN params not constant; operand not constant; not affine in conv output (``c / conv``);
+        weight not constant; bias not constant; conv output has other consumers; conv output is
+        a graph output; BN output has other consumers; BN output is a graph output; bn before
+        conv with padding; unsupported layout (``spatial=0``, MatMul output not 2-D, malformed
+        weights); unknown rank (MatMul input rank not inferable); channel count mismatch; not
+        per-channel (broadcasts over a non-channel axis or adds axes); non-finite scale
+        (``var + eps <= 0``, division by 0); no conv to fold into. Subgraphs are not visited.
+
+    Stats:
+        ``folded`` (total), ``bn_folded``, ``bn_folded_forward``, ``elementwise_folded``,
+        ``matmul_to_gemm``, ``shared_copied`` (constants copied because another node uses them).
     """
 
     name = "fold_bn"
@@ -476,7 +487,7 @@ def _conv_operand(node: gs.Node) -> int | None:
     return None
 
 
-def _layout(state: _State, node: gs.Node) -> Union[str, _Layout]:
+def _layout(state: _State, node: gs.Node) -> str | _Layout:
     """``(rank, channel axis, channels)`` of ``node``'s output, or why its weight cannot take a fold."""
     w = _const(_opt_input(node, 1))
     if w is None:
