@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 
 from . import __version__, api, serde
+from . import bench as _bench
 from .calib import parse_dims
 from .display import show_metrics, show_passes, show_report, show_validation
 from .errors import GateFailed, InputError, OnnxCompressError
@@ -211,6 +212,33 @@ def list_passes(as_json: bool) -> None:
         click.echo(json.dumps(payload, indent=2, default=str))
         return
     show_passes(_console(), recipes)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--provider", default="CPUExecutionProvider", show_default=True,
+              help="Execution provider (any of onnxruntime.get_available_providers()).")
+@click.option("--threads", default=0, show_default=True, help="Intra-op threads per session (0: ORT default).")
+@click.option("--warmup", default=10, show_default=True, help="Untimed warm-up rounds.")
+@click.option("--runs", default=100, show_default=True, help="Timed rounds (each runs every model once).")
+@click.option("--batch", default=1, show_default=True, help="Value of the leading (batch) dim where dynamic.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Value of another symbolic input dim (default 32).")
+@click.option("--data", default=None, metavar="PATH", help="Inputs: the first batch of this data (default: seeded random).")
+@click.option("--preprocess", default=None, metavar="SPEC|TOML", help="Image folders: as for `optimize`.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random inputs and the round order.")
+@click.option("--ort-opt/--no-ort-opt", default=True, show_default=True, help="ORT graph optimizations.")
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Write the results as JSON ('-' for stdout).")
+@click.pass_obj
+def bench(obj: dict, models: tuple[Path, ...], provider: str, threads: int, warmup: int, runs: int, batch: int,
+          dims: tuple[str, ...], data: str | None, preprocess: str | None, seed: int, ort_opt: bool,
+          json_path: str | None) -> None:
+    """Latency of MODELS on onnxruntime, in interleaved rounds; ratios vs the first model, pair by pair."""
+    report = _bench.bench(list(models), provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch,
+                          dims=parse_dims(dims), data=data, seed=seed, optimize=ort_opt,
+                          progress=obj["progress"], preprocess=preprocess)
+    if json_path != "-" and not obj["quiet"]:
+        _bench.show_bench(_console(), report)
+    _write_json(json_path, report.as_dict())
 
 
 def main(argv: list[str] | None = None) -> int:
