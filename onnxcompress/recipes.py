@@ -1,7 +1,7 @@
 """Pipeline recipes: TOML files naming passes, their options and the validation gate.
 
 Built-in recipes live in the repository's top-level ``passes/`` folder, installed into the wheel
-as the ``onnxcompress.recipes`` package. A recipe looks like::
+as the ``onnxcompress._recipes`` package. A recipe looks like::
 
     description = "Fold BN, then simplify"
 
@@ -43,7 +43,7 @@ class Recipe:
 
 def _builtin_dir() -> Path:
     try:
-        root = resources.files("onnxcompress.recipes")
+        root = resources.files("onnxcompress._recipes")
         if root.is_dir():
             return Path(str(root))
     except (ModuleNotFoundError, TypeError):

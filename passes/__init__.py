@@ -1,1 +1,1 @@
-"""Built-in pipeline recipes (TOML files), installed as the ``onnxcompress.recipes`` package."""
+"""Built-in pipeline recipes (TOML files), installed as the ``onnxcompress._recipes`` package."""
