@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,16 +31,16 @@ from .errors import InputError
 from .manager import PassManager, parse_spec, registry
 
 __all__ = [
+    "CRASH",
+    "FAIL",
     "PASS",
     "SKIP",
-    "FAIL",
-    "CRASH",
     "CaseResult",
     "collect_cases",
-    "select_cases",
     "default_spec",
     "run_case",
     "run_cases",
+    "select_cases",
     "summarize",
 ]
 
@@ -140,7 +142,7 @@ def _run_case(case: Any, spec: str, workdir: Path) -> None:
     try:
         model = serde.load_model(case.model)
     except InputError as exc:
-        raise _Outcome(SKIP, "loader refuses", str(exc)) from None
+        raise _Outcome(SKIP, f"loader refuses: {_category(str(exc))}", str(exc)) from None
     try:
         optimized, _ = PassManager(parse_spec(spec)).run(model)
         path = serde.save_model(optimized, workdir / f"{case.name}.onnx")
@@ -180,7 +182,73 @@ def _ort_run(model: onnx.ModelProto, inputs: Sequence[Any]) -> list[Any]:
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     inits = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
-    return sess.run(None, dict(zip(names, inputs)))
+    feeds = {name: _feed(value) for name, value in zip(names, inputs)}
+    out_types = [o.type.tensor_type.elem_type for o in model.graph.output]
+    exotic = any(t in _RAW_TYPES for t in out_types) or any(isinstance(v, onnx.TensorProto) for v in feeds.values())
+    if not exotic:
+        return sess.run(None, feeds)
+    values = sess.run_with_ort_values(None, {k: _ort_value(v) for k, v in feeds.items()})
+    return [_from_ort_value(v, t) for v, t in zip(values, out_types)]
+
+
+#: Element types onnxruntime's numpy API neither takes nor returns (numpy holds them only through
+#: ml_dtypes, and the 4/2-bit ones are packed): they cross as raw bytes in OrtValues.
+_RAW_TYPES = frozenset({
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ, onnx.TensorProto.FLOAT8E8M0,
+    onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1,
+    *(getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2") if hasattr(onnx.TensorProto, n)),
+})
+
+
+def _feed(value: Any) -> Any:
+    """onnx's data sets hold numpy scalars for 0-d inputs and TensorProtos for exotic dtypes."""
+    if isinstance(value, np.generic):
+        return np.asarray(value)
+    if isinstance(value, onnx.TensorProto):
+        return value if value.data_type in _RAW_TYPES else onnx.numpy_helper.to_array(value)
+    if _raw_type(value) in _RAW_TYPES:
+        return onnx.numpy_helper.from_array(value)
+    if isinstance(value, list):
+        return [_feed(v) for v in value]
+    return value
+
+
+def _raw_type(value: Any) -> int | None:
+    """The ONNX element type of an array whose dtype comes from ml_dtypes (bfloat16, float8…)."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "V":
+        return None
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _ort_value(value: Any) -> Any:
+    """An OrtValue of an array, or of a TensorProto's raw bytes (exotic element types)."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    if not isinstance(value, onnx.TensorProto):
+        return ort.OrtValue.ortvalue_from_numpy(value)
+    raw = value.raw_data or onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(value)).raw_data
+    ort_value = ort.OrtValue.ortvalue_from_shape_and_type(list(value.dims), value.data_type)
+    if raw:
+        ctypes.memmove(ort_value.data_ptr(), raw, min(len(raw), ort_value.tensor_size_in_bytes()))
+    return ort_value
+
+
+def _from_ort_value(value: Any, elem_type: int) -> Any:
+    """The numpy array of an output; exotic element types are decoded from the raw buffer."""
+    if elem_type not in _RAW_TYPES:
+        return value.numpy()
+    import ctypes
+
+    nbytes = value.tensor_size_in_bytes()
+    raw = bytes((ctypes.c_uint8 * nbytes).from_address(value.data_ptr())) if nbytes else b""
+    proto = onnx.TensorProto(data_type=elem_type, dims=value.shape(), raw_data=raw)
+    return onnx.numpy_helper.to_array(proto)
 
 
 def _compare(refs: Sequence[Any], outputs: Sequence[Any], rtol: float, atol: float) -> str | None:
@@ -195,6 +263,8 @@ def _compare(refs: Sequence[Any], outputs: Sequence[Any], rtol: float, atol: flo
 
 
 def _compare_one(ref: Any, out: Any, rtol: float, atol: float) -> str | None:
+    if isinstance(ref, onnx.TensorProto):
+        ref = onnx.numpy_helper.to_array(ref)
     if ref is None or out is None:
         return None if ref is None and out is None else f"got {type(out).__name__}, expected {type(ref).__name__}"
     if isinstance(ref, (list, tuple)) or isinstance(out, (list, tuple)):
@@ -222,25 +292,144 @@ def _compare_one(ref: Any, out: Any, rtol: float, atol: float) -> str | None:
     return None
 
 
+def _category(message: str) -> str:
+    """A message with the names in it (quoted) blanked, so equal causes count together."""
+    return re.sub(r"'[^']*'", "'…'", message.strip().splitlines()[0] if message.strip() else message)
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_cases(cases: Sequence[Any], spec: str, *, progress_every: int = 100) -> list[CaseResult]:
-    """Run every case (in order) and return the results; progress is logged at INFO."""
-    results = []
+def run_cases(cases: Sequence[Any], spec: str, *, isolate: bool = True, jobs: int = 1, timeout: float = 600.0,
+              progress_every: int = 100) -> list[CaseResult]:
+    """Run every case and return the results in case order; progress is logged at INFO.
+
+    Args:
+        cases: The cases.
+        spec: Pass pipeline.
+        isolate: Run each case in a forked child process, so a native crash (segfault, abort) in a
+            dependency is reported as that case's ``CRASH`` instead of ending the run.
+        jobs: Cases run at once (only with ``isolate``).
+        timeout: Seconds before an isolated case is killed and reported as a ``CRASH``.
+        progress_every: Log progress every this many cases (0: never).
+    """
     with tempfile.TemporaryDirectory(prefix="onnxcompress-conformance-") as tmp:
-        for i, case in enumerate(cases, 1):
-            result = run_case(case, spec, tmp)
-            results.append(result)
-            log.debug("%s: %s %s %s", case.name, result.outcome, result.reason, result.detail)
-            if progress_every and i % progress_every == 0:
-                log.info("conformance: %d/%d cases done", i, len(cases))
-            for leftover in Path(tmp).iterdir():
-                leftover.unlink()
+        if isolate:
+            _preload(spec)
+            results = _run_isolated(cases, spec, tmp, max(jobs, 1), timeout, progress_every)
+        else:
+            results = []
+            for case in cases:
+                results.append(_log_result(run_case(case, spec, tmp), len(results) + 1, len(cases), progress_every))
     return results
+
+
+def _log_result(result: CaseResult, done: int, total: int, progress_every: int) -> CaseResult:
+    log.debug("%s: %s %s %s", result.name, result.outcome, result.reason, result.detail)
+    if progress_every and done % progress_every == 0:
+        log.info("conformance: %d/%d cases done", done, total)
+    return result
+
+
+def _preload(spec: str) -> None:
+    """Import what every child would otherwise import again (onnxsim alone takes seconds)."""
+    parse_spec(spec)
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxsim  # noqa: F401
+    except ImportError:
+        pass
+
+
+class _Worker:
+    """A forked child that runs the cases it is sent (by index) until told to stop."""
+
+    def __init__(self, ctx: Any, cases: Sequence[Any], spec: str, tmp: str):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_loop, args=(child, cases, spec, tmp), daemon=True)
+        self.proc.start()
+        child.close()
+        self.index: int | None = None
+        self.started = 0.0
+
+    def send(self, index: int) -> None:
+        self.index, self.started = index, time.perf_counter()
+        self.conn.send(index)
+
+    def receive(self) -> CaseResult | None:
+        """The running case's result, or ``None`` if the child died."""
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def death(self, name: str, timed_out: bool) -> CaseResult:
+        """Kill the child and describe how the case it was running ended."""
+        import signal
+
+        self.proc.kill()
+        self.proc.join()
+        code = self.proc.exitcode
+        elapsed = round(time.perf_counter() - self.started, 4)
+        if timed_out:
+            return CaseResult(name, CRASH, "timeout", f"no result after {elapsed:.0f} s", elapsed)
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return CaseResult(name, CRASH, "native crash", f"process {how}", elapsed)
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.conn.close()
+
+
+def _worker_loop(conn: Any, cases: Sequence[Any], spec: str, tmp: str) -> None:
+    while (index := conn.recv()) is not None:
+        conn.send(run_case(cases[index], spec, tmp))
+
+
+def _run_isolated(cases: Sequence[Any], spec: str, tmp: str, jobs: int, timeout: float,
+                  progress_every: int) -> list[CaseResult]:
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("fork")
+    results: dict[int, CaseResult] = {}
+    todo = list(range(len(cases)))[::-1]
+    workers = [_Worker(ctx, cases, spec, tmp) for _ in range(min(jobs, len(cases)))]
+    try:
+        for worker in workers:
+            if todo:
+                worker.send(todo.pop())
+        while len(results) < len(cases):
+            busy = [w for w in workers if w.index is not None]
+            ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=1.0))
+            for i, worker in enumerate(workers):
+                index = worker.index
+                if index is None:
+                    continue
+                late = time.perf_counter() - worker.started > timeout
+                if not ({worker.conn, worker.proc.sentinel} & ready or late):
+                    continue
+                result = worker.receive() if worker.conn.poll() else None
+                if result is None:
+                    result = worker.death(cases[index].name, late)
+                    worker = workers[i] = _Worker(ctx, cases, spec, tmp)
+                worker.index = None
+                results[index] = _log_result(result, len(results) + 1, len(cases), progress_every)
+                if todo:
+                    worker.send(todo.pop())
+    finally:
+        for worker in workers:
+            worker.stop()
+    return [results[i] for i in range(len(cases))]
 
 
 def summarize(results: Sequence[CaseResult]) -> dict[str, Any]:

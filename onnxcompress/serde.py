@@ -136,15 +136,17 @@ def _load_external(model: onnx.ModelProto, base: Path) -> None:
 
 
 def _check_supported(model: onnx.ModelProto) -> None:
-    opset = model_opset(model)
-    if opset is None:
-        raise InputError("model imports no default-domain (ai.onnx) opset")
-    if opset < MIN_OPSET:
-        raise InputError(f"opset {opset} is too old (onnxcompress supports opset >= {MIN_OPSET})")
+    _check_opset(model)
     local = {f.domain for f in model.functions}
     for node in _all_nodes(model.graph):
         if node.domain not in KNOWN_DOMAINS and node.domain not in local:
             raise InputError(f"node {node.name or node.op_type!r}: unknown operator domain {node.domain!r}")
+        for attr in node.attribute:
+            if attr.type in (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
+                raise InputError(f"node {node.name or node.op_type!r}: type-valued attribute {attr.name!r} is not supported")
+    for value in _all_values(model.graph):
+        if _has_optional(value.type):
+            raise InputError(f"value {value.name!r}: optional types are not supported")
     try:
         onnx.checker.check_model(model) if model.ByteSize() < PROTO_LIMIT else None
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -152,15 +154,45 @@ def _check_supported(model: onnx.ModelProto) -> None:
         raise InputError(f"model fails the ONNX checker: {first}") from None
 
 
-def _all_nodes(graph: onnx.GraphProto):
+def _check_opset(model: onnx.ModelProto) -> None:
+    opset = model_opset(model)
+    if opset is None:
+        if any(n.domain in ("", "ai.onnx") for n in _all_nodes(model.graph)):
+            raise InputError("model imports no default-domain (ai.onnx) opset")
+    elif opset < MIN_OPSET:
+        raise InputError(f"opset {opset} is too old (onnxcompress supports opset >= {MIN_OPSET})")
+
+
+def _has_optional(tp: onnx.TypeProto) -> bool:
+    kind = tp.WhichOneof("value")
+    if kind == "optional_type":
+        return True
+    if kind == "sequence_type":
+        return _has_optional(tp.sequence_type.elem_type)
+    if kind == "map_type":
+        return _has_optional(tp.map_type.value_type)
+    return False
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                yield from _all_graphs(sub)
+
+
+def _all_values(graph: onnx.GraphProto):
+    for g in _all_graphs(graph):
+        yield from g.input
+        yield from g.output
+        yield from g.value_info
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for g in _all_graphs(graph):
+        yield from g.node
 
 
 def model_opset(model: onnx.ModelProto) -> int | None:

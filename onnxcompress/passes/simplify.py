@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -85,7 +85,7 @@ class Simplify(Pass):
 
     name = "simplify"
     numerics = Numerics.EXACT
-    options = {
+    options: ClassVar[dict[str, Option]] = {
         "onnxsim": Option(bool, True, "run onnxsim first (shape inference, folding, exact fusions)"),
         "fold_constants": Option(bool, True, "fold nodes whose inputs are all constants"),
         "max_fold_bytes": Option(int, 1 << 20, "largest folded result allowed to grow past its source constants"),
@@ -110,7 +110,7 @@ class Simplify(Pass):
         _restore_signature(graph.outputs, outputs)
         result.stats["nodes_after"] = _node_count(graph)
         result.modified = result.modified or result.stats["nodes_after"] != before
-        result.graph = graph
+        result.graph = graph if result.modified else None  # unchanged: the manager keeps the model as is
         return result
 
 
@@ -145,17 +145,90 @@ def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logg
     """Run onnxsim on ``graph``; return its result, or ``graph`` itself when onnxsim fails."""
     inputs, outputs = _signature(graph.inputs), _signature(graph.outputs)
     model = serde.to_model(graph)
+    _hoist_subgraph_initializers(model)
     try:
         simplified = _onnxsim_call(model, opts)
-        serde.check_model(simplified, full=True)
+        _check_like(simplified, model)
         new_graph = serde.to_graph(simplified)
     except Exception as exc:  # noqa: BLE001 - onnxsim and the checker raise assorted types
         return _onnxsim_failed(graph, _short(exc), result, logger)
     if not _same_names(new_graph, inputs, outputs):
         return _onnxsim_failed(graph, "changed the graph inputs or outputs", result, logger)
     result.count("onnxsim_nodes_removed", len(graph.nodes) - len(new_graph.nodes))
-    result.modified = result.modified or simplified.graph.SerializeToString() != model.graph.SerializeToString()
+    if _same_computation(simplified.graph, model.graph):
+        return graph  # onnxsim only added shape information or renamed nothing: keep ours
+    result.modified = True
     return new_graph
+
+
+def _same_computation(a: onnx.GraphProto, b: onnx.GraphProto) -> bool:
+    """Whether two graphs have the same nodes and initializers (value_info and names of nothing else)."""
+    if len(a.node) != len(b.node) or len(a.initializer) != len(b.initializer):
+        return False
+    nodes = all(x.SerializeToString() == y.SerializeToString() for x, y in zip(a.node, b.node))
+    return nodes and all(x.SerializeToString() == y.SerializeToString() for x, y in zip(a.initializer, b.initializer))
+
+
+def _check_like(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Run the full checker on ``model``; only the basic one if ``original`` already fails the full one.
+
+    Raises:
+        onnx.checker.ValidationError: ``model`` fails a check that ``original`` passes.
+    """
+    try:
+        serde.check_model(model, full=True)
+    except Exception:
+        try:
+            serde.check_model(original, full=True)
+        except Exception:  # noqa: BLE001 - onnx's own shape inference rejects the input: not our doing
+            serde.check_model(model, full=False)
+            return
+        raise
+
+
+def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
+    """Move subgraph initializers to the main graph wherever that changes no value.
+
+    onnx-graphsurgeon exports every constant a subgraph reads as an initializer of that subgraph,
+    so sibling branches repeat names (onnxsim's If elimination then crashes natively). A name is
+    moved when every initializer of that name has the same content and no graph input or node
+    output anywhere in the model uses it.
+    """
+    graphs = [model.graph, *_subgraphs(model.graph)]
+    nested = {t.name for g in graphs[1:] for t in g.initializer}
+    if not nested:
+        return
+    values = {name for g in graphs for name in _value_names(g)}
+    contents: dict[str, set[bytes]] = {}
+    for g in graphs:
+        for t in g.initializer:
+            if t.name in nested:
+                contents.setdefault(t.name, set()).add(t.SerializeToString())
+    movable = {name for name, c in contents.items() if len(c) == 1 and name not in values}
+    top = {t.name for t in model.graph.initializer}
+    for g in graphs[1:]:
+        keep = [t for t in g.initializer if t.name not in movable]
+        for t in g.initializer:
+            if t.name in movable and t.name not in top:
+                model.graph.initializer.append(t)
+                top.add(t.name)
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    out = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                out.append(sub)
+                out.extend(_subgraphs(sub))
+    return out
+
+
+def _value_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph defines other than by initializers: its inputs and its nodes' outputs."""
+    return {i.name for i in graph.input} | {o for n in graph.node for o in n.output if o}
 
 
 def _onnxsim_call(model: onnx.ModelProto, opts: dict[str, Any]) -> onnx.ModelProto:
@@ -216,6 +289,7 @@ def _remove_passthrough(graph: gs.Graph, result: PassResult, logger: logging.Log
         if reason:
             result.decline(node.name or node.outputs[0].name, reason, logger)
         else:
+            graph.nodes.remove(node)
             result.count(key)
             result.modified = True
 
@@ -275,7 +349,7 @@ def _fold_constants(graph: gs.Graph, limit: int, result: PassResult, logger: log
         return
     values = _evaluate(graph, nodes, result, logger)
     sources = _source_bytes(nodes)
-    outputs = set(id(t) for t in graph.outputs)
+    outputs = {id(t) for t in graph.outputs}
     for node in nodes:
         if node.op == "Constant":
             continue  # evaluated for its consumers; normalize turns the foldable ones into initializers
@@ -293,6 +367,7 @@ def _fold_constants(graph: gs.Graph, limit: int, result: PassResult, logger: log
                 tensor.to_constant(values[tensor.name])
             node.inputs.clear()
             node.outputs.clear()
+            graph.nodes.remove(node)
         result.count("constants_folded")
         result.modified = True
 
