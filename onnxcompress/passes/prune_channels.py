@@ -1,0 +1,264 @@
+"""Structured channel pruning: remove whole channels (filters) and everything that depends on them."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import serde
+from ..errors import InputError
+from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
+from ..pruning.apply import ApplyReport, PrunedLayer, apply_pruning
+from ..pruning.dependency import Analysis, analyze, node_label
+from ..pruning.importance import CRITERIA, normalize, score_groups
+from ..pruning.select import Budget, plan_removal
+from ..pruning.spec import slug
+
+__all__ = [
+    "RECONSTRUCT_HOOK",
+    "RECONSTRUCT_MODULE",
+    "R_EXCLUDE_UNKNOWN",
+    "R_NO_CALIB",
+    "R_NO_RECONSTRUCT",
+    "R_SMALL",
+    "PruneChannels",
+]
+
+log = logging.getLogger(__name__)
+
+#: Module providing least-squares reconstruction, and what the pass needs from it.
+RECONSTRUCT_MODULE = "onnxcompress.reconstruct"
+RECONSTRUCT_HOOK = ("reconstruct_layers", "LayerTarget")
+
+R_NO_RECONSTRUCT = "reconstruction not available"
+R_NO_CALIB = "reconstruction needs calibration data"
+R_RECONSTRUCT_OP = "reconstruction does not support this op"
+R_RECONSTRUCT_FAILED = "reconstruction failed"
+R_EXCLUDE_UNKNOWN = "exclude name not found"
+R_SMALL = "group smaller than round_to"
+
+_FOLD_BN_GAMMA = "fold_bn.gamma"  # ctx.extra key written by fold_bn
+
+
+def _param_count(graph: gs.Graph) -> int:
+    return int(sum(np.size(t.values) for t in graph.tensors().values() if isinstance(t, gs.Constant)))
+
+
+@register
+class PruneChannels(Pass):
+    """Removes the least important channels of every conv/linear layer (structured pruning).
+
+    Before: ``y = Conv2(Relu(BN(Conv1(x, W1[C]))), W2[:, C])``
+    After:  ``y = Conv2(Relu(BN(Conv1(x, W1[K]))), W2[:, K])`` with ``K`` the kept channels and
+    ``b2' = b2 + sum_{c removed} sum_k W2[:, c, k] * relu(bn(b1[c]))``.
+
+    Math:
+        A dependency analysis (:mod:`onnxcompress.pruning.dependency`) finds the channels that
+        must go together: pass-through ops keep channel ``c``; residual ``Add``/``Mul`` and SE
+        gates couple the channels of every producer feeding them; Concat/Split/Slice shift
+        offsets; depthwise convs tie input ``c`` to outputs ``[c*m, (c+1)*m)``; Flatten/Reshape
+        into a Gemm tie ``c`` to rows ``[c*HW, (c+1)*HW)``. Each *group* (all channels sharing
+        the same producers) is scored (``criterion``: ``l1``/``l2`` filter norms, ``bn_scale``
+        ``|gamma|``, ``activation`` mean ``|x|`` on calibration data) and the lowest ``ratio``
+        of it is removed (``scope=global``: one ranking of scores normalised by each group's
+        mean). A removed channel outputs the constant ``act(bias)`` in the *zeroed original*
+        (its filter set to 0); that constant is folded into the next layer's bias -- exactly
+        for 1x1 convs without padding, Gemm and MatMul, approximately (border pixels) for
+        padded kxk convs and ConvTranspose. ``steps=N`` prunes ``1-(1-ratio)^(1/N)`` per round,
+        re-analysing and re-scoring each time.
+
+    Fires when:
+        A group has removable channels: every producer has constant weights, every op on the
+        way has a handler, and no channel is a graph input/output (``protect_io``), excluded,
+        or read by something that would change meaning. Run it before ``fold_bn`` for
+        ``criterion=bn_scale`` (or after: fold_bn's kept gammas are used).
+
+    Declines:
+        One decline per frozen group, with the reason (no handler, grouped conv, reduces over
+        channels, reshape mixes channels, graph input/output, shared weight, non-constant
+        weight, unknown channel dim, control flow, excluded, ...), and per group left alone
+        because it is smaller than ``round_to`` (or ``exclude`` names that match nothing). With
+        ``reconstruct`` and calibration data, every
+        Conv/Gemm/MatMul whose input channels were removed is refitted by least squares to the
+        original model's output of the same node (``onnxcompress.reconstruct.reconstruct_layers``;
+        ``out_keep`` selects the kept output channels); without that module, or for other ops,
+        it declines ("reconstruction not available", "reconstruction does not support this op").
+
+    Stats:
+        ``groups_found``, ``groups_pruned``, ``groups_frozen``, ``groups_frozen_<reason>``,
+        ``groups_skipped_small``, ``channels_before``/``channels_after``,
+        ``params_before``/``params_after``, ``channels_removed``, ``channels_pinned`` (channels
+        of prunable groups that may not go, e.g. concatenated with a graph input),
+        ``bias_compensated``, ``bias_compensation_approx``, ``channels_uncompensated``,
+        ``channels_restored`` (given back so no tensor is empty), ``bn_scale_fallback_l1``,
+        ``reconstructed_layers``, ``reconstruct_error_before``/``reconstruct_error_after`` (mean
+        relative output error of the refitted layers on calibration data).
+    """
+
+    name = "prune_channels"
+    numerics = Numerics.LOSSY
+    options: ClassVar[Mapping[str, Option]] = {
+        "ratio": Option(float, 0.3, "fraction of each group's channels to remove"),
+        "criterion": Option(str, "l1", "channel importance", choices=CRITERIA),
+        "scope": Option(str, "local", "local: same ratio per group; global: one ranking", choices=("local", "global")),
+        "max_group_ratio": Option(float, 0.9, "never remove more than this fraction of a group"),
+        "round_to": Option(int, 8, "kept channels a multiple of N (groups with >= N channels; smaller ones are left alone)"),
+        "exclude": Option(list, [], "node or tensor names whose groups are frozen"),
+        "protect_io": Option(bool, True, "never change the channels of graph outputs"),
+        "steps": Option(int, 1, "prune gradually in N rounds, re-scoring each round"),
+        "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
+        "seed": Option(int, None, "tie-breaking seed (default: the pipeline's seed)"),
+    }
+
+    def __init__(self, **opts: Any):
+        super().__init__(**opts)
+        o = self.opts
+        checks = [(0.0 <= o["ratio"] < 1.0, "ratio must be in [0, 1)"),
+                  (0.0 < o["max_group_ratio"] <= 1.0, "max_group_ratio must be in (0, 1]"),
+                  (o["round_to"] >= 1, "round_to must be >= 1"), (o["steps"] >= 1, "steps must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"pass {self.name}: {message}")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Analyse, score, select and remove channels ``steps`` times; then reconstruct if asked."""
+        o = self.opts
+        result = PassResult()
+        if o["criterion"] == "activation" and ctx.calib is None:
+            raise InputError("prune_channels: criterion=activation needs calibration data (give --calib)")
+        original = serde.to_model(graph) if o["reconstruct"] and ctx.calib is not None else None
+        result.stats["params_before"] = _param_count(graph)
+        seed = ctx.seed if o["seed"] is None else o["seed"]
+        step_ratio = 1.0 - (1.0 - o["ratio"]) ** (1.0 / o["steps"])
+        budget = Budget(step_ratio, o["scope"], o["max_group_ratio"], o["round_to"], seed)
+        pruned: set[str] = set()
+        layers: dict[str, PrunedLayer] = {}
+        for step in range(o["steps"]):
+            analysis = analyze(graph, protect_io=o["protect_io"], exclude=o["exclude"])
+            if step == 0:
+                self._report_groups(analysis, result, ctx)
+            removed = self._step(analysis, budget, ctx, result, first=step == 0)
+            if removed is None:
+                break
+            pruned.update(analysis.groups[gi].name for gi, ch in removed[0].items() if len(ch))
+            _merge_layers(layers, removed[1].layers)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        result.stats["groups_pruned"] = len(pruned)
+        result.stats["channels_after"] = result.stats["channels_before"] - result.stats.get("channels_removed", 0)
+        result.stats["params_after"] = _param_count(graph)
+        result.modified = bool(pruned)
+        if pruned and o["reconstruct"]:
+            refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
+                                         result, seed)
+            if refitted is not None:
+                result.graph = refitted
+                result.stats["params_after"] = _param_count(refitted)
+        return result
+
+    def _step(self, analysis: Analysis, budget: Budget, ctx: PassContext, result: PassResult,
+              first: bool) -> tuple[dict[int, np.ndarray], ApplyReport] | None:
+        """One round: score, select, apply. ``None`` when nothing is removed."""
+        scores = score_groups(analysis, self.opts["criterion"], calib=ctx.calib,
+                              gammas=ctx.extra.get(_FOLD_BN_GAMMA), progress=ctx.progress)
+        if first:
+            result.stats["bn_scale_fallback_l1"] = len(scores.fallbacks)
+        values = normalize(scores.values) if budget.scope == "global" else scores.values
+        plan = plan_removal(analysis, values, budget)
+        if first:
+            result.stats["groups_skipped_small"] = len(plan.skipped_small)
+            for name in plan.skipped_small:
+                result.decline(name, R_SMALL, ctx.logger)
+        if plan.total == 0:
+            return None
+        report = apply_pruning(analysis, plan.remove)
+        result.count("channels_removed", report.removed)
+        result.count("channels_restored", plan.restored)
+        result.count("bias_compensated", report.compensated)
+        result.count("bias_compensation_approx", report.approximate)
+        result.count("channels_uncompensated", report.uncompensated)
+        ctx.logger.debug("prune_channels: removed %d channels in %d groups", report.removed, len(plan.remove))
+        return plan.remove, report
+
+    @staticmethod
+    def _report_groups(analysis: Analysis, result: PassResult, ctx: PassContext) -> None:
+        result.stats["groups_found"] = len(analysis.groups)
+        result.stats["groups_frozen"] = 0
+        result.stats["channels_before"] = sum(g.size for g in analysis.groups)
+        for g in analysis.groups:
+            if g.frozen is None:
+                if not g.removable.all():
+                    result.count("channels_pinned", int((~g.removable).sum()))
+                continue
+            result.count("groups_frozen")
+            result.count(f"groups_frozen_{slug(g.frozen)}")
+            result.decline(g.name, g.frozen, ctx.logger)
+            ctx.logger.debug("prune_channels: group %s frozen by %s", g.name, "; ".join(g.blockers))
+        for name in analysis.unknown_excludes:
+            result.decline(name, R_EXCLUDE_UNKNOWN, ctx.logger)
+
+    def _reconstruct(self, original: onnx.ModelProto | None, graph: gs.Graph, layers: list[PrunedLayer],
+                     ctx: PassContext, result: PassResult, seed: int) -> gs.Graph | None:
+        """Refit the consumers of removed channels against the unpruned model; the new graph or None."""
+        if ctx.calib is None or original is None:
+            result.decline("reconstruct", R_NO_CALIB, ctx.logger)
+            return None
+        module = _reconstruct_module()
+        if module is None:
+            result.decline("reconstruct", R_NO_RECONSTRUCT, ctx.logger)
+            return None
+        supported = getattr(module, "SUPPORTED_OPS", frozenset({"Conv", "Gemm", "MatMul"}))
+        targets = []
+        for layer in sorted(layers, key=lambda p: p.out):
+            if layer.node.op not in supported:
+                result.decline(node_label(layer.node), R_RECONSTRUCT_OP, ctx.logger)
+                continue
+            out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
+            targets.append(module.LayerTarget(node=node_label(layer.node), target=layer.out, out_keep=out_keep))
+        if not targets:
+            return None
+        try:
+            model, stats = module.reconstruct_layers(serde.to_model(graph, original), original, targets, ctx.calib,
+                                                     seed=seed, progress=ctx.progress)
+        except InputError as exc:
+            ctx.logger.debug("prune_channels: reconstruction failed: %s", exc)
+            result.decline("reconstruct", R_RECONSTRUCT_FAILED, ctx.logger)
+            return None
+        _reconstruct_stats(stats, result)
+        return serde.to_graph(model)
+
+
+def _reconstruct_stats(stats: list[Any], result: PassResult) -> None:
+    result.stats["reconstructed_layers"] = len(stats)
+    before = [float(s.error_before) for s in stats if hasattr(s, "error_before")]
+    after = [float(s.error_after) for s in stats if hasattr(s, "error_after")]
+    if before and after:
+        result.stats["reconstruct_error_before"] = round(float(np.mean(before)), 6)
+        result.stats["reconstruct_error_after"] = round(float(np.mean(after)), 6)
+
+
+def _reconstruct_module() -> Any | None:
+    """:data:`RECONSTRUCT_MODULE` if it can be imported and has :data:`RECONSTRUCT_HOOK`, else None."""
+    try:
+        module = importlib.import_module(RECONSTRUCT_MODULE)
+    except ImportError as exc:
+        log.debug("prune_channels: %s cannot be imported: %s", RECONSTRUCT_MODULE, exc)
+        return None
+    return module if all(hasattr(module, name) for name in RECONSTRUCT_HOOK) else None
+
+
+def _merge_layers(layers: dict[str, PrunedLayer], new: list[PrunedLayer]) -> None:
+    """Compose kept indices across steps (keyed by output name, which pruning never renames)."""
+    for layer in new:
+        old = layers.get(layer.out)
+        if old is not None:
+            layer.kept_in = old.kept_in[layer.kept_in]
+            layer.kept_out = old.kept_out[layer.kept_out]
+            layer.kind, layer.out_count = old.kind, old.out_count
+            layer.in_changed = layer.in_changed or old.in_changed
+        layers[layer.out] = layer

@@ -1,0 +1,39 @@
+"""Structured channel pruning on ONNX graphs (Torch-Pruning's dependency groups, graph-level).
+
+Modules:
+    * :mod:`.spec`: shared types (slots, :class:`~.spec.NodeSpec`, :class:`~.spec.ParamRef`, reasons).
+    * :mod:`.handlers`: the op-type table -- how channel indices flow through each operator.
+    * :mod:`.dependency`: :func:`analyze` builds coupled channels and :class:`Group` objects.
+    * :mod:`.importance`: channel scores per group (``l1``, ``l2``, ``bn_scale``, ``activation``).
+    * :mod:`.select`: which channels go (ratio, scope, ``max_group_ratio``, ``round_to``).
+    * :mod:`.apply`: rewrite the graph without them (with bias compensation), or zero them.
+
+The ``prune_channels`` pass (:mod:`onnxcompress.passes.prune_channels`) drives them. Every tensor's
+channel axis is axis 1 (``[N, C, ...]`` and ``[N, C]``).
+"""
+
+from __future__ import annotations
+
+from .apply import ApplyReport, PrunedLayer, apply_pruning, mask_channels
+from .dependency import Analysis, Group, analyze
+from .handlers import HANDLERS
+from .importance import CRITERIA, score_groups
+from .select import Budget, Plan, plan_removal
+from .spec import FREEZE_REASONS
+
+__all__ = [
+    "CRITERIA",
+    "FREEZE_REASONS",
+    "HANDLERS",
+    "Analysis",
+    "ApplyReport",
+    "Budget",
+    "Group",
+    "Plan",
+    "PrunedLayer",
+    "analyze",
+    "apply_pruning",
+    "mask_channels",
+    "plan_removal",
+    "score_groups",
+]

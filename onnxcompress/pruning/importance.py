@@ -1,0 +1,180 @@
+"""Channel importance per group, aggregated over every member of the group.
+
+Criteria:
+    * ``l1`` / ``l2``: norm of each producer's output filter (``W[o]`` of a Conv, column/row of a
+      Gemm/MatMul weight, ``W[:, o]`` of a ConvTranspose), summed over the group's producers
+      (``l2``: square root of the summed squares). With ``include_inputs`` the consumers' input
+      columns are added too.
+    * ``bn_scale``: ``|gamma|`` of every BatchNormalization in the group (plus the gammas that
+      ``fold_bn`` kept in ``ctx.extra`` for producers it folded into). A group without any BN
+      falls back to ``l1`` and is reported.
+    * ``activation``: mean ``|x|`` per channel over calibration data, for the tensors the
+      group's consumers read (or the producers' outputs when nothing reads them).
+
+:func:`normalize` divides each group's scores by their mean, which makes scores of different
+groups comparable for a global ranking.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import serde
+from ..errors import InputError
+from .dependency import Analysis, Group
+from .spec import ROLE_GAMMA, ROLE_W_IN, ROLE_W_OUT, ParamRef
+
+__all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "normalize", "score_groups", "weight_scores"]
+
+log = logging.getLogger(__name__)
+
+#: Valid ``criterion`` values.
+CRITERIA = ("l1", "l2", "bn_scale", "activation")
+
+
+@dataclass
+class Scores:
+    """Per group (by index), one score per group channel; higher means more important.
+
+    Attributes:
+        values: Group index -> scores.
+        fallbacks: Names of groups scored with ``l1`` because the criterion had nothing to use.
+    """
+
+    values: dict[int, np.ndarray] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+
+
+def _accumulate(group: Group, ref: ParamRef, per_position: np.ndarray, out: np.ndarray) -> None:
+    """Add ``per_position`` (one value per position along ``ref.axis``) into the group's channels."""
+    local = group.tensors.get(ref.tensor)
+    if local is None:
+        return
+    idx = local[ref.slots]
+    ok = idx >= 0
+    np.add.at(out, idx[ok], per_position[ok])
+
+
+def _position_norms(ref: ParamRef, power: int) -> np.ndarray:
+    values = np.asarray(ref.constant.values, dtype=np.float64)
+    flat = np.moveaxis(values, ref.axis, 0).reshape(values.shape[ref.axis], -1)
+    return np.abs(flat).sum(axis=1) if power == 1 else np.square(flat).sum(axis=1)
+
+
+def weight_scores(group: Group, norm: str = "l1", include_inputs: bool = False) -> np.ndarray:
+    """``l1`` or ``l2`` norms of the group's producer filters (and consumer columns)."""
+    power = 1 if norm == "l1" else 2
+    roles = (ROLE_W_OUT, ROLE_W_IN) if include_inputs else (ROLE_W_OUT,)
+    out = np.zeros(group.size)
+    for ref in group.params:
+        if ref.role in roles:
+            _accumulate(group, ref, _position_norms(ref, power), out)
+    return out if power == 1 else np.sqrt(out)
+
+
+def bn_scores(group: Group, gammas: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+    """Summed ``|gamma|`` of the group's BNs, or ``None`` if the group has none."""
+    out = np.zeros(group.size)
+    found = False
+    for ref in group.params:
+        if ref.role == ROLE_GAMMA:
+            _accumulate(group, ref, np.abs(np.asarray(ref.constant.values, np.float64)), out)
+            found = True
+    for name in group.source_tensors:
+        gamma = (gammas or {}).get(name)
+        local = group.tensors.get(name)
+        if gamma is not None and local is not None and len(gamma) == len(local):
+            ok = local >= 0
+            np.add.at(out, local[ok], np.abs(np.asarray(gamma, np.float64))[ok])
+            found = True
+    return out if found else None
+
+
+def _activation_tensors(analysis: Analysis, group: Group) -> list[str]:
+    names = sorted({layer.inp for layer in analysis.layers if layer.inp in group.tensors})
+    return names or sorted(t for t in group.source_tensors if t in group.tensors)
+
+
+class _AbsMean:
+    """Streaming per-channel mean of ``|x|``."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, batch: Any, tensors: dict[str, np.ndarray]) -> None:
+        for name, x in tensors.items():
+            x = np.abs(np.asarray(x, dtype=np.float64))
+            per_channel = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+            self.sums[name] = self.sums.get(name, 0.0) + per_channel.sum(axis=1)
+            self.counts[name] = self.counts.get(name, 0) + per_channel.shape[1]
+
+    def mean(self, name: str) -> np.ndarray:
+        return self.sums[name] / max(self.counts[name], 1)
+
+
+def activation_scores(analysis: Analysis, groups: list[Group], calib: Any, *, batch_size: int = 32,
+                      progress: bool = False) -> dict[int, np.ndarray]:
+    """Mean ``|activation|`` per group channel over ``calib``.
+
+    Raises:
+        InputError: No calibration data.
+    """
+    if calib is None:
+        raise InputError("prune_channels: criterion=activation needs calibration data (give --calib or calib=...)")
+    from ..capture import capture
+
+    wanted = {g.index: _activation_tensors(analysis, g) for g in groups}
+    names = sorted({n for ns in wanted.values() for n in ns})
+    acc = _AbsMean()
+    if names:
+        capture(serde.to_model(analysis.graph), names, calib, acc, batch_size=batch_size, progress=progress)
+    out = {}
+    for g in groups:
+        score = np.zeros(g.size)
+        for name in wanted[g.index]:
+            local = g.tensors[name]
+            ok = local >= 0
+            sums = np.bincount(local[ok], weights=acc.mean(name)[ok], minlength=g.size)
+            score += sums / np.maximum(np.bincount(local[ok], minlength=g.size), 1)
+        out[g.index] = score
+    return out
+
+
+def score_groups(analysis: Analysis, criterion: str, *, calib: Any = None, gammas: dict[str, np.ndarray] | None = None,
+                 include_inputs: bool = False, progress: bool = False) -> Scores:
+    """Scores of every non-frozen group of ``analysis`` under ``criterion``.
+
+    Raises:
+        InputError: Unknown criterion, or ``activation`` without calibration data.
+    """
+    if criterion not in CRITERIA:
+        raise InputError(f"prune_channels: unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    groups = [g for g in analysis.groups if g.frozen is None]
+    scores = Scores()
+    if criterion == "activation":
+        scores.values = activation_scores(analysis, groups, calib, progress=progress)
+        return scores
+    for g in groups:
+        if criterion == "bn_scale":
+            found = bn_scores(g, gammas)
+            if found is not None:
+                scores.values[g.index] = found
+                continue
+            scores.fallbacks.append(g.name)
+            log.debug("prune_channels: group %s has no BatchNormalization; scoring it with l1", g.name)
+        scores.values[g.index] = weight_scores(g, "l2" if criterion == "l2" else "l1", include_inputs)
+    return scores
+
+
+def normalize(values: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each group's scores divided by their mean (all ones when the mean is 0)."""
+    out = {}
+    for index, s in values.items():
+        mean = float(np.mean(s)) if len(s) else 0.0
+        out[index] = s / mean if mean > 0 and np.isfinite(mean) else np.ones_like(s)
+    return out

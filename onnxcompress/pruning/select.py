@@ -1,0 +1,170 @@
+"""Which channels to remove: per-group budgets (local) or one ranking over all groups (global).
+
+Constraints, always: a group keeps at least one channel and at most ``max_group_ratio`` of it
+goes; only removable channels (no freeze, no pin) are candidates; when a group has at least
+``round_to`` channels its kept count is a multiple of ``round_to`` (rounded to the nearest
+multiple, never below ``round_to``); smaller groups are left alone. Finally no tensor may lose
+all its channels (a Split or Slice output that only reads removed channels gets one back).
+Ties are broken by a permutation seeded with ``seed``, so the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dependency import Analysis, Group
+
+__all__ = ["Budget", "Plan", "max_removal", "plan_removal", "round_keep"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The user's pruning budget.
+
+    Attributes:
+        ratio: Fraction of channels to remove.
+        scope: ``local`` (every group loses ``ratio``) or ``global`` (one ranking).
+        max_group_ratio: At most this fraction of any group is removed.
+        round_to: Kept channel count is a multiple of this (groups with >= ``round_to`` channels).
+        seed: Seed of the tie-breaking permutation.
+    """
+
+    ratio: float
+    scope: str = "local"
+    max_group_ratio: float = 0.9
+    round_to: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    """Channels to remove, by group index (local channel indices, sorted).
+
+    Attributes:
+        remove: Group index -> channels to remove.
+        skipped_small: Names of groups left alone because they have fewer than ``round_to`` channels.
+        restored: Channels given back so that no tensor ends up empty.
+    """
+
+    remove: dict[int, np.ndarray] = field(default_factory=dict)
+    skipped_small: list[str] = field(default_factory=list)
+    restored: int = 0
+
+    @property
+    def total(self) -> int:
+        """Number of channels removed."""
+        return int(sum(len(v) for v in self.remove.values()))
+
+
+def round_keep(keep: int, round_to: int) -> int:
+    """``keep`` rounded to the nearest multiple of ``round_to`` (at least ``round_to``)."""
+    if round_to <= 1:
+        return keep
+    return max(round_to, math.floor(keep / round_to + 0.5) * round_to)
+
+
+def max_removal(group: Group, budget: Budget) -> int:
+    """Most channels ``group`` may lose (``round_to`` respected)."""
+    n = group.size
+    cap = min(math.floor(budget.max_group_ratio * n + 1e-9), n - 1, int(group.removable.sum()))
+    if cap <= 0:
+        return 0
+    if budget.round_to > 1:
+        keep = -(-(n - cap) // budget.round_to) * budget.round_to
+        cap = n - keep if keep <= n else 0
+    return max(cap, 0)
+
+
+def _order(group: Group, scores: np.ndarray, seed: int) -> np.ndarray:
+    """Removable channels, least important first (ties: seeded permutation)."""
+    rng = np.random.default_rng([seed, group.index])
+    tiebreak = rng.permutation(group.size)
+    order = np.lexsort((tiebreak, scores))
+    return order[group.removable[order]]
+
+
+def _count(group: Group, want: int, budget: Budget) -> int:
+    """``want`` removals adjusted for ``round_to`` and capped."""
+    keep = round_keep(group.size - want, budget.round_to)
+    return int(min(max(group.size - keep, 0), max_removal(group, budget)))
+
+
+def _eligible(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budget, plan: Plan) -> list[Group]:
+    out = []
+    for g in analysis.groups:
+        if g.frozen is not None or g.index not in scores or g.size < 2:
+            continue
+        if budget.round_to > 1 and g.size < budget.round_to:
+            plan.skipped_small.append(g.name)
+            continue
+        out.append(g)
+    return out
+
+
+def _global_counts(groups: list[Group], scores: dict[int, np.ndarray], budget: Budget) -> dict[int, int]:
+    """Greedy: the globally least important channels, within each group's cap, then rounded."""
+    target = math.floor(budget.ratio * sum(g.size for g in groups) + 0.5)
+    raw_caps = {g.index: min(math.floor(budget.max_group_ratio * g.size + 1e-9), g.size - 1,
+                             int(g.removable.sum())) for g in groups}
+    candidates = []
+    for g in groups:
+        for rank, ch in enumerate(_order(g, scores[g.index], budget.seed)):
+            candidates.append((float(scores[g.index][ch]), g.name, rank, g.index))
+    candidates.sort()
+    counts = {g.index: 0 for g in groups}
+    taken = 0
+    for _, _, _, index in candidates:
+        if taken >= target:
+            break
+        if counts[index] < raw_caps[index]:
+            counts[index] += 1
+            taken += 1
+    by_index = {g.index: g for g in groups}
+    return {i: _count(by_index[i], n, budget) for i, n in counts.items()}
+
+
+def plan_removal(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budget) -> Plan:
+    """Choose the channels to remove.
+
+    Args:
+        analysis: The dependency analysis.
+        scores: Group index -> channel scores (normalised per group for ``global``).
+        budget: Ratio, scope and constraints.
+    """
+    plan = Plan()
+    groups = _eligible(analysis, scores, budget, plan)
+    if budget.scope == "global":
+        counts = _global_counts(groups, scores, budget)
+    else:
+        counts = {g.index: _count(g, math.floor(budget.ratio * g.size + 0.5), budget) for g in groups}
+    for g in groups:
+        n = counts.get(g.index, 0)
+        if n > 0:
+            plan.remove[g.index] = np.sort(_order(g, scores[g.index], budget.seed)[:n])
+    plan.restored = _keep_tensors_nonempty(analysis, plan, scores)
+    return plan
+
+
+def _keep_tensors_nonempty(analysis: Analysis, plan: Plan, scores: dict[int, np.ndarray]) -> int:
+    """Give back the best removed channel of any tensor that would lose every channel."""
+    removed = np.zeros(len(analysis.comp_group), dtype=bool)
+    for gi, local in plan.remove.items():
+        removed[analysis.groups[gi].comps[local]] = True
+    restored = 0
+    for name in sorted(analysis.offsets):
+        comps = np.unique(analysis.components(name))
+        if not removed[comps].all():
+            continue
+        best = max(comps, key=lambda c: (scores[analysis.comp_group[c]][analysis.comp_local[c]], -c))
+        gi, local = int(analysis.comp_group[best]), int(analysis.comp_local[best])
+        plan.remove[gi] = plan.remove[gi][plan.remove[gi] != local]
+        removed[best] = False
+        restored += 1
+        log.debug("prune_channels: kept one channel of %s so that it is not empty", name)
+    return restored

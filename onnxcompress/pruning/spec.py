@@ -1,0 +1,272 @@
+"""Types shared by the pruning modules: graph facts, per-node channel specs, parameter references.
+
+A *channel tensor* is a non-constant tensor of rank >= 2 whose channel axis (axis 1, NCHW or
+``[N, C]``) has a static size. Its channels are *slots*; the handlers (:mod:`.handlers`) say, node
+by node, which slots are the same channel (links), which are born free in a node (sources: the
+output channels of a Conv/Gemm/MatMul with constant weights), which constants are indexed by
+which slots (:class:`ParamRef`) and what cannot be touched (freezes and pins, with a reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+__all__ = [
+    "CHANNEL_AXIS",
+    "FREEZE_REASONS",
+    "ROLE_B_OUT",
+    "ROLE_GAMMA",
+    "ROLE_PARAM",
+    "ROLE_W_IN",
+    "ROLE_W_OUT",
+    "R_BROADCAST",
+    "R_CONSTANT",
+    "R_CONTROL_FLOW",
+    "R_EXCLUDED",
+    "R_GRAPH_INPUT",
+    "R_GRAPH_OUTPUT",
+    "R_GROUPED",
+    "R_MISMATCH",
+    "R_MOVES_AXIS",
+    "R_NONCONST",
+    "R_NO_HANDLER",
+    "R_REDUCES",
+    "R_RESHAPE",
+    "R_SHAPE_READ",
+    "R_SHARED",
+    "R_TRAINING",
+    "R_UNKNOWN_DIM",
+    "R_UNSUPPORTED",
+    "GraphInfo",
+    "Layer",
+    "NodeSpec",
+    "ParamRef",
+    "RewriteContext",
+    "slug",
+]
+
+log = logging.getLogger(__name__)
+
+#: Every tensor's channel axis.
+CHANNEL_AXIS = 1
+
+R_NO_HANDLER = "no handler"
+R_CONTROL_FLOW = "control flow"
+R_GRAPH_INPUT = "graph input"
+R_GRAPH_OUTPUT = "graph output"
+R_UNKNOWN_DIM = "unknown channel dim"
+R_MISMATCH = "channel count mismatch"
+R_NONCONST = "non-constant weight"
+R_GROUPED = "grouped conv"
+R_SHARED = "shared weight"
+R_EXCLUDED = "excluded"
+R_REDUCES = "reduces over channels"
+R_MOVES_AXIS = "channel axis moved"
+R_RESHAPE = "reshape mixes channels"
+R_BROADCAST = "broadcast mismatch"
+R_CONSTANT = "constant channels"
+R_UNSUPPORTED = "unsupported attributes"
+R_SHAPE_READ = "shape read"
+R_TRAINING = "training mode"
+
+#: Every reason a channel (and so its group) can be frozen or pinned.
+FREEZE_REASONS = (
+    R_NO_HANDLER, R_CONTROL_FLOW, R_GRAPH_INPUT, R_GRAPH_OUTPUT, R_UNKNOWN_DIM, R_MISMATCH, R_NONCONST,
+    R_GROUPED, R_SHARED, R_EXCLUDED, R_REDUCES, R_MOVES_AXIS, R_RESHAPE, R_BROADCAST, R_CONSTANT,
+    R_UNSUPPORTED, R_SHAPE_READ, R_TRAINING,
+)
+
+ROLE_W_OUT = "w_out"  #: A producer's output filters (weight), used by importance scores.
+ROLE_B_OUT = "b_out"  #: A producer's bias.
+ROLE_W_IN = "w_in"  #: A consumer's input columns.
+ROLE_GAMMA = "gamma"  #: A BatchNormalization scale (``bn_scale`` criterion).
+ROLE_PARAM = "param"  #: Any other per-channel constant (BN shift/stats, PRelu slope, Mul/Add operand).
+
+
+def slug(reason: str) -> str:
+    """``reason`` as a stats-key fragment (``"no handler"`` -> ``"no_handler"``)."""
+    return "".join(c if c.isalnum() else "_" for c in reason.lower()).strip("_")
+
+
+@dataclass(eq=False)
+class ParamRef:
+    """Axis ``axis`` of constant input ``index`` of ``node`` follows the channels of ``tensor``.
+
+    Attributes:
+        node: The node that reads the constant.
+        index: Input index of the constant.
+        axis: Axis of the constant (non-negative).
+        tensor: The channel tensor that axis follows.
+        slots: For each position along ``axis``, the channel of ``tensor`` it belongs to.
+        role: One of the ``ROLE_*`` tags.
+    """
+
+    node: gs.Node
+    index: int
+    axis: int
+    tensor: str
+    slots: np.ndarray
+    role: str
+
+    @property
+    def constant(self) -> gs.Constant:
+        """The constant this reference slices."""
+        return self.node.inputs[self.index]
+
+
+@dataclass(eq=False)
+class Layer:
+    """A weight layer reading a channel tensor (for bias compensation and reconstruction).
+
+    Attributes:
+        node: Conv, ConvTranspose, Gemm or MatMul with a constant weight (input 1).
+        kind: ``conv``, ``convtranspose``, ``gemm`` or ``matmul``.
+        inp: Name of the data input.
+        out: Name of the output.
+        in_axis: Axis of the weight that follows the input channels.
+        out_axis: Axis of the weight that follows the output channels.
+    """
+
+    node: gs.Node
+    kind: str
+    inp: str
+    out: str
+    in_axis: int
+    out_axis: int
+
+
+@dataclass
+class GraphInfo:
+    """Static facts about a graph that handlers read: shapes, constants, opset.
+
+    Attributes:
+        shapes: Tensor name -> dims (``None`` where unknown); absent when the rank is unknown.
+        opset: Default-domain opset.
+    """
+
+    shapes: dict[str, tuple[int | None, ...]]
+    opset: int
+
+    def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
+        """Dims of ``tensor`` (constants: their array's shape)."""
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in np.shape(tensor.values))
+        return self.shapes.get(tensor.name)
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        """Rank of ``tensor`` or ``None``."""
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def channels(self, tensor: gs.Tensor) -> int | None:
+        """Static size of the channel axis, or ``None`` (unknown, or rank < 2)."""
+        shape = self.shape(tensor)
+        if shape is None or len(shape) <= CHANNEL_AXIS:
+            return None
+        return shape[CHANNEL_AXIS]
+
+    @staticmethod
+    def const(tensor: gs.Tensor | None) -> np.ndarray | None:
+        """Values of a dense constant, else ``None``."""
+        if isinstance(tensor, gs.Constant) and isinstance(tensor.values, np.ndarray):
+            return tensor.values
+        return None
+
+
+ConstFn = Callable[[Callable[[str], np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(eq=False)
+class RewriteContext:
+    """What a node rewrite (Split sizes, Slice bounds, Reshape shape, ``group``) may use.
+
+    Attributes:
+        kept: Tensor name -> kept channel indices (every channel tensor of the graph).
+        constant: ``constant(base_name, values)`` makes a new uniquely named ``gs.Constant``.
+    """
+
+    kept: Callable[[str], np.ndarray]
+    constant: Callable[[str, np.ndarray], gs.Constant]
+
+    def count(self, name: str) -> int:
+        """Number of channels ``name`` keeps."""
+        return len(self.kept(name))
+
+
+@dataclass(eq=False)
+class NodeSpec:
+    """How channels flow through one node (built by a handler).
+
+    Attributes:
+        node: The node.
+        info: Graph facts.
+        links: ``(tensor a, channels of a, tensor b, channels of b)``: pairwise the same channel.
+        sources: Output tensors whose channels are born here (removable filters).
+        pins: ``(tensor, channels, reason)``: channels that can never be removed.
+        freezes: ``(tensor, reason)``: every channel of the tensor is frozen.
+        params: Constants indexed by channels.
+        touched: Names of the tensors this spec accounts for; other channel tensors of the
+            node are frozen with :data:`R_NO_HANDLER`.
+        layer: Set for weight layers (compensation, reconstruction).
+        const_fn: Value of every output channel when the input channels are constants (and
+            sources output their bias): ``const_fn(values_of) -> {output name: per-channel}``.
+        rewrite: Edits the node's non-parameter inputs/attributes after pruning.
+    """
+
+    node: gs.Node
+    info: GraphInfo
+    links: list[tuple[str, np.ndarray, str, np.ndarray]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    pins: list[tuple[str, np.ndarray, str]] = field(default_factory=list)
+    freezes: list[tuple[str, str]] = field(default_factory=list)
+    params: list[ParamRef] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    layer: Layer | None = None
+    const_fn: ConstFn | None = None
+    rewrite: Callable[[RewriteContext], None] | None = None
+
+    def tensors(self) -> list[gs.Tensor]:
+        """The node's named non-constant inputs and outputs."""
+        return [t for t in [*self.node.inputs, *self.node.outputs] if t.name and not isinstance(t, gs.Constant)]
+
+    def freeze(self, tensors: list[gs.Tensor] | None, reason: str) -> NodeSpec:
+        """Freeze ``tensors`` (default: all of the node's tensors); returns ``self``."""
+        for t in self.tensors() if tensors is None else tensors:
+            if t.name and not isinstance(t, gs.Constant):
+                self.freezes.append((t.name, reason))
+                self.touched.add(t.name)
+        return self
+
+    def link(self, a: gs.Tensor, ia: np.ndarray, b: gs.Tensor, ib: np.ndarray) -> None:
+        """Channels ``ia`` of ``a`` are channels ``ib`` of ``b`` (a constant side pins the other)."""
+        self.touched.update(t.name for t in (a, b))
+        if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
+            var, idx = (b, ib) if isinstance(a, gs.Constant) else (a, ia)
+            if not isinstance(var, gs.Constant):
+                self.pins.append((var.name, np.asarray(idx, np.int64), R_CONSTANT))
+            return
+        if self.info.channels(a) is None or self.info.channels(b) is None:
+            self.freeze([a, b], R_UNKNOWN_DIM)
+            return
+        self.links.append((a.name, np.asarray(ia, np.int64), b.name, np.asarray(ib, np.int64)))
+
+    def identity(self, a: gs.Tensor, b: gs.Tensor) -> bool:
+        """Link every channel of ``a`` to the same channel of ``b``; False (frozen) on a mismatch."""
+        ca, cb = self.info.channels(a), self.info.channels(b)
+        if ca is None or cb is None or ca != cb:
+            self.freeze([a, b], R_UNKNOWN_DIM if ca is None or cb is None else R_MISMATCH)
+            return False
+        self.link(a, np.arange(ca), b, np.arange(cb))
+        return True
+
+    def param(self, index: int, axis: int, tensor: gs.Tensor, role: str, slots: np.ndarray | None = None) -> None:
+        """Axis ``axis`` of constant input ``index`` follows ``tensor`` (default: channel i <-> i)."""
+        values = self.info.const(self.node.inputs[index])
+        n = values.shape[axis]
+        slots = np.arange(n) if slots is None else np.asarray(slots, np.int64)
+        self.params.append(ParamRef(self.node, index, axis, tensor.name, slots, role))

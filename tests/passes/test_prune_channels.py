@@ -1,0 +1,253 @@
+"""The prune_channels pass: options, stats, declines, determinism, checker, MACs, fixture models."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import ort_run, random_feeds, run_passes
+from onnx import numpy_helper
+from pruning.cases import CASES, bn, bn_node, make_model, node, w
+
+from onnxcompress.calib import RandomSource, input_specs
+from onnxcompress.errors import InputError, PassFailed
+from onnxcompress.manager import Numerics, PassContext, get_pass
+from onnxcompress.metrics import model_metrics
+from onnxcompress.passes.prune_channels import (
+    R_NO_RECONSTRUCT,
+    RECONSTRUCT_MODULE,
+    PruneChannels,
+)
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+X = {"x": ["N", 3, 8, 8]}
+
+
+def chain(c1: int = 64, c2: int = 32, seed: int = 0, bn_gamma: np.ndarray | None = None) -> onnx.ModelProto:
+    """conv(c1) -> BN -> relu -> conv(c2) -> relu -> conv(4)."""
+    rng = np.random.default_rng(seed)
+    nodes = [node("Conv", ["x", "w1"], "a"), bn_node("a", "an", "bn1"), node("Relu", ["an"], "ar"),
+             node("Conv", ["ar", "w2", "b2"], "b"), node("Relu", ["b"], "br"), node("Conv", ["br", "w3", "b3"], "y")]
+    params = {"w1": w(rng, c1, 3, 3, 3), "w2": w(rng, c2, c1, 1, 1), "b2": w(rng, c2), "w3": w(rng, 4, c2, 1, 1),
+              "b3": w(rng, 4), **bn(rng, "bn1", c1)}
+    if bn_gamma is not None:
+        params["bn1_g"] = bn_gamma.astype(np.float32)
+    return make_model(nodes, X, ["y"], params)
+
+
+def prune(model: onnx.ModelProto, spec: str = "prune_channels", ctx: PassContext | None = None):
+    new, records = run_passes(model, spec, ctx)
+    onnx.checker.check_model(new, full_check=True)
+    feeds = random_feeds(model, dim=2)
+    outs = ort_run(new, feeds)
+    assert [o.shape for o in outs] == [o.shape for o in ort_run(model, feeds)]
+    return new, records[0].result
+
+
+def weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    values = {i.name: i.dims for i in model.graph.initializer}
+    return {n.name: tuple(values[n.input[1]]) for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+
+
+def test_registered_with_options():
+    cls = get_pass("prune_channels")
+    assert cls is PruneChannels and cls.numerics is Numerics.LOSSY
+    assert set(cls.options) == {"ratio", "criterion", "scope", "max_group_ratio", "round_to", "exclude",
+                                "protect_io", "steps", "reconstruct", "seed"}
+    for bad in ("ratio=1.5", "round_to=0", "steps=0", "criterion=random", "max_group_ratio=0"):
+        with pytest.raises(InputError):
+            run_passes(chain(8, 8), f"prune_channels:{bad}")
+
+
+def test_ratio_is_respected_within_rounding():
+    new, result = prune(chain(), "prune_channels:ratio=0.3:round_to=1")
+    assert weight_shapes(new)["a"][0] == 64 - 19 and weight_shapes(new)["b"][0] == 32 - 10
+    assert result.stats["groups_found"] == 3 and result.stats["groups_pruned"] == 2
+    assert result.stats["channels_before"] == 100 and result.stats["channels_after"] == 100 - 29
+    assert result.stats["groups_frozen_graph_output"] == 1 and result.modified
+
+
+def test_round_to_keeps_multiples():
+    new, result = prune(chain(), "prune_channels:ratio=0.3")  # round_to=8 by default
+    shapes = weight_shapes(new)
+    assert shapes["a"][0] == 48 and shapes["b"][0] == 24  # 44.8 -> 48, 22.4 -> 24
+    new, result = prune(chain(64, 6), "prune_channels:ratio=0.5")
+    assert weight_shapes(new)["b"][0] == 6 and result.stats["groups_skipped_small"] == 1
+    assert ("b", "group smaller than round_to") in result.declined
+
+
+def test_never_a_zero_channel_layer_and_max_group_ratio():
+    new, _ = prune(chain(8, 4), "prune_channels:ratio=0.99:round_to=1:max_group_ratio=1.0")
+    assert weight_shapes(new)["a"][0] == 1 and weight_shapes(new)["b"][0] == 1
+    new, _ = prune(chain(), "prune_channels:ratio=0.8:round_to=1:max_group_ratio=0.5")
+    assert weight_shapes(new)["a"][0] == 32 and weight_shapes(new)["b"][0] == 16
+
+
+def test_exclude_freezes_the_named_groups():
+    new, result = prune(chain(), "prune_channels:round_to=1:exclude=b")
+    assert weight_shapes(new)["b"] == (32, 64, 1, 1)
+    assert result.stats["groups_frozen_excluded"] == 2
+    new, result = prune(chain(), "prune_channels:round_to=1:exclude=br|missing")
+    assert weight_shapes(new)["a"][0] == 45 and weight_shapes(new)["b"][0] == 32
+    assert ("missing", "exclude name not found") in result.declined
+
+
+def test_scope_global_moves_the_budget_to_less_important_groups():
+    model = chain(32, 32)
+    weights = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    weights["w2"][:16] *= 0.01  # half of group "b" is nearly dead; group "a" is uniform
+    weights["w1"] = np.abs(weights["w1"]) * 0 + 0.1
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+    local, _ = prune(model, "prune_channels:ratio=0.25:round_to=1")
+    glob, _ = prune(model, "prune_channels:ratio=0.25:round_to=1:scope=global")
+    assert weight_shapes(local)["a"][0] == weight_shapes(local)["b"][0] == 24
+    assert weight_shapes(glob)["b"][0] == 16 and weight_shapes(glob)["a"][0] == 32
+
+
+def test_steps_prune_gradually_to_the_same_budget():
+    one, r1 = prune(chain(), "prune_channels:ratio=0.5:round_to=1")
+    two, r2 = prune(chain(), "prune_channels:ratio=0.5:round_to=1:steps=2")
+    assert weight_shapes(one)["a"][0] == weight_shapes(two)["a"][0] == 32
+    assert abs(r1.stats["channels_after"] - r2.stats["channels_after"]) <= 2
+
+
+def test_bn_scale_ranks_by_gamma():
+    gamma = np.linspace(0.1, 2.0, 16)
+    gamma = gamma[np.random.default_rng(3).permutation(16)]
+    model = chain(16, 8, bn_gamma=gamma)
+    new, result = prune(model, "prune_channels:ratio=0.25:round_to=1:criterion=bn_scale")
+    kept = next(numpy_helper.to_array(i).tolist() for i in new.graph.initializer if i.name.startswith("bn1_g"))
+    np.testing.assert_allclose(sorted(kept), np.sort(gamma.astype(np.float32))[4:], rtol=1e-6)
+    assert result.stats["bn_scale_fallback_l1"] == 1  # group "b" has no BN
+
+
+def test_activation_criterion_uses_calibration_data():
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "w2"], "y")]
+    w1, b1 = w(rng, 8, 3, 1, 1), np.full(8, -5.0, np.float32)
+    w1[:4] *= 0.01  # small filters ...
+    b1[:4] = 3.0  # ... but large activations: l1 removes them, activation keeps them
+    model = make_model(nodes, X, ["y"], {"w1": w1, "b1": b1, "w2": w(rng, 4, 8, 1, 1)})
+    ctx = PassContext(calib=RandomSource(input_specs(model), count=4, seed=0))
+    act, _ = prune(model, "prune_channels:ratio=0.5:round_to=1:criterion=activation:reconstruct=false", ctx)
+    l1, _ = prune(model, "prune_channels:ratio=0.5:round_to=1")
+    kept_act = next(n for n in act.graph.initializer if n.name.startswith("b1"))
+    kept_l1 = next(n for n in l1.graph.initializer if n.name.startswith("b1"))
+    assert numpy_helper.to_array(kept_act).tolist() == [3.0] * 4
+    assert numpy_helper.to_array(kept_l1).tolist() == [-5.0] * 4
+    with pytest.raises(InputError, match="calibration data"):
+        run_passes(model, "prune_channels:criterion=activation")
+
+
+def test_deterministic_bytes():
+    model = CASES["residual_projection"](np.random.default_rng(0)).model
+    spec = "prune_channels:ratio=0.4:round_to=1:scope=global"
+    first, _ = run_passes(model, spec)
+    second, _ = run_passes(model, spec)
+    assert first.SerializeToString() == second.SerializeToString()
+
+
+def test_macs_and_params_drop():
+    model = chain()
+    new, result = prune(model, "prune_channels:ratio=0.5")
+    before, after = model_metrics(model), model_metrics(new)
+    assert after.macs < 0.6 * before.macs
+    assert result.stats["params_before"] == before.params and result.stats["params_after"] == after.params
+
+
+def test_frozen_groups_are_declined_with_reason(caplog):
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Softmax", ["a"], "s", axis=1), node("Conv", ["s", "w2"], "y")]
+    model = make_model(nodes, X, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 4, 8, 1, 1)})
+    with caplog.at_level(logging.DEBUG):
+        _, result = prune(model, "prune_channels:round_to=1")
+    assert ("a", "reduces over channels") in result.declined and not result.modified
+    assert result.stats["groups_frozen_reduces_over_channels"] == 1
+    assert "a (Softmax)" in caplog.text or "s (Softmax)" in caplog.text
+
+
+def test_reconstruction_refits_the_consumers():
+    model = chain(16, 16)
+    ctx = PassContext(calib=RandomSource(input_specs(model), count=16, seed=0))
+    plain, _ = prune(model, "prune_channels:round_to=1:ratio=0.5:reconstruct=false", ctx)
+    refit, result = prune(model, "prune_channels:round_to=1:ratio=0.5", ctx)
+    assert result.stats["reconstructed_layers"] == 2  # "b" and "y" read removed channels
+    assert result.stats["reconstruct_error_after"] < result.stats["reconstruct_error_before"]
+    feeds = random_feeds(model, seed=5)
+    ref = ort_run(model, feeds)[0]
+    err = [float(np.abs(ort_run(m, feeds)[0] - ref).mean()) for m in (plain, refit)]
+    assert err[1] < err[0]
+
+
+def test_reconstruction_unavailable_is_declined(monkeypatch):
+    model = chain(16, 16)
+    ctx = PassContext(calib=RandomSource(input_specs(model), count=2, seed=0))
+    monkeypatch.setitem(sys.modules, RECONSTRUCT_MODULE, types.ModuleType(RECONSTRUCT_MODULE))
+    _, result = prune(model, "prune_channels:round_to=1", ctx)
+    assert ("reconstruct", R_NO_RECONSTRUCT) in result.declined and result.modified
+
+
+def test_no_calibration_means_no_reconstruction():
+    _, result = prune(chain(16, 16), "prune_channels:round_to=1")
+    assert ("reconstruct", "reconstruction needs calibration data") in result.declined
+    _, result = prune(chain(16, 16), "prune_channels:round_to=1:reconstruct=false")
+    assert not any(w == "reconstruct" for w, _ in result.declined)
+
+
+def test_protect_io_off_prunes_output_channels():
+    model = chain(16, 16)
+    new, records = run_passes(model, "prune_channels:round_to=1:protect_io=false:ratio=0.5")
+    onnx.checker.check_model(new, full_check=True)
+    assert weight_shapes(new)["y"][0] == 2 and records[0].result.stats["groups_frozen"] == 0
+    out = ort_run(new, random_feeds(model))[0]
+    assert out.shape[1] == 2
+
+
+def test_bn_scale_after_fold_bn_uses_the_kept_gammas():
+    _, records = run_passes(chain(16, 16), "fold_bn,prune_channels:criterion=bn_scale:round_to=1")
+    stats = records[1].result.stats
+    assert stats["groups_pruned"] == 2 and stats["bn_scale_fallback_l1"] == 1  # only group "b" has no BN
+
+
+def test_runs_before_fold_bn_in_a_pipeline():
+    new, records = run_passes(chain(), "prune_channels:criterion=bn_scale,fold_bn")
+    assert [r.name for r in records] == ["prune_channels", "fold_bn"]
+    assert "BatchNormalization" not in [n.op_type for n in new.graph.node]
+
+
+# ---------------------------------------------------------------- fixture models
+
+FIXTURES = sorted(MODELS.glob("*.onnx")) if MODELS.is_dir() else []
+
+
+@pytest.mark.skipif(not FIXTURES, reason="no fixture models in models/")
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
+def test_fixture_models(path):
+    model = onnx.load(str(path))
+    try:
+        new, records = run_passes(model, "prune_channels:ratio=0.3")
+    except PassFailed as exc:  # pragma: no cover - reported with the model's name
+        pytest.fail(f"{path.name}: {exc}")
+    onnx.checker.check_model(new, full_check=True)
+    stats = records[0].result.stats
+    data = MODELS / "digits_test.npz"
+    feeds, labels = None, None
+    if data.exists():
+        with np.load(data) as npz:
+            feeds = {model.graph.input[0].name: npz["input"][:200]}
+            labels = npz["labels"][:200] if "labels" in npz.files else None
+    feeds = feeds or random_feeds(model)
+    ref, got = ort_run(model, feeds)[0], ort_run(new, feeds)[0]
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    acc = ""
+    if labels is not None:
+        acc = f" accuracy {np.mean(ref.argmax(1) == labels):.3f} -> {np.mean(got.argmax(1) == labels):.3f}"
+    print(f"{path.stem}: groups {stats['groups_found']} pruned {stats['groups_pruned']} frozen {stats['groups_frozen']} "
+          f"{ {k: v for k, v in stats.items() if k.startswith('groups_frozen_')} } params "
+          f"{stats['params_before']} -> {stats['params_after']}{acc}")

@@ -1,0 +1,184 @@
+"""Applying a removal: the equivalence oracle on every pattern, rewrites, naming, approximations."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from helpers import random_feeds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+from pruning.cases import (
+    CASES,
+    assert_equivalent,
+    make_model,
+    max_err,
+    node,
+    prune,
+    w,
+    zeroed,
+)
+
+from onnxcompress import serde
+from onnxcompress.pruning.apply import apply_pruning, mask_channels
+from onnxcompress.pruning.dependency import analyze
+
+X = {"x": ["N", 3, 8, 8]}
+
+
+def build(name: str, seed: int = 0) -> onnx.ModelProto:
+    return CASES[name](np.random.default_rng(seed)).model
+
+
+def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def conv_weights(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    values = inits(model)
+    return {n.name: values[n.input[1]].shape for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+
+
+# ---------------------------------------------------------------- the oracle
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pruned_equals_zeroed_original(name):
+    case = CASES[name](np.random.default_rng(0))
+    pruned, analysis, remove, report = assert_equivalent(case.model)
+    pruned_groups = [analysis.groups[i].name for i, ch in remove.items() if len(ch)]
+    assert len(pruned_groups) >= case.pruned_groups
+    assert case.frozen <= {g.frozen for g in analysis.groups}
+    assert report.removed == sum(len(ch) for ch in remove.values())
+    assert [o.name for o in pruned.graph.output] == [o.name for o in case.model.graph.output]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["residual_projection", "concat_cascade", "se_block", "split_opset18", "depthwise_m2",
+                        "flatten_gemm", "prelu_consts"]), st.integers(0, 10_000))
+def test_any_choice_of_channels_is_equivalent(name, seed):
+    assert_equivalent(build(name), seed=seed)
+
+
+# ---------------------------------------------------------------- rewrites
+
+
+def test_depthwise_group_follows_the_input_channels():
+    pruned, analysis, remove, _ = prune(build("depthwise_m2"))
+    kept = 8 - len(remove[analysis.group("a").index])
+    dw = next(n for n in pruned.graph.node if n.name == "d")
+    assert onnx.helper.get_attribute_value(dw.attribute[0]) == kept
+    assert conv_weights(pruned)["d"] == (2 * kept, 1, 3, 3)
+
+
+@pytest.mark.parametrize("opset", [12, 17, 18])
+def test_split_sizes_are_rewritten(opset):
+    model = build(f"split_opset{opset}")
+    remove = {0: np.array([0, 4, 5])}  # group "c": one channel of the first part, two of the second
+    pruned, *_ = prune(model, remove)
+    split = next(n for n in pruned.graph.node if n.op_type == "Split")
+    first = 3 if opset < 18 else 4
+    want = [first - 1, 8 - first - 2]
+    if opset < 13:
+        assert list(split.attribute[[a.name for a in split.attribute].index("split")].ints) == want
+    else:
+        assert inits(pruned)[split.input[1]].tolist() == want
+        assert "num_outputs" not in [a.name for a in split.attribute]
+    err, _ = max_err(zeroed(model, remove), pruned, random_feeds(model))
+    assert err < 1e-5
+
+
+def test_slice_bounds_shift_and_never_empty():
+    model = build("slice")  # channels [2, 7) of 8
+    pruned, _, _, _ = prune(model, {0: np.array([0, 3])})
+    starts, ends = (inits(pruned)[next(n for n in pruned.graph.node if n.op_type == "Slice").input[i]] for i in (1, 2))
+    assert starts.tolist()[0] == 1 and ends.tolist()[0] == 5
+    # Removing every channel the slice reads would empty it: the plan gives one back.
+    graph = serde.to_graph(model)
+    analysis = analyze(graph)
+    from onnxcompress.pruning.select import Budget, plan_removal
+
+    scores = {0: np.array([9, 9, 1, 1, 1, 1, 1, 9], dtype=float)}
+    plan = plan_removal(analysis, scores, Budget(0.7, round_to=1))
+    assert plan.restored == 1 and len(plan.remove[0]) == 5
+
+
+def test_reshape_shape_and_flatten_rows():
+    model = build("reshape_matmul")
+    pruned, *_ = prune(model, {0: np.array([1, 6])})
+    reshape = next(n for n in pruned.graph.node if n.op_type == "Reshape")
+    assert inits(pruned)[reshape.input[1]].tolist() == [-1, 6 * 25]
+    assert [n.op_type for n in pruned.graph.node].count("Gemm") == 1  # the MatMul took a bias
+
+
+def test_resize_sizes_follow():
+    pruned, *_ = prune(build("resize_sizes"), {0: np.array([0, 1, 2])})
+    resize = next(n for n in pruned.graph.node if n.op_type == "Resize")
+    assert inits(pruned)[resize.input[3]].tolist() == [2, 5, 12, 12]
+
+
+def test_constants_are_new_and_originals_untouched():
+    model = build("conv_bn_relu")
+    graph = serde.to_graph(model)
+    analysis = analyze(graph)
+    before = {name: np.array(t.values, copy=True) for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    objects = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    report = apply_pruning(analysis, {0: np.array([1, 2])})
+    for name, t in objects.items():
+        np.testing.assert_array_equal(t.values, before[name])
+    new = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.name not in objects]
+    assert new and all("_pruned" in t.name for t in new)
+    assert len({t.name for t in new}) == len(new) == report.constants
+
+
+def test_gemm_alpha_beta_and_added_bias():
+    model = build("flatten_gemm")
+    pruned, _, remove, report = prune(model, {analysis_index(model, "h"): np.array([0, 5])})
+    gemm = next(n for n in pruned.graph.node if n.name == "y")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
+    assert attrs["beta"] == 1.0 and attrs["alpha"] == 0.5
+    assert report.compensated == 1
+    err, _ = max_err(zeroed(model, remove), pruned, random_feeds(model))
+    assert err < 1e-5
+
+
+def analysis_index(model: onnx.ModelProto, name: str) -> int:
+    return analyze(serde.to_graph(model)).group(name).index
+
+
+def test_layers_report_kept_indices():
+    model = build("conv_chain")
+    *_, report = prune(model, {0: np.array([1, 2]), 1: np.array([0])})
+    layers = {p.node.name: p for p in report.layers}
+    assert layers["b"].kept_in.tolist() == [0, 3, 4, 5, 6, 7] and layers["b"].kept_out.tolist() == list(range(1, 8))
+    assert layers["y"].in_changed and not layers["a"].in_changed
+
+
+def test_padded_kxk_consumer_is_approximate_only_at_the_border():
+    """A removed channel's constant (here relu(bias) > 0) meets a padded 3x3 conv: the fold is
+    exact in the interior and differs on the 1-pixel border, where the zeroed original sees padding."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
+             node("Conv", ["ar", "w2", "b2"], "y", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, X, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": np.abs(w(rng, 8)) + 0.5,
+                                         "w2": w(rng, 4, 8, 3, 3), "b2": w(rng, 4)})
+    pruned, _, remove, report = prune(model, {0: np.array([2, 5])})
+    assert report.compensated == report.approximate == 1
+    feeds = random_feeds(model)
+    from helpers import ort_run
+
+    got, want = ort_run(pruned, feeds)[0], ort_run(zeroed(model, remove), feeds)[0]
+    np.testing.assert_allclose(got[:, :, 1:-1, 1:-1], want[:, :, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+    assert np.abs(got - want).max() > 1e-3
+
+
+def test_mask_channels_keeps_shapes():
+    model = build("concat_two")
+    graph = serde.to_graph(model)
+    analysis = analyze(graph)
+    assert mask_channels(analysis, {0: np.array([0]), 1: np.array([1])}) == 2
+    graph.cleanup()
+    masked = serde.to_model(graph, model)
+    assert conv_weights(masked) == conv_weights(model)
