@@ -131,19 +131,20 @@ def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, reci
         raise InputError("give --calib or --calib-random, not both")
     calib_src = f"random:{calib_random}" if calib_random is not None else calib
     console = _console()
+    show = {"quiet": obj["quiet"] or json_path == "-"}
     try:
         result, report = api.optimize(
             model, spec, recipe=recipe if spec is None else _no_both(recipe), calib=calib_src, data=data,
             validate=not no_validate, gate=gate, force=force, seed=kw["seed"], batch_size=kw["batch_size"],
             samples=kw["samples"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"])
     except GateFailed as exc:
-        _print_report(obj, console, exc.report)
+        _print_report(show, console, exc.report)
         _write_json(json_path, {"output": None, **exc.report.as_dict()})
         raise
     serde.save_model(result, output, external=external_data, protect=model)
-    _print_report(obj, console, report)
+    _print_report(show, console, report)
     _write_json(json_path, {"output": str(output), **report.as_dict()})
-    if not obj["quiet"]:
+    if not show["quiet"]:
         console.print(f"wrote {output}")
     if not report.passed:
         raise GateFailed("validation gate failed (written anyway because of --force)")

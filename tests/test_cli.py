@@ -132,6 +132,11 @@ def test_calibration_data_with_labels(tmp_path, model_path, capsys):
     assert code == 2 and "unknown input name" in err and not (tmp_path / "o2.onnx").exists()
 
 
+def test_optimize_json_to_stdout_is_pure_json(tmp_path, model_path, capsys):
+    code, out, _ = _run(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--json", "-")
+    assert code == 0 and json.loads(out)["passed"] is True
+
+
 def test_inspect_json(model_path, capsys):
     code, out, _ = _run(capsys, "inspect", model_path, "--json", "-")
     data = json.loads(out)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import onnx
@@ -231,26 +234,45 @@ def _value_names(graph: onnx.GraphProto) -> set[str]:
     return {i.name for i in graph.input} | {o for n in graph.node for o in n.output if o}
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what native code prints to stdout (onnxsim's folding warnings) to stderr instead,
+    so the CLI's stdout (tables, ``--json -``) stays clean."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable fd 1 (embedded interpreters): leave it
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _onnxsim_call(model: onnx.ModelProto, opts: dict[str, Any]) -> onnx.ModelProto:
     import onnxsim  # slow to import (~5 s): only when the step runs
 
-    simplified, _ = onnxsim.simplify(
-        model,
-        check_n=0,  # no random-input check: exactness comes from the options below
-        perform_optimization=True,
-        skip_fuse_bn=True,
-        skipped_optimizers=list(_INEXACT_OPTIMIZERS),
-        skip_constant_folding=not opts["fold_constants"],
-        include_subgraph=False,
-        tensor_size_threshold=f"{max(int(opts['max_fold_bytes']), 1)}B",
-        mutable_initializer=True,  # an initializer that is also a graph input may be overridden: keep it
-        overwrite_input_shapes=None,  # never fix dynamic dims
-        certify=False,
-        import_custom_schemas=False,
-        inline_functions=False,
-        providers=["CPUExecutionProvider"],
-        gemm_fusion_backend="ort_cpu",
-    )
+    with _stdout_to_stderr():
+        simplified, _ = onnxsim.simplify(
+            model,
+            check_n=0,  # no random-input check: exactness comes from the options below
+            perform_optimization=True,
+            skip_fuse_bn=True,
+            skipped_optimizers=list(_INEXACT_OPTIMIZERS),
+            skip_constant_folding=not opts["fold_constants"],
+            include_subgraph=False,
+            tensor_size_threshold=f"{max(int(opts['max_fold_bytes']), 1)}B",
+            mutable_initializer=True,  # an initializer that is also a graph input may be overridden: keep it
+            overwrite_input_shapes=None,  # never fix dynamic dims
+            certify=False,
+            import_custom_schemas=False,
+            inline_functions=False,
+            providers=["CPUExecutionProvider"],
+            gemm_fusion_backend="ort_cpu",
+        )
     return simplified
 
 
