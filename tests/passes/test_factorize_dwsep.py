@@ -1,0 +1,170 @@
+"""Tests of factorize_dwsep: exact at full multiplier vs ORT, structure, multiplier rules, declines, data."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from helpers import op_types, ort_run, random_feeds, run_passes
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.calib import open_source
+from onnxcompress.lowrank import R_GROUPED, R_NOT_PAY, R_TINY
+from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass
+from onnxcompress.passes.factorize_dwsep import (
+    DECLINE_REASONS,
+    R_POINTWISE,
+    FactorizeDwsep,
+    round_multiplier,
+)
+
+Shape = Sequence[Any] | None
+FULL = "max_mac_ratio=100:round_to=1"
+
+
+def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, Shape], outputs: Sequence[str],
+               inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [numpy_helper.from_array(np.asarray(v, np.float32), name=k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def conv_model(w: np.ndarray, x_shape: Shape, bias: np.ndarray | None = None, **attrs: Any) -> onnx.ModelProto:
+    inits = {"W": w} | ({"B": bias} if bias is not None else {})
+    node = helper.make_node("Conv", ["x", "W"] + (["B"] if bias is not None else []), ["y"], "conv", **attrs)
+    return make_model([node], {"x": x_shape}, ["y"], inits)
+
+
+def rand(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def factorize(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassResult]:
+    new, records = run_passes(model, spec, ctx)
+    onnx.checker.check_model(new, full_check=True)
+    assert [o.name for o in new.graph.output] == [o.name for o in model.graph.output]
+    result = records[0].result
+    assert all(r.split(" (")[0] in DECLINE_REASONS for _, r in result.declined), result.declined
+    return new, result
+
+
+def weight_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [inits[n.input[1]] for n in model.graph.node]
+
+
+def rel_err(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    ref, got = ort_run(a, feeds)[0], ort_run(b, feeds)[0]
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def test_registered_and_documented() -> None:
+    cls = get_pass("factorize_dwsep")
+    assert cls is FactorizeDwsep and cls.numerics == Numerics.LOSSY
+    for word in ("Before:", "After:", "Math:", "Fires when:", "Declines:", "depthwise"):
+        assert word in cls.__doc__
+
+
+@pytest.mark.parametrize("attrs", [
+    {"pads": [1, 1, 1, 1]},
+    {"pads": [2, 0, 1, 1], "strides": [2, 1]},
+    {"strides": [1, 2], "dilations": [2, 2]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2], "bias": False},
+    {"auto_pad": "VALID"},
+])
+def test_full_multiplier_is_exact(attrs: dict) -> None:
+    attrs = dict(attrs)
+    rng = np.random.default_rng(0)
+    bias = rand(rng, 24) if attrs.pop("bias", True) else None
+    model = conv_model(rand(rng, 24, 16, 3, 3), ["N", 16, 9, 8], bias, **attrs)
+    new, result = factorize(model, f"factorize_dwsep:rank=9:{FULL}")
+    assert op_types(new) == ["Conv", "Conv"] and result.stats["layers_factorized"] == 1
+    assert weight_shapes(new) == [(16 * 9, 1, 3, 3), (24, 16 * 9, 1, 1)]
+    dw, pw = new.graph.node
+    dw_attrs = {a.name: helper.get_attribute_value(a) for a in dw.attribute}
+    assert dw_attrs["group"] == 16 and dw_attrs.get("strides", [1, 1]) == attrs.get("strides", [1, 1])
+    assert pw.output[0] == "y" and len(pw.input) == (3 if bias is not None else 2)
+    feeds = random_feeds(model, dim=2)
+    for want, got in zip(ort_run(model, feeds), ort_run(new, feeds), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_error_grows_as_multiplier_falls_and_macs() -> None:
+    rng = np.random.default_rng(1)
+    model = conv_model(rand(rng, 32, 16, 3, 3), ["N", 16, 6, 6], rand(rng, 32), pads=[1, 1, 1, 1])
+    feeds = random_feeds(model, seed=2, dim=2)
+    errors = []
+    for m in (9, 6, 4, 2, 1):
+        new, result = factorize(model, f"factorize_dwsep:rank={m}:{FULL}")
+        assert weight_shapes(new)[0] == (16 * m, 1, 3, 3)
+        assert result.stats["macs_after"] == 36 * (16 * m * 9 + 16 * m * 32)
+        errors.append(rel_err(model, new, feeds))
+    assert errors[0] < 1e-5 and all(a < b for a, b in itertools.pairwise(errors)), errors
+
+
+def test_multiplier_rules() -> None:
+    assert round_multiplier(3, 16, 8, 9) == 3  # 48 is a multiple of 8
+    assert round_multiplier(3, 12, 8, 9) == 4  # 36 → 48
+    assert round_multiplier(3, 7, 8, 9) == 8  # 56
+    assert round_multiplier(3, 7, 16, 9) == 3  # no multiple of 16 below m = 9: unrounded
+    rng = np.random.default_rng(3)
+    # channels whose 3×3 kernels are rank 1 across outputs except for small noise
+    spatial = rng.standard_normal((16, 9))
+    w = np.einsum("ck,oc->ock", spatial, rng.standard_normal((32, 16))) + 0.01 * rng.standard_normal((32, 16, 9))
+    model = conv_model((0.1 * w.reshape(32, 16, 3, 3)).astype(np.float32), ["N", 16, 6, 6])
+    for spec, m in [("energy=0.99", 1), ("vbmf=true", 1), ("rank_ratio=0.3", 3), ("rank=2", 2)]:
+        new, _ = factorize(model, f"factorize_dwsep:{spec}:round_to=1")
+        assert weight_shapes(new)[0] == (16 * m, 1, 3, 3), spec
+
+
+def test_declines() -> None:
+    rng = np.random.default_rng(4)
+    inits = {"Wd": rand(rng, 32, 1, 3, 3), "Wp": rand(rng, 32, 32, 1, 1), "Wt": rand(rng, 8, 32, 3, 3),
+             "Wn": rand(rng, 64, 32, 3, 3)}
+    nodes = [
+        helper.make_node("Conv", ["x", "Wd"], ["d"], "depthwise", group=32, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["d", "Wp"], ["p"], "pointwise"),
+        helper.make_node("Conv", ["p", "Wt"], ["t"], "tiny", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p", "Wn"], ["n"], "nopay", pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(nodes, {"x": [1, 32, 4, 4]}, ["t", "n"], inits)
+    _, result = factorize(model, "factorize_dwsep:rank=6")
+    reasons = dict(result.declined)
+    assert reasons["depthwise"] == R_GROUPED and reasons["pointwise"] == R_POINTWISE and reasons["tiny"] == R_TINY
+    assert reasons["nopay"].startswith(R_NOT_PAY) and "ratio 0.76" in reasons["nopay"]
+    _, result = factorize(model, "factorize_dwsep:rank=4")  # (9 + 64) · 4 / (64 · 9) = 0.51
+    assert result.stats["layers_factorized"] == 1 and "nopay" not in dict(result.declined)
+
+
+def test_data_aware_beats_plain_and_is_deterministic() -> None:
+    rng = np.random.default_rng(5)
+    model = conv_model(rand(rng, 32, 16, 3, 3), ["N", 16, 8, 8], rand(rng, 32), pads=[1, 1, 1, 1])
+    kernel = np.ones((3, 3)) / 9
+
+    def images(seed: int, n: int) -> np.ndarray:
+        """Spatially smooth images (strongly correlated neighbouring pixels), channels of unequal scale."""
+        z = np.random.default_rng(seed).standard_normal((n, 16, 10, 10))
+        smooth = sum(z[:, :, i:i + 8, j:j + 8] * kernel[i, j] for i in range(3) for j in range(3))
+        return (smooth * np.geomspace(3.0, 0.1, 16)[None, :, None, None]).astype(np.float32)
+
+    spec = "factorize_dwsep:rank=2:round_to=1"
+    ctx = PassContext(calib=open_source([{"x": images(6, 48)}], model), seed=1)
+    aware, result = factorize(model, spec, ctx)
+    again, _ = factorize(model, spec, ctx)
+    assert aware.SerializeToString() == again.SerializeToString()
+    plain, _ = factorize(model, spec)
+    test = {"x": images(7, 32)}
+    assert rel_err(model, aware, test) < 0.8 * rel_err(model, plain, test)
+    assert result.stats["refit_error_after"] <= result.stats["refit_error_before"] + 1e-9

@@ -1,0 +1,193 @@
+"""Tests of factorize_tucker: exact at full ranks vs ORT, structure, HOOI vs HOSVD, VBMF ranks, declines, data."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from helpers import op_types, ort_run, random_feeds, run_passes
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.calib import open_source
+from onnxcompress.lowrank import R_GROUPED, R_NOT_PAY, R_TINY, R_WEIGHT, evbmf, unfold
+from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass
+from onnxcompress.passes.factorize_tucker import (
+    DECLINE_REASONS,
+    R_POINTWISE,
+    FactorizeTucker,
+)
+
+Shape = Sequence[Any] | None
+FULL = "max_mac_ratio=100:round_to=1"
+
+
+def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, Shape], outputs: Sequence[str],
+               inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [numpy_helper.from_array(np.asarray(v, np.float32), name=k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def conv_model(w: np.ndarray, x_shape: Shape, bias: np.ndarray | None = None, **attrs: Any) -> onnx.ModelProto:
+    inits = {"W": w} | ({"B": bias} if bias is not None else {})
+    node = helper.make_node("Conv", ["x", "W"] + (["B"] if bias is not None else []), ["y"], "conv", **attrs)
+    return make_model([node], {"x": x_shape}, ["y"], inits)
+
+
+def rand(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def factorize(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassResult]:
+    new, records = run_passes(model, spec, ctx)
+    onnx.checker.check_model(new, full_check=True)
+    assert [o.name for o in new.graph.output] == [o.name for o in model.graph.output]
+    result = records[0].result
+    assert all(r.split(" (")[0] in DECLINE_REASONS for _, r in result.declined), result.declined
+    return new, result
+
+
+def weight_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [inits[n.input[1]] for n in model.graph.node]
+
+
+def rel_err(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    ref, got = ort_run(a, feeds)[0], ort_run(b, feeds)[0]
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def test_registered_and_documented() -> None:
+    cls = get_pass("factorize_tucker")
+    assert cls is FactorizeTucker and cls.numerics == Numerics.LOSSY and "iters" in cls.options
+    for word in ("Before:", "After:", "Math:", "Fires when:", "Declines:", "HOOI"):
+        assert word in cls.__doc__
+
+
+CONFIGS = [
+    {"pads": [1, 1, 1, 1]},
+    {"pads": [0, 1, 2, 1], "strides": [2, 1]},
+    {"strides": [2, 2], "dilations": [2, 1]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    {"auto_pad": "SAME_LOWER", "bias": False},
+    {"auto_pad": "VALID"},
+]
+
+
+@pytest.mark.parametrize("attrs", CONFIGS)
+def test_full_ranks_are_exact(attrs: dict) -> None:
+    attrs = dict(attrs)
+    rng = np.random.default_rng(0)
+    bias = rand(rng, 24) if attrs.pop("bias", True) else None
+    model = conv_model(rand(rng, 24, 16, 3, 3), ["N", 16, 9, 8], bias, **attrs)
+    new, result = factorize(model, f"factorize_tucker:rank=24:{FULL}")
+    assert op_types(new) == ["Conv"] * 3
+    assert weight_shapes(new) == [(16, 16, 1, 1), (24, 16, 3, 3), (24, 24, 1, 1)]
+    first, core, last = new.graph.node
+    core_attrs = {a.name: helper.get_attribute_value(a) for a in core.attribute}
+    assert core_attrs.get("strides", [1, 1]) == attrs.get("strides", [1, 1])
+    assert {a.name for a in first.attribute} == {"kernel_shape"} and last.output[0] == "y"
+    assert len(last.input) == (3 if bias is not None else 2)
+    feeds = random_feeds(model, dim=2)
+    for want, got in zip(ort_run(model, feeds), ort_run(new, feeds), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert result.stats["mean_rel_weight_error"] < 1e-6
+
+
+def test_conv1d_and_ranks_per_mode() -> None:
+    rng = np.random.default_rng(1)
+    model = conv_model(rand(rng, 32, 24, 5), ["N", 24, 20], rand(rng, 32), pads=[2, 2])
+    new, result = factorize(model, "factorize_tucker:rank_ratio=0.25:round_to=1")
+    assert weight_shapes(new) == [(6, 24, 1), (8, 6, 5), (32, 8, 1)]  # ceil(.25·24) = 6, .25·32 = 8
+    assert result.stats["macs_after"] < 0.7 * result.stats["macs_before"]
+    new8, _ = factorize(model, "factorize_tucker:rank_ratio=0.25")
+    assert weight_shapes(new8) == [(8, 24, 1), (8, 8, 5), (32, 8, 1)]  # rounded up to 8
+
+
+def test_hooi_is_no_worse_than_hosvd_and_error_grows_as_rank_falls() -> None:
+    rng = np.random.default_rng(2)
+    model = conv_model(rand(rng, 32, 32, 3, 3), ["N", 32, 6, 6], rand(rng, 32), pads=[1, 1, 1, 1])
+    errors = {}
+    for iters in (0, 5):
+        _, result = factorize(model, f"factorize_tucker:rank=8:iters={iters}:{FULL}")
+        errors[iters] = result.stats["mean_rel_weight_error"]
+    assert errors[5] < errors[0]
+    feeds = random_feeds(model, seed=3, dim=2)
+    out = [rel_err(model, factorize(model, f"factorize_tucker:rank={r}:{FULL}")[0], feeds) for r in (32, 24, 16, 8, 2)]
+    assert out[0] < 1e-5 and all(a < b for a, b in itertools.pairwise(out)), out
+
+
+def test_vbmf_estimates_each_mode() -> None:
+    rng = np.random.default_rng(4)
+    # a kernel with rank 6 in the output mode and rank 10 in the input mode, plus noise
+    core = rng.standard_normal((6, 10, 3, 3))
+    u_out, u_in = np.linalg.qr(rng.standard_normal((48, 6)))[0], np.linalg.qr(rng.standard_normal((40, 10)))[0]
+    w = np.einsum("abhw,oa,ib->oihw", core, u_out, u_in) + 0.01 * rng.standard_normal((48, 40, 3, 3))
+    model = conv_model((0.1 * w).astype(np.float32), ["N", 40, 6, 6], pads=[1, 1, 1, 1])
+    assert evbmf(np.linalg.svd(unfold(w, 0), compute_uv=False), (48, 360))[0] == 6
+    new, _ = factorize(model, "factorize_tucker:vbmf=true:round_to=1")
+    assert weight_shapes(new) == [(10, 40, 1, 1), (6, 10, 3, 3), (48, 6, 1, 1)]
+    new, _ = factorize(model, "factorize_tucker:vbmf=true")
+    assert weight_shapes(new) == [(16, 40, 1, 1), (8, 16, 3, 3), (48, 8, 1, 1)]
+
+
+def test_declines() -> None:
+    rng = np.random.default_rng(5)
+    inits = {"Wd": rand(rng, 32, 1, 3, 3), "Wg": rand(rng, 32, 16, 3, 3), "Wp": rand(rng, 32, 32, 1, 1),
+             "Wt": rand(rng, 8, 32, 3, 3), "Wn": rand(rng, 32, 32, 3, 3)}
+    nodes = [
+        helper.make_node("Conv", ["x", "Wd"], ["d"], "depthwise", group=32, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["d", "Wg"], ["g"], "grouped", group=2, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["g", "Wp"], ["p"], "pointwise"),
+        helper.make_node("Conv", ["p", "Wt"], ["t"], "tiny", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p", "p"], ["s"], "dynamic"),  # weight from the data: not constant
+        helper.make_node("Conv", ["p", "Wn"], ["n"], "nopay", pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(nodes, {"x": [1, 32, 3, 3]}, ["t", "s", "n"], inits)
+    _, result = factorize(model, "factorize_tucker:rank=32")
+    reasons = dict(result.declined)
+    assert {k: v for k, v in reasons.items() if k != "nopay"} == {
+        "depthwise": R_GROUPED, "grouped": R_GROUPED, "pointwise": R_POINTWISE, "tiny": R_TINY, "dynamic": R_WEIGHT}
+    assert reasons["nopay"].startswith(R_NOT_PAY) and "(32, 32)" in reasons["nopay"]
+    assert not result.modified and result.stats["layers_skipped"] == 6
+
+
+def test_first_1x1_runs_at_input_resolution_in_the_mac_count() -> None:
+    rng = np.random.default_rng(6)
+    model = conv_model(rand(rng, 32, 32, 3, 3), ["N", 32, 16, 16], pads=[1, 1, 1, 1], strides=[2, 2])
+    _, result = factorize(model, f"factorize_tucker:rank=8:{FULL}")
+    assert result.stats["macs_before"] == 64 * 32 * 32 * 9
+    assert result.stats["macs_after"] == 256 * 8 * 32 + 64 * 8 * 8 * 9 + 64 * 32 * 8
+
+
+def test_data_aware_beats_plain_and_is_deterministic() -> None:
+    rng = np.random.default_rng(7)
+    model = conv_model(rand(rng, 32, 32, 3, 3), ["N", 32, 8, 8], rand(rng, 32), pads=[1, 1, 1, 1])
+    mix = np.random.default_rng(8).standard_normal((32, 32)) * np.geomspace(4.0, 0.02, 32)[:, None]
+
+    def images(seed: int, n: int) -> np.ndarray:
+        z = np.random.default_rng(seed).standard_normal((n, 8, 8, 32)) @ mix
+        return z.transpose(0, 3, 1, 2).astype(np.float32)
+
+    spec = "factorize_tucker:rank=16"
+    ctx = PassContext(calib=open_source([{"x": images(9, 48)}], model))
+    aware, result = factorize(model, spec, ctx)
+    again, _ = factorize(model, spec, ctx)
+    assert aware.SerializeToString() == again.SerializeToString()
+    plain, _ = factorize(model, spec)
+    assert weight_shapes(aware) == weight_shapes(plain)
+    test = {"x": images(10, 32)}
+    assert rel_err(model, aware, test) < 0.7 * rel_err(model, plain, test)
+    assert result.stats["data_aware"] == 1 and result.stats["refit_layers"] == 1
