@@ -71,6 +71,7 @@ from . import serde
 from .calib import DEFAULT_DYNAMIC_DIM, Batch, CalibSource
 from .capture import capture
 from .errors import InputError
+from .graphutil import Names, node_label
 from .manager import Numerics, Option, Pass, PassContext, PassResult
 from .reconstruct import (
     LayerStats,
@@ -125,7 +126,6 @@ __all__ = [
     "Factorization",
     "FactorizePass",
     "attr_text",
-    "where_of",
     "input_shapes",
 ]
 
@@ -731,32 +731,6 @@ def attr_text(value: object) -> object:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def where_of(node: gs.Node) -> str:
-    """A deterministic label: the node's name, else its first output's name, else its op."""
-    if node.name:
-        return node.name
-    return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
-
-
-class _Names:
-    """Every name in the graph (subgraphs included) and fresh unique ones."""
-
-    def __init__(self, graph: gs.Graph):
-        self.names: set[str] = set()
-        for g in [graph, *graph.subgraphs(recursive=True)]:
-            self.names.update(g.tensors().keys())
-            self.names.update(n.name for n in g.nodes if n.name)
-
-    def fresh(self, base: str) -> str:
-        """``base``, or ``base_<i>`` with the smallest ``i`` not taken yet; reserved from now on."""
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
-
-
 class _Limited(CalibSource):
     """At most ``limit`` samples of another source (0: all)."""
 
@@ -865,7 +839,7 @@ class FactorizePass(Pass):
         data = self._data(ctx)
         if data is not None and layers and not self._statistics(teacher, layers, data, ctx, result):
             data = None
-        names = _Names(graph)
+        names = Names(graph)
         done = [d for d in (self._apply(graph, names, layer, ctx, result) for layer in layers) if d]
         refits = self._refit(graph, teacher, done, data, ctx, result) if data is not None and done else []
         self._stats(result, done, data is not None, refits)
@@ -886,7 +860,7 @@ class FactorizePass(Pass):
         exclude = set(self.opts["exclude"])
         layers = []
         for node in nodes:
-            where = where_of(node)
+            where = node_label(node)
             try:
                 if where in exclude or node.name in exclude:
                     raise Decline(R_EXCLUDED)
@@ -962,7 +936,7 @@ class FactorizePass(Pass):
             layer.sigma = acc.result()
         return True
 
-    def _apply(self, graph: gs.Graph, names: _Names, layer: Layer, ctx: PassContext,
+    def _apply(self, graph: gs.Graph, names: Names, layer: Layer, ctx: PassContext,
                result: PassResult) -> _Done | None:
         """Factorize ``layer`` and rewrite the graph if it pays; else record the decline."""
         try:
@@ -1027,7 +1001,7 @@ def _refittable(layer: Layer) -> bool:
     return b.size == 1 or (b.size == n and b.shape[-1] == n)
 
 
-def _rewrite(graph: gs.Graph, names: _Names, layer: Layer, fz: Factorization) -> str:
+def _rewrite(graph: gs.Graph, names: Names, layer: Layer, fz: Factorization) -> str:
     """Replace ``layer.node`` by the factors, in place in the node list; returns the last factor's name.
 
     The first factor reads the node's input, the last one writes the node's output tensor (so

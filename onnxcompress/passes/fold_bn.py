@@ -9,6 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import serde
+from ..graphutil import Names, const_values, node_label
 from ..manager import Numerics, Pass, PassContext, PassResult, register
 
 __all__ = ["FoldBn", "DECLINE_REASONS", "GAMMA_KEY"]
@@ -52,14 +53,6 @@ _Weights = tuple[np.ndarray, np.ndarray]  # new (weight, bias) in the node's dty
 _Layout = tuple[int, int, int]  # output rank, channel axis, channel count
 
 
-def _const(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The values of a dense constant, or ``None`` for anything computed or fed at run time."""
-    if not isinstance(tensor, gs.Constant):
-        return None
-    values = tensor.values
-    return values if isinstance(values, np.ndarray) else None
-
-
 def _opt_input(node: gs.Node, index: int) -> gs.Tensor | None:
     """Input ``index`` of ``node``, or ``None`` if it is absent or an omitted optional input."""
     if index < len(node.inputs) and node.inputs[index].name:
@@ -71,13 +64,6 @@ def _producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 else None
 
 
-def _where(node: gs.Node) -> str:
-    """A deterministic label for ``node``: its name, else its first output's name, else its op."""
-    if node.name:
-        return node.name
-    return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
-
-
 def _all_finite(*arrays: np.ndarray) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
@@ -86,7 +72,7 @@ def _bn_affine(bn: gs.Node) -> str | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(scale, shift, gamma)`` of an inference-mode BN with constant parameters, or a reason."""
     if int(bn.attrs.get("training_mode", 0)) or sum(1 for t in bn.outputs if t.name) > 1:
         return R_TRAINING
-    params = [_const(t) for t in bn.inputs[1:5]]
+    params = [const_values(t) for t in bn.inputs[1:5]]
     if len(bn.inputs) != 5 or any(p is None for p in params):
         return R_BN_PARAMS
     if int(bn.attrs.get("spatial", 1)) == 0 or any(p.ndim != 1 for p in params):
@@ -165,9 +151,9 @@ def _scale_weight(node: gs.Node, w: np.ndarray, scale: np.ndarray) -> np.ndarray
 def _scaled_weights(node: gs.Node, affine: _Affine) -> str | _Weights:
     """New weight and bias for ``node`` so that it computes ``node(x) * scale + shift``."""
     scale, shift = affine
-    w = _const(node.inputs[1])
+    w = const_values(node.inputs[1])
     bias_t = _opt_input(node, 2)
-    bias = _const(bias_t)
+    bias = const_values(bias_t)
     if bias_t is not None and bias is None:
         return R_BIAS
     new_w = _scale_weight(node, w.astype(np.float64), scale).astype(w.dtype)
@@ -181,9 +167,9 @@ def _scaled_weights(node: gs.Node, affine: _Affine) -> str | _Weights:
 def _pre_scaled_weights(conv: gs.Node, affine: _Affine) -> str | _Weights:
     """New weight and bias for ``conv`` so that ``conv(x)`` equals the old ``conv(x * scale + shift)``."""
     scale, shift = affine
-    w = _const(conv.inputs[1])
+    w = const_values(conv.inputs[1])
     bias_t = _opt_input(conv, 2)
-    bias = _const(bias_t)
+    bias = const_values(bias_t)
     if w is None:
         return R_WEIGHT
     if bias_t is not None and bias is None:
@@ -221,7 +207,7 @@ class _State:
     graph: gs.Graph
     ctx: PassContext
     result: PassResult
-    names: set[str]
+    names: Names
     graph_outputs: set[str]
     minted: set[str] = field(default_factory=set)
     removed: set[int] = field(default_factory=set)
@@ -229,11 +215,7 @@ class _State:
 
     @classmethod
     def create(cls, graph: gs.Graph, ctx: PassContext, result: PassResult) -> _State:
-        names: set[str] = set()
-        for g in [graph, *graph.subgraphs(recursive=True)]:
-            names.update(g.tensors().keys())
-            names.update(n.name for n in g.nodes if n.name)
-        return cls(graph, ctx, result, names, {t.name for t in graph.outputs})
+        return cls(graph, ctx, result, Names(graph), {t.name for t in graph.outputs})
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         if tensor.shape is not None:
@@ -253,15 +235,11 @@ class _State:
         else:
             if old is not None and any(c is not node for c in old.outputs):
                 self.result.count("shared_copied")
-            name = self.fresh(f"{_where(node)}_{suffix}")
+            name = self.fresh(f"{node_label(node)}_{suffix}")
         return gs.Constant(name, np.ascontiguousarray(values))
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
+        name = self.names.fresh(base)
         self.minted.add(name)
         return name
 
@@ -356,9 +334,9 @@ class FoldBn(Pass):
             if id(node) in state.removed:
                 continue
             if node.op == "BatchNormalization":
-                where, reason = _where(node), self._try_bn(state, node)
+                where, reason = node_label(node), self._try_bn(state, node)
             elif node.op in _ELEMENTWISE and (index := _conv_operand(node)) is not None:
-                where, reason = _where(node), self._try_elementwise(state, node, index)
+                where, reason = node_label(node), self._try_elementwise(state, node, index)
             else:
                 continue
             if reason is None:
@@ -400,7 +378,7 @@ class FoldBn(Pass):
         producer = node.inputs[index].inputs[0]
         if node.op == "Div" and index == 1:
             return R_NOT_AFFINE
-        c = _const(node.inputs[1 - index])
+        c = const_values(node.inputs[1 - index])
         if c is None:
             return R_OPERAND
         layout = _layout(state, producer)
@@ -489,7 +467,7 @@ def _conv_operand(node: gs.Node) -> int | None:
 
 def _layout(state: _State, node: gs.Node) -> str | _Layout:
     """``(rank, channel axis, channels)`` of ``node``'s output, or why its weight cannot take a fold."""
-    w = _const(_opt_input(node, 1))
+    w = const_values(_opt_input(node, 1))
     if w is None:
         return R_WEIGHT
     if node.op in ("Conv", "ConvTranspose"):
