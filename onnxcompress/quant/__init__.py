@@ -1,0 +1,69 @@
+"""int8 quantization: observers (calibration ranges), cache, QDQ placement, fusion checks.
+
+* :mod:`.observers` — streaming histogram collectors and the minmax / percentile / entropy / mse
+  range rules.
+* :mod:`.cache` — calibration statistics saved to ``.npz``, keyed by model, data and settings.
+* :mod:`.calibrate` — runs the float model on calibration data into the collectors.
+* :mod:`.params` — scales and zero points, int8 weights, int32 biases.
+* :mod:`.qdq` — where Q/DQ nodes go (following onnxruntime's CPU fusions) and the rewrite.
+* :mod:`.fusion` — what onnxruntime actually fuses: :func:`count_unfused_qdq`.
+* :mod:`.cpu` — VNNI detection.
+
+The pass itself is :class:`onnxcompress.passes.quantize_int8.QuantizeInt8`.
+"""
+
+from __future__ import annotations
+
+from .cache import cache_key, data_fingerprint, load_cache, save_cache
+from .calibrate import Calibration, collect_statistics
+from .cpu import cpu_flags, has_vnni
+from .fusion import UnfusedQdq, count_unfused_qdq, integer_op_counts, ort_optimized_model, unfused_qdq
+from .observers import (
+    DEFAULT_BINS,
+    METHODS,
+    EntropyObserver,
+    HistogramCollector,
+    MinMaxObserver,
+    MseObserver,
+    Observer,
+    PercentileObserver,
+    compute_range,
+    make_observer,
+)
+from .params import QParams, activation_params, quantize_bias, quantize_weight
+from .qdq import Plan, QuantConfig, apply_plan, plan_placement, weight_axis
+
+__all__ = [
+    "DEFAULT_BINS",
+    "METHODS",
+    "HistogramCollector",
+    "Observer",
+    "MinMaxObserver",
+    "PercentileObserver",
+    "EntropyObserver",
+    "MseObserver",
+    "make_observer",
+    "compute_range",
+    "cache_key",
+    "data_fingerprint",
+    "load_cache",
+    "save_cache",
+    "Calibration",
+    "collect_statistics",
+    "QParams",
+    "activation_params",
+    "quantize_weight",
+    "quantize_bias",
+    "QuantConfig",
+    "Plan",
+    "plan_placement",
+    "apply_plan",
+    "weight_axis",
+    "UnfusedQdq",
+    "ort_optimized_model",
+    "unfused_qdq",
+    "count_unfused_qdq",
+    "integer_op_counts",
+    "cpu_flags",
+    "has_vnni",
+]

@@ -1,0 +1,78 @@
+"""Run a float model on calibration data and collect per-tensor histograms (with the cache)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..calib import Batch, CalibSource
+from ..capture import capture
+from .cache import cache_key, load_cache, save_cache
+from .observers import DEFAULT_BINS, HistogramCollector
+
+__all__ = ["Calibration", "collect_statistics"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """What :func:`collect_statistics` gathered.
+
+    Attributes:
+        collectors: ``{tensor name: statistics}`` for every requested tensor.
+        samples: Samples run through the model in this call (0 on a full cache hit).
+        cached: Tensors whose statistics came from the cache.
+        key: The cache key (empty without a cache).
+    """
+
+    collectors: dict[str, HistogramCollector]
+    samples: int = 0
+    cached: list[str] = field(default_factory=list)
+    key: str = ""
+
+
+def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_size: int, bins: int,
+         progress: bool) -> tuple[dict[str, HistogramCollector], int]:
+    collectors = {n: HistogramCollector(bins) for n in names}
+
+    def consume(_batch: Batch, tensors: dict[str, np.ndarray]) -> None:
+        for name in names:
+            collectors[name].update(tensors[name])
+
+    samples = capture(model, names, source, consume, batch_size=batch_size, progress=progress)
+    return collectors, samples
+
+
+def collect_statistics(model: onnx.ModelProto, names: list[str], source: CalibSource, *, batch_size: int = 32,
+                       bins: int = DEFAULT_BINS, cache: str | os.PathLike | None = None,
+                       progress: bool = False) -> Calibration:
+    """Histograms of the tensors ``names`` of ``model`` over ``source``.
+
+    With ``cache``, tensors already stored under the same model/data/settings key are read from
+    the file and only the others are calibrated (no model run at all when every tensor is
+    there); the union is written back.
+
+    Raises:
+        InputError: The data does not fit the model, or the cache file is unreadable.
+    """
+    names = list(dict.fromkeys(names))
+    key = cache_key(model, source, batch_size=batch_size, bins=bins) if cache else ""
+    stored = load_cache(cache, key) if cache else {}
+    cached = [n for n in names if n in stored]
+    missing = [n for n in names if n not in stored]
+    samples = 0
+    fresh: dict[str, HistogramCollector] = {}
+    if missing:
+        fresh, samples = _run(model, missing, source, batch_size, bins, progress)
+        log.info("calibrated %d tensors on %d samples", len(missing), samples)
+    if cache and missing:
+        save_cache(cache, key, {**stored, **fresh})
+    if cached:
+        log.info("calibration cache: %d of %d tensors from %s", len(cached), len(names), cache)
+    collectors = {n: stored[n] if n in stored else fresh[n] for n in names}
+    return Calibration(collectors, samples, cached, key)

@@ -1,0 +1,443 @@
+"""Streaming range observers for activation calibration: minmax, percentile, entropy (KL), MSE.
+
+Memory is a pair of histograms per tensor, never the samples. Every observer feeds the same
+collector, :class:`HistogramCollector`, so statistics gathered once (and cached, see
+:mod:`onnxcompress.quant.cache`) serve every method; a method only decides how to read them.
+
+The collector keeps the exact ``min``/``max``, the sample and exact-zero counts, and two histograms
+of ``|x|`` (one for ``x > 0``, one for ``x < 0``) sharing one bin width ``w`` with edges at
+``k * w``. ``w`` is a power of two: the smallest with ``max|x| < bins * w`` over the data seen so
+far. When a batch exceeds the covered range, ``w`` doubles (adjacent bin pairs merge, exactly)
+until it fits. Because ``w`` depends only on the overall ``max|x|`` and binning by a power of two
+is exact in floating point, streaming in any number of batches builds *the same* histogram as one
+all-at-once pass, so every method gives the same range either way (at least ``bins / 2`` bins
+cover ``[0, max|x|]``).
+
+Ranges (``lo, hi``) for asymmetric quantization, or ``(-t, t)`` for symmetric:
+
+* ``minmax``: ``(min, max)``.
+* ``percentile``: asymmetric: the ``p`` and ``100 - p`` quantiles of ``x``; symmetric: the ``p``
+  quantile of ``|x|``. Linear interpolation inside a bin, clamped to ``[min, max]``.
+* ``entropy``: the TensorRT calibration rule. For each candidate threshold ``i`` (in bins), the
+  reference ``P`` is ``h[:i]`` with the outliers ``sum(h[i:])`` added to its last bin; ``Q`` is
+  ``h[:i]`` merged into ``L`` levels and spread back evenly over the bins of each level where
+  ``P`` is non-zero.
+  The threshold minimises ``KL(P || Q)`` (``Q`` smoothed with ``1e-6`` where ``P > 0 = Q``).
+  Candidates: 128 spread over ``[L, used bins]``, then every bin around the best of them.
+  The first bin's count is replaced by the second's before the search: the spike of exact zeros
+  of a Relu output would otherwise dominate ``P`` and pull the threshold far too low.
+  ``L = 256`` for one-sided tensors quantized asymmetrically, else 128 (per side). Symmetric
+  ranges use the ``|x|`` histogram; asymmetric two-sided ones pick each tail's threshold from
+  that side's histogram alone.
+* ``mse``: the range minimising the squared quantization error over the histogram,
+  ``sum_c n_c (c - dq(q(c)))^2`` with every bin centre ``c`` rounded to the candidate grid itself
+  (clipping included; exact zeros are representable and add nothing). Rounding to the actual
+  grid, rather than assuming ``step^2 / 12``, sees that values piled on a representable point
+  (the saturated 6.0 of a Relu6, say) cost nothing. The search is a coarse grid of 256
+  candidates over ``(max / 16, max]`` then a finer one around the best; asymmetric two-sided
+  ranges alternate between ``hi`` and ``lo`` (three rounds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_BINS",
+    "METHODS",
+    "HistogramCollector",
+    "compute_range",
+    "Observer",
+    "MinMaxObserver",
+    "PercentileObserver",
+    "EntropyObserver",
+    "MseObserver",
+    "make_observer",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bins per side of the ``|x|`` histograms (TensorRT uses 2048 too).
+DEFAULT_BINS = 2048
+#: Calibration methods, in the order the CLI lists them.
+METHODS = ("minmax", "percentile", "entropy", "mse")
+_KL_EPS = 1e-6
+
+
+class HistogramCollector:
+    """Streaming statistics of one tensor: count, exact zeros, min, max and ``|x|`` histograms.
+
+    Args:
+        bins: Bins of each of the two ``|x|`` histograms (positive and negative part).
+    """
+
+    def __init__(self, bins: int = DEFAULT_BINS):
+        if bins < 2 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 2, got {bins}")
+        self.bins = bins
+        self.count = 0
+        self.zeros = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.width = 0.0
+        self.pos = np.zeros(bins, np.int64)
+        self.neg = np.zeros(bins, np.int64)
+
+    def update(self, x: np.ndarray) -> None:
+        """Add the values of ``x`` (any shape; non-finite values are ignored)."""
+        a = np.asarray(x).ravel()
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float64)
+        if not a.size:
+            return
+        lo, hi = float(a.min()), float(a.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            finite = np.isfinite(a)
+            log.debug("ignoring %d non-finite values", int((~finite).sum()))
+            a = a[finite]
+            if not a.size:
+                return
+            lo, hi = float(a.min()), float(a.max())
+        self.count += a.size
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        amax = max(hi, -lo)
+        if amax == 0.0:
+            self.zeros += a.size
+            return
+        self._cover(amax)
+        self._add(a)
+
+    def _add(self, a: np.ndarray) -> None:
+        """One ``bincount`` of ``floor(x / w) + bins``; exact zeros come out of the first positive bin.
+
+        For ``x < 0`` this puts ``|x|`` in ``(k w, (k+1) w]`` (the upper edge closed), for ``x > 0``
+        in ``[k w, (k+1) w)``. Binning by ``floor`` with a power-of-two ``w`` is exact and merges
+        exactly when ``w`` doubles, on both sides.
+        """
+        if self.width < 2.0**-100:  # keep 1 / width finite in the arithmetic below
+            a = a.astype(np.float64)
+        signed = a * a.dtype.type(1.0 / self.width)  # exact: the width is a power of two
+        np.floor(signed, out=signed)
+        signed += self.bins
+        both = np.bincount(signed.astype(np.intp), minlength=2 * self.bins)[: 2 * self.bins]
+        zeros = int(a.size - np.count_nonzero(a))
+        self.zeros += zeros
+        self.pos += both[self.bins:]
+        self.pos[0] -= zeros
+        self.neg += both[self.bins - 1::-1]
+
+    def _cover(self, amax: float) -> None:
+        """Grow the (power-of-two) bin width, merging bin pairs, until ``amax < bins * width``."""
+        if self.width == 0.0:
+            _, exp = math.frexp(amax / self.bins)
+            self.width = math.ldexp(1.0, exp)
+        factor = 1
+        while amax >= self.width * factor * self.bins:
+            factor *= 2
+        if factor > 1:
+            self.pos, self.neg = _merge(self.pos, factor), _merge(self.neg, factor)
+            self.width *= factor
+
+    @property
+    def amax(self) -> float:
+        """``max|x|`` (0 before any value)."""
+        return 0.0 if self.count == 0 else max(abs(self.min), abs(self.max))
+
+    def abs_histogram(self, *, with_zeros: bool = True) -> np.ndarray:
+        """Counts of ``|x|`` per bin (exact zeros in bin 0 unless ``with_zeros`` is False)."""
+        h = self.pos + self.neg
+        if with_zeros:
+            h = h.copy()
+            h[0] += self.zeros
+        return h
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for a cache file (see :meth:`from_arrays`)."""
+        meta = np.array([self.count, self.zeros, self.min, self.max, self.width, self.bins], np.float64)
+        return {"meta": meta, "pos": self.pos.copy(), "neg": self.neg.copy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> HistogramCollector:
+        """Rebuild a collector saved by :meth:`to_arrays`."""
+        count, zeros, lo, hi, width, bins = (float(v) for v in arrays["meta"])
+        c = cls(int(bins))
+        c.count, c.zeros, c.min, c.max, c.width = int(count), int(zeros), lo, hi, width
+        c.pos, c.neg = arrays["pos"].astype(np.int64), arrays["neg"].astype(np.int64)
+        return c
+
+
+def _merge(h: np.ndarray, factor: int) -> np.ndarray:
+    """Merge groups of ``factor`` adjacent bins, keeping the length (zeros appended)."""
+    out = np.zeros_like(h)
+    if factor >= h.size:
+        out[0] = h.sum()
+        return out
+    merged = h.reshape(-1, factor).sum(axis=1)
+    out[: merged.size] = merged
+    return out
+
+
+def _used_bins(h: np.ndarray) -> int:
+    """Index one past the last non-empty bin."""
+    nz = np.flatnonzero(h)
+    return int(nz[-1]) + 1 if nz.size else 0
+
+
+# ------------------------------------------------------------------------------------ percentile
+
+
+def _signed_quantile(c: HistogramCollector, q: float) -> float:
+    """The ``q`` quantile of ``x`` from the histograms (linear inside a bin)."""
+    nb, w = c.bins, c.width
+    counts = np.concatenate([c.neg[::-1], [c.zeros], c.pos]).astype(np.float64)
+    lefts = np.concatenate([-np.arange(nb, 0, -1) * w, [0.0], np.arange(nb) * w])
+    widths = np.concatenate([np.full(nb, w), [0.0], np.full(nb, w)])
+    cum = np.cumsum(counts)
+    target = q * cum[-1]
+    k = min(int(np.searchsorted(cum, target, side="left")), counts.size - 1)
+    before = cum[k - 1] if k else 0.0
+    frac = (target - before) / counts[k] if counts[k] else 0.0
+    return float(lefts[k] + frac * widths[k])
+
+
+def _abs_quantile(c: HistogramCollector, q: float) -> float:
+    h = c.abs_histogram().astype(np.float64)
+    cum = np.cumsum(h)
+    target = q * cum[-1]
+    k = min(int(np.searchsorted(cum, target, side="left")), h.size - 1)
+    before = cum[k - 1] if k else 0.0
+    frac = (target - before) / h[k] if h[k] else 0.0
+    return float((k + frac) * c.width)
+
+
+def _percentile_range(c: HistogramCollector, percentile: float, symmetric: bool) -> tuple[float, float]:
+    q = min(max(percentile / 100.0, 0.0), 1.0)
+    if symmetric:
+        t = min(_abs_quantile(c, q), c.amax)
+        return -t, t
+    hi = _signed_quantile(c, q)
+    lo = _signed_quantile(c, 1.0 - q)
+    return max(lo, c.min), min(hi, c.max)
+
+
+# --------------------------------------------------------------------------------------- entropy
+
+
+def _kl_divergence(h: np.ndarray, i: int, levels: int) -> float:
+    """``KL(P || Q)`` for threshold bin ``i`` (TensorRT's reference/candidate construction)."""
+    src = h[:i]
+    p = src.copy()
+    p[i - 1] += h[i:].sum()
+    support = p > 0
+    starts = (np.arange(levels) * i) // levels
+    sums = np.add.reduceat(src, starts)
+    nonzero = np.add.reduceat(support.astype(np.float64), starts)
+    per_bin = np.where(nonzero > 0, sums / np.maximum(nonzero, 1.0), 0.0)
+    q = np.repeat(per_bin, np.diff(np.append(starts, i))) * support
+    if q.sum() <= 0:
+        return math.inf
+    p, q = p / p.sum(), q / q.sum()
+    q = np.where(support & (q == 0), _KL_EPS, q)
+    q = q / q.sum()
+    return float(np.sum(p[support] * np.log(p[support] / q[support])))
+
+
+def _kl_threshold(h: np.ndarray, width: float, levels: int) -> float:
+    """The KL-optimal threshold (an upper bin edge) for the ``|x|`` histogram ``h``."""
+    h = h.astype(np.float64)
+    if h.size > 1:
+        h[0] = h[1]  # the spike of exact zeros (Relu outputs) would dominate P; take its neighbour
+    used = _used_bins(h)
+    if used <= levels:
+        return used * width
+    coarse = np.unique(np.linspace(levels, used, min(128, used - levels + 1)).round().astype(np.int64))
+    best = int(coarse[int(np.argmin([_kl_divergence(h, int(i), levels) for i in coarse]))])
+    step = int(coarse[1] - coarse[0]) if coarse.size > 1 else 1
+    fine = np.arange(max(levels, best - step), min(used, best + step) + 1)
+    return float(fine[int(np.argmin([_kl_divergence(h, int(i), levels) for i in fine]))]) * width
+
+
+def _entropy_range(c: HistogramCollector, symmetric: bool) -> tuple[float, float]:
+    if not symmetric and c.min >= 0:
+        return 0.0, min(_kl_threshold(c.pos + _zeros_bin(c), c.width, 256), c.max)
+    if not symmetric and c.max <= 0:
+        return max(-_kl_threshold(c.neg + _zeros_bin(c), c.width, 256), c.min), 0.0
+    if symmetric:
+        t = min(_kl_threshold(c.abs_histogram(), c.width, 128), c.amax)
+        return -t, t
+    # two-sided asymmetric: each tail on its own (a spike on one side, e.g. the background value
+    # of normalized images, must not set the threshold of the other)
+    hi = min(_kl_threshold(c.pos + _zeros_bin(c), c.width, 128), c.max)
+    lo = max(-_kl_threshold(c.neg + _zeros_bin(c), c.width, 128), c.min)
+    return lo, hi
+
+
+def _zeros_bin(c: HistogramCollector) -> np.ndarray:
+    z = np.zeros(c.bins, np.int64)
+    z[0] = c.zeros
+    return z
+
+
+# ------------------------------------------------------------------------------------------- mse
+
+
+def _signed_centres(c: HistogramCollector) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and counts of the non-empty bins of ``x`` (exact zeros left out)."""
+    centres = (np.arange(c.bins) + 0.5) * c.width
+    x = np.concatenate([-centres[::-1], centres])
+    n = np.concatenate([c.neg[::-1], c.pos]).astype(np.float64)
+    keep = n > 0
+    return x[keep], n[keep]
+
+
+def _grid_error(x: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, *, symmetric: bool) -> np.ndarray:
+    """Squared error of rounding the values ``x`` (counts ``n``) to each candidate grid.
+
+    Asymmetric: 256 levels ``(q - z) * step``, ``step = (hi - lo) / 255``, ``z = round(-lo / step)``.
+    Symmetric: ``q * step`` for ``q`` in ``[-128, 127]``, ``step = hi / 127``.
+    """
+    if symmetric:
+        step = np.maximum(hi, 1e-30) / 127.0
+        zp, qmin, qmax = np.zeros_like(step), -128.0, 127.0
+    else:
+        step = np.maximum(hi - lo, 1e-30) / 255.0
+        zp, qmin, qmax = np.clip(np.round(-lo / step), 0, 255), 0.0, 255.0
+    err = np.zeros(step.shape)
+    for start in range(0, x.size, 1024):  # bounded temporaries: candidates x 1024 values
+        xs, ns = x[start:start + 1024], n[start:start + 1024]
+        q = np.clip(np.round(xs[None, :] / step[:, None]) + zp[:, None], qmin, qmax)
+        err += (((xs[None, :] - (q - zp[:, None]) * step[:, None]) ** 2) * ns[None, :]).sum(axis=1)
+    return err
+
+
+def _search(error: Callable[[np.ndarray], np.ndarray], limit: float) -> float:
+    """Minimise ``error(candidates)`` over ``(0, limit]``: a coarse grid, then a finer one."""
+    coarse = np.linspace(limit / 16.0, limit, 256)
+    best = float(coarse[int(np.argmin(error(coarse)))])
+    step = coarse[1] - coarse[0]
+    fine = np.linspace(max(best - step, limit / 64.0), min(best + step, limit), 65)
+    return float(fine[int(np.argmin(error(fine)))])
+
+
+def _mse_range(c: HistogramCollector, symmetric: bool) -> tuple[float, float]:
+    x, n = _signed_centres(c)
+    if symmetric:
+        t = _search(lambda t: _grid_error(x, n, -t, t, symmetric=True), c.amax)
+        return -t, t
+    lo, hi = min(c.min, 0.0), max(c.max, 0.0)
+    for _ in range(3):  # coordinate descent; one pass suffices for one-sided tensors
+        if hi > 0:
+            hi = _search(lambda h, lo=lo: _grid_error(x, n, np.full(h.shape, lo), h, symmetric=False),
+                         max(c.max, 0.0))
+        if lo < 0:
+            lo = -_search(lambda m, hi=hi: _grid_error(x, n, -m, np.full(m.shape, hi), symmetric=False),
+                          -min(c.min, 0.0))
+        if lo == 0.0 or hi == 0.0:
+            break
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def compute_range(c: HistogramCollector, method: str, *, percentile: float = 99.99,
+                  symmetric: bool = False) -> tuple[float, float]:
+    """The calibrated range of a tensor.
+
+    Args:
+        c: The tensor's collected statistics.
+        method: One of :data:`METHODS`.
+        percentile: For ``percentile``: the kept fraction in percent (e.g. 99.99).
+        symmetric: Return ``(-t, t)`` for a symmetric (zero point 0) grid; otherwise ``(lo, hi)``
+            for an asymmetric 256-level grid.
+
+    Returns:
+        ``(lo, hi)``; ``(0.0, 0.0)`` when nothing but zeros (or nothing) was seen.
+
+    Raises:
+        ValueError: Unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if c.count == 0 or c.width == 0.0:
+        return 0.0, 0.0
+    if method == "minmax":
+        return (-c.amax, c.amax) if symmetric else (c.min, c.max)
+    if method == "percentile":
+        return _percentile_range(c, percentile, symmetric)
+    if method == "entropy":
+        return _entropy_range(c, symmetric)
+    return _mse_range(c, symmetric)
+
+
+class Observer:
+    """A streaming range observer: ``update`` batch by batch, then ``range`` or ``threshold``.
+
+    Args:
+        bins: Histogram bins per side.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, bins: int = DEFAULT_BINS):
+        self.collector = HistogramCollector(bins)
+
+    def update(self, x: np.ndarray) -> None:
+        """Add one batch of values."""
+        self.collector.update(x)
+
+    def range(self, *, symmetric: bool = False) -> tuple[float, float]:
+        """``(lo, hi)`` (or ``(-t, t)`` with ``symmetric``)."""
+        return compute_range(self.collector, self.method, symmetric=symmetric, **self._kwargs())
+
+    def threshold(self) -> float:
+        """The symmetric threshold ``t``."""
+        return self.range(symmetric=True)[1]
+
+    def _kwargs(self) -> dict:
+        return {}
+
+
+class MinMaxObserver(Observer):
+    """Exact running ``min``/``max``."""
+
+    method = "minmax"
+
+
+class PercentileObserver(Observer):
+    """The ``percentile`` / ``100 - percentile`` quantiles (``|x|`` quantile when symmetric)."""
+
+    method = "percentile"
+
+    def __init__(self, percentile: float = 99.99, bins: int = DEFAULT_BINS):
+        super().__init__(bins)
+        self.percentile = percentile
+
+    def _kwargs(self) -> dict:
+        return {"percentile": self.percentile}
+
+
+class EntropyObserver(Observer):
+    """KL-divergence threshold (TensorRT's rule) on the growing histogram."""
+
+    method = "entropy"
+
+
+class MseObserver(Observer):
+    """Threshold(s) minimising the expected quantization MSE on the histogram."""
+
+    method = "mse"
+
+
+def make_observer(method: str, *, percentile: float = 99.99, bins: int = DEFAULT_BINS) -> Observer:
+    """An observer for ``method`` (one of :data:`METHODS`)."""
+    if method == "percentile":
+        return PercentileObserver(percentile, bins)
+    classes = {"minmax": MinMaxObserver, "entropy": EntropyObserver, "mse": MseObserver}
+    if method not in classes:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    return classes[method](bins)

@@ -1,0 +1,136 @@
+"""Calibration observers against hand-computed thresholds, streaming vs all-at-once, and the cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnxcompress.errors import InputError
+from onnxcompress.quant import METHODS, HistogramCollector, compute_range, load_cache, make_observer, save_cache
+from onnxcompress.quant.observers import EntropyObserver, MinMaxObserver, MseObserver, PercentileObserver
+
+N = 200_000
+
+
+def collect(x: np.ndarray, parts: int = 1) -> HistogramCollector:
+    c = HistogramCollector()
+    for chunk in np.array_split(x, parts):
+        c.update(chunk)
+    return c
+
+
+@pytest.fixture(scope="module")
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def test_uniform_minmax_is_exact(rng):
+    x = rng.uniform(-1.0, 3.0, N).astype(np.float32)
+    for parts in (1, 7):
+        assert compute_range(collect(x, parts), "minmax") == (float(x.min()), float(x.max()))
+    assert compute_range(collect(x), "minmax", symmetric=True) == (-float(x.max()), float(x.max()))
+    # on a uniform distribution nothing is worth clipping: every method stays within 1 % of the ends
+    for method in METHODS:
+        lo, hi = compute_range(collect(x), method, percentile=99.99)
+        assert lo == pytest.approx(x.min(), abs=0.04) and hi == pytest.approx(x.max(), abs=0.04), method
+
+
+def test_percentile_clips_outliers(rng):
+    x = rng.standard_normal(N)
+    x[:20] = 50.0  # 0.01 % outliers
+    lo, hi = compute_range(collect(x), "percentile", percentile=99.9)
+    assert hi == pytest.approx(np.quantile(x, 0.999), abs=0.02)
+    assert lo == pytest.approx(np.quantile(x, 0.001), abs=0.05)
+    t = compute_range(collect(x), "percentile", percentile=99.9, symmetric=True)[1]
+    assert t == pytest.approx(np.quantile(np.abs(x), 0.999), abs=0.05) and t < 5
+    assert compute_range(collect(x), "minmax")[1] == 50.0
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+def test_heavy_tail_thresholds_between_p99_and_max(rng, method):
+    x = rng.laplace(0.0, 1.0, N)
+    p99, amax = np.quantile(np.abs(x), 0.99), np.abs(x).max()
+    t = compute_range(collect(x), method, symmetric=True)[1]
+    assert p99 < t < amax
+    lo, hi = compute_range(collect(x), method)
+    assert np.quantile(x, 0.005) > lo >= x.min() and np.quantile(x, 0.995) < hi <= x.max()
+    assert (lo, hi) != (x.min(), x.max())
+
+
+def test_mse_keeps_a_saturated_spike_on_the_grid(rng):
+    """Relu6-like: 30 % of the values are exactly 6.0; clipping them costs more than any gain."""
+    x = np.concatenate([rng.uniform(0.0, 6.0, N), np.full(N * 3 // 7, 6.0)])
+    lo, hi = compute_range(collect(x), "mse")
+    assert lo == 0.0 and hi == pytest.approx(6.0, abs=0.03)
+
+
+def test_relu_output_is_one_sided(rng):
+    x = np.maximum(rng.standard_normal(N), 0.0)
+    c = collect(x)
+    assert c.zeros == int((x == 0).sum()) and c.neg.sum() == 0
+    for method in METHODS:
+        lo, hi = compute_range(c, method)
+        assert lo == 0.0 and 1.5 < hi <= x.max(), method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streaming_equals_all_at_once(rng, method):
+    """Batches of growing range force re-binning; the histograms, hence all ranges, are identical."""
+    x = np.concatenate([rng.laplace(0, 1, N // 4) * s for s in (0.3, 1.0, 2.5, 7.0)]).astype(np.float32)
+    whole, streamed = collect(x), collect(x, parts=9)
+    assert streamed.width == whole.width and streamed.width < 2 * np.abs(x).max() / whole.bins
+    np.testing.assert_array_equal(streamed.pos, whole.pos)
+    np.testing.assert_array_equal(streamed.neg, whole.neg)
+    for symmetric in (False, True):
+        assert compute_range(streamed, method, symmetric=symmetric) == compute_range(whole, method, symmetric=symmetric)
+
+
+def test_rebinning_keeps_counts_and_power_of_two_width(rng):
+    c = HistogramCollector(bins=64)
+    c.update(np.array([0.1, -0.2, 0.0]))
+    first = c.width
+    c.update(np.array([100.0]))
+    assert c.pos.sum() + c.neg.sum() + c.zeros == c.count == 4
+    assert math.log2(c.width) == int(math.log2(c.width)) and c.width / first == 2 ** round(math.log2(c.width / first))
+    assert 100.0 < c.width * c.bins
+
+
+def test_degenerate_and_non_finite():
+    c = HistogramCollector()
+    c.update(np.zeros(10))
+    assert all(compute_range(c, m) == (0.0, 0.0) for m in METHODS)
+    c.update(np.array([np.nan, np.inf, 1.0]))
+    assert c.count == 11 and c.max == 1.0
+    assert compute_range(HistogramCollector(), "mse") == (0.0, 0.0)
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        compute_range(c, "kl")
+
+
+def test_observer_classes(rng):
+    x = rng.standard_normal(N)
+    for cls, method in [(MinMaxObserver, "minmax"), (PercentileObserver, "percentile"), (EntropyObserver, "entropy"),
+                        (MseObserver, "mse")]:
+        obs = make_observer(method, percentile=99.0)
+        assert isinstance(obs, cls)
+        for chunk in np.array_split(x, 3):
+            obs.update(chunk)
+        assert obs.threshold() == obs.range(symmetric=True)[1] > 0
+    assert make_observer("percentile", percentile=99.0).percentile == 99.0
+
+
+def test_cache_round_trip(tmp_path, rng):
+    stats = {"a/b:0": collect(rng.standard_normal(1000)), "c": collect(np.maximum(rng.standard_normal(500), 0))}
+    path = tmp_path / "calib.npz"
+    save_cache(path, "key1", stats)
+    back = load_cache(path, "key1")
+    assert sorted(back) == sorted(stats)
+    for name, c in stats.items():
+        for method in METHODS:
+            assert compute_range(back[name], method) == compute_range(c, method)
+    assert load_cache(path, "other") == {}
+    assert load_cache(tmp_path / "missing.npz", "key1") == {}
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a calibration cache"):
+        load_cache(tmp_path / "bad.npz", "key1")
