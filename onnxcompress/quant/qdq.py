@@ -57,6 +57,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import serde
+from ..graphutil import Names, const_values
 from ..manager import PassResult
 from .params import QParams, bias_safe_weight_scale, quantize_bias, quantize_values, quantize_weight, activation_params
 
@@ -182,12 +183,6 @@ def _where(node: gs.Node) -> str:
     return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
 
 
-def _const(tensor: gs.Tensor | None) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant) and isinstance(tensor.values, np.ndarray):
-        return tensor.values
-    return None
-
-
 def _opt_input(node: gs.Node, index: int) -> gs.Tensor | None:
     if index < len(node.inputs) and node.inputs[index].name:
         return node.inputs[index]
@@ -223,7 +218,7 @@ def _is_float(tensor: gs.Tensor, dtypes: dict[str, int]) -> bool:
 
 
 def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) -> str | None:
-    w = _const(_opt_input(node, 1))
+    w = const_values(_opt_input(node, 1))
     if w is None:
         return R_WEIGHT
     if w.dtype != np.float32 or not _is_float(node.inputs[0], dtypes):
@@ -237,7 +232,7 @@ def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) ->
     bias_t = _opt_input(node, 2)
     if bias_t is None:
         return None
-    bias = _const(bias_t)
+    bias = const_values(bias_t)
     if bias is None or bias.dtype != np.float32:
         return R_BIAS
     channels = w.shape[0] if node.op == "Conv" else w.shape[weight_axis(node)]
@@ -278,7 +273,7 @@ def _clip_bounds(act: gs.Node) -> tuple[float, float] | None:
     if act.op == "Relu":
         return 0.0, np.inf
     lo_t, hi_t = _opt_input(act, 1), _opt_input(act, 2)
-    lo, hi = _const(lo_t), _const(hi_t)
+    lo, hi = const_values(lo_t), const_values(hi_t)
     if (lo_t is not None and lo is None) or (hi_t is not None and hi is None):
         return None
     return (float(lo) if lo is not None else -np.inf), (float(hi) if hi is not None else np.inf)
@@ -410,17 +405,12 @@ class _Rewriter:
     def __init__(self, graph: gs.Graph, plan: Plan, params: dict[str, QParams], cfg: QuantConfig,
                  result: PassResult):
         self.graph, self.plan, self.params, self.cfg, self.result = graph, plan, params, cfg, result
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+        self.names = Names(graph)
         self.qconsts: dict[str, tuple[gs.Constant, gs.Constant]] = {}
         self.weight_dqs: dict[tuple, tuple[gs.Variable, QParams]] = {}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
+        return self.names.fresh(base)
 
     def _constants(self, base: str, p: QParams) -> tuple[gs.Constant, gs.Constant]:
         scale = gs.Constant(self.fresh(f"{base}_scale"), np.array(p.scale, order="C"))
@@ -512,7 +502,7 @@ class _Rewriter:
     def constant_operands(self, group: Group) -> None:
         """Quantize constant inputs of Add/Mul/Concat per tensor, like activations."""
         for i, t in enumerate(list(group.node.inputs)):
-            values = _const(t)
+            values = const_values(t)
             if values is None:
                 continue
             p = activation_params(float(values.min(initial=0.0)), float(values.max(initial=0.0)),
