@@ -17,6 +17,7 @@ from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
 from ..pruning.apply import ApplyReport, PrunedLayer, apply_pruning
 from ..pruning.dependency import Analysis, analyze, node_label
 from ..pruning.importance import CRITERIA, normalize, score_groups
+from ..pruning.prepare import merge_reshapes
 from ..pruning.select import Budget, plan_removal
 from ..pruning.spec import slug
 
@@ -71,7 +72,9 @@ class PruneChannels(Pass):
         (its filter set to 0); that constant is folded into the next layer's bias -- exactly
         for 1x1 convs without padding, Gemm and MatMul, approximately (border pixels) for
         padded kxk convs and ConvTranspose. ``steps=N`` prunes ``1-(1-ratio)^(1/N)`` per round,
-        re-analysing and re-scoring each time.
+        re-analysing and re-scoring each time. Before the analysis, ``Reshape(Reshape(x))``
+        chains are merged (exact; tf2onnx's ``[N,C,1,1] -> [N,1,1,C] -> [N,C]`` flatten would
+        otherwise freeze the last stage).
 
     Fires when:
         A group has removable channels: every producer has constant weights, every op on the
@@ -92,6 +95,7 @@ class PruneChannels(Pass):
 
     Stats:
         ``groups_found``, ``groups_pruned``, ``groups_frozen``, ``groups_frozen_<reason>``,
+        ``reshapes_merged`` (when any),
         ``groups_skipped_small``, ``channels_before``/``channels_after``,
         ``params_before``/``params_after``, ``channels_removed``, ``channels_pinned`` (channels
         of prunable groups that may not go, e.g. concatenated with a graph input),
@@ -132,6 +136,10 @@ class PruneChannels(Pass):
         result = PassResult()
         if o["criterion"] == "activation" and ctx.calib is None:
             raise InputError("prune_channels: criterion=activation needs calibration data (give --calib)")
+        merged = merge_reshapes(graph)
+        if merged:
+            result.stats["reshapes_merged"] = merged
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
         original = serde.to_model(graph) if o["reconstruct"] and ctx.calib is not None else None
         result.stats["params_before"] = _param_count(graph)
         seed = ctx.seed if o["seed"] is None else o["seed"]

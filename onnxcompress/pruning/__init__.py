@@ -6,7 +6,10 @@ Modules:
     * :mod:`.dependency`: :func:`analyze` builds coupled channels and :class:`Group` objects.
     * :mod:`.importance`: channel scores per group (``l1``, ``l2``, ``bn_scale``, ``activation``).
     * :mod:`.select`: which channels go (ratio, scope, ``max_group_ratio``, ``round_to``).
-    * :mod:`.apply`: rewrite the graph without them (with bias compensation), or zero them.
+    * :mod:`.apply`: rewrite the graph without them (with bias compensation), or zero them
+      (``mask_channels``: the zeroed original; ``mask_inputs``: the exact reference without
+      compensation).
+    * :mod:`.prepare`: exact rewrites before the analysis (``Reshape`` chains merged).
 
 The ``prune_channels`` pass (:mod:`onnxcompress.passes.prune_channels`) drives them. Every tensor's
 channel axis is axis 1 (``[N, C, ...]`` and ``[N, C]``).
@@ -14,10 +17,11 @@ channel axis is axis 1 (``[N, C, ...]`` and ``[N, C]``).
 
 from __future__ import annotations
 
-from .apply import ApplyReport, PrunedLayer, apply_pruning, mask_channels
+from .apply import ApplyReport, PrunedLayer, apply_pruning, mask_channels, mask_inputs
 from .dependency import Analysis, Group, analyze
 from .handlers import HANDLERS
 from .importance import CRITERIA, score_groups
+from .prepare import merge_reshapes
 from .select import Budget, Plan, plan_removal
 from .spec import FREEZE_REASONS
 
@@ -34,6 +38,8 @@ __all__ = [
     "analyze",
     "apply_pruning",
     "mask_channels",
+    "mask_inputs",
+    "merge_reshapes",
     "plan_removal",
     "score_groups",
 ]

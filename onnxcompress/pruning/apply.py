@@ -25,9 +25,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .dependency import Analysis
-from .spec import ROLE_W_OUT, Layer, RewriteContext
+from .spec import ROLE_W_IN, ROLE_W_OUT, Layer, RewriteContext
 
-__all__ = ["ApplyReport", "Namer", "PrunedLayer", "apply_pruning", "mask_channels", "removed_mask"]
+__all__ = ["ApplyReport", "Namer", "PrunedLayer", "apply_pruning", "mask_channels", "mask_inputs", "removed_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -311,19 +311,13 @@ def _update_shapes(analysis: Analysis, kept) -> None:
         t.shape = shape
 
 
-def mask_channels(analysis: Analysis, remove: dict[int, np.ndarray]) -> int:
-    """The zeroed original: zero the producer filters (not biases) of the chosen channels, in place.
-
-    The graph keeps its shapes; each removed channel then outputs the constant that
-    :func:`apply_pruning` assumes. New constants replace the changed weights. Returns the number
-    of weights changed.
-    """
+def _zero_refs(analysis: Analysis, remove: dict[int, np.ndarray], role: str) -> int:
     rm = removed_mask(analysis, remove)
     namer = Namer(analysis.graph)
     changed = 0
     for spec in analysis.specs:
         for ref in spec.params:
-            if ref.role != ROLE_W_OUT:
+            if ref.role != role:
                 continue
             pos = np.flatnonzero(rm[analysis.comp[analysis.offsets[ref.tensor] + ref.slots]])
             if len(pos):
@@ -334,3 +328,22 @@ def mask_channels(analysis: Analysis, remove: dict[int, np.ndarray]) -> int:
                 ref.node.inputs[ref.index] = namer.constant(ref.constant.name, values)
                 changed += 1
     return changed
+
+
+def mask_inputs(analysis: Analysis, remove: dict[int, np.ndarray]) -> int:
+    """The exact reference of ``apply_pruning(..., compensate=False)``: zero, in place, the input
+    columns of every weight layer that reads a chosen channel (the channels are still computed
+    but nothing reads them any more). Padding or not, the pruned graph must match it to float
+    rounding. Returns the number of weights changed.
+    """
+    return _zero_refs(analysis, remove, ROLE_W_IN)
+
+
+def mask_channels(analysis: Analysis, remove: dict[int, np.ndarray]) -> int:
+    """The zeroed original: zero the producer filters (not biases) of the chosen channels, in place.
+
+    The graph keeps its shapes; each removed channel then outputs the constant that
+    :func:`apply_pruning` assumes. New constants replace the changed weights. Returns the number
+    of weights changed.
+    """
+    return _zero_refs(analysis, remove, ROLE_W_OUT)

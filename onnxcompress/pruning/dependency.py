@@ -153,7 +153,7 @@ def graph_info(graph: gs.Graph) -> GraphInfo:
     for name, t in graph.tensors().items():
         if isinstance(t, gs.Variable) and t.shape is not None and name not in shapes:
             shapes[name] = tuple(d if isinstance(d, int) and d > 0 else None for d in t.shape)
-    return GraphInfo(shapes, int(graph.opset or 0))
+    return GraphInfo(shapes, int(graph.opset or 0), frozenset(t.name for t in graph.outputs))
 
 
 def analyze(graph: gs.Graph, *, protect_io: bool = True, exclude: tuple[str, ...] | list[str] = ()) -> Analysis:

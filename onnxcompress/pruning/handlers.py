@@ -358,6 +358,16 @@ def _pad(node: gs.Node, g: GraphInfo) -> NodeSpec:
     return _passthrough(node, g)
 
 
+def _set_channels(g: GraphInfo, t: gs.Tensor, rank: int, channels: int | None) -> None:
+    """Record ``channels`` as the channel dim of ``t`` where shape inference left it unknown."""
+    shape = g.shapes.get(t.name)
+    if channels is None or (shape is not None and (len(shape) != rank or shape[CHANNEL_AXIS] is not None)):
+        return
+    dims = list(shape) if shape is not None else [None] * rank
+    dims[CHANNEL_AXIS] = channels
+    g.shapes[t.name] = tuple(dims)
+
+
 def _resize_params(node: gs.Node, g: GraphInfo) -> tuple[np.ndarray | None, np.ndarray | None, int | None] | None:
     """``(scales, sizes, sizes input index)`` (``None`` where absent), or ``None`` if not constant."""
     if node.op == "Upsample" and g.opset < 9:
@@ -376,6 +386,9 @@ def _resize(node: gs.Node, g: GraphInfo) -> NodeSpec:
     spec = NodeSpec(node, g)
     y = node.outputs[0]
     rank, params = g.rank(node.inputs[0]), _resize_params(node, g)
+    if rank is not None and params is None and _own_channel_sizes(node, g) is not None:
+        _set_channels(g, y, rank, g.channels(node.inputs[0]))
+        return _passthrough(node, g)
     if rank is None or params is None:
         return spec.freeze(None, R_UNKNOWN_DIM if rank is None else R_UNSUPPORTED)
     scales, sizes, sizes_index = params
@@ -444,22 +457,65 @@ def _dim_of(t: gs.Tensor, g: GraphInfo) -> tuple[str, int] | None:
 def _shape_elements(t: gs.Tensor, g: GraphInfo, depth: int = 0) -> list[Element] | None:
     """Elements of a 1-D shape tensor: constants, ``(tensor, axis)`` dims, or ``None`` (unknown).
 
-    Follows ``Concat`` of constants and ``Unsqueeze(Gather(Shape(x), i))`` (how exporters build
-    ``x.view(x.size(0), -1)``); ``None`` if the length is unknown.
+    Follows ``Shape`` (with ``start``/``end``), ``Concat``, ``Slice``/``Gather`` with constant
+    indices, ``Cast``/``Identity``/``Unsqueeze``/``Squeeze`` (how exporters build
+    ``x.view(x.size(0), -1)`` and ``interpolate(y, size=x.shape[2:])``); ``None`` if the length
+    is unknown.
     """
     values = g.const(t)
     if values is not None:
         return [int(v) for v in values.reshape(-1)]
     producer = t.inputs[0] if len(t.inputs) == 1 else None
-    if producer is not None and producer.op == "Concat" and depth < 8:
-        parts = [_shape_elements(i, g, depth + 1) for i in producer.inputs]
-        return None if any(p is None for p in parts) else [v for p in parts for v in p]
+    if producer is not None and depth < 8 and (producer.domain or "") in ("", "ai.onnx"):
+        traced = _trace_shape_op(producer, t, g, depth)
+        if traced is not None:
+            return traced
     shape = g.shape(t)
     if shape is None or len(shape) > 1 or (shape and shape[0] is None):
         return None
     n = shape[0] if shape else 1
     dim = _dim_of(t, g) if n == 1 else None
     return [dim] if dim is not None else [None] * n
+
+
+def _trace_shape_op(producer: gs.Node, t: gs.Tensor, g: GraphInfo, depth: int) -> list[Element] | None:
+    """Elements of ``t``, the output of ``producer`` (a shape-vector op), or ``None`` if not traced."""
+    op = producer.op
+    if op == "Shape" and producer.outputs[0] is t:
+        rank = g.rank(producer.inputs[0])
+        if rank is None:
+            return None
+        start = _clamp(int(producer.attrs.get("start", 0)), rank)
+        end = _clamp(int(producer.attrs["end"]), rank) if "end" in producer.attrs else rank
+        return [(producer.inputs[0].name, i) for i in range(start, end)]
+    if op == "Concat" and int(producer.attrs.get("axis", 0)) in (0, -1):
+        parts = [_shape_elements(i, g, depth + 1) for i in producer.inputs]
+        return None if any(p is None for p in parts) else [v for p in parts for v in p]
+    if op in ("Cast", "Identity"):
+        if op == "Cast" and int(producer.attrs.get("to", 7)) not in (6, 7):  # int32 / int64 only
+            return None
+        return _shape_elements(producer.inputs[0], g, depth + 1)
+    if op in ("Unsqueeze", "Squeeze") and g.rank(t) in (0, 1):  # scalar <-> [1]
+        inner = _shape_elements(producer.inputs[0], g, depth + 1)
+        return inner if inner is not None and len(inner) == 1 else None
+    if op == "Gather" and int(producer.attrs.get("axis", 0)) == 0:
+        inner, idx = _shape_elements(producer.inputs[0], g, depth + 1), g.const(producer.inputs[1])
+        if inner is None or idx is None or idx.ndim > 1:
+            return None
+        n = len(inner)
+        picks = [int(i) + n if int(i) < 0 else int(i) for i in idx.reshape(-1)]
+        return [inner[i] for i in picks] if all(0 <= i < n for i in picks) else None
+    if op == "Slice":
+        args = _slice_args(producer, g)
+        inner = _shape_elements(producer.inputs[0], g, depth + 1)
+        if inner is None or args is None or None in args[:2] or len(args[0]) != 1 or args[2] not in ([0], [-1]):
+            return None
+        step = int(args[3][0])
+        if step < 1:
+            return None
+        n = len(inner)
+        return inner[_clamp(int(args[0][0]), n):_clamp(int(args[1][0]), n):step]
+    return None
 
 
 def _reshape(node: gs.Node, g: GraphInfo) -> NodeSpec:
@@ -587,7 +643,12 @@ def _reduce(node: gs.Node, g: GraphInfo) -> NodeSpec:
 
 
 def _shape_op(node: gs.Node, g: GraphInfo) -> NodeSpec:
-    """``Shape`` is harmless if nothing downstream reads the channel dim."""
+    """``Shape`` is harmless if nothing downstream reads the channel dim.
+
+    Reading it only to give a ``Resize`` of the same tensor its own channel count (``sizes`` =
+    ``Concat(Shape(x)[:2], ...)``, from ``interpolate(x, size=...)``) is harmless too: the count
+    follows the pruned tensor at run time.
+    """
     spec = NodeSpec(node, g)
     x = node.inputs[0]
     rank = g.rank(x)
@@ -599,9 +660,61 @@ def _shape_op(node: gs.Node, g: GraphInfo) -> NodeSpec:
     if not start <= CHANNEL_AXIS < end:
         return spec
     index = CHANNEL_AXIS - start
-    if all(_reads_index(c, g, index, end - start) is False for c in node.outputs[0].outputs):
+    out = node.outputs[0]
+    if out.name not in g.outputs and all(_reads_index(c, g, index, end - start) is False for c in out.outputs):
+        return spec
+    if _channel_use_follows(out, x, g):
         return spec
     return spec.freeze([x], R_SHAPE_READ)
+
+
+_SHAPE_CHAIN = ("Slice", "Gather", "Unsqueeze", "Squeeze", "Cast", "Identity", "Concat")
+
+
+def _channel_use_follows(t: gs.Tensor, x: gs.Tensor, g: GraphInfo, depth: int = 0) -> bool:
+    """Whether shape vector ``t`` (computed from ``Shape(x)``) uses ``x``'s channel count only as
+    the channel entry of the ``sizes`` of a ``Resize`` of ``x`` itself (or not at all)."""
+    elements = _shape_elements(t, g)
+    if elements is not None and None not in elements and (x.name, CHANNEL_AXIS) not in elements:
+        return True  # fully traced and free of the channel count
+    if t.name in g.outputs or depth > 8:
+        return False
+    for consumer in t.outputs:
+        if (consumer.domain or "") not in ("", "ai.onnx"):
+            return False
+        if consumer.op == "Resize":
+            uses = [i for i, inp in enumerate(consumer.inputs) if inp is t]
+            if uses == [3] and consumer.inputs[0] is x and _own_channel_sizes(consumer, g) is not None:
+                continue
+            return False
+        if consumer.op not in _SHAPE_CHAIN or not all(_channel_use_follows(o, x, g, depth + 1)
+                                                      for o in consumer.outputs):
+            return False
+    return True
+
+
+def _own_channel_sizes(node: gs.Node, g: GraphInfo) -> list[Element] | None:
+    """The traced ``sizes`` of a ``Resize`` (opset >= 11) that keeps its input's channel count by
+    construction (its channel entry is ``Shape(x)[1]`` of its own input ``x``), else ``None``."""
+    x = node.inputs[0]
+    rank = g.rank(x)
+    sizes_t = _input(node, 3)
+    if node.op != "Resize" or g.opset < 11 or rank is None or sizes_t is None or g.const(sizes_t) is not None:
+        return None
+    scales = _input(node, 2)
+    if scales is not None and (g.const(scales) is None or g.const(scales).size):
+        return None
+    mode = node.attrs.get("coordinate_transformation_mode", "half_pixel")
+    if (mode.decode() if isinstance(mode, bytes) else str(mode)) == "tf_crop_and_resize":
+        return None
+    elements = _shape_elements(sizes_t, g)
+    axes = [_axis(int(a), rank) for a in node.attrs.get("axes", range(rank))]
+    if elements is None or None in elements or len(elements) != len(axes) or CHANNEL_AXIS not in axes:
+        return None
+    own = (x.name, CHANNEL_AXIS)
+    if elements[axes.index(CHANNEL_AXIS)] != own or elements.count(own) != 1:
+        return None
+    return elements
 
 
 def _reads_index(consumer: gs.Node, g: GraphInfo, index: int, length: int) -> bool:
@@ -630,6 +743,11 @@ def _concat(node: gs.Node, g: GraphInfo) -> NodeSpec:
     spec = NodeSpec(node, g)
     y = node.outputs[0]
     rank, c = g.rank(y), g.channels(y)
+    if rank is not None and c is None and _axis(int(node.attrs["axis"]), rank) == CHANNEL_AXIS:
+        known = [g.channels(t) for t in node.inputs]  # inference may stop at a computed Resize
+        if None not in known and all(g.rank(t) == rank for t in node.inputs):
+            _set_channels(g, y, rank, int(sum(known)))
+            c = g.channels(y)
     if rank is None or c is None:
         return spec.freeze(None, R_UNKNOWN_DIM)
     axis = _axis(int(node.attrs["axis"]), rank)

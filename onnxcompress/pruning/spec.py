@@ -147,10 +147,12 @@ class GraphInfo:
     Attributes:
         shapes: Tensor name -> dims (``None`` where unknown); absent when the rank is unknown.
         opset: Default-domain opset.
+        outputs: Names of the graph outputs.
     """
 
     shapes: dict[str, tuple[int | None, ...]]
     opset: int
+    outputs: frozenset[str] = frozenset()
 
     def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
         """Dims of ``tensor`` (constants: their array's shape)."""

@@ -221,6 +221,40 @@ def test_runs_before_fold_bn_in_a_pipeline():
     assert "BatchNormalization" not in [n.op_type for n in new.graph.node]
 
 
+def tf_flatten(zero_in_second: bool = False) -> onnx.ModelProto:
+    """tf2onnx's classifier tail: [N,8,1,1] -> Reshape [-1,1,1,8] (NHWC) -> Reshape [-1,8] -> MatMul."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
+             node("Conv", ["ar", "w2", "b2"], "c"), node("Relu", ["c"], "cr"),
+             node("GlobalAveragePool", ["cr"], "gap"), node("Reshape", ["gap", "nhwc"], "r1"),
+             node("Reshape", ["r1", "flat"], "f"), node("MatMul", ["f", "wf"], "y")]
+    inits = {"w1": w(rng, 8, 3, 3, 3), "b1": w(rng, 8), "w2": w(rng, 16, 8, 1, 1), "b2": w(rng, 16),
+             "nhwc": np.asarray([-1, 1, 1, 16]), "flat": np.asarray([0 if zero_in_second else -1, 16]),
+             "wf": w(rng, 16, 5)}
+    return make_model(nodes, X, ["y"], inits)
+
+
+def test_reshape_chain_is_merged_so_the_last_stage_can_be_pruned():
+    from onnxcompress import serde
+    from onnxcompress.pruning.prepare import merge_reshapes
+
+    model = tf_flatten()
+    graph = serde.to_graph(model)
+    assert merge_reshapes(graph) == 1
+    graph.cleanup().toposort()
+    merged = serde.to_model(graph, model)
+    assert [n.op_type for n in merged.graph.node].count("Reshape") == 1
+    feeds = random_feeds(model)
+    np.testing.assert_array_equal(ort_run(merged, feeds)[0], ort_run(model, feeds)[0])
+
+    new, result = prune(model, "prune_channels:ratio=0.5:round_to=1")
+    assert result.stats["reshapes_merged"] == 1 and result.stats["groups_frozen"] == 1  # only the output
+    assert weight_shapes(new)["c"][0] == 8 and weight_shapes(new)["y"] == (8, 5)
+    # a 0 in the second shape copies a dim of the middle tensor: left alone (and the group frozen)
+    _, result = prune(tf_flatten(zero_in_second=True), "prune_channels:ratio=0.5:round_to=1")
+    assert "reshapes_merged" not in result.stats and result.stats["groups_frozen_reshape_mixes_channels"] == 1
+
+
 # ---------------------------------------------------------------- fixture models
 
 FIXTURES = sorted(MODELS.glob("*.onnx")) if MODELS.is_dir() else []

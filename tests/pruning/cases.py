@@ -338,6 +338,23 @@ def prelu_consts(rng):
     return Case(make_model(nodes, X, ["y"], inits))
 
 
+def unet_resize_to_skip(rng):
+    """``interpolate(deep, size=skip.shape[2:])`` then ``cat([up, skip])``, as PyTorch exports it
+    (CRAFT's U-Net): Resize sizes = Concat(Shape(deep)[0:2], Shape(skip)[2:4]), so inference
+    knows neither the Resize's nor the Concat's channel count."""
+    nodes = [node("Conv", ["x", "w1", "b1"], "a", pads=[1, 1, 1, 1]), node("Relu", ["a"], "skip"),
+             node("MaxPool", ["skip"], "p", kernel_shape=[2, 2], strides=[2, 2]),
+             node("Conv", ["p", "w2", "b2"], "b"), node("Relu", ["b"], "deep"),
+             node("Shape", ["deep"], "shd"), node("Slice", ["shd", "zero", "two", "zero"], "nc"),
+             node("Shape", ["skip"], "shs"), node("Slice", ["shs", "two", "four", "zero"], "hw"),
+             node("Cast", ["hw"], "hw64", to=7), node("Concat", ["nc", "hw64"], "sizes", axis=0),
+             node("Resize", ["deep", "", "", "sizes"], "up", mode="linear"),
+             node("Concat", ["up", "skip"], "cat", axis=1), node("Conv", ["cat", "w3", "b3"], "y")]
+    inits = {"w1": w(rng, 8, 3, 3, 3), "b1": w(rng, 8), "w2": w(rng, 6, 8, 1, 1), "b2": w(rng, 6),
+             "w3": w(rng, 4, 14, 1, 1), "b3": w(rng, 4), "zero": ints(0), "two": ints(2), "four": ints(4)}
+    return Case(make_model(nodes, X, ["y"], inits, opset=13), pruned_groups=2)
+
+
 #: Name -> builder(rng) -> Case.
 CASES: dict[str, Callable[[np.random.Generator], Case]] = {
     "conv_chain": conv_chain,
@@ -367,6 +384,7 @@ CASES: dict[str, Callable[[np.random.Generator], Case]] = {
     "spatial_ops": spatial_ops,
     "resize_sizes": resize_sizes,
     "prelu_consts": prelu_consts,
+    "unet_resize_to_skip": unet_resize_to_skip,
 }
 
 

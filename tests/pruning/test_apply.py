@@ -22,7 +22,7 @@ from pruning.cases import (
 )
 
 from onnxcompress import serde
-from onnxcompress.pruning.apply import apply_pruning, mask_channels
+from onnxcompress.pruning.apply import apply_pruning, mask_channels, mask_inputs
 from onnxcompress.pruning.dependency import analyze
 
 X = {"x": ["N", 3, 8, 8]}
@@ -53,6 +53,32 @@ def test_pruned_equals_zeroed_original(name):
     assert case.frozen <= {g.frozen for g in analysis.groups}
     assert report.removed == sum(len(ch) for ch in remove.values())
     assert [o.name for o in pruned.graph.output] == [o.name for o in case.model.graph.output]
+
+
+def unread(model: onnx.ModelProto, remove: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """The original with the consumers' input columns of the chosen channels zeroed."""
+    graph = serde.to_graph(model)
+    mask_inputs(analyze(graph), remove)
+    graph.cleanup().toposort()
+    return serde.to_model(graph, model)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_uncompensated_pruning_equals_unread_channels_exactly(name):
+    """Without bias compensation the pruned graph is the original whose consumers ignore the
+    removed channels -- exact even through padded convs (the oracle used on real models)."""
+    model = build(name)
+    graph = serde.to_graph(model)
+    analysis = analyze(graph)
+    from pruning.cases import choose
+
+    remove = choose(analysis, 0)
+    apply_pruning(analysis, remove, compensate=False)
+    graph.cleanup().toposort()
+    pruned = serde.to_model(graph, model)
+    onnx.checker.check_model(pruned, full_check=True)
+    err, scale = max_err(unread(model, remove), pruned, random_feeds(model))
+    assert err <= 1e-5 * max(1.0, scale)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

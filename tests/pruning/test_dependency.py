@@ -261,3 +261,47 @@ def test_control_flow_freezes_what_it_reads_and_writes():
     groups = by_name(groups_of(model))
     assert groups["a"].frozen == "control flow"  # read inside the branches
     assert "if (If): control flow" in groups["y0"].blockers
+
+
+def _resize_to(sizes_nodes, inits):
+    """conv a (8) -> relu "skip"; maxpool -> conv b (6) -> relu "deep"; Resize(deep, sizes) -> conv y."""
+    rng = np.random.default_rng(2)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "skip"),
+             node("MaxPool", ["skip"], "p", kernel_shape=[2, 2], strides=[2, 2]),
+             node("Conv", ["p", "w2", "b2"], "b"), node("Relu", ["b"], "deep"), *sizes_nodes,
+             node("Resize", ["deep", "", "", "sizes"], "up", mode="nearest"), node("Conv", ["up", "w3"], "y0"),
+             node("Conv", ["skip", "w4"], "y1"), node("Add", ["y0", "y1"], "y")]
+    base = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 6, 8, 1, 1), "b2": w(rng, 6),
+            "w3": w(rng, 4, 6, 1, 1), "w4": w(rng, 4, 8, 1, 1), "zero": np.asarray([0]), "one": np.asarray([1]),
+            "two": np.asarray([2]), "four": np.asarray([4])}
+    return make_model(nodes, X, ["y"], {**base, **inits}, opset=13)
+
+
+def test_resize_to_a_computed_size_keeps_its_own_channels():
+    groups = by_name(groups_of(build("unet_resize_to_skip")))
+    assert groups["a"].frozen is None and groups["b"].frozen is None
+    assert groups["b"].tensors["up"].tolist() == list(range(6)) and "cat" in groups["b"].tensors
+    # the same through Gather + Unsqueeze instead of Slice
+    nodes = [node("Shape", ["deep"], "shd"), node("Gather", ["shd", "idx"], "nc"),
+             node("Shape", ["skip"], "shs"), node("Slice", ["shs", "two", "four", "zero"], "hw"),
+             node("Concat", ["nc", "hw"], "sizes", axis=0)]
+    model = _resize_to(nodes, {"idx": np.asarray([0, 1])})
+    assert by_name(groups_of(model))["b"].frozen is None
+    assert_equivalent(model)
+
+
+def test_resize_whose_size_reads_the_channel_count_elsewhere_freezes():
+    # spatial size = the channel count (Shape(deep)[1] twice): reading it changes the output
+    nodes = [node("Shape", ["deep"], "shd"), node("Gather", ["shd", "idx"], "dims"),
+             node("Concat", ["dims"], "sizes", axis=0)]
+    model = _resize_to(nodes, {"idx": np.asarray([0, 1, 1, 1])})
+    group = by_name(groups_of(model))["b"]
+    assert group.frozen is not None and any("shape read" in b for b in group.blockers)
+    # the channel entry comes from another tensor (skip, 8 channels): not the Resize's own
+    nodes = [node("Shape", ["skip"], "shs"), node("Slice", ["shs", "zero", "two", "zero"], "nc"),
+             node("Shape", ["deep"], "shd"), node("Slice", ["shd", "two", "four", "zero"], "hw"),
+             node("Concat", ["nc", "hw"], "sizes", axis=0)]
+    rng = np.random.default_rng(3)
+    model = _resize_to(nodes, {"w3": w(rng, 4, 8, 1, 1)})
+    groups = by_name(groups_of(model))
+    assert groups["a"].frozen is not None and groups["b"].frozen is not None
