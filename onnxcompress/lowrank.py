@@ -117,6 +117,8 @@ __all__ = [
     "R_TINY",
     "R_NOT_PAY",
     "R_NO_STATS",
+    "R_POINTWISE",
+    "require_dense_kxk",
     "COMMON_REASONS",
     "COMMON_OPTIONS",
     "MAX_GRAM_DIM",
@@ -612,6 +614,7 @@ R_GROUPED = "grouped/depthwise conv"
 R_TINY = "tiny layer"
 R_NOT_PAY = "does not pay"
 R_NO_STATS = "calibration statistics failed"
+R_POINTWISE = "1x1 conv: use factorize_svd"
 
 #: Layers whose whitening matrix would be larger than this (per side) are factorized plainly.
 MAX_GRAM_DIM = 4096
@@ -644,6 +647,16 @@ class Decline(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def require_dense_kxk(node: gs.Node, weight: np.ndarray) -> None:
+    """Raise :class:`Decline` unless ``node`` is a dense (group 1) Conv with a non-1×1 kernel."""
+    if weight.ndim < 3:
+        raise Decline(R_LAYOUT)
+    if int(node.attrs.get("group", 1)) != 1:
+        raise Decline(R_GROUPED)
+    if all(k == 1 for k in weight.shape[2:]):
+        raise Decline(R_POINTWISE)
 
 
 @dataclass

@@ -8,11 +8,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..lowrank import (
+    R_POINTWISE,
+    require_dense_kxk,
     COMMON_OPTIONS,
     COMMON_REASONS,
-    R_GROUPED,
-    R_LAYOUT,
-    Decline,
     Factor,
     Factorization,
     FactorizePass,
@@ -28,7 +27,6 @@ __all__ = ["FactorizeDwsep", "DECLINE_REASONS", "R_POINTWISE", "round_multiplier
 
 log = logging.getLogger(__name__)
 
-R_POINTWISE = "1x1 conv: use factorize_svd"
 
 #: Every reason :class:`FactorizeDwsep` may give (``does not pay`` carries the MAC ratio after it).
 DECLINE_REASONS = COMMON_REASONS + (R_POINTWISE,)
@@ -93,12 +91,7 @@ class FactorizeDwsep(FactorizePass):
 
     def classify(self, node: gs.Node, weight: np.ndarray) -> str:
         """``dwsep`` for a dense Conv with a non-1×1 kernel; raises :class:`Decline` otherwise."""
-        if weight.ndim < 3:
-            raise Decline(R_LAYOUT)
-        if int(node.attrs.get("group", 1)) != 1:
-            raise Decline(R_GROUPED)
-        if all(k == 1 for k in weight.shape[2:]):
-            raise Decline(R_POINTWISE)
+        require_dense_kxk(node, weight)
         return "dwsep"
 
     def gram_kind(self, layer: Layer) -> str:
