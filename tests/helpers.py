@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import serde
 from onnxcompress.manager import PassContext, PassManager, parse_spec
 
-__all__ = ["parse", "ort_run", "random_feeds", "run_passes", "op_types"]
+__all__ = ["parse", "make_model", "ort_run", "rel_err", "random_feeds", "run_passes", "op_types"]
 
 
 def parse(text: str) -> onnx.ModelProto:
@@ -17,6 +18,36 @@ def parse(text: str) -> onnx.ModelProto:
     model = onnx.parser.parse_model(text)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def make_model(nodes: list[onnx.NodeProto], inputs: dict, outputs: list[str] | tuple[str, ...],
+               inits: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    """A model with float32 inputs/outputs; ``inputs`` maps names to shapes (symbolic dims allowed).
+
+    Float initializers are stored as float32, others as given. Output shapes come from inference;
+    intermediate shapes stay unknown, as in many exported models. The model passes the full checker.
+    """
+    def tensor(name: str, value) -> onnx.TensorProto:
+        arr = np.asarray(value)
+        return numpy_helper.from_array(arr.astype(np.float32) if arr.dtype.kind == "f" else arr, name=name)
+
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [tensor(k, v) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # types the graph outputs
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def rel_err(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """‖b(x) − a(x)‖ / ‖a(x)‖ of the first output, in ORT with optimizations off."""
+    ref, got = ort_run(a, feeds)[0], ort_run(b, feeds)[0]
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,5 +1,4 @@
 import numpy as np
-import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.metrics import model_metrics

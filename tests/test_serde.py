@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import ort_run, parse, random_feeds
+from helpers import ort_run, random_feeds
 from onnxcompress import serde
 from onnxcompress.errors import InputError
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import op_types, ort_run, random_feeds, run_passes
-from onnx import TensorProto, helper, numpy_helper
+from helpers import make_model, op_types, ort_run, random_feeds, rel_err, run_passes
+from onnx import helper, numpy_helper
 
 from onnxcompress.calib import open_source
 from onnxcompress.errors import InputError
@@ -36,22 +36,6 @@ Shape = Sequence[Any] | None
 # ---------------------------------------------------------------- builders
 
 
-def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, Shape], outputs: Sequence[str],
-               inits: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    """A float32 model; output shapes come from inference, intermediate ones stay unknown."""
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v, np.float32), name=k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    del model.graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def rand(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
@@ -70,11 +54,6 @@ def factorize(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None)
 def max_diff(a: onnx.ModelProto, b: onnx.ModelProto, dim: int = 2, seed: int = 0) -> float:
     feeds = random_feeds(a, seed=seed, dim=dim)
     return max(float(np.abs(x - y).max()) for x, y in zip(ort_run(a, feeds), ort_run(b, feeds), strict=True))
-
-
-def rel_err(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-    ref, got = ort_run(a, feeds)[0], ort_run(b, feeds)[0]
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

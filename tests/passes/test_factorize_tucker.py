@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import op_types, ort_run, random_feeds, run_passes
-from onnx import TensorProto, helper, numpy_helper
+from helpers import make_model, op_types, ort_run, random_feeds, rel_err, run_passes
+from onnx import helper
 
 from onnxcompress.calib import open_source
 from onnxcompress.lowrank import R_GROUPED, R_NOT_PAY, R_TINY, R_WEIGHT, evbmf, unfold
@@ -23,21 +23,6 @@ from onnxcompress.passes.factorize_tucker import (
 
 Shape = Sequence[Any] | None
 FULL = "max_mac_ratio=100:round_to=1"
-
-
-def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, Shape], outputs: Sequence[str],
-               inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v, np.float32), name=k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    del model.graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def conv_model(w: np.ndarray, x_shape: Shape, bias: np.ndarray | None = None, **attrs: Any) -> onnx.ModelProto:
@@ -62,11 +47,6 @@ def factorize(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None)
 def weight_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     return [inits[n.input[1]] for n in model.graph.node]
-
-
-def rel_err(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-    ref, got = ort_run(a, feeds)[0], ort_run(b, feeds)[0]
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 def test_registered_and_documented() -> None:

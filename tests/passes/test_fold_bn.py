@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import op_types, ort_run, random_feeds, run_passes
+from helpers import make_model, op_types, ort_run, random_feeds, run_passes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxcompress import serde
 from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass
@@ -21,22 +21,6 @@ Shape = Sequence[Any] | None
 
 
 # ---------------------------------------------------------------- builders
-
-
-def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, Shape], outputs: Sequence[str],
-               inits: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    """A float32 model; ``inputs`` maps names to shapes, output shapes come from inference."""
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # types the graph outputs
-    del model.graph.value_info[:]  # intermediate shapes stay unknown, as in many exported models
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def rand(rng: np.random.Generator, *shape: int, scale: float = 0.5) -> np.ndarray:
