@@ -42,7 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from fixtures import CALIB, MODELS, ROOT, TEST, missing_data, select_models
+
 sys.path.insert(0, str(ROOT))
 
 import onnxcompress
@@ -51,9 +52,6 @@ from onnxcompress.errors import OnnxCompressError
 
 log = logging.getLogger("bench_factorize")
 
-MODELS = {"vgg": "models/vgg_digits.onnx", "resnet": "models/resnet_digits.onnx"}
-CALIB = str(ROOT / "models/digits_calib.npz")
-TEST = str(ROOT / "models/digits_test.npz")
 
 TARGET = [
     ("factorize_tucker", "energy=0.9"),
@@ -175,18 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     configs = [("target", p, r) for p, r in (QUICK_TARGET if args.quick else TARGET)]
     configs += [("curve", p, r) for p, r in (QUICK_CURVE if args.quick else CURVE)]
-    missing = [f for f in (CALIB, TEST) if not Path(f).exists()]
+    missing = missing_data()
     if missing:
         print(f"missing data file(s) {missing}: run scripts/make_models.py first", file=sys.stderr)
         return 2
-    all_rows, runs, skipped = [], {}, []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        path = MODELS.get(name)
-        if path is None or not (ROOT / path).exists():
-            skipped.append(name)
-            print(f"skipping {name}: {path or 'unknown model'} not found", file=sys.stderr)
-            continue
-        rows, info = run_model(name, str(ROOT / path), configs, args)
+    all_rows, runs = [], {}
+    found, skipped = select_models(args.models)
+    for name, path in found:
+        rows, info = run_model(name, str(path), configs, args)
         all_rows += rows
         runs[name] = info
     for name, info in runs.items():

@@ -46,7 +46,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from fixtures import CALIB, MODELS, ROOT, TEST, missing_data, select_models
+
 sys.path.insert(0, str(ROOT))
 
 import onnxcompress
@@ -55,10 +56,6 @@ from onnxcompress.errors import OnnxCompressError
 
 log = logging.getLogger("bench_prune")
 
-MODELS = {"resnet": "models/resnet_digits.onnx", "mobilenetv2": "models/mobilenetv2_digits.onnx",
-          "vgg": "models/vgg_digits.onnx", "concat": "models/concat_digits.onnx"}
-CALIB = ROOT / "models/digits_calib.npz"
-TEST = ROOT / "models/digits_test.npz"
 BASELINE = "fold_bn,simplify"
 TARGET_MODEL, TARGET_RATIO, TARGET_SPEEDUP, TARGET_DROP = "resnet", 0.5, 2.0, 1.0
 
@@ -235,18 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run every variant of every available model; print the table and the targets (and write JSON)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    missing = [str(f) for f in (CALIB, TEST) if not f.exists()]
+    missing = missing_data()
     if missing:
         print(f"missing data file(s) {missing}: run scripts/make_models.py first", file=sys.stderr)
         return 2
-    all_rows, runs, skipped = [], {}, []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        path = MODELS.get(name)
-        if path is None or not (ROOT / path).exists():
-            skipped.append(name)
-            print(f"skipping {name}: {path or 'unknown model'} not found", file=sys.stderr)
-            continue
-        rows, info = run_model(name, str(ROOT / path), args)
+    all_rows, runs = [], {}
+    found, skipped = select_models(args.models)
+    for name, path in found:
+        rows, info = run_model(name, str(path), args)
         all_rows += rows
         runs[name] = info
     for name, info in runs.items():
