@@ -4,6 +4,7 @@ Built-in recipes live in the repository's top-level ``passes/`` folder, installe
 as the ``onnxcompress._recipes`` package. A recipe looks like::
 
     description = "Fold BN, then simplify"
+    requires = ["calib"]   # optional: the recipe refuses to run without calibration data
 
     [gate]                 # optional: overrides the gate defaults of the passes' numerics
     min_cosine = 0.99
@@ -26,9 +27,12 @@ from pathlib import Path
 from .errors import InputError
 from .manager import Pass, get_pass
 
-__all__ = ["Recipe", "load_recipe", "builtin_recipes", "read_toml"]
+__all__ = ["REQUIREMENTS", "Recipe", "builtin_recipes", "check_requirements", "load_recipe", "read_toml"]
 
-_TOP_KEYS = {"description", "gate", "pass"}
+_TOP_KEYS = {"description", "gate", "pass", "requires"}
+
+#: What a recipe may require (``requires = [...]``) and how the error message asks for it.
+REQUIREMENTS = {"calib": "calibration data (give --calib PATH, or calib=... in the API)"}
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Recipe:
     description: str
     passes: list[Pass]
     gate: dict[str, float] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
 
 
 def _builtin_dir() -> Path:
@@ -94,12 +99,33 @@ def load_recipe(ref: str | os.PathLike) -> Recipe:
         raise InputError(f"{path}: a recipe needs at least one [[pass]] table")
     passes = []
     for entry in entries:
+        if not isinstance(entry, dict):
+            raise InputError(f"{path}: 'pass' must be an array of tables ([[pass]])")
         opts = dict(entry)
         name = opts.pop("name", None)
-        if not name:
-            raise InputError(f"{path}: every [[pass]] needs a name")
+        if not name or not isinstance(name, str):
+            raise InputError(f"{path}: every [[pass]] needs a name (a string)")
         passes.append(get_pass(name)(**opts))
     gate = data.get("gate", {})
     if not isinstance(gate, dict):
         raise InputError(f"{path}: [gate] must be a table")
-    return Recipe(path.stem, str(data.get("description", "")), passes, gate)
+    return Recipe(path.stem, str(data.get("description", "")), passes, gate, _requires(path, data))
+
+
+def _requires(path: Path, data: dict) -> tuple[str, ...]:
+    requires = data.get("requires", [])
+    if not isinstance(requires, list) or any(r not in REQUIREMENTS for r in requires):
+        raise InputError(f"{path}: requires must be a list of: {', '.join(REQUIREMENTS)}")
+    return tuple(requires)
+
+
+def check_requirements(recipe: Recipe, *, calib: object = None) -> None:
+    """Fail early when ``recipe`` needs something the caller did not give.
+
+    Raises:
+        InputError: ``recipe <name> needs calibration data (...)``.
+    """
+    given = {"calib": calib is not None}
+    for need in recipe.requires:
+        if not given.get(need, False):
+            raise InputError(f"recipe {recipe.name} needs {REQUIREMENTS[need]}")

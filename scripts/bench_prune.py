@@ -33,6 +33,7 @@ Usage::
     python scripts/bench_prune.py                                  # 4 models, ratio 0.5, batch 1 and 32
     python scripts/bench_prune.py --ratios 0.5,0.3 --json bench_prune.json
     python scripts/bench_prune.py --models resnet --options :criterion=bn_scale:steps=3
+    python scripts/bench_prune.py --accuracy-only --ratios 0.3,0.5 --options :criterion=l1
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ def _halving(rows: list[Row], row: Row) -> float:
 
 def markdown(rows: list[Row], batches: list[int]) -> str:
     """The results as a Markdown table."""
-    lat = " | ".join(f"latency b{b} (speed-up)" for b in batches)
-    head = (f"| model | ratio | mode | groups | MACs ratio | params ratio | {lat} | acc before | acc after | "
+    lat = "".join(f"latency b{b} (speed-up) | " for b in batches)
+    head = (f"| model | ratio | mode | groups | MACs ratio | params ratio | {lat}acc before | acc after | "
             "drop (pts) | recon/plain drop | logits cosine |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
@@ -176,7 +177,8 @@ def markdown(rows: list[Row], batches: list[int]) -> str:
             x = r.latency.get(b, math.nan)
             cells.append(f"{_fmt(x, '.3f')} ({_fmt(1 / x if x else math.nan, '.2f')}x)")
         lines.append(f"| {r.model} | {r.ratio} | {r.mode} | {r.groups} | {_fmt(r.macs_ratio, '.3f')} | "
-                     f"{_fmt(r.params_ratio, '.3f')} | {' | '.join(cells)} | {_fmt(100 * r.acc_before, '.2f')} | "
+                     f"{_fmt(r.params_ratio, '.3f')} | {''.join(c + ' | ' for c in cells)}"
+                     f"{_fmt(100 * r.acc_before, '.2f')} | "
                      f"{_fmt(100 * r.acc_after, '.2f')} | {_fmt(r.drop, '+.2f')} | "
                      f"{_fmt(_halving(rows, r), '.3f')} | {_fmt(r.cosine, '.4f')} |")
     return "\n".join(lines)
@@ -214,6 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratios", default="0.5", help="comma-separated pruning ratios (e.g. 0.5,0.3)")
     p.add_argument("--options", default="", help="extra prune_channels options, e.g. ':criterion=bn_scale:steps=3'")
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes for the latency runs")
+    p.add_argument("--accuracy-only", action="store_true", help="no latency runs (same as --batches '')")
     p.add_argument("--runs", type=int, default=200, help="timed latency rounds at batch 1")
     p.add_argument("--big-runs", type=int, default=40, help="timed latency rounds at batch > 1")
     p.add_argument("--warmup", type=int, default=20, help="untimed latency rounds")
@@ -222,7 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    args.batches = [] if args.accuracy_only else [int(b) for b in args.batches.split(",") if b.strip()]
     if args.options and not args.options.startswith(":"):
         args.options = ":" + args.options
     return args

@@ -64,11 +64,14 @@ class PruneChannels(Pass):
         must go together: pass-through ops keep channel ``c``; residual ``Add``/``Mul`` and SE
         gates couple the channels of every producer feeding them; Concat/Split/Slice shift
         offsets; depthwise convs tie input ``c`` to outputs ``[c*m, (c+1)*m)``; Flatten/Reshape
-        into a Gemm tie ``c`` to rows ``[c*HW, (c+1)*HW)``. Each *group* (all channels sharing
-        the same producers) is scored (``criterion``: ``l1``/``l2`` filter norms, ``bn_scale``
-        ``|gamma|``, ``activation`` mean ``|x|`` on calibration data) and the lowest ``ratio``
-        of it is removed (``scope=global``: one ranking of scores normalised by each group's
-        mean). A removed channel outputs the constant ``act(bias)`` in the *zeroed original*
+        into a Gemm tie ``c`` to rows ``[c*HW, (c+1)*HW)``; a grouped conv (``group=g``) splits
+        its input and output channels into ``g`` blocks that must each lose the same count
+        (weight ``[g*co, ci, k, k] -> [g*co', ci', k, k]``, ``group`` unchanged). Each *group*
+        (all channels sharing the same producers) is scored (``criterion``: ``l1``/``l2``
+        filter norms, ``bn_scale`` ``|gamma|``, ``activation`` mean ``|x|`` on calibration data,
+        ``auto`` (default): ``bn_scale`` where the group has a BN, else ``l1``) and the lowest
+        ``ratio`` of it is removed (``scope=global``: one ranking of scores normalised by each
+        group's mean; block-constrained groups: the lowest ``k`` of every block). A removed channel outputs the constant ``act(bias)`` in the *zeroed original*
         (its filter set to 0); that constant is folded into the next layer's bias -- exactly
         for 1x1 convs without padding, Gemm and MatMul, approximately (border pixels) for
         padded kxk convs and ConvTranspose. ``steps=N`` prunes ``1-(1-ratio)^(1/N)`` per round,
@@ -80,10 +83,11 @@ class PruneChannels(Pass):
         A group has removable channels: every producer has constant weights, every op on the
         way has a handler, and no channel is a graph input/output (``protect_io``), excluded,
         or read by something that would change meaning. Run it before ``fold_bn`` for
-        ``criterion=bn_scale`` (or after: fold_bn's kept gammas are used).
+        ``criterion=bn_scale``/``auto`` (or after: fold_bn's kept gammas are used).
 
     Declines:
-        One decline per frozen group, with the reason (no handler, grouped conv, reduces over
+        One decline per frozen group, with the reason (no handler, grouped conv -- blocks that
+        span several groups or do not merge --, reduces over
         channels, reshape mixes channels, graph input/output, shared weight, non-constant
         weight, unknown channel dim, control flow, excluded, ...), and per group left alone
         because it is smaller than ``round_to`` (or ``exclude`` names that match nothing). With
@@ -101,6 +105,9 @@ class PruneChannels(Pass):
         of prunable groups that may not go, e.g. concatenated with a graph input),
         ``bias_compensated``, ``bias_compensation_approx``, ``channels_uncompensated``,
         ``channels_restored`` (given back so no tensor is empty), ``bn_scale_fallback_l1``,
+        ``criterion_<name>`` (groups scored with each criterion, e.g. ``auto`` gives
+        ``criterion_bn_scale`` and ``criterion_l1``), ``groups_round_to_relaxed`` (grouped-conv
+        groups whose block counts allow no multiple of ``round_to``),
         ``reconstructed_layers``, ``reconstruct_error_before``/``reconstruct_error_after`` (mean
         relative output error of the refitted layers on calibration data).
     """
@@ -109,7 +116,8 @@ class PruneChannels(Pass):
     numerics = Numerics.LOSSY
     options: ClassVar[Mapping[str, Option]] = {
         "ratio": Option(float, 0.3, "fraction of each group's channels to remove"),
-        "criterion": Option(str, "l1", "channel importance", choices=CRITERIA),
+        "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, else l1)",
+                            choices=CRITERIA),
         "scope": Option(str, "local", "local: same ratio per group; global: one ranking", choices=("local", "global")),
         "max_group_ratio": Option(float, 0.9, "never remove more than this fraction of a group"),
         "round_to": Option(int, 8, "kept channels a multiple of N (groups with >= N channels; smaller ones are left alone)"),
@@ -176,12 +184,16 @@ class PruneChannels(Pass):
                               gammas=ctx.extra.get(_FOLD_BN_GAMMA), progress=ctx.progress)
         if first:
             result.stats["bn_scale_fallback_l1"] = len(scores.fallbacks)
+            for name, n in sorted(scores.used.items()):
+                result.stats[f"criterion_{name}"] = n
         values = normalize(scores.values) if budget.scope == "global" else scores.values
         plan = plan_removal(analysis, values, budget)
         if first:
             result.stats["groups_skipped_small"] = len(plan.skipped_small)
             for name in plan.skipped_small:
                 result.decline(name, R_SMALL, ctx.logger)
+        if plan.relaxed:
+            result.count("groups_round_to_relaxed", len(plan.relaxed))
         if plan.total == 0:
             return None
         report = apply_pruning(analysis, plan.remove)

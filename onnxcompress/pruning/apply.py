@@ -13,7 +13,13 @@ producer filters are zero -- a constant (bias, carried through BN, activations, 
 ``b'[o] += sum_k W[o, c, k] * v_c`` for a Conv (exact without padding; with padding the border
 pixels differ), ``alpha * sum_rows B[rows(c), o] * v_c`` for Gemm/MatMul (exact; a MatMul
 becomes a Gemm to hold the bias, a missing bias is added), the same over the kernel divided by
-the stride product for a ConvTranspose (approximate).
+the stride product for a ConvTranspose (approximate); a grouped conv's output channel only takes
+the removed channels of its own input block.
+
+Grouped convs: the selection removes the same count from every block of their input and output
+(:attr:`~.dependency.Group.blocks`), so the weight keeps the ``[g*co', ci', k..]`` layout and
+``group`` is unchanged; the input columns are sliced per block (a blocked
+:class:`~.spec.ParamRef`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .dependency import Analysis
+from .handlers import has_padding
 from .spec import ROLE_W_IN, ROLE_W_OUT, Layer, RewriteContext
 
 __all__ = ["ApplyReport", "Namer", "PrunedLayer", "apply_pruning", "mask_channels", "mask_inputs", "removed_mask"]
@@ -123,9 +130,11 @@ def _kept(analysis: Analysis, rm: np.ndarray):
     return kept
 
 
-def _propagate(analysis: Analysis) -> dict[str, np.ndarray]:
-    """Per channel tensor: each channel's value in the zeroed original (NaN where not constant)."""
+def _propagate(analysis: Analysis, rm: np.ndarray) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Per channel tensor: each channel's value in the zeroed original (NaN where not constant),
+    and the tensors whose values hold only away from the borders (see ``NodeSpec.const_border``)."""
     values: dict[str, np.ndarray] = {}
+    border: set[str] = set()
 
     def get(name: str) -> np.ndarray:
         if name in values:
@@ -141,26 +150,42 @@ def _propagate(analysis: Analysis) -> dict[str, np.ndarray]:
         except (ValueError, IndexError, TypeError) as exc:  # shapes the handler did not foresee
             log.debug("prune_channels: no constant propagation through %s: %s", spec.node.name, exc)
             continue
+        inexact = _inexact(analysis, spec, rm, values, border)
         for name, v in out.items():
             v = np.asarray(v, dtype=np.float64).reshape(-1)
             if name in analysis.counts and len(v) == analysis.counts[name]:
                 values[name] = v
-    return values
+                if inexact:
+                    border.add(name)
+    return values, border
 
 
-def _has_padding(node: gs.Node) -> bool:
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in node.attrs.get("pads", []))
+def _inexact(analysis: Analysis, spec, rm: np.ndarray, values: dict[str, np.ndarray], border: set[str]) -> bool:
+    """Whether ``spec``'s outputs inherit or create a border-only constant."""
+    names = [t.name for t in spec.node.inputs if t.name in analysis.counts]
+    if any(n in border for n in names):
+        return True
+    if not spec.const_border:
+        return False
+    for n in names:
+        v = values.get(n)
+        gone = rm[analysis.components(n)]
+        if v is not None and np.any(gone & np.isfinite(v) & (v != 0)):
+            return True
+    return False
+
+
 
 
 def _delta(layer: Layer, values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, bool]:
     """Change of ``layer``'s output (per output channel) from the constant inputs ``values[mask]``."""
     node = layer.node
     w = np.asarray(node.inputs[1].values, dtype=np.float64)
+    if layer.groups > 1:
+        return _grouped_delta(layer, w, np.where(mask, values, 0.0)), layer.kind != "conv" or has_padding(node)
     v = values[mask]
     if layer.kind == "conv":
-        return w[:, mask].reshape(w.shape[0], len(v), -1).sum(axis=2) @ v, _has_padding(node)
+        return w[:, mask].reshape(w.shape[0], len(v), -1).sum(axis=2) @ v, has_padding(node)
     if layer.kind == "convtranspose":
         strides = float(np.prod(node.attrs.get("strides", [1])))
         per = w[mask].reshape(len(v), w.shape[1], -1).sum(axis=2)
@@ -170,9 +195,25 @@ def _delta(layer: Layer, values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarr
     return alpha * (b[mask].T @ v), False
 
 
+def _grouped_delta(layer: Layer, w: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """:func:`_delta` of a grouped Conv/ConvTranspose: block ``b``'s outputs only see block ``b``'s inputs.
+
+    ``v`` holds the removed input channels' constants (0 elsewhere). Exact for a Conv without
+    padding, approximate otherwise (like the dense case).
+    """
+    g = layer.groups
+    sums = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+    if layer.kind == "conv":  # [g*co, ci]: out = sum_j W[o, j] v[b*ci + j]
+        co, ci = w.shape[0] // g, w.shape[1]
+        return np.einsum("bpj,bj->bp", sums.reshape(g, co, ci), v.reshape(g, ci)).reshape(-1)
+    ci, co = w.shape[0] // g, w.shape[1]  # ConvTranspose [g*ci, co]
+    strides = float(np.prod(layer.node.attrs.get("strides", [1])))
+    return np.einsum("bjp,bj->bp", sums.reshape(g, ci, co), v.reshape(g, ci)).reshape(-1) / strides
+
+
 def _compensations(analysis: Analysis, rm: np.ndarray, report: ApplyReport) -> dict[int, np.ndarray]:
     """Layer node id -> bias delta over its original output channels."""
-    values = _propagate(analysis)
+    values, border = _propagate(analysis, rm)
     deltas: dict[int, np.ndarray] = {}
     for layer in analysis.layers:
         if layer.inp not in analysis.offsets:
@@ -189,7 +230,7 @@ def _compensations(analysis: Analysis, rm: np.ndarray, report: ApplyReport) -> d
         delta, approx = _delta(layer, v, mask)
         deltas[id(layer.node)] = delta
         report.compensated += 1
-        report.approximate += int(approx)
+        report.approximate += int(approx or layer.inp in border)
     return deltas
 
 
@@ -228,10 +269,11 @@ def _slice_params(analysis: Analysis, rm: np.ndarray, deltas: dict[int, np.ndarr
         keys = []
         values = const.values
         for ref in sorted(refs, key=lambda r: r.axis):
-            pos = np.flatnonzero(~rm[analysis.comp[analysis.offsets[ref.tensor] + ref.slots]])
-            if len(pos) < values.shape[ref.axis]:
-                values = np.take(values, pos, axis=ref.axis)
-                keys.append((ref.axis, pos.tobytes()))
+            keep = ~rm[analysis.comp[analysis.offsets[ref.tensor] + ref.slots]]
+            taken = ref.take(values, keep)
+            if taken is not None:
+                values = taken
+                keys.append((ref.axis, keep.tobytes()))
         if keys:
             key = (id(const), tuple(keys))
             if key not in cache:
@@ -290,12 +332,14 @@ def _pruned_layers(analysis: Analysis, kept) -> list[PrunedLayer]:
     out = []
     for layer in analysis.layers:
         w = layer.node.inputs[1].values
-        kept_in = kept(layer.inp) if layer.inp in analysis.counts else np.arange(w.shape[layer.in_axis])
-        kept_out = kept(layer.out) if layer.out in analysis.counts else np.arange(w.shape[layer.out_axis])
-        in_changed = len(kept_in) < w.shape[layer.in_axis]
-        if in_changed or len(kept_out) < w.shape[layer.out_axis]:
+        full_in = w.shape[layer.in_axis] * (layer.groups if layer.kind == "conv" else 1)
+        full_out = w.shape[layer.out_axis] * (layer.groups if layer.kind == "convtranspose" else 1)
+        kept_in = kept(layer.inp) if layer.inp in analysis.counts else np.arange(full_in)
+        kept_out = kept(layer.out) if layer.out in analysis.counts else np.arange(full_out)
+        in_changed = len(kept_in) < full_in
+        if in_changed or len(kept_out) < full_out:
             out.append(PrunedLayer(layer.node, layer.kind, layer.inp, layer.out, layer.in_axis,
-                                   kept_in, kept_out, in_changed, int(w.shape[layer.out_axis])))
+                                   kept_in, kept_out, in_changed, int(full_out)))
     return out
 
 
@@ -319,12 +363,8 @@ def _zero_refs(analysis: Analysis, remove: dict[int, np.ndarray], role: str) -> 
         for ref in spec.params:
             if ref.role != role:
                 continue
-            pos = np.flatnonzero(rm[analysis.comp[analysis.offsets[ref.tensor] + ref.slots]])
-            if len(pos):
-                values = np.array(ref.constant.values, copy=True)
-                index = [slice(None)] * values.ndim
-                index[ref.axis] = pos
-                values[tuple(index)] = 0
+            values = ref.zero(ref.constant.values, rm[analysis.comp[analysis.offsets[ref.tensor] + ref.slots]])
+            if values is not None:
                 ref.node.inputs[ref.index] = namer.constant(ref.constant.name, values)
                 changed += 1
     return changed

@@ -9,6 +9,14 @@ of at least one source (a weight layer's free output channel) and carries no fre
 A :class:`Group` gathers the components that have the same set of source tensors: all output
 channels of one conv, the channels of a residual stream (every conv feeding it), one conv's part
 of a concat. Importance scores, ratios and ``round_to`` apply per group.
+
+Grouped convolutions add *block constraints* (``NodeSpec.blocks``): the channels of their input
+and of their output form ``group`` equal blocks that must each lose the same number of channels.
+A constraint applies to the group that owns the tensor (:attr:`Group.blocks`: one block label
+per group channel, ``-1`` for channels no grouped conv reads). Several constraints on one group
+are merged into their common refinement when it implies all of them; the tensor (or group) is
+frozen ("grouped conv") when a constraint spans several groups, channels outside any group, the
+same channel twice, or constraints that do not merge.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from .spec import (
     R_EXCLUDED,
     R_GRAPH_INPUT,
     R_GRAPH_OUTPUT,
+    R_GROUPED,
     R_NO_HANDLER,
     R_SHARED,
     GraphInfo,
@@ -37,7 +46,7 @@ from .spec import (
     ParamRef,
 )
 
-__all__ = ["Analysis", "Group", "analyze", "graph_info", "node_label"]
+__all__ = ["Analysis", "Group", "analyze", "graph_info", "node_label", "refine_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,8 @@ class Group:
         consumers: Labels of the weight layers that read the group's channels.
         tensors: Tensor -> group channel index of each of its channels (``-1``: another group).
         params: Every constant slice the group touches.
+        blocks: Block label of each group channel under the grouped-conv constraints (``-1``:
+            unconstrained), or ``None`` when no grouped conv constrains the group.
     """
 
     index: int
@@ -80,6 +91,7 @@ class Group:
     consumers: list[str] = field(default_factory=list)
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     params: list[ParamRef] = field(default_factory=list)
+    blocks: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -103,6 +115,7 @@ class Analysis:
         marks: Component id -> ``{reason: [where, ...]}`` for frozen or pinned components.
         groups: The groups, sorted by name.
         unknown_excludes: Names in ``exclude`` that match no node or tensor.
+        comp_blocks: Component id -> block label under the grouped-conv constraints.
     """
 
     graph: gs.Graph
@@ -116,6 +129,7 @@ class Analysis:
     marks: dict[int, dict[str, list[str]]]
     groups: list[Group]
     unknown_excludes: list[str] = field(default_factory=list)
+    comp_blocks: dict[int, int] = field(default_factory=dict)
 
     def slots(self, tensor: str) -> np.ndarray:
         """Slot ids of ``tensor``'s channels."""
@@ -182,6 +196,7 @@ def analyze(graph: gs.Graph, *, protect_io: bool = True, exclude: tuple[str, ...
     unknown = _mark_exclude(graph, exclude, offsets, mark)
     _mark_subgraph_reads(graph, offsets, mark)
     analysis = Analysis(graph, info, specs, offsets, counts, comp, np.full(0, -1), np.full(0, -1), marks, [], unknown)
+    _block_constraints(analysis, mark)
     _mark_shared(analysis, mark)
     _build_groups(analysis)
     return analysis
@@ -261,7 +276,7 @@ def _mark_shared(analysis: Analysis, mark) -> None:
     sig = _signatures(analysis)
 
     def candidates(ref: ParamRef) -> tuple[int, ...]:
-        comps = analysis.comp[analysis.offsets[ref.tensor] + ref.slots]
+        comps = analysis.comp[analysis.offsets[ref.tensor] + ref.slots.reshape(-1)]
         return tuple(int(c) if int(c) in sig and int(c) not in analysis.marks else -1 for c in comps)
 
     for refs in by_const.values():
@@ -273,6 +288,56 @@ def _mark_shared(analysis: Analysis, mark) -> None:
         if len(signatures) > 1:
             for r in refs:
                 mark(r.tensor, r.slots, R_SHARED, const.name)
+
+
+def _block_constraints(analysis: Analysis, mark) -> None:
+    """Turn the specs' block constraints into :attr:`Analysis.comp_blocks` (or freezes)."""
+    sig = _signatures(analysis)
+    per_key: dict[tuple[str, ...], list[dict[int, int]]] = {}
+    for spec in analysis.specs:
+        where = f"{node_label(spec.node)} ({spec.node.op})"
+        for tensor, labels in spec.blocks:
+            if tensor not in analysis.offsets:
+                continue
+            comps = analysis.components(tensor)
+            keys = {tuple(sorted(sig[int(c)])) for c in comps if int(c) in sig}
+            if len(keys) != 1 or any(int(c) not in sig for c in comps) or len(np.unique(comps)) < len(comps):
+                mark(tensor, None, R_GROUPED, where)  # the constraint would span groups: not expressible
+                continue
+            per_key.setdefault(keys.pop(), []).append(dict(zip(comps.tolist(), np.asarray(labels).tolist())))
+    for key, constraints in per_key.items():
+        comps = sorted({c for m in constraints for c in m})
+        stacked = np.array([[m.get(c, -1) for m in constraints] for c in comps], dtype=np.int64)
+        labels = refine_blocks(stacked)
+        if labels is None:
+            members = [c for c, names in sig.items() if tuple(sorted(names)) == key]
+            for c in members:
+                analysis.marks.setdefault(c, {}).setdefault(R_GROUPED, []).append("incompatible grouped convs")
+            continue
+        analysis.comp_blocks.update((c, int(b)) for c, b in zip(comps, labels) if b >= 0)
+
+
+def refine_blocks(stacked: np.ndarray) -> np.ndarray | None:
+    """One block label per channel whose "equal count per block" rule implies every column's.
+
+    Args:
+        stacked: ``[channels, constraints]`` block labels (``-1``: the constraint does not cover it).
+
+    Returns:
+        Labels of the common refinement (``-1``: free), or ``None`` if equal counts per refined
+        block would not give equal counts per block of some constraint (its blocks contain
+        different numbers of refined blocks).
+    """
+    labels = np.full(len(stacked), -1, dtype=np.int64)
+    covered = (stacked >= 0).any(axis=1)
+    if covered.any():
+        _, inverse = np.unique(stacked[covered], axis=0, return_inverse=True)
+        labels[covered] = inverse.reshape(-1)
+    for col in stacked.T:
+        per_block = {len(np.unique(labels[col == b])) for b in np.unique(col[col >= 0])}
+        if len(per_block) > 1:
+            return None
+    return labels
 
 
 def _signatures(analysis: Analysis) -> dict[int, set[str]]:
@@ -319,8 +384,11 @@ def _make_group(analysis: Analysis, index: int, name: str, key: tuple[str, ...],
     frozen = None
     if not removable.any():
         frozen = min(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    blocks = None
+    if any(int(c) in analysis.comp_blocks for c in comps):
+        blocks = np.array([analysis.comp_blocks.get(int(c), -1) for c in comps], dtype=np.int64)
     return Group(index, name, comps, removable, dict(sorted(reasons.items())), frozen, sorted(blockers)[:8],
-                 sorted(labels[t] for t in key), list(key))
+                 sorted(labels[t] for t in key), list(key), blocks=blocks)
 
 
 def _fill_members(analysis: Analysis) -> None:

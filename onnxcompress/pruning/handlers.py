@@ -6,7 +6,10 @@ Every handler takes a node and the graph facts and returns a :class:`~.spec.Node
   (``group == 1``), ``ConvTranspose`` (``group == 1``), ``Gemm`` (``transA == 0``, ``transB``
   respected), ``MatMul`` with a constant 2-D weight and a 2-D input;
 * depthwise ``Conv``/``ConvTranspose`` (``group == Cin``, ``m = Cout / Cin``): input channel ``i``
-  is output channels ``[i*m, (i+1)*m)``; ``group`` is rewritten; other grouped convs freeze;
+  is output channels ``[i*m, (i+1)*m)``; ``group`` is rewritten;
+* grouped ``Conv``/``ConvTranspose`` (``1 < group < Cin``): a weight layer whose input and
+  output channels form ``group`` equal blocks (``NodeSpec.blocks``); each block loses the same
+  count, so ``group`` stays; the input columns are a *blocked* parameter reference;
 * channel-wise pass-through (same channel in and out, per-channel constants sliced):
   BatchNormalization, activations, Clip, PRelu, Add/Sub/Mul/Div/Pow/Max/Min with a constant,
   pools, Pad (no channel padding), Resize/Upsample (channel scale 1; ``sizes`` rewritten),
@@ -36,7 +39,6 @@ from .spec import (
     CHANNEL_AXIS,
     R_BROADCAST,
     R_CONTROL_FLOW,
-    R_GROUPED,
     R_MISMATCH,
     R_MOVES_AXIS,
     R_NO_HANDLER,
@@ -58,7 +60,7 @@ from .spec import (
     RewriteContext,
 )
 
-__all__ = ["HANDLERS", "Handler", "channel_vector", "handle"]
+__all__ = ["HANDLERS", "Handler", "channel_vector", "handle", "has_padding"]
 
 log = logging.getLogger(__name__)
 
@@ -977,7 +979,7 @@ def _conv(node: gs.Node, g: GraphInfo) -> NodeSpec:
         return _dense(spec, "conv", 1, 0, (2, 0) if b is not None else None, bias_vec)
     if group == cin and cout % cin == 0:
         return _depthwise(spec, w, b, cout // cin, transpose=False)
-    return _frozen_layer(spec, R_GROUPED)
+    return _grouped(spec, b, group, transpose=False)
 
 
 def _conv_transpose(node: gs.Node, g: GraphInfo) -> NodeSpec:
@@ -995,7 +997,39 @@ def _conv_transpose(node: gs.Node, g: GraphInfo) -> NodeSpec:
         return _dense(spec, "convtranspose", 0, 1, (2, 0) if b is not None else None, bias_vec)
     if group == cin:
         return _depthwise(spec, w, b, cout // cin, transpose=True)
-    return _frozen_layer(spec, R_GROUPED)
+    return _grouped(spec, b, group, transpose=True)
+
+
+def _grouped(spec: NodeSpec, b: np.ndarray | None, g: int, transpose: bool) -> NodeSpec:
+    """``1 < group < Cin``: output channels are a source, both sides split into ``g`` blocks.
+
+    Conv weight ``[g*co, ci, k..]``: rows follow the output channels, the ``ci`` columns of
+    block ``b`` read input channels ``[b*ci, (b+1)*ci)``. ConvTranspose weight ``[g*ci, co, k..]``:
+    the other way round. Every block of the input and of the output loses the same count, so
+    ``group`` stays valid and unchanged.
+    """
+    node = spec.node
+    x, y = node.inputs[0], node.outputs[0]
+    cin, cout = spec.info.channels(x), spec.info.channels(y)
+    if cin % g or cout % g:
+        return _frozen_layer(spec, R_UNSUPPORTED)
+    ci, co = cin // g, cout // g
+    spec.sources.append(y.name)
+    spec.touched.update({x.name, y.name})
+    if transpose:
+        spec.param(1, 0, x, ROLE_W_IN)
+        spec.blocked_param(1, 1, 0, y, ROLE_W_OUT, np.arange(cout).reshape(g, co))
+    else:
+        spec.param(1, 0, y, ROLE_W_OUT)
+        spec.blocked_param(1, 1, 0, x, ROLE_W_IN, np.arange(cin).reshape(g, ci))
+    if b is not None:
+        spec.param(2, 0, y, ROLE_B_OUT)
+    spec.blocks += [(x.name, np.repeat(np.arange(g), ci)), (y.name, np.repeat(np.arange(g), co))]
+    kind, (in_axis, out_axis) = ("convtranspose", (0, 1)) if transpose else ("conv", (1, 0))
+    spec.layer = Layer(node, kind, x.name, y.name, in_axis, out_axis, groups=g)
+    vec = np.zeros(cout) if b is None else b.astype(np.float64)
+    spec.const_fn = lambda get: {y.name: vec}
+    return spec
 
 
 def _depthwise(spec: NodeSpec, w: np.ndarray, b: np.ndarray | None, m: int, transpose: bool) -> NodeSpec:
@@ -1012,12 +1046,20 @@ def _depthwise(spec: NodeSpec, w: np.ndarray, b: np.ndarray | None, m: int, tran
         sums = sums / float(np.prod(node.attrs.get("strides", [1])))
     bias = np.zeros(cin * m) if b is None else b.astype(np.float64)
     spec.const_fn = lambda get: {y.name: np.repeat(get(x.name), m) * sums + bias}
+    spec.const_border = transpose or has_padding(node)
 
     def rewrite(ctx: RewriteContext) -> None:
         node.attrs["group"] = ctx.count(x.name)
 
     spec.rewrite = rewrite
     return spec
+
+
+def has_padding(node: gs.Node) -> bool:
+    """Whether a Conv pads its input (explicit pads or a SAME ``auto_pad``)."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in node.attrs.get("pads", []))
 
 
 def _gemm(node: gs.Node, g: GraphInfo) -> NodeSpec:

@@ -10,6 +10,9 @@ Criteria:
       falls back to ``l1`` and is reported.
     * ``activation``: mean ``|x|`` per channel over calibration data, for the tensors the
       group's consumers read (or the producers' outputs when nothing reads them).
+    * ``auto``: ``bn_scale`` for every group that has a BatchNormalization (or kept gammas),
+      ``l1`` for the others -- the same scores as ``bn_scale``, but the ``l1`` groups are the
+      expected case, not a fallback (:attr:`Scores.used` counts both).
 
 :func:`normalize` divides each group's scores by their mean, which makes scores of different
 groups comparable for a global ranking.
@@ -33,7 +36,7 @@ __all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "normalize", 
 log = logging.getLogger(__name__)
 
 #: Valid ``criterion`` values.
-CRITERIA = ("l1", "l2", "bn_scale", "activation")
+CRITERIA = ("auto", "l1", "l2", "bn_scale", "activation")
 
 
 @dataclass
@@ -42,11 +45,18 @@ class Scores:
 
     Attributes:
         values: Group index -> scores.
-        fallbacks: Names of groups scored with ``l1`` because the criterion had nothing to use.
+        fallbacks: Names of groups scored with ``l1`` because ``bn_scale`` had nothing to use.
+        used: Criterion actually used -> number of groups scored with it.
     """
 
     values: dict[int, np.ndarray] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
+    used: dict[str, int] = field(default_factory=dict)
+
+    def record(self, index: int, values: np.ndarray, criterion: str) -> None:
+        """Store one group's scores and count the criterion used."""
+        self.values[index] = values
+        self.used[criterion] = self.used.get(criterion, 0) + 1
 
 
 def _accumulate(group: Group, ref: ParamRef, per_position: np.ndarray, out: np.ndarray) -> None:
@@ -59,12 +69,6 @@ def _accumulate(group: Group, ref: ParamRef, per_position: np.ndarray, out: np.n
     np.add.at(out, idx[ok], per_position[ok])
 
 
-def _position_norms(ref: ParamRef, power: int) -> np.ndarray:
-    values = np.asarray(ref.constant.values, dtype=np.float64)
-    flat = np.moveaxis(values, ref.axis, 0).reshape(values.shape[ref.axis], -1)
-    return np.abs(flat).sum(axis=1) if power == 1 else np.square(flat).sum(axis=1)
-
-
 def weight_scores(group: Group, norm: str = "l1", include_inputs: bool = False) -> np.ndarray:
     """``l1`` or ``l2`` norms of the group's producer filters (and consumer columns)."""
     power = 1 if norm == "l1" else 2
@@ -72,7 +76,7 @@ def weight_scores(group: Group, norm: str = "l1", include_inputs: bool = False) 
     out = np.zeros(group.size)
     for ref in group.params:
         if ref.role in roles:
-            _accumulate(group, ref, _position_norms(ref, power), out)
+            _accumulate(group, ref, ref.norms(power), out)
     return out if power == 1 else np.sqrt(out)
 
 
@@ -157,17 +161,20 @@ def score_groups(analysis: Analysis, criterion: str, *, calib: Any = None, gamma
     groups = [g for g in analysis.groups if g.frozen is None]
     scores = Scores()
     if criterion == "activation":
-        scores.values = activation_scores(analysis, groups, calib, progress=progress)
+        for index, values in activation_scores(analysis, groups, calib, progress=progress).items():
+            scores.record(index, values, criterion)
         return scores
     for g in groups:
-        if criterion == "bn_scale":
+        if criterion in ("bn_scale", "auto"):
             found = bn_scores(g, gammas)
             if found is not None:
-                scores.values[g.index] = found
+                scores.record(g.index, found, "bn_scale")
                 continue
-            scores.fallbacks.append(g.name)
-            log.debug("prune_channels: group %s has no BatchNormalization; scoring it with l1", g.name)
-        scores.values[g.index] = weight_scores(g, "l2" if criterion == "l2" else "l1", include_inputs)
+            if criterion == "bn_scale":
+                scores.fallbacks.append(g.name)
+                log.debug("prune_channels: group %s has no BatchNormalization; scoring it with l1", g.name)
+        norm = "l2" if criterion == "l2" else "l1"
+        scores.record(g.index, weight_scores(g, norm, include_inputs), norm)
     return scores
 
 

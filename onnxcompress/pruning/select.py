@@ -4,8 +4,18 @@ Constraints, always: a group keeps at least one channel and at most ``max_group_
 goes; only removable channels (no freeze, no pin) are candidates; when a group has at least
 ``round_to`` channels its kept count is a multiple of ``round_to`` (rounded to the nearest
 multiple, never below ``round_to``); smaller groups are left alone. Finally no tensor may lose
-all its channels (a Split or Slice output that only reads removed channels gets one back).
+all its channels (a Split or Slice output that only reads removed channels gets one back, and
+in a block-constrained group every other block gets one back too).
 Ties are broken by a permutation seeded with ``seed``, so the choice is deterministic.
+
+Groups read or written by grouped convs (:attr:`~.dependency.Group.blocks`) lose the same number
+``k`` of channels from every block: within each block the ``k`` least important removable
+channels go (channels outside any block: the same fraction, by score, not rounded). ``k``
+follows the group's target fraction of the smallest block, capped so that every block keeps at
+least one channel. ``round_to`` then applies per block (each block keeps a multiple of it) if
+some ``k > 0`` allows that, else to the blocks' total kept count; when no ``k > 0`` satisfies
+either, ``round_to`` is relaxed for that group (:attr:`Plan.relaxed`, logged), though the blocks
+still keep at least ``round_to`` channels in total.
 """
 
 from __future__ import annotations
@@ -50,11 +60,13 @@ class Plan:
         remove: Group index -> channels to remove.
         skipped_small: Names of groups left alone because they have fewer than ``round_to`` channels.
         restored: Channels given back so that no tensor ends up empty.
+        relaxed: Names of block-constrained groups pruned without ``round_to`` (no block count fits it).
     """
 
     remove: dict[int, np.ndarray] = field(default_factory=dict)
     skipped_small: list[str] = field(default_factory=list)
     restored: int = 0
+    relaxed: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -108,7 +120,7 @@ def _eligible(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budget,
 
 
 def _global_counts(groups: list[Group], scores: dict[int, np.ndarray], budget: Budget) -> dict[int, int]:
-    """Greedy: the globally least important channels, within each group's cap, then rounded."""
+    """Greedy: the globally least important channels, within each group's cap (not yet rounded)."""
     target = math.floor(budget.ratio * sum(g.size for g in groups) + 0.5)
     raw_caps = {g.index: min(math.floor(budget.max_group_ratio * g.size + 1e-9), g.size - 1,
                              int(g.removable.sum())) for g in groups}
@@ -125,8 +137,40 @@ def _global_counts(groups: list[Group], scores: dict[int, np.ndarray], budget: B
         if counts[index] < raw_caps[index]:
             counts[index] += 1
             taken += 1
-    by_index = {g.index: g for g in groups}
-    return {i: _count(by_index[i], n, budget) for i, n in counts.items()}
+    return counts
+
+
+def _block_count(target: float, sizes: np.ndarray, cap: int, round_to: int) -> tuple[int, bool]:
+    """``(k, relaxed)``: channels per block, nearest to ``target`` among the ``round_to``-valid ones."""
+    floor_kept = min(round_to, int(sizes.sum()))  # like plain groups: never below round_to
+    candidates = [k for k in range(cap + 1) if int((sizes - k).sum()) >= floor_kept]
+    if round_to <= 1:
+        return min(candidates, key=lambda c: (abs(c - target), c)), False
+    rules = (lambda k: all((s - k) % round_to == 0 and s - k >= round_to for s in sizes),  # per block
+             lambda k: int((sizes - k).sum()) % round_to == 0)  # the blocks' total
+    for rule in rules:
+        valid = [k for k in candidates[1:] if rule(k)]
+        if valid:
+            return min([0, *valid], key=lambda c: (abs(c - target), c)), False
+    k = min(candidates, key=lambda c: (abs(c - target), c))
+    return k, k > 0
+
+
+def _blocked_choice(group: Group, scores: np.ndarray, want: int, budget: Budget) -> tuple[np.ndarray, bool]:
+    """``(channels to remove, round_to relaxed)`` for a group with block constraints."""
+    labels = group.blocks
+    order = _order(group, scores, budget.seed)
+    frac = want / group.size
+    blocks = np.unique(labels[labels >= 0])
+    sizes = np.array([int(np.sum(labels == b)) for b in blocks])
+    cap = min(min(math.floor(budget.max_group_ratio * s + 1e-9), s - 1, int(np.sum(group.removable & (labels == b))))
+              for b, s in zip(blocks, sizes))
+    k, relaxed = _block_count(frac * sizes.min(), sizes, max(cap, 0), budget.round_to)
+    chosen = [order[labels[order] == b][:k] for b in blocks]
+    free = order[labels[order] < 0]
+    n_free = int(np.sum(labels < 0))
+    chosen.append(free[:min(math.floor(frac * n_free + 0.5), math.floor(budget.max_group_ratio * n_free + 1e-9))])
+    return np.sort(np.concatenate(chosen)).astype(np.int64), relaxed
 
 
 def plan_removal(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budget) -> Plan:
@@ -140,13 +184,21 @@ def plan_removal(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budg
     plan = Plan()
     groups = _eligible(analysis, scores, budget, plan)
     if budget.scope == "global":
-        counts = _global_counts(groups, scores, budget)
+        wants = _global_counts(groups, scores, budget)
     else:
-        counts = {g.index: _count(g, math.floor(budget.ratio * g.size + 0.5), budget) for g in groups}
+        wants = {g.index: math.floor(budget.ratio * g.size + 0.5) for g in groups}
     for g in groups:
-        n = counts.get(g.index, 0)
-        if n > 0:
-            plan.remove[g.index] = np.sort(_order(g, scores[g.index], budget.seed)[:n])
+        if g.blocks is not None:
+            chosen, relaxed = _blocked_choice(g, scores[g.index], wants.get(g.index, 0), budget)
+            if relaxed:
+                plan.relaxed.append(g.name)
+                log.info("prune_channels: group %s: round_to=%d relaxed (its grouped-conv blocks allow no "
+                         "multiple)", g.name, budget.round_to)
+        else:
+            n = _count(g, wants.get(g.index, 0), budget)
+            chosen = np.sort(_order(g, scores[g.index], budget.seed)[:n])
+        if len(chosen):
+            plan.remove[g.index] = chosen
     plan.restored = _keep_tensors_nonempty(analysis, plan, scores)
     return plan
 
@@ -163,8 +215,24 @@ def _keep_tensors_nonempty(analysis: Analysis, plan: Plan, scores: dict[int, np.
             continue
         best = max(comps, key=lambda c: (scores[analysis.comp_group[c]][analysis.comp_local[c]], -c))
         gi, local = int(analysis.comp_group[best]), int(analysis.comp_local[best])
-        plan.remove[gi] = plan.remove[gi][plan.remove[gi] != local]
-        removed[best] = False
-        restored += 1
+        back = _give_back(analysis.groups[gi], plan.remove[gi], local, scores[gi])
+        plan.remove[gi] = np.setdiff1d(plan.remove[gi], back)
+        removed[analysis.groups[gi].comps[back]] = False
+        restored += len(back)
         log.debug("prune_channels: kept one channel of %s so that it is not empty", name)
     return restored
+
+
+def _give_back(group: Group, removed: np.ndarray, local: int, scores: np.ndarray) -> np.ndarray:
+    """``local``, plus (block-constrained groups) the best removed channel of every other block."""
+    labels = group.blocks
+    if labels is None or labels[local] < 0:
+        return np.asarray([local], dtype=np.int64)
+    back = [local]
+    for b in np.unique(labels[labels >= 0]):
+        if b == labels[local]:
+            continue
+        mine = removed[labels[removed] == b]
+        if len(mine):
+            back.append(int(mine[np.lexsort((-mine, scores[mine]))[-1]]))
+    return np.asarray(back, dtype=np.int64)

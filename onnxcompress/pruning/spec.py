@@ -97,13 +97,21 @@ def slug(reason: str) -> str:
 class ParamRef:
     """Axis ``axis`` of constant input ``index`` of ``node`` follows the channels of ``tensor``.
 
+    A *blocked* reference (``block_axis`` set; grouped convolutions) splits the constant into
+    ``len(slots)`` equal blocks along ``block_axis``; in block ``b``, position ``p`` along
+    ``axis`` is channel ``slots[b, p]`` (a grouped Conv weight ``[g*co, ci, k, k]``: the
+    ``ci`` columns of block ``b`` read input channels ``b*ci .. b*ci+ci-1``). Every block must
+    lose the same number of positions (the selection guarantees it).
+
     Attributes:
         node: The node that reads the constant.
         index: Input index of the constant.
         axis: Axis of the constant (non-negative).
         tensor: The channel tensor that axis follows.
-        slots: For each position along ``axis``, the channel of ``tensor`` it belongs to.
+        slots: For each position along ``axis``, the channel of ``tensor`` it belongs to
+            (``[blocks, positions]`` for a blocked reference).
         role: One of the ``ROLE_*`` tags.
+        block_axis: The axis split into blocks, or ``None``.
     """
 
     node: gs.Node
@@ -112,11 +120,56 @@ class ParamRef:
     tensor: str
     slots: np.ndarray
     role: str
+    block_axis: int | None = None
 
     @property
     def constant(self) -> gs.Constant:
         """The constant this reference slices."""
         return self.node.inputs[self.index]
+
+    def _blocks(self, values: np.ndarray) -> list[np.ndarray]:
+        return np.split(values, len(self.slots), axis=self.block_axis)
+
+    def norms(self, power: int) -> np.ndarray:
+        """Sum of ``|v|**power`` over everything but ``axis``, per position (shaped like ``slots``)."""
+        values = np.asarray(self.constant.values, dtype=np.float64)
+        parts = [values] if self.block_axis is None else self._blocks(values)
+        out = []
+        for part in parts:
+            flat = np.abs(np.moveaxis(part, self.axis, 0).reshape(part.shape[self.axis], -1)) ** power
+            out.append(flat.sum(axis=1))
+        return out[0] if self.block_axis is None else np.stack(out)
+
+    def take(self, values: np.ndarray, keep: np.ndarray) -> np.ndarray | None:
+        """``values`` without the positions where ``keep`` (shaped like ``slots``) is False;
+        ``None`` when nothing goes.
+
+        Raises:
+            ValueError: A blocked reference whose blocks would keep different counts.
+        """
+        keep = np.asarray(keep, dtype=bool)
+        if keep.all():
+            return None
+        if self.block_axis is None:
+            return np.take(values, np.flatnonzero(keep), axis=self.axis)
+        counts = keep.sum(axis=1)
+        if len(set(counts.tolist())) != 1:
+            raise ValueError(f"{self.constant.name}: blocks keep different counts {counts.tolist()}")
+        parts = [np.take(part, np.flatnonzero(k), axis=self.axis) for part, k in zip(self._blocks(values), keep)]
+        return np.concatenate(parts, axis=self.block_axis)
+
+    def zero(self, values: np.ndarray, gone: np.ndarray) -> np.ndarray | None:
+        """A copy of ``values`` with the positions where ``gone`` is True set to 0 (``None``: none)."""
+        gone = np.asarray(gone, dtype=bool)
+        if not gone.any():
+            return None
+        out = np.array(values, copy=True)
+        parts = [out] if self.block_axis is None else self._blocks(out)  # views into ``out``
+        for part, g in zip(parts, [gone] if self.block_axis is None else gone):
+            index = [slice(None)] * part.ndim
+            index[self.axis] = np.flatnonzero(g)
+            part[tuple(index)] = 0
+        return out
 
 
 @dataclass(eq=False)
@@ -130,6 +183,7 @@ class Layer:
         out: Name of the output.
         in_axis: Axis of the weight that follows the input channels.
         out_axis: Axis of the weight that follows the output channels.
+        groups: ``group`` of a grouped (not depthwise) Conv/ConvTranspose, else 1.
     """
 
     node: gs.Node
@@ -138,6 +192,7 @@ class Layer:
     out: str
     in_axis: int
     out_axis: int
+    groups: int = 1
 
 
 @dataclass
@@ -217,7 +272,13 @@ class NodeSpec:
         layer: Set for weight layers (compensation, reconstruction).
         const_fn: Value of every output channel when the input channels are constants (and
             sources output their bias): ``const_fn(values_of) -> {output name: per-channel}``.
+        const_border: ``const_fn`` holds only away from the spatial borders when a removed input
+            channel's constant is non-zero (a padded depthwise conv, a depthwise ConvTranspose);
+            compensation downstream is then reported approximate.
         rewrite: Edits the node's non-parameter inputs/attributes after pruning.
+        blocks: ``(tensor, block of each channel)``: the channels of ``tensor`` form equal blocks
+            (a grouped conv's input or output) and every block must lose as many channels as
+            every other one.
     """
 
     node: gs.Node
@@ -230,7 +291,9 @@ class NodeSpec:
     touched: set[str] = field(default_factory=set)
     layer: Layer | None = None
     const_fn: ConstFn | None = None
+    const_border: bool = False
     rewrite: Callable[[RewriteContext], None] | None = None
+    blocks: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
     def tensors(self) -> list[gs.Tensor]:
         """The node's named non-constant inputs and outputs."""
@@ -272,3 +335,9 @@ class NodeSpec:
         n = values.shape[axis]
         slots = np.arange(n) if slots is None else np.asarray(slots, np.int64)
         self.params.append(ParamRef(self.node, index, axis, tensor.name, slots, role))
+
+    def blocked_param(self, index: int, axis: int, block_axis: int, tensor: gs.Tensor, role: str,
+                      slots: np.ndarray) -> None:
+        """Like :meth:`param` for a constant split into ``len(slots)`` blocks along ``block_axis``."""
+        self.params.append(ParamRef(self.node, index, axis, tensor.name, np.asarray(slots, np.int64), role,
+                                    block_axis))

@@ -285,3 +285,56 @@ def test_fixture_models(path):
     print(f"{path.stem}: groups {stats['groups_found']} pruned {stats['groups_pruned']} frozen {stats['groups_frozen']} "
           f"{ {k: v for k, v in stats.items() if k.startswith('groups_frozen_')} } params "
           f"{stats['params_before']} -> {stats['params_after']}{acc}")
+
+
+# ---------------------------------------------------------------- grouped convs
+
+
+def resnext(seed: int = 0, group: int = 4) -> onnx.ModelProto:
+    """A ResNeXt bottleneck: 1x1 (32) -> BN -> relu -> 3x3 grouped (32) -> BN -> relu -> 1x1 (16), plus
+    a 1x1 projection of the block input, added, relu, 1x1 head."""
+    rng = np.random.default_rng(seed)
+    nodes = [node("Conv", ["x", "w0", "b0"], "stem"), node("Relu", ["stem"], "sr"),
+             node("Conv", ["sr", "w1"], "a"), bn_node("a", "an", "bn1"), node("Relu", ["an"], "ar"),
+             node("Conv", ["ar", "wg"], "g", group=group, pads=[1, 1, 1, 1]), bn_node("g", "gn", "bn2"),
+             node("Relu", ["gn"], "gr"), node("Conv", ["gr", "w3"], "c"), bn_node("c", "cn", "bn3"),
+             node("Conv", ["sr", "wp", "bp"], "p"), node("Add", ["cn", "p"], "s"), node("Relu", ["s"], "so"),
+             node("Conv", ["so", "wh", "bh"], "y")]
+    inits = {"w0": w(rng, 16, 3, 3, 3), "b0": w(rng, 16), "w1": w(rng, 32, 16, 1, 1), "wg": w(rng, 32, 32 // group, 3, 3),
+             "w3": w(rng, 16, 32, 1, 1), "wp": w(rng, 16, 16, 1, 1), "bp": w(rng, 16), "wh": w(rng, 4, 16, 1, 1),
+             "bh": w(rng, 4), **bn(rng, "bn1", 32), **bn(rng, "bn2", 32), **bn(rng, "bn3", 16)}
+    return make_model(nodes, X, ["y"], inits)
+
+
+def conv_group(model: onnx.ModelProto, name: str) -> tuple[tuple[int, ...], int]:
+    n = next(n for n in model.graph.node if n.name == name)
+    return weight_shapes(model)[name], next((a.i for a in n.attribute if a.name == "group"), 1)
+
+
+def test_grouped_conv_pruned_with_round_to_and_reconstructed():
+    model = resnext()
+    ctx = PassContext(calib=RandomSource(input_specs(model), count=16, seed=0))
+    new, result = prune(model, "prune_channels:ratio=0.5", ctx)  # round_to=8: 4 blocks of 8 keep 4 each
+    assert conv_group(new, "g") == ((16, 4, 3, 3), 4)
+    assert result.stats["groups_frozen"] == 1 and "groups_round_to_relaxed" not in result.stats
+    assert result.stats["criterion_bn_scale"] >= 2  # auto: every group here has a BN but the head
+    assert result.stats["reconstructed_layers"] >= 3  # g, c and the head read removed channels
+    assert result.stats["reconstruct_error_after"] < result.stats["reconstruct_error_before"]
+    again, _ = prune(model, "prune_channels:ratio=0.5", ctx)
+    assert again.SerializeToString() == new.SerializeToString()
+
+
+def test_grouped_round_to_relaxed_is_reported():
+    new, result = prune(resnext(group=8), "prune_channels:ratio=0.5:round_to=10:reconstruct=false")
+    # a and g: 8 blocks of 4 keep 24, 16 or 8 (< 10): no multiple of 10, relaxed to 2 per block
+    assert result.stats["groups_round_to_relaxed"] == 2
+    shape, group = conv_group(new, "g")
+    assert group == 8 and shape[1] == 2 and shape[0] % 8 == 0
+
+
+def test_grouped_conv_with_non_constant_weight_freezes():
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "wg"], "y", group=2)]
+    model = make_model(nodes, {**X, "wg": [8, 4, 1, 1]}, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8)})
+    _, result = prune(model, "prune_channels:round_to=1")
+    assert ("a", "non-constant weight") in result.declined and not result.modified

@@ -212,12 +212,67 @@ def depthwise(m: int):
     return build
 
 
-def grouped(rng):
+def grouped(g: int):
+    """A grouped 3x3 conv (no padding: the fold of removed inputs is exact) between two convs:
+    its input blocks come from ``a``, its output blocks are its own group."""
+    def build(rng):
+        nodes = [node("Conv", ["x", "w1", "b1"], "a"), bn_node("a", "an", "bn1"), node("Relu", ["an"], "ar"),
+                 node("Conv", ["ar", "wg", "bg"], "g", group=g), node("Relu", ["g"], "gr"),
+                 node("Conv", ["gr", "w2", "b2"], "h"), node("Relu", ["h"], "hr"), node("Conv", ["hr", "w3"], "y")]
+        inits = {"w1": w(rng, 16, 3, 1, 1), "b1": w(rng, 16), "wg": w(rng, 8, 16 // g, 3, 3), "bg": w(rng, 8),
+                 "w2": w(rng, 8, 8, 1, 1), "b2": w(rng, 8), "w3": w(rng, 4, 8, 1, 1), **bn(rng, "bn1", 16)}
+        return Case(make_model(nodes, X, ["y"], inits), pruned_groups=3)
+    return build
+
+
+def grouped_fed_by_pruned_conv(rng):
+    """Only the input side: the grouped conv's own output is a graph output (protected)."""
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
-             node("Conv", ["ar", "wg", "bg"], "g", group=2), node("Relu", ["g"], "gr"),
-             node("Conv", ["gr", "w2", "b2"], "h"), node("Relu", ["h"], "hr"), node("Conv", ["hr", "w3"], "y")]
-    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "wg": w(rng, 8, 4, 1, 1), "bg": w(rng, 8),
-             "w2": w(rng, 8, 8, 1, 1), "b2": w(rng, 8), "w3": w(rng, 4, 8, 1, 1)}
+             node("Conv", ["ar", "wg", "bg"], "y", group=2)]
+    inits = {"w1": w(rng, 8, 3, 3, 3), "b1": w(rng, 8), "wg": w(rng, 6, 4, 1, 1), "bg": w(rng, 6)}
+    return Case(make_model(nodes, X, ["y"], inits), frozen={"graph output"})
+
+
+def grouped_residual(rng):
+    """``relu(bn(gconv(r)) + r)``: the stream's blocks are the grouped conv's input and output.
+    Padded 3x3, so the stream's removed channels read as 0 (relu of a negative bias) for an
+    exact fold."""
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "r"),
+             node("Conv", ["r", "wg", "bg"], "g", group=4, pads=[1, 1, 1, 1]), bn_node("g", "gb", "bn"),
+             node("Add", ["gb", "r"], "s"), node("Relu", ["s"], "sr"), node("Conv", ["sr", "w3", "b3"], "y")]
+    inits = {"w1": w(rng, 16, 3, 1, 1), "b1": -np.abs(w(rng, 16)) - 0.1, "wg": w(rng, 16, 4, 3, 3), "bg": w(rng, 16),
+             "w3": w(rng, 4, 16, 1, 1), "b3": w(rng, 4), **bn(rng, "bn", 16)}
+    return Case(make_model(nodes, X, ["y"], inits))
+
+
+def grouped_and_dense_readers(rng):
+    """``a`` is read by a grouped conv (g=4) and by a dense conv; their outputs are added, so the
+    sum's group takes the grouped conv's output blocks; ``a``'s group its input blocks."""
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
+             node("Conv", ["ar", "wg", "bg"], "g", group=4), node("Conv", ["ar", "wd", "bd"], "d"),
+             node("Add", ["g", "d"], "s"), node("Sigmoid", ["s"], "ss"), node("Conv", ["ss", "w3", "b3"], "y")]
+    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "wg": w(rng, 12, 2, 1, 1), "bg": w(rng, 12),
+             "wd": w(rng, 12, 8, 1, 1), "bd": w(rng, 12), "w3": w(rng, 4, 12, 1, 1), "b3": w(rng, 4)}
+    return Case(make_model(nodes, X, ["y"], inits), pruned_groups=2)
+
+
+def grouped_transpose(rng):
+    """ConvTranspose group=2: input rows sliced, output columns sliced per block."""
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
+             node("ConvTranspose", ["ar", "wt", "bt"], "t", group=2, strides=[2, 2]), node("Relu", ["t"], "tr"),
+             node("Conv", ["tr", "w3", "b3"], "y")]
+    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": -np.abs(w(rng, 8)) - 0.1, "wt": w(rng, 8, 3, 2, 2), "bt": w(rng, 6),
+             "w3": w(rng, 4, 6, 1, 1), "b3": w(rng, 4)}
+    return Case(make_model(nodes, X, ["y"], inits), pruned_groups=2)
+
+
+def grouped_across_concat(rng):
+    """A grouped conv whose blocks span two producers' channels: not expressible, frozen."""
+    nodes = [node("Conv", ["x", "wa", "ba"], "a"), node("Conv", ["x", "wb", "bb"], "b"),
+             node("Concat", ["a", "b"], "c", axis=1), node("Conv", ["c", "wg", "bg"], "g", group=2),
+             node("Relu", ["g"], "gr"), node("Conv", ["gr", "w3", "b3"], "y")]
+    inits = {"wa": w(rng, 6, 3, 1, 1), "ba": w(rng, 6), "wb": w(rng, 2, 3, 1, 1), "bb": w(rng, 2),
+             "wg": w(rng, 8, 4, 1, 1), "bg": w(rng, 8), "w3": w(rng, 4, 8, 1, 1), "b3": w(rng, 4)}
     return Case(make_model(nodes, X, ["y"], inits), frozen={"grouped conv"})
 
 
@@ -371,7 +426,13 @@ CASES: dict[str, Callable[[np.random.Generator], Case]] = {
     "slice": slice_case,
     "depthwise_m1": depthwise(1),
     "depthwise_m2": depthwise(2),
-    "grouped": grouped,
+    "grouped_g2": grouped(2),
+    "grouped_g4": grouped(4),
+    "grouped_fed_by_pruned_conv": grouped_fed_by_pruned_conv,
+    "grouped_residual": grouped_residual,
+    "grouped_and_dense_readers": grouped_and_dense_readers,
+    "grouped_transpose": grouped_transpose,
+    "grouped_across_concat": grouped_across_concat,
     "se_block": se_block,
     "flatten_gemm": flatten_gemm,
     "reshape_matmul": reshape_matmul,

@@ -208,3 +208,23 @@ def test_mask_channels_keeps_shapes():
     graph.cleanup()
     masked = serde.to_model(graph, model)
     assert conv_weights(masked) == conv_weights(model)
+
+
+def test_padded_depthwise_of_a_removed_constant_is_reported_approximate():
+    """A removed channel's non-zero constant through a padded depthwise conv is constant only off
+    the border: the downstream fold is reported approximate (a zero constant stays exact)."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
+             node("Conv", ["ar", "wd", "bd"], "d", group=8, pads=[1, 1, 1, 1]),
+             node("GlobalAveragePool", ["d"], "g"), node("Flatten", ["g"], "f"),
+             node("Gemm", ["f", "wf", "bf"], "y", transB=1)]
+    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": np.abs(w(rng, 8)) + 0.5, "wd": w(rng, 8, 1, 3, 3), "bd": w(rng, 8),
+             "wf": w(rng, 5, 8), "bf": w(rng, 5)}
+    *_, report = prune(make_model(nodes, X, ["y"], inits), {0: np.array([2, 5])})
+    assert report.compensated == report.approximate == 1
+    inits["b1"] = -inits["b1"]  # relu(negative bias) = 0: the depthwise output is its bias everywhere
+    model = make_model(nodes, X, ["y"], inits)
+    pruned, _, remove, report = prune(model, {0: np.array([2, 5])})
+    assert report.compensated == 1 and report.approximate == 0
+    err, scale = max_err(zeroed(model, remove), pruned, random_feeds(model))
+    assert err <= 1e-5 * max(1.0, scale)

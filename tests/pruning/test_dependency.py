@@ -211,11 +211,17 @@ def test_unknown_channel_dim_freezes():
     assert by_name(groups_of(model))["a"].frozen == "unknown channel dim"
 
 
-def test_grouped_conv_freezes_its_input_and_output_groups():
-    a = groups_of(build("grouped"))
-    groups = by_name(a)
-    assert groups["a"].frozen == groups["g"].frozen == "grouped conv"
-    assert groups["h"].frozen is None
+def test_grouped_conv_blocks_its_input_and_output_groups():
+    groups = by_name(groups_of(build("grouped_g4")))
+    assert groups["a"].frozen is None and groups["g"].frozen is None and groups["h"].blocks is None
+    assert groups["a"].blocks.tolist() == np.repeat(np.arange(4), 4).tolist()  # 16 inputs, group=4
+    assert groups["g"].blocks.tolist() == np.repeat(np.arange(4), 2).tolist()  # 8 outputs
+
+
+def test_grouped_conv_spanning_two_producers_freezes_them():
+    groups = by_name(groups_of(build("grouped_across_concat")))
+    assert groups["a"].frozen == groups["b"].frozen == "grouped conv"
+    assert groups["g"].frozen is None
 
 
 def test_exclude_by_node_and_tensor_name():
