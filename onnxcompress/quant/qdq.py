@@ -13,10 +13,17 @@ kind                        ops                                    onnxruntime C
 ``variadic``                Concat                                 QLinearConcat
 ``unary``                   AveragePool, GlobalAveragePool         QLinearAveragePool,
                                                                    QLinearGlobalAveragePool
-``passthrough``             MaxPool, Resize, Reshape, Flatten,     the op runs on uint8; its
-                            Transpose, Squeeze, Unsqueeze, Split   DQ/Q pairs are dropped
+``passthrough``             MaxPool, Resize (``nearest`` only),    the op runs on uint8; its
+                            Reshape, Flatten, Transpose, Squeeze,  DQ/Q pairs are dropped
+                            Unsqueeze, Split
+``lut``                     LeakyRelu, Sigmoid, Softmax            QLinearLeakyRelu,
+                                                                   QLinearSigmoid, QLinearSoftmax
 ``weights``                 ConvTranspose                          float op, int8 weight + DQ
 ==========================  =====================================  ==============================
+
+Checked on onnxruntime 1.32 (CPU, x86) by counting the Q/DQ left in its optimized graph: a linear
+or cubic Resize, HardSigmoid, Tanh, HardSwish and Gelu keep their Q/DQ pair (float compute), so
+they are not in the table and stay float.
 
 Rules:
 
@@ -42,6 +49,21 @@ Rules:
    with ``scale = s_in * s_w`` and zero point 0 (Gemm ``beta`` is folded into the bias).
    A weight shared by several nodes is quantized once (per axis and scale) and never edited in
    place; constant operands of Add/Mul/Concat are quantized per tensor like activations.
+6. ``lut`` ops (onnxruntime runs them as 256-entry lookup tables) are quantized, like
+   passthrough ops, only when their input is quantized anyway; their output gets its own
+   calibrated parameters. Between two quantized ops onnxruntime would fuse them anyway; the
+   rule also lets a following MaxPool/Reshape run on integers.
+7. A Shape/Size that reads a quantized tensor reads its QuantizeLinear output (same shape), not
+   the DequantizeLinear, which would otherwise be kept just to be measured.
+8. Symmetric (int8) activations: a tensor read by several nodes is stored as uint8 with zero
+   point ``z + 128`` (the same values bit for bit, see :func:`fanout_uint8`): onnxruntime's x86
+   CPU provider fuses only uint8 activations and converts an int8 ``Q -> DQ`` pair only when the
+   Q has a single reader, which a shared tensor no longer has once each reader gets its own DQ.
+9. A model that already holds quantization ops (QuantizeLinear, ConvInteger,
+   DynamicQuantizeLinear, ...) is left alone (``model already quantized``).
+10. A Concat whose output is only a graph output stays float: nothing integer reads it, and one
+    scale for all its inputs would erase the small ones (a detector's class scores in [0, 1]
+    next to box coordinates in pixels).
 
 ConvTranspose has no integer kernel on the CPU provider, so it keeps float compute with an int8
 weight (a ``weights`` group) and its activations are not quantized on its account.
@@ -59,17 +81,28 @@ import onnx_graphsurgeon as gs
 from .. import serde
 from ..graphutil import Names, const_values
 from ..manager import PassResult
-from .params import QParams, bias_safe_weight_scale, quantize_bias, quantize_values, quantize_weight, activation_params
+from .params import (
+    QParams,
+    activation_params,
+    bias_safe_weight_scale,
+    quantize_bias,
+    quantize_values,
+    quantize_weight,
+)
 
 __all__ = [
-    "QuantConfig",
+    "DECLINE_REASONS",
+    "KINDS",
+    "QUANTIZED_OPS",
+    "R_OUTPUT_CONCAT",
+    "R_QUANTIZED",
     "Group",
     "Plan",
-    "plan_placement",
+    "QuantConfig",
     "apply_plan",
+    "fanout_uint8",
+    "plan_placement",
     "weight_axis",
-    "KINDS",
-    "DECLINE_REASONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,8 +116,16 @@ KINDS: dict[str, str] = {
     **dict.fromkeys(("AveragePool", "GlobalAveragePool"), "unary"),
     **dict.fromkeys(("MaxPool", "Resize", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Split"),
                     "passthrough"),
+    **dict.fromkeys(("LeakyRelu", "Sigmoid", "Softmax"), "lut"),
 }
+#: Ops (besides Q/DQ) that mark a graph as already quantized: the pass leaves such graphs alone.
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
+                           "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM",
+                           "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention"})
+#: Consumers that only read a tensor's shape: they read the quantized tensor, not its DequantizeLinear.
+_SHAPE_READERS = frozenset({"Shape", "Size"})
 _HOSTS = frozenset({"compute", "binary", "variadic", "unary"})
+_CONDITIONAL = frozenset({"passthrough", "lut"})  # quantized only when their input already is
 _OPTIONAL_OUTPUT = frozenset({"Gemm", "MatMul"})
 
 R_EXCLUDED = "excluded by option"
@@ -94,9 +135,12 @@ R_DTYPE = "unsupported dtype"
 R_LAYOUT = "unsupported layout"
 R_ALL_CONSTANT = "all inputs constant"
 R_DEGENERATE = "degenerate range (min == max): safe scale 1 used"
+R_QUANTIZED = "model already quantized"
+R_OUTPUT_CONCAT = "Concat feeding only a graph output: kept float"
 
 #: Every reason the placement (or the pass, for ranges) gives when it leaves something alone.
-DECLINE_REASONS = (R_EXCLUDED, R_WEIGHT, R_BIAS, R_DTYPE, R_LAYOUT, R_ALL_CONSTANT, R_DEGENERATE)
+DECLINE_REASONS = (R_EXCLUDED, R_WEIGHT, R_BIAS, R_DTYPE, R_LAYOUT, R_ALL_CONSTANT, R_DEGENERATE, R_QUANTIZED,
+                   R_OUTPUT_CONCAT)
 
 _FLOAT = onnx.TensorProto.FLOAT
 
@@ -248,6 +292,17 @@ def _bias_vector(bias: np.ndarray, channels: int) -> np.ndarray | None:
     return None
 
 
+def _kind(node: gs.Node) -> str | None:
+    """Placement kind of ``node``; ``activation`` for a foldable Relu/Clip; ``None``: never quantized.
+
+    A Resize passes integers through only in ``nearest`` mode: onnxruntime keeps the Q/DQ pair
+    around a linear or cubic Resize (it interpolates in float), so such a Resize is left alone.
+    """
+    if node.op == "Resize" and str(node.attrs.get("mode", "nearest")) != "nearest":
+        return None
+    return KINDS.get(node.op) or ("activation" if node.op in ("Relu", "Clip") else None)
+
+
 def _check(node: gs.Node, kind: str, dtypes: dict[str, int], weights_only: bool) -> str | None:
     """Why ``node`` cannot be quantized as ``kind``, or ``None``."""
     if kind in ("compute", "weights"):
@@ -259,7 +314,7 @@ def _check(node: gs.Node, kind: str, dtypes: dict[str, int], weights_only: bool)
         return R_DTYPE
     if kind in ("binary", "variadic") and all(isinstance(t, gs.Constant) for t in data):
         return R_ALL_CONSTANT
-    if kind in ("unary", "passthrough") and isinstance(data[0], gs.Constant):
+    if kind in ("unary", "passthrough", "lut") and isinstance(data[0], gs.Constant):
         return R_ALL_CONSTANT
     if len([o for o in node.outputs if o.name]) != 1 and node.op != "Split":
         return R_LAYOUT
@@ -305,7 +360,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
     excluded = set(cfg.exclude)
     groups, passthrough = [], []
     for node in graph.nodes:
-        kind = KINDS.get(node.op) or ("activation" if node.op in ("Relu", "Clip") else None)
+        kind = _kind(node)
         if kind is None or (cfg.weights_only and kind not in ("compute", "weights")):
             continue
         if node.name in excluded or node.op in excluded:
@@ -317,11 +372,20 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
         kind = "weights" if cfg.weights_only else kind
         reason = _check(node, kind, dtypes, cfg.weights_only)
         if reason is not None:
-            if kind != "passthrough":
+            if kind not in _CONDITIONAL:
                 result.decline(_where(node), reason, logger)
             continue
-        (passthrough if kind == "passthrough" else groups).append(Group(node, kind))
+        if kind == "variadic" and _only_graph_output(node, graph):
+            result.decline(_where(node), R_OUTPUT_CONCAT, logger)
+            continue
+        (passthrough if kind in _CONDITIONAL else groups).append(Group(node, kind))
     return groups, passthrough
+
+
+def _only_graph_output(node: gs.Node, graph: gs.Graph) -> bool:
+    """``node``'s output is a graph output and nothing else reads it (rule 10)."""
+    out = node.outputs[0]
+    return not out.outputs and any(t is out for t in graph.outputs)
 
 
 def _needs_output_q(group: Group) -> bool:
@@ -329,7 +393,7 @@ def _needs_output_q(group: Group) -> bool:
 
 
 def _add_passthrough(groups: list[Group], passthrough: list[Group], in_q: set[str], out_q: set[str]) -> None:
-    """Quantize passthrough ops whose input is already quantized (rule 3), to a fixed point."""
+    """Quantize passthrough and lut ops whose input is already quantized (rules 3, 6), to a fixed point."""
     pending = list(passthrough)
     changed = True
     while changed:
@@ -359,8 +423,12 @@ def plan_placement(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
                    logger: logging.Logger | None = None) -> Plan:
     """Decide which nodes are quantized and which tensors get Q/DQ (see the module rules)."""
     logger = logger or log
-    groups, passthrough = _candidates(graph, cfg, result, logger)
     plan = Plan()
+    found = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+    if found:  # requantizing the dequantization arithmetic of a quantized model only adds error
+        result.decline(f"graph ({', '.join(found)})", R_QUANTIZED, logger)
+        return plan
+    groups, passthrough = _candidates(graph, cfg, result, logger)
     if cfg.weights_only:
         plan.groups = groups
         return plan
@@ -441,12 +509,14 @@ class _Rewriter:
         if root not in self.qconsts:
             self.qconsts[root] = self._constants(root, p)
         scale, zp = self.qconsts[root]
+        shape_readers = []
         if tensor.inputs:
             producer = tensor.inputs[0]
             index = next(i for i, t in enumerate(producer.outputs) if t is tensor)
             src = gs.Variable(self.fresh(f"{tensor.name}_float"), dtype=np.float32, shape=tensor.shape)
             producer.outputs[index] = src
             out = tensor
+            shape_readers = [n for n in list(tensor.outputs) if n.op in _SHAPE_READERS]
         else:
             src = tensor
             out = gs.Variable(self.fresh(f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
@@ -457,6 +527,11 @@ class _Rewriter:
                                         [src, scale, zp], [q]))
         self.result.count("q_inserted")
         self._dq(tensor.name, q, scale, zp, out)
+        for node in shape_readers:  # rule 7: no dequantization just to read a shape
+            for i, t in enumerate(list(node.inputs)):
+                if t is tensor:
+                    node.inputs[i] = q
+            self.result.count("shape_reads_quantized")
 
     # -- weights
 
@@ -523,8 +598,9 @@ def apply_plan(graph: gs.Graph, plan: Plan, params: dict[str, QParams], cfg: Qua
         cfg: Settings.
         result: Receives the counters (``quantized_<Op>``, ``relu_folded``, ``clip_folded``,
             ``q_inserted``, ``dq_inserted``, ``weights_int8``, ``weights_shared``, ``bias_int32``,
-            ``constants_quantized``).
+            ``constants_quantized``, ``shape_reads_quantized``, ``uint8_fanout``).
     """
+    params = fanout_uint8(graph, plan, params, result)
     rw = _Rewriter(graph, plan, params, cfg, result)
     for g in plan.groups:
         result.count(f"quantized_{g.node.op}")
@@ -537,3 +613,41 @@ def apply_plan(graph: gs.Graph, plan: Plan, params: dict[str, QParams], cfg: Qua
     tensors = graph.tensors()
     for name in plan.tensors:
         rw.wrap(tensors[name])
+
+
+def _fanout(tensor: gs.Tensor, plan: Plan, graph_outputs: set[str]) -> bool:
+    """Whether ``tensor``'s Q will have several readers in onnxruntime (after its DQ duplication)."""
+    if not tensor.inputs:  # graph input: only the quantized slots read the DQ
+        return len(plan.consumers.get(tensor.name, [])) > 1
+    readers = list(tensor.outputs)
+    shape = sum(1 for n in readers if n.op in _SHAPE_READERS)
+    others = len(readers) - shape + (tensor.name in graph_outputs)
+    return shape > 0 or others > 1
+
+
+def fanout_uint8(graph: gs.Graph, plan: Plan, params: dict[str, QParams],
+                 result: PassResult | None = None) -> dict[str, QParams]:
+    """``params`` with int8 tensors read by several nodes re-encoded as uint8 (rule 8).
+
+    onnxruntime's CPU provider fuses only uint8 activations on x86; it turns an int8
+    ``Q -> DQ`` pair into uint8 (zero point + 128) only when the Q has exactly one reader, which
+    a tensor read by several nodes never has once onnxruntime gives each reader its own DQ. The
+    uint8 encoding ``(scale, zero_point + 128)`` represents the same values bit for bit
+    (``q_u8 = q_s8 + 128``), so switching those tensors (and every tensor sharing their
+    parameters) changes nothing numerically. Returns a new dict; ``params`` is not modified.
+    """
+    tensors = graph.tensors()
+    outputs = {t.name for t in graph.outputs}
+    roots = {plan.root(name) for name in plan.tensors
+             if params.get(plan.root(name)) is not None and params[plan.root(name)].zero_point.dtype == np.int8
+             and _fanout(tensors[name], plan, outputs)}
+    if not roots:
+        return params
+    new = dict(params)
+    for root in sorted(roots):
+        p = params[root]
+        zp = (p.zero_point.astype(np.int16) + 128).astype(np.uint8)
+        new[root] = QParams(p.scale, zp, p.axis, p.degenerate)
+        if result is not None:
+            result.count("uint8_fanout")
+    return new

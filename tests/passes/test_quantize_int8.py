@@ -260,3 +260,124 @@ def test_excluded_relu_is_not_folded():
     relu = next(n for n in q.graph.node if n.op_type == "Relu")
     assert producers(q)[relu.input[0]].op_type == "DequantizeLinear"  # the Conv output is quantized itself
     assert compare(model, q) >= 0.99
+
+
+# ------------------------------------------------------------------ mixed precision (max_drop / min_cosine)
+
+
+def classifier(rng: np.random.Generator) -> onnx.ModelProto:
+    """conv_a -> Relu -> conv_b -> Relu -> GlobalAveragePool -> Flatten -> fc: output [N, 5]."""
+    init = {"Wa": rand(rng, 4, 3, 3, 3), "Ba": rand(rng, 4), "Wb": rand(rng, 6, 4, 3, 3), "Bb": rand(rng, 6),
+            "F": rand(rng, 5, 6), "Fb": rand(rng, 5)}
+    nodes = [helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             helper.make_node("Conv", ["ra", "Wb", "Bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             helper.make_node("GlobalAveragePool", ["rb"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "F", "Fb"], ["y"], name="fc", transB=1)]
+    return make_model(nodes, X, ["y"], init)
+
+
+def outlier_calib(model: onnx.ModelProto, rng: np.random.Generator, labels: bool = False, n: int = 64):
+    """Calibration data with one huge outlier: with minmax, conv_a's input scale becomes very coarse."""
+    x = rand(rng, n, 3, 8, 8, scale=1.0)
+    x[0, 0, 0, 0] = 300.0
+    item = {"x": x}
+    if labels:
+        (logits,) = ort_run(model, {"x": x})
+        item["labels"] = logits.argmax(1)  # the float model is always right on this data
+    return open_source([item], model)
+
+
+def test_min_cosine_falls_back_most_sensitive_first():
+    from onnxcompress.quant.qdq import QuantConfig
+    from onnxcompress.quant.sensitivity import Evaluator, Quantizer, rank_layers
+
+    rng = np.random.default_rng(20)
+    model = classifier(rng)
+    calib = outlier_calib(model, rng)
+    q = Quantizer(model, QuantConfig(), method="minmax")
+    q.calibrate(calib)
+    evaluate = Evaluator(model, calib)
+    full = evaluate(q.export()).cosine
+    order = [name for name, _ in rank_layers(q, evaluate)]
+    target = 1 - (1 - full) / 4  # a quarter of the full model's cosine loss
+    mixed, result = quantize(model, f"quantize_int8:method=minmax:min_cosine={target}", calib=calib)
+    kept = [w for w, r in result.declined if r == "kept float: sensitivity"]
+    assert 1 <= len(kept) < len(order) and kept == order[:len(kept)] and kept[0] == "conv_a"
+    assert result.stats["fallback_layers"] == len(kept) and result.stats["mixed_cosine"] >= target - 1e-6
+    assert "excluded" not in result.stats
+    onnx.checker.check_model(mixed, full_check=True)
+    again, _ = quantize(model, f"quantize_int8:method=minmax:{result.stats['exclude_spec']}", calib=calib)
+    assert again.SerializeToString() == mixed.SerializeToString()
+
+
+def test_met_target_is_plain_quantization_and_deterministic():
+    rng = np.random.default_rng(21)
+    model = classifier(rng)
+    calib = outlier_calib(model, rng)
+    plain, _ = quantize(model, calib=calib)
+    a, result = quantize(model, "quantize_int8:min_cosine=0", calib=calib)
+    b, _ = quantize(model, "quantize_int8:min_cosine=0", calib=calib)
+    assert result.stats["fallback_layers"] == 0 and result.stats["exclude_spec"] == "exclude="
+    assert a.SerializeToString() == b.SerializeToString() == plain.SerializeToString()
+
+
+def test_unreachable_target_keeps_every_layer_float(caplog):
+    rng = np.random.default_rng(22)
+    model = classifier(rng)
+    with caplog.at_level(logging.WARNING):
+        q, result = quantize(model, "quantize_int8:min_cosine=1.0", calib=outlier_calib(model, rng))
+    kept = {w for w, r in result.declined if r == "kept float: sensitivity"}
+    if result.stats["fallback_layers"] == 4:  # cos == 1.0 may hold before the last one (float rounding)
+        assert kept == {"conv_a", "conv_b", "gap", "fc"} and "every layer had to stay float" in caplog.text
+        assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in q.graph.node}
+    assert result.stats["fallback_layers"] >= 3
+
+
+def test_max_drop_with_labels_is_an_accuracy_drop():
+    rng = np.random.default_rng(23)
+    model = classifier(rng)
+    q, result = quantize(model, "quantize_int8:method=minmax:max_drop=0", calib=outlier_calib(model, rng, labels=True))
+    assert result.stats["mixed_bound"] == "accuracy drop" and result.stats["mixed_drop"] <= 0
+    assert compare(model, q) >= 0.99
+
+
+def test_max_drop_without_labels_bounds_top1_disagreement(caplog):
+    rng = np.random.default_rng(24)
+    model = classifier(rng)
+    with caplog.at_level(logging.INFO):
+        _, result = quantize(model, "quantize_int8:max_drop=1.5", calib=outlier_calib(model, rng))
+    assert result.stats["mixed_bound"] == "top-1 disagreement (no labels)" and result.stats["mixed_drop"] <= 1.5
+    assert "no labels" in caplog.text
+
+
+def test_max_drop_needs_a_classifier_output():
+    model = conv_relu_conv(np.random.default_rng(25))
+    with pytest.raises(InputError, match="classifier"):
+        quantize(model, "quantize_int8:max_drop=1")
+    _, result = quantize(model, "quantize_int8:min_cosine=0.5")  # cosine works on any output
+    assert result.stats["fallback_layers"] == 0
+
+
+def test_mixed_precision_calibrates_once(monkeypatch):
+    import onnxcompress.quant.sensitivity as sens
+
+    calls = []
+    real = sens.collect_statistics
+    monkeypatch.setattr(sens, "collect_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(26)
+    model = classifier(rng)
+    _, result = quantize(model, "quantize_int8:method=minmax:min_cosine=0.99999999", calib=outlier_calib(model, rng))
+    assert result.stats["fallback_layers"] >= 1 and len(calls) == 1
+
+
+def test_mixed_precision_bad_options():
+    model = classifier(np.random.default_rng(27))
+    with pytest.raises(InputError, match="max_drop must be"):
+        quantize(model, "quantize_int8:max_drop=-1")
+    with pytest.raises(InputError, match="min_cosine must be"):
+        quantize(model, "quantize_int8:min_cosine=2")
+    with pytest.raises(InputError, match="weights_only"):
+        quantize(model, "quantize_int8:weights_only=true:min_cosine=0.9", calib=None)

@@ -1,0 +1,587 @@
+"""Per-layer quantization sensitivity, and the machinery mixed precision shares with it.
+
+A *layer* is one quantized group of :func:`onnxcompress.quant.qdq.plan_placement` (a Conv, Gemm,
+MatMul, Add, Mul, Concat, pooling or ConvTranspose node, with the Relu/Clip folded into it),
+named by its node name. Keeping a layer float means excluding its node, exactly as the pass
+option ``exclude`` does, so any mixed-precision decision is reproduced by an ``exclude=`` spec.
+
+* :class:`Quantizer` — a float model prepared for quantization: calibrated **once** (histograms
+  of every tensor any variant may need), then builds QDQ variants with any set of layers kept float.
+* :class:`Evaluator` — runs variants on fixed data against the float model's outputs (kept in
+  memory up to a budget, else recomputed) and reports SQNR, cosine, top-1 agreement and accuracy.
+* :func:`rank_layers` — quantize one layer at a time (everything else float) and sort the layers
+  from most to least sensitive (lowest output SQNR first).
+* :func:`layer_sensitivity` — the whole analysis behind ``onnxcompress sensitivity``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import serde
+from ..calib import CalibSource, open_source
+from ..errors import InputError
+from ..manager import PassContext, PassManager, PassResult, parse_spec
+from ..metrics import model_metrics
+from ..progress import track
+from ..runtime import make_session
+from .calibrate import Calibration, collect_statistics
+from .observers import DEFAULT_BINS, compute_range
+from .params import QParams, activation_params
+from .qdq import (
+    KINDS,
+    R_DEGENERATE,
+    Plan,
+    QuantConfig,
+    apply_plan,
+    plan_placement,
+    tensor_dtypes,
+)
+
+__all__ = [
+    "NO_MATPLOTLIB",
+    "REFERENCE_BUDGET",
+    "Evaluator",
+    "Fidelity",
+    "LayerScore",
+    "Quantizer",
+    "SensitivityReport",
+    "layer_sensitivity",
+    "parse_options",
+    "plan_params",
+    "plot_sensitivity",
+    "rank_layers",
+    "require_matplotlib",
+    "show_sensitivity",
+]
+
+log = logging.getLogger(__name__)
+
+NO_MATPLOTLIB = "matplotlib is not installed: pip install 'onnxcompress[plot]'"
+#: Bytes of float-model outputs the :class:`Evaluator` keeps in memory (above: recomputed per run).
+REFERENCE_BUDGET = 256 * 2**20
+_LAYER_KINDS = frozenset({"compute", "weights", "binary", "variadic", "unary"})
+_ACTIVATIONS = ("Relu", "Clip")
+
+
+# --------------------------------------------------------------------------------- parameters
+
+
+def plan_params(plan: Plan, calib: Calibration, cfg: QuantConfig, method: str, percentile: float,
+                result: PassResult, logger: logging.Logger | None = None,
+                ranges_cache: dict | None = None) -> dict[str, QParams]:
+    """Scale and zero point of every tensor of ``plan.calibrated()`` from its calibrated range.
+
+    A Concat's output range is the union of its inputs' ranges (it only copies their values); a
+    folded Clip/Relu clamps the range to its bounds. Degenerate ranges are declined (reported)
+    and counted in ``result``.
+
+    Args:
+        plan: From :func:`plan_placement`.
+        calib: Statistics of (at least) every tensor of ``plan.calibrated()``.
+        cfg: Settings (``symmetric_activations``).
+        method: Range rule (see :func:`onnxcompress.quant.observers.compute_range`).
+        percentile: For ``method="percentile"``.
+        result: Receives ``degenerate_ranges`` and the declines.
+        logger: Where declines are logged.
+        ranges_cache: Optional dict reused across calls to skip recomputing ranges.
+    """
+    cache = ranges_cache if ranges_cache is not None else {}
+
+    def rng(name: str) -> tuple[float, float]:
+        symmetric = cfg.symmetric_activations and name not in plan.one_sided
+        key = (name, method, percentile, symmetric)
+        if key not in cache:
+            cache[key] = compute_range(calib.collectors[name], method, percentile=percentile, symmetric=symmetric)
+        lo, hi = cache[key]
+        if name in plan.bounds:
+            lo, hi = max(lo, plan.bounds[name][0]), min(hi, plan.bounds[name][1])
+        return lo, hi
+
+    ranges = {name: rng(name) for name in plan.calibrated()}
+    for group in plan.groups:
+        out = group.output.name
+        inputs = [ranges[t.name] for t in group.node.inputs if t.name in ranges]
+        if group.kind == "variadic" and group.act is None and out in ranges and inputs:
+            ranges[out] = (min(r[0] for r in inputs), max(r[1] for r in inputs))
+    params = {}
+    for name, (lo, hi) in ranges.items():
+        p = activation_params(lo, hi, symmetric=cfg.symmetric_activations, one_sided=name in plan.one_sided)
+        if p.degenerate:
+            result.decline(name, R_DEGENERATE, logger)
+            result.count("degenerate_ranges")
+        params[name] = p
+    return params
+
+
+# --------------------------------------------------------------------------------- quantizer
+
+
+class Quantizer:
+    """A float model ready to be quantized with any set of layers kept float.
+
+    Args:
+        model: The float model (normalised, opset >= 13; not modified).
+        cfg: Base settings; its ``exclude`` stays excluded in every variant.
+        method: Range rule.
+        percentile: For ``method="percentile"``.
+        logger: Where placement declines are logged.
+
+    Attributes:
+        layers: Node names of every quantizable layer of the full plan, in graph order.
+        ops: ``{layer: op type}``.
+        base: The :class:`PassResult` of planning the full quantization (its declines and
+            counters: what the plain pass would report).
+    """
+
+    def __init__(self, model: onnx.ModelProto, cfg: QuantConfig, *, method: str = "mse", percentile: float = 99.99,
+                 logger: logging.Logger | None = None):
+        self.model, self.cfg, self.method, self.percentile = model, cfg, method, percentile
+        self.logger = logger or log
+        self.calib: Calibration | None = None
+        self._ranges: dict = {}
+        graph = serde.to_graph(model)
+        graph.toposort()
+        self.base = PassResult()
+        plan = plan_placement(graph, cfg, self.base, self.logger)
+        groups = [g for g in plan.groups if g.kind in _LAYER_KINDS]
+        self.layers = [g.node.name for g in groups]
+        self.ops = {g.node.name: g.node.op for g in groups}
+        unnamed = [g.node.op for g in groups if not g.node.name]
+        if unnamed:
+            raise InputError(f"quantize_int8: a {unnamed[0]} node has no name (normalize names them); cannot select it")
+        self._needed = _tensors_any_variant(graph)
+
+    def calibrate(self, source: CalibSource, *, batch_size: int = 32, cache: str | None = None,
+                  progress: bool = False) -> Calibration:
+        """Collect histograms of every tensor any variant may quantize, in one pass over ``source``."""
+        self._source, self._batch_size = source, batch_size
+        self.calib = collect_statistics(self.model, self._needed, source, batch_size=batch_size, bins=DEFAULT_BINS,
+                                        cache=cache, progress=progress)
+        return self.calib
+
+    def ensure_calibrated(self, names: list[str]) -> None:
+        """Calibrate tensors a variant needs that the first run did not cover (not expected to happen)."""
+        missing = [n for n in names if n not in self.calib.collectors]
+        if missing:
+            log.info("calibrating %d more tensors: %s", len(missing), ", ".join(missing[:3]))
+            extra = collect_statistics(self.model, missing, self._source, batch_size=self._batch_size,
+                                       bins=DEFAULT_BINS)
+            self.calib.collectors.update(extra.collectors)
+
+    def build(self, float_layers: Iterable[str] = (), result: PassResult | None = None) -> gs.Graph:
+        """A new graph quantized like the pass would, with ``float_layers`` excluded (kept float).
+
+        Args:
+            float_layers: Layer (node) names to keep float, on top of ``cfg.exclude``.
+            result: Receives the placement and rewrite counters and declines (a scratch one if None).
+        """
+        if self.calib is None:
+            raise RuntimeError("Quantizer.calibrate must run before build")
+        result = result if result is not None else PassResult()
+        cfg = replace(self.cfg, exclude=tuple(self.cfg.exclude) + tuple(sorted(set(float_layers))))
+        graph = serde.to_graph(self.model)
+        graph.toposort()
+        plan = plan_placement(graph, cfg, result, self.logger)
+        self.ensure_calibrated(plan.calibrated())
+        params = plan_params(plan, self.calib, cfg, self.method, self.percentile, result, self.logger, self._ranges)
+        if plan.groups:
+            apply_plan(graph, plan, params, cfg, result)
+            result.modified = True
+        return graph
+
+    def export(self, float_layers: Iterable[str] = ()) -> onnx.ModelProto:
+        """:meth:`build` as a cleaned-up, sorted ``ModelProto``."""
+        graph = self.build(float_layers)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return serde.to_model(graph, self.model)
+
+    def only(self, layer: str) -> list[str]:
+        """The float-layer set that quantizes ``layer`` alone."""
+        return [name for name in self.layers if name != layer]
+
+
+def _tensors_any_variant(graph: gs.Graph) -> list[str]:
+    """Float tensors read or written by any node the placement may quantize (and folded activations)."""
+    dtypes = tensor_dtypes(graph)
+    names: list[str] = []
+    for node in graph.nodes:
+        if node.op not in KINDS and node.op not in _ACTIVATIONS:
+            continue
+        data = node.inputs[:1] if node.op in _ACTIVATIONS else node.inputs
+        for t in [*data, *node.outputs]:
+            if isinstance(t, gs.Variable) and t.name and dtypes.get(t.name) == onnx.TensorProto.FLOAT:
+                names.append(t.name)
+    produced = {t.name for n in graph.nodes for t in n.outputs} | {t.name for t in graph.inputs}
+    return [n for n in dict.fromkeys(names) if n in produced]
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Fidelity:
+    """How close a candidate's outputs are to the float model's (worst output).
+
+    Attributes:
+        sqnr_db: Lowest SQNR over the outputs (dB; ``inf`` when identical).
+        cosine: Lowest cosine similarity over the outputs.
+        top1_agreement: Argmax agreement of the first classifier-shaped ``[N, C]`` output.
+        ref_accuracy: Float model accuracy on labelled data (else ``None``).
+        cand_accuracy: Candidate accuracy on labelled data (else ``None``).
+    """
+
+    sqnr_db: float
+    cosine: float
+    top1_agreement: float | None = None
+    ref_accuracy: float | None = None
+    cand_accuracy: float | None = None
+
+    @property
+    def top1_drop(self) -> float | None:
+        """Accuracy drop in points (labels needed)."""
+        if self.ref_accuracy is None or self.cand_accuracy is None:
+            return None
+        return 100.0 * (self.ref_accuracy - self.cand_accuracy)
+
+    @property
+    def disagreement(self) -> float | None:
+        """Top-1 disagreement with the float model in points."""
+        return None if self.top1_agreement is None else 100.0 * (1.0 - self.top1_agreement)
+
+
+class _Sums:
+    """Running sums of one output."""
+
+    def __init__(self) -> None:
+        self.ref_sq = self.cand_sq = self.err_sq = self.dot = 0.0
+        self.n = self.agree = self.ref_ok = self.cand_ok = self.labelled = 0
+        self.classifier = True
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
+        r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+        e = r - c
+        self.ref_sq += float(r @ r)
+        self.cand_sq += float(c @ c)
+        self.err_sq += float(e @ e)
+        self.dot += float(r @ c)
+        self.n += len(ref)
+        self.classifier &= ref.ndim == 2 and ref.shape[1] > 1
+        if self.classifier:
+            r1, c1 = ref.argmax(1), cand.argmax(1)
+            self.agree += int((r1 == c1).sum())
+            if labels is not None and len(labels) == len(r1):
+                self.labelled += len(labels)
+                self.ref_ok += int((r1 == labels).sum())
+                self.cand_ok += int((c1 == labels).sum())
+
+    def sqnr(self) -> float:
+        return 10 * math.log10(self.ref_sq / self.err_sq) if self.err_sq > 0 else math.inf
+
+    def cosine(self) -> float:
+        norm = math.sqrt(self.ref_sq * self.cand_sq)
+        return self.dot / norm if norm > 0 else (1.0 if self.ref_sq == self.cand_sq else 0.0)
+
+
+class Evaluator:
+    """Compares candidates with a float model on fixed data (onnxruntime, optimizations off).
+
+    The float model's outputs are computed once and kept when they fit in ``budget`` bytes;
+    otherwise the float model is rerun next to every candidate.
+
+    Args:
+        reference: The float model.
+        data: The samples (labels, if present, give accuracies).
+        batch_size: Batch size of the runs.
+        threads: Intra-op threads (1: results do not depend on the machine's core count).
+        budget: Bytes of reference outputs kept in memory.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, data: CalibSource, *, batch_size: int = 32, threads: int = 1,
+                 budget: int = REFERENCE_BUDGET):
+        self.data, self.batch_size, self.threads = data, batch_size, threads
+        self._ref_session = make_session(reference, threads=threads)
+        self.names = [o.name for o in self._ref_session.get_outputs()]
+        self._cached: list[list[np.ndarray]] | None = self._cache_reference(budget)
+        self.samples = sum(len(b) for b in data.batches(batch_size)) if self._cached is None else self._count
+        if not self.samples:
+            raise InputError(f"{data.description}: no samples")
+        self.has_labels = self._labelled
+
+    def _cache_reference(self, budget: int) -> list[list[np.ndarray]] | None:
+        kept, used, self._count, self._labelled = [], 0, 0, False
+        for batch in self.data.batches(self.batch_size):
+            outs = self._ref_session.run(self.names, batch.feeds)
+            used += sum(o.nbytes for o in outs)
+            self._count += len(batch)
+            self._labelled |= batch.labels is not None
+            if used > budget:
+                log.info("float outputs exceed %d MiB: the float model reruns with every candidate", budget >> 20)
+                return None
+            kept.append(outs)
+        return kept
+
+    def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
+        """Fidelity of ``candidate`` (same inputs and outputs as the reference)."""
+        session = make_session(candidate, threads=self.threads)
+        sums = {n: _Sums() for n in self.names}
+        for i, batch in enumerate(self.data.batches(self.batch_size)):
+            ref = self._cached[i] if self._cached is not None else self._ref_session.run(self.names, batch.feeds)
+            cand = session.run(self.names, batch.feeds)
+            for name, r, c in zip(self.names, ref, cand):
+                sums[name].add(np.asarray(r), np.asarray(c), batch.labels)
+        return _fidelity(list(sums.values()))
+
+
+def _fidelity(sums: list[_Sums]) -> Fidelity:
+    fid = Fidelity(min(s.sqnr() for s in sums), min(s.cosine() for s in sums))
+    cls = next((s for s in sums if s.classifier and s.n), None)
+    if cls is not None:
+        fid.top1_agreement = cls.agree / cls.n
+        if cls.labelled:
+            fid.ref_accuracy, fid.cand_accuracy = cls.ref_ok / cls.labelled, cls.cand_ok / cls.labelled
+    return fid
+
+
+def rank_layers(quantizer: Quantizer, evaluate: Evaluator, *, layers: Iterable[str] | None = None,
+                progress: bool = False) -> list[tuple[str, Fidelity]]:
+    """Quantize each layer alone (everything else float) and sort, most sensitive first.
+
+    Order: lowest SQNR, then lowest cosine, then graph order (deterministic for equal scores).
+    """
+    chosen = list(quantizer.layers if layers is None else layers)
+    scores = []
+    for index, layer in enumerate(track(chosen, "sensitivity", total=len(chosen), enabled=progress)):
+        fid = evaluate(quantizer.export(quantizer.only(layer)))
+        log.debug("sensitivity %s: SQNR %.2f dB, cosine %.6f", layer, fid.sqnr_db, fid.cosine)
+        scores.append((fid.sqnr_db, fid.cosine, index, layer, fid))
+    scores.sort(key=lambda s: s[:3])
+    return [(s[3], s[4]) for s in scores]
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def _num(v: float) -> float | str:
+    """JSON-safe float (infinities as strings, as validation reports do)."""
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+
+
+@dataclass
+class LayerScore:
+    """One layer quantized alone: its cost in output fidelity."""
+
+    node: str
+    op_type: str
+    macs: int
+    sqnr_db: float
+    cosine: float
+
+
+@dataclass
+class SensitivityReport:
+    """What :func:`layer_sensitivity` measured.
+
+    Attributes:
+        model: The model's name (its path, or ``"model"``).
+        method: Calibration method.
+        samples: Samples the fidelity was measured on.
+        baseline: Every layer quantized.
+        layers: Most sensitive first.
+        float_accuracy: Float model accuracy (labelled data), else ``None``.
+    """
+
+    model: str
+    method: str
+    samples: int
+    baseline: Fidelity
+    layers: list[LayerScore] = field(default_factory=list)
+    float_accuracy: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``kind, model, method, samples, baseline{sqnr_db, cosine}, layers[...]``."""
+        return {
+            "kind": "sensitivity",
+            "model": self.model,
+            "method": self.method,
+            "samples": self.samples,
+            "baseline": {"sqnr_db": _num(self.baseline.sqnr_db), "cosine": _num(self.baseline.cosine)},
+            "layers": [{"node": s.node, "op_type": s.op_type, "macs": int(s.macs), "sqnr_db": _num(s.sqnr_db),
+                        "cosine": _num(s.cosine)} for s in self.layers],
+        }
+
+
+def _prepare(model: onnx.ModelProto, prepare: str, calib: CalibSource, seed: int) -> onnx.ModelProto:
+    """Run the ``prepare`` passes (default ``fold_bn``), normalise, reach opset 13."""
+    from ..normalize import normalize, upgrade_opset
+
+    if prepare.strip():
+        model, _ = PassManager(parse_spec(prepare), PassContext(calib=calib, seed=seed)).run(model)
+    return upgrade_opset(normalize(model), 13)
+
+
+def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *, method: str = "mse",
+                      options: dict[str, Any] | None = None, prepare: str = "fold_bn", batch_size: int = 32,
+                      samples: int | None = None, seed: int = 0, dims: dict[str, int] | None = None,
+                      preprocess: Any = None, progress: bool = False, name: str | None = None) -> SensitivityReport:
+    """Rank the layers of ``model`` by the output SQNR they cost when quantized alone.
+
+    The model is first run through ``prepare`` (``fold_bn`` by default, as in the usual
+    ``fold_bn,quantize_int8`` pipeline, so layer names match), then calibrated once on ``calib``
+    (histograms of every tensor any variant needs); each layer is then quantized alone,
+    everything else float, and compared with the float model on ``data`` (default: ``calib``).
+
+    Args:
+        model: Path, bytes or ``ModelProto`` (not modified).
+        calib: Calibration data (see :func:`onnxcompress.calib.open_source`).
+        data: Evaluation data (default ``calib``); labels add accuracy to the baseline.
+        method: Calibration method (as ``quantize_int8:method``).
+        options: Other ``quantize_int8`` options (``per_channel``, ``symmetric_activations``,
+            ``reduce_range``, ``exclude``, ``percentile``).
+        prepare: Pass spec run before (``""``: none).
+        batch_size: Batch size of calibration and evaluation runs.
+        samples: Use at most this many evaluation samples.
+        seed: Seed for random data.
+        dims: Symbolic input dims (random data, MAC counts).
+        preprocess: Image-folder preprocessing.
+        progress: Progress bars.
+        name: Model name for the report (default: the path, else ``"model"``).
+
+    Raises:
+        InputError: Bad model, data or options.
+    """
+    from ..passes.quantize_int8 import QuantizeInt8  # the pass imports this module
+
+    qpass = QuantizeInt8(method=method, **(options or {}))
+    original = serde.load_model(model)
+    calib_src = open_source(calib, original, preprocess=preprocess, seed=seed, dims=dims)
+    data_src = open_source(data if data is not None else calib, original, preprocess=preprocess, limit=samples,
+                           seed=seed, dims=dims)
+    prepared = _prepare(original, prepare, calib_src, seed)
+    quantizer = Quantizer(prepared, qpass.quant_config(), method=method, percentile=qpass.opts["percentile"])
+    if not quantizer.layers:
+        raise InputError("no quantizable layer in this model")
+    quantizer.calibrate(calib_src, batch_size=batch_size, progress=progress)
+    evaluate = Evaluator(prepared, data_src, batch_size=batch_size)
+    baseline = evaluate(quantizer.export())
+    ranked = rank_layers(quantizer, evaluate, progress=progress)
+    macs = {n.name: n.macs for n in model_metrics(prepared, dims).per_node}
+    layers = [LayerScore(layer, quantizer.ops[layer], macs.get(layer, 0), fid.sqnr_db, fid.cosine)
+              for layer, fid in ranked]
+    label = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model")
+    return SensitivityReport(label, method, evaluate.samples, baseline, layers, baseline.ref_accuracy)
+
+
+def parse_options(text: str | None) -> dict[str, str]:
+    """``"per_channel=false:reduce_range=true"`` as a dict (values parsed later by the pass).
+
+    Raises:
+        InputError: A part is not ``key=value``.
+    """
+    out: dict[str, str] = {}
+    for pair in [p for p in (text or "").split(":") if p.strip()]:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"quantize_int8 options: expected key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# --------------------------------------------------------------------------------- display
+
+
+def _noise(layers: list[LayerScore]) -> list[float]:
+    """Each layer's output noise power relative to the most sensitive layer's (1.0 for it)."""
+    power = [10 ** (-s.sqnr_db / 10) if math.isfinite(s.sqnr_db) else 0.0 for s in layers]
+    top = max(power, default=0.0)
+    return [p / top if top > 0 else 0.0 for p in power]
+
+
+def _bar(fraction: float, width: int = 24) -> str:
+    blocks = " ▏▎▍▌▋▊▉█"
+    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
+    full, rest = divmod(eighths, 8)
+    return ("█" * full + (blocks[rest] if rest else "")) or "▏"
+
+
+def show_sensitivity(console: Any, report: SensitivityReport, top: int = 20) -> None:
+    """Print the ranking on a rich ``console``: one row per layer, with a bar of its output noise."""
+    from rich.table import Table
+
+    from ..display import human_count
+
+    b = report.baseline
+    acc = "" if report.float_accuracy is None or b.cand_accuracy is None else \
+        f", accuracy {100 * report.float_accuracy:.2f}% -> {100 * b.cand_accuracy:.2f}%"
+    console.print(f"{report.model}: {len(report.layers)} layers, method {report.method}, {report.samples} samples; "
+                  f"all layers int8: SQNR {b.sqnr_db:.2f} dB, cosine {b.cosine:.6f}{acc}")
+    t = Table(title="layers quantized alone, most sensitive first (bar: output noise power, relative to the first)")
+    for col in ("#", "node", "op", "MACs", "SQNR dB", "cosine", "noise"):
+        t.add_column(col, justify="left" if col in ("node", "op", "noise") else "right")
+    shown = report.layers[:top] if top > 0 else report.layers
+    for i, (s, frac) in enumerate(zip(shown, _noise(report.layers)), 1):
+        t.add_row(str(i), s.node, s.op_type, human_count(s.macs) if s.macs else "-", f"{s.sqnr_db:.2f}",
+                  f"{s.cosine:.6f}", _bar(frac))
+    console.print(t)
+    if len(shown) < len(report.layers):
+        console.print(f"({len(report.layers) - len(shown)} more layers; --top 0 shows all)")
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`InputError` (with the install hint) when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError(NO_MATPLOTLIB) from None
+
+
+def plot_sensitivity(report: SensitivityReport, path: str | os.PathLike, top: int = 20) -> None:
+    """Horizontal bar chart (PNG) of each layer's output SQNR when quantized alone, most sensitive on top.
+
+    Raises:
+        InputError: matplotlib missing, or the folder does not exist / is not writable.
+    """
+    require_matplotlib()
+    import tempfile
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder does not exist")
+    shown = report.layers[:top] if top > 0 else report.layers
+    noise = _noise(report.layers)[:len(shown)]
+    labels = [f"{s.node} ({s.op_type})" for s in shown]
+    width = 4 + 0.075 * max((len(x) for x in labels), default=10)
+    fig = Figure(figsize=(width + 5, 1.4 + 0.3 * len(shown)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bars = ax.barh(labels, noise, color="#4c72b0")
+    for bar, s in zip(bars, shown):
+        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, f"{s.sqnr_db:.1f} dB", va="center",
+                fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.18)
+    ax.set_xlabel("output noise power with only this layer int8, relative to the most sensitive layer")
+    ax.set_title(f"{Path(report.model).name}: quantization sensitivity ({report.method}, {report.samples} samples; "
+                 f"all int8: {report.baseline.sqnr_db:.1f} dB)", fontsize=10)
+    fig.tight_layout()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxcompress-", suffix=".png", dir=folder)
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror})") from None

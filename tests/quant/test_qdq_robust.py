@@ -1,0 +1,259 @@
+"""Quantizer robustness on what exported models contain, checked against onnxruntime's fusions.
+
+Lookup-table activations (LeakyRelu/Sigmoid/Softmax fused, HardSigmoid/Tanh not), Resize modes,
+Shape readers of quantized tensors, int8 activations read by several nodes, models that are
+already quantized, opset < 13 with Constant-node weights, and a transformer-style block
+(MatMul, Softmax, LayerNormalization, Gelu).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import ort_run
+from onnx import helper, numpy_helper
+from quant.builders import (
+    compare,
+    consumers,
+    feeds_for,
+    make_model,
+    producers,
+    qdq_params,
+    quantize,
+    rand,
+)
+
+from onnxcompress.quant import count_unfused_qdq, integer_op_counts, qdq, unfused_qdq
+from onnxcompress.quant.qdq import R_OUTPUT_CONCAT, R_QUANTIZED
+
+X = {"x": ["N", 3, 8, 8]}
+
+
+def conv(x: str, y: str, prefix: str) -> onnx.NodeProto:
+    return helper.make_node("Conv", [x, f"{prefix}_W", f"{prefix}_B"], [y], name=f"conv_{y}", pads=[1, 1, 1, 1])
+
+
+def weights(rng: np.random.Generator, prefix: str, cout: int, cin: int) -> dict[str, np.ndarray]:
+    return {f"{prefix}_W": rand(rng, cout, cin, 3, 3), f"{prefix}_B": rand(rng, cout)}
+
+
+def activation_chain(op: str, attrs: dict, opset: int = 17) -> onnx.ModelProto:
+    """Conv -> op -> MaxPool -> Conv."""
+    rng = np.random.default_rng(0)
+    init = {**weights(rng, "a", 4, 3), **weights(rng, "b", 4, 4)}
+    nodes = [conv("x", "c", "a"), helper.make_node(op, ["c"], ["act"], **attrs),
+             helper.make_node("MaxPool", ["act"], ["p"], kernel_shape=[2, 2], strides=[2, 2]), conv("p", "y", "b")]
+    return make_model(nodes, X, ["y"], init, opset=opset)
+
+
+def no_island(q: onnx.ModelProto) -> None:
+    assert count_unfused_qdq(q) == 0, unfused_qdq(q)
+
+
+# ------------------------------------------------------------------------------ lut activations
+
+
+@pytest.mark.parametrize(("op", "attrs", "kernel"), [
+    ("LeakyRelu", {"alpha": 0.1}, "QLinearLeakyRelu"),
+    ("Sigmoid", {}, "QLinearSigmoid"),
+    ("Softmax", {"axis": 1}, "QLinearSoftmax"),
+])
+def test_lut_activation_and_the_maxpool_after_it_run_on_integers(op, attrs, kernel):
+    model = activation_chain(op, attrs)
+    q, result = quantize(model)
+    assert result.stats[f"quantized_{op}"] == 1 and result.stats["quantized_MaxPool"] == 1
+    node = next(n for n in q.graph.node if n.op_type == op)
+    assert producers(q)[node.input[0]].op_type == "DequantizeLinear"
+    assert [c.op_type for c in consumers(q)[node.output[0]]] == ["QuantizeLinear"]
+    # the activation's output gets its own calibrated parameters; the MaxPool reuses them
+    pool = next(n for n in q.graph.node if n.op_type == "MaxPool")
+    assert producers(q)[pool.input[0]].input[1:] == producers(q)["p"].input[1:]
+    counts = integer_op_counts(q)
+    assert counts.get(kernel) == 1 and counts.get("QLinearConv") == 2, counts
+    no_island(q)
+    assert compare(model, q) >= 0.99
+
+
+@pytest.mark.parametrize("op", ["HardSigmoid", "Tanh"])
+def test_activation_without_integer_kernel_stays_float(op):
+    q, result = quantize(activation_chain(op, {}))
+    assert f"quantized_{op}" not in result.stats and "quantized_MaxPool" not in result.stats
+    node = next(n for n in q.graph.node if n.op_type == op)
+    assert producers(q)[node.input[0]].op_type == "DequantizeLinear"  # the Conv's output, dequantized
+
+
+def test_lut_activation_on_a_float_input_is_left_alone():
+    model = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], X, ["y"], {})
+    q, result = quantize(model)
+    assert op_types(q) == ["Sigmoid"] and not result.modified
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+# ---------------------------------------------------------------------------------------- Resize
+
+
+@pytest.mark.parametrize(("mode", "fused"), [("nearest", True), ("linear", False)])
+def test_resize_passes_integers_through_only_in_nearest_mode(mode, fused):
+    rng = np.random.default_rng(1)
+    init = {**weights(rng, "a", 4, 3), **weights(rng, "b", 4, 4), "scales": np.array([1, 1, 2, 2], np.float32)}
+    nodes = [conv("x", "c", "a"), helper.make_node("Resize", ["c", "", "scales"], ["r"], mode=mode),
+             conv("r", "y", "b")]
+    model = make_model(nodes, X, ["y"], init)
+    q, result = quantize(model)
+    assert ("quantized_Resize" in result.stats) is fused
+    if fused:
+        no_island(q)
+    else:  # onnxruntime interpolates in float: the Resize stays a float island between two Q/DQ
+        assert [u.op for u in unfused_qdq(q) if u.kind == "activation"] == ["DequantizeLinear", "QuantizeLinear"]
+    assert compare(model, q) >= 0.99
+
+
+# ---------------------------------------------------------------------------------- Shape readers
+
+
+def test_shape_reads_the_quantized_tensor_not_its_dequantization():
+    """c = Conv(x); y = Reshape(Conv(c), Shape(c)): the Shape reads Q(c), nothing stays float."""
+    rng = np.random.default_rng(2)
+    init = {**weights(rng, "a", 4, 3), **weights(rng, "b", 4, 4)}
+    nodes = [conv("x", "c", "a"), conv("c", "d", "b"), helper.make_node("Shape", ["c"], ["s"]),
+             helper.make_node("Reshape", ["d", "s"], ["y"])]
+    model = make_model(nodes, X, ["y"], init)
+    q, result = quantize(model)
+    shape = next(n for n in q.graph.node if n.op_type == "Shape")
+    assert producers(q)[shape.input[0]].op_type == "QuantizeLinear"
+    assert result.stats["shape_reads_quantized"] == 1
+    no_island(q)
+    assert compare(model, q) >= 0.99
+
+
+# ------------------------------------------------------------- int8 activations read by several nodes
+
+
+def residual(relu: bool) -> onnx.ModelProto:
+    """a = Conv(x) [-> Relu]; y = Conv(a + Conv(a)): ``a`` is read by a Conv and an Add."""
+    rng = np.random.default_rng(3)
+    init = {**weights(rng, "a", 8, 3), **weights(rng, "b", 8, 8), **weights(rng, "c", 8, 8)}
+    nodes = [conv("x", "a0", "a")] + ([helper.make_node("Relu", ["a0"], ["a1"])] if relu else [])
+    a = "a1" if relu else "a0"
+    nodes += [conv(a, "b", "b"), helper.make_node("Add", [a, "b"], ["s"]), conv("s", "y", "c")]
+    return make_model(nodes, X, ["y"], init)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_shared_tensor_fuses_with_uint8_and_int8_activations(relu, symmetric):
+    model = residual(relu)
+    q, result = quantize(model, f"quantize_int8:symmetric_activations={str(symmetric).lower()}")
+    counts = integer_op_counts(q)
+    assert counts.get("QLinearConv") == 3 and counts.get("QLinearAdd") == 1, counts
+    no_island(q)
+    assert compare(model, q) >= 0.99
+    add = next(n for n in q.graph.node if n.op_type == "Add")
+    _, _, zp, _ = qdq_params(q, add.input[0])
+    assert zp.dtype == np.uint8  # the shared tensor, whatever the option
+    if symmetric:
+        assert result.stats["uint8_fanout"] == 1
+        assert int(zp) == (0 if relu else 128)  # int8 zero point -128 (one-sided) or 0, plus 128
+        single = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "b_float"]
+        assert numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == single[0].input[2])).dtype \
+            == np.int8  # a tensor with one reader keeps int8
+    else:
+        assert "uint8_fanout" not in result.stats
+
+
+def test_uint8_fanout_encoding_is_bit_identical(monkeypatch):
+    model = residual(relu=False)
+    spec = "quantize_int8:symmetric_activations=true"
+    shifted, _ = quantize(model, spec)
+    monkeypatch.setattr(qdq, "fanout_uint8", lambda graph, plan, params, result=None: params)
+    plain, result = quantize(model, spec)
+    assert "uint8_fanout" not in result.stats
+    feeds = feeds_for(model)
+    for a, b in zip(ort_run(plain, feeds), ort_run(shifted, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- already quantized
+
+
+def test_already_quantized_model_is_left_alone():
+    model = residual(relu=True)
+    once, _ = quantize(model)
+    twice, result = quantize(once)
+    assert not result.modified and [r for _, r in result.declined] == [R_QUANTIZED]
+    assert op_types(twice) == op_types(once)
+
+
+# ------------------------------------------------------------ opset < 13, weights in Constant nodes
+
+
+def test_opset_11_with_constant_node_weights():
+    rng = np.random.default_rng(4)
+    w, b = rand(rng, 4, 3, 3, 3), rand(rng, 4)
+    gw, gb = rand(rng, 4 * 8 * 8, 5), rand(rng, 5)
+    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name))
+             for name, v in (("W", w), ("B", b), ("GW", gw), ("GB", gb))]
+    nodes += [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+              helper.make_node("LeakyRelu", ["c"], ["l"], alpha=0.2),
+              helper.make_node("Flatten", ["l"], ["f"]), helper.make_node("Gemm", ["f", "GW", "GB"], ["y"])]
+    model = make_model(nodes, X, ["y"], {}, opset=11)
+    q, result = quantize(model)
+    assert q.opset_import[0].version >= 13
+    assert result.stats["quantized_Conv"] == 1 and result.stats["quantized_Gemm"] == 1
+    assert result.stats["weights_int8"] == 2 and result.stats["bias_int32"] == 2
+    assert compare(model, q) >= 0.99
+    no_island(q)
+
+
+# ------------------------------------------------------------------- transformer-style block
+
+
+def test_transformer_block_quantizes_matmuls_and_keeps_the_rest_float():
+    """LayerNorm -> MatMul(Wq) -> Softmax -> MatMul(Wv) -> Gelu -> MatMul(Wo) + residual (opset 20)."""
+    rng = np.random.default_rng(5)
+    d = 16
+    init = {"g": np.ones(d, np.float32), "beta": np.zeros(d, np.float32),
+            "Wq": rand(rng, d, d), "Wv": rand(rng, d, d), "Wo": rand(rng, d, d)}
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "beta"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "Wq"], ["q"]), helper.make_node("Softmax", ["q"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "Wv"], ["v"]), helper.make_node("Gelu", ["v"], ["h"]),
+             helper.make_node("MatMul", ["h", "Wo"], ["o"]), helper.make_node("Add", ["o", "x"], ["y"])]
+    model = make_model(nodes, {"x": ["N", 6, d]}, ["y"], init, opset=20)
+    q, result = quantize(model)
+    assert result.stats["quantized_MatMul"] == 3
+    for op in ("LayerNormalization", "Gelu"):
+        assert f"quantized_{op}" not in result.stats
+        node = next(n for n in q.graph.node if n.op_type == op)
+        assert producers(q).get(node.output[0]) is node  # float output, no Q folded onto it
+    for mm in (n for n in q.graph.node if n.op_type == "MatMul"):
+        _, ws, _, axis = qdq_params(q, mm.input[1])
+        assert axis == 1 and ws.shape == (d,)
+    counts = integer_op_counts(q)
+    assert sum(v for k, v in counts.items() if "MatMul" in k) == 3, counts
+    assert compare(model, q) >= 0.99
+
+
+# ------------------------------------------------------------------- Concat as the graph output
+
+
+def test_concat_feeding_only_the_graph_output_stays_float():
+    """Detector head: boxes (large range) and sigmoid scores (0..1) concatenated into the output."""
+    rng = np.random.default_rng(6)
+    init = {**weights(rng, "a", 4, 3), **weights(rng, "b", 2, 3), "k": np.array(300.0, np.float32)}
+    nodes = [conv("x", "c", "a"), helper.make_node("Mul", ["c", "k"], ["box"]),
+             conv("x", "d", "b"), helper.make_node("Sigmoid", ["d"], ["score"]),
+             helper.make_node("Concat", ["box", "score"], ["y"], axis=1)]
+    model = make_model(nodes, X, ["y"], init)
+    q, result = quantize(model)
+    assert "quantized_Concat" not in result.stats and result.stats["quantized_Sigmoid"] == 1
+    assert (R_OUTPUT_CONCAT in [r for _, r in result.declined])
+    assert producers(q)["y"].op_type == "Concat"
+    feeds = feeds_for(model)
+    ref, got = ort_run(model, feeds)[0], ort_run(q, feeds)[0]
+    scores = np.abs(ref[:, 4:] - got[:, 4:]).max()
+    assert scores <= 0.05  # their own [0, 1] scale; one scale with the boxes (step ~5) would zero them
+    no_island(q)

