@@ -14,10 +14,11 @@ from .calib import CalibSource, open_source
 from .errors import GateFailed, InputError
 from .manager import Numerics, Pass, PassContext, PassManager, PassRecord, parse_spec
 from .metrics import ModelMetrics, model_metrics
-from .recipes import Recipe, load_recipe
+from .progress import steps
+from .recipes import Recipe, check_requirements, load_recipe
 from .validate import Gate, ValidationReport, compare_models
 
-__all__ = ["Report", "optimize", "inspect", "compare", "DEFAULT_VALIDATION_SAMPLES"]
+__all__ = ["Report", "optimize", "inspect", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,14 @@ class Report:
         }
 
 
-def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None) -> tuple[list[Pass], dict, str | None]:
+def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None,
+              calib: Any = None) -> tuple[list[Pass], dict, str | None]:
     if passes is not None and recipe is not None:
         raise InputError("give either passes or a recipe, not both")
     if passes is not None:
         return (parse_spec(passes) if isinstance(passes, str) else list(passes)), {}, None
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or "default")
+    check_requirements(rec, calib=calib)
     return rec.passes, rec.gate, rec.name
 
 
@@ -113,25 +116,37 @@ def optimize(
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
     start = time.perf_counter()
-    pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe)
+    pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
     original = serde.load_model(model)
     calib_src = open_source(calib, original, preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress)
-    manager = PassManager(pipeline, ctx, on_pass=on_pass)
-    result, records = manager.run(original)
-    report = Report(model_metrics(original, dims), model_metrics(result, dims), records, manager.numerics,
-                    recipe=recipe_name)
-    if validate:
-        source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
-        report.validation = compare_models(original, result, source, batch_size=batch_size, progress=progress)
-        report.validation.gate = Gate.for_numerics(manager.numerics, **{**recipe_gate, **(gate or {})})
-        report.validation.failures = report.validation.gate.check(report.validation)
+    with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
+        manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
+        before, box = model_metrics(original, dims), [original]
+        if not validate:  # nothing needs the original later: the first pass's result may replace it in memory
+            original = None
+        result, records = manager.run(box.pop())
+        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name)
+        if validate:
+            source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
+            report.validation = compare_models(original, result, source, batch_size=batch_size, progress=progress)
+            report.validation.gate = Gate.for_numerics(manager.numerics, **{**recipe_gate, **(gate or {})})
+            report.validation.failures = report.validation.gate.check(report.validation)
     report.seconds = time.perf_counter() - start
     if not report.passed and not force:
         exc = GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report)
         exc.model = result
         raise exc
     return result, report
+
+
+def _chain(*callbacks: Callable[[PassRecord], None] | None) -> Callable[[PassRecord], None]:
+    """One ``on_pass`` callback calling each given one in order."""
+    def call(record: PassRecord) -> None:
+        for callback in callbacks:
+            if callback is not None:
+                callback(record)
+    return call
 
 
 def _validation_source(data, calib, model, seed, samples, dims, preprocess) -> CalibSource:
@@ -159,3 +174,15 @@ def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: An
     if gate is not None:
         report.gate, report.failures = gate, gate.check(report)
     return report
+
+
+def sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, **kwargs: Any):
+    """Rank layers by the output SQNR they cost when quantized alone (int8, everything else float).
+
+    A thin wrapper of :func:`onnxcompress.quant.sensitivity.layer_sensitivity` (same keyword
+    arguments: ``method``, ``options``, ``prepare``, ``batch_size``, ``samples``, ``seed``,
+    ``dims``, ``preprocess``, ``progress``, ``name``); returns its ``SensitivityReport``.
+    """
+    from .quant.sensitivity import layer_sensitivity
+
+    return layer_sensitivity(model, calib, data, **kwargs)

@@ -139,11 +139,11 @@ def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, reci
             samples=kw["samples"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"])
     except GateFailed as exc:
         _print_report(show, console, exc.report)
-        _write_json(json_path, {"output": None, **exc.report.as_dict()})
+        _write_json(json_path, {"model": str(model), "output": None, **exc.report.as_dict()})
         raise
     serde.save_model(result, output, external=external_data, protect=model)
     _print_report(show, console, report)
-    _write_json(json_path, {"output": str(output), **report.as_dict()})
+    _write_json(json_path, {"model": str(model), "output": str(output), **report.as_dict()})
     if not show["quiet"]:
         console.print(f"wrote {output}")
     if not report.passed:
@@ -240,6 +240,56 @@ def bench(obj: dict, models: tuple[Path, ...], provider: str, threads: int, warm
     if json_path != "-" and not obj["quiet"]:
         _bench.show_bench(_console(), report)
     _write_json(json_path, report.as_dict())
+
+
+@cli.command(name="report")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="report.md (Markdown) or report.html (HTML only); PNG plots go next to it.")
+@click.option("--html", "as_html", is_flag=True, help="Also write HTML next to the Markdown.")
+@click.option("--title", default=None, help="Title of the report (default: onnxcompress report).")
+@click.option("--top", default=30, show_default=True, help="Layers shown per table and plot.")
+@click.option("--no-plots", is_flag=True, help="No PNG plots even if matplotlib is installed.")
+@click.pass_obj
+def report_cmd(obj: dict, inputs: tuple[Path, ...], output: Path, as_html: bool, title: str | None, top: int,
+               no_plots: bool) -> None:
+    """Markdown/HTML report (with plots) from the JSON of optimize, bench and sensitivity runs."""
+    from .report import build_report
+
+    written = build_report(list(inputs), output, html=as_html, title=title, plots=not no_plots, top=top)
+    if not obj["quiet"]:
+        click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", required=True, metavar="PATH", help="Calibration data (calibrated once for every layer).")
+@click.option("--data", default=None, metavar="PATH", help="Evaluation data (default: --calib).")
+@click.option("--method", default="mse", show_default=True, help="Calibration method: minmax, percentile, entropy, mse.")
+@click.option("--options", "qopts", default=None, metavar="K=V[:K=V]",
+              help="Other quantize_int8 options, e.g. per_channel=false:symmetric_activations=true.")
+@click.option("--prepare", default="fold_bn", show_default=True, metavar="SPEC", help="Passes run first ('' for none).")
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Write the ranking as JSON ('-' for stdout).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Bar chart PNG (needs matplotlib).")
+@click.option("--top", default=20, show_default=True, help="Layers shown in the table and plot (0: all).")
+@_data_options
+@click.pass_obj
+def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: str, qopts: str | None, prepare: str,
+                json_path: str | None, plot_path: Path | None, top: int, **kw) -> None:
+    """Quantize one layer at a time (the rest float) and rank layers by the output SQNR they cost."""
+    from .quant.sensitivity import parse_options, plot_sensitivity, require_matplotlib, show_sensitivity
+
+    if plot_path is not None:
+        require_matplotlib()
+    report = api.sensitivity(model, calib, data, method=method, options=parse_options(qopts), prepare=prepare,
+                             batch_size=kw["batch_size"], samples=kw["samples"], seed=kw["seed"],
+                             dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"],
+                             name=str(model))
+    if json_path != "-" and not obj["quiet"]:
+        show_sensitivity(_console(), report, top)
+    _write_json(json_path, report.as_dict())
+    if plot_path is not None:
+        plot_sensitivity(report, plot_path, top)
 
 
 def main(argv: list[str] | None = None) -> int:

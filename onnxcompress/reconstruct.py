@@ -40,6 +40,7 @@ from onnx import helper, numpy_helper
 from .calib import CalibSource
 from .capture import capture, expose
 from .errors import InputError
+from .progress import track
 from .runtime import make_session
 
 __all__ = [
@@ -953,7 +954,7 @@ def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layer
             (``None``: all). Cost per batch grows with rows × features²; a few thousand rows
             per batch is plenty for the normal equations.
         seed: Seed of the position sampling.
-        progress: Show a progress bar per capture run.
+        progress: Show a progress bar over the layers and one per capture run.
         group_independent: Refit in one run all consecutive layers whose inputs do not depend on
             each other (same result as one layer per run, fewer runs).
         threads: ORT intra-op threads (0: default).
@@ -972,7 +973,8 @@ def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layer
     plans = _resolve(model, layers)
     teach = _Teacher(teacher, sorted({p.target.target for p in plans}), threads)
     opts = _Options(ridge, batch_size, max_positions, seed, progress, threads, chunk_bytes)
-    for group in _rounds(model, plans, group_independent):
+    rounds = _rounds(model, plans, group_independent)
+    for group in track(rounds, f"refitting {len(plans)} layers in {len(rounds)} runs", total=len(rounds), enabled=progress):
         log.debug("refitting %s in one run", [p.label for p in group])
         _refit_round(model, group, teach, data, opts)
     return model, opts.stats
