@@ -81,14 +81,9 @@ def _with_concrete_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) 
 
 def _copy_without_weights(model: onnx.ModelProto, dest: onnx.ModelProto) -> None:
     # Keep dims and dtype only: shape inference needs no values for the weights of Conv/Gemm.
-    graph = model.graph
-    inits = list(graph.initializer)
-    del graph.initializer[:]
-    try:
-        dest.CopyFrom(model)
-    finally:
-        graph.initializer.extend(inits)
-    for init in inits:
+    # (Built field by field: detaching and re-adding the initializers would copy every weight.)
+    dest.CopyFrom(serde.skeleton_model(model))
+    for init in model.graph.initializer:
         if init.data_type == onnx.TensorProto.INT64 and len(init.dims) <= 1:
             dest.graph.initializer.append(init)  # shape constants are needed by Reshape etc.
         else:

@@ -9,6 +9,7 @@ when the weights would not fit in a 2 GB protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from .errors import InputError
 
@@ -38,6 +39,8 @@ __all__ = [
     "weights_nbytes",
     "model_opset",
     "model_bytes",
+    "skeleton_model",
+    "light_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -148,7 +151,7 @@ def _check_supported(model: onnx.ModelProto) -> None:
         if _has_optional(value.type):
             raise InputError(f"value {value.name!r}: optional types are not supported")
     try:
-        onnx.checker.check_model(model) if model.ByteSize() < PROTO_LIMIT else None
+        check_model(model, full=False)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"model fails the ONNX checker: {first}") from None
@@ -223,6 +226,12 @@ def model_bytes(model: onnx.ModelProto) -> int:
 def check_model(model: onnx.ModelProto, *, full: bool = True) -> None:
     """Run ``onnx.checker`` (with shape inference when ``full``), also on models over 2 GB.
 
+    Above the threshold the checker is given a path (a proto over 2 GB cannot be serialized): the
+    graph is written with every initializer over 1 KiB as external data in a *sparse* file of the
+    right size. The checker validates names, types, shapes and locations, never weight values, so
+    no weight is copied or written; small initializers (shape constants) stay inline for shape
+    inference. ``model`` is not modified.
+
     Raises:
         onnx.checker.ValidationError: The model is invalid.
     """
@@ -231,7 +240,7 @@ def check_model(model: onnx.ModelProto, *, full: bool = True) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as tmp:
         path = Path(tmp) / "model.onnx"
-        _write(model, path, external=True)
+        _write_external(model, path, data=False)
         onnx.checker.check_model(str(path), full_check=full)
 
 
@@ -286,13 +295,93 @@ def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
         with open(path, "wb") as fh:
             fh.write(model.SerializeToString())
         return
-    # onnx.save_model moves the weights out of the protos; read them back afterwards so the
-    # caller's model is unchanged without ever holding a second copy of the weights.
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    external_data_helper.load_external_data_for_model(model, str(path.parent))
-    for tensor in external_data_helper._get_all_tensors(model):
-        tensor.ClearField("data_location")
+    _write_external(model, path, data=True)
+
+
+#: Initializers smaller than this stay inline when saving with external data.
+_INLINE_BYTES = 1024
+#: External data offsets are aligned to this (lets onnxruntime map the file instead of copying).
+_ALIGN = 4096
+_TENSOR_HEADER = ("name", "dims", "data_type", "doc_string", "metadata_props")
+
+
+def _write_external(model: onnx.ModelProto, path: Path, *, data: bool) -> None:
+    """Write ``model`` to ``path`` with its main-graph initializers over 1 KiB in ``<name>.data``.
+
+    The model is not modified and no second copy of its weights is built: a weight-less skeleton
+    is serialized and each initializer's bytes are streamed to the data file one at a time
+    (protobuf's arenas never give memory back, so moving weights out of the protos and reading
+    them back, as ``onnx.save_model`` does, would grow the process by the weights' size).
+    With ``data=False`` the data file is sparse (right size, no bytes written): for the checker.
+    """
+    skeleton = skeleton_model(model)
+    location = path.name + ".data"
+    offset = 0
+    with open(path.with_name(location), "wb") as fh:
+        for init in model.graph.initializer:
+            if _tensor_nbytes(init) < _INLINE_BYTES or init.data_type == onnx.TensorProto.STRING \
+                    or external_data_helper.uses_external_data(init):
+                skeleton.graph.initializer.add().CopyFrom(init)
+                continue
+            offset = -(-offset // _ALIGN) * _ALIGN
+            nbytes = _append_external(init, skeleton.graph.initializer.add(), location, offset, fh if data else None)
+            offset += nbytes
+        fh.truncate(offset)
+    with open(path, "wb") as fh:
+        fh.write(skeleton.SerializeToString())
+
+
+def _append_external(init: onnx.TensorProto, dest: onnx.TensorProto, location: str, offset: int, fh) -> int:
+    """Fill ``dest`` with ``init``'s header and an external reference; write the bytes if ``fh``."""
+    for name in _TENSOR_HEADER:
+        if name in init.DESCRIPTOR.fields_by_name:
+            _copy_field(init, dest, init.DESCRIPTOR.fields_by_name[name])
+    raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
+    if fh is not None:
+        fh.seek(offset)
+        fh.write(raw)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        entry = dest.external_data.add()
+        entry.key, entry.value = key, value
+    dest.data_location = onnx.TensorProto.EXTERNAL
+    return len(raw)
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    if not tensor.data_type:
+        return 0
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
+
+
+def _copy_field(src, dest, fd) -> None:
+    if fd.is_repeated:
+        getattr(dest, fd.name).extend(getattr(src, fd.name))
+    elif fd.message_type is not None:
+        if src.HasField(fd.name):
+            getattr(dest, fd.name).CopyFrom(getattr(src, fd.name))
+    elif src.HasField(fd.name) if fd.has_presence else True:
+        setattr(dest, fd.name, getattr(src, fd.name))
+
+
+def _copy_except(src, dest, skip: frozenset[str]) -> None:
+    for fd in src.DESCRIPTOR.fields:
+        if fd.name not in skip:
+            _copy_field(src, dest, fd)
+
+
+def skeleton_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the main graph's initializers (everything else is copied).
+
+    Copies field by field: building it never touches, copies or moves the weights.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_except(model, skeleton, frozenset({"graph"}))
+    _copy_except(model.graph, skeleton.graph, frozenset({"initializer"}))
+    return skeleton
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -308,9 +397,14 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         template: The model the graph came from; its ``ir_version``, producer, doc string,
             model version and metadata are carried over.
     """
-    model = gs.export_onnx(graph, do_type_check=False)
+    with _weights_set_aside(graph) as big:
+        model = gs.export_onnx(graph, do_type_check=False)
+    _fill_weights(model, big)
     if template is not None:
         model.ir_version = template.ir_version
+        listed = {i.name for i in model.graph.input}
+        if model.ir_version < 4 and any(t.name not in listed for t in model.graph.initializer):
+            model.ir_version = 4  # IR < 4 requires every initializer to be a graph input
         model.producer_name = template.producer_name
         model.producer_version = template.producer_version
         model.domain = template.domain
@@ -321,13 +415,90 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
     return model
 
 
+#: Constants at least this big are exported by :func:`to_model` with a single copy.
+_BIG_CONSTANT = 1 << 20
+
+
+@contextlib.contextmanager
+def _weights_set_aside(graph: gs.Graph):
+    """Swap every big constant's values for a data-less header while the graph is exported.
+
+    ``gs.export_onnx`` copies each initializer three times (its list, ``make_graph``,
+    ``make_model``); protobuf's arenas keep all of it until the model dies. Exporting headers and
+    then writing each weight once into the final model (:func:`_fill_weights`) copies it once.
+    Yields ``{name: original values}``; the graph is restored on exit.
+    """
+    big: dict[str, object] = {}
+    swapped: list[tuple[gs.Constant, object]] = []
+    try:
+        for tensor in _big_constants(graph):
+            header = onnx.TensorProto(name=tensor.name, dims=list(tensor.shape), data_type=_onnx_dtype(tensor))
+            swapped.append((tensor, tensor._values))
+            big[tensor.name] = tensor._values
+            tensor._values = _Header(header, tensor._values)
+        yield big
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
+
+
+class _Header(gs.ir.tensor.LazyValues):
+    """Stands in for a constant's values during export: shape and dtype, no data."""
+
+    def __init__(self, header: onnx.TensorProto, values):  # noqa: D107 - no LazyValues.__init__ (reads data)
+        self.tensor, self.shape, self.nbytes = header, tuple(header.dims), getattr(values, "nbytes", 0)
+        self.dtype = values.dtype
+
+
+def _big_constants(graph: gs.Graph):
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs.ir.tensor.SparseValues):
+            continue
+        values = tensor._values
+        if isinstance(values, gs.ir.tensor.LazyValues):
+            ok = values.tensor.HasField("raw_data") and not external_data_helper.uses_external_data(values.tensor)
+        else:
+            ok = isinstance(values, np.ndarray) and tensor.data_location is None and _onnx_dtype(tensor) is not None
+        if ok and getattr(values, "nbytes", 0) >= _BIG_CONSTANT:
+            yield tensor
+
+
+def _onnx_dtype(tensor: gs.Constant) -> int | None:
+    values = tensor._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        return values.tensor.data_type
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _fill_weights(model: onnx.ModelProto, big: dict[str, object]) -> None:
+    """Write the set-aside values into ``model``'s initializer headers, one tensor at a time."""
+    if not big:
+        return
+    for init in model.graph.initializer:
+        values = big.get(init.name)
+        if values is None:
+            continue
+        if isinstance(values, gs.ir.tensor.LazyValues):
+            init.raw_data = values.tensor.raw_data
+        else:
+            init.raw_data = np.ascontiguousarray(values).tobytes()
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy of ``model`` with inferred value_info.
 
     Uses onnx's inference with data propagation; where it leaves intermediate tensors without a
     shape (dynamic reshapes, unknown ops), falls back to onnxruntime's symbolic shape inference.
-    The input is never modified; on failure the best result so far is returned.
+    The input is never modified; on failure the best result so far is returned. Exception:
+    above the 2 GB threshold (where onnx cannot serialize the model and a copy would double the
+    memory) inference runs on a weight-less copy and its value_info is written into ``model``,
+    which is returned.
     """
+    if weights_nbytes(model) > _EXTERNAL_THRESHOLD:
+        return _infer_in_place(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - inference is best effort
@@ -344,6 +515,29 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # noqa: BLE001 - fallback is best effort
         log.debug("symbolic shape inference failed: %s", exc)
     return inferred
+
+
+def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A weight-less copy for shape inference: big initializers become typed graph inputs.
+
+    Small int64 tensors (shape operands of Reshape, Expand, ...) stay initializers; every other
+    initializer is replaced by a graph input of the same name, dtype and shape.
+    """
+    light = skeleton_model(model)
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT64 and len(init.dims) <= 1 or _tensor_nbytes(init) < _INLINE_BYTES:
+            light.graph.initializer.add().CopyFrom(init)
+        else:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
+def _infer_in_place(model: onnx.ModelProto) -> onnx.ModelProto:
+    stubs = {i.name for i in model.graph.initializer}
+    inferred = infer_shapes(light_model(model))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in stubs)
+    return model
 
 
 def _all_shaped(model: onnx.ModelProto) -> bool:

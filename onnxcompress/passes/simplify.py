@@ -20,6 +20,9 @@ __all__ = ["Simplify"]
 
 log = logging.getLogger(__name__)
 
+#: Decline reason when the weights exceed protobuf's 2 GB limit (onnxsim needs one serialized model).
+R_TOO_LARGE = "onnxsim skipped: weights over 2 GB"
+
 #: onnx-optimizer passes (run by onnxsim) that are not exact: they change results beyond float
 #: rounding on some inputs. ``fuse_bn_into_conv`` is skipped too: BN folding is ``fold_bn``'s job.
 _INEXACT_OPTIMIZERS = (
@@ -70,7 +73,8 @@ class Simplify(Pass):
        exact are switched off, input shapes are never fixed, nothing runs on a network.
        onnxsim's result is used only if it passes the full checker and keeps every graph input and
        output (names, order); otherwise the pass records the decline ``onnxsim failed: <reason>``
-       and continues from the original graph.
+       and continues from the original graph. Above 2 GB of weights onnxsim (which needs one
+       serialized protobuf) is not run: decline ``onnxsim skipped: weights over 2 GB``.
     2. ``Identity`` nodes, and ``Dropout`` nodes in inference mode whose mask output is unused,
        are bypassed. When the output is a graph output, the producer of the input is made to
        write the graph output directly, so graph output names never change; when the input is a
@@ -146,6 +150,10 @@ def _node_count(graph: gs.Graph) -> int:
 
 def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logger: logging.Logger) -> gs.Graph:
     """Run onnxsim on ``graph``; return its result, or ``graph`` itself when onnxsim fails."""
+    if _constant_bytes(graph) > serde.PROTO_LIMIT * 0.9:
+        logger.warning("simplify: the weights are over 2 GB and onnxsim works on one protobuf; continuing without it")
+        result.decline("<model>", R_TOO_LARGE, logger)
+        return graph
     inputs, outputs = _signature(graph.inputs), _signature(graph.outputs)
     model = serde.to_model(graph)
     _hoist_subgraph_initializers(model)
@@ -162,6 +170,11 @@ def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logg
         return graph  # onnxsim only added shape information or renamed nothing: keep ours
     result.modified = True
     return new_graph
+
+
+def _constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of the graph's constants (from shapes and dtypes; nothing is loaded)."""
+    return sum(int(getattr(t._values, "nbytes", 0) or 0) for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
 def _same_computation(a: onnx.GraphProto, b: onnx.GraphProto) -> bool:
