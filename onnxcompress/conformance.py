@@ -1,10 +1,21 @@
-"""Conformance over ONNX's own backend node tests: does a pipeline keep every test model's outputs?
+"""Conformance over ONNX's own backend tests: does a pipeline keep every test model's outputs?
 
-Each case of :func:`onnx.backend.test.case.node.collect_testcases` is first run unchanged in
-onnxruntime (CPU, graph optimizations off) and compared with its reference outputs; a case that
-onnxruntime cannot run or gets wrong is skipped, with the reason. Otherwise the model goes
-through :func:`onnxcompress.serde.load_model`, the pass pipeline, :func:`~onnxcompress.serde.save_model`
-and a reload, is run again and compared with the same references and tolerances.
+Two suites:
+
+* ``node``: every case of :func:`onnx.backend.test.case.node.collect_testcases` (one operator each,
+  references computed by onnx);
+* ``data``: the model folders that ship in the onnx wheel under ``onnx/backend/test/data``:
+  ``simple``, ``pytorch-converted`` and ``pytorch-operator`` (``model.onnx`` plus
+  ``test_data_set_*/input_*.pb`` / ``output_*.pb``), and ``light`` (``light_<name>.onnx`` plus
+  ``light_<name>_output_0.pb``: classic CNNs whose weights are ``ConstantOfShape`` fills; the
+  input is made the way onnx's own backend runner makes it -- ``arange(n).reshape(shape) / n`` in
+  float32, symbolic dims as 1 -- and the tolerances come from the matching ``real/test_<name>/data.json``).
+
+Each case is first run unchanged in onnxruntime (CPU, graph optimizations off) and compared with
+its reference outputs; a case that onnxruntime cannot run or gets wrong is skipped, with the reason.
+Otherwise the model goes through :func:`onnxcompress.serde.load_model`, the pass pipeline,
+:func:`~onnxcompress.serde.save_model` and a reload, is run again and compared with the same
+references and tolerances.
 
 Outcomes: ``PASS``; ``SKIP`` (a reason category such as ``ort cannot run original``); ``FAIL``
 (the optimized model's outputs differ, or onnxruntime cannot run it); ``CRASH`` (onnxcompress
@@ -32,11 +43,16 @@ from .manager import PassManager, parse_spec, registry
 
 __all__ = [
     "CRASH",
+    "DATA_FOLDERS",
     "FAIL",
     "PASS",
     "SKIP",
+    "SUITES",
     "CaseResult",
+    "FolderCase",
+    "collect",
     "collect_cases",
+    "collect_data_cases",
     "default_spec",
     "run_case",
     "run_cases",
@@ -49,6 +65,10 @@ log = logging.getLogger(__name__)
 PASS, SKIP, FAIL, CRASH = "PASS", "SKIP", "FAIL", "CRASH"
 #: onnx's runner uses these when a case does not say.
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-3, 1e-7
+#: Suites :func:`collect` knows.
+SUITES = ("node", "data", "all")
+#: The model folders of ``onnx/backend/test/data`` in the ``data`` suite.
+DATA_FOLDERS = ("light", "simple", "pytorch-converted", "pytorch-operator")
 
 
 @dataclass
@@ -94,6 +114,141 @@ def collect_cases() -> list[Any]:
     return sorted(cases, key=lambda c: c.name)
 
 
+def data_dir() -> Path:
+    """``onnx/backend/test/data`` of the installed onnx."""
+    return Path(onnx.__file__).resolve().parent / "backend" / "test" / "data"
+
+
+@dataclass
+class FolderCase:
+    """A model test stored on disk; the model and data are read when first used.
+
+    Attributes:
+        name: ``<folder>/<test name>`` (e.g. ``simple/test_sign_model``, ``light/light_resnet50``).
+        model_path: The ``.onnx`` file.
+        data_dirs: ``test_data_set_*`` folders (``input_*.pb``, ``output_*.pb``); empty for ``light``.
+        light_outputs: ``light``: the reference output files, in output order.
+        rtol: Relative tolerance.
+        atol: Absolute tolerance.
+    """
+
+    name: str
+    model_path: Path
+    data_dirs: list[Path]
+    light_outputs: list[Path]
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    _model: onnx.ModelProto | None = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The test model (loaded once)."""
+        if self._model is None:
+            self._model = onnx.load(str(self.model_path))
+        return self._model
+
+    @property
+    def data_sets(self) -> list[tuple[list[Any], list[Any]]]:
+        """``[(inputs, reference outputs)]``, inputs in the order of the non-initializer graph inputs."""
+        graph = self.model.graph
+        inits = {i.name for i in graph.initializer}
+        in_types = [i.type for i in graph.input if i.name not in inits]
+        out_types = [o.type for o in graph.output]
+        if self.light_outputs:
+            inputs = [_light_input(t) for t in in_types]
+            return [(inputs, [_read_proto(p, t) for p, t in zip(self.light_outputs, out_types)])]
+        sets = []
+        for folder in self.data_dirs:
+            ins = sorted(folder.glob("input_*.pb"), key=_pb_index)
+            outs = sorted(folder.glob("output_*.pb"), key=_pb_index)
+            sets.append(([_read_proto(p, t) for p, t in zip(ins, in_types)],
+                         [_read_proto(p, t) for p, t in zip(outs, out_types)]))
+        return sets
+
+
+def _pb_index(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
+
+
+def _light_input(type_proto: onnx.TypeProto) -> np.ndarray:
+    """The input onnx's backend runner feeds a ``light`` model: ``arange(n) / n`` in float32."""
+    tt = type_proto.tensor_type
+    if tt.elem_type != onnx.TensorProto.FLOAT:
+        raise _Outcome(SKIP, "no input generator for this type", f"element type {tt.elem_type}")
+    shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim)
+    n = int(np.prod(shape))
+    return (np.arange(n).reshape(shape) / n).astype(np.float32)
+
+
+def _read_proto(path: Path, type_proto: onnx.TypeProto) -> Any:
+    """A stored input or output: a tensor, a sequence or an optional, as onnx's runner reads it."""
+    from onnx import numpy_helper
+
+    data = path.read_bytes()
+    if type_proto.HasField("sequence_type"):
+        seq = onnx.SequenceProto()
+        seq.ParseFromString(data)
+        return numpy_helper.to_list(seq)
+    if type_proto.HasField("optional_type"):
+        opt = onnx.OptionalProto()
+        opt.ParseFromString(data)
+        return numpy_helper.to_optional(opt)
+    if type_proto.HasField("tensor_type"):
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(data)
+        return tensor if tensor.data_type in _RAW_TYPES else numpy_helper.to_array(tensor)
+    raise _Outcome(SKIP, "unsupported value type", f"{path.name}: {type_proto.WhichOneof('value')}")
+
+
+def collect_data_cases(folders: Sequence[str] = DATA_FOLDERS, root: Path | None = None) -> list[FolderCase]:
+    """The model tests of ``folders`` under ``root`` (default: the onnx wheel's data), sorted by name."""
+    root = root or data_dir()
+    cases: list[FolderCase] = []
+    for folder in folders:
+        base = root / folder
+        if folder == "light":
+            cases += [_light_case(root, path) for path in sorted(base.glob("light_*.onnx"))]
+            continue
+        for case_dir in sorted(p for p in base.iterdir() if (p / "model.onnx").is_file()):
+            rtol, atol = _tolerances(case_dir / "data.json")
+            cases.append(FolderCase(f"{folder}/{case_dir.name}", case_dir / "model.onnx",
+                                    sorted(case_dir.glob("test_data_set_*")), [], rtol, atol))
+    return sorted(cases, key=lambda c: c.name)
+
+
+def _light_case(root: Path, path: Path) -> FolderCase:
+    stem = path.stem  # light_<model>
+    outputs = sorted(path.parent.glob(f"{stem}_output_*.pb"), key=_pb_index)
+    rtol, atol = _tolerances(root / "real" / f"test_{stem[len('light_'):]}" / "data.json")
+    return FolderCase(f"light/{stem}", path, [], outputs, rtol, atol)
+
+
+def _tolerances(path: Path) -> tuple[float, float]:
+    """``rtol``/``atol`` of a case's ``data.json`` (onnx's defaults without one)."""
+    if not path.is_file():
+        return DEFAULT_RTOL, DEFAULT_ATOL
+    import json
+
+    data = json.loads(path.read_text())
+    return float(data.get("rtol", DEFAULT_RTOL)), float(data.get("atol", DEFAULT_ATOL))
+
+
+def collect(suite: str = "node") -> list[Any]:
+    """The cases of ``suite`` (``node``, ``data`` or ``all``), sorted by name within each suite.
+
+    Raises:
+        ValueError: Unknown suite.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid: {', '.join(SUITES)}")
+    cases: list[Any] = []
+    if suite in ("node", "all"):
+        cases += collect_cases()
+    if suite in ("data", "all"):
+        cases += collect_data_cases()
+    return cases
+
+
 def select_cases(cases: Sequence[Any], *, sample: int | None = None, seed: int = 0, filter: str | None = None,
                  include: Iterable[str] = ()) -> list[Any]:
     """A deterministic subset of ``cases`` (in name order).
@@ -115,8 +270,10 @@ def select_cases(cases: Sequence[Any], *, sample: int | None = None, seed: int =
 
 
 def default_spec() -> str:
-    """``fold_bn,simplify``, or ``simplify`` while ``fold_bn`` is not registered."""
-    return "fold_bn,simplify" if "fold_bn" in registry() else "simplify"
+    """The registered lossless passes: ``fold_bn,equalize,simplify`` (``fold_bn`` and
+    ``equalize`` only when registered)."""
+    names = registry()
+    return ",".join([p for p in ("fold_bn", "equalize") if p in names] + ["simplify"])
 
 
 def run_case(case: Any, spec: str, workdir: str | Path) -> CaseResult:
@@ -136,20 +293,21 @@ def run_case(case: Any, spec: str, workdir: str | Path) -> CaseResult:
 def _run_case(case: Any, spec: str, workdir: Path) -> None:
     rtol = DEFAULT_RTOL if case.rtol is None else case.rtol
     atol = DEFAULT_ATOL if case.atol is None else case.atol
-    if not case.data_sets:
+    data_sets = case.data_sets
+    if not data_sets:
         raise _Outcome(SKIP, "no data")
-    _check_original(case.model, case.data_sets, rtol, atol)
+    _check_original(case.model, data_sets, rtol, atol)
     try:
         model = serde.load_model(case.model)
     except InputError as exc:
         raise _Outcome(SKIP, f"loader refuses: {_category(str(exc))}", str(exc)) from None
     try:
         optimized, _ = PassManager(parse_spec(spec)).run(model)
-        path = serde.save_model(optimized, workdir / f"{case.name}.onnx")
+        path = serde.save_model(optimized, workdir / f"{case.name.replace('/', '__')}.onnx")
         reloaded = serde.load_model(path)
     except Exception as exc:  # noqa: BLE001
         raise _Outcome(CRASH, type(exc).__name__, _first_line(exc)) from None
-    for i, (inputs, refs) in enumerate(case.data_sets):
+    for i, (inputs, refs) in enumerate(data_sets):
         try:
             outputs = _ort_run(reloaded, inputs)
         except Exception as exc:  # noqa: BLE001 - ORT raises assorted types

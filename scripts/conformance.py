@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Run a pass pipeline over ONNX's backend node tests and report PASS / SKIP / FAIL / CRASH.
+"""Run a pass pipeline over ONNX's backend tests and report PASS / SKIP / FAIL / CRASH.
+
+Suites (``--suite``): ``node`` (onnx's node test cases), ``data`` (the model folders shipped in
+the onnx wheel: light, simple, pytorch-converted, pytorch-operator) or ``all``.
 
 Usage::
 
-    python scripts/conformance.py                       # every case, pipeline fold_bn,simplify
+    python scripts/conformance.py --suite all --jobs 2  # everything, default lossless pipeline
     python scripts/conformance.py --sample 200 --seed 1 --json out.json
-    python scripts/conformance.py --filter conv --passes simplify:onnxsim=false -v
+    python scripts/conformance.py --suite data --filter light --passes simplify:onnxsim=false -v
 
 Exit code 1 if any case FAILs or CRASHes, else 0.
 """
@@ -27,11 +30,13 @@ log = logging.getLogger("conformance")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=conformance.SUITES, default="node", help="node tests, the data "
+                        "folders, or all (default: node)")
     parser.add_argument("--sample", type=int, default=None, help="run N cases drawn with --seed (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--filter", default=None, help="only cases whose name contains this substring")
-    parser.add_argument("--passes", default=None, help="pipeline spec (default: fold_bn,simplify, or simplify "
-                        "when fold_bn is not registered)")
+    parser.add_argument("--passes", default=None, help="pipeline spec (default: the registered lossless passes, "
+                        "fold_bn,equalize,simplify)")
     parser.add_argument("--jobs", type=int, default=1, help="cases run in parallel (each in its own process)")
     parser.add_argument("--no-isolate", action="store_true", help="run cases in this process (a native crash ends "
                         "the run)")
@@ -48,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("onnxcompress.conformance").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     spec = args.passes or conformance.default_spec()
     start = time.perf_counter()
-    log.info("collecting onnx node test cases...")
-    cases = conformance.select_cases(conformance.collect_cases(), sample=args.sample, seed=args.seed,
+    log.info("collecting onnx test cases (suite %s)...", args.suite)
+    cases = conformance.select_cases(conformance.collect(args.suite), sample=args.sample, seed=args.seed,
                                      filter=args.filter)
     log.info("running %d cases through %r", len(cases), spec)
     results = conformance.run_cases(cases, spec, isolate=not args.no_isolate, jobs=args.jobs)
     summary = conformance.summarize(results)
-    summary.update(spec=spec, seconds=round(time.perf_counter() - start, 1))
+    summary.update(suite=args.suite, spec=spec, seconds=round(time.perf_counter() - start, 1))
     print_summary(summary, results)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "results": [r.as_dict() for r in results]}, indent=1))
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(summary: dict, results: list[conformance.CaseResult]) -> None:
     """Print counts, skip reasons, and every failure and crash with its detail."""
     counts = summary["counts"]
-    print(f"\npipeline {summary['spec']!r}: {summary['total']} cases in {summary['seconds']} s")
+    print(f"\nsuite {summary['suite']}, pipeline {summary['spec']!r}: {summary['total']} cases in "
+          f"{summary['seconds']} s")
     print(f"  passed  {counts['PASS']}")
     print(f"  skipped {counts['SKIP']}")
     for reason, n in summary["skipped_by_reason"].items():

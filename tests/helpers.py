@@ -85,3 +85,10 @@ def run_passes(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None
 def op_types(model: onnx.ModelProto) -> list[str]:
     """Op types of the main graph's nodes, in order."""
     return [n.op_type for n in model.graph.node]
+
+
+def builtin_passes() -> dict:
+    """The registry without passes that tests (or the README's example) register on the fly."""
+    from onnxcompress.manager import registry
+
+    return {n: c for n, c in registry().items() if c.__module__.startswith("onnxcompress.passes.")}

@@ -1,0 +1,125 @@
+"""Every registered pass: same input, options and seed give byte-identical output.
+
+The passes come from :func:`onnxcompress.manager.registry`, so a new pass is covered as soon as it
+is registered. :data:`OPTIONS` gives options where the defaults are not enough (or depend on
+timing); a pass missing from it runs with its defaults. Every pass gets the same calibration
+source (a slice of ``models/digits_calib.npz``), used or not.
+
+Each pass runs twice in this process, and once more in a fresh interpreter with another
+``PYTHONHASHSEED`` (this file run as a script prints the SHA-256 of every pass's output), so
+set/dict iteration order, object ids and hash randomisation cannot leak into the output.
+
+Run as a script: ``python tests/test_determinism.py`` prints ``{pass: sha256}`` as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "resnet_digits.onnx"
+CALIB = ROOT / "models" / "digits_calib.npz"
+CALIB_SAMPLES = 32
+SEED = 7
+
+#: Options per pass where the defaults are not enough; an option the pass does not (yet) have is
+#: dropped, so a table entry never breaks a pass. ``latency_aware`` picks QDQ placement by timing.
+OPTIONS: dict[str, dict[str, str]] = {
+    "prune_channels": {"ratio": "0.5"},
+    "quantize_int8": {"latency_aware": "false"},
+    "factorize_svd": {"rank_ratio": "0.5", "max_mac_ratio": "1.0"},
+    "factorize_tucker": {"rank_ratio": "0.5", "max_mac_ratio": "1.0", "iters": "2"},
+    "factorize_dwsep": {"rank": "1", "max_mac_ratio": "1.0"},
+    "equalize": {},
+}
+
+
+def pass_names() -> list[str]:
+    """Every registered pass, sorted."""
+    from helpers import builtin_passes as registry
+
+    return sorted(registry())
+
+
+def spec_of(name: str) -> str:
+    """``name`` with its table options that the registered pass knows."""
+    from helpers import builtin_passes as registry
+
+    known = registry()[name].options
+    opts = {k: v for k, v in OPTIONS.get(name, {}).items() if k in known}
+    return ":".join([name, *(f"{k}={v}" for k, v in sorted(opts.items()))])
+
+
+def run_pass(name: str, model: onnx.ModelProto) -> tuple[bytes, bool]:
+    """Serialized output of the pass ``name`` on ``model`` (not modified) with a fresh context,
+    and whether the pass changed the graph."""
+    from onnxcompress import serde
+    from onnxcompress.calib import open_source
+    from onnxcompress.manager import PassContext, PassManager, parse_spec
+
+    ctx = PassContext(calib=open_source(str(CALIB), model, limit=CALIB_SAMPLES), seed=SEED)
+    out, records = PassManager(parse_spec(spec_of(name)), ctx).run(serde.load_model(model))
+    return out.SerializeToString(), records[0].result.modified
+
+
+def digests() -> dict[str, str]:
+    """SHA-256 of every pass's output on the fixture model."""
+    model = onnx.load(str(MODEL))
+    return {name: hashlib.sha256(run_pass(name, model)[0]).hexdigest() for name in pass_names()}
+
+
+# ---------------------------------------------------------------- tests (collected by pytest only)
+
+if __name__ != "__main__":
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def model() -> onnx.ModelProto:
+        return onnx.load(str(MODEL))
+
+    @pytest.fixture(scope="module")
+    def outputs(model) -> dict[str, tuple[bytes, bool]]:
+        return {name: run_pass(name, model) for name in pass_names()}
+
+    @pytest.mark.parametrize("name", pass_names())
+    def test_same_bytes_twice_in_one_process(name, model, outputs):
+        before = model.SerializeToString()
+        again, modified = run_pass(name, model)
+        assert model.SerializeToString() == before, f"{name} modified its input model"
+        assert again == outputs[name][0], f"{name}: two runs with the same input, options and seed differ"
+        onnx.checker.check_model(onnx.load_from_string(again), full_check=True)
+        if name in OPTIONS:  # the table's options make these passes fire on the fixture model
+            assert modified, f"{name} changed nothing: its determinism is not tested"
+
+    def test_same_bytes_in_a_fresh_process_with_another_hash_seed(outputs):
+        env = {**os.environ, "PYTHONHASHSEED": "12345", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=ROOT,
+                              timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+        ours = {name: hashlib.sha256(data).hexdigest() for name, (data, _) in outputs.items()}
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        assert not differ, f"output differs in a fresh process with another PYTHONHASHSEED: {differ}"
+
+    def test_table_names_only_known_options_or_future_passes():
+        """A typo in :data:`OPTIONS` would silently test defaults: every key must be an option of
+        its pass (passes not registered yet are allowed)."""
+        from helpers import builtin_passes as registry
+
+        passes = registry()
+        future = {"latency_aware"}  # quantize_int8 option being added
+        for name, opts in OPTIONS.items():
+            if name in passes:
+                assert set(opts) - future <= set(passes[name].options), name
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(digests(), sort_keys=True))
