@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["CATALOG", "MissingModel", "RealModel", "locate"]
+__all__ = ["CATALOG", "MissingModel", "RealModel", "input_shapes", "locate", "symbolic_dims"]
 
 log = logging.getLogger("real_model_files")
 
@@ -92,3 +92,18 @@ def locate(spec: RealModel) -> Path:
             if path.is_file():
                 return path
     raise MissingModel(f"{spec.package} {dist.version} has no {spec.path}: {spec.pip}")
+
+
+def input_shapes(spec: RealModel, side: int) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes of ``spec``: every free spatial dim becomes ``side``."""
+    return {name: tuple(side if d is None else d for d in shape) for name, shape in spec.inputs.items()}
+
+
+def symbolic_dims(model, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Values of the model's symbolic input dims (an ``onnx.ModelProto``'s) for ``shapes``."""
+    dims = {}
+    for inp in model.graph.input:
+        for d, v in zip(inp.type.tensor_type.shape.dim, shapes.get(inp.name, ())):
+            if d.dim_param:
+                dims[d.dim_param] = int(v)
+    return dims

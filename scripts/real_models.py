@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import numpy as np
 import onnx
 import onnxruntime as ort
-from real_model_files import CATALOG, MissingModel, RealModel, locate
+import real_model_files as files
+from real_model_files import CATALOG, MissingModel, RealModel, locate, symbolic_dims
 
 import onnxcompress
 from onnxcompress import serde
@@ -79,18 +80,7 @@ DEFAULT_SIZE = {"nudenet": 320, "craftnet": 320, "refinenet": 160}
 
 def input_shapes(spec: RealModel, size: int | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes (free spatial dims = ``size``, default per model)."""
-    side = size or DEFAULT_SIZE.get(spec.key, 224)
-    return {name: tuple(side if d is None else d for d in shape) for name, shape in spec.inputs.items()}
-
-
-def symbolic_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Values of the model's symbolic input dims for ``shapes`` (for MAC counts)."""
-    dims = {}
-    for inp in model.graph.input:
-        for d, v in zip(inp.type.tensor_type.shape.dim, shapes.get(inp.name, ())):
-            if d.dim_param:
-                dims[d.dim_param] = int(v)
-    return dims
+    return files.input_shapes(spec, size or DEFAULT_SIZE.get(spec.key, 224))
 
 
 def random_inputs(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:

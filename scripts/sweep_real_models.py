@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np
 import onnx
-from real_model_files import CATALOG, MissingModel, RealModel, locate
+import real_model_files as files
+from real_model_files import CATALOG, MissingModel, RealModel, locate, symbolic_dims
 
 import onnxcompress
 from onnxcompress.errors import GateFailed, InputError
@@ -61,18 +62,7 @@ SIZES = {"nudenet": 160, "craftnet": 128, "refinenet": 64, "ddddocr_ocr": 128, "
 
 def input_shapes(spec: RealModel, size: int | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes: free spatial dims = ``size`` (default: :data:`SIZES`, else 224)."""
-    side = size or SIZES.get(spec.key, 224)
-    return {name: tuple(side if d is None else d for d in shape) for name, shape in spec.inputs.items()}
-
-
-def symbolic_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Values of the model's symbolic input dims for ``shapes``."""
-    dims = {}
-    for inp in model.graph.input:
-        for d, v in zip(inp.type.tensor_type.shape.dim, shapes.get(inp.name, ())):
-            if d.dim_param:
-                dims[d.dim_param] = int(v)
-    return dims
+    return files.input_shapes(spec, size or SIZES.get(spec.key, 224))
 
 
 APPLIED, NO_CHANGE, DECLINED, GATE, CRASH, INVALID = (

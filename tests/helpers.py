@@ -92,3 +92,17 @@ def builtin_passes() -> dict:
     from onnxcompress.manager import registry
 
     return {n: c for n, c in registry().items() if c.__module__.startswith("onnxcompress.passes.")}
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the real-model tests reuse the scripts' code)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module

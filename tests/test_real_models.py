@@ -11,24 +11,10 @@ within 1e-4 relative.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_models.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("real_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("real_models", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-rm = _load_script()
+rm = load_script("real_models")
 
 #: key -> (input size for free spatial dims, minimum groups pruned, allowed freeze reasons)
 EXPECT = {

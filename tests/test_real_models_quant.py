@@ -9,31 +9,19 @@ script's job.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from helpers import load_script
 
 from onnxcompress.calib import open_source
 from onnxcompress.manager import PassContext, PassManager, parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.qdq import R_QUANTIZED
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_models_quant.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("real_models_quant", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("real_models_quant", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-rq = _load_script()
+rq = load_script("real_models_quant")
 
 #: key -> (min cosine per output, max unfused Q/DQ: islands the model's float ops force)
 EXPECT = {

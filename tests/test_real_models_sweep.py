@@ -6,25 +6,10 @@ Skipped (with the install command) when the package is missing. Each cell must e
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-from helpers import builtin_passes
+from helpers import builtin_passes, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_real_models.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sweep_real_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("sweep_real_models", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_script()
+sweep = load_script("sweep_real_models")
 
 #: model -> passes (None: every registered pass), chosen to stay cheap.
 SUBSET = {
