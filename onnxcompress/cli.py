@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -21,6 +19,7 @@ from . import bench as _bench
 from .calib import parse_dims
 from .display import show_metrics, show_passes, show_report, show_validation
 from .errors import GateFailed, InputError, OnnxCompressError
+from .fileio import atomic_write
 from .manager import registry
 from .recipes import builtin_recipes, load_recipe
 from .validate import Gate
@@ -86,20 +85,7 @@ def _write_json(target: str | None, payload: dict) -> None:
     if target == "-":
         click.echo(text)
         return
-    _atomic_text(Path(target), text + "\n")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{folder}: folder does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxcompress-", dir=folder)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror})") from None
+    atomic_write(target, lambda fh: fh.write((text + "\n").encode("utf-8")))
 
 
 @cli.command()
@@ -277,7 +263,12 @@ def report_cmd(obj: dict, inputs: tuple[Path, ...], output: Path, as_html: bool,
 def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: str, qopts: str | None, prepare: str,
                 json_path: str | None, plot_path: Path | None, top: int, **kw) -> None:
     """Quantize one layer at a time (the rest float) and rank layers by the output SQNR they cost."""
-    from .quant.sensitivity import parse_options, plot_sensitivity, require_matplotlib, show_sensitivity
+    from .quant.sensitivity import (
+        parse_options,
+        plot_sensitivity,
+        require_matplotlib,
+        show_sensitivity,
+    )
 
     if plot_path is not None:
         require_matplotlib()

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 from . import __version__
 from .display import human_bytes, human_count
 from .errors import InputError
+from .fileio import atomic_write
 
 __all__ = [
     "Source",
@@ -792,39 +792,12 @@ class _Plotter:
         with matplotlib.style.context("default"):
             fig = _PLOTTERS[kind](*args)
             path = self.folder / name
-            _atomic_write(path, lambda fh: fig.savefig(fh, format="png", metadata={"Software": None}))
+            atomic_write(path, lambda fh: fig.savefig(fh, format="png", metadata={"Software": None}))
         self.files.append(path)
         return Image(name, f"{kind} plot: {label}")
 
 
 # --- writing ------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(binary file)`` into a temporary file in the folder, then rename."""
-    folder = path.parent
-    if not folder.is_dir():
-        raise InputError(f"{folder}: folder does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxcompress-", dir=folder)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        raise
 
 
 def _blocks(inputs: Inputs, title: str, top: int, plot: Callable | None, note: str | None) -> list[Block]:
@@ -886,10 +859,10 @@ def build_report(paths: Sequence[str | os.PathLike], output: str | os.PathLike, 
     written = list(plotter.files) if plotter else []
     if md_path is not None:
         text = render_markdown(blocks)
-        _atomic_write(md_path, lambda fh: fh.write(text.encode("utf-8")))
+        atomic_write(md_path, lambda fh: fh.write(text.encode("utf-8")))
         written.append(md_path)
     if html_path is not None:
         page = render_html(blocks, title)
-        _atomic_write(html_path, lambda fh: fh.write(page.encode("utf-8")))
+        atomic_write(html_path, lambda fh: fh.write(page.encode("utf-8")))
         written.append(html_path)
     return written
