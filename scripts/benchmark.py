@@ -28,6 +28,7 @@ Prints a Markdown table (the README's) with the machine line above it. Not a tes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -96,9 +97,10 @@ def _ort_row(model_path: Path, method: str, tmp: Path, out: Path) -> dict:
     start = time.perf_counter()
     pre = tmp / f"{model_path.stem}.ort_pre.onnx"
     quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)  # onnx shape inference suffices
-    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method))
+    with contextlib.redirect_stdout(sys.stderr):  # its entropy calibrator prints progress
+        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
     return {"variant": f"ort {method}", "path": out, "seconds": time.perf_counter() - start, "gate": ""}
 
 
