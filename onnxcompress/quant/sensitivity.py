@@ -99,9 +99,10 @@ def plan_params(plan: Plan, calib: Calibration, cfg: QuantConfig, method: str, p
 
     def rng(name: str) -> tuple[float, float]:
         symmetric = cfg.symmetric_activations and name not in plan.one_sided
-        key = (name, method, percentile, symmetric)
+        how = "minmax" if name in plan.unclipped else method  # qdq rule 13
+        key = (name, how, percentile, symmetric)
         if key not in cache:
-            cache[key] = compute_range(calib.collectors[name], method, percentile=percentile, symmetric=symmetric)
+            cache[key] = compute_range(calib.collectors[name], how, percentile=percentile, symmetric=symmetric)
         lo, hi = cache[key]
         if name in plan.bounds:
             lo, hi = max(lo, plan.bounds[name][0]), min(hi, plan.bounds[name][1])

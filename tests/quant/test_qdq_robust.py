@@ -3,7 +3,8 @@
 Lookup-table activations (LeakyRelu/Sigmoid/Softmax fused, HardSigmoid/Tanh not), Resize modes,
 Shape readers of quantized tensors, int8 activations read by several nodes, models that are
 already quantized, opset < 13 with Constant-node weights, and a transformer-style block
-(MatMul, Softmax, LayerNormalization, Gelu).
+(MatMul, Softmax, LayerNormalization, Gelu), shape-derived (static) operands such as a
+detector's anchor grid, and elementwise ops with no path to a quantized Conv/Gemm/MatMul.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from quant.builders import (
     compare,
     consumers,
     feeds_for,
+    inits,
     make_model,
     producers,
     qdq_params,
@@ -24,8 +26,15 @@ from quant.builders import (
     rand,
 )
 
+from onnxcompress import serde
 from onnxcompress.quant import count_unfused_qdq, integer_op_counts, qdq, unfused_qdq
-from onnxcompress.quant.qdq import R_OUTPUT_CONCAT, R_QUANTIZED
+from onnxcompress.quant.qdq import (
+    R_EXCLUDED,
+    R_ISOLATED,
+    R_OUTPUT_CONCAT,
+    R_QUANTIZED,
+    R_STATIC,
+)
 
 X = {"x": ["N", 3, 8, 8]}
 
@@ -257,3 +266,125 @@ def test_concat_feeding_only_the_graph_output_stays_float():
     scores = np.abs(ref[:, 4:] - got[:, 4:]).max()
     assert scores <= 0.05  # their own [0, 1] scale; one scale with the boxes (step ~5) would zero them
     no_island(q)
+
+
+# ------------------------------------------------- static (shape-derived) operands and isolated ops
+
+
+def const(name: str, value) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
+
+
+def anchor_head() -> onnx.ModelProto:
+    """YOLO-style decode: ``(Conv(x) + anchors) * strides`` with anchors/strides built from Shape(x).
+
+    ``anchors = Range(0, W) + 0.5`` (Shape -> Gather -> Cast -> Range -> Add) and
+    ``strides = ConstantOfShape(Shape(anchors)) + 8``: both depend on the input's shape only.
+    """
+    rng = np.random.default_rng(9)
+    init = {**weights(rng, "a", 4, 3), "half": np.array(0.5, np.float32), "eight": np.array(8.0, np.float32)}
+    nodes = [conv("x", "c", "a"), helper.make_node("Shape", ["x"], ["shp"]),
+             const("i3", np.array(3, np.int64)), helper.make_node("Gather", ["shp", "i3"], ["w_i"]),
+             helper.make_node("Cast", ["w_i"], ["w_f"], to=onnx.TensorProto.FLOAT),
+             const("zero", np.array(0.0, np.float32)), const("one", np.array(1.0, np.float32)),
+             helper.make_node("Range", ["zero", "w_f", "one"], ["grid"]),
+             helper.make_node("Add", ["grid", "half"], ["anchors"], name="anchor_add"),
+             helper.make_node("Shape", ["anchors"], ["ashp"]),
+             helper.make_node("ConstantOfShape", ["ashp"], ["zeros"],
+                              value=numpy_helper.from_array(np.zeros(1, np.float32))),
+             helper.make_node("Add", ["zeros", "eight"], ["strides"], name="stride_add"),
+             helper.make_node("Add", ["c", "anchors"], ["box"], name="box_add"),
+             helper.make_node("Mul", ["box", "strides"], ["y"], name="box_mul")]
+    return make_model(nodes, X, ["y"], init)
+
+
+def test_static_tensors_are_the_shape_derived_ones():
+    graph = serde.to_graph(anchor_head())
+    static = qdq.static_tensors(graph)
+    assert {"shp", "w_i", "w_f", "grid", "anchors", "ashp", "zeros", "strides"} <= static
+    assert not {"x", "c", "box", "y"} & static
+    nodes = [helper.make_node("RandomNormal", [], ["r"], shape=[1, 3, 8, 8]),
+             helper.make_node("Add", ["x", "r"], ["y"])]
+    assert not qdq.static_tensors(serde.to_graph(make_model(nodes, X, ["y"], {}))) & {"r", "y"}
+
+
+def test_anchor_and_stride_arithmetic_stays_float():
+    model = anchor_head()
+    q, result = quantize(model)
+    declined = dict(result.declined)
+    assert declined["box_add"] == R_STATIC and declined["box_mul"] == R_STATIC
+    assert declined["anchor_add"] == R_STATIC and declined["stride_add"] == R_STATIC
+    assert "quantized_Add" not in result.stats and "quantized_Mul" not in result.stats
+    prod = producers(q)
+    assert prod["anchors"].op_type == "Add" and prod["strides"].op_type == "Add"  # no Q/DQ on them
+    assert result.stats["quantized_Conv"] == 1 and prod["y"].op_type == "Mul"
+    feeds = feeds_for(model)
+    ref, got = ort_run(model, feeds)[0], ort_run(q, feeds)[0]
+    # only the conv output is quantized (step s): y = 8 * (c + anchors), so |error| stays near 8 * s / 2
+    step = float(qdq_params(q, "c")[1])
+    assert np.abs(ref - got).max() <= 8 * 3 * step and compare(model, q) >= 0.999
+    no_island(q)
+
+
+def test_elementwise_ops_away_from_any_conv_stay_float():
+    """``Add -> Mul`` on a graph input, beside a Conv branch: quantizing them only adds Q/DQ work."""
+    rng = np.random.default_rng(10)
+    init = {**weights(rng, "a", 4, 3), "k": rand(rng, 1, 3, 1, 1), "m": rand(rng, 1, 3, 1, 1)}
+    nodes = [conv("x", "y1", "a"), helper.make_node("Add", ["x", "k"], ["s"], name="lone_add"),
+             helper.make_node("Mul", ["s", "m"], ["y2"], name="lone_mul")]
+    model = make_model(nodes, X, ["y1", "y2"], init)
+    q, result = quantize(model)
+    declined = dict(result.declined)
+    assert declined.get("lone_add") == R_ISOLATED and declined.get("lone_mul") == R_ISOLATED
+    assert result.stats["quantized_Conv"] == 1 and "quantized_Add" not in result.stats
+    feeds = feeds_for(model)
+    np.testing.assert_array_equal(ort_run(model, feeds)[1], ort_run(q, feeds)[1])  # y2 bit-exact float
+    assert compare(model, q) >= 0.99
+    no_island(q)
+
+
+def test_elementwise_only_model_is_left_unchanged():
+    init = {"k": np.array(0.25, np.float32)}
+    nodes = [helper.make_node("Add", ["x", "k"], ["s"], name="add"),
+             helper.make_node("AveragePool", ["s"], ["y"], name="pool", kernel_shape=[2, 2])]
+    model = make_model(nodes, X, ["y"], init)
+    q, result = quantize(model)
+    assert not result.modified
+    assert {w for w, r in result.declined if r == R_ISOLATED} == {"add", "pool"}
+    assert not [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def test_excluding_a_conv_does_not_turn_its_add_float():
+    """Rule 12 is decided without exclusions: quantizing one layer alone (sensitivity) still works."""
+    rng = np.random.default_rng(11)
+    init = {**weights(rng, "a", 3, 3), "shared": rand(rng, 1, 3, 1, 1)}
+    nodes = [conv("x", "c", "a"), helper.make_node("Add", ["c", "shared"], ["s"], name="add"),
+             helper.make_node("Mul", ["s", "shared"], ["y"], name="mul")]  # shared initializer, graph output
+    model = make_model(nodes, X, ["y"], init)
+    q, result = quantize(model, "quantize_int8:exclude=conv_c")
+    declined = dict(result.declined)
+    assert declined["conv_c"] == R_EXCLUDED and R_ISOLATED not in declined.values()
+    assert result.stats["quantized_Add"] == 1 and result.stats["quantized_Mul"] == 1
+    assert np.array_equal(inits(model)["shared"], init["shared"])  # quantized as a copy, never in place
+    assert compare(model, q) >= 0.99
+
+
+def test_silu_output_keeps_its_full_range_whatever_the_method():
+    """Conv -> SiLU (Sigmoid, Mul) -> Conv: the Mul output's scale is the min/max one under mse too."""
+    rng = np.random.default_rng(12)
+    init = {**weights(rng, "a", 4, 3), **weights(rng, "b", 4, 4)}
+    nodes = [conv("x", "c", "a"), helper.make_node("Sigmoid", ["c"], ["sg"]),
+             helper.make_node("Mul", ["c", "sg"], ["silu"], name="silu_mul"), conv("silu", "y", "b")]
+    model = make_model(nodes, X, ["y"], init)
+    plan = qdq.plan_placement(serde.to_graph(model), qdq.QuantConfig(), qdq.PassResult())
+    assert plan.unclipped == {"silu"}
+    scales = {}
+    for method in ("mse", "minmax", "percentile"):
+        q, result = quantize(model, f"quantize_int8:method={method}")
+        assert result.stats["quantized_Mul"] == 1
+        scales[method] = float(qdq_params(q, "silu")[1])
+        assert compare(model, q) >= 0.99
+    assert scales["mse"] == scales["minmax"] == scales["percentile"]
+    c_mse, c_minmax = (float(qdq_params(quantize(model, f"quantize_int8:method={m}")[0], "c")[1])
+                       for m in ("mse", "minmax"))
+    assert c_mse != c_minmax  # other tensors still follow the method
