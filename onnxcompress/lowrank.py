@@ -847,10 +847,10 @@ class FactorizePass(Pass):
         if not nodes:
             self._stats(result, [], False, [])
             return result
-        teacher = serde.to_model(graph)
-        layers = self._scan(graph, teacher, nodes, ctx, result)
+        layers = self._scan(graph, nodes, ctx, result)
         data = self._data(ctx)
-        if data is not None and layers and not self._statistics(teacher, layers, data, ctx, result):
+        teacher = serde.to_model(graph) if data is not None and layers else None  # only data-aware runs read it
+        if teacher is not None and not self._statistics(teacher, layers, data, ctx, result):
             data = None
         names = Names(graph)
         done = [d for d in (self._apply(graph, names, layer, ctx, result) for layer in layers) if d]
@@ -867,9 +867,8 @@ class FactorizePass(Pass):
             return None
         return _Limited(ctx.calib, self.opts["samples"])
 
-    def _scan(self, graph: gs.Graph, teacher: onnx.ModelProto, nodes: list[gs.Node], ctx: PassContext,
-              result: PassResult) -> list[Layer]:
-        shapes = input_shapes(teacher, {n.inputs[0].name for n in nodes if n.inputs})
+    def _scan(self, graph: gs.Graph, nodes: list[gs.Node], ctx: PassContext, result: PassResult) -> list[Layer]:
+        shapes = input_shapes(serde.shape_model(graph), {n.inputs[0].name for n in nodes if n.inputs})
         exclude = set(self.opts["exclude"])
         layers = []
         for node in nodes:

@@ -36,6 +36,8 @@ __all__ = [
     "to_graph",
     "to_model",
     "infer_shapes",
+    "shape_model",
+    "infer_graph",
     "weights_nbytes",
     "model_opset",
     "model_bytes",
@@ -150,6 +152,7 @@ def _check_supported(model: onnx.ModelProto) -> None:
     for value in _all_values(model.graph):
         if _has_optional(value.type):
             raise InputError(f"value {value.name!r}: optional types are not supported")
+    _check_io_ranks(model.graph)
     try:
         check_model(model, full=False)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -164,6 +167,15 @@ def _check_opset(model: onnx.ModelProto) -> None:
             raise InputError("model imports no default-domain (ai.onnx) opset")
     elif opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old (onnxcompress supports opset >= {MIN_OPSET})")
+
+
+def _check_io_ranks(graph: onnx.GraphProto) -> None:
+    """Graph inputs and outputs need a rank (the checker requires a shape field): name the first without."""
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            if value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape"):
+                raise InputError(f"graph {kind} {value.name!r} has unknown rank (no shape); give it one "
+                                 "(e.g. onnx.tools.update_model_dims) or re-export the model")
 
 
 def _has_optional(tp: onnx.TypeProto) -> bool:
@@ -420,18 +432,19 @@ _BIG_CONSTANT = 1 << 20
 
 
 @contextlib.contextmanager
-def _weights_set_aside(graph: gs.Graph):
+def _weights_set_aside(graph: gs.Graph, *, min_bytes: int = _BIG_CONSTANT, keep_int64: bool = False):
     """Swap every big constant's values for a data-less header while the graph is exported.
 
     ``gs.export_onnx`` copies each initializer three times (its list, ``make_graph``,
     ``make_model``); protobuf's arenas keep all of it until the model dies. Exporting headers and
     then writing each weight once into the final model (:func:`_fill_weights`) copies it once.
-    Yields ``{name: original values}``; the graph is restored on exit.
+    Constants under ``min_bytes`` (and, with ``keep_int64``, int64 ones of rank <= 1) keep their
+    values. Yields ``{name: original values}``; the graph is restored on exit.
     """
     big: dict[str, object] = {}
     swapped: list[tuple[gs.Constant, object]] = []
     try:
-        for tensor in _big_constants(graph):
+        for tensor in _big_constants(graph, min_bytes, keep_int64):
             header = onnx.TensorProto(name=tensor.name, dims=list(tensor.shape), data_type=_onnx_dtype(tensor))
             swapped.append((tensor, tensor._values))
             big[tensor.name] = tensor._values
@@ -450,7 +463,7 @@ class _Header(gs.ir.tensor.LazyValues):
         self.dtype = values.dtype
 
 
-def _big_constants(graph: gs.Graph):
+def _big_constants(graph: gs.Graph, min_bytes: int, keep_int64: bool):
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs.ir.tensor.SparseValues):
             continue
@@ -458,9 +471,23 @@ def _big_constants(graph: gs.Graph):
         if isinstance(values, gs.ir.tensor.LazyValues):
             ok = values.tensor.HasField("raw_data") and not external_data_helper.uses_external_data(values.tensor)
         else:
-            ok = isinstance(values, np.ndarray) and tensor.data_location is None and _onnx_dtype(tensor) is not None
-        if ok and getattr(values, "nbytes", 0) >= _BIG_CONSTANT:
-            yield tensor
+            ok = isinstance(values, np.ndarray) and tensor.data_location in (None, onnx.TensorProto.DEFAULT) \
+                and _onnx_dtype(tensor) is not None and _exported_as_is(tensor)
+        if not ok or getattr(values, "nbytes", 0) < min_bytes:
+            continue
+        if keep_int64 and _onnx_dtype(tensor) == onnx.TensorProto.INT64 and len(values.shape) <= 1:
+            continue
+        yield tensor
+
+
+def _exported_as_is(tensor: gs.Constant) -> bool:
+    """Whether graphsurgeon would export ``tensor``'s array without converting it (no bfloat16 etc.)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+    try:
+        return dtype_to_onnx(tensor.export_dtype) == dtype_to_onnx(tensor.dtype)
+    except Exception:  # noqa: BLE001 - an unknown dtype: leave it to graphsurgeon
+        return False
 
 
 def _onnx_dtype(tensor: gs.Constant) -> int | None:
@@ -530,6 +557,49 @@ def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return light
+
+
+def shape_model(graph: gs.Graph) -> onnx.ModelProto:
+    """The :func:`light_model` of ``graph``, exported without reading or copying any big weight.
+
+    Every initializer that :func:`light_model` would turn into a typed graph input is exported
+    as a data-less header (the graph's values are swapped out only during the export), so the
+    cost is that of the graph's structure and small constants, whatever the weights' size.
+    ``graph`` is not modified.
+    """
+    with _weights_set_aside(graph, min_bytes=_INLINE_BYTES, keep_int64=True):
+        model = gs.export_onnx(graph, do_type_check=False)
+    return light_model(model)
+
+
+def infer_graph(graph: gs.Graph) -> onnx.ModelProto:
+    """``infer_shapes(to_model(graph))`` without the weights: for reading shapes and types only.
+
+    Shape inference runs on :func:`shape_model` (big initializers as typed graph inputs; small and
+    int64 rank-<=1 ones, which inference may need the values of, kept whole). The result has the
+    graph's own inputs, the inferred ``value_info`` and outputs, and its initializers as headers
+    (name, dims, data type): initializers over 1 KiB carry **no data**. Memory and time do not
+    grow with the weights' size. ``graph`` is not modified.
+    """
+    light = shape_model(graph)
+    inits = {i.name for i in light.graph.initializer}
+    stubs = [vi for vi in light.graph.input if vi.name not in inits and vi.name not in _graph_input_names(graph)]
+    inferred = infer_shapes(light)
+    stub_names = {vi.name for vi in stubs}
+    keep_inputs = [vi for vi in inferred.graph.input if vi.name not in stub_names]
+    keep_info = [vi for vi in inferred.graph.value_info if vi.name not in stub_names]
+    del inferred.graph.input[:]
+    inferred.graph.input.extend(keep_inputs)
+    del inferred.graph.value_info[:]
+    inferred.graph.value_info.extend(keep_info)
+    for vi in stubs:
+        tt = vi.type.tensor_type
+        inferred.graph.initializer.add(name=vi.name, data_type=tt.elem_type, dims=[d.dim_value for d in tt.shape.dim])
+    return inferred
+
+
+def _graph_input_names(graph: gs.Graph) -> set[str]:
+    return {t.name for t in graph.inputs}
 
 
 def _infer_in_place(model: onnx.ModelProto) -> onnx.ModelProto:

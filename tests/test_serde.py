@@ -157,3 +157,51 @@ def test_model_opset():
     assert serde.model_opset(_model()) == 17
     m = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("ai.onnx.ml", 3)])
     assert serde.model_opset(m) is None
+
+
+def _shape_sig(m):
+    def sig(values):
+        return sorted(v.SerializeToString() for v in values)
+    return (sig(m.graph.input), sig(m.graph.value_info), sig(m.graph.output),
+            sorted((i.name, i.data_type, tuple(i.dims)) for i in m.graph.initializer))
+
+
+@pytest.mark.parametrize("name", ["resnet_digits", "mobilenetv2_digits", "vgg_digits", "concat_digits"])
+def test_infer_graph_matches_infer_shapes_without_weight_data(name):
+    from pathlib import Path
+    graph = serde.to_graph(serde.load_model(Path(__file__).parent.parent / "models" / f"{name}.onnx"))
+    full = serde.infer_shapes(serde.to_model(graph))
+    light = serde.infer_graph(graph)
+    assert _shape_sig(light) == _shape_sig(full)
+    assert all(not i.raw_data for i in light.graph.initializer if serde._tensor_nbytes(i) >= 1024)
+    assert serde.shape_model(graph).ByteSize() < full.ByteSize() / 10
+    assert serde.to_model(graph).SerializeToString() == serde.to_model(serde.to_graph(serde.to_model(graph))).SerializeToString()
+
+
+def test_infer_graph_keeps_reshape_shape_values():
+    import onnx_graphsurgeon as gs
+    big = np.ones((64, 64), np.float32)
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["m"]), onnx.helper.make_node("Reshape", ["m", "s"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [2, 64])], [onnx.helper.make_tensor_value_info("y", 1, None)],
+        [numpy_helper.from_array(big, "w"), numpy_helper.from_array(np.array([16, 8], np.int64), "s")]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    graph = serde.to_graph(model)
+    inferred = serde.infer_graph(graph)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    assert shapes["y"] == [16, 8] and shapes["m"] == [2, 64]
+    assert [i.name for i in inferred.graph.input] == ["x"]
+    assert isinstance(graph.tensors()["w"], gs.Constant) and graph.tensors()["w"].values is not None  # graph untouched
+
+
+def test_to_model_exports_loaded_weights_once():
+    w = np.arange(300_000, dtype=np.float32).reshape(600, 500)
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [onnx.helper.make_tensor_value_info("x", 1, [1, 600])],
+        [onnx.helper.make_tensor_value_info("y", 1, [1, 500])], [numpy_helper.from_array(w, "w")]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    graph = serde.to_graph(model)
+    assert graph.tensors()["w"].values.shape == (600, 500)  # loaded: data_location DEFAULT, now an ndarray
+    assert list(serde._big_constants(graph, 1 << 20, False))  # set aside (single-copy export)
+    out = serde.to_model(graph)
+    assert np.array_equal(numpy_helper.to_array(out.graph.initializer[0]), w)

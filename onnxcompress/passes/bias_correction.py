@@ -131,6 +131,8 @@ class BiasCorrection(Pass):
                                "quantization only (weights stay rounded in the reference)")
             return serde.to_model(dequantized_reference(graph)), "dequantized"
         stored = ctx.extra.get(FLOAT_MODEL_KEY)
+        if callable(stored):  # quantize_int8 leaves a deferred export
+            stored = ctx.extra[FLOAT_MODEL_KEY] = stored()
         if stored is not None and not _same_inputs(stored, graph):
             ctx.logger.warning("bias_correction: the stored float model has other inputs; ignoring it")
             stored = None

@@ -301,10 +301,10 @@ class _State:
 
 
 def _static_shapes(graph: gs.Graph) -> dict[str, tuple[int | None, ...]]:
-    """Shapes of every tensor shape inference can type (exports the graph once)."""
+    """Shapes of every tensor shape inference can type (one weight-less inference)."""
     out: dict[str, tuple[int | None, ...]] = {}
     try:
-        model = serde.infer_shapes(serde.to_model(graph))
+        model = serde.infer_graph(graph)
     except Exception as exc:  # noqa: BLE001 - inference is best effort; unknown shapes decline
         log.debug("equalize: shape inference failed: %s", exc)
         return out

@@ -190,8 +190,8 @@ def _pre_scaled_weights(conv: gs.Node, affine: _Affine) -> str | _Weights:
 
 
 def _infer_ranks(graph: gs.Graph) -> dict[str, int]:
-    """Ranks of every tensor shape inference can type (exports the graph once)."""
-    model = serde.infer_shapes(serde.to_model(graph))
+    """Ranks of every tensor shape inference can type (one weight-less inference)."""
+    model = serde.infer_graph(graph)
     ranks = {}
     for info in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         tensor_type = info.type.tensor_type

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import onnx_graphsurgeon as gs
@@ -201,6 +202,7 @@ class QuantizeInt8(Pass):
         graph.toposort()
         if self._selective():
             return self._run_selective(graph, ctx, cfg, result)
+        reference = _deferred_export(graph)  # before any weight is read: shares the input's protobuf weights
         plan = plan_placement(graph, cfg, result, ctx.logger)
         if not plan.groups:
             return result
@@ -208,7 +210,7 @@ class QuantizeInt8(Pass):
         if not cfg.weights_only:
             calib = self._calibrate(graph, plan, ctx, result)
             params = self._params(plan, calib, cfg, result, ctx)
-        ctx.extra[FLOAT_MODEL_KEY] = serde.to_model(graph)  # bias_correction's float reference
+        ctx.extra[FLOAT_MODEL_KEY] = reference  # bias_correction's float reference
         apply_plan(graph, plan, params, cfg, result)
         result.modified = True
         return result
@@ -394,3 +396,14 @@ class QuantizeInt8(Pass):
             drop = fid.top1_drop if labels else fid.disagreement
             return drop is not None and drop <= o["max_drop"] + 1e-9
         return True
+
+
+def _deferred_export(graph: gs.Graph):
+    """A no-argument callable returning ``serde.to_model(graph)`` as ``graph`` is now.
+
+    The copy shares the constants' arrays (passes never edit them in place), so nothing is
+    exported, and no weight copied, unless a later pass asks for the model.
+    """
+    snapshot = graph.copy()
+    snapshot.producer_name, snapshot.producer_version = graph.producer_name, graph.producer_version
+    return functools.partial(serde.to_model, snapshot)

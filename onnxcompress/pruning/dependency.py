@@ -156,7 +156,7 @@ def graph_info(graph: gs.Graph) -> GraphInfo:
     """Shapes of every tensor (onnx shape inference, then graphsurgeon's own) and the opset."""
     shapes: dict[str, tuple[int | None, ...]] = {}
     try:
-        model = serde.infer_shapes(serde.to_model(graph))
+        model = serde.infer_graph(graph)
         for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
             tt = vi.type.tensor_type
             if tt.HasField("shape"):

@@ -58,7 +58,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``ctx.extra`` key under which ``quantize_int8`` leaves the float model it quantized.
+#: ``ctx.extra`` key under which ``quantize_int8`` leaves the float model it quantized (a ``ModelProto``,
+#: or a no-argument callable that exports it: call it only when needed).
 FLOAT_MODEL_KEY = "quantize_int8.float_model"
 
 R_NOT_QUANTIZED = "weight not quantized (no DequantizeLinear of an integer constant)"
