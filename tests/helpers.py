@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import serde
-from onnxcompress.manager import PassContext, PassManager, parse_spec
+from onnxcompress.manager import PassContext, PassManager, PassResult, parse_spec
 
-__all__ = ["parse", "make_model", "ort_run", "rel_err", "random_feeds", "run_passes", "op_types"]
+__all__ = [
+    "conv_model",
+    "make_model",
+    "op_types",
+    "ort_run",
+    "parse",
+    "random_feeds",
+    "rel_err",
+    "run_checked",
+    "run_passes",
+    "weight_shapes",
+]
 
 
 def parse(text: str) -> onnx.ModelProto:
@@ -20,20 +34,22 @@ def parse(text: str) -> onnx.ModelProto:
     return model
 
 
-def make_model(nodes: list[onnx.NodeProto], inputs: dict, outputs: list[str] | tuple[str, ...],
-               inits: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+def make_model(nodes: list[onnx.NodeProto], inputs: dict, outputs: Sequence[str],
+               inits: dict[str, np.ndarray], opset: int = 17, types: dict[str, int] | None = None) -> onnx.ModelProto:
     """A model with float32 inputs/outputs; ``inputs`` maps names to shapes (symbolic dims allowed).
 
-    Float initializers are stored as float32, others as given. Output shapes come from inference;
-    intermediate shapes stay unknown, as in many exported models. The model passes the full checker.
+    ``types`` gives other element types for some inputs (``TensorProto`` codes). Float initializers
+    are stored as float32, others as given. Output shapes come from inference; intermediate shapes
+    stay unknown, as in many exported models. The model passes the full checker.
     """
     def tensor(name: str, value) -> onnx.TensorProto:
         arr = np.asarray(value)
         return numpy_helper.from_array(arr.astype(np.float32) if arr.dtype.kind == "f" else arr, name=name)
 
+    types = types or {}
     graph = helper.make_graph(
         nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), s) for n, s in inputs.items()],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
         [tensor(k, v) for k, v in inits.items()],
     )
@@ -42,6 +58,20 @@ def make_model(nodes: list[onnx.NodeProto], inputs: dict, outputs: list[str] | t
     del model.graph.value_info[:]
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def conv_model(w: np.ndarray, x_shape: Sequence[Any] | None, bias: np.ndarray | None = None,
+               **attrs: Any) -> onnx.ModelProto:
+    """One Conv ``y = Conv(x, W[, B])`` named ``conv``, with input ``x`` of shape ``x_shape``."""
+    inits = {"W": w} | ({"B": bias} if bias is not None else {})
+    node = helper.make_node("Conv", ["x", "W"] + (["B"] if bias is not None else []), ["y"], "conv", **attrs)
+    return make_model([node], {"x": x_shape}, ["y"], inits)
+
+
+def weight_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    """Shape of each node's input 1 (its weight initializer), in node order."""
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [inits[n.input[1]] for n in model.graph.node]
 
 
 def rel_err(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
@@ -80,6 +110,19 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[st
 def run_passes(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None):
     """Run the pipeline ``spec`` on ``model`` and return ``(new_model, records)``."""
     return PassManager(parse_spec(spec), ctx).run(serde.load_model(model))
+
+
+def run_checked(model: onnx.ModelProto, spec: str, reasons: Iterable[str],
+                ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassResult]:
+    """Run ``spec`` (full checker on the result, graph output names kept) and return the first
+    pass's result, checking that every decline reason (before any `` (detail)``) is in ``reasons``."""
+    new, records = run_passes(model, spec, ctx)
+    onnx.checker.check_model(new, full_check=True)
+    assert [o.name for o in new.graph.output] == [o.name for o in model.graph.output]
+    result = records[0].result
+    allowed = set(reasons)
+    assert all(r.split(" (")[0] in allowed for _, r in result.declined), result.declined
+    return new, result
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:

@@ -35,7 +35,7 @@ from helpers import builtin_passes, ort_run, random_feeds, run_passes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from pruning.cases import make_model, max_err, node, prune, w, zeroed
+from pruning.cases import max_err, padded_depthwise_gemm, prune, zeroed
 
 from onnxcompress import serde
 from onnxcompress.calib import open_source
@@ -332,14 +332,7 @@ def test_pruning_oracles(plan, seed, ratio):
 def test_padded_depthwise_constant_is_exact_or_reported_approximate():
     """Found by the property test: a removed channel's constant is not constant after a padded
     depthwise conv (border pixels), so the compensation must count as approximate."""
-    rng = np.random.default_rng(0)
-    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
-             node("Conv", ["ar", "wd", "bd"], "d", group=8, pads=[1, 1, 1, 1]),
-             node("GlobalAveragePool", ["d"], "g"), node("Flatten", ["g"], "f"),
-             node("Gemm", ["f", "wf", "bf"], "y", transB=1)]
-    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": np.abs(w(rng, 8)) + 0.5, "wd": w(rng, 8, 1, 3, 3), "bd": w(rng, 8),
-             "wf": w(rng, 5, 8), "bf": w(rng, 5)}
-    model = make_model(nodes, {"x": ["N", 3, 8, 8]}, ["y"], inits)
+    model = padded_depthwise_gemm(np.random.default_rng(0))
     pruned, _, remove, report = prune(model, {0: np.array([2, 5])})
     err, scale = max_err(zeroed(model, remove), pruned, random_feeds(model))
     assert err <= TOL * max(1.0, scale) or report.approximate > 0

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from helpers import ort_run
-from onnx import TensorProto, helper, numpy_helper
+from helpers import make_model, ort_run
+from onnx import helper, numpy_helper
 
 from onnxcompress.calib import RandomSource, input_specs
 from onnxcompress.errors import InputError
@@ -24,22 +24,6 @@ from onnxcompress.reconstruct import (
 )
 
 # ---------------------------------------------------------------- builders
-
-
-def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, list], outputs: list[str],
-               inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A float32 opset-17 model with the given nodes, inputs, outputs and initializers."""
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)  # types the graph outputs
-    del model.graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def he(rng: np.random.Generator, *shape: int) -> np.ndarray:

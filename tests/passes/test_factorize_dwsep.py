@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import onnx
 import pytest
-from helpers import make_model, op_types, ort_run, random_feeds, rel_err, run_passes
+from helpers import conv_model, make_model, op_types, ort_run, random_feeds, rel_err, run_checked, weight_shapes
 from onnx import helper
 
 from onnxcompress.calib import open_source
@@ -22,14 +20,7 @@ from onnxcompress.passes.factorize_dwsep import (
     round_multiplier,
 )
 
-Shape = Sequence[Any] | None
 FULL = "max_mac_ratio=100:round_to=1"
-
-
-def conv_model(w: np.ndarray, x_shape: Shape, bias: np.ndarray | None = None, **attrs: Any) -> onnx.ModelProto:
-    inits = {"W": w} | ({"B": bias} if bias is not None else {})
-    node = helper.make_node("Conv", ["x", "W"] + (["B"] if bias is not None else []), ["y"], "conv", **attrs)
-    return make_model([node], {"x": x_shape}, ["y"], inits)
 
 
 def rand(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
@@ -37,17 +28,7 @@ def rand(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarra
 
 
 def factorize(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassResult]:
-    new, records = run_passes(model, spec, ctx)
-    onnx.checker.check_model(new, full_check=True)
-    assert [o.name for o in new.graph.output] == [o.name for o in model.graph.output]
-    result = records[0].result
-    assert all(r.split(" (")[0] in DECLINE_REASONS for _, r in result.declined), result.declined
-    return new, result
-
-
-def weight_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
-    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    return [inits[n.input[1]] for n in model.graph.node]
+    return run_checked(model, spec, DECLINE_REASONS, ctx)
 
 
 def test_registered_and_documented() -> None:

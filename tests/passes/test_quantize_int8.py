@@ -18,7 +18,7 @@ from onnxcompress.errors import InputError
 from onnxcompress.manager import Numerics, PassContext, PassManager, get_pass, parse_spec
 from onnxcompress.passes.quantize_int8 import DECLINE_REASONS, NO_CALIB_MESSAGE
 from onnxcompress.quant import count_unfused_qdq, unfused_qdq
-from quant.builders import NO_VNNI, compare, feeds_for, inits, make_model, producers, qdq_params, quantize, rand
+from quant.builders import NO_VNNI, compare, conv_classifier, feeds_for, inits, make_model, producers, qdq_params, quantize, rand
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 X = {"x": ["N", 3, 8, 8]}
@@ -265,20 +265,6 @@ def test_excluded_relu_is_not_folded():
 # ------------------------------------------------------------------ mixed precision (max_drop / min_cosine)
 
 
-def classifier(rng: np.random.Generator) -> onnx.ModelProto:
-    """conv_a -> Relu -> conv_b -> Relu -> GlobalAveragePool -> Flatten -> fc: output [N, 5]."""
-    init = {"Wa": rand(rng, 4, 3, 3, 3), "Ba": rand(rng, 4), "Wb": rand(rng, 6, 4, 3, 3), "Bb": rand(rng, 6),
-            "F": rand(rng, 5, 6), "Fb": rand(rng, 5)}
-    nodes = [helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
-             helper.make_node("Conv", ["ra", "Wb", "Bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
-             helper.make_node("GlobalAveragePool", ["rb"], ["p"], name="gap"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "F", "Fb"], ["y"], name="fc", transB=1)]
-    return make_model(nodes, X, ["y"], init)
-
-
 def outlier_calib(model: onnx.ModelProto, rng: np.random.Generator, labels: bool = False, n: int = 64):
     """Calibration data with one huge outlier: with minmax, conv_a's input scale becomes very coarse."""
     x = rand(rng, n, 3, 8, 8, scale=1.0)
@@ -295,7 +281,7 @@ def test_min_cosine_falls_back_most_sensitive_first():
     from onnxcompress.quant.sensitivity import Evaluator, Quantizer, rank_layers
 
     rng = np.random.default_rng(20)
-    model = classifier(rng)
+    model = conv_classifier(rng, mid=6)
     calib = outlier_calib(model, rng)
     q = Quantizer(model, QuantConfig(), method="minmax")
     q.calibrate(calib)
@@ -315,7 +301,7 @@ def test_min_cosine_falls_back_most_sensitive_first():
 
 def test_met_target_is_plain_quantization_and_deterministic():
     rng = np.random.default_rng(21)
-    model = classifier(rng)
+    model = conv_classifier(rng, mid=6)
     calib = outlier_calib(model, rng)
     plain, _ = quantize(model, calib=calib)
     a, result = quantize(model, "quantize_int8:min_cosine=0", calib=calib)
@@ -326,7 +312,7 @@ def test_met_target_is_plain_quantization_and_deterministic():
 
 def test_unreachable_target_keeps_every_layer_float(caplog):
     rng = np.random.default_rng(22)
-    model = classifier(rng)
+    model = conv_classifier(rng, mid=6)
     with caplog.at_level(logging.WARNING):
         q, result = quantize(model, "quantize_int8:min_cosine=1.0", calib=outlier_calib(model, rng))
     kept = {w for w, r in result.declined if r == "kept float: sensitivity"}
@@ -338,7 +324,7 @@ def test_unreachable_target_keeps_every_layer_float(caplog):
 
 def test_max_drop_with_labels_is_an_accuracy_drop():
     rng = np.random.default_rng(23)
-    model = classifier(rng)
+    model = conv_classifier(rng, mid=6)
     q, result = quantize(model, "quantize_int8:method=minmax:max_drop=0", calib=outlier_calib(model, rng, labels=True))
     assert result.stats["mixed_bound"] == "accuracy drop" and result.stats["mixed_drop"] <= 0
     assert compare(model, q) >= 0.99
@@ -346,7 +332,7 @@ def test_max_drop_with_labels_is_an_accuracy_drop():
 
 def test_max_drop_without_labels_bounds_top1_disagreement(caplog):
     rng = np.random.default_rng(24)
-    model = classifier(rng)
+    model = conv_classifier(rng, mid=6)
     with caplog.at_level(logging.INFO):
         _, result = quantize(model, "quantize_int8:max_drop=1.5", calib=outlier_calib(model, rng))
     assert result.stats["mixed_bound"] == "top-1 disagreement (no labels)" and result.stats["mixed_drop"] <= 1.5
@@ -368,13 +354,13 @@ def test_mixed_precision_calibrates_once(monkeypatch):
     real = sens.collect_statistics
     monkeypatch.setattr(sens, "collect_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
     rng = np.random.default_rng(26)
-    model = classifier(rng)
+    model = conv_classifier(rng, mid=6)
     _, result = quantize(model, "quantize_int8:method=minmax:min_cosine=0.99999999", calib=outlier_calib(model, rng))
     assert result.stats["fallback_layers"] >= 1 and len(calls) == 1
 
 
 def test_mixed_precision_bad_options():
-    model = classifier(np.random.default_rng(27))
+    model = conv_classifier(np.random.default_rng(27), mid=6)
     with pytest.raises(InputError, match="max_drop must be"):
         quantize(model, "quantize_int8:max_drop=-1")
     with pytest.raises(InputError, match="min_cosine must be"):

@@ -13,33 +13,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from helpers import ort_run, random_feeds
-from onnx import TensorProto, helper, numpy_helper
+from helpers import make_model, ort_run, random_feeds
+from onnx import helper
 
 from onnxcompress import serde
 from onnxcompress.pruning.apply import ApplyReport, apply_pruning, mask_channels
 from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.select import Budget, plan_removal
 
-__all__ = ["CASES", "Case", "assert_equivalent", "choose", "make_model", "node", "prune", "w", "zeroed"]
-
-
-def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, Sequence[Any]], outputs: Sequence[str],
-               inits: dict[str, np.ndarray], opset: int = 17, types: dict[str, int] | None = None) -> onnx.ModelProto:
-    """A model with float32 inputs (unless ``types`` says otherwise); output types come from
-    inference, intermediate shapes are dropped."""
-    types = types or {}
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    del model.graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
-    return model
+__all__ = ["CASES", "X", "Case", "assert_equivalent", "build", "choose", "make_model", "node",
+           "padded_depthwise_gemm", "prune", "w", "zeroed"]
 
 
 def node(op: str, ins: Sequence[str], outs: Sequence[str] | str, **attrs: Any) -> onnx.NodeProto:
@@ -447,6 +430,24 @@ CASES: dict[str, Callable[[np.random.Generator], Case]] = {
     "prelu_consts": prelu_consts,
     "unet_resize_to_skip": unet_resize_to_skip,
 }
+
+
+def build(name: str, seed: int = 0) -> onnx.ModelProto:
+    """The model of ``CASES[name]`` built with a generator seeded with ``seed``."""
+    return CASES[name](np.random.default_rng(seed)).model
+
+
+def padded_depthwise_gemm(rng: np.random.Generator, bias_sign: float = 1.0) -> onnx.ModelProto:
+    """conv → Relu → padded depthwise → GAP → Flatten → Gemm, the first conv's bias of sign
+    ``bias_sign`` (|b| ≥ 0.5): with a positive bias a removed channel's constant is non-zero and not
+    constant after the padded depthwise conv (border pixels); with a negative one it is 0."""
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
+             node("Conv", ["ar", "wd", "bd"], "d", group=8, pads=[1, 1, 1, 1]),
+             node("GlobalAveragePool", ["d"], "g"), node("Flatten", ["g"], "f"),
+             node("Gemm", ["f", "wf", "bf"], "y", transB=1)]
+    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": bias_sign * (np.abs(w(rng, 8)) + 0.5), "wd": w(rng, 8, 1, 3, 3), "bd": w(rng, 8),
+             "wf": w(rng, 5, 8), "bf": w(rng, 5)}
+    return make_model(nodes, X, ["y"], inits)
 
 
 def choose(analysis: Analysis, seed: int = 0, ratio: float = 0.4) -> dict[int, np.ndarray]:

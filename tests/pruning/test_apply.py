@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from pruning.cases import (
     CASES,
+    X,
     assert_equivalent,
+    build,
     make_model,
     max_err,
     node,
+    padded_depthwise_gemm,
     prune,
     w,
     zeroed,
@@ -24,13 +27,6 @@ from pruning.cases import (
 from onnxcompress import serde
 from onnxcompress.pruning.apply import apply_pruning, mask_channels, mask_inputs
 from onnxcompress.pruning.dependency import analyze
-
-X = {"x": ["N", 3, 8, 8]}
-
-
-def build(name: str, seed: int = 0) -> onnx.ModelProto:
-    return CASES[name](np.random.default_rng(seed)).model
-
 
 def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -213,17 +209,10 @@ def test_mask_channels_keeps_shapes():
 def test_padded_depthwise_of_a_removed_constant_is_reported_approximate():
     """A removed channel's non-zero constant through a padded depthwise conv is constant only off
     the border: the downstream fold is reported approximate (a zero constant stays exact)."""
-    rng = np.random.default_rng(0)
-    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
-             node("Conv", ["ar", "wd", "bd"], "d", group=8, pads=[1, 1, 1, 1]),
-             node("GlobalAveragePool", ["d"], "g"), node("Flatten", ["g"], "f"),
-             node("Gemm", ["f", "wf", "bf"], "y", transB=1)]
-    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": np.abs(w(rng, 8)) + 0.5, "wd": w(rng, 8, 1, 3, 3), "bd": w(rng, 8),
-             "wf": w(rng, 5, 8), "bf": w(rng, 5)}
-    *_, report = prune(make_model(nodes, X, ["y"], inits), {0: np.array([2, 5])})
+    *_, report = prune(padded_depthwise_gemm(np.random.default_rng(0)), {0: np.array([2, 5])})
     assert report.compensated == report.approximate == 1
-    inits["b1"] = -inits["b1"]  # relu(negative bias) = 0: the depthwise output is its bias everywhere
-    model = make_model(nodes, X, ["y"], inits)
+    # relu(negative bias) = 0: the depthwise output is its bias everywhere
+    model = padded_depthwise_gemm(np.random.default_rng(0), bias_sign=-1.0)
     pruned, _, remove, report = prune(model, {0: np.array([2, 5])})
     assert report.compensated == 1 and report.approximate == 0
     err, scale = max_err(zeroed(model, remove), pruned, random_feeds(model))

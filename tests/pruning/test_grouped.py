@@ -8,8 +8,9 @@ import pytest
 from helpers import random_feeds
 from onnx import numpy_helper
 from pruning.cases import (
-    CASES,
+    X,
     assert_equivalent,
+    build,
     bn,
     bn_node,
     make_model,
@@ -23,13 +24,6 @@ from pruning.cases import (
 from onnxcompress import serde
 from onnxcompress.pruning.dependency import analyze, refine_blocks
 from onnxcompress.pruning.select import Budget, plan_removal
-
-X = {"x": ["N", 3, 8, 8]}
-
-
-def build(name: str, seed: int = 0) -> onnx.ModelProto:
-    return CASES[name](np.random.default_rng(seed)).model
-
 
 def conv_attrs(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
     """Node name -> (weight shape, group) for every Conv/ConvTranspose."""

@@ -2,42 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx
-from helpers import ort_run, run_passes
-from onnx import TensorProto, helper, numpy_helper
+from helpers import make_model, ort_run, run_passes
+from onnx import helper, numpy_helper
 
 from onnxcompress.calib import CalibSource, open_source
 from onnxcompress.manager import PassContext, PassResult
 
-__all__ = ["make_model", "rand", "calib_for", "feeds_for", "quantize", "inits", "producers", "consumers", "qdq_params",
+__all__ = ["make_model", "rand", "conv_classifier", "calib_for", "feeds_for", "quantize", "inits", "producers", "consumers", "qdq_params",
            "cosine", "compare", "NO_VNNI"]
 
 #: CPU flags without VNNI, so tests do not depend on the machine.
 NO_VNNI = {"avx2"}
 
 
-def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, Sequence[Any]], outputs: Sequence[str],
-               init: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    """A float32 model; graph outputs get their types from shape inference."""
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v), name=k) for k, v in init.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    del model.graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def rand(rng: np.random.Generator, *shape: int, scale: float = 0.5) -> np.ndarray:
     return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def conv_classifier(rng: np.random.Generator, mid: int = 4) -> onnx.ModelProto:
+    """x [N,3,8,8] → conv_a (4 ch) → Relu → conv_b (``mid`` ch) → Relu → GlobalAveragePool → Flatten → fc
+    (Gemm): output [N, 5], four weight layers."""
+    init = {"Wa": rand(rng, 4, 3, 3, 3), "Ba": rand(rng, 4), "Wb": rand(rng, mid, 4, 3, 3), "Bb": rand(rng, mid),
+            "F": rand(rng, 5, mid), "Fb": rand(rng, 5)}
+    nodes = [helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             helper.make_node("Conv", ["ra", "Wb", "Bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             helper.make_node("GlobalAveragePool", ["rb"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "F", "Fb"], ["y"], name="fc", transB=1)]
+    return make_model(nodes, {"x": ["N", 3, 8, 8]}, ["y"], init)
 
 
 def _shape(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from quant.builders import make_model, rand
+from quant.builders import conv_classifier, make_model, rand
 
 import onnxcompress.quant.sensitivity as sens
 from onnxcompress import api, serde
@@ -30,20 +30,6 @@ from onnxcompress.quant.sensitivity import (
 X = {"x": ["N", 3, 8, 8]}
 KEYS = {"kind", "model", "method", "samples", "baseline", "layers"}
 LAYER_KEYS = {"node", "op_type", "macs", "sqnr_db", "cosine"}
-
-
-def two_convs(rng: np.random.Generator) -> onnx.ModelProto:
-    """conv_a -> Relu -> conv_b -> Relu -> GlobalAveragePool -> Flatten -> fc (Gemm): 4 layers."""
-    init = {"Wa": rand(rng, 4, 3, 3, 3), "Ba": rand(rng, 4), "Wb": rand(rng, 4, 4, 3, 3), "Bb": rand(rng, 4),
-            "F": rand(rng, 5, 4), "Fb": rand(rng, 5)}
-    nodes = [helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
-             helper.make_node("Conv", ["ra", "Wb", "Bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
-             helper.make_node("GlobalAveragePool", ["rb"], ["p"], name="gap"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "F", "Fb"], ["y"], name="fc", transB=1)]
-    return make_model(nodes, X, ["y"], init)
 
 
 def shared_weight(rng: np.random.Generator) -> onnx.ModelProto:
@@ -67,7 +53,7 @@ def outlier_data(rng: np.random.Generator, n: int = 48) -> dict[str, np.ndarray]
 
 def test_ranking_schema_and_macs():
     rng = np.random.default_rng(0)
-    model = two_convs(rng)
+    model = conv_classifier(rng)
     report = layer_sensitivity(model, [outlier_data(rng)], method="minmax", prepare="")
     assert isinstance(report, SensitivityReport)
     d = report.as_dict()
@@ -86,7 +72,7 @@ def test_ranking_schema_and_macs():
 
 def test_deterministic_and_calibrates_once(monkeypatch):
     rng = np.random.default_rng(1)
-    model = two_convs(rng)
+    model = conv_classifier(rng)
     data = [outlier_data(rng)]
     calls = []
     real = sens.collect_statistics
@@ -99,7 +85,7 @@ def test_deterministic_and_calibrates_once(monkeypatch):
 
 def test_separate_evaluation_data_and_labels():
     rng = np.random.default_rng(2)
-    model = two_convs(rng)
+    model = conv_classifier(rng)
     calib = [outlier_data(rng)]
     data = [{"x": rand(rng, 20, 3, 8, 8, scale=1.0), "labels": rng.integers(0, 5, 20)}]
     report = layer_sensitivity(model, calib, data, prepare="", name="tiny")
@@ -129,7 +115,7 @@ def test_non_constant_weight_is_not_a_layer():
 
 def test_intermediate_graph_output_is_compared_too():
     rng = np.random.default_rng(5)
-    model = two_convs(rng)
+    model = conv_classifier(rng)
     model = make_model(list(model.graph.node), X, ["ra", "y"], {i.name: onnx.numpy_helper.to_array(i)
                                                                 for i in model.graph.initializer})
     report = layer_sensitivity(model, [outlier_data(rng)], prepare="")
@@ -143,7 +129,7 @@ def test_no_quantizable_layer():
 
 
 def test_bad_options():
-    model = two_convs(np.random.default_rng(6))
+    model = conv_classifier(np.random.default_rng(6))
     with pytest.raises(InputError, match="expected one of"):
         layer_sensitivity(model, "random:4", method="kl")
     with pytest.raises(InputError, match="unknown option"):
@@ -154,7 +140,7 @@ def test_bad_options():
 
 def test_evaluator_recomputes_when_over_budget():
     rng = np.random.default_rng(7)
-    model = two_convs(rng)
+    model = conv_classifier(rng)
     data = open_source([outlier_data(rng)], model)
     q = Quantizer(model, QuantConfig())
     q.calibrate(data)
@@ -169,7 +155,7 @@ def test_evaluator_recomputes_when_over_budget():
 @pytest.fixture()
 def fixture_files(tmp_path):
     rng = np.random.default_rng(8)
-    model = two_convs(rng)
+    model = conv_classifier(rng)
     path = tmp_path / "m.onnx"
     serde.save_model(model, path)
     calib = tmp_path / "calib.npz"

@@ -1,0 +1,197 @@
+"""Streaming ridge least squares: accumulate normal equations batch by batch, then solve.
+
+:class:`LstsqAccumulator` keeps ``XᵀX``, ``XᵀY`` and first/second moments of ``Y ≈ X·W + b``
+(memory independent of the number of samples; optionally several independent problems of the same
+size, for grouped convolutions) and solves the ridge normal equations by Cholesky, falling back to
+an SVD-based ``lstsq`` (then ``pinv``) when the system is singular or badly conditioned.
+``solve(keep=...)`` solves for a subset of the features from the same statistics, and
+``residual_norms`` / ``relative_error`` score any ``(W, b)`` without the data.
+
+Used by :mod:`onnxcompress.reconstruct` (layer refits) through :mod:`onnxcompress.layerview`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.linalg
+
+__all__ = ["DEFAULT_RIDGE", "LstsqAccumulator"]
+
+#: Default relative ridge: λ = ridge · trace(XᵀX) / n_features (on centered features with a bias).
+DEFAULT_RIDGE = 1e-4
+
+_DEAD = 1e-14  # a feature whose (centered) energy is below this fraction of the largest is dropped
+_COND = 1e-12  # (min / max Cholesky diagonal)² below this: treat the system as ill-conditioned
+_RCOND = 1e-12  # singular-value cutoff of the lstsq fallback
+
+
+class LstsqAccumulator:
+    """Streaming normal equations for ``Y ≈ X·W + b`` (optionally several independent groups).
+
+    Statistics are accumulated around a shift (the first batch's column means when fitting a bias)
+    so that centering stays accurate when activations have a large mean.
+
+    Args:
+        n_features: Columns of ``X``.
+        n_targets: Columns of ``Y``.
+        fit_bias: Fit an unpenalized intercept ``b`` (a ones column, handled implicitly).
+        dtype: Accumulation dtype.
+        groups: Number of independent problems of the same size (grouped convolutions);
+            ``add`` then takes ``[groups, n, ...]`` arrays and ``solve`` a ``group`` index.
+    """
+
+    def __init__(self, n_features: int, n_targets: int, fit_bias: bool = True,
+                 dtype: np.dtype | type = np.float64, groups: int = 1):
+        if n_features < 0 or n_targets < 1 or groups < 1:
+            raise ValueError("need n_features >= 0, n_targets >= 1, groups >= 1")
+        self.n_features, self.n_targets, self.groups = n_features, n_targets, groups
+        self.fit_bias = fit_bias
+        self.dtype = np.dtype(dtype)
+        g, f, t = groups, n_features, n_targets
+        self.xx = np.zeros((g, f, f), self.dtype)
+        self.xy = np.zeros((g, f, t), self.dtype)
+        self.sx = np.zeros((g, f), self.dtype)
+        self.sy = np.zeros((g, t), self.dtype)
+        self.yy = np.zeros((g, t), self.dtype)
+        self.x0 = np.zeros((g, f), self.dtype)
+        self.y0 = np.zeros((g, t), self.dtype)
+        self.n_samples = 0
+        #: How the last :meth:`solve` solved: ``cholesky``, ``lstsq``, ``pinv`` or ``none``.
+        self.last_solver = ""
+
+    def _as_groups(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(X, dtype=self.dtype)
+        Y = np.asarray(Y, dtype=self.dtype)
+        if X.ndim == 2:
+            X = X[None]
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        if Y.ndim == 2:
+            Y = Y[None]
+        want_x = (self.groups, X.shape[1], self.n_features)
+        want_y = (self.groups, X.shape[1], self.n_targets)
+        if X.shape != want_x or Y.shape != want_y:
+            raise ValueError(f"expected X {want_x} and Y {want_y}, got {X.shape} and {Y.shape}")
+        return X, Y
+
+    def add(self, X: np.ndarray, Y: np.ndarray) -> None:
+        """Accumulate rows: ``X`` is ``[n, F]`` (or ``[groups, n, F]``), ``Y`` ``[n, T]``."""
+        X, Y = self._as_groups(X, Y)
+        if X.shape[1] == 0:
+            return
+        if self.n_samples == 0 and self.fit_bias:
+            self.x0, self.y0 = X.mean(axis=1), Y.mean(axis=1)
+        Xs = X - self.x0[:, None, :]
+        Ys = Y - self.y0[:, None, :]
+        Xt = Xs.transpose(0, 2, 1)
+        self.xx += Xt @ Xs
+        self.xy += Xt @ Ys
+        self.sx += Xs.sum(axis=1)
+        self.sy += Ys.sum(axis=1)
+        self.yy += np.einsum("gnt,gnt->gt", Ys, Ys)
+        self.n_samples += X.shape[1]
+
+    def gram(self, group: int = 0) -> np.ndarray:
+        """The accumulated (shifted) ``XᵀX`` of ``group`` as a full symmetric matrix."""
+        xx = self.xx[group]
+        return (xx + xx.T) / 2
+
+    def _index(self, keep: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        if keep is None:
+            return np.arange(self.n_features)
+        idx = np.asarray(keep, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_features):
+            raise ValueError(f"keep indices must lie in [0, {self.n_features})")
+        return idx
+
+    def _centered(self, group: int, idx: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(C, D, mean_x, mean_y)``: centered ``XᵀX``, ``XᵀY`` on ``idx`` and the means."""
+        xx = self.gram(group)[np.ix_(idx, idx)]
+        xy = self.xy[group][idx]
+        if not self.fit_bias:
+            zx, zy = np.zeros(len(idx), self.dtype), np.zeros(self.n_targets, self.dtype)
+            return xx, xy, zx, zy
+        n = self.n_samples
+        mu_x, mu_y = self.sx[group][idx] / n, self.sy[group] / n
+        c = xx - n * np.outer(mu_x, mu_x)
+        d = xy - n * np.outer(mu_x, mu_y)
+        return (c + c.T) / 2, d, self.x0[group][idx] + mu_x, self.y0[group] + mu_y
+
+    def solve(self, ridge: float = DEFAULT_RIDGE, keep: Sequence[int] | np.ndarray | None = None,
+              group: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Ridge least squares from the accumulated statistics.
+
+        Args:
+            ridge: Relative ridge: λ = ridge · trace(XᵀX) / features (on the kept, non-constant
+                features; centered when fitting a bias). The bias is not penalized.
+            keep: Solve using only these feature columns (as if the others were removed).
+            group: Which problem, for grouped accumulators.
+
+        Returns:
+            ``(W, b)``: ``W`` is ``[len(keep), T]`` (rows of constant or all-zero features are 0),
+            ``b`` is ``[T]`` or ``None`` without a bias.
+
+        Raises:
+            ValueError: Nothing was accumulated, or bad ``keep``.
+        """
+        if self.n_samples == 0:
+            raise ValueError("no samples accumulated")
+        idx = self._index(keep)
+        c, d, mean_x, mean_y = self._centered(group, idx)
+        w = self._solve_normal(c, d, ridge)
+        return w, (mean_y - mean_x @ w if self.fit_bias else None)
+
+    def _solve_normal(self, c: np.ndarray, d: np.ndarray, ridge: float) -> np.ndarray:
+        w = np.zeros(d.shape, np.float64)
+        diag = np.diag(c)
+        top = float(diag.max()) if diag.size else 0.0
+        alive = np.flatnonzero(diag > _DEAD * top) if top > 0 else np.zeros(0, np.int64)
+        if alive.size == 0:
+            self.last_solver = "none"
+            return w
+        a = c[np.ix_(alive, alive)].astype(np.float64)
+        a[np.diag_indices_from(a)] += ridge * float(np.trace(a)) / alive.size
+        w[alive] = self._solve_spd(a, d[alive].astype(np.float64))
+        return w
+
+    def _solve_spd(self, a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        try:
+            factor = scipy.linalg.cho_factor(a, lower=False, check_finite=False)
+            dg = np.abs(np.diag(factor[0]))
+            if dg.min() ** 2 > _COND * dg.max() ** 2:
+                self.last_solver = "cholesky"
+                return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
+        except np.linalg.LinAlgError:
+            pass
+        try:
+            self.last_solver = "lstsq"
+            return scipy.linalg.lstsq(a, rhs, cond=_RCOND, check_finite=False)[0]
+        except (np.linalg.LinAlgError, ValueError):
+            self.last_solver = "pinv"
+            return np.linalg.pinv(a, rcond=_RCOND, hermitian=True) @ rhs
+
+    def residual_norms(self, W: np.ndarray, b: np.ndarray | None = None,
+                       keep: Sequence[int] | np.ndarray | None = None, group: int = 0) -> tuple[float, float]:
+        """``(‖X·W + b − Y‖², ‖Y‖²)`` over everything accumulated, from the statistics alone.
+
+        ``W`` has one row per kept feature (all features when ``keep`` is ``None``).
+        """
+        idx = self._index(keep)
+        W = np.asarray(W, np.float64).reshape(len(idx), self.n_targets)
+        b = np.zeros(self.n_targets) if b is None else np.asarray(b, np.float64).reshape(-1)
+        n, g = self.n_samples, group
+        xw = self.gram(g)[np.ix_(idx, idx)] @ W
+        shift = self.x0[g][idx] @ W + b - self.y0[g]
+        res = (np.sum(W * xw) - 2 * np.sum(W * self.xy[g][idx]) + self.yy[g].sum()
+               + 2 * shift @ (W.T @ self.sx[g][idx] - self.sy[g]) + n * shift @ shift)
+        ysq = self.yy[g].sum() + 2 * self.y0[g] @ self.sy[g] + n * self.y0[g] @ self.y0[g]
+        return max(float(res), 0.0), float(ysq)
+
+    def relative_error(self, W: np.ndarray, b: np.ndarray | None = None,
+                       keep: Sequence[int] | np.ndarray | None = None, group: int = 0) -> float:
+        """``‖X·W + b − Y‖ / ‖Y‖`` over everything accumulated (0 when ``Y`` is all zero)."""
+        res, ysq = self.residual_norms(W, b, keep, group)
+        return math.sqrt(res / ysq) if ysq > 0 else 0.0
