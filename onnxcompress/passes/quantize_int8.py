@@ -81,10 +81,10 @@ class QuantizeInt8(Pass):
     provider). :func:`onnxcompress.quant.fusion.count_unfused_qdq` checks the result against
     onnxruntime's optimized graph.
 
-    ``symmetric_activations`` targets execution providers that need zero point 0. On the x86 CPU
-    provider (onnxruntime 1.32) int8 activations fuse in simple chains but a quantized tensor read
-    by several nodes keeps its Q/DQ and the nodes around it run in float: uint8 (the default) is
-    the format to use there.
+    ``symmetric_activations`` targets execution providers that need zero point 0. onnxruntime's
+    x86 CPU provider (1.32) fuses int8 activations only where a Q has a single reader, so a
+    quantized tensor read by several nodes is stored as uint8 with zero point ``z + 128`` (the
+    same values, bit for bit): with this option such tensors do not have zero point 0.
 
     ``weights_only``: every Conv/ConvTranspose/Gemm/MatMul weight becomes int8 (per channel)
     behind a DequantizeLinear; computation and activations stay float, biases stay float. No
