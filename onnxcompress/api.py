@@ -97,6 +97,9 @@ def optimize(
         calib: Calibration data for data-driven passes (see :func:`onnxcompress.calib.open_source`).
         data: Validation data; defaults to ``calib``, else seeded random inputs.
         validate: Compare the result with the original in onnxruntime and apply the gate.
+            Without validation nothing needs the original after loading: the manager frees
+            it (and each pass's input) once its graph is built (see :meth:`PassManager.run`'s
+            ``owned``), which bounds peak memory on big models.
         gate: Gate threshold overrides (``min_cosine``, ``max_top1_drop``, ...).
         force: Return the model even if the gate fails (the report says it failed).
         seed: Seed for every random choice.
@@ -125,7 +128,7 @@ def optimize(
         before, box = model_metrics(original, dims), [original]
         if not validate:  # nothing needs the original later: the first pass's result may replace it in memory
             original = None
-        result, records = manager.run(box.pop())
+        result, records = manager.run(box.pop(), owned=not validate)
         report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name)
         if validate:
             source = _validation_source(data, calib, original, seed, samples, dims, preprocess)

@@ -969,6 +969,7 @@ class FactorizePass(Pass):
         last = _rewrite(graph, names, layer, fz)
         log.info("%s: %s -> ranks %s, MACs x%.3f, weight error %.4f%s", self.name, layer.where, fz.ranks, ratio,
                  error, " (whitened)" if layer.sigma is not None else "")
+        _release(layer, fz)
         return _Done(layer, fz, last, target, error)
 
     def _refit(self, graph: gs.Graph, teacher: onnx.ModelProto, done: list[_Done], data: CalibSource,
@@ -1001,6 +1002,25 @@ class FactorizePass(Pass):
             s["refit_layers"] = len(refits)
             s["refit_error_before"] = float(np.mean([r.error_before for r in refits]))
             s["refit_error_after"] = float(np.mean([r.error_after for r in refits]))
+
+
+def _release(layer: Layer, fz: Factorization) -> None:
+    """Drop the arrays a rewritten layer no longer needs, keeping their shapes and dtypes.
+
+    The original weight (now out of the graph unless shared), the float64 product and factors
+    would otherwise live, for every layer, until the pass ends: on a big model more than the
+    weights' size again. What the stats and the refit read later (``shape``, ``size``,
+    ``dtype``) stays right: each array becomes a read-only, zero-byte broadcast of its shape.
+    """
+    layer.weight = _shape_only(layer.weight)
+    fz.approx = _shape_only(fz.approx)
+    for factor in fz.factors:
+        factor.weight = _shape_only(factor.weight)
+
+
+def _shape_only(array: np.ndarray) -> np.ndarray:
+    """A zero-byte, read-only array with ``array``'s shape and dtype (its values are all zero)."""
+    return np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape)
 
 
 def _refittable(layer: Layer) -> bool:

@@ -8,6 +8,7 @@ checker, so a broken rewrite is caught at the pass that made it ("pass X failed 
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "get_pass",
     "parse_spec",
     "PassManager",
+    "RELEASE_BYTES",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,11 @@ class Pass:
     numerics: ClassVar[Numerics] = Numerics.EXACT
     options: ClassVar[Mapping[str, Option]] = {}
     min_opset: ClassVar[int | None] = None
+    #: Whether the manager may release an owned big input before this pass (see :meth:`PassManager.run`).
+    #: Releasing copies the weights out of the input once, up front: worth it for passes that read
+    #: most weights; a pass that reads few (``simplify``) keeps sharing them and, when it changes
+    #: nothing, hands the input back without any export.
+    releases_input: ClassVar[bool] = True
 
     def __init__(self, **opts: Any):
         unknown = sorted(set(opts) - set(self.options))
@@ -268,6 +275,10 @@ def parse_spec(spec: str) -> list[Pass]:
     return out
 
 
+#: Weights from which an owned input model is released before each pass (see :meth:`PassManager.run`).
+RELEASE_BYTES = 256 * 2**20
+
+
 class PassManager:
     """Runs passes in order, checking the model after each one.
 
@@ -290,19 +301,30 @@ class PassManager:
         """The loosest numerics of the pipeline."""
         return max((p.effective_numerics() for p in self.passes), default=Numerics.EXACT)
 
-    def _finish(self, model: onnx.ModelProto, graph: gs.Graph, result: PassResult, full: bool) -> onnx.ModelProto:
-        """Clean up, sort, export and check the pass's graph; an unchanged graph keeps ``model``."""
+    def _finish(self, model: onnx.ModelProto | None, template: onnx.ModelProto, graph: gs.Graph, result: PassResult,
+                full: bool) -> onnx.ModelProto:
+        """Clean up, sort, export and check the pass's graph; an unchanged graph keeps ``model``
+        (exported again when ``model`` was released)."""
         if not result.modified and result.graph is None:
-            return model
+            return model if model is not None else _reexport(graph, template)
         graph = result.graph if result.graph is not None else graph
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        new_model = serde.to_model(graph, model)
+        new_model = serde.to_model(graph, template)
         if self.check:
             serde.check_model(new_model, full=full)
         return new_model
 
-    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    def run(self, model: onnx.ModelProto, *, owned: bool = False) -> tuple[onnx.ModelProto, list[PassRecord]]:
         """Run the pipeline on ``model`` (not modified) and return the new model and the records.
+
+        Args:
+            model: The input model.
+            owned: The caller keeps no reference to ``model`` (pass it as ``run(box.pop())``).
+                Then, for models with at least :data:`RELEASE_BYTES` of weights, each pass's
+                input model is freed as soon as its graph is built (the graph takes a copy of the
+                weights, :func:`~onnxcompress.serde.detach_weights`), so the input's weights never
+                coexist with what the pass reads, builds and exports. Models under the threshold
+                run exactly as without it.
 
         Raises:
             PassFailed: A pass raised or left an invalid model.
@@ -319,20 +341,44 @@ class PassManager:
                     model = upgrade_opset(model, p.min_opset)
                 start = time.perf_counter()
                 graph = serde.to_graph(model)
+                template = model
+                release = owned and p.releases_input and serde.weights_nbytes(model) >= RELEASE_BYTES
+                if release:
+                    template = serde.skeleton_model(model)
+                    serde.detach_weights(graph)
+                    model = None  # the last reference: frees the input's weights (protobuf arena) ...
+                    gc.collect()  # ... once graphs built from it earlier (normalize: reference cycles) are gone
                 result = p.run(graph, self.ctx)
-                new_model = self._finish(model, graph, result, full)
+                if release:  # what the pass dropped (often in reference cycles) goes before the export
+                    gc.collect()
+                new_model = self._finish(model, template, graph, result, full)
+                if release:  # nothing keeps this pass's arrays alive while the next one runs
+                    del graph
+                    result.graph = None
+                    gc.collect()
             except InputError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure inside a pass is reported as such
                 log.debug("pass %s failed", p.name, exc_info=True)
                 raise PassFailed(f"pass {p.name} failed after [{done}]: {type(exc).__name__}: {exc}") from exc
-            model = new_model
+            model, new_model, template = new_model, None, None
             record = PassRecord(p.name, dict(p.opts), p.effective_numerics(), result, time.perf_counter() - start)
             records.append(record)
             log.info("%s: %s", p.name, _stat_line(result))
             if self.on_pass:
                 self.on_pass(record)
         return model, records
+
+
+def _reexport(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """The released model of an unchanged graph: exported as is (no cleanup or sort), with the
+    template's model-level fields present exactly where they were, so a model exported by
+    onnxcompress comes back byte for byte."""
+    model = serde.to_model(graph, template)
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if not template.HasField(name):
+            model.ClearField(name)
+    return model
 
 
 def _passes_full_check(model: onnx.ModelProto) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "check_model",
     "to_graph",
     "to_model",
+    "detach_weights",
     "infer_shapes",
     "shape_model",
     "infer_graph",
@@ -56,6 +57,8 @@ MIN_OPSET = 7
 #: Protobuf's hard limit; above ~this many bytes of weights a model must use external data.
 PROTO_LIMIT = 2**31 - 1
 _EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+#: From this many bytes of weights :func:`check_model` checks a weight-less copy on disk.
+_CHECK_BY_PATH = 256 * 2**20
 
 
 def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
@@ -238,16 +241,18 @@ def model_bytes(model: onnx.ModelProto) -> int:
 def check_model(model: onnx.ModelProto, *, full: bool = True) -> None:
     """Run ``onnx.checker`` (with shape inference when ``full``), also on models over 2 GB.
 
-    Above the threshold the checker is given a path (a proto over 2 GB cannot be serialized): the
-    graph is written with every initializer over 1 KiB as external data in a *sparse* file of the
-    right size. The checker validates names, types, shapes and locations, never weight values, so
-    no weight is copied or written; small initializers (shape constants) stay inline for shape
-    inference. ``model`` is not modified.
+    From :data:`_CHECK_BY_PATH` bytes of weights (and always above 2 GB, where a proto cannot be
+    serialized) the checker is given a path: the graph is written with every initializer over
+    1 KiB as external data in a *sparse* file of the right size. The checker validates names,
+    types, shapes and locations, never weight values, so no weight is copied or written (checking
+    in memory would serialize the model and have onnx parse it again: three copies of the
+    weights); small initializers (shape constants) stay inline for shape inference. ``model`` is
+    not modified.
 
     Raises:
         onnx.checker.ValidationError: The model is invalid.
     """
-    if weights_nbytes(model) <= _EXTERNAL_THRESHOLD:
+    if weights_nbytes(model) < min(_CHECK_BY_PATH, _EXTERNAL_THRESHOLD):
         onnx.checker.check_model(model, full_check=full)
         return
     with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as tmp:
@@ -399,6 +404,56 @@ def skeleton_model(model: onnx.ModelProto) -> onnx.ModelProto:
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import a model into an onnx-graphsurgeon graph (weights are shared, not copied)."""
     return gs.import_onnx(model)
+
+
+def detach_weights(graph: gs.Graph) -> int:
+    """Make ``graph`` independent of the ``ModelProto`` it was imported from; returns tensors copied.
+
+    :func:`to_graph` shares the model's weights: every constant's lazy values point into the
+    model's protobuf arena, and the graph's ``import_domains`` are the model's own repeated field,
+    so while the graph lives, the whole model does (protobuf frees an arena only as a whole). Here
+    each lazily loaded tensor is copied into a standalone message (its own arena, freed as soon as
+    the constant is read into numpy or dropped) and the opset imports are copied, in the graph,
+    its subgraphs, its functions and node attributes. Values stay lazy, so exporting the graph
+    gives the same bytes as before. Costs one copy of the weights while the model is still alive;
+    only worth it when the caller drops the model right after.
+    """
+    copied = 0
+    for g in _graphs_and_functions(graph):
+        if g.import_domains is not None:
+            g.import_domains = [_standalone(d) for d in g.import_domains]
+        for tensor in _constants_of(g):
+            values = tensor._values
+            if isinstance(values, gs.ir.tensor.LazyValues) and not isinstance(values, _Header):
+                tensor._values = type(values)(_standalone(values.tensor))
+                copied += 1
+    return copied
+
+
+def _standalone(message):
+    """A copy of a protobuf message in its own arena."""
+    copy_ = type(message)()
+    copy_.CopyFrom(message)
+    return copy_
+
+
+def _graphs_and_functions(graph: gs.Graph):
+    seen: set[int] = set()
+    for top in [graph, *getattr(graph, "functions", [])]:
+        for g in [top, *top.subgraphs(recursive=True)]:
+            if id(g) not in seen:
+                seen.add(id(g))
+                yield g
+
+
+def _constants_of(graph: gs.Graph):
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            yield tensor
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Constant):
+                yield value
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:

@@ -22,6 +22,7 @@ Usage::
 
     python scripts/large_model.py                       # files in a temporary folder under /tmp
     python scripts/large_model.py --workdir /data/big --keep --steps inspect,fold_bn
+    python scripts/large_model.py --workdir /data/big --reuse --steps prune_channels   # same model again
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def make_large_model(path: Path, pairs: int, seed: int = 0) -> int:
     return w.nbytes
 
 
+def _weights_of(path: Path) -> int:
+    """Bytes of initializer data of a model file (read without its external data)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in model.graph.initializer)
+
+
 def _files_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
 
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--validate", type=int, default=0, metavar="N", help="validate with N random samples instead of --no-validate")
+    parser.add_argument("--reuse", action="store_true", help="use the model already in --workdir (from an earlier --keep run)")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
@@ -186,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     model = workdir / "big.onnx"
     try:
         start = time.perf_counter()
-        weights = make_large_model(model, args.pairs, args.seed)
-        print(f"generated {model} ({weights / 1e9:.2f} GB of weights, {_files_bytes(model) / 1e9:.2f} GB on disk) "
-              f"in {time.perf_counter() - start:.0f} s", flush=True)
+        if args.reuse and model.exists():
+            weights = _weights_of(model)
+            print(f"reusing {model} ({weights / 1e9:.2f} GB of weights)", flush=True)
+        else:
+            weights = make_large_model(model, args.pairs, args.seed)
+            print(f"generated {model} ({weights / 1e9:.2f} GB of weights, {_files_bytes(model) / 1e9:.2f} GB on disk) "
+                  f"in {time.perf_counter() - start:.0f} s", flush=True)
         rows = []
         for step in steps:
             row = run_step(step, model, workdir, args.validate)
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(r['step'] for r in over) or 'none'}")
         return 1 if bad else 0
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:
             for p in workdir.glob("*"):
                 p.unlink()
             if args.workdir is None:

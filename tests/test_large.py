@@ -5,18 +5,25 @@ same code paths give correct models: external-data save and load, the checker gi
 single-copy export, weight-less metrics, and simplify declining onnxsim.
 """
 
+import gc
+import weakref
+
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
+from helpers import ort_run, rel_err
 from onnx import helper, numpy_helper
 
-from onnxcompress import api, runtime, serde
-from onnxcompress.metrics import model_metrics
+from onnxcompress import api, manager, runtime, serde
 from onnxcompress.cli import main
+from onnxcompress.manager import Pass, PassContext, PassResult
+from onnxcompress.metrics import model_metrics
 from onnxcompress.passes import simplify as simplify_mod
-from helpers import ort_run, rel_err
+from onnxcompress.passes.factorize_svd import FactorizeSvd
 
 SMALL = 1 << 20  # 1 MiB: the model below (~10 MB) counts as "over 2 GB"
+_write = serde._write_external
 
 
 def _big_model() -> onnx.ModelProto:
@@ -178,3 +185,109 @@ def test_quantize_weights_only_over_threshold(low_limits):
     out, report = api.optimize(_big_model(), "quantize_int8:weights_only=true", validate=False)
     assert report.passes[0].result.stats.get("weights_int8", 0) == 5
     onnx.checker.check_model(out, full_check=True)
+
+
+# ---------------------------------------------------------------- releasing the input model
+
+
+def _with_constant_node() -> onnx.ModelProto:
+    """``_big_model`` with a ``Constant`` node (its tensor lives in a node attribute) feeding an Add."""
+    m = _big_model()
+    value = numpy_helper.from_array(np.arange(10, dtype=np.float32), "k")
+    m.graph.node.append(helper.make_node("Constant", [], ["k"], value=value, name="k"))
+    m.graph.node.append(helper.make_node("Add", ["logits", "k"], ["out"], name="add"))
+    m.graph.output[0].name = "out"
+    return m
+
+
+def test_detach_weights_makes_the_graph_independent_of_the_model():
+    m = _with_constant_node()
+    graph = serde.to_graph(m)
+    want = serde.to_model(graph).SerializeToString()
+    assert serde.detach_weights(graph) == len(m.graph.initializer) + 1  # + the Constant node's tensor
+    for init in m.graph.initializer:  # the source model changes: the graph must not notice
+        init.raw_data = bytes(len(init.raw_data))
+    m.graph.node[-2].attribute[0].t.raw_data = bytes(40)
+    m.opset_import[0].version = 13
+    assert serde.to_model(graph).SerializeToString() == want
+    assert np.array_equal(graph.tensors()["fc2"].values, numpy_helper.to_array(_big_model().graph.initializer[6]))
+
+
+class _Spy(Pass):
+    """Test pass: zeroes the caller's model's weights, then records what the graph holds."""
+
+    name = "spy_release"
+
+    def __init__(self, held: onnx.ModelProto):
+        super().__init__()
+        self.held, self.seen = held, {}
+
+    def run(self, graph, ctx):
+        for init in self.held.graph.initializer:
+            init.raw_data = bytes(len(init.raw_data))
+        self.seen = {t.name: t.values.copy() for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+        return PassResult()
+
+
+class _KeepSpy(_Spy):
+    """The same, for a pass that asks to keep sharing the input's weights."""
+
+    name = "spy_keep"
+    releases_input = False
+
+
+@pytest.mark.parametrize("release, spy_class", [(False, _Spy), (True, _Spy), (True, _KeepSpy)])
+def test_owned_run_releases_the_input_before_the_pass(monkeypatch, release, spy_class):
+    """Released: the pass's graph no longer shares the input's weights (and an unchanged pass
+    hands back the same bytes). Not released (small model, or a pass with ``releases_input``
+    False): it does, and an unchanged model comes back as is."""
+    monkeypatch.setattr(manager, "RELEASE_BYTES", 0 if release else 1 << 62)
+    m = _big_model()
+    want = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    before = _big_model().SerializeToString()
+    spy = spy_class(m)
+    out, _ = manager.PassManager([spy], check=False).run(m, owned=True)
+    released = release and spy.releases_input
+    assert np.array_equal(spy.seen["fc2"], want["fc2"]) is released
+    if released:
+        assert out is not m and out.SerializeToString() == before
+    else:
+        assert out is m
+
+
+SPECS = ["fold_bn", "prune_channels", "factorize_svd:rank=8", "quantize_int8:weights_only=true",
+         "factorize_svd:min_channels=100000", "fold_bn,prune_channels,simplify"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_released_input_gives_the_same_model(monkeypatch, spec):
+    m = _big_model()
+    want, report = api.optimize(m, spec, validate=False)
+    monkeypatch.setattr(manager, "RELEASE_BYTES", 0)
+    got, _ = api.optimize(m, spec, validate=False)
+    assert got.SerializeToString() == want.SerializeToString()
+    assert m.SerializeToString() == _big_model().SerializeToString()
+    if spec.endswith("100000"):
+        assert not report.passes[0].result.modified  # the unchanged case: re-exported byte for byte
+
+
+def test_factorize_keeps_no_replaced_weight():
+    graph = serde.to_graph(_big_model())
+    ref = weakref.ref(graph.tensors()["fc2"].values)
+    result = FactorizeSvd(rank=8).run(graph, PassContext())
+    gc.collect()
+    assert result.stats["layers_factorized"] == 2 and ref() is None
+    assert result.stats["params_before"] == 2 * 1024 * 1024
+    assert result.stats["params_after"] == 2 * 2 * 1024 * 8
+
+
+def test_check_by_path_from_its_threshold(monkeypatch):
+    monkeypatch.setattr(serde, "_CHECK_BY_PATH", SMALL)
+    calls = []
+    monkeypatch.setattr(serde, "_write_external", lambda *a, **k: (calls.append(1), _write(*a, **k))[1])
+    serde.check_model(_big_model(), full=True)
+    bad = _big_model()
+    bad.graph.node[7].input[0] = "nowhere"
+    with pytest.raises(onnx.checker.ValidationError):
+        serde.check_model(bad, full=True)
+    assert len(calls) == 2

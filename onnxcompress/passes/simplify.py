@@ -92,6 +92,7 @@ class Simplify(Pass):
 
     name = "simplify"
     numerics = Numerics.EXACT
+    releases_input = False  # reads few weights: keep sharing the input's (no copy on big models)
     options: ClassVar[dict[str, Option]] = {
         "onnxsim": Option(bool, True, "run onnxsim first (shape inference, folding, exact fusions)"),
         "fold_constants": Option(bool, True, "fold nodes whose inputs are all constants"),
