@@ -113,6 +113,9 @@ class PassContext:
             ``"fold_bn.gamma"``: ``{tensor name: |gamma| array}`` of the BNs ``fold_bn`` folded,
             keyed by the folded node's output, so ``prune_channels:criterion=bn_scale`` can run
             after ``fold_bn``.
+            ``"quantize_int8.float_model"``: the float model ``quantize_int8`` quantized (or a
+            callable exporting it), ``bias_correction``'s reference.
+            ``"quantize_int8.cpu_flags"``: CPU flags to use instead of ``/proc/cpuinfo``.
     """
 
     calib: Any = None
