@@ -73,6 +73,7 @@ from .capture import capture
 from .errors import InputError
 from .graphutil import Names, node_label
 from .manager import Numerics, Option, Pass, PassContext, PassResult
+from .metrics import concrete_shapes
 from .reconstruct import (
     LayerStats,
     LayerTarget,
@@ -766,37 +767,9 @@ class _Limited(CalibSource):
             yield batch
 
 
-def _concrete_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose symbolic input dims are fixed: the leading one to 1, others to 32."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    inits = {i.name for i in light.graph.initializer}
-    for inp in light.graph.input:
-        if inp.name in inits:
-            continue
-        for axis, d in enumerate(inp.type.tensor_type.shape.dim):
-            if not (d.HasField("dim_value") and d.dim_value > 0):
-                d.Clear()
-                d.dim_value = 1 if axis == 0 else DEFAULT_DYNAMIC_DIM
-    del light.graph.value_info[:]
-    return light
-
-
 def input_shapes(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[int, ...]]:
-    """Fully known shapes of the tensors ``names`` at batch 1 (see :func:`_concrete_copy`)."""
-    try:
-        inferred = serde.infer_shapes(_concrete_copy(model))
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; callers assume defaults
-        log.debug("shape inference failed: %s", exc)
-        return {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        tt = vi.type.tensor_type
-        if vi.name in names and tt.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
-            if all(d > 0 for d in dims):
-                shapes[vi.name] = dims
-    return shapes
+    """Fully known shapes of the tensors ``names`` at batch 1 (other dynamic dims: 32)."""
+    return {name: shape for name, shape in concrete_shapes(model).items() if name in names}
 
 
 def _conv_attrs(attrs: Mapping[str, object]) -> dict:

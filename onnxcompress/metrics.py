@@ -6,6 +6,7 @@ inferred with concrete input sizes; dynamic dims take the values given (batch 1 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -14,7 +15,9 @@ import onnx
 
 from . import serde
 
-__all__ = ["NodeMacs", "ModelMetrics", "model_metrics", "concrete_inputs"]
+__all__ = ["NodeMacs", "ModelMetrics", "model_metrics", "concrete_inputs", "concrete_shapes"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIM = 1
 
@@ -67,9 +70,8 @@ def concrete_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None,
 
 
 def _with_concrete_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """A weight-less copy of the graph with fixed input shapes, for shape inference."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if serde.weights_nbytes(model) < 2**26 else _copy_without_weights(model, light)
+    """A weight-less copy of the graph (:func:`serde.light_model`) with fixed input shapes."""
+    light = serde.light_model(model)
     for inp in light.graph.input:
         if inp.name in shapes:
             for d, v in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):
@@ -79,16 +81,33 @@ def _with_concrete_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) 
     return light
 
 
-def _copy_without_weights(model: onnx.ModelProto, dest: onnx.ModelProto) -> None:
-    # Keep dims and dtype only: shape inference needs no values for the weights of Conv/Gemm.
-    # (Built field by field: detaching and re-adding the initializers would copy every weight.)
-    dest.CopyFrom(serde.skeleton_model(model))
-    for init in model.graph.initializer:
-        if init.data_type == onnx.TensorProto.INT64 and len(init.dims) <= 1:
-            dest.graph.initializer.append(init)  # shape constants are needed by Reshape etc.
-        else:
-            stub = dest.graph.input.add()
-            stub.CopyFrom(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+def concrete_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Every tensor whose shape is fully known once the graph inputs' dynamic dims are fixed
+    (the leading one to ``batch``, any other to :data:`onnxcompress.calib.DEFAULT_DYNAMIC_DIM`).
+
+    Shape inference runs on a weight-less copy; a failure gives ``{}`` (callers use defaults).
+    """
+    from .calib import DEFAULT_DYNAMIC_DIM
+
+    inits = {i.name for i in model.graph.initializer}
+    fixed = {}
+    for inp in model.graph.input:
+        if inp.name not in inits:
+            dims = inp.type.tensor_type.shape.dim
+            fixed[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+                               batch if axis == 0 else DEFAULT_DYNAMIC_DIM for axis, d in enumerate(dims)]
+    try:
+        inferred = serde.infer_shapes(_with_concrete_inputs(model, fixed))
+    except Exception as exc:  # noqa: BLE001 - inference is best effort
+        log.debug("shape inference failed: %s", exc)
+        return {}
+    shapes = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0
+                                                          for d in tt.shape.dim):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+    return shapes
 
 
 def _shape_map(model: onnx.ModelProto) -> dict[str, list[int]]:

@@ -34,8 +34,8 @@ import onnx_graphsurgeon as gs
 
 from .. import serde
 from ..bench import bench, paired_ratio, round_order
-from ..calib import DEFAULT_DYNAMIC_DIM
 from ..manager import PassResult
+from ..metrics import concrete_shapes
 from ..progress import track
 from ..runtime import make_session
 from .qdq import KINDS, apply_plan, plan_placement
@@ -47,7 +47,6 @@ __all__ = [
     "LayerTiming",
     "ModelTimer",
     "Timer",
-    "concrete_shapes",
     "island_layers",
     "layer_models",
     "measure_ratio",
@@ -88,28 +87,6 @@ class LayerTiming:
 
 
 # ---------------------------------------------------------------------------------- shapes
-
-
-def concrete_shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
-    """Every tensor's shape with the leading dynamic dim set to ``batch`` (other dynamic dims: 32)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    inits = {i.name for i in fixed.graph.initializer}
-    for inp in fixed.graph.input:
-        if inp.name in inits:
-            continue
-        for k, d in enumerate(inp.type.tensor_type.shape.dim):
-            if not (d.HasField("dim_value") and d.dim_value > 0):
-                d.Clear()
-                d.dim_value = batch if k == 0 else DEFAULT_DYNAMIC_DIM
-    del fixed.graph.value_info[:]
-    inferred = serde.infer_shapes(fixed)
-    shapes = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            shapes[vi.name] = [int(d.dim_value) for d in tt.shape.dim]
-    return shapes
 
 
 # ---------------------------------------------------------------------------------- models

@@ -140,7 +140,7 @@ def test_dynamic_spatial_dims_get_a_concrete_value():
     model = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="c")], {"x": ["N", 3, "H", "W"]}, ["y"],
                        {"W": rand(rng, 4, 3, 3, 3)})
     shapes = concrete_shapes(model, 2)
-    assert shapes["x"] == [2, 3, 32, 32] and shapes["y"] == [2, 4, 30, 30]
+    assert shapes["x"] == (2, 3, 32, 32) and shapes["y"] == (2, 4, 30, 30)
     q = Quantizer(model, QuantConfig())
     q.calibrate(open_source([{"x": rand(rng, 8, 3, 12, 12)}], model))
     timings = time_layers(q, batch=2, timer=lambda *a: 0.9)
