@@ -25,6 +25,11 @@ Driver (:meth:`FactorizePass.run`):
        node's output tensor in the original model (the teacher) on the calibration data, layer
        by layer in topological order with the already-refitted student's inputs. A last factor
        whose bias is not a constant per-output vector is not refit (``refit_skipped``).
+       A share ``refit_holdout`` of the sampled rows is held out of the fit: the ridge is chosen
+       on them and a refit that does not beat the unrefit factor there is rejected
+       (``refit_rejected``), which stops the overfitting of wide last factors (e.g. dwsep's
+       pointwise conv, ``C_in·m`` features) when few or small calibration images give barely more
+       rows than features.
 """
 
 from __future__ import annotations
@@ -165,6 +170,8 @@ COMMON_OPTIONS: dict[str, Option] = {
     "data_aware": Option(bool, None, "whiten by calibration input statistics and refit the last factor "
                          "(default: on when calibration data is given)"),
     "refit": Option(bool, True, "data-aware: least-squares refit of the last factor to the original output"),
+    "refit_holdout": Option(float, 0.2, "data-aware: share of calibration rows held out to choose the "
+                            "refit's ridge and reject a refit that does not beat the unrefit factor (0: off)"),
     "damp": Option(float, 0.01, "data-aware: whitening damping, relative to the mean input eigenvalue"),
     "samples": Option(int, 256, "data-aware: calibration samples used (0: all)"),
     "max_positions": Option(int, 2048, "data-aware: output positions sampled per batch and layer"),
@@ -322,7 +329,8 @@ class FactorizePass(Pass):
         o = self.opts
         checks = [("max_mac_ratio", o["max_mac_ratio"] > 0), ("min_channels", o["min_channels"] >= 0),
                   ("damp", o["damp"] >= 0), ("samples", o["samples"] >= 0),
-                  ("max_positions", o["max_positions"] >= 1)]
+                  ("max_positions", o["max_positions"] >= 1),
+                  ("refit_holdout", 0.0 <= o["refit_holdout"] < 1.0)]
         checks += [(k, o[k] >= 0) for k in ("iters",) if k in o]
         for key, ok in checks:
             if not ok:
@@ -484,7 +492,8 @@ class FactorizePass(Pass):
             return []
         student = serde.to_model(graph.toposort())
         fixed, stats = reconstruct_layers(student, teacher, targets, data, seed=ctx.seed, threads=1,
-                                          max_positions=self.opts["max_positions"], progress=ctx.progress)
+                                          max_positions=self.opts["max_positions"], progress=ctx.progress,
+                                          holdout=self.opts["refit_holdout"])
         result.graph = serde.to_graph(fixed)
         return stats
 
@@ -502,6 +511,7 @@ class FactorizePass(Pass):
             s["refit_skipped"] = len(done) - len(refits)
         if refits:
             s["refit_layers"] = len(refits)
+            s["refit_rejected"] = sum(1 for r in refits if r.rejected)
             s["refit_error_before"] = float(np.mean([r.error_before for r in refits]))
             s["refit_error_after"] = float(np.mean([r.error_after for r in refits]))
 

@@ -27,6 +27,7 @@ output positions (``max_positions`` per batch).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_MAX_POSITIONS",
     "DEFAULT_RIDGE",
+    "RIDGE_STEPS",
     "SUPPORTED_OPS",
     "ConvGeometry",
     "ConvView",
@@ -82,6 +84,9 @@ log = logging.getLogger(__name__)
 
 #: Default bound on the output positions (rows) sampled per batch and layer.
 DEFAULT_MAX_POSITIONS = 4096
+
+#: With a holdout, the relative ridges tried are ``ridge`` times these; the best on the held-out rows wins.
+RIDGE_STEPS = (1.0, 1e2, 1e4)
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,10 @@ class LayerStats:
     """What one refit did.
 
     ``error_before``/``error_after`` are ``‖X·W + b − Y‖ / ‖Y‖`` on the calibration rows used
-    (student inputs, teacher targets) with the old and the new weights.
+    (student inputs, teacher targets) with the old and the new weights. With a holdout,
+    ``holdout_before``/``holdout_after`` are the same on the held-out rows (not fitted), ``ridge``
+    the relative ridge that did best there, and ``rejected`` says the refit did not beat the old
+    weights on them, so the node was left as it was (``weight``/``bias`` are then its old inputs).
     """
 
     node: str
@@ -128,6 +136,10 @@ class LayerStats:
     solver: str
     weight: str
     bias: str | None = None
+    holdout_before: float | None = None
+    holdout_after: float | None = None
+    ridge: float | None = None
+    rejected: bool = False
 
 
 @dataclass
@@ -147,6 +159,7 @@ class _Options:
     progress: bool
     threads: int
     chunk_bytes: int = CHUNK_BYTES
+    holdout: float = 0.0
     stats: list[LayerStats] = field(default_factory=list)
 
 
@@ -281,7 +294,10 @@ def _refit_round(model: onnx.ModelProto, plans: list[_Plan], teacher: _Teacher, 
                  opts: _Options) -> None:
     views = _views(model, plans)
     accs = [LstsqAccumulator(v.n_features, v.n_targets, v.fit_bias, groups=v.groups) for v in views]
+    holds = [LstsqAccumulator(v.n_features, v.n_targets, v.fit_bias, groups=v.groups) for v in views] \
+        if opts.holdout > 0 else None
     rngs = [np.random.default_rng([opts.seed, p.index]) for p in plans]
+    splits = [np.random.default_rng([opts.seed, p.index, 1]) for p in plans]
     positions = [0] * len(plans)
 
     def consume(batch, tensors: dict[str, np.ndarray]) -> None:
@@ -290,15 +306,70 @@ def _refit_round(model: onnx.ModelProto, plans: list[_Plan], teacher: _Teacher, 
             x, y = tensors[plan.input], targets[plan.target.target]
             for X, Y in view.pairs(x, y, max_positions=opts.max_positions, rng=rngs[i],
                                    chunk_bytes=opts.chunk_bytes):
-                accs[i].add(X, Y)
+                if holds is None:
+                    accs[i].add(X, Y)
+                else:
+                    _add_split(accs[i], holds[i], X, Y, opts.holdout, splits[i])
                 positions[i] += X.shape[1]
 
     samples = capture(model, [p.input for p in plans], data, consume, batch_size=opts.batch_size,
                       threads=opts.threads, progress=opts.progress)
     if samples == 0:
         raise InputError("no calibration samples")
-    for plan, view, acc, pos in zip(plans, views, accs, positions):
-        opts.stats.append(_finish(model, plan, view, acc, opts.ridge, samples, pos))
+    for i, (plan, view, acc, pos) in enumerate(zip(plans, views, accs, positions)):
+        hold = None if holds is None else holds[i]
+        opts.stats.append(_finish(model, plan, view, acc, opts.ridge, samples, pos, hold))
+
+
+def _add_split(fit: LstsqAccumulator, hold: LstsqAccumulator, X: np.ndarray, Y: np.ndarray,
+               share: float, rng: np.random.Generator) -> None:
+    """Add each row of ``(X, Y)`` to ``hold`` with probability ``share``, else to ``fit``."""
+    mask = rng.random(X.shape[-2]) < share
+    for acc, rows in ((fit, ~mask), (hold, mask)):
+        if rows.any():
+            acc.add(X[..., rows, :], Y[..., rows, :])
+
+
+def _merged(a: LstsqAccumulator, b: LstsqAccumulator) -> LstsqAccumulator:
+    """An accumulator holding the rows of both ``a`` and ``b`` (``b``'s statistics moved to ``a``'s shift)."""
+    out = copy.deepcopy(a)
+    d, e, n = b.x0 - a.x0, b.y0 - a.y0, b.n_samples  # rows of b, shifted by a's: Xs_b + d, Ys_b + e
+    out.xx += b.xx + d[:, :, None] * b.sx[:, None, :] + b.sx[:, :, None] * d[:, None, :] \
+        + n * d[:, :, None] * d[:, None, :]
+    out.xy += b.xy + d[:, :, None] * b.sy[:, None, :] + b.sx[:, :, None] * e[:, None, :] \
+        + n * d[:, :, None] * e[:, None, :]
+    out.sx += b.sx + n * d
+    out.sy += b.sy + n * e
+    out.yy += b.yy + 2 * e * b.sy + n * e * e
+    out.n_samples += n
+    return out
+
+
+def _holdout_sums(view: LayerView, hold: LstsqAccumulator, w: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """``(‖residual‖², ‖Y‖²)`` of weights ``w, b`` (``[groups, ...]``) on the held-out rows."""
+    res = ysq = 0.0
+    for g in range(view.groups):
+        r, y = hold.residual_norms(w[g], b[g] if view.fit_bias else None, group=g)
+        res, ysq = res + r, ysq + y
+    return res, ysq
+
+
+def _choose_ridge(view: LayerView, acc: LstsqAccumulator, hold: LstsqAccumulator, keeps: list[np.ndarray] | None,
+                  ridge: float) -> tuple[float, float, float, bool]:
+    """The ridge (of ``ridge·RIDGE_STEPS``) with the least held-out residual; whether it beats the old weights.
+
+    Returns ``(ridge, held-out relative error before, after, accepted)``.
+    """
+    w_cur, b_cur = view.to_matrix()
+    before, ysq = _holdout_sums(view, hold, w_cur, b_cur)
+    best = None
+    for r in (ridge * step for step in RIDGE_STEPS):
+        w, b, _, _ = _solve_layer(view, acc, keeps, r)
+        after, _ = _holdout_sums(view, hold, w, b)
+        if best is None or after < best[1]:
+            best = (r, after)
+    rel = (lambda v: math.sqrt(v / ysq)) if ysq > 0 else (lambda v: 0.0)
+    return best[0], rel(before), rel(best[1]), best[1] < before
 
 
 def _solve_layer(view: LayerView, acc: LstsqAccumulator, keeps: list[np.ndarray] | None,
@@ -321,17 +392,32 @@ def _solve_layer(view: LayerView, acc: LstsqAccumulator, keeps: list[np.ndarray]
 
 
 def _finish(model: onnx.ModelProto, plan: _Plan, view: LayerView, acc: LstsqAccumulator,
-            ridge: float, samples: int, positions: int) -> LayerStats:
+            ridge: float, samples: int, positions: int, hold: LstsqAccumulator | None = None) -> LayerStats:
     keeps = view.feature_keep(plan.target.in_keep)
+    checked: tuple[float, float, float, bool] | None = None
+    if hold is not None and hold.n_samples > 0 and acc.n_samples > 0:
+        checked = _choose_ridge(view, acc, hold, keeps, ridge)
+        ridge = checked[0]
+        acc = _merged(acc, hold)  # the chosen ridge, solved on every row
     w_new, b_new, (before, after, ysq), solvers = _solve_layer(view, acc, keeps, ridge)
-    weight, bias = _write(model, plan.index, view, w_new, b_new)
+    if checked is not None and not checked[3]:
+        node = model.graph.node[plan.index]
+        weight, bias = node.input[1], (node.input[2] if len(node.input) > 2 and node.input[2] else None)
+        after = before
+    else:
+        weight, bias = _write(model, plan.index, view, w_new, b_new)
     rel = (lambda r: math.sqrt(r / ysq)) if ysq > 0 else (lambda r: 0.0)
     kept = view.n_features * view.groups if keeps is None else sum(len(k) for k in keeps)
     stats = LayerStats(plan.label, view.op_type, plan.target.target, rel(before), rel(after), samples,
                        positions, view.groups, view.n_features * view.groups, kept,
                        "+".join(sorted(solvers)), weight, bias)
-    log.info("refit %s (%s): relative error %.4g -> %.4g on %d samples, %d positions",
-             stats.node, stats.op_type, stats.error_before, stats.error_after, samples, positions)
+    if checked is not None:
+        stats.ridge, stats.holdout_before, stats.holdout_after, stats.rejected = \
+            checked[0], checked[1], checked[2], not checked[3]
+    log.info("refit %s (%s): relative error %.4g -> %.4g on %d samples, %d positions%s",
+             stats.node, stats.op_type, stats.error_before, stats.error_after, samples, positions,
+             "" if checked is None else f"; held out {checked[1]:.4g} -> {checked[2]:.4g} (ridge {checked[0]:g})"
+             + (": rejected, weights kept" if not checked[3] else ""))
     return stats
 
 
@@ -395,7 +481,7 @@ def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layer
                        data: CalibSource, *, ridge: float = DEFAULT_RIDGE, batch_size: int = 32,
                        max_positions: int | None = DEFAULT_MAX_POSITIONS, seed: int = 0,
                        progress: bool = False, group_independent: bool = True, threads: int = 0,
-                       chunk_bytes: int = CHUNK_BYTES) -> tuple[onnx.ModelProto, list[LayerStats]]:
+                       chunk_bytes: int = CHUNK_BYTES, holdout: float = 0.0) -> tuple[onnx.ModelProto, list[LayerStats]]:
     """Refit ``layers`` of ``student`` so that their outputs match tensors of ``teacher``.
 
     Layers are processed in the student's topological order; each layer's inputs are captured from
@@ -419,6 +505,12 @@ def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layer
             each other (same result as one layer per run, fewer runs).
         threads: ORT intra-op threads (0: default).
         chunk_bytes: Bound on one chunk of the im2col feature matrix.
+        holdout: Share of the sampled rows (drawn with ``seed``) kept out of the fit, in ``[0, 1)``.
+            When > 0, each layer is solved for every ridge of ``ridge·RIDGE_STEPS``, the one with
+            the least residual on the held-out rows is taken, and the refit is rejected (the node
+            keeps its weights, ``LayerStats.rejected``) unless it beats the old weights there: a
+            guard against overfitting when the rows barely outnumber the features (few, small
+            calibration images; many im2col features).
 
     Returns:
         ``(model, stats)``: the refitted copy and one :class:`LayerStats` per layer, in the order
@@ -432,7 +524,9 @@ def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layer
     model.CopyFrom(student)
     plans = _resolve(model, layers)
     teach = _Teacher(teacher, sorted({p.target.target for p in plans}), threads)
-    opts = _Options(ridge, batch_size, max_positions, seed, progress, threads, chunk_bytes)
+    if not 0.0 <= holdout < 1.0:
+        raise InputError(f"holdout={holdout}: must lie in [0, 1)")
+    opts = _Options(ridge, batch_size, max_positions, seed, progress, threads, chunk_bytes, holdout)
     rounds = _rounds(model, plans, group_independent)
     for group in track(rounds, f"refitting {len(plans)} layers in {len(rounds)} runs", total=len(rounds), enabled=progress):
         log.debug("refitting %s in one run", [p.label for p in group])

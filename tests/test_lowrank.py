@@ -255,3 +255,24 @@ def test_vbmf_on_pure_noise_keeps_little() -> None:
     s = np.linalg.svd(np.random.default_rng(10).standard_normal((50, 80)), compute_uv=False)
     assert vbmf_rank(s, (50, 80)) == 1  # estimate 0, at least 1 kept
     assert evbmf(np.zeros(4), (4, 6))[0] == 0
+
+
+def test_refit_holdout_merge_equals_one_accumulator() -> None:
+    """Rows split into fit / held-out accumulators and merged back solve exactly like all rows at once."""
+    from onnxcompress.lstsq import LstsqAccumulator
+    from onnxcompress.reconstruct import _merged
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((2, 50, 6)) + 3.0, rng.standard_normal((2, 50, 4)) - 1.0
+    whole, fit, hold = (LstsqAccumulator(6, 4, True, groups=2) for _ in range(3))
+    whole.add(X, Y)
+    fit.add(X[:, :30], Y[:, :30])
+    hold.add(X[:, 30:], Y[:, 30:])
+    merged = _merged(fit, hold)
+    for g in range(2):
+        w1, b1 = whole.solve(1e-3, group=g)
+        w2, b2 = merged.solve(1e-3, group=g)
+        np.testing.assert_allclose(w2, w1, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(b2, b1, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(merged.residual_norms(w1, b1, group=g), whole.residual_norms(w1, b1, group=g),
+                                   rtol=1e-9)

@@ -7,10 +7,20 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from helpers import conv_model, make_model, op_types, ort_run, random_feeds, rel_err, run_checked, weight_shapes
+from helpers import (
+    conv_model,
+    make_model,
+    op_types,
+    ort_run,
+    random_feeds,
+    rel_err,
+    run_checked,
+    weight_shapes,
+)
 from onnx import helper
 
 from onnxcompress.calib import open_source
+from onnxcompress.errors import InputError
 from onnxcompress.lowrank import R_GROUPED, R_NOT_PAY, R_TINY
 from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass
 from onnxcompress.passes.factorize_dwsep import (
@@ -129,3 +139,26 @@ def test_data_aware_beats_plain_and_is_deterministic() -> None:
     test = {"x": images(7, 32)}
     assert rel_err(model, aware, test) < 0.8 * rel_err(model, plain, test)
     assert result.stats["refit_error_after"] <= result.stats["refit_error_before"] + 1e-9
+
+
+def test_refit_holdout_guards_against_overfitting() -> None:
+    """Few small calibration images, wide pointwise factor (rows < features): the refit must not hurt.
+
+    Without the holdout (``refit_holdout=0``) the least-squares refit of the pointwise factor
+    interpolates the 32 calibration rows with 128 features and is far worse on new data than no
+    refit at all; with it the refit is rejected or regularized, never worse than no refit.
+    """
+    rng = np.random.default_rng(3)
+    model = conv_model(rand(rng, 64, 64, 3, 3), ["N", 64, 4, 4], rand(rng, 64), pads=[1, 1, 1, 1])
+    calib = {"x": np.random.default_rng(8).random((2, 64, 4, 4), dtype=np.float32)}
+    test = {"x": np.random.default_rng(9).random((8, 64, 4, 4), dtype=np.float32)}
+    ctx = PassContext(calib=open_source([calib], model), seed=0)
+    spec = "factorize_dwsep:rank=2:round_to=1"
+    guarded, result = factorize(model, spec, ctx)
+    unrefit, _ = factorize(model, f"{spec}:refit=false", ctx)
+    naive, _ = factorize(model, f"{spec}:refit_holdout=0", ctx)
+    assert rel_err(model, guarded, test) <= 1.01 * rel_err(model, unrefit, test)
+    assert rel_err(model, naive, test) > 1.2 * rel_err(model, unrefit, test)  # the failure the guard prevents
+    assert result.stats["refit_layers"] == 1 and "refit_rejected" in result.stats
+    with pytest.raises(InputError, match="refit_holdout"):
+        get_pass("factorize_dwsep")(refit_holdout=1.0)
