@@ -1,0 +1,134 @@
+"""Fingerprint what the tool produces, to prove a refactor changed nothing.
+
+Runs, on every fixture model in ``models/``, every built-in recipe and every registered pass at its
+default options (``onnxcompress optimize --seed 0 --force`` with the fixture calibration and test
+splits), and records the sha256 of each written ``.onnx`` and of its ``--json`` report with timings
+removed (decline lists are reduced to the declined names, whose reasons may be reworded).
+
+    python scripts/check_outputs.py --write outputs.json      # record
+    python scripts/check_outputs.py --compare outputs.json    # exit 1 on any difference
+
+Runs go through the installed CLI in subprocesses (``--jobs`` at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+FIXTURES = ("resnet_digits", "mobilenetv2_digits", "vgg_digits", "concat_digits")
+_TIMING_KEYS = {"seconds", "elapsed", "wall_seconds"}
+
+
+def _jobs() -> list[tuple[str, str, str]]:
+    recipes = sorted(p.stem for p in (ROOT / "passes").glob("*.toml"))
+    out = subprocess.run([sys.executable, "-m", "onnxcompress", "passes", "--json"],
+                         capture_output=True, text=True, check=True)
+    passes = sorted(p["name"] for p in json.loads(out.stdout)["passes"])
+    jobs = []
+    for model in FIXTURES:
+        jobs += [(model, "recipe", r) for r in recipes]
+        jobs += [(model, "passes", p) for p in passes]
+    return jobs
+
+
+def _strip(value):
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k in _TIMING_KEYS or k.endswith("_seconds"):
+                continue
+            if k == "declined" and isinstance(v, list):
+                out[k] = sorted(str(d.get("where")) for d in v)
+                continue
+            out[k] = _strip(v)
+        return out
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _run(job: tuple[str, str, str], tmp: Path) -> dict:
+    model, kind, name = job
+    stem = f"{model}.{name}"
+    onnx_path, json_path = tmp / f"{stem}.onnx", tmp / f"{stem}.json"
+    cmd = [sys.executable, "-m", "onnxcompress", "-q", "optimize", str(MODELS / f"{model}.onnx"), f"--{kind}", name,
+           "--calib", str(MODELS / "digits_calib.npz"), "--data", str(MODELS / "digits_test.npz"),
+           "--seed", "0", "--force", "--json", str(json_path), "-o", str(onnx_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp)
+    row = {"exit": proc.returncode}
+    if onnx_path.exists():
+        row["onnx"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    if json_path.exists():
+        report = _strip(json.loads(json_path.read_text()))
+        report.pop("model", None)
+        report.pop("output", None)
+        row["json"] = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+        row["report"] = report
+    if proc.returncode not in (0, 1):
+        row["stderr"] = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+    return {f"{model} {kind} {name}": row}
+
+
+def fingerprint(jobs: int) -> dict:
+    """``{"model kind name": {"exit", "onnx", "json", "report"}}`` for every run."""
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        rows = list(pool.map(lambda j: _run(j, Path(tmp)), _jobs()))
+    return {k: v for row in rows for k, v in row.items()}
+
+
+def _compare(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a is None or b is None:
+            diffs.append(f"{key}: {'new' if a is None else 'missing'}")
+            continue
+        for field in ("exit", "onnx", "json"):
+            if a.get(field) != b.get(field):
+                diffs.append(f"{key}: {field} differs ({a.get(field)} -> {b.get(field)})")
+                if field == "json":
+                    diffs += _report_diff(a.get("report"), b.get("report"), key)
+    return diffs
+
+
+def _report_diff(a, b, where: str, depth: int = 0) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict) and depth < 6:
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out += _report_diff(a.get(k), b.get(k), f"{where}.{k}", depth + 1)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and depth < 6:
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _report_diff(x, y, f"{where}[{i}]", depth + 1)]
+    return [f"    {where}: {json.dumps(a)[:200]} -> {json.dumps(b)[:200]}"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", type=Path, help="record the fingerprints here")
+    ap.add_argument("--compare", type=Path, help="compare with fingerprints recorded earlier")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    rows = fingerprint(args.jobs)
+    if args.write:
+        args.write.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    print(f"{len(rows)} runs: " + ", ".join(f"exit {c}: {sum(r['exit'] == c for r in rows.values())}"
+                                          for c in sorted({r['exit'] for r in rows.values()})))
+    if args.compare:
+        diffs = _compare(json.loads(args.compare.read_text()), rows)
+        print("\n".join(diffs) if diffs else "identical: every .onnx sha256 and every --json (timings removed)")
+        return 1 if diffs else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
