@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .api import Report, compare, inspect, optimize, sensitivity
-from .calib import Batch, CalibSource, Preprocess, open_source
-from .errors import GateFailed, InputError, OnnxCompressError, PassFailed
-from .manager import Numerics, Option, Pass, PassContext, PassManager, PassResult, get_pass, parse_spec, register, registry
+from onnxcompress._version import __version__
+from onnxcompress.api import Report, compare, inspect, optimize, sensitivity
+from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError, PassFailed
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.pipeline.manager import PassManager, get_pass, parse_spec, registry
+from onnxcompress.runtime.data import Batch, CalibSource, Preprocess, open_source
 
 __all__ = [
     "__version__",

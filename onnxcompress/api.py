@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import onnx
 
-from . import serde
-from .calib import CalibSource, open_source
-from .errors import GateFailed, InputError
-from .manager import Numerics, Pass, PassContext, PassManager, PassRecord, parse_spec
-from .metrics import ModelMetrics, model_metrics
-from .progress import steps
-from .recipes import Recipe, check_requirements, load_recipe
-from .validate import Gate, ValidationReport, compare_models
+from onnxcompress.core import serde
+from onnxcompress.core.errors import GateFailed, InputError
+from onnxcompress.core.metrics import ModelMetrics, model_metrics
+from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
+from onnxcompress.pipeline.manager import PassManager, parse_spec
+from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
+from onnxcompress.pipeline.validate import Gate, ValidationReport, compare_models
+from onnxcompress.runtime.data import CalibSource, open_source
+from onnxcompress.runtime.progress import steps
 
 __all__ = ["Report", "optimize", "inspect", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
 
@@ -94,7 +96,7 @@ def optimize(
         model: Path, bytes or ``ModelProto`` (never modified).
         passes: ``"fold_bn,prune_channels:ratio=0.3"`` or a list of :class:`Pass` objects.
         recipe: A built-in recipe name or a TOML path (default: ``default`` when ``passes`` is None).
-        calib: Calibration data for data-driven passes (see :func:`onnxcompress.calib.open_source`).
+        calib: Calibration data for data-driven passes (see :func:`onnxcompress.runtime.data.open_source`).
         data: Validation data; defaults to ``calib``, else seeded random inputs.
         validate: Compare the result with the original in onnxruntime and apply the gate.
             Without validation nothing needs the original after loading: the manager frees
@@ -186,6 +188,6 @@ def sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, **kwargs
     arguments: ``method``, ``options``, ``prepare``, ``batch_size``, ``samples``, ``seed``,
     ``dims``, ``preprocess``, ``progress``, ``name``); returns its ``SensitivityReport``.
     """
-    from .quant.sensitivity import layer_sensitivity
+    from onnxcompress.pipeline.sensitivity import layer_sensitivity
 
     return layer_sensitivity(model, calib, data, **kwargs)

@@ -14,15 +14,17 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from . import __version__, api, serde
-from . import bench as _bench
-from .calib import parse_dims
-from .display import show_metrics, show_passes, show_report, show_validation
-from .errors import GateFailed, InputError, OnnxCompressError
-from .fileio import atomic_write
-from .manager import registry
-from .recipes import builtin_recipes, load_recipe
-from .validate import Gate
+from onnxcompress import api
+from onnxcompress._version import __version__
+from onnxcompress.core import serde
+from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
+from onnxcompress.core.fileio import atomic_write
+from onnxcompress.pipeline.manager import registry
+from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
+from onnxcompress.pipeline.validate import Gate
+from onnxcompress.reporting.display import show_bench, show_metrics, show_passes, show_report, show_validation
+from onnxcompress.runtime import bench as _bench
+from onnxcompress.runtime.data import parse_dims
 
 __all__ = ["main", "cli"]
 
@@ -224,7 +226,7 @@ def bench(obj: dict, models: tuple[Path, ...], provider: str, threads: int, warm
                           dims=parse_dims(dims), data=data, seed=seed, optimize=ort_opt,
                           progress=obj["progress"], preprocess=preprocess)
     if json_path != "-" and not obj["quiet"]:
-        _bench.show_bench(_console(), report)
+        show_bench(_console(), report)
     _write_json(json_path, report.as_dict())
 
 
@@ -240,7 +242,7 @@ def bench(obj: dict, models: tuple[Path, ...], provider: str, threads: int, warm
 def report_cmd(obj: dict, inputs: tuple[Path, ...], output: Path, as_html: bool, title: str | None, top: int,
                no_plots: bool) -> None:
     """Markdown/HTML report (with plots) from the JSON of optimize, bench and sensitivity runs."""
-    from .report import build_report
+    from onnxcompress.reporting.report import build_report
 
     written = build_report(list(inputs), output, html=as_html, title=title, plots=not no_plots, top=top)
     if not obj["quiet"]:
@@ -263,12 +265,9 @@ def report_cmd(obj: dict, inputs: tuple[Path, ...], output: Path, as_html: bool,
 def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: str, qopts: str | None, prepare: str,
                 json_path: str | None, plot_path: Path | None, top: int, **kw) -> None:
     """Quantize one layer at a time (the rest float) and rank layers by the output SQNR they cost."""
-    from .quant.sensitivity import (
-        parse_options,
-        plot_sensitivity,
-        require_matplotlib,
-        show_sensitivity,
-    )
+    from onnxcompress.pipeline.sensitivity import parse_options
+    from onnxcompress.reporting.display import show_sensitivity
+    from onnxcompress.reporting.plots import plot_sensitivity, require_matplotlib
 
     if plot_path is not None:
         require_matplotlib()
@@ -305,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
-    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
+    except Exception as exc:
         if _STATE["debug"]:
             raise
         click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)

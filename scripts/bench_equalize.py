@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from fixtures import CALIB, TEST, missing_data, select_models
 
 import onnxcompress
-from onnxcompress.errors import OnnxCompressError
+from onnxcompress.core.errors import OnnxCompressError
 
 log = logging.getLogger("bench_equalize")
 

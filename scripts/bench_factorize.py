@@ -7,7 +7,7 @@ data-aware (``models/digits_calib.npz``) -- then measure, against the original m
 
 * the MAC ratio (whole model, batch 1),
 * the ORT latency ratio (graph optimizations on, 1 thread, batch 1), all variants of a model
-  benchmarked in one interleaved :func:`onnxcompress.bench.bench` run with the original first
+  benchmarked in one interleaved :func:`onnxcompress.runtime.bench.bench` run with the original first
   (``ratio_vs_first``: the median over rounds of the paired per-round ratio),
 * digits test accuracy before/after and the logits' relative error (from the SQNR) on
   ``models/digits_test.npz``.
@@ -47,8 +47,8 @@ from fixtures import CALIB, MODELS, ROOT, TEST, missing_data, select_models
 sys.path.insert(0, str(ROOT))
 
 import onnxcompress
-from onnxcompress.bench import bench
-from onnxcompress.errors import OnnxCompressError
+from onnxcompress.core.errors import OnnxCompressError
+from onnxcompress.runtime.bench import bench
 
 log = logging.getLogger("bench_factorize")
 

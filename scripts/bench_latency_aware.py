@@ -10,8 +10,8 @@ skipped) and the digits calibration split:
   reproduces the decision and the conversion wall time).
 
 Then, against the original float model: digits test accuracy and SQNR
-(``onnxcompress.validate.compare_models``, ORT optimizations off), and latency with
-``onnxcompress.bench.bench``: the three models interleaved in one run (batch 1, 1 thread, ORT
+(``onnxcompress.pipeline.validate.compare_models``, ORT optimizations off), and latency with
+``onnxcompress.runtime.bench.bench``: the three models interleaved in one run (batch 1, 1 thread, ORT
 graph optimizations on), ratio = median over rounds of ``t_model / t_float`` in the same round.
 With ``--repeat R`` the bench runs R times and the table shows the median ratio (and the range).
 
@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures import CALIB, TEST, missing_data, select_models
 
-from onnxcompress import serde
-from onnxcompress.bench import bench, machine_info
-from onnxcompress.calib import open_source
-from onnxcompress.manager import PassContext, PassManager, parse_spec
-from onnxcompress.validate import compare_models
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import PassContext
+from onnxcompress.pipeline.manager import PassManager, parse_spec
+from onnxcompress.pipeline.validate import compare_models
+from onnxcompress.runtime.bench import bench, machine_info
+from onnxcompress.runtime.data import open_source
 
 VARIANTS = {"int8": "fold_bn,quantize_int8", "int8 latency_aware": "fold_bn,quantize_int8:latency_aware=true"}
 

@@ -14,9 +14,9 @@ Both prune exactly the same channels (the selection does not look at the data un
 The **baseline** is the original model after ``fold_bn,simplify`` (exact), so the latency ratio
 measures pruning alone, not BatchNormalization folding. Reported per variant:
 
-* MACs and parameter ratios vs the baseline (``onnxcompress.metrics``; batch 1);
+* MACs and parameter ratios vs the baseline (``onnxcompress.core.metrics``; batch 1);
 * onnxruntime latency ratio vs the baseline, measured in the same run: every variant of a model
-  and the baseline in one interleaved :func:`onnxcompress.bench.bench` run (graph optimizations
+  and the baseline in one interleaved :func:`onnxcompress.runtime.bench.bench` run (graph optimizations
   on, ``--threads 1``), ``ratio_vs_first`` = median over rounds of the paired per-round ratio,
   at batch 1 and batch 32 (``--batches``); inputs are the first samples of the test split;
 * digits test accuracy (``models/digits_test.npz``, 360 samples: one sample is 0.28 points) of
@@ -52,8 +52,8 @@ from fixtures import CALIB, MODELS, ROOT, TEST, missing_data, select_models
 sys.path.insert(0, str(ROOT))
 
 import onnxcompress
-from onnxcompress.bench import bench
-from onnxcompress.errors import OnnxCompressError
+from onnxcompress.core.errors import OnnxCompressError
+from onnxcompress.runtime.bench import bench
 
 log = logging.getLogger("bench_prune")
 

@@ -19,8 +19,8 @@ Each quantization runs in its own subprocess, which reports its wall time and pe
 (``VmHWM``, which starts afresh at ``exec``, unlike ``ru_maxrss`` which can inherit the parent's
 peak; also the growth over the RSS after imports), so the numbers are separable. The
 parent then measures, against the *original* float model on ``models/digits_test.npz``: test
-accuracy and its drop, top-1 agreement, SQNR (``onnxcompress.validate.compare_models``); onnxruntime
-latency relative to the float model, all models interleaved in one ``onnxcompress.bench.bench`` run
+accuracy and its drop, top-1 agreement, SQNR (``onnxcompress.pipeline.validate.compare_models``); onnxruntime
+latency relative to the float model, all models interleaved in one ``onnxcompress.runtime.bench.bench`` run
 (1 thread, graph optimizations on); file size; and the Q/DQ nodes onnxruntime leaves unfused.
 
 Usage::
@@ -54,7 +54,7 @@ BC = "bias_correction"
 
 def companion_variants() -> list[tuple[str, str]]:
     """``(label, pipeline)`` of the companion-pass variants (``equalize`` ones only if registered)."""
-    from onnxcompress.manager import registry
+    from onnxcompress.pipeline.manager import registry
 
     q = "fold_bn,quantize_int8"
     rows = [(f"ours {m} +bc", f"{q}:method={m},{BC}") for m in ("minmax", "entropy", "mse")]
@@ -96,9 +96,10 @@ def _rss_kib() -> int:
 
 
 def _worker_ours(spec: str, model_path: str, calib: str, out: str) -> None:
-    from onnxcompress import serde
-    from onnxcompress.calib import open_source
-    from onnxcompress.manager import PassContext, PassManager, parse_spec, registry
+    from onnxcompress.core import serde
+    from onnxcompress.core.pass_api import PassContext
+    from onnxcompress.pipeline.manager import PassManager, parse_spec, registry
+    from onnxcompress.runtime.data import open_source
 
     registry()  # imports every pass module (onnxsim, ...): import time, not quantization time
     base = _rss_kib()
@@ -221,11 +222,11 @@ def _variants(name: str, tmp: Path, folded_path: Path, calib: Path, repeat: int,
 def _measure(name: str, rows: list[dict], test: Path, runs: int) -> dict:
     import onnx
 
-    from onnxcompress import serde
-    from onnxcompress.bench import bench
-    from onnxcompress.calib import open_source
+    from onnxcompress.core import serde
+    from onnxcompress.pipeline.validate import compare_models
     from onnxcompress.quant import count_unfused_qdq
-    from onnxcompress.validate import compare_models
+    from onnxcompress.runtime.bench import bench
+    from onnxcompress.runtime.data import open_source
 
     float_model = serde.load_model(ROOT / "models" / f"{name}.onnx")
     models = [onnx.load(str(r["path"])) for r in rows]
@@ -339,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the bias_correction / per-tensor / equalize variants")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    from onnxcompress import serde
-    from onnxcompress.manager import PassManager, parse_spec
+    from onnxcompress.core import serde
+    from onnxcompress.pipeline.manager import PassManager, parse_spec
 
     calib, test = ROOT / "models" / "digits_calib.npz", ROOT / "models" / "digits_test.npz"
     results = []

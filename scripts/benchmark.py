@@ -13,7 +13,7 @@ For every fixture model in ``models/`` (missing ones are skipped) this runs:
 
 Then, against the original float model on the 360-sample test split: accuracy and its change,
 top-1 agreement, SQNR, file size and MACs ratios, and onnxruntime latency relative to the float
-model — all variants of one model in one ``onnxcompress.bench.bench`` run (interleaved rounds,
+model — all variants of one model in one ``onnxcompress.runtime.bench.bench`` run (interleaved rounds,
 paired ratios, 1 thread, graph optimizations on, batch 1), so machine drift hits them alike.
 Optimization wall time is reported too (it includes validation for the recipes).
 
@@ -43,7 +43,7 @@ from fixtures import CALIB, MODELS, TEST, missing_data, select_models
 def _recipe_row(model_path: Path, recipe: str, out: Path) -> dict:
     """Run one built-in recipe; a gate failure is a result (row ``gate: fail``), not an error."""
     import onnxcompress
-    from onnxcompress import serde
+    from onnxcompress.core import serde
 
     start = time.perf_counter()
     result, report = onnxcompress.optimize(model_path, recipe=recipe, calib=str(CALIB), data=str(TEST), force=True)
@@ -118,11 +118,11 @@ def _variants(name: str, path: Path, recipes: list[str], tmp: Path) -> list[dict
 def _measure(name: str, path: Path, rows: list[dict], runs: int, batch: int) -> dict:
     import onnx
 
-    from onnxcompress import serde
-    from onnxcompress.bench import bench
-    from onnxcompress.calib import open_source
-    from onnxcompress.metrics import model_metrics
-    from onnxcompress.validate import compare_models
+    from onnxcompress.core import serde
+    from onnxcompress.core.metrics import model_metrics
+    from onnxcompress.pipeline.validate import compare_models
+    from onnxcompress.runtime.bench import bench
+    from onnxcompress.runtime.data import open_source
 
     original = serde.load_model(path)
     base = model_metrics(original)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing_data():
         print(f"missing {', '.join(missing_data())}: run scripts/make_models.py", file=sys.stderr)
         return 2
-    from onnxcompress.recipes import builtin_recipes
+    from onnxcompress.pipeline.recipes import builtin_recipes
 
     recipes = args.recipes.split(",") if args.recipes else sorted(builtin_recipes())
     models, _ = select_models(args.models)

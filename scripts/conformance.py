@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from onnxcompress import conformance
+from onnxcompress.pipeline import conformance
 
 log = logging.getLogger("conformance")
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnxcompress").setLevel(logging.DEBUG if args.verbose > 1 else logging.ERROR)
-    logging.getLogger("onnxcompress.conformance").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("onnxcompress.pipeline.conformance").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     spec = args.passes or conformance.default_spec()
     start = time.perf_counter()
     log.info("collecting onnx test cases (suite %s)...", args.suite)

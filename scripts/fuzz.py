@@ -3,11 +3,11 @@
 
 Targets:
 
-* ``load``: :func:`onnxcompress.serde.load_model` on arbitrary bytes and on byte-level mutations
+* ``load``: :func:`onnxcompress.core.serde.load_model` on arbitrary bytes and on byte-level mutations
   (truncate, bit flips, splices, deletions) of the fixture models, from bytes and from a file.
-  It must return a model or raise :class:`~onnxcompress.errors.InputError`, within ``--timeout``.
-* ``spec``: :func:`~onnxcompress.manager.parse_spec` on arbitrary and on spec-like strings, and
-  :func:`~onnxcompress.recipes.load_recipe` on arbitrary text and on generated TOML recipes:
+  It must return a model or raise :class:`~onnxcompress.core.errors.InputError`, within ``--timeout``.
+* ``spec``: :func:`~onnxcompress.core.pass_api.parse_spec` on arbitrary and on spec-like strings, and
+  :func:`~onnxcompress.pipeline.recipes.load_recipe` on arbitrary text and on generated TOML recipes:
   success or ``InputError`` only.
 * ``cli``: ``onnxcompress -q optimize MODEL --passes P -o OUT --no-validate`` in-process (through
   :func:`onnxcompress.cli.main`) on structurally mutated fixture models that still load: exit
@@ -41,13 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from hypothesis import HealthCheck, given, seed as hseed, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hseed
+from hypothesis import strategies as st
 
-from onnxcompress import serde
 from onnxcompress.cli import main as cli_main
-from onnxcompress.errors import InputError
-from onnxcompress.manager import parse_spec, registry
-from onnxcompress.recipes import load_recipe
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.pipeline.manager import parse_spec, registry
+from onnxcompress.pipeline.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = [ROOT / "models" / f"{n}_digits.onnx" for n in ("resnet", "mobilenetv2", "vgg", "concat")]
@@ -267,7 +269,7 @@ def _expect_input_error(fn, *args) -> str:
         return "InputError"
     except (Hang, Finding):
         raise
-    except Exception as exc:  # noqa: BLE001 - the point of fuzzing
+    except Exception as exc:
         raise Finding(_key(exc), repr(exc)[:300]) from exc
 
 

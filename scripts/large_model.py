@@ -56,7 +56,7 @@ class _Writer:
     """Appends initializers to one external data file and records them as external tensors."""
 
     def __init__(self, data_path: Path, rng: np.random.Generator):
-        self.fh = open(data_path, "wb")
+        self.fh = open(data_path, "wb")  # noqa: SIM115 - closed by finish()
         self.location = data_path.name
         self.rng = rng
         self.inits: list[TensorProto] = []
@@ -224,7 +224,7 @@ def _print_row(row: dict, weights: int, header: bool) -> None:
     if header:
         print(f"{'step':<16}{'weights GB':>11}{'peak RSS GB':>13}{'peak/weights':>14}{'seconds':>9}{'output GB':>11}  ok")
     print(f"{row['step']:<16}{weights / 1e9:>11.2f}{row['peak'] / 1e9:>13.2f}{row['peak'] / weights:>14.2f}"
-          f"{row['seconds']:>9.0f}{row['out_bytes'] / 1e9:>11.2f}  {'yes' if row['rc'] == 0 else 'NO (rc=%d)' % row['rc']}",
+          f"{row['seconds']:>9.0f}{row['out_bytes'] / 1e9:>11.2f}  {'yes' if row['rc'] == 0 else 'NO (rc=' + str(row['rc']) + ')'}",
           flush=True)
     if row["rc"] != 0 and row["err"]:
         print(f"    {row['err']}", flush=True)

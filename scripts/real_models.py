@@ -58,8 +58,8 @@ import real_model_files as files
 from real_model_files import CATALOG, MissingModel, RealModel, locate, symbolic_dims
 
 import onnxcompress
-from onnxcompress import serde
-from onnxcompress.normalize import normalize
+from onnxcompress.core import serde
+from onnxcompress.core.normalize import normalize
 from onnxcompress.pruning.apply import apply_pruning, mask_channels, mask_inputs
 from onnxcompress.pruning.dependency import analyze
 from onnxcompress.pruning.importance import score_groups
@@ -220,7 +220,7 @@ def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True
     try:
         onnx.checker.check_model(pruned, full_check=True)
         result.full_check = True
-    except Exception as exc:  # noqa: BLE001 - any checker failure is a finding
+    except Exception as exc:
         result.errors.append(f"pruned model fails the full checker: {type(exc).__name__}: {exc}"[:400])
     try:
         outs = run(pruned, feeds, threads)
@@ -228,7 +228,7 @@ def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True
             np.isfinite(o).all() for o in outs)
         if not result.output_shapes_ok:
             result.errors.append(f"pruned outputs {[o.shape for o in outs]} vs {[r.shape for r in reference]}")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         result.errors.append(f"pruned model does not run: {type(exc).__name__}: {exc}"[:400])
         outs = None
 
@@ -239,7 +239,7 @@ def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True
             result.oracle_rel_err = rel_err(run(unread, feeds, threads), run(uncompensated, feeds, threads))
             if outs is not None and zeroed_model is not None:
                 result.compensated_rel_err = rel_err(run(zeroed_model, feeds, threads), outs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result.errors.append(f"oracle failed: {type(exc).__name__}: {exc}"[:400])
         result.seconds["oracle"] = time.perf_counter() - t
         if result.oracle_rel_err > ORACLE_TOL:
@@ -253,7 +253,7 @@ def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True
             onnx.checker.check_model(folded, full_check=True)
             result.fold_check = True
             result.fold_rel_err = rel_err(reference, run(folded, feeds, threads))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result.errors.append(f"fold_bn,simplify: {type(exc).__name__}: {exc}"[:400])
         result.seconds["fold"] = time.perf_counter() - t
         if result.fold_rel_err > FOLD_TOL:

@@ -179,9 +179,10 @@ def _status_kib(key: str, pid: str = "self") -> int | None:
 
 
 def _worker_ours(model_path: str, calib: str, out: str) -> dict:
-    from onnxcompress import serde
-    from onnxcompress.calib import open_source
-    from onnxcompress.manager import PassContext, PassManager, parse_spec, registry
+    from onnxcompress.core import serde
+    from onnxcompress.core.pass_api import PassContext
+    from onnxcompress.pipeline.manager import PassManager, parse_spec, registry
+    from onnxcompress.runtime.data import open_source
 
     registry()
     start = time.perf_counter()
@@ -319,7 +320,7 @@ def _evaluate(row: Row, path: Path, float_bytes: int, feeds, ref, names) -> None
 def _opset13(path: Path, out: Path) -> Path:
     import onnx
 
-    from onnxcompress.normalize import upgrade_opset
+    from onnxcompress.core.normalize import upgrade_opset
 
     onnx.save(upgrade_opset(onnx.load(str(path)), 13), str(out))
     return out
@@ -335,7 +336,7 @@ def _attempt(row: Row, kind: str, path: Path, calib_path: Path, out: Path, float
     if row.ok:
         try:
             _evaluate(row, out, float_bytes, test, ref, names)
-        except Exception as exc:  # noqa: BLE001 - a model that does not run is a finding
+        except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
             row.ok, row.error = False, f"quantized model does not run: {type(exc).__name__}: {first}"[:300]
 

@@ -49,8 +49,8 @@ import real_model_files as files
 from real_model_files import CATALOG, MissingModel, RealModel, locate, symbolic_dims
 
 import onnxcompress
-from onnxcompress.errors import GateFailed, InputError
-from onnxcompress.manager import registry
+from onnxcompress.core.errors import GateFailed, InputError
+from onnxcompress.pipeline.manager import registry
 
 log = logging.getLogger("sweep")
 
@@ -106,7 +106,7 @@ def _declines(record: Any) -> str:
 def _check(out: onnx.ModelProto, full: bool) -> str | None:
     try:
         onnx.checker.check_model(out, full_check=full)
-    except Exception as exc:  # noqa: BLE001 - the checker raises several types
+    except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
     return None
 
@@ -115,7 +115,7 @@ def _passes_full_check(model: onnx.ModelProto) -> bool:
     try:
         onnx.checker.check_model(model, full_check=True)
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -139,7 +139,7 @@ def sweep_cell(key: str, model: onnx.ModelProto, name: str, shapes: dict, calib:
     except InputError as exc:
         out = None
         cell.outcome, cell.detail = DECLINED, str(exc).splitlines()[0][:200]
-    except Exception as exc:  # noqa: BLE001 - a crash is what this script looks for
+    except Exception as exc:
         out = None
         cell.detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
         log.debug("%s × %s crashed:\n%s", key, name, traceback.format_exc())

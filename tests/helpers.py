@@ -10,8 +10,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress import serde
-from onnxcompress.manager import PassContext, PassManager, PassResult, parse_spec
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import PassContext, PassResult
+from onnxcompress.pipeline.manager import PassManager, parse_spec
 
 __all__ = [
     "conv_model",
@@ -132,7 +133,7 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 
 def builtin_passes() -> dict:
     """The registry without passes that tests (or the README's example) register on the fly."""
-    from onnxcompress.manager import registry
+    from onnxcompress.pipeline.manager import registry
 
     return {n: c for n, c in registry().items() if c.__module__.startswith("onnxcompress.passes.")}
 

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress import bench as B
 from onnxcompress.cli import main
-from onnxcompress.errors import InputError
+from onnxcompress.core.errors import InputError
+from onnxcompress.runtime import bench as B
 
 FAST = ["--warmup", "1", "--runs", "3"]
 

@@ -1,12 +1,20 @@
 import numpy as np
 import onnx
 import pytest
+from helpers import parse
 from PIL import Image
 
-from helpers import parse
-from onnxcompress.calib import (FileSource, ImageFolderSource, IterableSource, RandomSource, input_specs,
-                                open_source, parse_dims, parse_preprocess)
-from onnxcompress.errors import InputError
+from onnxcompress.core.errors import InputError
+from onnxcompress.runtime.data import (
+    FileSource,
+    ImageFolderSource,
+    IterableSource,
+    RandomSource,
+    input_specs,
+    open_source,
+    parse_dims,
+    parse_preprocess,
+)
 
 IMG = parse("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,4,4] x) => (float[N,3,4,4] y) { y = Relu(x) }""")

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress import conformance
-from onnxcompress.conformance import CRASH, FAIL, PASS, SKIP
+from onnxcompress.pipeline import conformance
+from onnxcompress.pipeline.conformance import CRASH, FAIL, PASS, SKIP
 
 EXPECTED = json.loads((Path(__file__).parent / "data" / "conformance_expected.json").read_text())
 

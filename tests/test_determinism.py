@@ -1,6 +1,6 @@
 """Every registered pass: same input, options and seed give byte-identical output.
 
-The passes come from :func:`onnxcompress.manager.registry`, so a new pass is covered as soon as it
+The passes come from :func:`onnxcompress.core.pass_api.registry`, so a new pass is covered as soon as it
 is registered. :data:`OPTIONS` gives options where the defaults are not enough (or depend on
 timing); a pass missing from it runs with its defaults. Every pass gets the same calibration
 source (a slice of ``models/digits_calib.npz``), used or not.
@@ -60,9 +60,10 @@ def spec_of(name: str) -> str:
 def run_pass(name: str, model: onnx.ModelProto) -> tuple[bytes, bool]:
     """Serialized output of the pass ``name`` on ``model`` (not modified) with a fresh context,
     and whether the pass changed the graph."""
-    from onnxcompress import serde
-    from onnxcompress.calib import open_source
-    from onnxcompress.manager import PassContext, PassManager, parse_spec
+    from onnxcompress.core import serde
+    from onnxcompress.core.pass_api import PassContext
+    from onnxcompress.pipeline.manager import PassManager, parse_spec
+    from onnxcompress.runtime.data import open_source
 
     ctx = PassContext(calib=open_source(str(CALIB), model, limit=CALIB_SAMPLES), seed=SEED)
     out, records = PassManager(parse_spec(spec_of(name)), ctx).run(serde.load_model(model))

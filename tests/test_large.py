@@ -15,12 +15,16 @@ import pytest
 from helpers import ort_run, rel_err
 from onnx import helper, numpy_helper
 
-from onnxcompress import api, manager, runtime, serde
+from onnxcompress import api
 from onnxcompress.cli import main
-from onnxcompress.manager import Pass, PassContext, PassResult
-from onnxcompress.metrics import model_metrics
+from onnxcompress.core import serde
+from onnxcompress.core.metrics import model_metrics
+from onnxcompress.core.pass_api import Pass, PassContext, PassResult
+from onnxcompress.core.shapes import infer_shapes
 from onnxcompress.passes import simplify as simplify_mod
 from onnxcompress.passes.factorize_svd import FactorizeSvd
+from onnxcompress.pipeline import manager
+from onnxcompress.runtime import session as runtime
 
 SMALL = 1 << 20  # 1 MiB: the model below (~10 MB) counts as "over 2 GB"
 _write = serde._write_external
@@ -62,9 +66,8 @@ def _big_model() -> onnx.ModelProto:
 @pytest.fixture
 def low_limits(monkeypatch):
     """Make every size check treat megabytes as the 2 GB limit."""
-    monkeypatch.setattr(serde, "_EXTERNAL_THRESHOLD", SMALL)
+    monkeypatch.setattr(serde, "EXTERNAL_THRESHOLD", SMALL)
     monkeypatch.setattr(serde, "PROTO_LIMIT", SMALL)
-    monkeypatch.setattr(runtime, "_LIMIT", SMALL)
 
 
 def _feeds():
@@ -172,7 +175,7 @@ def test_optimize_without_validation_releases_nothing_it_needs(low_limits):
 def test_infer_shapes_over_threshold_types_every_tensor(low_limits):
     m = _big_model()
     weights = [numpy_helper.to_array(t).copy() for t in m.graph.initializer]
-    out = serde.infer_shapes(m)
+    out = infer_shapes(m)
     assert out is m  # in place above the threshold (no second copy of the weights)
     typed = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in out.graph.value_info}
     assert typed["m2"][1] == 1024 and typed["c"][1:] == [8, 8, 8]

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxcompress.errors import InputError
-from onnxcompress.lowrank import (
+from onnxcompress.core.errors import InputError
+from onnxcompress.lowrank.linalg import (
     DEFAULT_ENERGY,
     GramAccumulator,
     RankRule,
@@ -259,8 +259,8 @@ def test_vbmf_on_pure_noise_keeps_little() -> None:
 
 def test_refit_holdout_merge_equals_one_accumulator() -> None:
     """Rows split into fit / held-out accumulators and merged back solve exactly like all rows at once."""
-    from onnxcompress.lstsq import LstsqAccumulator
-    from onnxcompress.reconstruct import _merged
+    from onnxcompress.reconstruct.lstsq import LstsqAccumulator
+    from onnxcompress.reconstruct.refit import _merged
 
     rng = np.random.default_rng(0)
     X, Y = rng.standard_normal((2, 50, 6)) + 3.0, rng.standard_normal((2, 50, 4)) - 1.0

@@ -1,7 +1,7 @@
 import numpy as np
 from onnx import helper, numpy_helper
 
-from onnxcompress.metrics import model_metrics
+from onnxcompress.core.metrics import model_metrics
 
 
 def _conv_model(group=1, transpose=False):

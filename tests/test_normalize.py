@@ -1,9 +1,9 @@
 import numpy as np
 import onnx
+from helpers import op_types, ort_run, parse, random_feeds
 from onnx import helper, numpy_helper
 
-from helpers import op_types, ort_run, parse, random_feeds
-from onnxcompress.normalize import normalize, upgrade_opset
+from onnxcompress.core.normalize import normalize, upgrade_opset
 
 
 def test_constants_identity_sum():

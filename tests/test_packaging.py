@@ -19,6 +19,6 @@ def test_every_subpackage_is_listed():
 
 
 def test_builtin_recipes_found():
-    from onnxcompress.recipes import builtin_recipes
+    from onnxcompress.pipeline.recipes import builtin_recipes
 
     assert "default" in builtin_recipes()

@@ -37,11 +37,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from pruning.cases import max_err, padded_depthwise_gemm, prune, zeroed
 
-from onnxcompress import serde
-from onnxcompress.calib import open_source
-from onnxcompress.manager import PassContext
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pruning.apply import apply_pruning, mask_inputs
 from onnxcompress.pruning.dependency import analyze
+from onnxcompress.runtime.data import open_source
 
 TOL = 1e-5
 SETTINGS = {"derandomize": True, "deadline": None, "suppress_health_check": list(HealthCheck)}

@@ -6,10 +6,10 @@ import onnx
 import pytest
 
 import onnxcompress
-from onnxcompress.calib import CalibSource, open_source
 from onnxcompress.cli import main
-from onnxcompress.errors import InputError
-from onnxcompress.recipes import builtin_recipes, check_requirements, load_recipe
+from onnxcompress.core.errors import InputError
+from onnxcompress.pipeline.recipes import builtin_recipes, check_requirements, load_recipe
+from onnxcompress.runtime.data import CalibSource, open_source
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FIXTURES = sorted(MODELS.glob("*_digits.onnx"))

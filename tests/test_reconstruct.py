@@ -10,18 +10,17 @@ import pytest
 from helpers import make_model, ort_run
 from onnx import helper, numpy_helper
 
-from onnxcompress.calib import RandomSource, input_specs
-from onnxcompress.errors import InputError
-from onnxcompress.reconstruct import (
-    LayerTarget,
-    LstsqAccumulator,
+from onnxcompress.core.errors import InputError
+from onnxcompress.reconstruct.layerview import (
     channel_features,
     conv_geometry,
     im2col,
     layer_view,
-    reconstruct_layers,
     sample_rows,
 )
+from onnxcompress.reconstruct.lstsq import LstsqAccumulator
+from onnxcompress.reconstruct.refit import LayerTarget, reconstruct_layers
+from onnxcompress.runtime.data import RandomSource, input_specs
 
 # ---------------------------------------------------------------- builders
 
@@ -366,7 +365,7 @@ def test_independent_layers_share_a_run(caplog: pytest.LogCaptureFixture) -> Non
     teacher = make_model(nodes, {"x": ["N", 3, 8, 8]}, ["b", "c"], inits)
     student = with_weight(teacher, "wb", inits["wb"] * 0.5)
     layers = [LayerTarget("cc", "c"), LayerTarget("cb", "b"), LayerTarget("ca", "a")]
-    with caplog.at_level("DEBUG", logger="onnxcompress.reconstruct"):
+    with caplog.at_level("DEBUG", logger="onnxcompress.reconstruct.refit"):
         _fixed, stats = reconstruct_layers(student, teacher, layers, calib(teacher, 32), batch_size=16)
     runs = [r.getMessage() for r in caplog.records if "in one run" in r.getMessage()]
     assert runs == ["refitting ['ca', 'cb'] in one run", "refitting ['cc'] in one run"]

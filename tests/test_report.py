@@ -17,16 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from onnxcompress import progress
 from onnxcompress.cli import main
-from onnxcompress.errors import InputError
-from onnxcompress.report import (
-    PLOT_HINT,
-    build_report,
-    load_inputs,
-    pareto_front,
-    pipeline_label,
-)
+from onnxcompress.core.errors import InputError
+from onnxcompress.reporting.report import PLOT_HINT, build_report, load_inputs, pareto_front, pipeline_label
+from onnxcompress.runtime import progress
 
 DATA = Path(__file__).parent / "data"
 OPT_DEFAULT = DATA / "report_optimize_default.json"
@@ -159,7 +153,7 @@ def test_pareto_front() -> None:
 
 
 def test_pipeline_label_keeps_only_non_default_options() -> None:
-    from onnxcompress.manager import get_pass
+    from onnxcompress.pipeline.manager import get_pass
 
     defaults = {k: o.default for k, o in get_pass("prune_channels").options.items()}
     run = {"recipe": None, "passes": [{"pass": "fold_bn", "options": {}},
@@ -270,7 +264,7 @@ def test_optimize_reports_each_pass_to_the_steps_bar(monkeypatch) -> None:
 def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> None:
     from test_reconstruct import calib, small_net
 
-    from onnxcompress import reconstruct
+    from onnxcompress.reconstruct import refit as reconstruct
 
     calls = []
     real = reconstruct.track

@@ -4,11 +4,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import ort_run, random_feeds
 from onnx import helper, numpy_helper
 
-from helpers import ort_run, random_feeds
-from onnxcompress import serde
-from onnxcompress.errors import InputError
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.shapes import infer_graph, infer_shapes, shape_model
 
 TEXT = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,{rows}] x) => (float[N,{cols}] y) {{
@@ -148,7 +149,7 @@ def test_external_data_symlink_out_of_folder_refused(tmp_path):
 def test_infer_shapes_does_not_modify_input():
     m = _model()
     before = m.SerializeToString()
-    inferred = serde.infer_shapes(m)
+    inferred = infer_shapes(m)
     assert m.SerializeToString() == before
     assert inferred.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 3
 
@@ -170,11 +171,11 @@ def _shape_sig(m):
 def test_infer_graph_matches_infer_shapes_without_weight_data(name):
     from pathlib import Path
     graph = serde.to_graph(serde.load_model(Path(__file__).parent.parent / "models" / f"{name}.onnx"))
-    full = serde.infer_shapes(serde.to_model(graph))
-    light = serde.infer_graph(graph)
+    full = infer_shapes(serde.to_model(graph))
+    light = infer_graph(graph)
     assert _shape_sig(light) == _shape_sig(full)
-    assert all(not i.raw_data for i in light.graph.initializer if serde._tensor_nbytes(i) >= 1024)
-    assert serde.shape_model(graph).ByteSize() < full.ByteSize() / 10
+    assert all(not i.raw_data for i in light.graph.initializer if serde.tensor_nbytes(i) >= 1024)
+    assert shape_model(graph).ByteSize() < full.ByteSize() / 10
     assert serde.to_model(graph).SerializeToString() == serde.to_model(serde.to_graph(serde.to_model(graph))).SerializeToString()
 
 
@@ -187,9 +188,9 @@ def test_infer_graph_keeps_reshape_shape_values():
         [numpy_helper.from_array(big, "w"), numpy_helper.from_array(np.array([16, 8], np.int64), "s")]),
         opset_imports=[onnx.helper.make_opsetid("", 17)])
     graph = serde.to_graph(model)
-    inferred = serde.infer_graph(graph)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*inferred.graph.value_info, *inferred.graph.output]}
-    assert shapes["y"] == [16, 8] and shapes["m"] == [2, 64]
+    inferred = infer_graph(graph)
+    found = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    assert found["y"] == [16, 8] and found["m"] == [2, 64]
     assert [i.name for i in inferred.graph.input] == ["x"]
     assert isinstance(graph.tensors()["w"], gs.Constant) and graph.tensors()["w"].values is not None  # graph untouched
 

@@ -8,13 +8,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..calib import Batch
-from ..capture import capture
-from ..errors import InputError
-from ..graphutil import Names
-from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
-from ..quant.bias import (
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.graph import Names
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.quant.bias_correction import (
     FLOAT_MODEL_KEY,
     BiasSite,
     ChannelMoments,
@@ -24,6 +22,8 @@ from ..quant.bias import (
     find_sites,
     reference_name,
 )
+from onnxcompress.runtime.capture import capture
+from onnxcompress.runtime.data import Batch
 
 __all__ = ["BiasCorrection", "NO_CALIB_MESSAGE", "R_NO_REFERENCE", "R_NO_COUNTERPART", "R_MISMATCH"]
 

@@ -10,9 +10,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..graphutil import Names, const_values, node_label
-from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.core.graph import Names, const_values, node_label, opt_input
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.core.shapes import infer_graph
 
 __all__ = ["DECLINE_REASONS", "Equalize", "in_ranges", "out_ranges"]
 
@@ -132,20 +132,14 @@ def in_ranges(layer: _Layer) -> np.ndarray:
     return w.reshape(w.shape[0], -1).max(axis=1)
 
 
-def _opt_input(node: gs.Node, index: int) -> gs.Tensor | None:
-    if index < len(node.inputs) and node.inputs[index].name:
-        return node.inputs[index]
-    return None
-
-
 def _make_layer(node: gs.Node) -> _Layer | str:
     """A working copy of ``node``'s parameters, or the reason it cannot be rescaled."""
-    w = const_values(_opt_input(node, 1))
+    w = const_values(opt_input(node, 1))
     if w is None:
         return R_WEIGHT
     if w.dtype.kind != "f":
         return R_LAYOUT
-    bias_t = _opt_input(node, 2)
+    bias_t = opt_input(node, 2)
     bias = const_values(bias_t)
     if bias_t is not None and (bias is None or bias.dtype.kind != "f"):
         return R_BIAS
@@ -304,8 +298,8 @@ def _static_shapes(graph: gs.Graph) -> dict[str, tuple[int | None, ...]]:
     """Shapes of every tensor shape inference can type (one weight-less inference)."""
     out: dict[str, tuple[int | None, ...]] = {}
     try:
-        model = serde.infer_graph(graph)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; unknown shapes decline
+        model = infer_graph(graph)
+    except Exception as exc:
         log.debug("equalize: shape inference failed: %s", exc)
         return out
     for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
@@ -355,7 +349,7 @@ def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
         return float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
     bounds = []
     for index, default in ((1, -np.inf), (2, np.inf)):
-        t = _opt_input(node, index)
+        t = opt_input(node, index)
         if t is None:
             bounds.append(default)
             continue
@@ -441,7 +435,7 @@ class _Walker:
                 self._clip(node, where)
             if op == "Pad":
                 self._pad(node, path, where)
-            if op == "Dropout" and _opt_input(node, 2) is not None:
+            if op == "Dropout" and opt_input(node, 2) is not None:
                 raise _Decline(where, R_OP)
             return [(node.outputs[0], path)]
         if op == "Flatten":
@@ -513,11 +507,11 @@ class _Walker:
         if "pads" in node.attrs:  # opset < 11
             pads, value = np.asarray(node.attrs["pads"]), float(node.attrs.get("value", 0.0))
         else:
-            pads = const_values(_opt_input(node, 1))
-            value_t = _opt_input(node, 2)
+            pads = const_values(opt_input(node, 1))
+            value_t = opt_input(node, 2)
             value_v = const_values(value_t)
             value = 0.0 if value_t is None else (float(value_v.reshape(-1)[0]) if value_v is not None else np.nan)
-            if _opt_input(node, 3) is not None:
+            if opt_input(node, 3) is not None:
                 pads = None  # explicit axes: not followed
         if pads is None or path.axis != 1 or (mode == "constant" and value != 0.0):
             raise _Decline(where, R_PAD)
@@ -553,10 +547,10 @@ class _Walker:
     def _split(self, node: gs.Node, tensor: gs.Tensor, path: _Path, where: str) -> list[tuple[gs.Tensor, _Path]]:
         if node.inputs[0] is not tensor or not _is_channel_axis(_attr_axis(node, 0, path.rank), path):
             raise _Decline(where, R_LAYOUT)
-        sizes = const_values(_opt_input(node, 1)) if "split" not in node.attrs else np.asarray(node.attrs["split"])
+        sizes = const_values(opt_input(node, 1)) if "split" not in node.attrs else np.asarray(node.attrs["split"])
         n, total = len(node.outputs), len(path.chan)
         if sizes is None:
-            if _opt_input(node, 1) is not None or total % n:
+            if opt_input(node, 1) is not None or total % n:
                 raise _Decline(where, R_SHAPE)
             sizes = np.full(n, total // n)
         sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
@@ -737,7 +731,7 @@ def _write_back(graph: gs.Graph, layers: list[_Layer], groups: list[_Group]) -> 
         w_old = node.inputs[1]
         node.inputs[1] = _constant(names, w_old, node, "W_eq", layer.w.astype(w_old.values.dtype))
         if layer.b is not None:
-            b_old = _opt_input(node, 2)
+            b_old = opt_input(node, 2)
             values = layer.b.reshape(layer.bias_shape).astype(b_old.values.dtype)
             node.inputs[2] = _constant(names, b_old, node, "B_eq", values)
     params = {id(p): p for g in groups for p, _ in g.params}

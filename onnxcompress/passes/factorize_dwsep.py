@@ -7,23 +7,23 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..lowrank import (
-    R_POINTWISE,
-    require_dense_kxk,
-    COMMON_OPTIONS,
+from onnxcompress.core.pass_api import register
+from onnxcompress.lowrank.factorize import (
     COMMON_REASONS,
+    R_POINTWISE,
     Factor,
     Factorization,
-    FactorizePass,
-    Layer,
-    dwsep_macs,
-    psd_sqrt,
-    split_factors,
-    svd,
+    FactorLayer,
+    require_dense_kxk,
 )
-from ..manager import register
+from onnxcompress.lowrank.linalg import dwsep_macs, psd_sqrt, split_factors, svd
+from onnxcompress.passes._factorize import COMMON_OPTIONS, FactorizePass
 
-__all__ = ["FactorizeDwsep", "DECLINE_REASONS", "R_POINTWISE", "round_multiplier"]
+__all__ = [
+    "FactorizeDwsep",
+    "DECLINE_REASONS",
+    "round_multiplier",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,11 @@ class FactorizeDwsep(FactorizePass):
         require_dense_kxk(node, weight)
         return "dwsep"
 
-    def gram_kind(self, layer: Layer) -> str:
+    def gram_kind(self, layer: FactorLayer) -> str:
         """One patch second moment per input channel."""
         return "blocks"
 
-    def factorize(self, layer: Layer) -> Factorization:
+    def factorize(self, layer: FactorLayer) -> Factorization:
         """Depthwise and pointwise factors of ``layer``."""
         w = layer.weight.astype(np.float64)
         cout, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
@@ -115,7 +115,7 @@ class FactorizeDwsep(FactorizePass):
         m = round_multiplier(raw, cin, self.rule.round_to, full)
         return self._factors(layer, svds, inverses, m)
 
-    def _factors(self, layer: Layer, svds: list, inverses: list, m: int) -> Factorization:
+    def _factors(self, layer: FactorLayer, svds: list, inverses: list, m: int) -> Factorization:
         w = layer.weight
         cout, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
         depthwise = np.zeros((cin * m, 1, *kernel))

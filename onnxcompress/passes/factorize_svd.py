@@ -9,8 +9,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..lowrank import (
-    COMMON_OPTIONS,
+from onnxcompress.core.pass_api import Option, register
+from onnxcompress.lowrank.factorize import (
     COMMON_REASONS,
     R_ATTRS,
     R_GROUPED,
@@ -18,15 +18,16 @@ from ..lowrank import (
     Decline,
     Factor,
     Factorization,
-    FactorizePass,
-    Layer,
+    FactorLayer,
+)
+from onnxcompress.lowrank.linalg import (
     lowrank_factors,
     spatial_kernels,
     spatial_matrix,
     spatial_svd_macs,
     svd_macs,
 )
-from ..manager import Option, register
+from onnxcompress.passes._factorize import COMMON_OPTIONS, FactorizePass
 
 __all__ = ["FactorizeSvd", "DECLINE_REASONS", "R_KXK", "R_SPATIAL_RANK"]
 
@@ -114,11 +115,11 @@ class FactorizeSvd(FactorizePass):
             raise Decline(R_SPATIAL_RANK)
         return "spatial"
 
-    def gram_kind(self, layer: Layer) -> str:
+    def gram_kind(self, layer: FactorLayer) -> str:
         """Spatial SVD whitens ``(channel, row)`` columns; everything else the full input."""
         return "vertical" if layer.kind == "spatial" else "full"
 
-    def factorize(self, layer: Layer) -> Factorization:
+    def factorize(self, layer: FactorLayer) -> Factorization:
         """The two factors of ``layer``."""
         if layer.kind == "gemm":
             return self._gemm(layer)
@@ -128,11 +129,11 @@ class FactorizeSvd(FactorizePass):
             return self._conv1x1(layer)
         return self._spatial(layer)
 
-    def _factors(self, layer: Layer, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _factors(self, layer: FactorLayer, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         a, b, _ = lowrank_factors(m, self.rule, sigma=layer.sigma, damp=self.opts["damp"])
         return a, b
 
-    def _gemm(self, layer: Layer) -> Factorization:
+    def _gemm(self, layer: FactorLayer) -> Factorization:
         trans = int(layer.attrs.get("transB", 0))
         alpha = float(layer.attrs.get("alpha", 1.0))
         w = layer.weight.astype(np.float64)
@@ -149,13 +150,13 @@ class FactorizeSvd(FactorizePass):
         k, n = layer.channels
         return Factorization(factors, approx.T if trans else approx, (r,), svd_macs(k, n, r, layer.rows))
 
-    def _matmul(self, layer: Layer) -> Factorization:
+    def _matmul(self, layer: FactorLayer) -> Factorization:
         a, b = self._factors(layer, layer.weight.astype(np.float64))
         k, n = layer.channels
         factors = [Factor("MatMul", "svd_a", a, {}), Factor("MatMul", "svd_b", b, {})]
         return Factorization(factors, a @ b, (a.shape[1],), svd_macs(k, n, a.shape[1], layer.rows))
 
-    def _conv1x1(self, layer: Layer) -> Factorization:
+    def _conv1x1(self, layer: FactorLayer) -> Factorization:
         w = layer.weight
         cout, cin, ones = w.shape[0], w.shape[1], (1,) * (w.ndim - 2)
         a, b = self._factors(layer, w.astype(np.float64).reshape(cout, cin).T)
@@ -167,7 +168,7 @@ class FactorizeSvd(FactorizePass):
         positions = int(np.prod(layer.out_spatial))
         return Factorization(factors, (a @ b).T.reshape(w.shape), (r,), svd_macs(cin, cout, r, positions))
 
-    def _spatial(self, layer: Layer) -> Factorization:
+    def _spatial(self, layer: FactorLayer) -> Factorization:
         w = layer.weight
         cout, cin, kh, kw = w.shape
         a, b = self._factors(layer, spatial_matrix(w))

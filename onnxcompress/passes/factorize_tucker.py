@@ -9,25 +9,22 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..lowrank import (
-    R_POINTWISE,
-    require_dense_kxk,
-    COMMON_OPTIONS,
+from onnxcompress.core.pass_api import Option, register
+from onnxcompress.lowrank.factorize import (
     COMMON_REASONS,
+    R_POINTWISE,
     Factor,
     Factorization,
-    FactorizePass,
-    Layer,
-    hooi,
-    hosvd,
-    mode_dot,
-    psd_sqrt,
-    tucker2_macs,
-    tucker_to_tensor,
+    FactorLayer,
+    require_dense_kxk,
 )
-from ..manager import Option, register
+from onnxcompress.lowrank.linalg import hooi, hosvd, mode_dot, psd_sqrt, tucker2_macs, tucker_to_tensor
+from onnxcompress.passes._factorize import COMMON_OPTIONS, FactorizePass
 
-__all__ = ["FactorizeTucker", "DECLINE_REASONS", "R_POINTWISE"]
+__all__ = [
+    "FactorizeTucker",
+    "DECLINE_REASONS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +84,11 @@ class FactorizeTucker(FactorizePass):
         require_dense_kxk(node, weight)
         return "tucker"
 
-    def gram_kind(self, layer: Layer) -> str:
+    def gram_kind(self, layer: FactorLayer) -> str:
         """The input channel covariance."""
         return "channel"
 
-    def factorize(self, layer: Layer) -> Factorization:
+    def factorize(self, layer: FactorLayer) -> Factorization:
         """Tucker-2 factors of ``layer`` (whitened input mode when ``layer.sigma`` is set)."""
         w = layer.weight.astype(np.float64)
         root = inv = None
@@ -113,7 +110,7 @@ class FactorizeTucker(FactorizePass):
         return factors, (self.rule.select(s_out, (cout, cin * rest), cout),
                          self.rule.select(s_in, (cin, cout * rest), cin))
 
-    def _factors(self, layer: Layer, core: np.ndarray, u_out: np.ndarray, u_in: np.ndarray) -> Factorization:
+    def _factors(self, layer: FactorLayer, core: np.ndarray, u_out: np.ndarray, u_in: np.ndarray) -> Factorization:
         w = layer.weight
         cout, cin, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
         r_out, r_in = u_out.shape[1], u_in.shape[1]

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..graphutil import Names, const_values, node_label
-from ..manager import Numerics, Pass, PassContext, PassResult, register
+from onnxcompress.core.graph import Names, const_values, node_label, opt_input
+from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassResult, register
+from onnxcompress.core.shapes import infer_graph
 
 __all__ = ["FoldBn", "DECLINE_REASONS", "GAMMA_KEY"]
 
@@ -51,13 +51,6 @@ _ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
 _Affine = tuple[np.ndarray, np.ndarray]  # per-channel (scale, shift), float64
 _Weights = tuple[np.ndarray, np.ndarray]  # new (weight, bias) in the node's dtypes
 _Layout = tuple[int, int, int]  # output rank, channel axis, channel count
-
-
-def _opt_input(node: gs.Node, index: int) -> gs.Tensor | None:
-    """Input ``index`` of ``node``, or ``None`` if it is absent or an omitted optional input."""
-    if index < len(node.inputs) and node.inputs[index].name:
-        return node.inputs[index]
-    return None
 
 
 def _producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -152,7 +145,7 @@ def _scaled_weights(node: gs.Node, affine: _Affine) -> str | _Weights:
     """New weight and bias for ``node`` so that it computes ``node(x) * scale + shift``."""
     scale, shift = affine
     w = const_values(node.inputs[1])
-    bias_t = _opt_input(node, 2)
+    bias_t = opt_input(node, 2)
     bias = const_values(bias_t)
     if bias_t is not None and bias is None:
         return R_BIAS
@@ -168,7 +161,7 @@ def _pre_scaled_weights(conv: gs.Node, affine: _Affine) -> str | _Weights:
     """New weight and bias for ``conv`` so that ``conv(x)`` equals the old ``conv(x * scale + shift)``."""
     scale, shift = affine
     w = const_values(conv.inputs[1])
-    bias_t = _opt_input(conv, 2)
+    bias_t = opt_input(conv, 2)
     bias = const_values(bias_t)
     if w is None:
         return R_WEIGHT
@@ -191,7 +184,7 @@ def _pre_scaled_weights(conv: gs.Node, affine: _Affine) -> str | _Weights:
 
 def _infer_ranks(graph: gs.Graph) -> dict[str, int]:
     """Ranks of every tensor shape inference can type (one weight-less inference)."""
-    model = serde.infer_graph(graph)
+    model = infer_graph(graph)
     ranks = {}
     for info in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         tensor_type = info.type.tensor_type
@@ -223,7 +216,7 @@ class _State:
         if self.ranks is None:
             try:
                 self.ranks = _infer_ranks(self.graph)
-            except Exception as exc:  # noqa: BLE001 - inference is best effort; the caller declines
+            except Exception as exc:
                 log.debug("fold_bn: shape inference failed: %s", exc)
                 self.ranks = {}
         return self.ranks.get(tensor.name)
@@ -446,7 +439,7 @@ class FoldBn(Pass):
         """Point ``node`` at new constants holding ``weights`` (input 1 and the bias input 2)."""
         new_w, new_b = weights
         node.inputs[1] = state.constant(node.inputs[1], node, "W_folded", new_w)
-        old_b = _opt_input(node, 2)
+        old_b = opt_input(node, 2)
         bias = state.constant(old_b, node, "B_folded", new_b)
         if len(node.inputs) > 2:
             node.inputs[2] = bias
@@ -467,7 +460,7 @@ def _conv_operand(node: gs.Node) -> int | None:
 
 def _layout(state: _State, node: gs.Node) -> str | _Layout:
     """``(rank, channel axis, channels)`` of ``node``'s output, or why its weight cannot take a fold."""
-    w = const_values(_opt_input(node, 1))
+    w = const_values(opt_input(node, 1))
     if w is None:
         return R_WEIGHT
     if node.op in ("Conv", "ConvTranspose"):

@@ -11,15 +11,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..errors import InputError
-from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
-from ..pruning.apply import ApplyReport, PrunedLayer, apply_pruning
-from ..pruning.dependency import Analysis, analyze, node_label
-from ..pruning.importance import CRITERIA, normalize, score_groups
-from ..pruning.prepare import merge_reshapes
-from ..pruning.select import Budget, plan_removal
-from ..pruning.spec import slug
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
+from onnxcompress.pruning.dependency import Analysis, analyze, node_label
+from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
+from onnxcompress.pruning.prepare import merge_reshapes
+from onnxcompress.pruning.select import Budget, plan_removal
+from onnxcompress.pruning.types import slug
 
 __all__ = [
     "RECONSTRUCT_HOOK",
@@ -34,7 +34,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Module providing least-squares reconstruction, and what the pass needs from it.
-RECONSTRUCT_MODULE = "onnxcompress.reconstruct"
+RECONSTRUCT_MODULE = "onnxcompress.reconstruct.refit"
 RECONSTRUCT_HOOK = ("reconstruct_layers", "LayerTarget")
 
 R_NO_RECONSTRUCT = "reconstruction not available"
@@ -93,7 +93,7 @@ class PruneChannels(Pass):
         because it is smaller than ``round_to`` (or ``exclude`` names that match nothing). With
         ``reconstruct`` and calibration data, every
         Conv/Gemm/MatMul whose input channels were removed is refitted by least squares to the
-        original model's output of the same node (``onnxcompress.reconstruct.reconstruct_layers``;
+        original model's output of the same node (``onnxcompress.reconstruct.refit.reconstruct_layers``;
         ``out_keep`` selects the kept output channels); without that module, or for other ops,
         it declines ("reconstruction not available", "reconstruction does not support this op").
 

@@ -7,28 +7,22 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..errors import InputError
-from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
-from ..quant.bias import FLOAT_MODEL_KEY
-from ..quant.calibrate import Calibration, collect_statistics
-from ..quant.cpu import cpu_flags, has_vnni
-from ..quant.latency import island_layers, model_ratios, time_layers
-from ..quant.observers import DEFAULT_BINS, METHODS
-from ..quant.params import QParams
-from ..quant.qdq import (
-    DECLINE_REASONS,
-    R_EXCLUDED,
-    Plan,
-    QuantConfig,
-    apply_plan,
-    plan_placement,
-)
-from ..quant.sensitivity import Evaluator, Fidelity, Quantizer, plan_params, rank_layers
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.quant.bias_correction import FLOAT_MODEL_KEY
+from onnxcompress.quant.calibrate import Calibration, collect_statistics
+from onnxcompress.quant.cpu import cpu_flags, has_vnni
+from onnxcompress.quant.latency import island_layers, model_ratios, time_layers
+from onnxcompress.quant.observers import DEFAULT_BINS, METHODS
+from onnxcompress.quant.options import QuantConfig
+from onnxcompress.quant.params import QParams
+from onnxcompress.quant.placement import R_EXCLUDED, QdqPlan, plan_placement
+from onnxcompress.quant.rewrite import apply_plan
+from onnxcompress.quant.sensitivity import Evaluator, Fidelity, Quantizer, plan_params, rank_layers
 
 __all__ = [
     "CPU_FLAGS_KEY",
-    "DECLINE_REASONS",
     "LATENCY_TIMER_KEY",
     "MODEL_TIMER_KEY",
     "NO_CALIB_MESSAGE",
@@ -73,7 +67,7 @@ class QuantizeInt8(Pass):
         Concat's output range is the union of its inputs' ranges (it only copies their values);
         a folded Clip clamps the range to its bounds.
 
-    Placement (see :mod:`onnxcompress.quant.qdq`): Q/DQ around Conv, Gemm, MatMul (constant
+    Placement (see :mod:`onnxcompress.quant.placement`): Q/DQ around Conv, Gemm, MatMul (constant
     weights), Add, Mul, Concat, AveragePool, GlobalAveragePool; a Relu/Clip that alone follows
     one of them is folded (its output range, no Q/DQ in between); MaxPool, Resize, Reshape,
     Flatten, Transpose, Squeeze, Unsqueeze, Split reuse their input's Q parameters when their
@@ -176,15 +170,8 @@ class QuantizeInt8(Pass):
                                             "float) and keep the fastest"),
     }
 
-    def quant_config(self) -> QuantConfig:
-        """The :class:`QuantConfig` these options describe."""
-        return self._config()
-
     def _config(self) -> QuantConfig:
-        o = self.opts
-        return QuantConfig(per_channel=o["per_channel"], symmetric_activations=o["symmetric_activations"],
-                           reduce_range=o["reduce_range"], exclude=tuple(o["exclude"]),
-                           weights_only=o["weights_only"])
+        return QuantConfig.from_options(self.opts)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Plan the placement, calibrate the activations it needs, insert Q/DQ nodes."""
@@ -227,7 +214,7 @@ class QuantizeInt8(Pass):
                 "saturate 16-bit sums, so it runs 8-bit weights on its slower u8u8 path; reduce_range=true "
                 "(7-bit weights) avoids both")
 
-    def _calibrate(self, graph: gs.Graph, plan: Plan, ctx: PassContext, result: PassResult) -> Calibration:
+    def _calibrate(self, graph: gs.Graph, plan: QdqPlan, ctx: PassContext, result: PassResult) -> Calibration:
         model = serde.to_model(graph)
         names = plan.calibrated()
         calib = collect_statistics(model, names, ctx.calib, batch_size=self.opts["batch_size"], bins=DEFAULT_BINS,
@@ -237,7 +224,7 @@ class QuantizeInt8(Pass):
         result.stats["cache_tensors"] = len(calib.cached)
         return calib
 
-    def _params(self, plan: Plan, calib: Calibration, cfg: QuantConfig, result: PassResult,
+    def _params(self, plan: QdqPlan, calib: Calibration, cfg: QuantConfig, result: PassResult,
                 ctx: PassContext) -> dict[str, QParams]:
         """Scale and zero point of every calibrated tensor from its range."""
         return plan_params(plan, calib, cfg, self.opts["method"], self.opts["percentile"], result, ctx.logger)

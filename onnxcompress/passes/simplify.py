@@ -6,15 +6,16 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..manager import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
 
 __all__ = ["Simplify"]
 
@@ -162,7 +163,7 @@ def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logg
         simplified = _onnxsim_call(model, opts)
         _check_like(simplified, model)
         new_graph = serde.to_graph(simplified)
-    except Exception as exc:  # noqa: BLE001 - onnxsim and the checker raise assorted types
+    except Exception as exc:
         return _onnxsim_failed(graph, _short(exc), result, logger)
     if not _same_names(new_graph, inputs, outputs):
         return _onnxsim_failed(graph, "changed the graph inputs or outputs", result, logger)
@@ -197,7 +198,7 @@ def _check_like(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     except Exception:
         try:
             serde.check_model(original, full=True)
-        except Exception:  # noqa: BLE001 - onnx's own shape inference rejects the input: not our doing
+        except Exception:
             serde.check_model(model, full=False)
             return
         raise
@@ -439,7 +440,7 @@ def _evaluate(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, logger:
     """Values of the outputs of ``nodes``: all at once, or node by node if that fails."""
     try:
         return _run_nodes(graph, nodes)
-    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
+    except Exception as exc:
         logger.debug("simplify: batch constant evaluation failed (%s); trying node by node", _short(exc))
     values: dict[str, np.ndarray] = {}
     for node in nodes:
@@ -447,7 +448,7 @@ def _evaluate(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, logger:
             continue
         try:
             values.update(_run_nodes(graph, [node], values))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result.decline(node.name or node.outputs[0].name, f"cannot evaluate: {_short(exc, 100)}", logger)
     return values
 

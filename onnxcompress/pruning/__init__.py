@@ -17,13 +17,13 @@ channel axis is axis 1 (``[N, C, ...]`` and ``[N, C]``).
 
 from __future__ import annotations
 
-from .apply import ApplyReport, PrunedLayer, apply_pruning, mask_channels, mask_inputs
-from .dependency import Analysis, Group, analyze
-from .handlers import HANDLERS
-from .importance import CRITERIA, score_groups
-from .prepare import merge_reshapes
-from .select import Budget, Plan, plan_removal
-from .spec import FREEZE_REASONS
+from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning, mask_channels, mask_inputs
+from onnxcompress.pruning.dependency import Analysis, Group, analyze
+from onnxcompress.pruning.handlers import HANDLERS
+from onnxcompress.pruning.importance import CRITERIA, score_groups
+from onnxcompress.pruning.prepare import merge_reshapes
+from onnxcompress.pruning.select import Budget, Plan, plan_removal
+from onnxcompress.pruning.types import FREEZE_REASONS
 
 __all__ = [
     "CRITERIA",

@@ -30,9 +30,9 @@ import onnx_graphsurgeon as gs
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .. import serde
-from .handlers import handle
-from .spec import (
+from onnxcompress.core.shapes import infer_graph
+from onnxcompress.pruning.handlers import handle
+from onnxcompress.pruning.types import (
     R_CONTROL_FLOW,
     R_EXCLUDED,
     R_GRAPH_INPUT,
@@ -156,13 +156,13 @@ def graph_info(graph: gs.Graph) -> GraphInfo:
     """Shapes of every tensor (onnx shape inference, then graphsurgeon's own) and the opset."""
     shapes: dict[str, tuple[int | None, ...]] = {}
     try:
-        model = serde.infer_graph(graph)
+        model = infer_graph(graph)
         for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
             tt = vi.type.tensor_type
             if tt.HasField("shape"):
                 shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                                         for d in tt.shape.dim)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; unknown shapes freeze
+    except Exception as exc:
         log.debug("pruning: shape inference failed: %s", exc)
     for name, t in graph.tensors().items():
         if isinstance(t, gs.Variable) and t.shape is not None and name not in shapes:

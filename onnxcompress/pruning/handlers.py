@@ -38,7 +38,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from .handlers_channelwise import (
+from onnxcompress.pruning.handlers_channelwise import (
     _batchnorm,
     _clip,
     _pad,
@@ -51,21 +51,16 @@ from .handlers_channelwise import (
     _transpose,
     _unary,
 )
-from .handlers_common import Handler, _frozen, channel_vector
-from .handlers_coupling import (
-    _BINARY,
-    _binary,
-    _concat,
-    _flatten,
-    _reshape,
-    _slice,
-    _split,
-)
-from .handlers_weights import _conv, _conv_transpose, _gemm, _matmul, has_padding
-from .shape_trace import _shape_op
-from .spec import R_CONTROL_FLOW, R_NO_HANDLER, R_SHAPE_READ, GraphInfo, NodeSpec
+from onnxcompress.pruning.handlers_common import Handler, _frozen
+from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _reshape, _slice, _split
+from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
+from onnxcompress.pruning.shape_trace import _shape_op
+from onnxcompress.pruning.types import R_CONTROL_FLOW, R_NO_HANDLER, R_SHAPE_READ, GraphInfo, NodeSpec
 
-__all__ = ["HANDLERS", "Handler", "channel_vector", "handle", "has_padding"]
+__all__ = [
+    "HANDLERS",
+    "handle",
+]
 
 log = logging.getLogger(__name__)
 

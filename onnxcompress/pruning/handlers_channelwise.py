@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .handlers_common import (
+from onnxcompress.pruning.handlers_common import (
     Vec,
     _axis,
     _const_operand,
@@ -25,8 +25,8 @@ from .handlers_common import (
     _set_channels,
     _used,
 )
-from .shape_trace import _own_channel_sizes
-from .spec import (
+from onnxcompress.pruning.shape_trace import _own_channel_sizes
+from onnxcompress.pruning.types import (
     CHANNEL_AXIS,
     R_MISMATCH,
     R_MOVES_AXIS,

@@ -13,14 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .spec import (
-    CHANNEL_AXIS,
-    R_BROADCAST,
-    R_UNSUPPORTED,
-    ROLE_PARAM,
-    GraphInfo,
-    NodeSpec,
-)
+from onnxcompress.pruning.types import CHANNEL_AXIS, R_BROADCAST, R_UNSUPPORTED, ROLE_PARAM, GraphInfo, NodeSpec
 
 __all__ = [
     "Handler", "Vec", "_axis", "_clamp", "_const_operand", "_frozen", "_identity_fn", "_input", "_ints",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .handlers_common import (
+from onnxcompress.pruning.handlers_common import (
     Vec,
     _axis,
     _clamp,
@@ -28,8 +28,8 @@ from .handlers_common import (
     _slice_args,
     channel_vector,
 )
-from .shape_trace import _shape_elements
-from .spec import (
+from onnxcompress.pruning.shape_trace import _shape_elements
+from onnxcompress.pruning.types import (
     CHANNEL_AXIS,
     R_BROADCAST,
     R_MISMATCH,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .handlers_common import Vec, _input, _nan, channel_vector
-from .spec import (
+from onnxcompress.pruning.handlers_common import Vec, _input, _nan, channel_vector
+from onnxcompress.pruning.types import (
     R_MISMATCH,
     R_NONCONST,
     R_UNKNOWN_DIM,

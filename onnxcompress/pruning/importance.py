@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import serde
-from ..errors import InputError
-from .dependency import Analysis, Group
-from .spec import ROLE_GAMMA, ROLE_W_IN, ROLE_W_OUT, ParamRef
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.pruning.dependency import Analysis, Group
+from onnxcompress.pruning.types import ROLE_GAMMA, ROLE_W_IN, ROLE_W_OUT, ParamRef
 
 __all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "normalize", "score_groups", "weight_scores"]
 
@@ -130,7 +130,7 @@ def activation_scores(analysis: Analysis, groups: list[Group], calib: Any, *, ba
     """
     if calib is None:
         raise InputError("prune_channels: criterion=activation needs calibration data (give --calib or calib=...)")
-    from ..capture import capture
+    from onnxcompress.runtime.capture import capture
 
     wanted = {g.index: _activation_tensors(analysis, g) for g in groups}
     names = sorted({n for ns in wanted.values() for n in ns})

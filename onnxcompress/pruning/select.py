@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .dependency import Analysis, Group
+from onnxcompress.pruning.dependency import Analysis, Group
 
 __all__ = ["Budget", "Plan", "max_removal", "plan_removal", "round_keep"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .handlers_common import _axis, _clamp, _input, _slice_args
-from .spec import CHANNEL_AXIS, R_SHAPE_READ, GraphInfo, NodeSpec
+from onnxcompress.pruning.handlers_common import _axis, _clamp, _input, _slice_args
+from onnxcompress.pruning.types import CHANNEL_AXIS, R_SHAPE_READ, GraphInfo, NodeSpec
 
 __all__ = ["Element", "_channel_use_follows", "_own_channel_sizes", "_shape_elements", "_shape_op"]
 

@@ -14,11 +14,17 @@ The pass itself is :class:`onnxcompress.passes.quantize_int8.QuantizeInt8`.
 
 from __future__ import annotations
 
-from .cache import cache_key, data_fingerprint, load_cache, save_cache
-from .calibrate import Calibration, collect_statistics
-from .cpu import cpu_flags, has_vnni
-from .fusion import UnfusedQdq, count_unfused_qdq, integer_op_counts, ort_optimized_model, unfused_qdq
-from .observers import (
+from onnxcompress.quant.cache import cache_key, data_fingerprint, load_cache, save_cache
+from onnxcompress.quant.calibrate import Calibration, collect_statistics
+from onnxcompress.quant.cpu import cpu_flags, has_vnni
+from onnxcompress.quant.fusion import (
+    UnfusedQdq,
+    count_unfused_qdq,
+    integer_op_counts,
+    ort_optimized_model,
+    unfused_qdq,
+)
+from onnxcompress.quant.observers import (
     DEFAULT_BINS,
     METHODS,
     EntropyObserver,
@@ -30,8 +36,10 @@ from .observers import (
     compute_range,
     make_observer,
 )
-from .params import QParams, activation_params, quantize_bias, quantize_weight
-from .qdq import Plan, QuantConfig, apply_plan, plan_placement, weight_axis
+from onnxcompress.quant.options import QuantConfig
+from onnxcompress.quant.params import QParams, activation_params, quantize_bias, quantize_weight
+from onnxcompress.quant.placement import QdqPlan, plan_placement, weight_axis
+from onnxcompress.quant.rewrite import apply_plan
 
 __all__ = [
     "DEFAULT_BINS",
@@ -55,7 +63,7 @@ __all__ = [
     "quantize_weight",
     "quantize_bias",
     "QuantConfig",
-    "Plan",
+    "QdqPlan",
     "plan_placement",
     "apply_plan",
     "weight_axis",

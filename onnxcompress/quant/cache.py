@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..calib import CalibSource, FileSource, ImageFolderSource, RandomSource
-from ..errors import InputError
-from .observers import HistogramCollector
+from onnxcompress.core.errors import InputError
+from onnxcompress.quant.observers import HistogramCollector
+from onnxcompress.runtime.data import CalibSource, FileSource, ImageFolderSource, RandomSource
 
 __all__ = ["CACHE_VERSION", "cache_key", "data_fingerprint", "load_cache", "save_cache"]
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..calib import Batch, CalibSource
-from ..capture import capture
-from .cache import cache_key, load_cache, save_cache
-from .observers import DEFAULT_BINS, HistogramCollector
+from onnxcompress.quant.cache import cache_key, load_cache, save_cache
+from onnxcompress.quant.observers import DEFAULT_BINS, HistogramCollector
+from onnxcompress.runtime.capture import capture
+from onnxcompress.runtime.data import Batch, CalibSource
 
 __all__ = ["Calibration", "collect_statistics"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from ..errors import InputError
+from onnxcompress.core.errors import InputError
 
 __all__ = ["UnfusedQdq", "ort_optimized_model", "unfused_qdq", "count_unfused_qdq", "integer_op_counts"]
 
@@ -66,7 +66,7 @@ def ort_optimized_model(model: onnx.ModelProto, *, threads: int = 1) -> onnx.Mod
         opts.optimized_model_filepath = str(path)
         try:
             ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"onnxruntime cannot load the model: {first}") from None
         return onnx.load(str(path))

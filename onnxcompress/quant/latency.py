@@ -8,7 +8,7 @@ the calibrated parameters, taking its quantized input and giving its quantized o
 int8 layers no Q/DQ runs between them, so the int8 kernel alone is compared with the float one.
 Both run in onnxruntime with its graph optimizations **on** (as deployed), one thread, in
 interleaved rounds; the result is the median over rounds of ``t_int8 / t_float`` measured in the
-same round (:func:`onnxcompress.bench.paired_ratio`).
+same round (:func:`onnxcompress.runtime.bench.paired_ratio`).
 
 Add, Mul, Concat and pooling layers are not timed: :func:`island_layers` keeps float every
 group of them that no quantized compute layer touches (looking through MaxPool/Reshape/Flatten/...
@@ -16,7 +16,7 @@ and Relu/Clip), since it would only add Q/DQ work.
 
 Whole model: a float layer between int8 neighbours adds a DQ and a Q that the per-layer
 timings do not see, so the pass then times float, all-int8 and the per-layer choice as whole
-models (:func:`model_ratios`, interleaved :func:`onnxcompress.bench.bench`) and keeps the fastest.
+models (:func:`model_ratios`, interleaved :func:`onnxcompress.runtime.bench.bench`) and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..bench import bench, paired_ratio, round_order
-from ..manager import PassResult
-from ..metrics import concrete_shapes
-from ..progress import track
-from ..runtime import make_session
-from .qdq import KINDS, apply_plan, plan_placement
-from .sensitivity import Quantizer, plan_params
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import PassResult
+from onnxcompress.core.shapes import concrete_shapes
+from onnxcompress.quant.placement import KINDS, plan_placement
+from onnxcompress.quant.rewrite import apply_plan
+from onnxcompress.quant.sensitivity import Quantizer, plan_params
+from onnxcompress.runtime.bench import bench, paired_ratio, round_order
+from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.session import make_session
 
 __all__ = [
     "TIMED_OPS",
@@ -230,7 +231,7 @@ def measure_ratio(pair: LayerPair, *, rounds: int = 40, warmup: int = 5, target_
 
 
 def model_ratios(models: list[onnx.ModelProto], *, batch: int = 1, rounds: int = 100, seed: int = 0) -> list[float]:
-    """Whole-model latency ratios vs ``models[0]`` with :func:`onnxcompress.bench.bench` (1 thread, interleaved)."""
+    """Whole-model latency ratios vs ``models[0]`` with :func:`onnxcompress.runtime.bench.bench` (1 thread, interleaved)."""
     report = bench(models, threads=1, batch=batch, runs=rounds, warmup=10, seed=seed)
     return [m.ratio_vs_first for m in report.models]
 

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 

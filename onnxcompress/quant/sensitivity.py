@@ -1,6 +1,6 @@
 """Per-layer quantization sensitivity, and the machinery mixed precision shares with it.
 
-A *layer* is one quantized group of :func:`onnxcompress.quant.qdq.plan_placement` (a Conv, Gemm,
+A *layer* is one quantized group of :func:`onnxcompress.quant.placement.plan_placement` (a Conv, Gemm,
 MatMul, Add, Mul, Concat, pooling or ConvTranspose node, with the Relu/Clip folded into it),
 named by its node name. Keeping a layer float means excluding its node, exactly as the pass
 option ``exclude`` does, so any mixed-precision decision is reproduced by an ``exclude=`` spec.
@@ -18,55 +18,37 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..calib import CalibSource, open_source
-from ..errors import InputError
-from ..manager import PassContext, PassManager, PassResult, parse_spec
-from ..metrics import model_metrics
-from ..progress import track
-from ..runtime import make_session
-from .calibrate import Calibration, collect_statistics
-from .observers import DEFAULT_BINS, compute_range
-from .params import QParams, activation_params
-from .qdq import (
-    KINDS,
-    R_DEGENERATE,
-    Plan,
-    QuantConfig,
-    apply_plan,
-    plan_placement,
-    tensor_dtypes,
-)
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.pass_api import PassResult
+from onnxcompress.quant.calibrate import Calibration, collect_statistics
+from onnxcompress.quant.observers import DEFAULT_BINS, compute_range
+from onnxcompress.quant.options import QuantConfig
+from onnxcompress.quant.params import QParams, activation_params
+from onnxcompress.quant.placement import KINDS, R_DEGENERATE, QdqPlan, plan_placement, tensor_dtypes
+from onnxcompress.quant.rewrite import apply_plan
+from onnxcompress.runtime.data import CalibSource
+from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.session import make_session
 
 __all__ = [
-    "NO_MATPLOTLIB",
     "REFERENCE_BUDGET",
     "Evaluator",
     "Fidelity",
-    "LayerScore",
     "Quantizer",
-    "SensitivityReport",
-    "layer_sensitivity",
-    "parse_options",
     "plan_params",
-    "plot_sensitivity",
     "rank_layers",
-    "require_matplotlib",
-    "show_sensitivity",
 ]
 
 log = logging.getLogger(__name__)
 
-NO_MATPLOTLIB = "matplotlib is not installed: pip install 'onnxcompress[plot]'"
 #: Bytes of float-model outputs the :class:`Evaluator` keeps in memory (above: recomputed per run).
 REFERENCE_BUDGET = 256 * 2**20
 _LAYER_KINDS = frozenset({"compute", "weights", "binary", "variadic", "unary"})
@@ -76,7 +58,7 @@ _ACTIVATIONS = ("Relu", "Clip")
 # --------------------------------------------------------------------------------- parameters
 
 
-def plan_params(plan: Plan, calib: Calibration, cfg: QuantConfig, method: str, percentile: float,
+def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str, percentile: float,
                 result: PassResult, logger: logging.Logger | None = None,
                 ranges_cache: dict | None = None) -> dict[str, QParams]:
     """Scale and zero point of every tensor of ``plan.calibrated()`` from its calibrated range.
@@ -372,217 +354,6 @@ def rank_layers(quantizer: Quantizer, evaluate: Evaluator, *, layers: Iterable[s
 # --------------------------------------------------------------------------------- report
 
 
-def _num(v: float) -> float | str:
-    """JSON-safe float (infinities as strings, as validation reports do)."""
-    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-
-
-@dataclass
-class LayerScore:
-    """One layer quantized alone: its cost in output fidelity."""
-
-    node: str
-    op_type: str
-    macs: int
-    sqnr_db: float
-    cosine: float
-
-
-@dataclass
-class SensitivityReport:
-    """What :func:`layer_sensitivity` measured.
-
-    Attributes:
-        model: The model's name (its path, or ``"model"``).
-        method: Calibration method.
-        samples: Samples the fidelity was measured on.
-        baseline: Every layer quantized.
-        layers: Most sensitive first.
-        float_accuracy: Float model accuracy (labelled data), else ``None``.
-    """
-
-    model: str
-    method: str
-    samples: int
-    baseline: Fidelity
-    layers: list[LayerScore] = field(default_factory=list)
-    float_accuracy: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form: ``kind, model, method, samples, baseline{sqnr_db, cosine}, layers[...]``."""
-        return {
-            "kind": "sensitivity",
-            "model": self.model,
-            "method": self.method,
-            "samples": self.samples,
-            "baseline": {"sqnr_db": _num(self.baseline.sqnr_db), "cosine": _num(self.baseline.cosine)},
-            "layers": [{"node": s.node, "op_type": s.op_type, "macs": int(s.macs), "sqnr_db": _num(s.sqnr_db),
-                        "cosine": _num(s.cosine)} for s in self.layers],
-        }
-
-
-def _prepare(model: onnx.ModelProto, prepare: str, calib: CalibSource, seed: int) -> onnx.ModelProto:
-    """Run the ``prepare`` passes (default ``fold_bn``), normalise, reach opset 13."""
-    from ..normalize import normalize, upgrade_opset
-
-    if prepare.strip():
-        model, _ = PassManager(parse_spec(prepare), PassContext(calib=calib, seed=seed)).run(model)
-    return upgrade_opset(normalize(model), 13)
-
-
-def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *, method: str = "mse",
-                      options: dict[str, Any] | None = None, prepare: str = "fold_bn", batch_size: int = 32,
-                      samples: int | None = None, seed: int = 0, dims: dict[str, int] | None = None,
-                      preprocess: Any = None, progress: bool = False, name: str | None = None) -> SensitivityReport:
-    """Rank the layers of ``model`` by the output SQNR they cost when quantized alone.
-
-    The model is first run through ``prepare`` (``fold_bn`` by default, as in the usual
-    ``fold_bn,quantize_int8`` pipeline, so layer names match), then calibrated once on ``calib``
-    (histograms of every tensor any variant needs); each layer is then quantized alone,
-    everything else float, and compared with the float model on ``data`` (default: ``calib``).
-
-    Args:
-        model: Path, bytes or ``ModelProto`` (not modified).
-        calib: Calibration data (see :func:`onnxcompress.calib.open_source`).
-        data: Evaluation data (default ``calib``); labels add accuracy to the baseline.
-        method: Calibration method (as ``quantize_int8:method``).
-        options: Other ``quantize_int8`` options (``per_channel``, ``symmetric_activations``,
-            ``reduce_range``, ``exclude``, ``percentile``).
-        prepare: Pass spec run before (``""``: none).
-        batch_size: Batch size of calibration and evaluation runs.
-        samples: Use at most this many evaluation samples.
-        seed: Seed for random data.
-        dims: Symbolic input dims (random data, MAC counts).
-        preprocess: Image-folder preprocessing.
-        progress: Progress bars.
-        name: Model name for the report (default: the path, else ``"model"``).
-
-    Raises:
-        InputError: Bad model, data or options.
-    """
-    from ..passes.quantize_int8 import QuantizeInt8  # the pass imports this module
-
-    qpass = QuantizeInt8(method=method, **(options or {}))
-    original = serde.load_model(model)
-    calib_src = open_source(calib, original, preprocess=preprocess, seed=seed, dims=dims)
-    data_src = open_source(data if data is not None else calib, original, preprocess=preprocess, limit=samples,
-                           seed=seed, dims=dims)
-    prepared = _prepare(original, prepare, calib_src, seed)
-    quantizer = Quantizer(prepared, qpass.quant_config(), method=method, percentile=qpass.opts["percentile"])
-    if not quantizer.layers:
-        raise InputError("no quantizable layer in this model")
-    quantizer.calibrate(calib_src, batch_size=batch_size, progress=progress)
-    evaluate = Evaluator(prepared, data_src, batch_size=batch_size)
-    baseline = evaluate(quantizer.export())
-    ranked = rank_layers(quantizer, evaluate, progress=progress)
-    macs = {n.name: n.macs for n in model_metrics(prepared, dims).per_node}
-    layers = [LayerScore(layer, quantizer.ops[layer], macs.get(layer, 0), fid.sqnr_db, fid.cosine)
-              for layer, fid in ranked]
-    label = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model")
-    return SensitivityReport(label, method, evaluate.samples, baseline, layers, baseline.ref_accuracy)
-
-
-def parse_options(text: str | None) -> dict[str, str]:
-    """``"per_channel=false:reduce_range=true"`` as a dict (values parsed later by the pass).
-
-    Raises:
-        InputError: A part is not ``key=value``.
-    """
-    out: dict[str, str] = {}
-    for pair in [p for p in (text or "").split(":") if p.strip()]:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"quantize_int8 options: expected key=value, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 # --------------------------------------------------------------------------------- display
 
 
-def _noise(layers: list[LayerScore]) -> list[float]:
-    """Each layer's output noise power relative to the most sensitive layer's (1.0 for it)."""
-    power = [10 ** (-s.sqnr_db / 10) if math.isfinite(s.sqnr_db) else 0.0 for s in layers]
-    top = max(power, default=0.0)
-    return [p / top if top > 0 else 0.0 for p in power]
-
-
-def _bar(fraction: float, width: int = 24) -> str:
-    blocks = " ▏▎▍▌▋▊▉█"
-    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
-    full, rest = divmod(eighths, 8)
-    return ("█" * full + (blocks[rest] if rest else "")) or "▏"
-
-
-def show_sensitivity(console: Any, report: SensitivityReport, top: int = 20) -> None:
-    """Print the ranking on a rich ``console``: one row per layer, with a bar of its output noise."""
-    from rich.table import Table
-
-    from ..display import human_count
-
-    b = report.baseline
-    acc = "" if report.float_accuracy is None or b.cand_accuracy is None else \
-        f", accuracy {100 * report.float_accuracy:.2f}% -> {100 * b.cand_accuracy:.2f}%"
-    console.print(f"{report.model}: {len(report.layers)} layers, method {report.method}, {report.samples} samples; "
-                  f"all layers int8: SQNR {b.sqnr_db:.2f} dB, cosine {b.cosine:.6f}{acc}")
-    t = Table(title="layers quantized alone, most sensitive first (bar: output noise power, relative to the first)")
-    for col in ("#", "node", "op", "MACs", "SQNR dB", "cosine", "noise"):
-        t.add_column(col, justify="left" if col in ("node", "op", "noise") else "right")
-    shown = report.layers[:top] if top > 0 else report.layers
-    for i, (s, frac) in enumerate(zip(shown, _noise(report.layers)), 1):
-        t.add_row(str(i), s.node, s.op_type, human_count(s.macs) if s.macs else "-", f"{s.sqnr_db:.2f}",
-                  f"{s.cosine:.6f}", _bar(frac))
-    console.print(t)
-    if len(shown) < len(report.layers):
-        console.print(f"({len(report.layers) - len(shown)} more layers; --top 0 shows all)")
-
-
-def require_matplotlib() -> None:
-    """Raise :class:`InputError` (with the install hint) when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise InputError(NO_MATPLOTLIB) from None
-
-
-def plot_sensitivity(report: SensitivityReport, path: str | os.PathLike, top: int = 20) -> None:
-    """Horizontal bar chart (PNG) of each layer's output SQNR when quantized alone, most sensitive on top.
-
-    Raises:
-        InputError: matplotlib missing, or the folder does not exist / is not writable.
-    """
-    require_matplotlib()
-    import tempfile
-    from pathlib import Path
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{folder}: folder does not exist")
-    shown = report.layers[:top] if top > 0 else report.layers
-    noise = _noise(report.layers)[:len(shown)]
-    labels = [f"{s.node} ({s.op_type})" for s in shown]
-    width = 4 + 0.075 * max((len(x) for x in labels), default=10)
-    fig = Figure(figsize=(width + 5, 1.4 + 0.3 * len(shown)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    bars = ax.barh(labels, noise, color="#4c72b0")
-    for bar, s in zip(bars, shown):
-        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, f"{s.sqnr_db:.1f} dB", va="center",
-                fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.18)
-    ax.set_xlabel("output noise power with only this layer int8, relative to the most sensitive layer")
-    ax.set_title(f"{Path(report.model).name}: quantization sensitivity ({report.method}, {report.samples} samples; "
-                 f"all int8: {report.baseline.sqnr_db:.1f} dB)", fontsize=10)
-    fig.tight_layout()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxcompress-", suffix=".png", dir=folder)
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror})") from None

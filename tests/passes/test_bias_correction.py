@@ -17,18 +17,19 @@ from quant.builders import (
     rand,
 )
 
-from onnxcompress.calib import open_source
-from onnxcompress.errors import InputError
-from onnxcompress.manager import Numerics, PassContext, get_pass, parse_spec
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.pass_api import Numerics, PassContext
 from onnxcompress.passes.bias_correction import NO_CALIB_MESSAGE, R_NO_REFERENCE
+from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.quant import count_unfused_qdq
-from onnxcompress.quant.bias import (
+from onnxcompress.quant.bias_correction import (
     R_BIAS_CONST,
     R_NO_BIAS_PATH,
     R_NOT_QUANTIZED,
     R_WEIGHT,
     ChannelMoments,
 )
+from onnxcompress.runtime.data import open_source
 
 X = {"x": ["N", 3, 8, 8]}
 COARSE = "quantize_int8:per_channel=false:reduce_range=true:method=minmax"

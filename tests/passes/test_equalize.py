@@ -11,9 +11,10 @@ import pytest
 from helpers import make_model, op_types, ort_run, random_feeds, run_passes
 from onnx import helper, numpy_helper
 
-from onnxcompress import serde
-from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass, parse_spec
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
 from onnxcompress.passes.equalize import DECLINE_REASONS, Equalize
+from onnxcompress.pipeline.manager import get_pass, parse_spec
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 

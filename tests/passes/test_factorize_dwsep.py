@@ -19,16 +19,12 @@ from helpers import (
 )
 from onnx import helper
 
-from onnxcompress.calib import open_source
-from onnxcompress.errors import InputError
-from onnxcompress.lowrank import R_GROUPED, R_NOT_PAY, R_TINY
-from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass
-from onnxcompress.passes.factorize_dwsep import (
-    DECLINE_REASONS,
-    R_POINTWISE,
-    FactorizeDwsep,
-    round_multiplier,
-)
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
+from onnxcompress.lowrank.factorize import R_GROUPED, R_NOT_PAY, R_POINTWISE, R_TINY
+from onnxcompress.passes.factorize_dwsep import DECLINE_REASONS, FactorizeDwsep, round_multiplier
+from onnxcompress.pipeline.manager import get_pass
+from onnxcompress.runtime.data import open_source
 
 FULL = "max_mac_ratio=100:round_to=1"
 

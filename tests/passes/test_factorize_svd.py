@@ -12,23 +12,13 @@ import pytest
 from helpers import make_model, op_types, ort_run, random_feeds, rel_err, run_passes
 from onnx import helper, numpy_helper
 
-from onnxcompress.calib import open_source
-from onnxcompress.errors import InputError
-from onnxcompress.lowrank import (
-    R_EXCLUDED,
-    R_GROUPED,
-    R_NOT_PAY,
-    R_TINY,
-    R_WEIGHT,
-    energy_rank,
-)
-from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass, parse_spec
-from onnxcompress.passes.factorize_svd import (
-    DECLINE_REASONS,
-    R_ATTRS,
-    R_KXK,
-    FactorizeSvd,
-)
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
+from onnxcompress.lowrank.factorize import R_ATTRS, R_EXCLUDED, R_GROUPED, R_NOT_PAY, R_TINY, R_WEIGHT
+from onnxcompress.lowrank.linalg import energy_rank
+from onnxcompress.passes.factorize_svd import DECLINE_REASONS, R_KXK, FactorizeSvd
+from onnxcompress.pipeline.manager import get_pass, parse_spec
+from onnxcompress.runtime.data import open_source
 
 Shape = Sequence[Any] | None
 
@@ -328,9 +318,9 @@ def test_data_aware_beats_plain_on_held_out_data() -> None:
 
 
 def test_huge_inputs_are_not_whitened(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxcompress import lowrank
+    from onnxcompress.passes import _factorize
 
-    monkeypatch.setattr(lowrank, "MAX_GRAM_DIM", 40)  # fc1 has 32 input features, fc2 48
+    monkeypatch.setattr(_factorize, "MAX_GRAM_DIM", 40)  # fc1 has 32 input features, fc2 48
     model = two_layer_mlp(np.random.default_rng(20))
     ctx = PassContext(calib=open_source([{"x": np.ones((8, 32), np.float32)}], model))
     _, result = factorize(model, "factorize_svd:rank=6:round_to=1:min_channels=8", ctx)

@@ -10,14 +10,12 @@ import pytest
 from helpers import conv_model, make_model, op_types, ort_run, random_feeds, rel_err, run_checked, weight_shapes
 from onnx import helper
 
-from onnxcompress.calib import open_source
-from onnxcompress.lowrank import R_GROUPED, R_NOT_PAY, R_TINY, R_WEIGHT, evbmf, unfold
-from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass
-from onnxcompress.passes.factorize_tucker import (
-    DECLINE_REASONS,
-    R_POINTWISE,
-    FactorizeTucker,
-)
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
+from onnxcompress.lowrank.factorize import R_GROUPED, R_NOT_PAY, R_POINTWISE, R_TINY, R_WEIGHT
+from onnxcompress.lowrank.linalg import evbmf, unfold
+from onnxcompress.passes.factorize_tucker import DECLINE_REASONS, FactorizeTucker
+from onnxcompress.pipeline.manager import get_pass
+from onnxcompress.runtime.data import open_source
 
 FULL = "max_mac_ratio=100:round_to=1"
 

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from onnxcompress import serde
-from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
 from onnxcompress.passes.fold_bn import DECLINE_REASONS, GAMMA_KEY, FoldBn
+from onnxcompress.pipeline.manager import get_pass
 
 Shape = Sequence[Any] | None
 

@@ -14,15 +14,12 @@ from helpers import ort_run, random_feeds, run_passes
 from onnx import numpy_helper
 from pruning.cases import CASES, bn, bn_node, make_model, node, w
 
-from onnxcompress.calib import RandomSource, input_specs
-from onnxcompress.errors import InputError, PassFailed
-from onnxcompress.manager import Numerics, PassContext, get_pass
-from onnxcompress.metrics import model_metrics
-from onnxcompress.passes.prune_channels import (
-    R_NO_RECONSTRUCT,
-    RECONSTRUCT_MODULE,
-    PruneChannels,
-)
+from onnxcompress.core.errors import InputError, PassFailed
+from onnxcompress.core.metrics import model_metrics
+from onnxcompress.core.pass_api import Numerics, PassContext
+from onnxcompress.passes.prune_channels import R_NO_RECONSTRUCT, RECONSTRUCT_MODULE, PruneChannels
+from onnxcompress.pipeline.manager import get_pass
+from onnxcompress.runtime.data import RandomSource, input_specs
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 X = {"x": ["N", 3, 8, 8]}
@@ -235,7 +232,7 @@ def tf_flatten(zero_in_second: bool = False) -> onnx.ModelProto:
 
 
 def test_reshape_chain_is_merged_so_the_last_stage_can_be_pruned():
-    from onnxcompress import serde
+    from onnxcompress.core import serde
     from onnxcompress.pruning.prepare import merge_reshapes
 
     model = tf_flatten()

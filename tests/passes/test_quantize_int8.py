@@ -10,15 +10,28 @@ import onnx
 import pytest
 from helpers import ort_run
 from onnx import helper
+from quant.builders import (
+    NO_VNNI,
+    compare,
+    conv_classifier,
+    feeds_for,
+    inits,
+    make_model,
+    producers,
+    qdq_params,
+    quantize,
+    rand,
+)
 
 import onnxcompress
-from onnxcompress import serde
-from onnxcompress.calib import FileSource, input_specs, open_source
-from onnxcompress.errors import InputError
-from onnxcompress.manager import Numerics, PassContext, PassManager, get_pass, parse_spec
-from onnxcompress.passes.quantize_int8 import DECLINE_REASONS, NO_CALIB_MESSAGE
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.pass_api import Numerics, PassContext
+from onnxcompress.passes.quantize_int8 import NO_CALIB_MESSAGE
+from onnxcompress.pipeline.manager import PassManager, get_pass, parse_spec
 from onnxcompress.quant import count_unfused_qdq, unfused_qdq
-from quant.builders import NO_VNNI, compare, conv_classifier, feeds_for, inits, make_model, producers, qdq_params, quantize, rand
+from onnxcompress.quant.placement import DECLINE_REASONS
+from onnxcompress.runtime.data import FileSource, input_specs, open_source
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 X = {"x": ["N", 3, 8, 8]}
@@ -277,7 +290,7 @@ def outlier_calib(model: onnx.ModelProto, rng: np.random.Generator, labels: bool
 
 
 def test_min_cosine_falls_back_most_sensitive_first():
-    from onnxcompress.quant.qdq import QuantConfig
+    from onnxcompress.quant.options import QuantConfig
     from onnxcompress.quant.sensitivity import Evaluator, Quantizer, rank_layers
 
     rng = np.random.default_rng(20)

@@ -10,10 +10,11 @@ import onnx_graphsurgeon as gs
 import pytest
 from helpers import op_types, ort_run, parse, random_feeds, run_passes
 
-from onnxcompress import serde
-from onnxcompress.manager import Numerics, PassContext, PassResult, get_pass, registry
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
 from onnxcompress.passes import simplify as simplify_module
 from onnxcompress.passes.simplify import Simplify
+from onnxcompress.pipeline.manager import get_pass, registry
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 MODES = ["simplify", "simplify:onnxsim=false"]

@@ -16,7 +16,7 @@ import onnx
 from helpers import make_model, ort_run, random_feeds
 from onnx import helper
 
-from onnxcompress import serde
+from onnxcompress.core import serde
 from onnxcompress.pruning.apply import ApplyReport, apply_pruning, mask_channels
 from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.select import Budget, plan_removal
@@ -157,7 +157,7 @@ def concat_input(rng):
 
 def split_case(opset: int):
     def build(rng):
-        split_in = ["c", "sizes"] if 13 <= opset else ["c"]
+        split_in = ["c", "sizes"] if opset >= 13 else ["c"]
         attrs = {"axis": 1}
         if opset < 13:
             attrs["split"] = [3, 5]

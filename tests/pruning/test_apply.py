@@ -24,9 +24,10 @@ from pruning.cases import (
     zeroed,
 )
 
-from onnxcompress import serde
+from onnxcompress.core import serde
 from onnxcompress.pruning.apply import apply_pruning, mask_channels, mask_inputs
 from onnxcompress.pruning.dependency import analyze
+
 
 def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

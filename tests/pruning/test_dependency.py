@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from pruning.cases import CASES, assert_equivalent, make_model, node, w
 
-from onnxcompress import serde
+from onnxcompress.core import serde
 from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.handlers import HANDLERS
-from onnxcompress.pruning.spec import FREEZE_REASONS
+from onnxcompress.pruning.types import FREEZE_REASONS
 
 X = {"x": ["N", 3, 8, 8]}
 

@@ -10,9 +10,9 @@ from onnx import numpy_helper
 from pruning.cases import (
     X,
     assert_equivalent,
-    build,
     bn,
     bn_node,
+    build,
     make_model,
     max_err,
     node,
@@ -21,9 +21,10 @@ from pruning.cases import (
     zeroed,
 )
 
-from onnxcompress import serde
+from onnxcompress.core import serde
 from onnxcompress.pruning.dependency import analyze, refine_blocks
 from onnxcompress.pruning.select import Budget, plan_removal
+
 
 def conv_attrs(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
     """Node name -> (weight shape, group) for every Conv/ConvTranspose."""
@@ -213,7 +214,8 @@ def test_restoring_a_channel_restores_one_per_block():
              node("Slice", ["ar", "s0", "e4", "ax"], "s"), node("Conv", ["s", "wg", "bg"], "g", group=2),
              node("Conv", ["g", "wy"], "y1"), node("Slice", ["ar", "s0", "e1", "ax"], "t"),
              node("Conv", ["t", "wt"], "y2"), node("Conv", ["ar", "wz"], "y3")]
-    ints = lambda v: np.asarray([v], np.int64)
+    def ints(v):
+        return np.asarray([v], np.int64)
     inits = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "s0": ints(0), "e4": ints(4), "e1": ints(1), "ax": ints(1),
              "wg": w(rng, 4, 2, 1, 1), "bg": w(rng, 4), "wy": w(rng, 2, 4, 1, 1), "wt": w(rng, 2, 1, 1, 1),
              "wz": w(rng, 2, 8, 1, 1)}

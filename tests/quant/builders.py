@@ -9,8 +9,8 @@ import onnx
 from helpers import make_model, ort_run, run_passes
 from onnx import helper, numpy_helper
 
-from onnxcompress.calib import CalibSource, open_source
-from onnxcompress.manager import PassContext, PassResult
+from onnxcompress.core.pass_api import PassContext, PassResult
+from onnxcompress.runtime.data import CalibSource, open_source
 
 __all__ = ["make_model", "rand", "conv_classifier", "calib_for", "feeds_for", "quantize", "inits", "producers", "consumers", "qdq_params",
            "cosine", "compare", "NO_VNNI"]

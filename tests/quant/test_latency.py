@@ -11,22 +11,14 @@ from helpers import ort_run
 from onnx import helper
 from quant.builders import calib_for, compare, make_model, quantize, rand
 
-from onnxcompress.calib import open_source
-from onnxcompress.errors import InputError
-from onnxcompress.passes.quantize_int8 import (
-    LATENCY_TIMER_KEY,
-    MODEL_TIMER_KEY,
-    R_ISLAND,
-)
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.shapes import concrete_shapes
+from onnxcompress.passes.quantize_int8 import LATENCY_TIMER_KEY, MODEL_TIMER_KEY, R_ISLAND
 from onnxcompress.quant import count_unfused_qdq
-from onnxcompress.quant.latency import (
-    concrete_shapes,
-    island_layers,
-    measure_ratio,
-    time_layers,
-)
-from onnxcompress.quant.qdq import QuantConfig
+from onnxcompress.quant.latency import island_layers, measure_ratio, time_layers
+from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.sensitivity import Quantizer
+from onnxcompress.runtime.data import open_source
 
 X = {"x": ["N", 3, 8, 8]}
 

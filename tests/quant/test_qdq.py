@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
+from quant.builders import compare, consumers, make_model, producers, qdq_params, quantize, rand
 
 from onnxcompress.quant import count_unfused_qdq, integer_op_counts, unfused_qdq
 from onnxcompress.quant.params import activation_params, quantize_bias, quantize_weight
-from quant.builders import compare, consumers, make_model, producers, qdq_params, quantize, rand
 
 X = {"x": ["N", 3, 8, 8]}
 

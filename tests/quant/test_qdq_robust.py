@@ -26,15 +26,11 @@ from quant.builders import (
     rand,
 )
 
-from onnxcompress import serde
-from onnxcompress.quant import count_unfused_qdq, integer_op_counts, qdq, unfused_qdq
-from onnxcompress.quant.qdq import (
-    R_EXCLUDED,
-    R_ISOLATED,
-    R_OUTPUT_CONCAT,
-    R_QUANTIZED,
-    R_STATIC,
-)
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import PassResult
+from onnxcompress.quant import count_unfused_qdq, integer_op_counts, placement, rewrite, unfused_qdq
+from onnxcompress.quant.options import QuantConfig
+from onnxcompress.quant.placement import R_EXCLUDED, R_ISOLATED, R_OUTPUT_CONCAT, R_QUANTIZED, R_STATIC
 
 X = {"x": ["N", 3, 8, 8]}
 
@@ -178,7 +174,7 @@ def test_uint8_fanout_encoding_is_bit_identical(monkeypatch):
     model = residual(relu=False)
     spec = "quantize_int8:symmetric_activations=true"
     shifted, _ = quantize(model, spec)
-    monkeypatch.setattr(qdq, "fanout_uint8", lambda graph, plan, params, result=None: params)
+    monkeypatch.setattr(rewrite, "fanout_uint8", lambda graph, plan, params, result=None: params)
     plain, result = quantize(model, spec)
     assert "uint8_fanout" not in result.stats
     feeds = feeds_for(model)
@@ -300,12 +296,12 @@ def anchor_head() -> onnx.ModelProto:
 
 def test_static_tensors_are_the_shape_derived_ones():
     graph = serde.to_graph(anchor_head())
-    static = qdq.static_tensors(graph)
+    static = placement.static_tensors(graph)
     assert {"shp", "w_i", "w_f", "grid", "anchors", "ashp", "zeros", "strides"} <= static
     assert not {"x", "c", "box", "y"} & static
     nodes = [helper.make_node("RandomNormal", [], ["r"], shape=[1, 3, 8, 8]),
              helper.make_node("Add", ["x", "r"], ["y"])]
-    assert not qdq.static_tensors(serde.to_graph(make_model(nodes, X, ["y"], {}))) & {"r", "y"}
+    assert not placement.static_tensors(serde.to_graph(make_model(nodes, X, ["y"], {}))) & {"r", "y"}
 
 
 def test_anchor_and_stride_arithmetic_stays_float():
@@ -376,7 +372,7 @@ def test_silu_output_keeps_its_full_range_whatever_the_method():
     nodes = [conv("x", "c", "a"), helper.make_node("Sigmoid", ["c"], ["sg"]),
              helper.make_node("Mul", ["c", "sg"], ["silu"], name="silu_mul"), conv("silu", "y", "b")]
     model = make_model(nodes, X, ["y"], init)
-    plan = qdq.plan_placement(serde.to_graph(model), qdq.QuantConfig(), qdq.PassResult())
+    plan = placement.plan_placement(serde.to_graph(model), QuantConfig(), PassResult())
     assert plan.unclipped == {"silu"}
     scales = {}
     for method in ("mse", "minmax", "percentile"):

@@ -13,19 +13,15 @@ from onnx import helper
 from quant.builders import conv_classifier, make_model, rand
 
 import onnxcompress.quant.sensitivity as sens
-from onnxcompress import api, serde
-from onnxcompress.calib import open_source
+from onnxcompress import api
 from onnxcompress.cli import main
-from onnxcompress.errors import InputError
-from onnxcompress.quant.qdq import QuantConfig
-from onnxcompress.quant.sensitivity import (
-    NO_MATPLOTLIB,
-    Evaluator,
-    Quantizer,
-    SensitivityReport,
-    layer_sensitivity,
-    rank_layers,
-)
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.pipeline.sensitivity import SensitivityReport, layer_sensitivity, parse_options
+from onnxcompress.quant.options import QuantConfig
+from onnxcompress.quant.sensitivity import Evaluator, Quantizer, rank_layers
+from onnxcompress.reporting.plots import NO_MATPLOTLIB
+from onnxcompress.runtime.data import open_source
 
 X = {"x": ["N", 3, 8, 8]}
 KEYS = {"kind", "model", "method", "samples", "baseline", "layers"}
@@ -135,7 +131,7 @@ def test_bad_options():
     with pytest.raises(InputError, match="unknown option"):
         layer_sensitivity(model, "random:4", options={"nope": "1"})
     with pytest.raises(InputError, match="key=value"):
-        sens.parse_options("per_channel")
+        parse_options("per_channel")
 
 
 def test_evaluator_recomputes_when_over_budget():

@@ -13,13 +13,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import serde
+from onnxcompress.core import serde
+from onnxcompress.core.shapes import DEFAULT_DIM, concrete_inputs, infer_shapes, with_concrete_inputs
 
-__all__ = ["NodeMacs", "ModelMetrics", "model_metrics", "concrete_inputs", "concrete_shapes"]
+__all__ = ["NodeMacs", "ModelMetrics", "model_metrics"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DIM = 1
 
 
 @dataclass
@@ -48,66 +47,6 @@ class ModelMetrics:
     def as_dict(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
-
-
-def concrete_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None,
-                    default: int = DEFAULT_DIM) -> dict[str, list[int]]:
-    """Concrete shape of each graph input: symbolic dims from ``dims`` by name, else ``default``."""
-    dims = dims or {}
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        shape = []
-        for d in inp.type.tensor_type.shape.dim:
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(d.dim_value)
-            else:
-                shape.append(int(dims.get(d.dim_param, default)))
-        out[inp.name] = shape
-    return out
-
-
-def _with_concrete_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """A weight-less copy of the graph (:func:`serde.light_model`) with fixed input shapes."""
-    light = serde.light_model(model)
-    for inp in light.graph.input:
-        if inp.name in shapes:
-            for d, v in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):
-                d.Clear()
-                d.dim_value = v
-    del light.graph.value_info[:]
-    return light
-
-
-def concrete_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[int, ...]]:
-    """Every tensor whose shape is fully known once the graph inputs' dynamic dims are fixed
-    (the leading one to ``batch``, any other to :data:`onnxcompress.calib.DEFAULT_DYNAMIC_DIM`).
-
-    Shape inference runs on a weight-less copy; a failure gives ``{}`` (callers use defaults).
-    """
-    from .calib import DEFAULT_DYNAMIC_DIM
-
-    inits = {i.name for i in model.graph.initializer}
-    fixed = {}
-    for inp in model.graph.input:
-        if inp.name not in inits:
-            dims = inp.type.tensor_type.shape.dim
-            fixed[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
-                               batch if axis == 0 else DEFAULT_DYNAMIC_DIM for axis, d in enumerate(dims)]
-    try:
-        inferred = serde.infer_shapes(_with_concrete_inputs(model, fixed))
-    except Exception as exc:  # noqa: BLE001 - inference is best effort
-        log.debug("shape inference failed: %s", exc)
-        return {}
-    shapes = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0
-                                                          for d in tt.shape.dim):
-            shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
-    return shapes
 
 
 def _shape_map(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -155,13 +94,13 @@ def model_metrics(model: onnx.ModelProto, dims: dict[str, int] | None = None,
         default_dim: Value for any other symbolic input dim (the batch, usually).
     """
     shapes_in = concrete_inputs(model, dims, default_dim)
-    inferred = serde.infer_shapes(_with_concrete_inputs(model, shapes_in))
-    shapes = _shape_map(inferred)
-    per_node = [NodeMacs(n.name or n.output[0], n.op_type, _node_macs(n, shapes)) for n in inferred.graph.node]
+    inferred = infer_shapes(with_concrete_inputs(model, shapes_in))
+    known = _shape_map(inferred)
+    per_node = [NodeMacs(n.name or n.output[0], n.op_type, _node_macs(n, known)) for n in inferred.graph.node]
     params = sum(_prod(list(i.dims)) for i in model.graph.initializer)
     params += sum(_prod(list(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"
                   for a in n.attribute if a.name == "value")
-    outputs = {o.name: shapes.get(o.name, []) for o in model.graph.output}
+    outputs = {o.name: known.get(o.name, []) for o in model.graph.output}
     return ModelMetrics(
         file_bytes=serde.model_bytes(model),
         params=params,

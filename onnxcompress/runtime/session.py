@@ -9,14 +9,14 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from . import serde
-from .errors import InputError
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
 
 __all__ = ["make_session"]
 
 log = logging.getLogger(__name__)
 
-_LIMIT = int(1.8 * 2**30)
+
 
 
 def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0,
@@ -41,7 +41,7 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int
     opts.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
     try:
-        if serde.weights_nbytes(model) <= _LIMIT:
+        if serde.weights_nbytes(model) <= serde.EXTERNAL_THRESHOLD:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnxcompress-ort-") as tmp:
             path = serde.save_model(model, Path(tmp) / "model.onnx", external=True)

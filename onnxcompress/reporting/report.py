@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .display import human_bytes, human_count
-from .errors import InputError
-from .fileio import atomic_write
+from onnxcompress._version import __version__
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.fileio import atomic_write
+from onnxcompress.reporting.display import human_bytes, human_count
 
 __all__ = [
     "Source",
@@ -325,10 +325,10 @@ def _pct(v: Any) -> str:
 
 def _defaults(name: str) -> dict[str, Any]:
     try:
-        from .manager import registry
+        from onnxcompress.pipeline.manager import registry
 
         cls = registry().get(name)
-    except Exception:  # noqa: BLE001 - a report must render even if the registry cannot load
+    except Exception:
         return {}
     return {k: o.default for k, o in cls.options.items()} if cls else {}
 

@@ -5,7 +5,7 @@ A quantized layer is a Conv / ConvTranspose / Gemm / MatMul whose weight (input 
 constant is added to its result:
 
 * Conv / ConvTranspose / Gemm: input 2 — an int32 ``DequantizeLinear`` (``scale = s_in * s_w``,
-  what :mod:`onnxcompress.quant.qdq` writes), a float constant (``weights_only``), or nothing
+  what :mod:`onnxcompress.quant.placement` writes), a float constant (``weights_only``), or nothing
   (a bias is then created: int32 behind a DQ when the layer's input is dequantized, else float);
 * MatMul: the constant operand of the one ``Add`` that consumes its output (directly or through
   its Q/DQ pair), a float constant or a ``DequantizeLinear`` of an 8-bit constant.
@@ -27,15 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graphutil import Names, const_values, node_label
-from ..manager import PassResult
-from .params import (
-    INT32_MAX,
-    QParams,
-    activation_params,
-    quantize_bias,
-    quantize_values,
-)
+from onnxcompress.core.graph import Names, const_values, node_label, opt_input
+from onnxcompress.core.pass_api import PassResult
+from onnxcompress.quant.params import INT32_MAX, QParams, activation_params, quantize_bias, quantize_values
 
 __all__ = [
     "FLOAT_MODEL_KEY",
@@ -159,16 +153,10 @@ def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
     return None
 
 
-def _opt_input(node: gs.Node, index: int) -> gs.Tensor | None:
-    if index < len(node.inputs) and node.inputs[index].name:
-        return node.inputs[index]
-    return None
-
-
 def _dq_params(dq: gs.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
     """``(values, scale, zero point, axis)`` of a DequantizeLinear of constants, else ``None``."""
-    values, scale = const_values(dq.inputs[0]), const_values(_opt_input(dq, 1))
-    zp_t = _opt_input(dq, 2)
+    values, scale = const_values(dq.inputs[0]), const_values(opt_input(dq, 1))
+    zp_t = opt_input(dq, 2)
     zp = const_values(zp_t) if zp_t is not None else np.zeros((), values.dtype if values is not None else np.uint8)
     if values is None or scale is None or zp is None:
         return None
@@ -177,7 +165,7 @@ def _dq_params(dq: gs.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | 
 
 def _weight_values(node: gs.Node) -> tuple[np.ndarray | None, str | None]:
     """The integer weight of a quantized layer, or ``(None, reason)``."""
-    w_t = _opt_input(node, 1)
+    w_t = opt_input(node, 1)
     dq = _producer(w_t, "DequantizeLinear")
     if dq is None:
         return None, (R_NOT_QUANTIZED if const_values(w_t) is not None else R_WEIGHT)
@@ -259,7 +247,7 @@ def _site(node: gs.Node) -> tuple[BiasSite | None, str | None]:
             return None, R_NO_BIAS_PATH
         target, slot, axis = found[0], found[1], -1
     else:
-        target, slot, axis = node, (2 if _opt_input(node, 2) is not None else None), 1
+        target, slot, axis = node, (2 if opt_input(node, 2) is not None else None), 1
     if slot is not None:
         values = bias_values(target.inputs[slot])
         if values is None:
@@ -345,9 +333,9 @@ def _new_int32_params(node: gs.Node, channels: int) -> tuple[float, QParams] | N
     if dq_in is None:
         return None
     in_params = _dq_params(dq_in) if isinstance(dq_in.inputs[0], gs.Constant) else None
-    s_in = const_values(_opt_input(dq_in, 1))
+    s_in = const_values(opt_input(dq_in, 1))
     w_dq = _producer(node.inputs[1], "DequantizeLinear")
-    w_scale = const_values(_opt_input(w_dq, 1))
+    w_scale = const_values(opt_input(w_dq, 1))
     if in_params is not None or s_in is None or s_in.size != 1 or w_scale is None:
         return False
     w_axis = int(w_dq.attrs.get("axis", 1)) % max(w_dq.inputs[0].values.ndim, 1)
@@ -390,7 +378,7 @@ def _requantize(graph: gs.Graph, names: Names, base: str, dq: gs.Node, new: np.n
     raw = np.round(new / _along(scale.astype(np.float64), new.ndim, axis)) + _along(zp, new.ndim, axis)
     result.count("bias_clipped", int(np.count_nonzero((raw < lo) | (raw > hi))))
     new_q = np.clip(raw, lo, hi).astype(q.dtype)
-    return _add_dq(graph, names, base, new_q, dq.inputs[1], _opt_input(dq, 2) or _const(
+    return _add_dq(graph, names, base, new_q, dq.inputs[1], opt_input(dq, 2) or _const(
         names, f"{base}_zero_point", np.zeros(np.shape(scale), q.dtype)), dq.attrs.get("axis"))
 
 

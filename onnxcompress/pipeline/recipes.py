@@ -24,10 +24,18 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import InputError
-from .manager import Pass, get_pass
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.fileio import read_toml
+from onnxcompress.core.pass_api import Pass
+from onnxcompress.pipeline.manager import get_pass
 
-__all__ = ["REQUIREMENTS", "Recipe", "builtin_recipes", "check_requirements", "load_recipe", "read_toml"]
+__all__ = [
+    "REQUIREMENTS",
+    "Recipe",
+    "builtin_recipes",
+    "check_requirements",
+    "load_recipe",
+]
 
 _TOP_KEYS = {"description", "gate", "pass", "requires"}
 
@@ -60,22 +68,6 @@ def builtin_recipes() -> dict[str, Path]:
     """Built-in recipe names (file stems) and their paths."""
     folder = _builtin_dir()
     return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
-
-
-def read_toml(path: Path) -> dict:
-    """Parse a TOML file.
-
-    Raises:
-        InputError: Unreadable file or invalid TOML.
-    """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(path.read_text())
-    except Exception as exc:  # noqa: BLE001 - OSError, UnicodeDecodeError, TOMLDecodeError
-        raise InputError(f"{path}: invalid TOML ({exc})") from None
 
 
 def load_recipe(ref: str | os.PathLike) -> Recipe:

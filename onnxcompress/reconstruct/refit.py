@@ -9,18 +9,18 @@ factor) and quantization bias correction.
 
 Three modules:
 
-* :mod:`onnxcompress.lstsq` — :class:`LstsqAccumulator` streams ``XᵀX``, ``XᵀY`` and moments
+* :mod:`onnxcompress.reconstruct.lstsq` — :class:`LstsqAccumulator` streams ``XᵀX``, ``XᵀY`` and moments
   batch by batch and solves the ridge normal equations (``solve(keep=...)`` solves for a subset of
   the features from the same statistics: pruning can try several channel sets without re-running
   the model).
-* :mod:`onnxcompress.layerview` — :class:`LayerView` (:func:`layer_view`) maps a Conv / Gemm /
+* :mod:`onnxcompress.reconstruct.layerview` — :class:`LayerView` (:func:`layer_view`) maps a Conv / Gemm /
   MatMul input to feature rows (im2col for Conv, per group), its output to target rows and its
   weights to ``[groups, features, targets]`` and back.
 * this module — :func:`reconstruct_layers` drives the refit of a list of :class:`LayerTarget` in
   topological order, capturing the student's activations from the already-refitted student, and
   writes the new weights. Every public name of the two modules above is re-exported here.
 
-Memory: a batch's activations are held once (as :mod:`onnxcompress.capture` hands them over); the
+Memory: a batch's activations are held once (as :mod:`onnxcompress.runtime.capture` hands them over); the
 im2col matrix is built for at most ``chunk_bytes`` worth of rows at a time, only at the sampled
 output positions (``max_positions`` per batch).
 """
@@ -37,47 +37,25 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calib import CalibSource
-from .capture import capture, expose
-from .errors import InputError
-from .layerview import (
+from onnxcompress.core.errors import InputError
+from onnxcompress.reconstruct.layerview import (
     CHUNK_BYTES,
     SUPPORTED_OPS,
-    ConvGeometry,
-    ConvView,
-    GemmView,
     LayerView,
-    channel_features,
-    conv_geometry,
-    im2col,
     layer_view,
-    pad_input,
-    sample_rows,
 )
-from .lstsq import DEFAULT_RIDGE, LstsqAccumulator
-from .progress import track
-from .runtime import make_session
+from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, LstsqAccumulator
+from onnxcompress.runtime.capture import capture, expose
+from onnxcompress.runtime.data import CalibSource
+from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.session import make_session
 
 __all__ = [
-    "CHUNK_BYTES",
     "DEFAULT_MAX_POSITIONS",
-    "DEFAULT_RIDGE",
     "RIDGE_STEPS",
-    "SUPPORTED_OPS",
-    "ConvGeometry",
-    "ConvView",
-    "GemmView",
     "LayerStats",
     "LayerTarget",
-    "LayerView",
-    "LstsqAccumulator",
-    "channel_features",
-    "conv_geometry",
-    "im2col",
-    "layer_view",
-    "pad_input",
     "reconstruct_layers",
-    "sample_rows",
 ]
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Everything else in onnxcompress works on :class:`onnx_graphsurgeon.Graph` objects and numpy arrays.
 Loading refuses what it cannot trust (not a file, not a model, external data outside the model's
-folder, unknown operator domains) with an :class:`~onnxcompress.errors.InputError`; saving is
+folder, unknown operator domains) with an :class:`~onnxcompress.core.errors.InputError`; saving is
 atomic (a temporary file in the destination folder, then a rename) and switches to external data
 when the weights would not fit in a 2 GB protobuf.
 """
@@ -15,7 +15,6 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import onnx
@@ -23,7 +22,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
-from .errors import InputError
+from onnxcompress.core.errors import InputError
 
 __all__ = [
     "ModelSource",
@@ -36,19 +35,15 @@ __all__ = [
     "to_graph",
     "to_model",
     "detach_weights",
-    "infer_shapes",
-    "shape_model",
-    "infer_graph",
     "weights_nbytes",
     "model_opset",
     "model_bytes",
     "skeleton_model",
-    "light_model",
 ]
 
 log = logging.getLogger(__name__)
 
-ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
 #: Operator domains whose ops onnxruntime's CPU provider knows.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
@@ -56,7 +51,7 @@ KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onn
 MIN_OPSET = 7
 #: Protobuf's hard limit; above ~this many bytes of weights a model must use external data.
 PROTO_LIMIT = 2**31 - 1
-_EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+EXTERNAL_THRESHOLD = int(1.8 * 2**30)
 #: From this many bytes of weights :func:`check_model` checks a weight-less copy on disk.
 _CHECK_BY_PATH = 256 * 2**20
 
@@ -233,7 +228,7 @@ def weights_nbytes(model: onnx.ModelProto) -> int:
 def model_bytes(model: onnx.ModelProto) -> int:
     """Serialized size in bytes (weights included); estimated from the weights above 2 GB."""
     nbytes = weights_nbytes(model)
-    if nbytes > _EXTERNAL_THRESHOLD:
+    if nbytes > EXTERNAL_THRESHOLD:
         return nbytes
     return model.ByteSize()
 
@@ -252,7 +247,7 @@ def check_model(model: onnx.ModelProto, *, full: bool = True) -> None:
     Raises:
         onnx.checker.ValidationError: The model is invalid.
     """
-    if weights_nbytes(model) < min(_CHECK_BY_PATH, _EXTERNAL_THRESHOLD):
+    if weights_nbytes(model) < min(_CHECK_BY_PATH, EXTERNAL_THRESHOLD):
         onnx.checker.check_model(model, full_check=full)
         return
     with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as tmp:
@@ -286,7 +281,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: boo
     if dest.is_dir():
         raise InputError(f"{dest}: is a directory")
     if external is None:
-        external = weights_nbytes(model) > _EXTERNAL_THRESHOLD
+        external = weights_nbytes(model) > EXTERNAL_THRESHOLD
     try:
         tmpdir = tempfile.mkdtemp(prefix=".onnxcompress-", dir=folder)
     except OSError as exc:
@@ -316,7 +311,7 @@ def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
 
 
 #: Initializers smaller than this stay inline when saving with external data.
-_INLINE_BYTES = 1024
+INLINE_BYTES = 1024
 #: External data offsets are aligned to this (lets onnxruntime map the file instead of copying).
 _ALIGN = 4096
 _TENSOR_HEADER = ("name", "dims", "data_type", "doc_string", "metadata_props")
@@ -336,7 +331,7 @@ def _write_external(model: onnx.ModelProto, path: Path, *, data: bool) -> None:
     offset = 0
     with open(path.with_name(location), "wb") as fh:
         for init in model.graph.initializer:
-            if _tensor_nbytes(init) < _INLINE_BYTES or init.data_type == onnx.TensorProto.STRING \
+            if tensor_nbytes(init) < INLINE_BYTES or init.data_type == onnx.TensorProto.STRING \
                     or external_data_helper.uses_external_data(init):
                 skeleton.graph.initializer.add().CopyFrom(init)
                 continue
@@ -364,7 +359,7 @@ def _append_external(init: onnx.TensorProto, dest: onnx.TensorProto, location: s
     return len(raw)
 
 
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if not tensor.data_type:
         return 0
     try:
@@ -464,7 +459,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         template: The model the graph came from; its ``ir_version``, producer, doc string,
             model version and metadata are carried over.
     """
-    with _weights_set_aside(graph) as big:
+    with weights_set_aside(graph) as big:
         model = gs.export_onnx(graph, do_type_check=False)
     _fill_weights(model, big)
     if template is not None:
@@ -487,7 +482,7 @@ _BIG_CONSTANT = 1 << 20
 
 
 @contextlib.contextmanager
-def _weights_set_aside(graph: gs.Graph, *, min_bytes: int = _BIG_CONSTANT, keep_int64: bool = False):
+def weights_set_aside(graph: gs.Graph, *, min_bytes: int = _BIG_CONSTANT, keep_int64: bool = False):
     """Swap every big constant's values for a data-less header while the graph is exported.
 
     ``gs.export_onnx`` copies each initializer three times (its list, ``make_graph``,
@@ -513,7 +508,7 @@ def _weights_set_aside(graph: gs.Graph, *, min_bytes: int = _BIG_CONSTANT, keep_
 class _Header(gs.ir.tensor.LazyValues):
     """Stands in for a constant's values during export: shape and dtype, no data."""
 
-    def __init__(self, header: onnx.TensorProto, values):  # noqa: D107 - no LazyValues.__init__ (reads data)
+    def __init__(self, header: onnx.TensorProto, values):
         self.tensor, self.shape, self.nbytes = header, tuple(header.dims), getattr(values, "nbytes", 0)
         self.dtype = values.dtype
 
@@ -541,7 +536,7 @@ def _exported_as_is(tensor: gs.Constant) -> bool:
 
     try:
         return dtype_to_onnx(tensor.export_dtype) == dtype_to_onnx(tensor.dtype)
-    except Exception:  # noqa: BLE001 - an unknown dtype: leave it to graphsurgeon
+    except Exception:
         return False
 
 
@@ -569,104 +564,3 @@ def _fill_weights(model: onnx.ModelProto, big: dict[str, object]) -> None:
             init.raw_data = np.ascontiguousarray(values).tobytes()
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of ``model`` with inferred value_info.
-
-    Uses onnx's inference with data propagation; where it leaves intermediate tensors without a
-    shape (dynamic reshapes, unknown ops), falls back to onnxruntime's symbolic shape inference.
-    The input is never modified; on failure the best result so far is returned. Exception:
-    above the 2 GB threshold (where onnx cannot serialize the model and a copy would double the
-    memory) inference runs on a weight-less copy and its value_info is written into ``model``,
-    which is returned.
-    """
-    if weights_nbytes(model) > _EXTERNAL_THRESHOLD:
-        return _infer_in_place(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort
-        log.debug("onnx shape inference failed: %s", exc)
-        inferred = copy.deepcopy(model)
-    if _all_shaped(inferred):
-        return inferred
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
-        if symbolic is not None:
-            return symbolic
-    except Exception as exc:  # noqa: BLE001 - fallback is best effort
-        log.debug("symbolic shape inference failed: %s", exc)
-    return inferred
-
-
-def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A weight-less copy for shape inference: big initializers become typed graph inputs.
-
-    Small int64 tensors (shape operands of Reshape, Expand, ...) stay initializers; every other
-    initializer is replaced by a graph input of the same name, dtype and shape.
-    """
-    light = skeleton_model(model)
-    for init in model.graph.initializer:
-        if init.data_type == onnx.TensorProto.INT64 and len(init.dims) <= 1 or _tensor_nbytes(init) < _INLINE_BYTES:
-            light.graph.initializer.add().CopyFrom(init)
-        else:
-            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return light
-
-
-def shape_model(graph: gs.Graph) -> onnx.ModelProto:
-    """The :func:`light_model` of ``graph``, exported without reading or copying any big weight.
-
-    Every initializer that :func:`light_model` would turn into a typed graph input is exported
-    as a data-less header (the graph's values are swapped out only during the export), so the
-    cost is that of the graph's structure and small constants, whatever the weights' size.
-    ``graph`` is not modified.
-    """
-    with _weights_set_aside(graph, min_bytes=_INLINE_BYTES, keep_int64=True):
-        model = gs.export_onnx(graph, do_type_check=False)
-    return light_model(model)
-
-
-def infer_graph(graph: gs.Graph) -> onnx.ModelProto:
-    """``infer_shapes(to_model(graph))`` without the weights: for reading shapes and types only.
-
-    Shape inference runs on :func:`shape_model` (big initializers as typed graph inputs; small and
-    int64 rank-<=1 ones, which inference may need the values of, kept whole). The result has the
-    graph's own inputs, the inferred ``value_info`` and outputs, and its initializers as headers
-    (name, dims, data type): initializers over 1 KiB carry **no data**. Memory and time do not
-    grow with the weights' size. ``graph`` is not modified.
-    """
-    light = shape_model(graph)
-    inits = {i.name for i in light.graph.initializer}
-    stubs = [vi for vi in light.graph.input if vi.name not in inits and vi.name not in _graph_input_names(graph)]
-    inferred = infer_shapes(light)
-    stub_names = {vi.name for vi in stubs}
-    keep_inputs = [vi for vi in inferred.graph.input if vi.name not in stub_names]
-    keep_info = [vi for vi in inferred.graph.value_info if vi.name not in stub_names]
-    del inferred.graph.input[:]
-    inferred.graph.input.extend(keep_inputs)
-    del inferred.graph.value_info[:]
-    inferred.graph.value_info.extend(keep_info)
-    for vi in stubs:
-        tt = vi.type.tensor_type
-        inferred.graph.initializer.add(name=vi.name, data_type=tt.elem_type, dims=[d.dim_value for d in tt.shape.dim])
-    return inferred
-
-
-def _graph_input_names(graph: gs.Graph) -> set[str]:
-    return {t.name for t in graph.inputs}
-
-
-def _infer_in_place(model: onnx.ModelProto) -> onnx.ModelProto:
-    stubs = {i.name for i in model.graph.initializer}
-    inferred = infer_shapes(light_model(model))
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in stubs)
-    return model
-
-
-def _all_shaped(model: onnx.ModelProto) -> bool:
-    known = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}
-    known |= {v.name for v in model.graph.input} | {i.name for i in model.graph.initializer}
-    known |= {v.name for v in model.graph.output}
-    return all(out in known for node in model.graph.node for out in node.output if out)

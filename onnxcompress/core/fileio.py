@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .errors import InputError
+from onnxcompress.core.errors import InputError
 
 __all__ = ["atomic_write"]
 
@@ -44,3 +45,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         if isinstance(exc, OSError):
             raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
+
+
+def read_toml(path: Path) -> dict:
+    """Parse a TOML file.
+
+    Raises:
+        InputError: Unreadable file or invalid TOML.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(path.read_text())
+    except Exception as exc:
+        raise InputError(f"{path}: invalid TOML ({exc})") from None

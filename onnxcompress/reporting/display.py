@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from .manager import PassRecord, registry
-from .metrics import ModelMetrics
-from .validate import ValidationReport
+from onnxcompress.core.metrics import ModelMetrics
+from onnxcompress.core.pass_api import PassRecord
+from onnxcompress.pipeline.manager import registry
+from onnxcompress.pipeline.sensitivity import LayerScore, SensitivityReport
+from onnxcompress.pipeline.validate import ValidationReport
+from onnxcompress.runtime.bench import _MIB, BenchReport
 
 __all__ = ["show_report", "show_metrics", "show_validation", "show_passes", "human_bytes", "human_count"]
 
@@ -133,3 +138,69 @@ def show_passes(console: Console, recipes: dict) -> None:
         console.print("\n[bold]recipes[/bold] (--recipe NAME):")
         for name, recipe in recipes.items():
             console.print(f"    {name}: {recipe}")
+
+
+def _noise(layers: list[LayerScore]) -> list[float]:
+    """Each layer's output noise power relative to the most sensitive layer's (1.0 for it)."""
+    power = [10 ** (-s.sqnr_db / 10) if math.isfinite(s.sqnr_db) else 0.0 for s in layers]
+    top = max(power, default=0.0)
+    return [p / top if top > 0 else 0.0 for p in power]
+
+
+def _bar(fraction: float, width: int = 24) -> str:
+    blocks = " ▏▎▍▌▋▊▉█"
+    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
+    full, rest = divmod(eighths, 8)
+    return ("█" * full + (blocks[rest] if rest else "")) or "▏"
+
+
+def show_sensitivity(console: Any, report: SensitivityReport, top: int = 20) -> None:
+    """Print the ranking on a rich ``console``: one row per layer, with a bar of its output noise."""
+    from rich.table import Table
+
+    from onnxcompress.reporting.display import human_count
+
+    b = report.baseline
+    acc = "" if report.float_accuracy is None or b.cand_accuracy is None else \
+        f", accuracy {100 * report.float_accuracy:.2f}% -> {100 * b.cand_accuracy:.2f}%"
+    console.print(f"{report.model}: {len(report.layers)} layers, method {report.method}, {report.samples} samples; "
+                  f"all layers int8: SQNR {b.sqnr_db:.2f} dB, cosine {b.cosine:.6f}{acc}")
+    t = Table(title="layers quantized alone, most sensitive first (bar: output noise power, relative to the first)")
+    for col in ("#", "node", "op", "MACs", "SQNR dB", "cosine", "noise"):
+        t.add_column(col, justify="left" if col in ("node", "op", "noise") else "right")
+    shown = report.layers[:top] if top > 0 else report.layers
+    for i, (s, frac) in enumerate(zip(shown, _noise(report.layers)), 1):
+        t.add_row(str(i), s.node, s.op_type, human_count(s.macs) if s.macs else "-", f"{s.sqnr_db:.2f}",
+                  f"{s.cosine:.6f}", _bar(frac))
+    console.print(t)
+    if len(shown) < len(report.layers):
+        console.print(f"({len(report.layers) - len(shown)} more layers; --top 0 shows all)")
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / _MIB:.1f}"
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """File names without folders when that keeps them distinct, else the names as given."""
+    short = [Path(n).name if n and not n.startswith("model[") else n for n in names]
+    return short if len(set(short)) == len(set(names)) else names
+
+
+def show_bench(console: Console, report: BenchReport) -> None:
+    """Print the machine line and a table of the results on a rich ``console``."""
+    console.print(report.machine.line())
+    shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in report.inputs.items())
+    s = report.settings
+    t = Table(title=f"latency: {s['runs']} interleaved rounds after {s['warmup']} warm-up; inputs {shapes} ({s['data']})")
+    for col in ("model", "size", "params", "MACs", "median ms", "p90 ms", "min ms", "vs first",
+                "session ms", "RSS MiB (peak)"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for m, name in zip(report.models, _short_names([m.name for m in report.models])):
+        ratio = "-" if math.isnan(m.ratio_vs_first) else f"{m.ratio_vs_first:.3f}×"
+        t.add_row(name, human_bytes(m.file_bytes), human_count(m.params), human_count(m.macs),
+                  f"{m.median_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.min_ms:.3f}", ratio, f"{m.session_ms:.1f}",
+                  f"{_mib(m.rss_delta_bytes)} ({_mib(m.peak_rss_delta_bytes)})")
+    console.print(t)
+    if len(report.models) > 1:
+        console.print("vs first: median over rounds of (time in round) / (first model's time in the same round)")

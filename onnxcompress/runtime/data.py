@@ -21,14 +21,16 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 
-from .errors import InputError
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.shapes import DEFAULT_DYNAMIC_DIM
 
 __all__ = [
     "LABEL_KEYS",
@@ -50,8 +52,6 @@ log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("labels", "label")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-#: Symbolic dims other than the leading (batch) axis take this value unless given.
-DEFAULT_DYNAMIC_DIM = 32
 
 
 @dataclass
@@ -259,7 +259,7 @@ class FileSource(CalibSource):
                 return {k: npz[k] for k in npz.files}
         except InputError:
             raise
-        except Exception as exc:  # noqa: BLE001 - numpy raises many types on bad files
+        except Exception as exc:
             raise InputError(f"{file}: cannot read array file ({type(exc).__name__}: {exc})") from None
 
 
@@ -296,7 +296,7 @@ def parse_preprocess(text: str | None) -> Preprocess:
     if not text:
         return Preprocess()
     if Path(text).is_file():
-        from .recipes import read_toml
+        from onnxcompress.core.fileio import read_toml
 
         return _preprocess_from(read_toml(Path(text)))
     pairs = {}
@@ -386,7 +386,7 @@ class ImageFolderSource(CalibSource):
                 img = img.convert("L" if self.pre.order == "L" else "RGB")
                 img = self._resize(img)
                 arr = np.asarray(img, dtype=np.float32)
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad files
+        except Exception as exc:
             raise InputError(f"{file}: cannot read image ({exc})") from None
         arr = arr[..., None] if arr.ndim == 2 else arr
         if self.pre.order == "BGR":
@@ -524,7 +524,4 @@ def open_source(data: Any, model: onnx.ModelProto, *, preprocess: str | Preproce
 
 
 def _has_images(folder: Path) -> bool:
-    for p in itertools.islice(folder.rglob("*"), 10000):
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            return True
-    return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in itertools.islice(folder.rglob("*"), 10000))

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import InputError
+from onnxcompress.core.errors import InputError
 
 __all__ = [
     "CHUNK_BYTES",

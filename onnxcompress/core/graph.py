@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-__all__ = ["const_values", "node_label", "Names"]
+__all__ = ["const_values", "node_label", "opt_input", "Names"]
 
 
 def const_values(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -14,6 +14,13 @@ def const_values(tensor: gs.Tensor | None) -> np.ndarray | None:
         return None
     values = tensor.values
     return values if isinstance(values, np.ndarray) else None
+
+
+def opt_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    """Input ``index`` of ``node``, or ``None`` if it is absent or an omitted optional input."""
+    if index < len(node.inputs) and node.inputs[index].name:
+        return node.inputs[index]
+    return None
 
 
 def node_label(node: gs.Node) -> str:

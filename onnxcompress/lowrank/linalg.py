@@ -2,7 +2,7 @@
 
 Truncated SVD, rank rules, HOSVD/HOOI, empirical VBMF, the spatial reshape, MAC accounting of
 factorized layers, input statistics and whitening. The graph-side driver the passes share
-(:class:`~onnxcompress.lowrank.FactorizePass`) lives in :mod:`onnxcompress.lowrank`, which also
+(:class:`~onnxcompress.lowrank.factorize.FactorizePass`) lives in :mod:`onnxcompress.lowrank.factorize`, which also
 re-exports every public name of this module.
 
 Conventions:
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from onnxcompress.core.errors import InputError
 
 __all__ = [
     "DEFAULT_ENERGY",

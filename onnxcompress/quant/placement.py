@@ -1,4 +1,5 @@
-"""QDQ placement and rewriting: which tensors get QuantizeLinear/DequantizeLinear, and where.
+"""QDQ placement: which tensors get QuantizeLinear/DequantizeLinear, and where (the rewrite that
+inserts them is :mod:`onnxcompress.quant.rewrite`).
 
 Placement follows what onnxruntime's CPU provider fuses into integer kernels (its QDQ
 selector/action transformer), so the Q/DQ nodes we insert disappear into those kernels:
@@ -78,7 +79,7 @@ Rules:
     (not of a graph input, which float readers read raw). Decided as if nothing were excluded,
     so ``exclude`` never turns a neighbour float (quantizing one layer alone still does).
 13. The output of a SiLU (``Mul(t, Sigmoid(t))``) is never clipped by the calibration method:
-    its range is the calibrated min/max (``Plan.unclipped``). Its large values are the
+    its range is the calibrated min/max (``QdqPlan.unclipped``). Its large values are the
     activations that matter downstream; on nudenet's YOLOv8n, MSE-clipping them cost 1.8 dB
     of output SQNR (23.3 dB vs 25.1 dB, 32 calibration / 16 held-out synthetic images).
 
@@ -95,17 +96,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import serde
-from ..graphutil import Names, const_values
-from ..manager import PassResult
-from .params import (
-    QParams,
-    activation_params,
-    bias_safe_weight_scale,
-    quantize_bias,
-    quantize_values,
-    quantize_weight,
-)
+from onnxcompress.core.graph import const_values, opt_input
+from onnxcompress.core.pass_api import PassResult
+from onnxcompress.core.shapes import infer_graph
+from onnxcompress.quant.options import QuantConfig
 
 __all__ = [
     "DECLINE_REASONS",
@@ -115,13 +109,13 @@ __all__ = [
     "R_OUTPUT_CONCAT",
     "R_QUANTIZED",
     "R_STATIC",
-    "Group",
-    "Plan",
-    "QuantConfig",
-    "apply_plan",
-    "fanout_uint8",
+    "SHAPE_READERS",
+    "QdqGroup",
+    "QdqPlan",
+    "bias_vector",
     "plan_placement",
     "static_tensors",
+    "uncached_values",
     "weight_axis",
 ]
 
@@ -143,7 +137,7 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
                            "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM",
                            "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention"})
 #: Consumers that only read a tensor's shape: they read the quantized tensor, not its DequantizeLinear.
-_SHAPE_READERS = frozenset({"Shape", "Size"})
+SHAPE_READERS = frozenset({"Shape", "Size"})
 _HOSTS = frozenset({"compute", "binary", "variadic", "unary"})
 _CONDITIONAL = frozenset({"passthrough", "lut"})  # quantized only when their input already is
 _OPTIONAL_OUTPUT = frozenset({"Gemm", "MatMul"})
@@ -172,24 +166,8 @@ DECLINE_REASONS = (R_EXCLUDED, R_WEIGHT, R_BIAS, R_DTYPE, R_LAYOUT, R_ALL_CONSTA
 _FLOAT = onnx.TensorProto.FLOAT
 
 
-@dataclass(frozen=True)
-class QuantConfig:
-    """Quantization settings shared by placement and rewriting."""
-
-    per_channel: bool = True
-    symmetric_activations: bool = False
-    reduce_range: bool = False
-    exclude: tuple[str, ...] = ()
-    weights_only: bool = False
-
-    @property
-    def weight_qmax(self) -> int:
-        """127, or 64 (7-bit weights) with ``reduce_range``."""
-        return 64 if self.reduce_range else 127
-
-
 @dataclass
-class Group:
+class QdqGroup:
     """One quantized node, with the Relu/Clip folded into it if any."""
 
     node: gs.Node
@@ -215,7 +193,7 @@ class Group:
 
 
 @dataclass
-class Plan:
+class QdqPlan:
     """Where Q/DQ nodes go.
 
     Attributes:
@@ -228,12 +206,12 @@ class Plan:
         unclipped: Tensors whose range is their calibrated min/max whatever the method (rule 13).
     """
 
-    groups: list[Group] = field(default_factory=list)
+    groups: list[QdqGroup] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)
     shared: dict[str, str] = field(default_factory=dict)
     one_sided: set[str] = field(default_factory=set)
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
-    consumers: dict[str, list[tuple[Group, int]]] = field(default_factory=dict)
+    consumers: dict[str, list[tuple[QdqGroup, int]]] = field(default_factory=dict)
     unclipped: set[str] = field(default_factory=set)
 
     def calibrated(self) -> list[str]:
@@ -256,12 +234,6 @@ def _where(node: gs.Node) -> str:
     return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
 
 
-def _opt_input(node: gs.Node, index: int) -> gs.Tensor | None:
-    if index < len(node.inputs) and node.inputs[index].name:
-        return node.inputs[index]
-    return None
-
-
 def weight_axis(node: gs.Node) -> int:
     """The output-channel axis of ``node``'s weight (input 1)."""
     if node.op == "Conv":
@@ -273,7 +245,7 @@ def weight_axis(node: gs.Node) -> int:
 
 def tensor_dtypes(graph: gs.Graph) -> dict[str, int]:
     """ONNX element types of every typed tensor (one weight-less shape inference)."""
-    model = serde.infer_graph(graph)
+    model = infer_graph(graph)
     out = {i.name: i.data_type for i in model.graph.initializer}
     for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         if vi.type.tensor_type.elem_type:
@@ -317,7 +289,7 @@ def static_tensors(graph: gs.Graph) -> set[str]:
 
 
 def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) -> str | None:
-    w = _weight_info(_opt_input(node, 1))
+    w = _weight_info(opt_input(node, 1))
     if w is None:
         return R_WEIGHT
     w_dtype, w_shape = w
@@ -329,17 +301,17 @@ def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) ->
         return R_ALL_CONSTANT
     if weights_only or node.op in ("MatMul", "ConvTranspose"):
         return None
-    bias_t = _opt_input(node, 2)
+    bias_t = opt_input(node, 2)
     if bias_t is None:
         return None
     bias = const_values(bias_t)
     if bias is None or bias.dtype != np.float32:
         return R_BIAS
     channels = w_shape[0] if node.op == "Conv" else w_shape[weight_axis(node)]
-    return None if _bias_vector(bias, channels) is not None else R_BIAS
+    return None if bias_vector(bias, channels) is not None else R_BIAS
 
 
-def _uncached_values(tensor: gs.Constant) -> np.ndarray:
+def uncached_values(tensor: gs.Constant) -> np.ndarray:
     """``tensor.values`` without keeping a not-yet-read array in ``tensor`` (freed once quantized)."""
     if isinstance(tensor._values, gs.ir.tensor.LazyValues):
         return tensor._values.load()
@@ -359,7 +331,7 @@ def _weight_info(tensor: gs.Tensor | None) -> tuple[np.dtype, tuple[int, ...]] |
     return None if values is None else (values.dtype, values.shape)
 
 
-def _bias_vector(bias: np.ndarray, channels: int) -> np.ndarray | None:
+def bias_vector(bias: np.ndarray, channels: int) -> np.ndarray | None:
     """``bias`` as a ``[channels]`` vector if it broadcasts only along the channel axis."""
     if bias.size == 1:
         return np.full(channels, bias.reshape(-1)[0], bias.dtype)
@@ -403,14 +375,14 @@ def _clip_bounds(act: gs.Node) -> tuple[float, float] | None:
     """``(min, max)`` of a Relu (``(0, inf)``) or of a Clip with constant bounds."""
     if act.op == "Relu":
         return 0.0, np.inf
-    lo_t, hi_t = _opt_input(act, 1), _opt_input(act, 2)
+    lo_t, hi_t = opt_input(act, 1), opt_input(act, 2)
     lo, hi = const_values(lo_t), const_values(hi_t)
     if (lo_t is not None and lo is None) or (hi_t is not None and hi is None):
         return None
     return (float(lo) if lo is not None else -np.inf), (float(hi) if hi is not None else np.inf)
 
 
-def _attach_activation(group: Group, excluded: set[str], graph_outputs: set[str]) -> None:
+def _attach_activation(group: QdqGroup, excluded: set[str], graph_outputs: set[str]) -> None:
     """Fold a Relu/Clip that alone consumes ``group``'s output into the group (rule 2)."""
     out = group.node.outputs[0]
     if out.name in graph_outputs or len(out.outputs) != 1:
@@ -430,7 +402,7 @@ def _attach_activation(group: Group, excluded: set[str], graph_outputs: set[str]
 
 
 def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
-                logger: logging.Logger) -> tuple[list[Group], list[Group], set[int]]:
+                logger: logging.Logger) -> tuple[list[QdqGroup], list[QdqGroup], set[int]]:
     """Eligible groups (passthrough ones separately), the ids of the excluded ones; declines recorded.
 
     Excluded nodes that are otherwise eligible are returned too (flagged), so that rule 12 can
@@ -460,7 +432,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
             if kind not in _CONDITIONAL and not is_excluded:
                 result.decline(_where(node), reason, logger)
             continue
-        group = Group(node, kind)
+        group = QdqGroup(node, kind)
         (passthrough if kind in _CONDITIONAL else groups).append(group)
         if is_excluded:
             off.add(id(group))
@@ -479,11 +451,11 @@ def _only_graph_output(node: gs.Node, graph: gs.Graph) -> bool:
     return not out.outputs and any(t is out for t in graph.outputs)
 
 
-def _needs_output_q(group: Group) -> bool:
+def _needs_output_q(group: QdqGroup) -> bool:
     return group.kind not in ("weights",) and group.node.op not in _OPTIONAL_OUTPUT
 
 
-def _add_passthrough(groups: list[Group], passthrough: list[Group], in_q: set[str], out_q: set[str]) -> None:
+def _add_passthrough(groups: list[QdqGroup], passthrough: list[QdqGroup], in_q: set[str], out_q: set[str]) -> None:
     """Quantize passthrough and lut ops whose input is already quantized (rules 3, 6), to a fixed point."""
     pending = list(passthrough)
     changed = True
@@ -499,7 +471,7 @@ def _add_passthrough(groups: list[Group], passthrough: list[Group], in_q: set[st
                 changed = True
 
 
-def _settle_optional(groups: list[Group], in_q: set[str], out_q: set[str]) -> None:
+def _settle_optional(groups: list[QdqGroup], in_q: set[str], out_q: set[str]) -> None:
     """Gemm/MatMul quantize their output only for quantized consumers (rule 1)."""
     for g in groups:
         if g.kind != "compute" or g.node.op not in _OPTIONAL_OUTPUT:
@@ -511,10 +483,10 @@ def _settle_optional(groups: list[Group], in_q: set[str], out_q: set[str]) -> No
 
 
 def plan_placement(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
-                   logger: logging.Logger | None = None) -> Plan:
+                   logger: logging.Logger | None = None) -> QdqPlan:
     """Decide which nodes are quantized and which tensors get Q/DQ (see the module rules)."""
     logger = logger or log
-    plan = Plan()
+    plan = QdqPlan()
     found = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
     if found:  # requantizing the dequantization arithmetic of a quantized model only adds error
         result.decline(f"graph ({', '.join(found)})", R_QUANTIZED, logger)
@@ -530,13 +502,13 @@ def plan_placement(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
                   [g for g in passthrough if id(g) not in off])
 
 
-def _drop_isolated(graph: gs.Graph, groups: list[Group], passthrough: list[Group]) -> list[Group]:
+def _drop_isolated(graph: gs.Graph, groups: list[QdqGroup], passthrough: list[QdqGroup]) -> list[QdqGroup]:
     """Host groups rule 12 keeps float, decided with nothing excluded (to a fixed point).
 
     Deciding on the unexcluded graph keeps an ``exclude`` from turning its neighbours float, so
     quantizing one layer alone (sensitivity) still quantizes that layer.
     """
-    dropped: list[Group] = []
+    dropped: list[QdqGroup] = []
     while True:
         ids = {id(g) for g in dropped}
         isolated = _isolated(graph, _place(graph, set(), [g for g in groups if id(g) not in ids], passthrough))
@@ -545,7 +517,7 @@ def _drop_isolated(graph: gs.Graph, groups: list[Group], passthrough: list[Group
         dropped += isolated
 
 
-def _place(graph: gs.Graph, excluded: set[str], groups: list[Group], passthrough: list[Group]) -> Plan:
+def _place(graph: gs.Graph, excluded: set[str], groups: list[QdqGroup], passthrough: list[QdqGroup]) -> QdqPlan:
     """One placement of ``groups`` (plus the passthrough/lut ops that join them)."""
     graph_outputs = {t.name for t in graph.outputs}
     for g in groups:
@@ -558,12 +530,12 @@ def _place(graph: gs.Graph, excluded: set[str], groups: list[Group], passthrough
     _add_passthrough(groups, passthrough, in_q, out_q)
     _settle_optional(groups, in_q, out_q)
     order = {id(n): i for i, n in enumerate(graph.nodes)}
-    plan = Plan(groups=sorted(groups, key=lambda g: order[id(g.node)]))
+    plan = QdqPlan(groups=sorted(groups, key=lambda g: order[id(g.node)]))
     _fill_tensors(graph, plan, in_q | out_q)
     return plan
 
 
-def _isolated(graph: gs.Graph, plan: Plan) -> list[Group]:
+def _isolated(graph: gs.Graph, plan: QdqPlan) -> list[QdqGroup]:
     """Host groups whose Q/DQ-connected component holds no ``compute`` group (rule 12).
 
     Two groups are connected when one quantized tensor links them: one produces it and the other
@@ -597,7 +569,7 @@ def _isolated(graph: gs.Graph, plan: Plan) -> list[Group]:
             and find(i) not in anchored]
 
 
-def _fill_tensors(graph: gs.Graph, plan: Plan, wanted: set[str]) -> None:
+def _fill_tensors(graph: gs.Graph, plan: QdqPlan, wanted: set[str]) -> None:
     """Order the wrapped tensors, record sharing, one-sidedness, bounds and consumer slots."""
     names = [t.name for t in graph.inputs] + [o.name for n in graph.nodes for o in n.outputs]
     plan.tensors = [n for n in dict.fromkeys(names) if n in wanted]
@@ -616,6 +588,9 @@ def _fill_tensors(graph: gs.Graph, plan: Plan, wanted: set[str]) -> None:
             plan.unclipped.add(g.output.name)
 
 
+# ------------------------------------------------------------------------------------ rewriting
+
+
 def _is_silu(node: gs.Node) -> bool:
     """``node`` is the ``Mul(t, Sigmoid(t))`` of a SiLU/Swish activation."""
     if node.op != "Mul" or len(node.inputs) != 2:
@@ -623,192 +598,3 @@ def _is_silu(node: gs.Node) -> bool:
     a, b = node.inputs
     return any(s.inputs and s.inputs[0].op == "Sigmoid" and s.inputs[0].inputs[0] is t
                for t, s in ((a, b), (b, a)))
-
-
-# ------------------------------------------------------------------------------------ rewriting
-
-
-class _Rewriter:
-    """Inserts Q/DQ nodes and quantized constants into a graph, with fresh unique names."""
-
-    def __init__(self, graph: gs.Graph, plan: Plan, params: dict[str, QParams], cfg: QuantConfig,
-                 result: PassResult):
-        self.graph, self.plan, self.params, self.cfg, self.result = graph, plan, params, cfg, result
-        self.names = Names(graph)
-        self.qconsts: dict[str, tuple[gs.Constant, gs.Constant]] = {}
-        self.weight_dqs: dict[tuple, tuple[gs.Variable, QParams]] = {}
-
-    def fresh(self, base: str) -> str:
-        return self.names.fresh(base)
-
-    def _constants(self, base: str, p: QParams) -> tuple[gs.Constant, gs.Constant]:
-        scale = gs.Constant(self.fresh(f"{base}_scale"), np.array(p.scale, order="C"))
-        zp = gs.Constant(self.fresh(f"{base}_zero_point"), np.array(p.zero_point, order="C"))
-        return scale, zp
-
-    def _dq(self, base: str, src: gs.Tensor, scale: gs.Constant, zp: gs.Constant, out: gs.Variable,
-            axis: int | None = None) -> None:
-        attrs = {"axis": axis} if axis is not None else {}
-        self.graph.nodes.append(gs.Node("DequantizeLinear", self.fresh(f"{base}_DequantizeLinear"), attrs,
-                                        [src, scale, zp], [out]))
-        self.result.count("dq_inserted")
-
-    def _const_dq(self, base: str, values: np.ndarray, p: QParams) -> gs.Variable:
-        """``DequantizeLinear(constant values, p)`` as a new float tensor."""
-        data = gs.Constant(self.fresh(f"{base}_quantized"), np.array(values, order="C"))
-        scale, zp = self._constants(base, p)
-        out = gs.Variable(self.fresh(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
-        self._dq(base, data, scale, zp, out, p.axis)
-        return out
-
-    # -- activations
-
-    def wrap(self, tensor: gs.Variable) -> None:
-        """Insert ``Q -> DQ`` on ``tensor`` (rule 4)."""
-        root = self.plan.root(tensor.name)
-        p = self.params[root]
-        if root not in self.qconsts:
-            self.qconsts[root] = self._constants(root, p)
-        scale, zp = self.qconsts[root]
-        shape_readers = []
-        if tensor.inputs:
-            producer = tensor.inputs[0]
-            index = next(i for i, t in enumerate(producer.outputs) if t is tensor)
-            src = gs.Variable(self.fresh(f"{tensor.name}_float"), dtype=np.float32, shape=tensor.shape)
-            producer.outputs[index] = src
-            out = tensor
-            shape_readers = [n for n in list(tensor.outputs) if n.op in _SHAPE_READERS]
-        else:
-            src = tensor
-            out = gs.Variable(self.fresh(f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
-            for group, slot in self.plan.consumers.get(tensor.name, []):
-                group.node.inputs[slot] = out
-        q = gs.Variable(self.fresh(f"{tensor.name}_quantized"), dtype=p.zero_point.dtype, shape=tensor.shape)
-        self.graph.nodes.append(gs.Node("QuantizeLinear", self.fresh(f"{tensor.name}_QuantizeLinear"), {},
-                                        [src, scale, zp], [q]))
-        self.result.count("q_inserted")
-        self._dq(tensor.name, q, scale, zp, out)
-        for node in shape_readers:  # rule 7: no dequantization just to read a shape
-            for i, t in enumerate(list(node.inputs)):
-                if t is tensor:
-                    node.inputs[i] = q
-            self.result.count("shape_reads_quantized")
-
-    # -- weights
-
-    def weight(self, w_t: gs.Constant, axis: int | None, min_scale: np.ndarray | None) -> tuple[gs.Variable, QParams]:
-        """The DQ output of ``w_t`` quantized to int8 (shared between nodes with equal params)."""
-        q, p = quantize_weight(_uncached_values(w_t), axis, qmax=self.cfg.weight_qmax, min_scale=min_scale)
-        key = (w_t.name, id(w_t), p.axis, p.scale.tobytes())
-        if key not in self.weight_dqs:
-            self.weight_dqs[key] = (self._const_dq(w_t.name, q, p), p)
-            self.result.count("weights_int8")
-        else:
-            self.result.count("weights_shared")
-        return self.weight_dqs[key]
-
-    def weights(self, group: Group) -> None:
-        """Quantize the weight (and, for full quantization, the int32 bias) of ``group``."""
-        node = group.node
-        axis = weight_axis(node) if self.cfg.per_channel else None
-        if group.kind == "weights":
-            node.inputs[1] = self.weight(node.inputs[1], axis, None)[0]
-            return
-        s_in = float(self.params[self.plan.root(node.inputs[0].name)].scale)
-        bias_t = _opt_input(node, 2)
-        bias = None
-        if bias_t is not None:
-            w = node.inputs[1].values
-            channels = w.shape[0] if node.op == "Conv" else w.shape[weight_axis(node)]
-            bias = _bias_vector(bias_t.values, channels).astype(np.float64)
-            if node.op == "Gemm":
-                bias = bias * float(node.attrs.get("beta", 1.0))
-                node.attrs["beta"] = 1.0
-        min_scale = None
-        if bias is not None:
-            safe = bias_safe_weight_scale(bias, s_in)
-            min_scale = safe if axis is not None else np.asarray(safe.max())
-        w_dq, w_params = self.weight(node.inputs[1], axis, min_scale)
-        node.inputs[1] = w_dq
-        if bias is not None:
-            q, p = quantize_bias(bias, s_in, w_params)
-            node.inputs[2] = self._const_dq(bias_t.name, q, p)
-            self.result.count("bias_int32")
-
-    def constant_operands(self, group: Group) -> None:
-        """Quantize constant inputs of Add/Mul/Concat per tensor, like activations."""
-        for i, t in enumerate(list(group.node.inputs)):
-            values = const_values(t)
-            if values is None:
-                continue
-            p = activation_params(float(values.min(initial=0.0)), float(values.max(initial=0.0)),
-                                  symmetric=self.cfg.symmetric_activations)
-            group.node.inputs[i] = self._const_dq(t.name, quantize_values(values, p), p)
-            self.result.count("constants_quantized")
-
-
-def apply_plan(graph: gs.Graph, plan: Plan, params: dict[str, QParams], cfg: QuantConfig,
-               result: PassResult) -> None:
-    """Rewrite ``graph`` in place following ``plan``.
-
-    Args:
-        graph: The graph ``plan`` was made for.
-        plan: From :func:`plan_placement`.
-        params: Quantization parameters of every tensor of ``plan.calibrated()`` (shared tensors
-            use their root's).
-        cfg: Settings.
-        result: Receives the counters (``quantized_<Op>``, ``relu_folded``, ``clip_folded``,
-            ``q_inserted``, ``dq_inserted``, ``weights_int8``, ``weights_shared``, ``bias_int32``,
-            ``constants_quantized``, ``shape_reads_quantized``, ``uint8_fanout``).
-    """
-    params = fanout_uint8(graph, plan, params, result)
-    rw = _Rewriter(graph, plan, params, cfg, result)
-    for g in plan.groups:
-        result.count(f"quantized_{g.node.op}")
-        if g.act is not None:
-            result.count(f"{g.act.op.lower()}_folded")
-        if g.kind in ("compute", "weights"):
-            rw.weights(g)
-        elif g.kind in ("binary", "variadic"):
-            rw.constant_operands(g)
-    tensors = graph.tensors()
-    for name in plan.tensors:
-        rw.wrap(tensors[name])
-
-
-def _fanout(tensor: gs.Tensor, plan: Plan, graph_outputs: set[str]) -> bool:
-    """Whether ``tensor``'s Q will have several readers in onnxruntime (after its DQ duplication)."""
-    if not tensor.inputs:  # graph input: only the quantized slots read the DQ
-        return len(plan.consumers.get(tensor.name, [])) > 1
-    readers = list(tensor.outputs)
-    shape = sum(1 for n in readers if n.op in _SHAPE_READERS)
-    others = len(readers) - shape + (tensor.name in graph_outputs)
-    return shape > 0 or others > 1
-
-
-def fanout_uint8(graph: gs.Graph, plan: Plan, params: dict[str, QParams],
-                 result: PassResult | None = None) -> dict[str, QParams]:
-    """``params`` with int8 tensors read by several nodes re-encoded as uint8 (rule 8).
-
-    onnxruntime's CPU provider fuses only uint8 activations on x86; it turns an int8
-    ``Q -> DQ`` pair into uint8 (zero point + 128) only when the Q has exactly one reader, which
-    a tensor read by several nodes never has once onnxruntime gives each reader its own DQ. The
-    uint8 encoding ``(scale, zero_point + 128)`` represents the same values bit for bit
-    (``q_u8 = q_s8 + 128``), so switching those tensors (and every tensor sharing their
-    parameters) changes nothing numerically. Returns a new dict; ``params`` is not modified.
-    """
-    tensors = graph.tensors()
-    outputs = {t.name for t in graph.outputs}
-    roots = {plan.root(name) for name in plan.tensors
-             if params.get(plan.root(name)) is not None and params[plan.root(name)].zero_point.dtype == np.int8
-             and _fanout(tensors[name], plan, outputs)}
-    if not roots:
-        return params
-    new = dict(params)
-    for root in sorted(roots):
-        p = params[root]
-        zp = (p.zero_point.astype(np.int16) + 128).astype(np.uint8)
-        new[root] = QParams(p.scale, zp, p.axis, p.degenerate)
-        if result is not None:
-            result.count("uint8_fanout")
-    return new

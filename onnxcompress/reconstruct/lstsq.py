@@ -7,7 +7,7 @@ an SVD-based ``lstsq`` (then ``pinv``) when the system is singular or badly cond
 ``solve(keep=...)`` solves for a subset of the features from the same statistics, and
 ``residual_norms`` / ``relative_error`` score any ``(W, b)`` without the data.
 
-Used by :mod:`onnxcompress.reconstruct` (layer refits) through :mod:`onnxcompress.layerview`.
+Used by :mod:`onnxcompress.reconstruct.refit` (layer refits) through :mod:`onnxcompress.reconstruct.layerview`.
 """
 
 from __future__ import annotations

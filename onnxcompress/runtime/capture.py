@@ -7,17 +7,17 @@ histograms) and then dropped, so memory does not grow with the number of samples
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import serde
-from .calib import Batch, CalibSource
-from .errors import InputError
-from .progress import track
-from .runtime import make_session
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.shapes import infer_shapes
+from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.session import make_session
 
 __all__ = ["Consumer", "expose", "capture"]
 
@@ -53,7 +53,7 @@ def _tensor_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
         return {}
     light = onnx.ModelProto()
     light.CopyFrom(model)
-    inferred = serde.infer_shapes(light)
+    inferred = infer_shapes(light)
     return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
             if vi.name in set(names) and vi.type.tensor_type.elem_type}
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import platform
 import re
@@ -40,16 +39,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
-from rich.console import Console
-from rich.table import Table
 
-from . import serde
-from .calib import InputSpec, RandomSource, input_specs, open_source
-from .display import human_bytes, human_count
-from .errors import InputError
-from .metrics import model_metrics
-from .progress import track
-from .runtime import make_session
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.core.metrics import model_metrics
+from onnxcompress.runtime.data import InputSpec, RandomSource, input_specs, open_source
+from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.session import make_session
 
 __all__ = [
     "MachineInfo",
@@ -63,7 +59,6 @@ __all__ = [
     "latency_stats",
     "resolve_provider",
     "machine_info",
-    "show_bench",
 ]
 
 log = logging.getLogger(__name__)
@@ -339,7 +334,7 @@ def bench_inputs(model: onnx.ModelProto, *, batch: int = 1, dims: dict[str, int]
         model: The (first) model; the arrays fit its inputs.
         batch: Value of the leading dim where it is dynamic (a fixed batch dim wins, with a warning).
         dims: Values of other symbolic dims (random inputs; default 32).
-        data: Anything :func:`onnxcompress.calib.open_source` accepts, or None for random inputs.
+        data: Anything :func:`onnxcompress.runtime.data.open_source` accepts, or None for random inputs.
         seed: Seed of the random inputs (same seed, same arrays).
         preprocess: Image preprocessing spec when ``data`` is an image folder.
 
@@ -551,7 +546,7 @@ def bench(models: Sequence[serde.ModelSource], *, provider: str = "CPUExecutionP
         runs: Timed rounds.
         batch: Value of the leading (batch) dim where it is dynamic.
         dims: Values of other symbolic input dims, by name (default 32 for random inputs).
-        data: Input data (see :func:`onnxcompress.calib.open_source`); its first batch is used.
+        data: Input data (see :func:`onnxcompress.runtime.data.open_source`); its first batch is used.
             Default: seeded random inputs.
         seed: Seed for random inputs and the round order.
         optimize: Enable onnxruntime's graph optimizations (what a deployment would use).
@@ -591,30 +586,3 @@ def bench(models: Sequence[serde.ModelSource], *, provider: str = "CPUExecutionP
 # --- terminal -----------------------------------------------------------------------------------
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / _MIB:.1f}"
-
-
-def _short_names(names: list[str]) -> list[str]:
-    """File names without folders when that keeps them distinct, else the names as given."""
-    short = [Path(n).name if n and not n.startswith("model[") else n for n in names]
-    return short if len(set(short)) == len(set(names)) else names
-
-
-def show_bench(console: Console, report: BenchReport) -> None:
-    """Print the machine line and a table of the results on a rich ``console``."""
-    console.print(report.machine.line())
-    shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in report.inputs.items())
-    s = report.settings
-    t = Table(title=f"latency: {s['runs']} interleaved rounds after {s['warmup']} warm-up; inputs {shapes} ({s['data']})")
-    for col in ("model", "size", "params", "MACs", "median ms", "p90 ms", "min ms", "vs first",
-                "session ms", "RSS MiB (peak)"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for m, name in zip(report.models, _short_names([m.name for m in report.models])):
-        ratio = "-" if math.isnan(m.ratio_vs_first) else f"{m.ratio_vs_first:.3f}×"
-        t.add_row(name, human_bytes(m.file_bytes), human_count(m.params), human_count(m.macs),
-                  f"{m.median_ms:.3f}", f"{m.p90_ms:.3f}", f"{m.min_ms:.3f}", ratio, f"{m.session_ms:.1f}",
-                  f"{_mib(m.rss_delta_bytes)} ({_mib(m.peak_rss_delta_bytes)})")
-    console.print(t)
-    if len(report.models) > 1:
-        console.print("vs first: median over rounds of (time in round) / (first model's time in the same round)")

@@ -4,7 +4,7 @@ Both run on CPU with graph optimizations disabled. Metrics per output, accumulat
 batch (nothing but running sums is kept): max and mean absolute error, relative max error,
 cosine similarity, SQNR in dB, and for classifier-shaped outputs ``[N, C]`` top-1 agreement and,
 with labels, the task accuracy of both models. The :class:`Gate` turns metrics into a verdict;
-its defaults follow the pipeline's declared :class:`~onnxcompress.manager.Numerics`.
+its defaults follow the pipeline's declared :class:`~onnxcompress.core.pass_api.Numerics`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import onnx
 
-from .calib import CalibSource
-from .errors import InputError, PassFailed
-from .manager import Numerics
-from .progress import track
-from .runtime import make_session
+from onnxcompress.core.errors import InputError, PassFailed
+from onnxcompress.core.pass_api import Numerics
+from onnxcompress.runtime.data import CalibSource
+from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.session import make_session
 
 __all__ = ["OutputMetrics", "ValidationReport", "Gate", "compare_models"]
 
@@ -58,7 +58,7 @@ class ValidationReport:
     data: str
     samples: int
     outputs: list[OutputMetrics]
-    gate: "Gate | None" = None
+    gate: Gate | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -105,7 +105,7 @@ class Gate:
     max_top1_drop: float | None = None
 
     @classmethod
-    def for_numerics(cls, numerics: Numerics, **overrides: float | None) -> "Gate":
+    def for_numerics(cls, numerics: Numerics, **overrides: float | None) -> Gate:
         """Default gate for ``numerics``, with user overrides (``None`` values are ignored)."""
         if numerics == Numerics.EXACT:
             gate = cls(max_rel_err=1e-4)
@@ -239,6 +239,6 @@ def compare_models(ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibSourc
 def _run(sess, names, feeds, error, what):
     try:
         return sess.run(names, feeds)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"{what} failed to run in onnxruntime: {first}") from None

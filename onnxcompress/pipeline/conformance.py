@@ -13,8 +13,8 @@ Two suites:
 
 Each case is first run unchanged in onnxruntime (CPU, graph optimizations off) and compared with
 its reference outputs; a case that onnxruntime cannot run or gets wrong is skipped, with the reason.
-Otherwise the model goes through :func:`onnxcompress.serde.load_model`, the pass pipeline,
-:func:`~onnxcompress.serde.save_model` and a reload, is run again and compared with the same
+Otherwise the model goes through :func:`onnxcompress.core.serde.load_model`, the pass pipeline,
+:func:`~onnxcompress.core.serde.save_model` and a reload, is run again and compared with the same
 references and tolerances.
 
 Outcomes: ``PASS``; ``SKIP`` (a reason category such as ``ort cannot run original``); ``FAIL``
@@ -24,6 +24,7 @@ raised: loading the output, a pass, or saving).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -37,16 +38,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import serde
-from .errors import InputError
-from .manager import PassManager, parse_spec, registry
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
+from onnxcompress.pipeline.manager import PassManager, parse_spec, registry
 
 __all__ = [
-    "CRASH",
     "DATA_FOLDERS",
-    "FAIL",
-    "PASS",
-    "SKIP",
     "SUITES",
     "CaseResult",
     "FolderCase",
@@ -284,7 +281,7 @@ def run_case(case: Any, spec: str, workdir: str | Path) -> CaseResult:
         result = CaseResult(case.name, PASS)
     except _Outcome as out:
         result = CaseResult(case.name, out.outcome, out.reason, out.detail)
-    except Exception as exc:  # noqa: BLE001 - anything unexpected is a crash of ours
+    except Exception as exc:
         result = CaseResult(case.name, CRASH, type(exc).__name__, _first_line(exc))
     result.seconds = round(time.perf_counter() - start, 4)
     return result
@@ -305,12 +302,12 @@ def _run_case(case: Any, spec: str, workdir: Path) -> None:
         optimized, _ = PassManager(parse_spec(spec)).run(model)
         path = serde.save_model(optimized, workdir / f"{case.name.replace('/', '__')}.onnx")
         reloaded = serde.load_model(path)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _Outcome(CRASH, type(exc).__name__, _first_line(exc)) from None
     for i, (inputs, refs) in enumerate(data_sets):
         try:
             outputs = _ort_run(reloaded, inputs)
-        except Exception as exc:  # noqa: BLE001 - ORT raises assorted types
+        except Exception as exc:
             raise _Outcome(FAIL, "ort cannot run optimized", _first_line(exc)) from None
         problem = _compare(refs, outputs, rtol, atol)
         if problem:
@@ -322,7 +319,7 @@ def _check_original(model: onnx.ModelProto, data_sets: list, rtol: float, atol: 
     for inputs, refs in data_sets:
         try:
             outputs = _ort_run(model, inputs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _Outcome(SKIP, "ort cannot run original", _first_line(exc)) from None
         problem = _compare(refs, outputs, rtol, atol)
         if problem:
@@ -538,10 +535,8 @@ class _Worker:
         return CaseResult(name, CRASH, "native crash", f"process {how}", elapsed)
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.send(None)
-        except OSError:
-            pass
         self.proc.join(timeout=5)
         if self.proc.is_alive():
             self.proc.kill()

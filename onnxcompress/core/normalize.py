@@ -21,8 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from . import serde
-from .errors import InputError
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
 
 __all__ = ["normalize", "normalize_graph", "upgrade_opset"]
 
@@ -131,7 +131,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         return model
     try:
         converted = onnx.version_converter.convert_version(model, target)
-    except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+    except Exception as exc:
         raise InputError(f"cannot convert model from opset {current} to {target}: {exc}") from None
     log.info("converted model from opset %d to %d", current, target)
     return converted

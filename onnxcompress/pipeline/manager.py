@@ -1,0 +1,187 @@
+"""The pass manager: pipeline parsing and the run loop.
+
+The manager runs passes in order; after each one it cleans up, sorts, exports and runs the full
+ONNX checker, so a broken rewrite is caught at the pass that made it ("pass X failed after [a, b]").
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress import passes as _builtin  # noqa: F401 - importing registers the built-in passes
+from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError, PassFailed
+from onnxcompress.core.normalize import normalize, upgrade_opset
+from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord, PassResult, registered
+
+__all__ = ["RELEASE_BYTES", "PassManager", "get_pass", "parse_spec", "registry"]
+
+log = logging.getLogger(__name__)
+
+
+def registry() -> dict[str, type[Pass]]:
+    """All registered passes, built-in ones included, sorted by name."""
+    return registered()
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class called ``name``.
+
+    Raises:
+        InputError: No such pass; the message lists the valid names.
+    """
+    passes = registry()
+    if name not in passes:
+        raise InputError(f"unknown pass {name!r}; valid passes: {', '.join(passes)}")
+    return passes[name]
+
+
+def parse_spec(spec: str) -> list[Pass]:
+    """Parse ``name[:key=value[:key=value]],name2,...`` into configured passes.
+
+    Raises:
+        InputError: Empty spec, unknown pass, unknown option or a malformed ``key=value``.
+    """
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise InputError("empty pass list")
+    out = []
+    for item in items:
+        name, *pairs = item.split(":")
+        opts = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise InputError(f"pass {name}: expected key=value, got {pair!r}")
+            opts[key.strip()] = value.strip()
+        out.append(get_pass(name.strip())(**opts))
+    return out
+
+
+#: Weights from which an owned input model is released before each pass (see :meth:`PassManager.run`).
+RELEASE_BYTES = 256 * 2**20
+
+
+class PassManager:
+    """Runs passes in order, checking the model after each one.
+
+    Args:
+        passes: Configured passes.
+        ctx: The context handed to every pass.
+        check: Run the full ONNX checker after each pass.
+        on_pass: Called with each :class:`PassRecord` as soon as its pass finishes.
+    """
+
+    def __init__(self, passes: Iterable[Pass], ctx: PassContext | None = None, *, check: bool = True,
+                 on_pass: Callable[[PassRecord], None] | None = None):
+        self.passes = list(passes)
+        self.ctx = ctx or PassContext()
+        self.check = check
+        self.on_pass = on_pass
+
+    @property
+    def numerics(self) -> Numerics:
+        """The loosest numerics of the pipeline."""
+        return max((p.effective_numerics() for p in self.passes), default=Numerics.EXACT)
+
+    def _finish(self, model: onnx.ModelProto | None, template: onnx.ModelProto, graph: gs.Graph, result: PassResult,
+                full: bool) -> onnx.ModelProto:
+        """Clean up, sort, export and check the pass's graph; an unchanged graph keeps ``model``
+        (exported again when ``model`` was released)."""
+        if not result.modified and result.graph is None:
+            return model if model is not None else _reexport(graph, template)
+        graph = result.graph if result.graph is not None else graph
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        new_model = serde.to_model(graph, template)
+        if self.check:
+            serde.check_model(new_model, full=full)
+        return new_model
+
+    def run(self, model: onnx.ModelProto, *, owned: bool = False) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        """Run the pipeline on ``model`` (not modified) and return the new model and the records.
+
+        Args:
+            model: The input model.
+            owned: The caller keeps no reference to ``model`` (pass it as ``run(box.pop())``).
+                Then, for models with at least :data:`RELEASE_BYTES` of weights, each pass's
+                input model is freed as soon as its graph is built (the graph takes a copy of the
+                weights, :func:`~onnxcompress.core.serde.detach_weights`), so the input's weights never
+                coexist with what the pass reads, builds and exports. Models under the threshold
+                run exactly as without it.
+
+        Raises:
+            PassFailed: A pass raised or left an invalid model.
+        """
+        model = normalize(model)
+        full = self.check and _passes_full_check(model)
+        records: list[PassRecord] = []
+        for p in self.passes:
+            done = ", ".join(r.name for r in records)
+            try:
+                if p.min_opset and (serde.model_opset(model) or 0) < p.min_opset:
+                    model = upgrade_opset(model, p.min_opset)
+                start = time.perf_counter()
+                graph = serde.to_graph(model)
+                template = model
+                release = owned and p.releases_input and serde.weights_nbytes(model) >= RELEASE_BYTES
+                if release:
+                    template = serde.skeleton_model(model)
+                    serde.detach_weights(graph)
+                    model = None  # the last reference: frees the input's weights (protobuf arena) ...
+                    gc.collect()  # ... once graphs built from it earlier (normalize: reference cycles) are gone
+                result = p.run(graph, self.ctx)
+                if release:  # what the pass dropped (often in reference cycles) goes before the export
+                    gc.collect()
+                new_model = self._finish(model, template, graph, result, full)
+                if release:  # nothing keeps this pass's arrays alive while the next one runs
+                    del graph
+                    result.graph = None
+                    gc.collect()
+            except InputError:
+                raise
+            except Exception as exc:
+                log.debug("pass %s failed", p.name, exc_info=True)
+                raise PassFailed(f"pass {p.name} failed after [{done}]: {type(exc).__name__}: {exc}") from exc
+            model, new_model, template = new_model, None, None
+            record = PassRecord(p.name, dict(p.opts), p.effective_numerics(), result, time.perf_counter() - start)
+            records.append(record)
+            log.info("%s: %s", p.name, _stat_line(result))
+            if self.on_pass:
+                self.on_pass(record)
+        return model, records
+
+
+def _reexport(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """The released model of an unchanged graph: exported as is (no cleanup or sort), with the
+    template's model-level fields present exactly where they were, so a model exported by
+    onnxcompress comes back byte for byte."""
+    model = serde.to_model(graph, template)
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if not template.HasField(name):
+            model.ClearField(name)
+    return model
+
+
+def _passes_full_check(model: onnx.ModelProto) -> bool:
+    """Whether the input passes onnx's full check; some valid models don't (then passes are
+    checked without shape inference rather than failing for what was already there)."""
+    try:
+        serde.check_model(model, full=True)
+        return True
+    except Exception as exc:
+        log.warning("the input model fails onnx's full check (%s); passes are checked without shape inference",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return False
+
+
+def _stat_line(result: PassResult) -> str:
+    parts = [f"{k}={v}" for k, v in result.stats.items()]
+    if result.declined:
+        parts.append(f"declined={len(result.declined)}")
+    return ", ".join(parts) or ("modified" if result.modified else "no change")
