@@ -1,4 +1,7 @@
-"""onnxcompress.pipeline.sensitivity."""
+"""The sensitivity workflow: prepare the model, calibrate once, quantize one layer at a time and
+rank the layers by the output fidelity they cost (``onnxcompress sensitivity``; the math is in
+:mod:`onnxcompress.quant.sensitivity`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.sensitivity import Evaluator, Fidelity, Quantizer, rank_layers
 from onnxcompress.runtime.data import CalibSource, open_source
+
+__all__ = ["LayerScore", "SensitivityReport", "layer_sensitivity", "parse_options"]
 
 
 def _num(v: float) -> float | str:

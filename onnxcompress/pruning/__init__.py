@@ -1,7 +1,7 @@
 """Structured channel pruning on ONNX graphs (Torch-Pruning's dependency groups, graph-level).
 
 Modules:
-    * :mod:`.spec`: shared types (slots, :class:`~.spec.NodeSpec`, :class:`~.spec.ParamRef`, reasons).
+    * :mod:`.types`: shared types (slots, :class:`~.types.NodeSpec`, :class:`~.types.ParamRef`, reasons).
     * :mod:`.handlers`: the op-type table -- how channel indices flow through each operator.
     * :mod:`.dependency`: :func:`analyze` builds coupled channels and :class:`Group` objects.
     * :mod:`.importance`: channel scores per group (``l1``, ``l2``, ``bn_scale``, ``activation``).

@@ -5,7 +5,12 @@
 * :mod:`.cache` — calibration statistics saved to ``.npz``, keyed by model, data and settings.
 * :mod:`.calibrate` — runs the float model on calibration data into the collectors.
 * :mod:`.params` — scales and zero points, int8 weights, int32 biases.
-* :mod:`.qdq` — where Q/DQ nodes go (following onnxruntime's CPU fusions) and the rewrite.
+* :mod:`.options` — :class:`QuantConfig`, the settings the pass and the sensitivity analysis share.
+* :mod:`.placement` — where Q/DQ nodes go (following onnxruntime's CPU fusions).
+* :mod:`.rewrite` — inserting them: Q/DQ nodes, int8 weights, int32 biases.
+* :mod:`.sensitivity` — one-layer-at-a-time quantization and fidelity (mixed precision, ranking).
+* :mod:`.latency` — int8 vs float timing per layer (``latency_aware``).
+* :mod:`.bias_correction` — streamed channel means and the bias rewrite of ``bias_correction``.
 * :mod:`.fusion` — what onnxruntime actually fuses: :func:`count_unfused_qdq`.
 * :mod:`.cpu` — VNNI detection.
 

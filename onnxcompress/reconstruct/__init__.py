@@ -1,1 +1,15 @@
-"""reconstruct."""
+"""Least-squares recovery, shared by pruning and factorization: "shrink first, then win the
+accuracy back" with the original model as the teacher.
+
+* :mod:`.lstsq` — streaming ridge least squares (XᵀX and XᵀY batch by batch, grouped problems).
+* :mod:`.layerview` — a Conv/Gemm/MatMul node as a least-squares problem (im2col at sampled
+  output positions, weights ↔ matrices).
+* :mod:`.refit` — :func:`reconstruct_layers`, the sequential layer-by-layer refit of a student
+  model against the teacher on calibration data.
+"""
+
+from __future__ import annotations
+
+from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
+
+__all__ = ["LayerStats", "LayerTarget", "reconstruct_layers"]

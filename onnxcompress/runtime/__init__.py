@@ -1,1 +1,17 @@
-"""runtime."""
+"""Running models: onnxruntime sessions, the data they run on, and what is measured while they run.
+
+* :mod:`.session` — :func:`make_session`, the one way a session is created (CPU, optimizations
+  off by default, models above the external-data threshold through a temporary folder).
+* :mod:`.data` — calibration and validation sources (``.npz``, folders, images with
+  preprocessing, random, iterables), batching and input checks.
+* :mod:`.capture` — run a model exposing intermediate tensors, batch by batch.
+* :mod:`.bench` — interleaved latency rounds, paired ratios, machine and memory facts.
+* :mod:`.progress` — one nested progress display on stderr.
+"""
+
+from __future__ import annotations
+
+from onnxcompress.runtime.data import Batch, CalibSource, Preprocess, open_source
+from onnxcompress.runtime.session import make_session
+
+__all__ = ["Batch", "CalibSource", "Preprocess", "make_session", "open_source"]
