@@ -43,13 +43,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 __all__ = [
     "DEFAULT_BINS",
     "METHODS",
+    "RANGE_RULES",
     "HistogramCollector",
     "compute_range",
     "Observer",
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 #: Bins per side of the ``|x|`` histograms (TensorRT uses 2048 too).
 DEFAULT_BINS = 2048
 #: Calibration methods, in the order the CLI lists them.
-METHODS = ("minmax", "percentile", "entropy", "mse")
 _KL_EPS = 1e-6
 
 
@@ -345,6 +345,18 @@ def _mse_range(c: HistogramCollector, symmetric: bool) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------ public API
 
 
+#: Calibration method -> its range rule ``(collector, symmetric, percentile) -> (lo, hi)``. A new
+#: method is one entry here: ``quantize_int8:method`` choices, :func:`compute_range` and
+#: :func:`make_observer` follow this table.
+RANGE_RULES: dict[str, Callable[[HistogramCollector, bool, float], tuple[float, float]]] = {
+    "minmax": lambda c, symmetric, _p: (-c.amax, c.amax) if symmetric else (c.min, c.max),
+    "percentile": lambda c, symmetric, p: _percentile_range(c, p, symmetric),
+    "entropy": lambda c, symmetric, _p: _entropy_range(c, symmetric),
+    "mse": lambda c, symmetric, _p: _mse_range(c, symmetric),
+}
+METHODS = tuple(RANGE_RULES)
+
+
 def compute_range(c: HistogramCollector, method: str, *, percentile: float = 99.99,
                   symmetric: bool = False) -> tuple[float, float]:
     """The calibrated range of a tensor.
@@ -362,17 +374,12 @@ def compute_range(c: HistogramCollector, method: str, *, percentile: float = 99.
     Raises:
         ValueError: Unknown method.
     """
-    if method not in METHODS:
+    rule = RANGE_RULES.get(method)
+    if rule is None:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     if c.count == 0 or c.width == 0.0:
         return 0.0, 0.0
-    if method == "minmax":
-        return (-c.amax, c.amax) if symmetric else (c.min, c.max)
-    if method == "percentile":
-        return _percentile_range(c, percentile, symmetric)
-    if method == "entropy":
-        return _entropy_range(c, symmetric)
-    return _mse_range(c, symmetric)
+    return rule(c, symmetric, percentile)
 
 
 class Observer:
@@ -380,12 +387,23 @@ class Observer:
 
     Args:
         bins: Histogram bins per side.
+        percentile: For ``percentile``: the kept fraction in percent.
+        method: The calibration method (subclasses fix it).
     """
 
     method: ClassVar[str] = ""
+    _by_method: ClassVar[dict[str, type[Observer]]] = {}
 
-    def __init__(self, bins: int = DEFAULT_BINS):
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            Observer._by_method[cls.method] = cls
+
+    def __init__(self, bins: int = DEFAULT_BINS, *, percentile: float = 99.99, method: str | None = None):
         self.collector = HistogramCollector(bins)
+        self.percentile = percentile
+        if method is not None:
+            self.method = method  # type: ignore[misc]
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch of values."""
@@ -393,14 +411,11 @@ class Observer:
 
     def range(self, *, symmetric: bool = False) -> tuple[float, float]:
         """``(lo, hi)`` (or ``(-t, t)`` with ``symmetric``)."""
-        return compute_range(self.collector, self.method, symmetric=symmetric, **self._kwargs())
+        return compute_range(self.collector, self.method, symmetric=symmetric, percentile=self.percentile)
 
     def threshold(self) -> float:
         """The symmetric threshold ``t``."""
         return self.range(symmetric=True)[1]
-
-    def _kwargs(self) -> dict:
-        return {}
 
 
 class MinMaxObserver(Observer):
@@ -415,11 +430,7 @@ class PercentileObserver(Observer):
     method = "percentile"
 
     def __init__(self, percentile: float = 99.99, bins: int = DEFAULT_BINS):
-        super().__init__(bins)
-        self.percentile = percentile
-
-    def _kwargs(self) -> dict:
-        return {"percentile": self.percentile}
+        super().__init__(bins, percentile=percentile)
 
 
 class EntropyObserver(Observer):
@@ -435,10 +446,11 @@ class MseObserver(Observer):
 
 
 def make_observer(method: str, *, percentile: float = 99.99, bins: int = DEFAULT_BINS) -> Observer:
-    """An observer for ``method`` (one of :data:`METHODS`)."""
-    if method == "percentile":
-        return PercentileObserver(percentile, bins)
-    classes = {"minmax": MinMaxObserver, "entropy": EntropyObserver, "mse": MseObserver}
-    if method not in classes:
+    """An observer for ``method`` (one of :data:`METHODS`): its class if it has one, else a plain
+    :class:`Observer` of that method."""
+    if method not in RANGE_RULES:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
-    return classes[method](bins)
+    cls = Observer._by_method.get(method)
+    if cls is None:
+        return Observer(bins, percentile=percentile, method=method)
+    return cls(bins=bins, percentile=percentile)

@@ -134,3 +134,15 @@ def test_cache_round_trip(tmp_path, rng):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="not a calibration cache"):
         load_cache(tmp_path / "bad.npz", "key1")
+
+
+def test_a_new_method_is_one_table_entry(monkeypatch, rng):
+    """Adding a calibration method takes one RANGE_RULES entry: compute_range and make_observer follow."""
+    from onnxcompress.quant import observers
+
+    monkeypatch.setitem(observers.RANGE_RULES, "half_minmax", lambda c, symmetric, _p: (c.min / 2, c.max / 2))
+    c = collect(rng.standard_normal(1000))
+    assert compute_range(c, "half_minmax") == (c.min / 2, c.max / 2)
+    obs = make_observer("half_minmax")
+    obs.update(np.array([-4.0, 2.0]))
+    assert obs.range() == (-2.0, 1.0)
