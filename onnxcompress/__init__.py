@@ -5,7 +5,7 @@ from __future__ import annotations
 from onnxcompress._version import __version__
 from onnxcompress.api import Report, compare, inspect, optimize, sensitivity
 from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError, PassFailed
-from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.pipeline.manager import PassManager, get_pass, parse_spec, registry
 from onnxcompress.runtime.data import Batch, CalibSource, Preprocess, open_source
 
@@ -30,6 +30,7 @@ __all__ = [
     "PassContext",
     "PassManager",
     "PassResult",
+    "Slot",
     "get_pass",
     "parse_spec",
     "register",

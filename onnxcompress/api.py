@@ -14,7 +14,7 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import GateFailed, InputError
 from onnxcompress.core.metrics import ModelMetrics, model_metrics
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
-from onnxcompress.pipeline.manager import PassManager, parse_spec
+from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
 from onnxcompress.pipeline.validate import Gate, ValidationReport, compare_models
 from onnxcompress.runtime.data import CalibSource, open_source
@@ -63,33 +63,25 @@ class Report:
 
 def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None,
               calib: Any = None) -> tuple[list[Pass], dict, str | None]:
+    """The passes, the recipe's gate and name; refuses at once what cannot run (order, calibration)."""
     if passes is not None and recipe is not None:
         raise InputError("give either passes or a recipe, not both")
     if passes is not None:
-        return (parse_spec(passes) if isinstance(passes, str) else list(passes)), {}, None
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or "default")
-    check_requirements(rec, calib=calib)
-    return rec.passes, rec.gate, rec.name
+        pipeline, gate, name = (parse_spec(passes) if isinstance(passes, str) else list(passes)), {}, None
+    else:
+        rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or "default")
+        check_requirements(rec, calib=calib)
+        pipeline, gate, name = rec.passes, rec.gate, rec.name
+    check_pipeline(pipeline, calib=calib is not None)
+    return pipeline, gate, name
 
 
-def optimize(
-    model: serde.ModelSource,
-    passes: str | Sequence[Pass] | None = None,
-    *,
-    recipe: str | Recipe | None = None,
-    calib: Any = None,
-    data: Any = None,
-    validate: bool = True,
-    gate: dict[str, float | None] | None = None,
-    force: bool = False,
-    seed: int = 0,
-    batch_size: int = 32,
-    samples: int | None = None,
-    dims: dict[str, int] | None = None,
-    preprocess: Any = None,
-    progress: bool = False,
-    on_pass: Callable[[PassRecord], None] | None = None,
-) -> tuple[onnx.ModelProto, Report]:
+def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = None, *,
+             recipe: str | Recipe | None = None, calib: Any = None, data: Any = None, validate: bool = True,
+             gate: dict[str, float | None] | None = None, force: bool = False, seed: int = 0,
+             batch_size: int = 32, samples: int | None = None, dims: dict[str, int] | None = None,
+             preprocess: Any = None, progress: bool = False,
+             on_pass: Callable[[PassRecord], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and validate the result against the original.
 
     Args:
@@ -116,33 +108,40 @@ def optimize(
         ``(optimized model, report)``.
 
     Raises:
-        InputError: Bad model, data or pipeline.
+        InputError: Bad model, data or pipeline (checked before the model is loaded: options,
+            pass order, a pass that needs ``calib`` without it).
         PassFailed: A pass failed.
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
     start = time.perf_counter()
     pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
-    original = serde.load_model(model)
-    calib_src = open_source(calib, original, preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
+    box = [serde.load_model(model)]
+    calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
-        before, box = model_metrics(original, dims), [original]
-        if not validate:  # nothing needs the original later: the first pass's result may replace it in memory
-            original = None
+        before = model_metrics(box[0], dims)
+        # without validation nothing needs the original later: the first pass's result may replace it in memory
+        original = box[0] if validate else None
         result, records = manager.run(box.pop(), owned=not validate)
         report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name)
-        if validate:
+        if original is not None:
             source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
-            report.validation = compare_models(original, result, source, batch_size=batch_size, progress=progress)
-            report.validation.gate = Gate.for_numerics(manager.numerics, **{**recipe_gate, **(gate or {})})
-            report.validation.failures = report.validation.gate.check(report.validation)
+            report.validation = _validate(original, result, source, Gate.for_numerics(
+                manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress)
     report.seconds = time.perf_counter() - start
-    if not report.passed and not force:
-        exc = GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report)
-        exc.model = result
-        raise exc
+    if report.validation is not None and not report.passed and not force:
+        raise GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report, result)
     return result, report
+
+
+def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,
+              batch_size: int, progress: bool) -> ValidationReport:
+    """Compare ``result`` with ``original`` on ``source`` and check ``gate``."""
+    validation = compare_models(original, result, source, batch_size=batch_size, progress=progress)
+    validation.gate = gate
+    validation.failures = gate.check(validation)
+    return validation
 
 
 def _chain(*callbacks: Callable[[PassRecord], None] | None) -> Callable[[PassRecord], None]:

@@ -194,7 +194,8 @@ def list_passes(as_json: bool) -> None:
     if as_json:
         payload = {"passes": [{"name": n, "numerics": c.numerics.name.lower(), "summary": c.summary(),
                                "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
-                                               "choices": list(o.choices) if o.choices else None}
+                                               "choices": list(o.choices) if o.choices else None,
+                                               "interval": o.interval}
                                            for k, o in c.options.items()}}
                               for n, c in registry().items()],
                    "recipes": recipes}

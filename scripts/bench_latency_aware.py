@@ -38,6 +38,7 @@ from fixtures import CALIB, TEST, missing_data, select_models
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import PassContext
+from onnxcompress.passes.quantize_int8 import LATENCY_TIMINGS
 from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.pipeline.validate import compare_models
 from onnxcompress.runtime.bench import bench, machine_info
@@ -54,8 +55,8 @@ def convert(model, spec: str) -> tuple[object, dict, float]:
     seconds = time.perf_counter() - start
     result = records[-1].result
     stats = dict(result.stats)
-    stats["kept"] = [(w, r) for w, r in result.declined if r.startswith("kept float")]
-    stats["timings"] = [(t.node, t.ratio) for t in ctx.extra.get("quantize_int8.latency", [])]
+    stats["kept"] = [(d.where, d.text()) for d in result.declined if d.code.startswith("kept_float")]
+    stats["timings"] = [(t.node, t.ratio) for t in ctx.get(LATENCY_TIMINGS) or []]
     return out, stats, seconds
 
 

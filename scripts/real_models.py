@@ -184,8 +184,8 @@ def prune_stats(report) -> dict[str, Any]:
     stats = record.result.stats
     prefix = "groups_frozen_"
     reasons = {k[len(prefix):].replace("_", " "): v for k, v in stats.items() if k.startswith(prefix)}
-    frozen = [f"{where}: {why}" for where, why in record.result.declined
-              if why not in ("reconstruction needs calibration data", "group smaller than round_to")]
+    frozen = [f"{d.where}: {d.text()}" for d in record.result.declined
+              if d.code not in ("reconstruction_needs_calibration", "group_smaller_than_round_to")]
     return {"groups_found": stats.get("groups_found", 0), "groups_pruned": stats.get("groups_pruned", 0),
             "groups_frozen": stats.get("groups_frozen", 0), "frozen_reasons": reasons, "frozen_groups": frozen,
             "skipped_small": stats.get("groups_skipped_small", 0), "reshapes_merged": stats.get("reshapes_merged", 0)}

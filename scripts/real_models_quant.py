@@ -192,7 +192,7 @@ def _worker_ours(model_path: str, calib: str, out: str) -> dict:
     serde.save_model(quantized, out)
     result = records[-1].result
     return {"seconds": time.perf_counter() - start, "stats": {k: v for k, v in result.stats.items()},
-            "declined": [f"{w}: {r}" for w, r in result.declined][:20], "modified": result.modified}
+            "declined": [f"{d.where}: {d.text()}" for d in result.declined][:20], "modified": result.modified}
 
 
 def _worker_ort(method: str, model_path: str, calib: str, out: str) -> dict:

@@ -98,7 +98,7 @@ def _worst(report: Any) -> str:
 
 
 def _declines(record: Any) -> str:
-    reasons = record.result.decline_reasons()
+    reasons = record.result.decline_counts()
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:2]
     return "; ".join(f"{n}× {r}" for r, n in top) or "no candidate"
 

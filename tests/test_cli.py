@@ -165,3 +165,32 @@ def test_console_script_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnxcompress", "inspect", str(p)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error:")
+
+
+def test_pass_needing_calibration_without_calib_exits_2_one_line_nothing_written(tmp_path, model_path, capsys):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "optimize", model_path, "-o", out, "--passes", "quantize_int8", "--json", report)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "quantize_int8 needs calibration data" in lines[0] and "--calib" in lines[0]
+    assert not out.exists() and not report.exists()
+
+
+def test_pass_order_and_option_ranges_exit_2_one_line(tmp_path, model_path, capsys):
+    out = tmp_path / "o.onnx"
+    for spec, words in (("bias_correction,quantize_int8", "bias_correction reads the float reference written by "
+                                                          "quantize_int8, which does not run before it"),
+                        ("prune_channels:ratio=2", "option ratio=2.0: must be in [0, 1)")):
+        code, _, err = _run(capsys, "optimize", model_path, "-o", out, "--passes", spec, "--calib-random", "4")
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0] and not out.exists()
+
+
+def test_json_declines_carry_code_and_detail(tmp_path, model_path, capsys):
+    report = tmp_path / "r.json"
+    code, _, _ = _run(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--passes",
+                      "factorize_svd:min_channels=0:rank=4", "--json", report, "--force")
+    assert code in (0, 1)
+    (record,) = json.loads(report.read_text())["passes"]
+    assert record["declined"] == [
+        {"where": "conv", "code": "kxk_conv_needs_spatial", "detail": ""},
+        {"where": "logits", "code": "does_not_pay", "detail": "MAC ratio 1.02 >= 0.7, ranks (5,)"}]

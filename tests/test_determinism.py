@@ -38,7 +38,11 @@ OPTIONS: dict[str, dict[str, str]] = {
     "factorize_tucker": {"rank_ratio": "0.5", "max_mac_ratio": "1.0", "iters": "2"},
     "factorize_dwsep": {"rank": "1", "max_mac_ratio": "1.0"},
     "equalize": {},
+    "bias_correction": {},
 }
+
+#: Passes that read what another pass writes run after it (the manager refuses them alone).
+BEFORE: dict[str, str] = {"bias_correction": "quantize_int8:latency_aware=false"}
 
 
 def pass_names() -> list[str]:
@@ -49,17 +53,18 @@ def pass_names() -> list[str]:
 
 
 def spec_of(name: str) -> str:
-    """``name`` with its table options that the registered pass knows."""
+    """``name`` with its table options that the registered pass knows (after its :data:`BEFORE` pass)."""
     from helpers import builtin_passes as registry
 
     known = registry()[name].options
     opts = {k: v for k, v in OPTIONS.get(name, {}).items() if k in known}
-    return ":".join([name, *(f"{k}={v}" for k, v in sorted(opts.items()))])
+    spec = ":".join([name, *(f"{k}={v}" for k, v in sorted(opts.items()))])
+    return f"{BEFORE[name]},{spec}" if name in BEFORE else spec
 
 
 def run_pass(name: str, model: onnx.ModelProto) -> tuple[bytes, bool]:
     """Serialized output of the pass ``name`` on ``model`` (not modified) with a fresh context,
-    and whether the pass changed the graph."""
+    and whether the pass (the last one of its spec) changed the graph."""
     from onnxcompress.core import serde
     from onnxcompress.core.pass_api import PassContext
     from onnxcompress.pipeline.manager import PassManager, parse_spec
@@ -67,7 +72,7 @@ def run_pass(name: str, model: onnx.ModelProto) -> tuple[bytes, bool]:
 
     ctx = PassContext(calib=open_source(str(CALIB), model, limit=CALIB_SAMPLES), seed=SEED)
     out, records = PassManager(parse_spec(spec_of(name)), ctx).run(serde.load_model(model))
-    return out.SerializeToString(), records[0].result.modified
+    return out.SerializeToString(), records[-1].result.modified
 
 
 def digests() -> dict[str, str]:

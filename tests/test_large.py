@@ -142,7 +142,7 @@ def test_simplify_declines_onnxsim_over_limit(low_limits):
     m = _big_model()
     out, report = api.optimize(m, "simplify", validate=False)
     (record,) = report.passes
-    assert (("<model>", simplify_mod.R_TOO_LARGE) in record.result.declined)
+    assert (("<model>", simplify_mod.R_TOO_LARGE) in record.result.where_codes())
     onnx.checker.check_model(out)
 
 

@@ -266,10 +266,14 @@ FIRE = {
 }
 
 
+#: Passes that read what another pass writes run after it (the manager refuses them alone).
+BEFORE = {"bias_correction": "quantize_int8"}
+
+
 def fire_spec(name: str) -> str:
-    """Spec of ``name`` with the :data:`FIRE` options it knows."""
+    """Spec of ``name`` with the :data:`FIRE` options it knows (after its :data:`BEFORE` pass)."""
     if name not in FIRE:
-        return name
+        return f"{BEFORE[name]},{name}" if name in BEFORE else name
     known = builtin_passes()[name].options
     head, *pairs = FIRE[name].split(":")
     return ":".join([head, *(p for p in pairs if p.split("=")[0] in known)])

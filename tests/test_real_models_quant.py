@@ -17,6 +17,7 @@ import pytest
 from helpers import load_script
 
 from onnxcompress.core.pass_api import PassContext
+from onnxcompress.passes.quantize_int8 import CPU_FLAGS
 from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.placement import R_QUANTIZED
@@ -41,7 +42,7 @@ def _require(key: str):
 
 def _quantize(path: Path, feeds: list[dict[str, np.ndarray]]):
     model = onnx.load(str(path))
-    ctx = PassContext(calib=open_source(feeds, model), extra={"quantize_int8.cpu_flags": {"avx2"}})
+    ctx = PassContext(calib=open_source(feeds, model), values={CPU_FLAGS: {"avx2"}})
     quantized, records = PassManager(parse_spec("quantize_int8"), ctx).run(model)
     return model, quantized, records[-1].result
 
@@ -69,7 +70,7 @@ def test_already_quantized_real_model_is_left_alone():
     spec, path = _require("ddddocr_ocr_old")
     _, quantized, result = _quantize(path, rq.make_inputs(spec, 1, seed=1))
     assert not result.modified
-    assert [reason for _, reason in result.declined] == [R_QUANTIZED]
+    assert [d.code for d in result.declined] == [R_QUANTIZED]
     assert "q_inserted" not in result.stats
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quantized.graph.node)
 

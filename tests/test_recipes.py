@@ -91,3 +91,54 @@ def test_recipe_with_non_string_name_or_non_table_pass_is_input_error(tmp_path, 
     path.write_text(text)
     with pytest.raises(InputError, match="pass"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("gate, problem", [
+    ("min_cosin = 0.99", "[gate] min_cosin = 0.99: unknown gate threshold; valid: atol, max_rel_err"),
+    ('min_cosine = "high"', "[gate] min_cosine = 'high': expected a finite number"),
+    ("min_cosine = true", "[gate] min_cosine = True: expected a finite number"),
+    ("min_cosine = 1.5", "[gate] min_cosine = 1.5: must be in [-1, 1]"),
+    ("max_top1_drop = -1", "[gate] max_top1_drop = -1: must be in [0, 100]"),
+    ("min_top1_agreement = 99", "[gate] min_top1_agreement = 99: must be in [0, 1]"),
+    ("max_rel_err = -0.1", "[gate] max_rel_err = -0.1: must be >= 0"),
+    ("min_sqnr = inf", "[gate] min_sqnr = inf: expected a finite number"),
+])
+def test_bad_gate_key_is_refused_at_load(tmp_path, gate, problem):
+    path = tmp_path / "r.toml"
+    path.write_text(f'[gate]\n{gate}\n[[pass]]\nname = "fold_bn"\n')
+    with pytest.raises(InputError) as exc:
+        load_recipe(path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: {problem}") and "\n" not in message
+
+
+def test_good_gate_is_kept(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[gate]\nmin_cosine = 0.995\nmin_sqnr = 20\nmax_top1_drop = 0\n[[pass]]\nname = "fold_bn"\n')
+    assert load_recipe(path).gate == {"min_cosine": 0.995, "min_sqnr": 20, "max_top1_drop": 0}
+
+
+def test_recipe_pass_order_and_options_are_checked_at_load(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[pass]]\nname = "bias_correction"\n[[pass]]\nname = "quantize_int8"\n')
+    with pytest.raises(InputError, match="r.toml: bias_correction reads the float reference written by quantize_int8, "
+                                         "which does not run before it$"):
+        load_recipe(path)
+    path.write_text('[[pass]]\nname = "prune_channels"\nratio = 1.2\n')
+    with pytest.raises(InputError, match=r"r.toml: pass prune_channels: option ratio=1.2: must be in \[0, 1\)$"):
+        load_recipe(path)
+
+
+def test_requires_calib_is_implied_by_the_passes(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[pass]]\nname = "fold_bn"\n[[pass]]\nname = "quantize_int8"\n')
+    recipe = load_recipe(path)
+    assert recipe.requires == ("calib",)
+    with pytest.raises(InputError, match="^recipe r needs calibration data"):
+        check_requirements(recipe)
+    path.write_text('[[pass]]\nname = "quantize_int8"\nweights_only = true\n')
+    assert load_recipe(path).requires == ()
+    for name in builtin_recipes():  # the built-in ones say so themselves
+        recipe = load_recipe(name)
+        if any(p.needs_calibration() for p in recipe.passes):
+            assert "calib" in recipe.requires

@@ -69,6 +69,21 @@ def test_markdown_has_every_section_and_row(tmp_path) -> None:
     assert rows[-1].endswith("| yes |")  # the pruned model is fastest at the same accuracy
 
 
+def test_declines_are_grouped_by_code_old_reports_by_reason(tmp_path) -> None:
+    data = json.loads(OPT_PRUNE.read_text())
+    data["passes"][0]["declined"] = [
+        {"where": "a", "code": "does_not_pay", "detail": "MAC ratio 0.83, ranks (12,)"},
+        {"where": "b", "code": "does_not_pay", "detail": "MAC ratio 0.91, ranks (16,)"},
+        {"where": "c", "code": "excluded", "detail": ""},
+        {"where": "d", "reason": "operand not constant"}]  # a report written before decline codes
+    path = tmp_path / "coded.json"
+    path.write_text(json.dumps(data))
+    md = (build_report([path], tmp_path / "r.md", plots=False)[0]).read_text()
+    assert "| fold_bn | does_not_pay | 2 | `a`, `b` |" in md
+    assert "| fold_bn | excluded | 1 | `c` |" in md and "| fold_bn | operand not constant | 1 | `d` |" in md
+    assert "MAC ratio" not in md  # details do not split the groups
+
+
 def test_html_only_for_html_output_and_both_with_flag(tmp_path) -> None:
     assert build_report(ALL, tmp_path / "r.html", plots=False) == [tmp_path / "r.html"]
     page = (tmp_path / "r.html").read_text()

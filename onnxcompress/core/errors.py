@@ -27,9 +27,10 @@ class GateFailed(OnnxCompressError):
 
     exit_code = 1
 
-    def __init__(self, message: str, report=None):
+    def __init__(self, message: str, report=None, model=None):
         super().__init__(message)
         self.report = report
+        self.model = model
 
 
 class PassFailed(OnnxCompressError):

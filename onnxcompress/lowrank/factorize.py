@@ -7,15 +7,15 @@ declines, input shapes, rewriting one node into its factors, releasing replaced 
 statistics and whitening) lives in :mod:`onnxcompress.lowrank.linalg`.
 
 Driver (``FactorizePass.run``):
-    1. Every node of the pass's op types is a candidate; it is declined with a reason (excluded,
-       weight not constant, grouped conv, tiny layer, ...) or becomes a :class:`FactorLayer` (input
+    1. Every node of the pass's op types is a candidate; it is declined with a code (``excluded``,
+       ``weight_not_constant``, ``grouped_conv``, ``tiny_layer``, ...) or becomes a :class:`FactorLayer` (input
        shapes come from shape inference at batch 1, other symbolic dims taken as 32).
     2. Data-aware (option ``data_aware``, default on when ``ctx.calib`` is given): one ORT run of
        the *original* model over at most ``samples`` calibration samples captures every
        candidate's input; im2col rows (at most ``max_positions`` per batch, drawn with
        ``ctx.seed``) feed the :class:`GramAccumulator` the pass asks for.
     3. Each layer is factorized; a layer whose factors need ``>= max_mac_ratio`` × its MACs is
-       declined ("does not pay (MAC ratio ..., ranks ...)"). Otherwise the node is replaced, at
+       declined (``does_not_pay``, detail ``MAC ratio ... >= ..., ranks ...``). Otherwise the node is replaced, at
        its place in the node list, by its factors: the first reads the node's input, the last
        writes the node's output tensor (names downstream and graph outputs keep) and takes its
        bias; weights are new constants, so a shared weight stays intact for its other users.
@@ -76,28 +76,28 @@ log = logging.getLogger(__name__)
 
 
 R_EXCLUDED = "excluded"
-R_WEIGHT = "weight not constant"
-R_LAYOUT = "unsupported layout"
-R_ATTRS = "unsupported attributes"
-R_GROUPED = "grouped/depthwise conv"
-R_TINY = "tiny layer"
-R_NOT_PAY = "does not pay"
-R_NO_STATS = "calibration statistics failed"
-R_POINTWISE = "1x1 conv: use factorize_svd"
+R_WEIGHT = "weight_not_constant"
+R_LAYOUT = "unsupported_layout"
+R_ATTRS = "unsupported_attributes"
+R_GROUPED = "grouped_conv"  # grouped or depthwise
+R_TINY = "tiny_layer"
+R_NOT_PAY = "does_not_pay"
+R_NO_STATS = "calibration_statistics_failed"
+R_POINTWISE = "pointwise_conv"  # 1x1: factorize_svd's
 
 #: Layers whose whitening matrix would be larger than this (per side) are factorized plainly.
 MAX_GRAM_DIM = 4096
 
-#: Reasons every ``factorize_*`` pass may give (``does not pay`` is followed by the MAC ratio).
+#: Decline codes every ``factorize_*`` pass may give (``does_not_pay`` has the MAC ratio and ranks as detail).
 COMMON_REASONS = (R_EXCLUDED, R_WEIGHT, R_LAYOUT, R_ATTRS, R_GROUPED, R_TINY, R_NOT_PAY, R_NO_STATS)
 
 
 class Decline(Exception):
-    """Raised by a pass hook to leave the current node alone, for ``reason``."""
+    """Raised by a pass hook to leave the current node alone: decline ``code`` with ``detail``."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, code: str, detail: str = ""):
+        super().__init__(code)
+        self.code, self.detail = code, detail
 
 
 def require_dense_kxk(node: gs.Node, weight: np.ndarray) -> None:

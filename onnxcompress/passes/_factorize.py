@@ -52,22 +52,26 @@ __all__ = ["COMMON_OPTIONS", "FactorizePass"]
 log = logging.getLogger(__name__)
 
 COMMON_OPTIONS: dict[str, Option] = {
-    "rank": Option(int, None, "fixed rank (Tucker: both modes; dwsep: channel multiplier)"),
-    "rank_ratio": Option(float, None, "rank as a fraction of the full rank, in (0, 1]"),
-    "energy": Option(float, None, f"keep this share of the squared singular values (the default rule: {DEFAULT_ENERGY})"),
+    "rank": Option(int, None, "fixed rank (Tucker: both modes; dwsep: channel multiplier)", interval="[1, inf)"),
+    "rank_ratio": Option(float, None, "rank as a fraction of the full rank, in (0, 1]", interval="(0, 1]"),
+    "energy": Option(float, None, f"keep this share of the squared singular values (the default rule: {DEFAULT_ENERGY})",
+                     interval="(0, 1]"),
     "vbmf": Option(bool, False, "estimate the rank by empirical variational Bayesian matrix factorization"),
-    "round_to": Option(int, 8, "round ranks up to a multiple of N (capped at the full rank)"),
-    "max_mac_ratio": Option(float, 0.7, "factorize a layer only if its MACs drop below this fraction"),
-    "min_channels": Option(int, 16, "skip layers with fewer input or output channels"),
+    "round_to": Option(int, 8, "round ranks up to a multiple of N (capped at the full rank)", interval="[1, inf)"),
+    "max_mac_ratio": Option(float, 0.7, "factorize a layer only if its MACs drop below this fraction",
+                            interval="(0, inf)"),
+    "min_channels": Option(int, 16, "skip layers with fewer input or output channels", interval="[0, inf)"),
     "exclude": Option(list, [], "node names to leave alone"),
     "data_aware": Option(bool, None, "whiten by calibration input statistics and refit the last factor "
                          "(default: on when calibration data is given)"),
     "refit": Option(bool, True, "data-aware: least-squares refit of the last factor to the original output"),
     "refit_holdout": Option(float, 0.2, "data-aware: share of calibration rows held out to choose the "
-                            "refit's ridge and reject a refit that does not beat the unrefit factor (0: off)"),
-    "damp": Option(float, 0.01, "data-aware: whitening damping, relative to the mean input eigenvalue"),
-    "samples": Option(int, 256, "data-aware: calibration samples used (0: all)"),
-    "max_positions": Option(int, 2048, "data-aware: output positions sampled per batch and layer"),
+                            "refit's ridge and reject a refit that does not beat the unrefit factor (0: off)",
+                            interval="[0, 1)"),
+    "damp": Option(float, 0.01, "data-aware: whitening damping, relative to the mean input eigenvalue",
+                   interval="[0, inf)"),
+    "samples": Option(int, 256, "data-aware: calibration samples used (0: all)", interval="[0, inf)"),
+    "max_positions": Option(int, 2048, "data-aware: output positions sampled per batch and layer", interval="[1, inf)"),
 }
 
 
@@ -82,18 +86,12 @@ class FactorizePass(Pass):
     options: ClassVar[Mapping[str, Option]] = COMMON_OPTIONS
     ops: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, **opts: object):
-        super().__init__(**opts)
-        self.rule = RankRule.from_options(self.opts)
-        o = self.opts
-        checks = [("max_mac_ratio", o["max_mac_ratio"] > 0), ("min_channels", o["min_channels"] >= 0),
-                  ("damp", o["damp"] >= 0), ("samples", o["samples"] >= 0),
-                  ("max_positions", o["max_positions"] >= 1),
-                  ("refit_holdout", 0.0 <= o["refit_holdout"] < 1.0)]
-        checks += [(k, o[k] >= 0) for k in ("iters",) if k in o]
-        for key, ok in checks:
-            if not ok:
-                raise InputError(f"pass {self.name}: option {key}={o[key]} is out of range")
+    def check_options(self) -> None:
+        """At most one rank rule (``rank``, ``rank_ratio``, ``energy``, ``vbmf``)."""
+        try:
+            self.rule = RankRule.from_options(self.opts)
+        except InputError as exc:
+            raise InputError(f"pass {self.name}: {exc}") from None
 
     # ---- hooks
     def classify(self, node: gs.Node, weight: np.ndarray) -> str:
@@ -147,7 +145,7 @@ class FactorizePass(Pass):
                     raise Decline(R_EXCLUDED)
                 layers.append(self._layer(node, where, graph.opset, shapes))
             except Decline as d:
-                result.decline(where, d.reason, ctx.logger)
+                result.decline(where, d.code, d.detail, logger=ctx.logger)
         return layers
 
     def _layer(self, node: gs.Node, where: str, opset: int, shapes: dict[str, tuple[int, ...]]) -> FactorLayer:
@@ -211,7 +209,8 @@ class FactorizePass(Pass):
                     threads=1, progress=ctx.progress)
         except InputError as exc:
             log.warning("%s: calibration run failed (%s): plain factorization", self.name, exc)
-            result.decline("calibration", R_NO_STATS, ctx.logger)
+            result.decline("calibration", R_NO_STATS, str(exc).splitlines()[0] if str(exc) else "",
+                           logger=ctx.logger)
             return False
         for layer, acc in zip(layers, accs):
             layer.sigma = acc.result()
@@ -223,13 +222,13 @@ class FactorizePass(Pass):
         try:
             fz = self.factorize(layer)
         except Decline as d:
-            result.decline(layer.where, d.reason, ctx.logger)
+            result.decline(layer.where, d.code, d.detail, logger=ctx.logger)
             return None
         before, after = fz.macs
         ratio = after / before if before else math.inf
         if ratio >= self.opts["max_mac_ratio"]:
-            reason = f"{R_NOT_PAY} (MAC ratio {ratio:.2f} >= {self.opts['max_mac_ratio']:g}, ranks {fz.ranks})"
-            result.decline(layer.where, reason, ctx.logger)
+            detail = f"MAC ratio {ratio:.2f} >= {self.opts['max_mac_ratio']:g}, ranks {fz.ranks}"
+            result.decline(layer.where, R_NOT_PAY, detail, logger=ctx.logger)
             return None
         error = relative_error(layer.weight.astype(np.float64), fz.approx)
         if len(layer.node.inputs[1].outputs) > 1:
@@ -259,7 +258,7 @@ class FactorizePass(Pass):
     def _stats(self, result: PassResult, done: list[Done], data_aware: bool, refits: list[LayerStats]) -> None:
         s = result.stats
         s["layers_factorized"] = len(done)
-        s["layers_skipped"] = sum(1 for where, _ in result.declined if where != "calibration")
+        s["layers_skipped"] = sum(1 for d in result.declined if d.where != "calibration")
         s["params_before"] = sum(int(d.layer.weight.size) for d in done)
         s["params_after"] = sum(int(f.weight.size) for d in done for f in d.fz.factors)
         s["macs_before"] = sum(d.fz.macs[0] for d in done)

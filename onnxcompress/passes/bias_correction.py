@@ -11,9 +11,17 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import Names
-from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.core.pass_api import (
+    FLOAT_REFERENCE,
+    Numerics,
+    Option,
+    Pass,
+    PassContext,
+    PassResult,
+    Slot,
+    register,
+)
 from onnxcompress.quant.bias_correction import (
-    FLOAT_MODEL_KEY,
     BiasSite,
     ChannelMoments,
     apply_correction,
@@ -25,15 +33,13 @@ from onnxcompress.quant.bias_correction import (
 from onnxcompress.runtime.capture import capture
 from onnxcompress.runtime.data import Batch
 
-__all__ = ["BiasCorrection", "NO_CALIB_MESSAGE", "R_NO_REFERENCE", "R_NO_COUNTERPART", "R_MISMATCH"]
+__all__ = ["BiasCorrection", "R_NO_REFERENCE", "R_NO_COUNTERPART", "R_MISMATCH"]
 
 log = logging.getLogger(__name__)
 
-NO_CALIB_MESSAGE = "bias_correction needs --calib"
-R_NO_REFERENCE = ("no float reference (quantize_int8 did not run earlier in this pipeline; "
-                  "reference=dequantized corrects activation quantization only)")
-R_NO_COUNTERPART = "no counterpart of the layer's output in the reference model"
-R_MISMATCH = "reference output has another channel count"
+R_NO_REFERENCE = "no_float_reference"
+R_NO_COUNTERPART = "no_counterpart_in_reference"
+R_MISMATCH = "reference_channel_mismatch"
 
 
 @register
@@ -51,10 +57,12 @@ class BiasCorrection(Pass):
     of the Add reading it (8-bit per tensor: re-fitted scale and zero point). Gemm: ``delta / beta``.
 
     Reference (``reference``): ``float`` (default) — ``quantize_int8`` leaves the model it
-    quantized in ``ctx.extra["quantize_int8.float_model"]``; the measured tensor (the raw output
-    of the node that adds the bias, before its QuantizeLinear) is found there by name. Without it
-    (the pass run on a model quantized elsewhere, or loaded from disk) every layer is declined
-    with the reason. ``dequantized`` (opt-in, logged, reported as ``reference=dequantized``) uses
+    quantized in the context slot :data:`~onnxcompress.core.pass_api.FLOAT_REFERENCE`; the
+    measured tensor (the raw output of the node that adds the bias, before its QuantizeLinear)
+    is found there by name. A pipeline where ``quantize_int8`` does not run before this pass is
+    refused when it is built (a model quantized elsewhere, or loaded from disk, has no float
+    reference); a stored reference with other graph inputs is ignored and every layer declined
+    (``no_float_reference``). ``dequantized`` (opt-in, logged, reported as ``reference=dequantized``) uses
     the QDQ model itself with its activation Q→DQ pairs removed: weights stay rounded there, so
     only the bias from activation quantization is corrected; on the fixture models it moves SQNR
     by -1 to +0.2 dB, which is why it is not a silent fallback.
@@ -68,11 +76,15 @@ class BiasCorrection(Pass):
     Fires on:
         Conv / ConvTranspose / Gemm / MatMul whose weight is a DequantizeLinear of an integer
         constant, with a constant per-channel bias (or none; MatMul: one Add with a constant).
+    Needs calibration data.
+
     Declines:
-        ``weight not quantized``; ``weight not constant``; ``unsupported weight layout``;
-        ``no bias path`` (MatMul not followed by one Add with a constant); ``bias not
-        constant``; ``bias not per output channel``; ``cannot build an int32 bias``; no float
-        reference / no counterpart / channel mismatch in the reference. Shared biases are copied
+        ``weight_not_quantized`` (no DequantizeLinear of an integer constant);
+        ``weight_not_constant``; ``unsupported_weight_layout``; ``no_bias_path`` (MatMul not
+        followed by one Add with a constant); ``bias_not_constant``; ``bias_not_per_channel``;
+        ``no_int32_bias`` (input or weight scale not per tensor / per output channel);
+        ``no_float_reference``; ``no_counterpart_in_reference`` (the layer's output is not in the
+        reference model); ``reference_channel_mismatch``. Shared biases are copied
         (``bias_copied``), never edited in place; a layer whose output is a graph output is
         corrected like any other (names and shapes do not change).
 
@@ -94,16 +106,21 @@ class BiasCorrection(Pass):
         "reference": Option(str, "float", "float: the model quantize_int8 quantized; dequantized: the QDQ model "
                                           "without activation Q/DQ", choices=("float", "dequantized")),
         "sequential": Option(bool, True, "correct level by level on the already-corrected model (else one shot)"),
-        "batch_size": Option(int, 32, "calibration batch size"),
-        "samples": Option(int, 0, "calibration samples used (0: all)"),
+        "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
+        "samples": Option(int, 0, "calibration samples used (0: all)", interval="[0, inf)"),
     }
+    reads = (FLOAT_REFERENCE,)
+
+    def required_reads(self) -> tuple[Slot, ...]:
+        """The float reference, unless ``reference=dequantized``."""
+        return () if self.opts["reference"] == "dequantized" else (FLOAT_REFERENCE,)
+
+    def needs_calibration(self) -> bool:
+        """Channel means are measured on calibration data."""
+        return True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Find quantized layers, measure channel means against the reference, shift the biases."""
-        if ctx.calib is None:
-            raise InputError(NO_CALIB_MESSAGE)
-        if self.opts["batch_size"] < 1 or self.opts["samples"] < 0:
-            raise InputError("bias_correction: batch_size must be >= 1 and samples >= 0")
         result = PassResult()
         graph.toposort()
         sites = find_sites(graph, result, ctx.logger)
@@ -113,7 +130,7 @@ class BiasCorrection(Pass):
         reference, label = self._reference(graph, ctx)
         if reference is None:
             for site in sites:
-                result.decline(site.label, R_NO_REFERENCE, ctx.logger)
+                result.decline(site.label, R_NO_REFERENCE, logger=ctx.logger)
             return result
         result.stats["reference"] = label
         moments = self._reference_moments(reference, sites, ctx, result)
@@ -130,14 +147,14 @@ class BiasCorrection(Pass):
             ctx.logger.warning("bias_correction: reference=dequantized corrects the bias from activation "
                                "quantization only (weights stay rounded in the reference)")
             return serde.to_model(dequantized_reference(graph)), "dequantized"
-        stored = ctx.extra.get(FLOAT_MODEL_KEY)
-        if callable(stored):  # quantize_int8 leaves a deferred export
-            stored = ctx.extra[FLOAT_MODEL_KEY] = stored()
+        make = ctx.get(FLOAT_REFERENCE)
+        stored = make() if make is not None else None  # exported on first use
         if stored is not None and not _same_inputs(stored, graph):
             ctx.logger.warning("bias_correction: the stored float model has other inputs; ignoring it")
             stored = None
         if stored is None:
-            ctx.logger.warning("bias_correction: %s", R_NO_REFERENCE)
+            ctx.logger.warning("bias_correction: no float reference (quantize_int8 did not run earlier in this "
+                               "pipeline; reference=dequantized corrects activation quantization only)")
             return None, ""
         return stored, "float"
 
@@ -149,14 +166,14 @@ class BiasCorrection(Pass):
         for i, site in enumerate(sites):
             name = reference_name(site.measured, produced)
             if name is None:
-                result.decline(site.label, R_NO_COUNTERPART, ctx.logger)
+                result.decline(site.label, R_NO_COUNTERPART, logger=ctx.logger)
             else:
                 wanted[i] = (name, site.axis)
         moments = self._measure(reference, wanted, ctx, result)
         for i, site in enumerate(sites):
             m = moments.get(i)
             if m is not None and m.channels != site.channels:
-                result.decline(site.label, R_MISMATCH, ctx.logger)
+                result.decline(site.label, R_MISMATCH, f"{m.channels} vs {site.channels}", logger=ctx.logger)
                 del moments[i]
         return moments
 

@@ -18,22 +18,22 @@ __all__ = ["DECLINE_REASONS", "Equalize", "in_ranges", "out_ranges"]
 
 log = logging.getLogger(__name__)
 
-R_GRAPH_OUTPUT = "tensor is a graph output"
-R_ADD = "residual add (both inputs would need the same scale)"
-R_CLIP = "clip/relu6 is not scale-equivariant"
-R_OP = "op not known to commute with a channel scale"
-R_WEIGHT = "weight not constant"
-R_BIAS = "bias not constant"
-R_LAYOUT = "unsupported layout"
-R_SHAPE = "unknown static shape"
-R_NO_CONSUMER = "no weight layer reads the channels"
-R_WEIGHT_INPUT = "tensor feeds a weight input"
-R_SUBGRAPH = "read inside a subgraph"
-R_REJOIN = "channels rejoin"
-R_PAD = "pad is not zero padding of spatial axes"
+R_GRAPH_OUTPUT = "graph_output"  # a tensor on the way is a graph output
+R_ADD = "residual_add"  # both inputs would need the same scale
+R_CLIP = "clip_not_equivariant"  # Clip/Relu6 is not scale-equivariant
+R_OP = "op_does_not_commute"  # not known to commute with a channel scale
+R_WEIGHT = "weight_not_constant"
+R_BIAS = "bias_not_constant"
+R_LAYOUT = "unsupported_layout"
+R_SHAPE = "unknown_static_shape"
+R_NO_CONSUMER = "no_consumer_layer"  # no weight layer reads the channels
+R_WEIGHT_INPUT = "feeds_weight_input"
+R_SUBGRAPH = "read_in_subgraph"
+R_REJOIN = "channels_rejoin"
+R_PAD = "pad_not_spatial_zero"  # not zero padding of spatial axes
 R_EXCLUDED = "excluded"
 
-#: Every reason :class:`Equalize` may give when it leaves a producer's channels alone.
+#: Every decline code :class:`Equalize` may give when it leaves a producer's channels alone.
 DECLINE_REASONS = (
     R_GRAPH_OUTPUT, R_ADD, R_CLIP, R_OP, R_WEIGHT, R_BIAS, R_LAYOUT, R_SHAPE, R_NO_CONSUMER,
     R_WEIGHT_INPUT, R_SUBGRAPH, R_REJOIN, R_PAD, R_EXCLUDED,
@@ -615,14 +615,16 @@ class Equalize(Pass):
         channel and spatial dims); a dynamic batch is fine.
 
     Declines:
-        One reason per producer left alone, from :data:`DECLINE_REASONS`: a tensor on the way is
-        a graph output; a residual Add (both inputs would need the same scale); Clip/Relu6 (not
-        scale-equivariant; ``relu6_as_relu=true`` replaces ``Clip(0, m)`` by Relu in the groups
-        it equalizes, which makes the pass APPROX); any other op (Sigmoid, HardSwish, Resize,
-        Transpose, ConvTranspose, ... are not followed); non-constant weight or bias;
-        unsupported layout (Gemm ``transA``, odd bias shapes, non-float weights, channel-count
-        mismatch); unknown static shapes; no consumer layer; a tensor read as a weight; a read
-        inside a subgraph; branches that rejoin; a non-zero Pad; ``exclude``d nodes.
+        One code per producer left alone, from :data:`DECLINE_REASONS`: ``graph_output`` (a
+        tensor on the way is one); ``residual_add`` (both inputs would need the same scale);
+        ``clip_not_equivariant`` (Clip/Relu6; ``relu6_as_relu=true`` replaces ``Clip(0, m)`` by
+        Relu in the groups it equalizes, which makes the pass APPROX); ``op_does_not_commute``
+        (Sigmoid, HardSwish, Resize, Transpose, ConvTranspose, ... are not followed);
+        ``weight_not_constant``, ``bias_not_constant``; ``unsupported_layout`` (Gemm ``transA``,
+        odd bias shapes, non-float weights, channel-count mismatch); ``unknown_static_shape``;
+        ``no_consumer_layer``; ``feeds_weight_input`` (a tensor read as a weight);
+        ``read_in_subgraph``; ``channels_rejoin`` (branches that rejoin);
+        ``pad_not_spatial_zero``; ``excluded`` nodes.
 
     Numerics:
         EXACT (float rounding only, ~1e-6 relative) unless ``relu6_as_relu``. Weights shared with
@@ -639,8 +641,8 @@ class Equalize(Pass):
     name = "equalize"
     numerics = Numerics.EXACT
     options: ClassVar[Mapping[str, Option]] = {
-        "iterations": Option(int, 100, "maximum sweeps over all layer pairs"),
-        "tolerance": Option(float, 0.01, "stop when every |log s_c| of a sweep is below this"),
+        "iterations": Option(int, 100, "maximum sweeps over all layer pairs", interval="[0, inf)"),
+        "tolerance": Option(float, 0.01, "stop when every |log s_c| of a sweep is below this", interval="[0, inf)"),
         "relu6_as_relu": Option(bool, False, "equalize through Clip(0, 6) by turning it into Relu (approximate)"),
         "exclude": Option(list, [], "node names never rescaled"),
     }
@@ -678,12 +680,12 @@ class Equalize(Pass):
                 continue
             layer = st.layer(node)
             if isinstance(layer, str):
-                result.decline(node_label(node), layer, ctx.logger)
+                result.decline(node_label(node), layer, logger=ctx.logger)
                 continue
             try:
                 groups.append(_Walker(st, layer).run())
             except _Decline as d:
-                result.decline(f"{node_label(node)} -> {d.where}", d.reason, ctx.logger)
+                result.decline(f"{node_label(node)} -> {d.where}", d.reason, logger=ctx.logger)
         return groups
 
     def _sweep(self, groups: list[_Group]) -> int:

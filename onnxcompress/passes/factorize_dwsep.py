@@ -28,7 +28,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-#: Every reason :class:`FactorizeDwsep` may give (``does not pay`` carries the MAC ratio after it).
+#: Every decline code :class:`FactorizeDwsep` may give.
 DECLINE_REASONS = COMMON_REASONS + (R_POINTWISE,)
 
 _DW_ATTRS = ("pads", "auto_pad", "strides", "dilations", "kernel_shape")
@@ -76,9 +76,10 @@ class FactorizeDwsep(FactorizePass):
         ``max_mac_ratio`` × ``C_in·C_out·kh·kw``.
 
     Declines:
-        One reason per candidate, from :data:`DECLINE_REASONS`: excluded; weight not constant;
-        unsupported layout; grouped/depthwise conv; 1x1 conv: use factorize_svd; tiny layer;
-        does not pay (followed by the MAC ratio and ``m``); calibration statistics failed.
+        One code per candidate, from :data:`DECLINE_REASONS`: ``excluded``;
+        ``weight_not_constant``; ``unsupported_layout``; ``grouped_conv`` (grouped or depthwise);
+        ``pointwise_conv`` (1x1: use factorize_svd); ``tiny_layer``; ``does_not_pay`` (detail:
+        the MAC ratio and ``m``); ``calibration_statistics_failed``.
         Shared weights are never edited: the factors are new constants (``shared_copied``).
 
     Stats:

@@ -33,10 +33,10 @@ __all__ = ["FactorizeSvd", "DECLINE_REASONS", "R_KXK", "R_SPATIAL_RANK"]
 
 log = logging.getLogger(__name__)
 
-R_KXK = "k×k conv needs spatial=true"
-R_SPATIAL_RANK = "spatial SVD needs a 2-D kernel"
+R_KXK = "kxk_conv_needs_spatial"  # k×k conv without spatial=true
+R_SPATIAL_RANK = "spatial_needs_2d_kernel"
 
-#: Every reason :class:`FactorizeSvd` may give (``does not pay`` carries the MAC ratio after it).
+#: Every decline code :class:`FactorizeSvd` may give.
 DECLINE_REASONS = COMMON_REASONS + (R_KXK, R_SPATIAL_RANK)
 
 _PAD_ATTRS = ("pads", "auto_pad", "strides", "dilations")
@@ -73,11 +73,13 @@ class FactorizeSvd(FactorizePass):
         ``exclude``, and the chosen rank gives fewer than ``max_mac_ratio`` × the MACs.
 
     Declines:
-        One reason per candidate, from :data:`DECLINE_REASONS`: excluded; weight not constant
-        (also a constant data input); unsupported layout (non-2-D Gemm/MatMul weight, non-float
-        weight, empty conv output); unsupported attributes (``transA=1``, ``alpha=0``); grouped/depthwise
-        conv; tiny layer; k×k conv needs spatial=true; spatial SVD needs a 2-D kernel; does not pay
-        (followed by the MAC ratio and ranks); calibration statistics failed (then plain).
+        One code per candidate, from :data:`DECLINE_REASONS`: ``excluded``;
+        ``weight_not_constant`` (also a constant data input); ``unsupported_layout`` (non-2-D
+        Gemm/MatMul weight, non-float weight, empty conv output); ``unsupported_attributes``
+        (``transA=1``, ``alpha=0``); ``grouped_conv`` (grouped or depthwise); ``tiny_layer``;
+        ``kxk_conv_needs_spatial`` (a k×k conv without ``spatial=true``);
+        ``spatial_needs_2d_kernel``; ``does_not_pay`` (detail: the MAC ratio and ranks);
+        ``calibration_statistics_failed`` (then plain).
         A weight shared with other nodes is never edited: the factors are new constants, the
         other users keep the original (``shared_copied``).
 

@@ -29,7 +29,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-#: Every reason :class:`FactorizeTucker` may give (``does not pay`` carries the MAC ratio after it).
+#: Every decline code :class:`FactorizeTucker` may give.
 DECLINE_REASONS = COMMON_REASONS + (R_POINTWISE,)
 
 _CORE_ATTRS = ("pads", "auto_pad", "strides", "dilations", "kernel_shape")
@@ -64,9 +64,10 @@ class FactorizeTucker(FactorizePass):
         are below ``max_mac_ratio`` × the original's.
 
     Declines:
-        One reason per candidate, from :data:`DECLINE_REASONS`: excluded; weight not constant;
-        unsupported layout; grouped/depthwise conv; 1x1 conv: use factorize_svd; tiny layer;
-        does not pay (followed by the MAC ratio and ranks); calibration statistics failed.
+        One code per candidate, from :data:`DECLINE_REASONS`: ``excluded``;
+        ``weight_not_constant``; ``unsupported_layout``; ``grouped_conv`` (grouped or depthwise);
+        ``pointwise_conv`` (1x1: use factorize_svd); ``tiny_layer``; ``does_not_pay`` (detail:
+        the MAC ratio and ranks); ``calibration_statistics_failed``.
         Shared weights are never edited: the factors are new constants (``shared_copied``).
 
     Stats:
@@ -77,7 +78,8 @@ class FactorizeTucker(FactorizePass):
 
     name = "factorize_tucker"
     ops = frozenset({"Conv"})
-    options: ClassVar[Mapping[str, Option]] = {**COMMON_OPTIONS, "iters": Option(int, 5, "HOOI sweeps after the HOSVD start (0: HOSVD only)")}
+    options: ClassVar[Mapping[str, Option]] = {
+        **COMMON_OPTIONS, "iters": Option(int, 5, "HOOI sweeps after the HOSVD start (0: HOSVD only)", interval="[0, inf)")}
 
     def classify(self, node: gs.Node, weight: np.ndarray) -> str:
         """``tucker`` for a dense Conv with a non-1×1 kernel; raises :class:`Decline` otherwise."""

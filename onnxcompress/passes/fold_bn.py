@@ -9,40 +9,37 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import Names, const_values, node_label, opt_input
-from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassResult, register
+from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Pass, PassContext, PassResult, register
 from onnxcompress.core.shapes import infer_graph
 
-__all__ = ["FoldBn", "DECLINE_REASONS", "GAMMA_KEY"]
+__all__ = ["FoldBn", "DECLINE_REASONS"]
 
 log = logging.getLogger(__name__)
 
-R_TRAINING = "BN in training mode"
-R_BN_PARAMS = "BN params not constant"
-R_OPERAND = "operand not constant"
-R_NOT_AFFINE = "not affine in conv output"
-R_WEIGHT = "weight not constant"
-R_BIAS = "bias not constant"
-R_CONSUMERS = "conv output has other consumers"
-R_GRAPH_OUTPUT = "conv output is a graph output"
-R_BN_CONSUMERS = "BN output has other consumers"
-R_BN_GRAPH_OUTPUT = "BN output is a graph output"
-R_PADDING = "bn before conv with padding"
-R_LAYOUT = "unsupported layout"
-R_RANK = "unknown rank"
-R_CHANNELS = "channel count mismatch"
-R_BROADCAST = "not per-channel"
-R_NONFINITE = "non-finite scale"
-R_NO_TARGET = "no conv to fold into"
+R_TRAINING = "bn_training_mode"
+R_BN_PARAMS = "bn_params_not_constant"
+R_OPERAND = "operand_not_constant"
+R_NOT_AFFINE = "not_affine_in_conv_output"
+R_WEIGHT = "weight_not_constant"
+R_BIAS = "bias_not_constant"
+R_CONSUMERS = "conv_output_has_other_consumers"
+R_GRAPH_OUTPUT = "conv_output_is_graph_output"
+R_BN_CONSUMERS = "bn_output_has_other_consumers"
+R_BN_GRAPH_OUTPUT = "bn_output_is_graph_output"
+R_PADDING = "bn_before_padded_conv"
+R_LAYOUT = "unsupported_layout"
+R_RANK = "unknown_rank"
+R_CHANNELS = "channel_count_mismatch"
+R_BROADCAST = "not_per_channel"
+R_NONFINITE = "non_finite_scale"
+R_NO_TARGET = "no_conv_to_fold_into"
 
-#: Every reason :class:`FoldBn` may give when it leaves a candidate alone.
+#: Every decline code :class:`FoldBn` may give when it leaves a candidate alone.
 DECLINE_REASONS = (
     R_TRAINING, R_BN_PARAMS, R_OPERAND, R_NOT_AFFINE, R_WEIGHT, R_BIAS, R_CONSUMERS, R_GRAPH_OUTPUT,
     R_BN_CONSUMERS, R_BN_GRAPH_OUTPUT, R_PADDING, R_LAYOUT, R_RANK, R_CHANNELS, R_BROADCAST,
     R_NONFINITE, R_NO_TARGET,
 )
-
-#: ``ctx.extra`` key: ``{output tensor name of the folded node: BN gamma (float64)}``, for pruning.
-GAMMA_KEY = "fold_bn.gamma"
 
 _BN_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _ELEMENTWISE_PRODUCERS = frozenset({"Conv", "ConvTranspose"})
@@ -51,6 +48,15 @@ _ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
 _Affine = tuple[np.ndarray, np.ndarray]  # per-channel (scale, shift), float64
 _Weights = tuple[np.ndarray, np.ndarray]  # new (weight, bias) in the node's dtypes
 _Layout = tuple[int, int, int]  # output rank, channel axis, channel count
+
+
+def _keep_gamma(ctx: PassContext, name: str, gamma: np.ndarray) -> None:
+    """Add ``name: gamma`` to the :data:`BN_GAMMA` slot (created on the first fold)."""
+    kept = ctx.get(BN_GAMMA)
+    if kept is None:
+        kept = {}
+        ctx.put(BN_GAMMA, kept)
+    kept[name] = gamma.copy()
 
 
 def _producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -272,8 +278,9 @@ class FoldBn(Pass):
         names are kept. New weights are new constants ``<node>_W_folded``/``<node>_B_folded``
         (``<node>`` is the node name, else its output name; uniquified); initializers are never
         edited in place, so a weight shared with another node is in effect copied and the other
-        user keeps the original. The ``gamma`` of each BN folded into a preceding node is kept in
-        ``ctx.extra["fold_bn.gamma"]`` under that node's (new) output name, for pruning.
+        user keeps the original. The ``|gamma|`` of each BN folded into a preceding node is kept in
+        the context slot :data:`~onnxcompress.core.pass_api.BN_GAMMA` under that node's (new)
+        output name, for pruning (``writes``).
 
     Fires when:
         A BN in inference form (one output, ``training_mode`` 0, ``spatial`` 1) or a Mul/Add/
@@ -287,14 +294,16 @@ class FoldBn(Pass):
         padding (pads all 0, auto_pad NOTSET or VALID); any group count is handled.
 
     Declines:
-        One reason per candidate left alone, from :data:`DECLINE_REASONS`: BN in training mode;
-        BN params not constant; operand not constant; not affine in conv output (``c / conv``);
-        weight not constant; bias not constant; conv output has other consumers; conv output is
-        a graph output; BN output has other consumers; BN output is a graph output; bn before
-        conv with padding; unsupported layout (``spatial=0``, MatMul output not 2-D, malformed
-        weights); unknown rank (MatMul input rank not inferable); channel count mismatch; not
-        per-channel (broadcasts over a non-channel axis or adds axes); non-finite scale
-        (``var + eps <= 0``, division by 0); no conv to fold into. Subgraphs are not visited.
+        One code per candidate left alone, from :data:`DECLINE_REASONS`: ``bn_training_mode``;
+        ``bn_params_not_constant``; ``operand_not_constant``; ``not_affine_in_conv_output``
+        (``c / conv``); ``weight_not_constant``; ``bias_not_constant``;
+        ``conv_output_has_other_consumers``; ``conv_output_is_graph_output``;
+        ``bn_output_has_other_consumers``; ``bn_output_is_graph_output``;
+        ``bn_before_padded_conv``; ``unsupported_layout`` (``spatial=0``, MatMul output not 2-D,
+        malformed weights); ``unknown_rank`` (MatMul input rank not inferable);
+        ``channel_count_mismatch``; ``not_per_channel`` (broadcasts over a non-channel axis or
+        adds axes); ``non_finite_scale`` (``var + eps <= 0``, division by 0); ``no_conv_to_fold_into``.
+        Subgraphs are not visited.
 
     Stats:
         ``folded`` (total), ``bn_folded``, ``bn_folded_forward``, ``elementwise_folded``,
@@ -303,6 +312,7 @@ class FoldBn(Pass):
 
     name = "fold_bn"
     numerics = Numerics.EXACT
+    writes = (BN_GAMMA,)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Fold until a sweep changes nothing; report the declines of that last sweep."""
@@ -315,8 +325,8 @@ class FoldBn(Pass):
             folded += done
             if not done:
                 break
-        for where, reason in declines:
-            result.decline(where, reason, ctx.logger)
+        for where, code in declines:
+            result.decline(where, code, logger=ctx.logger)
         result.stats["folded"] = folded
         result.modified = folded > 0
         return result
@@ -348,7 +358,7 @@ class FoldBn(Pass):
         if producer is not None and producer.op in _BN_PRODUCERS:
             back = self._bn_backward(state, bn, producer, (scale, shift))
             if back is None:
-                state.ctx.extra.setdefault(GAMMA_KEY, {})[producer.outputs[0].name] = gamma.copy()
+                _keep_gamma(state.ctx, producer.outputs[0].name, gamma)
                 state.result.count("bn_folded")
                 return None
         forward = self._bn_forward(state, bn, (scale, shift))

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
 from onnxcompress.pruning.dependency import Analysis, analyze, node_label
 from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
@@ -37,14 +37,12 @@ log = logging.getLogger(__name__)
 RECONSTRUCT_MODULE = "onnxcompress.reconstruct.refit"
 RECONSTRUCT_HOOK = ("reconstruct_layers", "LayerTarget")
 
-R_NO_RECONSTRUCT = "reconstruction not available"
-R_NO_CALIB = "reconstruction needs calibration data"
-R_RECONSTRUCT_OP = "reconstruction does not support this op"
-R_RECONSTRUCT_FAILED = "reconstruction failed"
-R_EXCLUDE_UNKNOWN = "exclude name not found"
-R_SMALL = "group smaller than round_to"
-
-_FOLD_BN_GAMMA = "fold_bn.gamma"  # ctx.extra key written by fold_bn
+R_NO_RECONSTRUCT = "reconstruction_not_available"
+R_NO_CALIB = "reconstruction_needs_calibration"
+R_RECONSTRUCT_OP = "reconstruction_unsupported_op"
+R_RECONSTRUCT_FAILED = "reconstruction_failed"
+R_EXCLUDE_UNKNOWN = "exclude_name_not_found"
+R_SMALL = "group_smaller_than_round_to"
 
 
 def _param_count(graph: gs.Graph) -> int:
@@ -83,19 +81,25 @@ class PruneChannels(Pass):
         A group has removable channels: every producer has constant weights, every op on the
         way has a handler, and no channel is a graph input/output (``protect_io``), excluded,
         or read by something that would change meaning. Run it before ``fold_bn`` for
-        ``criterion=bn_scale``/``auto`` (or after: fold_bn's kept gammas are used).
+        ``criterion=bn_scale``/``auto`` (or after: the gammas fold_bn keeps in the context slot
+        :data:`~onnxcompress.core.pass_api.BN_GAMMA` are used; an optional read). Needs
+        calibration data with ``criterion=activation``.
 
     Declines:
-        One decline per frozen group, with the reason (no handler, grouped conv -- blocks that
-        span several groups or do not merge --, reduces over
-        channels, reshape mixes channels, graph input/output, shared weight, non-constant
-        weight, unknown channel dim, control flow, excluded, ...), and per group left alone
-        because it is smaller than ``round_to`` (or ``exclude`` names that match nothing). With
-        ``reconstruct`` and calibration data, every
-        Conv/Gemm/MatMul whose input channels were removed is refitted by least squares to the
-        original model's output of the same node (``onnxcompress.reconstruct.refit.reconstruct_layers``;
-        ``out_keep`` selects the kept output channels); without that module, or for other ops,
-        it declines ("reconstruction not available", "reconstruction does not support this op").
+        One decline per frozen group, with the code of its main reason (from
+        :data:`~onnxcompress.pruning.types.FREEZE_REASONS`: ``no_handler``, ``grouped_conv`` --
+        blocks that span several groups or do not merge --, ``reduces_over_channels``,
+        ``reshape_mixes_channels``, ``graph_input``/``graph_output``, ``shared_weight``,
+        ``non_constant_weight``, ``unknown_channel_dim``, ``control_flow``, ``excluded``, ...),
+        ``group_smaller_than_round_to`` per group left alone because it is smaller than
+        ``round_to``, and ``exclude_name_not_found`` for ``exclude`` names that match nothing.
+        With ``reconstruct`` and calibration data, every Conv/Gemm/MatMul whose input channels
+        were removed is refitted by least squares to the original model's output of the same
+        node (``onnxcompress.reconstruct.refit.reconstruct_layers``; ``out_keep`` selects the
+        kept output channels); without calibration data, without that module, for other ops or
+        when it fails it declines (``reconstruction_needs_calibration``,
+        ``reconstruction_not_available``, ``reconstruction_unsupported_op``,
+        ``reconstruction_failed``).
 
     Stats:
         ``groups_found``, ``groups_pruned``, ``groups_frozen``, ``groups_frozen_<reason>``,
@@ -115,35 +119,30 @@ class PruneChannels(Pass):
     name = "prune_channels"
     numerics = Numerics.LOSSY
     options: ClassVar[Mapping[str, Option]] = {
-        "ratio": Option(float, 0.3, "fraction of each group's channels to remove"),
+        "ratio": Option(float, 0.3, "fraction of each group's channels to remove", interval="[0, 1)"),
         "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, else l1)",
                             choices=CRITERIA),
         "scope": Option(str, "local", "local: same ratio per group; global: one ranking", choices=("local", "global")),
-        "max_group_ratio": Option(float, 0.9, "never remove more than this fraction of a group"),
-        "round_to": Option(int, 8, "kept channels a multiple of N (groups with >= N channels; smaller ones are left alone)"),
+        "max_group_ratio": Option(float, 0.9, "never remove more than this fraction of a group", interval="(0, 1]"),
+        "round_to": Option(int, 8, "kept channels a multiple of N (groups with >= N channels; smaller ones are left alone)",
+                           interval="[1, inf)"),
         "exclude": Option(list, [], "node or tensor names whose groups are frozen"),
         "protect_io": Option(bool, True, "never change the channels of graph outputs"),
-        "steps": Option(int, 1, "prune gradually in N rounds, re-scoring each round"),
+        "steps": Option(int, 1, "prune gradually in N rounds, re-scoring each round", interval="[1, inf)"),
         "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
         "seed": Option(int, None, "tie-breaking seed (default: the pipeline's seed)"),
     }
 
-    def __init__(self, **opts: Any):
-        super().__init__(**opts)
-        o = self.opts
-        checks = [(0.0 <= o["ratio"] < 1.0, "ratio must be in [0, 1)"),
-                  (0.0 < o["max_group_ratio"] <= 1.0, "max_group_ratio must be in (0, 1]"),
-                  (o["round_to"] >= 1, "round_to must be >= 1"), (o["steps"] >= 1, "steps must be >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(f"pass {self.name}: {message}")
+    reads = (BN_GAMMA,)
+
+    def needs_calibration(self) -> bool:
+        """``criterion=activation`` scores channels on calibration data."""
+        return bool(self.opts["criterion"] == "activation")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Analyse, score, select and remove channels ``steps`` times; then reconstruct if asked."""
         o = self.opts
         result = PassResult()
-        if o["criterion"] == "activation" and ctx.calib is None:
-            raise InputError("prune_channels: criterion=activation needs calibration data (give --calib)")
         merged = merge_reshapes(graph)
         if merged:
             result.stats["reshapes_merged"] = merged
@@ -181,7 +180,7 @@ class PruneChannels(Pass):
               first: bool) -> tuple[dict[int, np.ndarray], ApplyReport] | None:
         """One round: score, select, apply. ``None`` when nothing is removed."""
         scores = score_groups(analysis, self.opts["criterion"], calib=ctx.calib,
-                              gammas=ctx.extra.get(_FOLD_BN_GAMMA), progress=ctx.progress)
+                              gammas=ctx.get(BN_GAMMA), progress=ctx.progress)
         if first:
             result.stats["bn_scale_fallback_l1"] = len(scores.fallbacks)
             for name, n in sorted(scores.used.items()):
@@ -191,7 +190,7 @@ class PruneChannels(Pass):
         if first:
             result.stats["groups_skipped_small"] = len(plan.skipped_small)
             for name in plan.skipped_small:
-                result.decline(name, R_SMALL, ctx.logger)
+                result.decline(name, R_SMALL, logger=ctx.logger)
         if plan.relaxed:
             result.count("groups_round_to_relaxed", len(plan.relaxed))
         if plan.total == 0:
@@ -217,26 +216,26 @@ class PruneChannels(Pass):
                 continue
             result.count("groups_frozen")
             result.count(f"groups_frozen_{slug(g.frozen)}")
-            result.decline(g.name, g.frozen, ctx.logger)
+            result.decline(g.name, g.frozen, logger=ctx.logger)
             ctx.logger.debug("prune_channels: group %s frozen by %s", g.name, "; ".join(g.blockers))
         for name in analysis.unknown_excludes:
-            result.decline(name, R_EXCLUDE_UNKNOWN, ctx.logger)
+            result.decline(name, R_EXCLUDE_UNKNOWN, logger=ctx.logger)
 
     def _reconstruct(self, original: onnx.ModelProto | None, graph: gs.Graph, layers: list[PrunedLayer],
                      ctx: PassContext, result: PassResult, seed: int) -> gs.Graph | None:
         """Refit the consumers of removed channels against the unpruned model; the new graph or None."""
         if ctx.calib is None or original is None:
-            result.decline("reconstruct", R_NO_CALIB, ctx.logger)
+            result.decline("reconstruct", R_NO_CALIB, logger=ctx.logger)
             return None
         module = _reconstruct_module()
         if module is None:
-            result.decline("reconstruct", R_NO_RECONSTRUCT, ctx.logger)
+            result.decline("reconstruct", R_NO_RECONSTRUCT, logger=ctx.logger)
             return None
         supported = getattr(module, "SUPPORTED_OPS", frozenset({"Conv", "Gemm", "MatMul"}))
         targets = []
         for layer in sorted(layers, key=lambda p: p.out):
             if layer.node.op not in supported:
-                result.decline(node_label(layer.node), R_RECONSTRUCT_OP, ctx.logger)
+                result.decline(node_label(layer.node), R_RECONSTRUCT_OP, logger=ctx.logger)
                 continue
             out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
             targets.append(module.LayerTarget(node=node_label(layer.node), target=layer.out, out_keep=out_keep))
@@ -247,7 +246,8 @@ class PruneChannels(Pass):
                                                      seed=seed, progress=ctx.progress)
         except InputError as exc:
             ctx.logger.debug("prune_channels: reconstruction failed: %s", exc)
-            result.decline("reconstruct", R_RECONSTRUCT_FAILED, ctx.logger)
+            result.decline("reconstruct", R_RECONSTRUCT_FAILED, str(exc).splitlines()[0] if str(exc) else "",
+                           logger=ctx.logger)
             return None
         _reconstruct_stats(stats, result)
         return serde.to_graph(model)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
-from onnxcompress.quant.bias_correction import FLOAT_MODEL_KEY
+from onnxcompress.core.pass_api import FLOAT_REFERENCE, Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
 from onnxcompress.quant.cpu import cpu_flags, has_vnni
 from onnxcompress.quant.latency import island_layers, model_ratios, time_layers
@@ -22,27 +23,37 @@ from onnxcompress.quant.rewrite import apply_plan
 from onnxcompress.quant.sensitivity import Evaluator, Fidelity, Quantizer, plan_params, rank_layers
 
 __all__ = [
-    "CPU_FLAGS_KEY",
-    "LATENCY_TIMER_KEY",
-    "MODEL_TIMER_KEY",
-    "NO_CALIB_MESSAGE",
+    "CPU_FLAGS",
+    "LATENCY_TIMER",
+    "LATENCY_TIMINGS",
+    "MODEL_TIMER",
     "R_ISLAND",
+    "R_MODEL_SLOWER",
     "R_SENSITIVITY",
+    "R_SLOWER",
     "QuantizeInt8",
 ]
 
 log = logging.getLogger(__name__)
 
-#: ``ctx.extra`` key: a set of CPU flags to use instead of reading ``/proc/cpuinfo``.
-CPU_FLAGS_KEY = "quantize_int8.cpu_flags"
-#: ``ctx.extra`` key: ``timer(layer, float_model, int8_model, feeds) -> t_int8 / t_float`` replacing
-#: the onnxruntime measurement of ``latency_aware`` (see :mod:`onnxcompress.quant.latency`).
-LATENCY_TIMER_KEY = "quantize_int8.latency_timer"
-#: ``ctx.extra`` key: ``model_timer(models) -> ratios vs models[0]`` replacing the whole-model check.
-MODEL_TIMER_KEY = "quantize_int8.model_timer"
-NO_CALIB_MESSAGE = "quantize_int8 needs --calib (or weights_only=true)"
-R_SENSITIVITY = "kept float: sensitivity"
-R_ISLAND = "kept float: int8 island (no quantized neighbour)"
+#: Context slot (given by the caller): CPU flags to use instead of reading ``/proc/cpuinfo``.
+CPU_FLAGS = Slot("quantize_int8_cpu_flags", (set, frozenset), "the CPU flags override",
+                 "CPU flags used instead of /proc/cpuinfo's")
+#: Context slot (given by the caller): ``timer(layer, float_model, int8_model, feeds) -> t_int8 / t_float``
+#: replacing the onnxruntime measurement of ``latency_aware`` (see :mod:`onnxcompress.quant.latency`).
+LATENCY_TIMER = Slot("quantize_int8_latency_timer", Callable, "the per-layer latency timer",
+                     "replaces latency_aware's per-layer timings")
+#: Context slot (given by the caller): ``model_timer(models) -> ratios vs models[0]`` replacing the
+#: whole-model check.
+MODEL_TIMER = Slot("quantize_int8_model_timer", Callable, "the whole-model latency timer",
+                   "replaces latency_check's whole-model timings")
+#: Context slot written with ``latency_aware``: the per-layer timings (:class:`~onnxcompress.quant.latency.LayerTiming`).
+LATENCY_TIMINGS = Slot("quantize_int8_latency_timings", list, "the per-layer latency timings",
+                       "latency_aware's measurements, for benchmarks")
+R_SENSITIVITY = "kept_float_sensitivity"
+R_ISLAND = "kept_float_int8_island"
+R_SLOWER = "kept_float_int8_slower"
+R_MODEL_SLOWER = "kept_float_int8_model_slower"
 
 
 @register
@@ -92,11 +103,13 @@ class QuantizeInt8(Pass):
         is a constant of the expected rank (Conv/Gemm bias: a constant broadcasting only along
         the output channels).
 
-    Declines:
-        ``excluded by option``; ``weight not constant``; ``bias not constant or not
-        per-channel``; ``unsupported dtype`` (non-float32 data, unknown types); ``unsupported
-        layout``; ``all inputs constant``. Tensors whose calibrated range is empty
-        (``min == max``) are still quantized, with scale 1, and listed as ``degenerate range``.
+    Declines (codes, from :data:`onnxcompress.quant.placement.DECLINE_REASONS`):
+        ``excluded_by_option``; ``weight_not_constant``; ``bias_not_per_channel`` (not constant
+        or not per-channel); ``unsupported_dtype`` (non-float32 data, unknown types);
+        ``unsupported_layout``; ``all_inputs_constant``; ``already_quantized``;
+        ``concat_only_feeds_output``, ``static_input`` (computed from shapes and constants only),
+        ``no_quantized_neighbour`` (kept float). Tensors whose calibrated range is empty
+        (``min == max``) are still quantized, with scale 1, and listed as ``degenerate_range``.
 
     CPU note:
         On x86 CPUs without VNNI (``avx512_vnni``/``avx_vnni`` absent from ``/proc/cpuinfo``),
@@ -107,7 +120,7 @@ class QuantizeInt8(Pass):
         onnxruntime stays correct): switching silently would make results depend on the
         machine the model was converted on. ``reduce_range=true`` gives 7-bit weights that
         never saturate. The pass reads ``/proc/cpuinfo`` for this (the one thing it reads from
-        the machine); ``ctx.extra["quantize_int8.cpu_flags"]`` overrides it.
+        the machine); the context slot :data:`CPU_FLAGS` overrides it.
 
     Mixed precision (``max_drop`` / ``min_cosine``):
         Quantize everything, compare with the float model on the calibration data (onnxruntime,
@@ -120,22 +133,27 @@ class QuantizeInt8(Pass):
         ``min_cosine`` is the lowest output cosine. Calibration runs once (histograms of every
         tensor any variant needs); the choice is deterministic. The target is checked on the
         calibration data; validate on held-out data (``--data``). Each layer kept float is
-        declined with ``kept float: sensitivity``.
+        declined with ``kept_float_sensitivity``.
 
     ``latency_aware`` (see :mod:`onnxcompress.quant.latency`):
         Each compute layer is timed alone on this machine, int8 kernel vs float (onnxruntime
         optimizations on, one thread, interleaved rounds, median of paired ratios); a layer
         whose int8 form is more than ``latency_margin`` slower stays float (declined with
-        ``kept float: int8 1.23× slower``), and Add/Concat/pooling layers left without a
-        quantized compute neighbour follow (``kept float: int8 island ...``). With
+        ``kept_float_int8_slower``, detail ``1.23×``), and Add/Concat/pooling layers left without
+        a quantized compute neighbour follow (``kept_float_int8_island``). With
         ``latency_check`` (default) float, all-int8 and that choice are then timed as whole
         models and the fastest is kept (stats ``latency_ratio_int8``, ``latency_ratio_mixed``,
-        ``latency_choice``; if every int8 variant is slower than float, every layer stays float).
+        ``latency_choice``; if every int8 variant is slower than float, every layer stays float:
+        ``kept_float_int8_model_slower``).
         **The output depends on timings, hence on the machine and its load**: the stat
         ``exclude_spec`` (also logged) is an ``exclude=`` option that reproduces the decision
         deterministically with ``latency_aware`` off. Runs before the mixed-precision step
-        when both are on. ``ctx.extra["quantize_int8.latency_timer"]`` and
-        ``["quantize_int8.model_timer"]`` replace the measurements (tests).
+        when both are on. The context slots :data:`LATENCY_TIMER` and :data:`MODEL_TIMER` replace
+        the measurements (tests); the timings are left in :data:`LATENCY_TIMINGS`.
+
+    Context:
+        Needs calibration data unless ``weights_only``. Writes the float model it quantized to
+        :data:`~onnxcompress.core.pass_api.FLOAT_REFERENCE` (``bias_correction``'s reference).
 
     Stats:
         ``quantized_<Op>`` per op type, ``relu_folded``, ``clip_folded``, ``tensors_calibrated``,
@@ -152,37 +170,45 @@ class QuantizeInt8(Pass):
     min_opset = 13
     options = {
         "method": Option(str, "mse", "calibration method", choices=METHODS),
-        "percentile": Option(float, 99.99, "kept percentile for method=percentile"),
+        "percentile": Option(float, 99.99, "kept percentile for method=percentile", interval="(0, 100]"),
         "per_channel": Option(bool, True, "per-output-channel weight scales"),
         "symmetric_activations": Option(bool, False, "int8 activations with zero point 0 (default uint8 asymmetric)"),
         "reduce_range": Option(bool, False, "7-bit weights (no u8s8 saturation on CPUs without VNNI)"),
         "exclude": Option(list, [], "node names or op types kept float"),
         "weights_only": Option(bool, False, "int8 weights only, float compute; no calibration"),
         "cache": Option(str, "", "calibration cache file (.npz): reused across methods"),
-        "batch_size": Option(int, 32, "calibration batch size"),
+        "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
         "max_drop": Option(float, None, "mixed precision: max accuracy drop in points on the calibration data "
-                                        "(top-1 disagreement without labels)"),
-        "min_cosine": Option(float, None, "mixed precision: min output cosine vs float on the calibration data"),
+                                        "(top-1 disagreement without labels)", interval="[0, inf)"),
+        "min_cosine": Option(float, None, "mixed precision: min output cosine vs float on the calibration data",
+                             interval="[-1, 1]"),
         "latency_aware": Option(bool, False, "time each layer int8 vs float here; keep float where int8 is slower"),
-        "latency_margin": Option(float, 0.05, "latency_aware: tolerated int8 slowdown (0.05 = 5 %)"),
-        "latency_batch": Option(int, 1, "latency_aware: batch size of the timings"),
+        "latency_margin": Option(float, 0.05, "latency_aware: tolerated int8 slowdown (0.05 = 5 %)",
+                                 interval="[0, inf)"),
+        "latency_batch": Option(int, 1, "latency_aware: batch size of the timings", interval="[1, inf)"),
         "latency_check": Option(bool, True, "latency_aware: time the whole model (per-layer choice, all int8, "
                                             "float) and keep the fastest"),
     }
 
+    reads = (CPU_FLAGS, LATENCY_TIMER, MODEL_TIMER)
+    writes = (FLOAT_REFERENCE, LATENCY_TIMINGS)
+
     def _config(self) -> QuantConfig:
         return QuantConfig.from_options(self.opts)
+
+    def check_options(self) -> None:
+        """Mixed precision and ``latency_aware`` need full quantization."""
+        if self.opts["weights_only"] and self._selective():
+            raise InputError("quantize_int8: max_drop, min_cosine and latency_aware need full quantization, "
+                             "not weights_only")
+
+    def needs_calibration(self) -> bool:
+        """Activation ranges come from calibration data (``weights_only`` needs none)."""
+        return not self.opts["weights_only"]
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Plan the placement, calibrate the activations it needs, insert Q/DQ nodes."""
         cfg = self._config()
-        if not cfg.weights_only and ctx.calib is None:
-            raise InputError(NO_CALIB_MESSAGE)
-        if not 0 < self.opts["percentile"] <= 100:
-            raise InputError(f"quantize_int8: percentile must be in (0, 100], got {self.opts['percentile']}")
-        if self.opts["batch_size"] < 1:
-            raise InputError("quantize_int8: batch_size must be >= 1")
-        self._check_selective(cfg)
         result = PassResult()
         if not cfg.weights_only:
             self._cpu_note(ctx, cfg, result)
@@ -197,13 +223,13 @@ class QuantizeInt8(Pass):
         if not cfg.weights_only:
             calib = self._calibrate(graph, plan, ctx, result)
             params = self._params(plan, calib, cfg, result, ctx)
-        ctx.extra[FLOAT_MODEL_KEY] = reference  # bias_correction's float reference
+        ctx.put(FLOAT_REFERENCE, reference)
         apply_plan(graph, plan, params, cfg, result)
         result.modified = True
         return result
 
     def _cpu_note(self, ctx: PassContext, cfg: QuantConfig, result: PassResult) -> None:
-        flags = ctx.extra.get(CPU_FLAGS_KEY)
+        flags = ctx.get(CPU_FLAGS)
         vnni = has_vnni(set(flags) if flags is not None else cpu_flags())
         if vnni is None:
             return
@@ -235,20 +261,6 @@ class QuantizeInt8(Pass):
         o = self.opts
         return bool(o["latency_aware"]) or o["max_drop"] is not None or o["min_cosine"] is not None
 
-    def _check_selective(self, cfg: QuantConfig) -> None:
-        o = self.opts
-        if o["max_drop"] is not None and not o["max_drop"] >= 0:
-            raise InputError(f"quantize_int8: max_drop must be >= 0 (accuracy points), got {o['max_drop']}")
-        if o["min_cosine"] is not None and not -1 <= o["min_cosine"] <= 1:
-            raise InputError(f"quantize_int8: min_cosine must be in [-1, 1], got {o['min_cosine']}")
-        if not o["latency_margin"] >= 0:
-            raise InputError(f"quantize_int8: latency_margin must be >= 0, got {o['latency_margin']}")
-        if o["latency_batch"] < 1:
-            raise InputError("quantize_int8: latency_batch must be >= 1")
-        if cfg.weights_only and self._selective():
-            raise InputError("quantize_int8: max_drop, min_cosine and latency_aware need full quantization, "
-                             "not weights_only")
-
     def _run_selective(self, graph: gs.Graph, ctx: PassContext, cfg: QuantConfig, result: PassResult) -> PassResult:
         """Calibrate once, choose layers to keep float (latency, then sensitivity), build the result."""
         model = serde.to_model(graph)
@@ -260,12 +272,12 @@ class QuantizeInt8(Pass):
                             progress=ctx.progress)
         result.stats.update(tensors_calibrated=len(calib.collectors), calib_samples=calib.samples,
                             cache_tensors=len(calib.cached))
-        kept: dict[str, str] = {}
+        kept: dict[str, tuple[str, str]] = {}  # layer kept float: (decline code, detail)
         if self.opts["latency_aware"]:
             kept.update(self._latency(q, ctx, result))
         if self.opts["max_drop"] is not None or self.opts["min_cosine"] is not None:
             kept.update(self._mixed(q, ctx, kept, result))
-        ctx.extra[FLOAT_MODEL_KEY] = model  # bias_correction's float reference
+        ctx.put(FLOAT_REFERENCE, _FloatReference(lambda: model))
         final = PassResult()
         result.graph = q.build(kept, final)
         self._merge(result, final, kept)
@@ -274,9 +286,9 @@ class QuantizeInt8(Pass):
         return result
 
     @staticmethod
-    def _merge(result: PassResult, final: PassResult, kept: dict[str, str]) -> None:
+    def _merge(result: PassResult, final: PassResult, kept: dict[str, tuple[str, str]]) -> None:
         """Copy ``final``'s stats and declines; layers we kept float get our reason, not "excluded"."""
-        auto = [(w, r) for w, r in final.declined if w in kept and r == R_EXCLUDED]
+        auto = [d for d in final.declined if d.where in kept and d.code == R_EXCLUDED]
         result.declined += [d for d in final.declined if d not in auto]
         for key, value in final.stats.items():
             result.stats[key] = result.stats.get(key, 0) + value
@@ -284,10 +296,10 @@ class QuantizeInt8(Pass):
             result.stats["excluded"] -= len(auto)
             if not result.stats["excluded"]:
                 del result.stats["excluded"]
-        for layer, reason in kept.items():
-            result.decline(layer, reason)
+        for layer, (code, detail) in kept.items():
+            result.decline(layer, code, detail)
 
-    def _exclude_spec(self, q: Quantizer, cfg: QuantConfig, kept: dict[str, str], result: PassResult,
+    def _exclude_spec(self, q: Quantizer, cfg: QuantConfig, kept: dict[str, tuple[str, str]], result: PassResult,
                       ctx: PassContext) -> None:
         names = list(cfg.exclude) + [layer for layer in q.layers if layer in kept]
         spec = "exclude=" + "|".join(names)
@@ -296,12 +308,12 @@ class QuantizeInt8(Pass):
             ctx.logger.info("quantize_int8: latency_aware decisions depend on this machine's timings; "
                             "quantize_int8:%s (latency_aware off) reproduces them", spec)
 
-    def _latency(self, q: Quantizer, ctx: PassContext, result: PassResult) -> dict[str, str]:
+    def _latency(self, q: Quantizer, ctx: PassContext, result: PassResult) -> dict[str, tuple[str, str]]:
         """Compute layers where int8 is slower than float (plus the Add/Concat/pool islands they leave)."""
         timings = time_layers(q, batch=self.opts["latency_batch"], margin=self.opts["latency_margin"],
-                              timer=ctx.extra.get(LATENCY_TIMER_KEY), progress=ctx.progress)
-        kept = {t.node: f"kept float: int8 {t.ratio:.2f}× slower" for t in timings if t.kept_float}
-        kept.update((name, R_ISLAND) for name in island_layers(q, kept))
+                              timer=ctx.get(LATENCY_TIMER), progress=ctx.progress)
+        kept = {t.node: (R_SLOWER, f"{t.ratio:.2f}×") for t in timings if t.kept_float}
+        kept.update((name, (R_ISLAND, "")) for name in island_layers(q, kept))
         if self.opts["latency_check"]:
             kept = self._model_check(q, ctx, kept, result)
         unmeasured = [t for t in timings if t.ratio is None]
@@ -309,17 +321,18 @@ class QuantizeInt8(Pass):
             ctx.logger.warning("quantize_int8: latency of %s not measured (%s); it stays int8", t.node, t.reason)
         result.stats["latency_measured"] = len(timings) - len(unmeasured)
         result.stats["latency_kept_float"] = len(kept)
-        ctx.extra["quantize_int8.latency"] = list(timings)
+        ctx.put(LATENCY_TIMINGS, list(timings))
         return kept
 
-    def _model_check(self, q: Quantizer, ctx: PassContext, kept: dict[str, str], result: PassResult) -> dict[str, str]:
+    def _model_check(self, q: Quantizer, ctx: PassContext, kept: dict[str, tuple[str, str]],
+                     result: PassResult) -> dict[str, tuple[str, str]]:
         """Time float, the per-layer choice and all-int8 as whole models; keep the fastest.
 
         Per-layer timings miss the Q/DQ a float layer adds between int8 neighbours, so the
         per-layer choice can lose to plain int8; and if every int8 variant is slower than float,
         every layer stays float.
         """
-        timer = ctx.extra.get(MODEL_TIMER_KEY) or (
+        timer = ctx.get(MODEL_TIMER) or (
             lambda models: model_ratios(models, batch=self.opts["latency_batch"], seed=ctx.seed))
         variants = [q.model, q.export({})] + ([q.export(kept)] if kept else [])
         ratios = [float(r) for r in timer(variants)]
@@ -332,7 +345,7 @@ class QuantizeInt8(Pass):
             result.stats["latency_choice"] = "float"
             ctx.logger.info("quantize_int8: every int8 variant is slower than float (best %.3f×): all layers float",
                             best)
-            return {**{name: f"kept float: int8 model {best:.2f}× slower" for name in q.layers}, **kept}
+            return {**{name: (R_MODEL_SLOWER, f"{best:.2f}×") for name in q.layers}, **kept}
         if kept and full < mixed:
             result.stats["latency_choice"] = "all int8"
             ctx.logger.info("quantize_int8: all-int8 (%.3f× float) beats the per-layer choice (%.3f×): all int8",
@@ -341,7 +354,8 @@ class QuantizeInt8(Pass):
         result.stats["latency_choice"] = "per-layer" if kept else "all int8"
         return kept
 
-    def _mixed(self, q: Quantizer, ctx: PassContext, kept: dict[str, str], result: PassResult) -> dict[str, str]:
+    def _mixed(self, q: Quantizer, ctx: PassContext, kept: dict[str, tuple[str, str]],
+               result: PassResult) -> dict[str, tuple[str, str]]:
         """Move the most sensitive layers back to float until the target holds on the calibration data."""
         evaluate = Evaluator(q.model, ctx.calib, batch_size=self.opts["batch_size"])
         fid = evaluate(q.export(kept))
@@ -361,7 +375,7 @@ class QuantizeInt8(Pass):
         if self.opts["max_drop"] is not None and drop is not None:
             result.stats["mixed_bound"] = "accuracy drop" if labels else "top-1 disagreement (no labels)"
             result.stats["mixed_drop"] = round(drop, 3)
-        return {layer: R_SENSITIVITY for layer in fallback}
+        return {layer: (R_SENSITIVITY, "") for layer in fallback}
 
     def _bound(self, fid: Fidelity, evaluate: Evaluator, ctx: PassContext) -> bool:
         """Whether max_drop is an accuracy drop (labels) or a top-1 disagreement; checks it can be measured."""
@@ -385,12 +399,27 @@ class QuantizeInt8(Pass):
         return True
 
 
-def _deferred_export(graph: gs.Graph):
-    """A no-argument callable returning ``serde.to_model(graph)`` as ``graph`` is now.
+class _FloatReference:
+    """The :data:`FLOAT_REFERENCE` value: calling it returns the float model, made by ``make`` on
+    the first call and kept (``make`` and what it holds are dropped then)."""
+
+    def __init__(self, make: Callable[[], onnx.ModelProto]):
+        self._make: Callable[[], onnx.ModelProto] | None = make
+        self._model: onnx.ModelProto | None = None
+
+    def __call__(self) -> onnx.ModelProto:
+        if self._model is None:
+            assert self._make is not None
+            self._model, self._make = self._make(), None
+        return self._model
+
+
+def _deferred_export(graph: gs.Graph) -> _FloatReference:
+    """A :class:`_FloatReference` exporting ``graph`` as it is now.
 
     The copy shares the constants' arrays (passes never edit them in place), so nothing is
     exported, and no weight copied, unless a later pass asks for the model.
     """
     snapshot = graph.copy()
     snapshot.producer_name, snapshot.producer_version = graph.producer_name, graph.producer_version
-    return functools.partial(serde.to_model, snapshot)
+    return _FloatReference(functools.partial(serde.to_model, snapshot))

@@ -21,8 +21,8 @@ __all__ = ["Simplify"]
 
 log = logging.getLogger(__name__)
 
-#: Decline reason when the weights exceed protobuf's 2 GB limit (onnxsim needs one serialized model).
-R_TOO_LARGE = "onnxsim skipped: weights over 2 GB"
+#: Decline code when the weights exceed protobuf's 2 GB limit (onnxsim needs one serialized model).
+R_TOO_LARGE = "onnxsim_skipped_over_2gb"
 
 #: onnx-optimizer passes (run by onnxsim) that are not exact: they change results beyond float
 #: rounding on some inputs. ``fuse_bn_into_conv`` is skipped too: BN folding is ``fold_bn``'s job.
@@ -73,9 +73,9 @@ class Simplify(Pass):
        fusions/eliminations; its BatchNormalization fusion and the few rewrites that are not
        exact are switched off, input shapes are never fixed, nothing runs on a network.
        onnxsim's result is used only if it passes the full checker and keeps every graph input and
-       output (names, order); otherwise the pass records the decline ``onnxsim failed: <reason>``
-       and continues from the original graph. Above 2 GB of weights onnxsim (which needs one
-       serialized protobuf) is not run: decline ``onnxsim skipped: weights over 2 GB``.
+       output (names, order); otherwise the pass records the decline ``onnxsim_failed`` (detail:
+       why) and continues from the original graph. Above 2 GB of weights onnxsim (which needs one
+       serialized protobuf) is not run: decline ``onnxsim_skipped_over_2gb``.
     2. ``Identity`` nodes, and ``Dropout`` nodes in inference mode whose mask output is unused,
        are bypassed. When the output is a graph output, the producer of the input is made to
        write the graph output directly, so graph output names never change; when the input is a
@@ -88,7 +88,13 @@ class Simplify(Pass):
     4. Nodes that no graph output depends on are removed.
 
     Graph inputs and outputs keep their names, order, dtypes and shapes (symbolic dimensions stay
-    symbolic); the result is deterministic. Declines are recorded with their reason.
+    symbolic); the result is deterministic.
+
+    Declines (codes): ``onnxsim_failed``, ``onnxsim_skipped_over_2gb``; Identity/Dropout kept:
+    ``dropout_mask_used``, ``dropout_training_mode``, ``dropout_mode_not_constant``,
+    ``input_omitted``, ``graph_output_fed_by_input_or_constant``; not folded:
+    ``cannot_evaluate``, ``value_not_computed``, ``dtype_not_folded``, ``result_too_large``,
+    ``multi_output_feeds_graph_output`` (details: the error, dtype or size).
     """
 
     name = "simplify"
@@ -97,7 +103,8 @@ class Simplify(Pass):
     options: ClassVar[dict[str, Option]] = {
         "onnxsim": Option(bool, True, "run onnxsim first (shape inference, folding, exact fusions)"),
         "fold_constants": Option(bool, True, "fold nodes whose inputs are all constants"),
-        "max_fold_bytes": Option(int, 1 << 20, "largest folded result allowed to grow past its source constants"),
+        "max_fold_bytes": Option(int, 1 << 20, "largest folded result allowed to grow past its source constants",
+                                 interval="[0, inf)"),
     }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -154,7 +161,7 @@ def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logg
     """Run onnxsim on ``graph``; return its result, or ``graph`` itself when onnxsim fails."""
     if _constant_bytes(graph) > serde.PROTO_LIMIT * 0.9:
         logger.warning("simplify: the weights are over 2 GB and onnxsim works on one protobuf; continuing without it")
-        result.decline("<model>", R_TOO_LARGE, logger)
+        result.decline("<model>", R_TOO_LARGE, logger=logger)
         return graph
     inputs, outputs = _signature(graph.inputs), _signature(graph.outputs)
     model = serde.to_model(graph)
@@ -293,7 +300,7 @@ def _onnxsim_call(model: onnx.ModelProto, opts: dict[str, Any]) -> onnx.ModelPro
 
 def _onnxsim_failed(graph: gs.Graph, reason: str, result: PassResult, logger: logging.Logger) -> gs.Graph:
     logger.warning("simplify: onnxsim failed (%s); continuing without it", reason)
-    result.decline("<model>", f"onnxsim failed: {reason}", logger)
+    result.decline("<model>", "onnxsim_failed", reason, logger=logger)
     return graph
 
 
@@ -316,7 +323,7 @@ def _remove_passthrough(graph: gs.Graph, result: PassResult, logger: logging.Log
             key = "dropouts_removed"
             reason = _dropout_blocker(graph, node)
             if reason:
-                result.decline(node.name or node.outputs[0].name, reason, logger)
+                result.decline(node.name or node.outputs[0].name, reason, logger=logger)
                 continue
             while len(node.outputs) > 1:
                 node.outputs.pop()
@@ -324,7 +331,7 @@ def _remove_passthrough(graph: gs.Graph, result: PassResult, logger: logging.Log
             continue
         reason = _bypass(graph, node)
         if reason:
-            result.decline(node.name or node.outputs[0].name, reason, logger)
+            result.decline(node.name or node.outputs[0].name, reason, logger=logger)
         else:
             graph.nodes.remove(node)
             result.count(key)
@@ -336,15 +343,15 @@ def _dropout_blocker(graph: gs.Graph, node: gs.Node) -> str | None:
     if len(node.outputs) > 1 and not node.outputs[1].is_empty():
         mask = node.outputs[1]
         if mask.outputs or mask in graph.outputs:
-            return "dropout mask output is used"
+            return "dropout_mask_used"
     if node.attrs.get("is_test", 1) == 0:
-        return "dropout in training mode (is_test=0)"
+        return "dropout_training_mode"  # is_test=0
     if len(node.inputs) > 2 and not node.inputs[2].is_empty():
         mode = node.inputs[2]
         if not isinstance(mode, gs.Constant):
-            return "dropout training_mode is not a constant"
+            return "dropout_mode_not_constant"
         if np.asarray(mode.values).any():
-            return "dropout in training mode"
+            return "dropout_training_mode"
     return None
 
 
@@ -352,7 +359,7 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> str | None:
     """Remove a one-input pass-through ``node``; return why not when it must stay."""
     src, out = node.inputs[0], node.outputs[0]
     if src.is_empty():
-        return "input is omitted"
+        return "input_omitted"
     if out not in graph.outputs:
         _rewire(out, src)
         node.inputs.clear()
@@ -360,7 +367,7 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> str | None:
         return None
     producer = src.inputs[0] if len(src.inputs) == 1 and isinstance(src, gs.Variable) else None
     if producer is None or src in graph.outputs or src in graph.inputs:
-        return "output is a graph output fed by a graph input or constant"
+        return "graph_output_fed_by_input_or_constant"
     node.inputs.clear()
     node.outputs.clear()
     _rewire(src, out)
@@ -390,13 +397,13 @@ def _fold_constants(graph: gs.Graph, limit: int, result: PassResult, logger: log
     for node in nodes:
         if node.op == "Constant":
             continue  # evaluated for its consumers; normalize turns the foldable ones into initializers
-        reason = _fold_blocker(node, values, sources, limit)
-        if reason:
-            result.decline(node.name or node.outputs[0].name, reason, logger)
+        blocker = _fold_blocker(node, values, sources, limit)
+        if blocker:
+            result.decline(node.name or node.outputs[0].name, *blocker, logger=logger)
             continue
         if any(id(t) in outputs for t in node.outputs):
             if len(node.outputs) > 1:
-                result.decline(node.name or node.outputs[0].name, "multi-output node feeds a graph output", logger)
+                result.decline(node.name or node.outputs[0].name, "multi_output_feeds_graph_output", logger=logger)
                 continue
             _fold_into_constant_node(node, values)
         else:
@@ -449,7 +456,7 @@ def _evaluate(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, logger:
         try:
             values.update(_run_nodes(graph, [node], values))
         except Exception as exc:
-            result.decline(node.name or node.outputs[0].name, f"cannot evaluate: {_short(exc, 100)}", logger)
+            result.decline(node.name or node.outputs[0].name, "cannot_evaluate", _short(exc, 100), logger=logger)
     return values
 
 
@@ -502,18 +509,19 @@ def _source_bytes(nodes: list[gs.Node]) -> dict[int, int]:
     return {key: sum(leaves.values()) for key, leaves in sources.items()}
 
 
-def _fold_blocker(node: gs.Node, values: dict[str, np.ndarray], sources: dict[int, int], limit: int) -> str | None:
-    """Why ``node`` is not replaced by its values, or ``None``."""
+def _fold_blocker(node: gs.Node, values: dict[str, np.ndarray], sources: dict[int, int],
+                  limit: int) -> tuple[str, str] | None:
+    """Why ``node`` is not replaced by its values (decline code, detail), or ``None``."""
     for tensor in node.outputs:
         if tensor.is_empty():
             continue
         value = values.get(tensor.name)
         if value is None:
-            return "value not computed"
+            return "value_not_computed", ""
         if value.dtype.name not in _FOLDABLE_DTYPES:
-            return f"result dtype {value.dtype} is not folded"
+            return "dtype_not_folded", str(value.dtype)
         if value.nbytes > limit and value.nbytes > sources.get(id(tensor), 0):
-            return f"result too large to fold ({value.nbytes} bytes)"
+            return "result_too_large", f"{value.nbytes} bytes"
     return None
 
 

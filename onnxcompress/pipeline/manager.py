@@ -1,7 +1,10 @@
-"""The pass manager: pipeline parsing and the run loop.
+"""The pass manager: pipeline parsing, the pipeline checks and the run loop.
 
-The manager runs passes in order; after each one it cleans up, sorts, exports and runs the full
-ONNX checker, so a broken rewrite is caught at the pass that made it ("pass X failed after [a, b]").
+When a pipeline is built (:func:`parse_spec`, :class:`PassManager`) it is checked before anything
+runs (:func:`check_pipeline`): every :class:`~onnxcompress.core.pass_api.Slot` a pass requires is
+written by a pass before it, and calibration data is there when a pass needs it. The manager runs
+passes in order; after each one it cleans up, sorts, exports and runs the full ONNX checker, so a
+broken rewrite is caught at the pass that made it ("pass X failed after [a, b]").
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -18,9 +21,9 @@ from onnxcompress import passes as _builtin  # noqa: F401 - importing registers 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.normalize import normalize, upgrade_opset
-from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord, PassResult, registered
+from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord, PassResult, Slot, registered
 
-__all__ = ["RELEASE_BYTES", "PassManager", "get_pass", "parse_spec", "registry"]
+__all__ = ["NO_CALIB", "RELEASE_BYTES", "PassManager", "check_pipeline", "get_pass", "parse_spec", "registry"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,8 @@ def parse_spec(spec: str) -> list[Pass]:
     """Parse ``name[:key=value[:key=value]],name2,...`` into configured passes.
 
     Raises:
-        InputError: Empty spec, unknown pass, unknown option or a malformed ``key=value``.
+        InputError: Empty spec, unknown pass, unknown option, a malformed ``key=value``, an
+            option out of range, or a pass that requires a slot no pass before it writes.
     """
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
@@ -61,7 +65,40 @@ def parse_spec(spec: str) -> list[Pass]:
                 raise InputError(f"pass {name}: expected key=value, got {pair!r}")
             opts[key.strip()] = value.strip()
         out.append(get_pass(name.strip())(**opts))
+    check_pipeline(out)
     return out
+
+
+#: The end of the error when a pass needs calibration data and none is given.
+NO_CALIB = "needs calibration data (give --calib PATH, or calib=... in the API)"
+
+
+def check_pipeline(passes: Sequence[Pass], *, calib: bool | None = None,
+                   provided: Iterable[Slot] = ()) -> None:
+    """Check that ``passes`` can run in this order, before anything runs.
+
+    Args:
+        passes: The pipeline.
+        calib: Whether calibration data is given (``None``: not known yet, not checked).
+        provided: Slots the caller fills in the context beforehand.
+
+    Raises:
+        InputError: One line: a pass reads a slot that no pass before it writes
+            ("bias_correction reads the float reference written by quantize_int8, which does not
+            run before it"), or a pass needs calibration data and ``calib`` is False.
+    """
+    written = set(provided)
+    for p in passes:
+        for slot in p.required_reads():
+            if slot not in written:
+                writers = [name for name, cls in registry().items() if slot in cls.writes]
+                by = f" written by {' or '.join(writers)}, which does not" if writers else ", which no pass"
+                raise InputError(f"{p.name} reads {slot.label}{by} run before it")
+        written.update(p.writes)
+    if calib is False:
+        for p in passes:
+            if p.needs_calibration():
+                raise InputError(f"{p!r} {NO_CALIB}")
 
 
 #: Weights from which an owned input model is released before each pass (see :meth:`PassManager.run`).
@@ -76,6 +113,10 @@ class PassManager:
         ctx: The context handed to every pass.
         check: Run the full ONNX checker after each pass.
         on_pass: Called with each :class:`PassRecord` as soon as its pass finishes.
+
+    Raises:
+        InputError: The pipeline fails :func:`check_pipeline` (slots already in ``ctx`` count as
+            written; calibration data is ``ctx.calib``).
     """
 
     def __init__(self, passes: Iterable[Pass], ctx: PassContext | None = None, *, check: bool = True,
@@ -84,6 +125,7 @@ class PassManager:
         self.ctx = ctx or PassContext()
         self.check = check
         self.on_pass = on_pass
+        check_pipeline(self.passes, calib=self.ctx.calib is not None, provided=self.ctx.provided())
 
     @property
     def numerics(self) -> Numerics:
@@ -102,6 +144,14 @@ class PassManager:
         if self.check:
             serde.check_model(new_model, full=full)
         return new_model
+
+    def _call(self, p: Pass, graph: gs.Graph) -> PassResult:
+        """``p.run`` with the context bound to ``p`` (it reads and writes only the slots it declares)."""
+        self.ctx.bind(p)
+        try:
+            return p.run(graph, self.ctx)
+        finally:
+            self.ctx.bind(None)
 
     def run(self, model: onnx.ModelProto, *, owned: bool = False) -> tuple[onnx.ModelProto, list[PassRecord]]:
         """Run the pipeline on ``model`` (not modified) and return the new model and the records.
@@ -135,7 +185,7 @@ class PassManager:
                     serde.detach_weights(graph)
                     model = None  # the last reference: frees the input's weights (protobuf arena) ...
                     gc.collect()  # ... once graphs built from it earlier (normalize: reference cycles) are gone
-                result = p.run(graph, self.ctx)
+                result = self._call(p, graph)
                 if release:  # what the pass dropped (often in reference cycles) goes before the export
                     gc.collect()
                 new_model = self._finish(model, template, graph, result, full)

@@ -5,9 +5,14 @@ as the ``onnxcompress._recipes`` package. A recipe looks like::
 
     description = "Fold BN, then simplify"
     requires = ["calib"]   # optional: the recipe refuses to run without calibration data
+                           # (implied when a pass needs it, e.g. quantize_int8)
 
     [gate]                 # optional: overrides the gate defaults of the passes' numerics
-    min_cosine = 0.99
+    min_cosine = 0.99      # keys: the Gate thresholds, numbers in their range
+
+Everything is checked when the recipe loads: keys, pass names, options (types, ranges,
+combinations), the pass order (:func:`~onnxcompress.pipeline.manager.check_pipeline`) and the
+gate thresholds (:func:`~onnxcompress.pipeline.validate.gate_problem`).
 
     [[pass]]
     name = "fold_bn"
@@ -27,7 +32,8 @@ from pathlib import Path
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.fileio import read_toml
 from onnxcompress.core.pass_api import Pass
-from onnxcompress.pipeline.manager import get_pass
+from onnxcompress.pipeline.manager import check_pipeline, get_pass
+from onnxcompress.pipeline.validate import gate_problem
 
 __all__ = [
     "REQUIREMENTS",
@@ -45,7 +51,7 @@ REQUIREMENTS = {"calib": "calibration data (give --calib PATH, or calib=... in t
 
 @dataclass
 class Recipe:
-    """A parsed recipe."""
+    """A parsed recipe (``requires`` includes ``calib`` when a pass needs calibration data)."""
 
     name: str
     description: str
@@ -74,7 +80,8 @@ def load_recipe(ref: str | os.PathLike) -> Recipe:
     """Load a recipe by built-in name (``default``) or by path.
 
     Raises:
-        InputError: Unknown recipe, bad TOML, unknown keys, unknown pass or option.
+        InputError: Unknown recipe, bad TOML, unknown keys, unknown pass or option, an option out
+            of range, a pass before the pass that writes what it reads, a bad gate threshold.
     """
     path = Path(ref)
     builtin = builtin_recipes()
@@ -89,25 +96,44 @@ def load_recipe(ref: str | os.PathLike) -> Recipe:
     entries = data.get("pass", [])
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{path}: a recipe needs at least one [[pass]] table")
-    passes = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise InputError(f"{path}: 'pass' must be an array of tables ([[pass]])")
-        opts = dict(entry)
-        name = opts.pop("name", None)
-        if not name or not isinstance(name, str):
-            raise InputError(f"{path}: every [[pass]] needs a name (a string)")
-        passes.append(get_pass(name)(**opts))
+    passes = [_pass(path, entry) for entry in entries]
+    try:
+        check_pipeline(passes)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return Recipe(path.stem, str(data.get("description", "")), passes, _gate(path, data), _requires(path, data, passes))
+
+
+def _pass(path: Path, entry: object) -> Pass:
+    if not isinstance(entry, dict):
+        raise InputError(f"{path}: 'pass' must be an array of tables ([[pass]])")
+    opts = dict(entry)
+    name = opts.pop("name", None)
+    if not name or not isinstance(name, str):
+        raise InputError(f"{path}: every [[pass]] needs a name (a string)")
+    try:
+        return get_pass(name)(**opts)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def _gate(path: Path, data: dict) -> dict[str, float]:
     gate = data.get("gate", {})
     if not isinstance(gate, dict):
         raise InputError(f"{path}: [gate] must be a table")
-    return Recipe(path.stem, str(data.get("description", "")), passes, gate, _requires(path, data))
+    for key, value in gate.items():
+        problem = gate_problem(key, value)
+        if problem:
+            raise InputError(f"{path}: [gate] {key} = {value!r}: {problem}")
+    return gate
 
 
-def _requires(path: Path, data: dict) -> tuple[str, ...]:
+def _requires(path: Path, data: dict, passes: list[Pass]) -> tuple[str, ...]:
     requires = data.get("requires", [])
     if not isinstance(requires, list) or any(r not in REQUIREMENTS for r in requires):
         raise InputError(f"{path}: requires must be a list of: {', '.join(REQUIREMENTS)}")
+    if "calib" not in requires and any(p.needs_calibration() for p in passes):
+        requires = [*requires, "calib"]
     return tuple(requires)
 
 

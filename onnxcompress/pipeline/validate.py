@@ -22,7 +22,7 @@ from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["OutputMetrics", "ValidationReport", "Gate", "compare_models"]
+__all__ = ["GATE_RANGES", "OutputMetrics", "ValidationReport", "Gate", "compare_models", "gate_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,30 @@ def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
     return v
+
+
+#: The sane range of every :class:`Gate` threshold (inclusive bounds).
+GATE_RANGES: dict[str, tuple[float, float]] = {
+    "max_rel_err": (0.0, math.inf),
+    "atol": (0.0, math.inf),
+    "min_cosine": (-1.0, 1.0),
+    "min_sqnr": (-math.inf, math.inf),
+    "min_top1_agreement": (0.0, 1.0),
+    "max_top1_drop": (0.0, 100.0),
+}
+
+
+def gate_problem(key: str, value: object) -> str | None:
+    """What is wrong with the gate threshold ``key = value`` (unknown key, not a number, out of
+    :data:`GATE_RANGES`), or ``None``."""
+    if key not in GATE_RANGES:
+        return f"unknown gate threshold; valid: {', '.join(sorted(GATE_RANGES))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "expected a finite number"
+    lo, hi = GATE_RANGES[key]
+    if not lo <= value <= hi:
+        return f"must be in [{lo:g}, {hi:g}]" if math.isfinite(hi) else f"must be >= {lo:g}"
+    return None
 
 
 @dataclass

@@ -15,7 +15,7 @@ and of their output form ``group`` equal blocks that must each lose the same num
 A constraint applies to the group that owns the tensor (:attr:`Group.blocks`: one block label
 per group channel, ``-1`` for channels no grouped conv reads). Several constraints on one group
 are merged into their common refinement when it implies all of them; the tensor (or group) is
-frozen ("grouped conv") when a constraint spans several groups, channels outside any group, the
+frozen (``grouped_conv``) when a constraint spans several groups, channels outside any group, the
 same channel twice, or constraints that do not merge.
 """
 

@@ -6,8 +6,8 @@ Criteria:
       (``l2``: square root of the summed squares). With ``include_inputs`` the consumers' input
       columns are added too.
     * ``bn_scale``: ``|gamma|`` of every BatchNormalization in the group (plus the gammas that
-      ``fold_bn`` kept in ``ctx.extra`` for producers it folded into). A group without any BN
-      falls back to ``l1`` and is reported.
+      ``fold_bn`` kept in the ``BN_GAMMA`` context slot for producers it folded into). A group
+      without any BN falls back to ``l1`` and is reported.
     * ``activation``: mean ``|x|`` per channel over calibration data, for the tensors the
       group's consumers read (or the producers' outputs when nothing reads them).
     * ``auto``: ``bn_scale`` for every group that has a BatchNormalization (or kept gammas),

@@ -55,26 +55,26 @@ log = logging.getLogger(__name__)
 #: Every tensor's channel axis.
 CHANNEL_AXIS = 1
 
-R_NO_HANDLER = "no handler"
-R_CONTROL_FLOW = "control flow"
-R_GRAPH_INPUT = "graph input"
-R_GRAPH_OUTPUT = "graph output"
-R_UNKNOWN_DIM = "unknown channel dim"
-R_MISMATCH = "channel count mismatch"
-R_NONCONST = "non-constant weight"
-R_GROUPED = "grouped conv"
-R_SHARED = "shared weight"
+R_NO_HANDLER = "no_handler"
+R_CONTROL_FLOW = "control_flow"
+R_GRAPH_INPUT = "graph_input"
+R_GRAPH_OUTPUT = "graph_output"
+R_UNKNOWN_DIM = "unknown_channel_dim"
+R_MISMATCH = "channel_count_mismatch"
+R_NONCONST = "non_constant_weight"
+R_GROUPED = "grouped_conv"
+R_SHARED = "shared_weight"
 R_EXCLUDED = "excluded"
-R_REDUCES = "reduces over channels"
-R_MOVES_AXIS = "channel axis moved"
-R_RESHAPE = "reshape mixes channels"
-R_BROADCAST = "broadcast mismatch"
-R_CONSTANT = "constant channels"
-R_UNSUPPORTED = "unsupported attributes"
-R_SHAPE_READ = "shape read"
-R_TRAINING = "training mode"
+R_REDUCES = "reduces_over_channels"
+R_MOVES_AXIS = "channel_axis_moved"
+R_RESHAPE = "reshape_mixes_channels"
+R_BROADCAST = "broadcast_mismatch"
+R_CONSTANT = "constant_channels"
+R_UNSUPPORTED = "unsupported_attributes"
+R_SHAPE_READ = "shape_read"
+R_TRAINING = "training_mode"
 
-#: Every reason a channel (and so its group) can be frozen or pinned.
+#: Every reason (a decline code) a channel, and so its group, can be frozen or pinned.
 FREEZE_REASONS = (
     R_NO_HANDLER, R_CONTROL_FLOW, R_GRAPH_INPUT, R_GRAPH_OUTPUT, R_UNKNOWN_DIM, R_MISMATCH, R_NONCONST,
     R_GROUPED, R_SHARED, R_EXCLUDED, R_REDUCES, R_MOVES_AXIS, R_RESHAPE, R_BROADCAST, R_CONSTANT,
@@ -89,7 +89,7 @@ ROLE_PARAM = "param"  #: Any other per-channel constant (BN shift/stats, PRelu s
 
 
 def slug(reason: str) -> str:
-    """``reason`` as a stats-key fragment (``"no handler"`` -> ``"no_handler"``)."""
+    """``reason`` as a stats-key fragment (``"no handler"`` -> ``"no_handler"``; a code is its own slug)."""
     return "".join(c if c.isalnum() else "_" for c in reason.lower()).strip("_")
 
 

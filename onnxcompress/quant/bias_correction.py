@@ -32,7 +32,6 @@ from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant.params import INT32_MAX, QParams, activation_params, quantize_bias, quantize_values
 
 __all__ = [
-    "FLOAT_MODEL_KEY",
     "ChannelMoments",
     "BiasSite",
     "find_sites",
@@ -52,17 +51,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``ctx.extra`` key under which ``quantize_int8`` leaves the float model it quantized (a ``ModelProto``,
-#: or a no-argument callable that exports it: call it only when needed).
-FLOAT_MODEL_KEY = "quantize_int8.float_model"
-
-R_NOT_QUANTIZED = "weight not quantized (no DequantizeLinear of an integer constant)"
-R_WEIGHT = "weight not constant"
-R_LAYOUT = "unsupported weight layout"
-R_NO_BIAS_PATH = "no bias path (MatMul output not read by one Add with a constant)"
-R_BIAS_CONST = "bias not constant"
-R_BIAS_CHANNELS = "bias not per output channel"
-R_NO_INT32 = "cannot build an int32 bias (input or weight scale not per tensor / per output channel)"
+R_NOT_QUANTIZED = "weight_not_quantized"  # no DequantizeLinear of an integer constant
+R_WEIGHT = "weight_not_constant"
+R_LAYOUT = "unsupported_weight_layout"
+R_NO_BIAS_PATH = "no_bias_path"  # MatMul output not read by one Add with a constant
+R_BIAS_CONST = "bias_not_constant"
+R_BIAS_CHANNELS = "bias_not_per_channel"
+R_NO_INT32 = "no_int32_bias"  # input or weight scale not per tensor / per output channel
 
 _COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -267,7 +262,7 @@ def find_sites(graph: gs.Graph, result: PassResult, logger: logging.Logger | Non
             continue
         site, reason = _site(node)
         if site is None:
-            result.decline(node_label(node), reason, logger)
+            result.decline(node_label(node), reason, logger=logger)
         else:
             sites.append(site)
     return sites

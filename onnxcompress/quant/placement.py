@@ -147,19 +147,19 @@ _SHAPE_OPS = frozenset({"Shape", "Size"})
 _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                                "Multinomial", "Bernoulli"})
 
-R_EXCLUDED = "excluded by option"
-R_WEIGHT = "weight not constant"
-R_BIAS = "bias not constant or not per-channel"
-R_DTYPE = "unsupported dtype"
-R_LAYOUT = "unsupported layout"
-R_ALL_CONSTANT = "all inputs constant"
-R_DEGENERATE = "degenerate range (min == max): safe scale 1 used"
-R_QUANTIZED = "model already quantized"
-R_OUTPUT_CONCAT = "Concat feeding only a graph output: kept float"
-R_STATIC = "input computed from shapes and constants only: kept float"
-R_ISOLATED = "no path to a quantized Conv/Gemm/MatMul: kept float"
+R_EXCLUDED = "excluded_by_option"
+R_WEIGHT = "weight_not_constant"
+R_BIAS = "bias_not_per_channel"  # not constant, or not per output channel
+R_DTYPE = "unsupported_dtype"
+R_LAYOUT = "unsupported_layout"
+R_ALL_CONSTANT = "all_inputs_constant"
+R_DEGENERATE = "degenerate_range"  # min == max: quantized with scale 1
+R_QUANTIZED = "already_quantized"  # detail: the quantized op types found
+R_OUTPUT_CONCAT = "concat_only_feeds_output"  # kept float
+R_STATIC = "static_input"  # computed from shapes and constants only: kept float
+R_ISOLATED = "no_quantized_neighbour"  # no path to a quantized Conv/Gemm/MatMul: kept float
 
-#: Every reason the placement (or the pass, for ranges) gives when it leaves something alone.
+#: Every decline code the placement (or the pass, for ranges) gives when it leaves something alone.
 DECLINE_REASONS = (R_EXCLUDED, R_WEIGHT, R_BIAS, R_DTYPE, R_LAYOUT, R_ALL_CONSTANT, R_DEGENERATE, R_QUANTIZED,
                    R_OUTPUT_CONCAT, R_STATIC, R_ISOLATED)
 
@@ -418,7 +418,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
             continue
         is_excluded = node.name in excluded or node.op in excluded
         if is_excluded:
-            result.decline(_where(node), R_EXCLUDED, logger)
+            result.decline(_where(node), R_EXCLUDED, logger=logger)
             result.count("excluded")
         if kind == "activation":  # folded (or not) by _attach_activation
             continue
@@ -430,7 +430,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
             reason = R_OUTPUT_CONCAT
         if reason is not None:
             if kind not in _CONDITIONAL and not is_excluded:
-                result.decline(_where(node), reason, logger)
+                result.decline(_where(node), reason, logger=logger)
             continue
         group = QdqGroup(node, kind)
         (passthrough if kind in _CONDITIONAL else groups).append(group)
@@ -489,7 +489,7 @@ def plan_placement(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
     plan = QdqPlan()
     found = sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
     if found:  # requantizing the dequantization arithmetic of a quantized model only adds error
-        result.decline(f"graph ({', '.join(found)})", R_QUANTIZED, logger)
+        result.decline("graph", R_QUANTIZED, ", ".join(found), logger=logger)
         return plan
     groups, passthrough, off = _candidates(graph, cfg, result, logger)
     if cfg.weights_only:
@@ -497,7 +497,7 @@ def plan_placement(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
         return plan
     for g in _drop_isolated(graph, groups, passthrough):
         off.add(id(g))
-        result.decline(_where(g.node), R_ISOLATED, logger)
+        result.decline(_where(g.node), R_ISOLATED, logger=logger)
     return _place(graph, set(cfg.exclude), [g for g in groups if id(g) not in off],
                   [g for g in passthrough if id(g) not in off])
 

@@ -100,7 +100,7 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
     for name, (lo, hi) in ranges.items():
         p = activation_params(lo, hi, symmetric=cfg.symmetric_activations, one_sided=name in plan.one_sided)
         if p.degenerate:
-            result.decline(name, R_DEGENERATE, logger)
+            result.decline(name, R_DEGENERATE, f"min = max = {lo:g}", logger=logger)
             result.count("degenerate_ranges")
         params[name] = p
     return params

@@ -84,11 +84,11 @@ def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, rec
 
 def _show_passes_run(console: Console, records: list[PassRecord]) -> None:
     t = Table(title="passes")
-    for col in ("pass", "numerics", "changed", "stats", "declined (reason × count)", "s"):
+    for col in ("pass", "numerics", "changed", "stats", "declined (code × count)", "s"):
         t.add_column(col)
     for r in records:
         stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items() if v)
-        declined = "; ".join(f"{reason} ×{n}" for reason, n in r.result.decline_reasons().items())
+        declined = "; ".join(f"{code} ×{n}" for code, n in r.result.decline_counts().items())
         t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", stats or "-",
                   declined or "-", f"{r.seconds:.2f}")
     console.print(t)
@@ -133,6 +133,7 @@ def show_passes(console: Console, recipes: dict) -> None:
         console.print(f"[bold]{name}[/bold] ({cls.numerics.name.lower()}): {cls.summary()}")
         for key, opt in cls.options.items():
             choices = f" [{'|'.join(map(str, opt.choices))}]" if opt.choices else ""
+            choices += f" {opt.interval}" if opt.interval else ""
             console.print(f"    {key}: {opt.type.__name__} = {opt.default!r}{choices}  {opt.help}", highlight=False)
     if recipes:
         console.print("\n[bold]recipes[/bold] (--recipe NAME):")

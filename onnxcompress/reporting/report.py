@@ -5,7 +5,8 @@
 
 * **Summary**: one row per ``optimize`` run: model, pipeline, size/params/MACs before → after
   with ratios, validation metrics (worst over outputs), the gate's verdict.
-* **Passes**: per run, each pass's stats, and what it declined grouped by reason.
+* **Passes**: per run, each pass's stats, and what it declined grouped by decline code (reports
+  written before codes existed give a ``reason`` text instead, grouped the same way).
 * **Per-layer MACs**: per run, MACs of each layer before and after (the heaviest ``top``).
 * **Layer sensitivity**: per ``sensitivity`` file, SQNR/cosine per layer, worst first.
 * **Latency**: per ``bench`` file, median/p90/min and the paired ratio vs its first model.
@@ -407,11 +408,13 @@ def _stats_text(stats: dict) -> str:
 
 
 def _declines(passes: list[dict]) -> list[list[str]]:
+    """Rows ``pass, code, count, examples``: declines grouped by ``code`` (older reports: ``reason``)."""
     rows = []
     for p in passes:
         groups: dict[str, list[str]] = {}
         for d in p.get("declined") or []:
-            groups.setdefault(str(d.get("reason", "?")), []).append(str(d.get("where", "?")))
+            code = d.get("code", d.get("reason", "?"))
+            groups.setdefault(str(code), []).append(str(d.get("where", "?")))
         for reason, where in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             examples = ", ".join(f"`{w}`" for w in where[:3]) + (f" (+{len(where) - 3} more)" if len(where) > 3 else "")
             rows.append([p["pass"], reason, str(len(where)), examples])
@@ -427,7 +430,7 @@ def _passes_section(runs: list[Source]) -> list[Block]:
         blocks += [Heading(3, f"{r.label}: {pipeline_label(r.data)}"),
                    Table(["pass", "numerics", "changed", "stats", "seconds"], rows, {4})]
         declined = _declines(passes)
-        blocks.append(Table(["pass", "declined because", "count", "where (first 3)"], declined, {2})
+        blocks.append(Table(["pass", "declined (code)", "count", "where (first 3)"], declined, {2})
                       if declined else Para("Nothing declined."))
     return blocks
 

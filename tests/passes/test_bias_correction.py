@@ -17,9 +17,10 @@ from quant.builders import (
     rand,
 )
 
+from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import Numerics, PassContext
-from onnxcompress.passes.bias_correction import NO_CALIB_MESSAGE, R_NO_REFERENCE
+from onnxcompress.passes.bias_correction import R_NO_REFERENCE
 from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.bias_correction import (
@@ -186,7 +187,7 @@ def test_matmul_add_bias_is_requantized():
 def test_matmul_without_add_is_declined():
     model = matmul_model(add=False)
     result = correct(model, shape=(4, 8))[2]
-    assert ("matmul", R_NO_BIAS_PATH) in result.declined and not result.modified
+    assert ("matmul", R_NO_BIAS_PATH) in result.where_codes() and not result.modified
 
 
 def test_weights_only_float_bias_shared_is_copied():
@@ -210,25 +211,28 @@ def test_weights_only_float_bias_shared_is_copied():
 
 def test_needs_calibration_data():
     q, _ = quantize(conv_chain())
-    with pytest.raises(InputError, match=NO_CALIB_MESSAGE):
-        run_passes(q, "bias_correction", PassContext())
+    with pytest.raises(InputError, match="^bias_correction:reference=dequantized needs calibration data"):
+        run_passes(q, "bias_correction:reference=dequantized", PassContext())
+    with pytest.raises(InputError, match="^bias_correction needs calibration data"):
+        run_passes(conv_chain(), "quantize_int8:weights_only=true,bias_correction", PassContext())
 
 
 def test_float_model_is_left_alone():
     model = conv_chain()
-    new, records = run_passes(model, "bias_correction", PassContext(calib=shifted_source(model)))
+    new, records = run_passes(model, "bias_correction:reference=dequantized", PassContext(calib=shifted_source(model)))
     result = records[-1].result
-    assert not result.modified and result.decline_reasons() == {R_NOT_QUANTIZED: 2}
+    assert not result.modified and result.decline_counts() == {R_NOT_QUANTIZED: 2}
     assert new.SerializeToString() == model.SerializeToString()
 
 
 def test_without_float_reference_declines_or_uses_dequantized():
     model = conv_chain()
     q, _ = quantize(model, COARSE, calib=shifted_source(model))
-    new, records = run_passes(q, "bias_correction", PassContext(calib=shifted_source(model)))
-    result = records[-1].result
-    assert not result.modified and result.decline_reasons() == {R_NO_REFERENCE: 2}
-    assert new.SerializeToString() == q.SerializeToString()
+    message = "bias_correction reads the float reference written by quantize_int8, which does not run before it"
+    with pytest.raises(InputError, match=f"^{message}$"):
+        run_passes(q, "bias_correction", PassContext(calib=shifted_source(model)))
+    result = get_pass("bias_correction")().run(serde.to_graph(q), PassContext(calib=shifted_source(model)))
+    assert not result.modified and result.decline_counts() == {R_NO_REFERENCE: 2}
     new, records = run_passes(q, "bias_correction:reference=dequantized", PassContext(calib=shifted_source(model)))
     result = records[-1].result
     assert result.modified and result.stats["reference"] == "dequantized"
@@ -245,7 +249,7 @@ def test_non_constant_weight_and_bias_declined():
     feeds = {"x": rand(rng, 16, 3, 8, 8), "w": rand(rng, 3, 3, 1, 1), "b": rand(rng, 3)}
     calib = open_source([feeds], model)
     _, result = quantize(model, "quantize_int8:weights_only=true,bias_correction", calib=calib)
-    assert ("dyn_w", R_WEIGHT) in result.declined and ("dyn_b", R_BIAS_CONST) in result.declined
+    assert ("dyn_w", R_WEIGHT) in result.where_codes() and ("dyn_b", R_BIAS_CONST) in result.where_codes()
     assert not result.modified
 
 

@@ -67,7 +67,7 @@ def equalize(model: onnx.ModelProto, spec: str = "equalize", dims=(2,), rtol: fl
         for want, got in zip(ort_run(model, feeds), ort_run(new, feeds), strict=True):
             assert np.linalg.norm(got - want) <= rtol * np.linalg.norm(want), np.linalg.norm(got - want)
     result = records[-1].result
-    assert all(reason in DECLINE_REASONS for _, reason in result.declined), result.declined
+    assert all(d.code in DECLINE_REASONS for d in result.declined), result.declined
     return new, result
 
 
@@ -77,7 +77,7 @@ def assert_declined(model: onnx.ModelProto, reason: str, spec: str = "equalize")
     assert inits_of(new).keys() == inits_of(model).keys()
     for k, v in inits_of(model).items():
         np.testing.assert_array_equal(inits_of(new)[k], v)
-    assert reason in [r for _, r in result.declined], result.declined
+    assert reason in [d.code for d in result.declined], result.declined
     return result
 
 
@@ -246,7 +246,7 @@ def test_relu6_as_relu_is_approx() -> None:
     rng = np.random.default_rng(8)
     mid = [helper.make_node("Clip", ["t0", "lo", "hi"], ["t1"], name="relu6")]
     model = chain_model(rng, mid, extra={"lo": np.array(0.0), "hi": np.array(6.0)})
-    assert_declined(model, "clip/relu6 is not scale-equivariant")
+    assert_declined(model, "clip_not_equivariant")
     new, records = run_passes(model, "equalize:relu6_as_relu=true")
     result = records[0].result
     assert result.stats["clip_to_relu"] == 1 and op_types(new) == ["Conv", "Relu", "Conv"]
@@ -271,7 +271,7 @@ def test_residual_add_declines() -> None:
              conv("r", "W2", "b", pads=[1, 1, 1, 1]), helper.make_node("Add", ["r", "b"], ["s"]),
              conv("s", "W3", "y")]
     model = make_model(nodes, {"x": [1, 4, 6, 6]}, ["y"], inits)
-    result = assert_declined(model, "residual add (both inputs would need the same scale)")
+    result = assert_declined(model, "residual_add")
     assert len(result.declined) == 3  # a and b reach the Add; y is a graph output
 
 
@@ -302,12 +302,12 @@ def test_non_constant_weight_declines() -> None:
     graph.initializer.extend(keep)
     graph.input.append(helper.make_tensor_value_info("W2", onnx.TensorProto.FLOAT, list(w2.shape)))
     onnx.checker.check_model(model, full_check=True)
-    assert_declined(model, "weight not constant")
+    assert_declined(model, "weight_not_constant")
 
 
 def test_graph_output_in_the_middle_declines() -> None:
     model = chain_model(np.random.default_rng(12), outputs=("y", "t1"))
-    assert_declined(model, "tensor is a graph output")
+    assert_declined(model, "graph_output")
 
 
 def test_relu6_declines_by_default_opset10_attrs() -> None:
@@ -317,13 +317,13 @@ def test_relu6_declines_by_default_opset10_attrs() -> None:
     inits = {"W1": spread_weight(rng, 6, 3, 3, 3), "B1": rng.standard_normal(6),
              "W2": spread_weight(rng, 5, 6, 3, 3, axis=1), "B2": rng.standard_normal(5)}
     model = make_model(nodes, {"x": [2, 3, 8, 8]}, ["y"], inits, opset=10)
-    assert_declined(model, "clip/relu6 is not scale-equivariant")
+    assert_declined(model, "clip_not_equivariant")
 
 
 def test_multi_consumer_not_absorbing_declines() -> None:
     rng = np.random.default_rng(14)
     model = chain_model(rng, tail=[helper.make_node("Sigmoid", ["t1"], ["z"])], outputs=("y", "z"))
-    assert_declined(model, "op not known to commute with a channel scale")
+    assert_declined(model, "op_does_not_commute")
 
 
 @pytest.mark.parametrize("value", [0.5, None], ids=["nonzero_value", "channel_pad"])
@@ -334,7 +334,7 @@ def test_pad_declines(value) -> None:
     mid = [helper.make_node("Pad", ins, ["t1"])]
     extra = {"pads": np.array(pads, dtype=np.int64)} | ({"v": np.array(value)} if value else {})
     model = chain_model(rng, mid, c=6 if value else 4, c2=6, extra=extra)  # a channel pad adds 2 channels
-    assert_declined(model, "pad is not zero padding of spatial axes")
+    assert_declined(model, "pad_not_spatial_zero")
 
 
 def test_dynamic_spatial_flatten_declines() -> None:
@@ -345,8 +345,8 @@ def test_dynamic_spatial_flatten_declines() -> None:
     model = make_model(nodes, {"x": ["N", 3, "H", "W"]}, ["y"], inits)
     _, records = run_passes(model, "equalize")
     result = records[0].result
-    assert not result.modified and ("r", "unknown static shape") not in result.declined
-    assert "unknown static shape" in [r for _, r in result.declined]
+    assert not result.modified and ("r", "unknown_static_shape") not in result.where_codes()
+    assert "unknown_static_shape" in [d.code for d in result.declined]
 
 
 def test_exclude_and_zero_iterations() -> None:

@@ -108,11 +108,12 @@ def test_declines() -> None:
     ]
     model = make_model(nodes, {"x": [1, 32, 4, 4]}, ["t", "n"], inits)
     _, result = factorize(model, "factorize_dwsep:rank=6")
-    reasons = dict(result.declined)
-    assert reasons["depthwise"] == R_GROUPED and reasons["pointwise"] == R_POINTWISE and reasons["tiny"] == R_TINY
-    assert reasons["nopay"].startswith(R_NOT_PAY) and "ratio 0.76" in reasons["nopay"]
+    reasons = {d.where: d for d in result.declined}
+    assert reasons["depthwise"].code == R_GROUPED and reasons["pointwise"].code == R_POINTWISE
+    assert reasons["tiny"].code == R_TINY
+    assert reasons["nopay"].code == R_NOT_PAY and "ratio 0.76" in reasons["nopay"].detail
     _, result = factorize(model, "factorize_dwsep:rank=4")  # (9 + 64) · 4 / (64 · 9) = 0.51
-    assert result.stats["layers_factorized"] == 1 and "nopay" not in dict(result.declined)
+    assert result.stats["layers_factorized"] == 1 and "nopay" not in dict(result.where_codes())
 
 
 def test_data_aware_beats_plain_and_is_deterministic() -> None:

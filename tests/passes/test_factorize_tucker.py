@@ -116,10 +116,11 @@ def test_declines() -> None:
     ]
     model = make_model(nodes, {"x": [1, 32, 3, 3]}, ["t", "s", "n"], inits)
     _, result = factorize(model, "factorize_tucker:rank=32")
-    reasons = dict(result.declined)
+    reasons = dict(result.where_codes())
     assert {k: v for k, v in reasons.items() if k != "nopay"} == {
         "depthwise": R_GROUPED, "grouped": R_GROUPED, "pointwise": R_POINTWISE, "tiny": R_TINY, "dynamic": R_WEIGHT}
-    assert reasons["nopay"].startswith(R_NOT_PAY) and "(32, 32)" in reasons["nopay"]
+    nopay = next(d for d in result.declined if d.where == "nopay")
+    assert nopay.code == R_NOT_PAY and "(32, 32)" in nopay.detail
     assert not result.modified and result.stats["layers_skipped"] == 6
 
 

@@ -213,7 +213,7 @@ def grouped_fed_by_pruned_conv(rng):
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
              node("Conv", ["ar", "wg", "bg"], "y", group=2)]
     inits = {"w1": w(rng, 8, 3, 3, 3), "b1": w(rng, 8), "wg": w(rng, 6, 4, 1, 1), "bg": w(rng, 6)}
-    return Case(make_model(nodes, X, ["y"], inits), frozen={"graph output"})
+    return Case(make_model(nodes, X, ["y"], inits), frozen={"graph_output"})
 
 
 def grouped_residual(rng):
@@ -256,7 +256,7 @@ def grouped_across_concat(rng):
              node("Relu", ["g"], "gr"), node("Conv", ["gr", "w3", "b3"], "y")]
     inits = {"wa": w(rng, 6, 3, 1, 1), "ba": w(rng, 6), "wb": w(rng, 2, 3, 1, 1), "bb": w(rng, 2),
              "wg": w(rng, 8, 4, 1, 1), "bg": w(rng, 8), "w3": w(rng, 4, 8, 1, 1), "b3": w(rng, 4)}
-    return Case(make_model(nodes, X, ["y"], inits), frozen={"grouped conv"})
+    return Case(make_model(nodes, X, ["y"], inits), frozen={"grouped_conv"})
 
 
 def se_block(rng):

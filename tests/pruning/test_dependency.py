@@ -125,24 +125,24 @@ def _tail(op_nodes, inits=None, x=None, **kw):
 
 
 FROZEN = {
-    "softmax_over_channels": ([node("Softmax", ["ar"], "t", axis=1)], {}, "reduces over channels"),
+    "softmax_over_channels": ([node("Softmax", ["ar"], "t", axis=1)], {}, "reduces_over_channels"),
     "reduce_over_channels": ([node("ReduceMax", ["ar"], "m", axes=[1], keepdims=1), node("Mul", ["ar", "m"], "t")],
-                             {}, "reduces over channels"),
-    "lpnorm_no_handler": ([node("LpNormalization", ["ar"], "t", axis=1)], {}, "no handler"),
+                             {}, "reduces_over_channels"),
+    "lpnorm_no_handler": ([node("LpNormalization", ["ar"], "t", axis=1)], {}, "no_handler"),
     "instancenorm_no_handler": ([node("InstanceNormalization", ["ar", "s", "bb"], "t")],
-                                {"s": np.ones(8, np.float32), "bb": np.zeros(8, np.float32)}, "no handler"),
+                                {"s": np.ones(8, np.float32), "bb": np.zeros(8, np.float32)}, "no_handler"),
     "transpose_moves_channels": ([node("Transpose", ["ar"], "tt", perm=[0, 2, 1, 3]),
-                                  node("Transpose", ["tt"], "t", perm=[0, 2, 1, 3])], {}, "channel axis moved"),
+                                  node("Transpose", ["tt"], "t", perm=[0, 2, 1, 3])], {}, "channel_axis_moved"),
     "reshape_mixes_channels": ([node("Reshape", ["ar", "sh1"], "rr"), node("Reshape", ["rr", "sh2"], "t")],
-                               {"sh1": np.asarray([0, 4, 16, 8]), "sh2": np.asarray([0, 8, 8, 8])}, "reshape mixes channels"),
+                               {"sh1": np.asarray([0, 4, 16, 8]), "sh2": np.asarray([0, 8, 8, 8])}, "reshape_mixes_channels"),
     "computed_reshape_reads_channels": (
         [node("Shape", ["ar"], "shp"), node("Gather", ["shp", "i"], "c", axis=0), node("Unsqueeze", ["c", "ax"], "c1"),
          node("Concat", ["zero", "c1", "rest"], "target", axis=0), node("Reshape", ["ar", "target"], "t")],
         {"i": np.asarray(1, np.int64), "ax": np.asarray([0]), "zero": np.asarray([0]), "rest": np.asarray([8, 8])},
-        "reshape mixes channels"),  # also "shape read": the Shape feeds the channel dim onwards
+        "reshape_mixes_channels"),  # also "shape_read": the Shape feeds the channel dim onwards
     "channel_padding": ([node("Pad", ["ar", "pads"], "pp"), node("Slice", ["pp", "st", "en", "ax"], "t")],
                         {"pads": np.asarray([0, 1, 0, 0, 0, 0, 0, 0]), "st": np.asarray([1]), "en": np.asarray([9]),
-                         "ax": np.asarray([1])}, "unsupported attributes"),
+                         "ax": np.asarray([1])}, "unsupported_attributes"),
 }
 
 
@@ -162,7 +162,7 @@ def test_graph_output_freezes_unless_protect_io_is_off():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "w2"], "y")]
     model = make_model(nodes, X, ["y", "ar"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 4, 8, 1, 1)})
-    assert by_name(groups_of(model))["a"].frozen == "graph output"
+    assert by_name(groups_of(model))["a"].frozen == "graph_output"
     assert by_name(groups_of(model, protect_io=False))["a"].frozen is None
 
 
@@ -170,7 +170,7 @@ def test_graph_input_channels_are_pinned():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Add", ["a", "x"], "s"), node("Conv", ["s", "w2"], "y")]
     model = make_model(nodes, X, ["y"], {"w1": w(rng, 3, 3, 1, 1), "b1": w(rng, 3), "w2": w(rng, 4, 3, 1, 1)})
-    assert by_name(groups_of(model))["a"].frozen == "graph input"
+    assert by_name(groups_of(model))["a"].frozen == "graph_input"
 
 
 def test_shared_initializer_across_groups_freezes_both():
@@ -181,7 +181,7 @@ def test_shared_initializer_across_groups_freezes_both():
     model = make_model(nodes, X, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "ws": w(rng, 8, 8, 1, 1),
                                          "w3": w(rng, 4, 8, 1, 1)})
     groups = by_name(groups_of(model))
-    assert groups["b"].frozen == groups["c"].frozen == groups["a"].frozen == "shared weight"
+    assert groups["b"].frozen == groups["c"].frozen == groups["a"].frozen == "shared_weight"
 
 
 def test_shared_initializer_within_one_group_is_fine():
@@ -200,7 +200,7 @@ def test_non_constant_weight_freezes():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "wv"], "y")]
     model = make_model(nodes, {**X, "wv": [4, 8, 1, 1]}, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8)})
-    assert by_name(groups_of(model))["a"].frozen == "non-constant weight"
+    assert by_name(groups_of(model))["a"].frozen == "non_constant_weight"
 
 
 def test_unknown_channel_dim_freezes():
@@ -208,7 +208,7 @@ def test_unknown_channel_dim_freezes():
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Concat", ["a", "z"], "c", axis=1), node("Relu", ["c"], "t"),
              node("ReduceMean", ["t"], "y", axes=[2, 3], keepdims=0)]
     model = make_model(nodes, {**X, "z": ["N", "C", 8, 8]}, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8)})
-    assert by_name(groups_of(model))["a"].frozen == "unknown channel dim"
+    assert by_name(groups_of(model))["a"].frozen == "unknown_channel_dim"
 
 
 def test_grouped_conv_blocks_its_input_and_output_groups():
@@ -220,7 +220,7 @@ def test_grouped_conv_blocks_its_input_and_output_groups():
 
 def test_grouped_conv_spanning_two_producers_freezes_them():
     groups = by_name(groups_of(build("grouped_across_concat")))
-    assert groups["a"].frozen == groups["b"].frozen == "grouped conv"
+    assert groups["a"].frozen == groups["b"].frozen == "grouped_conv"
     assert groups["g"].frozen is None
 
 
@@ -242,7 +242,7 @@ def test_matmul_with_3d_input_is_frozen():
 
 def test_shape_read_of_batch_dim_is_harmless_but_channel_read_freezes():
     rng = np.random.default_rng(0)
-    for index, frozen in ((0, None), (1, "shape read")):
+    for index, frozen in ((0, None), (1, "shape_read")):
         nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
                  node("Shape", ["ar"], "shp"), node("Gather", ["shp", "i"], "n"),
                  node("Conv", ["ar", "w2"], "y0"), node("Cast", ["n"], "nf", to=1), node("Add", ["y0", "nf"], "y")]
@@ -265,8 +265,8 @@ def test_control_flow_freezes_what_it_reads_and_writes():
     model = make_model(nodes, {**X, "cond": []}, ["y"], {"w1": w(rng, 4, 3, 1, 1), "b1": w(rng, 4),
                                                          "w2": w(rng, 4, 4, 1, 1)}, types={"cond": TensorProto.BOOL})
     groups = by_name(groups_of(model))
-    assert groups["a"].frozen == "control flow"  # read inside the branches
-    assert "if (If): control flow" in groups["y0"].blockers
+    assert groups["a"].frozen == "control_flow"  # read inside the branches
+    assert "if (If): control_flow" in groups["y0"].blockers
 
 
 def _resize_to(sizes_nodes, inits):
@@ -302,7 +302,7 @@ def test_resize_whose_size_reads_the_channel_count_elsewhere_freezes():
              node("Concat", ["dims"], "sizes", axis=0)]
     model = _resize_to(nodes, {"idx": np.asarray([0, 1, 1, 1])})
     group = by_name(groups_of(model))["b"]
-    assert group.frozen is not None and any("shape read" in b for b in group.blockers)
+    assert group.frozen is not None and any("shape_read" in b for b in group.blockers)
     # the channel entry comes from another tensor (skip, 8 channels): not the Resize's own
     nodes = [node("Shape", ["skip"], "shs"), node("Slice", ["shs", "zero", "two", "zero"], "nc"),
              node("Shape", ["deep"], "shd"), node("Slice", ["shd", "two", "four", "zero"], "hw"),

@@ -75,7 +75,7 @@ def _two_readers(g_p: int, g_q: int) -> onnx.ModelProto:
 
 def test_incompatible_grouped_readers_freeze_the_group():
     groups = {g.name: g for g in analyze(serde.to_graph(_two_readers(3, 2))).groups}
-    assert groups["a"].frozen == groups["p+q"].frozen == "grouped conv"
+    assert groups["a"].frozen == groups["p+q"].frozen == "grouped_conv"
     assert any("incompatible" in b for b in groups["a"].blockers)
 
 

@@ -10,6 +10,7 @@ from helpers import make_model, ort_run, run_passes
 from onnx import helper, numpy_helper
 
 from onnxcompress.core.pass_api import PassContext, PassResult
+from onnxcompress.passes.quantize_int8 import CPU_FLAGS
 from onnxcompress.runtime.data import CalibSource, open_source
 
 __all__ = ["make_model", "rand", "conv_classifier", "calib_for", "feeds_for", "quantize", "inits", "producers", "consumers", "qdq_params",
@@ -59,10 +60,10 @@ def feeds_for(model: onnx.ModelProto, n: int = 16, seed: int = 7) -> dict[str, n
 
 
 def quantize(model: onnx.ModelProto, spec: str = "quantize_int8", *, calib: Any = "auto",
-             extra: dict | None = None) -> tuple[onnx.ModelProto, PassResult]:
-    """Run ``spec`` through the PassManager (CPU flags pinned to no-VNNI unless given)."""
+             values: dict | None = None) -> tuple[onnx.ModelProto, PassResult]:
+    """Run ``spec`` through the PassManager (context slot values: CPU flags pinned to no-VNNI unless given)."""
     source = calib_for(model) if isinstance(calib, str) and calib == "auto" else calib
-    ctx = PassContext(calib=source, extra={"quantize_int8.cpu_flags": NO_VNNI, **(extra or {})})
+    ctx = PassContext(calib=source, values={CPU_FLAGS: NO_VNNI, **(values or {})})
     new, records = run_passes(model, spec, ctx)
     onnx.checker.check_model(new, full_check=True)
     return new, records[-1].result

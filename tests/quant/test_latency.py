@@ -13,7 +13,8 @@ from quant.builders import calib_for, compare, make_model, quantize, rand
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.shapes import concrete_shapes
-from onnxcompress.passes.quantize_int8 import LATENCY_TIMER_KEY, MODEL_TIMER_KEY, R_ISLAND
+from onnxcompress.passes.quantize_int8 import LATENCY_TIMER, MODEL_TIMER, R_ISLAND, R_MODEL_SLOWER, R_SLOWER
+from onnxcompress.pipeline.manager import parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.latency import island_layers, measure_ratio, time_layers
 from onnxcompress.quant.options import QuantConfig
@@ -54,20 +55,20 @@ def fake_timer(ratios: dict[str, float], seen: list | None = None):
 
 
 def timers(layers: dict[str, float], models: tuple[float, ...] = (1.0, 0.8, 0.7), seen: list | None = None) -> dict:
-    """ctx.extra with both timers; ``models``: float, all-int8, per-layer choice (ratios vs float)."""
-    return {LATENCY_TIMER_KEY: fake_timer(layers, seen), MODEL_TIMER_KEY: lambda ms: list(models[:len(ms)])}
+    """Context slot values with both timers; ``models``: float, all-int8, per-layer choice (ratios vs float)."""
+    return {LATENCY_TIMER: fake_timer(layers, seen), MODEL_TIMER: lambda ms: list(models[:len(ms)])}
 
 
 def test_slow_layers_kept_float_with_ratio_in_reason():
     model = residual(np.random.default_rng(0))
     seen: list = []
     q, result = quantize(model, "quantize_int8:latency_aware=true",
-                         extra=timers({"conv2": 1.5, "fc": 1.04}, seen=seen))
+                         values=timers({"conv2": 1.5, "fc": 1.04}, seen=seen))
     assert [layer for layer, _ in seen] == ["conv1", "conv2", "fc"]  # compute layers only, graph order
     assert result.stats["latency_choice"] == "per-layer" and result.stats["latency_ratio_mixed"] == 0.7
     assert seen[0][1] == {"x": (1, 3, 8, 8)} and seen[2][1] == {"f": (1, 4)}  # real shapes, batch 1
-    assert ("conv2", "kept float: int8 1.50× slower") in result.declined
-    assert not any(w == "fc" for w, _ in result.declined)  # 1.04 is within the 5 % margin
+    assert ("conv2", R_SLOWER, "1.50×") in result.declined
+    assert not any(d.where == "fc" for d in result.declined)  # 1.04 is within the 5 % margin
     assert result.stats["latency_measured"] == 3 and result.stats["latency_kept_float"] == 1
     assert result.stats["exclude_spec"] == "exclude=conv2"
     conv2 = next(n for n in q.graph.node if n.name == "conv2")
@@ -78,7 +79,7 @@ def test_slow_layers_kept_float_with_ratio_in_reason():
 
 def test_exclude_spec_reproduces_the_decision():
     model = residual(np.random.default_rng(1))
-    aware, result = quantize(model, "quantize_int8:latency_aware=true", extra=timers({"conv1": 2.0, "fc": 1.2}))
+    aware, result = quantize(model, "quantize_int8:latency_aware=true", values=timers({"conv1": 2.0, "fc": 1.2}))
     assert result.stats["exclude_spec"] == "exclude=conv1|fc"
     again, _ = quantize(model, f"quantize_int8:{result.stats['exclude_spec']}")
     assert again.SerializeToString() == aware.SerializeToString()
@@ -87,16 +88,16 @@ def test_exclude_spec_reproduces_the_decision():
 def test_margin_option():
     model = residual(np.random.default_rng(2))
     _, result = quantize(model, "quantize_int8:latency_aware=true:latency_margin=0",
-                         extra=timers({"fc": 1.04}))
-    assert ("fc", "kept float: int8 1.04× slower") in result.declined
+                         values=timers({"fc": 1.04}))
+    assert ("fc", R_SLOWER, "1.04×") in result.declined
 
 
 def test_all_compute_slower_leaves_no_int8_island():
     """With both convs and the Gemm float, the Add and pool would only add Q/DQ: kept float too."""
     model = residual(np.random.default_rng(3))
     q, result = quantize(model, "quantize_int8:latency_aware=true",
-                         extra=timers({"conv1": 3.0, "conv2": 3.0, "fc": 3.0}))
-    assert {w for w, r in result.declined if r == R_ISLAND} == {"add", "gap"}
+                         values=timers({"conv1": 3.0, "conv2": 3.0, "fc": 3.0}))
+    assert {d.where for d in result.declined if d.code == R_ISLAND} == {"add", "gap"}
     assert not ({"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in q.graph.node})
     feeds = {"x": rand(np.random.default_rng(4), 2, 3, 8, 8)}
     np.testing.assert_allclose(ort_run(q, feeds)[0], ort_run(model, feeds)[0], rtol=1e-5, atol=1e-5)
@@ -119,10 +120,10 @@ def test_shared_weight_and_graph_output():
              helper.make_node("Conv", ["r", "W", "B"], ["y"], name="c2", pads=[1, 1, 1, 1])]
     model = make_model(nodes, X, ["r", "y"], init)
     before = model.SerializeToString()
-    q, result = quantize(model, "quantize_int8:latency_aware=true", extra=timers({"c2": 2.0}))
+    q, result = quantize(model, "quantize_int8:latency_aware=true", values=timers({"c2": 2.0}))
     assert model.SerializeToString() == before
     assert [o.name for o in q.graph.output] == ["r", "y"]
-    assert ("c2", "kept float: int8 2.00× slower") in result.declined
+    assert ("c2", R_SLOWER, "2.00×") in result.declined
     assert compare(model, q) >= 0.99 and count_unfused_qdq(q) == 0
 
 
@@ -158,24 +159,24 @@ def test_bad_options():
     with pytest.raises(InputError, match="latency_batch"):
         quantize(model, "quantize_int8:latency_aware=true:latency_batch=0")
     with pytest.raises(InputError, match="weights_only"):
-        quantize(model, "quantize_int8:latency_aware=true:weights_only=true", calib=None)
+        parse_spec("quantize_int8:latency_aware=true:weights_only=true")
 
 
 def test_model_check_prefers_all_int8_when_faster():
     model = residual(np.random.default_rng(10))
     plain, _ = quantize(model)
-    q, result = quantize(model, "quantize_int8:latency_aware=true", extra=timers({"conv2": 1.5}, (1.0, 0.6, 0.7)))
+    q, result = quantize(model, "quantize_int8:latency_aware=true", values=timers({"conv2": 1.5}, (1.0, 0.6, 0.7)))
     assert result.stats["latency_choice"] == "all int8" and result.stats["exclude_spec"] == "exclude="
-    assert not [d for d in result.declined if d[1].startswith("kept float")]
+    assert not [d for d in result.declined if d.code.startswith("kept_float")]
     assert q.SerializeToString() == plain.SerializeToString()
 
 
 def test_model_check_keeps_float_when_every_int8_variant_is_slower():
     model = residual(np.random.default_rng(11))
-    q, result = quantize(model, "quantize_int8:latency_aware=true", extra=timers({"conv2": 1.5}, (1.0, 1.3, 1.2)))
+    q, result = quantize(model, "quantize_int8:latency_aware=true", values=timers({"conv2": 1.5}, (1.0, 1.3, 1.2)))
     assert result.stats["latency_choice"] == "float"
-    reasons = dict(result.declined)
-    assert reasons["conv2"] == "kept float: int8 1.50× slower" and reasons["conv1"] == "kept float: int8 model 1.20× slower"
+    reasons = {d.where: (d.code, d.detail) for d in result.declined}
+    assert reasons["conv2"] == (R_SLOWER, "1.50×") and reasons["conv1"] == (R_MODEL_SLOWER, "1.20×")
     assert set(reasons) >= {"conv1", "conv2", "add", "gap", "fc"}
     assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in q.graph.node}
 
@@ -186,6 +187,6 @@ def test_model_check_can_be_turned_off():
     def no_model_timer(models):
         raise AssertionError("the whole-model check must not run")
 
-    extra = {**timers({"conv2": 1.5}), MODEL_TIMER_KEY: no_model_timer}
-    _, result = quantize(model, "quantize_int8:latency_aware=true:latency_check=false", extra=extra)
+    values = {**timers({"conv2": 1.5}), MODEL_TIMER: no_model_timer}
+    _, result = quantize(model, "quantize_int8:latency_aware=true:latency_check=false", values=values)
     assert "latency_choice" not in result.stats and result.stats["exclude_spec"] == "exclude=conv2"

@@ -189,7 +189,7 @@ def test_already_quantized_model_is_left_alone():
     model = residual(relu=True)
     once, _ = quantize(model)
     twice, result = quantize(once)
-    assert not result.modified and [r for _, r in result.declined] == [R_QUANTIZED]
+    assert not result.modified and [d.code for d in result.declined] == [R_QUANTIZED]
     assert op_types(twice) == op_types(once)
 
 
@@ -255,7 +255,7 @@ def test_concat_feeding_only_the_graph_output_stays_float():
     model = make_model(nodes, X, ["y"], init)
     q, result = quantize(model)
     assert "quantized_Concat" not in result.stats and result.stats["quantized_Sigmoid"] == 1
-    assert (R_OUTPUT_CONCAT in [r for _, r in result.declined])
+    assert (R_OUTPUT_CONCAT in [d.code for d in result.declined])
     assert producers(q)["y"].op_type == "Concat"
     feeds = feeds_for(model)
     ref, got = ort_run(model, feeds)[0], ort_run(q, feeds)[0]
@@ -307,7 +307,7 @@ def test_static_tensors_are_the_shape_derived_ones():
 def test_anchor_and_stride_arithmetic_stays_float():
     model = anchor_head()
     q, result = quantize(model)
-    declined = dict(result.declined)
+    declined = dict(result.where_codes())
     assert declined["box_add"] == R_STATIC and declined["box_mul"] == R_STATIC
     assert declined["anchor_add"] == R_STATIC and declined["stride_add"] == R_STATIC
     assert "quantized_Add" not in result.stats and "quantized_Mul" not in result.stats
@@ -330,7 +330,7 @@ def test_elementwise_ops_away_from_any_conv_stay_float():
              helper.make_node("Mul", ["s", "m"], ["y2"], name="lone_mul")]
     model = make_model(nodes, X, ["y1", "y2"], init)
     q, result = quantize(model)
-    declined = dict(result.declined)
+    declined = dict(result.where_codes())
     assert declined.get("lone_add") == R_ISOLATED and declined.get("lone_mul") == R_ISOLATED
     assert result.stats["quantized_Conv"] == 1 and "quantized_Add" not in result.stats
     feeds = feeds_for(model)
@@ -346,7 +346,7 @@ def test_elementwise_only_model_is_left_unchanged():
     model = make_model(nodes, X, ["y"], init)
     q, result = quantize(model)
     assert not result.modified
-    assert {w for w, r in result.declined if r == R_ISOLATED} == {"add", "pool"}
+    assert {d.where for d in result.declined if d.code == R_ISOLATED} == {"add", "pool"}
     assert not [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
 
 
@@ -358,7 +358,7 @@ def test_excluding_a_conv_does_not_turn_its_add_float():
              helper.make_node("Mul", ["s", "shared"], ["y"], name="mul")]  # shared initializer, graph output
     model = make_model(nodes, X, ["y"], init)
     q, result = quantize(model, "quantize_int8:exclude=conv_c")
-    declined = dict(result.declined)
+    declined = dict(result.where_codes())
     assert declined["conv_c"] == R_EXCLUDED and R_ISOLATED not in declined.values()
     assert result.stats["quantized_Add"] == 1 and result.stats["quantized_Mul"] == 1
     assert np.array_equal(inits(model)["shared"], init["shared"])  # quantized as a copy, never in place
