@@ -42,19 +42,26 @@ def _jobs() -> list[tuple[str, str, str]]:
 
 
 def _strip(value):
+    if isinstance(value, str):
+        return _relative(value)
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
             if k in _TIMING_KEYS or k.endswith("_seconds"):
                 continue
             if k == "declined" and isinstance(v, list):
-                out[k] = sorted(str(d.get("where")) for d in v)
+                out[k] = sorted(str(d.get("where")) if isinstance(d, dict) else d for d in v)
                 continue
             out[k] = _strip(v)
         return out
     if isinstance(value, list):
         return [_strip(v) for v in value]
     return value
+
+
+def _relative(text: str) -> str:
+    """Paths inside the checkout as ``<root>/...``, so that worktrees compare equal."""
+    return text.replace(str(ROOT), "<root>").replace("/work/main", "<root>")
 
 
 def _run(job: tuple[str, str, str], tmp: Path) -> dict:
@@ -70,13 +77,19 @@ def _run(job: tuple[str, str, str], tmp: Path) -> dict:
         row["onnx"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     if json_path.exists():
         report = _strip(json.loads(json_path.read_text()))
-        report.pop("model", None)
-        report.pop("output", None)
-        row["json"] = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+        row["json"] = _digest(report)
         row["report"] = report
     if proc.returncode not in (0, 1):
         row["stderr"] = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
     return {f"{model} {kind} {name}": row}
+
+
+def _digest(report: dict | None) -> str | None:
+    """sha256 of a stripped report (recomputed on compare, so older records normalise the same way)."""
+    if report is None:
+        return None
+    report = _strip({k: v for k, v in report.items() if k not in ("model", "output")})
+    return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprint(jobs: int, only: set[str] | None = None) -> dict:
@@ -95,6 +108,8 @@ def _compare(old: dict, new: dict) -> list[str]:
         if a is None or b is None:
             diffs.append(f"{key}: {'new' if a is None else 'missing'}")
             continue
+        a = {**a, "json": _digest(a.get("report"))}
+        b = {**b, "json": _digest(b.get("report"))}
         for field in ("exit", "onnx", "json"):
             if a.get(field) != b.get(field):
                 diffs.append(f"{key}: {field} differs ({a.get(field)} -> {b.get(field)})")
