@@ -1,11 +1,11 @@
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import parse
 
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassResult
 from onnxcompress.pipeline.manager import PassManager, parse_spec
+from tests.helpers.builders import parse
 
 MODEL = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2,3] x) => (float[2,3] y) { r = Relu(x)

@@ -12,7 +12,8 @@ within 1e-4 relative.
 from __future__ import annotations
 
 import pytest
-from helpers import load_script
+
+from tests.helpers.runs import load_script
 
 rm = load_script("real_models")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import load_script
 
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.placement import R_QUANTIZED
 from onnxcompress.runtime.data import open_source
+from tests.helpers.runs import load_script
 
 rq = load_script("real_models_quant")
 

@@ -109,6 +109,8 @@ class PassContext:
             ``"quantize_int8.float_model"``: the float model ``quantize_int8`` quantized (or a
             callable exporting it), ``bias_correction``'s reference.
             ``"quantize_int8.cpu_flags"``: CPU flags to use instead of ``/proc/cpuinfo``.
+            ``"factorize.max_gram_dim"``: the largest whitening matrix side of the
+            ``factorize_*`` passes (default ``MAX_GRAM_DIM`` of :mod:`onnxcompress.lowrank.factorize`).
     """
 
     calib: Any = None

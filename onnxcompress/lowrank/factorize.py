@@ -58,6 +58,7 @@ __all__ = [
     "require_dense_kxk",
     "COMMON_REASONS",
     "MAX_GRAM_DIM",
+    "MAX_GRAM_DIM_KEY",
     "Decline",
     "Done",
     "FactorLayer",
@@ -87,6 +88,8 @@ R_POINTWISE = "1x1 conv: use factorize_svd"
 
 #: Layers whose whitening matrix would be larger than this (per side) are factorized plainly.
 MAX_GRAM_DIM = 4096
+#: ``ctx.extra`` key: an int used instead of :data:`MAX_GRAM_DIM` (e.g. a small one in tests).
+MAX_GRAM_DIM_KEY = "factorize.max_gram_dim"
 
 #: Reasons every ``factorize_*`` pass may give (``does not pay`` is followed by the MAC ratio).
 COMMON_REASONS = (R_EXCLUDED, R_WEIGHT, R_LAYOUT, R_ATTRS, R_GROUPED, R_TINY, R_NOT_PAY, R_NO_STATS)

@@ -24,6 +24,7 @@ from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, Pass
 from onnxcompress.core.shapes import DEFAULT_DYNAMIC_DIM, shape_model
 from onnxcompress.lowrank.factorize import (
     MAX_GRAM_DIM,
+    MAX_GRAM_DIM_KEY,
     R_EXCLUDED,
     R_LAYOUT,
     R_NO_STATS,
@@ -183,9 +184,10 @@ class FactorizePass(Pass):
                     result: PassResult) -> bool:
         """Fill ``layer.sigma`` from one calibration run of the original model; False if it failed."""
         views, accs, rngs, kept = [], [], [], []
+        max_dim = ctx.extra.get(MAX_GRAM_DIM_KEY, MAX_GRAM_DIM)
         for i, layer in enumerate(layers):
             acc = GramAccumulator(self.gram_kind(layer), layer.channels[0], layer.kernel)
-            if acc.dim > MAX_GRAM_DIM:
+            if acc.dim > max_dim:
                 log.info("%s: %s: input statistics of side %d are too large: plain factorization",
                          self.name, layer.where, acc.dim)
                 result.count("whitening_skipped")
