@@ -237,7 +237,8 @@ def test_non_constant_weight_and_bias_declined():
              helper.make_node("Conv", ["a", "W", "b"], ["y"], name="dyn_b")]
     model = make_model(nodes, {"x": ["N", 3, 8, 8], "w": [3, 3, 1, 1], "b": [3]}, ["y"],
                        {"W": rand(rng, 3, 3, 1, 1, scale=0.5)})
-    feeds = {"x": rand(rng, 16, 3, 8, 8, scale=0.5), "w": rand(rng, 3, 3, 1, 1, scale=0.5), "b": rand(rng, 3, scale=0.5)}
+    feeds = {"x": rand(rng, 16, 3, 8, 8, scale=0.5), "w": rand(rng, 3, 3, 1, 1, scale=0.5),
+             "b": rand(rng, 3, scale=0.5)}
     calib = open_source([feeds], model)
     _, result = quantize(model, "quantize_int8:weights_only=true,bias_correction", calib=calib)
     assert ("dyn_w", R_WEIGHT) in result.declined and ("dyn_b", R_BIAS_CONST) in result.declined

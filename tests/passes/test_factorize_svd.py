@@ -223,7 +223,8 @@ def test_does_not_pay_is_declined_with_the_ratio() -> None:
 
 def test_declines_with_reasons() -> None:
     rng = np.random.default_rng(9)
-    inits = {"Wg": rand(rng, 32, 32, 1, 1, scale=0.1), "Wt": rand(rng, 32, 32, scale=0.1), "Wa": rand(rng, 32, 32, scale=0.1),
+    inits = {"Wg": rand(rng, 32, 32, 1, 1, scale=0.1), "Wt": rand(rng, 32, 32, scale=0.1),
+             "Wa": rand(rng, 32, 32, scale=0.1),
              "Wd": rand(rng, 10, 32, scale=0.1), "We": rand(rng, 32, 32, scale=0.1)}
     nodes = [
         helper.make_node("Conv", ["x", "Wg"], ["g"], "grouped", group=2),  # weight [32, 16]: 32 → 32 in 2 groups

@@ -103,7 +103,8 @@ def test_vbmf_estimates_each_mode() -> None:
 
 def test_declines() -> None:
     rng = np.random.default_rng(5)
-    inits = {"Wd": rand(rng, 32, 1, 3, 3, scale=0.1), "Wg": rand(rng, 32, 16, 3, 3, scale=0.1), "Wp": rand(rng, 32, 32, 1, 1, scale=0.1),
+    inits = {"Wd": rand(rng, 32, 1, 3, 3, scale=0.1), "Wg": rand(rng, 32, 16, 3, 3, scale=0.1),
+             "Wp": rand(rng, 32, 32, 1, 1, scale=0.1),
              "Wt": rand(rng, 8, 32, 3, 3, scale=0.1), "Wn": rand(rng, 32, 32, 3, 3, scale=0.1)}
     nodes = [
         helper.make_node("Conv", ["x", "Wd"], ["d"], "depthwise", group=32, pads=[1, 1, 1, 1]),

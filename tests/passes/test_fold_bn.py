@@ -217,7 +217,8 @@ def test_conv1d_channel_column_folds() -> None:
 
 def test_chain_conv_bn_mul_add_collapses() -> None:
     rng = np.random.default_rng(9)
-    inits = {"W": rand(rng, 4, 3, 3, 3, scale=0.5), "s": rand(rng, 1, 4, 1, 1, scale=0.5) + 1, "t": rand(rng, 4, 1, 1, scale=0.5)}
+    inits = {"W": rand(rng, 4, 3, 3, 3, scale=0.5), "s": rand(rng, 1, 4, 1, 1, scale=0.5) + 1,
+             "t": rand(rng, 4, 1, 1, scale=0.5)}
     inits |= bn_params(rng, "bn", 4)
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -234,7 +235,8 @@ def test_chain_conv_bn_mul_add_collapses() -> None:
 
 def test_two_conv_bn_pairs() -> None:
     rng = np.random.default_rng(10)
-    inits = {"W1": rand(rng, 4, 3, 3, 3, scale=0.5), "W2": rand(rng, 5, 4, 1, 1, scale=0.5), "B2": rand(rng, 5, scale=0.5)}
+    inits = {"W1": rand(rng, 4, 3, 3, 3, scale=0.5), "W2": rand(rng, 5, 4, 1, 1, scale=0.5),
+             "B2": rand(rng, 5, scale=0.5)}
     inits |= bn_params(rng, "bn1", 4) | bn_params(rng, "bn2", 5)
     nodes = [
         helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
@@ -404,7 +406,8 @@ def test_decline_matmul_3d_channel_axis_mismatch() -> None:
 
 
 def shared_model(rng: np.random.Generator, second_bn: bool) -> onnx.ModelProto:
-    inits = {"W": rand(rng, 4, 3, 3, 3, scale=0.5), "B": rand(rng, 4, scale=0.5)} | bn_params(rng, "bn1", 4) | bn_params(rng, "bn2", 4)
+    inits = {"W": rand(rng, 4, 3, 3, 3, scale=0.5),
+             "B": rand(rng, 4, scale=0.5)} | bn_params(rng, "bn1", 4) | bn_params(rng, "bn2", 4)
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c1"], name="conv1"), bn_node("c1", "y1", "bn1"),
              helper.make_node("Conv", ["x", "W", "B"], ["c2" if second_bn else "y2"], name="conv2", pads=[1] * 4)]
     if second_bn:

@@ -33,7 +33,8 @@ def chain(c1: int = 64, c2: int = 32, seed: int = 0, bn_gamma: np.ndarray | None
     rng = np.random.default_rng(seed)
     nodes = [node("Conv", ["x", "w1"], "a"), bn_node("a", "an", "bn1"), node("Relu", ["an"], "ar"),
              node("Conv", ["ar", "w2", "b2"], "b"), node("Relu", ["b"], "br"), node("Conv", ["br", "w3", "b3"], "y")]
-    params = {"w1": rand(rng, c1, 3, 3, 3, scale=0.4), "w2": rand(rng, c2, c1, 1, 1, scale=0.4), "b2": rand(rng, c2, scale=0.4), "w3": rand(rng, 4, c2, 1, 1, scale=0.4),
+    params = {"w1": rand(rng, c1, 3, 3, 3, scale=0.4), "w2": rand(rng, c2, c1, 1, 1, scale=0.4),
+              "b2": rand(rng, c2, scale=0.4), "w3": rand(rng, 4, c2, 1, 1, scale=0.4),
               "b3": rand(rng, 4, scale=0.4), **bn(rng, "bn1", c1)}
     if bn_gamma is not None:
         params["bn1_g"] = bn_gamma.astype(np.float32)
@@ -223,7 +224,8 @@ def tf_flatten(zero_in_second: bool = False) -> onnx.ModelProto:
              node("Conv", ["ar", "w2", "b2"], "c"), node("Relu", ["c"], "cr"),
              node("GlobalAveragePool", ["cr"], "gap"), node("Reshape", ["gap", "nhwc"], "r1"),
              node("Reshape", ["r1", "flat"], "f"), node("MatMul", ["f", "wf"], "y")]
-    inits = {"w1": rand(rng, 8, 3, 3, 3, scale=0.4), "b1": rand(rng, 8, scale=0.4), "w2": rand(rng, 16, 8, 1, 1, scale=0.4), "b2": rand(rng, 16, scale=0.4),
+    inits = {"w1": rand(rng, 8, 3, 3, 3, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+             "w2": rand(rng, 16, 8, 1, 1, scale=0.4), "b2": rand(rng, 16, scale=0.4),
              "nhwc": np.asarray([-1, 1, 1, 16]), "flat": np.asarray([0 if zero_in_second else -1, 16]),
              "wf": rand(rng, 16, 5, scale=0.4)}
     return make_model(nodes, X, ["y"], inits)
@@ -295,8 +297,10 @@ def resnext(seed: int = 0, group: int = 4) -> onnx.ModelProto:
              node("Relu", ["gn"], "gr"), node("Conv", ["gr", "w3"], "c"), bn_node("c", "cn", "bn3"),
              node("Conv", ["sr", "wp", "bp"], "p"), node("Add", ["cn", "p"], "s"), node("Relu", ["s"], "so"),
              node("Conv", ["so", "wh", "bh"], "y")]
-    inits = {"w0": rand(rng, 16, 3, 3, 3, scale=0.4), "b0": rand(rng, 16, scale=0.4), "w1": rand(rng, 32, 16, 1, 1, scale=0.4), "wg": rand(rng, 32, 32 // group, 3, 3, scale=0.4),
-             "w3": rand(rng, 16, 32, 1, 1, scale=0.4), "wp": rand(rng, 16, 16, 1, 1, scale=0.4), "bp": rand(rng, 16, scale=0.4), "wh": rand(rng, 4, 16, 1, 1, scale=0.4),
+    inits = {"w0": rand(rng, 16, 3, 3, 3, scale=0.4), "b0": rand(rng, 16, scale=0.4),
+             "w1": rand(rng, 32, 16, 1, 1, scale=0.4), "wg": rand(rng, 32, 32 // group, 3, 3, scale=0.4),
+             "w3": rand(rng, 16, 32, 1, 1, scale=0.4), "wp": rand(rng, 16, 16, 1, 1, scale=0.4),
+             "bp": rand(rng, 16, scale=0.4), "wh": rand(rng, 4, 16, 1, 1, scale=0.4),
              "bh": rand(rng, 4, scale=0.4), **bn(rng, "bn1", 32), **bn(rng, "bn2", 32), **bn(rng, "bn3", 16)}
     return make_model(nodes, X, ["y"], inits)
 

@@ -30,7 +30,8 @@ X = {"x": ["N", 3, 8, 8]}
 
 
 def conv_relu_conv(rng: np.random.Generator, *, shared: bool = False, bias: float = 0.0) -> onnx.ModelProto:
-    init = {"W1": rand(rng, 3, 3, 3, 3, scale=0.5), "B1": rand(rng, 3, scale=0.5) + np.float32(bias), "W2": rand(rng, 4, 3, 3, 3, scale=0.5),
+    init = {"W1": rand(rng, 3, 3, 3, 3, scale=0.5), "B1": rand(rng, 3, scale=0.5) + np.float32(bias),
+            "W2": rand(rng, 4, 3, 3, 3, scale=0.5),
             "B2": rand(rng, 4, scale=0.5)}
     nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["r"], name="relu1"),
@@ -62,7 +63,8 @@ def test_needs_calibration_data_unless_weights_only():
 
 def test_weights_only_is_four_times_smaller_and_most_accurate():
     rng = np.random.default_rng(1)
-    init = {"W": rand(rng, 64, 3, 5, 5, scale=0.5), "B": rand(rng, 64, scale=0.5), "G": rand(rng, 256, 64 * 64, scale=0.5), "H": rand(rng, 10, 256, scale=0.5)}
+    init = {"W": rand(rng, 64, 3, 5, 5, scale=0.5), "B": rand(rng, 64, scale=0.5),
+            "G": rand(rng, 256, 64 * 64, scale=0.5), "H": rand(rng, 10, 256, scale=0.5)}
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[2, 2, 2, 2]),
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "G"], ["g"], transB=1),

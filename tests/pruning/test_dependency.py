@@ -116,7 +116,8 @@ def _tail(op_nodes, inits=None, x=None, **kw):
     rng = np.random.default_rng(1)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), *op_nodes,
              node("Conv", ["t", "w2"], "y")]
-    base = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "w2": rand(rng, 4, 8, 1, 1, scale=0.4)}
+    base = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+            "w2": rand(rng, 4, 8, 1, 1, scale=0.4)}
     return make_model(nodes, x or X, ["y"], {**base, **(inits or {})}, **kw)
 
 
@@ -273,8 +274,10 @@ def _resize_to(sizes_nodes, inits):
              node("Conv", ["p", "w2", "b2"], "b"), node("Relu", ["b"], "deep"), *sizes_nodes,
              node("Resize", ["deep", "", "", "sizes"], "up", mode="nearest"), node("Conv", ["up", "w3"], "y0"),
              node("Conv", ["skip", "w4"], "y1"), node("Add", ["y0", "y1"], "y")]
-    base = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "w2": rand(rng, 6, 8, 1, 1, scale=0.4), "b2": rand(rng, 6, scale=0.4),
-            "w3": rand(rng, 4, 6, 1, 1, scale=0.4), "w4": rand(rng, 4, 8, 1, 1, scale=0.4), "zero": np.asarray([0]), "one": np.asarray([1]),
+    base = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+            "w2": rand(rng, 6, 8, 1, 1, scale=0.4), "b2": rand(rng, 6, scale=0.4),
+            "w3": rand(rng, 4, 6, 1, 1, scale=0.4), "w4": rand(rng, 4, 8, 1, 1, scale=0.4), "zero": np.asarray([0]),
+            "one": np.asarray([1]),
             "two": np.asarray([2]), "four": np.asarray([4])}
     return make_model(nodes, X, ["y"], {**base, **inits}, opset=13)
 

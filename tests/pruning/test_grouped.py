@@ -58,8 +58,10 @@ def _two_readers(g_p: int, g_q: int) -> onnx.ModelProto:
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
              node("Conv", ["ar", "wp", "bp"], "p", group=g_p), node("Conv", ["ar", "wq", "bq"], "q", group=g_q),
              node("Add", ["p", "q"], "s"), node("Conv", ["s", "w3"], "y")]
-    inits = {"w1": rand(rng, 12, 3, 1, 1, scale=0.4), "b1": rand(rng, 12, scale=0.4), "wp": rand(rng, 12, 12 // g_p, 1, 1, scale=0.4), "bp": rand(rng, 12, scale=0.4),
-             "wq": rand(rng, 12, 12 // g_q, 1, 1, scale=0.4), "bq": rand(rng, 12, scale=0.4), "w3": rand(rng, 4, 12, 1, 1, scale=0.4)}
+    inits = {"w1": rand(rng, 12, 3, 1, 1, scale=0.4), "b1": rand(rng, 12, scale=0.4),
+             "wp": rand(rng, 12, 12 // g_p, 1, 1, scale=0.4), "bp": rand(rng, 12, scale=0.4),
+             "wq": rand(rng, 12, 12 // g_q, 1, 1, scale=0.4), "bq": rand(rng, 12, scale=0.4),
+             "w3": rand(rng, 4, 12, 1, 1, scale=0.4)}
     return make_model(nodes, X, ["y"], inits)
 
 
@@ -182,7 +184,8 @@ def test_padded_grouped_compensation_is_exact_inside():
     rng = np.random.default_rng(3)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), bn_node("a", "an", "bn"), node("Relu", ["an"], "ar"),
              node("Conv", ["ar", "wg", "bg"], "y", group=2, pads=[1, 1, 1, 1])]
-    inits = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "wg": rand(rng, 4, 4, 3, 3, scale=0.4), "bg": rand(rng, 4, scale=0.4), **bn(rng, "bn", 8)}
+    inits = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+             "wg": rand(rng, 4, 4, 3, 3, scale=0.4), "bg": rand(rng, 4, scale=0.4), **bn(rng, "bn", 8)}
     inits["bn_b"] = np.abs(inits["bn_b"]) + 1.0
     model = make_model(nodes, X, ["y"], inits)
     pruned, _, remove, report = prune(model, {0: np.array([0, 5])})
@@ -206,8 +209,10 @@ def test_restoring_a_channel_restores_one_per_block():
              node("Conv", ["t", "wt"], "y2"), node("Conv", ["ar", "wz"], "y3")]
     def ints(v):
         return np.asarray([v], np.int64)
-    inits = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "s0": ints(0), "e4": ints(4), "e1": ints(1), "ax": ints(1),
-             "wg": rand(rng, 4, 2, 1, 1, scale=0.4), "bg": rand(rng, 4, scale=0.4), "wy": rand(rng, 2, 4, 1, 1, scale=0.4), "wt": rand(rng, 2, 1, 1, 1, scale=0.4),
+    inits = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "s0": ints(0), "e4": ints(4),
+             "e1": ints(1), "ax": ints(1),
+             "wg": rand(rng, 4, 2, 1, 1, scale=0.4), "bg": rand(rng, 4, scale=0.4),
+             "wy": rand(rng, 2, 4, 1, 1, scale=0.4), "wt": rand(rng, 2, 1, 1, 1, scale=0.4),
              "wz": rand(rng, 2, 8, 1, 1, scale=0.4)}
     model = make_model(nodes, X, ["y1", "y2", "y3"], inits)
     analysis = analyze(serde.to_graph(model))

@@ -27,7 +27,8 @@ X = {"x": ["N", 3, 8, 8]}
 
 def residual(rng: np.random.Generator) -> onnx.ModelProto:
     """conv1 -> Relu -> conv2 ; add(conv2, conv1 branch) -> Relu -> GlobalAveragePool -> Flatten -> fc."""
-    init = {"W1": rand(rng, 4, 3, 3, 3, scale=0.5), "B1": rand(rng, 4, scale=0.5), "W2": rand(rng, 4, 4, 3, 3, scale=0.5), "B2": rand(rng, 4, scale=0.5),
+    init = {"W1": rand(rng, 4, 3, 3, 3, scale=0.5), "B1": rand(rng, 4, scale=0.5),
+            "W2": rand(rng, 4, 4, 3, 3, scale=0.5), "B2": rand(rng, 4, scale=0.5),
             "F": rand(rng, 6, 4, scale=0.5), "Fb": rand(rng, 6, scale=0.5)}
     nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["r"], name="relu1"),
