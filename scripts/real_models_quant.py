@@ -98,14 +98,14 @@ def synthetic_image(h: int, w: int, rng: np.random.Generator, *, text_only: bool
     return np.asarray(pil, np.float32) / 255.0
 
 
-def _shapes(spec: RealModel) -> dict[str, tuple[int, ...]]:
-    side = SIZES.get(spec.key, 224)
+def _shapes(spec: RealModel, side: int | None = None) -> dict[str, tuple[int, ...]]:
+    side = side or SIZES.get(spec.key, 224)
     return {name: tuple(side if d is None else d for d in shape) for name, shape in spec.inputs.items()}
 
 
-def _one_sample(spec: RealModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _one_sample(spec: RealModel, rng: np.random.Generator, side: int | None = None) -> dict[str, np.ndarray]:
     """One batch-1 feed in the model's preprocessing and layout."""
-    shapes = _shapes(spec)
+    shapes = _shapes(spec, side)
     name, shape = next(iter(shapes.items()))
     if spec.key == "opennsfw":
         rgb = synthetic_image(shape[1], shape[2], rng) * 255.0
@@ -125,13 +125,14 @@ def _one_sample(spec: RealModel, rng: np.random.Generator) -> dict[str, np.ndarr
     return {name: rgb.transpose(2, 0, 1)[None].astype(np.float32).copy()}
 
 
-def make_inputs(spec: RealModel, n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """``n`` batch-1 feeds for ``spec`` (refinenet: craftnet's float outputs on synthetic images)."""
+def make_inputs(spec: RealModel, n: int, seed: int, side: int | None = None) -> list[dict[str, np.ndarray]]:
+    """``n`` batch-1 feeds for ``spec`` (refinenet: craftnet's float outputs on synthetic images);
+    ``side``: the free spatial dims (default :data:`SIZES`)."""
     rng = np.random.default_rng(seed)
     if spec.key != "refinenet":
-        return [_one_sample(spec, rng) for _ in range(n)]
+        return [_one_sample(spec, rng, side) for _ in range(n)]
     craft = CATALOG["craftnet"]
-    side = 2 * SIZES["refinenet"]
+    side = 2 * (side or SIZES["refinenet"])
     session = _session(str(locate(craft)), optimize=True)
     feeds = []
     for _ in range(n):

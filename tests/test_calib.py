@@ -1,7 +1,6 @@
 import numpy as np
 import onnx
 import pytest
-from helpers import parse
 from PIL import Image
 
 from onnxcompress.core.errors import InputError
@@ -15,6 +14,7 @@ from onnxcompress.runtime.data import (
     parse_dims,
     parse_preprocess,
 )
+from tests.helpers.builders import parse
 
 IMG = parse("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,4,4] x) => (float[N,3,4,4] y) { y = Relu(x) }""")

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-from helpers import parse
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.runtime.capture import capture, expose
 from onnxcompress.runtime.data import RandomSource, input_specs
+from tests.helpers.builders import parse
 
 MODEL = parse("""<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3] x) => (float[N,3] y) {

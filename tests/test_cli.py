@@ -11,6 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxcompress.cli import main
+from tests.helpers.runs import python_env
 
 
 def _conv_bn_model() -> onnx.ModelProto:
@@ -162,7 +163,8 @@ def test_passes_lists_registry(capsys):
 def test_console_script_no_traceback(tmp_path):
     p = tmp_path / "bad.onnx"
     p.write_bytes(b"\x08\x01garbage")
-    proc = subprocess.run([sys.executable, "-m", "onnxcompress", "inspect", str(p)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "onnxcompress", "inspect", str(p)], capture_output=True, text=True,
+                          env=python_env())
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error:")
 

@@ -6,24 +6,27 @@ timing); a pass missing from it runs with its defaults. Every pass gets the same
 source (a slice of ``models/digits_calib.npz``), used or not.
 
 Each pass runs twice in this process, and once more in a fresh interpreter with another
-``PYTHONHASHSEED`` (this file run as a script prints the SHA-256 of every pass's output), so
+``PYTHONHASHSEED`` (this module run as a script prints the SHA-256 of every pass's output), so
 set/dict iteration order, object ids and hash randomisation cannot leak into the output.
 
-Run as a script: ``python tests/test_determinism.py`` prints ``{pass: sha256}`` as JSON.
+Run as a script: ``python -m tests.test_determinism`` prints ``{pass: sha256}`` as JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import PassContext
+from onnxcompress.pipeline.manager import PassManager, parse_spec
+from onnxcompress.runtime.data import open_source
+from tests.helpers.runs import ROOT, builtin_passes, python_env
+
 MODEL = ROOT / "models" / "resnet_digits.onnx"
 CALIB = ROOT / "models" / "digits_calib.npz"
 CALIB_SAMPLES = 32
@@ -47,16 +50,12 @@ BEFORE: dict[str, str] = {"bias_correction": "quantize_int8:latency_aware=false"
 
 def pass_names() -> list[str]:
     """Every registered pass, sorted."""
-    from helpers import builtin_passes as registry
-
-    return sorted(registry())
+    return sorted(builtin_passes())
 
 
 def spec_of(name: str) -> str:
     """``name`` with its table options that the registered pass knows (after its :data:`BEFORE` pass)."""
-    from helpers import builtin_passes as registry
-
-    known = registry()[name].options
+    known = builtin_passes()[name].options
     opts = {k: v for k, v in OPTIONS.get(name, {}).items() if k in known}
     spec = ":".join([name, *(f"{k}={v}" for k, v in sorted(opts.items()))])
     return f"{BEFORE[name]},{spec}" if name in BEFORE else spec
@@ -65,11 +64,6 @@ def spec_of(name: str) -> str:
 def run_pass(name: str, model: onnx.ModelProto) -> tuple[bytes, bool]:
     """Serialized output of the pass ``name`` on ``model`` (not modified) with a fresh context,
     and whether the pass (the last one of its spec) changed the graph."""
-    from onnxcompress.core import serde
-    from onnxcompress.core.pass_api import PassContext
-    from onnxcompress.pipeline.manager import PassManager, parse_spec
-    from onnxcompress.runtime.data import open_source
-
     ctx = PassContext(calib=open_source(str(CALIB), model, limit=CALIB_SAMPLES), seed=SEED)
     out, records = PassManager(parse_spec(spec_of(name)), ctx).run(serde.load_model(model))
     return out.SerializeToString(), records[-1].result.modified
@@ -105,9 +99,9 @@ if __name__ != "__main__":
             assert modified, f"{name} changed nothing: its determinism is not tested"
 
     def test_same_bytes_in_a_fresh_process_with_another_hash_seed(outputs):
-        env = {**os.environ, "PYTHONHASHSEED": "12345", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=ROOT,
-                              timeout=300, check=False)
+        env = python_env(PYTHONHASHSEED="12345", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-m", "tests.test_determinism"], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         theirs = json.loads(proc.stdout.strip().splitlines()[-1])
         ours = {name: hashlib.sha256(data).hexdigest() for name, (data, _) in outputs.items()}
@@ -117,9 +111,7 @@ if __name__ != "__main__":
     def test_table_names_only_known_options_or_future_passes():
         """A typo in :data:`OPTIONS` would silently test defaults: every key must be an option of
         its pass (passes not registered yet are allowed)."""
-        from helpers import builtin_passes as registry
-
-        passes = registry()
+        passes = builtin_passes()
         future = {"latency_aware"}  # quantize_int8 option being added
         for name, opts in OPTIONS.items():
             if name in passes:
@@ -127,5 +119,4 @@ if __name__ != "__main__":
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(digests(), sort_keys=True))

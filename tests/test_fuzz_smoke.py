@@ -1,22 +1,15 @@
 """A few dozen examples of each fuzz target in scripts/fuzz.py: they run and find nothing."""
 
-import importlib.util
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "fuzz.py"
+from tests.helpers.runs import load_script
 
 
 @pytest.fixture(scope="module")
 def fuzz():
-    spec = importlib.util.spec_from_file_location("onnxcompress_fuzz", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fuzz")
 
 
 @pytest.mark.parametrize("name,examples", [("load", 40), ("spec", 40), ("cli", 4)])

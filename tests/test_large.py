@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import ort_run, rel_err
 from onnx import helper, numpy_helper
 
 from onnxcompress import api
@@ -23,11 +22,11 @@ from onnxcompress.core.pass_api import Pass, PassContext, PassResult
 from onnxcompress.core.shapes import infer_shapes
 from onnxcompress.passes import simplify as simplify_mod
 from onnxcompress.passes.factorize_svd import FactorizeSvd
-from onnxcompress.pipeline import manager
+from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.runtime import session as runtime
+from tests.helpers.runs import ort_run, rel_err
 
 SMALL = 1 << 20  # 1 MiB: the model below (~10 MB) counts as "over 2 GB"
-_write = serde._write_external
 
 
 def _big_model() -> onnx.ModelProto:
@@ -64,10 +63,10 @@ def _big_model() -> onnx.ModelProto:
 
 
 @pytest.fixture
-def low_limits(monkeypatch):
+def low_limits():
     """Make every size check treat megabytes as the 2 GB limit."""
-    monkeypatch.setattr(serde, "EXTERNAL_THRESHOLD", SMALL)
-    monkeypatch.setattr(serde, "PROTO_LIMIT", SMALL)
+    with serde.size_limits(proto=SMALL, external=SMALL):
+        yield
 
 
 def _feeds():
@@ -240,16 +239,15 @@ class _KeepSpy(_Spy):
 
 
 @pytest.mark.parametrize("release, spy_class", [(False, _Spy), (True, _Spy), (True, _KeepSpy)])
-def test_owned_run_releases_the_input_before_the_pass(monkeypatch, release, spy_class):
+def test_owned_run_releases_the_input_before_the_pass(release, spy_class):
     """Released: the pass's graph no longer shares the input's weights (and an unchanged pass
     hands back the same bytes). Not released (small model, or a pass with ``releases_input``
     False): it does, and an unchanged model comes back as is."""
-    monkeypatch.setattr(manager, "RELEASE_BYTES", 0 if release else 1 << 62)
     m = _big_model()
     want = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     before = _big_model().SerializeToString()
     spy = spy_class(m)
-    out, _ = manager.PassManager([spy], check=False).run(m, owned=True)
+    out, _ = PassManager([spy], check=False, release_bytes=0 if release else 1 << 62).run(m, owned=True)
     released = release and spy.releases_input
     assert np.array_equal(spy.seen["fc2"], want["fc2"]) is released
     if released:
@@ -263,11 +261,11 @@ SPECS = ["fold_bn", "prune_channels", "factorize_svd:rank=8", "quantize_int8:wei
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_released_input_gives_the_same_model(monkeypatch, spec):
+def test_released_input_gives_the_same_model(spec):
+    """What ``optimize`` without validation runs (the manager, input owned), releasing every input."""
     m = _big_model()
-    want, report = api.optimize(m, spec, validate=False)
-    monkeypatch.setattr(manager, "RELEASE_BYTES", 0)
-    got, _ = api.optimize(m, spec, validate=False)
+    want, report = api.optimize(m, spec, validate=False)  # ~10 MB: under RELEASE_BYTES, nothing released
+    got, _ = PassManager(parse_spec(spec), release_bytes=0).run(serde.load_model(m), owned=True)
     assert got.SerializeToString() == want.SerializeToString()
     assert m.SerializeToString() == _big_model().SerializeToString()
     if spec.endswith("100000"):
@@ -285,12 +283,14 @@ def test_factorize_keeps_no_replaced_weight():
 
 
 def test_check_by_path_from_its_threshold(monkeypatch):
-    monkeypatch.setattr(serde, "_CHECK_BY_PATH", SMALL)
-    calls = []
-    monkeypatch.setattr(serde, "_write_external", lambda *a, **k: (calls.append(1), _write(*a, **k))[1])
+    given = []
+    check = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda model, **kw: (given.append(model), check(model, **kw))[1])
     serde.check_model(_big_model(), full=True)
-    bad = _big_model()
-    bad.graph.node[7].input[0] = "nowhere"
-    with pytest.raises(onnx.checker.ValidationError):
-        serde.check_model(bad, full=True)
-    assert len(calls) == 2
+    with serde.size_limits(check_by_path=SMALL):
+        serde.check_model(_big_model(), full=True)
+        bad = _big_model()
+        bad.graph.node[7].input[0] = "nowhere"
+        with pytest.raises(onnx.checker.ValidationError):
+            serde.check_model(bad, full=True)
+    assert [type(m) for m in given] == [onnx.ModelProto, str, str]  # in memory under it, by path from it

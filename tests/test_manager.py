@@ -7,7 +7,6 @@ import re
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import parse
 
 from onnxcompress.core import pass_api
 from onnxcompress.core.errors import InputError, PassFailed
@@ -24,6 +23,7 @@ from onnxcompress.core.pass_api import (
     register,
 )
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, get_pass, parse_spec, registry
+from tests.helpers.builders import parse
 
 MODEL = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2,3] x) => (float[2,3] y) { r = Relu(x)
@@ -235,7 +235,7 @@ def test_option_intervals():
 
 
 def _builtin_intervals() -> list[tuple[str, str, Option]]:
-    from helpers import builtin_passes
+    from tests.helpers.runs import builtin_passes
 
     return [(name, key, opt) for name, cls in builtin_passes().items() for key, opt in cls.options.items()
             if opt.interval is not None]
@@ -262,7 +262,7 @@ def test_out_of_range_options_are_refused_at_parse_time(name, key, opt):
 
 
 def test_every_pass_with_numeric_options_declares_ranges():
-    from helpers import builtin_passes
+    from tests.helpers.runs import builtin_passes
 
     unchecked = {"prune_channels": {"seed"}}  # any seed is fine
     for name, cls in builtin_passes().items():

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+
+from tests.helpers.graphs import op_types
+from tests.helpers.runs import ort_run
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 NAMES = ["resnet", "mobilenetv2", "vgg", "concat"]
@@ -27,11 +29,6 @@ def load(name: str) -> onnx.ModelProto:
     return onnx.load(str(MODELS_DIR / manifest()["models"][name]["file"]))
 
 
-def ops(model: onnx.ModelProto) -> list[str]:
-    """Op types of the main graph."""
-    return [n.op_type for n in model.graph.node]
-
-
 def dims(value: onnx.ValueInfoProto) -> list[int | str]:
     """Shape of a graph input/output: ints, or the symbolic name."""
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
@@ -39,11 +36,7 @@ def dims(value: onnx.ValueInfoProto) -> list[int | str]:
 
 def ort_accuracy(path: Path, data: dict[str, np.ndarray]) -> float:
     """Accuracy of the model at ``path`` (ORT, optimizations off, 1 thread)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    logits = sess.run(["logits"], {"input": data["input"]})[0]
+    logits = ort_run(path, {"input": data["input"]}, ["logits"])[0]
     return float((logits.argmax(axis=1) == data["labels"]).mean())
 
 
@@ -67,7 +60,7 @@ def test_model_structure(name):
     onnx.checker.check_model(model, full_check=True)
     opset = {o.domain: o.version for o in model.opset_import}
     assert opset.get("", opset.get("ai.onnx")) == 17
-    assert "BatchNormalization" in ops(model)
+    assert "BatchNormalization" in op_types(model)
     for node in model.graph.node:
         if node.op_type == "BatchNormalization":
             assert len(node.output) == 1  # inference form
@@ -101,8 +94,8 @@ def test_model_accuracy(name):
 
 def test_mobilenet_clip_and_depthwise():
     model = load("mobilenetv2")
-    assert "Clip" in ops(model)
-    assert "Add" in ops(model)
+    assert "Clip" in op_types(model)
+    assert "Add" in op_types(model)
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     depthwise = [
         n
@@ -117,12 +110,12 @@ def test_mobilenet_clip_and_depthwise():
 
 
 def test_resnet_has_residual_add():
-    assert "Add" in ops(load("resnet"))
+    assert "Add" in op_types(load("resnet"))
 
 
 def test_vgg_flatten_into_gemm_with_spatial_extent():
     model = load("vgg")
-    assert ops(model).count("Gemm") == 2
+    assert op_types(model).count("Gemm") == 2
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
     gemm = next(
@@ -134,8 +127,8 @@ def test_vgg_flatten_into_gemm_with_spatial_extent():
 
 def test_concat_has_concat_and_split():
     model = load("concat")
-    assert "Concat" in ops(model)
-    assert "Split" in ops(model)
+    assert "Concat" in op_types(model)
+    assert "Split" in op_types(model)
     for node in model.graph.node:
         if node.op_type in ("Concat", "Split"):
             axis = next(a.i for a in node.attribute if a.name == "axis")

@@ -1,9 +1,12 @@
 import numpy as np
 import onnx
-from helpers import op_types, ort_run, parse, random_feeds
 from onnx import helper, numpy_helper
 
 from onnxcompress.core.normalize import normalize, upgrade_opset
+from tests.helpers.builders import parse
+from tests.helpers.graphs import op_types
+from tests.helpers.runs import ort_run
+from tests.helpers.tensors import random_feeds
 
 
 def test_constants_identity_sum():

@@ -31,17 +31,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from helpers import builtin_passes, ort_run, random_feeds, run_passes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from pruning.cases import max_err, padded_depthwise_gemm, prune, zeroed
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pruning.apply import apply_pruning, mask_inputs
 from onnxcompress.pruning.dependency import analyze
 from onnxcompress.runtime.data import open_source
+from tests.helpers.pruning import padded_depthwise_gemm, prune, zeroed
+from tests.helpers.runs import builtin_passes, max_err, ort_run, run_passes
+from tests.helpers.tensors import random_feeds
 
 TOL = 1e-5
 SETTINGS = {"derandomize": True, "deadline": None, "suppress_health_check": list(HealthCheck)}
@@ -314,7 +315,7 @@ def test_pruning_oracles(plan, seed, ratio):
     # Without compensation: equal to the original whose consumers ignore the removed channels (always exact).
     graph = serde.to_graph(model)
     analysis = analyze(graph)
-    from pruning.cases import choose
+    from tests.helpers.pruning import choose
 
     remove = choose(analysis, seed, ratio)
     apply_pruning(analysis, remove, compensate=False)

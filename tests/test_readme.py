@@ -8,6 +8,8 @@ from pathlib import Path
 
 import onnx
 
+from tests.helpers.runs import python_env
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -38,7 +40,8 @@ def test_quick_start_command(tmp_path):
     args = shlex.split(line.split("&&", 1)[1])
     assert args[0] == "onnxcompress"
     args = [str(ROOT / a) if a.startswith("models/") else a for a in args[1:]]
-    proc = subprocess.run([sys.executable, "-m", "onnxcompress", *args], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "onnxcompress", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=python_env())
     assert proc.returncode == 0, proc.stderr
     assert "gate passed" in proc.stdout and "before → after" in proc.stdout
     out = onnx.load(tmp_path / "resnet_digits.opt.onnx")

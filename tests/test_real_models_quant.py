@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import load_script
 
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.passes.quantize_int8 import CPU_FLAGS
@@ -22,13 +21,14 @@ from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.placement import R_QUANTIZED
 from onnxcompress.runtime.data import open_source
+from tests.helpers.runs import load_script
 
 rq = load_script("real_models_quant")
 
-#: key -> (min cosine per output, max unfused Q/DQ: islands the model's float ops force)
+#: key -> (min cosine per output, max unfused Q/DQ: islands the model's float ops force, input size)
 EXPECT = {
-    "ddddocr_ocr": (0.95, 3),  # the float LSTM between the conv backbone and the classifier
-    "refinenet": (0.99, 0),
+    "ddddocr_ocr": (0.95, 3, 96),  # the float LSTM between the conv backbone and the classifier
+    "refinenet": (0.99, 0, 32),
 }
 
 
@@ -48,15 +48,13 @@ def _quantize(path: Path, feeds: list[dict[str, np.ndarray]]):
 
 
 @pytest.mark.parametrize("key", sorted(EXPECT))
-def test_real_model_quantizes_validly_and_close_to_float(key, monkeypatch):
+def test_real_model_quantizes_validly_and_close_to_float(key):
     spec, path = _require(key)
-    monkeypatch.setitem(rq.SIZES, "refinenet", 32)
-    monkeypatch.setitem(rq.SIZES, "ddddocr_ocr", 96)
-    min_cos, max_unfused = EXPECT[key]
-    model, quantized, result = _quantize(path, rq.make_inputs(spec, 4, seed=1))
+    min_cos, max_unfused, side = EXPECT[key]
+    model, quantized, result = _quantize(path, rq.make_inputs(spec, 4, seed=1, side=side))
     onnx.checker.check_model(quantized, full_check=True)
     assert result.stats.get("quantized_Conv", 0) >= 10
-    test = rq.make_inputs(spec, 2, seed=2)
+    test = rq.make_inputs(spec, 2, seed=2, side=side)
     ref_session, q_session = rq._session(str(path), optimize=True), rq._session(quantized.SerializeToString(),
                                                                                optimize=True)
     ref = [ref_session.run(None, f) for f in test]

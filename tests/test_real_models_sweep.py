@@ -7,7 +7,8 @@ Skipped (with the install command) when the package is missing. Each cell must e
 from __future__ import annotations
 
 import pytest
-from helpers import builtin_passes, load_script
+
+from tests.helpers.runs import builtin_passes, load_script
 
 sweep = load_script("sweep_real_models")
 

@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from helpers import make_model, ort_run
 from onnx import helper, numpy_helper
 
 from onnxcompress.core.errors import InputError
@@ -21,32 +20,11 @@ from onnxcompress.reconstruct.layerview import (
 from onnxcompress.reconstruct.lstsq import LstsqAccumulator
 from onnxcompress.reconstruct.refit import LayerTarget, reconstruct_layers
 from onnxcompress.runtime.data import RandomSource, input_specs
+from tests.helpers.builders import make_model, small_net
+from tests.helpers.runs import ort_run
+from tests.helpers.tensors import he
 
 # ---------------------------------------------------------------- builders
-
-
-def he(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    fan_in = int(np.prod(shape[1:]))
-    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-
-def small_net(seed: int = 0) -> onnx.ModelProto:
-    """x[N,3,8,8] → Conv(3→8,3x3,p1) → Relu → Conv(8→4,3x3,p1,s2) → Relu → Flatten → Gemm(64→10)."""
-    rng = np.random.default_rng(seed)
-    inits = {
-        "w1": he(rng, 8, 3, 3, 3), "b1": (0.1 * rng.standard_normal(8)).astype(np.float32),
-        "w2": he(rng, 4, 8, 3, 3), "b2": (0.1 * rng.standard_normal(4)).astype(np.float32),
-        "wg": he(rng, 10, 64), "bg": (0.1 * rng.standard_normal(10)).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Relu", ["c2"], ["r2"], "relu2"),
-        helper.make_node("Flatten", ["r2"], ["f"], "flatten"),
-        helper.make_node("Gemm", ["f", "wg", "bg"], ["out"], "fc", transB=1),
-    ]
-    return make_model(nodes, {"x": ["N", 3, 8, 8]}, ["out"], inits)
 
 
 def with_weight(model: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:

@@ -21,6 +21,7 @@ from onnxcompress.cli import main
 from onnxcompress.core.errors import InputError
 from onnxcompress.reporting.report import PLOT_HINT, build_report, load_inputs, pareto_front, pipeline_label
 from onnxcompress.runtime import progress
+from tests.helpers.builders import small_net
 
 DATA = Path(__file__).parent / "data"
 OPT_DEFAULT = DATA / "report_optimize_default.json"
@@ -259,8 +260,6 @@ def test_bar_is_removed_when_the_loop_raises(monkeypatch) -> None:
 
 
 def test_optimize_reports_each_pass_to_the_steps_bar(monkeypatch) -> None:
-    from test_reconstruct import small_net
-
     from onnxcompress import api
 
     seen = []
@@ -277,9 +276,8 @@ def test_optimize_reports_each_pass_to_the_steps_bar(monkeypatch) -> None:
 
 
 def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> None:
-    from test_reconstruct import calib, small_net
-
     from onnxcompress.reconstruct import refit as reconstruct
+    from onnxcompress.runtime.data import RandomSource, input_specs
 
     calls = []
     real = reconstruct.track
@@ -292,5 +290,5 @@ def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> 
     teacher = small_net()
     layers = [reconstruct.LayerTarget("conv2", "c2"), reconstruct.LayerTarget("fc", "out")]
     for flag in (True, False):
-        reconstruct.reconstruct_layers(teacher, teacher, layers, calib(teacher, 32), batch_size=32, progress=flag)
+        reconstruct.reconstruct_layers(teacher, teacher, layers, RandomSource(input_specs(teacher), 32, seed=1), batch_size=32, progress=flag)
     assert calls == [("refitting 2 layers in 2 runs", True), ("refitting 2 layers in 2 runs", False)]

@@ -4,12 +4,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import ort_run, random_feeds
 from onnx import helper, numpy_helper
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.shapes import infer_graph, infer_shapes, shape_model
+from tests.helpers.runs import ort_run
+from tests.helpers.tensors import random_feeds
 
 TEXT = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,{rows}] x) => (float[N,{cols}] y) {{

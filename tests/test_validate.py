@@ -3,13 +3,13 @@ import math
 import numpy as np
 import onnx
 import pytest
-from helpers import parse
 from onnx import numpy_helper
 
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.pass_api import Numerics
 from onnxcompress.pipeline.validate import Gate, compare_models
 from onnxcompress.runtime.data import IterableSource, RandomSource, input_specs
+from tests.helpers.builders import parse
 
 CLS = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,4] x) => (float[N,3] y) { y = MatMul(x, w) }"""

@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ __all__ = [
     "KNOWN_DOMAINS",
     "MIN_OPSET",
     "PROTO_LIMIT",
+    "EXTERNAL_THRESHOLD",
+    "size_limits",
     "load_model",
     "save_model",
     "check_model",
@@ -51,9 +54,27 @@ KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onn
 MIN_OPSET = 7
 #: Protobuf's hard limit; above ~this many bytes of weights a model must use external data.
 PROTO_LIMIT = 2**31 - 1
+#: Above this many bytes of weights a model is saved, inferred and run from external data.
 EXTERNAL_THRESHOLD = int(1.8 * 2**30)
 #: From this many bytes of weights :func:`check_model` checks a weight-less copy on disk.
 _CHECK_BY_PATH = 256 * 2**20
+
+
+@contextlib.contextmanager
+def size_limits(*, proto: int | None = None, external: int | None = None,
+                check_by_path: int | None = None) -> Iterator[None]:
+    """Use other size thresholds (bytes of weights) inside the block: :data:`PROTO_LIMIT`,
+    :data:`EXTERNAL_THRESHOLD` and the check-by-path size of :func:`check_model` (``None`` keeps
+    one). Lowered, they run the over-2-GB code paths on a small model, as the tests do."""
+    global PROTO_LIMIT, EXTERNAL_THRESHOLD, _CHECK_BY_PATH
+    saved = PROTO_LIMIT, EXTERNAL_THRESHOLD, _CHECK_BY_PATH
+    PROTO_LIMIT = PROTO_LIMIT if proto is None else proto
+    EXTERNAL_THRESHOLD = EXTERNAL_THRESHOLD if external is None else external
+    _CHECK_BY_PATH = _CHECK_BY_PATH if check_by_path is None else check_by_path
+    try:
+        yield
+    finally:
+        PROTO_LIMIT, EXTERNAL_THRESHOLD, _CHECK_BY_PATH = saved
 
 
 def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:

@@ -20,7 +20,7 @@ from onnx import helper
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import Names, node_label
-from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult
+from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot
 from onnxcompress.core.shapes import DEFAULT_DYNAMIC_DIM, shape_model
 from onnxcompress.lowrank.factorize import (
     MAX_GRAM_DIM,
@@ -47,7 +47,7 @@ from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_
 from onnxcompress.runtime.capture import capture
 from onnxcompress.runtime.data import Batch, CalibSource
 
-__all__ = ["COMMON_OPTIONS", "FactorizePass"]
+__all__ = ["COMMON_OPTIONS", "MAX_GRAM_DIM_LIMIT", "FactorizePass"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ COMMON_OPTIONS: dict[str, Option] = {
 }
 
 
+#: Caller-given override of :data:`~onnxcompress.lowrank.factorize.MAX_GRAM_DIM` (e.g. a small one in tests).
+MAX_GRAM_DIM_LIMIT = Slot("factorize_max_gram_dim", int, "the whitening size limit",
+                          "largest input-statistics side the factorize_* passes whiten")
+
+
 class FactorizePass(Pass):
     """Base class of the ``factorize_*`` passes (not registered itself).
 
@@ -83,6 +88,7 @@ class FactorizePass(Pass):
     """
 
     numerics = Numerics.LOSSY
+    reads = (MAX_GRAM_DIM_LIMIT,)
     options: ClassVar[Mapping[str, Option]] = COMMON_OPTIONS
     ops: ClassVar[frozenset[str]] = frozenset()
 
@@ -181,9 +187,10 @@ class FactorizePass(Pass):
                     result: PassResult) -> bool:
         """Fill ``layer.sigma`` from one calibration run of the original model; False if it failed."""
         views, accs, rngs, kept = [], [], [], []
+        max_dim = ctx.get(MAX_GRAM_DIM_LIMIT) or MAX_GRAM_DIM
         for i, layer in enumerate(layers):
             acc = GramAccumulator(self.gram_kind(layer), layer.channels[0], layer.kernel)
-            if acc.dim > MAX_GRAM_DIM:
+            if acc.dim > max_dim:
                 log.info("%s: %s: input statistics of side %d are too large: plain factorization",
                          self.name, layer.where, acc.dim)
                 result.count("whitening_skipped")

@@ -113,6 +113,8 @@ class PassManager:
         ctx: The context handed to every pass.
         check: Run the full ONNX checker after each pass.
         on_pass: Called with each :class:`PassRecord` as soon as its pass finishes.
+        release_bytes: Weights from which :meth:`run` with ``owned`` releases each pass's input
+            (default :data:`RELEASE_BYTES`).
 
     Raises:
         InputError: The pipeline fails :func:`check_pipeline` (slots already in ``ctx`` count as
@@ -120,12 +122,13 @@ class PassManager:
     """
 
     def __init__(self, passes: Iterable[Pass], ctx: PassContext | None = None, *, check: bool = True,
-                 on_pass: Callable[[PassRecord], None] | None = None):
+                 on_pass: Callable[[PassRecord], None] | None = None, release_bytes: int = RELEASE_BYTES):
         self.passes = list(passes)
         self.ctx = ctx or PassContext()
         self.check = check
         self.on_pass = on_pass
         check_pipeline(self.passes, calib=self.ctx.calib is not None, provided=self.ctx.provided())
+        self.release_bytes = release_bytes
 
     @property
     def numerics(self) -> Numerics:
@@ -159,7 +162,7 @@ class PassManager:
         Args:
             model: The input model.
             owned: The caller keeps no reference to ``model`` (pass it as ``run(box.pop())``).
-                Then, for models with at least :data:`RELEASE_BYTES` of weights, each pass's
+                Then, for models with at least ``release_bytes`` of weights, each pass's
                 input model is freed as soon as its graph is built (the graph takes a copy of the
                 weights, :func:`~onnxcompress.core.serde.detach_weights`), so the input's weights never
                 coexist with what the pass reads, builds and exports. Models under the threshold
@@ -179,7 +182,7 @@ class PassManager:
                 start = time.perf_counter()
                 graph = serde.to_graph(model)
                 template = model
-                release = owned and p.releases_input and serde.weights_nbytes(model) >= RELEASE_BYTES
+                release = owned and p.releases_input and serde.weights_nbytes(model) >= self.release_bytes
                 if release:
                     template = serde.skeleton_model(model)
                     serde.detach_weights(graph)

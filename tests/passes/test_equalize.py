@@ -8,13 +8,16 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import make_model, op_types, ort_run, random_feeds, run_passes
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
 from onnxcompress.passes.equalize import DECLINE_REASONS, Equalize
 from onnxcompress.pipeline.manager import get_pass, parse_spec
+from tests.helpers.builders import make_model
+from tests.helpers.graphs import initializers, op_types
+from tests.helpers.runs import ort_run, run_passes
+from tests.helpers.tensors import random_feeds
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -46,12 +49,8 @@ def chain_model(rng: np.random.Generator, mid: list[onnx.NodeProto] | None = Non
     return make_model(nodes, {"x": x_shape or [2, 3, 8, 8]}, list(outputs), inits)
 
 
-def inits_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
 def node_weights(model: onnx.ModelProto, node_name: str) -> list[np.ndarray]:
-    inits = inits_of(model)
+    inits = initializers(model)
     node = next(n for n in model.graph.node if n.name == node_name)
     return [inits[i] for i in node.input[1:] if i in inits]
 
@@ -74,9 +73,9 @@ def equalize(model: onnx.ModelProto, spec: str = "equalize", dims=(2,), rtol: fl
 def assert_declined(model: onnx.ModelProto, reason: str, spec: str = "equalize") -> PassResult:
     new, result = equalize(model, spec)
     assert not result.modified and result.stats["groups"] == 0, result.stats
-    assert inits_of(new).keys() == inits_of(model).keys()
-    for k, v in inits_of(model).items():
-        np.testing.assert_array_equal(inits_of(new)[k], v)
+    assert initializers(new).keys() == initializers(model).keys()
+    for k, v in initializers(model).items():
+        np.testing.assert_array_equal(initializers(new)[k], v)
     assert reason in [d.code for d in result.declined], result.declined
     return result
 
@@ -152,7 +151,7 @@ def test_gemm_pair(trans_b1: int, trans_b2: int, second: str) -> None:
         nodes.append(helper.make_node("MatMul", ["r", "B2"], ["y"], name="fc2"))
     model = make_model(nodes, {"x": ["N", 5]}, ["y"], inits)
     new, result = equalize(model, dims=(1, 3))
-    assert result.stats["groups"] == 1 and inits_of(new)["C1"].shape == (1, 7)
+    assert result.stats["groups"] == 1 and initializers(new)["C1"].shape == (1, 7)
     v1, v2 = node_weights(new, "fc1")[0], node_weights(new, "fc2")[0]
     np.testing.assert_allclose(out_ranges(v1, 0 if trans_b1 else 1), in_ranges(v2, 1 if trans_b2 else 0),
                                rtol=1e-5)
@@ -279,7 +278,7 @@ def test_shared_weight_is_copied() -> None:
     """W1 is also used by another conv: equalize writes a copy and the other user keeps W1."""
     rng = np.random.default_rng(10)
     model = chain_model(rng, tail=[conv("x", "W1", "z", pads=[1, 1, 1, 1])], outputs=("y", "z"))
-    w1 = inits_of(model)["W1"].copy()
+    w1 = initializers(model)["W1"].copy()
     graph = serde.to_graph(model)
     shared = graph.tensors()["W1"]
     before = shared.values.copy()
@@ -287,7 +286,7 @@ def test_shared_weight_is_copied() -> None:
     np.testing.assert_array_equal(shared.values, before)  # never edited in place
     new, result = equalize(model)
     assert result.stats["groups"] == 1
-    np.testing.assert_array_equal(inits_of(new)["W1"], w1)
+    np.testing.assert_array_equal(initializers(new)["W1"], w1)
     users = {n.name: list(n.input) for n in new.graph.node}
     assert users["z"][1] == "W1" and users["t0"][1] != "W1"
 
@@ -295,7 +294,7 @@ def test_shared_weight_is_copied() -> None:
 def test_non_constant_weight_declines() -> None:
     rng = np.random.default_rng(11)
     model = chain_model(rng)
-    w2 = inits_of(model)["W2"]
+    w2 = initializers(model)["W2"]
     graph = model.graph
     keep = [i for i in graph.initializer if i.name != "W2"]
     del graph.initializer[:]
@@ -408,7 +407,7 @@ def test_affine_ops_between(case: str) -> None:
     new, result = equalize(model, dims=(1, 2))
     assert result.stats["groups"] == 1, result.declined
     if case == "mul_add":
-        assert inits_of(new)[next(n.input[1] for n in new.graph.node if n.op_type == "Add")].shape == (6, 1, 1)
+        assert initializers(new)[next(n.input[1] for n in new.graph.node if n.op_type == "Add")].shape == (6, 1, 1)
 
 
 def test_standalone_on_unfolded_fixture() -> None:

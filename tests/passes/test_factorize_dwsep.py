@@ -7,16 +7,6 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from helpers import (
-    conv_model,
-    make_model,
-    op_types,
-    ort_run,
-    random_feeds,
-    rel_err,
-    run_checked,
-    weight_shapes,
-)
 from onnx import helper
 
 from onnxcompress.core.errors import InputError
@@ -25,12 +15,12 @@ from onnxcompress.lowrank.factorize import R_GROUPED, R_NOT_PAY, R_POINTWISE, R_
 from onnxcompress.passes.factorize_dwsep import DECLINE_REASONS, FactorizeDwsep, round_multiplier
 from onnxcompress.pipeline.manager import get_pass
 from onnxcompress.runtime.data import open_source
+from tests.helpers.builders import conv_model, make_model
+from tests.helpers.graphs import op_types, weight_shapes
+from tests.helpers.runs import ort_run, rel_err, run_checked
+from tests.helpers.tensors import rand, random_feeds
 
 FULL = "max_mac_ratio=100:round_to=1"
-
-
-def rand(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
 def factorize(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassResult]:
@@ -54,11 +44,11 @@ def test_registered_and_documented() -> None:
 def test_full_multiplier_is_exact(attrs: dict) -> None:
     attrs = dict(attrs)
     rng = np.random.default_rng(0)
-    bias = rand(rng, 24) if attrs.pop("bias", True) else None
-    model = conv_model(rand(rng, 24, 16, 3, 3), ["N", 16, 9, 8], bias, **attrs)
+    bias = rand(rng, 24, scale=0.1) if attrs.pop("bias", True) else None
+    model = conv_model(rand(rng, 24, 16, 3, 3, scale=0.1), ["N", 16, 9, 8], bias, **attrs)
     new, result = factorize(model, f"factorize_dwsep:rank=9:{FULL}")
     assert op_types(new) == ["Conv", "Conv"] and result.stats["layers_factorized"] == 1
-    assert weight_shapes(new) == [(16 * 9, 1, 3, 3), (24, 16 * 9, 1, 1)]
+    assert list(weight_shapes(new).values()) == [(16 * 9, 1, 3, 3), (24, 16 * 9, 1, 1)]
     dw, pw = new.graph.node
     dw_attrs = {a.name: helper.get_attribute_value(a) for a in dw.attribute}
     assert dw_attrs["group"] == 16 and dw_attrs.get("strides", [1, 1]) == attrs.get("strides", [1, 1])
@@ -70,12 +60,12 @@ def test_full_multiplier_is_exact(attrs: dict) -> None:
 
 def test_error_grows_as_multiplier_falls_and_macs() -> None:
     rng = np.random.default_rng(1)
-    model = conv_model(rand(rng, 32, 16, 3, 3), ["N", 16, 6, 6], rand(rng, 32), pads=[1, 1, 1, 1])
+    model = conv_model(rand(rng, 32, 16, 3, 3, scale=0.1), ["N", 16, 6, 6], rand(rng, 32, scale=0.1), pads=[1, 1, 1, 1])
     feeds = random_feeds(model, seed=2, dim=2)
     errors = []
     for m in (9, 6, 4, 2, 1):
         new, result = factorize(model, f"factorize_dwsep:rank={m}:{FULL}")
-        assert weight_shapes(new)[0] == (16 * m, 1, 3, 3)
+        assert list(weight_shapes(new).values())[0] == (16 * m, 1, 3, 3)
         assert result.stats["macs_after"] == 36 * (16 * m * 9 + 16 * m * 32)
         errors.append(rel_err(model, new, feeds))
     assert errors[0] < 1e-5 and all(a < b for a, b in itertools.pairwise(errors)), errors
@@ -93,13 +83,14 @@ def test_multiplier_rules() -> None:
     model = conv_model((0.1 * w.reshape(32, 16, 3, 3)).astype(np.float32), ["N", 16, 6, 6])
     for spec, m in [("energy=0.99", 1), ("vbmf=true", 1), ("rank_ratio=0.3", 3), ("rank=2", 2)]:
         new, _ = factorize(model, f"factorize_dwsep:{spec}:round_to=1")
-        assert weight_shapes(new)[0] == (16 * m, 1, 3, 3), spec
+        assert list(weight_shapes(new).values())[0] == (16 * m, 1, 3, 3), spec
 
 
 def test_declines() -> None:
     rng = np.random.default_rng(4)
-    inits = {"Wd": rand(rng, 32, 1, 3, 3), "Wp": rand(rng, 32, 32, 1, 1), "Wt": rand(rng, 8, 32, 3, 3),
-             "Wn": rand(rng, 64, 32, 3, 3)}
+    inits = {"Wd": rand(rng, 32, 1, 3, 3, scale=0.1), "Wp": rand(rng, 32, 32, 1, 1, scale=0.1),
+             "Wt": rand(rng, 8, 32, 3, 3, scale=0.1),
+             "Wn": rand(rng, 64, 32, 3, 3, scale=0.1)}
     nodes = [
         helper.make_node("Conv", ["x", "Wd"], ["d"], "depthwise", group=32, pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["d", "Wp"], ["p"], "pointwise"),
@@ -118,7 +109,7 @@ def test_declines() -> None:
 
 def test_data_aware_beats_plain_and_is_deterministic() -> None:
     rng = np.random.default_rng(5)
-    model = conv_model(rand(rng, 32, 16, 3, 3), ["N", 16, 8, 8], rand(rng, 32), pads=[1, 1, 1, 1])
+    model = conv_model(rand(rng, 32, 16, 3, 3, scale=0.1), ["N", 16, 8, 8], rand(rng, 32, scale=0.1), pads=[1, 1, 1, 1])
     kernel = np.ones((3, 3)) / 9
 
     def images(seed: int, n: int) -> np.ndarray:
@@ -146,7 +137,7 @@ def test_refit_holdout_guards_against_overfitting() -> None:
     refit at all; with it the refit is rejected or regularized, never worse than no refit.
     """
     rng = np.random.default_rng(3)
-    model = conv_model(rand(rng, 64, 64, 3, 3), ["N", 64, 4, 4], rand(rng, 64), pads=[1, 1, 1, 1])
+    model = conv_model(rand(rng, 64, 64, 3, 3, scale=0.1), ["N", 64, 4, 4], rand(rng, 64, scale=0.1), pads=[1, 1, 1, 1])
     calib = {"x": np.random.default_rng(8).random((2, 64, 4, 4), dtype=np.float32)}
     test = {"x": np.random.default_rng(9).random((8, 64, 4, 4), dtype=np.float32)}
     ctx = PassContext(calib=open_source([calib], model), seed=0)

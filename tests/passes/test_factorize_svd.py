@@ -9,16 +9,27 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from helpers import make_model, op_types, ort_run, random_feeds, rel_err, run_passes
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
-from onnxcompress.lowrank.factorize import R_ATTRS, R_EXCLUDED, R_GROUPED, R_NOT_PAY, R_TINY, R_WEIGHT
+from onnxcompress.lowrank.factorize import (
+    R_ATTRS,
+    R_EXCLUDED,
+    R_GROUPED,
+    R_NOT_PAY,
+    R_TINY,
+    R_WEIGHT,
+)
 from onnxcompress.lowrank.linalg import energy_rank
+from onnxcompress.passes._factorize import MAX_GRAM_DIM_LIMIT
 from onnxcompress.passes.factorize_svd import DECLINE_REASONS, R_KXK, FactorizeSvd
 from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.runtime.data import open_source
+from tests.helpers.builders import conv_model, make_model
+from tests.helpers.graphs import initializers, op_types
+from tests.helpers.runs import ort_run, rel_err, run_checked
+from tests.helpers.tensors import rand, random_feeds
 
 Shape = Sequence[Any] | None
 
@@ -26,18 +37,10 @@ Shape = Sequence[Any] | None
 # ---------------------------------------------------------------- builders
 
 
-def rand(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
 def factorize(model: onnx.ModelProto, spec: str, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassResult]:
     """Run ``spec`` through the PassManager (full checker) and check names and decline reasons."""
-    new, records = run_passes(model, spec, ctx)
-    onnx.checker.check_model(new, full_check=True)
-    assert [o.name for o in new.graph.output] == [o.name for o in model.graph.output]
+    new, result = run_checked(model, spec, DECLINE_REASONS, ctx)
     assert [i.name for i in new.graph.input] == [i.name for i in model.graph.input]
-    result = records[0].result
-    assert all(d.code in DECLINE_REASONS for d in result.declined), result.declined
     return new, result
 
 
@@ -46,28 +49,17 @@ def max_diff(a: onnx.ModelProto, b: onnx.ModelProto, dim: int = 2, seed: int = 0
     return max(float(np.abs(x - y).max()) for x, y in zip(ort_run(a, feeds), ort_run(b, feeds), strict=True))
 
 
-def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
 def node_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
-    return weights(model)[node.input[1]]
+    return initializers(model)[node.input[1]]
 
 
 def gemm_model(rng: np.random.Generator, k: int = 32, n: int = 24, trans_b: int = 0, alpha: float = 1.0,
                beta: float = 1.0, bias: bool = True, opset: int = 17) -> onnx.ModelProto:
-    w = rand(rng, n, k) if trans_b else rand(rng, k, n)
-    inits = {"W": w} | ({"C": rand(rng, n)} if bias else {})
+    w = rand(rng, n, k, scale=0.1) if trans_b else rand(rng, k, n, scale=0.1)
+    inits = {"W": w} | ({"C": rand(rng, n, scale=0.1)} if bias else {})
     node = helper.make_node("Gemm", ["x", "W"] + (["C"] if bias else []), ["y"], "fc", transB=trans_b,
                             alpha=alpha, beta=beta)
     return make_model([node], {"x": ["N", k]}, ["y"], inits, opset)
-
-
-def conv_model(rng: np.random.Generator, w_shape: Sequence[int], x_shape: Shape, bias: bool = True,
-               **attrs: Any) -> onnx.ModelProto:
-    inits = {"W": rand(rng, *w_shape)} | ({"B": rand(rng, w_shape[0])} if bias else {})
-    node = helper.make_node("Conv", ["x", "W"] + (["B"] if bias else []), ["y"], "conv", **attrs)
-    return make_model([node], {"x": x_shape}, ["y"], inits)
 
 
 FULL = "max_mac_ratio=100:round_to=1"  # force factorization at full rank
@@ -118,14 +110,14 @@ def test_gemm_before_opset_11_gets_a_zero_c() -> None:
     model = gemm_model(np.random.default_rng(1), k=32, n=32, trans_b=1, opset=9)
     new, _ = factorize(model, "factorize_svd:rank=8")
     first = new.graph.node[0]
-    assert len(first.input) == 3 and not weights(new)[first.input[2]].any()
+    assert len(first.input) == 3 and not initializers(new)[first.input[2]].any()
     assert max_diff(model, new) < 1.0  # runs; lossy at rank 8
 
 
 def test_matmul_nd_input_full_rank_is_exact() -> None:
     rng = np.random.default_rng(2)
     node = helper.make_node("MatMul", ["x", "W"], ["y"], "mm")
-    model = make_model([node], {"x": ["N", 5, 32]}, ["y"], {"W": rand(rng, 32, 20)})
+    model = make_model([node], {"x": ["N", 5, 32]}, ["y"], {"W": rand(rng, 32, 20, scale=0.1)})
     new, result = factorize(model, f"factorize_svd:rank=20:{FULL}")
     assert op_types(new) == ["MatMul", "MatMul"] and len(new.graph.node[1].input) == 2
     assert max_diff(model, new) < 1e-5
@@ -137,7 +129,9 @@ def test_matmul_nd_input_full_rank_is_exact() -> None:
 def test_conv1x1_full_rank_is_exact(attrs: dict) -> None:
     attrs = dict(attrs)
     bias = attrs.pop("bias", True)
-    model = conv_model(np.random.default_rng(3), (24, 16, 1, 1), ["N", 16, 7, 6], bias=bias, **attrs)
+    rng = np.random.default_rng(3)
+    model = conv_model(rand(rng, 24, 16, 1, 1, scale=0.1), ["N", 16, 7, 6], rand(rng, 24, scale=0.1) if bias else None,
+                       **attrs)
     new, result = factorize(model, f"factorize_svd:rank=16:{FULL}")
     assert result.stats["layers_factorized"] == 1
     first, second = new.graph.node
@@ -161,7 +155,9 @@ SPATIAL_CONFIGS = [
 def test_spatial_full_rank_is_exact(attrs: dict) -> None:
     attrs = dict(attrs)
     bias = attrs.pop("bias", True)
-    model = conv_model(np.random.default_rng(4), (20, 16, 3, 2), ["N", 16, 9, 10], bias=bias, **attrs)
+    rng = np.random.default_rng(4)
+    model = conv_model(rand(rng, 20, 16, 3, 2, scale=0.1), ["N", 16, 9, 10], rand(rng, 20, scale=0.1) if bias else None,
+                       **attrs)
     new, result = factorize(model, f"factorize_svd:spatial=true:rank=40:{FULL}")
     assert result.stats["layers_factorized"] == 1
     first, second = new.graph.node
@@ -176,7 +172,8 @@ def test_spatial_full_rank_is_exact(attrs: dict) -> None:
 
 
 def test_kxk_conv_needs_spatial() -> None:
-    model = conv_model(np.random.default_rng(5), (32, 32, 3, 3), ["N", 32, 8, 8], pads=[1, 1, 1, 1])
+    rng = np.random.default_rng(5)
+    model = conv_model(rand(rng, 32, 32, 3, 3, scale=0.1), ["N", 32, 8, 8], rand(rng, 32, scale=0.1), pads=[1, 1, 1, 1])
     _, result = factorize(model, "factorize_svd")
     assert result.where_codes() == [("conv", R_KXK)] and not result.modified
 
@@ -187,7 +184,7 @@ def test_kxk_conv_needs_spatial() -> None:
 def test_error_grows_as_rank_falls() -> None:
     rng = np.random.default_rng(6)
     gemm = gemm_model(rng, k=32, n=32, trans_b=1)
-    conv = conv_model(rng, (24, 16, 3, 3), ["N", 16, 8, 8], pads=[1, 1, 1, 1])
+    conv = conv_model(rand(rng, 24, 16, 3, 3, scale=0.1), ["N", 16, 8, 8], rand(rng, 24, scale=0.1), pads=[1, 1, 1, 1])
     for model, spec, ranks in [(gemm, "factorize_svd", (32, 24, 16, 8, 2)),
                                (conv, "factorize_svd:spatial=true", (48, 32, 16, 8, 2))]:
         feeds = random_feeds(model, seed=1, dim=4)
@@ -206,7 +203,7 @@ def test_rank_rules_and_rounding() -> None:
     assert rank_of("rank=5:round_to=1") == 5
     assert rank_of("rank=100") == 48  # capped at the full rank
     assert rank_of("rank_ratio=0.25:round_to=1") == 12
-    s = np.linalg.svd(weights(model)["W"].astype(np.float64), compute_uv=False)
+    s = np.linalg.svd(initializers(model)["W"].astype(np.float64), compute_uv=False)
     assert rank_of("energy=0.5:round_to=1") == energy_rank(s, 0.5)
     assert rank_of("round_to=1") == energy_rank(s, 0.9)  # the default rule
     assert rank_of("vbmf=true") == 8  # random weights: no structure above the noise, min rank rounded
@@ -226,8 +223,9 @@ def test_does_not_pay_is_declined_with_the_ratio() -> None:
 
 def test_declines_with_reasons() -> None:
     rng = np.random.default_rng(9)
-    inits = {"Wg": rand(rng, 32, 32, 1, 1), "Wt": rand(rng, 32, 32), "Wa": rand(rng, 32, 32),
-             "Wd": rand(rng, 10, 32), "We": rand(rng, 32, 32)}
+    inits = {"Wg": rand(rng, 32, 32, 1, 1, scale=0.1), "Wt": rand(rng, 32, 32, scale=0.1),
+             "Wa": rand(rng, 32, 32, scale=0.1),
+             "Wd": rand(rng, 10, 32, scale=0.1), "We": rand(rng, 32, 32, scale=0.1)}
     nodes = [
         helper.make_node("Conv", ["x", "Wg"], ["g"], "grouped", group=2),  # weight [32, 16]: 32 → 32 in 2 groups
         helper.make_node("Flatten", ["g"], ["f"], "flat"),
@@ -236,7 +234,7 @@ def test_declines_with_reasons() -> None:
         helper.make_node("Gemm", ["s", "Wd"], ["d"], "tiny", transB=1),
         helper.make_node("Gemm", ["s", "We"], ["e"], "skipped"),
     ]
-    inits["Wg"] = rand(rng, 32, 16, 1, 1)
+    inits["Wg"] = rand(rng, 32, 16, 1, 1, scale=0.1)
     model = make_model(nodes, {"x": [32, 32, 1, 1]}, ["d", "e"], {k: v for k, v in inits.items() if k != "Wa"})
     _, result = factorize(model, "factorize_svd:rank=4:exclude=skipped")
     assert dict(result.where_codes()) == {"grouped": R_GROUPED, "trans_a": R_ATTRS, "dynamic": R_WEIGHT,
@@ -246,24 +244,24 @@ def test_declines_with_reasons() -> None:
 
 def test_shared_weight_is_copied_and_the_other_user_unaffected() -> None:
     rng = np.random.default_rng(10)
-    w = rand(rng, 32, 32)
+    w = rand(rng, 32, 32, scale=0.1)
     nodes = [helper.make_node("Gemm", ["x", "W"], ["a"], "fc1"), helper.make_node("Relu", ["a"], ["r"], "relu"),
              helper.make_node("Gemm", ["r", "W"], ["y"], "fc2")]
     model = make_model(nodes, {"x": ["N", 32]}, ["y", "a"], {"W": w})
     new, result = factorize(model, f"factorize_svd:rank=32:{FULL}:exclude=fc2")
     by_name = {n.name: n for n in new.graph.node}
-    assert by_name["fc2"].input[1] == "W" and np.array_equal(weights(new)["W"], w)
+    assert by_name["fc2"].input[1] == "W" and np.array_equal(initializers(new)["W"], w)
     assert "fc1" not in by_name and result.stats["shared_copied"] == 1
     assert max_diff(model, new) < 1e-5
     both, result = factorize(model, "factorize_svd:rank=8")
-    assert "W" not in weights(both) and result.stats["layers_factorized"] == 2
+    assert "W" not in initializers(both) and result.stats["layers_factorized"] == 2
 
 
 def test_graph_output_names_and_dynamic_batch() -> None:
     rng = np.random.default_rng(11)
     nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["h"], "fc", transB=1),
              helper.make_node("Relu", ["h"], ["out"], "relu")]
-    model = make_model(nodes, {"x": ["batch", 32]}, ["h", "out"], {"W": rand(rng, 40, 32), "C": rand(rng, 40)})
+    model = make_model(nodes, {"x": ["batch", 32]}, ["h", "out"], {"W": rand(rng, 40, 32, scale=0.1), "C": rand(rng, 40, scale=0.1)})
     new, _ = factorize(model, f"factorize_svd:rank=32:{FULL}")
     producers = {o: n.name for n in new.graph.node for o in n.output}
     assert producers["h"] == "fc_svd_b" and producers["out"] == "relu"
@@ -291,7 +289,7 @@ def two_layer_mlp(rng: np.random.Generator) -> onnx.ModelProto:
     nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], "fc1", transB=1),
              helper.make_node("Relu", ["h"], ["r"], "relu"),
              helper.make_node("MatMul", ["r", "W2"], ["y"], "fc2")]
-    inits = {"W1": rand(rng, 48, 32, scale=0.3), "b1": rand(rng, 48), "W2": rand(rng, 48, 32, scale=0.3)}
+    inits = {"W1": rand(rng, 48, 32, scale=0.3), "b1": rand(rng, 48, scale=0.1), "W2": rand(rng, 48, 32, scale=0.3)}
     return make_model(nodes, {"x": ["N", 32]}, ["y"], inits)
 
 
@@ -317,19 +315,18 @@ def test_data_aware_beats_plain_on_held_out_data() -> None:
     assert no_data_result.stats["data_aware"] == 0 and no_data.SerializeToString() == plain.SerializeToString()
 
 
-def test_huge_inputs_are_not_whitened(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxcompress.passes import _factorize
-
-    monkeypatch.setattr(_factorize, "MAX_GRAM_DIM", 40)  # fc1 has 32 input features, fc2 48
+def test_huge_inputs_are_not_whitened() -> None:
     model = two_layer_mlp(np.random.default_rng(20))
-    ctx = PassContext(calib=open_source([{"x": np.ones((8, 32), np.float32)}], model))
+    ctx = PassContext(calib=open_source([{"x": np.ones((8, 32), np.float32)}], model),
+                      values={MAX_GRAM_DIM_LIMIT: 40})  # fc1 has 32 input features, fc2 48
     _, result = factorize(model, "factorize_svd:rank=6:round_to=1:min_channels=8", ctx)
     assert result.stats["whitening_skipped"] == 1 and result.stats["refit_layers"] == 2
 
 
 def test_data_aware_spatial_and_deterministic() -> None:
     rng = np.random.default_rng(16)
-    model = conv_model(rng, (24, 16, 3, 3), ["N", 16, 8, 8], pads=[1, 1, 1, 1], strides=[1, 2])
+    model = conv_model(rand(rng, 24, 16, 3, 3, scale=0.1), ["N", 16, 8, 8], rand(rng, 24, scale=0.1), pads=[1, 1, 1, 1],
+                       strides=[1, 2])
     mix = mixing(17, 16)
 
     def images(seed: int, n: int) -> np.ndarray:

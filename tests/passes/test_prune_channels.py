@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import ort_run, random_feeds, run_passes
 from onnx import numpy_helper
-from pruning.cases import CASES, bn, bn_node, make_model, node, w
 
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.metrics import model_metrics
@@ -20,6 +18,11 @@ from onnxcompress.core.pass_api import Numerics, PassContext
 from onnxcompress.passes.prune_channels import R_NO_RECONSTRUCT, RECONSTRUCT_MODULE, PruneChannels
 from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.runtime.data import RandomSource, input_specs
+from tests.helpers.builders import make_model, node
+from tests.helpers.graphs import weight_shapes
+from tests.helpers.pruning import CASES, bn, bn_node
+from tests.helpers.runs import ort_run, run_passes
+from tests.helpers.tensors import rand, random_feeds
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 X = {"x": ["N", 3, 8, 8]}
@@ -30,8 +33,9 @@ def chain(c1: int = 64, c2: int = 32, seed: int = 0, bn_gamma: np.ndarray | None
     rng = np.random.default_rng(seed)
     nodes = [node("Conv", ["x", "w1"], "a"), bn_node("a", "an", "bn1"), node("Relu", ["an"], "ar"),
              node("Conv", ["ar", "w2", "b2"], "b"), node("Relu", ["b"], "br"), node("Conv", ["br", "w3", "b3"], "y")]
-    params = {"w1": w(rng, c1, 3, 3, 3), "w2": w(rng, c2, c1, 1, 1), "b2": w(rng, c2), "w3": w(rng, 4, c2, 1, 1),
-              "b3": w(rng, 4), **bn(rng, "bn1", c1)}
+    params = {"w1": rand(rng, c1, 3, 3, 3, scale=0.4), "w2": rand(rng, c2, c1, 1, 1, scale=0.4),
+              "b2": rand(rng, c2, scale=0.4), "w3": rand(rng, 4, c2, 1, 1, scale=0.4),
+              "b3": rand(rng, 4, scale=0.4), **bn(rng, "bn1", c1)}
     if bn_gamma is not None:
         params["bn1_g"] = bn_gamma.astype(np.float32)
     return make_model(nodes, X, ["y"], params)
@@ -44,11 +48,6 @@ def prune(model: onnx.ModelProto, spec: str = "prune_channels", ctx: PassContext
     outs = ort_run(new, feeds)
     assert [o.shape for o in outs] == [o.shape for o in ort_run(model, feeds)]
     return new, records[0].result
-
-
-def weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    values = {i.name: i.dims for i in model.graph.initializer}
-    return {n.name: tuple(values[n.input[1]]) for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
 
 
 def test_registered_with_options():
@@ -127,10 +126,10 @@ def test_bn_scale_ranks_by_gamma():
 def test_activation_criterion_uses_calibration_data():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "w2"], "y")]
-    w1, b1 = w(rng, 8, 3, 1, 1), np.full(8, -5.0, np.float32)
+    w1, b1 = rand(rng, 8, 3, 1, 1, scale=0.4), np.full(8, -5.0, np.float32)
     w1[:4] *= 0.01  # small filters ...
     b1[:4] = 3.0  # ... but large activations: l1 removes them, activation keeps them
-    model = make_model(nodes, X, ["y"], {"w1": w1, "b1": b1, "w2": w(rng, 4, 8, 1, 1)})
+    model = make_model(nodes, X, ["y"], {"w1": w1, "b1": b1, "w2": rand(rng, 4, 8, 1, 1, scale=0.4)})
     ctx = PassContext(calib=RandomSource(input_specs(model), count=4, seed=0))
     act, _ = prune(model, "prune_channels:ratio=0.5:round_to=1:criterion=activation:reconstruct=false", ctx)
     l1, _ = prune(model, "prune_channels:ratio=0.5:round_to=1")
@@ -161,7 +160,7 @@ def test_macs_and_params_drop():
 def test_frozen_groups_are_declined_with_reason(caplog):
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Softmax", ["a"], "s", axis=1), node("Conv", ["s", "w2"], "y")]
-    model = make_model(nodes, X, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 4, 8, 1, 1)})
+    model = make_model(nodes, X, ["y"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "w2": rand(rng, 4, 8, 1, 1, scale=0.4)})
     with caplog.at_level(logging.DEBUG):
         _, result = prune(model, "prune_channels:round_to=1")
     assert ("a", "reduces_over_channels") in result.where_codes() and not result.modified
@@ -225,9 +224,10 @@ def tf_flatten(zero_in_second: bool = False) -> onnx.ModelProto:
              node("Conv", ["ar", "w2", "b2"], "c"), node("Relu", ["c"], "cr"),
              node("GlobalAveragePool", ["cr"], "gap"), node("Reshape", ["gap", "nhwc"], "r1"),
              node("Reshape", ["r1", "flat"], "f"), node("MatMul", ["f", "wf"], "y")]
-    inits = {"w1": w(rng, 8, 3, 3, 3), "b1": w(rng, 8), "w2": w(rng, 16, 8, 1, 1), "b2": w(rng, 16),
+    inits = {"w1": rand(rng, 8, 3, 3, 3, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+             "w2": rand(rng, 16, 8, 1, 1, scale=0.4), "b2": rand(rng, 16, scale=0.4),
              "nhwc": np.asarray([-1, 1, 1, 16]), "flat": np.asarray([0 if zero_in_second else -1, 16]),
-             "wf": w(rng, 16, 5)}
+             "wf": rand(rng, 16, 5, scale=0.4)}
     return make_model(nodes, X, ["y"], inits)
 
 
@@ -297,9 +297,11 @@ def resnext(seed: int = 0, group: int = 4) -> onnx.ModelProto:
              node("Relu", ["gn"], "gr"), node("Conv", ["gr", "w3"], "c"), bn_node("c", "cn", "bn3"),
              node("Conv", ["sr", "wp", "bp"], "p"), node("Add", ["cn", "p"], "s"), node("Relu", ["s"], "so"),
              node("Conv", ["so", "wh", "bh"], "y")]
-    inits = {"w0": w(rng, 16, 3, 3, 3), "b0": w(rng, 16), "w1": w(rng, 32, 16, 1, 1), "wg": w(rng, 32, 32 // group, 3, 3),
-             "w3": w(rng, 16, 32, 1, 1), "wp": w(rng, 16, 16, 1, 1), "bp": w(rng, 16), "wh": w(rng, 4, 16, 1, 1),
-             "bh": w(rng, 4), **bn(rng, "bn1", 32), **bn(rng, "bn2", 32), **bn(rng, "bn3", 16)}
+    inits = {"w0": rand(rng, 16, 3, 3, 3, scale=0.4), "b0": rand(rng, 16, scale=0.4),
+             "w1": rand(rng, 32, 16, 1, 1, scale=0.4), "wg": rand(rng, 32, 32 // group, 3, 3, scale=0.4),
+             "w3": rand(rng, 16, 32, 1, 1, scale=0.4), "wp": rand(rng, 16, 16, 1, 1, scale=0.4),
+             "bp": rand(rng, 16, scale=0.4), "wh": rand(rng, 4, 16, 1, 1, scale=0.4),
+             "bh": rand(rng, 4, scale=0.4), **bn(rng, "bn1", 32), **bn(rng, "bn2", 32), **bn(rng, "bn3", 16)}
     return make_model(nodes, X, ["y"], inits)
 
 
@@ -332,6 +334,6 @@ def test_grouped_round_to_relaxed_is_reported():
 def test_grouped_conv_with_non_constant_weight_freezes():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "wg"], "y", group=2)]
-    model = make_model(nodes, {**X, "wg": [8, 4, 1, 1]}, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8)})
+    model = make_model(nodes, {**X, "wg": [8, 4, 1, 1]}, ["y"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4)})
     _, result = prune(model, "prune_channels:round_to=1")
     assert ("a", "non_constant_weight") in result.where_codes() and not result.modified

@@ -8,13 +8,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import op_types, ort_run, parse, random_feeds, run_passes
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
 from onnxcompress.passes import simplify as simplify_module
 from onnxcompress.passes.simplify import Simplify
 from onnxcompress.pipeline.manager import get_pass, registry
+from tests.helpers.builders import parse
+from tests.helpers.graphs import op_types
+from tests.helpers.runs import ort_run, run_passes
+from tests.helpers.tensors import random_feeds
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 MODES = ["simplify", "simplify:onnxsim=false"]
@@ -269,10 +272,12 @@ def test_fold_constants_off():
 
 
 def test_onnxsim_failure_is_a_decline(monkeypatch, caplog):
-    def boom(model, opts):
+    import onnxsim
+
+    def boom(model, **kw):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(simplify_module, "_onnxsim_call", boom)
+    monkeypatch.setattr(onnxsim, "simplify", boom)
     model = parse(HEADER + "g (float[2] x) => (float[2] y) { a = Identity(x)  y = Relu(a) }")
     with caplog.at_level(logging.WARNING):
         new, result = simplify(model)
@@ -282,15 +287,17 @@ def test_onnxsim_failure_is_a_decline(monkeypatch, caplog):
 
 
 def test_onnxsim_renaming_the_graph_io_is_refused(monkeypatch):
-    real = simplify_module._onnxsim_call
+    import onnxsim
 
-    def renaming(model, opts):
-        out = real(model, opts)
+    real = onnxsim.simplify
+
+    def renaming(model, **kw):
+        out, check = real(model, **kw)
         out.graph.output[0].name = "renamed"
         out.graph.node[-1].output[0] = "renamed"
-        return out
+        return out, check
 
-    monkeypatch.setattr(simplify_module, "_onnxsim_call", renaming)
+    monkeypatch.setattr(onnxsim, "simplify", renaming)
     model = parse(HEADER + "g (float[2] x) => (float[2] y) { a = Identity(x)  y = Relu(a) }")
     new, result = simplify(model)
     assert ("<model>", "onnxsim_failed", "changed the graph inputs or outputs") in result.declined

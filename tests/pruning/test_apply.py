@@ -6,37 +6,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from helpers import random_feeds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import numpy_helper
-from pruning.cases import (
-    CASES,
-    X,
-    assert_equivalent,
-    build,
-    make_model,
-    max_err,
-    node,
-    padded_depthwise_gemm,
-    prune,
-    w,
-    zeroed,
-)
 
 from onnxcompress.core import serde
 from onnxcompress.pruning.apply import apply_pruning, mask_channels, mask_inputs
 from onnxcompress.pruning.dependency import analyze
-
-
-def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-
-
-def conv_weights(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    values = inits(model)
-    return {n.name: values[n.input[1]].shape for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
-
+from tests.helpers.builders import make_model, node
+from tests.helpers.graphs import initializers, weight_shapes
+from tests.helpers.pruning import CASES, X, assert_equivalent, build, padded_depthwise_gemm, prune, zeroed
+from tests.helpers.runs import max_err
+from tests.helpers.tensors import rand, random_feeds
 
 # ---------------------------------------------------------------- the oracle
 
@@ -67,7 +47,7 @@ def test_uncompensated_pruning_equals_unread_channels_exactly(name):
     model = build(name)
     graph = serde.to_graph(model)
     analysis = analyze(graph)
-    from pruning.cases import choose
+    from tests.helpers.pruning import choose
 
     remove = choose(analysis, 0)
     apply_pruning(analysis, remove, compensate=False)
@@ -93,7 +73,7 @@ def test_depthwise_group_follows_the_input_channels():
     kept = 8 - len(remove[analysis.group("a").index])
     dw = next(n for n in pruned.graph.node if n.name == "d")
     assert onnx.helper.get_attribute_value(dw.attribute[0]) == kept
-    assert conv_weights(pruned)["d"] == (2 * kept, 1, 3, 3)
+    assert weight_shapes(pruned)["d"] == (2 * kept, 1, 3, 3)
 
 
 @pytest.mark.parametrize("opset", [12, 17, 18])
@@ -107,7 +87,7 @@ def test_split_sizes_are_rewritten(opset):
     if opset < 13:
         assert list(split.attribute[[a.name for a in split.attribute].index("split")].ints) == want
     else:
-        assert inits(pruned)[split.input[1]].tolist() == want
+        assert initializers(pruned)[split.input[1]].tolist() == want
         assert "num_outputs" not in [a.name for a in split.attribute]
     err, _ = max_err(zeroed(model, remove), pruned, random_feeds(model))
     assert err < 1e-5
@@ -116,7 +96,7 @@ def test_split_sizes_are_rewritten(opset):
 def test_slice_bounds_shift_and_never_empty():
     model = build("slice")  # channels [2, 7) of 8
     pruned, _, _, _ = prune(model, {0: np.array([0, 3])})
-    starts, ends = (inits(pruned)[next(n for n in pruned.graph.node if n.op_type == "Slice").input[i]] for i in (1, 2))
+    starts, ends = (initializers(pruned)[next(n for n in pruned.graph.node if n.op_type == "Slice").input[i]] for i in (1, 2))
     assert starts.tolist()[0] == 1 and ends.tolist()[0] == 5
     # Removing every channel the slice reads would empty it: the plan gives one back.
     graph = serde.to_graph(model)
@@ -132,14 +112,14 @@ def test_reshape_shape_and_flatten_rows():
     model = build("reshape_matmul")
     pruned, *_ = prune(model, {0: np.array([1, 6])})
     reshape = next(n for n in pruned.graph.node if n.op_type == "Reshape")
-    assert inits(pruned)[reshape.input[1]].tolist() == [-1, 6 * 25]
+    assert initializers(pruned)[reshape.input[1]].tolist() == [-1, 6 * 25]
     assert [n.op_type for n in pruned.graph.node].count("Gemm") == 1  # the MatMul took a bias
 
 
 def test_resize_sizes_follow():
     pruned, *_ = prune(build("resize_sizes"), {0: np.array([0, 1, 2])})
     resize = next(n for n in pruned.graph.node if n.op_type == "Resize")
-    assert inits(pruned)[resize.input[3]].tolist() == [2, 5, 12, 12]
+    assert initializers(pruned)[resize.input[3]].tolist() == [2, 5, 12, 12]
 
 
 def test_constants_are_new_and_originals_untouched():
@@ -185,12 +165,12 @@ def test_padded_kxk_consumer_is_approximate_only_at_the_border():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
              node("Conv", ["ar", "w2", "b2"], "y", pads=[1, 1, 1, 1])]
-    model = make_model(nodes, X, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": np.abs(w(rng, 8)) + 0.5,
-                                         "w2": w(rng, 4, 8, 3, 3), "b2": w(rng, 4)})
+    model = make_model(nodes, X, ["y"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": np.abs(rand(rng, 8, scale=0.4)) + 0.5,
+                                         "w2": rand(rng, 4, 8, 3, 3, scale=0.4), "b2": rand(rng, 4, scale=0.4)})
     pruned, _, remove, report = prune(model, {0: np.array([2, 5])})
     assert report.compensated == report.approximate == 1
     feeds = random_feeds(model)
-    from helpers import ort_run
+    from tests.helpers.runs import ort_run
 
     got, want = ort_run(pruned, feeds)[0], ort_run(zeroed(model, remove), feeds)[0]
     np.testing.assert_allclose(got[:, :, 1:-1, 1:-1], want[:, :, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
@@ -204,7 +184,7 @@ def test_mask_channels_keeps_shapes():
     assert mask_channels(analysis, {0: np.array([0]), 1: np.array([1])}) == 2
     graph.cleanup()
     masked = serde.to_model(graph, model)
-    assert conv_weights(masked) == conv_weights(model)
+    assert weight_shapes(masked) == weight_shapes(model)
 
 
 def test_padded_depthwise_of_a_removed_constant_is_reported_approximate():

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pruning.cases import CASES, assert_equivalent, make_model, node, w
 
 from onnxcompress.core import serde
 from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.handlers import HANDLERS
 from onnxcompress.pruning.types import FREEZE_REASONS
-
-X = {"x": ["N", 3, 8, 8]}
+from tests.helpers.builders import make_model, node
+from tests.helpers.pruning import X, assert_equivalent, build
+from tests.helpers.tensors import rand
 
 
 def groups_of(model, **kw) -> Analysis:
@@ -20,10 +20,6 @@ def groups_of(model, **kw) -> Analysis:
 
 def by_name(analysis: Analysis) -> dict:
     return {g.name: g for g in analysis.groups}
-
-
-def build(name: str):
-    return CASES[name](np.random.default_rng(0)).model
 
 
 # ---------------------------------------------------------------- structure
@@ -102,7 +98,7 @@ def test_symbolic_batch_and_spatial_dims_still_work():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "w2"], "y")]
     model = make_model(nodes, {"x": ["N", 3, "H", "W"]}, ["y"],
-                       {"w1": w(rng, 8, 3, 3, 3), "b1": w(rng, 8), "w2": w(rng, 4, 8, 1, 1)})
+                       {"w1": rand(rng, 8, 3, 3, 3, scale=0.4), "b1": rand(rng, 8, scale=0.4), "w2": rand(rng, 4, 8, 1, 1, scale=0.4)})
     assert by_name(groups_of(model))["a"].frozen is None
     assert_equivalent(model, dim=7)
 
@@ -120,7 +116,8 @@ def _tail(op_nodes, inits=None, x=None, **kw):
     rng = np.random.default_rng(1)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), *op_nodes,
              node("Conv", ["t", "w2"], "y")]
-    base = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 4, 8, 1, 1)}
+    base = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+            "w2": rand(rng, 4, 8, 1, 1, scale=0.4)}
     return make_model(nodes, x or X, ["y"], {**base, **(inits or {})}, **kw)
 
 
@@ -161,7 +158,7 @@ def test_group_frozen_with_reason(name):
 def test_graph_output_freezes_unless_protect_io_is_off():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "w2"], "y")]
-    model = make_model(nodes, X, ["y", "ar"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 4, 8, 1, 1)})
+    model = make_model(nodes, X, ["y", "ar"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "w2": rand(rng, 4, 8, 1, 1, scale=0.4)})
     assert by_name(groups_of(model))["a"].frozen == "graph_output"
     assert by_name(groups_of(model, protect_io=False))["a"].frozen is None
 
@@ -169,7 +166,7 @@ def test_graph_output_freezes_unless_protect_io_is_off():
 def test_graph_input_channels_are_pinned():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Add", ["a", "x"], "s"), node("Conv", ["s", "w2"], "y")]
-    model = make_model(nodes, X, ["y"], {"w1": w(rng, 3, 3, 1, 1), "b1": w(rng, 3), "w2": w(rng, 4, 3, 1, 1)})
+    model = make_model(nodes, X, ["y"], {"w1": rand(rng, 3, 3, 1, 1, scale=0.4), "b1": rand(rng, 3, scale=0.4), "w2": rand(rng, 4, 3, 1, 1, scale=0.4)})
     assert by_name(groups_of(model))["a"].frozen == "graph_input"
 
 
@@ -178,8 +175,8 @@ def test_shared_initializer_across_groups_freezes_both():
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
              node("Conv", ["ar", "ws"], "b"), node("Relu", ["b"], "br"), node("Conv", ["br", "ws"], "c"),
              node("Relu", ["c"], "cr"), node("Conv", ["cr", "w3"], "y")]
-    model = make_model(nodes, X, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "ws": w(rng, 8, 8, 1, 1),
-                                         "w3": w(rng, 4, 8, 1, 1)})
+    model = make_model(nodes, X, ["y"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "ws": rand(rng, 8, 8, 1, 1, scale=0.4),
+                                         "w3": rand(rng, 4, 8, 1, 1, scale=0.4)})
     groups = by_name(groups_of(model))
     assert groups["b"].frozen == groups["c"].frozen == groups["a"].frozen == "shared_weight"
 
@@ -189,7 +186,7 @@ def test_shared_initializer_within_one_group_is_fine():
     nodes = [node("Conv", ["x", "ws", "bs"], "a"), node("Conv", ["x2", "ws", "bs"], "b"), node("Add", ["a", "b"], "s"),
              node("Conv", ["s", "w2"], "y")]
     model = make_model(nodes, {**X, "x2": ["N", 3, 8, 8]}, ["y"],
-                       {"ws": w(rng, 8, 3, 1, 1), "bs": w(rng, 8), "w2": w(rng, 4, 8, 1, 1)})
+                       {"ws": rand(rng, 8, 3, 1, 1, scale=0.4), "bs": rand(rng, 8, scale=0.4), "w2": rand(rng, 4, 8, 1, 1, scale=0.4)})
     assert by_name(groups_of(model))["a+b"].frozen is None
     pruned, *_ = assert_equivalent(model)
     convs = [n for n in pruned.graph.node if n.op_type == "Conv"][:2]
@@ -199,7 +196,7 @@ def test_shared_initializer_within_one_group_is_fine():
 def test_non_constant_weight_freezes():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "wv"], "y")]
-    model = make_model(nodes, {**X, "wv": [4, 8, 1, 1]}, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8)})
+    model = make_model(nodes, {**X, "wv": [4, 8, 1, 1]}, ["y"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4)})
     assert by_name(groups_of(model))["a"].frozen == "non_constant_weight"
 
 
@@ -207,7 +204,7 @@ def test_unknown_channel_dim_freezes():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Concat", ["a", "z"], "c", axis=1), node("Relu", ["c"], "t"),
              node("ReduceMean", ["t"], "y", axes=[2, 3], keepdims=0)]
-    model = make_model(nodes, {**X, "z": ["N", "C", 8, 8]}, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8)})
+    model = make_model(nodes, {**X, "z": ["N", "C", 8, 8]}, ["y"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4)})
     assert by_name(groups_of(model))["a"].frozen == "unknown_channel_dim"
 
 
@@ -236,7 +233,7 @@ def test_exclude_by_node_and_tensor_name():
 def test_matmul_with_3d_input_is_frozen():
     rng = np.random.default_rng(0)
     nodes = [node("MatMul", ["x", "w1"], "h"), node("Relu", ["h"], "hr"), node("MatMul", ["hr", "w2"], "y")]
-    model = make_model(nodes, {"x": ["N", 4, 16]}, ["y"], {"w1": w(rng, 16, 12), "w2": w(rng, 12, 5)})
+    model = make_model(nodes, {"x": ["N", 4, 16]}, ["y"], {"w1": rand(rng, 16, 12, scale=0.4), "w2": rand(rng, 12, 5, scale=0.4)})
     assert all(g.frozen for g in groups_of(model).groups)
 
 
@@ -246,7 +243,7 @@ def test_shape_read_of_batch_dim_is_harmless_but_channel_read_freezes():
         nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
                  node("Shape", ["ar"], "shp"), node("Gather", ["shp", "i"], "n"),
                  node("Conv", ["ar", "w2"], "y0"), node("Cast", ["n"], "nf", to=1), node("Add", ["y0", "nf"], "y")]
-        model = make_model(nodes, X, ["y"], {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 4, 8, 1, 1),
+        model = make_model(nodes, X, ["y"], {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "w2": rand(rng, 4, 8, 1, 1, scale=0.4),
                                              "i": np.asarray(index, np.int64)})
         assert by_name(groups_of(model))["a"].frozen == frozen
 
@@ -262,8 +259,8 @@ def test_control_flow_freezes_what_it_reads_and_writes():
     }
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "w2"], "y0"),
              helper.make_node("If", ["cond"], ["t"], name="if", **branches), node("Add", ["y0", "t"], "y")]
-    model = make_model(nodes, {**X, "cond": []}, ["y"], {"w1": w(rng, 4, 3, 1, 1), "b1": w(rng, 4),
-                                                         "w2": w(rng, 4, 4, 1, 1)}, types={"cond": TensorProto.BOOL})
+    model = make_model(nodes, {**X, "cond": []}, ["y"], {"w1": rand(rng, 4, 3, 1, 1, scale=0.4), "b1": rand(rng, 4, scale=0.4),
+                                                         "w2": rand(rng, 4, 4, 1, 1, scale=0.4)}, types={"cond": TensorProto.BOOL})
     groups = by_name(groups_of(model))
     assert groups["a"].frozen == "control_flow"  # read inside the branches
     assert "if (If): control_flow" in groups["y0"].blockers
@@ -277,8 +274,10 @@ def _resize_to(sizes_nodes, inits):
              node("Conv", ["p", "w2", "b2"], "b"), node("Relu", ["b"], "deep"), *sizes_nodes,
              node("Resize", ["deep", "", "", "sizes"], "up", mode="nearest"), node("Conv", ["up", "w3"], "y0"),
              node("Conv", ["skip", "w4"], "y1"), node("Add", ["y0", "y1"], "y")]
-    base = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "w2": w(rng, 6, 8, 1, 1), "b2": w(rng, 6),
-            "w3": w(rng, 4, 6, 1, 1), "w4": w(rng, 4, 8, 1, 1), "zero": np.asarray([0]), "one": np.asarray([1]),
+    base = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+            "w2": rand(rng, 6, 8, 1, 1, scale=0.4), "b2": rand(rng, 6, scale=0.4),
+            "w3": rand(rng, 4, 6, 1, 1, scale=0.4), "w4": rand(rng, 4, 8, 1, 1, scale=0.4), "zero": np.asarray([0]),
+            "one": np.asarray([1]),
             "two": np.asarray([2]), "four": np.asarray([4])}
     return make_model(nodes, X, ["y"], {**base, **inits}, opset=13)
 
@@ -308,6 +307,6 @@ def test_resize_whose_size_reads_the_channel_count_elsewhere_freezes():
              node("Shape", ["deep"], "shd"), node("Slice", ["shd", "two", "four", "zero"], "hw"),
              node("Concat", ["nc", "hw"], "sizes", axis=0)]
     rng = np.random.default_rng(3)
-    model = _resize_to(nodes, {"w3": w(rng, 4, 8, 1, 1)})
+    model = _resize_to(nodes, {"w3": rand(rng, 4, 8, 1, 1, scale=0.4)})
     groups = by_name(groups_of(model))
     assert groups["a"].frozen is not None and groups["b"].frozen is not None

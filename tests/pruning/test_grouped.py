@@ -5,25 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import random_feeds
 from onnx import numpy_helper
-from pruning.cases import (
-    X,
-    assert_equivalent,
-    bn,
-    bn_node,
-    build,
-    make_model,
-    max_err,
-    node,
-    prune,
-    w,
-    zeroed,
-)
 
 from onnxcompress.core import serde
 from onnxcompress.pruning.dependency import analyze, refine_blocks
 from onnxcompress.pruning.select import Budget, plan_removal
+from tests.helpers.builders import make_model, node
+from tests.helpers.pruning import X, assert_equivalent, bn, bn_node, build, prune, zeroed
+from tests.helpers.runs import max_err
+from tests.helpers.tensors import rand, random_feeds
 
 
 def conv_attrs(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -68,8 +58,10 @@ def _two_readers(g_p: int, g_q: int) -> onnx.ModelProto:
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
              node("Conv", ["ar", "wp", "bp"], "p", group=g_p), node("Conv", ["ar", "wq", "bq"], "q", group=g_q),
              node("Add", ["p", "q"], "s"), node("Conv", ["s", "w3"], "y")]
-    inits = {"w1": w(rng, 12, 3, 1, 1), "b1": w(rng, 12), "wp": w(rng, 12, 12 // g_p, 1, 1), "bp": w(rng, 12),
-             "wq": w(rng, 12, 12 // g_q, 1, 1), "bq": w(rng, 12), "w3": w(rng, 4, 12, 1, 1)}
+    inits = {"w1": rand(rng, 12, 3, 1, 1, scale=0.4), "b1": rand(rng, 12, scale=0.4),
+             "wp": rand(rng, 12, 12 // g_p, 1, 1, scale=0.4), "bp": rand(rng, 12, scale=0.4),
+             "wq": rand(rng, 12, 12 // g_q, 1, 1, scale=0.4), "bq": rand(rng, 12, scale=0.4),
+             "w3": rand(rng, 4, 12, 1, 1, scale=0.4)}
     return make_model(nodes, X, ["y"], inits)
 
 
@@ -135,8 +127,8 @@ def test_round_to_relaxed_when_no_count_fits():
     rng = np.random.default_rng(0)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"),
              node("Conv", ["ar", "wg", "bg"], "g", group=3), node("Conv", ["g", "w2"], "y")]
-    model = make_model(nodes, X, ["y"], {"w1": w(rng, 15, 3, 1, 1), "b1": w(rng, 15), "wg": w(rng, 6, 5, 1, 1),
-                                         "bg": w(rng, 6), "w2": w(rng, 4, 6, 1, 1)})
+    model = make_model(nodes, X, ["y"], {"w1": rand(rng, 15, 3, 1, 1, scale=0.4), "b1": rand(rng, 15, scale=0.4), "wg": rand(rng, 6, 5, 1, 1, scale=0.4),
+                                         "bg": rand(rng, 6, scale=0.4), "w2": rand(rng, 4, 6, 1, 1, scale=0.4)})
     analysis = analyze(serde.to_graph(model))
     a = analysis.group("a")
     plan = plan_removal(analysis, scores_of(analysis), Budget(0.5, round_to=8))
@@ -192,13 +184,14 @@ def test_padded_grouped_compensation_is_exact_inside():
     rng = np.random.default_rng(3)
     nodes = [node("Conv", ["x", "w1", "b1"], "a"), bn_node("a", "an", "bn"), node("Relu", ["an"], "ar"),
              node("Conv", ["ar", "wg", "bg"], "y", group=2, pads=[1, 1, 1, 1])]
-    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "wg": w(rng, 4, 4, 3, 3), "bg": w(rng, 4), **bn(rng, "bn", 8)}
+    inits = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4),
+             "wg": rand(rng, 4, 4, 3, 3, scale=0.4), "bg": rand(rng, 4, scale=0.4), **bn(rng, "bn", 8)}
     inits["bn_b"] = np.abs(inits["bn_b"]) + 1.0
     model = make_model(nodes, X, ["y"], inits)
     pruned, _, remove, report = prune(model, {0: np.array([0, 5])})
     assert report.compensated == report.approximate == 1
     feeds = random_feeds(model)
-    from helpers import ort_run
+    from tests.helpers.runs import ort_run
 
     got, want = ort_run(pruned, feeds)[0], ort_run(zeroed(model, remove), feeds)[0]
     np.testing.assert_allclose(got[:, :, 1:-1, 1:-1], want[:, :, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
@@ -216,9 +209,11 @@ def test_restoring_a_channel_restores_one_per_block():
              node("Conv", ["t", "wt"], "y2"), node("Conv", ["ar", "wz"], "y3")]
     def ints(v):
         return np.asarray([v], np.int64)
-    inits = {"w1": w(rng, 8, 3, 1, 1), "b1": w(rng, 8), "s0": ints(0), "e4": ints(4), "e1": ints(1), "ax": ints(1),
-             "wg": w(rng, 4, 2, 1, 1), "bg": w(rng, 4), "wy": w(rng, 2, 4, 1, 1), "wt": w(rng, 2, 1, 1, 1),
-             "wz": w(rng, 2, 8, 1, 1)}
+    inits = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "s0": ints(0), "e4": ints(4),
+             "e1": ints(1), "ax": ints(1),
+             "wg": rand(rng, 4, 2, 1, 1, scale=0.4), "bg": rand(rng, 4, scale=0.4),
+             "wy": rand(rng, 2, 4, 1, 1, scale=0.4), "wt": rand(rng, 2, 1, 1, 1, scale=0.4),
+             "wz": rand(rng, 2, 8, 1, 1, scale=0.4)}
     model = make_model(nodes, X, ["y1", "y2", "y3"], inits)
     analysis = analyze(serde.to_graph(model))
     a = analysis.group("a")

@@ -7,9 +7,7 @@ import math
 import numpy as np
 import onnx
 import pytest
-from helpers import ort_run
 from onnx import helper
-from quant.builders import calib_for, compare, make_model, quantize, rand
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.shapes import concrete_shapes
@@ -20,14 +18,19 @@ from onnxcompress.quant.latency import island_layers, measure_ratio, time_layers
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.sensitivity import Quantizer
 from onnxcompress.runtime.data import open_source
+from tests.helpers.builders import make_model
+from tests.helpers.quant import compare, quantize
+from tests.helpers.runs import ort_run
+from tests.helpers.tensors import calib_for, rand
 
 X = {"x": ["N", 3, 8, 8]}
 
 
 def residual(rng: np.random.Generator) -> onnx.ModelProto:
     """conv1 -> Relu -> conv2 ; add(conv2, conv1 branch) -> Relu -> GlobalAveragePool -> Flatten -> fc."""
-    init = {"W1": rand(rng, 4, 3, 3, 3), "B1": rand(rng, 4), "W2": rand(rng, 4, 4, 3, 3), "B2": rand(rng, 4),
-            "F": rand(rng, 6, 4), "Fb": rand(rng, 6)}
+    init = {"W1": rand(rng, 4, 3, 3, 3, scale=0.5), "B1": rand(rng, 4, scale=0.5),
+            "W2": rand(rng, 4, 4, 3, 3, scale=0.5), "B2": rand(rng, 4, scale=0.5),
+            "F": rand(rng, 6, 4, scale=0.5), "Fb": rand(rng, 6, scale=0.5)}
     nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["r"], name="relu1"),
              helper.make_node("Conv", ["r", "W2", "B2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
@@ -99,7 +102,7 @@ def test_all_compute_slower_leaves_no_int8_island():
                          values=timers({"conv1": 3.0, "conv2": 3.0, "fc": 3.0}))
     assert {d.where for d in result.declined if d.code == R_ISLAND} == {"add", "gap"}
     assert not ({"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in q.graph.node})
-    feeds = {"x": rand(np.random.default_rng(4), 2, 3, 8, 8)}
+    feeds = {"x": rand(np.random.default_rng(4), 2, 3, 8, 8, scale=0.5)}
     np.testing.assert_allclose(ort_run(q, feeds)[0], ort_run(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -114,7 +117,7 @@ def test_islands_logic_directly():
 def test_shared_weight_and_graph_output():
     """A weight shared by two convs, and an intermediate tensor that is a graph output."""
     rng = np.random.default_rng(6)
-    init = {"W": rand(rng, 3, 3, 3, 3), "B": rand(rng, 3)}
+    init = {"W": rand(rng, 3, 3, 3, 3, scale=0.5), "B": rand(rng, 3, scale=0.5)}
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["a"], name="c1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["r"], name="relu"),
              helper.make_node("Conv", ["r", "W", "B"], ["y"], name="c2", pads=[1, 1, 1, 1])]
@@ -131,11 +134,11 @@ def test_dynamic_spatial_dims_get_a_concrete_value():
     """Other dynamic dims than the batch get 32 (as for random data), so the layer is still timed."""
     rng = np.random.default_rng(7)
     model = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="c")], {"x": ["N", 3, "H", "W"]}, ["y"],
-                       {"W": rand(rng, 4, 3, 3, 3)})
+                       {"W": rand(rng, 4, 3, 3, 3, scale=0.5)})
     shapes = concrete_shapes(model, 2)
     assert shapes["x"] == (2, 3, 32, 32) and shapes["y"] == (2, 4, 30, 30)
     q = Quantizer(model, QuantConfig())
-    q.calibrate(open_source([{"x": rand(rng, 8, 3, 12, 12)}], model))
+    q.calibrate(open_source([{"x": rand(rng, 8, 3, 12, 12, scale=0.5)}], model))
     timings = time_layers(q, batch=2, timer=lambda *a: 0.9)
     assert [(t.node, t.ratio, t.kept_float) for t in timings] == [("c", 0.9, False)]
 

@@ -6,10 +6,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from quant.builders import compare, consumers, make_model, producers, qdq_params, quantize, rand
 
 from onnxcompress.quant import count_unfused_qdq, integer_op_counts, unfused_qdq
 from onnxcompress.quant.params import activation_params, quantize_bias, quantize_weight
+from tests.helpers.builders import make_model
+from tests.helpers.graphs import consumers, producers
+from tests.helpers.quant import compare, qdq_params, quantize
+from tests.helpers.tensors import rand
 
 X = {"x": ["N", 3, 8, 8]}
 
@@ -20,7 +23,7 @@ def conv(x: str, y: str, w: str, b: str | None = None, **attrs) -> onnx.NodeProt
 
 
 def conv_weights(rng: np.random.Generator, prefix: str, cout: int, cin: int, k: int = 3) -> dict[str, np.ndarray]:
-    return {f"{prefix}_W": rand(rng, cout, cin, k, k), f"{prefix}_B": rand(rng, cout)}
+    return {f"{prefix}_W": rand(rng, cout, cin, k, k, scale=0.5), f"{prefix}_B": rand(rng, cout, scale=0.5)}
 
 
 def check_fused(q: onnx.ModelProto, *expect: str) -> dict[str, int]:
@@ -90,7 +93,7 @@ def test_no_qdq_between_conv_and_relu_in_a_chain():
     """Conv-Relu-Conv-GAP-Flatten-Gemm: every Relu folded, zero unfused Q/DQ in onnxruntime."""
     rng = np.random.default_rng(1)
     init = {**conv_weights(rng, "c1", 8, 3), **conv_weights(rng, "c2", 8, 8),
-            "g_W": rand(rng, 10, 8), "g_B": rand(rng, 10)}
+            "g_W": rand(rng, 10, 8, scale=0.5), "g_B": rand(rng, 10, scale=0.5)}
     nodes = [conv("x", "a", "c1_W", "c1_B"), helper.make_node("Relu", ["a"], ["r"]),
              conv("r", "b", "c2_W", "c2_B"), helper.make_node("Relu", ["b"], ["r2"]),
              helper.make_node("GlobalAveragePool", ["r2"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
@@ -118,8 +121,8 @@ def test_no_qdq_between_conv_and_relu_in_a_chain():
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_axis_follows_transb_and_beta_folds_into_bias(trans_b):
     rng = np.random.default_rng(2)
-    w = rand(rng, 8, 16) if trans_b else rand(rng, 16, 8)
-    init = {"W": w, "B": rand(rng, 8)}
+    w = rand(rng, 8, 16, scale=0.5) if trans_b else rand(rng, 16, 8, scale=0.5)
+    init = {"W": w, "B": rand(rng, 8, scale=0.5)}
     model = make_model([helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=trans_b, beta=0.5)],
                        {"x": ["N", 16]}, ["y"], init)
     q, _ = quantize(model)
@@ -137,10 +140,10 @@ def test_gemm_axis_follows_transb_and_beta_folds_into_bias(trans_b):
 
 def test_matmul_constant_weight_axis_1():
     rng = np.random.default_rng(3)
-    w = rand(rng, 16, 8)
+    w = rand(rng, 16, 8, scale=0.5)
     model = make_model([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
                         helper.make_node("MatMul", ["r", "W2"], ["y"])],
-                       {"x": ["N", 4, 16]}, ["y"], {"W": w, "W2": rand(rng, 8, 5)})
+                       {"x": ["N", 4, 16]}, ["y"], {"W": w, "W2": rand(rng, 8, 5, scale=0.5)})
     q, result = quantize(model)
     first = next(n for n in q.graph.node if n.op_type == "MatMul")
     wq, ws, _, axis = qdq_params(q, first.input[1])
@@ -153,7 +156,7 @@ def test_matmul_constant_weight_axis_1():
 
 def test_conv_transpose_gets_int8_weight_on_axis_1_only():
     rng = np.random.default_rng(4)
-    w = rand(rng, 3, 6, 3, 3)
+    w = rand(rng, 3, 6, 3, 3, scale=0.5)
     model = make_model([helper.make_node("ConvTranspose", ["x", "W"], ["y"])], X, ["y"], {"W": w})
     q, result = quantize(model)
     node = next(n for n in q.graph.node if n.op_type == "ConvTranspose")

@@ -12,25 +12,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import ort_run
 from onnx import helper, numpy_helper
-from quant.builders import (
-    compare,
-    consumers,
-    feeds_for,
-    inits,
-    make_model,
-    producers,
-    qdq_params,
-    quantize,
-    rand,
-)
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant import count_unfused_qdq, integer_op_counts, placement, rewrite, unfused_qdq
 from onnxcompress.quant.options import QuantConfig
+from onnxcompress.quant.params import QParams
 from onnxcompress.quant.placement import R_EXCLUDED, R_ISOLATED, R_OUTPUT_CONCAT, R_QUANTIZED, R_STATIC
+from tests.helpers.builders import make_model
+from tests.helpers.graphs import consumers, initializers, op_types, producers
+from tests.helpers.quant import compare, qdq_params, quantize
+from tests.helpers.runs import ort_run
+from tests.helpers.tensors import feeds_for, rand
 
 X = {"x": ["N", 3, 8, 8]}
 
@@ -40,7 +34,7 @@ def conv(x: str, y: str, prefix: str) -> onnx.NodeProto:
 
 
 def weights(rng: np.random.Generator, prefix: str, cout: int, cin: int) -> dict[str, np.ndarray]:
-    return {f"{prefix}_W": rand(rng, cout, cin, 3, 3), f"{prefix}_B": rand(rng, cout)}
+    return {f"{prefix}_W": rand(rng, cout, cin, 3, 3, scale=0.5), f"{prefix}_B": rand(rng, cout, scale=0.5)}
 
 
 def activation_chain(op: str, attrs: dict, opset: int = 17) -> onnx.ModelProto:
@@ -92,10 +86,6 @@ def test_lut_activation_on_a_float_input_is_left_alone():
     model = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], X, ["y"], {})
     q, result = quantize(model)
     assert op_types(q) == ["Sigmoid"] and not result.modified
-
-
-def op_types(model: onnx.ModelProto) -> list[str]:
-    return [n.op_type for n in model.graph.node]
 
 
 # ---------------------------------------------------------------------------------------- Resize
@@ -170,13 +160,36 @@ def test_shared_tensor_fuses_with_uint8_and_int8_activations(relu, symmetric):
         assert "uint8_fanout" not in result.stats
 
 
-def test_uint8_fanout_encoding_is_bit_identical(monkeypatch):
+def test_uint8_fanout_only_re_encodes_shared_tensors():
+    """``fanout_uint8`` changes nothing but the encoding: same scale and axis, zero point + 128 as uint8,
+    only for the tensor read by several nodes (``a0``)."""
+    graph = serde.to_graph(residual(relu=False))
+    plan = placement.plan_placement(graph, QuantConfig(symmetric_activations=True), PassResult())
+    params = {plan.root(t): QParams(np.float32(0.05), np.int8(-3 + i)) for i, t in enumerate(plan.tensors)}
+    result = PassResult()
+    shifted = rewrite.fanout_uint8(graph, plan, params, result)
+    changed = sorted(n for n in params if shifted[n] is not params[n])
+    assert changed == ["a0"] and result.stats["uint8_fanout"] == 1
+    old, new = params["a0"], shifted["a0"]
+    assert new.zero_point.dtype == np.uint8 and int(new.zero_point) == int(old.zero_point) + 128
+    assert new.scale is old.scale and new.axis == old.axis
+
+
+def test_uint8_fanout_encoding_is_bit_identical():
+    """The pass's output equals, bit for bit in onnxruntime, itself with every uint8 tensor put
+    back to int8 (``q - 128``: zero points and quantized constants)."""
     model = residual(relu=False)
-    spec = "quantize_int8:symmetric_activations=true"
-    shifted, _ = quantize(model, spec)
-    monkeypatch.setattr(rewrite, "fanout_uint8", lambda graph, plan, params, result=None: params)
-    plain, result = quantize(model, spec)
-    assert "uint8_fanout" not in result.stats
+    shifted, result = quantize(model, "quantize_int8:symmetric_activations=true")
+    assert result.stats["uint8_fanout"] == 1
+    plain = onnx.ModelProto()
+    plain.CopyFrom(shifted)
+    del plain.graph.value_info[:]  # the Q outputs' element types follow their zero points again
+    for init in plain.graph.initializer:
+        if init.data_type == onnx.TensorProto.UINT8:
+            values = numpy_helper.to_array(init).astype(np.int16) - 128
+            init.CopyFrom(numpy_helper.from_array(values.astype(np.int8), init.name))
+    onnx.checker.check_model(plain, full_check=True)
+    assert {i.data_type for i in plain.graph.initializer} & {onnx.TensorProto.UINT8} == set()
     feeds = feeds_for(model)
     for a, b in zip(ort_run(plain, feeds), ort_run(shifted, feeds), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -198,8 +211,8 @@ def test_already_quantized_model_is_left_alone():
 
 def test_opset_11_with_constant_node_weights():
     rng = np.random.default_rng(4)
-    w, b = rand(rng, 4, 3, 3, 3), rand(rng, 4)
-    gw, gb = rand(rng, 4 * 8 * 8, 5), rand(rng, 5)
+    w, b = rand(rng, 4, 3, 3, 3, scale=0.5), rand(rng, 4, scale=0.5)
+    gw, gb = rand(rng, 4 * 8 * 8, 5, scale=0.5), rand(rng, 5, scale=0.5)
     nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name))
              for name, v in (("W", w), ("B", b), ("GW", gw), ("GB", gb))]
     nodes += [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
@@ -222,7 +235,7 @@ def test_transformer_block_quantizes_matmuls_and_keeps_the_rest_float():
     rng = np.random.default_rng(5)
     d = 16
     init = {"g": np.ones(d, np.float32), "beta": np.zeros(d, np.float32),
-            "Wq": rand(rng, d, d), "Wv": rand(rng, d, d), "Wo": rand(rng, d, d)}
+            "Wq": rand(rng, d, d, scale=0.5), "Wv": rand(rng, d, d, scale=0.5), "Wo": rand(rng, d, d, scale=0.5)}
     nodes = [helper.make_node("LayerNormalization", ["x", "g", "beta"], ["n"], axis=-1),
              helper.make_node("MatMul", ["n", "Wq"], ["q"]), helper.make_node("Softmax", ["q"], ["p"], axis=-1),
              helper.make_node("MatMul", ["p", "Wv"], ["v"]), helper.make_node("Gelu", ["v"], ["h"]),
@@ -325,7 +338,7 @@ def test_anchor_and_stride_arithmetic_stays_float():
 def test_elementwise_ops_away_from_any_conv_stay_float():
     """``Add -> Mul`` on a graph input, beside a Conv branch: quantizing them only adds Q/DQ work."""
     rng = np.random.default_rng(10)
-    init = {**weights(rng, "a", 4, 3), "k": rand(rng, 1, 3, 1, 1), "m": rand(rng, 1, 3, 1, 1)}
+    init = {**weights(rng, "a", 4, 3), "k": rand(rng, 1, 3, 1, 1, scale=0.5), "m": rand(rng, 1, 3, 1, 1, scale=0.5)}
     nodes = [conv("x", "y1", "a"), helper.make_node("Add", ["x", "k"], ["s"], name="lone_add"),
              helper.make_node("Mul", ["s", "m"], ["y2"], name="lone_mul")]
     model = make_model(nodes, X, ["y1", "y2"], init)
@@ -353,7 +366,7 @@ def test_elementwise_only_model_is_left_unchanged():
 def test_excluding_a_conv_does_not_turn_its_add_float():
     """Rule 12 is decided without exclusions: quantizing one layer alone (sensitivity) still works."""
     rng = np.random.default_rng(11)
-    init = {**weights(rng, "a", 3, 3), "shared": rand(rng, 1, 3, 1, 1)}
+    init = {**weights(rng, "a", 3, 3), "shared": rand(rng, 1, 3, 1, 1, scale=0.5)}
     nodes = [conv("x", "c", "a"), helper.make_node("Add", ["c", "shared"], ["s"], name="add"),
              helper.make_node("Mul", ["s", "shared"], ["y"], name="mul")]  # shared initializer, graph output
     model = make_model(nodes, X, ["y"], init)
@@ -361,7 +374,7 @@ def test_excluding_a_conv_does_not_turn_its_add_float():
     declined = dict(result.where_codes())
     assert declined["conv_c"] == R_EXCLUDED and R_ISOLATED not in declined.values()
     assert result.stats["quantized_Add"] == 1 and result.stats["quantized_Mul"] == 1
-    assert np.array_equal(inits(model)["shared"], init["shared"])  # quantized as a copy, never in place
+    assert np.array_equal(initializers(model)["shared"], init["shared"])  # quantized as a copy, never in place
     assert compare(model, q) >= 0.99
 
 

@@ -1,0 +1,1 @@
+"""The test suite (a package, so ``tests.helpers`` imports like any other module)."""
