@@ -19,7 +19,10 @@ import pytest
 
 from onnxcompress.cli import main
 from onnxcompress.core.errors import InputError
-from onnxcompress.reporting.report import PLOT_HINT, build_report, load_inputs, pareto_front, pipeline_label
+from onnxcompress.reporting.inputs import load_inputs
+from onnxcompress.reporting.pareto import pareto_front
+from onnxcompress.reporting.report import PLOT_HINT, build_report
+from onnxcompress.reporting.runs import pipeline_label
 from onnxcompress.runtime import progress
 
 DATA = Path(__file__).parent / "data"
