@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.runtime.session import make_session
 
 __all__ = ["Simplify"]
 
@@ -455,8 +456,6 @@ def _evaluate(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, logger:
 
 def _run_nodes(graph: gs.Graph, nodes: list[gs.Node], known: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Run ``nodes`` alone in onnxruntime (optimizations off) and return every output's value."""
-    import onnxruntime as ort
-
     known = known or {}
     produced = {id(t) for n in nodes for t in n.outputs}
     feeds = {}
@@ -466,11 +465,7 @@ def _run_nodes(graph: gs.Graph, nodes: list[gs.Node], known: dict[str, np.ndarra
                 feeds[tensor.name] = known[tensor.name]
     wanted = [t for n in nodes for t in n.outputs if not t.is_empty()]
     model = _sub_model(graph, nodes, wanted, feeds)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(model, threads=1)
     arrays = sess.run([t.name for t in wanted], {})
     return {t.name: a for t, a in zip(wanted, arrays) if isinstance(a, np.ndarray)}
 
