@@ -96,7 +96,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import const_values, opt_input
+from onnxcompress.core.graph import clip_bounds, const_values, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import infer_graph
 from onnxcompress.quant.options import QuantConfig
@@ -116,7 +116,6 @@ __all__ = [
     "plan_placement",
     "static_tensors",
     "uncached_values",
-    "weight_axis",
 ]
 
 log = logging.getLogger(__name__)
@@ -234,15 +233,6 @@ def _where(node: gs.Node) -> str:
     return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
 
 
-def weight_axis(node: gs.Node) -> int:
-    """The output-channel axis of ``node``'s weight (input 1)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return 1  # ConvTranspose [Cin, Cout/g, k...]; MatMul [K, N]
-
-
 def tensor_dtypes(graph: gs.Graph) -> dict[str, int]:
     """ONNX element types of every typed tensor (one weight-less shape inference)."""
     model = infer_graph(graph)
@@ -307,7 +297,7 @@ def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) ->
     bias = const_values(bias_t)
     if bias is None or bias.dtype != np.float32:
         return R_BIAS
-    channels = w_shape[0] if node.op == "Conv" else w_shape[weight_axis(node)]
+    channels = w_shape[weight_layout(node).out_axis]
     return None if bias_vector(bias, channels) is not None else R_BIAS
 
 
@@ -371,17 +361,6 @@ def _check(node: gs.Node, kind: str, dtypes: dict[str, int], weights_only: bool)
     return None
 
 
-def _clip_bounds(act: gs.Node) -> tuple[float, float] | None:
-    """``(min, max)`` of a Relu (``(0, inf)``) or of a Clip with constant bounds."""
-    if act.op == "Relu":
-        return 0.0, np.inf
-    lo_t, hi_t = opt_input(act, 1), opt_input(act, 2)
-    lo, hi = const_values(lo_t), const_values(hi_t)
-    if (lo_t is not None and lo is None) or (hi_t is not None and hi is None):
-        return None
-    return (float(lo) if lo is not None else -np.inf), (float(hi) if hi is not None else np.inf)
-
-
 def _attach_activation(group: QdqGroup, excluded: set[str], graph_outputs: set[str]) -> None:
     """Fold a Relu/Clip that alone consumes ``group``'s output into the group (rule 2)."""
     out = group.node.outputs[0]
@@ -392,7 +371,7 @@ def _attach_activation(group: QdqGroup, excluded: set[str], graph_outputs: set[s
         return
     if act.inputs[0] is not out or any(t is out for t in act.inputs[1:]) or len(act.outputs) != 1:
         return
-    bounds = _clip_bounds(act)
+    bounds = clip_bounds(act)
     if bounds is None or bounds[0] > 0 or bounds[1] <= 0:
         return
     group.act, group.bounds = act, bounds
