@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["const_values", "node_label", "opt_input", "Names", "WEIGHT_OPS", "WeightLayout", "weight_layout",
-           "broadcast_along", "clip_bounds"]
+__all__ = ["const_values", "uncached_values", "constant_info", "constants_nbytes", "node_label", "opt_input", "Names",
+           "WEIGHT_OPS", "WeightLayout", "weight_layout", "broadcast_along", "clip_bounds"]
 
 #: Ops whose input 1 is a weight with output and input channels (see :func:`weight_layout`).
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -22,6 +23,32 @@ def const_values(tensor: gs.Tensor | None) -> np.ndarray | None:
         return None
     values = tensor.values
     return values if isinstance(values, np.ndarray) else None
+
+
+def uncached_values(tensor: gs.Constant) -> np.ndarray:
+    """``tensor.values`` without keeping a not-yet-read array in ``tensor``: a constant still backed
+    by its protobuf is decoded into a fresh array each call (freed when the caller drops it)."""
+    if isinstance(tensor._values, gs.ir.tensor.LazyValues):
+        return tensor._values.load()
+    return tensor.values
+
+
+def constant_info(tensor: gs.Tensor | None) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """Dtype and shape of a dense constant, as :func:`const_values` would give them, else ``None``.
+
+    A float32 constant not yet read from its protobuf stays unread (no numpy copy is made just to
+    look at it: on a large model that would hold every weight twice).
+    """
+    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues) \
+            and tensor._values.tensor.data_type == onnx.TensorProto.FLOAT:
+        return np.dtype(np.float32), tuple(int(d) for d in tensor._values.tensor.dims)
+    values = const_values(tensor)
+    return None if values is None else (values.dtype, values.shape)
+
+
+def constants_nbytes(graph: gs.Graph) -> int:
+    """Bytes of the graph's constants, from their shapes and dtypes (nothing is loaded)."""
+    return sum(int(getattr(t._values, "nbytes", 0) or 0) for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
 def opt_input(node: gs.Node, index: int) -> gs.Tensor | None:

@@ -96,7 +96,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import clip_bounds, const_values, opt_input, weight_layout
+from onnxcompress.core.graph import clip_bounds, const_values, constant_info, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import infer_graph
 from onnxcompress.quant.options import QuantConfig
@@ -115,7 +115,6 @@ __all__ = [
     "bias_vector",
     "plan_placement",
     "static_tensors",
-    "uncached_values",
 ]
 
 log = logging.getLogger(__name__)
@@ -279,7 +278,7 @@ def static_tensors(graph: gs.Graph) -> set[str]:
 
 
 def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) -> str | None:
-    w = _weight_info(opt_input(node, 1))
+    w = constant_info(opt_input(node, 1))
     if w is None:
         return R_WEIGHT
     w_dtype, w_shape = w
@@ -299,26 +298,6 @@ def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) ->
         return R_BIAS
     channels = w_shape[weight_layout(node).out_axis]
     return None if bias_vector(bias, channels) is not None else R_BIAS
-
-
-def uncached_values(tensor: gs.Constant) -> np.ndarray:
-    """``tensor.values`` without keeping a not-yet-read array in ``tensor`` (freed once quantized)."""
-    if isinstance(tensor._values, gs.ir.tensor.LazyValues):
-        return tensor._values.load()
-    return tensor.values
-
-
-def _weight_info(tensor: gs.Tensor | None) -> tuple[np.dtype, tuple[int, ...]] | None:
-    """Dtype and shape of a dense constant, as :func:`const_values` would give them.
-
-    A float32 weight not yet read from its protobuf stays unread (no numpy copy is made just to
-    check it: on a large model that would hold every weight twice until the pass ends).
-    """
-    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues) \
-            and tensor._values.tensor.data_type == onnx.TensorProto.FLOAT:
-        return np.dtype(np.float32), tuple(int(d) for d in tensor._values.tensor.dims)
-    values = const_values(tensor)
-    return None if values is None else (values.dtype, values.shape)
 
 
 def bias_vector(bias: np.ndarray, channels: int) -> np.ndarray | None:

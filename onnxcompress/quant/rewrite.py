@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import Names, const_values, opt_input, weight_layout
+from onnxcompress.core.graph import Names, const_values, opt_input, uncached_values, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import (
@@ -18,7 +18,7 @@ from onnxcompress.quant.params import (
     quantize_values,
     quantize_weight,
 )
-from onnxcompress.quant.placement import SHAPE_READERS, QdqGroup, QdqPlan, bias_vector, uncached_values
+from onnxcompress.quant.placement import SHAPE_READERS, QdqGroup, QdqPlan, bias_vector
 
 __all__ = ["apply_plan", "fanout_uint8"]
 

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxcompress.core import proto
 from onnxcompress.core.errors import InputError
 from onnxcompress.reconstruct.layerview import (
     CHUNK_BYTES,
@@ -45,7 +46,7 @@ from onnxcompress.reconstruct.layerview import (
     layer_view,
 )
 from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, LstsqAccumulator
-from onnxcompress.runtime.capture import capture, expose
+from onnxcompress.runtime.capture import capture
 from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
@@ -243,14 +244,13 @@ class _Teacher:
     """One session over the teacher exposing every target; run per batch."""
 
     def __init__(self, teacher: onnx.ModelProto, names: Sequence[str], threads: int):
-        produced = {o for n in teacher.graph.node for o in n.output if o}
-        inits = {i.name for i in teacher.graph.initializer}
-        self.inputs = {i.name for i in teacher.graph.input} - inits
+        produced = proto.produced_names(teacher)
+        self.inputs = set(proto.feed_names(teacher))
         bad = [n for n in names if n not in produced and n not in self.inputs]
         if bad:
             raise InputError(f"teacher has no tensor {bad[0]!r} computed from its inputs")
         self.computed = sorted({n for n in names if n in produced})
-        self.session = make_session(expose(teacher, self.computed), threads=threads) if self.computed else None
+        self.session = make_session(proto.with_outputs(teacher, self.computed), threads=threads) if self.computed else None
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = dict(zip(self.computed, self.session.run(self.computed, feeds))) if self.session else {}
