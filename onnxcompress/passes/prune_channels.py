@@ -243,14 +243,14 @@ class PruneChannels(Pass):
         if not targets:
             return None
         try:
-            model, stats = module.reconstruct_layers(serde.to_model(graph, original), original, targets, ctx.calib,
-                                                     seed=seed, progress=ctx.progress)
+            fixed, stats = module.reconstruct_layers(graph, original, targets, ctx.calib, seed=seed,
+                                                     progress=ctx.progress)
         except InputError as exc:
             ctx.logger.debug("prune_channels: reconstruction failed: %s", exc)
             result.decline("reconstruct", R_RECONSTRUCT_FAILED, ctx.logger)
             return None
         _reconstruct_stats(stats, result)
-        return serde.to_graph(model)
+        return fixed
 
 
 def _reconstruct_stats(stats: list[Any], result: PassResult) -> None:
