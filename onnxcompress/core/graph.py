@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 __all__ = ["const_values", "uncached_values", "constant_info", "constants_nbytes", "node_label", "opt_input", "Names",
-           "WEIGHT_OPS", "WeightLayout", "weight_layout", "broadcast_along", "clip_bounds"]
+           "WEIGHT_OPS", "WeightLayout", "weight_layout", "broadcast_along", "clip_bounds", "has_padding"]
 
 #: Ops whose input 1 is a weight with output and input channels (see :func:`weight_layout`).
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -197,3 +197,10 @@ def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
             return None
         bounds.append(float(values.reshape(-1)[0]))
     return bounds[0], bounds[1]
+
+
+def has_padding(node: gs.Node) -> bool:
+    """Whether a Conv/ConvTranspose pads its input (explicit ``pads`` or a SAME ``auto_pad``)."""
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in node.attrs.get("pads", []))

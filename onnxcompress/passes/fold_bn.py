@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import Names, const_values, node_label, opt_input, weight_layout
+from onnxcompress.core.graph import Names, const_values, has_padding, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassResult, register
 from onnxcompress.core.shapes import infer_graph
 
@@ -112,12 +112,6 @@ def _elementwise_affine(op: str, c: np.ndarray, x_first: bool) -> str | _Affine:
     if not _all_finite(scale, shift):
         return R_NONFINITE
     return scale, shift
-
-
-def _has_padding(conv: gs.Node) -> bool:
-    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in conv.attrs.get("pads", []))
 
 
 def _scale_weight(node: gs.Node, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -405,7 +399,7 @@ class FoldBn(Pass):
         conv = convs[0]
         if conv.inputs[0] is not out or any(t is out for t in conv.inputs[1:]):
             return R_LAYOUT
-        if _has_padding(conv):
+        if has_padding(conv):
             return R_PADDING
         weights = _pre_scaled_weights(conv, affine)
         if isinstance(weights, str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import weight_layout
+from onnxcompress.core.graph import has_padding, weight_layout
 from onnxcompress.pruning.handlers_common import Vec, _input, _nan, channel_vector
 from onnxcompress.pruning.types import (
     R_MISMATCH,
@@ -29,7 +29,7 @@ from onnxcompress.pruning.types import (
     RewriteContext,
 )
 
-__all__ = ["_conv", "_conv_transpose", "_gemm", "_matmul", "has_padding"]
+__all__ = ["_conv", "_conv_transpose", "_gemm", "_matmul"]
 
 
 # ----------------------------------------------------------------- weight layers
@@ -172,13 +172,6 @@ def _depthwise(spec: NodeSpec, w: np.ndarray, b: np.ndarray | None, m: int, tran
 
     spec.rewrite = rewrite
     return spec
-
-
-def has_padding(node: gs.Node) -> bool:
-    """Whether a Conv pads its input (explicit pads or a SAME ``auto_pad``)."""
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in node.attrs.get("pads", []))
 
 
 def _gemm(node: gs.Node, g: GraphInfo) -> NodeSpec:

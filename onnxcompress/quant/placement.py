@@ -96,7 +96,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import clip_bounds, const_values, constant_info, opt_input, weight_layout
+from onnxcompress.core.graph import clip_bounds, const_values, constant_info, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import infer_graph
 from onnxcompress.quant.options import QuantConfig
@@ -224,12 +224,6 @@ class QdqPlan:
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _where(node: gs.Node) -> str:
-    if node.name:
-        return node.name
-    return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
 
 
 def tensor_dtypes(graph: gs.Graph) -> dict[str, int]:
@@ -376,7 +370,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
             continue
         is_excluded = node.name in excluded or node.op in excluded
         if is_excluded:
-            result.decline(_where(node), R_EXCLUDED, logger)
+            result.decline(node_label(node), R_EXCLUDED, logger)
             result.count("excluded")
         if kind == "activation":  # folded (or not) by _attach_activation
             continue
@@ -388,7 +382,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
             reason = R_OUTPUT_CONCAT
         if reason is not None:
             if kind not in _CONDITIONAL and not is_excluded:
-                result.decline(_where(node), reason, logger)
+                result.decline(node_label(node), reason, logger)
             continue
         group = QdqGroup(node, kind)
         (passthrough if kind in _CONDITIONAL else groups).append(group)
@@ -455,7 +449,7 @@ def plan_placement(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
         return plan
     for g in _drop_isolated(graph, groups, passthrough):
         off.add(id(g))
-        result.decline(_where(g.node), R_ISOLATED, logger)
+        result.decline(node_label(g.node), R_ISOLATED, logger)
     return _place(graph, set(cfg.exclude), [g for g in groups if id(g) not in off],
                   [g for g in passthrough if id(g) not in off])
 
