@@ -12,14 +12,16 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.fileio import atomic_write
-from onnxcompress.pipeline.sensitivity import SensitivityReport
 from onnxcompress.reporting.document import Image
 from onnxcompress.reporting.pareto import Point
 from onnxcompress.reporting.runs import as_float
+
+if TYPE_CHECKING:
+    from onnxcompress.pipeline.sensitivity import SensitivityReport
 
 __all__ = ["NO_MATPLOTLIB", "require_matplotlib", "plots_available", "sensitivity_figure", "plot_sensitivity",
            "Plotter"]
