@@ -267,6 +267,7 @@ def test_optimize_reports_each_pass_to_the_steps_bar(monkeypatch) -> None:
 def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> None:
     from test_reconstruct import calib, small_net
 
+    from onnxcompress.core import serde
     from onnxcompress.reconstruct import refit as reconstruct
 
     calls = []
@@ -280,5 +281,6 @@ def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> 
     teacher = small_net()
     layers = [reconstruct.LayerTarget("conv2", "c2"), reconstruct.LayerTarget("fc", "out")]
     for flag in (True, False):
-        reconstruct.reconstruct_layers(teacher, teacher, layers, calib(teacher, 32), batch_size=32, progress=flag)
+        reconstruct.reconstruct_layers(serde.to_graph(teacher), teacher, layers, calib(teacher, 32), batch_size=32,
+                                       progress=flag)
     assert calls == [("refitting 2 layers in 2 runs", True), ("refitting 2 layers in 2 runs", False)]
