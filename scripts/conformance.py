@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from onnxcompress.pipeline import conformance
+from onnxcompress.pipeline import conformance, conformance_cases
 
 log = logging.getLogger("conformance")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("conformance")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=conformance.SUITES, default="node", help="node tests, the data "
+    parser.add_argument("--suite", choices=conformance_cases.SUITES, default="node", help="node tests, the data "
                         "folders, or all (default: node)")
     parser.add_argument("--sample", type=int, default=None, help="run N cases drawn with --seed (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = args.passes or conformance.default_spec()
     start = time.perf_counter()
     log.info("collecting onnx test cases (suite %s)...", args.suite)
-    cases = conformance.select_cases(conformance.collect(args.suite), sample=args.sample, seed=args.seed,
+    cases = conformance_cases.select_cases(conformance_cases.collect(args.suite), sample=args.sample, seed=args.seed,
                                      filter=args.filter)
     log.info("running %d cases through %r", len(cases), spec)
     results = conformance.run_cases(cases, spec, isolate=not args.no_isolate, jobs=args.jobs)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if summary["failed"] or summary["crashed"] else 0
 
 
-def print_summary(summary: dict, results: list[conformance.CaseResult]) -> None:
+def print_summary(summary: dict, results: list[conformance_cases.CaseResult]) -> None:
     """Print counts, skip reasons, and every failure and crash with its detail."""
     counts = summary["counts"]
     print(f"\nsuite {summary['suite']}, pipeline {summary['spec']!r}: {summary['total']} cases in "
@@ -78,7 +78,7 @@ def print_summary(summary: dict, results: list[conformance.CaseResult]) -> None:
     print(f"  failed  {counts['FAIL']}")
     print(f"  crashed {counts['CRASH']}")
     for r in results:
-        if r.outcome in (conformance.FAIL, conformance.CRASH):
+        if r.outcome in (conformance_cases.FAIL, conformance_cases.CRASH):
             print(f"  {r.outcome} {r.name}: {r.reason}: {r.detail}")
 
 

@@ -143,8 +143,74 @@ def test_every_module_declares_its_public_surface():
     assert not missing, f"no __all__: {missing}"
 
 
+#: Protobuf fields of ModelProto/GraphProto/NodeProto that hold a graph's structure (graphsurgeon
+#: spells its own lists in the plural: ``nodes``, ``inputs``, ``outputs``).
+PROTO_FIELDS = frozenset({"graph", "node", "initializer", "input", "output", "value_info", "attribute",
+                          "opset_import", "metadata_props", "sparse_initializer"})
+PROTO_EDITS = frozenset({"append", "extend", "add", "insert", "remove", "pop", "CopyFrom", "MergeFrom", "Clear",
+                         "ClearField"})
+PROTO_MESSAGES = frozenset({"ModelProto", "GraphProto", "NodeProto", "ValueInfoProto", "FunctionProto"})
+
+
+def _dotted(node: ast.AST) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _proto_edits(tree: ast.AST) -> list[str]:
+    """Where ``tree`` builds or edits a protobuf graph, or reads graphsurgeon's private ``_values``."""
+    found = []
+    for node in ast.walk(tree):
+        what = None
+        if isinstance(node, ast.Attribute) and node.attr == "_values":
+            what = "reads graphsurgeon's private _values"
+        elif isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+            name = _dotted(node.func)
+            last = name.rpartition(".")[2]
+            if "helper.make_" in name or (isinstance(node.func, ast.Name) and last.startswith("make_")
+                                          and last.endswith(("_node", "_graph", "_model", "_attribute"))):
+                what = f"builds protobuf with {name}()"
+            elif last in PROTO_MESSAGES:
+                what = f"constructs {last}"
+            elif last in ("CopyFrom", "MergeFrom") or (
+                    last in PROTO_EDITS and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in PROTO_FIELDS):
+                what = f"edits a protobuf field: {name}()"
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Attribute) \
+                        and target.value.attr in PROTO_FIELDS:
+                    what = f"edits a protobuf field: {_dotted(target.value)}[...]"
+        if what:
+            found.append(f"line {node.lineno}: {what}")
+    return found
+
+
 def test_protobuf_and_graphsurgeon_internals_stay_in_core():
-    """Only ``core`` reads graphsurgeon's private ``_values``."""
-    offenders = [m for m, p in _modules().items() if not m.startswith("onnxcompress.core")
-                 and "._values" in p.read_text()]
+    """Only ``core`` builds or edits protobuf graphs, and only ``core`` reads graphsurgeon's private
+    ``_values``: everything above works on graphsurgeon graphs and asks ``core`` (``serde``,
+    ``proto``, ``shapes``, ``graph``) for protobuf. Reading a ``ModelProto`` that is handed to or
+    returned by onnxruntime is allowed; what fails this test, in any module outside ``core``, is
+    a call of ``onnx.helper.make_*``, constructing a ``ModelProto``/``GraphProto``/``NodeProto``/
+    ``ValueInfoProto``/``FunctionProto``, ``CopyFrom``/``MergeFrom``, an ``append``/``extend``/
+    ``add``/``insert``/``remove``/``pop``/``Clear`` on a protobuf graph field (``graph``, ``node``,
+    ``initializer``, ``input``, ``output``, ``value_info``, ``attribute``, ``opset_import``,
+    ``metadata_props``), an assignment or ``del`` of an item of one, and reading ``._values``."""
+    offenders = {m: edits for m, p in _modules().items() if not m.startswith("onnxcompress.core")
+                 and (edits := _proto_edits(ast.parse(p.read_text())))}
     assert not offenders, offenders
+
+
+def test_the_protobuf_check_sees_edits():
+    """The check above flags each kind of edit it claims to (and leaves graphsurgeon code alone)."""
+    edits = _proto_edits(ast.parse(
+        "m = onnx.ModelProto()\nm.CopyFrom(x)\nm.graph.output.append(v)\ndel m.graph.value_info[:]\n"
+        "node.input[1] = 'w'\nonnx.helper.make_node('Relu', ['x'], ['y'])\nt._values\n"))
+    assert len(edits) == 7, edits
+    assert not _proto_edits(ast.parse("g.nodes.append(n)\nnode.inputs[1] = c\ng.outputs.extend(ts)\n"))

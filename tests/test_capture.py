@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from onnxcompress.core.errors import InputError
-from onnxcompress.runtime.capture import capture, expose
+from onnxcompress.core.proto import with_outputs
+from onnxcompress.runtime.capture import capture
 from onnxcompress.runtime.data import RandomSource, input_specs
 from tests.helpers.builders import parse
 
@@ -33,5 +34,5 @@ g (float[N,3] x) => (float[N,3] y) <float[3] b = {1.0, 1.0, 1.0}> { y = Add(x, b
     capture(m, ["b"], RandomSource(input_specs(m), 1), lambda b, t: got.update(t))
     np.testing.assert_array_equal(got["b"], np.ones(3, np.float32))
     with pytest.raises(InputError, match="not produced"):
-        expose(m, ["nope"])
-    assert [o.name for o in expose(MODEL, ["h"]).graph.output] == ["y", "h"]
+        with_outputs(m, ["nope"])
+    assert [o.name for o in with_outputs(MODEL, ["h"]).graph.output] == ["y", "h"]

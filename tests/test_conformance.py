@@ -19,29 +19,29 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress.pipeline import conformance
-from onnxcompress.pipeline.conformance import CRASH, FAIL, PASS, SKIP
+from onnxcompress.pipeline import conformance, conformance_cases
+from onnxcompress.pipeline.conformance_cases import CRASH, FAIL, PASS, SKIP
 
 EXPECTED = json.loads((Path(__file__).parent / "data" / "conformance_expected.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def results() -> list[conformance.CaseResult]:
+def results() -> list[conformance_cases.CaseResult]:
     sample = EXPECTED["sample"]
-    cases = conformance.select_cases(conformance.collect_cases(), sample=sample["size"], seed=sample["seed"],
+    cases = conformance_cases.select_cases(conformance_cases.collect_cases(), sample=sample["size"], seed=sample["seed"],
                                      include=sample["include"])
     return conformance.run_cases(cases, conformance.default_spec(), isolate=True, jobs=2, progress_every=0)
 
 
 @pytest.fixture(scope="module")
-def data_results() -> list[conformance.CaseResult]:
+def data_results() -> list[conformance_cases.CaseResult]:
     sample = EXPECTED["data_sample"]
-    cases = conformance.select_cases(conformance.collect_data_cases(), sample=sample["size"], seed=sample["seed"],
+    cases = conformance_cases.select_cases(conformance_cases.collect_data_cases(), sample=sample["size"], seed=sample["seed"],
                                      include=sample["include"])
     return conformance.run_cases(cases, conformance.default_spec(), isolate=True, jobs=2, progress_every=0)
 
 
-def _unexpected(results: list[conformance.CaseResult]) -> list[str]:
+def _unexpected(results: list[conformance_cases.CaseResult]) -> list[str]:
     return [f"{r.outcome} {r.name}: {r.reason}: {r.detail}" for r in results
             if r.outcome in (FAIL, CRASH) and r.name not in EXPECTED["known_issues"]]
 
@@ -59,7 +59,7 @@ def test_data_folders_no_unexpected_fail_or_crash(data_results):
 def test_data_sample_is_meaningful(data_results):
     names = {r.name for r in data_results}
     assert len(names) >= (EXPECTED["data_sample"]["size"] or 100)
-    assert {n.split("/")[0] for n in names} == set(conformance.DATA_FOLDERS)
+    assert {n.split("/")[0] for n in names} == set(conformance_cases.DATA_FOLDERS)
     by_name = {r.name: r for r in data_results}
     # light models (inputs generated as onnx's runner does) and IR-3 models whose Constant nodes
     # become initializers must run end to end.
@@ -69,9 +69,9 @@ def test_data_sample_is_meaningful(data_results):
 
 
 def test_data_cases_are_collected_from_every_folder():
-    cases = conformance.collect_data_cases()
+    cases = conformance_cases.collect_data_cases()
     folders = {c.name.split("/")[0] for c in cases}
-    assert folders == set(conformance.DATA_FOLDERS)
+    assert folders == set(conformance_cases.DATA_FOLDERS)
     assert [c.name for c in cases] == sorted(c.name for c in cases)
     light = {c.name: c for c in cases if c.name.startswith("light/")}
     assert len(light) >= 9 and all(c.light_outputs and not c.data_dirs for c in light.values())
@@ -82,9 +82,9 @@ def test_data_cases_are_collected_from_every_folder():
     assert refs[0].shape == (1, 1000, 1, 1)
     seq = next(c for c in cases if c.name == "simple/test_sequence_model1")
     assert all(isinstance(v, np.ndarray) for v in seq.data_sets[0][0])
-    assert [c.name for c in conformance.collect("data")] == [c.name for c in cases]
+    assert [c.name for c in conformance_cases.collect("data")] == [c.name for c in cases]
     with pytest.raises(ValueError):
-        conformance.collect("nope")
+        conformance_cases.collect("nope")
 
 
 def test_folder_case_with_sequence_and_tensor_data(tmp_path):
@@ -98,7 +98,7 @@ def test_folder_case_with_sequence_and_tensor_data(tmp_path):
     (case_dir / "test_data_set_0" / "input_0.pb").write_bytes(onnx.numpy_helper.from_array(x).SerializeToString())
     seq = onnx.numpy_helper.from_list([x, x])
     (case_dir / "test_data_set_0" / "output_0.pb").write_bytes(seq.SerializeToString())
-    (case,) = conformance.collect_data_cases(["simple"], root=tmp_path)
+    (case,) = conformance_cases.collect_data_cases(["simple"], root=tmp_path)
     assert case.name == "simple/test_seq"
     result = conformance.run_case(case, "simplify", tmp_path)
     assert result.outcome == PASS, result
@@ -127,11 +127,11 @@ def test_sample_is_meaningful(results):
 
 def test_selection_is_deterministic():
     cases = [SimpleNamespace(name=f"test_{i:03d}") for i in range(50)]
-    first = conformance.select_cases(cases, sample=10, seed=3, include=["test_049"])
-    again = conformance.select_cases(list(reversed(cases))[::-1], sample=10, seed=3, include=["test_049"])
+    first = conformance_cases.select_cases(cases, sample=10, seed=3, include=["test_049"])
+    again = conformance_cases.select_cases(list(reversed(cases))[::-1], sample=10, seed=3, include=["test_049"])
     assert [c.name for c in first] == [c.name for c in again]
     assert len(first) in (10, 11) and first[-1].name == "test_049"
-    assert [c.name for c in conformance.select_cases(cases, filter="test_00")] == [f"test_00{i}" for i in range(10)]
+    assert [c.name for c in conformance_cases.select_cases(cases, filter="test_00")] == [f"test_00{i}" for i in range(10)]
 
 
 def _tiny_case(name: str, scale: float = 1.0) -> SimpleNamespace:

@@ -19,7 +19,10 @@ import pytest
 
 from onnxcompress.cli import main
 from onnxcompress.core.errors import InputError
-from onnxcompress.reporting.report import PLOT_HINT, build_report, load_inputs, pareto_front, pipeline_label
+from onnxcompress.reporting.inputs import load_inputs
+from onnxcompress.reporting.pareto import pareto_front
+from onnxcompress.reporting.report import PLOT_HINT, build_report
+from onnxcompress.reporting.runs import pipeline_label
 from onnxcompress.runtime import progress
 from tests.helpers.builders import small_net
 
@@ -276,6 +279,7 @@ def test_optimize_reports_each_pass_to_the_steps_bar(monkeypatch) -> None:
 
 
 def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> None:
+    from onnxcompress.core import serde
     from onnxcompress.reconstruct import refit as reconstruct
     from onnxcompress.runtime.data import RandomSource, input_specs
 
@@ -290,5 +294,6 @@ def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> 
     teacher = small_net()
     layers = [reconstruct.LayerTarget("conv2", "c2"), reconstruct.LayerTarget("fc", "out")]
     for flag in (True, False):
-        reconstruct.reconstruct_layers(teacher, teacher, layers, RandomSource(input_specs(teacher), 32, seed=1), batch_size=32, progress=flag)
+        reconstruct.reconstruct_layers(serde.to_graph(teacher), teacher, layers, RandomSource(input_specs(teacher), 32, seed=1),
+                                       batch_size=32, progress=flag)
     assert calls == [("refitting 2 layers in 2 runs", True), ("refitting 2 layers in 2 runs", False)]

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import Names
+from onnxcompress.core.graph import Names, weight_layout
 from onnxcompress.core.shapes import concrete_shapes
 from onnxcompress.runtime.data import Batch, CalibSource
 
@@ -104,7 +104,7 @@ def require_dense_kxk(node: gs.Node, weight: np.ndarray) -> None:
     """Raise :class:`Decline` unless ``node`` is a dense (group 1) Conv with a non-1×1 kernel."""
     if weight.ndim < 3:
         raise Decline(R_LAYOUT)
-    if int(node.attrs.get("group", 1)) != 1:
+    if weight_layout(node).group != 1:
         raise Decline(R_GROUPED)
     if all(k == 1 for k in weight.shape[2:]):
         raise Decline(R_POINTWISE)
@@ -143,12 +143,8 @@ class FactorLayer:
     @property
     def channels(self) -> tuple[int, int]:
         """``(inputs, outputs)``: ``(K, N)`` for Gemm/MatMul, ``(C_in, C_out)`` for Conv."""
-        w = self.weight
-        if self.kind == "gemm":
-            return (w.shape[1], w.shape[0]) if self.attrs.get("transB", 0) else (w.shape[0], w.shape[1])
-        if self.kind == "matmul":
-            return w.shape[0], w.shape[1]
-        return w.shape[1], w.shape[0]
+        layout = weight_layout(self.node, self.weight.ndim)
+        return layout.in_channels(self.weight.shape), layout.out_channels(self.weight.shape)
 
     @property
     def kernel(self) -> tuple[int, ...]:

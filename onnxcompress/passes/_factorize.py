@@ -15,7 +15,6 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
@@ -195,8 +194,7 @@ class FactorizePass(Pass):
                          self.name, layer.where, acc.dim)
                 result.count("whitening_skipped")
                 continue
-            proto = helper.make_node(layer.node.op, ["x", "w"], ["y"], **layer.attrs)
-            views.append(layer_view(proto, layer.weight, fit_bias=False))
+            views.append(layer_view(layer.node, layer.weight, fit_bias=False))
             accs.append(acc)
             rngs.append(np.random.default_rng([ctx.seed, i]))
             kept.append(layer)
@@ -255,11 +253,10 @@ class FactorizePass(Pass):
         targets = [LayerTarget(d.last, d.target) for d in done if refittable(d.layer)]
         if not targets:
             return []
-        student = serde.to_model(graph.toposort())
-        fixed, stats = reconstruct_layers(student, teacher, targets, data, seed=ctx.seed, threads=1,
+        fixed, stats = reconstruct_layers(graph.toposort(), teacher, targets, data, seed=ctx.seed, threads=1,
                                           max_positions=self.opts["max_positions"], progress=ctx.progress,
                                           holdout=self.opts["refit_holdout"])
-        result.graph = serde.to_graph(fixed)
+        result.graph = fixed
         return stats
 
     def _stats(self, result: PassResult, done: list[Done], data_aware: bool, refits: list[LayerStats]) -> None:

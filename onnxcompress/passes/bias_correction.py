@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core import serde
+from onnxcompress.core import proto, serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import Names
 from onnxcompress.core.pass_api import (
@@ -161,7 +161,7 @@ class BiasCorrection(Pass):
     def _reference_moments(self, reference: onnx.ModelProto, sites: list[BiasSite], ctx: PassContext,
                            result: PassResult) -> dict[int, ChannelMoments]:
         """One run of the reference: per-channel moments of each site's counterpart, by site index."""
-        produced = {o for n in reference.graph.node for o in n.output if o}
+        produced = proto.produced_names(reference)
         wanted: dict[int, tuple[str, int]] = {}
         for i, site in enumerate(sites):
             name = reference_name(site.measured, produced)
@@ -259,8 +259,7 @@ def _truncated(graph: gs.Graph, outputs: list[str]) -> onnx.ModelProto:
 
 
 def _same_inputs(model: onnx.ModelProto, graph: gs.Graph) -> bool:
-    inits = {i.name for i in model.graph.initializer}
-    return sorted(i.name for i in model.graph.input if i.name not in inits) == sorted(t.name for t in graph.inputs)
+    return sorted(proto.feed_names(model)) == sorted(t.name for t in graph.inputs)
 
 
 def _relative(delta: np.ndarray, ref: ChannelMoments) -> float:

@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.core.graph import weight_layout
 from onnxcompress.core.pass_api import Option, register
 from onnxcompress.lowrank.factorize import (
     COMMON_REASONS,
@@ -102,12 +103,12 @@ class FactorizeSvd(FactorizePass):
         if node.op in ("Gemm", "MatMul"):
             if weight.ndim != 2:
                 raise Decline(R_LAYOUT)
-            if node.op == "Gemm" and (int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) == 0):
+            if node.op == "Gemm" and (weight_layout(node).trans_a or float(node.attrs.get("alpha", 1.0)) == 0):
                 raise Decline(R_ATTRS)
             return node.op.lower()
         if weight.ndim < 3:
             raise Decline(R_LAYOUT)
-        if int(node.attrs.get("group", 1)) != 1:
+        if weight_layout(node).group != 1:
             raise Decline(R_GROUPED)
         if all(k == 1 for k in weight.shape[2:]):
             return "conv1x1"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import Names, const_values, node_label, opt_input
+from onnxcompress.core.graph import Names, const_values, has_padding, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Pass, PassContext, PassResult, register
 from onnxcompress.core.shapes import infer_graph
 
@@ -120,31 +120,9 @@ def _elementwise_affine(op: str, c: np.ndarray, x_first: bool) -> str | _Affine:
     return scale, shift
 
 
-def _has_padding(conv: gs.Node) -> bool:
-    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in conv.attrs.get("pads", []))
-
-
-def _expand(vector: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    """Reshape a 1-D ``vector`` so it broadcasts along ``axis`` of an ``ndim``-D array."""
-    shape = [1] * ndim
-    shape[axis] = -1
-    return vector.reshape(shape)
-
-
 def _scale_weight(node: gs.Node, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``w`` (float64) with every output channel ``o`` of ``node`` multiplied by ``scale[o]``."""
-    if node.op == "Conv":
-        return w * _expand(scale, w.ndim, 0)
-    if node.op == "ConvTranspose":  # [Cin, Cout/g, k...]: channel g*Cout/g + j is column j of group g
-        group = int(node.attrs.get("group", 1))
-        grouped = w.reshape(group, w.shape[0] // group, *w.shape[1:])
-        per_group = scale.reshape(group, 1, w.shape[1], *([1] * (w.ndim - 2)))
-        return (grouped * per_group).reshape(w.shape)
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        return w * scale[:, None]
-    return w * scale[None, :]  # Gemm with transB=0, MatMul: B is [K, N]
+    return w * weight_layout(node, w.ndim).channel_array(scale, w.shape, "out")
 
 
 def _scaled_weights(node: gs.Node, affine: _Affine) -> str | _Weights:
@@ -173,15 +151,13 @@ def _pre_scaled_weights(conv: gs.Node, affine: _Affine) -> str | _Weights:
         return R_WEIGHT
     if bias_t is not None and bias is None:
         return R_BIAS
-    group = int(conv.attrs.get("group", 1))
-    if w.ndim < 3 or w.shape[0] % group:
+    layout = weight_layout(conv, w.ndim)
+    if w.ndim < 3 or w.shape[0] % layout.group:
         return R_LAYOUT
-    if scale.shape[0] != w.shape[1] * group:
+    if scale.shape[0] != layout.in_channels(w.shape):
         return R_CHANNELS
-    per_out = w.shape[0] // group  # input channel of W[o, i] is (o // per_out) * Cin/g + i
-    expand = (slice(None), slice(None)) + (None,) * (w.ndim - 2)
-    s = np.repeat(scale.reshape(group, w.shape[1]), per_out, axis=0)[expand]
-    t = np.repeat(shift.reshape(group, w.shape[1]), per_out, axis=0)[expand]
+    s = layout.channel_array(scale, w.shape, "in")  # input channel of W[o, i] is (o // (Cout/g)) * Cin/g + i
+    t = layout.channel_array(shift, w.shape, "in")
     w64 = w.astype(np.float64)
     old_b = 0.0 if bias is None else bias.astype(np.float64)
     new_b = old_b + (w64 * t).reshape(w.shape[0], -1).sum(axis=1)
@@ -433,7 +409,7 @@ class FoldBn(Pass):
         conv = convs[0]
         if conv.inputs[0] is not out or any(t is out for t in conv.inputs[1:]):
             return R_LAYOUT
-        if _has_padding(conv):
+        if has_padding(conv):
             return R_PADDING
         weights = _pre_scaled_weights(conv, affine)
         if isinstance(weights, str):
@@ -473,17 +449,17 @@ def _layout(state: _State, node: gs.Node) -> str | _Layout:
     w = const_values(opt_input(node, 1))
     if w is None:
         return R_WEIGHT
+    layout = weight_layout(node, w.ndim)
     if node.op in ("Conv", "ConvTranspose"):
-        group = int(node.attrs.get("group", 1))
-        if w.ndim < 3 or group < 1 or w.shape[0] % group:
+        if w.ndim < 3 or layout.group < 1 or w.shape[0] % layout.group:
             return R_LAYOUT
-        return w.ndim, 1, w.shape[0] if node.op == "Conv" else w.shape[1] * group
+        return w.ndim, 1, layout.out_channels(w.shape)
     if w.ndim != 2:
         return R_LAYOUT
     if node.op == "Gemm":
-        return 2, 1, w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
+        return 2, 1, layout.out_channels(w.shape)
     rank = state.rank(node.inputs[0])
     if rank is None:
         return R_RANK
     out_rank = rank if rank >= 2 else 1  # a 1-D input loses its axis: [K] @ [K, N] -> [N]
-    return out_rank, out_rank - 1, w.shape[1]
+    return out_rank, out_rank - 1, layout.out_channels(w.shape)

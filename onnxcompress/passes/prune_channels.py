@@ -13,9 +13,10 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.graph import node_label
 from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
-from onnxcompress.pruning.dependency import Analysis, analyze, node_label
+from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
 from onnxcompress.pruning.select import Budget, plan_removal
@@ -242,15 +243,15 @@ class PruneChannels(Pass):
         if not targets:
             return None
         try:
-            model, stats = module.reconstruct_layers(serde.to_model(graph, original), original, targets, ctx.calib,
-                                                     seed=seed, progress=ctx.progress)
+            fixed, stats = module.reconstruct_layers(graph, original, targets, ctx.calib, seed=seed,
+                                                     progress=ctx.progress)
         except InputError as exc:
             ctx.logger.debug("prune_channels: reconstruction failed: %s", exc)
             result.decline("reconstruct", R_RECONSTRUCT_FAILED, str(exc).splitlines()[0] if str(exc) else "",
                            logger=ctx.logger)
             return None
         _reconstruct_stats(stats, result)
-        return serde.to_graph(model)
+        return fixed
 
 
 def _reconstruct_stats(stats: list[Any], result: PassResult) -> None:

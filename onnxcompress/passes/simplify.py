@@ -14,8 +14,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core import serde
+from onnxcompress.core import proto, serde
+from onnxcompress.core.graph import constants_nbytes
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
+from onnxcompress.runtime.session import make_session
 
 __all__ = ["Simplify"]
 
@@ -159,13 +161,13 @@ def _node_count(graph: gs.Graph) -> int:
 
 def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logger: logging.Logger) -> gs.Graph:
     """Run onnxsim on ``graph``; return its result, or ``graph`` itself when onnxsim fails."""
-    if _constant_bytes(graph) > serde.PROTO_LIMIT * 0.9:
+    if constants_nbytes(graph) > serde.PROTO_LIMIT * 0.9:
         logger.warning("simplify: the weights are over 2 GB and onnxsim works on one protobuf; continuing without it")
         result.decline("<model>", R_TOO_LARGE, logger=logger)
         return graph
     inputs, outputs = _signature(graph.inputs), _signature(graph.outputs)
     model = serde.to_model(graph)
-    _hoist_subgraph_initializers(model)
+    proto.hoist_subgraph_initializers(model)
     try:
         simplified = _onnxsim_call(model, opts)
         _check_like(simplified, model)
@@ -175,23 +177,10 @@ def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logg
     if not _same_names(new_graph, inputs, outputs):
         return _onnxsim_failed(graph, "changed the graph inputs or outputs", result, logger)
     result.count("onnxsim_nodes_removed", len(graph.nodes) - len(new_graph.nodes))
-    if _same_computation(simplified.graph, model.graph):
+    if proto.same_computation(simplified, model):
         return graph  # onnxsim only added shape information or renamed nothing: keep ours
     result.modified = True
     return new_graph
-
-
-def _constant_bytes(graph: gs.Graph) -> int:
-    """Bytes of the graph's constants (from shapes and dtypes; nothing is loaded)."""
-    return sum(int(getattr(t._values, "nbytes", 0) or 0) for t in graph.tensors().values() if isinstance(t, gs.Constant))
-
-
-def _same_computation(a: onnx.GraphProto, b: onnx.GraphProto) -> bool:
-    """Whether two graphs have the same nodes and initializers (value_info and names of nothing else)."""
-    if len(a.node) != len(b.node) or len(a.initializer) != len(b.initializer):
-        return False
-    nodes = all(x.SerializeToString() == y.SerializeToString() for x, y in zip(a.node, b.node))
-    return nodes and all(x.SerializeToString() == y.SerializeToString() for x, y in zip(a.initializer, b.initializer))
 
 
 def _check_like(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
@@ -209,51 +198,6 @@ def _check_like(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
             serde.check_model(model, full=False)
             return
         raise
-
-
-def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
-    """Move subgraph initializers to the main graph wherever that changes no value.
-
-    onnx-graphsurgeon exports every constant a subgraph reads as an initializer of that subgraph,
-    so sibling branches repeat names (onnxsim's If elimination then crashes natively). A name is
-    moved when every initializer of that name has the same content and no graph input or node
-    output anywhere in the model uses it.
-    """
-    graphs = [model.graph, *_subgraphs(model.graph)]
-    nested = {t.name for g in graphs[1:] for t in g.initializer}
-    if not nested:
-        return
-    values = {name for g in graphs for name in _value_names(g)}
-    contents: dict[str, set[bytes]] = {}
-    for g in graphs:
-        for t in g.initializer:
-            if t.name in nested:
-                contents.setdefault(t.name, set()).add(t.SerializeToString())
-    movable = {name for name, c in contents.items() if len(c) == 1 and name not in values}
-    top = {t.name for t in model.graph.initializer}
-    for g in graphs[1:]:
-        keep = [t for t in g.initializer if t.name not in movable]
-        for t in g.initializer:
-            if t.name in movable and t.name not in top:
-                model.graph.initializer.append(t)
-                top.add(t.name)
-        del g.initializer[:]
-        g.initializer.extend(keep)
-
-
-def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    out = []
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                out.append(sub)
-                out.extend(_subgraphs(sub))
-    return out
-
-
-def _value_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a graph defines other than by initializers: its inputs and its nodes' outputs."""
-    return {i.name for i in graph.input} | {o for n in graph.node for o in n.output if o}
 
 
 @contextlib.contextmanager
@@ -462,8 +406,6 @@ def _evaluate(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, logger:
 
 def _run_nodes(graph: gs.Graph, nodes: list[gs.Node], known: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Run ``nodes`` alone in onnxruntime (optimizations off) and return every output's value."""
-    import onnxruntime as ort
-
     known = known or {}
     produced = {id(t) for n in nodes for t in n.outputs}
     feeds = {}
@@ -472,26 +414,10 @@ def _run_nodes(graph: gs.Graph, nodes: list[gs.Node], known: dict[str, np.ndarra
             if not tensor.is_empty() and id(tensor) not in produced and tensor.name in known:
                 feeds[tensor.name] = known[tensor.name]
     wanted = [t for n in nodes for t in n.outputs if not t.is_empty()]
-    model = _sub_model(graph, nodes, wanted, feeds)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    model = proto.nodes_model(graph, nodes, wanted, feeds)
+    sess = make_session(model, threads=1)
     arrays = sess.run([t.name for t in wanted], {})
     return {t.name: a for t, a in zip(wanted, arrays) if isinstance(a, np.ndarray)}
-
-
-def _sub_model(graph: gs.Graph, nodes: list[gs.Node], wanted: list[gs.Tensor], feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A model holding ``nodes`` with their constant inputs as initializers and ``wanted`` as outputs."""
-    sub = gs.Graph(nodes=list(nodes), inputs=[], outputs=list(wanted), opset=graph.opset,
-                   import_domains=graph.import_domains, ir_version=graph.ir_version)
-    model = gs.export_onnx(sub, do_type_check=False)
-    model.graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in feeds.items())
-    del model.graph.value_info[:]  # shapes recorded on the big graph may be stale: let ORT infer
-    del model.graph.output[:]
-    model.graph.output.extend(onnx.ValueInfoProto(name=t.name) for t in wanted)
-    return model
 
 
 def _source_bytes(nodes: list[gs.Node]) -> dict[int, int]:

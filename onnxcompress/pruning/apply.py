@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.core.graph import has_padding
 from onnxcompress.pruning.dependency import Analysis
-from onnxcompress.pruning.handlers_weights import has_padding
 from onnxcompress.pruning.types import ROLE_W_IN, ROLE_W_OUT, Layer, RewriteContext
 
 __all__ = ["ApplyReport", "Namer", "PrunedLayer", "apply_pruning", "mask_channels", "mask_inputs", "removed_mask"]

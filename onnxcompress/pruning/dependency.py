@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from onnxcompress.core.graph import node_label
 from onnxcompress.core.shapes import infer_graph
 from onnxcompress.pruning.handlers import handle
 from onnxcompress.pruning.types import (
@@ -46,16 +47,9 @@ from onnxcompress.pruning.types import (
     ParamRef,
 )
 
-__all__ = ["Analysis", "Group", "analyze", "graph_info", "node_label", "refine_blocks"]
+__all__ = ["Analysis", "Group", "analyze", "graph_info", "refine_blocks"]
 
 log = logging.getLogger(__name__)
-
-
-def node_label(node: gs.Node) -> str:
-    """A node's name, else its first output's name, else its op type."""
-    if node.name:
-        return node.name
-    return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.core.graph import has_padding, weight_layout
 from onnxcompress.pruning.handlers_common import Vec, _input, _nan, channel_vector
 from onnxcompress.pruning.types import (
     R_MISMATCH,
@@ -28,7 +29,7 @@ from onnxcompress.pruning.types import (
     RewriteContext,
 )
 
-__all__ = ["_conv", "_conv_transpose", "_gemm", "_matmul", "has_padding"]
+__all__ = ["_conv", "_conv_transpose", "_gemm", "_matmul"]
 
 
 # ----------------------------------------------------------------- weight layers
@@ -88,8 +89,8 @@ def _conv(node: gs.Node, g: GraphInfo) -> NodeSpec:
     if weights is None:
         return spec
     w, b = weights
-    group = int(node.attrs.get("group", 1))
-    cin, cout = w.shape[1] * group, w.shape[0]
+    layout = weight_layout(node, w.ndim)
+    group, cin, cout = layout.group, layout.in_channels(w.shape), layout.out_channels(w.shape)
     if not _check_io(spec, cin, cout):
         return spec
     bias_vec = None if b is None else b.astype(np.float64)
@@ -106,8 +107,8 @@ def _conv_transpose(node: gs.Node, g: GraphInfo) -> NodeSpec:
     if weights is None:
         return spec
     w, b = weights
-    group = int(node.attrs.get("group", 1))
-    cin, cout = w.shape[0], w.shape[1] * group
+    layout = weight_layout(node, w.ndim)
+    group, cin, cout = layout.group, layout.in_channels(w.shape), layout.out_channels(w.shape)
     if not _check_io(spec, cin, cout):
         return spec
     bias_vec = None if b is None else b.astype(np.float64)
@@ -173,21 +174,15 @@ def _depthwise(spec: NodeSpec, w: np.ndarray, b: np.ndarray | None, m: int, tran
     return spec
 
 
-def has_padding(node: gs.Node) -> bool:
-    """Whether a Conv pads its input (explicit pads or a SAME ``auto_pad``)."""
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in node.attrs.get("pads", []))
-
-
 def _gemm(node: gs.Node, g: GraphInfo) -> NodeSpec:
     spec = NodeSpec(node, g)
     w = g.const(_input(node, 1))
-    if int(node.attrs.get("transA", 0)):
+    layout = weight_layout(node)
+    if layout.trans_a:
         return _frozen_layer(spec, R_UNSUPPORTED)
     if w is None or w.ndim != 2:
         return _frozen_layer(spec, R_NONCONST if w is None else R_UNSUPPORTED)
-    in_axis, out_axis = (1, 0) if int(node.attrs.get("transB", 0)) else (0, 1)
+    in_axis, out_axis = layout.in_axis, layout.out_axis
     if not _check_io(spec, w.shape[in_axis], w.shape[out_axis]):
         return spec
     n = w.shape[out_axis]

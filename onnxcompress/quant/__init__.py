@@ -43,7 +43,7 @@ from onnxcompress.quant.observers import (
 )
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams, activation_params, quantize_bias, quantize_weight
-from onnxcompress.quant.placement import QdqPlan, plan_placement, weight_axis
+from onnxcompress.quant.placement import QdqPlan, plan_placement
 from onnxcompress.quant.rewrite import apply_plan
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
     "QdqPlan",
     "plan_placement",
     "apply_plan",
-    "weight_axis",
     "UnfusedQdq",
     "ort_optimized_model",
     "unfused_qdq",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import Names, const_values, node_label, opt_input
+from onnxcompress.core.graph import Names, broadcast_along, const_values, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant.params import INT32_MAX, QParams, activation_params, quantize_bias, quantize_values
 
@@ -173,15 +173,10 @@ def _weight_values(node: gs.Node) -> tuple[np.ndarray | None, str | None]:
 
 
 def _channels(node: gs.Node, w: np.ndarray) -> int | None:
-    if node.op == "Conv":
-        return w.shape[0] if w.ndim >= 3 else None
-    if node.op == "ConvTranspose":
-        return w.shape[1] * int(node.attrs.get("group", 1)) if w.ndim >= 3 else None
-    if w.ndim != 2:
+    conv = node.op in ("Conv", "ConvTranspose")
+    if (conv and w.ndim < 3) or (not conv and w.ndim != 2):
         return None
-    if node.op == "Gemm":
-        return w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
-    return w.shape[1]
+    return weight_layout(node, w.ndim).out_channels(w.shape)
 
 
 def bias_values(tensor: gs.Tensor) -> np.ndarray | None:
@@ -194,16 +189,7 @@ def bias_values(tensor: gs.Tensor) -> np.ndarray | None:
     if params is None:
         return None
     q, scale, zp, axis = params
-    return (q.astype(np.float64) - _along(zp, q.ndim, axis)) * _along(scale.astype(np.float64), q.ndim, axis)
-
-
-def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    """A per-axis DQ parameter shaped to broadcast against an ``ndim``-D tensor."""
-    if v.size == 1 or ndim == 0:
-        return v.reshape(()) if v.size == 1 else v
-    shape = [1] * ndim
-    shape[axis % ndim] = -1
-    return v.reshape(shape)
+    return (q.astype(np.float64) - broadcast_along(zp, q.ndim, axis)) * broadcast_along(scale.astype(np.float64), q.ndim, axis)
 
 
 def _per_channel(values: np.ndarray, channels: int) -> bool:
@@ -334,7 +320,7 @@ def _new_int32_params(node: gs.Node, channels: int) -> tuple[float, QParams] | N
     if in_params is not None or s_in is None or s_in.size != 1 or w_scale is None:
         return False
     w_axis = int(w_dq.attrs.get("axis", 1)) % max(w_dq.inputs[0].values.ndim, 1)
-    out_axis = 0 if node.op == "Conv" else (0 if int(node.attrs.get("transB", 0)) else 1)
+    out_axis = weight_layout(node).out_axis
     if w_scale.size == 1:
         return float(s_in.reshape(())), QParams(w_scale.reshape(()).astype(np.float32), np.zeros((), np.int8))
     if w_scale.size != channels or w_axis != out_axis:
@@ -370,7 +356,7 @@ def _requantize(graph: gs.Graph, names: Names, base: str, dq: gs.Node, new: np.n
                        _const(names, f"{base}_zero_point", p.zero_point), None)
     info = np.iinfo(q.dtype)
     lo, hi = (-INT32_MAX, INT32_MAX) if q.dtype == np.int32 else (info.min, info.max)
-    raw = np.round(new / _along(scale.astype(np.float64), new.ndim, axis)) + _along(zp, new.ndim, axis)
+    raw = np.round(new / broadcast_along(scale.astype(np.float64), new.ndim, axis)) + broadcast_along(zp, new.ndim, axis)
     result.count("bias_clipped", int(np.count_nonzero((raw < lo) | (raw > hi))))
     new_q = np.clip(raw, lo, hi).astype(q.dtype)
     return _add_dq(graph, names, base, new_q, dq.inputs[1], opt_input(dq, 2) or _const(

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.fileio import atomic_write
 from onnxcompress.quant.observers import HistogramCollector
 from onnxcompress.runtime.data import CalibSource, FileSource, ImageFolderSource, RandomSource
 
@@ -108,21 +108,16 @@ def load_cache(path: str | os.PathLike, key: str) -> dict[str, HistogramCollecto
 
 
 def save_cache(path: str | os.PathLike, key: str, collectors: dict[str, HistogramCollector]) -> None:
-    """Write ``collectors`` to ``path`` under ``key`` (atomically; names sorted)."""
+    """Write ``collectors`` to ``path`` under ``key`` (atomically; names sorted).
+
+    Raises:
+        InputError: The folder does not exist or is not writable.
+    """
     path = Path(path)
     names = sorted(collectors)
     arrays: dict[str, np.ndarray] = {"__key__": np.array(key), "__names__": np.array(names, dtype=str)}
     for i, name in enumerate(names):
         for field, value in collectors[name].to_arrays().items():
             arrays[f"t{i}_{field}"] = value
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
     log.info("calibration cache: saved %d tensors to %s", len(names), path)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.runtime.session import make_session
 
 __all__ = ["UnfusedQdq", "ort_optimized_model", "unfused_qdq", "count_unfused_qdq", "integer_op_counts"]
 
@@ -57,15 +57,12 @@ def ort_optimized_model(model: onnx.ModelProto, *, threads: int = 1) -> onnx.Mod
     Raises:
         InputError: onnxruntime refuses the model.
     """
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="onnxcompress-ortopt-") as tmp:
         path = Path(tmp) / "optimized.onnx"
-        opts.optimized_model_filepath = str(path)
         try:
-            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            make_session(model, optimize=True, threads=threads, optimized_model_path=path)
+        except InputError:
+            raise
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"onnxruntime cannot load the model: {first}") from None

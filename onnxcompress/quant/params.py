@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxcompress.core.graph import broadcast_along
+
 __all__ = ["QParams", "activation_params", "quantize_weight", "quantize_bias", "bias_safe_weight_scale",
            "quantize_values", "INT32_MAX"]
 
@@ -88,14 +90,6 @@ def _reduce_except(a: np.ndarray, axis: int | None) -> np.ndarray:
     return np.abs(a).max(axis=others) if others else np.abs(a)
 
 
-def _expand(v: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    if axis is None:
-        return v
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
-
-
 def quantize_weight(w: np.ndarray, axis: int | None, *, qmax: int = 127,
                     min_scale: np.ndarray | None = None) -> tuple[np.ndarray, QParams]:
     """Symmetric int8 quantization of a weight, per channel along ``axis`` (``None``: per tensor).
@@ -117,7 +111,9 @@ def quantize_weight(w: np.ndarray, axis: int | None, *, qmax: int = 127,
     if min_scale is not None:
         scale = np.maximum(scale, min_scale)
     scale32 = scale.astype(np.float32)
-    q = np.clip(np.round(w.astype(np.float64) / _expand(scale32.astype(np.float64), w.ndim, axis)), -qmax, qmax)
+    scale64 = scale32.astype(np.float64)
+    q = np.clip(np.round(w.astype(np.float64) / (scale64 if axis is None else broadcast_along(scale64, w.ndim, axis))),
+                -qmax, qmax)
     params = QParams(scale32, np.zeros(scale32.shape, np.int8), axis if scale32.ndim else None)
     return q.astype(np.int8), params
 

@@ -96,7 +96,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import const_values, opt_input
+from onnxcompress.core.graph import clip_bounds, const_values, constant_info, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import infer_graph
 from onnxcompress.quant.options import QuantConfig
@@ -115,8 +115,6 @@ __all__ = [
     "bias_vector",
     "plan_placement",
     "static_tensors",
-    "uncached_values",
-    "weight_axis",
 ]
 
 log = logging.getLogger(__name__)
@@ -228,21 +226,6 @@ class QdqPlan:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _where(node: gs.Node) -> str:
-    if node.name:
-        return node.name
-    return node.outputs[0].name if node.outputs and node.outputs[0].name else node.op
-
-
-def weight_axis(node: gs.Node) -> int:
-    """The output-channel axis of ``node``'s weight (input 1)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return 1  # ConvTranspose [Cin, Cout/g, k...]; MatMul [K, N]
-
-
 def tensor_dtypes(graph: gs.Graph) -> dict[str, int]:
     """ONNX element types of every typed tensor (one weight-less shape inference)."""
     model = infer_graph(graph)
@@ -289,7 +272,7 @@ def static_tensors(graph: gs.Graph) -> set[str]:
 
 
 def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) -> str | None:
-    w = _weight_info(opt_input(node, 1))
+    w = constant_info(opt_input(node, 1))
     if w is None:
         return R_WEIGHT
     w_dtype, w_shape = w
@@ -307,28 +290,8 @@ def _check_compute(node: gs.Node, dtypes: dict[str, int], weights_only: bool) ->
     bias = const_values(bias_t)
     if bias is None or bias.dtype != np.float32:
         return R_BIAS
-    channels = w_shape[0] if node.op == "Conv" else w_shape[weight_axis(node)]
+    channels = w_shape[weight_layout(node).out_axis]
     return None if bias_vector(bias, channels) is not None else R_BIAS
-
-
-def uncached_values(tensor: gs.Constant) -> np.ndarray:
-    """``tensor.values`` without keeping a not-yet-read array in ``tensor`` (freed once quantized)."""
-    if isinstance(tensor._values, gs.ir.tensor.LazyValues):
-        return tensor._values.load()
-    return tensor.values
-
-
-def _weight_info(tensor: gs.Tensor | None) -> tuple[np.dtype, tuple[int, ...]] | None:
-    """Dtype and shape of a dense constant, as :func:`const_values` would give them.
-
-    A float32 weight not yet read from its protobuf stays unread (no numpy copy is made just to
-    check it: on a large model that would hold every weight twice until the pass ends).
-    """
-    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues) \
-            and tensor._values.tensor.data_type == onnx.TensorProto.FLOAT:
-        return np.dtype(np.float32), tuple(int(d) for d in tensor._values.tensor.dims)
-    values = const_values(tensor)
-    return None if values is None else (values.dtype, values.shape)
 
 
 def bias_vector(bias: np.ndarray, channels: int) -> np.ndarray | None:
@@ -371,17 +334,6 @@ def _check(node: gs.Node, kind: str, dtypes: dict[str, int], weights_only: bool)
     return None
 
 
-def _clip_bounds(act: gs.Node) -> tuple[float, float] | None:
-    """``(min, max)`` of a Relu (``(0, inf)``) or of a Clip with constant bounds."""
-    if act.op == "Relu":
-        return 0.0, np.inf
-    lo_t, hi_t = opt_input(act, 1), opt_input(act, 2)
-    lo, hi = const_values(lo_t), const_values(hi_t)
-    if (lo_t is not None and lo is None) or (hi_t is not None and hi is None):
-        return None
-    return (float(lo) if lo is not None else -np.inf), (float(hi) if hi is not None else np.inf)
-
-
 def _attach_activation(group: QdqGroup, excluded: set[str], graph_outputs: set[str]) -> None:
     """Fold a Relu/Clip that alone consumes ``group``'s output into the group (rule 2)."""
     out = group.node.outputs[0]
@@ -392,7 +344,7 @@ def _attach_activation(group: QdqGroup, excluded: set[str], graph_outputs: set[s
         return
     if act.inputs[0] is not out or any(t is out for t in act.inputs[1:]) or len(act.outputs) != 1:
         return
-    bounds = _clip_bounds(act)
+    bounds = clip_bounds(act)
     if bounds is None or bounds[0] > 0 or bounds[1] <= 0:
         return
     group.act, group.bounds = act, bounds
@@ -418,7 +370,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
             continue
         is_excluded = node.name in excluded or node.op in excluded
         if is_excluded:
-            result.decline(_where(node), R_EXCLUDED, logger=logger)
+            result.decline(node_label(node), R_EXCLUDED, logger=logger)
             result.count("excluded")
         if kind == "activation":  # folded (or not) by _attach_activation
             continue
@@ -430,7 +382,7 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
             reason = R_OUTPUT_CONCAT
         if reason is not None:
             if kind not in _CONDITIONAL and not is_excluded:
-                result.decline(_where(node), reason, logger=logger)
+                result.decline(node_label(node), reason, logger=logger)
             continue
         group = QdqGroup(node, kind)
         (passthrough if kind in _CONDITIONAL else groups).append(group)
@@ -497,7 +449,7 @@ def plan_placement(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
         return plan
     for g in _drop_isolated(graph, groups, passthrough):
         off.add(id(g))
-        result.decline(_where(g.node), R_ISOLATED, logger=logger)
+        result.decline(node_label(g.node), R_ISOLATED, logger=logger)
     return _place(graph, set(cfg.exclude), [g for g in groups if id(g) not in off],
                   [g for g in passthrough if id(g) not in off])
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import Names, const_values, opt_input
+from onnxcompress.core.graph import Names, const_values, opt_input, uncached_values, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import (
@@ -18,7 +18,7 @@ from onnxcompress.quant.params import (
     quantize_values,
     quantize_weight,
 )
-from onnxcompress.quant.placement import SHAPE_READERS, QdqGroup, QdqPlan, bias_vector, uncached_values, weight_axis
+from onnxcompress.quant.placement import SHAPE_READERS, QdqGroup, QdqPlan, bias_vector
 
 __all__ = ["apply_plan", "fanout_uint8"]
 
@@ -105,7 +105,7 @@ class _Rewriter:
     def weights(self, group: QdqGroup) -> None:
         """Quantize the weight (and, for full quantization, the int32 bias) of ``group``."""
         node = group.node
-        axis = weight_axis(node) if self.cfg.per_channel else None
+        axis = weight_layout(node).out_axis if self.cfg.per_channel else None
         if group.kind == "weights":
             node.inputs[1] = self.weight(node.inputs[1], axis, None)[0]
             return
@@ -114,7 +114,7 @@ class _Rewriter:
         bias = None
         if bias_t is not None:
             w = node.inputs[1].values
-            channels = w.shape[0] if node.op == "Conv" else w.shape[weight_axis(node)]
+            channels = w.shape[weight_layout(node).out_axis]
             bias = bias_vector(bias_t.values, channels).astype(np.float64)
             if node.op == "Gemm":
                 bias = bias * float(node.attrs.get("beta", 1.0))

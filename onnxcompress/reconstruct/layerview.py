@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_graphsurgeon as gs
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.graph import weight_layout
 
 __all__ = [
     "CHUNK_BYTES",
@@ -57,9 +57,8 @@ class ConvGeometry:
     out: tuple[int, ...]
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+def _attrs(node: gs.Node) -> dict:
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in node.attrs.items()}
 
 
 def _same_pads(size: int, k: int, s: int, d: int, lower: bool) -> tuple[int, int, int]:
@@ -258,10 +257,10 @@ class ConvView(LayerView):
 
     op_type = "Conv"
 
-    def __init__(self, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
+    def __init__(self, node: gs.Node, weight: np.ndarray, bias: np.ndarray | None,
                  fit_bias: bool, out_keep: Sequence[int] | None):
         attrs = _attrs(node)
-        group = int(attrs.get("group", 1))
+        group = weight_layout(node, weight.ndim).group
         cout, cg = weight.shape[:2]
         if weight.ndim < 3 or cout % group:
             raise InputError(f"Conv {node.name!r}: weight shape {list(weight.shape)} does not fit group {group}")
@@ -319,24 +318,25 @@ class ConvView(LayerView):
 class GemmView(LayerView):
     """Gemm (``transA=0``; ``transB``, ``alpha``, ``beta``) and MatMul with a constant 2-D weight."""
 
-    def __init__(self, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
+    def __init__(self, node: gs.Node, weight: np.ndarray, bias: np.ndarray | None,
                  fit_bias: bool, out_keep: Sequence[int] | None):
-        attrs = _attrs(node) if node.op_type == "Gemm" else {}
-        if attrs.get("transA", 0):
+        attrs = _attrs(node) if node.op == "Gemm" else {}
+        layout = weight_layout(node)
+        if layout.trans_a:
             raise InputError(f"Gemm {node.name!r}: transA=1 is not supported")
         if weight.ndim != 2:
-            raise InputError(f"{node.op_type} {node.name!r}: weight must be 2-D, got {list(weight.shape)}")
-        self.trans_b = bool(attrs.get("transB", 0))
+            raise InputError(f"{node.op} {node.name!r}: weight must be 2-D, got {list(weight.shape)}")
+        self.trans_b = layout.out_axis == 0  # Gemm transB: the weight is [N, K]
         k, m = weight.shape[::-1] if self.trans_b else weight.shape
         super().__init__(1, k, m, fit_bias, out_keep)
-        self.op_type, self.weight = node.op_type, weight
+        self.op_type, self.weight = node.op, weight
         self.alpha, self.beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
         self.bias = self._bias_vector(node, bias, m)
         if fit_bias and self.beta == 0.0:
             self.attr_updates = {"beta": 1.0}
             self.beta = 1.0
 
-    def _bias_vector(self, node: onnx.NodeProto, bias: np.ndarray | None, m: int) -> np.ndarray:
+    def _bias_vector(self, node: gs.Node, bias: np.ndarray | None, m: int) -> np.ndarray:
         if bias is None or self.beta == 0.0:
             return np.zeros(m)
         bias = np.asarray(bias, np.float64)
@@ -386,7 +386,7 @@ class GemmView(LayerView):
         return [idx]
 
 
-def layer_view(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None = None, *,
+def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None, *,
                fit_bias: bool | None = None, out_keep: Sequence[int] | None = None) -> LayerView:
     """The :class:`LayerView` of a Conv, Gemm or MatMul node with constant ``weight`` (and ``bias``).
 
@@ -402,11 +402,11 @@ def layer_view(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None
     Raises:
         InputError: Unsupported op or layout.
     """
-    if node.op_type not in SUPPORTED_OPS:
-        raise InputError(f"node {node.name!r}: cannot reconstruct {node.op_type} (only {sorted(SUPPORTED_OPS)})")
+    if node.op not in SUPPORTED_OPS:
+        raise InputError(f"node {node.name!r}: cannot reconstruct {node.op} (only {sorted(SUPPORTED_OPS)})")
     if fit_bias is None:
-        fit_bias = node.op_type != "MatMul"
-    if fit_bias and node.op_type == "MatMul":
+        fit_bias = node.op != "MatMul"
+    if fit_bias and node.op == "MatMul":
         raise InputError(f"MatMul {node.name!r}: has no bias input to fit")
-    cls = ConvView if node.op_type == "Conv" else GemmView
+    cls = ConvView if node.op == "Conv" else GemmView
     return cls(node, np.asarray(weight), bias, fit_bias, out_keep)

@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
 
+from onnxcompress.core import proto, serde
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.graph import Names, const_values, node_label, opt_input
 from onnxcompress.reconstruct.layerview import (
     CHUNK_BYTES,
     SUPPORTED_OPS,
@@ -45,7 +47,7 @@ from onnxcompress.reconstruct.layerview import (
     layer_view,
 )
 from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, LstsqAccumulator
-from onnxcompress.runtime.capture import capture, expose
+from onnxcompress.runtime.capture import capture
 from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
@@ -141,78 +143,51 @@ class _Options:
     stats: list[LayerStats] = field(default_factory=list)
 
 
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+def _subgraph_names(node: gs.Node) -> set[str]:
+    """Names the subgraphs of ``node`` read (from anywhere: inner or outer tensors)."""
     names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for sub in g.node:
-                names.update(sub.input)
-                names |= _subgraph_names(sub)
+    for value in node.attrs.values():
+        for g in value if isinstance(value, list) else [value]:
+            if isinstance(g, gs.Graph):
+                for sub in g.nodes:
+                    names.update(x.name for x in sub.inputs)
+                    names |= _subgraph_names(sub)
     return names
 
 
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    used = {o.name for o in graph.output}
-    for node in graph.node:
-        used.update(node.input)
-        used |= _subgraph_names(node)
-    return used
-
-
-def _all_names(model: onnx.ModelProto) -> set[str]:
-    g = model.graph
-    names = {i.name for i in g.initializer} | {v.name for v in g.value_info}
-    names |= {v.name for v in g.input} | {v.name for v in g.output} | _used_names(g)
-    for node in g.node:
-        names.update(node.output)
-    return names
-
-
-def _unique(names: set[str], base: str) -> str:
-    name, i = base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    names.add(name)
-    return name
-
-
-def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {i.name: i for i in model.graph.initializer}
-
-
-def _const_input(model: onnx.ModelProto, node: onnx.NodeProto, i: int, label: str) -> np.ndarray | None:
-    if i >= len(node.input) or not node.input[i]:
+def _const_input(node: gs.Node, i: int, label: str) -> np.ndarray | None:
+    tensor = opt_input(node, i)
+    if tensor is None:
         return None
-    init = _initializers(model).get(node.input[i])
-    if init is None:
-        raise InputError(f"node {label!r}: input {i} ({node.input[i]!r}) is not a constant initializer")
-    return numpy_helper.to_array(init)
+    values = const_values(tensor)
+    if values is None:
+        raise InputError(f"node {label!r}: input {i} ({tensor.name!r}) is not a constant initializer")
+    return values
 
 
-def _resolve(model: onnx.ModelProto, layers: Sequence[LayerTarget]) -> list[_Plan]:
+def _resolve(graph: gs.Graph, layers: Sequence[LayerTarget]) -> list[_Plan]:
     by_name: dict[str, int] = {}
-    for i, node in enumerate(model.graph.node):
-        for key in ([node.name] if node.name else []) + list(node.output[:1]):
+    for i, node in enumerate(graph.nodes):
+        for key in ([node.name] if node.name else []) + [t.name for t in node.outputs[:1]]:
             by_name.setdefault(key, i)
     plans, seen = [], set()
     for t in layers:
         if t.node not in by_name:
             raise InputError(f"no node named {t.node!r} in the student")
         idx = by_name[t.node]
-        node = model.graph.node[idx]
+        node = graph.nodes[idx]
         if idx in seen:
             raise InputError(f"node {t.node!r} is listed twice")
-        if node.op_type not in SUPPORTED_OPS:
-            raise InputError(f"node {t.node!r}: cannot reconstruct {node.op_type} (only {sorted(SUPPORTED_OPS)})")
-        _const_input(model, node, 1, t.node)
+        if node.op not in SUPPORTED_OPS:
+            raise InputError(f"node {t.node!r}: cannot reconstruct {node.op} (only {sorted(SUPPORTED_OPS)})")
+        _const_input(node, 1, t.node)
         seen.add(idx)
-        plans.append(_Plan(t, idx, t.node, node.input[0]))
+        plans.append(_Plan(t, idx, t.node, node.inputs[0].name))
     return sorted(plans, key=lambda p: p.index)
 
 
-def _ancestors(model: onnx.ModelProto, name: str) -> set[int]:
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+def _ancestors(graph: gs.Graph, name: str) -> set[int]:
+    producer = {o.name: i for i, n in enumerate(graph.nodes) for o in n.outputs if o.name}
     found: set[int] = set()
     stack = [name]
     while stack:
@@ -220,18 +195,18 @@ def _ancestors(model: onnx.ModelProto, name: str) -> set[int]:
         if idx is None or idx in found:
             continue
         found.add(idx)
-        node = model.graph.node[idx]
-        stack.extend(list(node.input) + sorted(_subgraph_names(node)))
+        node = graph.nodes[idx]
+        stack.extend([x.name for x in node.inputs] + sorted(_subgraph_names(node)))
     return found
 
 
-def _rounds(model: onnx.ModelProto, plans: list[_Plan], together: bool) -> list[list[_Plan]]:
+def _rounds(graph: gs.Graph, plans: list[_Plan], together: bool) -> list[list[_Plan]]:
     """Split ``plans`` (topologically sorted) into runs whose inputs don't depend on each other."""
     if not together:
         return [[p] for p in plans]
     rounds: list[list[_Plan]] = []
     for plan in plans:
-        deps = _ancestors(model, plan.input)
+        deps = _ancestors(graph, plan.input)
         if rounds and not any(p.index in deps for p in rounds[-1]):
             rounds[-1].append(plan)
         else:
@@ -243,14 +218,13 @@ class _Teacher:
     """One session over the teacher exposing every target; run per batch."""
 
     def __init__(self, teacher: onnx.ModelProto, names: Sequence[str], threads: int):
-        produced = {o for n in teacher.graph.node for o in n.output if o}
-        inits = {i.name for i in teacher.graph.initializer}
-        self.inputs = {i.name for i in teacher.graph.input} - inits
+        produced = proto.produced_names(teacher)
+        self.inputs = set(proto.feed_names(teacher))
         bad = [n for n in names if n not in produced and n not in self.inputs]
         if bad:
             raise InputError(f"teacher has no tensor {bad[0]!r} computed from its inputs")
         self.computed = sorted({n for n in names if n in produced})
-        self.session = make_session(expose(teacher, self.computed), threads=threads) if self.computed else None
+        self.session = make_session(proto.with_outputs(teacher, self.computed), threads=threads) if self.computed else None
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = dict(zip(self.computed, self.session.run(self.computed, feeds))) if self.session else {}
@@ -258,19 +232,19 @@ class _Teacher:
         return values
 
 
-def _views(model: onnx.ModelProto, plans: list[_Plan]) -> list[LayerView]:
+def _views(graph: gs.Graph, plans: list[_Plan]) -> list[LayerView]:
     views = []
     for p in plans:
-        node = model.graph.node[p.index]
-        weight = _const_input(model, node, 1, p.label)
-        bias = _const_input(model, node, 2, p.label)
+        node = graph.nodes[p.index]
+        weight = _const_input(node, 1, p.label)
+        bias = _const_input(node, 2, p.label)
         views.append(layer_view(node, weight, bias, fit_bias=p.target.fit_bias, out_keep=p.target.out_keep))
     return views
 
 
-def _refit_round(model: onnx.ModelProto, plans: list[_Plan], teacher: _Teacher, data: CalibSource,
+def _refit_round(graph: gs.Graph, plans: list[_Plan], teacher: _Teacher, data: CalibSource,
                  opts: _Options) -> None:
-    views = _views(model, plans)
+    views = _views(graph, plans)
     accs = [LstsqAccumulator(v.n_features, v.n_targets, v.fit_bias, groups=v.groups) for v in views]
     holds = [LstsqAccumulator(v.n_features, v.n_targets, v.fit_bias, groups=v.groups) for v in views] \
         if opts.holdout > 0 else None
@@ -290,13 +264,13 @@ def _refit_round(model: onnx.ModelProto, plans: list[_Plan], teacher: _Teacher, 
                     _add_split(accs[i], holds[i], X, Y, opts.holdout, splits[i])
                 positions[i] += X.shape[1]
 
-    samples = capture(model, [p.input for p in plans], data, consume, batch_size=opts.batch_size,
+    samples = capture(serde.to_model(graph), [p.input for p in plans], data, consume, batch_size=opts.batch_size,
                       threads=opts.threads, progress=opts.progress)
     if samples == 0:
         raise InputError("no calibration samples")
     for i, (plan, view, acc, pos) in enumerate(zip(plans, views, accs, positions)):
         hold = None if holds is None else holds[i]
-        opts.stats.append(_finish(model, plan, view, acc, opts.ridge, samples, pos, hold))
+        opts.stats.append(_finish(graph, plan, view, acc, opts.ridge, samples, pos, hold))
 
 
 def _add_split(fit: LstsqAccumulator, hold: LstsqAccumulator, X: np.ndarray, Y: np.ndarray,
@@ -369,7 +343,7 @@ def _solve_layer(view: LayerView, acc: LstsqAccumulator, keeps: list[np.ndarray]
     return w_new, b_new, sums, solvers
 
 
-def _finish(model: onnx.ModelProto, plan: _Plan, view: LayerView, acc: LstsqAccumulator,
+def _finish(graph: gs.Graph, plan: _Plan, view: LayerView, acc: LstsqAccumulator,
             ridge: float, samples: int, positions: int, hold: LstsqAccumulator | None = None) -> LayerStats:
     keeps = view.feature_keep(plan.target.in_keep)
     checked: tuple[float, float, float, bool] | None = None
@@ -379,11 +353,12 @@ def _finish(model: onnx.ModelProto, plan: _Plan, view: LayerView, acc: LstsqAccu
         acc = _merged(acc, hold)  # the chosen ridge, solved on every row
     w_new, b_new, (before, after, ysq), solvers = _solve_layer(view, acc, keeps, ridge)
     if checked is not None and not checked[3]:
-        node = model.graph.node[plan.index]
-        weight, bias = node.input[1], (node.input[2] if len(node.input) > 2 and node.input[2] else None)
+        node = graph.nodes[plan.index]
+        weight, bias_t = node.inputs[1].name, opt_input(node, 2)
+        bias = None if bias_t is None else bias_t.name
         after = before
     else:
-        weight, bias = _write(model, plan.index, view, w_new, b_new)
+        weight, bias = _write(graph, plan.index, view, w_new, b_new)
     rel = (lambda r: math.sqrt(r / ysq)) if ysq > 0 else (lambda r: 0.0)
     kept = view.n_features * view.groups if keeps is None else sum(len(k) for k in keeps)
     stats = LayerStats(plan.label, view.op_type, plan.target.target, rel(before), rel(after), samples,
@@ -399,67 +374,50 @@ def _finish(model: onnx.ModelProto, plan: _Plan, view: LayerView, acc: LstsqAccu
     return stats
 
 
-def _add_initializer(model: onnx.ModelProto, names: set[str], base: str, array: np.ndarray) -> str:
-    name = _unique(names, base)
-    model.graph.initializer.append(numpy_helper.from_array(array, name=name))
-    if model.ir_version < 4:  # initializers must also be graph inputs before IR 4
-        dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
-        model.graph.input.append(helper.make_tensor_value_info(name, dtype, array.shape))
-    return name
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value: float) -> None:
-    for i, attr in enumerate(node.attribute):
-        if attr.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def _write(model: onnx.ModelProto, index: int, view: LayerView, W: np.ndarray,
+def _write(graph: gs.Graph, index: int, view: LayerView, W: np.ndarray,
            b: np.ndarray) -> tuple[str, str | None]:
-    """Point the node at new initializers holding the refit; drop the old ones if now unused."""
-    node = model.graph.node[index]
-    inits = _initializers(model)
-    names = _all_names(model)
+    """Point the node at new constants holding the refit (the old ones stay for other readers)."""
+    node = graph.nodes[index]
+    names = Names(graph)
     weight, bias = view.from_matrix(W, b if view.fit_bias else None)
-    old_w = node.input[1]
-    wdtype = numpy_helper.to_array(inits[old_w]).dtype
-    node.input[1] = _add_initializer(model, names, f"{old_w}_refit", weight.astype(wdtype))
-    old_b = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    old_w, old_b = node.inputs[1], opt_input(node, 2)
+    node.inputs[1] = _new_constant(graph, names, f"{old_w.name}_refit", weight.astype(old_w.values.dtype))
     new_b = None
     if bias is not None:
-        bdtype = numpy_helper.to_array(inits[old_b]).dtype if old_b else wdtype
-        base = f"{old_b}_refit" if old_b else f"{node.name or node.output[0]}_bias_refit"
-        new_b = _add_initializer(model, names, base, bias.astype(bdtype).reshape(-1))
-        if len(node.input) > 2:
-            node.input[2] = new_b
+        bdtype = old_b.values.dtype if old_b is not None else old_w.values.dtype
+        base = f"{old_b.name}_refit" if old_b is not None else f"{node_label(node)}_bias_refit"
+        new_b = _new_constant(graph, names, base, bias.astype(bdtype).reshape(-1))
+        if len(node.inputs) > 2:
+            node.inputs[2] = new_b
         else:
-            node.input.append(new_b)
+            node.inputs.append(new_b)
     for key, value in view.attr_updates.items():
-        _set_attr(node, key, value)
-    _drop_unused(model, {old_w, old_b} - {None})
-    return node.input[1], new_b
+        node.attrs.pop(key, None)  # an updated attribute is written last, as a new one
+        node.attrs[key] = value
+    _drop_unused_inputs(graph, [old_w, old_b])
+    return node.inputs[1].name, None if new_b is None else new_b.name
 
 
-def _drop_unused(model: onnx.ModelProto, names: set[str]) -> None:
-    unused = names - _used_names(model.graph)
-    if not unused:
-        return
-    g = model.graph
-    keep_inits = [i for i in g.initializer if i.name not in unused]
-    keep_inputs = [i for i in g.input if i.name not in unused]
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
-    del g.input[:]
-    g.input.extend(keep_inputs)
+def _new_constant(graph: gs.Graph, names: Names, base: str, array: np.ndarray) -> gs.Constant:
+    """A constant with a fresh name (also a graph input before IR 4, which requires that)."""
+    const = gs.Constant(names.fresh(base), array)
+    if graph.ir_version is not None and graph.ir_version < 4:
+        graph.inputs.append(const)
+    return const
 
 
-def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layers: Sequence[LayerTarget],
+def _drop_unused_inputs(graph: gs.Graph, tensors: list[gs.Tensor | None]) -> None:
+    """Take constants no node reads any more out of the graph inputs (where IR < 4 lists them)."""
+    for tensor in tensors:
+        if tensor is not None and not tensor.outputs and not any(t is tensor for t in graph.outputs):
+            graph.inputs[:] = [t for t in graph.inputs if t is not tensor]
+
+
+def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequence[LayerTarget],
                        data: CalibSource, *, ridge: float = DEFAULT_RIDGE, batch_size: int = 32,
                        max_positions: int | None = DEFAULT_MAX_POSITIONS, seed: int = 0,
                        progress: bool = False, group_independent: bool = True, threads: int = 0,
-                       chunk_bytes: int = CHUNK_BYTES, holdout: float = 0.0) -> tuple[onnx.ModelProto, list[LayerStats]]:
+                       chunk_bytes: int = CHUNK_BYTES, holdout: float = 0.0) -> tuple[gs.Graph, list[LayerStats]]:
     """Refit ``layers`` of ``student`` so that their outputs match tensors of ``teacher``.
 
     Layers are processed in the student's topological order; each layer's inputs are captured from
@@ -468,7 +426,7 @@ def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layer
     old arrays are never modified; an old initializer nobody uses any more is removed).
 
     Args:
-        student: The compressed model (not modified).
+        student: The compressed model's graph (not modified).
         teacher: The original model; must take the same inputs.
         layers: What to refit (Conv, Gemm or MatMul nodes with constant weights).
         data: Calibration samples.
@@ -491,22 +449,22 @@ def reconstruct_layers(student: onnx.ModelProto, teacher: onnx.ModelProto, layer
             calibration images; many im2col features).
 
     Returns:
-        ``(model, stats)``: the refitted copy and one :class:`LayerStats` per layer, in the order
+        ``(graph, stats)``: the refitted copy and one :class:`LayerStats` per layer, in the order
         they were refitted.
 
     Raises:
         InputError: Unknown or unsupported node, non-constant weights, a missing teacher tensor,
             shapes that do not match, or no data.
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(student)
-    plans = _resolve(model, layers)
+    graph = student.copy()
+    graph.producer_name, graph.producer_version = student.producer_name, student.producer_version
+    plans = _resolve(graph, layers)
     teach = _Teacher(teacher, sorted({p.target.target for p in plans}), threads)
     if not 0.0 <= holdout < 1.0:
         raise InputError(f"holdout={holdout}: must lie in [0, 1)")
     opts = _Options(ridge, batch_size, max_positions, seed, progress, threads, chunk_bytes, holdout)
-    rounds = _rounds(model, plans, group_independent)
+    rounds = _rounds(graph, plans, group_independent)
     for group in track(rounds, f"refitting {len(plans)} layers in {len(rounds)} runs", total=len(rounds), enabled=progress):
         log.debug("refitting %s in one run", [p.label for p in group])
-        _refit_round(model, group, teach, data, opts)
-    return model, opts.stats
+        _refit_round(graph, group, teach, data, opts)
+    return graph, opts.stats

@@ -40,7 +40,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from onnxcompress.core import serde
+from onnxcompress.core import proto, serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.runtime.data import InputSpec, RandomSource, input_specs, open_source
@@ -425,11 +425,7 @@ def _session(model: onnx.ModelProto, name: str, provider: str, threads: int, opt
 
 def _prime_runtime(provider: str, threads: int, optimize: bool) -> None:
     """Create and run a trivial session, so one-time onnxruntime setup is charged to no model."""
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "prime",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    model = proto.identity_model()
     try:
         _session(model, "prime", provider, threads, optimize).run(None, {"x": np.zeros(1, np.float32)})
     except (InputError, *_ORT_ERRORS) as exc:

@@ -17,10 +17,9 @@ __all__ = ["make_session"]
 log = logging.getLogger(__name__)
 
 
-
-
 def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0,
-                 providers: list[str] | None = None) -> ort.InferenceSession:
+                 providers: list[str] | None = None, log_severity: int = 3,
+                 optimized_model_path: str | Path | None = None) -> ort.InferenceSession:
     """Create an inference session for ``model``.
 
     Args:
@@ -30,6 +29,8 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int
             fusions cannot hide (or cause) a difference.
         threads: Intra-op threads (0: ORT's default).
         providers: Execution providers (default CPU).
+        log_severity: ORT's own log level (3: errors, 4: fatal only).
+        optimized_model_path: Where ORT writes the graph it will run (after its optimizations).
 
     Raises:
         InputError: onnxruntime refuses the model.
@@ -38,7 +39,9 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity
+    if optimized_model_path is not None:
+        opts.optimized_model_filepath = str(optimized_model_path)
     providers = providers or ["CPUExecutionProvider"]
     try:
         if serde.weights_nbytes(model) <= serde.EXTERNAL_THRESHOLD:
