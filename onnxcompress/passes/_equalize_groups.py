@@ -150,8 +150,11 @@ class ChannelPath:
 
     Attributes:
         axis: ``1`` (NC... layout: Conv, Gemm outputs) or ``-1`` (last axis: MatMul outputs).
-        rank: The tensor's rank, if known.
+        rank: The tensor's rank; ``None`` on a MatMul's path (its constants are then taken only
+            as scalars or ``[C]`` vectors).
         chan: Producer channel of each index along the channel axis (``-1``: another producer's).
+        gain: Per producer channel, how much larger its effective range is here (BN, Mul on the
+            way), or ``None`` (1).
     """
 
     axis: int

@@ -209,7 +209,8 @@ class _Walker:
         if path.gain is not None:
             self.gains.append(path.gain)
 
-    def _through(self, node: gs.Node, tensor: gs.Tensor, path: ChannelPath, where: str) -> list[tuple[gs.Tensor, ChannelPath]]:
+    def _through(self, node: gs.Node, tensor: gs.Tensor, path: ChannelPath,
+                 where: str) -> list[tuple[gs.Tensor, ChannelPath]]:
         """The outputs of ``node`` that carry the channels, with their channel maps, or a decline.
 
         The op table says where the channels go; the op's scaling rule whether they may go there
@@ -303,12 +304,13 @@ def _regroup(w: _Walker, node: gs.Node, tensor: gs.Tensor, path: ChannelPath, wh
     """Concat/Split on the channel axis, Flatten: the table moves the channels, nothing is rescaled.
 
     Along another axis a Concat's other inputs would need the same scale (a Split would be fine,
-    but is not followed). The path's range gain is not carried past these ops.
+    but is not followed). The path's range gain (BN, Mul before) is dropped here, as the walker
+    always did: carrying it would target the folded ranges, but change what the pass produces.
     """
     if node.op != "Flatten":
-        rank = w.st.info(path).rank(tensor)
-        axis = int(node.attrs.get("axis", 0))
-        if rank is None or (axis + rank if axis < 0 else axis) != w.st.info(path).axis(rank):
+        info, axis = w.st.info(path), int(node.attrs.get("axis", 0))
+        rank = info.rank(tensor)
+        if rank is None or (axis + rank if axis < 0 else axis) != info.axis(rank):
             raise _Decline(where, R_LAYOUT)
     return ChannelPath(path.axis, path.rank, path.chan)
 
@@ -319,6 +321,8 @@ def _batchnorm(w: _Walker, node: gs.Node, tensor: gs.Tensor, path: ChannelPath, 
     The table follows only an inference BN whose four parameters are constant, one per channel.
     """
     params = [const_values(t) for t in node.inputs[1:5]]
+    if any(p is None or p.shape != (len(path.chan),) for p in params):
+        raise _Decline(where, R_LAYOUT)
     gamma, _, _, var = (p.astype(np.float64) for p in params)
     factor = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
     if not np.isfinite(factor).all():
@@ -388,7 +392,7 @@ class Equalize(Pass):
         constant gets ``k / s`` (new constants; a scalar is expanded to ``[C, 1, ...]``), a
         Mul/Div by one is unchanged; BN (``|gamma| / sigma``) and Mul/Div (``|k|``, ``1/|k|``)
         scale the producer's *effective* range ``r1``, so equalizing before ``fold_bn`` targets
-        the folded weights. A grouped/depthwise Conv is a layer on both sides: as consumer
+        the folded weights (that gain is not carried past a Flatten, Concat or Split). A grouped/depthwise Conv is a layer on both sides: as consumer
         its input channel ``c`` is scaled inside its group; as producer its output channels are
         divided. Sweeps over all groups repeat (at most ``iterations``) until every
         ``|log s_c| < tolerance`` (a group whose scales are all within it is left as is), so
@@ -399,8 +403,9 @@ class Equalize(Pass):
         A Conv (any group), Gemm or MatMul with constant weight (and constant bias; a Gemm
         bias ``[N]``, ``[1, N]`` or scalar) feeds, through commuting ops only, Conv/Gemm/MatMul
         layers with constant weights at their data input. Several consumers (branches) are fine
-        when all of them absorb the scale. Shapes matter only for Flatten/Concat/Split (static
-        channel and spatial dims); a dynamic batch is fine.
+        when all of them absorb the scale. Which channels each op passes on is read from the
+        pruning op table, which needs the static channel dim of each tensor on the way (and the
+        spatial dims for Flatten); a dynamic batch is fine.
 
     Declines:
         One reason per producer left alone, from :data:`DECLINE_REASONS`: a tensor on the way is
@@ -409,8 +414,10 @@ class Equalize(Pass):
         it equalizes, which makes the pass APPROX); any other op (Sigmoid, HardSwish, Resize,
         Transpose, ConvTranspose, ... are not followed); non-constant weight or bias;
         unsupported layout (Gemm ``transA``, odd bias shapes, non-float weights, channel-count
-        mismatch); unknown static shapes; no consumer layer; a tensor read as a weight; a read
-        inside a subgraph; branches that rejoin; a non-zero Pad; ``exclude``d nodes.
+        mismatch); no consumer layer; a tensor read as a weight; a read inside a subgraph;
+        branches that rejoin; a non-zero Pad; ``exclude``d nodes; and any reason of the pruning
+        op table where it cannot follow the channels (no handler, unknown channel dim, a channel
+        pad, a non-constant PRelu slope, an op outside the last-axis set after a MatMul, ...).
 
     Numerics:
         EXACT (float rounding only, ~1e-6 relative) unless ``relu6_as_relu``. Weights shared with

@@ -19,7 +19,7 @@ from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.pruning.handlers import HANDLERS
 from onnxcompress.pruning.handlers_channelwise import _unary
 from onnxcompress.pruning.handlers_common import _frozen
-from onnxcompress.pruning.types import R_LAST_AXIS, R_NO_HANDLER, R_UNKNOWN_DIM, R_UNSUPPORTED
+from onnxcompress.pruning.types import R_LAST_AXIS, R_NO_HANDLER, R_NONCONST, R_UNKNOWN_DIM, R_UNSUPPORTED
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -452,8 +452,9 @@ def test_channel_flow_comes_from_the_table(monkeypatch) -> None:
     monkeypatch.setitem(HANDLERS, "Sum", _unary)
     _, result = equalize(model)
     assert result.stats["groups"] == 1 and result.stats["layers"] == 2
-    monkeypatch.delitem(equalize_module._RULES, "Sum")
-    assert ("t0 -> sum (Sum)", "op not known to commute with a channel scale") in assert_declined(model, "op not known to commute with a channel scale").declined
+    monkeypatch.delitem(equalize_module._RULES, "Sum")  # the table alone: equalize does not know it commutes
+    no_rule = "op not known to commute with a channel scale"
+    assert ("t0 -> sum (Sum)", no_rule) in assert_declined(model, no_rule).declined
 
 
 def test_table_freeze_reaches_equalize(monkeypatch) -> None:
@@ -484,3 +485,30 @@ def test_matmul_last_axis_through_the_table(op: str) -> None:
     s = out_ranges(inits_of(model)["B1"], 1) / out_ranges(inits_of(new)["B1"], 1)
     np.testing.assert_allclose(inits_of(new)[next(n.input[1] for n in new.graph.node if n.op_type == "Add")],
                                inits["k"] / s, rtol=1e-5)
+
+
+def test_uneven_split_by_num_outputs() -> None:
+    """Opset 18 ``Split(num_outputs=2)`` of 5 channels gives 3 + 2: the table knows it (the old walker
+    ignored ``num_outputs`` and declined with "unknown static shape")."""
+    rng = np.random.default_rng(24)
+    inits = {"W1": spread_weight(rng, 5, 3, 1, 1), "Wa": spread_weight(rng, 2, 3, 1, 1, axis=1),
+             "Wb": spread_weight(rng, 2, 2, 1, 1, axis=1)}
+    nodes = [conv("x", "W1", "c"), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Split", ["r"], ["s1", "s2"], axis=1, num_outputs=2),
+             conv("s1", "Wa", "ya"), conv("s2", "Wb", "yb")]
+    model = make_model(nodes, {"x": ["N", 3, 4, 4]}, ["ya", "yb"], inits, opset=18)
+    new, result = equalize(model, dims=(1, 2))
+    assert result.stats["groups"] == 1 and result.stats["layers"] == 3
+    r2 = np.concatenate([in_ranges(node_weights(new, "ya")[0]), in_ranges(node_weights(new, "yb")[0])])
+    np.testing.assert_allclose(out_ranges(node_weights(new, "c")[0]), r2, rtol=1e-5)
+
+
+def test_prelu_with_computed_slope_declines() -> None:
+    """The table follows PRelu only with a constant slope (pruning slices it): equalize declines with its reason."""
+    rng = np.random.default_rng(25)
+    inits = {"W1": spread_weight(rng, 6, 3, 3, 3), "W2": spread_weight(rng, 5, 6, 3, 3, axis=1)}
+    nodes = [conv("x", "W1", "t0"), helper.make_node("PRelu", ["t0", "slope"], ["t1"], name="prelu"),
+             conv("t1", "W2", "y")]
+    model = make_model(nodes, {"x": [2, 3, 8, 8], "slope": [6, 1, 1]}, ["y"], inits)
+    result = assert_declined(model, R_NONCONST)
+    assert ("t0 -> prelu (PRelu)", R_NONCONST) in result.declined
