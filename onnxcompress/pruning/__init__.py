@@ -4,6 +4,8 @@ Modules:
     * :mod:`.types`: shared types (slots, :class:`~.types.NodeSpec`, :class:`~.types.ParamRef`, reasons).
     * :mod:`.handlers`: the op-type table -- how channel indices flow through each operator.
     * :mod:`.dependency`: :func:`analyze` builds coupled channels and :class:`Group` objects.
+    * :mod:`.flow`: the same table read node by node, for walkers that follow one producer's
+      channels (the ``equalize`` pass).
     * :mod:`.importance`: channel scores per group (``l1``, ``l2``, ``bn_scale``, ``activation``).
     * :mod:`.select`: which channels go (ratio, scope, ``max_group_ratio``, ``round_to``).
     * :mod:`.apply`: rewrite the graph without them (with bias compensation), or zero them

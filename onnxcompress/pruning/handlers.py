@@ -22,6 +22,11 @@ Every handler takes a node and the graph facts and returns a :class:`~.spec.Node
 * anything else that touches a channel tensor freezes it, with a reason from
   :data:`~.spec.FREEZE_REASONS`.
 
+A walker that follows one producer's channels forward reads the same table node by node
+through :func:`.flow.channel_flow` (``equalize`` does). With :attr:`GraphInfo.last_axis
+<.types.GraphInfo>` (the channels of a MatMul's output are on its last axis) only the
+elementwise ops of :data:`LAST_AXIS_OPS` are followed; any other op freezes.
+
 Each handler also gives ``const_fn``: the op applied to per-channel constants, used to carry the
 constant output of a removed channel (its bias through BN, activations, pools, ...) to the next
 weight layer, where it is folded into the bias.
@@ -55,10 +60,18 @@ from onnxcompress.pruning.handlers_common import Handler, _frozen
 from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _reshape, _slice, _split
 from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
 from onnxcompress.pruning.shape_trace import _shape_op
-from onnxcompress.pruning.types import R_CONTROL_FLOW, R_NO_HANDLER, R_SHAPE_READ, GraphInfo, NodeSpec
+from onnxcompress.pruning.types import (
+    R_CONTROL_FLOW,
+    R_LAST_AXIS,
+    R_NO_HANDLER,
+    R_SHAPE_READ,
+    GraphInfo,
+    NodeSpec,
+)
 
 __all__ = [
     "HANDLERS",
+    "LAST_AXIS_OPS",
     "handle",
 ]
 
@@ -94,9 +107,16 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+#: Op types whose handlers also read channels on the last axis (elementwise ops: the same channel
+#: in and out wherever its axis is; constant operands broadcast along :meth:`GraphInfo.axis`).
+LAST_AXIS_OPS = frozenset({*_UNARY_OPS, *_BINARY, "Clip", "PRelu"})
+
+
 def handle(node: gs.Node, g: GraphInfo) -> NodeSpec:
     """The spec of ``node``: its handler's, or every channel tensor frozen (no handler)."""
     handler = HANDLERS.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
     if handler is None:
         return NodeSpec(node, g).freeze(None, R_NO_HANDLER)
+    if g.last_axis and node.op not in LAST_AXIS_OPS:
+        return NodeSpec(node, g).freeze(None, R_LAST_AXIS)
     return handler(node, g)

@@ -67,16 +67,16 @@ def _prod(dims) -> int | None:
     return int(np.prod(dims, dtype=np.int64)) if len(dims) else 1
 
 
-def channel_vector(values: np.ndarray, rank: int, channels: int) -> Vec | None:
-    """A constant operand as one float64 value per channel of a rank-``rank`` tensor.
+def channel_vector(values: np.ndarray, rank: int, channels: int, axis: int = CHANNEL_AXIS) -> Vec | None:
+    """A constant operand as one float64 value per channel (on ``axis``) of a rank-``rank`` tensor.
 
     ``None`` if it varies along another axis or does not broadcast to ``channels``.
     """
     v = np.asarray(values, dtype=np.float64)
-    if v.ndim > rank or rank <= CHANNEL_AXIS:
+    if v.ndim > rank or rank <= axis:
         return None
     v = v.reshape((1,) * (rank - v.ndim) + v.shape)
-    flat = np.moveaxis(v, CHANNEL_AXIS, 0).reshape(v.shape[CHANNEL_AXIS], -1)
+    flat = np.moveaxis(v, axis, 0).reshape(v.shape[axis], -1)
     if flat.shape[1] == 0 or not np.all(flat == flat[:, :1]):
         return None
     vec = flat[:, 0]
@@ -116,13 +116,14 @@ def _const_operand(spec: NodeSpec, index: int, rank: int, channels: int, out: gs
     if values.ndim > rank:
         spec.freeze(None, R_BROADCAST)
         return False
-    axis = CHANNEL_AXIS - (rank - values.ndim)
+    channel_axis = spec.info.axis(rank)
+    axis = channel_axis - (rank - values.ndim)
     if axis >= 0 and values.shape[axis] == channels and channels != 1:
         spec.param(index, axis, out, ROLE_PARAM)
     elif axis >= 0 and values.shape[axis] != 1:
         spec.freeze(None, R_BROADCAST)
         return False
-    return channel_vector(values, rank, channels)
+    return channel_vector(values, rank, channels, channel_axis)
 
 
 def _set_channels(g: GraphInfo, t: gs.Tensor, rank: int, channels: int | None) -> None:

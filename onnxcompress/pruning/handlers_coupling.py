@@ -57,7 +57,7 @@ def _var_operand(spec: NodeSpec, t: gs.Tensor, rank: int, channels: int, out: gs
         return False
     spec.touched.add(t.name)
     if r != rank:
-        axis = CHANNEL_AXIS - (rank - r)
+        axis = g.axis(rank) - (rank - r)
         shape = g.shape(t)
         if axis >= 0 and shape[axis] != 1:
             spec.freeze(None, R_BROADCAST)

@@ -31,6 +31,7 @@ __all__ = [
     "R_GRAPH_INPUT",
     "R_GRAPH_OUTPUT",
     "R_GROUPED",
+    "R_LAST_AXIS",
     "R_MISMATCH",
     "R_MOVES_AXIS",
     "R_NONCONST",
@@ -73,12 +74,13 @@ R_CONSTANT = "constant_channels"
 R_UNSUPPORTED = "unsupported_attributes"
 R_SHAPE_READ = "shape_read"
 R_TRAINING = "training_mode"
+R_LAST_AXIS = "channels_not_on_axis_1"
 
 #: Every reason (a decline code) a channel, and so its group, can be frozen or pinned.
 FREEZE_REASONS = (
     R_NO_HANDLER, R_CONTROL_FLOW, R_GRAPH_INPUT, R_GRAPH_OUTPUT, R_UNKNOWN_DIM, R_MISMATCH, R_NONCONST,
     R_GROUPED, R_SHARED, R_EXCLUDED, R_REDUCES, R_MOVES_AXIS, R_RESHAPE, R_BROADCAST, R_CONSTANT,
-    R_UNSUPPORTED, R_SHAPE_READ, R_TRAINING,
+    R_UNSUPPORTED, R_SHAPE_READ, R_TRAINING, R_LAST_AXIS,
 )
 
 ROLE_W_OUT = "w_out"  #: A producer's output filters (weight), used by importance scores.
@@ -203,11 +205,15 @@ class GraphInfo:
         shapes: Tensor name -> dims (``None`` where unknown); absent when the rank is unknown.
         opset: Default-domain opset.
         outputs: Names of the graph outputs.
+        last_axis: Channels are on the last axis (a MatMul's output) instead of axis 1. Pruning
+            never sets it; a walker following a MatMul's channels does (``equalize``), and then
+            only the ops of :data:`.handlers.LAST_AXIS_OPS` are followed.
     """
 
     shapes: dict[str, tuple[int | None, ...]]
     opset: int
     outputs: frozenset[str] = frozenset()
+    last_axis: bool = False
 
     def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
         """Dims of ``tensor`` (constants: their array's shape)."""
@@ -220,12 +226,16 @@ class GraphInfo:
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
 
+    def axis(self, rank: int) -> int:
+        """The channel axis of a rank-``rank`` tensor: :data:`CHANNEL_AXIS`, or the last one."""
+        return rank - 1 if self.last_axis else CHANNEL_AXIS
+
     def channels(self, tensor: gs.Tensor) -> int | None:
-        """Static size of the channel axis, or ``None`` (unknown, or rank < 2)."""
+        """Static size of the channel axis, or ``None`` (unknown, or rank < 2; < 1 on the last axis)."""
         shape = self.shape(tensor)
-        if shape is None or len(shape) <= CHANNEL_AXIS:
+        if shape is None or len(shape) <= (0 if self.last_axis else CHANNEL_AXIS):
             return None
-        return shape[CHANNEL_AXIS]
+        return shape[self.axis(len(shape))]
 
     @staticmethod
     def const(tensor: gs.Tensor | None) -> np.ndarray | None:

@@ -12,8 +12,13 @@ from onnx import helper
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
+from onnxcompress.passes import equalize as equalize_module
 from onnxcompress.passes.equalize import DECLINE_REASONS, Equalize
 from onnxcompress.pipeline.manager import get_pass, parse_spec
+from onnxcompress.pruning.handlers import HANDLERS
+from onnxcompress.pruning.handlers_channelwise import _unary
+from onnxcompress.pruning.handlers_common import _frozen
+from onnxcompress.pruning.types import R_LAST_AXIS, R_NO_HANDLER, R_NONCONST, R_UNKNOWN_DIM, R_UNSUPPORTED
 from tests.helpers.builders import make_model
 from tests.helpers.graphs import initializers, op_types
 from tests.helpers.runs import ort_run, run_passes
@@ -333,7 +338,9 @@ def test_pad_declines(value) -> None:
     mid = [helper.make_node("Pad", ins, ["t1"])]
     extra = {"pads": np.array(pads, dtype=np.int64)} | ({"v": np.array(value)} if value else {})
     model = chain_model(rng, mid, c=6 if value else 4, c2=6, extra=extra)  # a channel pad adds 2 channels
-    assert_declined(model, "pad_not_spatial_zero")
+    # A non-zero value is equalize's rule; a channel pad is the pruning op table's (it cannot follow it).
+    result = assert_declined(model, "pad_not_spatial_zero" if value else R_UNSUPPORTED)
+    assert "t0 -> t1 (Pad)" in [d.where for d in result.declined]
 
 
 def test_dynamic_spatial_flatten_declines() -> None:
@@ -344,8 +351,8 @@ def test_dynamic_spatial_flatten_declines() -> None:
     model = make_model(nodes, {"x": ["N", 3, "H", "W"]}, ["y"], inits)
     _, records = run_passes(model, "equalize")
     result = records[0].result
-    assert not result.modified and ("r", "unknown_static_shape") not in result.where_codes()
-    assert "unknown_static_shape" in [d.code for d in result.declined]
+    assert not result.modified
+    assert ("c -> f (Flatten)", R_UNKNOWN_DIM) in result.where_codes()  # the op table's code
 
 
 def test_exclude_and_zero_iterations() -> None:
@@ -421,3 +428,86 @@ def test_standalone_on_unfolded_fixture() -> None:
     x = np.load(MODELS / "digits_test.npz")["input"][:64]
     ref, got = ort_run(model, {"input": x})[0], ort_run(new, {"input": x})[0]
     assert np.linalg.norm(got - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+# ---------------------------------------------------------------- one channel-flow description (pruning's op table)
+
+
+def sum_chain(rng: np.random.Generator) -> onnx.ModelProto:
+    """``Conv -> Sum(t0) -> Conv``: a one-input Sum is the identity, but the op table has no handler for Sum."""
+    return chain_model(rng, [helper.make_node("Sum", ["t0"], ["t1"], name="sum")])
+
+
+def test_op_without_table_handler_declines_with_its_reason() -> None:
+    result = assert_declined(sum_chain(np.random.default_rng(20)), R_NO_HANDLER)
+    assert ("t0 -> sum (Sum)", R_NO_HANDLER) in result.where_codes()
+
+
+def test_channel_flow_comes_from_the_table(monkeypatch) -> None:
+    """An op is followed once the table has its handler *and* equalize has its scaling rule."""
+    model = sum_chain(np.random.default_rng(21))
+    monkeypatch.setitem(equalize_module._RULES, "Sum", equalize_module._commutes)
+    assert_declined(model, R_NO_HANDLER)  # a rule alone: the table cannot say where the channels go
+    monkeypatch.setitem(HANDLERS, "Sum", _unary)
+    _, result = equalize(model)
+    assert result.stats["groups"] == 1 and result.stats["layers"] == 2
+    monkeypatch.delitem(equalize_module._RULES, "Sum")  # the table alone: equalize does not know it commutes
+    no_rule = "op_does_not_commute"
+    assert ("t0 -> sum (Sum)", no_rule) in assert_declined(model, no_rule).declined
+
+
+def test_table_freeze_reaches_equalize(monkeypatch) -> None:
+    """A freeze the table puts on an op equalize has a rule for declines equalize there, with its reason."""
+    monkeypatch.setitem(HANDLERS, "Relu", _frozen(R_UNSUPPORTED))
+    _, records = run_passes(chain_model(np.random.default_rng(22)), "equalize")
+    result = records[0].result
+    assert result.stats["groups"] == 0 and ("t0 -> relu (Relu)", R_UNSUPPORTED) in result.where_codes()
+
+
+@pytest.mark.parametrize("op", ["Add", "Concat"])
+def test_matmul_last_axis_through_the_table(op: str) -> None:
+    """A 3-D MatMul's channels (last axis) go through an Add of a ``[K]`` constant (rescaled along the
+    last axis); ops outside the table's last-axis set (Concat) decline with its reason."""
+    rng = np.random.default_rng(23)
+    k = 8 if op == "Add" else 10
+    inits = {"B1": spread_weight(rng, 6, 8, axis=1), "B2": spread_weight(rng, k, 6, axis=0),
+             "k": rng.standard_normal(8 if op == "Add" else (1, 3, 2))}
+    mid = helper.make_node(op, ["h", "k"], ["a"], **({"axis": -1} if op == "Concat" else {}))
+    nodes = [helper.make_node("MatMul", ["x", "B1"], ["h"], name="mm1"), mid, helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "B2"], ["y"], name="mm2")]
+    model = make_model(nodes, {"x": [1, 3, 6]}, ["y"], inits)
+    if op == "Concat":
+        assert ("mm1 -> a (Concat)", R_LAST_AXIS) in assert_declined(model, R_LAST_AXIS).where_codes()
+        return
+    new, result = equalize(model, dims=(1,))
+    assert result.stats["groups"] == 1
+    s = out_ranges(initializers(model)["B1"], 1) / out_ranges(initializers(new)["B1"], 1)
+    np.testing.assert_allclose(initializers(new)[next(n.input[1] for n in new.graph.node if n.op_type == "Add")],
+                               inits["k"] / s, rtol=1e-5)
+
+
+def test_uneven_split_by_num_outputs() -> None:
+    """Opset 18 ``Split(num_outputs=2)`` of 5 channels gives 3 + 2: the table knows it (the old walker
+    ignored ``num_outputs`` and declined with "unknown static shape")."""
+    rng = np.random.default_rng(24)
+    inits = {"W1": spread_weight(rng, 5, 3, 1, 1), "Wa": spread_weight(rng, 2, 3, 1, 1, axis=1),
+             "Wb": spread_weight(rng, 2, 2, 1, 1, axis=1)}
+    nodes = [conv("x", "W1", "c"), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Split", ["r"], ["s1", "s2"], axis=1, num_outputs=2),
+             conv("s1", "Wa", "ya"), conv("s2", "Wb", "yb")]
+    model = make_model(nodes, {"x": ["N", 3, 4, 4]}, ["ya", "yb"], inits, opset=18)
+    new, result = equalize(model, dims=(1, 2))
+    assert result.stats["groups"] == 1 and result.stats["layers"] == 3
+    r2 = np.concatenate([in_ranges(node_weights(new, "ya")[0]), in_ranges(node_weights(new, "yb")[0])])
+    np.testing.assert_allclose(out_ranges(node_weights(new, "c")[0]), r2, rtol=1e-5)
+
+
+def test_prelu_with_computed_slope_declines() -> None:
+    """The table follows PRelu only with a constant slope (pruning slices it): equalize declines with its reason."""
+    rng = np.random.default_rng(25)
+    inits = {"W1": spread_weight(rng, 6, 3, 3, 3), "W2": spread_weight(rng, 5, 6, 3, 3, axis=1)}
+    nodes = [conv("x", "W1", "t0"), helper.make_node("PRelu", ["t0", "slope"], ["t1"], name="prelu"),
+             conv("t1", "W2", "y")]
+    model = make_model(nodes, {"x": [2, 3, 8, 8], "slope": [6, 1, 1]}, ["y"], inits)
+    result = assert_declined(model, R_NONCONST)
+    assert ("t0 -> prelu (PRelu)", R_NONCONST) in result.where_codes()
