@@ -137,8 +137,9 @@ def test_every_module_declares_its_public_surface():
         tree = ast.parse(path.read_text())
         if path.name == "__main__.py":
             continue
-        if not any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in n.targets)
-                   for n in tree.body):
+        targets = [t for n in tree.body if isinstance(n, ast.Assign) for t in n.targets]
+        targets += [n.target for n in tree.body if isinstance(n, ast.AnnAssign)]
+        if not any(getattr(t, "id", None) == "__all__" for t in targets):
             missing.append(module)
     assert not missing, f"no __all__: {missing}"
 

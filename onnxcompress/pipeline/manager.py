@@ -171,43 +171,51 @@ class PassManager:
         Raises:
             PassFailed: A pass raised or left an invalid model.
         """
-        model = normalize(model)
-        full = self.check and _passes_full_check(model)
+        box = [normalize(model)]  # the pass's input is only ever referenced from here (see _step)
+        del model
+        full = self.check and _passes_full_check(box[0])
         records: list[PassRecord] = []
         for p in self.passes:
             done = ", ".join(r.name for r in records)
+            start = time.perf_counter()
             try:
-                if p.min_opset and (serde.model_opset(model) or 0) < p.min_opset:
-                    model = upgrade_opset(model, p.min_opset)
-                start = time.perf_counter()
-                graph = serde.to_graph(model)
-                template = model
-                release = owned and p.releases_input and serde.weights_nbytes(model) >= self.release_bytes
-                if release:
-                    template = serde.skeleton_model(model)
-                    serde.detach_weights(graph)
-                    model = None  # the last reference: frees the input's weights (protobuf arena) ...
-                    gc.collect()  # ... once graphs built from it earlier (normalize: reference cycles) are gone
-                result = self._call(p, graph)
-                if release:  # what the pass dropped (often in reference cycles) goes before the export
-                    gc.collect()
-                new_model = self._finish(model, template, graph, result, full)
-                if release:  # nothing keeps this pass's arrays alive while the next one runs
-                    del graph
-                    result.graph = None
-                    gc.collect()
+                result = self._step(p, box, owned=owned, full=full)
             except InputError:
                 raise
             except Exception as exc:
                 log.debug("pass %s failed", p.name, exc_info=True)
                 raise PassFailed(f"pass {p.name} failed after [{done}]: {type(exc).__name__}: {exc}") from exc
-            model, new_model, template = new_model, None, None
             record = PassRecord(p.name, dict(p.opts), p.effective_numerics(), result, time.perf_counter() - start)
             records.append(record)
             log.info("%s: %s", p.name, _stat_line(result))
             if self.on_pass:
                 self.on_pass(record)
-        return model, records
+        return box.pop(), records
+
+    def _step(self, p: Pass, box: list[onnx.ModelProto], *, owned: bool, full: bool) -> PassResult:
+        """One pass on the model in ``box`` (taken out, so that releasing it frees its weights; see
+        :meth:`run`): build its graph, run it, export and check the result, which goes back in ``box``."""
+        model = box.pop()
+        if p.min_opset and (serde.model_opset(model) or 0) < p.min_opset:
+            model = upgrade_opset(model, p.min_opset)
+        graph = serde.to_graph(model)
+        template = model
+        kept: onnx.ModelProto | None = model
+        release = owned and p.releases_input and serde.weights_nbytes(model) >= self.release_bytes
+        if release:
+            template = serde.skeleton_model(model)
+            serde.detach_weights(graph)
+            kept = model = None  # type: ignore[assignment]  # the last references: frees the input's weights ...
+            gc.collect()  # ... once graphs built from it earlier (normalize: reference cycles) are gone
+        result = self._call(p, graph)
+        if release:  # what the pass dropped (often in reference cycles) goes before the export
+            gc.collect()
+        box.append(self._finish(kept, template, graph, result, full))
+        if release:  # nothing keeps this pass's arrays alive while the next one runs
+            del graph
+            result.graph = None
+            gc.collect()
+        return result
 
 
 def _reexport(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

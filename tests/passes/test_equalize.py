@@ -453,7 +453,7 @@ def test_channel_flow_comes_from_the_table(monkeypatch) -> None:
     assert result.stats["groups"] == 1 and result.stats["layers"] == 2
     monkeypatch.delitem(equalize_module._RULES, "Sum")  # the table alone: equalize does not know it commutes
     no_rule = "op_does_not_commute"
-    assert ("t0 -> sum (Sum)", no_rule) in assert_declined(model, no_rule).declined
+    assert ("t0 -> sum (Sum)", no_rule) in assert_declined(model, no_rule).where_codes()
 
 
 def test_table_freeze_reaches_equalize(monkeypatch) -> None:
