@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -21,13 +20,12 @@ from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
 from onnxcompress.pruning.select import Budget, plan_removal
 from onnxcompress.pruning.types import slug
+from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
+from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
 
 __all__ = [
-    "RECONSTRUCT_HOOK",
-    "RECONSTRUCT_MODULE",
     "R_EXCLUDE_UNKNOWN",
     "R_NO_CALIB",
-    "R_NO_RECONSTRUCT",
     "R_SMALL",
     "PruneChannels",
 ]
@@ -35,10 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Module providing least-squares reconstruction, and what the pass needs from it.
-RECONSTRUCT_MODULE = "onnxcompress.reconstruct.refit"
-RECONSTRUCT_HOOK = ("reconstruct_layers", "LayerTarget")
 
-R_NO_RECONSTRUCT = "reconstruction_not_available"
 R_NO_CALIB = "reconstruction_needs_calibration"
 R_RECONSTRUCT_OP = "reconstruction_unsupported_op"
 R_RECONSTRUCT_FAILED = "reconstruction_failed"
@@ -97,9 +92,8 @@ class PruneChannels(Pass):
         With ``reconstruct`` and calibration data, every Conv/Gemm/MatMul whose input channels
         were removed is refitted by least squares to the original model's output of the same
         node (``onnxcompress.reconstruct.refit.reconstruct_layers``; ``out_keep`` selects the
-        kept output channels); without calibration data, without that module, for other ops or
-        when it fails it declines (``reconstruction_needs_calibration``,
-        ``reconstruction_not_available``, ``reconstruction_unsupported_op``,
+        kept output channels); without calibration data, for other ops or when it fails it
+        declines (``reconstruction_needs_calibration``, ``reconstruction_unsupported_op``,
         ``reconstruction_failed``).
 
     Stats:
@@ -228,22 +222,17 @@ class PruneChannels(Pass):
         if ctx.calib is None or original is None:
             result.decline("reconstruct", R_NO_CALIB, logger=ctx.logger)
             return None
-        module = _reconstruct_module()
-        if module is None:
-            result.decline("reconstruct", R_NO_RECONSTRUCT, logger=ctx.logger)
-            return None
-        supported = getattr(module, "SUPPORTED_OPS", frozenset({"Conv", "Gemm", "MatMul"}))
         targets = []
         for layer in sorted(layers, key=lambda p: p.out):
-            if layer.node.op not in supported:
+            if layer.node.op not in SUPPORTED_OPS:
                 result.decline(node_label(layer.node), R_RECONSTRUCT_OP, logger=ctx.logger)
                 continue
             out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
-            targets.append(module.LayerTarget(node=node_label(layer.node), target=layer.out, out_keep=out_keep))
+            targets.append(LayerTarget(node=node_label(layer.node), target=layer.out, out_keep=out_keep))
         if not targets:
             return None
         try:
-            fixed, stats = module.reconstruct_layers(graph, original, targets, ctx.calib, seed=seed,
+            fixed, stats = reconstruct_layers(graph, original, targets, ctx.calib, seed=seed,
                                                      progress=ctx.progress)
         except InputError as exc:
             ctx.logger.debug("prune_channels: reconstruction failed: %s", exc)
@@ -254,7 +243,7 @@ class PruneChannels(Pass):
         return fixed
 
 
-def _reconstruct_stats(stats: list[Any], result: PassResult) -> None:
+def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:
     result.stats["reconstructed_layers"] = len(stats)
     before = [float(s.error_before) for s in stats if hasattr(s, "error_before")]
     after = [float(s.error_after) for s in stats if hasattr(s, "error_after")]
@@ -262,15 +251,6 @@ def _reconstruct_stats(stats: list[Any], result: PassResult) -> None:
         result.stats["reconstruct_error_before"] = round(float(np.mean(before)), 6)
         result.stats["reconstruct_error_after"] = round(float(np.mean(after)), 6)
 
-
-def _reconstruct_module() -> Any | None:
-    """:data:`RECONSTRUCT_MODULE` if it can be imported and has :data:`RECONSTRUCT_HOOK`, else None."""
-    try:
-        module = importlib.import_module(RECONSTRUCT_MODULE)
-    except ImportError as exc:
-        log.debug("prune_channels: %s cannot be imported: %s", RECONSTRUCT_MODULE, exc)
-        return None
-    return module if all(hasattr(module, name) for name in RECONSTRUCT_HOOK) else None
 
 
 def _merge_layers(layers: dict[str, PrunedLayer], new: list[PrunedLayer]) -> None:

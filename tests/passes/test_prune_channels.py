@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from onnx import numpy_helper
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import Numerics, PassContext
-from onnxcompress.passes.prune_channels import R_NO_RECONSTRUCT, RECONSTRUCT_MODULE, PruneChannels
+from onnxcompress.passes.prune_channels import PruneChannels
 from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.runtime.data import RandomSource, input_specs
 from tests.helpers.builders import make_model, node
@@ -179,14 +177,6 @@ def test_reconstruction_refits_the_consumers():
     ref = ort_run(model, feeds)[0]
     err = [float(np.abs(ort_run(m, feeds)[0] - ref).mean()) for m in (plain, refit)]
     assert err[1] < err[0]
-
-
-def test_reconstruction_unavailable_is_declined(monkeypatch):
-    model = chain(16, 16)
-    ctx = PassContext(calib=RandomSource(input_specs(model), count=2, seed=0))
-    monkeypatch.setitem(sys.modules, RECONSTRUCT_MODULE, types.ModuleType(RECONSTRUCT_MODULE))
-    _, result = prune(model, "prune_channels:round_to=1", ctx)
-    assert ("reconstruct", R_NO_RECONSTRUCT) in result.where_codes() and result.modified
 
 
 def test_no_calibration_means_no_reconstruction():
