@@ -49,3 +49,16 @@ def test_typed_marker_ships():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert (ROOT / "onnxcompress" / "py.typed").exists()
     assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["onnxcompress"]
+
+
+def test_recipes_found_from_a_source_checkout(monkeypatch):
+    """Without the installed data package (tests import the checkout), the checkout's passes/ is used."""
+    from importlib import resources
+
+    from onnxcompress.pipeline import recipes
+
+    def missing(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(resources, "files", missing)
+    assert recipes.builtin_recipes()["default"] == ROOT / "passes" / "default.toml"

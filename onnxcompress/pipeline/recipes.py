@@ -67,7 +67,7 @@ def _builtin_dir() -> Path:
             return Path(str(root))
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent / "passes"  # running from a source checkout
+    return Path(__file__).resolve().parents[2] / "passes"  # running from a source checkout
 
 
 def builtin_recipes() -> dict[str, Path]:
