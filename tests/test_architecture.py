@@ -215,3 +215,23 @@ def test_the_protobuf_check_sees_edits():
         "node.input[1] = 'w'\nonnx.helper.make_node('Relu', ['x'], ['y'])\nt._values\n"))
     assert len(edits) == 7, edits
     assert not _proto_edits(ast.parse("g.nodes.append(n)\nnode.inputs[1] = c\ng.outputs.extend(ts)\n"))
+
+
+def test_no_reexport_shims():
+    """A module's ``__all__`` names only what it defines (packages' ``__init__`` gather their surface)."""
+    shims = []
+    for module, path in _modules().items():
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        for n in tree.body:
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
+            for t in targets:
+                defined |= {e.id for e in ast.walk(t) if isinstance(e, ast.Name)}
+        exported = next((n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                         and getattr(n.targets[0] if isinstance(n, ast.Assign) else n.target, "id", None) == "__all__"),
+                        None)
+        names = [e.value for e in getattr(exported, "elts", []) if isinstance(e, ast.Constant)]
+        shims += [f"{module}.{name}" for name in names if name not in defined]
+    assert not shims, f"re-exported from elsewhere: {shims}"
