@@ -183,7 +183,7 @@ def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: An
 def sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, **kwargs: Any):
     """Rank layers by the output SQNR they cost when quantized alone (int8, everything else float).
 
-    A thin wrapper of :func:`onnxcompress.quant.sensitivity.layer_sensitivity` (same keyword
+    A thin wrapper of :func:`onnxcompress.pipeline.sensitivity.layer_sensitivity` (same keyword
     arguments: ``method``, ``options``, ``prepare``, ``batch_size``, ``samples``, ``seed``,
     ``dims``, ``preprocess``, ``progress``, ``name``); returns its ``SensitivityReport``.
     """

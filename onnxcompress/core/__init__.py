@@ -3,6 +3,8 @@
 * :mod:`.errors` — the exception types and the exit codes they map to.
 * :mod:`.serde` — the only protobuf boundary: load (with checks), full check, atomic save with
   external data, conversion to and from onnx-graphsurgeon graphs.
+* :mod:`.proto` — the few protobuf views and edits the layers above need (extra outputs for
+  capture, sub-models, feed names): nothing outside ``core`` builds or edits protobuf.
 * :mod:`.shapes` — every shape-inference entry point (whole models, weight-free copies, graphs,
   concrete shapes once symbolic input dims are fixed).
 * :mod:`.normalize` — exporter clean-up before any pass; opset upgrade.

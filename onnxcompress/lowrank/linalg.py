@@ -1,9 +1,8 @@
 """Low-rank math shared by the ``factorize_*`` passes (numpy/scipy on float64 arrays).
 
 Truncated SVD, rank rules, HOSVD/HOOI, empirical VBMF, the spatial reshape, MAC accounting of
-factorized layers, input statistics and whitening. The graph-side driver the passes share
-(:class:`~onnxcompress.lowrank.factorize.FactorizePass`) lives in :mod:`onnxcompress.lowrank.factorize`, which also
-re-exports every public name of this module.
+factorized layers, input statistics and whitening. The graph side is :mod:`onnxcompress.lowrank.factorize`;
+the passes' common driver is :class:`onnxcompress.passes._factorize.FactorizePass`.
 
 Conventions:
     A linear layer is written ``y = x · M`` with ``M`` of shape ``[features in, features out]``

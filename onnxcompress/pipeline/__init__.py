@@ -5,7 +5,9 @@
 * :mod:`.recipes` — TOML recipes: passes, options, gate, requirements.
 * :mod:`.validate` — run the original and the optimized model, metrics and the :class:`Gate`.
 * :mod:`.sensitivity` — the per-layer quantization sensitivity workflow.
-* :mod:`.conformance` — onnx's backend tests through a pipeline.
+* :mod:`.conformance` — onnx's backend tests through a pipeline (cases in
+  :mod:`.conformance_cases`, onnxruntime runs in :mod:`.conformance_ort`, isolated workers in
+  :mod:`.conformance_workers`).
 """
 
 from __future__ import annotations

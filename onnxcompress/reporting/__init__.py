@@ -2,8 +2,11 @@
 
 * :mod:`.display` — rich tables for ``optimize``, ``inspect``, ``compare``, ``passes``, ``bench``
   and ``sensitivity`` (plain text when stdout is not a terminal).
-* :mod:`.report` — Markdown/HTML reports from the JSON the commands write.
-* :mod:`.plots` — PNG plots (matplotlib, optional).
+* :mod:`.report` — :func:`build_report`: Markdown/HTML reports from the JSON the commands write,
+  with :mod:`.inputs` (loading and checking the JSON), :mod:`.sections` (one function per
+  section), :mod:`.document` (blocks rendered as Markdown or HTML), :mod:`.runs` (formatting),
+  :mod:`.pareto` (accuracy vs latency).
+* :mod:`.plots` — PNG plots (matplotlib, optional), for the report and ``sensitivity --plot``.
 """
 
 from __future__ import annotations
