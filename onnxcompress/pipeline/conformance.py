@@ -82,7 +82,8 @@ def _run_case(case: Any, spec: str, workdir: Path) -> None:
     data_sets = case.data_sets
     if not data_sets:
         raise Outcome(SKIP, "no data")
-    _check_original(case.model, data_sets, rtol, atol)
+    # the original must run and match the reference, else the case says nothing about the pipeline
+    _check_outputs(case.model, data_sets, rtol, atol, SKIP, ("ort cannot run original", "ort mismatches reference"))
     try:
         model = serde.load_model(case.model)
     except InputError as exc:
@@ -93,26 +94,21 @@ def _run_case(case: Any, spec: str, workdir: Path) -> None:
         reloaded = serde.load_model(path)
     except Exception as exc:
         raise Outcome(CRASH, type(exc).__name__, _first_line(exc)) from None
+    _check_outputs(reloaded, data_sets, rtol, atol, FAIL, ("ort cannot run optimized", "mismatch"))
+
+
+def _check_outputs(model: onnx.ModelProto, data_sets: list, rtol: float, atol: float, outcome: str,
+                   reasons: tuple[str, str]) -> None:
+    """Raise ``Outcome(outcome, reason)`` unless onnxruntime runs ``model`` on every data set and
+    matches its reference outputs (``reasons``: cannot run, mismatch)."""
     for i, (inputs, refs) in enumerate(data_sets):
-        try:
-            outputs = ort_outputs(reloaded, inputs)
-        except Exception as exc:
-            raise Outcome(FAIL, "ort cannot run optimized", _first_line(exc)) from None
-        problem = compare_outputs(refs, outputs, rtol, atol)
-        if problem:
-            raise Outcome(FAIL, "mismatch", f"data set {i}: {problem}")
-
-
-def _check_original(model: onnx.ModelProto, data_sets: list, rtol: float, atol: float) -> None:
-    """Skip the case unless onnxruntime runs the original and matches the reference."""
-    for inputs, refs in data_sets:
         try:
             outputs = ort_outputs(model, inputs)
         except Exception as exc:
-            raise Outcome(SKIP, "ort cannot run original", _first_line(exc)) from None
+            raise Outcome(outcome, reasons[0], _first_line(exc)) from None
         problem = compare_outputs(refs, outputs, rtol, atol)
         if problem:
-            raise Outcome(SKIP, "ort mismatches reference", problem)
+            raise Outcome(outcome, reasons[1], f"data set {i}: {problem}")
 
 
 def _category(message: str) -> str:
