@@ -114,7 +114,8 @@ def _compare(old: dict, new: dict) -> list[str]:
             if a.get(field) != b.get(field):
                 diffs.append(f"{key}: {field} differs ({a.get(field)} -> {b.get(field)})")
                 if field == "json":
-                    diffs += _report_diff(a.get("report"), b.get("report"), key)
+                    diffs += _report_diff(*(_strip({k: v for k, v in (r.get("report") or {}).items()
+                                                    if k not in ("model", "output")}) for r in (a, b)), key)
     return diffs
 
 

@@ -270,8 +270,11 @@ class FoldBn(Pass):
         padding (pads all 0, auto_pad NOTSET or VALID); any group count is handled.
 
     Declines:
-        One code per candidate left alone, from :data:`DECLINE_REASONS`: ``bn_training_mode``;
-        ``bn_params_not_constant``; ``operand_not_constant``; ``not_affine_in_conv_output``
+        Candidates are BNs and the Mul/Add/Sub/Div of a Conv/ConvTranspose output by a constant
+        (a Mul/Add of two computed tensors -- a SiLU, a residual Add -- is no candidate and is not
+        reported). One code per candidate left alone, from :data:`DECLINE_REASONS`:
+        ``bn_training_mode``; ``bn_params_not_constant``; ``operand_not_constant`` (a constant
+        without values); ``not_affine_in_conv_output``
         (``c / conv``); ``weight_not_constant``; ``bias_not_constant``;
         ``conv_output_has_other_consumers``; ``conv_output_is_graph_output``;
         ``bn_output_has_other_consumers``; ``bn_output_is_graph_output``;
@@ -434,12 +437,14 @@ class FoldBn(Pass):
 
 
 def _conv_operand(node: gs.Node) -> int | None:
-    """Index of the first input of binary ``node`` produced by a Conv or ConvTranspose, if any."""
+    """Index of the first input of binary ``node`` produced by a Conv or ConvTranspose whose other
+    input is a constant, if any: only those nodes are candidates (a SiLU's ``x * sigmoid(x)`` or a
+    residual Add is not, and is not reported as declined)."""
     if len(node.inputs) != 2:
         return None
     for i, tensor in enumerate(node.inputs):
         producer = _producer(tensor)
-        if producer is not None and producer.op in _ELEMENTWISE_PRODUCERS:
+        if producer is not None and producer.op in _ELEMENTWISE_PRODUCERS and isinstance(node.inputs[1 - i], gs.Constant):
             return i
     return None
 
