@@ -26,7 +26,7 @@ from onnxcompress.reporting.display import show_bench, show_metrics, show_passes
 from onnxcompress.runtime import bench as _bench
 from onnxcompress.runtime.data import parse_dims
 
-__all__ = ["main", "cli"]
+__all__ = ["GLOBAL_FLAGS", "cli", "hoist_global_flags", "main"]
 
 log = logging.getLogger("onnxcompress")
 
@@ -283,9 +283,28 @@ def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: st
         plot_sensitivity(report, plot_path, top)
 
 
+#: Options of the command group that may also be given after the subcommand.
+GLOBAL_FLAGS = frozenset({"-q", "--quiet", "--debug", "-v", "-vv", "-vvv", "--verbose"})
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """``args`` with the global flags given after the subcommand moved before it
+    (``onnxcompress optimize m.onnx -q`` = ``onnxcompress -q optimize m.onnx``); nothing after
+    ``--`` moves."""
+    if "--" in args:
+        cut = args.index("--")
+        return hoist_global_flags(args[:cut]) + args[cut:]
+    command = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if command is None:
+        return list(args)
+    late = [a for a in args[command + 1:] if a in GLOBAL_FLAGS]
+    rest = [a for a in args[command + 1:] if a not in GLOBAL_FLAGS]
+    return args[:command] + late + [args[command]] + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to exit codes and one-line messages."""
-    args = sys.argv[1:] if argv is None else argv
+    args = hoist_global_flags(sys.argv[1:] if argv is None else list(argv))
     try:
         cli.main(args=args, prog_name="onnxcompress", standalone_mode=False)
         return 0

@@ -11,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxcompress.cli import main
-from tests.helpers.runs import python_env
+from tests.helpers.runs import ROOT, python_env
 
 
 def _conv_bn_model() -> onnx.ModelProto:
@@ -196,3 +196,24 @@ def test_json_declines_carry_code_and_detail(tmp_path, model_path, capsys):
     assert record["declined"] == [
         {"where": "conv", "code": "kxk_conv_needs_spatial", "detail": ""},
         {"where": "logits", "code": "does_not_pay", "detail": "MAC ratio 1.02 >= 0.7, ranks (5,)"}]
+
+
+@pytest.mark.parametrize("args, want", [
+    (["optimize", "m.onnx", "-q"], ["-q", "optimize", "m.onnx"]),
+    (["-v", "inspect", "m.onnx", "--debug", "--top", "3"], ["-v", "--debug", "inspect", "m.onnx", "--top", "3"]),
+    (["compare", "a.onnx", "b.onnx", "--", "-q"], ["compare", "a.onnx", "b.onnx", "--", "-q"]),
+    (["--help"], ["--help"]),
+])
+def test_global_flags_move_before_the_subcommand(args, want):
+    from onnxcompress.cli import hoist_global_flags
+
+    assert hoist_global_flags(args) == want
+
+
+def test_quiet_after_the_subcommand(capsys, tmp_path):
+    """README calls -q global: it works after the subcommand too (no table, only the result)."""
+    out = tmp_path / "m.opt.onnx"
+    code = main(["optimize", str(ROOT / "models/resnet_digits.onnx"), "--data", str(ROOT / "models/digits_test.npz"),
+                 "-o", str(out), "-q"])
+    captured = capsys.readouterr()
+    assert code == 0 and out.exists() and captured.out == "" and "No such option" not in captured.err
