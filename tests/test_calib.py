@@ -142,3 +142,42 @@ def test_input_specs_skip_initializer_inputs():
 g (float[2] x, float[2] w) => (float[2] y) { y = Add(x, w) }""")
     m.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(2, np.float32), "w"))
     assert [s.name for s in input_specs(m)] == ["x"]
+
+
+GRAY = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,1,4,4] x) => (float[N,1,4,4] y) { y = Relu(x) }""")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mean=0.5/0.5", "mean has 2 values; order=RGB gives 3 channels: give 1 or 3"),
+    ("std=1/2/3/4", "std has 4 values"),
+    ("order=L,mean=0.1/0.2/0.3", "mean has 3 values; order=L gives 1 channel"),
+    ("std=0", "std 0.0 must be positive"),
+    ("scale=-1", "scale=-1.0 must be a positive number"),
+    ("size=0x4", "size 0x4 must be positive"),
+    ("mean=nan", "mean nan must be finite"),
+])
+def test_preprocess_values_are_checked(tmp_path, spec, message):
+    """Each bad value is a one-line InputError (it used to reach numpy as an internal error)."""
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        open_source(tmp_path, IMG, preprocess=parse_preprocess(spec))
+
+
+def test_channel_count_mismatch_names_the_fix(tmp_path):
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match="has 1 channels, order=RGB gives 3: add --preprocess order=L"):
+        open_source(tmp_path, GRAY, preprocess=parse_preprocess(None))
+    (batch,) = list(open_source(tmp_path, GRAY, preprocess=parse_preprocess("order=L")).batches(4))
+    assert batch.feeds["x"].shape == (1, 1, 4, 4)
+
+
+def test_bad_preprocess_is_exit_2_on_the_cli(tmp_path, capsys):
+    from onnxcompress.cli import main
+
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "a.png")
+    model = tmp_path / "img.onnx"
+    onnx.save(IMG, model)
+    code = main(["compare", str(model), str(model), "--data", str(tmp_path), "--preprocess", "size=4x4,mean=1/2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "mean has 2 values" in err[0], err

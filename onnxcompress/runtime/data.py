@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ __all__ = [
     "input_specs",
     "open_source",
     "parse_dims",
+    "check_channels",
     "parse_preprocess",
 ]
 
@@ -334,7 +336,39 @@ def _preprocess_from(pairs: dict[str, Any]) -> Preprocess:
         raise InputError(f"preprocess: bad value in {pairs}") from None
     if pre.layout not in ("NCHW", "NHWC") or pre.order not in ("RGB", "BGR", "L") or pre.resize not in ("stretch", "crop"):
         raise InputError("preprocess: layout is NCHW|NHWC, order RGB|BGR|L, resize stretch|crop")
+    _check_ranges(pre)
     return pre
+
+
+def _check_ranges(pre: Preprocess) -> None:
+    """Values that would give NaN, infinities or empty images are refused (one line)."""
+    if pre.size is not None and min(pre.size) < 1:
+        raise InputError(f"preprocess: size {pre.size[0]}x{pre.size[1]} must be positive")
+    if not (math.isfinite(pre.scale) and pre.scale > 0):
+        raise InputError(f"preprocess: scale={pre.scale} must be a positive number")
+    if not all(math.isfinite(v) for v in pre.mean):
+        raise InputError(f"preprocess: mean {'/'.join(map(str, pre.mean))} must be finite numbers")
+    if not all(math.isfinite(v) and v > 0 for v in pre.std):
+        raise InputError(f"preprocess: std {'/'.join(map(str, pre.std))} must be positive numbers")
+
+
+def check_channels(pre: Preprocess, model_channels: int | None) -> None:
+    """Check ``mean``/``std`` against the image channels ``order`` gives (L: 1; RGB, BGR: 3, in
+    that order) and those against the model input's channel dim (when static).
+
+    Raises:
+        InputError: One line naming the counts and how to fix them.
+    """
+    channels = 1 if pre.order == "L" else 3
+    for key in ("mean", "std"):
+        values = getattr(pre, key)
+        if len(values) not in (1, channels):
+            raise InputError(f"preprocess: {key} has {len(values)} values; order={pre.order} gives {channels} "
+                             f"channel{'s' if channels > 1 else ''}: give 1 or {channels} (in {pre.order} order)")
+    if model_channels is not None and model_channels != channels:
+        hint = "order=L" if model_channels == 1 else "order=RGB or order=BGR" if model_channels == 3 else "another model"
+        raise InputError(f"the model's image input has {model_channels} channels, order={pre.order} gives "
+                         f"{channels}: add --preprocess {hint}")
 
 
 class ImageFolderSource(CalibSource):
@@ -348,6 +382,7 @@ class ImageFolderSource(CalibSource):
         self.folder, self.pre = Path(folder), pre
         self.description = f"{self.folder} (images)"
         self.spec = specs[0]
+        check_channels(pre, self.spec.shape[1] if pre.layout == "NCHW" else self.spec.shape[3])
         self.files, self.labels = self._scan()
         if not self.files:
             raise InputError(f"{self.folder}: no image files found")
