@@ -3,15 +3,32 @@ weight layer keeps its channels, a vector broadcast along one axis, and an activ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["const_values", "uncached_values", "constant_info", "constants_nbytes", "node_label", "opt_input", "Names",
-           "WEIGHT_OPS", "WeightLayout", "weight_layout", "broadcast_along", "clip_bounds", "has_padding"]
+from onnxcompress.core.errors import InputError
+
+__all__ = [
+    "WEIGHT_OPS",
+    "Names",
+    "WeightLayout",
+    "broadcast_along",
+    "check_names",
+    "clip_bounds",
+    "const_values",
+    "constant_info",
+    "constants_nbytes",
+    "has_padding",
+    "node_label",
+    "opt_input",
+    "uncached_values",
+    "weight_layout",
+]
 
 #: Ops whose input 1 is a weight with output and input channels (see :func:`weight_layout`).
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -204,3 +221,30 @@ def has_padding(node: gs.Node) -> bool:
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     return auto_pad not in ("NOTSET", "VALID") or any(int(p) != 0 for p in node.attrs.get("pads", []))
+
+
+def check_names(graph: gs.Graph, names: Iterable[str], *, owner: str, option: str = "exclude",
+                tensors: bool = False, op_types: bool = False) -> None:
+    """Refuse names in a pass option that match nothing in ``graph`` (subgraphs included).
+
+    A name matches a node's name or label (:func:`node_label`), and with ``tensors`` a tensor name,
+    with ``op_types`` an op type.
+
+    Raises:
+        InputError: One line with the first unknown name and the closest known ones.
+    """
+    known: set[str] = set()
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for node in g.nodes:
+            known.update(n for n in (node.name, node_label(node)) if n)
+            if op_types:
+                known.add(node.op)
+        if tensors:
+            known.update(g.tensors().keys())
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], sorted(known), n=3, cutoff=0.5)
+    what = "node" + (", tensor" if tensors else "") + (" or op type" if op_types else "")
+    hint = f"; close: {', '.join(close)}" if close else "; `onnxcompress inspect --nodes MODEL` lists them"
+    raise InputError(f"{owner}: {option}={unknown[0]!r} names no {what} of the model{hint}")

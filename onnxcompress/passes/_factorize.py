@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.graph import Names, node_label
+from onnxcompress.core.graph import Names, check_names, node_label
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot
 from onnxcompress.core.shapes import DEFAULT_DYNAMIC_DIM, shape_model
 from onnxcompress.lowrank.factorize import (
@@ -114,6 +114,7 @@ class FactorizePass(Pass):
     # ---- driver
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Scan, gather statistics, factorize what pays, refit; see the module docs."""
+        check_names(graph, self.opts["exclude"], owner=self.name)
         result = PassResult()
         nodes = [n for n in graph.nodes if n.op in self.ops]
         if not nodes:

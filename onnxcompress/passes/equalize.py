@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import Names, clip_bounds, const_values, node_label, opt_input
+from onnxcompress.core.graph import Names, check_names, clip_bounds, const_values, node_label, opt_input
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.passes._equalize_groups import (
     R_BIAS,
@@ -431,6 +431,7 @@ class Equalize(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Find the groups, sweep until the scales settle, write the changed weights back."""
+        check_names(graph, self.opts["exclude"], owner=self.name)
         result = PassResult()
         st = _State(graph, self.opts, {t.name for t in graph.outputs}, {id(n) for n in graph.nodes})
         groups = self._groups(st, result, ctx)

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.graph import node_label
+from onnxcompress.core.graph import check_names, node_label
 from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
 from onnxcompress.pruning.dependency import Analysis, analyze
@@ -24,7 +24,6 @@ from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
 from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
 
 __all__ = [
-    "R_EXCLUDE_UNKNOWN",
     "R_NO_CALIB",
     "R_SMALL",
     "PruneChannels",
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 R_NO_CALIB = "reconstruction_needs_calibration"
 R_RECONSTRUCT_OP = "reconstruction_unsupported_op"
 R_RECONSTRUCT_FAILED = "reconstruction_failed"
-R_EXCLUDE_UNKNOWN = "exclude_name_not_found"
 R_SMALL = "group_smaller_than_round_to"
 
 
@@ -88,7 +86,8 @@ class PruneChannels(Pass):
         ``reshape_mixes_channels``, ``graph_input``/``graph_output``, ``shared_weight``,
         ``non_constant_weight``, ``unknown_channel_dim``, ``control_flow``, ``excluded``, ...),
         ``group_smaller_than_round_to`` per group left alone because it is smaller than
-        ``round_to``, and ``exclude_name_not_found`` for ``exclude`` names that match nothing.
+        ``round_to``. An ``exclude`` name that matches no node or tensor is an error (with the
+        closest names).
         With ``reconstruct`` and calibration data, every Conv/Gemm/MatMul whose input channels
         were removed is refitted by least squares to the original model's output of the same
         node (``onnxcompress.reconstruct.refit.reconstruct_layers``; ``out_keep`` selects the
@@ -142,6 +141,7 @@ class PruneChannels(Pass):
         if merged:
             result.stats["reshapes_merged"] = merged
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        check_names(graph, o["exclude"], owner=self.name, tensors=True)
         original = serde.to_model(graph) if o["reconstruct"] and ctx.calib is not None else None
         result.stats["params_before"] = _param_count(graph)
         seed = ctx.seed if o["seed"] is None else o["seed"]
@@ -213,8 +213,6 @@ class PruneChannels(Pass):
             result.count(f"groups_frozen_{slug(g.frozen)}")
             result.decline(g.name, g.frozen, logger=ctx.logger)
             ctx.logger.debug("prune_channels: group %s frozen by %s", g.name, "; ".join(g.blockers))
-        for name in analysis.unknown_excludes:
-            result.decline(name, R_EXCLUDE_UNKNOWN, logger=ctx.logger)
 
     def _reconstruct(self, original: onnx.ModelProto | None, graph: gs.Graph, layers: list[PrunedLayer],
                      ctx: PassContext, result: PassResult, seed: int) -> gs.Graph | None:

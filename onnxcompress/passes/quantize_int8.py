@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.graph import check_names
 from onnxcompress.core.pass_api import FLOAT_REFERENCE, Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
 from onnxcompress.quant.cpu import cpu_flags, has_vnni
@@ -209,6 +210,7 @@ class QuantizeInt8(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Plan the placement, calibrate the activations it needs, insert Q/DQ nodes."""
         cfg = self._config()
+        check_names(graph, cfg.exclude, owner=self.name, op_types=True)
         result = PassResult()
         if not cfg.weights_only:
             self._cpu_note(ctx, cfg, result)
