@@ -12,7 +12,7 @@ import onnx
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import GateFailed, InputError
-from onnxcompress.core.metrics import ModelMetrics, model_metrics
+from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
@@ -20,7 +20,7 @@ from onnxcompress.pipeline.validate import Gate, ValidationReport, compare_model
 from onnxcompress.runtime.data import CalibSource, open_source
 from onnxcompress.runtime.progress import steps
 
-__all__ = ["Report", "optimize", "inspect", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
+__all__ = ["Report", "optimize", "inspect", "list_nodes", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,11 @@ def _validation_source(data, calib, model, seed, samples, dims, preprocess) -> C
 def inspect(model: serde.ModelSource, dims: dict[str, int] | None = None) -> ModelMetrics:
     """Size, parameters, MACs per node and in total, op counts of a model."""
     return model_metrics(serde.load_model(model), dims)
+
+
+def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None) -> list[NodeInfo]:
+    """Every node (name, op type, output shapes): the names options such as ``exclude=`` take."""
+    return node_list(serde.load_model(model), dims)
 
 
 def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: Any = None, *,

@@ -6,6 +6,7 @@ Errors print one line to stderr; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -22,7 +23,14 @@ from onnxcompress.core.fileio import atomic_write
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
 from onnxcompress.pipeline.validate import Gate
-from onnxcompress.reporting.display import show_bench, show_metrics, show_passes, show_report, show_validation
+from onnxcompress.reporting.display import (
+    show_bench,
+    show_metrics,
+    show_nodes,
+    show_passes,
+    show_report,
+    show_validation,
+)
 from onnxcompress.runtime import bench as _bench
 from onnxcompress.runtime.data import parse_dims
 
@@ -154,13 +162,21 @@ def _print_report(obj: dict, console: Console, report: api.Report) -> None:
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write metrics as JSON ('-' for stdout).")
 @click.option("--top", default=10, show_default=True, help="Show the N nodes with the most MACs.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Value of a symbolic input dim (default 1).")
+@click.option("--nodes", "all_nodes", is_flag=True,
+              help="Also list every node: name (what exclude= takes), op type, output shapes.")
 @click.pass_obj
-def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple[str, ...]) -> None:
+def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple[str, ...], all_nodes: bool) -> None:
     """Size, parameters, MACs (per node and total) and op counts of MODEL."""
     metrics = api.inspect(model, parse_dims(dims))
+    nodes = api.list_nodes(model, parse_dims(dims)) if all_nodes else None
     if json_path != "-" and not obj["quiet"]:
         show_metrics(_console(), metrics, top)
-    _write_json(json_path, metrics.as_dict())
+        if nodes is not None:
+            show_nodes(_console(), nodes)
+    payload = metrics.as_dict()
+    if nodes is not None:
+        payload["nodes"] = [dataclasses.asdict(n) for n in nodes]
+    _write_json(json_path, payload)
 
 
 @cli.command()

@@ -217,3 +217,13 @@ def test_quiet_after_the_subcommand(capsys, tmp_path):
                  "-o", str(out), "-q"])
     captured = capsys.readouterr()
     assert code == 0 and out.exists() and captured.out == "" and "No such option" not in captured.err
+
+
+def test_inspect_nodes_lists_every_node(capsys):
+    """``inspect --nodes`` lists every node (the names exclude= takes) with op type and output shape."""
+    model = onnx.load(str(ROOT / "models/resnet_digits.onnx"))
+    code = main(["inspect", str(ROOT / "models/resnet_digits.onnx"), "--nodes", "--json", "-"])
+    nodes = json.loads(capsys.readouterr().out)["nodes"]
+    assert code == 0 and [n["name"] for n in nodes] == [n.name for n in model.graph.node]
+    assert nodes[0]["op_type"] == "Conv" and list(nodes[0]["outputs"].values())[0] == [1, 32, 32, 32]
+    assert nodes[-1]["outputs"] == {"logits": [1, 10]}

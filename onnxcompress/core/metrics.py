@@ -16,7 +16,7 @@ import onnx
 from onnxcompress.core import serde
 from onnxcompress.core.shapes import DEFAULT_DIM, concrete_inputs, infer_shapes, with_concrete_inputs
 
-__all__ = ["NodeMacs", "ModelMetrics", "model_metrics"]
+__all__ = ["NodeInfo", "NodeMacs", "ModelMetrics", "model_metrics", "node_list"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,31 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
+def _inferred(model: onnx.ModelProto, dims: dict[str, int] | None,
+              default_dim: int) -> tuple[dict[str, list[int]], onnx.ModelProto, dict[str, list[int]]]:
+    """The concrete input shapes, the model inferred at them, and every known tensor shape."""
+    shapes_in = concrete_inputs(model, dims, default_dim)
+    inferred = infer_shapes(with_concrete_inputs(model, shapes_in))
+    return shapes_in, inferred, _shape_map(inferred)
+
+
+@dataclass
+class NodeInfo:
+    """One node as ``inspect --nodes`` lists it: its label, op type and output shapes (-1: unknown)."""
+
+    name: str
+    op_type: str
+    outputs: dict[str, list[int]]
+
+
+def node_list(model: onnx.ModelProto, dims: dict[str, int] | None = None,
+              default_dim: int = DEFAULT_DIM) -> list[NodeInfo]:
+    """Every node of the main graph in order, with its output shapes at the given input dims."""
+    _, inferred, known = _inferred(model, dims, default_dim)
+    return [NodeInfo(n.name or n.output[0], n.op_type, {o: known.get(o, []) for o in n.output if o})
+            for n in inferred.graph.node]
+
+
 def model_metrics(model: onnx.ModelProto, dims: dict[str, int] | None = None,
                   default_dim: int = DEFAULT_DIM) -> ModelMetrics:
     """Compute :class:`ModelMetrics` for ``model``.
@@ -93,9 +118,7 @@ def model_metrics(model: onnx.ModelProto, dims: dict[str, int] | None = None,
         dims: Values for symbolic input dims, by name.
         default_dim: Value for any other symbolic input dim (the batch, usually).
     """
-    shapes_in = concrete_inputs(model, dims, default_dim)
-    inferred = infer_shapes(with_concrete_inputs(model, shapes_in))
-    known = _shape_map(inferred)
+    shapes_in, inferred, known = _inferred(model, dims, default_dim)
     per_node = [NodeMacs(n.name or n.output[0], n.op_type, _node_macs(n, known)) for n in inferred.graph.node]
     params = sum(_prod(list(i.dims)) for i in model.graph.initializer)
     params += sum(_prod(list(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"

@@ -9,14 +9,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from onnxcompress.core.metrics import ModelMetrics
+from onnxcompress.core.metrics import ModelMetrics, NodeInfo
 from onnxcompress.core.pass_api import PassRecord
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.sensitivity import LayerScore, SensitivityReport
 from onnxcompress.pipeline.validate import ValidationReport
 from onnxcompress.runtime.bench import _MIB, BenchReport
 
-__all__ = ["show_report", "show_metrics", "show_validation", "show_passes", "human_bytes", "human_count"]
+__all__ = ["show_report", "show_metrics", "show_nodes", "show_validation", "show_passes", "show_bench",
+           "show_sensitivity", "human_bytes", "human_count"]
 
 
 def human_bytes(n: float) -> str:
@@ -59,6 +60,17 @@ def show_metrics(console: Console, m: ModelMetrics, top: int = 10) -> None:
         for n in sorted(m.per_node, key=lambda n: -n.macs)[:top]:
             nodes.add_row(n.name or "?", n.op_type, f"{n.macs:,}", f"{100 * n.macs / m.macs:.1f}%")
         console.print(nodes)
+
+
+def show_nodes(console: Console, nodes: list[NodeInfo]) -> None:
+    """The ``inspect --nodes`` view: every node in order with its op type and output shapes."""
+    t = Table(title=f"nodes ({len(nodes)})")
+    for col in ("#", "node", "op", "outputs"):
+        t.add_column(col, justify="right" if col == "#" else "left")
+    for i, n in enumerate(nodes):
+        outs = ", ".join(f"{name} {shape if shape else '?'}" for name, shape in n.outputs.items())
+        t.add_row(str(i), n.name, n.op_type, outs)
+    console.print(t)
 
 
 def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, records: list[PassRecord],
