@@ -34,7 +34,7 @@ from onnxcompress.reporting.display import (
 from onnxcompress.runtime import bench as _bench
 from onnxcompress.runtime.data import parse_dims
 
-__all__ = ["GLOBAL_FLAGS", "cli", "hoist_global_flags", "main"]
+__all__ = ["GLOBAL_FLAGS", "PREPROCESS_HELP", "cli", "hoist_global_flags", "main"]
 
 log = logging.getLogger("onnxcompress")
 
@@ -64,13 +64,22 @@ def cli(ctx: click.Context, verbose: int, debug: bool, quiet: bool) -> None:
     ctx.obj = {"quiet": quiet, "progress": not quiet}
 
 
+#: ``--preprocess`` help: every key, its default, the order of operations and the channel order.
+PREPROCESS_HELP = (
+    "How image folders become inputs: KEY=VALUE,... or a TOML file with the same keys. "
+    "size=HxW (default: the model's static spatial dims); resize=stretch|crop (default stretch; crop: "
+    "shorter side to size, then centre crop); order=RGB|BGR|L (default RGB; L is grayscale, 1 channel); "
+    "scale=S (default 1/255); mean=a/b/c (default 0) and std=a/b/c (default 1), one value or one per "
+    "channel, in the channel order of order=; layout=NCHW|NHWC (default NCHW). Each image is read, "
+    "converted to order's channels, resized, then x = (pixel * scale - mean) / std, then laid out.")
+
+
 def _data_options(f):
     f = click.option("--dim", "dims", multiple=True, metavar="NAME=N",
                      help="Value of a symbolic input dim (default: 1 for the batch, 32 otherwise).")(f)
     f = click.option("--batch-size", default=32, show_default=True, help="Batch size for ORT runs.")(f)
     f = click.option("--samples", type=int, default=None, help="Use at most N validation samples.")(f)
-    f = click.option("--preprocess", default=None, metavar="SPEC|TOML",
-                     help="Image folders: size=HxW,mean=a/b/c,std=a/b/c,layout=NCHW|NHWC,order=RGB|BGR|L.")(f)
+    f = click.option("--preprocess", default=None, metavar="SPEC|TOML", help=PREPROCESS_HELP)(f)
     f = click.option("--seed", default=0, show_default=True, help="Seed for random inputs and passes.")(f)
     return f
 
@@ -230,7 +239,7 @@ def list_passes(as_json: bool) -> None:
 @click.option("--batch", default=1, show_default=True, help="Value of the leading (batch) dim where dynamic.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Value of another symbolic input dim (default 32).")
 @click.option("--data", default=None, metavar="PATH", help="Inputs: the first batch of this data (default: seeded random).")
-@click.option("--preprocess", default=None, metavar="SPEC|TOML", help="Image folders: as for `optimize`.")
+@click.option("--preprocess", default=None, metavar="SPEC|TOML", help=PREPROCESS_HELP)
 @click.option("--seed", default=0, show_default=True, help="Seed for random inputs and the round order.")
 @click.option("--ort-opt/--no-ort-opt", default=True, show_default=True, help="ORT graph optimizations.")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write the results as JSON ('-' for stdout).")

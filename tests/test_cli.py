@@ -227,3 +227,14 @@ def test_inspect_nodes_lists_every_node(capsys):
     assert code == 0 and [n["name"] for n in nodes] == [n.name for n in model.graph.node]
     assert nodes[0]["op_type"] == "Conv" and list(nodes[0]["outputs"].values())[0] == [1, 32, 32, 32]
     assert nodes[-1]["outputs"] == {"logits": [1, 10]}
+
+
+def test_preprocess_help_lists_every_key():
+    import dataclasses
+
+    from onnxcompress.cli import PREPROCESS_HELP
+    from onnxcompress.runtime.data import Preprocess
+
+    for f in dataclasses.fields(Preprocess):
+        assert f"{f.name}=" in PREPROCESS_HELP, f.name
+    assert "(pixel * scale - mean) / std" in PREPROCESS_HELP
