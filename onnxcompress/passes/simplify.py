@@ -45,6 +45,8 @@ _DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 _STAT_KEYS = (
     "nodes_before",
     "nodes_after",
+    "constants_before",
+    "constants_after",
     "onnxsim_nodes_removed",
     "identities_removed",
     "dropouts_removed",
@@ -92,6 +94,11 @@ class Simplify(Pass):
     Graph inputs and outputs keep their names, order, dtypes and shapes (symbolic dimensions stay
     symbolic); the result is deterministic.
 
+    Stats: ``nodes_before``/``nodes_after`` and ``constants_before``/``constants_after`` (so a
+    change that keeps the node count -- duplicate constants merged -- shows), and per step
+    ``onnxsim_nodes_removed``, ``identities_removed``, ``dropouts_removed``, ``constants_folded``,
+    ``dead_nodes_removed``. ``modified`` is true only when the graph changed.
+
     Declines (codes): ``onnxsim_failed``, ``onnxsim_skipped_over_2gb``; Identity/Dropout kept:
     ``dropout_mask_used``, ``dropout_training_mode``, ``dropout_mode_not_constant``,
     ``input_omitted``, ``graph_output_fed_by_input_or_constant``; not folded:
@@ -116,6 +123,7 @@ class Simplify(Pass):
         inputs, outputs = _signature(graph.inputs), _signature(graph.outputs)
         before = _node_count(graph)
         result.stats["nodes_before"] = before
+        result.stats["constants_before"] = _constant_count(graph)
         if self.opts["onnxsim"]:
             graph = _run_onnxsim(graph, self.opts, result, logger)
         _remove_passthrough(graph, result, logger)
@@ -127,6 +135,7 @@ class Simplify(Pass):
         _restore_signature(graph.inputs, inputs)
         _restore_signature(graph.outputs, outputs)
         result.stats["nodes_after"] = _node_count(graph)
+        result.stats["constants_after"] = _constant_count(graph)
         result.modified = result.modified or result.stats["nodes_after"] != before
         result.graph = graph if result.modified else None  # unchanged: the manager keeps the model as is
         return result
@@ -154,6 +163,11 @@ def _restore_signature(tensors: list[gs.Tensor], signature: list[_Signature]) ->
 
 def _node_count(graph: gs.Graph) -> int:
     return len(graph.nodes)
+
+
+def _constant_count(graph: gs.Graph) -> int:
+    """Constant tensors of the main graph (onnxsim merges duplicates: a change with as many nodes)."""
+    return sum(isinstance(t, gs.Constant) for t in graph.tensors().values())
 
 
 # --- onnxsim -----------------------------------------------------------------------------------

@@ -348,3 +348,19 @@ def test_run_returns_the_replacement_graph():
     result = Simplify().run(graph, PassContext())
     assert isinstance(result.graph, gs.Graph)
     assert [n.op for n in result.graph.nodes] == ["Relu"]
+
+
+def test_merged_duplicate_constants_show_in_the_stats():
+    """onnxsim merging two equal constants changes the graph without changing the node count: the
+    stats say what changed (constants 2 -> 1), and an unchanged graph reports modified False."""
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,3] x) => (float[2,3] y) <float[3] a = {1.0, 2.0, 3.0}, float[3] b = {1.0, 2.0, 3.0}> {
+    m = Mul(x, a)
+    y = Add(m, b)
+}""")
+    new, result = simplify(model)
+    s = result.stats
+    assert result.modified and s["nodes_before"] == s["nodes_after"] == 2
+    assert (s["constants_before"], s["constants_after"]) == (2, 1)
+    _, again = simplify(new)
+    assert not again.modified and again.stats["constants_before"] == again.stats["constants_after"] == 1
