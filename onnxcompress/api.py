@@ -104,8 +104,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         preprocess: Image preprocessing spec for image-folder data.
         progress: Show progress bars.
         on_pass: Called after each pass with its record.
-        slices: Channel slices to validate, ``"OUTPUT:START[:STOP],..."`` (see
-            :func:`~onnxcompress.pipeline.validate.parse_slices`); automatic slices either way.
+        slices: Channel slices to validate, ``"OUTPUT:START[:STOP],..."`` (automatic ones either way).
 
     Returns:
         ``(optimized model, report)``.
