@@ -75,13 +75,14 @@ def run_outputs(run: dict) -> list[dict]:
     return [o for o in (v.get("outputs") or []) if isinstance(o, dict)] if isinstance(v, dict) else []
 
 
-def worst_entry(run: dict, key: str) -> tuple[float, str] | None:
-    """The lowest ``key`` over the outputs and their channel slices, with the output's or slice's
-    name (``output0[4:84]``); None when no output has it."""
-    entries = []
+def worst_entry(run: dict, key: str) -> tuple[float, str | None] | None:
+    """The lowest ``key`` over the outputs and their channel slices, with the slice's name
+    (``output0[4:84]``) when a slice is lowest (else None); None when no output has the key."""
+    entries: list[tuple[float, str | None]] = []
     for o in run_outputs(run):
-        parts = [o, *(s for s in (o.get("slices") or []) if isinstance(s, dict))]
-        entries += [(f, str(p.get("name", o.get("name")))) for p in parts if (f := as_float(p.get(key))) is not None]
+        entries += [(f, None)] if (f := as_float(o.get(key))) is not None else []
+        slices = [s for s in (o.get("slices") or []) if isinstance(s, dict)]
+        entries += [(f, str(s.get("name"))) for s in slices if (f := as_float(s.get(key))) is not None]
     return min(entries, key=lambda e: e[0]) if entries else None
 
 

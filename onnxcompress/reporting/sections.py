@@ -69,7 +69,7 @@ def _worst(run: dict, key: str, spec: str) -> str:
     if entry is None:
         return fmt_number(None, spec)
     value, name = entry
-    return fmt_number(value, spec) + (f" ({name})" if name.endswith("]") else "")
+    return fmt_number(value, spec) + (f" ({name})" if name else "")
 
 
 def summary_section(runs: list[Source]) -> list[Block]:
