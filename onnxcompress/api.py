@@ -16,7 +16,7 @@ from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, nod
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
-from onnxcompress.pipeline.validate import Gate, ValidationReport, compare_models
+from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
 from onnxcompress.runtime.data import CalibSource, open_source
 from onnxcompress.runtime.progress import steps
 
@@ -81,7 +81,8 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
              gate: dict[str, float | None] | None = None, force: bool = False, seed: int = 0,
              batch_size: int = 32, samples: int | None = None, dims: dict[str, int] | None = None,
              preprocess: Any = None, progress: bool = False,
-             on_pass: Callable[[PassRecord], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+             on_pass: Callable[[PassRecord], None] | None = None,
+             slices: str | None = None) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and validate the result against the original.
 
     Args:
@@ -103,6 +104,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         preprocess: Image preprocessing spec for image-folder data.
         progress: Show progress bars.
         on_pass: Called after each pass with its record.
+        slices: Channel slices to validate, ``"OUTPUT:START[:STOP],..."`` (automatic ones either way).
 
     Returns:
         ``(optimized model, report)``.
@@ -116,6 +118,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     start = time.perf_counter()
     pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
     box = [serde.load_model(model)]
+    slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
     calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
@@ -128,7 +131,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         if original is not None:
             source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
             report.validation = _validate(original, result, source, Gate.for_numerics(
-                manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress)
+                manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress, slice_spec)
     report.seconds = time.perf_counter() - start
     if report.validation is not None and not report.passed and not force:
         raise GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report, result)
@@ -136,9 +139,9 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
 
 
 def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,
-              batch_size: int, progress: bool) -> ValidationReport:
+              batch_size: int, progress: bool, slices: SliceSpec | None = None) -> ValidationReport:
     """Compare ``result`` with ``original`` on ``source`` and check ``gate``."""
-    validation = compare_models(original, result, source, batch_size=batch_size, progress=progress)
+    validation = compare_models(original, result, source, batch_size=batch_size, progress=progress, slices=slices)
     validation.gate = gate
     validation.failures = gate.check(validation)
     return validation
@@ -172,14 +175,17 @@ def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None) -> 
 
 def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: Any = None, *,
             samples: int | None = None, seed: int = 0, batch_size: int = 32, dims: dict[str, int] | None = None,
-            preprocess: Any = None, gate: Gate | None = None, progress: bool = False) -> ValidationReport:
+            preprocess: Any = None, gate: Gate | None = None, progress: bool = False,
+            slices: str | None = None) -> ValidationReport:
     """Compare a candidate's outputs with a reference model's on the same inputs.
 
-    Without ``data``, seeded random inputs are used. With a ``gate`` its verdict is filled in.
+    Without ``data``, seeded random inputs are used. With a ``gate`` its verdict is filled in
+    (every slice checked too). ``slices``: channel slices to measure, ``"OUTPUT:START[:STOP],..."``.
     """
     ref, cand = serde.load_model(reference), serde.load_model(candidate)
+    slice_spec = parse_slices(slices, [o.name for o in ref.graph.output]) if slices else None
     source = _validation_source(data, None, ref, seed, samples, dims, preprocess)
-    report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress)
+    report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec)
     if gate is not None:
         report.gate, report.failures = gate, gate.check(report)
     return report

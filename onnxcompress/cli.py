@@ -90,7 +90,14 @@ def _gate_options(f):
     f = click.option("--min-top1-agreement", type=float, default=None, help="Minimum top-1 agreement (0..1).")(f)
     f = click.option("--max-top1-drop", type=float, default=None, help="Max accuracy drop in points (needs labels).")(f)
     f = click.option("--min-cosine", type=float, default=None, help="Minimum cosine similarity per output.")(f)
+    f = click.option("--slices", default=None, metavar="OUTPUT:START:STOP,...", help=_SLICES_HELP)(f)
     return f
+
+
+_SLICES_HELP = ("Also measure channel slices along axis 1 (the feature axis), gated like whole outputs: "
+                "OUTPUT:START:STOP, comma-separated; OUTPUT a name or an index, STOP optional (to the end), "
+                "e.g. output0:0:4,output0:4: . Without it, outputs of rank >= 3 whose channels form groups of "
+                "clearly different scale (>10x) are sliced automatically.")
 
 
 def _gate_overrides(kw: dict) -> dict:
@@ -141,7 +148,8 @@ def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, reci
         result, report = api.optimize(
             model, spec, recipe=recipe if spec is None else _no_both(recipe), calib=calib_src, data=data,
             validate=not no_validate, gate=gate, force=force, seed=kw["seed"], batch_size=kw["batch_size"],
-            samples=kw["samples"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"])
+            samples=kw["samples"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"],
+            slices=kw["slices"])
     except GateFailed as exc:
         _print_report(show, console, exc.report)
         _write_json(json_path, {"model": str(model), "output": None, **exc.report.as_dict()})
@@ -203,7 +211,7 @@ def compare(obj: dict, reference: Path, candidate: Path, data: str | None, json_
         v is not None for v in overrides.values()) else None
     report = api.compare(reference, candidate, data, samples=kw["samples"], seed=kw["seed"],
                          batch_size=kw["batch_size"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"],
-                         gate=gate, progress=obj["progress"])
+                         gate=gate, progress=obj["progress"], slices=kw["slices"])
     if json_path != "-" and not obj["quiet"]:
         show_validation(_console(), report)
     _write_json(json_path, report.as_dict())

@@ -238,3 +238,60 @@ def test_preprocess_help_lists_every_key():
     for f in dataclasses.fields(Preprocess):
         assert f"{f.name}=" in PREPROCESS_HELP, f.name
     assert "(pixel * scale - mean) / std" in PREPROCESS_HELP
+
+
+@pytest.fixture
+def yolo_pair(tmp_path):
+    from tests.helpers.builders import yolo_like
+
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    ref.write_bytes(yolo_like().SerializeToString())
+    cand.write_bytes(yolo_like(1.0).SerializeToString())
+    return ref, cand
+
+
+def test_compare_fails_on_the_worst_slice_and_names_it(yolo_pair, capsys):
+    ref, cand = yolo_pair
+    code, out, err = _run(capsys, "-q", "compare", ref, cand, "--min-cosine", "0.99", "--json", "-")
+    data = json.loads(out)
+    (o,) = data["outputs"]
+    assert o["cosine"] >= 0.999 and [s["name"] for s in o["slices"]] == ["y[0:4]", "y[4:10]"]
+    assert code == 1 and "y[4:10]: cosine" in err and len(err.strip().splitlines()) == 1
+    assert data["passed"] is False and data["failures"][0].startswith("y[4:10]: cosine")
+    code, out, _ = _run(capsys, "compare", ref, cand, "--min-sqnr", "20")
+    assert code == 1 and "y[4:10]" in out and "(auto)" in out  # the table shows the worst slice
+    assert _run(capsys, "compare", ref, ref, "--min-cosine", "0.99")[0] == 0
+
+
+def test_compare_user_slices(yolo_pair, capsys):
+    ref, cand = yolo_pair
+    code, out, err = _run(capsys, "compare", ref, cand, "--slices", "y:0:4,0:8:", "--min-sqnr", "20", "--json", "-")
+    names = [(s["name"], s["source"]) for s in json.loads(out)["outputs"][0]["slices"]]
+    assert code == 1 and names == [("y[0:4]", "user"), ("y[8:10]", "user")] and "y[8:10]: SQNR" in err
+    assert _run(capsys, "compare", ref, cand, "--slices", "y:0:4", "--min-sqnr", "20")[0] == 0
+
+
+@pytest.mark.parametrize("spec", ["y:a", "z:0:4", "y:4:4", "y:0:11", "y:10", "2:0:1", "y:0:4,,y:4"])
+def test_bad_slices_exit_2_one_line(yolo_pair, capsys, spec):
+    ref, cand = yolo_pair
+    code, out, err = _run(capsys, "-q", "compare", ref, cand, "--slices", spec)
+    assert code == 2 and err.startswith("error: --slices") and len(err.strip().splitlines()) == 1 and not out
+
+
+def test_optimize_slices_in_json(tmp_path, capsys):
+    from tests.helpers.builders import yolo_like
+
+    src = tmp_path / "y.onnx"
+    src.write_bytes(yolo_like().SerializeToString())
+    code, out, _ = _run(capsys, "optimize", src, "-o", tmp_path / "o.onnx", "--passes", "simplify",
+                        "--slices", "y:4:", "--json", "-")
+    (o,) = json.loads(out)["validation"]["outputs"]
+    assert code == 0 and [s["name"] for s in o["slices"]] == ["y[4:10]"]
+    code, _, err = _run(capsys, "optimize", src, "-o", tmp_path / "p.onnx", "--passes", "simplify", "--slices", "q:0")
+    assert code == 2 and "--slices" in err and not (tmp_path / "p.onnx").exists()
+
+
+def test_slices_documented_in_help(capsys):
+    for cmd in ("compare", "optimize"):
+        code, out, _ = _run(capsys, cmd, "--help")
+        assert code == 0 and "OUTPUT:START:STOP" in out and "axis 1" in out

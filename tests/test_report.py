@@ -297,3 +297,17 @@ def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> 
         reconstruct.reconstruct_layers(serde.to_graph(teacher), teacher, layers, RandomSource(input_specs(teacher), 32, seed=1),
                                        batch_size=32, progress=flag)
     assert calls == [("refitting 2 layers in 2 runs", True), ("refitting 2 layers in 2 runs", False)]
+
+
+def test_summary_uses_the_worst_slice_and_names_it(tmp_path) -> None:
+    run = json.loads(OPT_DEFAULT.read_text())
+    out = run["validation"]["outputs"][0]
+    out["slices"] = [{"name": f"{out['name']}[0:4]", "start": 0, "stop": 4, "cosine": 0.999999, "sqnr_db": "inf"},
+                     {"name": f"{out['name']}[4:10]", "start": 4, "stop": 10, "cosine": 0.912345, "sqnr_db": 7.8}]
+    src = tmp_path / "sliced.json"
+    src.write_text(json.dumps(run))
+    build_report([src], tmp_path / "r.md", plots=False)
+    summary = (tmp_path / "r.md").read_text().split("## Summary")[1].split("## Passes")[0]
+    assert f"0.912345 ({out['name']}[4:10])" in summary and f"7.8 ({out['name']}[4:10])" in summary
+    build_report([OPT_DEFAULT], tmp_path / "plain.md", plots=False)
+    assert "[4:10]" not in (tmp_path / "plain.md").read_text()

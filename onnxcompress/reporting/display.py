@@ -118,8 +118,12 @@ def _fmt(v: float | None, spec: str) -> str:
     return format(v, spec)
 
 
+#: Slices shown per output in the validation table (worst first).
+WORST_SLICES_SHOWN = 3
+
+
 def show_validation(console: Console, v: ValidationReport) -> None:
-    """Per-output agreement metrics and the gate's verdict."""
+    """Per-output agreement metrics (and each output's worst channel slices) and the gate's verdict."""
     t = Table(title=f"validation: {v.data}, {v.samples} samples (onnxruntime CPU, optimizations off)")
     for col in ("output", "max abs err", "mean abs err", "rel max err", "cosine", "SQNR dB",
                 "top-1 agree", "acc ref → new"):
@@ -130,7 +134,13 @@ def show_validation(console: Console, v: ValidationReport) -> None:
                   _fmt(o.cosine, ".6f"), _fmt(o.sqnr_db, ".1f"),
                   _fmt(None if o.top1_agreement is None else 100 * o.top1_agreement, ".2f") + ("%" if o.top1_agreement is not None else ""),
                   acc)
+        for sl in o.worst_slices(WORST_SLICES_SHOWN):
+            t.add_row(f"  {sl.label(o.name)} ({sl.source})", _fmt(sl.max_abs, ".3g"), _fmt(sl.mean_abs, ".3g"),
+                      _fmt(sl.rel_max, ".3g"), _fmt(sl.cosine, ".6f"), _fmt(sl.sqnr_db, ".1f"), "", "")
     console.print(t)
+    hidden = sum(max(len(o.slices) - WORST_SLICES_SHOWN, 0) for o in v.outputs)
+    if hidden:
+        console.print(f"({hidden} better slice(s) not shown; all are in --json)")
     if v.gate is not None:
         if v.passed:
             console.print("[green]gate passed[/green]")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["as_float", "fmt_number", "fmt_ratio", "fmt_pct", "pipeline_label", "run_outputs", "worst_metric",
+           "worst_entry",
            "run_accuracy", "short_name"]
 
 
@@ -74,9 +75,21 @@ def run_outputs(run: dict) -> list[dict]:
     return [o for o in (v.get("outputs") or []) if isinstance(o, dict)] if isinstance(v, dict) else []
 
 
+def worst_entry(run: dict, key: str) -> tuple[float, str | None] | None:
+    """The lowest ``key`` over the outputs and their channel slices, with the slice's name
+    (``output0[4:84]``) when a slice is lowest (else None); None when no output has the key."""
+    entries: list[tuple[float, str | None]] = []
+    for o in run_outputs(run):
+        entries += [(f, None)] if (f := as_float(o.get(key))) is not None else []
+        slices = [s for s in (o.get("slices") or []) if isinstance(s, dict)]
+        entries += [(f, str(s.get("name"))) for s in slices if (f := as_float(s.get(key))) is not None]
+    return min(entries, key=lambda e: e[0]) if entries else None
+
+
 def worst_metric(run: dict, key: str) -> float | None:
-    values = [f for f in (as_float(o.get(key)) for o in run_outputs(run)) if f is not None]
-    return min(values) if values else None
+    """The lowest ``key`` over the outputs and their channel slices (the slice, when one is worst)."""
+    entry = worst_entry(run, key)
+    return None if entry is None else entry[0]
 
 
 def run_accuracy(run: dict) -> tuple[float | None, float | None]:

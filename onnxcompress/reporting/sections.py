@@ -20,6 +20,7 @@ from onnxcompress.reporting.runs import (
     pipeline_label,
     run_accuracy,
     short_name,
+    worst_entry,
     worst_metric,
 )
 
@@ -62,6 +63,15 @@ def _before_after(run: dict, key: str, fmt: Callable[[float], str]) -> str:
     return f"{fmt(b)} → {fmt(a)} ({fmt_ratio(b, a)})"
 
 
+def _worst(run: dict, key: str, spec: str) -> str:
+    """The worst value over outputs and slices; a slice is named (``0.91 (output0[4:84])``)."""
+    entry = worst_entry(run, key)
+    if entry is None:
+        return fmt_number(None, spec)
+    value, name = entry
+    return fmt_number(value, spec) + (f" ({name})" if name else "")
+
+
 def summary_section(runs: list[Source]) -> list[Block]:
     rows = []
     for r in runs:
@@ -70,8 +80,8 @@ def summary_section(runs: list[Source]) -> list[Block]:
         acc = "-" if ref is None else f"{fmt_pct(ref)} → {fmt_pct(cand)}"
         rows.append([r.label, _model_name(d), f"`{pipeline_label(d)}`", str(d.get("numerics", "-")),
                      _before_after(d, "file_bytes", human_bytes), _before_after(d, "params", human_count),
-                     _before_after(d, "macs", human_count), fmt_number(worst_metric(d, "cosine"), ".6f"),
-                     fmt_number(worst_metric(d, "sqnr_db"), ".1f"), fmt_pct(worst_metric(d, "top1_agreement")),
+                     _before_after(d, "macs", human_count), _worst(d, "cosine", ".6f"),
+                     _worst(d, "sqnr_db", ".1f"), fmt_pct(worst_metric(d, "top1_agreement")),
                      acc, _gate(d)])
     headers = ["run", "model", "pipeline", "numerics", "size", "params", "MACs", "cosine (worst)", "SQNR dB (worst)",
                "top-1 agreement", "accuracy ref → new", "gate"]

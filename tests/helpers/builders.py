@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.helpers.tensors import he
 
-__all__ = ["conv_model", "make_model", "node", "parse", "small_net"]
+__all__ = ["conv_model", "make_model", "node", "parse", "small_net", "yolo_like"]
 
 
 def parse(text: str) -> onnx.ModelProto:
@@ -81,3 +81,17 @@ def small_net(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["f", "wg", "bg"], ["out"], "fc", transB=1),
     ]
     return make_model(nodes, {"x": ["N", 3, 8, 8]}, ["out"], inits)
+
+
+def yolo_like(score_noise: float = 0.0, seed: int = 0, classes: int = 6) -> onnx.ModelProto:
+    """A YOLO-like head ``x [N, 3, 64] -> y [N, 4+classes, 64]``: box rows ``320·Sigmoid(Conv)``
+    (0-320) concatenated with class-score rows ``Sigmoid(Conv)`` (0-1). ``score_noise`` perturbs
+    only the score conv's weights (a candidate whose scores are off but whose boxes are exact)."""
+    rng = np.random.default_rng(seed)
+    wb = rng.standard_normal((4, 3, 1))
+    ws = rng.standard_normal((classes, 3, 1))
+    ws = ws + score_noise * np.random.default_rng(seed + 1).standard_normal(ws.shape)
+    nodes = [node("Conv", ["x", "wb"], "bc"), node("Sigmoid", ["bc"], "bs"), node("Mul", ["bs", "k"], "box"),
+             node("Conv", ["x", "ws"], "sc"), node("Sigmoid", ["sc"], "score"),
+             node("Concat", ["box", "score"], "y", axis=1)]
+    return make_model(nodes, {"x": ["N", 3, 64]}, ["y"], {"wb": wb, "ws": ws, "k": np.array(320.0)})
