@@ -120,7 +120,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     box = [serde.load_model(model)]
     slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
     calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
-    ctx = PassContext(calib=calib_src, seed=seed, progress=progress)
+    ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=slice_spec)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
         before = model_metrics(box[0], dims)
@@ -196,7 +196,7 @@ def sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, **kwargs
 
     A thin wrapper of :func:`onnxcompress.pipeline.sensitivity.layer_sensitivity` (same keyword
     arguments: ``method``, ``options``, ``prepare``, ``batch_size``, ``samples``, ``seed``,
-    ``dims``, ``preprocess``, ``progress``, ``name``); returns its ``SensitivityReport``.
+    ``dims``, ``preprocess``, ``progress``, ``name``, ``slices``); returns its ``SensitivityReport``.
     """
     from onnxcompress.pipeline.sensitivity import layer_sensitivity
 

@@ -7,8 +7,9 @@ from onnx import numpy_helper
 
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.pass_api import Numerics
-from onnxcompress.pipeline.validate import Gate, auto_slices, compare_models, parse_slices
+from onnxcompress.pipeline.validate import Gate, compare_models, parse_slices
 from onnxcompress.runtime.data import IterableSource, RandomSource, input_specs
+from onnxcompress.runtime.fidelity import auto_slices
 from tests.helpers.builders import make_model, node, parse, yolo_like
 from tests.helpers.tensors import rand
 

@@ -182,6 +182,8 @@ class PassContext:
         seed: Seed for every random choice a pass makes.
         logger: Logger passes report to.
         progress: Whether long loops may show a progress bar.
+        slices: Channel slices ``{output: [(start, stop or None)]}`` the user asked validation to
+            check (``--slices``); passes that judge fidelity themselves use the same ones.
         values: Initial :class:`Slot` values given by the caller (e.g. a pass's test hooks).
     """
 
@@ -189,6 +191,7 @@ class PassContext:
     seed: int = 0
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcompress.pass"))
     progress: bool = False
+    slices: Mapping[str, list[tuple[int, int | None]]] | None = None
     values: InitVar[Mapping[Slot, Any] | None] = None
     _slots: dict[Slot, Any] = field(default_factory=dict, init=False, repr=False)
     _bound: Pass | None = field(default=None, init=False, repr=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 
 import onnx
@@ -123,7 +124,7 @@ class QuantizeInt8(Pass):
         never saturate. The pass reads ``/proc/cpuinfo`` for this (the one thing it reads from
         the machine); the context slot :data:`CPU_FLAGS` overrides it.
 
-    Mixed precision (``max_drop`` / ``min_cosine``):
+    Mixed precision (``max_drop`` / ``min_cosine`` / ``min_sqnr``):
         Quantize everything, compare with the float model on the calibration data (onnxruntime,
         optimizations off, one thread). While the target fails, the most sensitive remaining
         layer goes back to float — layers ranked once, as ``onnxcompress sensitivity`` does:
@@ -131,7 +132,11 @@ class QuantizeInt8(Pass):
         is float, which is logged as a warning). ``max_drop`` is the accuracy drop in points
         when the data has labels, else the top-1 disagreement with the float model in points
         (stat ``mixed_bound`` says which); it needs a classifier output ``[N, C]``.
-        ``min_cosine`` is the lowest output cosine. Calibration runs once (histograms of every
+        ``min_cosine`` is the lowest cosine and ``min_sqnr`` the lowest SQNR (dB) over the outputs
+        *and their channel slices* (see :mod:`onnxcompress.runtime.fidelity`: automatic slices
+        fixed once from the float outputs, or the ``--slices`` given to validation), so a
+        detector's class-score rows are judged on their own, not drowned by its box rows; stat
+        ``mixed_worst`` names the output or slice that was worst at the end. Calibration runs once (histograms of every
         tensor any variant needs); the choice is deterministic. The target is checked on the
         calibration data; validate on held-out data (``--data``). Each layer kept float is
         declined with ``kept_float_sensitivity``.
@@ -181,8 +186,10 @@ class QuantizeInt8(Pass):
         "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
         "max_drop": Option(float, None, "mixed precision: max accuracy drop in points on the calibration data "
                                         "(top-1 disagreement without labels)", interval="[0, inf)"),
-        "min_cosine": Option(float, None, "mixed precision: min output cosine vs float on the calibration data",
-                             interval="[-1, 1]"),
+        "min_cosine": Option(float, None, "mixed precision: min cosine vs float over outputs and channel slices "
+                                          "on the calibration data", interval="[-1, 1]"),
+        "min_sqnr": Option(float, None, "mixed precision: min SQNR (dB) vs float over outputs and channel slices "
+                                        "on the calibration data"),
         "latency_aware": Option(bool, False, "time each layer int8 vs float here; keep float where int8 is slower"),
         "latency_margin": Option(float, 0.05, "latency_aware: tolerated int8 slowdown (0.05 = 5 %)",
                                  interval="[0, inf)"),
@@ -200,7 +207,7 @@ class QuantizeInt8(Pass):
     def check_options(self) -> None:
         """Mixed precision and ``latency_aware`` need full quantization."""
         if self.opts["weights_only"] and self._selective():
-            raise InputError("quantize_int8: max_drop, min_cosine and latency_aware need full quantization, "
+            raise InputError("quantize_int8: max_drop, min_cosine, min_sqnr and latency_aware need full quantization, "
                              "not weights_only")
 
     def needs_calibration(self) -> bool:
@@ -261,7 +268,10 @@ class QuantizeInt8(Pass):
 
     def _selective(self) -> bool:
         o = self.opts
-        return bool(o["latency_aware"]) or o["max_drop"] is not None or o["min_cosine"] is not None
+        return bool(o["latency_aware"]) or self._mixed_target()
+
+    def _mixed_target(self) -> bool:
+        return any(self.opts[k] is not None for k in ("max_drop", "min_cosine", "min_sqnr"))
 
     def _run_selective(self, graph: gs.Graph, ctx: PassContext, cfg: QuantConfig, result: PassResult) -> PassResult:
         """Calibrate once, choose layers to keep float (latency, then sensitivity), build the result."""
@@ -277,7 +287,7 @@ class QuantizeInt8(Pass):
         kept: dict[str, tuple[str, str]] = {}  # layer kept float: (decline code, detail)
         if self.opts["latency_aware"]:
             kept.update(self._latency(q, ctx, result))
-        if self.opts["max_drop"] is not None or self.opts["min_cosine"] is not None:
+        if self._mixed_target():
             kept.update(self._mixed(q, ctx, kept, result))
         ctx.put(FLOAT_REFERENCE, _FloatReference(lambda: model))
         final = PassResult()
@@ -359,7 +369,8 @@ class QuantizeInt8(Pass):
     def _mixed(self, q: Quantizer, ctx: PassContext, kept: dict[str, tuple[str, str]],
                result: PassResult) -> dict[str, tuple[str, str]]:
         """Move the most sensitive layers back to float until the target holds on the calibration data."""
-        evaluate = Evaluator(q.model, ctx.calib, batch_size=self.opts["batch_size"])
+        evaluate = Evaluator(q.model, ctx.calib, batch_size=self.opts["batch_size"],
+                             slices=dict(ctx.slices) if ctx.slices else None)
         fid = evaluate(q.export(kept))
         labels = self._bound(fid, evaluate, ctx)
         fallback: list[str] = []
@@ -372,7 +383,10 @@ class QuantizeInt8(Pass):
                     break
         if len(kept) + len(fallback) == len(q.layers):
             ctx.logger.warning("quantize_int8: every layer had to stay float to meet the mixed-precision target")
-        result.stats.update(fallback_layers=len(fallback), mixed_cosine=round(fid.cosine, 6))
+        result.stats.update(fallback_layers=len(fallback), mixed_cosine=round(fid.cosine, 6),
+                            mixed_sqnr=round(fid.sqnr_db, 2) if math.isfinite(fid.sqnr_db) else "inf")
+        if fid.worst:
+            result.stats["mixed_worst"] = fid.worst
         drop = fid.top1_drop if labels else fid.disagreement
         if self.opts["max_drop"] is not None and drop is not None:
             result.stats["mixed_bound"] = "accuracy drop" if labels else "top-1 disagreement (no labels)"
@@ -394,6 +408,8 @@ class QuantizeInt8(Pass):
     def _holds(self, fid: Fidelity, labels: bool) -> bool:
         o = self.opts
         if o["min_cosine"] is not None and not fid.cosine >= o["min_cosine"]:
+            return False
+        if o["min_sqnr"] is not None and not fid.sqnr_db >= o["min_sqnr"]:
             return False
         if o["max_drop"] is not None:
             drop = fid.top1_drop if labels else fid.disagreement

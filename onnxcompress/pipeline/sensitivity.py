@@ -17,6 +17,7 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pipeline.manager import PassManager, parse_spec
+from onnxcompress.pipeline.validate import parse_slices
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.sensitivity import Evaluator, Fidelity, Quantizer, rank_layers
 from onnxcompress.runtime.data import CalibSource, open_source
@@ -38,6 +39,7 @@ class LayerScore:
     macs: int
     sqnr_db: float
     cosine: float
+    worst: str = ""
 
 
 @dataclass
@@ -51,6 +53,7 @@ class SensitivityReport:
         baseline: Every layer quantized.
         layers: Most sensitive first.
         float_accuracy: Float model accuracy (labelled data), else ``None``.
+        slices: The channel slices every score includes, ``{output: [[start, stop], ...]}``.
     """
 
     model: str
@@ -59,17 +62,21 @@ class SensitivityReport:
     baseline: Fidelity
     layers: list[LayerScore] = field(default_factory=list)
     float_accuracy: float | None = None
+    slices: dict[str, list[list[int | None]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form: ``kind, model, method, samples, baseline{sqnr_db, cosine}, layers[...]``."""
+        """JSON-ready form: ``kind, model, method, samples, baseline{sqnr_db, cosine, worst}, slices,
+        layers[...]``."""
         return {
             "kind": "sensitivity",
             "model": self.model,
             "method": self.method,
             "samples": self.samples,
-            "baseline": {"sqnr_db": _num(self.baseline.sqnr_db), "cosine": _num(self.baseline.cosine)},
+            "baseline": {"sqnr_db": _num(self.baseline.sqnr_db), "cosine": _num(self.baseline.cosine),
+                         "worst": self.baseline.worst},
+            "slices": self.slices,
             "layers": [{"node": s.node, "op_type": s.op_type, "macs": int(s.macs), "sqnr_db": _num(s.sqnr_db),
-                        "cosine": _num(s.cosine)} for s in self.layers],
+                        "cosine": _num(s.cosine), "worst": s.worst} for s in self.layers],
         }
 
 
@@ -85,13 +92,16 @@ def _prepare(model: onnx.ModelProto, prepare: str, calib: CalibSource, seed: int
 def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *, method: str = "mse",
                       options: dict[str, Any] | None = None, prepare: str = "fold_bn", batch_size: int = 32,
                       samples: int | None = None, seed: int = 0, dims: dict[str, int] | None = None,
-                      preprocess: Any = None, progress: bool = False, name: str | None = None) -> SensitivityReport:
+                      preprocess: Any = None, progress: bool = False, name: str | None = None,
+                      slices: str | None = None) -> SensitivityReport:
     """Rank the layers of ``model`` by the output SQNR they cost when quantized alone.
 
     The model is first run through ``prepare`` (``fold_bn`` by default, as in the usual
     ``fold_bn,quantize_int8`` pipeline, so layer names match), then calibrated once on ``calib``
     (histograms of every tensor any variant needs); each layer is then quantized alone,
     everything else float, and compared with the float model on ``data`` (default: ``calib``).
+    A layer's score is the worst over the outputs and their channel slices (automatic, fixed
+    once from the float outputs, or ``slices``), so a detector's score rows count on their own.
 
     Args:
         model: Path, bytes or ``ModelProto`` (not modified).
@@ -108,6 +118,7 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
         preprocess: Image-folder preprocessing.
         progress: Progress bars.
         name: Model name for the report (default: the path, else ``"model"``).
+        slices: ``--slices`` spec (``OUTPUT:START[:STOP],...``) replacing automatic slices.
 
     Raises:
         InputError: Bad model, data or options.
@@ -124,14 +135,16 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
     if not quantizer.layers:
         raise InputError("no quantizable layer in this model")
     quantizer.calibrate(calib_src, batch_size=batch_size, progress=progress)
-    evaluate = Evaluator(prepared, data_src, batch_size=batch_size)
+    spec = parse_slices(slices, [o.name for o in prepared.graph.output]) if slices else None
+    evaluate = Evaluator(prepared, data_src, batch_size=batch_size, slices=spec)
     baseline = evaluate(quantizer.export())
     ranked = rank_layers(quantizer, evaluate, progress=progress)
     macs = {n.name: n.macs for n in model_metrics(prepared, dims).per_node}
-    layers = [LayerScore(layer, quantizer.ops[layer], macs.get(layer, 0), fid.sqnr_db, fid.cosine)
+    layers = [LayerScore(layer, quantizer.ops[layer], macs.get(layer, 0), fid.sqnr_db, fid.cosine, fid.worst)
               for layer, fid in ranked]
     label = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model")
-    return SensitivityReport(label, method, evaluate.samples, baseline, layers, baseline.ref_accuracy)
+    used = {out: [[a, b] for a, b in cuts] for out, (cuts, _) in evaluate.slices.items()}
+    return SensitivityReport(label, method, evaluate.samples, baseline, layers, baseline.ref_accuracy, used)
 
 
 def parse_options(text: str | None) -> dict[str, str]:

@@ -17,7 +17,6 @@ option ``exclude`` does, so any mixed-precision decision is reproduced by an ``e
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -35,6 +34,7 @@ from onnxcompress.quant.params import QParams, activation_params
 from onnxcompress.quant.placement import KINDS, R_DEGENERATE, QdqPlan, plan_placement, tensor_dtypes
 from onnxcompress.quant.rewrite import apply_plan
 from onnxcompress.runtime.data import CalibSource
+from onnxcompress.runtime.fidelity import OutputAccumulator, OutputMetrics, ReferenceScales, SliceSpec, worst
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
@@ -213,14 +213,15 @@ def _tensors_any_variant(graph: gs.Graph) -> list[str]:
 
 @dataclass
 class Fidelity:
-    """How close a candidate's outputs are to the float model's (worst output).
+    """How close a candidate's outputs are to the float model's (worst output or channel slice).
 
     Attributes:
-        sqnr_db: Lowest SQNR over the outputs (dB; ``inf`` when identical).
-        cosine: Lowest cosine similarity over the outputs.
+        sqnr_db: Lowest SQNR over the outputs and their slices (dB; ``inf`` when identical).
+        cosine: Lowest cosine similarity over the outputs and their slices.
         top1_agreement: Argmax agreement of the first classifier-shaped ``[N, C]`` output.
         ref_accuracy: Float model accuracy on labelled data (else ``None``).
         cand_accuracy: Candidate accuracy on labelled data (else ``None``).
+        worst: The output or slice (``output0[4:18]``) with the lowest SQNR.
     """
 
     sqnr_db: float
@@ -228,6 +229,7 @@ class Fidelity:
     top1_agreement: float | None = None
     ref_accuracy: float | None = None
     cand_accuracy: float | None = None
+    worst: str = ""
 
     @property
     def top1_drop(self) -> float | None:
@@ -241,45 +243,26 @@ class Fidelity:
         """Top-1 disagreement with the float model in points."""
         return None if self.top1_agreement is None else 100.0 * (1.0 - self.top1_agreement)
 
-
-class _Sums:
-    """Running sums of one output."""
-
-    def __init__(self) -> None:
-        self.ref_sq = self.cand_sq = self.err_sq = self.dot = 0.0
-        self.n = self.agree = self.ref_ok = self.cand_ok = self.labelled = 0
-        self.classifier = True
-
-    def add(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
-        r, c = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
-        e = r - c
-        self.ref_sq += float(r @ r)
-        self.cand_sq += float(c @ c)
-        self.err_sq += float(e @ e)
-        self.dot += float(r @ c)
-        self.n += len(ref)
-        self.classifier &= ref.ndim == 2 and ref.shape[1] > 1
-        if self.classifier:
-            r1, c1 = ref.argmax(1), cand.argmax(1)
-            self.agree += int((r1 == c1).sum())
-            if labels is not None and len(labels) == len(r1):
-                self.labelled += len(labels)
-                self.ref_ok += int((r1 == labels).sum())
-                self.cand_ok += int((c1 == labels).sum())
-
-    def sqnr(self) -> float:
-        return 10 * math.log10(self.ref_sq / self.err_sq) if self.err_sq > 0 else math.inf
-
-    def cosine(self) -> float:
-        norm = math.sqrt(self.ref_sq * self.cand_sq)
-        return self.dot / norm if norm > 0 else (1.0 if self.ref_sq == self.cand_sq else 0.0)
+    @classmethod
+    def of(cls, outputs: list[OutputMetrics]) -> Fidelity:
+        """The worst case over ``outputs`` and their slices; top-1 from the first classifier output."""
+        sqnr, cosine, name = worst(outputs)
+        fid = cls(sqnr, cosine, worst=name)
+        cls_out = next((o for o in outputs if o.top1_agreement is not None), None)
+        if cls_out is not None:
+            fid.top1_agreement = cls_out.top1_agreement
+            fid.ref_accuracy, fid.cand_accuracy = cls_out.ref_accuracy, cls_out.cand_accuracy
+        return fid
 
 
 class Evaluator:
     """Compares candidates with a float model on fixed data (onnxruntime, optimizations off).
 
     The float model's outputs are computed once and kept when they fit in ``budget`` bytes;
-    otherwise the float model is rerun next to every candidate.
+    otherwise the float model is rerun next to every candidate. Channel slices (see
+    :mod:`onnxcompress.runtime.fidelity`) are fixed once from the float outputs, so every candidate
+    is judged on the same slices: a YOLO head's class-score rows count on their own, not drowned
+    by the box rows.
 
     Args:
         reference: The float model.
@@ -287,52 +270,52 @@ class Evaluator:
         batch_size: Batch size of the runs.
         threads: Intra-op threads (1: results do not depend on the machine's core count).
         budget: Bytes of reference outputs kept in memory.
+        slices: Given channel slices per output (``--slices``); other outputs get automatic ones.
     """
 
     def __init__(self, reference: onnx.ModelProto, data: CalibSource, *, batch_size: int = 32, threads: int = 1,
-                 budget: int = REFERENCE_BUDGET):
+                 budget: int = REFERENCE_BUDGET, slices: SliceSpec | None = None):
         self.data, self.batch_size, self.threads = data, batch_size, threads
         self._ref_session = make_session(reference, threads=threads)
         self.names = [o.name for o in self._ref_session.get_outputs()]
-        self._cached: list[list[np.ndarray]] | None = self._cache_reference(budget)
-        self.samples = sum(len(b) for b in data.batches(batch_size)) if self._cached is None else self._count
+        scales = ReferenceScales()
+        self._cached: list[list[np.ndarray]] | None = self._cache_reference(budget, scales)
         if not self.samples:
             raise InputError(f"{data.description}: no samples")
-        self.has_labels = self._labelled
+        self.slices = scales.slices(slices)
+        for name, (cuts, source) in self.slices.items():
+            log.debug("evaluator: %s slices of %s: %s", source, name, cuts)
 
-    def _cache_reference(self, budget: int) -> list[list[np.ndarray]] | None:
-        kept, used, self._count, self._labelled = [], 0, 0, False
+    def _cache_reference(self, budget: int, scales: ReferenceScales) -> list[list[np.ndarray]] | None:
+        kept: list[list[np.ndarray]] | None = []
+        used, self.samples, self.has_labels = 0, 0, False
         for batch in self.data.batches(self.batch_size):
             outs = self._ref_session.run(self.names, batch.feeds)
+            for name, out in zip(self.names, outs):
+                scales.add(name, np.asarray(out))
             used += sum(o.nbytes for o in outs)
-            self._count += len(batch)
-            self._labelled |= batch.labels is not None
-            if used > budget:
+            self.samples += len(batch)
+            self.has_labels |= batch.labels is not None
+            if kept is not None and used > budget:
                 log.info("float outputs exceed %d MiB: the float model reruns with every candidate", budget >> 20)
-                return None
-            kept.append(outs)
+                kept = None
+            if kept is not None:
+                kept.append(outs)
         return kept
 
     def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
         """Fidelity of ``candidate`` (same inputs and outputs as the reference)."""
         session = make_session(candidate, threads=self.threads)
-        sums = {n: _Sums() for n in self.names}
+        accs = {}
+        for n in self.names:
+            cuts, source = self.slices.get(n, ([], "user"))
+            accs[n] = OutputAccumulator(n, cuts, auto=False, source=source)
         for i, batch in enumerate(self.data.batches(self.batch_size)):
             ref = self._cached[i] if self._cached is not None else self._ref_session.run(self.names, batch.feeds)
             cand = session.run(self.names, batch.feeds)
             for name, r, c in zip(self.names, ref, cand):
-                sums[name].add(np.asarray(r), np.asarray(c), batch.labels)
-        return _fidelity(list(sums.values()))
-
-
-def _fidelity(sums: list[_Sums]) -> Fidelity:
-    fid = Fidelity(min(s.sqnr() for s in sums), min(s.cosine() for s in sums))
-    cls = next((s for s in sums if s.classifier and s.n), None)
-    if cls is not None:
-        fid.top1_agreement = cls.agree / cls.n
-        if cls.labelled:
-            fid.ref_accuracy, fid.cand_accuracy = cls.ref_ok / cls.labelled, cls.cand_ok / cls.labelled
-    return fid
+                accs[name].add(np.asarray(r), np.asarray(c), batch.labels)
+        return Fidelity.of([a.result() for a in accs.values()])
 
 
 def rank_layers(quantizer: Quantizer, evaluate: Evaluator, *, layers: Iterable[str] | None = None,

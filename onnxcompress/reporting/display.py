@@ -188,13 +188,19 @@ def show_sensitivity(console: Any, report: SensitivityReport, top: int = 20) -> 
         f", accuracy {100 * report.float_accuracy:.2f}% -> {100 * b.cand_accuracy:.2f}%"
     console.print(f"{report.model}: {len(report.layers)} layers, method {report.method}, {report.samples} samples; "
                   f"all layers int8: SQNR {b.sqnr_db:.2f} dB, cosine {b.cosine:.6f}{acc}")
+    if report.slices:
+        cuts = "; ".join(f"{out} " + ", ".join(f"[{a}:{'' if z is None else z}]" for a, z in c)
+                         for out, c in report.slices.items())
+        console.print(f"scores are the worst over outputs and channel slices ({cuts}); column 'worst' names it")
     t = Table(title="layers quantized alone, most sensitive first (bar: output noise power, relative to the first)")
-    for col in ("#", "node", "op", "MACs", "SQNR dB", "cosine", "noise"):
-        t.add_column(col, justify="left" if col in ("node", "op", "noise") else "right")
+    cols = ("#", "node", "op", "MACs", "SQNR dB", "cosine") + (("worst",) if report.slices else ()) + ("noise",)
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("node", "op", "noise", "worst") else "right")
     shown = report.layers[:top] if top > 0 else report.layers
     for i, (s, frac) in enumerate(zip(shown, _noise(report.layers)), 1):
+        worst = (s.worst,) if report.slices else ()
         t.add_row(str(i), s.node, s.op_type, human_count(s.macs) if s.macs else "-", f"{s.sqnr_db:.2f}",
-                  f"{s.cosine:.6f}", _bar(frac))
+                  f"{s.cosine:.6f}", *worst, _bar(frac))
     console.print(t)
     if len(shown) < len(report.layers):
         console.print(f"({len(report.layers) - len(shown)} more layers; --top 0 shows all)")

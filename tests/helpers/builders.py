@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.helpers.tensors import he
 
-__all__ = ["conv_model", "make_model", "node", "parse", "small_net", "yolo_like"]
+__all__ = ["conv_model", "make_model", "node", "parse", "small_net", "yolo_like", "yolo_split_head"]
 
 
 def parse(text: str) -> onnx.ModelProto:
@@ -81,6 +81,21 @@ def small_net(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["f", "wg", "bg"], ["out"], "fc", transB=1),
     ]
     return make_model(nodes, {"x": ["N", 3, 8, 8]}, ["out"], inits)
+
+
+def yolo_split_head(classes: int = 6, seed: int = 0) -> onnx.ModelProto:
+    """A YOLOv8-like head ``x [N, 3, 64] -> y [N, 4+classes, 64]``: box logits (scale ~60) and class
+    logits (scale ~1) are concatenated, split again, then ``Relu`` (boxes) and ``Sigmoid`` (scores)
+    are concatenated into ``y``. One int8 scale on the first Concat crushes the class logits: the
+    score rows lose ~25 dB while the whole output still looks fine."""
+    rng = np.random.default_rng(seed)
+    wb, ws = rng.standard_normal((4, 3, 1)) * 60, rng.standard_normal((classes, 3, 1))
+    nodes = [node("Conv", ["x", "wb"], "bl"), node("Conv", ["x", "ws"], "sl"),
+             node("Concat", ["bl", "sl"], "head", axis=1), node("Split", ["head", "split"], ["bx", "sc"], axis=1),
+             node("Relu", ["bx"], "box"), node("Sigmoid", ["sc"], "score"),
+             node("Concat", ["box", "score"], "y", axis=1)]
+    init = {"wb": wb, "ws": ws, "split": np.array([4, classes], dtype=np.int64)}
+    return make_model(nodes, {"x": ["N", 3, 64]}, ["y"], init)
 
 
 def yolo_like(score_noise: float = 0.0, seed: int = 0, classes: int = 6) -> onnx.ModelProto:

@@ -26,8 +26,8 @@ from tests.helpers.quant import calibration_runs, conv_classifier
 from tests.helpers.tensors import rand
 
 X = {"x": ["N", 3, 8, 8]}
-KEYS = {"kind", "model", "method", "samples", "baseline", "layers"}
-LAYER_KEYS = {"node", "op_type", "macs", "sqnr_db", "cosine"}
+KEYS = {"kind", "model", "method", "samples", "baseline", "layers", "slices"}
+LAYER_KEYS = {"node", "op_type", "macs", "sqnr_db", "cosine", "worst"}
 
 
 def shared_weight(rng: np.random.Generator) -> onnx.ModelProto:
@@ -56,7 +56,7 @@ def test_ranking_schema_and_macs():
     assert isinstance(report, SensitivityReport)
     d = report.as_dict()
     assert set(d) == KEYS and d["kind"] == "sensitivity" and d["method"] == "minmax" and d["samples"] == 48
-    assert set(d["baseline"]) == {"sqnr_db", "cosine"}
+    assert set(d["baseline"]) == {"sqnr_db", "cosine", "worst"}
     assert [set(layer) for layer in d["layers"]] == [LAYER_KEYS] * 4
     assert {layer["node"] for layer in d["layers"]} == {"conv_a", "conv_b", "gap", "fc"}
     sqnr = [layer["sqnr_db"] for layer in d["layers"]]
@@ -182,3 +182,97 @@ def test_cli_without_matplotlib(fixture_files, tmp_path, capsys, monkeypatch):
 
 def test_api_export():
     assert api.sensitivity.__name__ == "sensitivity" and "sensitivity" in api.__all__
+
+
+# ------------------------------------------------------------------ channel slices in every ranking
+
+
+def _yolo_source(model: onnx.ModelProto, n: int = 32):
+    from onnxcompress.runtime.data import IterableSource, input_specs
+
+    x = rand(np.random.default_rng(3), n, 3, 64, scale=1.0)
+    return IterableSource([{"x": x[: n // 2]}, {"x": x[n // 2:]}], input_specs(model))
+
+
+def test_evaluator_judges_every_candidate_on_slices_fixed_from_the_reference():
+    from onnxcompress.pipeline.validate import compare_models
+    from tests.helpers.builders import yolo_like
+
+    ref, cand = yolo_like(), yolo_like(score_noise=1.0)
+    source = _yolo_source(ref)
+    evaluate = Evaluator(ref, source, batch_size=16)
+    assert evaluate.slices == {"y": ([(0, 4), (4, 10)], "auto")}
+    fid = evaluate(cand)
+    whole = compare_models(ref, cand, source, batch_size=16).outputs[0]
+    score = whole.worst_slices(1)[0]
+    assert fid.worst == "y[4:10]" and fid.sqnr_db == pytest.approx(score.sqnr_db, rel=1e-9)
+    assert fid.sqnr_db < whole.sqnr_db - 10 and fid.cosine == pytest.approx(score.cosine, rel=1e-9)
+    # given slices replace the automatic ones: the box rows alone are exact, the whole output is worst
+    boxes = Evaluator(ref, source, batch_size=16, slices={"y": [(0, 4)]})
+    assert boxes.slices == {"y": ([(0, 4)], "user")}
+    assert boxes(cand).worst == "y" and boxes(cand).sqnr_db == pytest.approx(whole.sqnr_db, rel=1e-9)
+
+
+def test_mixed_precision_targets_hold_on_the_worst_slice():
+    """One int8 scale on the box+score Concat crushes the score rows (whole output: cosine 0.9999);
+    min_cosine and min_sqnr see the score slice and keep that Concat float."""
+    from onnxcompress.pipeline.validate import compare_models
+    from tests.helpers.builders import yolo_split_head
+    from tests.helpers.quant import quantize
+
+    ref = yolo_split_head()
+    source = _yolo_source(ref)
+
+    def score_sqnr(model):
+        (o,) = compare_models(ref, model, source).outputs
+        return o.sqnr_db, o.slices[1].sqnr_db
+
+    plain, _ = quantize(ref, calib=source)
+    whole, score = score_sqnr(plain)
+    assert whole > 30 and score < 20
+    for spec in ("quantize_int8:min_cosine=0.999", "quantize_int8:min_sqnr=25"):
+        mixed, res = quantize(ref, spec, calib=source)
+        assert score_sqnr(mixed)[1] > 30, spec
+        assert res.stats["fallback_layers"] == 1 and res.stats["exclude_spec"] == "exclude=head"
+        assert res.stats["mixed_worst"] == "y[0:4]" and res.stats["mixed_sqnr"] >= 25
+    # the user's slices decide what is judged: with only the box rows named, nothing is kept float
+    from onnxcompress.core.pass_api import PassContext
+    from onnxcompress.pipeline.manager import PassManager, parse_spec
+    from onnxcompress.passes.quantize_int8 import CPU_FLAGS
+    from tests.helpers.quant import NO_VNNI
+
+    ctx = PassContext(calib=source, slices={"y": [(0, 4)]}, values={CPU_FLAGS: NO_VNNI})
+    _, records = PassManager(parse_spec("quantize_int8:min_sqnr=25"), ctx).run(ref)
+    assert records[-1].result.stats["fallback_layers"] == 0
+
+
+def test_sensitivity_ranks_by_the_worst_slice(tmp_path):
+    from tests.helpers.builders import yolo_split_head
+
+    model = yolo_split_head()
+    source = _yolo_source(model)
+    report = layer_sensitivity(model, source, method="minmax", prepare="")
+    top = report.layers[0]
+    assert top.node == "head" and top.worst == "y[4:10]" and top.sqnr_db < 20
+    d = report.as_dict()
+    assert d["slices"] == {"y": [[0, 4], [4, 10]]} and d["layers"][0]["worst"] == "y[4:10]"
+    given = layer_sensitivity(model, source, method="minmax", prepare="", slices="y:0:4")
+    assert given.as_dict()["slices"] == {"y": [[0, 4]]}
+    assert next(s for s in given.layers if s.node == "head").sqnr_db > top.sqnr_db + 10
+
+
+def test_cli_slices_column_and_bad_slice(tmp_path, capsys):
+    from tests.helpers.builders import yolo_split_head
+
+    path, calib = tmp_path / "y.onnx", tmp_path / "x.npz"
+    onnx.save(yolo_split_head(), path)
+    np.savez(calib, x=rand(np.random.default_rng(3), 16, 3, 64, scale=1.0))
+    args = ["sensitivity", str(path), "--calib", str(calib), "--method", "minmax", "--prepare", ""]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "worst" in out and "y[4:10]" in out and "channel slices (y [0:4], [4:10])" in out
+    assert main([*args, "--slices", "y:0:4", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["slices"] == {"y": [[0, 4]]}
+    assert main([*args, "--slices", "y:3:2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "empty slice" in err[0]
