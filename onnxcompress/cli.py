@@ -177,6 +177,9 @@ def _no_both(recipe: str | None) -> None:
 def _print_report(obj: dict, console: Console, report: api.Report) -> None:
     if not obj["quiet"]:
         show_report(console, report.before, report.after, report.passes, report.validation)
+        reference = report.extra.get("reference") or {}
+        if reference.get("given") and report.validation is not None:
+            console.print(f"metrics measured against --reference {reference.get('path')}")
 
 
 @cli.command()
