@@ -153,7 +153,7 @@ def test_runs_without_a_bench_keep_their_row_with_a_dash(tmp_path) -> None:
     build_report([OPT_PRUNE, OPT_DEFAULT, tmp_path / "bench.json"], tmp_path / "r.md", plots=False)
     pareto = (tmp_path / "r.md").read_text().split("## Accuracy vs latency")[1]
     assert "| original | `resnet_digits.onnx` |  | 98.89 | 0.509 |" in pareto
-    assert "| report_optimize_prune | `prune0.5.onnx` | vs original | 98.89 | – | - | – |" in pareto
+    assert "| report_optimize_prune | `prune0.5.onnx` | vs original | 98.89 | – | – | – |" in pareto
     assert "| report_optimize_default | `default.onnx` | vs original | 98.89 | – |" in pareto
     assert "No latency (\"–\") for `report_optimize_prune`, `report_optimize_default`" in pareto
 

@@ -216,7 +216,7 @@ def pareto_section(inputs: Inputs, lineages: list[Lineage], plot: Callable | Non
                        f"model is both at least as fast and at least as good.{note}"))
     rows = [[p.label, f"`{p.model}`", p.reference,
              "-" if p.quality is None else f"{p.quality:.4f}" if metric == "cosine" else f"{p.quality:.2f}",
-             _latency_cell(p), "-" if p.ratio is None else f"{p.ratio:.3f}×",
+             _latency_cell(p), ("–" if p.median_ms is None else "-") if p.ratio is None else f"{p.ratio:.3f}×",
              "yes" if p.front else "" if p.plotted and p.comparable else "–"] for p in points]
     blocks.append(Table(["run", "model", "measured", metric, "median ms", "vs first", "Pareto front"], rows,
                         {3, 4, 5}))
