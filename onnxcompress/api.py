@@ -15,6 +15,7 @@ from onnxcompress.core.errors import GateFailed, InputError
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
+from onnxcompress.pipeline.provenance import data_record, load_reference, load_with_record
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
 from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
 from onnxcompress.runtime.data import CalibSource, open_source
@@ -80,9 +81,8 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
              recipe: str | Recipe | None = None, calib: Any = None, data: Any = None, validate: bool = True,
              gate: dict[str, float | None] | None = None, force: bool = False, seed: int = 0,
              batch_size: int = 32, samples: int | None = None, dims: dict[str, int] | None = None,
-             preprocess: Any = None, progress: bool = False,
-             on_pass: Callable[[PassRecord], None] | None = None,
-             slices: str | None = None) -> tuple[onnx.ModelProto, Report]:
+             preprocess: Any = None, progress: bool = False, on_pass: Callable[[PassRecord], None] | None = None,
+             slices: str | None = None, reference: serde.ModelSource | None = None) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and validate the result against the original.
 
     Args:
@@ -105,37 +105,51 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         progress: Show progress bars.
         on_pass: Called after each pass with its record.
         slices: Channel slices to validate, ``"OUTPUT:START[:STOP],..."`` (automatic ones either way).
+        reference: Validate against this model (same inputs and outputs), not ``model``: the true original of a chain.
 
     Returns:
-        ``(optimized model, report)``.
+        ``(optimized model, report)``; ``report.extra`` records the files and data used (:mod:`.pipeline.provenance`).
 
     Raises:
-        InputError: Bad model, data or pipeline (checked before the model is loaded: options,
-            pass order, a pass that needs ``calib`` without it).
+        InputError: Bad model, reference, data or pipeline (checked before the model is loaded:
+            options, pass order, a pass that needs ``calib`` without it).
         PassFailed: A pass failed.
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
     start = time.perf_counter()
     pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
-    box = [serde.load_model(model)]
+    box, ref, extra = _load(model, reference, validate)
     slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
     calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=slice_spec)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
         before = model_metrics(box[0], dims)
-        # without validation nothing needs the original later: the first pass's result may replace it in memory
-        original = box[0] if validate else None
-        result, records = manager.run(box.pop(), owned=not validate)
-        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name)
-        if original is not None:
-            source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
+        original = (box[0] if ref is None else ref) if validate else None  # else the input may be freed early
+        result, records = manager.run(box.pop(), owned=original is None or ref is not None)
+        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name, extra=extra)
+        source = None if original is None else _validation_source(data, calib, original, seed, samples, dims, preprocess)
+        if original is not None and source is not None:
             report.validation = _validate(original, result, source, Gate.for_numerics(
                 manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress, slice_spec)
+    extra.update(data_record(calib_src, source))
     report.seconds = time.perf_counter() - start
     if report.validation is not None and not report.passed and not force:
         raise GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report, result)
     return result, report
+
+
+def _load(model: serde.ModelSource, reference: serde.ModelSource | None,
+          validate: bool) -> tuple[list[onnx.ModelProto], onnx.ModelProto | None, dict]:
+    """``([input model], reference model or None, records)``: ``input_model`` and ``reference`` (the
+    input's record unless a reference is given; None without validation)."""
+    if reference is not None and not validate:
+        raise InputError("--reference needs validation (drop --no-validate)")
+    loaded, record = load_with_record(model)
+    ref, ref_record = load_reference(reference, loaded) if reference is not None else (None, None)
+    if ref_record is None and validate:
+        ref_record = {**(record or {"path": None, "sha256": None}), "given": False}
+    return [loaded], ref, {"input_model": record, "reference": ref_record}
 
 
 def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,

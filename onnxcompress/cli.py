@@ -19,7 +19,7 @@ from onnxcompress import api
 from onnxcompress._version import __version__
 from onnxcompress.core import serde
 from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
-from onnxcompress.core.fileio import atomic_write
+from onnxcompress.core.fileio import atomic_write, file_record
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
 from onnxcompress.pipeline.validate import Gate
@@ -128,12 +128,15 @@ def _write_json(target: str | None, payload: dict) -> None:
 @click.option("--force", is_flag=True, help="Write the model even if the validation gate fails (exit code stays 1).")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write the report as JSON ('-' for stdout).")
 @click.option("--external-data/--no-external-data", default=None, help="Save weights to <output>.data (default: only above 2 GB).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Validate against this model instead of MODEL (same inputs and outputs): the true original when "
+                   "MODEL is itself an optimized model, so that metrics of a chain stay measured against it.")
 @_gate_options
 @_data_options
 @click.pass_obj
 def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, recipe: str | None, calib: str | None,
              calib_random: int | None, data: str | None, no_validate: bool, force: bool, json_path: str | None,
-             external_data: bool | None, **kw) -> None:
+             external_data: bool | None, reference: Path | None, **kw) -> None:
     """Run a pipeline of passes on MODEL, validate against the original, and save."""
     gate = _gate_overrides(kw)
     output = output or Path(model.name.removesuffix(".onnx") + ".opt.onnx")
@@ -149,14 +152,16 @@ def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, reci
             model, spec, recipe=recipe if spec is None else _no_both(recipe), calib=calib_src, data=data,
             validate=not no_validate, gate=gate, force=force, seed=kw["seed"], batch_size=kw["batch_size"],
             samples=kw["samples"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"],
-            slices=kw["slices"])
+            slices=kw["slices"], reference=reference)
     except GateFailed as exc:
         _print_report(show, console, exc.report)
-        _write_json(json_path, {"model": str(model), "output": None, **exc.report.as_dict()})
+        _write_json(json_path, {"model": str(model), "output": None, **exc.report.as_dict(), "output_model": None})
         raise
     serde.save_model(result, output, external=external_data, protect=model)
     _print_report(show, console, report)
-    _write_json(json_path, {"model": str(model), "output": str(output), **report.as_dict()})
+    data_files = [output.name + ".data"] if serde.saves_external(result, external_data) else []
+    _write_json(json_path, {"model": str(model), "output": str(output), **report.as_dict(),
+                            "output_model": file_record(output, data_files).as_dict() if json_path else None})
     if not show["quiet"]:
         console.print(f"wrote {output}")
     if not report.passed:
@@ -172,6 +177,9 @@ def _no_both(recipe: str | None) -> None:
 def _print_report(obj: dict, console: Console, report: api.Report) -> None:
     if not obj["quiet"]:
         show_report(console, report.before, report.after, report.passes, report.validation)
+        reference = report.extra.get("reference") or {}
+        if reference.get("given") and report.validation is not None:
+            console.print(f"metrics measured against --reference {reference.get('path')}")
 
 
 @cli.command()

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 FIXTURES = ("resnet_digits", "mobilenetv2_digits", "vgg_digits", "concat_digits")
 _TIMING_KEYS = {"seconds", "elapsed", "wall_seconds"}
+#: Where a run's files and data came from (paths in temporary folders; the models' hashes are compared
+#: as ``onnx`` already): left out of the report's digest.
+_PROVENANCE_KEYS = ("model", "output", "input_model", "output_model", "reference", "calibration", "preprocess")
 
 
 def _jobs() -> list[tuple[str, str, str]]:
@@ -88,7 +91,7 @@ def _digest(report: dict | None) -> str | None:
     """sha256 of a stripped report (recomputed on compare, so older records normalise the same way)."""
     if report is None:
         return None
-    report = _strip({k: v for k, v in report.items() if k not in ("model", "output")})
+    report = _strip({k: v for k, v in report.items() if k not in _PROVENANCE_KEYS})
     return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
 
 
@@ -115,7 +118,7 @@ def _compare(old: dict, new: dict) -> list[str]:
                 diffs.append(f"{key}: {field} differs ({a.get(field)} -> {b.get(field)})")
                 if field == "json":
                     diffs += _report_diff(*(_strip({k: v for k, v in (r.get("report") or {}).items()
-                                                    if k not in ("model", "output")}) for r in (a, b)), key)
+                                                    if k not in _PROVENANCE_KEYS}) for r in (a, b)), key)
     return diffs
 
 

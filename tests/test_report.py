@@ -8,6 +8,7 @@ Fixtures in tests/data: ``report_optimize_default.json`` and ``report_optimize_p
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -99,17 +100,22 @@ def test_html_only_for_html_output_and_both_with_flag(tmp_path) -> None:
     assert (tmp_path / "b.md").read_text().startswith("# digits\n")
 
 
-def test_plots_written_next_to_the_report(tmp_path) -> None:
+def test_plots_written_next_to_the_report_and_embedded_in_html(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     written = build_report(ALL, tmp_path / "r.md", html=True)
     pngs = sorted(p.name for p in written if p.suffix == ".png")
-    assert pngs == ["r-macs-report_optimize_default.png", "r-macs-report_optimize_prune.png", "r-pareto-runs.png",
-                    "r-sensitivity-report_sensitivity.png"]
+    # the default recipe changes no layer's MACs: no MACs plot for it
+    assert pngs == ["r-macs-report_optimize_prune.png", "r-pareto-runs.png", "r-sensitivity-report_sensitivity.png"]
     md = (tmp_path / "r.md").read_text()
     for name in pngs:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"]({name})" in md
-    assert PLOT_HINT not in md and 'src="r-pareto-runs.png"' in (tmp_path / "r.html").read_text()
+        assert f"]({name})" in md  # Markdown links the files
+    page = (tmp_path / "r.html").read_text()
+    assert PLOT_HINT not in md and page.count('src="data:image/png;base64,') == len(pngs)
+    assert 'src="r-' not in page and ".png\"" not in page  # HTML is self-contained
+    embedded = page.split('src="data:image/png;base64,')[1].split('"')[0]
+    assert base64.b64decode(embedded) == (tmp_path / "r-macs-report_optimize_prune.png").read_bytes()
+    assert [p.name for p in build_report(ALL, tmp_path / "only.html")] == ["only.html"]  # no PNG files
 
 
 def test_without_matplotlib_the_report_says_how_to_get_plots(tmp_path, monkeypatch) -> None:
@@ -140,12 +146,16 @@ def test_only_bench_or_only_sensitivity(tmp_path) -> None:
     assert "## Layer sensitivity" in (tmp_path / "s.md").read_text()
 
 
-def test_unmatched_runs_explain_the_missing_pareto(tmp_path) -> None:
+def test_runs_without_a_bench_keep_their_row_with_a_dash(tmp_path) -> None:
     bench = json.loads(BENCH.read_text())
-    bench["models"] = bench["models"][:1]
+    bench["models"] = bench["models"][:1]  # only the original was timed
     (tmp_path / "bench.json").write_text(json.dumps(bench))
-    build_report([OPT_PRUNE, tmp_path / "bench.json"], tmp_path / "r.md", plots=False)
-    assert "Not enough points" in (tmp_path / "r.md").read_text()
+    build_report([OPT_PRUNE, OPT_DEFAULT, tmp_path / "bench.json"], tmp_path / "r.md", plots=False)
+    pareto = (tmp_path / "r.md").read_text().split("## Accuracy vs latency")[1]
+    assert "| original | `resnet_digits.onnx` |  | 98.89 | 0.509 |" in pareto
+    assert "| report_optimize_prune | `prune0.5.onnx` | vs original | 98.89 | – | – | – |" in pareto
+    assert "| report_optimize_default | `default.onnx` | vs original | 98.89 | – |" in pareto
+    assert "No latency (\"–\") for `report_optimize_prune`, `report_optimize_default`" in pareto
 
 
 def test_runs_without_model_key_find_the_original_by_metrics(tmp_path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import tempfile
@@ -24,24 +25,12 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.fileio import FileRecord
 
 __all__ = [
-    "ModelSource",
-    "KNOWN_DOMAINS",
-    "MIN_OPSET",
-    "PROTO_LIMIT",
-    "EXTERNAL_THRESHOLD",
-    "size_limits",
-    "load_model",
-    "save_model",
-    "check_model",
-    "to_graph",
-    "to_model",
-    "detach_weights",
-    "weights_nbytes",
-    "model_opset",
-    "model_bytes",
-    "skeleton_model",
+    "ModelSource", "KNOWN_DOMAINS", "MIN_OPSET", "PROTO_LIMIT", "EXTERNAL_THRESHOLD", "size_limits", "load_model",
+    "load_model_file", "save_model", "saves_external", "check_model", "to_graph", "to_model", "detach_weights",
+    "weights_nbytes", "model_opset", "model_bytes", "skeleton_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,13 +86,22 @@ def load_model(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
     elif isinstance(source, (bytes, bytearray)):
         model = _parse(bytes(source), "<bytes>")
     else:
-        model = _load_path(Path(source))
+        model = _load_path(Path(source))[0]
     if check:
         _check_supported(model)
     return model
 
 
-def _load_path(path: Path) -> onnx.ModelProto:
+def load_model_file(path: str | os.PathLike, *, check: bool = True) -> tuple[onnx.ModelProto, FileRecord]:
+    """:func:`load_model` of a path, with the file's :class:`FileRecord`: the sha256 of the bytes read
+    to load it (one read, no second load) and the names of its external data files."""
+    model, record = _load_path(Path(path))
+    if check:
+        _check_supported(model)
+    return model, record
+
+
+def _load_path(path: Path) -> tuple[onnx.ModelProto, FileRecord]:
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
@@ -115,9 +113,9 @@ def _load_path(path: Path) -> onnx.ModelProto:
     if not data:
         raise InputError(f"{path}: empty file")
     model = _parse(data, str(path))
+    digest, size = hashlib.sha256(data).hexdigest(), len(data)
     del data
-    _load_external(model, path.parent)
-    return model
+    return model, FileRecord(str(path), digest, size, tuple(_load_external(model, path.parent)))
 
 
 def _parse(data: bytes, name: str) -> onnx.ModelProto:
@@ -137,15 +135,14 @@ def _external_tensors(model: onnx.ModelProto):
             yield tensor
 
 
-def _load_external(model: onnx.ModelProto, base: Path) -> None:
-    """Resolve external data, refusing any location outside ``base`` (no reads happen first)."""
+def _load_external(model: onnx.ModelProto, base: Path) -> list[str]:
+    """Resolve external data, refusing any location outside ``base`` (no reads happen first);
+    returns the data files' names."""
     tensors = list(_external_tensors(model))
-    if not tensors:
-        return
-    root = base.resolve()
+    root, locations = base.resolve(), set[str]()
     for tensor in tensors:
-        info = external_data_helper.ExternalDataInfo(tensor)
-        loc = info.location
+        loc = external_data_helper.ExternalDataInfo(tensor).location
+        locations.add(loc)
         if not loc or os.path.isabs(loc) or Path(loc).drive:
             raise InputError(f"tensor {tensor.name!r}: external data location {loc!r} is not a relative path")
         target = (root / loc).resolve()
@@ -154,9 +151,11 @@ def _load_external(model: onnx.ModelProto, base: Path) -> None:
         if not target.is_file():
             raise InputError(f"tensor {tensor.name!r}: external data file {loc!r} not found next to the model")
     try:
-        external_data_helper.load_external_data_for_model(model, str(root))
+        if tensors:
+            external_data_helper.load_external_data_for_model(model, str(root))
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load external data: {exc}") from None
+    return sorted(locations)
 
 
 def _check_supported(model: onnx.ModelProto) -> None:
@@ -301,8 +300,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: boo
         raise InputError(f"{folder}: output folder does not exist")
     if dest.is_dir():
         raise InputError(f"{dest}: is a directory")
-    if external is None:
-        external = weights_nbytes(model) > EXTERNAL_THRESHOLD
+    external = saves_external(model, external)
     try:
         tmpdir = tempfile.mkdtemp(prefix=".onnxcompress-", dir=folder)
     except OSError as exc:
@@ -321,6 +319,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: boo
             leftover.unlink()
         os.rmdir(tmpdir)
     return dest
+
+
+def saves_external(model: onnx.ModelProto, external: bool | None = None) -> bool:
+    """Whether :func:`save_model` (given ``external``) writes the weights to ``<name>.data``."""
+    return weights_nbytes(model) > EXTERNAL_THRESHOLD if external is None else external
 
 
 def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:

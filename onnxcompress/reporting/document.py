@@ -1,8 +1,10 @@
 """The report as a list of blocks (heading, paragraph, table, image) and its two renderings,
-GitHub-flavoured Markdown and a standalone HTML page."""
+GitHub-flavoured Markdown (images linked by relative path) and a self-contained HTML page
+(images embedded as ``data:`` URIs)."""
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from collections.abc import Sequence
@@ -37,10 +39,11 @@ class Table:
 
 @dataclass
 class Image:
-    """A PNG next to the document."""
+    """A PNG: ``file`` next to the document (Markdown links it), ``data`` its bytes (HTML embeds them)."""
 
     file: str
     alt: str
+    data: bytes = b""
 
 
 Block = Heading | Para | Table | Image
@@ -95,7 +98,7 @@ _CSS = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;
 
 
 def render_html(blocks: Sequence[Block], title: str) -> str:
-    """A standalone HTML page of ``blocks`` (images by relative path)."""
+    """A self-contained HTML page of ``blocks``: images with ``data`` are embedded as ``data:`` URIs."""
     body = []
     for b in blocks:
         if isinstance(b, Heading):
@@ -103,12 +106,18 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
         elif isinstance(b, Para):
             body.append(f"<p>{_html_text(b.text)}</p>")
         elif isinstance(b, Image):
-            body.append(f'<p><img src="{html.escape(b.file)}" alt="{html.escape(b.alt)}"></p>')
+            body.append(f'<p><img src="{_image_src(b)}" alt="{html.escape(b.alt)}"></p>')
         else:
             body.append(_html_table(b))
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def _image_src(image: Image) -> str:
+    if image.data:
+        return "data:image/png;base64," + base64.b64encode(image.data).decode("ascii")
+    return html.escape(image.file)
 
 
 _RIGHT = ' class="r"'

@@ -1,5 +1,6 @@
 """Accuracy vs latency: ``optimize`` runs joined with ``bench`` results by model path (the run's
-``output`` for the optimized model, its ``model`` for the original), Pareto front marked."""
+``output`` for the optimized model, the ``model`` of its chain's first run for the true original),
+Pareto front marked. Runs without a bench keep their row (no latency)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from onnxcompress.reporting.chains import Lineage, originals
 from onnxcompress.reporting.inputs import Inputs, Source
 from onnxcompress.reporting.runs import as_float, run_accuracy, run_outputs, short_name, worst_metric
 
@@ -17,16 +19,25 @@ __all__ = ["Point", "pareto_front", "accuracy_points"]
 
 @dataclass
 class Point:
-    """One model on the accuracy/latency plane."""
+    """One model on the accuracy/latency plane; ``median_ms`` None when no bench measured it,
+    ``quality`` None when it was not validated. ``comparable``: its quality is measured against
+    its true original (or is an accuracy on labels), so it may join the Pareto front."""
 
     label: str
     model: str
-    quality: float
-    median_ms: float
+    quality: float | None
+    median_ms: float | None
     ratio: float | None
-    bench: str
+    bench: str | None
     baseline: bool = False
     front: bool = False
+    reference: str = "vs original"
+    comparable: bool = True
+
+    @property
+    def plotted(self) -> bool:
+        """Whether the point has both coordinates."""
+        return self.quality is not None and self.median_ms is not None
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -83,12 +94,14 @@ def _quality_metric(runs: list[Source]) -> tuple[str, Callable[[dict, bool], flo
     return "cosine", cos
 
 
-def _baseline_entry(run: dict, index: dict, benches: list[Source]) -> tuple[dict, str] | None:
-    found = _lookup(index, run.get("model"))
-    if found:
+def _baseline_entry(lin: Lineage, index: dict, benches: list[Source]) -> tuple[dict, str] | None:
+    """The bench entry of a chain's true original: by path, else (older JSON without ``model``)
+    the entry with the first run's size, params and MACs before."""
+    found = _lookup(index, lin.original_path)
+    if found or lin.original_path:
         return found
-    before = run["before"]
-    for b in benches:  # older JSON without "model": the bench entry with the same size, params, MACs
+    before = lin.chain[0].data["before"]
+    for b in benches:
         for m in b.data["models"]:
             if (m.get("file_bytes"), m.get("params"), m.get("macs")) == (
                     before["file_bytes"], before["params"], before["macs"]):
@@ -96,29 +109,50 @@ def _baseline_entry(run: dict, index: dict, benches: list[Source]) -> tuple[dict
     return None
 
 
-def accuracy_points(inputs: Inputs) -> tuple[str, list[Point]]:
-    """The metric's name and the joined points (Pareto front marked), originals first."""
-    runs = [r for r in inputs.runs if run_outputs(r.data)]
-    metric, quality = _quality_metric(runs)
+def _original_points(lineages: list[Lineage], metric: str, quality: Callable, index: dict,
+                     benches: list[Source]) -> list[Point]:
+    """One point per true original, with its quality (100 %, 1.0, or its accuracy on labels)."""
+    labels = originals(lineages)
+    points: dict[str, Point] = {}
+    for lin in lineages:
+        d = lin.run.data
+        q = quality(d, True) if run_outputs(d) and (lin.comparable or metric != "accuracy %") else None
+        point = points.get(lin.original_key)
+        if point is None:
+            found = _baseline_entry(lin, index, benches)
+            point = _point(labels[lin.original_key], lin.original_name, found, q, True)
+            point.reference = ""
+            points[lin.original_key] = point
+        elif point.quality is None:
+            point.quality = q
+    return list(points.values())
+
+
+def accuracy_points(inputs: Inputs, lineages: list[Lineage]) -> tuple[str, list[Point]]:
+    """The metric's name and a point per true original and per run (originals first), with or
+    without latency; the Pareto front marked among the points that have both coordinates and
+    are measured against their original (accuracy on labels always is)."""
+    validated = [r for r in inputs.runs if run_outputs(r.data)]
+    metric, quality = _quality_metric(validated)
     index = _bench_index(inputs.benches)
-    points: list[Point] = []
-    seen: set[str] = set()
-    for r in runs:
-        base = _baseline_entry(r.data, index, inputs.benches)
-        q = quality(r.data, True)
-        if base and q is not None and _norm(base[0]["name"]) not in seen:
-            seen.add(_norm(base[0]["name"]))
-            points.append(_point("original", base, q, True))
-    for r in runs:
-        found, q = _lookup(index, r.data.get("output")), quality(r.data, False)
-        if found and q is not None:
-            points.append(_point(r.label, found, q, False))
-    for p, front in zip(points, pareto_front([(p.median_ms, p.quality) for p in points])):
+    points = _original_points(lineages, metric, quality, index, inputs.benches)
+    for lin in lineages:
+        d = lin.run.data
+        q = quality(d, False) if run_outputs(d) else None
+        found = _lookup(index, d.get("output"))
+        name = Path(str(d.get("output"))).name if d.get("output") else "(not written)"
+        point = _point(lin.run.label, name, found, q, False)
+        point.reference, point.comparable = lin.vs, lin.comparable or metric == "accuracy %"
+        points.append(point)
+    ranked = [p for p in points if p.plotted and p.comparable]
+    for p, front in zip(ranked, pareto_front([(p.median_ms or 0.0, p.quality or 0.0) for p in ranked])):
         p.front = front
     return metric, points
 
 
-def _point(label: str, found: tuple[dict, str], quality: float, baseline: bool) -> Point:
+def _point(label: str, model: str, found: tuple[dict, str] | None, quality: float | None, baseline: bool) -> Point:
+    if found is None:
+        return Point(label, model, quality, None, None, None, baseline)
     m, bench = found
     ratio = as_float(m.get("ratio_vs_first"))
     return Point(label, short_name(m["name"]), quality, float(m["median_ms"]),

@@ -4,19 +4,25 @@
 (each only when its inputs are there):
 
 * **Summary**: one row per ``optimize`` run: model, pipeline, size/params/MACs before → after
-  with ratios, validation metrics (worst over outputs), the gate's verdict.
+  with ratios, what its metrics compare with, validation metrics (worst over outputs), the
+  gate's verdict; chains of runs traced to their original; calibration, validation data and
+  preprocessing.
 * **Passes**: per run, each pass's stats, and what it declined grouped by decline code (reports
   written before codes existed give a ``reason`` text instead, grouped the same way).
-* **Per-layer MACs**: per run, MACs of each layer before and after (the heaviest ``top``).
+* **Per-layer MACs**: per run that changed them, MACs of each layer before and after (the heaviest ``top``).
 * **Layer sensitivity**: per ``sensitivity`` file, SQNR/cosine per layer, worst first.
 * **Latency**: per ``bench`` file, median/p90/min and the paired ratio vs its first model.
-* **Accuracy vs latency**: ``optimize`` runs joined with ``bench`` results by model path (the
-  run's ``output`` for the optimized model, its ``model`` for the original), with the Pareto
-  front (no other point is both at least as fast and at least as accurate) marked.
+* **Accuracy vs latency**: every original and every run, joined with ``bench`` results by model
+  path (latency "–" without one), with the Pareto front (no other point is both at least as
+  fast and at least as accurate) marked.
 
-Plots (PNG, next to the document) need matplotlib (``pip install 'onnxcompress[plot]'``);
-without it the report says so in one line. The same JSON gives the same bytes: no dates, input
-files named by their file name, PNGs written without software/date metadata.
+Plots need matplotlib (``pip install 'onnxcompress[plot]'``); without it the report says so in
+one line. Markdown links them as PNG files next to it; HTML embeds them (``data:`` URIs), so an
+HTML file is self-contained (``-o report.html`` writes no PNG). The same JSON gives the same
+bytes: no dates, input files named by their file name, PNGs written without software/date metadata.
+
+Runs are linked into chains by the models' sha256 (:mod:`.chains`): each row says what its
+metrics compare with, and each true original is one ``original`` point.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def build_report(paths: Sequence[str | os.PathLike], output: str | os.PathLike, 
     md_path, html_path = _targets(out, html)
     plotter, note = None, None
     if plots and plots_available():
-        plotter = Plotter(out.parent, out.stem)
+        plotter = Plotter(out.parent, out.stem, write=md_path is not None)
     elif plots:
         note = PLOT_HINT
         log.warning("matplotlib is not installed: the report has no plots (pip install 'onnxcompress[plot]')")

@@ -1,5 +1,6 @@
-"""The report's sections, each a list of blocks built from the inputs: summary, passes and their
-declines, per-layer MACs, layer sensitivity, latency, accuracy vs latency."""
+"""The report's sections, each a list of blocks built from the inputs: summary (:mod:`.summary`),
+passes and their declines, per-layer MACs, layer sensitivity, latency, accuracy vs latency. A
+section (or a run's part of it) that would carry no information is left out."""
 
 from __future__ import annotations
 
@@ -8,21 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onnxcompress._version import __version__
+from onnxcompress.reporting.chains import Lineage, link_runs
 from onnxcompress.reporting.display import human_bytes, human_count
 from onnxcompress.reporting.document import Block, Heading, Para, Table
 from onnxcompress.reporting.inputs import Inputs, Source
-from onnxcompress.reporting.pareto import accuracy_points
-from onnxcompress.reporting.runs import (
-    as_float,
-    fmt_number,
-    fmt_pct,
-    fmt_ratio,
-    pipeline_label,
-    run_accuracy,
-    short_name,
-    worst_entry,
-    worst_metric,
-)
+from onnxcompress.reporting.pareto import Point, accuracy_points
+from onnxcompress.reporting.runs import as_float, fmt_number, fmt_ratio, pipeline_label, short_name
+from onnxcompress.reporting.summary import summary_section
 
 __all__ = ["document_blocks", "layer_macs"]
 
@@ -33,63 +26,15 @@ def document_blocks(inputs: Inputs, title: str, top: int, plot: Callable | None,
     blocks: list[Block] = [Heading(1, title), Para(f"Made by onnxcompress {__version__} from {names}.")]
     if note:
         blocks.append(Para(note))
+    lineages = link_runs(inputs.runs)
     if inputs.runs:
-        blocks += summary_section(inputs.runs) + passes_section(inputs.runs) + macs_section(inputs.runs, top, plot)
+        blocks += summary_section(lineages) + passes_section(inputs.runs) + macs_section(inputs.runs, top, plot)
     if inputs.sensitivities:
         blocks += sensitivity_section(inputs.sensitivities, top, plot)
     if inputs.benches:
         blocks += bench_section(inputs.benches)
     if inputs.runs and inputs.benches:
-        blocks += pareto_section(inputs, plot)
-    return blocks
-
-
-def _gate(run: dict) -> str:
-    v = run.get("validation")
-    if not isinstance(v, dict):
-        return "not validated"
-    if v.get("passed", run.get("passed", True)):
-        return "passed"
-    failures = v.get("failures") or []
-    return "FAILED" + (f": {failures[0]}" if failures else "")
-
-
-def _model_name(run: dict) -> str:
-    return Path(run["model"]).name if run.get("model") else "-"
-
-
-def _before_after(run: dict, key: str, fmt: Callable[[float], str]) -> str:
-    b, a = run["before"][key], run["after"][key]
-    return f"{fmt(b)} → {fmt(a)} ({fmt_ratio(b, a)})"
-
-
-def _worst(run: dict, key: str, spec: str) -> str:
-    """The worst value over outputs and slices; a slice is named (``0.91 (output0[4:84])``)."""
-    entry = worst_entry(run, key)
-    if entry is None:
-        return fmt_number(None, spec)
-    value, name = entry
-    return fmt_number(value, spec) + (f" ({name})" if name else "")
-
-
-def summary_section(runs: list[Source]) -> list[Block]:
-    rows = []
-    for r in runs:
-        d = r.data
-        ref, cand = run_accuracy(d)
-        acc = "-" if ref is None else f"{fmt_pct(ref)} → {fmt_pct(cand)}"
-        rows.append([r.label, _model_name(d), f"`{pipeline_label(d)}`", str(d.get("numerics", "-")),
-                     _before_after(d, "file_bytes", human_bytes), _before_after(d, "params", human_count),
-                     _before_after(d, "macs", human_count), _worst(d, "cosine", ".6f"),
-                     _worst(d, "sqnr_db", ".1f"), fmt_pct(worst_metric(d, "top1_agreement")),
-                     acc, _gate(d)])
-    headers = ["run", "model", "pipeline", "numerics", "size", "params", "MACs", "cosine (worst)", "SQNR dB (worst)",
-               "top-1 agreement", "accuracy ref → new", "gate"]
-    blocks: list[Block] = [Heading(2, "Summary"), Table(headers, rows, {7, 8, 9})]
-    data = sorted({str(d.data["validation"].get("data")) for d in runs if isinstance(d.data.get("validation"), dict)})
-    if data:
-        blocks.append(Para("Validated on: " + "; ".join(f"`{x}`" for x in data) + "." + (
-            " The runs used different data, so their metrics are not directly comparable." if len(data) > 1 else "")))
+        blocks += pareto_section(inputs, lineages, plot)
     return blocks
 
 
@@ -121,8 +66,8 @@ def passes_section(runs: list[Source]) -> list[Block]:
         blocks += [Heading(3, f"{r.label}: {pipeline_label(r.data)}"),
                    Table(["pass", "numerics", "changed", "stats", "seconds"], rows, {4})]
         declined = _declines(passes)
-        blocks.append(Table(["pass", "declined (code)", "count", "where (first 3)"], declined, {2})
-                      if declined else Para("Nothing declined."))
+        if declined:
+            blocks.append(Table(["pass", "declined (code)", "count", "where (first 3)"], declined, {2}))
     return blocks
 
 
@@ -150,11 +95,20 @@ def _heaviest(rows: list[tuple], top: int) -> list[tuple]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
+def _changed(rows: list[tuple]) -> bool:
+    """Whether any layer's MACs changed (or a layer was added or removed)."""
+    return any(b != a for _, _, b, a in rows)
+
+
 def macs_section(runs: list[Source], top: int, plot: Callable | None) -> list[Block]:
+    """Per run whose per-layer MACs changed: the heaviest layers before and after (none: no section)."""
     blocks: list[Block] = [Heading(2, "Per-layer MACs")]
+    same = [r.label for r in runs if layer_macs(r.data) and not _changed(layer_macs(r.data))]
+    if same and len(same) < len(runs):
+        blocks.append(Para("No layer's MACs changed in " + ", ".join(f"`{x}`" for x in same) + " (not shown)."))
     for r in runs:
         rows = layer_macs(r.data)
-        if not rows:
+        if not rows or not _changed(rows):
             continue
         shown = _heaviest(rows, top)
         blocks.append(Heading(3, f"{r.label}: {pipeline_label(r.data)}"))
@@ -165,7 +119,7 @@ def macs_section(runs: list[Source], top: int, plot: Callable | None) -> list[Bl
         table = [[f"`{name}`", op, "-" if b is None else f"{b:,}", "removed" if a is None else f"{a:,}",
                   fmt_ratio(b, a) if b is not None and a is not None else "-"] for name, op, b, a in shown]
         blocks.append(Table(["layer", "op", "MACs before", "MACs after", "ratio"], table, {2, 3, 4}))
-    return blocks
+    return blocks if any(isinstance(b, Table) for b in blocks) else []
 
 
 # --- sensitivity --------------------------------------------------------------------------------
@@ -237,21 +191,33 @@ def _bench_ratio(m: dict) -> str:
     return f"{r:.3f}×{spread}"
 
 
-def pareto_section(inputs: Inputs, plot: Callable | None) -> list[Block]:
+def _latency_cell(p: Point) -> str:
+    return "–" if p.median_ms is None else f"{p.median_ms:.3f}"
+
+
+def pareto_section(inputs: Inputs, lineages: list[Lineage], plot: Callable | None) -> list[Block]:
+    """Every true original and every run, with its latency where a bench measured it ("–" else);
+    the plot when two points have both coordinates."""
+    metric, points = accuracy_points(inputs, lineages)
     blocks: list[Block] = [Heading(2, "Accuracy vs latency")]
-    metric, points = accuracy_points(inputs)
-    if len(points) < 2:
-        return blocks + [Para("Not enough points: run `onnxcompress bench` on the original and the optimized "
-                              "models (the paths `optimize` wrote) and pass its JSON too.")]
-    if plot is not None:
-        blocks.append(plot("pareto", "runs", points, metric))
-    benches = sorted({p.bench for p in points})
-    note = "" if len(benches) == 1 else " Latencies come from different bench runs; compare with care."
-    blocks.append(Para(f"Quality: {metric} on the validation data; latency: median ms from "
-                       f"{', '.join(f'`{b}`' for b in benches)}. Pareto front: no other model is both at least as "
-                       f"fast and at least as good.{note}"))
-    rows = [[p.label, f"`{p.model}`", f"{p.quality:.4f}" if metric == "cosine" else f"{p.quality:.2f}",
-             f"{p.median_ms:.3f}", "-" if p.ratio is None else f"{p.ratio:.3f}×", "yes" if p.front else ""]
-            for p in points]
-    blocks.append(Table(["run", "model", metric, "median ms", "vs first", "Pareto front"], rows, {2, 3, 4}))
+    shown = [p for p in points if p.plotted]
+    if plot is not None and len(shown) >= 2:
+        blocks.append(plot("pareto", "runs", shown, metric))
+    benches = sorted({p.bench for p in shown if p.bench})
+    note = "" if len(benches) <= 1 else " Latencies come from different bench runs; compare with care."
+    source = f"median ms from {', '.join(f'`{b}`' for b in benches)}" if benches else "no bench matched"
+    missing = [p.label for p in points if p.median_ms is None]
+    if missing:
+        note += (" No latency (\"–\") for " + ", ".join(f"`{m}`" for m in missing) + ": run `onnxcompress bench` "
+                 "on those models (the paths `optimize` wrote) and pass its JSON too.")
+    if any(not p.comparable for p in points):
+        note += " Runs not measured against their original are left out of the Pareto front."
+    blocks.append(Para(f"Quality: {metric} on the validation data; latency: {source}. Pareto front: no other "
+                       f"model is both at least as fast and at least as good.{note}"))
+    rows = [[p.label, f"`{p.model}`", p.reference,
+             "-" if p.quality is None else f"{p.quality:.4f}" if metric == "cosine" else f"{p.quality:.2f}",
+             _latency_cell(p), ("–" if p.median_ms is None else "-") if p.ratio is None else f"{p.ratio:.3f}×",
+             "yes" if p.front else "" if p.plotted and p.comparable else "–"] for p in points]
+    blocks.append(Table(["run", "model", "measured", metric, "median ms", "vs first", "Pareto front"], rows,
+                        {3, 4, 5}))
     return blocks
