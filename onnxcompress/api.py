@@ -19,6 +19,7 @@ from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recip
 from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
 from onnxcompress.runtime.data import CalibSource, open_source
 from onnxcompress.runtime.progress import steps
+from onnxcompress.runtime.tasks import TaskSpec
 
 __all__ = ["Report", "optimize", "inspect", "list_nodes", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
 
@@ -82,7 +83,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
              batch_size: int = 32, samples: int | None = None, dims: dict[str, int] | None = None,
              preprocess: Any = None, progress: bool = False,
              on_pass: Callable[[PassRecord], None] | None = None,
-             slices: str | None = None) -> tuple[onnx.ModelProto, Report]:
+             slices: str | None = None, task: str | TaskSpec | None = None) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and validate the result against the original.
 
     Args:
@@ -91,10 +92,9 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         recipe: A built-in recipe name or a TOML path (default: ``default`` when ``passes`` is None).
         calib: Calibration data for data-driven passes (see :func:`onnxcompress.runtime.data.open_source`).
         data: Validation data; defaults to ``calib``, else seeded random inputs.
-        validate: Compare the result with the original in onnxruntime and apply the gate.
-            Without validation nothing needs the original after loading: the manager frees
-            it (and each pass's input) once its graph is built (see :meth:`PassManager.run`'s
-            ``owned``), which bounds peak memory on big models.
+        validate: Compare the result with the original in onnxruntime and apply the gate. Without
+            validation nothing needs the original after loading: the manager frees it (and each pass's
+            input) once its graph is built (see :meth:`PassManager.run`'s ``owned``): less peak memory.
         gate: Gate threshold overrides (``min_cosine``, ``max_top1_drop``, ...).
         force: Return the model even if the gate fails (the report says it failed).
         seed: Seed for every random choice.
@@ -105,6 +105,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         progress: Show progress bars.
         on_pass: Called after each pass with its record.
         slices: Channel slices to validate, ``"OUTPUT:START[:STOP],..."`` (automatic ones either way).
+        task: Task metrics: ``auto`` (default), ``none``, a task name or a :class:`TaskSpec` (see ``compare``).
 
     Returns:
         ``(optimized model, report)``.
@@ -115,7 +116,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         PassFailed: A pass failed.
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
-    start = time.perf_counter()
+    start, task_spec = time.perf_counter(), TaskSpec.of(task)  # a bad task fails before any pass runs
     pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
     box = [serde.load_model(model)]
     slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
@@ -131,7 +132,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         if original is not None:
             source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
             report.validation = _validate(original, result, source, Gate.for_numerics(
-                manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress, slice_spec)
+                manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress, slice_spec, task_spec)
     report.seconds = time.perf_counter() - start
     if report.validation is not None and not report.passed and not force:
         raise GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report, result)
@@ -139,9 +140,11 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
 
 
 def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,
-              batch_size: int, progress: bool, slices: SliceSpec | None = None) -> ValidationReport:
+              batch_size: int, progress: bool, slices: SliceSpec | None = None,
+              task: TaskSpec | None = None) -> ValidationReport:
     """Compare ``result`` with ``original`` on ``source`` and check ``gate``."""
-    validation = compare_models(original, result, source, batch_size=batch_size, progress=progress, slices=slices)
+    validation = compare_models(original, result, source, batch_size=batch_size, progress=progress, slices=slices,
+                                task=task)
     validation.gate = gate
     validation.failures = gate.check(validation)
     return validation
@@ -176,16 +179,21 @@ def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None) -> 
 def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: Any = None, *,
             samples: int | None = None, seed: int = 0, batch_size: int = 32, dims: dict[str, int] | None = None,
             preprocess: Any = None, gate: Gate | None = None, progress: bool = False,
-            slices: str | None = None) -> ValidationReport:
+            slices: str | None = None, task: str | TaskSpec | None = None) -> ValidationReport:
     """Compare a candidate's outputs with a reference model's on the same inputs.
 
     Without ``data``, seeded random inputs are used. With a ``gate`` its verdict is filled in
     (every slice checked too). ``slices``: channel slices to measure, ``"OUTPUT:START[:STOP],..."``.
+    ``task``: task metrics, ``auto`` (default: inferred from the output layout where unambiguous),
+    ``none``, ``classification``, ``detection``, ``embedding``, ``segmentation``, or a :class:`TaskSpec`
+    with the detection settings; their thresholds (``min_det_f1``, ...) are :class:`Gate` fields.
     """
+    task_spec = TaskSpec.of(task)
     ref, cand = serde.load_model(reference), serde.load_model(candidate)
     slice_spec = parse_slices(slices, [o.name for o in ref.graph.output]) if slices else None
     source = _validation_source(data, None, ref, seed, samples, dims, preprocess)
-    report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec)
+    report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec,
+                            task=task_spec)
     if gate is not None:
         report.gate, report.failures = gate, gate.check(report)
     return report
