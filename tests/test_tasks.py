@@ -277,3 +277,17 @@ def test_explicit_tasks_apply_where_they_fit_and_say_so():
 def test_task_spec_refuses_bad_values(kwargs, message):
     with pytest.raises(InputError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
         TaskSpec(**kwargs)
+
+
+def test_summaries_name_the_task_and_its_headline():
+    ref, cand = _yolo_outputs()
+    det = _run_task("detection", ref, cand)
+    assert det.summary().startswith(f"detection F1 {det.values['f1']:.4f}, precision ")
+    assert "yolov8, conf 0.25, IoU 0.45" in det.summary()
+    seg = _run_task("segmentation", np.ones((1, 2, 4, 4), np.float32), np.ones((1, 2, 4, 4), np.float32))
+    assert seg.summary() == "segmentation mIoU 1.0000, pixel agreement 1.0000 (1 classes present)"
+    emb = _run_task("embedding", np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32))
+    assert emb.summary().startswith("embedding per-sample cosine mean 1.000000, min 1.000000; nearest-neighbour")
+    auto = start_task(np.zeros((2, 12), np.float32), TaskSpec())
+    auto.add(np.eye(2, 12, dtype=np.float32), np.eye(2, 12, dtype=np.float32))
+    assert auto.result().summary() == "classification (inferred) top-5 agreement 1.0000"

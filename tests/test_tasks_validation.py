@@ -96,7 +96,7 @@ def test_cli_compare_fails_the_int8_like_detector_on_f1(int8_like_pair, capsys):
     assert code == 1 and err.strip() == f"error: y: detection F1 {f1:.4f} < 0.9"
     assert data["failures"] == [f"y: detection F1 {f1:.4f} < 0.9"] and data["gate"]["min_det_f1"] == 0.9
     code, out, _ = _run(capsys, "compare", ref, cand, "--min-det-f1", "0.9")
-    assert code == 1 and "task metrics, y: detection (inferred): F1" in out
+    assert code == 1 and "task y: detection (inferred) F1" in out
     lines = [line for line in out.splitlines() if line.startswith("task inferred")]
     assert lines == ["task inferred from the output layout: detection for output 'y' [N, 10, 64] "
                      "(override with --task NAME, or --task none)"]

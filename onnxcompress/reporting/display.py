@@ -143,7 +143,7 @@ def show_validation(console: Console, v: ValidationReport) -> None:
         console.print(f"({hidden} better slice(s) not shown; all are in --json)")
     for o in v.outputs:
         if o.task is not None:
-            console.print(f"task metrics, {o.name}: {o.task.summary()}")
+            console.print(f"task {o.name}: {o.task.summary()}")
     if v.task_note:
         console.print(v.task_note)
     if v.gate is not None:

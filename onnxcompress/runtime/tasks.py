@@ -110,23 +110,23 @@ class TaskMetrics:
         return asdict(self)
 
     def summary(self) -> str:
-        """One line, e.g. ``detection (inferred): F1 0.7812, precision 0.80, recall 0.76, ...``."""
+        """One line, e.g. ``detection (inferred) F1 0.7812, precision 0.8000, recall 0.7600; ...``."""
         v = self.values
         head = f"{self.task}{' (inferred)' if self.inferred else ''}"
         if self.task == "detection":
-            return (f"{head}: F1 {v['f1']:.4f} (precision {v['precision']:.4f}, recall {v['recall']:.4f}), "
-                    f"boxes {v['ref_detections']} → {v['cand_detections']}, {v['matched']} matched, "
+            return (f"{head} F1 {v['f1']:.4f}, precision {v['precision']:.4f}, recall {v['recall']:.4f}; "
+                    f"boxes {v['ref_detections']} → {v['cand_detections']} ({v['matched']} matched), "
                     f"{v['images_agree']}/{v['images']} images agree; {self.settings['layout']}, "
-                    f"conf {self.settings['conf']}, NMS IoU {self.settings['iou']}")
+                    f"conf {self.settings['conf']}, IoU {self.settings['iou']}")
         if self.task == "segmentation":
-            return (f"{head}: mIoU {v['miou']:.4f}, pixel agreement {v['pixel_agreement']:.4f} "
+            return (f"{head} mIoU {v['miou']:.4f}, pixel agreement {v['pixel_agreement']:.4f} "
                     f"({v['classes']} classes present)")
         if self.task == "embedding":
             nn = "-" if v["nn_agreement"] is None else f"{v['nn_agreement']:.4f} over {v['nn_samples']} samples"
-            return (f"{head}: per-sample cosine mean {v['cosine_mean']:.6f}, min {v['cosine_min']:.6f}; "
+            return (f"{head} per-sample cosine mean {v['cosine_mean']:.6f}, min {v['cosine_min']:.6f}; "
                     f"nearest-neighbour agreement {nn}")
         top5 = v.get("top5_agreement")
-        return f"{head}: " + ("top-1 agreement in the table" if top5 is None else f"top-5 agreement {top5:.4f}")
+        return f"{head} " + ("top-1 agreement in the table" if top5 is None else f"top-5 agreement {top5:.4f}")
 
 
 class TaskAccumulator:
