@@ -19,7 +19,7 @@ from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recip
 from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
 from onnxcompress.runtime.data import CalibSource, open_source
 from onnxcompress.runtime.progress import steps
-from onnxcompress.runtime.tasks import TaskSpec
+from onnxcompress.runtime.tasks import TaskSpec, check_output_ranks
 
 __all__ = ["Report", "optimize", "inspect", "list_nodes", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
 
@@ -119,7 +119,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     start, task_spec = time.perf_counter(), TaskSpec.of(task)  # a bad task fails before any pass runs
     pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
     box = [serde.load_model(model)]
-    slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
+    slice_spec = _output_options(box[0], slices, task_spec)
     calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
@@ -137,6 +137,22 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     if report.validation is not None and not report.passed and not force:
         raise GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report, result)
     return result, report
+
+
+def _output_options(model: onnx.ModelProto, slices: str | None, task: TaskSpec) -> SliceSpec | None:
+    """The parsed ``slices``; refuses a task that no output's declared type can fit (before any pass runs)."""
+    check_output_ranks(task, {o.name: _float_rank(o.type.tensor_type) for o in model.graph.output})
+    return parse_slices(slices, [o.name for o in model.graph.output]) if slices else None
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _float_rank(tensor_type: onnx.TypeProto.Tensor) -> int | None:
+    """The declared rank of a float output, ``None`` when unknown, 0 for other element types."""
+    if tensor_type.elem_type not in _FLOATS:
+        return 0 if tensor_type.elem_type else None
+    return len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
 
 
 def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,
@@ -190,7 +206,7 @@ def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: An
     """
     task_spec = TaskSpec.of(task)
     ref, cand = serde.load_model(reference), serde.load_model(candidate)
-    slice_spec = parse_slices(slices, [o.name for o in ref.graph.output]) if slices else None
+    slice_spec = _output_options(ref, slices, task_spec)
     source = _validation_source(data, None, ref, seed, samples, dims, preprocess)
     report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec,
                             task=task_spec)

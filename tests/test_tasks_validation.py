@@ -154,3 +154,17 @@ def test_recipe_gate_takes_task_thresholds(tmp_path):
     path.write_text('[gate]\nmin_det_f1 = 1.5\n[[pass]]\nname = "fold_bn"\n')
     with pytest.raises(InputError, match=r"min_det_f1 = 1.5: must be in \[0, 1\]"):
         load_recipe(path)
+
+
+def test_explicit_task_no_output_can_fit_fails_before_any_pass(tmp_path, capsys, monkeypatch):
+    from onnxcompress.pipeline import manager
+
+    src = tmp_path / "y.onnx"
+    src.write_bytes(yolo_like().SerializeToString())
+    monkeypatch.setattr(manager.PassManager, "run", lambda *a, **k: pytest.fail("a pass ran"))
+    code, _, err = _run(capsys, "optimize", src, "-o", tmp_path / "o.onnx", "--passes", "simplify",
+                        "--task", "classification")
+    assert code == 2 and err.strip() == ("error: --task classification: no output fits (needs a float output "
+                                         "[N, C] with C > 1); outputs: y (rank 3)")
+    with pytest.raises(InputError, match=r"--task segmentation: .* y \(rank 3\)"):
+        api.compare(src, src, task="segmentation")

@@ -37,7 +37,7 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.runtime.detection import DET_LAYOUTS, DetectionCounts, decode, detection_layout
 
 __all__ = ["AUTO_DET_RATIO", "AUTO_SEG_MAX_CLASSES", "EMB_NN_MAX", "TASKS", "TaskMetrics", "TaskSpec",
-           "TaskAccumulator", "infer_task", "start_task", "task_note"]
+           "TaskAccumulator", "check_output_ranks", "infer_task", "start_task", "task_note"]
 
 #: ``--task`` values.
 TASKS = ("auto", "none", "classification", "detection", "embedding", "segmentation")
@@ -273,8 +273,29 @@ _KINDS: dict[str, type[TaskAccumulator]] = {
     k.task: k for k in (_Classification, _Detection, _Embedding, _Segmentation)}
 
 
+#: The output ranks each explicit task can use.
+_RANKS = {"classification": (2, 2), "detection": (3, 3), "segmentation": (4, 4), "embedding": (2, 99)}
+
+
+def check_output_ranks(spec: TaskSpec, ranks: dict[str, int | None]) -> None:
+    """Refuse an explicit task early (before any pass runs) when the declared output ranks rule out
+    every output: ``ranks`` maps each output to its rank, ``None`` when unknown, 0 when not float.
+
+    Raises:
+        InputError: As :func:`task_note` would later.
+    """
+    if spec.task in ("auto", "none") or not ranks:
+        return
+    lo, hi = _RANKS[spec.task]
+    if any(r is None or lo <= r <= hi for r in ranks.values()):
+        return
+    outs = ", ".join(f"{n} (rank {r})" if r else f"{n} (not float)" for n, r in ranks.items())
+    raise InputError(f"--task {spec.task}: no output fits (needs {_NEEDS[spec.task]}); outputs: {outs}")
+
+
 def _fits(task: str, ref: np.ndarray, spec: TaskSpec) -> bool:
-    if ref.dtype.kind != "f":
+    lo, hi = _RANKS[task]
+    if ref.dtype.kind != "f" or not lo <= ref.ndim <= hi:
         return False
     if task == "classification":
         return ref.ndim == 2 and ref.shape[1] > 1
