@@ -7,6 +7,7 @@ centre, left and right, a mirrored centre crop, a 2x zoom on the centre), taken 
 that any prefix of the set covers every photo. Pixels are RGB, scaled to [0, 1] (``/ 255``).
 
     python scripts/photos.py -o photos.npz                       # 32 x [3, 320, 320], key "images"
+    python scripts/photos.py -o held_out.npz --start 32 --count 28   # other views, for validation
     python scripts/photos.py -o nsfw.npz --size 224 --count 24 --layout NHWC --input input
 
 In Python: ``photos(size=320, count=32)`` returns the float32 array ``[count, 3, size, size]``.
@@ -70,12 +71,12 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def photos(size: int | tuple[int, int] = 320, count: int = 32, layout: str = "NCHW") -> np.ndarray:
-    """``count`` views of the photos, resized to ``size`` (an int or ``(H, W)``), float32 RGB in
-    [0, 1], laid out ``NCHW`` (default) or ``NHWC``. Deterministic.
+def photos(size: int | tuple[int, int] = 320, count: int = 32, layout: str = "NCHW", start: int = 0) -> np.ndarray:
+    """``count`` views of the photos from view ``start`` on, resized to ``size`` (an int or
+    ``(H, W)``), float32 RGB in [0, 1], laid out ``NCHW`` (default) or ``NHWC``. Deterministic.
 
     Raises:
-        ValueError: ``count`` above the number of views available, or a bad layout.
+        ValueError: More views asked than available, or a bad layout.
     """
     from PIL import Image
 
@@ -84,10 +85,10 @@ def photos(size: int | tuple[int, int] = 320, count: int = 32, layout: str = "NC
     h, w = (size, size) if isinstance(size, int) else size
     sources = photo_sources()
     views = [(name, view) for view in VIEWS for name in sources]
-    if not 1 <= count <= len(views):
-        raise ValueError(f"count {count}: between 1 and {len(views)} views are available")
+    if start < 0 or not 1 <= count <= len(views) - start:
+        raise ValueError(f"start {start}, count {count}: {len(views)} views are available")
     batch = np.empty((count, h, w, 3), dtype=np.float32)
-    for i, (name, view) in enumerate(views[:count]):
+    for i, (name, view) in enumerate(views[start:start + count]):
         img = np.ascontiguousarray(VIEWS[view](sources[name]))
         batch[i] = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
     return batch if layout == "NHWC" else np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--output", type=Path, required=True, help="the .npz to write")
     ap.add_argument("--size", default="320", help="N or HxW (default 320)")
     ap.add_argument("--count", type=int, default=32, help="number of views (default 32)")
+    ap.add_argument("--start", type=int, default=0, help="first view (default 0; e.g. a held-out set after --count)")
     ap.add_argument("--input", default="images", help="the model's input name: the key in the .npz (default images)")
     ap.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
     args = ap.parse_args(argv)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if size is None:
         ap.error(f"--size {args.size!r}: expected N or HxW")
     try:
-        batch = photos(size, args.count, args.layout)
+        batch = photos(size, args.count, args.layout, args.start)
     except ValueError as exc:
         ap.error(str(exc))
     np.savez(args.output, **{args.input: batch})

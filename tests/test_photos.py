@@ -24,8 +24,11 @@ def test_photos_shape_range_order_and_determinism():
     assert len({row.tobytes() for row in firsts}) == n
     nhwc = photos_script.photos((40, 56), count=3, layout="NHWC")
     np.testing.assert_array_equal(nhwc.transpose(0, 3, 1, 2), x[:3])
+    np.testing.assert_array_equal(photos_script.photos((40, 56), count=4, start=10), x[10:14])
     with pytest.raises(ValueError, match="views are available"):
         photos_script.photos(16, count=10_000)
+    with pytest.raises(ValueError, match="views are available"):
+        photos_script.photos(16, count=2, start=len(photos_script.VIEWS) * n - 1)
 
 
 def test_photos_cli_writes_npz(tmp_path, capsys):
