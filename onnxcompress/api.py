@@ -20,6 +20,7 @@ from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recip
 from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
 from onnxcompress.runtime.data import CalibSource, open_source
 from onnxcompress.runtime.progress import steps
+from onnxcompress.runtime.tasks import TaskSpec, check_output_ranks
 
 __all__ = ["Report", "optimize", "inspect", "list_nodes", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
 
@@ -82,7 +83,8 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
              gate: dict[str, float | None] | None = None, force: bool = False, seed: int = 0,
              batch_size: int = 32, samples: int | None = None, dims: dict[str, int] | None = None,
              preprocess: Any = None, progress: bool = False, on_pass: Callable[[PassRecord], None] | None = None,
-             slices: str | None = None, reference: serde.ModelSource | None = None) -> tuple[onnx.ModelProto, Report]:
+             slices: str | None = None, reference: serde.ModelSource | None = None,
+             task: str | TaskSpec | None = None) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and validate the result against the original.
 
     Args:
@@ -91,10 +93,9 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         recipe: A built-in recipe name or a TOML path (default: ``default`` when ``passes`` is None).
         calib: Calibration data for data-driven passes (see :func:`onnxcompress.runtime.data.open_source`).
         data: Validation data; defaults to ``calib``, else seeded random inputs.
-        validate: Compare the result with the original in onnxruntime and apply the gate.
-            Without validation nothing needs the original after loading: the manager frees
-            it (and each pass's input) once its graph is built (see :meth:`PassManager.run`'s
-            ``owned``), which bounds peak memory on big models.
+        validate: Compare the result with the original in onnxruntime and apply the gate. Without
+            validation nothing needs the original after loading: the manager frees it (and each pass's
+            input) once its graph is built (see :meth:`PassManager.run`'s ``owned``): less peak memory.
         gate: Gate threshold overrides (``min_cosine``, ``max_top1_drop``, ...).
         force: Return the model even if the gate fails (the report says it failed).
         seed: Seed for every random choice.
@@ -106,6 +107,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         on_pass: Called after each pass with its record.
         slices: Channel slices to validate, ``"OUTPUT:START[:STOP],..."`` (automatic ones either way).
         reference: Validate against this model (same inputs and outputs), not ``model``: the true original of a chain.
+        task: Task metrics: ``auto`` (default), ``none``, a task name or a :class:`TaskSpec` (see ``compare``).
 
     Returns:
         ``(optimized model, report)``; ``report.extra`` records the files and data used (:mod:`.pipeline.provenance`).
@@ -118,44 +120,75 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     """
     start = time.perf_counter()
     pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
-    box, ref, extra = _load(model, reference, validate)
-    slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
-    calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
-    ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=slice_spec)
+    inp = _load(model, reference, validate, slices, task)  # a bad task or slice fails before any pass runs
+    calib_src = open_source(calib, inp.box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
+    ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=inp.slices)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
-        before = model_metrics(box[0], dims)
-        original = (box[0] if ref is None else ref) if validate else None  # else the input may be freed early
-        result, records = manager.run(box.pop(), owned=original is None or ref is not None)
-        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name, extra=extra)
+        before = model_metrics(inp.box[0], dims)
+        original = (inp.box[0] if inp.ref is None else inp.ref) if validate else None  # else the input may be freed
+        result, records = manager.run(inp.box.pop(), owned=original is None or inp.ref is not None)
+        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe_name, extra=inp.extra)
         source = None if original is None else _validation_source(data, calib, original, seed, samples, dims, preprocess)
         if original is not None and source is not None:
-            report.validation = _validate(original, result, source, Gate.for_numerics(
-                manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress, slice_spec)
-    extra.update(data_record(calib_src, source))
+            gate_ = Gate.for_numerics(manager.numerics, **{**recipe_gate, **(gate or {})})
+            report.validation = _validate(original, result, source, gate_, batch_size, progress, inp.slices, inp.task)
+    inp.extra.update(data_record(calib_src, source))
     report.seconds = time.perf_counter() - start
     if report.validation is not None and not report.passed and not force:
         raise GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report, result)
     return result, report
 
 
-def _load(model: serde.ModelSource, reference: serde.ModelSource | None,
-          validate: bool) -> tuple[list[onnx.ModelProto], onnx.ModelProto | None, dict]:
-    """``([input model], reference model or None, records)``: ``input_model`` and ``reference`` (the
-    input's record unless a reference is given; None without validation)."""
+@dataclass
+class _Inputs:
+    """What :func:`optimize` loaded and parsed before any pass runs."""
+
+    box: list[onnx.ModelProto]  # the input model (the manager may free it)
+    ref: onnx.ModelProto | None  # --reference, else None
+    extra: dict  # records for the JSON report
+    slices: SliceSpec | None
+    task: TaskSpec
+
+
+def _load(model: serde.ModelSource, reference: serde.ModelSource | None, validate: bool, slices: str | None,
+          task: str | TaskSpec | None) -> _Inputs:
+    """Load the input (and reference) with their records (``input_model``, ``reference``: the input's
+    record unless a reference is given; None without validation); parse ``slices`` and ``task``,
+    refusing a task that no output's declared type can fit."""
+    task_spec = TaskSpec.of(task)
     if reference is not None and not validate:
         raise InputError("--reference needs validation (drop --no-validate)")
     loaded, record = load_with_record(model)
     ref, ref_record = load_reference(reference, loaded) if reference is not None else (None, None)
     if ref_record is None and validate:
         ref_record = {**(record or {"path": None, "sha256": None}), "given": False}
-    return [loaded], ref, {"input_model": record, "reference": ref_record}
+    spec = _output_options(loaded, slices, task_spec)
+    return _Inputs([loaded], ref, {"input_model": record, "reference": ref_record}, spec, task_spec)
+
+
+def _output_options(model: onnx.ModelProto, slices: str | None, task: TaskSpec) -> SliceSpec | None:
+    """The parsed ``slices``; refuses a task that no output's declared type can fit (before any pass runs)."""
+    check_output_ranks(task, {o.name: _float_rank(o.type.tensor_type) for o in model.graph.output})
+    return parse_slices(slices, [o.name for o in model.graph.output]) if slices else None
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _float_rank(tensor_type: onnx.TypeProto.Tensor) -> int | None:
+    """The declared rank of a float output, ``None`` when unknown, 0 for other element types."""
+    if tensor_type.elem_type not in _FLOATS:
+        return 0 if tensor_type.elem_type else None
+    return len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
 
 
 def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,
-              batch_size: int, progress: bool, slices: SliceSpec | None = None) -> ValidationReport:
+              batch_size: int, progress: bool, slices: SliceSpec | None = None,
+              task: TaskSpec | None = None) -> ValidationReport:
     """Compare ``result`` with ``original`` on ``source`` and check ``gate``."""
-    validation = compare_models(original, result, source, batch_size=batch_size, progress=progress, slices=slices)
+    validation = compare_models(original, result, source, batch_size=batch_size, progress=progress, slices=slices,
+                                task=task)
     validation.gate = gate
     validation.failures = gate.check(validation)
     return validation
@@ -190,16 +223,21 @@ def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None) -> 
 def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: Any = None, *,
             samples: int | None = None, seed: int = 0, batch_size: int = 32, dims: dict[str, int] | None = None,
             preprocess: Any = None, gate: Gate | None = None, progress: bool = False,
-            slices: str | None = None) -> ValidationReport:
+            slices: str | None = None, task: str | TaskSpec | None = None) -> ValidationReport:
     """Compare a candidate's outputs with a reference model's on the same inputs.
 
     Without ``data``, seeded random inputs are used. With a ``gate`` its verdict is filled in
     (every slice checked too). ``slices``: channel slices to measure, ``"OUTPUT:START[:STOP],..."``.
+    ``task``: task metrics, ``auto`` (default: inferred from the output layout where unambiguous),
+    ``none``, ``classification``, ``detection``, ``embedding``, ``segmentation``, or a :class:`TaskSpec`
+    with the detection settings; their thresholds (``min_det_f1``, ...) are :class:`Gate` fields.
     """
+    task_spec = TaskSpec.of(task)
     ref, cand = serde.load_model(reference), serde.load_model(candidate)
-    slice_spec = parse_slices(slices, [o.name for o in ref.graph.output]) if slices else None
+    slice_spec = _output_options(ref, slices, task_spec)
     source = _validation_source(data, None, ref, seed, samples, dims, preprocess)
-    report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec)
+    report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec,
+                            task=task_spec)
     if gate is not None:
         report.gate, report.failures = gate, gate.check(report)
     return report

@@ -22,7 +22,7 @@ from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
 from onnxcompress.core.fileio import atomic_write, file_record
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
-from onnxcompress.pipeline.validate import Gate
+from onnxcompress.pipeline.validate import Gate, gate_problem
 from onnxcompress.reporting.display import (
     show_bench,
     show_metrics,
@@ -33,6 +33,8 @@ from onnxcompress.reporting.display import (
 )
 from onnxcompress.runtime import bench as _bench
 from onnxcompress.runtime.data import parse_dims
+from onnxcompress.runtime.detection import DET_LAYOUTS
+from onnxcompress.runtime.tasks import TASKS, TaskSpec
 
 __all__ = ["GLOBAL_FLAGS", "PREPROCESS_HELP", "cli", "hoist_global_flags", "main"]
 
@@ -91,7 +93,36 @@ def _gate_options(f):
     f = click.option("--max-top1-drop", type=float, default=None, help="Max accuracy drop in points (needs labels).")(f)
     f = click.option("--min-cosine", type=float, default=None, help="Minimum cosine similarity per output.")(f)
     f = click.option("--slices", default=None, metavar="OUTPUT:START:STOP,...", help=_SLICES_HELP)(f)
+    f = click.option("--min-det-f1", type=float, default=None,
+                     help="Minimum detection F1 vs the original's detections (0..1; detection outputs).")(f)
+    f = click.option("--min-seg-miou", type=float, default=None,
+                     help="Minimum mean IoU of the argmax maps vs the original's (0..1; segmentation outputs).")(f)
+    f = click.option("--min-emb-cosine", type=float, default=None,
+                     help="Minimum per-sample cosine of embeddings (-1..1; --task embedding).")(f)
+    return _task_options(f)
+
+
+_TASK_HELP = ("Task metrics vs the original: classification (top-5 agreement), detection (YOLO-style heads "
+              "decoded, NMS, precision/recall/F1 of the boxes), embedding (per-sample cosine, nearest-neighbour "
+              "agreement), segmentation (argmax agreement, mIoU); none; auto infers it from the output layout "
+              "only when unambiguous ([N, C] classifier, YOLOv8 head [N, 4+nc, A], [N, C, H, W] with C <= 64) "
+              "and says so in one line.")
+
+
+def _task_options(f):
+    f = click.option("--det-layout", type=click.Choice(DET_LAYOUTS), default="auto", show_default=True,
+                     help="Detection head: yolov8 (no objectness), yolov5 (objectness), auto: yolov8 for "
+                          "[N, 4+nc, A], yolov5 for [N, A, 5+nc].")(f)
+    f = click.option("--det-iou", type=float, default=0.45, show_default=True, help="Detection NMS IoU threshold.")(f)
+    f = click.option("--det-conf", type=float, default=0.25, show_default=True,
+                     help="Detection confidence threshold.")(f)
+    f = click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True, help=_TASK_HELP)(f)
     return f
+
+
+def _task_spec(kw: dict) -> TaskSpec:
+    return TaskSpec(kw.pop("task"), det_conf=kw.pop("det_conf"), det_iou=kw.pop("det_iou"),
+                    det_layout=kw.pop("det_layout"))
 
 
 _SLICES_HELP = ("Also measure channel slices along axis 1 (the feature axis), gated like whole outputs: "
@@ -100,8 +131,18 @@ _SLICES_HELP = ("Also measure channel slices along axis 1 (the feature axis), ga
                 "clearly different scale (>10x) are sliced automatically.")
 
 
+_GATE_KEYS = ("min_cosine", "max_top1_drop", "min_top1_agreement", "min_sqnr", "max_rel_err", "min_det_f1",
+              "min_seg_miou", "min_emb_cosine")
+
+
 def _gate_overrides(kw: dict) -> dict:
-    return {k: kw.pop(k) for k in ("min_cosine", "max_top1_drop", "min_top1_agreement", "min_sqnr", "max_rel_err")}
+    """The gate thresholds given on the command line, each checked against its range."""
+    gate = {k: kw.pop(k) for k in _GATE_KEYS}
+    for key, value in gate.items():
+        problem = None if value is None else gate_problem(key, value)
+        if problem:
+            raise InputError(f"--{key.replace('_', '-')} {value:g}: {problem}")
+    return gate
 
 
 def _write_json(target: str | None, payload: dict) -> None:
@@ -138,7 +179,7 @@ def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, reci
              calib_random: int | None, data: str | None, no_validate: bool, force: bool, json_path: str | None,
              external_data: bool | None, reference: Path | None, **kw) -> None:
     """Run a pipeline of passes on MODEL, validate against the original, and save."""
-    gate = _gate_overrides(kw)
+    gate, task = _gate_overrides(kw), _task_spec(kw)
     output = output or Path(model.name.removesuffix(".onnx") + ".opt.onnx")
     if output.exists() and model.exists() and output.resolve() == model.resolve():
         raise InputError(f"{output}: output path is the input model; choose another output")
@@ -152,7 +193,7 @@ def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, reci
             model, spec, recipe=recipe if spec is None else _no_both(recipe), calib=calib_src, data=data,
             validate=not no_validate, gate=gate, force=force, seed=kw["seed"], batch_size=kw["batch_size"],
             samples=kw["samples"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"],
-            slices=kw["slices"], reference=reference)
+            slices=kw["slices"], reference=reference, task=task)
     except GateFailed as exc:
         _print_report(show, console, exc.report)
         _write_json(json_path, {"model": str(model), "output": None, **exc.report.as_dict(), "output_model": None})
@@ -214,12 +255,12 @@ def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple
 @click.pass_obj
 def compare(obj: dict, reference: Path, candidate: Path, data: str | None, json_path: str | None, **kw) -> None:
     """Compare CANDIDATE's outputs with REFERENCE's (exit 1 if a given threshold fails)."""
-    overrides = _gate_overrides(kw)
+    overrides, task = _gate_overrides(kw), _task_spec(kw)
     gate = Gate(**{k: v for k, v in overrides.items() if v is not None}) if any(
         v is not None for v in overrides.values()) else None
     report = api.compare(reference, candidate, data, samples=kw["samples"], seed=kw["seed"],
                          batch_size=kw["batch_size"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"],
-                         gate=gate, progress=obj["progress"], slices=kw["slices"])
+                         gate=gate, progress=obj["progress"], slices=kw["slices"], task=task)
     if json_path != "-" and not obj["quiet"]:
         show_validation(_console(), report)
     _write_json(json_path, report.as_dict())

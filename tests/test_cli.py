@@ -114,11 +114,11 @@ def test_bad_models_exit_2(tmp_path, capsys, content):
 def test_failed_gate_exit_1_nothing_written(tmp_path, model_path, capsys):
     out = tmp_path / "o.onnx"
     code, stdout, err = _run(capsys, "optimize", model_path, "-o", out, "--passes", "fold_bn",
-                             "--max-rel-err", "-1", "--json", tmp_path / "r.json")
+                             "--max-rel-err", "0", "--json", tmp_path / "r.json")
     assert code == 1 and "validation gate failed" in err
     assert not out.exists()
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
-    code, _, _ = _run(capsys, "optimize", model_path, "-o", out, "--passes", "fold_bn", "--max-rel-err", "-1", "--force")
+    code, _, _ = _run(capsys, "optimize", model_path, "-o", out, "--passes", "fold_bn", "--max-rel-err", "0", "--force")
     assert code == 1 and out.exists()
 
 

@@ -29,8 +29,9 @@ from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.fidelity import OutputAccumulator, OutputMetrics, SliceMetrics, SliceSpec
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
+from onnxcompress.runtime.tasks import TaskAccumulator, TaskMetrics, TaskSpec, start_task, task_note
 
-__all__ = ["GATE_RANGES", "ValidationReport", "Gate", "compare_models", "gate_problem", "parse_slices"]
+__all__ = ["GATE_RANGES", "TASK_GATES", "ValidationReport", "Gate", "compare_models", "gate_problem", "parse_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ValidationReport:
     outputs: list[OutputMetrics]
     gate: Gate | None = None
     failures: list[str] = field(default_factory=list)
+    task_note: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -54,15 +56,17 @@ class ValidationReport:
         """JSON-ready form (infinities as strings)."""
         outs = []
         for o in self.outputs:
-            d = {k: _jsonable(v) for k, v in asdict(o).items() if k != "slices"}
+            d = {k: _jsonable(v) for k, v in asdict(o).items() if k not in ("slices", "task")}
             d["top1_drop"] = _jsonable(o.top1_drop)
             if o.slices:  # only sliced outputs carry the key
                 d["slices"] = [{"name": s.label(o.name), **{k: _jsonable(v) for k, v in asdict(s).items()}}
                                for s in o.slices]
+            if o.task is not None:  # only outputs with a task carry the key
+                d["task"] = o.task.as_dict()
             outs.append(d)
         return {"data": self.data, "samples": self.samples, "outputs": outs,
                 "gate": self.gate.as_dict() if self.gate else None, "passed": self.passed,
-                "failures": self.failures}
+                "failures": self.failures, **({"task_note": self.task_note} if self.task_note else {})}
 
 
 def _jsonable(v):
@@ -79,6 +83,16 @@ GATE_RANGES: dict[str, tuple[float, float]] = {
     "min_sqnr": (-math.inf, math.inf),
     "min_top1_agreement": (0.0, 1.0),
     "max_top1_drop": (0.0, 100.0),
+    "min_det_f1": (0.0, 1.0),
+    "min_seg_miou": (0.0, 1.0),
+    "min_emb_cosine": (-1.0, 1.0),
+}
+
+#: Task thresholds of the :class:`Gate`: ``key: (task, metric in TaskMetrics.values, label)``.
+TASK_GATES: dict[str, tuple[str, str, str]] = {
+    "min_det_f1": ("detection", "f1", "detection F1"),
+    "min_seg_miou": ("segmentation", "miou", "segmentation mIoU"),
+    "min_emb_cosine": ("embedding", "cosine_min", "min per-sample embedding cosine"),
 }
 
 
@@ -106,6 +120,11 @@ class Gate:
         min_sqnr: SQNR floor in dB.
         min_top1_agreement: Fraction of samples whose argmax agrees (classifier outputs).
         max_top1_drop: Task accuracy drop in points (needs labels).
+        min_det_f1: Detection F1 vs the reference's detections (outputs evaluated as detection).
+        min_seg_miou: Mean IoU of the argmax maps (outputs evaluated as segmentation).
+        min_emb_cosine: Lowest per-sample cosine (outputs evaluated as embeddings).
+
+    A task threshold fails when no output was evaluated for its task (set the task).
     """
 
     max_rel_err: float | None = None
@@ -114,6 +133,9 @@ class Gate:
     min_sqnr: float | None = None
     min_top1_agreement: float | None = None
     max_top1_drop: float | None = None
+    min_det_f1: float | None = None
+    min_seg_miou: float | None = None
+    min_emb_cosine: float | None = None
 
     @classmethod
     def for_numerics(cls, numerics: Numerics, **overrides: float | None) -> Gate:
@@ -137,13 +159,30 @@ class Gate:
         return asdict(self)
 
     def check(self, report: ValidationReport) -> list[str]:
-        """Human-readable failures (empty when the candidate passes): whole outputs, then each slice."""
+        """Human-readable failures (empty when the candidate passes): whole outputs, then each slice,
+        then the task metrics."""
         fails = []
         for o in report.outputs:
             fails += self._check_output(o)
             for s in o.slices:
                 fails += self._check_fidelity(s.label(o.name), s)
-        return fails
+        return fails + self._check_tasks(report.outputs)
+
+    def _check_tasks(self, outputs: list[OutputMetrics]) -> list[str]:
+        out = []
+        for key, (task, metric, label) in TASK_GATES.items():
+            floor = getattr(self, key)
+            if floor is None:
+                continue
+            evaluated = [(o.name, o.task.values.get(metric)) for o in outputs
+                         if o.task is not None and o.task.task == task]
+            if not evaluated:
+                out.append(f"{key} {floor:g}: no output was evaluated as {task} (set the task: --task {task})")
+            for name, value in evaluated:
+                v = math.nan if value is None else float(value)
+                if not v >= floor:
+                    out.append(f"{name}: {label} {v:.4f} < {floor:g}")
+        return out
 
     def _check_fidelity(self, name: str, o: OutputMetrics | SliceMetrics) -> list[str]:
         out = []
@@ -207,15 +246,19 @@ def _parse_slice(item: str, outputs: list[str]) -> tuple[str, int, int | None]:
 
 def compare_models(ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibSource, *,
                    batch_size: int = 32, threads: int = 0, progress: bool = False,
-                   slices: SliceSpec | None = None, auto_slice: bool = True) -> ValidationReport:
+                   slices: SliceSpec | None = None, auto_slice: bool = True,
+                   task: TaskSpec | None = None) -> ValidationReport:
     """Run both models on ``data`` and measure how far the candidate's outputs are.
 
     Outputs are matched by name; the candidate must have every output of the reference. ``slices``
     (from :func:`parse_slices`) adds metrics for channel slices of named outputs; other outputs get
-    automatic slices when ``auto_slice`` is on (see the module docstring).
+    automatic slices when ``auto_slice`` is on (see the module docstring). ``task`` (default
+    ``auto``) adds task metrics (:mod:`onnxcompress.runtime.tasks`) to the outputs it applies to;
+    what ``auto`` inferred is logged in one line and kept as ``task_note``.
 
     Raises:
-        InputError: The reference does not run on this data, or a slice does not fit its output.
+        InputError: The reference does not run on this data, a slice does not fit its output, or an
+            explicit task fits no output.
         PassFailed: The candidate does not load or run, or lost/changed an output.
     """
     ref_sess = make_session(ref, threads=threads)
@@ -232,16 +275,41 @@ def compare_models(ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibSourc
     if unknown:
         raise InputError(f"--slices: unknown output(s) {unknown}; outputs: {', '.join(names)}")
     accs = {n: OutputAccumulator(n, slices.get(n), auto_slice) for n in names}
+    tasks: _Tasks | None = None
     samples = 0
     for batch in track(data.batches(batch_size), "validating", enabled=progress):
-        ref_out = _run(ref_sess, names, batch.feeds, InputError, "the original model")
-        cand_out = _run(cand_sess, names, batch.feeds, PassFailed, "the optimized model")
+        ref_out = [np.asarray(r) for r in _run(ref_sess, names, batch.feeds, InputError, "the original model")]
+        cand_out = [np.asarray(c) for c in _run(cand_sess, names, batch.feeds, PassFailed, "the optimized model")]
         for name, r, c in zip(names, ref_out, cand_out):
-            accs[name].add(np.asarray(r), np.asarray(c), batch.labels)
+            accs[name].add(r, c, batch.labels)
+        tasks = tasks or _Tasks(task or TaskSpec(), dict(zip(names, ref_out)))
+        tasks.add(ref_out, cand_out)
         samples += len(batch)
-    if not samples:
+    if not samples or tasks is None:
         raise InputError(f"{data.description}: no samples")
-    return ValidationReport(data.description, samples, [a.result() for a in accs.values()])
+    outputs = [a.result() for a in accs.values()]
+    for o in outputs:
+        o.task = tasks.result(o.name)
+    return ValidationReport(data.description, samples, outputs, task_note=tasks.note)
+
+
+class _Tasks:
+    """The task accumulators of every output, started on the reference's first batch."""
+
+    def __init__(self, spec: TaskSpec, first: dict[str, np.ndarray]):
+        self.accs: dict[str, TaskAccumulator | None] = {n: start_task(r, spec) for n, r in first.items()}
+        self.note = task_note(spec, self.accs, {n: str(["N", *r.shape[1:]]).replace("'", "") for n, r in first.items()})
+        if self.note:
+            log.info("%s", self.note)
+
+    def add(self, ref_out: list[np.ndarray], cand_out: list[np.ndarray]) -> None:
+        for acc, r, c in zip(self.accs.values(), ref_out, cand_out):
+            if acc is not None:
+                acc.add(r, c)
+
+    def result(self, name: str) -> TaskMetrics | None:
+        acc = self.accs[name]
+        return acc.result() if acc is not None else None
 
 
 def _run(sess, names, feeds, error, what):

@@ -141,6 +141,11 @@ def show_validation(console: Console, v: ValidationReport) -> None:
     hidden = sum(max(len(o.slices) - WORST_SLICES_SHOWN, 0) for o in v.outputs)
     if hidden:
         console.print(f"({hidden} better slice(s) not shown; all are in --json)")
+    for o in v.outputs:
+        if o.task is not None:
+            console.print(f"task {o.name}: {o.task.summary()}")
+    if v.task_note:
+        console.print(v.task_note)
     if v.gate is not None:
         if v.passed:
             console.print("[green]gate passed[/green]")

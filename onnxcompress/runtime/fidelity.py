@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxcompress.core.errors import InputError, PassFailed
+from onnxcompress.runtime.tasks import TaskMetrics
 
 __all__ = ["AUTO_SLICE_RATIO", "ReferenceScales", "MAX_AUTO_SLICES", "MAX_SLICE_CHANNELS", "SliceSpec", "SliceMetrics",
            "OutputMetrics", "OutputAccumulator", "ChannelSums", "auto_slices", "fidelity_numbers",
@@ -91,6 +92,7 @@ class OutputMetrics:
     cand_accuracy: float | None = None
     max_ref: float = 0.0
     slices: list[SliceMetrics] = field(default_factory=list)
+    task: TaskMetrics | None = None
 
     def worst_slices(self, n: int | None = None) -> list[SliceMetrics]:
         """The slices, lowest SQNR (then cosine) first; at most ``n``."""

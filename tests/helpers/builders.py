@@ -98,15 +98,24 @@ def yolo_split_head(classes: int = 6, seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, {"x": ["N", 3, 64]}, ["y"], init)
 
 
-def yolo_like(score_noise: float = 0.0, seed: int = 0, classes: int = 6) -> onnx.ModelProto:
+def yolo_like(score_noise: float = 0.0, seed: int = 0, classes: int = 6, score_step: float = 0.0) -> onnx.ModelProto:
     """A YOLO-like head ``x [N, 3, 64] -> y [N, 4+classes, 64]``: box rows ``320·Sigmoid(Conv)``
     (0-320) concatenated with class-score rows ``Sigmoid(Conv)`` (0-1). ``score_noise`` perturbs
-    only the score conv's weights (a candidate whose scores are off but whose boxes are exact)."""
+    only the score conv's weights (a candidate whose scores are off but whose boxes are exact);
+    ``score_step`` > 0 rounds the scores to that step (uint8 QuantizeLinear/DequantizeLinear, as an
+    int8 model with a coarse activation scale does)."""
     rng = np.random.default_rng(seed)
     wb = rng.standard_normal((4, 3, 1))
     ws = rng.standard_normal((classes, 3, 1))
     ws = ws + score_noise * np.random.default_rng(seed + 1).standard_normal(ws.shape)
+    inits = {"wb": wb, "ws": ws, "k": np.array(320.0)}
     nodes = [node("Conv", ["x", "wb"], "bc"), node("Sigmoid", ["bc"], "bs"), node("Mul", ["bs", "k"], "box"),
-             node("Conv", ["x", "ws"], "sc"), node("Sigmoid", ["sc"], "score"),
-             node("Concat", ["box", "score"], "y", axis=1)]
-    return make_model(nodes, {"x": ["N", 3, 64]}, ["y"], {"wb": wb, "ws": ws, "k": np.array(320.0)})
+             node("Conv", ["x", "ws"], "sc"), node("Sigmoid", ["sc"], "score")]
+    score = "score"
+    if score_step > 0:
+        inits |= {"qs": np.array(score_step, dtype=np.float32), "qz": np.array(0, dtype=np.uint8)}
+        nodes += [node("QuantizeLinear", ["score", "qs", "qz"], "score_q"),
+                  node("DequantizeLinear", ["score_q", "qs", "qz"], "score_dq")]
+        score = "score_dq"
+    nodes.append(node("Concat", ["box", score], "y", axis=1))
+    return make_model(nodes, {"x": ["N", 3, 64]}, ["y"], inits)

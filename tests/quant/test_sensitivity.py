@@ -237,8 +237,8 @@ def test_mixed_precision_targets_hold_on_the_worst_slice():
         assert res.stats["mixed_worst"] == "y[0:4]" and res.stats["mixed_sqnr"] >= 25
     # the user's slices decide what is judged: with only the box rows named, nothing is kept float
     from onnxcompress.core.pass_api import PassContext
-    from onnxcompress.pipeline.manager import PassManager, parse_spec
     from onnxcompress.passes.quantize_int8 import CPU_FLAGS
+    from onnxcompress.pipeline.manager import PassManager, parse_spec
     from tests.helpers.quant import NO_VNNI
 
     ctx = PassContext(calib=source, slices={"y": [(0, 4)]}, values={CPU_FLAGS: NO_VNNI})
