@@ -118,8 +118,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         PassFailed: A pass failed.
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
-    start = time.perf_counter()
-    pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
+    start, (pipeline, recipe_gate, recipe_name) = time.perf_counter(), _pipeline(passes, recipe, calib)
     inp = _load(model, reference, validate, slices, task)  # a bad task or slice fails before any pass runs
     calib_src = open_source(calib, inp.box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=inp.slices)
@@ -128,7 +127,8 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         before = model_metrics(inp.box[0], dims)
         original = (inp.box[0] if inp.ref is None else inp.ref) if validate else None  # else the input may be freed
         result, records = manager.run(inp.box.pop(), owned=original is None or inp.ref is not None)
-        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe_name, extra=inp.extra)
+        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name,
+                        extra=inp.extra)
         source = None if original is None else _validation_source(data, calib, original, seed, samples, dims, preprocess)
         if original is not None and source is not None:
             gate_ = Gate.for_numerics(manager.numerics, **{**recipe_gate, **(gate or {})})

@@ -83,6 +83,14 @@ Rules:
     activations that matter downstream; on nudenet's YOLOv8n, MSE-clipping them cost 1.8 dB
     of output SQNR (23.3 dB vs 25.1 dB, 32 calibration / 16 held-out synthetic images).
 
+14. A tensor read only by saturating activations -- ``Sigmoid(t)``, or a SiLU's ``Sigmoid(t)`` and
+    ``Mul(t, Sigmoid(t))`` -- is clamped to ``[-SATURATION, SATURATION]`` (Sigmoid only) or
+    ``[-SATURATION, ...)`` (SiLU) before its scale is chosen (``QdqPlan.bounds``): beyond 8 the
+    Sigmoid is within 3.4e-4 of 0 or 1 and the SiLU within 2.7e-3 of 0, below one step of their
+    outputs' grids, so those values need no levels of their own. A YOLOv8 conv output before its
+    SiLU spans about [-120, 110]; clamped to [-8, 110] its step halves. The class logits before a
+    detector's score Sigmoid get the same treatment.
+
 ConvTranspose has no integer kernel on the CPU provider, so it keeps float compute with an int8
 weight (a ``weights`` group) and its activations are not quantized on its account.
 """
@@ -103,6 +111,7 @@ from onnxcompress.quant.options import QuantConfig
 
 __all__ = [
     "DECLINE_REASONS",
+    "SATURATION",
     "KINDS",
     "QUANTIZED_OPS",
     "R_ISOLATED",
@@ -199,7 +208,8 @@ class QdqPlan:
         tensors: Activation tensors that get a Q/DQ pair, in graph order.
         shared: ``{passthrough output: tensor whose parameters it reuses}``.
         one_sided: Outputs of folded Relu/Clip with lower bound >= 0.
-        bounds: ``{tensor: (lo, hi)}`` clamps from folded Clip/Relu bounds.
+        bounds: ``{tensor: (lo, hi)}`` clamps from folded Clip/Relu bounds and saturating readers
+            (rule 14).
         consumers: ``{tensor: [(group, input index)]}`` quantized slots reading each tensor.
         unclipped: Tensors whose range is their calibrated min/max whatever the method (rule 13).
     """
@@ -538,6 +548,25 @@ def _fill_tensors(graph: gs.Graph, plan: QdqPlan, wanted: set[str]) -> None:
                 plan.consumers.setdefault(t.name, []).append((g, i))
         if _is_silu(g.node) and g.output.name in wanted:
             plan.unclipped.add(g.output.name)
+    _saturation_bounds(graph, plan, wanted)
+
+
+#: Rule 14: inputs of Sigmoid/SiLU are clamped to this magnitude (sigmoid(-8) = 3.4e-4).
+SATURATION = 8.0
+
+
+def _saturation_bounds(graph: gs.Graph, plan: QdqPlan, wanted: set[str]) -> None:
+    """Rule 14: clamp tensors read only by Sigmoid (both ends) or a SiLU (lower end)."""
+    outputs = {t.name for t in graph.outputs}
+    for name, t in graph.tensors().items():
+        if name not in wanted or name in outputs or not t.outputs:
+            continue
+        readers = list(t.outputs)
+        if not all(n.op == "Sigmoid" or _is_silu(n) for n in readers):
+            continue
+        hi = SATURATION if all(n.op == "Sigmoid" for n in readers) else np.inf
+        lo0, hi0 = plan.bounds.get(name, (-np.inf, np.inf))
+        plan.bounds[name] = (max(lo0, -SATURATION), min(hi0, hi))
 
 
 # ------------------------------------------------------------------------------------ rewriting

@@ -397,3 +397,38 @@ def test_silu_output_keeps_its_full_range_whatever_the_method():
     c_mse, c_minmax = (float(qdq_params(quantize(model, f"quantize_int8:method={m}")[0], "c")[1])
                        for m in ("mse", "minmax"))
     assert c_mse != c_minmax  # other tensors still follow the method
+
+
+def _saturating_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv -> SiLU -> Conv (y); Conv -> Sigmoid (p, a score); Conv -> Sigmoid and Add (q): wide logits."""
+    init = {**weights(rng, "a", 4, 3), **weights(rng, "b", 4, 4), **weights(rng, "s", 4, 3), **weights(rng, "t", 4, 3)}
+    for k in ("a_W", "s_W", "t_W"):
+        init[k] = init[k] * 40  # conv outputs reach about -100 .. 100
+    nodes = [conv("x", "c", "a"), helper.make_node("Sigmoid", ["c"], ["sg"]),
+             helper.make_node("Mul", ["c", "sg"], ["silu"], name="silu_mul"), conv("silu", "y", "b"),
+             conv("x", "d", "s"), helper.make_node("Sigmoid", ["d"], ["p"]),
+             conv("x", "e", "t"), helper.make_node("Sigmoid", ["e"], ["se"]),
+             helper.make_node("Add", ["e", "se"], ["q"], name="add_e")]
+    return make_model(nodes, X, ["y", "p", "q"], init)
+
+
+def test_inputs_of_saturating_activations_are_clamped(monkeypatch):
+    """Rule 14: read only by a SiLU -> clamped below at -8; only by a Sigmoid -> [-8, 8]; another
+    reader (the Add) -> not clamped. The clamp buys resolution where the activation is not flat."""
+    model = _saturating_model(np.random.default_rng(13))
+    plan = placement.plan_placement(serde.to_graph(model), QuantConfig(), PassResult())
+    s = placement.SATURATION
+    assert plan.bounds["c"] == (-s, np.inf) and plan.bounds["d"] == (-s, s) and "e" not in plan.bounds
+    q, _ = quantize(model)
+    monkeypatch.setattr(placement, "SATURATION", np.inf)
+    unclamped, _ = quantize(model)
+    assert float(qdq_params(q, "c")[1]) < 0.7 * float(qdq_params(unclamped, "c")[1])
+    assert float(qdq_params(q, "d")[1]) < 0.7 * float(qdq_params(unclamped, "d")[1])
+    feeds = feeds_for(model, 16)
+    ref, new, old = ort_run(model, feeds), ort_run(q, feeds), ort_run(unclamped, feeds)
+
+    def sqnr(r, c):
+        return 10 * np.log10((r ** 2).sum() / ((r - c) ** 2).sum())
+
+    assert sqnr(ref[1], new[1]) > sqnr(ref[1], old[1]) + 3  # the score p (its own 1/255 grid limits the gain)
+    assert sqnr(ref[0], new[0]) > sqnr(ref[0], old[0])  # y, after the SiLU: its own Q/DQ dominates
