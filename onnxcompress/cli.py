@@ -20,6 +20,7 @@ from onnxcompress._version import __version__
 from onnxcompress.core import serde
 from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
 from onnxcompress.core.fileio import atomic_write, file_record
+from onnxcompress.core.pass_api import Numerics
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
 from onnxcompress.pipeline.validate import Gate, gate_problem
@@ -250,14 +251,17 @@ def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--data", default=None, metavar="PATH", help="Inputs (.npz with optional labels, folder, images); default random.")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write metrics as JSON ('-' for stdout).")
+@click.option("--no-gate", is_flag=True, help="Only measure: no default gate (thresholds given still apply).")
 @_gate_options
 @_data_options
 @click.pass_obj
-def compare(obj: dict, reference: Path, candidate: Path, data: str | None, json_path: str | None, **kw) -> None:
-    """Compare CANDIDATE's outputs with REFERENCE's (exit 1 if a given threshold fails)."""
+def compare(obj: dict, reference: Path, candidate: Path, data: str | None, json_path: str | None, no_gate: bool,
+            **kw) -> None:
+    """Compare CANDIDATE's outputs with REFERENCE's; exit 1 if the gate fails (by default the lossy
+    gate: cosine >= 0.99 on every output and channel slice, accuracy drop <= 1 point with labels)."""
     overrides, task = _gate_overrides(kw), _task_spec(kw)
-    gate = Gate(**{k: v for k, v in overrides.items() if v is not None}) if any(
-        v is not None for v in overrides.values()) else None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    gate = (Gate(**given) if given else None) if no_gate else Gate.for_numerics(Numerics.LOSSY, **given)
     report = api.compare(reference, candidate, data, samples=kw["samples"], seed=kw["seed"],
                          batch_size=kw["batch_size"], dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"],
                          gate=gate, progress=obj["progress"], slices=kw["slices"], task=task)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VIEWS", "photo_sources", "photos", "main"]
+__all__ = ["VIEWS", "photo_sources", "photos", "random_crops", "main"]
 
 log = logging.getLogger("photos")
 
@@ -92,6 +92,25 @@ def photos(size: int | tuple[int, int] = 320, count: int = 32, layout: str = "NC
         img = np.ascontiguousarray(VIEWS[view](sources[name]))
         batch[i] = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
     return batch if layout == "NHWC" else np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+def random_crops(size: int = 320, per_photo: int = 14, seed: int = 123) -> np.ndarray:
+    """``per_photo`` seeded random square crops of every photo (side 35-100 % of the short side,
+    mirrored half of the time), resized to ``size``: float32 RGB NCHW in [0, 1]. A larger held-out
+    set than the fixed views, for metrics that need many detections."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for img in photo_sources().values():
+        h, w = img.shape[:2]
+        for _ in range(per_photo):
+            side = int(min(h, w) * rng.uniform(0.35, 1.0))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = np.ascontiguousarray(img[top:top + side, left:left + side])
+            a = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+            out.append(a[:, ::-1] if rng.random() < 0.5 else a)
+    return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2))
 
 
 def main(argv: list[str] | None = None) -> int:

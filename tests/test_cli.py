@@ -263,6 +263,18 @@ def test_compare_fails_on_the_worst_slice_and_names_it(yolo_pair, capsys):
     assert _run(capsys, "compare", ref, ref, "--min-cosine", "0.99")[0] == 0
 
 
+def test_compare_applies_the_lossy_gate_by_default(yolo_pair, capsys):
+    """Without thresholds, compare still gates (cosine >= 0.99 on every output and slice); --no-gate
+    only measures."""
+    ref, cand = yolo_pair
+    code, _, err = _run(capsys, "-q", "compare", ref, cand)
+    assert code == 1 and err.startswith("error: y[4:10]: cosine") and "< 0.99" in err
+    code, out, _ = _run(capsys, "compare", ref, cand, "--no-gate", "--json", "-")
+    assert code == 0 and json.loads(out)["gate"] is None
+    assert _run(capsys, "compare", ref, cand, "--no-gate", "--min-sqnr", "20")[0] == 1
+    assert _run(capsys, "-q", "compare", ref, ref)[0] == 0
+
+
 def test_compare_user_slices(yolo_pair, capsys):
     ref, cand = yolo_pair
     code, out, err = _run(capsys, "compare", ref, cand, "--slices", "y:0:4,0:8:", "--min-sqnr", "20", "--json", "-")

@@ -272,7 +272,7 @@ def test_every_pass_with_numeric_options_declares_ranges():
 
 
 def test_option_combinations_are_checked_when_configured():
-    with pytest.raises(InputError, match="^quantize_int8: max_drop, min_cosine and latency_aware need full"):
+    with pytest.raises(InputError, match="^quantize_int8: max_drop, min_cosine, min_sqnr and latency_aware need full"):
         get_pass("quantize_int8")(weights_only=True, latency_aware=True)
     with pytest.raises(InputError, match="^pass factorize_svd: rank rules rank, energy conflict"):
         get_pass("factorize_svd")(rank=8, energy=0.9)

@@ -189,7 +189,7 @@ class QuantizeInt8(Pass):
         "min_cosine": Option(float, None, "mixed precision: min cosine vs float over outputs and channel slices "
                                           "on the calibration data", interval="[-1, 1]"),
         "min_sqnr": Option(float, None, "mixed precision: min SQNR (dB) vs float over outputs and channel slices "
-                                        "on the calibration data"),
+                                        "on the calibration data", interval="[0, inf)"),
         "latency_aware": Option(bool, False, "time each layer int8 vs float here; keep float where int8 is slower"),
         "latency_margin": Option(float, 0.05, "latency_aware: tolerated int8 slowdown (0.05 = 5 %)",
                                  interval="[0, inf)"),
