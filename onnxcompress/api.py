@@ -14,10 +14,11 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import GateFailed, InputError
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
+from onnxcompress.core.shapes import Dims
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
 from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
-from onnxcompress.runtime.data import CalibSource, open_source
+from onnxcompress.runtime.data import CalibSource, data_dims, open_source
 from onnxcompress.runtime.progress import steps
 
 __all__ = ["Report", "optimize", "inspect", "list_nodes", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
@@ -100,7 +101,9 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         seed: Seed for every random choice.
         batch_size: Batch size for calibration and validation runs.
         samples: Use at most this many validation samples.
-        dims: Values for symbolic input dims (by name).
+        dims: Values for symbolic input dims (by name). Dims not given take the shapes of the first
+            batch of ``calib`` (else ``data``), else defaults (with a warning); the report's
+            ``before``/``after`` ``dims`` say which.
         preprocess: Image preprocessing spec for image-folder data.
         progress: Show progress bars.
         on_pass: Called after each pass with its record.
@@ -120,16 +123,19 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     box = [serde.load_model(model)]
     slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
     calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
-    ctx = PassContext(calib=calib_src, seed=seed, progress=progress)
+    data_src = open_source(data, box[0], preprocess=preprocess, limit=samples, seed=seed, dims=dims) \
+        if validate and data is not None else None
+    run_dims = data_dims(box[0], dims, ("--calib", calib, calib_src), ("--data", data, data_src))
+    ctx = PassContext(calib=calib_src, seed=seed, progress=progress, dims=run_dims)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
-        before = model_metrics(box[0], dims)
+        before = model_metrics(box[0], run_dims)
         # without validation nothing needs the original later: the first pass's result may replace it in memory
         original = box[0] if validate else None
         result, records = manager.run(box.pop(), owned=not validate)
-        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name)
+        report = Report(before, model_metrics(result, run_dims), records, manager.numerics, recipe=recipe_name)
         if original is not None:
-            source = _validation_source(data, calib, original, seed, samples, dims, preprocess)
+            source = data_src or _validation_source(None, calib, original, seed, samples, run_dims, preprocess)
             report.validation = _validate(original, result, source, Gate.for_numerics(
                 manager.numerics, **{**recipe_gate, **(gate or {})}), batch_size, progress, slice_spec)
     report.seconds = time.perf_counter() - start
@@ -156,21 +162,38 @@ def _chain(*callbacks: Callable[[PassRecord], None] | None) -> Callable[[PassRec
     return call
 
 
-def _validation_source(data, calib, model, seed, samples, dims, preprocess) -> CalibSource:
+def _validation_source(data, calib, model, seed, samples, dims: Dims, preprocess) -> CalibSource:
     chosen = data if data is not None else calib
     if chosen is None:
         chosen = f"random:{samples or DEFAULT_VALIDATION_SAMPLES}"
-    return open_source(chosen, model, preprocess=preprocess, limit=samples, seed=seed, dims=dims)
+    return open_source(chosen, model, preprocess=preprocess, limit=samples, seed=seed, dims=dims.values)
 
 
-def inspect(model: serde.ModelSource, dims: dict[str, int] | None = None) -> ModelMetrics:
-    """Size, parameters, MACs per node and in total, op counts of a model."""
-    return model_metrics(serde.load_model(model), dims)
+def inspect(model: serde.ModelSource, dims: dict[str, int] | None = None, *, calib: Any = None, data: Any = None,
+            preprocess: Any = None) -> ModelMetrics:
+    """Size, parameters, MACs per node and in total, op counts of a model.
+
+    Symbolic input dims take the values in ``dims``, then the shapes of the first batch of ``calib``
+    (else ``data``), else the defaults (with a warning); :attr:`ModelMetrics.dims` says which.
+    """
+    loaded = serde.load_model(model)
+    return model_metrics(loaded, _inspect_dims(loaded, dims, calib, data, preprocess))
 
 
-def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None) -> list[NodeInfo]:
-    """Every node (name, op type, output shapes): the names options such as ``exclude=`` take."""
-    return node_list(serde.load_model(model), dims)
+def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None, *, calib: Any = None,
+               data: Any = None, preprocess: Any = None) -> list[NodeInfo]:
+    """Every node (name, op type, output shapes): the names options such as ``exclude=`` take.
+    Symbolic dims as in :func:`inspect`."""
+    loaded = serde.load_model(model)
+    return node_list(loaded, _inspect_dims(loaded, dims, calib, data, preprocess))
+
+
+def _inspect_dims(model: onnx.ModelProto, dims: dict[str, int] | None, calib: Any, data: Any, preprocess: Any) -> Dims:
+    """:func:`onnxcompress.runtime.data.data_dims` with ``calib`` and ``data`` opened here (only
+    their first sample is read)."""
+    opened = [(option, value, open_source(value, model, preprocess=preprocess, limit=1, dims=dims))
+              for option, value in (("--calib", calib), ("--data", data)) if value is not None]
+    return data_dims(model, dims, *opened)
 
 
 def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: Any = None, *,
@@ -184,7 +207,9 @@ def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: An
     """
     ref, cand = serde.load_model(reference), serde.load_model(candidate)
     slice_spec = parse_slices(slices, [o.name for o in ref.graph.output]) if slices else None
-    source = _validation_source(data, None, ref, seed, samples, dims, preprocess)
+    source = open_source(data if data is not None else f"random:{samples or DEFAULT_VALIDATION_SAMPLES}", ref,
+                         preprocess=preprocess, limit=samples, seed=seed, dims=dims)
+    data_dims(ref, dims, ("--data", data if data is not None else "random", source))
     report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec)
     if gate is not None:
         report.gate, report.failures = gate, gate.check(report)

@@ -150,7 +150,8 @@ class PruneChannels(Pass):
         pruned: set[str] = set()
         layers: dict[str, PrunedLayer] = {}
         for step in range(o["steps"]):
-            analysis = analyze(graph, protect_io=o["protect_io"], exclude=o["exclude"])
+            analysis = analyze(graph, protect_io=o["protect_io"], exclude=o["exclude"],
+                               dims=ctx.dims.known() if ctx.dims is not None else None)
             if step == 0:
                 self._report_groups(analysis, result, ctx)
             removed = self._step(analysis, budget, ctx, result, first=step == 0)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo
 from onnxcompress.core.pass_api import PassRecord
+from onnxcompress.core.shapes import describe_dims
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.sensitivity import LayerScore, SensitivityReport
 from onnxcompress.pipeline.validate import ValidationReport
@@ -50,6 +51,8 @@ def show_metrics(console: Console, m: ModelMetrics, top: int = 10) -> None:
     t.add_row("nodes", str(m.nodes))
     t.add_row("opset", str(m.opset))
     t.add_row("inputs", ", ".join(f"{k} {v}" for k, v in m.inputs.items()))
+    if m.dims:
+        t.add_row("symbolic dims", describe_dims(m.dims))
     t.add_row("outputs", ", ".join(f"{k} {v}" for k, v in m.outputs.items()))
     t.add_row("ops", ", ".join(f"{k}×{v}" for k, v in m.op_counts.items()))
     console.print(t)
@@ -76,7 +79,7 @@ def show_nodes(console: Console, nodes: list[NodeInfo]) -> None:
 def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, records: list[PassRecord],
                 validation: ValidationReport | None) -> None:
     """The ``optimize`` view: before/after, per-pass stats and declines, validation."""
-    t = Table(title="before → after")
+    t = Table(title="before → after", caption=_shapes_caption(before))
     for col in ("", "before", "after", "ratio"):
         t.add_column(col, justify="left" if not col else "right")
     t.add_row("file size", human_bytes(before.file_bytes), human_bytes(after.file_bytes),
@@ -94,14 +97,23 @@ def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, rec
         show_validation(console, validation)
 
 
+def _shapes_caption(m: ModelMetrics) -> str | None:
+    """``MACs at images [1, 3, 320, 320]; height=320, width=320 (from --calib x.npz)`` when inputs are symbolic."""
+    if not m.dims:
+        return None
+    return f"MACs at {', '.join(f'{k} {v}' for k, v in m.inputs.items())}; {describe_dims(m.dims)}"
+
+
 def _show_passes_run(console: Console, records: list[PassRecord]) -> None:
     t = Table(title="passes")
-    for col in ("pass", "numerics", "changed", "stats", "declined (code × count)", "s"):
+    for col in ("pass", "numerics", "changed", "MACs", "stats", "declined (code × count)", "s"):
         t.add_column(col)
     for r in records:
         stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items() if v)
         declined = "; ".join(f"{code} ×{n}" for code, n in r.result.decline_counts().items())
-        t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", stats or "-",
+        macs = _ratio(r.macs_before, r.macs_after or 0) if r.macs_before is not None and r.macs_after != r.macs_before \
+            else "-"
+        t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", macs, stats or "-",
                   declined or "-", f"{r.seconds:.2f}")
     console.print(t)
 
@@ -213,6 +225,8 @@ def _short_names(names: list[str]) -> list[str]:
 def show_bench(console: Console, report: BenchReport) -> None:
     """Print the machine line and a table of the results on a rich ``console``."""
     console.print(report.machine.line())
+    if report.dims:
+        console.print(f"symbolic input dims: {describe_dims(report.dims)}")
     shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in report.inputs.items())
     s = report.settings
     t = Table(title=f"latency: {s['runs']} interleaved rounds after {s['warmup']} warm-up; inputs {shapes} ({s['data']})")
