@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims
+from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims, symbolic_dims
 
 __all__ = [
     "LABEL_KEYS",
@@ -576,7 +576,8 @@ def data_dims(model: onnx.ModelProto, given: dict[str, int] | None = None,
         InputError: One line: an unknown name in ``given``, or inputs sharing a dim name that disagree in the data.
     """
     seen: tuple[str, dict[str, tuple[int, ...]]] | None = None
-    for option, value, src in sources:
+    free = any(not d.batch for d in symbolic_dims(model).values())  # else nothing to read from the data
+    for option, value, src in sources if free else ():
         first = None if src is None or isinstance(src, RandomSource) else next(iter(src.batches(1)), None)
         if first is not None:
             label = f"{option} {value}" if isinstance(value, (str, os.PathLike)) else f"{option} ({type(value).__name__})"
@@ -590,5 +591,5 @@ def data_dims(model: onnx.ModelProto, given: dict[str, int] | None = None,
         log.info("symbolic input dims: %s", dims.describe())
     for _, _, src in sources:
         if isinstance(src, RandomSource):
-            src.dims = dict(dims.values)
+            src.dims = {**src.dims, **{n: v for n, v in dims.values.items() if n not in dims.batch}}
     return dims
