@@ -101,16 +101,14 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         seed: Seed for every random choice.
         batch_size: Batch size for calibration and validation runs.
         samples: Use at most this many validation samples.
-        dims: Values for symbolic input dims (by name). Dims not given take the shapes of the first
-            batch of ``calib`` (else ``data``), else defaults (with a warning); the report's
-            ``before``/``after`` ``dims`` say which.
+        dims: Values for symbolic input dims (by name); the others take ``calib``'s (else ``data``'s) shapes.
         preprocess: Image preprocessing spec for image-folder data.
         progress: Show progress bars.
         on_pass: Called after each pass with its record.
         slices: Channel slices to validate, ``"OUTPUT:START[:STOP],..."`` (automatic ones either way).
 
     Returns:
-        ``(optimized model, report)``.
+        ``(optimized model, report)``; ``report.before.dims`` says where each symbolic dim came from.
 
     Raises:
         InputError: Bad model, data or pipeline (checked before the model is loaded: options,
@@ -122,10 +120,7 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     pipeline, recipe_gate, recipe_name = _pipeline(passes, recipe, calib)
     box = [serde.load_model(model)]
     slice_spec = parse_slices(slices, [o.name for o in box[0].graph.output]) if slices else None
-    calib_src = open_source(calib, box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
-    data_src = open_source(data, box[0], preprocess=preprocess, limit=samples, seed=seed, dims=dims) \
-        if validate and data is not None else None
-    run_dims = data_dims(box[0], dims, ("--calib", calib, calib_src), ("--data", data, data_src))
+    calib_src, data_src, run_dims = _sources(box[0], calib, data if validate else None, preprocess, samples, seed, dims)
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress, dims=run_dims)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
@@ -142,6 +137,15 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
     if report.validation is not None and not report.passed and not force:
         raise GateFailed("validation gate failed: " + "; ".join(report.validation.failures), report, result)
     return result, report
+
+
+def _sources(model: onnx.ModelProto, calib: Any, data: Any, preprocess: Any, samples: int | None, seed: int,
+             dims: dict[str, int] | None) -> tuple[CalibSource | None, CalibSource | None, Dims]:
+    """The calibration and validation sources (of those given) and the run's symbolic dims."""
+    calib_src = open_source(calib, model, preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
+    data_src = open_source(data, model, preprocess=preprocess, limit=samples, seed=seed, dims=dims) \
+        if data is not None else None
+    return calib_src, data_src, data_dims(model, dims, ("--calib", calib, calib_src), ("--data", data, data_src))
 
 
 def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,

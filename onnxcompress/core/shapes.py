@@ -153,7 +153,7 @@ def _fix_dims(inputs: list[onnx.ValueInfoProto], dims: Mapping[str, int]) -> Non
     """Set the symbolic dims named in ``dims`` on ``inputs`` (in place)."""
     for vi in inputs:
         for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-            name = None if d.HasField("dim_value") and d.dim_value > 0 else dim_name(vi.name, axis, d.dim_param)
+            name = "" if d.HasField("dim_value") and d.dim_value > 0 else dim_name(vi.name, axis, d.dim_param)
             if name in dims:
                 d.Clear()
                 d.dim_value = int(dims[name])

@@ -79,7 +79,7 @@ def show_nodes(console: Console, nodes: list[NodeInfo]) -> None:
 def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, records: list[PassRecord],
                 validation: ValidationReport | None) -> None:
     """The ``optimize`` view: before/after, per-pass stats and declines, validation."""
-    t = Table(title="before → after", caption=_shapes_caption(before))
+    t = Table(title="before → after")
     for col in ("", "before", "after", "ratio"):
         t.add_column(col, justify="left" if not col else "right")
     t.add_row("file size", human_bytes(before.file_bytes), human_bytes(after.file_bytes),
@@ -92,16 +92,16 @@ def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, rec
         if a != b:
             t.add_row(f"  {op}", str(b), str(a), "")
     console.print(t)
+    if before.dims:
+        console.print(_shapes_line(before), markup=False, highlight=False)
     _show_passes_run(console, records)
     if validation is not None:
         show_validation(console, validation)
 
 
-def _shapes_caption(m: ModelMetrics) -> str | None:
-    """``MACs at images [1, 3, 320, 320]; height=320, width=320 (from --calib x.npz)`` when inputs are symbolic."""
-    if not m.dims:
-        return None
-    return f"MACs at {', '.join(f'{k} {v}' for k, v in m.inputs.items())}; {describe_dims(m.dims)}"
+def _shapes_line(m: ModelMetrics) -> str:
+    """``MACs at images [1, 3, 320, 320]; symbolic dims height=320, width=320 (from --calib x.npz)``."""
+    return f"MACs at {', '.join(f'{k} {v}' for k, v in m.inputs.items())}; symbolic dims {describe_dims(m.dims)}"
 
 
 def _show_passes_run(console: Console, records: list[PassRecord]) -> None:
@@ -226,7 +226,7 @@ def show_bench(console: Console, report: BenchReport) -> None:
     """Print the machine line and a table of the results on a rich ``console``."""
     console.print(report.machine.line())
     if report.dims:
-        console.print(f"symbolic input dims: {describe_dims(report.dims)}")
+        console.print(f"symbolic input dims: {describe_dims(report.dims)}", markup=False, highlight=False)
     shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in report.inputs.items())
     s = report.settings
     t = Table(title=f"latency: {s['runs']} interleaved rounds after {s['warmup']} warm-up; inputs {shapes} ({s['data']})")

@@ -489,6 +489,8 @@ class IterableSource(CalibSource):
     def __init__(self, data: Any, specs: list[InputSpec], limit: int | None = None):
         super().__init__(specs, limit)
         self.data = data
+        if not (hasattr(data, "get_next") or callable(data) or hasattr(data, "__iter__")):
+            raise InputError(f"data of type {type(data).__name__}: expected a path, random:N, or an iterable of input dicts")
         one_shot = hasattr(data, "get_next") and not hasattr(data, "rewind")
         self._cache: list[Batch] = []
         self._pending: Iterator[dict] | None = self._raw() if one_shot or (not callable(data) and iter(data) is data) \
