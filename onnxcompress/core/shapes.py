@@ -232,7 +232,7 @@ class Dims:
     batch: frozenset[str] = frozenset()
 
     def guessed(self) -> dict[str, int]:
-        """Non-batch dims nothing set (their values are the default)."""
+        """Non-batch dims that nothing set (their values are guesses: the default)."""
         return {n: v for n, v in self.values.items() if self.sources[n] == DEFAULT}
 
     def known(self) -> dict[str, int]:
