@@ -14,11 +14,12 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import GateFailed, InputError
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
+from onnxcompress.core.shapes import Dims
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
 from onnxcompress.pipeline.provenance import data_record, load_reference, load_with_record
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
 from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
-from onnxcompress.runtime.data import CalibSource, open_source
+from onnxcompress.runtime.data import CalibSource, data_dims, open_source
 from onnxcompress.runtime.progress import steps
 from onnxcompress.runtime.tasks import TaskSpec, check_output_ranks
 
@@ -64,18 +65,19 @@ class Report:
 
 
 def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None,
-              calib: Any = None) -> tuple[list[Pass], dict, str | None]:
-    """The passes, the recipe's gate and name; refuses at once what cannot run (order, calibration)."""
+              calib: Any = None, gate: dict | None = None) -> tuple[list[Pass], dict, str | None]:
+    """The passes, the gate overrides (the recipe's, then ``gate``) and the recipe's name; refuses at
+    once what cannot run (order, calibration)."""
     if passes is not None and recipe is not None:
         raise InputError("give either passes or a recipe, not both")
     if passes is not None:
-        pipeline, gate, name = (parse_spec(passes) if isinstance(passes, str) else list(passes)), {}, None
+        pipeline, rgate, name = (parse_spec(passes) if isinstance(passes, str) else list(passes)), {}, None
     else:
         rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or "default")
         check_requirements(rec, calib=calib)
-        pipeline, gate, name = rec.passes, rec.gate, rec.name
+        pipeline, rgate, name = rec.passes, rec.gate, rec.name
     check_pipeline(pipeline, calib=calib is not None)
-    return pipeline, gate, name
+    return pipeline, {**rgate, **(gate or {})}, name
 
 
 def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = None, *,
@@ -93,15 +95,14 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         recipe: A built-in recipe name or a TOML path (default: ``default`` when ``passes`` is None).
         calib: Calibration data for data-driven passes (see :func:`onnxcompress.runtime.data.open_source`).
         data: Validation data; defaults to ``calib``, else seeded random inputs.
-        validate: Compare the result with the original in onnxruntime and apply the gate. Without
-            validation nothing needs the original after loading: the manager frees it (and each pass's
-            input) once its graph is built (see :meth:`PassManager.run`'s ``owned``): less peak memory.
+        validate: Compare the result with the original in onnxruntime and apply the gate (without it, the
+            manager frees the input once its graph is built: see :meth:`PassManager.run`'s ``owned``).
         gate: Gate threshold overrides (``min_cosine``, ``max_top1_drop``, ...).
         force: Return the model even if the gate fails (the report says it failed).
         seed: Seed for every random choice.
         batch_size: Batch size for calibration and validation runs.
         samples: Use at most this many validation samples.
-        dims: Values for symbolic input dims (by name).
+        dims: Values for symbolic input dims (by name); the others take ``calib``'s (else ``data``'s) shapes.
         preprocess: Image preprocessing spec for image-folder data.
         progress: Show progress bars.
         on_pass: Called after each pass with its record.
@@ -110,29 +111,30 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         task: Task metrics: ``auto`` (default), ``none``, a task name or a :class:`TaskSpec` (see ``compare``).
 
     Returns:
-        ``(optimized model, report)``; ``report.extra`` records the files and data used (:mod:`.pipeline.provenance`).
+        ``(model, report)``; ``report.extra``: files and data used, ``report.before.dims``: the dims' sources.
 
     Raises:
-        InputError: Bad model, reference, data or pipeline (checked before the model is loaded:
-            options, pass order, a pass that needs ``calib`` without it).
+        InputError: Bad model, reference, data or pipeline (options, order, missing ``calib``: before loading).
         PassFailed: A pass failed.
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
-    start, (pipeline, recipe_gate, recipe_name) = time.perf_counter(), _pipeline(passes, recipe, calib)
+    start, (pipeline, overrides, recipe_name) = time.perf_counter(), _pipeline(passes, recipe, calib, gate)
     inp = _load(model, reference, validate, slices, task)  # a bad task or slice fails before any pass runs
-    calib_src = open_source(calib, inp.box[0], preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
-    ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=inp.slices)
+    calib_src, data_src, run_dims = _sources(inp.box[0], calib, data if validate else None, preprocess, samples, seed,
+                                             dims)
+    ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=inp.slices, dims=run_dims)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
-        before = model_metrics(inp.box[0], dims)
+        before = model_metrics(inp.box[0], run_dims)
         original = (inp.box[0] if inp.ref is None else inp.ref) if validate else None  # else the input may be freed
         result, records = manager.run(inp.box.pop(), owned=original is None or inp.ref is not None)
-        report = Report(before, model_metrics(result, dims), records, manager.numerics, recipe=recipe_name,
+        report = Report(before, model_metrics(result, run_dims), records, manager.numerics, recipe=recipe_name,
                         extra=inp.extra)
-        source = None if original is None else _validation_source(data, calib, original, seed, samples, dims, preprocess)
+        source = None if original is None else \
+            data_src or _validation_source(None, calib, original, seed, samples, run_dims, preprocess)
         if original is not None and source is not None:
-            gate_ = Gate.for_numerics(manager.numerics, **{**recipe_gate, **(gate or {})})
-            report.validation = _validate(original, result, source, gate_, batch_size, progress, inp.slices, inp.task)
+            report.validation = _validate(original, result, source, Gate.for_numerics(manager.numerics, **overrides),
+                                          batch_size, progress, inp.slices, inp.task)
     inp.extra.update(data_record(calib_src, source))
     report.seconds = time.perf_counter() - start
     if report.validation is not None and not report.passed and not force:
@@ -183,6 +185,15 @@ def _float_rank(tensor_type: onnx.TypeProto.Tensor) -> int | None:
     return len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
 
 
+def _sources(model: onnx.ModelProto, calib: Any, data: Any, preprocess: Any, samples: int | None, seed: int,
+             dims: dict[str, int] | None) -> tuple[CalibSource | None, CalibSource | None, Dims]:
+    """The calibration and validation sources (of those given) and the run's symbolic dims."""
+    calib_src = open_source(calib, model, preprocess=preprocess, seed=seed, dims=dims) if calib is not None else None
+    data_src = open_source(data, model, preprocess=preprocess, limit=samples, seed=seed, dims=dims) \
+        if data is not None else None
+    return calib_src, data_src, data_dims(model, dims, ("--calib", calib, calib_src), ("--data", data, data_src))
+
+
 def _validate(original: onnx.ModelProto, result: onnx.ModelProto, source: CalibSource, gate: Gate,
               batch_size: int, progress: bool, slices: SliceSpec | None = None,
               task: TaskSpec | None = None) -> ValidationReport:
@@ -203,21 +214,38 @@ def _chain(*callbacks: Callable[[PassRecord], None] | None) -> Callable[[PassRec
     return call
 
 
-def _validation_source(data, calib, model, seed, samples, dims, preprocess) -> CalibSource:
+def _validation_source(data, calib, model, seed, samples, dims: Dims, preprocess) -> CalibSource:
     chosen = data if data is not None else calib
     if chosen is None:
         chosen = f"random:{samples or DEFAULT_VALIDATION_SAMPLES}"
-    return open_source(chosen, model, preprocess=preprocess, limit=samples, seed=seed, dims=dims)
+    return open_source(chosen, model, preprocess=preprocess, limit=samples, seed=seed, dims=dims.values)
 
 
-def inspect(model: serde.ModelSource, dims: dict[str, int] | None = None) -> ModelMetrics:
-    """Size, parameters, MACs per node and in total, op counts of a model."""
-    return model_metrics(serde.load_model(model), dims)
+def inspect(model: serde.ModelSource, dims: dict[str, int] | None = None, *, calib: Any = None, data: Any = None,
+            preprocess: Any = None) -> ModelMetrics:
+    """Size, parameters, MACs per node and in total, op counts of a model.
+
+    Symbolic input dims take the values in ``dims``, then the shapes of the first batch of ``calib``
+    (else ``data``), else the defaults (with a warning); :attr:`ModelMetrics.dims` says which.
+    """
+    loaded = serde.load_model(model)
+    return model_metrics(loaded, _inspect_dims(loaded, dims, calib, data, preprocess))
 
 
-def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None) -> list[NodeInfo]:
-    """Every node (name, op type, output shapes): the names options such as ``exclude=`` take."""
-    return node_list(serde.load_model(model), dims)
+def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None, *, calib: Any = None,
+               data: Any = None, preprocess: Any = None) -> list[NodeInfo]:
+    """Every node (name, op type, output shapes): the names options such as ``exclude=`` take.
+    Symbolic dims as in :func:`inspect`."""
+    loaded = serde.load_model(model)
+    return node_list(loaded, _inspect_dims(loaded, dims, calib, data, preprocess))
+
+
+def _inspect_dims(model: onnx.ModelProto, dims: dict[str, int] | None, calib: Any, data: Any, preprocess: Any) -> Dims:
+    """:func:`onnxcompress.runtime.data.data_dims` with ``calib`` and ``data`` opened here (only
+    their first sample is read)."""
+    opened = [(option, value, open_source(value, model, preprocess=preprocess, limit=1, dims=dims))
+              for option, value in (("--calib", calib), ("--data", data)) if value is not None]
+    return data_dims(model, dims, *opened)
 
 
 def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: Any = None, *,
@@ -235,7 +263,9 @@ def compare(reference: serde.ModelSource, candidate: serde.ModelSource, data: An
     task_spec = TaskSpec.of(task)
     ref, cand = serde.load_model(reference), serde.load_model(candidate)
     slice_spec = _output_options(ref, slices, task_spec)
-    source = _validation_source(data, None, ref, seed, samples, dims, preprocess)
+    source = open_source(data if data is not None else f"random:{samples or DEFAULT_VALIDATION_SAMPLES}", ref,
+                         preprocess=preprocess, limit=samples, seed=seed, dims=dims)
+    data_dims(ref, dims, ("--data", data if data is not None else "random", source))
     report = compare_models(ref, cand, source, batch_size=batch_size, progress=progress, slices=slice_spec,
                             task=task_spec)
     if gate is not None:

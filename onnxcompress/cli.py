@@ -21,6 +21,7 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
 from onnxcompress.core.fileio import atomic_write, file_record
 from onnxcompress.core.pass_api import Numerics
+from onnxcompress.core.shapes import parse_dims
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
 from onnxcompress.pipeline.validate import Gate, gate_problem
@@ -33,11 +34,10 @@ from onnxcompress.reporting.display import (
     show_validation,
 )
 from onnxcompress.runtime import bench as _bench
-from onnxcompress.runtime.data import parse_dims
 from onnxcompress.runtime.detection import DET_LAYOUTS
 from onnxcompress.runtime.tasks import TASKS, TaskSpec
 
-__all__ = ["GLOBAL_FLAGS", "PREPROCESS_HELP", "cli", "hoist_global_flags", "main"]
+__all__ = ["DIM_HELP", "GLOBAL_FLAGS", "PREPROCESS_HELP", "cli", "hoist_global_flags", "main"]
 
 log = logging.getLogger("onnxcompress")
 
@@ -77,9 +77,14 @@ PREPROCESS_HELP = (
     "converted to order's channels, resized, then x = (pixel * scale - mean) / std, then laid out.")
 
 
+#: ``--dim`` help: where the values of symbolic input dims come from.
+DIM_HELP = ("Value of a symbolic input dim, e.g. --dim height=320 (repeatable). Dims not given take the "
+            "shapes of the first batch of the data (--calib, else --data); batch dims (leading axis) 1; "
+            "any other dim left is guessed as 32, with a warning.")
+
+
 def _data_options(f):
-    f = click.option("--dim", "dims", multiple=True, metavar="NAME=N",
-                     help="Value of a symbolic input dim (default: 1 for the batch, 32 otherwise).")(f)
+    f = click.option("--dim", "dims", multiple=True, metavar="NAME=N", help=DIM_HELP)(f)
     f = click.option("--batch-size", default=32, show_default=True, help="Batch size for ORT runs.")(f)
     f = click.option("--samples", type=int, default=None, help="Use at most N validation samples.")(f)
     f = click.option("--preprocess", default=None, metavar="SPEC|TOML", help=PREPROCESS_HELP)(f)
@@ -228,14 +233,19 @@ def _print_report(obj: dict, console: Console, report: api.Report) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write metrics as JSON ('-' for stdout).")
 @click.option("--top", default=10, show_default=True, help="Show the N nodes with the most MACs.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Value of a symbolic input dim (default 1).")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help=DIM_HELP)
+@click.option("--calib", default=None, metavar="PATH", help="Data whose first sample gives the symbolic dims.")
+@click.option("--data", default=None, metavar="PATH", help="As --calib (used when --calib is not given).")
+@click.option("--preprocess", default=None, metavar="SPEC|TOML", help=PREPROCESS_HELP)
 @click.option("--nodes", "all_nodes", is_flag=True,
               help="Also list every node: name (what exclude= takes), op type, output shapes.")
 @click.pass_obj
-def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple[str, ...], all_nodes: bool) -> None:
-    """Size, parameters, MACs (per node and total) and op counts of MODEL."""
-    metrics = api.inspect(model, parse_dims(dims))
-    nodes = api.list_nodes(model, parse_dims(dims)) if all_nodes else None
+def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple[str, ...], calib: str | None,
+            data: str | None, preprocess: str | None, all_nodes: bool) -> None:
+    """Size, parameters, MACs (per node and total) and op counts of MODEL, at the shapes of --calib/--data."""
+    metrics = api.inspect(model, parse_dims(dims), calib=calib, data=data, preprocess=preprocess)
+    used = {name: d["value"] for name, d in metrics.dims.items()}  # the same shapes, resolved once
+    nodes = api.list_nodes(model, used) if all_nodes else None
     if json_path != "-" and not obj["quiet"]:
         show_metrics(_console(), metrics, top)
         if nodes is not None:
@@ -298,7 +308,8 @@ def list_passes(as_json: bool) -> None:
 @click.option("--warmup", default=10, show_default=True, help="Untimed warm-up rounds.")
 @click.option("--runs", default=100, show_default=True, help="Timed rounds (each runs every model once).")
 @click.option("--batch", default=1, show_default=True, help="Value of the leading (batch) dim where dynamic.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Value of another symbolic input dim (default 32).")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
+              help="Value of another symbolic input dim (default: the shape of --data, else guessed as 32, with a warning).")
 @click.option("--data", default=None, metavar="PATH", help="Inputs: the first batch of this data (default: seeded random).")
 @click.option("--preprocess", default=None, metavar="SPEC|TOML", help=PREPROCESS_HELP)
 @click.option("--seed", default=0, show_default=True, help="Seed for random inputs and the round order.")

@@ -195,7 +195,7 @@ def test_cli_json_schema(pair, capsys):
     code, out, err = _cli(capsys, "bench", *pair, *FAST, "--json", "-")
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"machine", "settings", "inputs", "models", "order"}
+    assert set(data) == {"machine", "settings", "inputs", "dims", "models", "order"}
     assert {"cpu", "cores", "usable_cores", "onnxruntime", "provider", "threads", "ort_optimization",
             "load_average", "python", "platform"} <= set(data["machine"])
     assert data["machine"]["provider"] == "CPUExecutionProvider" and data["machine"]["ort_optimization"] is True

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.shapes import parse_dims
 from onnxcompress.runtime.data import (
     FileSource,
     ImageFolderSource,
@@ -11,7 +12,6 @@ from onnxcompress.runtime.data import (
     RandomSource,
     input_specs,
     open_source,
-    parse_dims,
     parse_preprocess,
 )
 from tests.helpers.builders import parse

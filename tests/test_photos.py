@@ -31,6 +31,16 @@ def test_photos_shape_range_order_and_determinism():
         photos_script.photos(16, count=2, start=len(photos_script.VIEWS) * n - 1)
 
 
+def test_random_crops_seeded_and_distinct_from_views():
+    n = len(photos_script.photo_sources())
+    x = photos_script.random_crops(24, per_photo=2, seed=5)
+    assert x.shape == (2 * n, 3, 24, 24) and x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
+    assert np.array_equal(x, photos_script.random_crops(24, per_photo=2, seed=5))
+    assert not np.array_equal(x, photos_script.random_crops(24, per_photo=2, seed=6))
+    views = photos_script.photos(24, count=len(photos_script.VIEWS) * n).reshape(-1, 3 * 24 * 24)
+    assert not {v.tobytes() for v in views} & {c.tobytes() for c in x.reshape(len(x), -1)}
+
+
 def test_photos_cli_writes_npz(tmp_path, capsys):
     out = tmp_path / "p.npz"
     assert photos_script.main(["-o", str(out), "--size", "24x32", "--count", "5", "--input", "x"]) == 0

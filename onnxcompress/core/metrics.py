@@ -1,20 +1,32 @@
 """Model metrics: file size, parameters, MACs per node and in total, op counts.
 
 MACs are counted for the compute-bound ops (Conv, ConvTranspose, Gemm, MatMul) from shapes
-inferred with concrete input sizes; dynamic dims take the values given (batch 1 by default).
+inferred with concrete input sizes: symbolic input dims take the values of a
+:class:`~onnxcompress.core.shapes.Dims` (see :func:`~onnxcompress.core.shapes.resolve_dims`: ``--dim``,
+then the data's shapes, then batch 1 and a guessed 32 for other dims), recorded in ``dims``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
 from onnxcompress.core import serde
-from onnxcompress.core.shapes import DEFAULT_DIM, concrete_inputs, infer_shapes, with_concrete_inputs
+from onnxcompress.core.shapes import (
+    BATCH,
+    DEFAULT,
+    Dims,
+    concrete_inputs,
+    infer_shapes,
+    resolve_dims,
+    symbolic_dims,
+    with_concrete_inputs,
+)
 
 __all__ = ["NodeInfo", "NodeMacs", "ModelMetrics", "model_metrics", "node_list"]
 
@@ -43,6 +55,9 @@ class ModelMetrics:
     per_node: list[NodeMacs] = field(default_factory=list)
     inputs: dict[str, list] = field(default_factory=dict)
     outputs: dict[str, list] = field(default_factory=dict)
+    #: The symbolic input dims the shapes are at: ``{name: {"value": v, "source": s}}`` (see
+    #: :meth:`~onnxcompress.core.shapes.Dims.as_dict`); empty when every input dim is fixed.
+    dims: dict[str, dict] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
@@ -84,12 +99,23 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
-def _inferred(model: onnx.ModelProto, dims: dict[str, int] | None,
-              default_dim: int) -> tuple[dict[str, list[int]], onnx.ModelProto, dict[str, list[int]]]:
-    """The concrete input shapes, the model inferred at them, and every known tensor shape."""
-    shapes_in = concrete_inputs(model, dims, default_dim)
+def _inferred(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None
+              ) -> tuple[dict[str, list[int]], onnx.ModelProto, dict[str, list[int]], Dims]:
+    """The concrete input shapes, the model inferred at them, every known tensor shape, the dims used."""
+    resolved = dims if isinstance(dims, Dims) else resolve_dims(model, dims)
+    shapes_in = concrete_inputs(model, resolved)
     inferred = infer_shapes(with_concrete_inputs(model, shapes_in))
-    return shapes_in, inferred, _shape_map(inferred)
+    return shapes_in, inferred, _shape_map(inferred), resolved
+
+
+def _dims_record(model: onnx.ModelProto, resolved: Dims, shapes_in: dict[str, list[int]]) -> dict[str, dict]:
+    """``resolved.as_dict()`` for ``model``'s own symbolic dims, at the values actually used."""
+    record = resolved.as_dict()
+    out = {}
+    for name, sym in symbolic_dims(model).items():
+        inp, axis = sym.where[0]
+        out[name] = record.get(name) or {"value": shapes_in[inp][axis], "source": BATCH if sym.batch else DEFAULT}
+    return out
 
 
 @dataclass
@@ -101,24 +127,22 @@ class NodeInfo:
     outputs: dict[str, list[int]]
 
 
-def node_list(model: onnx.ModelProto, dims: dict[str, int] | None = None,
-              default_dim: int = DEFAULT_DIM) -> list[NodeInfo]:
+def node_list(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None = None) -> list[NodeInfo]:
     """Every node of the main graph in order, with its output shapes at the given input dims."""
-    _, inferred, known = _inferred(model, dims, default_dim)
+    _, inferred, known, _ = _inferred(model, dims)
     return [NodeInfo(n.name or n.output[0], n.op_type, {o: known.get(o, []) for o in n.output if o})
             for n in inferred.graph.node]
 
 
-def model_metrics(model: onnx.ModelProto, dims: dict[str, int] | None = None,
-                  default_dim: int = DEFAULT_DIM) -> ModelMetrics:
+def model_metrics(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None = None) -> ModelMetrics:
     """Compute :class:`ModelMetrics` for ``model``.
 
     Args:
         model: The model (not modified).
-        dims: Values for symbolic input dims, by name.
-        default_dim: Value for any other symbolic input dim (the batch, usually).
+        dims: The resolved symbolic input dims (:func:`~onnxcompress.core.shapes.resolve_dims`), or
+            values by name (others: batch dims 1, other dims :data:`~onnxcompress.core.shapes.DEFAULT_DYNAMIC_DIM`).
     """
-    shapes_in, inferred, known = _inferred(model, dims, default_dim)
+    shapes_in, inferred, known, resolved = _inferred(model, dims)
     per_node = [NodeMacs(n.name or n.output[0], n.op_type, _node_macs(n, known)) for n in inferred.graph.node]
     params = sum(_prod(list(i.dims)) for i in model.graph.initializer)
     params += sum(_prod(list(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"
@@ -134,4 +158,5 @@ def model_metrics(model: onnx.ModelProto, dims: dict[str, int] | None = None,
         per_node=[n for n in per_node if n.macs],
         inputs=shapes_in,
         outputs=outputs,
+        dims=_dims_record(model, resolved, shapes_in),
     )

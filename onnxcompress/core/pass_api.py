@@ -22,6 +22,7 @@ from typing import Any, ClassVar, NamedTuple, overload
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.shapes import Dims
 
 __all__ = [
     "BN_GAMMA",
@@ -184,6 +185,9 @@ class PassContext:
         progress: Whether long loops may show a progress bar.
         slices: Channel slices ``{output: [(start, stop or None)]}`` the user asked validation to
             check (``--slices``); passes that judge fidelity themselves use the same ones.
+        dims: The run's symbolic input dims (:func:`onnxcompress.core.shapes.resolve_dims`): MAC
+            counts, shape tracing and timings use them. ``None``: the manager resolves them from
+            ``calib`` (else the defaults) when it runs.
         values: Initial :class:`Slot` values given by the caller (e.g. a pass's test hooks).
     """
 
@@ -192,6 +196,7 @@ class PassContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxcompress.pass"))
     progress: bool = False
     slices: Mapping[str, list[tuple[int, int | None]]] | None = None
+    dims: Dims | None = None
     values: InitVar[Mapping[Slot, Any] | None] = None
     _slots: dict[Slot, Any] = field(default_factory=dict, init=False, repr=False)
     _bound: Pass | None = field(default=None, init=False, repr=False)
@@ -311,22 +316,30 @@ class PassResult:
 
 @dataclass
 class PassRecord:
-    """A pass's result as the report shows it."""
+    """A pass's result as the report shows it.
+
+    ``macs_before``/``macs_after``: the whole model's MACs before and after the pass, at the run's
+    :attr:`PassContext.dims` (the manager fills them; ``None`` when not measured).
+    """
 
     name: str
     options: dict[str, Any]
     numerics: Numerics
     result: PassResult
     seconds: float
+    macs_before: int | None = None
+    macs_after: int | None = None
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
+        macs = {} if self.macs_before is None else {"macs_before": self.macs_before, "macs_after": self.macs_after}
         return {
             "pass": self.name,
             "options": self.options,
             "numerics": self.numerics.name.lower(),
             "modified": self.result.modified,
             "stats": self.result.stats,
+            **macs,
             "declined": [d.as_dict() for d in self.result.declined],
             "seconds": round(self.seconds, 4),
         }

@@ -1,35 +1,63 @@
 """Shape inference, the one entry point for every layer: whole models, weight-free copies, graphs,
 and the concrete shapes a model has once its symbolic input dims are fixed.
+
+Symbolic input dims are resolved in one place, :func:`resolve_dims`: ``--dim`` values win, then the
+shapes of the data's first batch (each dim name bound to the value seen), then defaults (1 for a
+batch dim, :data:`DEFAULT_DYNAMIC_DIM` for any other, a guess that :meth:`Dims.warning` names).
+The :class:`Dims` it returns carries each value's source, for logs, tables and JSON reports.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
+from onnxcompress.core.errors import InputError
 
 __all__ = [
-    "DEFAULT_DIM",
+    "BATCH",
+    "DEFAULT",
+    "DEFAULT_BATCH",
     "DEFAULT_DYNAMIC_DIM",
+    "GIVEN",
+    "Dims",
+    "SymbolicDim",
     "concrete_inputs",
     "concrete_shapes",
+    "describe_dims",
+    "dim_name",
     "infer_graph",
     "infer_shapes",
     "light_model",
+    "parse_dims",
+    "resolve_dims",
     "shape_model",
+    "symbolic_dims",
+    "with_concrete_inputs",
 ]
 
 log = logging.getLogger(__name__)
 
 
 
-#: Symbolic dims other than the leading (batch) axis take this value unless given.
+#: Symbolic dims other than batch dims take this value when neither ``--dim`` nor data gives one
+#: (a guess: :meth:`Dims.warning` says so).
 DEFAULT_DYNAMIC_DIM = 32
-DEFAULT_DIM = 1
+#: Batch dims (the leading axis of an input) take this value unless given: statistics are per sample.
+DEFAULT_BATCH = 1
+#: :attr:`Dims.sources` of a value given by the caller (``--dim``, ``dims=``).
+GIVEN = "--dim"
+#: :attr:`Dims.sources` of a guessed value (:data:`DEFAULT_DYNAMIC_DIM`).
+DEFAULT = "default"
+#: :attr:`Dims.sources` of a batch dim's :data:`DEFAULT_BATCH`.
+BATCH = "batch"
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -90,8 +118,11 @@ def shape_model(graph: gs.Graph) -> onnx.ModelProto:
     return light_model(model)
 
 
-def infer_graph(graph: gs.Graph) -> onnx.ModelProto:
+def infer_graph(graph: gs.Graph, dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
     """``infer_shapes(to_model(graph))`` without the weights: for reading shapes and types only.
+
+    ``dims``: values of some symbolic input dims, by name (:meth:`Dims.known`), fixed on the graph's
+    inputs before inference (the returned inputs carry them); other dims stay symbolic.
 
     Shape inference runs on :func:`shape_model` (big initializers as typed graph inputs; small and
     int64 rank-<=1 ones, which inference may need the values of, kept whole). The result has the
@@ -102,6 +133,8 @@ def infer_graph(graph: gs.Graph) -> onnx.ModelProto:
     light = shape_model(graph)
     inits = {i.name for i in light.graph.initializer}
     stubs = [vi for vi in light.graph.input if vi.name not in inits and vi.name not in _graph_input_names(graph)]
+    if dims:
+        _fix_dims([vi for vi in light.graph.input if vi.name in _graph_input_names(graph)], dims)
     inferred = infer_shapes(light)
     stub_names = {vi.name for vi in stubs}
     keep_inputs = [vi for vi in inferred.graph.input if vi.name not in stub_names]
@@ -114,6 +147,16 @@ def infer_graph(graph: gs.Graph) -> onnx.ModelProto:
         tt = vi.type.tensor_type
         inferred.graph.initializer.add(name=vi.name, data_type=tt.elem_type, dims=[d.dim_value for d in tt.shape.dim])
     return inferred
+
+
+def _fix_dims(inputs: list[onnx.ValueInfoProto], dims: Mapping[str, int]) -> None:
+    """Set the symbolic dims named in ``dims`` on ``inputs`` (in place)."""
+    for vi in inputs:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            name = "" if d.HasField("dim_value") and d.dim_value > 0 else dim_name(vi.name, axis, d.dim_param)
+            if name in dims:
+                d.Clear()
+                d.dim_value = int(dims[name])
 
 
 def _graph_input_names(graph: gs.Graph) -> set[str]:
@@ -135,21 +178,187 @@ def _all_shaped(model: onnx.ModelProto) -> bool:
     return all(out in known for node in model.graph.node for out in node.output if out)
 
 
-def concrete_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None,
-                    default: int = DEFAULT_DIM) -> dict[str, list[int]]:
-    """Concrete shape of each graph input: symbolic dims from ``dims`` by name, else ``default``."""
-    dims = dims or {}
+# ---------------------------------------------------------------------------------- symbolic dims
+
+
+@dataclass(frozen=True)
+class SymbolicDim:
+    """A symbolic dim of the graph inputs: its name (the ``dim_param``, or ``input[axis]`` when
+    unnamed), whether it is a batch dim (the leading axis of some input) and where it occurs."""
+
+    name: str
+    batch: bool
+    where: tuple[tuple[str, int], ...]
+
+
+def dim_name(input_name: str, axis: int, param: str = "") -> str:
+    """The name a symbolic dim goes by: its ``dim_param``, else ``input[axis]``."""
+    return param or f"{input_name}[{axis}]"
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
+    return [inp for inp in model.graph.input if inp.name not in inits]
+
+
+def symbolic_dims(model: onnx.ModelProto) -> dict[str, SymbolicDim]:
+    """The symbolic dims of ``model``'s inputs (initializer-backed inputs excluded), in order."""
+    where: dict[str, list[tuple[str, int]]] = {}
+    for inp in _real_inputs(model):
+        for axis, d in enumerate(inp.type.tensor_type.shape.dim):
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                where.setdefault(dim_name(inp.name, axis, d.dim_param), []).append((inp.name, axis))
+    return {n: SymbolicDim(n, any(axis == 0 for _, axis in w), tuple(w)) for n, w in where.items()}
+
+
+def _default(sym: SymbolicDim) -> int:
+    return DEFAULT_BATCH if sym.batch else DEFAULT_DYNAMIC_DIM
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The values a run gives the symbolic input dims, and where each came from.
+
+    Attributes:
+        values: Dim name -> value.
+        sources: Dim name -> :data:`GIVEN` (``--dim`` / ``dims=``), the label of the data whose first
+            batch gave it (``"--calib x.npz"``), :data:`BATCH` (a batch dim: statistics per sample)
+            or :data:`DEFAULT` (guessed: :data:`DEFAULT_DYNAMIC_DIM`).
+        batch: The names of the batch dims.
+    """
+
+    values: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    batch: frozenset[str] = frozenset()
+
+    def guessed(self) -> dict[str, int]:
+        """Non-batch dims that nothing set (their values are guesses: the default)."""
+        return {n: v for n, v in self.values.items() if self.sources[n] == DEFAULT}
+
+    def known(self) -> dict[str, int]:
+        """Non-batch dims given or read from data (what shape tracing may rely on)."""
+        return {n: v for n, v in self.values.items() if n not in self.batch and self.sources[n] not in (DEFAULT, BATCH)}
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """JSON-ready form: ``{name: {"value": v, "source": s}}``."""
+        return {n: {"value": v, "source": self.sources[n]} for n, v in self.values.items()}
+
+    def describe(self) -> str:
+        """``height=320, width=320 (from --calib x.npz); N=1 (batch: per sample)``; ``""`` without symbolic dims."""
+        return describe_dims(self.as_dict())
+
+    def warning(self, data: str = "--calib/--data") -> str | None:
+        """The line to warn with when some non-batch dims are guessed (``data``: the options that
+        give data), else ``None``."""
+        guessed = self.guessed()
+        if not guessed:
+            return None
+        listed = ", ".join(f"{n}={v}" for n, v in guessed.items())
+        options = " ".join(f"--dim {n}=N" for n in guessed)
+        return (f"symbolic input dim{'s' if len(guessed) > 1 else ''} {', '.join(guessed)} not set: guessing {listed} "
+                f"(MACs, shapes and timings depend on them); set them with {options}, or give data ({data})")
+
+
+def describe_dims(record: Mapping[str, Mapping[str, Any]]) -> str:
+    """:meth:`Dims.describe` of a :meth:`Dims.as_dict` record (as JSON reports keep it)."""
+    groups: dict[str, list[str]] = {}
+    for name, d in sorted(record.items(), key=lambda item: item[1]["source"] == BATCH):  # batch dims last
+        groups.setdefault(str(d["source"]), []).append(f"{name}={d['value']}")
+    words = {GIVEN: "--dim", DEFAULT: "guessed", BATCH: "batch: per sample"}
+    return "; ".join(f"{', '.join(items)} ({words.get(src, 'from ' + src)})" for src, items in groups.items())
+
+
+def _seen_values(found: dict[str, SymbolicDim], seen: Mapping[str, Sequence[int]], seen_from: str) -> dict[str, int]:
+    """Non-batch dim values in the data's input shapes ``seen``; inputs sharing a name must agree."""
+    bound: dict[str, tuple[int, str]] = {}
+    for sym in found.values():
+        if sym.batch:
             continue
+        for inp, axis in sym.where:
+            shape = seen.get(inp)
+            if shape is None or axis >= len(shape):
+                continue
+            value = int(shape[axis])
+            if sym.name in bound and bound[sym.name][0] != value:
+                raise InputError(f"symbolic dim {sym.name!r} is {bound[sym.name][0]} in input {bound[sym.name][1]!r} "
+                                 f"but {value} in input {inp!r} ({seen_from}): inputs sharing a dim name must agree")
+            bound[sym.name] = (value, inp)
+    return {n: v for n, (v, _) in bound.items()}
+
+
+def resolve_dims(model: onnx.ModelProto, given: Mapping[str, int] | None = None,
+                 seen: Mapping[str, Sequence[int]] | None = None, seen_from: str = "data", *,
+                 strict: bool = False) -> Dims:
+    """The value of each symbolic input dim of ``model`` for a run: ``given`` (``--dim``) wins, then
+    the data's input shapes ``seen`` (its first batch; batch dims are not read from data), then
+    :data:`DEFAULT_BATCH` for batch dims and :data:`DEFAULT_DYNAMIC_DIM` for the others.
+
+    Args:
+        model: The model whose input dims are resolved.
+        given: Values by dim name.
+        seen: The shape of each input in the data, by input name.
+        seen_from: Label of the data (``"--calib x.npz"``), recorded as the source.
+        strict: Refuse names in ``given`` that are not symbolic dims of ``model``.
+
+    Raises:
+        InputError: One line: inputs sharing a dim name disagree in the data, or (``strict``) an
+            unknown name in ``given``.
+    """
+    given = dict(given or {})
+    found = symbolic_dims(model)
+    unknown = sorted(set(given) - set(found))
+    if strict and unknown:
+        listed = ", ".join(found) or "none"
+        raise InputError(f"--dim {unknown[0]}: the model has no symbolic input dim {unknown[0]!r} (its symbolic dims: {listed})")
+    data = _seen_values(found, seen, seen_from) if seen else {}
+    values, sources = {}, {}
+    for name, sym in found.items():
+        if name in given:
+            values[name], sources[name] = int(given[name]), GIVEN
+            if name in data and data[name] != values[name]:
+                log.warning("--dim %s=%d differs from the %d of %s: shapes and MACs use %d",
+                            name, values[name], data[name], seen_from, values[name])
+        elif name in data:
+            values[name], sources[name] = data[name], seen_from
+        else:
+            values[name], sources[name] = _default(sym), BATCH if sym.batch else DEFAULT
+    return Dims(values, sources, frozenset(n for n, s in found.items() if s.batch))
+
+
+def parse_dims(items: Iterable[str]) -> dict[str, int]:
+    """Parse ``NAME=VALUE`` strings (``--dim batch=4``).
+
+    Raises:
+        InputError: Malformed item or non-positive value.
+    """
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise InputError(f"--dim {item!r}: expected NAME=POSITIVE_INT")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def concrete_inputs(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None = None,
+                    batch: int | None = None) -> dict[str, list[int]]:
+    """Concrete shape of each graph input: symbolic dims from ``dims`` by name (a :class:`Dims` or
+    a mapping), else :data:`DEFAULT_BATCH` for batch dims and :data:`DEFAULT_DYNAMIC_DIM` for the
+    others; ``batch`` (if given) sets every batch dim whatever ``dims`` says."""
+    values = dims.values if isinstance(dims, Dims) else dict(dims or {})
+    found = symbolic_dims(model)
+    out = {}
+    for inp in _real_inputs(model):
         shape = []
-        for d in inp.type.tensor_type.shape.dim:
+        for axis, d in enumerate(inp.type.tensor_type.shape.dim):
             if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(d.dim_value)
+                shape.append(int(d.dim_value))
+                continue
+            sym = found[dim_name(inp.name, axis, d.dim_param)]
+            if batch is not None and sym.batch:
+                shape.append(int(batch))
             else:
-                shape.append(int(dims.get(d.dim_param, default)))
+                shape.append(int(values.get(sym.name, _default(sym))))
         out[inp.name] = shape
     return out
 
@@ -166,32 +375,21 @@ def with_concrete_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -
     return light
 
 
-def concrete_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[int, ...]]:
-    """Every tensor whose shape is fully known once the graph inputs' dynamic dims are fixed
-    (the leading one to ``batch``, any other to :data:`onnxcompress.runtime.data.DEFAULT_DYNAMIC_DIM`).
+def concrete_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None = None,
+                    batch: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor whose shape is fully known once the graph inputs' symbolic dims are fixed as
+    :func:`concrete_inputs` fixes them (``dims`` by name, ``batch`` for batch dims, else the defaults).
 
-    Shape inference runs on a weight-less copy; a failure gives ``{}`` (callers use defaults).
+    Shape inference runs on a weight-less copy; a failure gives ``{}``.
     """
-    from onnxcompress.core.shapes import DEFAULT_DYNAMIC_DIM
-
-    inits = {i.name for i in model.graph.initializer}
-    fixed = {}
-    for inp in model.graph.input:
-        if inp.name not in inits:
-            dims = inp.type.tensor_type.shape.dim
-            fixed[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
-                               batch if axis == 0 else DEFAULT_DYNAMIC_DIM for axis, d in enumerate(dims)]
     try:
-        inferred = infer_shapes(with_concrete_inputs(model, fixed))
+        inferred = infer_shapes(with_concrete_inputs(model, concrete_inputs(model, dims, batch)))
     except Exception as exc:
         log.debug("shape inference failed: %s", exc)
         return {}
     shapes = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0
-                                                          for d in tt.shape.dim):
+        if tt.HasField("shape") and all(d.HasField("dim_value") and d.dim_value > 0 for d in tt.shape.dim):
             shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
     return shapes
-
-

@@ -9,7 +9,8 @@ statistics and whitening) lives in :mod:`onnxcompress.lowrank.linalg`.
 Driver (``FactorizePass.run``):
     1. Every node of the pass's op types is a candidate; it is declined with a code (``excluded``,
        ``weight_not_constant``, ``grouped_conv``, ``tiny_layer``, ...) or becomes a :class:`FactorLayer` (input
-       shapes come from shape inference at batch 1, other symbolic dims taken as 32).
+       shapes come from shape inference at batch 1, other symbolic input dims at the run's
+       ``ctx.dims``: ``--dim``, else the calibration data's shapes, else the guessed defaults).
     2. Data-aware (option ``data_aware``, default on when ``ctx.calib`` is given): one ORT run of
        the *original* model over at most ``samples`` calibration samples captures every
        candidate's input; im2col rows (at most ``max_positions`` per batch, drawn with
@@ -42,7 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import Names, weight_layout
-from onnxcompress.core.shapes import concrete_shapes
+from onnxcompress.core.shapes import Dims, concrete_shapes
 from onnxcompress.runtime.data import Batch, CalibSource
 
 __all__ = [
@@ -122,9 +123,11 @@ class FactorLayer:
         attrs: The node's attributes.
         bias: The bias / ``C`` input (passed to the last factor unchanged), if any.
         opset: The graph's default-domain opset.
-        in_spatial: Input spatial size (Conv; batch 1, symbolic dims taken as 32 when unknown).
+        in_spatial: Input spatial size (Conv; at the run's dims; guessed when inference could not
+            tell it, then ``spatial_known`` is False).
         out_spatial: Output spatial size (Conv).
         rows: Rows per sample (Gemm 1, MatMul the product of the input's leading dims).
+        spatial_known: Whether ``in_spatial`` was inferred (else its MACs are estimates).
         sigma: The input statistics the factorization is whitened by (data-aware mode).
     """
 
@@ -139,6 +142,7 @@ class FactorLayer:
     out_spatial: tuple[int, ...] = ()
     rows: int = 1
     sigma: np.ndarray | None = None
+    spatial_known: bool = True
 
     @property
     def channels(self) -> tuple[int, int]:
@@ -213,9 +217,10 @@ class LimitedSource(CalibSource):
             yield batch
 
 
-def input_shapes(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[int, ...]]:
-    """Fully known shapes of the tensors ``names`` at batch 1 (other dynamic dims: 32)."""
-    return {name: shape for name, shape in concrete_shapes(model).items() if name in names}
+def input_shapes(model: onnx.ModelProto, names: set[str], dims: Dims | None = None) -> dict[str, tuple[int, ...]]:
+    """Fully known shapes of the tensors ``names`` at batch 1, other symbolic input dims at the run's
+    ``dims`` (``None``: the defaults of :func:`onnxcompress.core.shapes.concrete_inputs`)."""
+    return {name: shape for name, shape in concrete_shapes(model, dims, batch=1).items() if name in names}
 
 
 def conv_attrs(attrs: Mapping[str, object]) -> dict:

@@ -141,7 +141,7 @@ class FactorizePass(Pass):
         return LimitedSource(ctx.calib, self.opts["samples"])
 
     def _scan(self, graph: gs.Graph, nodes: list[gs.Node], ctx: PassContext, result: PassResult) -> list[FactorLayer]:
-        shapes = input_shapes(shape_model(graph), {n.inputs[0].name for n in nodes if n.inputs})
+        shapes = input_shapes(shape_model(graph), {n.inputs[0].name for n in nodes if n.inputs}, ctx.dims)
         exclude = set(self.opts["exclude"])
         layers = []
         for node in nodes:
@@ -176,7 +176,11 @@ class FactorizePass(Pass):
             layer.rows = math.prod(shape[:-1]) if shape and len(shape) > 1 else 1
             return
         k = len(layer.kernel)
-        spatial = tuple(shape[2:]) if shape and len(shape) == k + 2 else (DEFAULT_DYNAMIC_DIM,) * k
+        layer.spatial_known = bool(shape and len(shape) == k + 2)
+        spatial = tuple(shape[2:]) if shape and layer.spatial_known else (DEFAULT_DYNAMIC_DIM,) * k
+        if not layer.spatial_known:
+            log.warning("%s: %s: input shape unknown: its MACs are estimated at spatial size %s",
+                        layer.node.op, layer.where, "x".join(map(str, spatial)))
         try:
             geom = conv_geometry(layer.attrs, layer.kernel, spatial)
         except InputError as exc:
@@ -268,6 +272,8 @@ class FactorizePass(Pass):
         s["params_after"] = sum(int(f.weight.size) for d in done for f in d.fz.factors)
         s["macs_before"] = sum(d.fz.macs[0] for d in done)
         s["macs_after"] = sum(d.fz.macs[1] for d in done)
+        if any(not d.layer.spatial_known for d in done):
+            s["macs_estimated"] = sum(1 for d in done if not d.layer.spatial_known)
         s["mean_rel_weight_error"] = float(np.mean([d.error for d in done])) if done else 0.0
         s["data_aware"] = int(data_aware)
         if data_aware and self.opts["refit"]:

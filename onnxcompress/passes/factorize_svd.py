@@ -86,7 +86,9 @@ class FactorizeSvd(FactorizePass):
 
     Stats:
         ``layers_factorized``, ``layers_skipped``, ``params_before``/``params_after`` and
-        ``macs_before``/``macs_after`` (batch 1) of the factorized layers,
+        ``macs_before``/``macs_after`` of the factorized layers (batch 1, other symbolic input
+        dims at the run's ``ctx.dims``; ``macs_estimated``: layers whose input shape inference
+        could not tell, counted at a guessed size),
         ``mean_rel_weight_error`` (``‖W − Ŵ‖/‖W‖`` before any refit), ``data_aware``,
         ``shared_copied``; with a refit ``refit_layers``, ``refit_error_before``/``_after``
         (relative output error of the last factors on the calibration data), ``refit_skipped``;

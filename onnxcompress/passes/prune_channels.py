@@ -69,7 +69,10 @@ class PruneChannels(Pass):
         padded kxk convs and ConvTranspose. ``steps=N`` prunes ``1-(1-ratio)^(1/N)`` per round,
         re-analysing and re-scoring each time. Before the analysis, ``Reshape(Reshape(x))``
         chains are merged (exact; tf2onnx's ``[N,C,1,1] -> [N,1,1,C] -> [N,C]`` flatten would
-        otherwise freeze the last stage).
+        otherwise freeze the last stage). Shapes are traced with the symbolic input dims fixed
+        where the run knows them (``ctx.dims.known()``: ``--dim``, else the calibration data's
+        shapes; guessed values are never used), so a Flatten of a spatially symbolic tensor has a
+        known size when the data gives it (else its group freezes, ``unknown_channel_dim``).
 
     Fires when:
         A group has removable channels: every producer has constant weights, every op on the
@@ -150,7 +153,8 @@ class PruneChannels(Pass):
         pruned: set[str] = set()
         layers: dict[str, PrunedLayer] = {}
         for step in range(o["steps"]):
-            analysis = analyze(graph, protect_io=o["protect_io"], exclude=o["exclude"])
+            analysis = analyze(graph, protect_io=o["protect_io"], exclude=o["exclude"],
+                               dims=ctx.dims.known() if ctx.dims is not None else None)
             if step == 0:
                 self._report_groups(analysis, result, ctx)
             removed = self._step(analysis, budget, ctx, result, first=step == 0)

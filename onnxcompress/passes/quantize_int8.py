@@ -323,7 +323,7 @@ class QuantizeInt8(Pass):
     def _latency(self, q: Quantizer, ctx: PassContext, result: PassResult) -> dict[str, tuple[str, str]]:
         """Compute layers where int8 is slower than float (plus the Add/Concat/pool islands they leave)."""
         timings = time_layers(q, batch=self.opts["latency_batch"], margin=self.opts["latency_margin"],
-                              timer=ctx.get(LATENCY_TIMER), progress=ctx.progress)
+                              timer=ctx.get(LATENCY_TIMER), progress=ctx.progress, dims=ctx.dims)
         kept = {t.node: (R_SLOWER, f"{t.ratio:.2f}×") for t in timings if t.kept_float}
         kept.update((name, (R_ISLAND, "")) for name in island_layers(q, kept))
         if self.opts["latency_check"]:
@@ -345,7 +345,7 @@ class QuantizeInt8(Pass):
         every layer stays float.
         """
         timer = ctx.get(MODEL_TIMER) or (
-            lambda models: model_ratios(models, batch=self.opts["latency_batch"], seed=ctx.seed))
+            lambda models: model_ratios(models, batch=self.opts["latency_batch"], seed=ctx.seed, dims=ctx.dims))
         variants = [q.model, q.export({})] + ([q.export(kept)] if kept else [])
         ratios = [float(r) for r in timer(variants)]
         full, mixed = ratios[1], ratios[2] if kept else ratios[1]

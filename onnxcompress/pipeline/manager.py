@@ -20,8 +20,11 @@ import onnx_graphsurgeon as gs
 from onnxcompress import passes as _builtin  # noqa: F401 - importing registers the built-in passes
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError, PassFailed
+from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.normalize import normalize, upgrade_opset
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord, PassResult, Slot, registered
+from onnxcompress.core.shapes import Dims
+from onnxcompress.runtime.data import CalibSource, data_dims
 
 __all__ = ["NO_CALIB", "RELEASE_BYTES", "PassManager", "check_pipeline", "get_pass", "parse_spec", "registry"]
 
@@ -174,6 +177,8 @@ class PassManager:
         box = [normalize(model)]  # the pass's input is only ever referenced from here (see _step)
         del model
         full = self.check and _passes_full_check(box[0])
+        dims = self._dims(box[0])
+        macs = model_metrics(box[0], dims).macs
         records: list[PassRecord] = []
         for p in self.passes:
             done = ", ".join(r.name for r in records)
@@ -185,12 +190,23 @@ class PassManager:
             except Exception as exc:
                 log.debug("pass %s failed", p.name, exc_info=True)
                 raise PassFailed(f"pass {p.name} failed after [{done}]: {type(exc).__name__}: {exc}") from exc
-            record = PassRecord(p.name, dict(p.opts), p.effective_numerics(), result, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            before, macs = macs, model_metrics(box[0], dims).macs if result.modified else macs
+            record = PassRecord(p.name, dict(p.opts), p.effective_numerics(), result, seconds, before, macs)
             records.append(record)
             log.info("%s: %s", p.name, _stat_line(result))
             if self.on_pass:
                 self.on_pass(record)
         return box.pop(), records
+
+    def _dims(self, model: onnx.ModelProto) -> Dims:
+        """The context's dims; when unset, resolved from the calibration data's first batch (else
+        the defaults, with a warning naming the guessed dims) and stored in the context."""
+        if self.ctx.dims is None:
+            calib = self.ctx.calib if isinstance(self.ctx.calib, CalibSource) else None
+            self.ctx.dims = data_dims(model, None, ("calibration data", getattr(calib, "description", ""), calib),
+                                      hint="calibration data, or PassContext(dims=...)")
+        return self.ctx.dims
 
     def _step(self, p: Pass, box: list[onnx.ModelProto], *, owned: bool, full: bool) -> PassResult:
         """One pass on the model in ``box`` (taken out, so that releasing it frees its weights; see

@@ -16,11 +16,12 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import PassContext
+from onnxcompress.core.shapes import Dims
 from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.pipeline.validate import parse_slices
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.sensitivity import Evaluator, Fidelity, Quantizer, rank_layers
-from onnxcompress.runtime.data import CalibSource, open_source
+from onnxcompress.runtime.data import CalibSource, data_dims, open_source
 
 __all__ = ["LayerScore", "SensitivityReport", "layer_sensitivity", "parse_options"]
 
@@ -80,12 +81,12 @@ class SensitivityReport:
         }
 
 
-def _prepare(model: onnx.ModelProto, prepare: str, calib: CalibSource, seed: int) -> onnx.ModelProto:
+def _prepare(model: onnx.ModelProto, prepare: str, calib: CalibSource, seed: int, dims: Dims) -> onnx.ModelProto:
     """Run the ``prepare`` passes (default ``fold_bn``), normalise, reach opset 13."""
     from onnxcompress.core.normalize import normalize, upgrade_opset
 
     if prepare.strip():
-        model, _ = PassManager(parse_spec(prepare), PassContext(calib=calib, seed=seed)).run(model)
+        model, _ = PassManager(parse_spec(prepare), PassContext(calib=calib, seed=seed, dims=dims)).run(model)
     return upgrade_opset(normalize(model), 13)
 
 
@@ -114,7 +115,7 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
         batch_size: Batch size of calibration and evaluation runs.
         samples: Use at most this many evaluation samples.
         seed: Seed for random data.
-        dims: Symbolic input dims (random data, MAC counts).
+        dims: Symbolic input dims (they win over the data's shapes; random data, MAC counts).
         preprocess: Image-folder preprocessing.
         progress: Progress bars.
         name: Model name for the report (default: the path, else ``"model"``).
@@ -130,7 +131,8 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
     calib_src = open_source(calib, original, preprocess=preprocess, seed=seed, dims=dims)
     data_src = open_source(data if data is not None else calib, original, preprocess=preprocess, limit=samples,
                            seed=seed, dims=dims)
-    prepared = _prepare(original, prepare, calib_src, seed)
+    run_dims = data_dims(original, dims, ("--calib", calib, calib_src), ("--data", data, data_src))
+    prepared = _prepare(original, prepare, calib_src, seed, run_dims)
     quantizer = Quantizer(prepared, QuantConfig.from_options(qpass.opts), method=method, percentile=qpass.opts["percentile"])
     if not quantizer.layers:
         raise InputError("no quantizable layer in this model")
@@ -139,7 +141,7 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
     evaluate = Evaluator(prepared, data_src, batch_size=batch_size, slices=spec)
     baseline = evaluate(quantizer.export())
     ranked = rank_layers(quantizer, evaluate, progress=progress)
-    macs = {n.name: n.macs for n in model_metrics(prepared, dims).per_node}
+    macs = {n.name: n.macs for n in model_metrics(prepared, run_dims).per_node}
     layers = [LayerScore(layer, quantizer.ops[layer], macs.get(layer, 0), fid.sqnr_db, fid.cosine, fid.worst)
               for layer, fid in ranked]
     label = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model")

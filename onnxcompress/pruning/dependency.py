@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,11 +147,15 @@ class Analysis:
         raise KeyError(name)
 
 
-def graph_info(graph: gs.Graph) -> GraphInfo:
-    """Shapes of every tensor (onnx shape inference, then graphsurgeon's own) and the opset."""
+def graph_info(graph: gs.Graph, dims: Mapping[str, int] | None = None) -> GraphInfo:
+    """Shapes of every tensor (onnx shape inference, then graphsurgeon's own) and the opset.
+
+    ``dims``: values of symbolic input dims to infer at (the data's shapes, ``Dims.known()``); the
+    others stay symbolic.
+    """
     shapes: dict[str, tuple[int | None, ...]] = {}
     try:
-        model = infer_graph(graph)
+        model = infer_graph(graph, dims)
         for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
             tt = vi.type.tensor_type
             if tt.HasField("shape"):
@@ -164,15 +169,17 @@ def graph_info(graph: gs.Graph) -> GraphInfo:
     return GraphInfo(shapes, int(graph.opset or 0), frozenset(t.name for t in graph.outputs))
 
 
-def analyze(graph: gs.Graph, *, protect_io: bool = True, exclude: tuple[str, ...] | list[str] = ()) -> Analysis:
+def analyze(graph: gs.Graph, *, protect_io: bool = True, exclude: tuple[str, ...] | list[str] = (),
+            dims: Mapping[str, int] | None = None) -> Analysis:
     """Build the channel groups of ``graph`` (not modified).
 
     Args:
         graph: The graph (main graph; subgraphs are not entered: tensors they read freeze).
         protect_io: Freeze channels of graph outputs (graph inputs are always pinned).
         exclude: Node or tensor names whose channels are frozen (a node: all its tensors).
+        dims: Symbolic input dims to trace shapes at (see :func:`graph_info`).
     """
-    info = graph_info(graph)
+    info = graph_info(graph, dims)
     specs = [handle(n, info) for n in graph.nodes]
     offsets, counts = _slot_table(graph, info)
     comp = _components(specs, offsets, sum(counts.values()))

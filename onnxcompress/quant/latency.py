@@ -2,7 +2,8 @@
 
 Per layer: for each quantizable compute layer (Conv, Gemm, MatMul, ConvTranspose, with its
 folded Relu/Clip) two one-layer models are built with the real weights and real input shapes
-(shape inference at the chosen batch size): the float node, and the same node in QDQ form with
+(shape inference at the chosen batch size and the run's symbolic input dims, ``ctx.dims``:
+``--dim``, else the calibration data's shapes): the float node, and the same node in QDQ form with
 the calibrated parameters, taking its quantized input and giving its quantized output directly
 (``DQ -> op -> Q``, which onnxruntime fuses into ``QLinearConv``/``QGemm``/...): in a chain of
 int8 layers no Q/DQ runs between them, so the int8 kernel alone is compared with the float one.
@@ -34,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import PassResult
-from onnxcompress.core.shapes import concrete_shapes
+from onnxcompress.core.shapes import Dims, concrete_shapes
 from onnxcompress.quant.placement import KINDS, plan_placement
 from onnxcompress.quant.rewrite import apply_plan
 from onnxcompress.quant.sensitivity import Quantizer, plan_params
@@ -230,9 +231,12 @@ def measure_ratio(pair: LayerPair, *, rounds: int = 40, warmup: int = 5, target_
     return paired_ratio(times[1], times[0])
 
 
-def model_ratios(models: list[onnx.ModelProto], *, batch: int = 1, rounds: int = 100, seed: int = 0) -> list[float]:
-    """Whole-model latency ratios vs ``models[0]`` with :func:`onnxcompress.runtime.bench.bench` (1 thread, interleaved)."""
-    report = bench(models, threads=1, batch=batch, runs=rounds, warmup=10, seed=seed)
+def model_ratios(models: list[onnx.ModelProto], *, batch: int = 1, rounds: int = 100, seed: int = 0,
+                 dims: Dims | None = None) -> list[float]:
+    """Whole-model latency ratios vs ``models[0]`` with :func:`onnxcompress.runtime.bench.bench` (1 thread,
+    interleaved), at ``batch`` and the other symbolic input dims of ``dims`` (``None``: the defaults)."""
+    others = {n: v for n, v in dims.values.items() if n not in dims.batch} if dims is not None else None
+    report = bench(models, threads=1, batch=batch, dims=others, runs=rounds, warmup=10, seed=seed)
     return [m.ratio_vs_first for m in report.models]
 
 
@@ -244,7 +248,7 @@ def _default_timer(rounds: int) -> Timer:
 
 
 def time_layers(quantizer: Quantizer, *, batch: int = 1, margin: float = 0.05, timer: Timer | None = None,
-                rounds: int = 40, progress: bool = False) -> list[LayerTiming]:
+                rounds: int = 40, progress: bool = False, dims: Dims | None = None) -> list[LayerTiming]:
     """Time every compute layer of ``quantizer`` int8 vs float; keep float where int8 is slower.
 
     A layer is kept float when ``ratio > 1 + margin``. Layers whose shapes cannot be inferred
@@ -257,9 +261,10 @@ def time_layers(quantizer: Quantizer, *, batch: int = 1, margin: float = 0.05, t
         timer: Replaces the measurement (tests inject a deterministic one).
         rounds: Interleaved rounds per layer for the default timer.
         progress: Progress bar.
+        dims: The run's symbolic input dims (the shapes the layers see; ``None``: the defaults).
     """
     timer = timer or _default_timer(rounds)
-    shapes = concrete_shapes(quantizer.model, batch)
+    shapes = concrete_shapes(quantizer.model, dims, batch)
     graph = serde.to_graph(quantizer.model)
     nodes = {n.name: n for n in graph.nodes}
     outputs = {t.name for t in graph.outputs}

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo
 from onnxcompress.core.pass_api import PassRecord
+from onnxcompress.core.shapes import describe_dims
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.sensitivity import LayerScore, SensitivityReport
 from onnxcompress.pipeline.validate import ValidationReport
@@ -50,6 +51,8 @@ def show_metrics(console: Console, m: ModelMetrics, top: int = 10) -> None:
     t.add_row("nodes", str(m.nodes))
     t.add_row("opset", str(m.opset))
     t.add_row("inputs", ", ".join(f"{k} {v}" for k, v in m.inputs.items()))
+    if m.dims:
+        t.add_row("symbolic dims", describe_dims(m.dims))
     t.add_row("outputs", ", ".join(f"{k} {v}" for k, v in m.outputs.items()))
     t.add_row("ops", ", ".join(f"{k}×{v}" for k, v in m.op_counts.items()))
     console.print(t)
@@ -89,19 +92,28 @@ def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, rec
         if a != b:
             t.add_row(f"  {op}", str(b), str(a), "")
     console.print(t)
+    if before.dims:
+        console.print(_shapes_line(before), markup=False, highlight=False)
     _show_passes_run(console, records)
     if validation is not None:
         show_validation(console, validation)
 
 
+def _shapes_line(m: ModelMetrics) -> str:
+    """``MACs at images [1, 3, 320, 320]; symbolic dims height=320, width=320 (from --calib x.npz)``."""
+    return f"MACs at {', '.join(f'{k} {v}' for k, v in m.inputs.items())}; symbolic dims {describe_dims(m.dims)}"
+
+
 def _show_passes_run(console: Console, records: list[PassRecord]) -> None:
     t = Table(title="passes")
-    for col in ("pass", "numerics", "changed", "stats", "declined (code × count)", "s"):
+    for col in ("pass", "numerics", "changed", "MACs", "stats", "declined (code × count)", "s"):
         t.add_column(col)
     for r in records:
         stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items() if v)
         declined = "; ".join(f"{code} ×{n}" for code, n in r.result.decline_counts().items())
-        t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", stats or "-",
+        macs = _ratio(r.macs_before, r.macs_after or 0) if r.macs_before is not None and r.macs_after != r.macs_before \
+            else "-"
+        t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", macs, stats or "-",
                   declined or "-", f"{r.seconds:.2f}")
     console.print(t)
 
@@ -224,6 +236,8 @@ def _short_names(names: list[str]) -> list[str]:
 def show_bench(console: Console, report: BenchReport) -> None:
     """Print the machine line and a table of the results on a rich ``console``."""
     console.print(report.machine.line())
+    if report.dims:
+        console.print(f"symbolic input dims: {describe_dims(report.dims)}", markup=False, highlight=False)
     shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in report.inputs.items())
     s = report.settings
     t = Table(title=f"latency: {s['runs']} interleaved rounds after {s['warmup']} warm-up; inputs {shapes} ({s['data']})")

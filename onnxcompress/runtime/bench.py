@@ -43,7 +43,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from onnxcompress.core import proto, serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.metrics import model_metrics
-from onnxcompress.runtime.data import InputSpec, RandomSource, input_specs, open_source
+from onnxcompress.core.shapes import Dims
+from onnxcompress.runtime.data import CalibSource, InputSpec, RandomSource, data_dims, input_specs, open_source
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
@@ -139,6 +140,8 @@ class BenchReport:
     inputs: dict[str, dict[str, Any]]
     models: list[ModelBench]
     order: list[list[int]]
+    #: The first model's symbolic input dims and where their values came from (``Dims.as_dict()``).
+    dims: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
@@ -146,6 +149,7 @@ class BenchReport:
             "machine": asdict(self.machine),
             "settings": dict(self.settings),
             "inputs": {k: dict(v) for k, v in self.inputs.items()},
+            "dims": {k: dict(v) for k, v in self.dims.items()},
             "models": [m.as_dict() for m in self.models],
             "order": [list(r) for r in self.order],
         }
@@ -333,7 +337,7 @@ def bench_inputs(model: onnx.ModelProto, *, batch: int = 1, dims: dict[str, int]
     Args:
         model: The (first) model; the arrays fit its inputs.
         batch: Value of the leading dim where it is dynamic (a fixed batch dim wins, with a warning).
-        dims: Values of other symbolic dims (random inputs; default 32).
+        dims: Values of other symbolic dims (random inputs; see :func:`onnxcompress.core.shapes.resolve_dims`).
         data: Anything :func:`onnxcompress.runtime.data.open_source` accepts, or None for random inputs.
         seed: Seed of the random inputs (same seed, same arrays).
         preprocess: Image preprocessing spec when ``data`` is an image folder.
@@ -341,13 +345,19 @@ def bench_inputs(model: onnx.ModelProto, *, batch: int = 1, dims: dict[str, int]
     Raises:
         InputError: Unusable data, or ``dims`` giving the batch dim a value other than ``batch``.
     """
-    dims = dims or {}
+    return _bench_feeds(model, batch, dims or {}, data, seed, preprocess)[0]
+
+
+def _bench_feeds(model: onnx.ModelProto, batch: int, dims: dict[str, int], data: Any, seed: int,
+                 preprocess: Any) -> tuple[dict[str, np.ndarray], Dims]:
+    """:func:`bench_inputs` and the symbolic dims they are at (:func:`~onnxcompress.runtime.data.data_dims`)."""
     specs = input_specs(model)
     _check_batch_dims(specs, batch, dims)
     if data is None:
-        source = RandomSource(specs, count=batch, seed=seed, dims=dims)
+        source: CalibSource = RandomSource(specs, count=batch, seed=seed, dims=dims)
     else:
         source = open_source(data, model, preprocess=preprocess, seed=seed, dims=dims, limit=batch)
+    resolved = data_dims(model, dims, ("--data", data, source), hint="--data")
     first = next(iter(source.batches(batch)), None)
     if first is None or (specs and not first.feeds):
         raise InputError(f"{getattr(source, 'description', 'data')}: no samples")
@@ -355,7 +365,7 @@ def bench_inputs(model: onnx.ModelProto, *, batch: int = 1, dims: dict[str, int]
     if specs and got != batch:
         why = "the model has a fixed batch dim" if any(s.batch_dim_static() for s in specs) else "the data has fewer samples"
         log.warning("benchmarking with batch %d instead of %d (%s)", got, batch, why)
-    return {k: np.ascontiguousarray(v) for k, v in first.feeds.items()}
+    return {k: np.ascontiguousarray(v) for k, v in first.feeds.items()}, resolved
 
 
 def _fmt_shape(shape: Sequence[int | None]) -> str:
@@ -445,22 +455,24 @@ def _load(source: serde.ModelSource, name: str) -> onnx.ModelProto:
         raise InputError(text if text.startswith(name) else f"{name}: {text}") from None
 
 
-def _open_all(models: Sequence[serde.ModelSource], settings: dict[str, Any]) -> tuple[list[_Entry], dict[str, np.ndarray]]:
+def _open_all(models: Sequence[serde.ModelSource],
+              settings: dict[str, Any]) -> tuple[list[_Entry], dict[str, np.ndarray], Dims]:
     """Load every model, make the inputs from the first, measure session creation and first run."""
     entries: list[_Entry] = []
     feeds: dict[str, np.ndarray] | None = None
+    dims = Dims()
     for index, source in enumerate(models):
         name = _model_name(source, index)
         model = _load(source, name)
         if feeds is None:
-            feeds = bench_inputs(model, batch=settings["batch"], dims=settings["dims"], data=settings["data"],
-                                 seed=settings["seed"], preprocess=settings["preprocess"])
+            feeds, dims = _bench_feeds(model, settings["batch"], settings["dims"], settings["data"], settings["seed"],
+                                       settings["preprocess"])
         else:
             _check_inputs(model, name, feeds, entries[0].name)
         entries.append(_open_one(model, name, feeds, settings))
         del model
     assert feeds is not None
-    return entries, feeds
+    return entries, feeds, dims
 
 
 def _open_one(model: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray], settings: dict[str, Any]) -> _Entry:
@@ -541,7 +553,8 @@ def bench(models: Sequence[serde.ModelSource], *, provider: str = "CPUExecutionP
         warmup: Untimed rounds before measuring.
         runs: Timed rounds.
         batch: Value of the leading (batch) dim where it is dynamic.
-        dims: Values of other symbolic input dims, by name (default 32 for random inputs).
+        dims: Values of other symbolic input dims, by name (without ``data``: else guessed, with a
+            warning; the report's ``dims`` say which).
         data: Input data (see :func:`onnxcompress.runtime.data.open_source`); its first batch is used.
             Default: seeded random inputs.
         seed: Seed for random inputs and the round order.
@@ -563,7 +576,7 @@ def bench(models: Sequence[serde.ModelSource], *, provider: str = "CPUExecutionP
     settings = {"provider": provider, "threads": threads, "optimize": optimize, "batch": batch,
                 "dims": dict(dims or {}), "data": data, "seed": seed, "preprocess": preprocess}
     _prime_runtime(provider, threads, optimize)
-    entries, feeds = _open_all(models, settings)
+    entries, feeds, dims = _open_all(models, settings)
     machine = machine_info(provider, threads, optimize)
     _warn_if_busy(machine)
     if warmup:
@@ -576,7 +589,7 @@ def bench(models: Sequence[serde.ModelSource], *, provider: str = "CPUExecutionP
               "interleaving": "each round runs every model once; blocks of n rounds rotate a seeded shuffled order",
               "ratio": "median over rounds of t_model[r] / t_first[r]",
               "data": "random" if data is None else str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__}
-    return BenchReport(machine, public, inputs, results, order)
+    return BenchReport(machine, public, inputs, results, order, dims.as_dict())
 
 
 # --- terminal -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.shapes import DEFAULT_DYNAMIC_DIM
+from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims, symbolic_dims
 
 __all__ = [
     "LABEL_KEYS",
@@ -43,9 +43,9 @@ __all__ = [
     "ImageFolderSource",
     "RandomSource",
     "IterableSource",
+    "data_dims",
     "input_specs",
     "open_source",
-    "parse_dims",
     "check_channels",
     "parse_preprocess",
 ]
@@ -69,7 +69,8 @@ class Batch:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A graph input: name, numpy dtype and shape (``None`` where symbolic)."""
+    """A graph input: name, numpy dtype, shape (``None`` where symbolic) and the names of its symbolic
+    dims (``None`` where fixed; see :func:`onnxcompress.core.shapes.dim_name`)."""
 
     name: str
     dtype: np.dtype
@@ -93,25 +94,11 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             raise InputError(f"input {inp.name!r}: only tensor inputs are supported")
         dims = list(tt.shape.dim)
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
-        names = tuple(d.dim_param if d.HasField("dim_param") else None for d in dims)
+        names = tuple(None if v is not None else dim_name(inp.name, axis, d.dim_param)
+                      for axis, (d, v) in enumerate(zip(dims, shape)))
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         specs.append(InputSpec(inp.name, dtype, shape, names))
     return specs
-
-
-def parse_dims(items: Iterable[str]) -> dict[str, int]:
-    """Parse ``NAME=VALUE`` strings (``--dim batch=4``).
-
-    Raises:
-        InputError: Malformed item or non-positive value.
-    """
-    dims = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit() or int(value) <= 0:
-            raise InputError(f"--dim {item!r}: expected NAME=POSITIVE_INT")
-        dims[name.strip()] = int(value)
-    return dims
 
 
 def _fit(spec: InputSpec, array: Any, where: str) -> np.ndarray:
@@ -375,8 +362,9 @@ class ImageFolderSource(CalibSource):
     """A folder of images (optionally in class sub-folders) for a single image-input model."""
 
     def __init__(self, folder: str | os.PathLike, specs: list[InputSpec], pre: Preprocess,
-                 limit: int | None = None):
+                 limit: int | None = None, dims: dict[str, int] | None = None):
         super().__init__(specs, limit)
+        self.dims = dims or {}
         if len(specs) != 1 or len(specs[0].shape) != 4:
             raise InputError("image folders need a model with one rank-4 image input")
         self.folder, self.pre = Path(folder), pre
@@ -401,10 +389,11 @@ class ImageFolderSource(CalibSource):
         return sorted(f for f in self.folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), None
 
     def _spatial(self) -> tuple[int, int]:
-        shape = self.spec.shape
-        h, w = (shape[2], shape[3]) if self.pre.layout == "NCHW" else (shape[1], shape[2])
+        """The model's static spatial dims, else the ``--dim`` values of its symbolic ones."""
+        axes = (2, 3) if self.pre.layout == "NCHW" else (1, 2)
+        h, w = (self.spec.shape[a] or self.dims.get(str(self.spec.dim_names[a]), None) for a in axes)
         if h is None or w is None:
-            raise InputError("the model's image size is dynamic: give --preprocess size=HxW")
+            raise InputError("the model's image size is dynamic: give --preprocess size=HxW (or --dim for its dims)")
         return h, w
 
     def _chunks(self) -> Iterator[Batch]:
@@ -444,8 +433,9 @@ class ImageFolderSource(CalibSource):
 class RandomSource(CalibSource):
     """Seeded random inputs: normal floats, small non-negative integers, random booleans.
 
-    Symbolic dims: the leading axis is the batch; any other takes ``dims[name]`` or
-    :data:`DEFAULT_DYNAMIC_DIM`.
+    Symbolic dims: the leading axis is the batch (one sample per chunk); any other takes
+    ``dims[name]`` (pass the resolved :attr:`~onnxcompress.core.shapes.Dims.values`), else
+    :data:`~onnxcompress.core.shapes.DEFAULT_DYNAMIC_DIM`.
     """
 
     def __init__(self, specs: list[InputSpec], count: int = 8, seed: int = 0,
@@ -462,7 +452,7 @@ class RandomSource(CalibSource):
             elif name in self.dims:
                 shape.append(self.dims[name])
             else:
-                shape.append(1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
+                shape.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM)
         return shape
 
     def _chunks(self) -> Iterator[Batch]:
@@ -486,16 +476,26 @@ def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.n
     raise InputError(f"cannot make random inputs of dtype {dtype}")
 
 
+_END = object()
+
+
 class IterableSource(CalibSource):
     """Samples from the caller: an iterable of dicts, a callable returning one, or a reader
-    with ``get_next()``. One-shot iterators are cached on first use so they can be re-read."""
+    with ``get_next()``. One-shot iterators are cached as they are read (a partial read, such as
+    peeking at the first batch, loses nothing), so they can be re-read."""
 
     description = "iterable"
 
     def __init__(self, data: Any, specs: list[InputSpec], limit: int | None = None):
         super().__init__(specs, limit)
         self.data = data
-        self._cache: list[Batch] | None = None
+        if not (hasattr(data, "get_next") or callable(data) or hasattr(data, "__iter__")):
+            raise InputError(f"data of type {type(data).__name__}: expected a path, random:N, or an iterable of input dicts")
+        one_shot = hasattr(data, "get_next") and not hasattr(data, "rewind")
+        self._cache: list[Batch] = []
+        self._pending: Iterator[dict] | None = self._raw() if one_shot or (not callable(data) and iter(data) is data) \
+            else None
+        self._one_shot = self._pending is not None
 
     def _raw(self) -> Iterator[dict]:
         data = self.data
@@ -507,22 +507,26 @@ class IterableSource(CalibSource):
             return iter(data())
         return iter(data)
 
+    def _fit(self, i: int, item: Any) -> Batch:
+        if not isinstance(item, dict):
+            raise InputError(f"calibration item {i}: expected a dict of arrays, got {type(item).__name__}")
+        return _fit_all(self.specs, item, f"calibration item {i}")
+
     def _chunks(self) -> Iterator[Batch]:
-        if self._cache is not None:
-            yield from self._cache
+        if not self._one_shot:
+            yield from (self._fit(i, item) for i, item in enumerate(self._raw()))
             return
-        one_shot = hasattr(self.data, "get_next") and not hasattr(self.data, "rewind")
-        one_shot = one_shot or (not callable(self.data) and iter(self.data) is self.data)
-        cache: list[Batch] = []
-        for i, item in enumerate(self._raw()):
-            if not isinstance(item, dict):
-                raise InputError(f"calibration item {i}: expected a dict of arrays, got {type(item).__name__}")
-            batch = _fit_all(self.specs, item, f"calibration item {i}")
-            if one_shot:
-                cache.append(batch)
-            yield batch
-        if one_shot:
-            self._cache = cache
+        i = 0
+        while True:
+            if i < len(self._cache):
+                yield self._cache[i]
+                i += 1
+                continue
+            item = next(self._pending, _END) if self._pending is not None else _END
+            if item is _END:
+                self._pending = None
+                return
+            self._cache.append(self._fit(len(self._cache), item))
 
 
 def open_source(data: Any, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
@@ -536,7 +540,7 @@ def open_source(data: Any, model: onnx.ModelProto, *, preprocess: str | Preproce
         preprocess: For image folders: a :class:`Preprocess` or its string/TOML form.
         limit: Use at most this many samples.
         seed: Seed for random data.
-        dims: Values for symbolic dims (random data).
+        dims: Values for symbolic dims (random data; the image size of an image folder without ``size=``).
 
     Raises:
         InputError: The data cannot be used with this model.
@@ -553,10 +557,41 @@ def open_source(data: Any, model: onnx.ModelProto, *, preprocess: str | Preproce
         path = Path(data)
         if path.is_dir() and _has_images(path):
             pre = preprocess if isinstance(preprocess, Preprocess) else parse_preprocess(preprocess)
-            return ImageFolderSource(path, specs, pre, limit)
+            return ImageFolderSource(path, specs, pre, limit, dims)
         return FileSource(path, specs, limit)
     return IterableSource(data, specs, limit)
 
 
 def _has_images(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_SUFFIXES for p in itertools.islice(folder.rglob("*"), 10000))
+
+
+def data_dims(model: onnx.ModelProto, given: dict[str, int] | None = None,
+              *sources: tuple[str, Any, CalibSource | None], hint: str = "--calib/--data") -> Dims:
+    """:func:`onnxcompress.core.shapes.resolve_dims` for a run: ``given`` (``--dim``), then the shapes
+    of the first sample of the first real data among ``sources`` (``(option, value, opened source)``,
+    e.g. ``("--calib", "x.npz", src)``; random and ``None`` sources are skipped), then the defaults.
+    Guessed dims are logged as a warning (``hint``: the options that give data), the others at INFO;
+    random sources among ``sources`` take the resolved values.
+
+    Raises:
+        InputError: One line: an unknown name in ``given``, or inputs sharing a dim name that disagree in the data.
+    """
+    seen: tuple[str, dict[str, tuple[int, ...]]] | None = None
+    free = any(not d.batch for d in symbolic_dims(model).values())  # else nothing to read from the data
+    for option, value, src in sources if free else ():
+        first = None if src is None or isinstance(src, RandomSource) else next(iter(src.batches(1)), None)
+        if first is not None:
+            label = f"{option} {value}" if isinstance(value, (str, os.PathLike)) else f"{option} ({type(value).__name__})"
+            seen = (label, {k: tuple(v.shape) for k, v in first.feeds.items()})
+            break
+    dims = resolve_dims(model, given, seen[1], seen[0], strict=True) if seen else resolve_dims(model, given, strict=True)
+    warning = dims.warning(hint)
+    if warning:
+        log.warning(warning)
+    elif dims.values:
+        log.info("symbolic input dims: %s", dims.describe())
+    for _, _, src in sources:
+        if isinstance(src, RandomSource):
+            src.dims = {**src.dims, **{n: v for n, v in dims.values.items() if n not in dims.batch}}
+    return dims

@@ -135,7 +135,7 @@ def test_dynamic_spatial_dims_get_a_concrete_value():
     rng = np.random.default_rng(7)
     model = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="c")], {"x": ["N", 3, "H", "W"]}, ["y"],
                        {"W": rand(rng, 4, 3, 3, 3, scale=0.5)})
-    shapes = concrete_shapes(model, 2)
+    shapes = concrete_shapes(model, batch=2)
     assert shapes["x"] == (2, 3, 32, 32) and shapes["y"] == (2, 4, 30, 30)
     q = Quantizer(model, QuantConfig())
     q.calibrate(open_source([{"x": rand(rng, 8, 3, 12, 12, scale=0.5)}], model))
