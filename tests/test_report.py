@@ -321,3 +321,20 @@ def test_summary_uses_the_worst_slice_and_names_it(tmp_path) -> None:
     assert f"0.912345 ({out['name']}[4:10])" in summary and f"7.8 ({out['name']}[4:10])" in summary
     build_report([OPT_DEFAULT], tmp_path / "plain.md", plots=False)
     assert "[4:10]" not in (tmp_path / "plain.md").read_text()
+
+
+def test_summary_shows_task_metrics(tmp_path) -> None:
+    run = json.loads(OPT_DEFAULT.read_text())
+    run["validation"]["outputs"][0]["task"] = {"task": "detection", "inferred": True, "settings": {},
+                                               "values": {"f1": 0.90625, "precision": 0.95, "recall": 0.87}}
+    src = tmp_path / "det.json"
+    src.write_text(json.dumps(run))
+    build_report([src], tmp_path / "r.md", plots=False)
+    summary = (tmp_path / "r.md").read_text().split("## Summary")[1].split("## Passes")[0]
+    assert "| task |" in summary and "det. F1 0.906" in summary
+    plain = json.loads(OPT_DEFAULT.read_text())
+    for o in plain["validation"]["outputs"]:
+        o.pop("task", None)
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    build_report([tmp_path / "plain.json"], tmp_path / "p.md", plots=False)
+    assert "| task |" not in (tmp_path / "p.md").read_text()  # no task metric: the column is dropped

@@ -47,6 +47,23 @@ def _worst(run: dict, key: str, spec: str) -> str:
     return fmt_number(value, spec) + (f" ({name})" if name else "")
 
 
+#: The task metric the summary shows: ``task: (values key, label)``.
+_TASK_CELLS = {"detection": ("f1", "det. F1"), "segmentation": ("miou", "mIoU"),
+               "embedding": ("cosine_min", "min cosine"), "classification": ("top5_agreement", "top-5")}
+
+
+def _task_cell(run: dict) -> str:
+    """The task metric of each output that has one (``det. F1 0.906``), ``-`` when none."""
+    cells = []
+    for o in (run.get("validation") or {}).get("outputs", []):
+        task = o.get("task") or {}
+        key, label = _TASK_CELLS.get(task.get("task", ""), ("", ""))
+        value = (task.get("values") or {}).get(key)
+        if isinstance(value, (int, float)):
+            cells.append(f"{label} {value:.3f}")
+    return "; ".join(cells) or "-"
+
+
 def _model_cell(lin: Lineage) -> str:
     name = Path(str(lin.run.data["model"])).name if lin.run.data.get("model") else "-"
     return name if lin.parent is None else f"{name} (output of {lin.parent.label})"
@@ -79,9 +96,9 @@ def summary_section(lineages: list[Lineage]) -> list[Block]:
                      _before_after(d["before"], d["after"], "params", human_count),
                      _before_after(d["before"], d["after"], "macs", human_count), _reference_cell(lin),
                      _worst(d, "cosine", ".6f"), _worst(d, "sqnr_db", ".1f"),
-                     fmt_pct(worst_metric(d, "top1_agreement")), acc, _gate(d)])
+                     fmt_pct(worst_metric(d, "top1_agreement")), acc, _task_cell(d), _gate(d)])
     headers = ["run", "model", "pipeline", "numerics", "size", "params", "MACs", "measured", "cosine (worst)",
-               "SQNR dB (worst)", "top-1 agreement", "accuracy ref → new", "gate"]
+               "SQNR dB (worst)", "top-1 agreement", "accuracy ref → new", "task", "gate"]
     blocks: list[Block] = [Heading(2, "Summary"), drop_empty_columns(Table(headers, rows, {8, 9, 10}))]
     return blocks + _reference_notes(lineages) + _chains(lineages) + _data(lineages)
 
