@@ -87,7 +87,7 @@ def correct(model: onnx.ModelProto, quant: str = COARSE, bc: str = "bias_correct
 def test_pass_contract():
     cls = get_pass("bias_correction")
     assert cls.numerics == Numerics.APPROX
-    assert set(cls.options) == {"reference", "sequential", "batch_size", "samples"}
+    assert set(cls.options) == {"reference", "sequential", "batch_size", "samples", "check"}
     with pytest.raises(InputError, match="expected one of"):
         parse_spec("bias_correction:reference=auto")
 
@@ -97,6 +97,7 @@ def test_conv_chain_mean_error_shrinks_and_model_stays_fused():
     q, qc, result = correct(model)
     assert result.modified and result.stats["layers_corrected"] == 2 and result.stats["reference"] == "float"
     assert result.stats["levels"] == 2 and result.stats["runs"] == 3  # float run + one per level
+    assert result.stats["check_sqnr_after"] > result.stats["check_sqnr_before"]  # the check kept it
     before, after = channel_mean_error(model, q), channel_mean_error(model, qc)
     assert after < 0.5 * before, (before, after)
     assert output_error(model, qc) < output_error(model, q)
@@ -298,3 +299,23 @@ def test_weights_only_gemm_with_beta_gets_float_bias():
     gemm = next(n for n in qc.graph.node if n.op_type == "Gemm")
     assert initializers(qc)[gemm.input[2]].dtype == np.float32 and result.stats["layers_corrected"] == 2
     assert channel_mean_error(model, qc) < 0.5 * channel_mean_error(model, q)
+
+
+def test_a_correction_that_does_not_pay_is_not_kept(monkeypatch):
+    """check=true (default): corrections that move the outputs away from the float model on the
+    calibration data (here: every delta applied 20x, with the wrong sign) are all undone."""
+    import onnxcompress.passes.bias_correction as bc
+
+    real = bc.apply_correction
+    monkeypatch.setattr(bc, "apply_correction", lambda graph, names, site, delta, result:
+                        real(graph, names, site, -20 * delta, result))
+    model = conv_chain()
+    q, qc, result = correct(model)
+    assert not result.modified and result.stats["layers_corrected"] == 0
+    assert [(d.where, d.code) for d in result.declined] == [("graph", bc.R_DOES_NOT_PAY)]
+    assert result.stats["check_sqnr_after"] < result.stats["check_sqnr_before"]
+    assert initializers(qc).keys() == initializers(q).keys()
+    for name, value in initializers(q).items():
+        np.testing.assert_array_equal(initializers(qc)[name], value)
+    _, unchecked, result = correct(model, bc="bias_correction:check=false")
+    assert result.modified and output_error(model, unchecked) > output_error(model, q)
