@@ -252,6 +252,7 @@ class _Region:
     def __init__(self, graph: gs.Graph, max_bytes: int):
         self.nodes: list[gs.Node] = []
         self.values: dict[int, np.ndarray] = {}  # id(tensor) -> value
+        self.leaves: dict[int, np.ndarray] = {}  # id(constant) -> its values
         self.sources: dict[int, dict[int, gs.Constant]] = {}  # id(tensor) -> source constants by id
         self.producer: dict[int, gs.Node] = {}
         opset = int(graph.opset or 1)
@@ -267,7 +268,9 @@ class _Region:
         if isinstance(tensor, gs.Constant):
             if _dtype_name(tensor) not in _NUMERIC:
                 return False, None, {}
-            values = uncached_values(tensor)
+            if id(tensor) not in self.leaves:  # read once (not cached in the tensor: see uncached_values)
+                self.leaves[id(tensor)] = uncached_values(tensor)
+            values = self.leaves[id(tensor)]
             if not isinstance(values, np.ndarray) or values.dtype.name not in _NUMERIC:
                 return False, None, {}
             return True, values, {id(tensor): tensor}
