@@ -214,6 +214,17 @@ def test_big_generated_tensors_are_not_materialized():
     assert op_types(normalize(small)) == ["Add", "Add"]  # 512 bytes: folded
 
 
+def test_total_growth_is_bounded():
+    # ten 8 KiB fills (ConstantOfShape: the light model zoo's weights) with a 40 KiB budget: five are folded
+    nodes = [node("ConstantOfShape", ["shape"], f"fill{i}") for i in range(10)]
+    nodes += [node("Sum", ["x", *(f"fill{i}" for i in range(10))], "y")]
+    model = make_model(nodes, {"x": [2048]}, ["y"], {"shape": ints(2048)}, opset=13)
+    graph = serde.to_graph(model)
+    assert fold_constants(graph, max_total=40 * 1024) == 5
+    assert sum(isinstance(graph.tensors()[f"fill{i}"], gs.Constant) for i in range(10)) == 5
+    assert fold_constants(serde.to_graph(model)) == 10  # 80 KiB: within the default 1 MiB
+
+
 def test_growth_limit_counts_sources_that_stay():
     rng = RNG(4)
     w = rand(rng, 256, 128, scale=0.1)  # 128 KiB: over the limit

@@ -18,7 +18,8 @@ They are evaluated here with numpy, one node at a time, in topological order.
 
 Size: folding a tensor makes the model grow by its size minus the sources that become unused
 (constants read only inside its subgraph). A tensor is folded only if that growth is at most
-``max_bytes`` (:data:`MAX_FOLD_BYTES`, 64 KiB): a per-channel scale or a shape is folded, a
+``max_bytes`` (:data:`MAX_FOLD_BYTES`, 64 KiB), and the growths of all folded tensors add up to at
+most ``max_total`` (:data:`MAX_TOTAL_BYTES`, 1 MiB): a per-channel scale or a shape is folded, a
 ``Reshape``/``Transpose`` of a weight nothing else reads is folded (no growth), an ``Expand``,
 ``Tile`` or ``ConstantOfShape`` to a large tensor is not (its inputs may be), and neither is a
 ``Transpose`` of a weight that another node also reads (that would store it twice). An output
@@ -44,12 +45,14 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import Names, uncached_values
 
-__all__ = ["EXACT_OPS", "MAX_FOLD_BYTES", "evaluate_node", "fold_constants"]
+__all__ = ["EXACT_OPS", "MAX_FOLD_BYTES", "MAX_TOTAL_BYTES", "evaluate_node", "fold_constants"]
 
 log = logging.getLogger(__name__)
 
 #: Largest growth of the model (bytes) that folding one tensor may cause.
 MAX_FOLD_BYTES = 64 * 1024
+#: Largest growth of the model (bytes) that folding may cause in all.
+MAX_TOTAL_BYTES = 1 << 20
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 _NUMERIC = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -329,18 +332,20 @@ def _needed(graph: gs.Graph, region: _Region) -> list[gs.Tensor]:
             if id(n.outputs[0]) in outputs or any(id(c) not in inside for c in n.outputs[0].outputs)]
 
 
-def _choose(graph: gs.Graph, region: _Region, max_bytes: int) -> tuple[list[gs.Tensor], list[str]]:
+def _choose(graph: gs.Graph, region: _Region, max_bytes: int, max_total: int) -> tuple[list[gs.Tensor], list[str]]:
     """``(tensors to fold, names of tensors too large to fold)``: from the last needed tensor back;
     a tensor not folded keeps its node, whose computed inputs are needed in turn."""
     order = {id(n): i for i, n in enumerate(region.nodes)}
     heap = [(-order[id(region.producer[id(t)])], t.name, t) for t in _needed(graph, region)]
     heapq.heapify(heap)
     queued = {id(t) for _, _, t in heap}
-    fold, too_large = [], []
+    fold, too_large, total = [], [], 0
     while heap:
         _, _, tensor = heapq.heappop(heap)
-        if region.growth(tensor) <= max_bytes:
+        growth = region.growth(tensor)
+        if growth <= min(max_bytes, max_total - total):
             fold.append(tensor)
+            total += max(growth, 0)
             continue
         too_large.append(tensor.name)
         for t in region.producer[id(tensor)].inputs:
@@ -350,21 +355,24 @@ def _choose(graph: gs.Graph, region: _Region, max_bytes: int) -> tuple[list[gs.T
     return fold, too_large
 
 
-def fold_constants(graph: gs.Graph, max_bytes: int = MAX_FOLD_BYTES) -> int:
+def fold_constants(graph: gs.Graph, max_bytes: int = MAX_FOLD_BYTES, max_total: int = MAX_TOTAL_BYTES) -> int:
     """Fold the constant subgraphs of ``graph`` (main graph, in place; see the module docstring)
     and return how many tensors became constants. Nodes left unused stay for the caller's cleanup.
 
     Args:
         graph: The graph; toposorted here.
         max_bytes: Largest growth of the model one folded tensor may cause.
+        max_total: Largest growth of the model all folded tensors may cause (tensors that free as
+            many bytes as they take are always folded).
     """
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
     region = _Region(graph, max_bytes)
     if not region.nodes:
         return 0
-    fold, too_large = _choose(graph, region, max_bytes)
+    fold, too_large = _choose(graph, region, max_bytes, max_total)
     if too_large:
-        log.info("not folding %d constant tensor(s) over %d bytes (e.g. %s)", len(too_large), max_bytes, too_large[0])
+        log.info("not folding %d constant tensor(s) that would grow the model by over %d bytes each or %d in all "
+                 "(e.g. %s)", len(too_large), max_bytes, max_total, too_large[0])
     outputs = {id(t) for t in graph.outputs}
     names = Names(graph)
     for tensor in fold:

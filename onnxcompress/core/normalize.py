@@ -11,8 +11,8 @@
   ``Concat`` of initializers, their exact arithmetic) are folded into initializers
   (:func:`~onnxcompress.core.fold.fold_constants`): every pass sees a per-channel scale
   ``Unsqueeze(s)`` or a weight ``Reshape(w, Concat(...))`` as the constant it is, without
-  ``simplify`` first. Only exact ops are folded (same bits as any runtime computes) and no folded
-  tensor grows the model by more than 64 KiB.
+  ``simplify`` first. Only exact ops are folded (same bits as any runtime computes); no folded
+  tensor grows the model by more than 64 KiB, and all of them together by no more than 1 MiB.
 * :func:`upgrade_opset` converts a model to a newer opset when a pass needs one.
 
 All of these are exact.
