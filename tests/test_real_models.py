@@ -6,7 +6,8 @@ reason, when it is missing. The checks are those of ``scripts/real_models.py`` a
 sizes: ``prune_channels:ratio=0.3`` passes onnx's full checker, runs in onnxruntime with the
 original's output shapes, and -- without bias compensation -- equals the original whose
 consumers ignore the removed channels to float rounding; ``fold_bn,simplify`` keeps the outputs
-within 1e-4 relative.
+within 1e-4 relative. DenseNet-121 of onnx's light model zoo (in the onnx wheel, weights seeded)
+is pruned without ``simplify`` first.
 """
 
 from __future__ import annotations
@@ -57,3 +58,12 @@ def test_missing_package_names_the_install_command():
     spec = replace(rm.BY_KEY["nudenet"], package="onnxcompress-test-not-installed")
     with pytest.raises(rm.MissingModel, match=r"pip install --no-deps onnxcompress-test-not-installed==3\.4\.2"):
         rm.locate(spec)
+
+
+def test_light_zoo_densenet_prunes_without_simplify():
+    # Caffe2's BN scale/shift are Mul/Add by Unsqueeze(initializer): constants once folded (core.fold)
+    result = rm.check_model(_require("densenet121"), fold=False, zeroed=False, threads=2)
+    assert not result.errors, result.errors
+    assert result.full_check and result.output_shapes_ok and result.oracle_rel_err <= rm.ORACLE_TOL
+    assert result.groups_pruned >= 0.95 * result.groups_found, result.frozen_groups
+    assert "broadcast mismatch" not in result.frozen_reasons

@@ -8,6 +8,8 @@
 * :mod:`.shapes` — every shape-inference entry point (whole models, weight-free copies, graphs,
   concrete shapes once symbolic input dims are fixed).
 * :mod:`.normalize` — exporter clean-up before any pass; opset upgrade.
+* :mod:`.fold` — subgraphs computed from constants alone (exact ops) folded into initializers,
+  size-bounded; run by :mod:`.normalize`, so every pass sees them as constants.
 * :mod:`.graph` — small graph helpers: constant values, node labels, optional inputs, fresh names.
 * :mod:`.metrics` — size, parameters, MACs per node, op counts.
 * :mod:`.pass_api` — the pass contract: :class:`Pass`, :class:`Option`, :class:`Numerics`,

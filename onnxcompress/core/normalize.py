@@ -7,6 +7,12 @@
   and leave the graph inputs: an optimizer can only fold weights it may assume fixed.
 * Unnamed nodes get a deterministic name (their first output's name), so every report and
   decline can point at a node.
+* Subgraphs computed from constants alone (``Unsqueeze``/``Reshape``/``Cast``/``Transpose``/
+  ``Concat`` of initializers, their exact arithmetic) are folded into initializers
+  (:func:`~onnxcompress.core.fold.fold_constants`): every pass sees a per-channel scale
+  ``Unsqueeze(s)`` or a weight ``Reshape(w, Concat(...))`` as the constant it is, without
+  ``simplify`` first. Only exact ops are folded (same bits as any runtime computes); no folded
+  tensor grows the model by more than 64 KiB, and all of them together by no more than 1 MiB.
 * :func:`upgrade_opset` converts a model to a newer opset when a pass needs one.
 
 All of these are exact.
@@ -23,6 +29,7 @@ from onnx import numpy_helper
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.fold import fold_constants
 
 __all__ = ["normalize", "normalize_graph", "upgrade_opset"]
 
@@ -49,7 +56,7 @@ def normalize_graph(graph: gs.Graph) -> dict[str, int]:
     """Apply every normalisation to ``graph`` in place and return counts of what changed."""
     outputs = {t.name for t in graph.outputs}
     stats = {"constants_to_initializers": 0, "identities_bypassed": 0, "sum_to_add": 0,
-             "nodes_named": _name_nodes(graph)}
+             "nodes_named": _name_nodes(graph), "constants_folded": 0}
     for node in list(graph.nodes):
         if node.op == "Constant" and _constant_to_initializer(node, outputs):
             stats["constants_to_initializers"] += 1
@@ -59,6 +66,7 @@ def normalize_graph(graph: gs.Graph) -> dict[str, int]:
     for node in list(graph.nodes):
         if node.op == "Identity" and _bypass_identity(node, outputs):
             stats["identities_bypassed"] += 1
+    stats["constants_folded"] = fold_constants(graph)
     return stats
 
 

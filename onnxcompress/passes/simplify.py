@@ -89,6 +89,9 @@ class Simplify(Pass):
        results. Random ops, Dropout, nodes with subgraphs, and results that are not plain numeric
        tensors are left alone, as is any result larger than ``max_fold_bytes`` that is bigger
        than the constants it is computed from (e.g. an ``Expand`` to a 100 MB tensor).
+       (Subgraphs of exact ops -- ``Unsqueeze``, ``Reshape``, ``Cast``, ``+ - * /``... -- were
+       already folded before any pass, by :mod:`onnxcompress.core.fold`, whatever this option
+       says: this step folds the rest.)
     4. Nodes that no graph output depends on are removed.
 
     Graph inputs and outputs keep their names, order, dtypes and shapes (symbolic dimensions stay
