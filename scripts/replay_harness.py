@@ -36,6 +36,8 @@ __all__ = ["FIXED", "NOT_FIXED", "ROOT", "SKIPPED", "Missing", "Outcome", "Point
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED, NOT_FIXED, SKIPPED = "FIXED", "NOT FIXED", "SKIPPED"
+#: Seconds a command may take before it is killed (and its point judged on that).
+TIMEOUT = 1800
 
 
 class Missing(Exception):
@@ -167,14 +169,13 @@ class Replay:
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "COLUMNS": "160"}
         self._assets: dict[str, Any] = {}
         self.builders: dict[str, Callable[[Replay], Any]] = {}
-        self.notes: list[str] = []
 
     def say(self, text: str, indent: int = 2) -> None:
         """Print ``text`` indented."""
         for line in str(text).splitlines() or [""]:
             self.write(" " * indent + line)
 
-    def cli(self, *args: Any, show: Sequence[str] = (), quiet_out: bool = False) -> Run:
+    def cli(self, *args: Any, show: Sequence[str] = ()) -> Run:
         """Run ``onnxcompress ARGS`` in the work folder; print the command, its exit code and time,
         its error/warning lines and the output lines matching any pattern of ``show``."""
         argv = [str(a) for a in args]
@@ -196,14 +197,17 @@ class Replay:
         self.say(f"$ python -c <{label}> " + " ".join(_display(a) for a in argv))
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=self.work, env=self.env, capture_output=True,
-                              text=True, check=False)
+                              text=True, check=False, timeout=TIMEOUT)
         run = Run(argv, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
         self.say(f"exit {run.code} ({run.seconds:.1f} s)" + (f": {run.err_lines[-1]}" if run.code else ""), 4)
         return run
 
     def _subprocess(self, argv: list[str]) -> tuple[int, str, str]:
-        proc = subprocess.run([sys.executable, "-m", "onnxcompress", *argv], cwd=self.work, env=self.env,
-                              capture_output=True, text=True, check=False)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "onnxcompress", *argv], cwd=self.work, env=self.env,
+                                  capture_output=True, text=True, check=False, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return -1, "", f"error: replay: no answer after {TIMEOUT} s (killed)"
         return proc.returncode, proc.stdout, proc.stderr
 
     def _inprocess(self, argv: list[str]) -> tuple[int, str, str]:

