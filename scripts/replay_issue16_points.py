@@ -63,7 +63,20 @@ def int8_gate(r: Replay) -> Outcome:
     return about(score_outcome(run, r.read_json(report)["validation"], det.score), det)
 
 
-@point("compare-slice", "gate", "`compare` exits 0 on that model")
+@point("compare-default", "gate", "`compare` exits 0 on that model")
+def compare_default(r: Replay) -> Outcome:
+    det = r.asset("detector")
+    _, int8, _ = r.asset("int8")
+    run = r.cli("compare", det.model, int8, "--data", det.calib, "--json", "compare_default.json", show=[ROW, "^gate"])
+    data = r.read_json("compare_default.json")
+    if not data.get("gate"):
+        part = slice_of(whole(data), det.score)
+        return about(Outcome(NOT_FIXED, f"no gate without thresholds: exit {run.code} with {part['name']} at cosine "
+                                        f"{part['cosine']:.4f}, {part['sqnr_db']:.1f} dB"), det)
+    return about(score_outcome(run, data, det.score), det)
+
+
+@point("compare-slice", "gate", "`compare` exits 0 on that model (with --min-cosine 0.99, the gate the int8 run used)")
 def compare_slice(r: Replay) -> Outcome:
     det = r.asset("detector")
     _, int8, _ = r.asset("int8")

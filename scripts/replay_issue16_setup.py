@@ -93,7 +93,8 @@ def require_real(r: Replay, spec: RealModel) -> Path:
 
 
 def _builders():
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))  # after --code: the figure checks import that checkout's onnxcompress
     from tests.helpers import builders
 
     return builders
@@ -160,7 +161,8 @@ def _noise(r: Replay, stem: str, key: str, shape: tuple[int, ...], normal: bool 
 
 
 def _photos_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.append(str(ROOT / "scripts"))
     try:
         import photos
         import PIL  # noqa: F401
