@@ -100,8 +100,9 @@ class Run:
 
     @property
     def one_line_error(self) -> bool:
-        """Failed with exactly one stderr line, an ``error:`` line that is not an internal error."""
-        lines = self.err_lines
+        """Failed with one line on stderr besides log records (``WARNING ...``): an ``error:`` line
+        that is not an internal error, and no traceback."""
+        lines = [line for line in self.err_lines if not line.startswith(("WARNING ", "INFO ", "DEBUG "))]
         return len(lines) == 1 and lines[0].startswith("error:") and "internal error" not in lines[0] \
             and "Traceback" not in self.err
 
