@@ -172,6 +172,16 @@ def test_channel_count_mismatch_names_the_fix(tmp_path):
     assert batch.feeds["x"].shape == (1, 1, 4, 4)
 
 
+def test_channels_last_model_without_layout_names_layout_nhwc(tmp_path):
+    nhwc = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,6,6,3] x) => (float[N,6,6,3] y) { y = Relu(x) }""")
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match="has 6 channels, order=RGB gives 3: add --preprocess layout=NHWC"):
+        open_source(tmp_path, nhwc, preprocess=parse_preprocess(None))
+    (batch,) = list(open_source(tmp_path, nhwc, preprocess=parse_preprocess("layout=NHWC")).batches(4))
+    assert batch.feeds["x"].shape == (1, 6, 6, 3)
+
+
 def test_bad_preprocess_is_exit_2_on_the_cli(tmp_path, capsys):
     from onnxcompress.cli import main
 

@@ -18,11 +18,8 @@ pytest.importorskip("PIL")
 replay = load_script("replay_issue16")
 harness = sys.modules["replay_harness"]
 
-#: Points not fixed on this branch's base (symbolic shapes from data and compare's default gate were
-#: on other branches; the hint for NHWC image folders says "another model" instead of layout=NHWC).
-#: Their checks must run (FIXED or NOT FIXED with what was observed), not fail.
-NOT_FIXED_YET = {"compare-default", "inspect-data", "inspect-guess", "bench-dims", "tucker-macs", "latency-aware",
-                 "folder-hint-nhwc"}
+#: Points not fixed yet: their checks must run (FIXED or NOT FIXED with what was observed), not fail.
+NOT_FIXED_YET: set[str] = set()
 INPUT_HANDLING = {"preprocess-mean", "preprocess-keys", "folder-hint", "preprocess-help", "exclude-unknown",
                   "inspect-nodes", "quiet-after"}
 

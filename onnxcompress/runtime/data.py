@@ -339,9 +339,10 @@ def _check_ranges(pre: Preprocess) -> None:
         raise InputError(f"preprocess: std {'/'.join(map(str, pre.std))} must be positive numbers")
 
 
-def check_channels(pre: Preprocess, model_channels: int | None) -> None:
+def check_channels(pre: Preprocess, model_channels: int | None, other_end: int | None = None) -> None:
     """Check ``mean``/``std`` against the image channels ``order`` gives (L: 1; RGB, BGR: 3, in
-    that order) and those against the model input's channel dim (when static).
+    that order) and those against the model input's channel dim (when static). ``other_end`` is
+    the input's dim at the other layout's channel position: when it fits, the hint names the layout.
 
     Raises:
         InputError: One line naming the counts and how to fix them.
@@ -353,7 +354,10 @@ def check_channels(pre: Preprocess, model_channels: int | None) -> None:
             raise InputError(f"preprocess: {key} has {len(values)} values; order={pre.order} gives {channels} "
                              f"channel{'s' if channels > 1 else ''}: give 1 or {channels} (in {pre.order} order)")
     if model_channels is not None and model_channels != channels:
-        hint = "order=L" if model_channels == 1 else "order=RGB or order=BGR" if model_channels == 3 else "another model"
+        other = "NHWC" if pre.layout == "NCHW" else "NCHW"
+        hint = "order=L" if model_channels == 1 else "order=RGB or order=BGR" if model_channels == 3 else \
+            f"layout={other} (the input looks channels-{'last' if other == 'NHWC' else 'first'})" \
+            if other_end in (1, 3) else "another model"
         raise InputError(f"the model's image input has {model_channels} channels, order={pre.order} gives "
                          f"{channels}: add --preprocess {hint}")
 
@@ -370,7 +374,8 @@ class ImageFolderSource(CalibSource):
         self.folder, self.pre = Path(folder), pre
         self.description = f"{self.folder} (images)"
         self.spec = specs[0]
-        check_channels(pre, self.spec.shape[1] if pre.layout == "NCHW" else self.spec.shape[3])
+        shape = self.spec.shape
+        check_channels(pre, *((shape[1], shape[3]) if pre.layout == "NCHW" else (shape[3], shape[1])))
         self.files, self.labels = self._scan()
         if not self.files:
             raise InputError(f"{self.folder}: no image files found")
