@@ -356,8 +356,7 @@ def check_channels(pre: Preprocess, model_channels: int | None, other_end: int |
     if model_channels is not None and model_channels != channels:
         other = "NHWC" if pre.layout == "NCHW" else "NCHW"
         hint = "order=L" if model_channels == 1 else "order=RGB or order=BGR" if model_channels == 3 else \
-            f"layout={other} (the input looks channels-{'last' if other == 'NHWC' else 'first'})" \
-            if other_end in (1, 3) else "another model"
+            f"layout={other} (the input's other end has {other_end})" if other_end in (1, 3) else "another model"
         raise InputError(f"the model's image input has {model_channels} channels, order={pre.order} gives "
                          f"{channels}: add --preprocess {hint}")
 
@@ -374,8 +373,7 @@ class ImageFolderSource(CalibSource):
         self.folder, self.pre = Path(folder), pre
         self.description = f"{self.folder} (images)"
         self.spec = specs[0]
-        shape = self.spec.shape
-        check_channels(pre, *((shape[1], shape[3]) if pre.layout == "NCHW" else (shape[3], shape[1])))
+        check_channels(pre, *(self.spec.shape[1:4:2] if pre.layout == "NCHW" else self.spec.shape[3:0:-2]))
         self.files, self.labels = self._scan()
         if not self.files:
             raise InputError(f"{self.folder}: no image files found")
