@@ -53,11 +53,11 @@ from onnxcompress.pruning.handlers_channelwise import (
     _resize,
     _softmax,
     _squeeze,
-    _transpose,
     _unary,
 )
 from onnxcompress.pruning.handlers_common import Handler, _frozen
-from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _reshape, _slice, _split
+from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _slice, _split
+from onnxcompress.pruning.handlers_reshape import _reshape, _transpose
 from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
 from onnxcompress.pruning.shape_trace import _shape_op
 from onnxcompress.pruning.types import (
