@@ -314,3 +314,21 @@ def test_resize_whose_size_reads_the_channel_count_elsewhere_freezes():
     model = _resize_to(nodes, {"w3": rand(rng, 4, 8, 1, 1, scale=0.4)})
     groups = by_name(groups_of(model))
     assert groups["a"].frozen is not None and groups["b"].frozen is not None
+
+
+def test_a_conv_added_to_a_concat_splits_between_two_groups():
+    """p's output is added to concat(q, s): its channels 0-3 go with q, 4-5 with s (two groups; p
+    sorts first among the sources, so each group must not take all of p's channels)."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "wq", "bq"], "q"), node("Conv", ["x", "ws", "bs"], "s"),
+             node("Concat", ["q", "s"], "c", axis=1), node("Relu", ["c"], "cr"), node("Conv", ["cr", "wp", "bp"], "p"),
+             node("Add", ["p", "cr"], "t"), node("Relu", ["t"], "tr"), node("Conv", ["tr", "w3", "b3"], "y")]
+    inits = {"wq": rand(rng, 4, 3, 1, 1, scale=0.4), "bq": rand(rng, 4, scale=0.4),
+             "ws": rand(rng, 2, 3, 1, 1, scale=0.4), "bs": rand(rng, 2, scale=0.4),
+             "wp": rand(rng, 6, 6, 1, 1, scale=0.4), "bp": rand(rng, 6, scale=0.4),
+             "w3": rand(rng, 4, 6, 1, 1, scale=0.4), "b3": rand(rng, 4, scale=0.4)}
+    model = make_model(nodes, X, ["y"], inits)
+    groups = by_name(groups_of(model))
+    assert groups["p+q"].size == 4 and groups["p+s"].size == 2
+    assert groups["p+q"].tensors["p"].tolist() == [0, 1, 2, 3, -1, -1]
+    assert_equivalent(model)
