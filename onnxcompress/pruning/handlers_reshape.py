@@ -359,20 +359,21 @@ class Shuffle:
 def channel_shuffle(node: gs.Node, g: GraphInfo) -> Shuffle | None:
     """The channel shuffle ``node`` is part of (as its first Reshape, Transpose or last Reshape)."""
     if node.op == "Transpose":
-        first, transpose = _producer(node.inputs[0], "Reshape"), node
-    elif node.op == "Reshape" and _only_reader(node.outputs[0], "Transpose", g) is not None:
-        first, transpose = node, _only_reader(node.outputs[0], "Transpose", g)
+        candidates = [(_producer(node.inputs[0], "Reshape"), node)]
     elif node.op == "Reshape":
         transpose = _producer(node.inputs[0], "Transpose")
-        first = _producer(transpose.inputs[0], "Reshape") if transpose is not None else None
+        candidates = [(node, _only_reader(node.outputs[0], "Transpose", g)),
+                      (_producer(transpose.inputs[0], "Reshape") if transpose is not None else None, transpose)]
     else:
         return None
-    if first is None or transpose is None or _only_reader(first.outputs[0], "Transpose", g) is not transpose:
-        return None
-    last = _only_reader(transpose.outputs[0], "Reshape", g)
-    if last is None or (node.op == "Reshape" and node is not first and node is not last):
-        return None
-    return _check_shuffle(first, transpose, last, g)
+    for first, transpose in candidates:
+        if first is None or transpose is None or _only_reader(first.outputs[0], "Transpose", g) is not transpose:
+            continue
+        last = _only_reader(transpose.outputs[0], "Reshape", g)
+        found = _check_shuffle(first, transpose, last, g) if last is not None else None
+        if found is not None and (node.op != "Reshape" or node in (found.first, found.last)):
+            return found
+    return None
 
 
 def _check_shuffle(first: gs.Node, transpose: gs.Node, last: gs.Node, g: GraphInfo) -> Shuffle | None:
@@ -386,6 +387,8 @@ def _check_shuffle(first: gs.Node, transpose: gs.Node, last: gs.Node, g: GraphIn
     if perm != [0, 2, 1, *range(3, rank)] or tuple(zs[1:]) != tuple(xs[1:]):
         return None
     groups, per = mid[1], mid[2]
+    if groups is not None and per is None and xs[1] % groups == 0:  # a computed c // g
+        per = xs[1] // groups
     if groups is None or per is None or groups < 2 or per < 2 or groups * per != xs[1] or tuple(mid[3:]) != tuple(xs[2:]):
         return None
     return Shuffle(first, transpose, last, int(groups), int(per))

@@ -167,3 +167,20 @@ def test_equalize_does_not_walk_through_a_shuffle_or_blocks():
     info = graph_info(graph)
     split = next(n for n in graph.nodes if n.name == "d")
     assert channel_flow(split, split.inputs[0], info).frozen == "reshape_mixes_channels"
+
+
+def test_shuffle_with_a_computed_group_size_freezes():
+    """PyTorch's ``x.view(b, 2, c // 2, h, w)``: the ``c // 2`` is not traced (a Div), so the shuffle
+    cannot be rewritten: frozen, with the reason."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Shape", ["a"], "s"), node("Slice", ["s", "i0", "i1", "i0"], "n"),
+             node("Slice", ["s", "i1", "i2", "i0"], "c"), node("Div", ["c", "two"], "per"),
+             node("Slice", ["s", "i2", "i4", "i0"], "hw"), node("Concat", ["n", "two", "per", "hw"], "t1", axis=0),
+             node("Reshape", ["a", "t1"], "r1"), node("Transpose", ["r1"], "tr", perm=[0, 2, 1, 3, 4]),
+             node("Reshape", ["tr", "t2"], "sh"), node("Conv", ["sh", "w2", "b2"], "y")]
+    inits = {"w1": rand(rng, 8, 3, 1, 1, scale=0.4), "b1": rand(rng, 8, scale=0.4), "two": ints(2), "i2": ints(2),
+             "i4": ints(4), "t2": ints(0, 8, 8, 8), "w2": rand(rng, 4, 8, 1, 1, scale=0.4), "b2": rand(rng, 4, scale=0.4),
+             **SHAPE_CONSTS}
+    group = groups_of(make_model(nodes, X, ["y"], inits))["a"]
+    assert group.frozen in ("reshape_target_untraced", "shape_read")
+    assert any("r1 (Reshape): reshape_target_untraced" in b for b in group.blockers), (group.frozen, group.blockers)
