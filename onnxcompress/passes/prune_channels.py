@@ -56,7 +56,11 @@ class PruneChannels(Pass):
         must go together: pass-through ops keep channel ``c``; residual ``Add``/``Mul`` and SE
         gates couple the channels of every producer feeding them; Concat/Split/Slice shift
         offsets; depthwise convs tie input ``c`` to outputs ``[c*m, (c+1)*m)``; Flatten/Reshape
-        into a Gemm tie ``c`` to rows ``[c*HW, (c+1)*HW)``; a grouped conv (``group=g``) splits
+        into a Gemm tie ``c`` to rows ``[c*HW, (c+1)*HW)``; a Reshape that splits channels into
+        blocks (``[b, 4*16, n] -> [b, 4, 16, n]``) removes whole blocks, one with a constant,
+        ``0``/``-1`` or computed target keeps the channel (a literal count is rewritten, in a
+        copy); a channel shuffle (Reshape -> Transpose -> Reshape, ``g`` groups) removes one
+        channel of every group at once; a grouped conv (``group=g``) splits
         its input and output channels into ``g`` blocks that must each lose the same count
         (weight ``[g*co, ci, k, k] -> [g*co', ci', k, k]``, ``group`` unchanged). Each *group*
         (all channels sharing the same producers) is scored (``criterion``: ``l1``/``l2``
@@ -86,7 +90,9 @@ class PruneChannels(Pass):
         One decline per frozen group, with the code of its main reason (from
         :data:`~onnxcompress.pruning.types.FREEZE_REASONS`: ``no_handler``, ``grouped_conv`` --
         blocks that span several groups or do not merge --, ``reduces_over_channels``,
-        ``reshape_mixes_channels``, ``graph_input``/``graph_output``, ``shared_weight``,
+        ``reshape_mixes_channels`` (the batch dim changes, or channels neither stay, merge nor
+        split evenly), ``reshape_target_untraced`` (a computed target whose channel entry cannot
+        be traced or rewritten), ``graph_input``/``graph_output``, ``shared_weight``,
         ``non_constant_weight``, ``unknown_channel_dim``, ``control_flow``, ``excluded``, ...),
         ``group_smaller_than_round_to`` per group left alone because it is smaller than
         ``round_to``. An ``exclude`` name that matches no node or tensor is an error (with the

@@ -319,7 +319,7 @@ def apply_pruning(analysis: Analysis, remove: dict[int, np.ndarray], *, compensa
     report.layers = _pruned_layers(analysis, kept)
     namer = Namer(analysis.graph)
     _slice_params(analysis, rm, deltas, namer, kept)
-    ctx = RewriteContext(kept, namer.constant)
+    ctx = RewriteContext(kept, namer.constant, analysis.graph, namer.fresh)
     for spec in analysis.specs:
         if spec.rewrite is not None and _changed(analysis, kept, [t.name for t in spec.tensors()]):
             spec.rewrite(ctx)

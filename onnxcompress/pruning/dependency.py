@@ -12,11 +12,14 @@ of a concat. Importance scores, ratios and ``round_to`` apply per group.
 
 Grouped convolutions add *block constraints* (``NodeSpec.blocks``): the channels of their input
 and of their output form ``group`` equal blocks that must each lose the same number of channels.
-A constraint applies to the group that owns the tensor (:attr:`Group.blocks`: one block label
-per group channel, ``-1`` for channels no grouped conv reads). Several constraints on one group
-are merged into their common refinement when it implies all of them; the tensor (or group) is
-frozen (``grouped_conv``) when a constraint spans several groups, channels outside any group, the
-same channel twice, or constraints that do not merge.
+A constraint applies to the group with the most channels in the tensor (:attr:`Group.blocks`:
+one block label per group channel, ``-1`` for channels no grouped conv constrains); the channels
+of other groups there are pinned (``grouped_conv``). A coupled channel that has as many slots in
+every block (a channel shuffle couples one channel of each block) needs no label; one whose slots
+lie in one block is labelled with it; one spread over some blocks only is pinned. Several
+constraints on one group are merged into their common refinement when it implies all of them;
+the tensor (or group) is frozen (``grouped_conv``) when the labelled channels have different
+numbers of slots in their blocks, or constraints do not merge.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ def graph_info(graph: gs.Graph, dims: Mapping[str, int] | None = None) -> GraphI
     others stay symbolic.
     """
     shapes: dict[str, tuple[int | None, ...]] = {}
+    symbols: dict[str, tuple[str | None, ...]] = {}
     try:
         model = infer_graph(graph, dims)
         for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
@@ -161,12 +165,14 @@ def graph_info(graph: gs.Graph, dims: Mapping[str, int] | None = None) -> GraphI
             if tt.HasField("shape"):
                 shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                                         for d in tt.shape.dim)
+                symbols[vi.name] = tuple(d.dim_param or None for d in tt.shape.dim)
     except Exception as exc:
         log.debug("pruning: shape inference failed: %s", exc)
     for name, t in graph.tensors().items():
         if isinstance(t, gs.Variable) and t.shape is not None and name not in shapes:
             shapes[name] = tuple(d if isinstance(d, int) and d > 0 else None for d in t.shape)
-    return GraphInfo(shapes, int(graph.opset or 0), frozenset(t.name for t in graph.outputs))
+            symbols[name] = tuple(d if isinstance(d, str) and d else None for d in t.shape)
+    return GraphInfo(shapes, int(graph.opset or 0), frozenset(t.name for t in graph.outputs), symbols=symbols)
 
 
 def analyze(graph: gs.Graph, *, protect_io: bool = True, exclude: tuple[str, ...] | list[str] = (),
@@ -292,7 +298,7 @@ def _mark_shared(analysis: Analysis, mark) -> None:
 
 
 def _block_constraints(analysis: Analysis, mark) -> None:
-    """Turn the specs' block constraints into :attr:`Analysis.comp_blocks` (or freezes)."""
+    """Turn the specs' block constraints into :attr:`Analysis.comp_blocks` (or pins and freezes)."""
     sig = _signatures(analysis)
     per_key: dict[tuple[str, ...], list[dict[int, int]]] = {}
     for spec in analysis.specs:
@@ -300,12 +306,10 @@ def _block_constraints(analysis: Analysis, mark) -> None:
         for tensor, labels in spec.blocks:
             if tensor not in analysis.offsets:
                 continue
-            comps = analysis.components(tensor)
-            keys = {tuple(sorted(sig[int(c)])) for c in comps if int(c) in sig}
-            if len(keys) != 1 or any(int(c) not in sig for c in comps) or len(np.unique(comps)) < len(comps):
-                mark(tensor, None, R_GROUPED, where)  # the constraint would span groups: not expressible
-                continue
-            per_key.setdefault(keys.pop(), []).append(dict(zip(comps.tolist(), np.asarray(labels).tolist())))
+            found = _tensor_blocks(analysis, sig, tensor, np.asarray(labels, dtype=np.int64),
+                                   lambda idx, t=tensor, w=where: mark(t, idx, R_GROUPED, w))
+            if found is not None:
+                per_key.setdefault(found[0], []).append(found[1])
     for key, constraints in per_key.items():
         comps = sorted({c for m in constraints for c in m})
         stacked = np.array([[m.get(c, -1) for m in constraints] for c in comps], dtype=np.int64)
@@ -316,6 +320,47 @@ def _block_constraints(analysis: Analysis, mark) -> None:
                 analysis.marks.setdefault(c, {}).setdefault(R_GROUPED, []).append("incompatible grouped convs")
             continue
         analysis.comp_blocks.update((c, int(b)) for c, b in zip(comps, labels) if b >= 0)
+
+
+def _tensor_blocks(analysis: Analysis, sig: dict[int, set[str]], tensor: str, labels: np.ndarray,
+                   pin) -> tuple[tuple[str, ...], dict[int, int]] | None:
+    """One grouped conv's rule on ``tensor`` (every block loses as many channels) as block labels
+    of the components of one group: ``(group key, {component: block})``, or ``None``.
+
+    The rule is kept for the group with the most channels in ``tensor``; the channels of other
+    groups there are pinned (``pin(indices)``), channels of no group never change. A component
+    with as many channels in every block needs no label; one inside a single block is labelled
+    with it (all such components must have the same number of channels there); one spread over
+    some blocks only is pinned, and so are the labelled ones when some block has none of them
+    (that block can lose nothing). ``None`` (the tensor frozen) when the multiplicities differ.
+    """
+    comps = analysis.components(tensor)
+    owner = [tuple(sorted(sig[int(c)])) if int(c) in sig else None for c in comps]
+    sizes = Counter(o for o in owner if o is not None)
+    if not sizes:
+        return None
+    key = max(sizes, key=lambda k: (sizes[k], k))
+    other = np.array([o is not None and o != key for o in owner])
+    if other.any():
+        pin(np.flatnonzero(other))
+    mine = np.array([o == key for o in owner])
+    uniq, inverse = np.unique(comps[mine], return_inverse=True)
+    counts = np.zeros((len(uniq), int(labels.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (inverse.reshape(-1), labels[mine]), 1)
+    uniform = np.all(counts == counts[:, :1], axis=1)
+    single = (counts > 0).sum(axis=1) == 1
+    spread = ~uniform & ~single
+    if spread.any():
+        pin(np.flatnonzero(mine)[spread[inverse.reshape(-1)]])
+    labelled = single & ~uniform
+    if len(set(counts.max(axis=1)[labelled].tolist())) > 1:
+        pin(None)
+        return None
+    block = np.argmax(counts, axis=1)
+    if labelled.any() and len(np.unique(block[labelled])) < counts.shape[1]:
+        pin(np.flatnonzero(mine)[labelled[inverse.reshape(-1)]])  # a block without any: none may go
+        return None
+    return key, {int(c): int(block[k]) for k, c in enumerate(uniq) if labelled[k]}
 
 
 def refine_blocks(stacked: np.ndarray) -> np.ndarray | None:
@@ -362,9 +407,10 @@ def _build_groups(analysis: Analysis) -> None:
     analysis.comp_local = np.full(ncomp, -1, dtype=np.int64)
     named = sorted(("+".join(sorted(labels[t] for t in key)), key) for key in keys)
     for index, (name, key) in enumerate(named):
-        first = analysis.components(key[0])
+        first = analysis.components(key[0])  # may also hold other groups' channels (a conv added to a concat)
         _, pos = np.unique(first, return_index=True)
         comps = first[np.sort(pos)]
+        comps = comps[np.isin(comps, keys[key])]
         analysis.comp_group[comps] = index
         analysis.comp_local[comps] = np.arange(len(comps))
         analysis.groups.append(_make_group(analysis, index, name, key, comps, labels))

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.pruning.handlers import handle
-from onnxcompress.pruning.types import R_NO_HANDLER, GraphInfo
+from onnxcompress.pruning.types import R_NO_HANDLER, R_RESHAPE, GraphInfo
 
 __all__ = ["Flow", "channel_flow"]
 
@@ -28,6 +28,8 @@ class Flow:
     Attributes:
         outputs: ``(output, source)`` for each output that carries some of them: channel ``j``
             of the output is channel ``source[j]`` of the input (``-1``: not one of its channels).
+            Channels merged into blocks (a Reshape ``[N, k*m, ...] -> [N, k, m, ...]``) or linked
+            past the node (a channel shuffle) cannot be followed one by one: ``reshape_mixes_channels``.
         frozen: The table's reason when it freezes the input or an output (``outputs`` is then
             empty), else ``None``.
     """
@@ -50,6 +52,8 @@ def channel_flow(node: gs.Node, tensor: gs.Tensor, info: GraphInfo) -> Flow:
     frozen = next((reason for name, reason in spec.freezes if name in names), None)
     if frozen is None and tensor.name not in spec.touched:
         frozen = R_NO_HANDLER
+    if frozen is None and not _one_to_one(spec.links, tensor.name, {t.name for t in node.outputs}):
+        frozen = R_RESHAPE  # channels merged into blocks, or linked past this node (a channel shuffle)
     if frozen is not None:
         return Flow([], frozen)
     outputs = []
@@ -65,3 +69,14 @@ def channel_flow(node: gs.Node, tensor: gs.Tensor, info: GraphInfo) -> Flow:
         if source is not None:
             outputs.append((out, source))
     return Flow(outputs)
+
+
+def _one_to_one(links, name: str, outputs: set[str]) -> bool:
+    """Whether every link of ``name`` goes to one of ``outputs``, each output channel from one channel."""
+    for a, ia, b, ib in links:
+        if name not in (a, b):
+            continue
+        other, dst = (b, ib) if a == name else (a, ia)
+        if other not in outputs or len(np.unique(dst)) < len(dst):
+            return False
+    return True

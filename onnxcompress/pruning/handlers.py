@@ -17,8 +17,11 @@ Every handler takes a node and the graph facts and returns a :class:`~.spec.Node
   Softmax over other axes;
 * coupling: elementwise ops on two channel tensors (residual Add, squeeze-and-excite Mul),
   Concat (offsets), Split (sizes rewritten), Slice with step 1 (bounds rewritten),
-  Flatten / constant-shape Reshape of ``[N, C, *S]`` into ``[N, C*prod(S)]`` (channel ``c`` is
-  columns ``[c*S, (c+1)*S)``; an explicit shape value is rewritten) or ``[N, C, *S']``;
+  Flatten of ``[N, C, *S]`` into ``[N, C*prod(S)]`` (channel ``c`` is columns ``[c*S, (c+1)*S)``);
+* Reshape (constant, ``0``/``-1`` or computed target): the channel dim passes through, merges
+  with the next dims (``c`` is ``[c*m, (c+1)*m)``) or splits into blocks of ``m`` (whole blocks
+  go); a literal channel count in the target is rewritten; a channel shuffle
+  (Reshape -> Transpose -> Reshape) couples one channel of each shuffle group;
 * anything else that touches a channel tensor freezes it, with a reason from
   :data:`~.spec.FREEZE_REASONS`.
 
@@ -33,8 +36,9 @@ weight layer, where it is folded into the bias.
 
 Layout: this module holds the table and :func:`handle`; the handlers live in
 :mod:`.handlers_weights` (weight layers), :mod:`.handlers_channelwise` (channel-wise pass-through),
-:mod:`.handlers_coupling` (two-operand elementwise, Concat/Split/Slice, Flatten/Reshape) and
-:mod:`.shape_trace` (``Shape`` and shape-vector tracing), built from :mod:`.handlers_common`.
+:mod:`.handlers_coupling` (two-operand elementwise, Concat/Split/Slice, Flatten),
+:mod:`.handlers_reshape` (Reshape, channel shuffles) and :mod:`.shape_trace` (``Shape`` and
+shape-vector tracing), built from :mod:`.handlers_common`.
 """
 
 from __future__ import annotations
@@ -53,11 +57,11 @@ from onnxcompress.pruning.handlers_channelwise import (
     _resize,
     _softmax,
     _squeeze,
-    _transpose,
     _unary,
 )
 from onnxcompress.pruning.handlers_common import Handler, _frozen
-from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _reshape, _slice, _split
+from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _slice, _split
+from onnxcompress.pruning.handlers_reshape import _reshape, _transpose
 from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
 from onnxcompress.pruning.shape_trace import _shape_op
 from onnxcompress.pruning.types import (

@@ -84,7 +84,7 @@ def _unary_fn(node: gs.Node) -> Callable[[Vec], Vec] | None:
 
 def _unary(node: gs.Node, g: GraphInfo) -> NodeSpec:
     fn = _unary_fn(node)
-    return _passthrough(node, g, fn, exact=fn is not None)
+    return _passthrough(node, g, fn, exact=fn is not None, elementwise=True)
 
 
 def _clip(node: gs.Node, g: GraphInfo) -> NodeSpec:
@@ -97,9 +97,9 @@ def _clip(node: gs.Node, g: GraphInfo) -> NodeSpec:
             c = g.const(t)
             bounds.append(None if c is None or c.size != 1 else float(c.reshape(-1)[0]))
     if None in bounds:
-        return _passthrough(node, g, exact=False)
+        return _passthrough(node, g, exact=False, elementwise=True)
     lo, hi = bounds
-    return _passthrough(node, g, lambda v: np.clip(v, lo, hi))
+    return _passthrough(node, g, lambda v: np.clip(v, lo, hi), elementwise=True)
 
 
 def _batchnorm(node: gs.Node, g: GraphInfo) -> NodeSpec:
@@ -242,7 +242,7 @@ def _softmax(node: gs.Node, g: GraphInfo) -> NodeSpec:
     axis = _axis(int(node.attrs.get("axis", -1 if g.opset >= 13 else 1)), rank)
     if axis == CHANNEL_AXIS or (g.opset < 13 and axis <= CHANNEL_AXIS):
         return NodeSpec(node, g).freeze(None, R_REDUCES)
-    return _passthrough(node, g, exact=False)
+    return _passthrough(node, g, exact=False, elementwise=True)
 
 
 _KEEP_CONSTANT = ("ReduceMean", "ReduceMax", "ReduceMin")

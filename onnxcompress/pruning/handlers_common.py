@@ -17,7 +17,7 @@ from onnxcompress.pruning.types import CHANNEL_AXIS, R_BROADCAST, R_UNSUPPORTED,
 
 __all__ = [
     "Handler", "Vec", "_axis", "_clamp", "_const_operand", "_frozen", "_identity_fn", "_input", "_ints",
-    "_nan", "_passthrough", "_prod", "_set_channels", "_slice_args", "_used", "channel_vector",
+    "_nan", "_passthrough", "_prod", "_same_shape", "_set_channels", "_slice_args", "_used", "channel_vector",
 ]
 
 
@@ -91,11 +91,22 @@ def _identity_fn(x: str, y: str, fn: Callable[[Vec], Vec] | None = None):
     return lambda get: {y: fn(get(x))}
 
 
+def _same_shape(g: GraphInfo, x: gs.Tensor, y: gs.Tensor) -> None:
+    """Fill the dims of ``y`` (an elementwise op's output) that inference left unknown from ``x``'s
+    (a dim a handler upstream derived, e.g. the output of a computed Reshape)."""
+    xs, ys = g.shape(x), g.shape(y)
+    if xs is not None and ys is not None and len(xs) == len(ys) and None in ys:
+        g.shapes[y.name] = tuple(b if b is not None else a for a, b in zip(xs, ys))
+
+
 def _passthrough(node: gs.Node, g: GraphInfo, fn: Callable[[Vec], Vec] | None = None,
-                 exact: bool = True) -> NodeSpec:
-    """Same channels in and out; ``fn`` maps a channel's constant value (``exact=False``: unknown)."""
+                 exact: bool = True, elementwise: bool = False) -> NodeSpec:
+    """Same channels in and out; ``fn`` maps a channel's constant value (``exact=False``: unknown);
+    ``elementwise``: the output has the input's shape."""
     spec = NodeSpec(node, g)
     x, y = node.inputs[0], node.outputs[0]
+    if elementwise:
+        _same_shape(g, x, y)
     for extra in node.outputs[1:]:
         if _used(extra):
             return spec.freeze(None, R_UNSUPPORTED)

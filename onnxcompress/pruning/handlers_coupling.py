@@ -2,8 +2,8 @@
 
 Elementwise ops on two channel tensors (residual Add, squeeze-and-excite Mul; a constant
 operand is sliced), Concat (offsets), Split (sizes rewritten), Slice with step 1 (bounds
-rewritten), Flatten and Reshape of ``[N, C, *S]`` into ``[N, C*prod(S)]`` (channel ``c`` is
-columns ``[c*S, (c+1)*S)``; an explicit shape value is rewritten) or ``[N, C, *S']``.
+rewritten), Flatten of ``[N, C, *S]`` into ``[N, C*prod(S)]`` (channel ``c`` is columns
+``[c*S, (c+1)*S)``). Reshape is in :mod:`.handlers_reshape`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from onnxcompress.pruning.handlers_common import (
     _axis,
     _clamp,
     _const_operand,
-    _identity_fn,
     _input,
     _ints,
     _nan,
@@ -28,7 +27,6 @@ from onnxcompress.pruning.handlers_common import (
     _slice_args,
     channel_vector,
 )
-from onnxcompress.pruning.shape_trace import _shape_elements
 from onnxcompress.pruning.types import (
     CHANNEL_AXIS,
     R_BROADCAST,
@@ -42,7 +40,7 @@ from onnxcompress.pruning.types import (
     RewriteContext,
 )
 
-__all__ = ["_BINARY", "_binary", "_concat", "_flatten", "_reshape", "_slice", "_split"]
+__all__ = ["_BINARY", "_binary", "_concat", "_flatten", "_slice", "_split"]
 
 
 # ----------------------------------------------------------------- elementwise on two channel tensors
@@ -143,61 +141,6 @@ def _flatten(node: gs.Node, g: GraphInfo) -> NodeSpec:
     if spatial is None:
         return spec.freeze(None, R_UNKNOWN_DIM)
     return _expand(spec, x, y, spatial)
-
-
-def _reshape(node: gs.Node, g: GraphInfo) -> NodeSpec:
-    spec = NodeSpec(node, g)
-    x, shape_t, y = node.inputs[0], node.inputs[1], node.outputs[0]
-    target = g.const(shape_t)
-    xs, ys = g.shape(x), g.shape(y)
-    if target is None:
-        return _dynamic_reshape(spec, x, shape_t, y)
-    if xs is None or ys is None or len(ys) <= CHANNEL_AXIS or g.channels(x) is None:
-        return spec.freeze(None, R_UNKNOWN_DIM)
-    c, spatial, out_spatial = xs[1], _prod(xs[2:]), _prod(ys[2:])
-    if spatial is None or target.size <= CHANNEL_AXIS:
-        return spec.freeze(None, R_UNKNOWN_DIM if spatial is None else R_RESHAPE)
-    if ys[1] == c and out_spatial == spatial:
-        spec.identity(x, y)
-        spec.const_fn = _identity_fn(x.name, y.name)
-    elif len(ys) == 2 and ys[1] == c * spatial and int(target[1]) != 0:
-        _expand(spec, x, y, spatial)
-    else:
-        return spec.freeze([x, y], R_RESHAPE)
-    spec.touched.add(shape_t.name)
-    if int(target[1]) > 0:
-        def rewrite(ctx: RewriteContext) -> None:
-            new = target.copy()
-            new[1] = ctx.count(y.name)
-            node.inputs[1] = ctx.constant(shape_t.name, new)
-
-        spec.rewrite = rewrite
-    return spec
-
-
-def _dynamic_reshape(spec: NodeSpec, x: gs.Tensor, shape_t: gs.Tensor, y: gs.Tensor) -> NodeSpec:
-    """A computed target ``[x.shape[0] (or 0), -1]`` or ``[x.shape[0] (or 0), 0 or -1, *S]``.
-
-    Nothing to rewrite; the output's shape (which inference may leave unknown) is derived here.
-    """
-    g = spec.info
-    el = _shape_elements(shape_t, g)
-    xs = g.shape(x)
-    if el is None or len(el) <= CHANNEL_AXIS or el[CHANNEL_AXIS] not in (-1, 0):
-        return spec.freeze([x, y], R_RESHAPE)
-    if xs is None or g.channels(x) is None or _prod(xs[2:]) is None:
-        return spec.freeze([x, y], R_UNKNOWN_DIM)
-    batch_ok = el[0] in (0, (x.name, 0)) or (isinstance(el[0], int) and el[0] == xs[0])
-    rest = el[2:]
-    if batch_ok and len(el) == 2 and el[1] == -1:
-        g.shapes[y.name] = (xs[0], xs[1] * _prod(xs[2:]))
-        return _expand(spec, x, y, _prod(xs[2:]))
-    if batch_ok and all(isinstance(v, int) and v > 0 for v in rest) and _prod(rest) == _prod(xs[2:]):
-        g.shapes[y.name] = (xs[0], xs[1], *rest)
-        if spec.identity(x, y):
-            spec.const_fn = _identity_fn(x.name, y.name)
-        return spec
-    return spec.freeze([x, y], R_RESHAPE)
 
 
 # ----------------------------------------------------------------- concat / split / slice

@@ -4,7 +4,7 @@ A 1-D shape tensor is traced element by element through ``Shape``/``Concat``/``G
 ``Slice``/``Cast``/``Unsqueeze`` (how exporters build ``x.view(x.size(0), -1)`` and
 ``interpolate(y, size=x.shape[2:])``); each element is a constant, a ``(tensor, axis)`` dim or
 unknown. ``Shape`` is harmless to pruning when the channel dim it reads is never used, or used
-only as the channel entry of a ``Resize`` of the same tensor.
+only as the channel entry of a ``Resize`` or a ``Reshape`` of the same tensor.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ _SHAPE_CHAIN = ("Slice", "Gather", "Unsqueeze", "Squeeze", "Cast", "Identity", "
 
 def _channel_use_follows(t: gs.Tensor, x: gs.Tensor, g: GraphInfo, depth: int = 0) -> bool:
     """Whether shape vector ``t`` (computed from ``Shape(x)``) uses ``x``'s channel count only as
-    the channel entry of the ``sizes`` of a ``Resize`` of ``x`` itself (or not at all)."""
+    the channel entry of the ``sizes`` of a ``Resize`` of ``x`` itself or of the target of a
+    ``Reshape`` of ``x`` itself (or not at all)."""
     elements = _shape_elements(t, g)
     if elements is not None and None not in elements and (x.name, CHANNEL_AXIS) not in elements:
         return True  # fully traced and free of the channel count
@@ -139,15 +140,29 @@ def _channel_use_follows(t: gs.Tensor, x: gs.Tensor, g: GraphInfo, depth: int = 
     for consumer in t.outputs:
         if (consumer.domain or "") not in ("", "ai.onnx"):
             return False
+        uses = [i for i, inp in enumerate(consumer.inputs) if inp is t]
         if consumer.op == "Resize":
-            uses = [i for i, inp in enumerate(consumer.inputs) if inp is t]
             if uses == [3] and consumer.inputs[0] is x and _own_channel_sizes(consumer, g) is not None:
+                continue
+            return False
+        if consumer.op == "Reshape":
+            if uses == [1] and consumer.inputs[0] is x and _own_channel_entry(consumer, g):
                 continue
             return False
         if consumer.op not in _SHAPE_CHAIN or not all(_channel_use_follows(o, x, g, depth + 1)
                                                       for o in consumer.outputs):
             return False
     return True
+
+
+def _own_channel_entry(node: gs.Node, g: GraphInfo) -> bool:
+    """Whether the target of Reshape ``node`` holds its input's channel count, ``Shape(x)[1]``, at
+    position 1 and nowhere else (``x.view(x.size(0), x.size(1), -1)``: the count follows the pruned
+    tensor; the Reshape handler checks that the channel dim passes through)."""
+    elements = _shape_elements(node.inputs[1], g)
+    own = (node.inputs[0].name, CHANNEL_AXIS)
+    return elements is not None and len(elements) > CHANNEL_AXIS and elements[CHANNEL_AXIS] == own \
+        and elements.count(own) == 1
 
 
 def _own_channel_sizes(node: gs.Node, g: GraphInfo) -> list[Element] | None:

@@ -38,6 +38,7 @@ __all__ = [
     "R_NO_HANDLER",
     "R_REDUCES",
     "R_RESHAPE",
+    "R_RESHAPE_TARGET",
     "R_SHAPE_READ",
     "R_SHARED",
     "R_TRAINING",
@@ -69,6 +70,7 @@ R_EXCLUDED = "excluded"
 R_REDUCES = "reduces_over_channels"
 R_MOVES_AXIS = "channel_axis_moved"
 R_RESHAPE = "reshape_mixes_channels"
+R_RESHAPE_TARGET = "reshape_target_untraced"
 R_BROADCAST = "broadcast_mismatch"
 R_CONSTANT = "constant_channels"
 R_UNSUPPORTED = "unsupported_attributes"
@@ -79,8 +81,8 @@ R_LAST_AXIS = "channels_not_on_axis_1"
 #: Every reason (a decline code) a channel, and so its group, can be frozen or pinned.
 FREEZE_REASONS = (
     R_NO_HANDLER, R_CONTROL_FLOW, R_GRAPH_INPUT, R_GRAPH_OUTPUT, R_UNKNOWN_DIM, R_MISMATCH, R_NONCONST,
-    R_GROUPED, R_SHARED, R_EXCLUDED, R_REDUCES, R_MOVES_AXIS, R_RESHAPE, R_BROADCAST, R_CONSTANT,
-    R_UNSUPPORTED, R_SHAPE_READ, R_TRAINING, R_LAST_AXIS,
+    R_GROUPED, R_SHARED, R_EXCLUDED, R_REDUCES, R_MOVES_AXIS, R_RESHAPE, R_RESHAPE_TARGET, R_BROADCAST,
+    R_CONSTANT, R_UNSUPPORTED, R_SHAPE_READ, R_TRAINING, R_LAST_AXIS,
 )
 
 ROLE_W_OUT = "w_out"  #: A producer's output filters (weight), used by importance scores.
@@ -208,12 +210,25 @@ class GraphInfo:
         last_axis: Channels are on the last axis (a MatMul's output) instead of axis 1. Pruning
             never sets it; a walker following a MatMul's channels does (``equalize``), and then
             only the ops of :data:`.handlers.LAST_AXIS_OPS` are followed.
+        symbols: Tensor name -> the symbolic name of each dim (``None`` where none), as shape
+            inference left them: two dims of one name are equal (the batch of two tensors).
     """
 
     shapes: dict[str, tuple[int | None, ...]]
     opset: int
     outputs: frozenset[str] = frozenset()
     last_axis: bool = False
+    symbols: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
+
+    def same_dim(self, a: str, i: int, b: str, j: int) -> bool:
+        """Whether dim ``i`` of tensor ``a`` is known to equal dim ``j`` of tensor ``b``."""
+        sa, sb = self.shapes.get(a), self.shapes.get(b)
+        if sa is None or sb is None or i >= len(sa) or j >= len(sb):
+            return False
+        if sa[i] is not None and sb[j] is not None:
+            return sa[i] == sb[j]
+        na, nb = self.symbols.get(a, ()), self.symbols.get(b, ())
+        return i < len(na) and j < len(nb) and na[i] is not None and na[i] == nb[j]
 
     def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
         """Dims of ``tensor`` (constants: their array's shape)."""
@@ -255,10 +270,17 @@ class RewriteContext:
     Attributes:
         kept: Tensor name -> kept channel indices (every channel tensor of the graph).
         constant: ``constant(base_name, values)`` makes a new uniquely named ``gs.Constant``.
+        graph: The graph being pruned (a rewrite that must add a node appends it here).
+        fresh: ``fresh(base_name)`` is a new unused tensor or node name.
+        made: Tensors that rewrites made, by a key of their choosing, so that several rewrites
+            that need the same new node share it.
     """
 
     kept: Callable[[str], np.ndarray]
     constant: Callable[[str, np.ndarray], gs.Constant]
+    graph: gs.Graph | None = None
+    fresh: Callable[[str], str] | None = None
+    made: dict = field(default_factory=dict)
 
     def count(self, name: str) -> int:
         """Number of channels ``name`` keeps."""

@@ -262,7 +262,8 @@ def grouped_transpose(rng):
 
 
 def grouped_across_concat(rng):
-    """A grouped conv whose blocks span two producers' channels: not expressible, frozen."""
+    """A grouped conv whose blocks span two producers' channels: the rule holds for the larger
+    (a, 6 channels: blocks of 4 and 2), the smaller (b) is pinned."""
     nodes = [node("Conv", ["x", "wa", "ba"], "a"), node("Conv", ["x", "wb", "bb"], "b"),
              node("Concat", ["a", "b"], "c", axis=1), node("Conv", ["c", "wg", "bg"], "g", group=2),
              node("Relu", ["g"], "gr"), node("Conv", ["gr", "w3", "b3"], "y")]

@@ -130,13 +130,15 @@ FROZEN = {
                                 {"s": np.ones(8, np.float32), "bb": np.zeros(8, np.float32)}, "no_handler"),
     "transpose_moves_channels": ([node("Transpose", ["ar"], "tt", perm=[0, 2, 1, 3]),
                                   node("Transpose", ["tt"], "t", perm=[0, 2, 1, 3])], {}, "channel_axis_moved"),
+    # channels into the batch dim ([N, 8, 8, 8] -> [N*8, 8, 8]) and back
     "reshape_mixes_channels": ([node("Reshape", ["ar", "sh1"], "rr"), node("Reshape", ["rr", "sh2"], "t")],
-                               {"sh1": np.asarray([0, 4, 16, 8]), "sh2": np.asarray([0, 8, 8, 8])}, "reshape_mixes_channels"),
+                               {"sh1": np.asarray([-1, 8, 8]), "sh2": np.asarray([-1, 8, 8, 8])}, "reshape_mixes_channels"),
+    # the channel count read into another entry: [N, 8, C, 8] is right only while C = 8
     "computed_reshape_reads_channels": (
         [node("Shape", ["ar"], "shp"), node("Gather", ["shp", "i"], "c", axis=0), node("Unsqueeze", ["c", "ax"], "c1"),
-         node("Concat", ["zero", "c1", "rest"], "target", axis=0), node("Reshape", ["ar", "target"], "t")],
-        {"i": np.asarray(1, np.int64), "ax": np.asarray([0]), "zero": np.asarray([0]), "rest": np.asarray([8, 8])},
-        "reshape_mixes_channels"),  # also "shape_read": the Shape feeds the channel dim onwards
+         node("Concat", ["zero", "eight", "c1", "eight"], "target", axis=0), node("Reshape", ["ar", "target"], "t")],
+        {"i": np.asarray(1, np.int64), "ax": np.asarray([0]), "zero": np.asarray([0]), "eight": np.asarray([8])},
+        "reshape_target_untraced"),
     "channel_padding": ([node("Pad", ["ar", "pads"], "pp"), node("Slice", ["pp", "st", "en", "ax"], "t")],
                         {"pads": np.asarray([0, 1, 0, 0, 0, 0, 0, 0]), "st": np.asarray([1]), "en": np.asarray([9]),
                          "ax": np.asarray([1])}, "unsupported_attributes"),
@@ -215,9 +217,11 @@ def test_grouped_conv_blocks_its_input_and_output_groups():
     assert groups["g"].blocks.tolist() == np.repeat(np.arange(4), 2).tolist()  # 8 outputs
 
 
-def test_grouped_conv_spanning_two_producers_freezes_them():
+def test_grouped_conv_spanning_two_producers_keeps_the_larger():
+    """Blocks [a0..a3 | a4 a5 b0 b1]: a (6 channels) keeps the rule, b's channels are pinned."""
     groups = by_name(groups_of(build("grouped_across_concat")))
-    assert groups["a"].frozen == groups["b"].frozen == "grouped_conv"
+    assert groups["a"].frozen is None and groups["a"].blocks.tolist() == [0, 0, 0, 0, 1, 1]
+    assert groups["b"].frozen == "grouped_conv"
     assert groups["g"].frozen is None
 
 
@@ -310,3 +314,21 @@ def test_resize_whose_size_reads_the_channel_count_elsewhere_freezes():
     model = _resize_to(nodes, {"w3": rand(rng, 4, 8, 1, 1, scale=0.4)})
     groups = by_name(groups_of(model))
     assert groups["a"].frozen is not None and groups["b"].frozen is not None
+
+
+def test_a_conv_added_to_a_concat_splits_between_two_groups():
+    """p's output is added to concat(q, s): its channels 0-3 go with q, 4-5 with s (two groups; p
+    sorts first among the sources, so each group must not take all of p's channels)."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Conv", ["x", "wq", "bq"], "q"), node("Conv", ["x", "ws", "bs"], "s"),
+             node("Concat", ["q", "s"], "c", axis=1), node("Relu", ["c"], "cr"), node("Conv", ["cr", "wp", "bp"], "p"),
+             node("Add", ["p", "cr"], "t"), node("Relu", ["t"], "tr"), node("Conv", ["tr", "w3", "b3"], "y")]
+    inits = {"wq": rand(rng, 4, 3, 1, 1, scale=0.4), "bq": rand(rng, 4, scale=0.4),
+             "ws": rand(rng, 2, 3, 1, 1, scale=0.4), "bs": rand(rng, 2, scale=0.4),
+             "wp": rand(rng, 6, 6, 1, 1, scale=0.4), "bp": rand(rng, 6, scale=0.4),
+             "w3": rand(rng, 4, 6, 1, 1, scale=0.4), "b3": rand(rng, 4, scale=0.4)}
+    model = make_model(nodes, X, ["y"], inits)
+    groups = by_name(groups_of(model))
+    assert groups["p+q"].size == 4 and groups["p+s"].size == 2
+    assert groups["p+q"].tensors["p"].tolist() == [0, 1, 2, 3, -1, -1]
+    assert_equivalent(model)
