@@ -17,6 +17,7 @@ from replay_issue16_setup import (
     ROW,
     Subject,
     is_score,
+    need_matplotlib,
     require_real,
     score_outcome,
     slice_of,
@@ -446,6 +447,7 @@ def report_int8_macs(r: Replay) -> Outcome:
 
 @point("report-pareto-axis", "report", "the Pareto axis runs to 104 %")
 def report_pareto_axis(r: Replay) -> Outcome:
+    need_matplotlib()
     rep, _, _ = _report(r)
     from onnxcompress.reporting.chains import link_runs
     from onnxcompress.reporting.inputs import load_inputs
@@ -465,6 +467,7 @@ def report_pareto_axis(r: Replay) -> Outcome:
 
 @point("report-sens-label", "report", "the sensitivity plot's x label is cut")
 def report_sens_label(r: Replay) -> Outcome:
+    need_matplotlib()
     _, report, png = r.asset("sensitivity")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -484,6 +487,7 @@ def report_sens_label(r: Replay) -> Outcome:
 
 @point("report-html", "report", "the HTML links its images by relative path (not self-contained)")
 def report_html(r: Replay) -> Outcome:
+    need_matplotlib()
     rep, _, html = _report(r)
     embedded = len(re.findall(r'src="data:image/png;base64,', html))
     linked = re.findall(r'src="(?!data:)([^"]+)"', html)

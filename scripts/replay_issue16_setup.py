@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from replay_harness import ROOT, Missing, Outcome, RealModel, Replay, Run, find_real, judge
 
-__all__ = ["BUILDERS", "NUDENET", "OPENNSFW", "ROW", "Subject", "image_net", "nhwc_net", "real_or_none", "require_real",
+__all__ = ["BUILDERS", "has_matplotlib", "need_matplotlib", "NUDENET", "OPENNSFW", "ROW", "Subject", "image_net", "nhwc_net", "real_or_none", "require_real",
            "is_score", "score_outcome", "slice_of", "whole"]
 
 NUDENET = RealModel("nudenet", "nudenet", "320n.onnx", "pip install --no-deps nudenet==3.4.2")
@@ -285,6 +285,19 @@ def build_mixed(r: Replay) -> tuple[Run, str, str]:
                      det.calib, data=det.test)
 
 
+def has_matplotlib() -> bool:
+    """Whether the ``plot`` extra is installed (plots, and the points that check them, need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def need_matplotlib() -> None:
+    """Raise :class:`Missing` without matplotlib."""
+    if not has_matplotlib():
+        raise Missing("matplotlib: pip install '.[plot]'")
+
+
 def build_sensitivity(r: Replay) -> tuple[Run, str, str]:
     """``sensitivity`` of the detector (4 calibration samples on the real model, to stay fast)."""
     det = r.asset("detector")
@@ -292,7 +305,8 @@ def build_sensitivity(r: Replay) -> tuple[Run, str, str]:
     if det.real:
         with np.load(r.path(det.calib)) as z:
             calib = _save_npz(r, "yolo_calib4.npz", "images", z["images"][:4])
-    run = r.cli("sensitivity", det.model, "--calib", calib, "--json", "sensitivity.json", "--plot", "sensitivity.png",
+    plot = ["--plot", "sensitivity.png"] if has_matplotlib() else []
+    run = r.cli("sensitivity", det.model, "--calib", calib, "--json", "sensitivity.json", *plot,
                 "--top", "10", show=[r"worst", r"^\s*[│|]\s*[123]\s"])
     return run, "sensitivity.json", "sensitivity.png"
 

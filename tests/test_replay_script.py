@@ -7,6 +7,7 @@ flags after the subcommand) must be FIXED.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -20,6 +21,8 @@ harness = sys.modules["replay_harness"]
 
 #: Points not fixed yet: their checks must run (FIXED or NOT FIXED with what was observed), not fail.
 NOT_FIXED_YET: set[str] = set()
+#: Points that check plots: skipped without the ``plot`` extra (CI installs ``test`` only).
+NEEDS_PLOTS = {"report-pareto-axis", "report-sens-label", "report-html"}
 INPUT_HANDLING = {"preprocess-mean", "preprocess-keys", "folder-hint", "preprocess-help", "exclude-unknown",
                   "inspect-nodes", "quiet-after"}
 
@@ -40,6 +43,8 @@ def test_every_point_has_a_verdict(replayed):
         o = outcomes[p.key]
         if p.real_only:
             assert o.verdict == harness.SKIPPED and "pip install --no-deps" in o.observed, p.key
+        elif p.key in NEEDS_PLOTS and importlib.util.find_spec("matplotlib") is None:
+            assert o.verdict == harness.SKIPPED and "matplotlib" in o.observed, p.key
         elif p.key in NOT_FIXED_YET:
             assert o.verdict in (harness.FIXED, harness.NOT_FIXED), p.key
             assert not o.observed.startswith("check could not run"), f"{p.key}: {o.observed}"
