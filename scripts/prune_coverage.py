@@ -114,10 +114,11 @@ def oracle(key: str, spec: str, size: int, seed: int, ratio: float = 0.3) -> tup
     if before:
         model, _ = onnxcompress.optimize(model, before, validate=False, dims=dims, seed=seed)
     producers = {o: n for n in model.graph.node for o in n.output}
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     for out in list(model.graph.output):  # compare logits, not a saturated softmax
         node = producers.get(out.name)
-        if node is not None and node.op_type == "Softmax":
-            model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+        if node is not None and node.op_type == "Softmax" and node.input[0] in typed:
+            model.graph.output.append(typed[node.input[0]])
     rng = np.random.default_rng(seed)
     graph = serde.to_graph(model)
     analysis = analyze(graph, dims=dims)
