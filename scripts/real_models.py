@@ -196,6 +196,39 @@ def prune_stats(report) -> dict[str, Any]:
             "skipped_small": stats.get("groups_skipped_small", 0), "reshapes_merged": stats.get("reshapes_merged", 0)}
 
 
+def _check_oracle(result: Result, model: onnx.ModelProto, feeds: dict, outs: list | None, zeroed: bool,
+                  threads: int) -> None:
+    """Pruned (uncompensated) vs the unread original, and the compensated pass output vs the zeroed one."""
+    t = time.perf_counter()
+    try:
+        uncompensated, unread, zeroed_model = oracle_models(model, zeroed=zeroed)
+        result.oracle_rel_err = rel_err(run(unread, feeds, threads), run(uncompensated, feeds, threads))
+        if outs is not None and zeroed_model is not None:
+            result.compensated_rel_err = rel_err(run(zeroed_model, feeds, threads), outs)
+    except Exception as exc:
+        result.errors.append(f"oracle failed: {type(exc).__name__}: {exc}"[:400])
+    result.seconds["oracle"] = time.perf_counter() - t
+    if result.oracle_rel_err > ORACLE_TOL:
+        result.errors.append(f"pruned (uncompensated) differs from the unread original by "
+                             f"{result.oracle_rel_err:.2e} relative")
+
+
+def _check_fold(result: Result, model: onnx.ModelProto, dims: dict, feeds: dict, reference: list,
+                threads: int) -> None:
+    """``fold_bn,simplify`` passes the full checker and keeps the outputs."""
+    t = time.perf_counter()
+    try:
+        folded, _ = onnxcompress.optimize(model, "fold_bn,simplify", dims=dims, validate=False)
+        onnx.checker.check_model(folded, full_check=True)
+        result.fold_check = True
+        result.fold_rel_err = rel_err(reference, run(folded, feeds, threads))
+    except Exception as exc:
+        result.errors.append(f"fold_bn,simplify: {type(exc).__name__}: {exc}"[:400])
+    result.seconds["fold"] = time.perf_counter() - t
+    if result.fold_rel_err > FOLD_TOL:
+        result.errors.append(f"fold_bn,simplify changes the outputs by {result.fold_rel_err:.2e} relative")
+
+
 def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True, fold: bool = True,
                 zeroed: bool = True, threads: int = 0, prune: str = SPEC) -> Result:
     """Run every check on one model (see the module docstring); ``zeroed``: also compare the
@@ -239,31 +272,9 @@ def check_model(spec: RealModel, size: int | None = None, *, oracle: bool = True
         outs = None
 
     if oracle:
-        t = time.perf_counter()
-        try:
-            uncompensated, unread, zeroed_model = oracle_models(model, zeroed=zeroed)
-            result.oracle_rel_err = rel_err(run(unread, feeds, threads), run(uncompensated, feeds, threads))
-            if outs is not None and zeroed_model is not None:
-                result.compensated_rel_err = rel_err(run(zeroed_model, feeds, threads), outs)
-        except Exception as exc:
-            result.errors.append(f"oracle failed: {type(exc).__name__}: {exc}"[:400])
-        result.seconds["oracle"] = time.perf_counter() - t
-        if result.oracle_rel_err > ORACLE_TOL:
-            result.errors.append(f"pruned (uncompensated) differs from the unread original by "
-                                 f"{result.oracle_rel_err:.2e} relative")
-
+        _check_oracle(result, model, feeds, outs, zeroed, threads)
     if fold:
-        t = time.perf_counter()
-        try:
-            folded, _ = onnxcompress.optimize(model, "fold_bn,simplify", dims=dims, validate=False)
-            onnx.checker.check_model(folded, full_check=True)
-            result.fold_check = True
-            result.fold_rel_err = rel_err(reference, run(folded, feeds, threads))
-        except Exception as exc:
-            result.errors.append(f"fold_bn,simplify: {type(exc).__name__}: {exc}"[:400])
-        result.seconds["fold"] = time.perf_counter() - t
-        if result.fold_rel_err > FOLD_TOL:
-            result.errors.append(f"fold_bn,simplify changes the outputs by {result.fold_rel_err:.2e} relative")
+        _check_fold(result, model, dims, feeds, reference, threads)
     return result
 
 

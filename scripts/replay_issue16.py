@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import replay_issue16_targets  # noqa: F401  (registers the target points, after the others)
 from replay_harness import FIXED, ROOT, SKIPPED, Point, Replay, find_real, run_points, summary_table
 from replay_issue16_points import GROUPS, POINTS
 from replay_issue16_setup import BUILDERS, NUDENET, OPENNSFW

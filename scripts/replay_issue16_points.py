@@ -13,7 +13,6 @@ from collections.abc import Callable
 from replay_harness import FIXED, NOT_FIXED, Outcome, Point, Replay, judge, not_yet
 from replay_issue16_setup import (
     NUDENET,
-    OPENNSFW,
     ROW,
     Subject,
     is_score,
@@ -109,22 +108,24 @@ def det_f1(r: Replay) -> Outcome:
     return about(judge(printed and gated, text), det)
 
 
+def _recipe_gate(r: Replay, asset: str) -> Outcome:
+    """The score-slice outcome of the detector run ``asset`` (a lossy recipe)."""
+    require_real(r, NUDENET)
+    det = r.asset("detector")
+    run, _, report = r.asset(asset)
+    return about(score_outcome(run, r.read_json(report)["validation"], det.score), det)
+
+
 @point("prune-gate", "gate", "`prune` and `lowrank` passed at cosine 0.995-0.996 with the score rows near 1.5 dB",
        real_only=True)
 def prune_gate(r: Replay) -> Outcome:
-    require_real(r, NUDENET)
-    det = r.asset("detector")
-    run, _, report = r.asset("prune")
-    return about(score_outcome(run, r.read_json(report)["validation"], det.score), det)
+    return _recipe_gate(r, "prune")
 
 
 @point("lowrank-gate", "gate", "`prune` and `lowrank` passed at cosine 0.995-0.996 with the score rows near 1.5 dB",
        real_only=True)
 def lowrank_gate(r: Replay) -> Outcome:
-    require_real(r, NUDENET)
-    det = r.asset("detector")
-    run, _, report = r.asset("tucker")
-    return about(score_outcome(run, r.read_json(report)["validation"], det.score), det)
+    return _recipe_gate(r, "tucker")
 
 
 @point("sensitivity", "gate", "`min_cosine`/`max_drop`, `sensitivity` and `latency_aware` all rank by the same "
@@ -545,71 +546,3 @@ def quiet_after(r: Replay) -> Outcome:
     ok = quiet.code == 0 and not quiet.out.strip() and verbose.code == 0 and "INFO" in verbose.err
     return about(judge(ok, f"inspect ... -q: exit {quiet.code}, {len(quiet.out.strip())} chars of output; "
                            f"optimize ... -v: exit {verbose.code}, info log: {'INFO' in verbose.err}"), img)
-
-
-# =========================================================================== targets
-
-#: onnxruntime's own static quantization on the same calibration data (QDQ, per-channel int8 weights,
-#: uint8 activations, MinMax), for the comparison item 3 asks for.
-ORT_QUANTIZE = """
-import sys
-import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
-src, npz, out = sys.argv[1:4]
-with np.load(npz) as z:
-    name = z.files[0]
-    feeds = [{name: z[name][i:i + 1]} for i in range(len(z[name]))]
-class Reader(CalibrationDataReader):
-    def __init__(self):
-        self.it = iter(feeds)
-    def get_next(self):
-        return next(self.it, None)
-quant_pre_process(src, out + ".pre.onnx", skip_symbolic_shape=True)
-quantize_static(out + ".pre.onnx", out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-"""
-
-
-def _held_out(r: Replay, det: Subject, model: str, stem: str) -> tuple[float, float] | None:
-    """(score-slice SQNR, detection F1) of ``model`` vs the float detector on the held-out photos."""
-    run = r.cli("compare", det.model, model, "--data", det.test, "--task", "detection", "--json", f"{stem}.json",
-                show=[ROW, r"^task \S+:"])
-    if run.code not in (0, 1):  # 1: a default gate failed; the metrics are in the JSON all the same
-        return None
-    out = whole(r.read_json(f"{stem}.json"))
-    return slice_of(out, det.score)["sqnr_db"], float(out["task"]["values"]["f1"])
-
-
-@point("target-det-int8", "targets", "nudenet int8: score-row SQNR >= 20 dB and detection F1 vs float >= 0.9 at "
-       ">= 1.4x float speed; report it beside onnxruntime quantize_static on the same data", real_only=True)
-def target_det_int8(r: Replay) -> Outcome:
-    require_real(r, NUDENET)
-    det = r.asset("detector")
-    models = {"int8": r.asset("int8")[1], "int8 min_sqnr=20": r.asset("mixed")[1]}
-    ort = r.python(ORT_QUANTIZE, det.model, det.calib, "ort_int8.onnx", label="onnxruntime quantize_static (MinMax)")
-    if ort.code == 0:
-        models["ort quantize_static"] = "ort_int8.onnx"
-    quality = {k: _held_out(r, det, m, f"target_{i}") for i, (k, m) in enumerate(models.items())}
-    r.cli("bench", det.model, *models.values(), "--data", det.test, "--runs", "40", "--warmup", "5",
-          "--json", "target_bench.json", show=[r"\.onnx\s"])
-    ratios = [m["ratio_vs_first"] for m in r.read_json("target_bench.json")["models"][1:]]
-    parts, ok = [], False
-    for (name, q), ratio in zip(quality.items(), ratios):
-        speed = 1.0 / ratio if ratio else float("nan")
-        sqnr, f1 = q if q else (float("nan"), float("nan"))
-        parts.append(f"{name}: {det.score} {sqnr:.1f} dB, F1 {f1:.2f}, {speed:.2f}x")
-        ok = ok or (not name.startswith("ort") and sqnr >= 20 and f1 >= 0.9 and speed >= 1.4)
-    return about(judge(ok, "held-out photos: " + "; ".join(parts)), det)
-
-
-@point("target-nsfw", "targets", "open-nsfw unchanged (SQNR >= 46 dB, top-1 agreement 100 %)", real_only=True)
-def target_nsfw(r: Replay) -> Outcome:
-    require_real(r, OPENNSFW)
-    nsfw = r.asset("nhwc")
-    run = r.cli("optimize", nsfw.model, "-o", "open-nsfw.int8.onnx", "--passes", "fold_bn,quantize_int8", "--calib",
-                nsfw.calib, "--data", nsfw.test, "--json", "nsfw_int8.json", show=[ROW, "^gate"])
-    out = whole(r.read_json("nsfw_int8.json")["validation"])
-    text = f"int8 on held-out photos: SQNR {out['sqnr_db']:.1f} dB, top-1 agreement {out['top1_agreement']:.0%}; " \
-           f"exit {run.code}"
-    return about(judge(run.code == 0 and out["sqnr_db"] >= 46 and out["top1_agreement"] == 1.0, text), nsfw)
