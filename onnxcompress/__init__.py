@@ -7,7 +7,8 @@ from onnxcompress.api import Report, compare, inspect, optimize, sensitivity
 from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError, PassFailed
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.pipeline.manager import PassManager, get_pass, parse_spec, registry
-from onnxcompress.runtime.data import Batch, CalibSource, Preprocess, open_source
+from onnxcompress.runtime.data import Batch, CalibSource, open_source
+from onnxcompress.runtime.preprocess import Preprocess
 
 __all__ = [
     "__version__",

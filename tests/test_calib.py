@@ -12,8 +12,8 @@ from onnxcompress.runtime.data import (
     RandomSource,
     input_specs,
     open_source,
-    parse_preprocess,
 )
+from onnxcompress.runtime.preprocess import parse_preprocess
 from tests.helpers.builders import parse
 
 IMG = parse("""<ir_version: 8, opset_import: ["" : 17]>

@@ -233,7 +233,7 @@ def test_preprocess_help_lists_every_key():
     import dataclasses
 
     from onnxcompress.cli import PREPROCESS_HELP
-    from onnxcompress.runtime.data import Preprocess
+    from onnxcompress.runtime.preprocess import Preprocess
 
     for f in dataclasses.fields(Preprocess):
         assert f"{f.name}=" in PREPROCESS_HELP, f.name

@@ -47,20 +47,22 @@ def _worst(run: dict, key: str, spec: str) -> str:
     return fmt_number(value, spec) + (f" ({name})" if name else "")
 
 
-#: The task metric the summary shows: ``task: (values key, label)``.
-_TASK_CELLS = {"detection": ("f1", "det. F1"), "segmentation": ("miou", "mIoU"),
-               "embedding": ("cosine_min", "min cosine"), "classification": ("top5_agreement", "top-5")}
+#: The task metrics the summary shows: ``task: ((values key, label), ...)``.
+_TASK_CELLS = {"detection": (("f1", "det. F1"),), "segmentation": (("miou", "mIoU"),),
+               "embedding": (("cosine_min", "min cosine"), ("spearman", "Spearman")),
+               "classification": (("top5_agreement", "top-5"),)}
 
 
 def _task_cell(run: dict) -> str:
-    """The task metric of each output that has one (``det. F1 0.906``), ``-`` when none."""
+    """The task metrics of each output that has some (``det. F1 0.906``), ``-`` when none."""
     cells = []
     for o in (run.get("validation") or {}).get("outputs", []):
         task = o.get("task") or {}
-        key, label = _TASK_CELLS.get(task.get("task", ""), ("", ""))
-        value = (task.get("values") or {}).get(key)
-        if isinstance(value, (int, float)):
-            cells.append(f"{label} {value:.3f}")
+        values = task.get("values") or {}
+        for key, label in _TASK_CELLS.get(task.get("task", ""), ()):
+            value = values.get(key)
+            if isinstance(value, (int, float)):
+                cells.append(f"{label} {value:.3f}")
     return "; ".join(cells) or "-"
 
 

@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from onnxcompress.runtime.data import Batch, CalibSource, Preprocess, open_source
+from onnxcompress.runtime.data import Batch, CalibSource, open_source
+from onnxcompress.runtime.preprocess import Preprocess
 from onnxcompress.runtime.session import make_session
 
 __all__ = ["Batch", "CalibSource", "Preprocess", "make_session", "open_source"]

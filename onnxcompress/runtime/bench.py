@@ -42,6 +42,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from onnxcompress.core import proto, serde
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.index_inputs import integer_domains
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.shapes import Dims
 from onnxcompress.runtime.data import CalibSource, InputSpec, RandomSource, data_dims, input_specs, open_source
@@ -354,7 +355,7 @@ def _bench_feeds(model: onnx.ModelProto, batch: int, dims: dict[str, int], data:
     specs = input_specs(model)
     _check_batch_dims(specs, batch, dims)
     if data is None:
-        source: CalibSource = RandomSource(specs, count=batch, seed=seed, dims=dims)
+        source: CalibSource = RandomSource(specs, count=batch, seed=seed, dims=dims, domains=integer_domains(model))
     else:
         source = open_source(data, model, preprocess=preprocess, seed=seed, dims=dims, limit=batch)
     resolved = data_dims(model, dims, ("--data", data, source), hint="--data")

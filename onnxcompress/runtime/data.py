@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,13 +30,14 @@ import numpy as np
 import onnx
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.index_inputs import IntegerDomain, integer_domains
 from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims, symbolic_dims
+from onnxcompress.runtime.preprocess import Preprocess, check_channels, parse_preprocess
 
 __all__ = [
     "LABEL_KEYS",
     "Batch",
     "InputSpec",
-    "Preprocess",
     "CalibSource",
     "FileSource",
     "ImageFolderSource",
@@ -46,8 +46,6 @@ __all__ = [
     "data_dims",
     "input_specs",
     "open_source",
-    "check_channels",
-    "parse_preprocess",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,14 +145,18 @@ def _fit_all(specs: list[InputSpec], arrays: dict[str, Any], where: str) -> Batc
 
 
 def _rebatch(chunks: Iterable[Batch], size: int, limit: int | None) -> Iterator[Batch]:
-    """Re-cut a stream of chunks into batches of ``size`` samples (the last may be smaller)."""
+    """Re-cut a stream of chunks into batches of ``size`` samples. Only samples of the same shapes
+    share a batch: a chunk whose per-sample shapes differ from the pending ones (variable-length
+    sequences) first flushes them, so a batch may be smaller than ``size``."""
     pending: list[Batch] = []
-    have = 0
-    seen = 0
+    have = seen = 0
     for chunk in chunks:
         if limit is not None and seen + len(chunk) > limit:
             chunk = _slice(chunk, 0, limit - seen)
         seen += len(chunk)
+        if pending and _sample_shapes(chunk) != _sample_shapes(pending[0]):
+            yield _concat(pending)
+            pending, have = [], 0
         pending.append(chunk)
         have += len(chunk)
         while have >= size:
@@ -166,6 +168,10 @@ def _rebatch(chunks: Iterable[Batch], size: int, limit: int | None) -> Iterator[
             break
     if have:
         yield _concat(pending)
+
+
+def _sample_shapes(batch: Batch) -> dict[str, tuple[int, ...]]:
+    return {k: v.shape[1:] for k, v in batch.feeds.items()}
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -252,115 +258,6 @@ class FileSource(CalibSource):
             raise InputError(f"{file}: cannot read array file ({type(exc).__name__}: {exc})") from None
 
 
-@dataclass
-class Preprocess:
-    """How to turn an image file into a model input.
-
-    Attributes:
-        size: ``(height, width)``; default: the model input's static spatial dims.
-        resize: ``stretch`` (to size) or ``crop`` (shorter side to size, then center crop).
-        mean: Per-channel mean subtracted after scaling.
-        std: Per-channel std divided by after subtracting the mean.
-        scale: Pixel values are multiplied by this first (1/255 maps to [0, 1]).
-        layout: ``NCHW`` or ``NHWC``.
-        order: ``RGB``, ``BGR`` or ``L`` (grayscale).
-    """
-
-    size: tuple[int, int] | None = None
-    resize: str = "stretch"
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    scale: float = 1 / 255
-    layout: str = "NCHW"
-    order: str = "RGB"
-
-
-def parse_preprocess(text: str | None) -> Preprocess:
-    """Parse ``key=value,key=value`` (``size=224x224,mean=0.485/0.456/0.406,layout=NHWC``)
-    or the path of a TOML file with the same keys.
-
-    Raises:
-        InputError: Unknown key or malformed value.
-    """
-    if not text:
-        return Preprocess()
-    if Path(text).is_file():
-        from onnxcompress.core.fileio import read_toml
-
-        return _preprocess_from(read_toml(Path(text)))
-    pairs = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--preprocess {item!r}: expected key=value")
-        pairs[key.strip()] = value.strip()
-    return _preprocess_from(pairs)
-
-
-def _floats(value: Any) -> tuple[float, ...]:
-    if isinstance(value, (list, tuple)):
-        return tuple(float(v) for v in value)
-    return tuple(float(v) for v in str(value).split("/"))
-
-
-def _preprocess_from(pairs: dict[str, Any]) -> Preprocess:
-    pre = Preprocess()
-    try:
-        for key, value in pairs.items():
-            if key == "size":
-                parts = value if isinstance(value, (list, tuple)) else str(value).lower().split("x")
-                h, w = (int(parts[0]), int(parts[-1]))
-                pre.size = (h, w)
-            elif key in ("mean", "std"):
-                setattr(pre, key, _floats(value))
-            elif key == "scale":
-                pre.scale = float(value)
-            elif key in ("layout", "order", "resize"):
-                setattr(pre, key, str(value).upper() if key != "resize" else str(value).lower())
-            else:
-                raise InputError(f"preprocess: unknown key {key!r} (size, resize, mean, std, scale, layout, order)")
-    except (ValueError, IndexError):
-        raise InputError(f"preprocess: bad value in {pairs}") from None
-    if pre.layout not in ("NCHW", "NHWC") or pre.order not in ("RGB", "BGR", "L") or pre.resize not in ("stretch", "crop"):
-        raise InputError("preprocess: layout is NCHW|NHWC, order RGB|BGR|L, resize stretch|crop")
-    _check_ranges(pre)
-    return pre
-
-
-def _check_ranges(pre: Preprocess) -> None:
-    """Values that would give NaN, infinities or empty images are refused (one line)."""
-    if pre.size is not None and min(pre.size) < 1:
-        raise InputError(f"preprocess: size {pre.size[0]}x{pre.size[1]} must be positive")
-    if not (math.isfinite(pre.scale) and pre.scale > 0):
-        raise InputError(f"preprocess: scale={pre.scale} must be a positive number")
-    if not all(math.isfinite(v) for v in pre.mean):
-        raise InputError(f"preprocess: mean {'/'.join(map(str, pre.mean))} must be finite numbers")
-    if not all(math.isfinite(v) and v > 0 for v in pre.std):
-        raise InputError(f"preprocess: std {'/'.join(map(str, pre.std))} must be positive numbers")
-
-
-def check_channels(pre: Preprocess, model_channels: int | None, other_end: int | None = None) -> None:
-    """Check ``mean``/``std`` against the image channels ``order`` gives (L: 1; RGB, BGR: 3, in
-    that order) and those against the model input's channel dim (when static). ``other_end`` is
-    the input's dim at the other layout's channel position: when it fits, the hint names the layout.
-
-    Raises:
-        InputError: One line naming the counts and how to fix them.
-    """
-    channels = 1 if pre.order == "L" else 3
-    for key in ("mean", "std"):
-        values = getattr(pre, key)
-        if len(values) not in (1, channels):
-            raise InputError(f"preprocess: {key} has {len(values)} values; order={pre.order} gives {channels} "
-                             f"channel{'s' if channels > 1 else ''}: give 1 or {channels} (in {pre.order} order)")
-    if model_channels is not None and model_channels != channels:
-        other = "NHWC" if pre.layout == "NCHW" else "NCHW"
-        hint = "order=L" if model_channels == 1 else "order=RGB or order=BGR" if model_channels == 3 else \
-            f"layout={other} (the input's other end has {other_end})" if other_end in (1, 3) else "another model"
-        raise InputError(f"the model's image input has {model_channels} channels, order={pre.order} gives "
-                         f"{channels}: add --preprocess {hint}")
-
-
 class ImageFolderSource(CalibSource):
     """A folder of images (optionally in class sub-folders) for a single image-input model."""
 
@@ -439,13 +336,25 @@ class RandomSource(CalibSource):
     Symbolic dims: the leading axis is the batch (one sample per chunk); any other takes
     ``dims[name]`` (pass the resolved :attr:`~onnxcompress.core.shapes.Dims.values`), else
     :data:`~onnxcompress.core.shapes.DEFAULT_DYNAMIC_DIM`.
+
+    Integer inputs follow ``domains`` (:func:`onnxcompress.core.index_inputs.integer_domains` of the
+    model; :func:`open_source` passes them): indices into a constant table are drawn in
+    ``[0, rows)``, masks are all ones, inputs whose values nothing reads get ``[0, 10)``.
+
+    Raises:
+        InputError: An integer input of unknown meaning (one line naming it and the op reading it).
     """
 
     def __init__(self, specs: list[InputSpec], count: int = 8, seed: int = 0,
-                 dims: dict[str, int] | None = None):
+                 dims: dict[str, int] | None = None, domains: dict[str, IntegerDomain] | None = None):
         super().__init__(specs, count)
         self.count_, self.seed, self.dims = count, seed, dims or {}
+        self.domains = domains or {}
         self.description = f"random ({count} samples, seed {seed})"
+        for name, dom in self.domains.items():
+            if dom.kind == "unknown":
+                raise InputError(f"cannot make random values for integer input {name!r} (read by {dom.reason}): "
+                                 "give real data (--calib/--data)")
 
     def _shape(self, spec: InputSpec) -> list[int]:
         shape = []
@@ -465,15 +374,19 @@ class RandomSource(CalibSource):
             for spec in self.specs:
                 shape = self._shape(spec)
                 shape[0] = shape[0] if spec.shape and spec.shape[0] is not None else 1
-                feeds[spec.name] = _random(rng, spec.dtype, shape)
+                feeds[spec.name] = _random(rng, spec.dtype, shape, self.domains.get(spec.name))
             yield Batch(feeds)
 
 
-def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int],
+            domain: IntegerDomain | None = None) -> np.ndarray:
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind in "iu":
-        return rng.integers(0, 10, size=shape).astype(dtype)
+        if domain is not None and domain.kind == "mask":
+            return np.ones(shape, dtype)
+        high = domain.high if domain is not None and domain.kind == "index" and domain.high else 10
+        return rng.integers(0, high, size=shape).astype(dtype)
     if dtype.kind == "b":
         return rng.integers(0, 2, size=shape).astype(bool)
     raise InputError(f"cannot make random inputs of dtype {dtype}")
@@ -555,7 +468,7 @@ def open_source(data: Any, model: onnx.ModelProto, *, preprocess: str | Preproce
         _, _, n = data.partition(":")
         count = int(n) if n.isdigit() else 8
         log.warning("using %d random input samples: metrics on random data say little about accuracy", count)
-        return RandomSource(specs, count, seed, dims)
+        return RandomSource(specs, count, seed, dims, integer_domains(model))
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.is_dir() and _has_images(path):

@@ -12,9 +12,13 @@ of its detections change. Per output, one task is evaluated against the referenc
   (confidence threshold, class-aware NMS), the candidate's boxes matched to the reference's (same
   class, IoU >= 0.5): precision, recall, F1 and the counts.
 * ``embedding`` (any float output of rank >= 2, flattened per sample): per-sample cosine (mean,
-  min) and nearest-neighbour agreement: the fraction of samples whose nearest other sample (cosine)
-  is the same in both models, over the first :data:`EMB_NN_MAX` samples (their embeddings are the
-  only outputs kept; at least 3 samples are needed).
+  min); over the first :data:`EMB_NN_MAX` samples (their embeddings are the only outputs kept; at
+  least 3 samples are needed) nearest-neighbour agreement, the fraction of samples whose nearest
+  other sample (cosine) is the same in both models, and ``spearman``, the Spearman rank correlation
+  of the pairwise cosine similarities of the candidate with the reference's (does the candidate
+  still rank pairs of samples the same way: what a retrieval or similarity search sees). Samples
+  whose flattened size differs from the first one's (a rank-3 output over variable sequence
+  lengths) count in the cosines but are not kept for the pairwise measures.
 * ``segmentation`` (``[N, C, H, W]``, C > 1): agreement of the per-pixel argmax, and mean IoU of
   the argmax maps over the classes present in either (from a running confusion matrix).
 
@@ -123,8 +127,9 @@ class TaskMetrics:
                     f"({v['classes']} classes present)")
         if self.task == "embedding":
             nn = "-" if v["nn_agreement"] is None else f"{v['nn_agreement']:.4f} over {v['nn_samples']} samples"
+            rho = "-" if v.get("spearman") is None else f"{v['spearman']:.4f}"
             return (f"{head} per-sample cosine mean {v['cosine_mean']:.6f}, min {v['cosine_min']:.6f}; "
-                    f"nearest-neighbour agreement {nn}")
+                    f"nearest-neighbour agreement {nn}; Spearman of pairwise similarities {rho}")
         top5 = v.get("top5_agreement")
         return f"{head} " + ("top-1 agreement in the table" if top5 is None else f"top-5 agreement {top5:.4f}")
 
@@ -203,6 +208,7 @@ class _Embedding(TaskAccumulator):
         self.kept_ref: list[np.ndarray] = []
         self.kept_cand: list[np.ndarray] = []
         self.keep = EMB_NN_MAX
+        self.width: int | None = None  # the flattened size of the kept samples
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         r = ref.reshape(len(ref), -1).astype(np.float64)
@@ -214,6 +220,9 @@ class _Embedding(TaskAccumulator):
         self.n += len(r)
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min(initial=math.inf)))
+        self.width = r.shape[1] if self.width is None else self.width
+        if r.shape[1] != self.width:
+            return
         self.keep = min(self.keep, max(3, _EMB_NN_BYTES // max(8 * r.shape[1], 1)))
         room = self.keep - sum(len(k) for k in self.kept_ref)
         if room > 0:
@@ -222,11 +231,28 @@ class _Embedding(TaskAccumulator):
 
     def values(self) -> dict[str, float | int | None]:
         kept = sum(len(k) for k in self.kept_ref)
-        nn = None
+        nn = rho = None
         if kept >= 3:
-            nn = float((_nearest(np.concatenate(self.kept_ref)) == _nearest(np.concatenate(self.kept_cand))).mean())
+            ref, cand = np.concatenate(self.kept_ref), np.concatenate(self.kept_cand)
+            nn = float((_nearest(ref) == _nearest(cand)).mean())
+            rho = _pairwise_spearman(ref, cand)
         return {"cosine_mean": self.cos_sum / self.n if self.n else 1.0,
-                "cosine_min": self.cos_min if self.n else 1.0, "nn_agreement": nn, "nn_samples": kept}
+                "cosine_min": self.cos_min if self.n else 1.0, "nn_agreement": nn, "spearman": rho,
+                "nn_samples": kept}
+
+
+def _pairwise_spearman(ref: np.ndarray, cand: np.ndarray) -> float | None:
+    """Spearman correlation of the pairwise cosine similarities (rows are unit vectors), or ``None``
+    when either set of similarities is constant (no ranking to compare)."""
+    from scipy.stats import spearmanr
+
+    upper = np.triu_indices(len(ref), 1)
+    a = (ref.astype(np.float64) @ ref.T.astype(np.float64))[upper]
+    b = (cand.astype(np.float64) @ cand.T.astype(np.float64))[upper]
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 1.0 if np.array_equal(a, b) else None
+    rho = float(spearmanr(a, b).statistic)
+    return rho if math.isfinite(rho) else None
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,174 @@
+"""What values an integer graph input may take, read from the ops it reaches (for random inputs).
+
+Random integer inputs must respect what they index: token ids drawn past the end of an embedding
+table make onnxruntime fail (``Gather ... indices element out of data bounds``). :func:`integer_domains`
+follows each integer input forward through ops that keep its values (Identity, Unsqueeze, Squeeze,
+Reshape, Flatten, Expand, Transpose, Cast to an integer type; ``Shape``/``Size`` only read its shape
+and are ignored) to the ops that use the values:
+
+* the indices of a ``Gather`` whose data is a constant (or computed from constants by elementwise
+  ops, as in a weight-quantized embedding table): the input is an **index** into a table of
+  ``data.shape[axis]`` rows (the smallest table when it reaches several); also the ids and segment
+  ids of onnxruntime's ``EmbedLayerNormalization`` (word and segment tables);
+* a ``Cast`` to a float or bool type (attention masks turned into additive masks or pooling
+  weights), or the mask inputs of onnxruntime's ``EmbedLayerNormalization``/``Attention``: a **mask**
+  (random inputs are all ones: nothing masked);
+* graph outputs: values only passed through (no constraint);
+* anything else (arithmetic on the integers, a Gather on computed data, a subgraph): **unknown**,
+  with the op that makes it so.
+
+An input that reaches both a table and a mask is an index (ones are within range of any table of
+two rows or more). An input that reaches nothing that reads its values is ``free``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+__all__ = ["IntegerDomain", "integer_domains", "VALUE_PRESERVING_OPS"]
+
+#: Ops whose output holds the values of their data input (input 0), rearranged or retyped.
+VALUE_PRESERVING_OPS = frozenset({"Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose"})
+_ELEMENTWISE = frozenset({"Cast", "Mul", "Add", "Sub", "Div", "DequantizeLinear", "Identity"})
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+_INT_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                        onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+                        onnx.TensorProto.UINT64})
+#: onnxruntime contrib ops: input index -> index of the table it indexes (int) or "mask".
+_CONTRIB = {"EmbedLayerNormalization": {0: 2, 1: 4, 7: "mask"}, "Attention": {3: "mask"}}
+
+
+@dataclass(frozen=True)
+class IntegerDomain:
+    """The values an integer input may take.
+
+    Attributes:
+        kind: ``index`` (draw in ``[0, high)``), ``mask`` (ones), ``free`` (values unused) or ``unknown``.
+        high: The number of rows of the smallest table indexed (``index`` only).
+        reason: For ``unknown``: the op that reads the values, as ``Op 'node name'``; for ``index``:
+            the table(s) indexed.
+    """
+
+    kind: str
+    high: int | None = None
+    reason: str = ""
+
+
+def _table_rows(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Shapes of the model's constants by name: initializers, Constant node outputs, and values computed
+    from those alone by elementwise ops (a weight-quantized table: ``Cast``/``Mul``/``DequantizeLinear``)."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    for node in model.graph.node:  # nodes are in topological order in a valid model
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = tuple(attr.t.dims)
+        elif node.op_type in _ELEMENTWISE and node.domain in ("", "ai.onnx") and len(node.output) == 1 \
+                and node.input and all(not n or n in shapes for n in node.input):
+            ins = [shapes[n] for n in node.input if n][:1 if node.op_type == "DequantizeLinear" else None]
+            try:
+                shapes[node.output[0]] = tuple(int(d) for d in np.broadcast_shapes(*ins))
+            except ValueError:
+                continue
+    return shapes
+
+
+def _cast_target(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def _gather_axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+def _use(node: onnx.NodeProto, slot: int, consts: dict[str, tuple[int, ...]]) -> tuple[str, object]:
+    """How ``node`` uses the value at input ``slot``: ``(kind, detail)``, kind in follow/ignore/index/mask/unknown."""
+    op, label = node.op_type, f"{node.op_type} {node.name or node.output[0]!r}"
+    if node.domain in ("", "ai.onnx"):
+        if op in _SHAPE_ONLY:
+            return "ignore", None
+        if op in VALUE_PRESERVING_OPS and slot == 0:
+            return "follow", None
+        if op == "Cast":
+            return ("follow", None) if _cast_target(node) in _INT_TYPES else ("mask", None)
+        if op == "Gather" and slot == 1 and node.input[0] in consts:
+            shape = consts[node.input[0]]
+            axis = _gather_axis(node) % max(1, len(shape))
+            if shape and shape[axis] > 0:
+                return "index", (shape[axis], node.input[0])
+    elif node.domain == "com.microsoft" and op in _CONTRIB and slot in _CONTRIB[op]:
+        target = _CONTRIB[op][slot]
+        if target == "mask":
+            return "mask", None
+        table = node.input[int(target)] if len(node.input) > int(target) else ""
+        if table in consts and consts[table]:
+            return "index", (consts[table][0], table)
+    return "unknown", label
+
+
+def _domain(name: str, consumers: dict[str, list[tuple[onnx.NodeProto, int]]],
+            consts: dict[str, tuple[int, ...]]) -> IntegerDomain:
+    """Follow ``name`` forward (graph outputs are pass-through values: they constrain nothing)."""
+    tables: dict[str, int] = {}
+    mask = False
+    stack, seen = [name], {name}
+    while stack:
+        value = stack.pop()
+        for node, slot in consumers.get(value, []):
+            kind, detail = _use(node, slot, consts)
+            if kind == "unknown":
+                return IntegerDomain("unknown", reason=str(detail))
+            if kind == "index":
+                rows, table = detail  # type: ignore[misc]
+                tables[table] = rows
+            mask = mask or kind == "mask"
+            if kind == "follow":
+                for out in node.output:
+                    if out and out not in seen:
+                        seen.add(out)
+                        stack.append(out)
+    if tables:
+        return IntegerDomain("index", min(tables.values()), ", ".join(sorted(tables)))
+    return IntegerDomain("mask") if mask else IntegerDomain("free")
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """Value name -> ``(node, input slot)`` of every node reading it; a node with subgraphs reading it
+    implicitly (an outer-scope name) counts as an unknown use at slot -1."""
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name:
+                uses[name].append((node, slot))
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                for inner in _names_read(sub):
+                    uses[inner].append((node, -1))
+    return uses
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names = {n for node in graph.node for n in node.input if n}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _names_read(sub)
+    return names
+
+
+def integer_domains(model: onnx.ModelProto) -> dict[str, IntegerDomain]:
+    """The :class:`IntegerDomain` of every integer graph input (initializer-backed inputs excluded)."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    consts = _table_rows(model)
+    consumers = _consumers(graph)
+    found = {}
+    for inp in graph.input:
+        if inp.name in inits or inp.type.tensor_type.elem_type not in _INT_TYPES:
+            continue
+        found[inp.name] = _domain(inp.name, consumers, consts)
+    return found
