@@ -228,6 +228,24 @@ def test_embedding_cosine_and_nearest_neighbour_agreement():
     assert _run_task("embedding", ref[:2], cand[:2]).values["nn_agreement"] is None  # 2 samples: no neighbour test
 
 
+def test_embedding_spearman_of_pairwise_similarities_by_hand():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((12, 8)).astype(np.float32)
+    cand = ref + 0.4 * rng.standard_normal(ref.shape).astype(np.float32)
+    unit = lambda e: e / np.linalg.norm(e.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
+    iu = np.triu_indices(12, 1)
+    expected = spearmanr((unit(ref) @ unit(ref).T)[iu], (unit(cand) @ unit(cand).T)[iu]).statistic
+    m = _run_task("embedding", ref, cand, splits=(5,))
+    assert m.values["spearman"] == pytest.approx(expected, abs=1e-5) and 0.3 < expected < 0.99
+    assert _run_task("embedding", ref, ref * 2).values["spearman"] == pytest.approx(1.0)
+    unrelated = _run_task("embedding", ref, rng.standard_normal(ref.shape).astype(np.float32)).values["spearman"]
+    assert abs(unrelated) < 0.3  # the candidate's similarities no longer follow the reference's
+    assert _run_task("embedding", ref[:2], cand[:2]).values["spearman"] is None
+    assert "Spearman of pairwise similarities" in m.summary()
+
+
 # --- auto inference, explicit tasks, settings --------------------------------------------------------
 
 def test_auto_infers_yolov8_heads_classifiers_and_segmentation():
