@@ -39,7 +39,7 @@ _INT_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.Tens
                         onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
                         onnx.TensorProto.UINT64})
 #: onnxruntime contrib ops: input index -> index of the table it indexes (int) or "mask".
-_CONTRIB = {"EmbedLayerNormalization": {0: 2, 1: 4, 7: "mask"}, "Attention": {3: "mask"}}
+_CONTRIB: dict[str, dict[int, int | str]] = {"EmbedLayerNormalization": {0: 2, 1: 4, 7: "mask"}, "Attention": {3: "mask"}}
 
 
 @dataclass(frozen=True)
@@ -85,29 +85,43 @@ def _gather_axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
-def _use(node: onnx.NodeProto, slot: int, consts: dict[str, tuple[int, ...]]) -> tuple[str, object]:
-    """How ``node`` uses the value at input ``slot``: ``(kind, detail)``, kind in follow/ignore/index/mask/unknown."""
-    op, label = node.op_type, f"{node.op_type} {node.name or node.output[0]!r}"
+@dataclass(frozen=True)
+class _Use:
+    """How a node uses an integer value: ``follow`` (its outputs carry the values), ``ignore``,
+    ``index`` (into ``table`` of ``rows`` rows), ``mask`` or ``unknown`` (``label`` names the node)."""
+
+    kind: str
+    rows: int = 0
+    table: str = ""
+    label: str = ""
+
+
+def _contrib_use(node: onnx.NodeProto, slot: int, consts: dict[str, tuple[int, ...]]) -> _Use | None:
+    target = _CONTRIB[node.op_type][slot]
+    if target == "mask":
+        return _Use("mask")
+    table = node.input[int(target)] if len(node.input) > int(target) else ""
+    return _Use("index", consts[table][0], table) if table in consts and consts[table] else None
+
+
+def _use(node: onnx.NodeProto, slot: int, consts: dict[str, tuple[int, ...]]) -> _Use:
+    """How ``node`` uses the value at input ``slot``."""
+    op = node.op_type
+    found: _Use | None = None
     if node.domain in ("", "ai.onnx"):
         if op in _SHAPE_ONLY:
-            return "ignore", None
-        if op in VALUE_PRESERVING_OPS and slot == 0:
-            return "follow", None
-        if op == "Cast":
-            return ("follow", None) if _cast_target(node) in _INT_TYPES else ("mask", None)
-        if op == "Gather" and slot == 1 and node.input[0] in consts:
+            found = _Use("ignore")
+        elif op in VALUE_PRESERVING_OPS and slot == 0:
+            found = _Use("follow")
+        elif op == "Cast":
+            found = _Use("follow") if _cast_target(node) in _INT_TYPES else _Use("mask")
+        elif op == "Gather" and slot == 1 and node.input[0] in consts:
             shape = consts[node.input[0]]
             axis = _gather_axis(node) % max(1, len(shape))
-            if shape and shape[axis] > 0:
-                return "index", (shape[axis], node.input[0])
+            found = _Use("index", shape[axis], node.input[0]) if shape and shape[axis] > 0 else None
     elif node.domain == "com.microsoft" and op in _CONTRIB and slot in _CONTRIB[op]:
-        target = _CONTRIB[op][slot]
-        if target == "mask":
-            return "mask", None
-        table = node.input[int(target)] if len(node.input) > int(target) else ""
-        if table in consts and consts[table]:
-            return "index", (consts[table][0], table)
-    return "unknown", label
+        found = _contrib_use(node, slot, consts)
+    return found or _Use("unknown", label=f"{op} {node.name or node.output[0]!r}")
 
 
 def _domain(name: str, consumers: dict[str, list[tuple[onnx.NodeProto, int]]],
@@ -119,14 +133,13 @@ def _domain(name: str, consumers: dict[str, list[tuple[onnx.NodeProto, int]]],
     while stack:
         value = stack.pop()
         for node, slot in consumers.get(value, []):
-            kind, detail = _use(node, slot, consts)
-            if kind == "unknown":
-                return IntegerDomain("unknown", reason=str(detail))
-            if kind == "index":
-                rows, table = detail  # type: ignore[misc]
-                tables[table] = rows
-            mask = mask or kind == "mask"
-            if kind == "follow":
+            use = _use(node, slot, consts)
+            if use.kind == "unknown":
+                return IntegerDomain("unknown", reason=use.label)
+            if use.kind == "index":
+                tables[use.table] = use.rows
+            mask = mask or use.kind == "mask"
+            if use.kind == "follow":
                 for out in node.output:
                     if out and out not in seen:
                         seen.add(out)
