@@ -54,8 +54,8 @@ def data_fingerprint(source: CalibSource) -> str:
     """A stable description of the calibration data.
 
     Files and image folders are identified by path, size and modification time (the data is not
-    read); random sources by count, seed and dims; any other source (an in-memory iterable) by a
-    hash of its contents, which iterates it once without running a model.
+    read); random sources by count, seed, dims and integer input domains; any other source (an
+    in-memory iterable) by a hash of its contents, which iterates it once without running a model.
     """
     h = hashlib.sha256()
     base = {"type": type(source).__name__, "limit": source.limit,
@@ -67,6 +67,8 @@ def data_fingerprint(source: CalibSource) -> str:
         base["preprocess"] = repr(source.pre)
     elif isinstance(source, RandomSource):
         base["random"] = [source.count_, source.seed, sorted(source.dims.items())]
+        if source.domains:  # the integer inputs' ranges (what they index) decide their values too
+            base["domains"] = sorted((k, d.kind, d.high) for k, d in source.domains.items())
     else:
         for batch in source.batches():
             for name in sorted(batch.feeds):

@@ -4,6 +4,9 @@ A source yields :class:`Batch` objects (a dict of input arrays keyed by input na
 labels). Sources never hold more than one file or one batch in memory at once, except an
 in-memory iterable given by the caller. Every array is checked against the model's inputs:
 unknown or missing names, wrong dtype kind and wrong static dims are :class:`InputError`.
+Samples may differ in their symbolic dims (one tokenized sentence per file, each of its own
+length): only samples of the same shapes share a batch, so a shape change starts a new batch and
+consumers see batches whose shapes differ.
 
 Sources:
     * ``.npz`` file, keyed by input name with a leading sample axis (``labels`` optional).
@@ -11,7 +14,8 @@ Sources:
       sorted order, one file at a time.
     * A folder of images (``.png``, ``.jpg``, ...) with a :class:`Preprocess` spec; images in
       sub-folders get the sorted sub-folder index as label.
-    * ``random``: seeded random inputs that respect dtypes and shapes (a warning is logged).
+    * ``random``: seeded random inputs that respect dtypes and shapes (a warning is logged);
+      integer inputs respect what they index (:mod:`onnxcompress.core.index_inputs`).
     * Any iterable of ``{input_name: array}`` dicts, a callable returning one, or an object with
       ``get_next()`` like onnxruntime's ``CalibrationDataReader``.
 """
