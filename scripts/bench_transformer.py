@@ -24,7 +24,7 @@ optimizations: embedding cosine vs float per sentence (mean, min), Spearman corr
 pairwise cosine similarities (compressed vs float, all pairs), the paired latency ratio vs
 float (``onnxcompress.runtime.bench.bench``: interleaved rounds, ``--threads`` intra-op threads,
 default 1, ORT default graph optimizations, median of per-round ratios) on one input of
-``--latency-batch`` x ``--latency-seq`` tokens, and the file size (MB, ratio to float).
+``--latency-batch`` x ``--latency-seq`` tokens, and the size (model file plus external data; MB, ratio to float).
 The first line names the machine (CPU, AVX512-VNNI or AVX-VNNI, onnxruntime version).
 
 Usage::
@@ -175,6 +175,13 @@ def our_row(model: Path, name: str, kwargs: dict, calib: Path, out: Path) -> tup
     return f"ours {name}", out, seconds, info
 
 
+def model_bytes(path: Path) -> int:
+    """The model file plus the external data files it names."""
+    proto = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
 def latency_feeds(encoded: list[dict], names: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
     """``batch`` rows of ``seq`` real tokens: test sentences run together, ``[CLS] ... [SEP]``, mask all ones."""
     body = np.concatenate([e["input_ids"][1:-1] for e in encoded])
@@ -242,10 +249,10 @@ def measure(rows: list[tuple[str, Path, float, dict]], test: list[dict], names: 
     ratios, machine = latency([p for _, p, _, _ in ok], latency_feeds(test, names, args.latency_batch, args.latency_seq),
                               args.threads, args.runs)
     speed = {r[0]: ratio for r, ratio in zip(ok, ratios)}
-    base = rows[0][1].stat().st_size
+    base = model_bytes(rows[0][1])
     table = []
     for name, path, seconds, info in rows:
-        size = path.stat().st_size if name in speed else None
+        size = model_bytes(path) if name in speed else None
         table.append({"variant": name, **results.get(name, {}), "latency_ratio": speed.get(name),
                       "size_mb": None if size is None else round(size / 1e6, 2),
                       "size_ratio": None if size is None else round(size / base, 3),
@@ -253,7 +260,8 @@ def measure(rows: list[tuple[str, Path, float, dict]], test: list[dict], names: 
     pairs = _pair_check(ref, len(test))
     return {"machine": {**machine, "vnni": vnni()}, "model": str(rows[0][1]), "output": output,
             "calib": f"sentences.py calib split, {args.calib} sentences, one .npz each (variable length)",
-            "test": f"sentences.py test split, {len(test)} sentences, batch 1 each", "float_pairs": pairs,
+            "test": f"sentences.py test split, {len(test)} sentences, batch 1 each, ORT default graph optimizations",
+            "float_pairs": pairs,
             "latency_input": f"{args.latency_batch}x{args.latency_seq} tokens, {args.threads} thread(s), "
                              f"{args.runs} interleaved rounds, ORT default graph optimizations",
             "rows": table}
@@ -275,7 +283,9 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"{m['cpu']}, {m['usable_cores']} usable cores, AVX512-VNNI/AVX-VNNI: {'yes' if m['vnni'] else 'no'}, "
              f"onnxruntime {m['onnxruntime']}; model {Path(res['model']).name} (output {res['output']}); "
-             f"calibration: {res['calib']}; scoring: {res['test']}; latency: {res['latency_input']}", "",
+             f"calibration: {res['calib']}; scoring: {res['test']}; latency: {res['latency_input']}; "
+             f"float similarity of paraphrase pairs {res['float_pairs']['paraphrase_pairs']}, "
+             f"of unrelated pairs {res['float_pairs']['unrelated_pairs']}", "",
              "| variant | cos mean | cos min | Spearman | NN agree | time vs float | size MB | size ratio |",
              "|" + " --- |" * 8]
     for r in res["rows"]:
