@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from onnxcompress import api
 from onnxcompress.cli import main
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.index_inputs import integer_domains
+from onnxcompress.core.index_inputs import IntegerDomain, integer_domains
 from onnxcompress.runtime.bench import bench_inputs
 from onnxcompress.runtime.data import open_source
 from tests.helpers.builders import make_model, node
@@ -152,3 +152,15 @@ def test_api_validation_with_random_data_follows_domains():
     assert cmp.outputs[0].samples == 8 and cmp.outputs[0].cosine == pytest.approx(1.0)
     with pytest.raises(InputError, match="'ids'"):
         api.compare(_unknown_model(), _unknown_model())
+
+
+def test_comparisons_do_not_constrain_an_index_but_alone_are_unknown():
+    inits = {"t": np.ones((6, 3), np.float32), "pad": np.array(0, np.int64)}
+    nodes = [node("Gather", ["t", "ids"], "e", axis=0), node("Equal", ["ids", "pad"], "is_pad"),
+             node("Cast", ["is_pad"], "padf", to=TensorProto.FLOAT), node("Unsqueeze", ["padf", "ax"], "padu"),
+             node("Mul", ["e", "padu"], "y")]
+    inits["ax"] = np.array([-1], np.int64)
+    model = make_model(nodes, {"ids": ["n", 4]}, ["y"], inits, types={"ids": TensorProto.INT64})
+    assert integer_domains(model)["ids"].high == 6
+    alone = make_model(nodes[1:3], {"ids": ["n", 4]}, ["padf"], {"pad": inits["pad"]}, types={"ids": TensorProto.INT64})
+    assert integer_domains(alone)["ids"] == IntegerDomain("unknown", reason="Equal 'is_pad'")

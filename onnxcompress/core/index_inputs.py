@@ -13,6 +13,8 @@ and are ignored) to the ops that use the values:
 * a ``Cast`` to a float or bool type (attention masks turned into additive masks or pooling
   weights), or the mask inputs of onnxruntime's ``EmbedLayerNormalization``/``Attention``: a **mask**
   (random inputs are all ones: nothing masked);
+* a comparison (``Equal``, ``Less``, ...: a padding mask computed from token ids): valid for any
+  value, so it does not constrain an input that also indexes a table; alone it is **unknown**;
 * graph outputs: values only passed through (no constraint);
 * anything else (arithmetic on the integers, a Gather on computed data, a subgraph): **unknown**,
   with the op that makes it so.
@@ -35,6 +37,7 @@ __all__ = ["IntegerDomain", "integer_domains", "VALUE_PRESERVING_OPS"]
 VALUE_PRESERVING_OPS = frozenset({"Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Transpose"})
 _ELEMENTWISE = frozenset({"Cast", "Mul", "Add", "Sub", "Div", "DequantizeLinear", "Identity"})
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
+_COMPARISONS = frozenset({"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"})
 _INT_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
                         onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
                         onnx.TensorProto.UINT64})
@@ -115,6 +118,8 @@ def _use(node: onnx.NodeProto, slot: int, consts: dict[str, tuple[int, ...]]) ->
             found = _Use("follow")
         elif op == "Cast":
             found = _Use("follow") if _cast_target(node) in _INT_TYPES else _Use("mask")
+        elif op in _COMPARISONS:
+            found = _Use("compare", label=f"{op} {node.name or node.output[0]!r}")
         elif op == "Gather" and slot == 1 and node.input[0] in consts:
             shape = consts[node.input[0]]
             axis = _gather_axis(node) % max(1, len(shape))
@@ -128,7 +133,7 @@ def _domain(name: str, consumers: dict[str, list[tuple[onnx.NodeProto, int]]],
             consts: dict[str, tuple[int, ...]]) -> IntegerDomain:
     """Follow ``name`` forward (graph outputs are pass-through values: they constrain nothing)."""
     tables: dict[str, int] = {}
-    mask = False
+    mask, compare = False, ""
     stack, seen = [name], {name}
     while stack:
         value = stack.pop()
@@ -139,6 +144,7 @@ def _domain(name: str, consumers: dict[str, list[tuple[onnx.NodeProto, int]]],
             if use.kind == "index":
                 tables[use.table] = use.rows
             mask = mask or use.kind == "mask"
+            compare = compare or (use.label if use.kind == "compare" else "")
             if use.kind == "follow":
                 for out in node.output:
                     if out and out not in seen:
@@ -146,6 +152,8 @@ def _domain(name: str, consumers: dict[str, list[tuple[onnx.NodeProto, int]]],
                         stack.append(out)
     if tables:
         return IntegerDomain("index", min(tables.values()), ", ".join(sorted(tables)))
+    if compare:
+        return IntegerDomain("unknown", reason=compare)
     return IntegerDomain("mask") if mask else IntegerDomain("free")
 
 
