@@ -135,3 +135,17 @@ def test_embedding_task_keeps_pairs_of_the_first_width_only():
         acc.add(ref, ref + 0.01)
     values = acc.result().values
     assert values["nn_samples"] == 6 and values["spearman"] > 0.99 and values["cosine_min"] > 0.99
+
+
+def test_report_shows_embedding_min_cosine_and_spearman(sentences, tmp_path, capsys):
+    model, calib = sentences
+    rep = tmp_path / "o.json"
+    code, _, err = _run(capsys, "-q", "optimize", model, "--passes", "quantize_int8", "--calib", calib,
+                        "--task", "embedding", "-o", tmp_path / "q.onnx", "--json", rep)
+    assert code == 0, err
+    values = next(o for o in json.loads(rep.read_text())["validation"]["outputs"]
+                  if o["name"] == "embedding")["task"]["values"]
+    code, _, err = _run(capsys, "report", rep, "-o", tmp_path / "r.md", "--no-plots")
+    assert code == 0, err
+    md = (tmp_path / "r.md").read_text()
+    assert f"min cosine {values['cosine_min']:.3f}" in md and f"Spearman {values['spearman']:.3f}" in md
