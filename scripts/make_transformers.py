@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import sys
-import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -326,15 +325,13 @@ def build_vit(out: Path, spec: Spec) -> dict[str, dict[str, object]]:
         test = {"input": npz["input"], "labels": npz["labels"]}
     torch.manual_seed(spec.seed)
     model = ViT()
-    t0 = time.perf_counter()
     train(model, spec, {"input": torch.from_numpy(data["train"]["input"])}, torch.from_numpy(data["train"]["labels"]),
           augment=lambda b, gen: {"input": shift(b["input"], gen, fill)})
-    seconds = round(time.perf_counter() - t0, 1)
     summary = ("ViT: Conv 8x8/8 patch embedding (16 tokens) + class token + learned positions, dim 64, 2 pre-LN "
                "blocks (4 heads x 16, GELU MLP 128), final LayerNorm, class-token Linear(64->10)")
     common = {"task": "digits", "data": {"calib": "digits_calib.npz", "test": "digits_test.npz"},
               "inputs": {"input": ["batch", 1, 32, 32]}, "heads": 4, "hidden": 64, "layers": 2, "ffn": 128,
-              "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed, "train_seconds": seconds, "summary": summary}
+              "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed, "summary": summary}
     entries = {}
     x0 = (torch.from_numpy(test["input"][:2]),)
     for key, dynamo, opset in (("vit_ts", False, 17), ("vit_dynamo", True, 18)):
@@ -352,17 +349,15 @@ def build_text(out: Path, spec: Spec) -> dict[str, dict[str, object]]:
     save_npz(out / "text_test.npz", **test)
     torch.manual_seed(spec.seed)
     model = TextEncoder()
-    t0 = time.perf_counter()
     train(model, spec, {k: torch.from_numpy(train_set[k]) for k in ("input_ids", "attention_mask")},
           torch.from_numpy(train_set["labels"]))
-    seconds = round(time.perf_counter() - t0, 1)
     summary = ("BERT-style text classifier: token (64) + position (32) embeddings, LayerNorm, 2 post-LN blocks "
                "(4 heads x 16, additive -10000 mask, GELU FFN 128), first-token Linear(64->2); task: does the "
                "query token (position 1) occur again in the sequence")
     common = {"task": "query-retrieval (synthetic)", "data": {"calib": "text_calib.npz", "test": "text_test.npz"},
               "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}, "heads": 4,
               "hidden": 64, "layers": 2, "ffn": 128, "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed,
-              "train_seconds": seconds, "summary": summary}
+              "summary": summary}
     names, dyn = ["input_ids", "attention_mask"], {"input_ids": {0: "batch", 1: "seq"},
                                                     "attention_mask": {0: "batch", 1: "seq"}}
     args = (torch.from_numpy(test["input_ids"][:2]), torch.from_numpy(test["attention_mask"][:2]))
