@@ -10,8 +10,8 @@ bring (issue #13):
 * ``text``: a BERT-style post-LN encoder classifying token sequences (``input_ids``,
   ``attention_mask`` [batch, seq] int64, dynamic batch and seq): token + position embeddings,
   LayerNorm, 2 blocks, 4 heads, GELU FFN 128, first-token head. The task needs attention: a
-  sequence is ``[CLS, q, x_1 .. x_n, PAD ..]`` and the label says whether the query token ``q``
-  occurs among ``x_1 .. x_n`` (n = 6..22, padded to 24).
+  sequence is ``[CLS, q, x_1 .. x_n, PAD ..]`` and the label (4 classes) is how many times the
+  query token ``q`` occurs among ``x_1 .. x_n`` (0..3; n = 6..22, padded to 24).
 
 Each is exported with the TorchScript exporter (``dynamo=False``, opset 17) and the dynamo
 exporter (opset 18, the lowest it targets), both with dynamic axes; the text model also as an
@@ -56,6 +56,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 LOG = logging.getLogger("make_transformers")
 
 PAD, CLS, VOCAB, MAX_LEN, MIN_CONTENT, MAX_CONTENT = 0, 1, 64, 24, 6, 22
+CLASSES = 4
 N_TEXT_TRAIN, N_TEXT_CALIB, N_TEXT_TEST = 8000, 256, 1000
 PARITY_ATOL = 1e-4
 
@@ -137,7 +138,7 @@ class TextEncoder(nn.Module):
     """BERT-style classifier: token + position embeddings, LayerNorm, post-LN blocks, first-token head."""
 
     def __init__(self, dim: int = 64, heads: int = 4, ffn: int = 128, layers: int = 2, vocab: int = VOCAB,
-                 max_len: int = 32, classes: int = 2, sdpa: bool = False) -> None:
+                 max_len: int = 32, classes: int = CLASSES, sdpa: bool = False) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(max_len, dim)
@@ -175,22 +176,21 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def text_data(n: int, seed: int) -> dict[str, np.ndarray]:
-    """``n`` query-retrieval sequences padded to ``MAX_LEN``: ``input_ids``, ``attention_mask``, ``labels``.
+    """``n`` query-counting sequences padded to ``MAX_LEN``: ``input_ids``, ``attention_mask``, ``labels``.
 
     ``[CLS, q, x_1 .. x_m]`` with m in [MIN_CONTENT, MAX_CONTENT]; the x are distinct content tokens
-    other than q; for label 1 (half of the samples) one or two of them are replaced by q.
+    other than q, then ``label`` of them (0..3, balanced) are replaced by q.
     """
     rng = np.random.default_rng(seed)
     ids = np.full((n, MAX_LEN), PAD, np.int64)
     mask = np.zeros((n, MAX_LEN), np.int64)
-    labels = (np.arange(n) % 2).astype(np.int64)
+    labels = (np.arange(n) % CLASSES).astype(np.int64)
     rng.shuffle(labels)
     for i in range(n):
         m = int(rng.integers(MIN_CONTENT, MAX_CONTENT + 1))
         q, *rest = (rng.permutation(VOCAB - 2) + 2)[: m + 1].tolist()
-        if labels[i]:
-            for pos in rng.choice(m, size=int(rng.integers(1, 3)), replace=False):
-                rest[pos] = q
+        for pos in rng.choice(m, size=int(labels[i]), replace=False):
+            rest[pos] = q
         ids[i, : m + 2] = [CLS, q, *rest]
         mask[i, : m + 2] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -352,9 +352,9 @@ def build_text(out: Path, spec: Spec) -> dict[str, dict[str, object]]:
     train(model, spec, {k: torch.from_numpy(train_set[k]) for k in ("input_ids", "attention_mask")},
           torch.from_numpy(train_set["labels"]))
     summary = ("BERT-style text classifier: token (64) + position (32) embeddings, LayerNorm, 2 post-LN blocks "
-               "(4 heads x 16, additive -10000 mask, GELU FFN 128), first-token Linear(64->2); task: does the "
-               "query token (position 1) occur again in the sequence")
-    common = {"task": "query-retrieval (synthetic)", "data": {"calib": "text_calib.npz", "test": "text_test.npz"},
+               "(4 heads x 16, additive -10000 mask, GELU FFN 128), first-token Linear(64->4); task: how many "
+               "times (0-3) the query token (position 1) occurs again in the sequence")
+    common = {"task": "query counting (synthetic, 4 classes)", "data": {"calib": "text_calib.npz", "test": "text_test.npz"},
               "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}, "heads": 4,
               "hidden": 64, "layers": 2, "ffn": 128, "epochs": spec.epochs, "lr": spec.lr, "seed": spec.seed,
               "summary": summary}
