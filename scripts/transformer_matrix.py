@@ -34,6 +34,7 @@ from onnxcompress import api
 from onnxcompress.core.errors import GateFailed, InputError
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes
+from tests.helpers.trained import pipeline_for
 
 MODELS = ROOT / "models"
 
@@ -51,13 +52,6 @@ def split(entry: dict, which: str, n: int | None = None) -> tuple[dict[str, np.n
     with np.load(MODELS / entry["data"][which]) as npz:
         arrays = {k: npz[k][:n] for k in npz.files}
     return arrays, arrays.pop("labels")
-
-
-def pipeline_for(name: str) -> str:
-    """``name`` after the pass writing the slots it requires (bias_correction after quantize_int8)."""
-    needed = registry()[name]().required_reads()
-    writers = [n for n, c in registry().items() if n != name and any(s in c.writes for s in needed)]
-    return ",".join([*writers[:1], name]) if needed else name
 
 
 def one(path: Path, how: dict, calib: Path, data: Path, test: tuple[dict, np.ndarray]) -> dict:
