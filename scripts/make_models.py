@@ -766,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     json_path = out / "models.json"
-    old = json.loads(json_path.read_text()).get("models", {}) if json_path.exists() else {}
+    manifest = json.loads(json_path.read_text()) if json_path.exists() else {}
+    old = manifest.get("models", {})
     t0 = time.perf_counter()
     built = build_all(args.only, out, args.jobs)
     LOG.info("total build time %.1f s", time.perf_counter() - t0)
@@ -783,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_test": len(data.test_y),
         "opset": OPSET,
     }
-    json_path.write_text(json.dumps({"meta": meta, "models": models}, indent=2) + "\n")
+    # other keys (``transformers``: scripts/make_transformers.py) are kept
+    json_path.write_text(json.dumps({**manifest, "meta": meta, "models": models}, indent=2) + "\n")
     write_readme(out, meta, models)
 
     low = [n for n, m in built.items() if float(m["accuracy"]) < MIN_ACCURACY]
