@@ -77,7 +77,7 @@ def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None,
         check_requirements(rec, calib=calib)
         pipeline, rgate, name = rec.passes, rec.gate, rec.name
     check_pipeline(pipeline, calib=calib is not None)
-    return pipeline, {**rgate, **(gate or {})}, name
+    return pipeline, {**rgate, **{k: v for k, v in (gate or {}).items() if v is not None}}, name  # unset: recipe's
 
 
 def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = None, *,
