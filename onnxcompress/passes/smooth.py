@@ -10,24 +10,12 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import serde
 from onnxcompress.core.graph import Names, node_label, opt_input, uncached_values, weight_layout
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
-from onnxcompress.core.shapes import infer_graph
 from onnxcompress.quant.channels import channel_absmax, outlier_stats
-from onnxcompress.quant.smoothing import SmoothGroup, find_groups, smooth_scales
+from onnxcompress.quant.smoothing import SmoothGroup, find_groups, graph_shapes, smooth_scales
 
 __all__ = ["Smooth"]
 
 log = logging.getLogger(__name__)
-
-
-def _shapes(graph: gs.Graph) -> dict[str, list]:
-    """``{tensor: [int or symbolic name]}`` from shape inference."""
-    model = infer_graph(graph)
-    out: dict[str, list] = {}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            out[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-    return out
 
 
 def _row_axis(node: gs.Node) -> int:
@@ -111,7 +99,7 @@ class Smooth(Pass):
         """Find the groups, calibrate their inputs, fold the scales."""
         result = PassResult()
         graph.toposort()
-        groups, declined = find_groups(graph, _shapes(graph))
+        groups, declined = find_groups(graph, graph_shapes(graph))
         for node, code, detail in declined:
             result.decline(node_label(node), code, detail, logger=ctx.logger)
         if not groups:

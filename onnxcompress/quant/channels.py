@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxcompress.core import serde
+from onnxcompress.core.graph import node_label
+from onnxcompress.quant.smoothing import find_groups, graph_shapes, linear_reader
 from onnxcompress.runtime.capture import capture
 from onnxcompress.runtime.data import Batch, CalibSource
 
-__all__ = ["ChannelStats", "channel_absmax", "outlier_stats"]
+__all__ = ["ChannelStats", "LayerOutliers", "channel_absmax", "layer_input_outliers", "outlier_stats"]
 
 
 def channel_absmax(model: onnx.ModelProto, names: list[str], source: CalibSource, *, batch_size: int = 32,
@@ -70,3 +73,47 @@ def outlier_stats(amax: np.ndarray) -> ChannelStats:
     hi, med = float(a.max()), float(np.median(a))
     ratio = hi / med if med > 0 else (np.inf if hi > 0 else 1.0)
     return ChannelStats(int(a.size), hi, med, float(ratio), int(a.argmax()))
+
+
+@dataclass(frozen=True)
+class LayerOutliers:
+    """The outlier statistics of one linear layer's input, and whether ``smooth`` can act on it.
+
+    Attributes:
+        node: The MatMul/Gemm node (name, or label).
+        op: Its op type.
+        input: The input tensor measured.
+        stats: Per-channel statistics of that input.
+        smoothable: ``smooth`` can fold a scale for this layer.
+        reason: The ``smooth`` decline code (and detail) when it cannot, else empty.
+    """
+
+    node: str
+    op: str
+    input: str
+    stats: ChannelStats
+    smoothable: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"node": self.node, "op": self.op, "input": self.input, **self.stats.as_dict(),
+                "smoothable": self.smoothable, "reason": self.reason}
+
+
+def layer_input_outliers(model: onnx.ModelProto, source: CalibSource, *, batch_size: int = 32,
+                         progress: bool = False) -> list[LayerOutliers]:
+    """Per-channel outlier statistics of the input of every MatMul/Gemm with a constant weight
+    (graph order), and whether ``smooth`` could migrate them (see :mod:`onnxcompress.quant.smoothing`)."""
+    graph = serde.to_graph(model)
+    graph.toposort()
+    layers = [n for n in graph.nodes if linear_reader(n)]
+    if not layers:
+        return []
+    groups, declined = find_groups(graph, graph_shapes(graph))
+    smoothed = {id(n) for g in groups for n in g.readers}
+    why = {id(n): f"{code} ({detail})" if detail else code for n, code, detail in declined}
+    amax, _ = channel_absmax(model, [n.inputs[0].name for n in layers], source, batch_size=batch_size,
+                             progress=progress)
+    return [LayerOutliers(node_label(n), n.op, n.inputs[0].name, outlier_stats(amax[n.inputs[0].name]),
+                          id(n) in smoothed, why.get(id(n), "")) for n in layers]

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import const_values, constant_info, opt_input
+from onnxcompress.core.shapes import infer_graph
 
 __all__ = [
     "R_GRAPH_OUTPUT",
@@ -32,6 +33,7 @@ __all__ = [
     "R_PRODUCER",
     "SmoothGroup",
     "find_groups",
+    "graph_shapes",
     "linear_reader",
     "smooth_scales",
 ]
@@ -86,6 +88,17 @@ class SmoothGroup:
     readers: list[gs.Node] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     split: list[gs.Node] = field(default_factory=list)
+
+
+def graph_shapes(graph: gs.Graph) -> Shapes:
+    """``{tensor: [int or symbolic name]}`` from shape inference (``graph`` is not modified)."""
+    model = infer_graph(graph)
+    out: Shapes = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+    return out
 
 
 def _shape(shapes: Shapes, t: gs.Tensor) -> list | None:

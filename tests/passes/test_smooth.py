@@ -174,3 +174,36 @@ def test_unknown_reshape_shape_declined():
     feeds = [{"x": rng.standard_normal((2, 3, 6)).astype(np.float32), "shape": np.array([6, 6], np.int64)}]
     new, result = run_checked(model, "smooth", REASONS, PassContext(calib=open_source(feeds, model)))
     assert [(d.code, d.detail) for d in result.declined] == [(R_PRODUCER, "Reshape")]
+
+
+def test_inspect_calib_reports_outliers_per_linear_input(tmp_path, capsys):
+    """``inspect --calib``: per MatMul input, max / median of the per-channel max|x|, and whether
+    smooth can act on it (the outlier channels 1 and 5 of the norms show up)."""
+    import json
+
+    from onnxcompress.cli import main
+
+    model = with_outliers(encoder(layers=1), factor=30.0)
+    path, data = tmp_path / "enc.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(path))
+    np.savez(data, **token_feeds(8, 8, seed=1))
+    assert main(["inspect", str(path), "--calib", str(data), "--json", str(tmp_path / "m.json")]) == 0
+    assert "activation outliers" in capsys.readouterr().out
+    rows = {r["node"]: r for r in json.loads((tmp_path / "m.json").read_text())["activation_outliers"]}
+    assert len(rows) == 6
+    q = rows["layer0.attention.query/MatMul"]
+    assert q["smoothable"] and q["channels"] == 32 and q["top_channel"] in (1, 5) and q["ratio"] > 5
+    down = rows["layer0.ffn.output/MatMul"]
+    assert not down["smoothable"] and down["reason"] == "no_foldable_producer (Mul)" and down["channels"] == 64
+    assert main(["inspect", str(path), "--json", str(tmp_path / "n.json")]) == 0  # no --calib: no key
+    assert "activation_outliers" not in json.loads((tmp_path / "n.json").read_text())
+
+
+def test_int8_dynamic_recipe_loads_with_embedding_gate():
+    from onnxcompress.pipeline.recipes import load_recipe
+    from tests.helpers.runs import ROOT
+
+    rec = load_recipe(ROOT / "passes" / "int8-dynamic.toml")
+    assert [p.name for p in rec.passes] == ["smooth", "quantize_int8"]
+    assert rec.passes[1].opts["dynamic"] and rec.requires == ("calib",)
+    assert rec.gate["min_emb_cosine"] > 0.9 and rec.gate["min_cosine"] > 0.99
