@@ -54,6 +54,10 @@ class Smooth(Pass):
 
     * ``LayerNormalization``: ``gamma / s``, ``beta / s``;
     * a decomposed norm's final ``Add(Mul(n, gamma), beta)``: both constants divided by ``s``;
+    * a ``Mul`` by a constant vector (``c / s``) or ``Div`` by one (``c * s``); after a ``Mul``/``Div``
+      by a *scalar* (an exported GELU's final ``* 0.5``: onnxruntime fuses the GELU only while it is
+      a scalar) a ``Mul`` by ``1 / s`` is inserted instead (one elementwise op; exact), so the FFN down
+      projection is smoothed too;
     * a linear layer (constant weight, optional constant bias Add): its output columns and bias
       divided by ``s`` (the value projection for the attention output projection).
 
@@ -70,8 +74,8 @@ class Smooth(Pass):
         a linear layer, or (norms only) leads only to other ops.
 
     Declines (per linear layer):
-        ``no_foldable_producer`` (detail: the op found, e.g. the GELU's ``Mul`` before an FFN down
-        projection, or ``graph input``); ``shared_with_other_readers`` (a linear producer's output
+        ``no_foldable_producer`` (detail: the op found, e.g. a GELU ending in ``Mul(x, Phi(x))``
+        before an FFN down projection, or ``graph input``); ``shared_with_other_readers`` (a linear producer's output
         also feeds other ops, or a reader path mixes linear layers and other ops);
         ``graph_output`` (a tensor on the way is a graph output).
 
@@ -79,7 +83,7 @@ class Smooth(Pass):
         Needs calibration data (per-channel ``max|x|`` of every smoothed layer's input).
 
     Stats:
-        ``groups_smoothed``, ``layers_smoothed``, ``producers_copied``, ``outlier_ratio_max``
+        ``groups_smoothed``, ``layers_smoothed``, ``producers_copied``, ``scales_inserted``, ``outlier_ratio_max``
         (largest ``max / median`` of the per-channel maxima before smoothing), ``calib_samples``.
     """
 
@@ -139,6 +143,10 @@ class _Folder:
         out = (v.reshape(-1) / s) if v.size == 1 else v / s.reshape([1] * (v.ndim - 1) + [-1])
         return self.const(t.name, out.astype(np.float32))
 
+    def multiplied(self, t: gs.Tensor, s: np.ndarray) -> gs.Constant:
+        """A new constant ``t * s`` along the last axis (a Div's divisor)."""
+        return self.divided(t, 1.0 / s)
+
     def fold(self, g: SmoothGroup, s: np.ndarray) -> None:
         """Scale the readers' weight rows by ``s`` and divide the source's channels by ``s``."""
         done: dict[int, gs.Constant] = {}
@@ -151,15 +159,38 @@ class _Folder:
         if g.kind == "linear":
             self._linear(g, s)
             return
-        node = g.producer
-        if g.split:
-            node = self._copy(g)
+        if g.kind == "scale":
+            self._scale(g, s)
+            return
+        node = self._copy(g) if g.split else g.producer
         if g.kind == "layernorm":
             node.inputs[1] = self.divided(node.inputs[1], s)
             if opt_input(node, 2) is not None:
                 node.inputs[2] = self.divided(node.inputs[2], s)
             return
         self._decomposed(node, s)
+
+    def _scale(self, g: SmoothGroup, s: np.ndarray) -> None:
+        """``x * c`` / ``x / c``: a vector ``c`` takes the scale; a scalar one (an exported GELU's
+        ``* 0.5``, which onnxruntime fuses into ``Gelu`` only while it is a scalar) is kept, and a
+        ``Mul`` by ``1 / s`` is inserted for the linear readers."""
+        node = g.producer
+        i = 0 if isinstance(node.inputs[0], gs.Constant) else 1
+        if node.inputs[i].values.size > 1:
+            node = self._copy(g) if g.split else node
+            node.inputs[i] = self.multiplied(node.inputs[i], s) if node.op == "Div" else self.divided(node.inputs[i], s)
+            return
+        src = g.source
+        readers = g.split or [r for r in src.outputs if r.op not in ("Shape", "Size")]
+        out = gs.Variable(self.names.fresh(f"{src.name}_smoothed"), dtype=src.dtype, shape=src.shape)
+        inv = self.const(f"{src.name}_inverse_scale", (1.0 / s).astype(np.float32))
+        self.graph.nodes.append(gs.Node("Mul", self.names.fresh(f"{node.name or node.op}_smoothed"), {}, [src, inv],
+                                        [out]))
+        for reader in readers:
+            for k, t in enumerate(list(reader.inputs)):
+                if t is src:
+                    reader.inputs[k] = out
+        self.result.count("scales_inserted")
 
     def _decomposed(self, add: gs.Node, s: np.ndarray) -> None:
         i = 0 if isinstance(add.inputs[0], gs.Constant) else 1

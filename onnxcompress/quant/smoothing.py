@@ -2,8 +2,8 @@
 produces their input, the scales, and the exact folding (the pass is :mod:`onnxcompress.passes.smooth`).
 
 A *group* is a source tensor ``t`` (the output of a LayerNormalization, of a decomposed layer
-norm's final ``Add(Mul(n, gamma), beta)``, or of a linear layer ``MatMul/Gemm (+ bias Add)`` with a
-constant weight) and the linear layers (MatMul/Gemm, constant 2-D weight, input 0) that read it,
+norm's final ``Add(Mul(n, gamma), beta)``, of a ``Mul``/``Div`` by a constant (the final ``* 0.5``
+of an exported GELU), or of a linear layer ``MatMul/Gemm (+ bias Add)`` with a constant weight) and the linear layers (MatMul/Gemm, constant 2-D weight, input 0) that read it,
 directly or through ops that keep the channel (last axis) of every element:
 
 * ``Reshape`` that keeps the last dimension (``[b, s, C] -> [b*s, C]``), or splits it into heads
@@ -72,7 +72,7 @@ class SmoothGroup:
 
     Attributes:
         source: The tensor whose channels are divided by ``s``.
-        kind: ``layernorm``, ``decomposed`` or ``linear``.
+        kind: ``layernorm``, ``decomposed``, ``scale`` or ``linear``.
         producer: The LayerNormalization, the final Add of a decomposed norm, or the linear node.
         bias_add: The bias Add after a linear producer (``source`` is its output), if any.
         readers: The linear layers whose weight rows are multiplied by ``s``.
@@ -152,6 +152,10 @@ def _source_kind(node: gs.Node, shapes: Shapes, channels: int | None) -> tuple[s
         return ("layernorm", node, None) if ok else None
     if linear_reader(node):
         return "linear", node, None
+    if node.op in ("Mul", "Div") and len(node.inputs) == 2 and not isinstance(node.inputs[0], gs.Constant) \
+            and _last_dim_vector(node.inputs[1], channels) or node.op == "Mul" and len(node.inputs) == 2 \
+            and not isinstance(node.inputs[1], gs.Constant) and _last_dim_vector(node.inputs[0], channels):
+        return "scale", node, None  # x * c or x / c: c / s or c * s (a GELU's final * 0.5)
     if node.op != "Add":
         return None
     for i in (0, 1):
