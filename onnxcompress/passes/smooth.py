@@ -65,6 +65,10 @@ class Smooth(Pass):
     copy, with the smoothed constants, feeds the linear layers; the others keep reading the original.
     New constants are always created (shared initializers are never edited in place).
 
+    ``insert``: a linear layer that would be declined (its input comes from a GELU ending in
+    ``Mul(x, Phi(x))``, a graph input, an op read by other ops...) gets a ``Mul`` by ``1 / s`` in
+    front instead (shared by the layers reading the same tensor): exact, one elementwise op each.
+
     Numerics: exact in float (same function up to rounding); it only prepares ``quantize_int8``
     (run it just before, e.g. recipe ``int8-dynamic``).
 
@@ -73,7 +77,7 @@ class Smooth(Pass):
         produced by one of the ops above, and every reader of that tensor (Shape/Size aside) is such
         a linear layer, or (norms only) leads only to other ops.
 
-    Declines (per linear layer):
+    Declines (per linear layer; none with ``insert``):
         ``no_foldable_producer`` (detail: the op found, e.g. a GELU ending in ``Mul(x, Phi(x))``
         before an FFN down projection, or ``graph input``); ``shared_with_other_readers`` (a linear producer's output
         also feeds other ops, or a reader path mixes linear layers and other ops);
@@ -92,6 +96,8 @@ class Smooth(Pass):
     options = {
         "alpha": Option(float, 0.5, "migration strength: 0 keeps the activations, 1 moves all outliers into weights",
                         interval="[0, 1]"),
+        "insert": Option(bool, False, "layers whose producer cannot take the scale get a Mul by 1/s in front "
+                                      "(one elementwise op each) instead of being declined"),
         "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
     }
 
@@ -103,7 +109,7 @@ class Smooth(Pass):
         """Find the groups, calibrate their inputs, fold the scales."""
         result = PassResult()
         graph.toposort()
-        groups, declined = find_groups(graph, graph_shapes(graph))
+        groups, declined = find_groups(graph, graph_shapes(graph), insert=self.opts["insert"])
         for node, code, detail in declined:
             result.decline(node_label(node), code, detail, logger=ctx.logger)
         if not groups:
@@ -162,6 +168,9 @@ class _Folder:
         if g.kind == "scale":
             self._scale(g, s)
             return
+        if g.kind == "inserted":
+            self.insert_mul(g.source, g.split, s)
+            return
         node = self._copy(g) if g.split else g.producer
         if g.kind == "layernorm":
             node.inputs[1] = self.divided(node.inputs[1], s)
@@ -180,12 +189,13 @@ class _Folder:
             node = self._copy(g) if g.split else node
             node.inputs[i] = self.multiplied(node.inputs[i], s) if node.op == "Div" else self.divided(node.inputs[i], s)
             return
-        src = g.source
-        readers = g.split or [r for r in src.outputs if r.op not in ("Shape", "Size")]
+        self.insert_mul(g.source, g.split or [r for r in g.source.outputs if r.op not in ("Shape", "Size")], s)
+
+    def insert_mul(self, src: gs.Tensor, readers: list[gs.Node], s: np.ndarray) -> None:
+        """``Mul(src, 1 / s)`` read by ``readers`` instead of ``src``."""
         out = gs.Variable(self.names.fresh(f"{src.name}_smoothed"), dtype=src.dtype, shape=src.shape)
         inv = self.const(f"{src.name}_inverse_scale", (1.0 / s).astype(np.float32))
-        self.graph.nodes.append(gs.Node("Mul", self.names.fresh(f"{node.name or node.op}_smoothed"), {}, [src, inv],
-                                        [out]))
+        self.graph.nodes.append(gs.Node("Mul", self.names.fresh(f"{src.name}_smoothing_Mul"), {}, [src, inv], [out]))
         for reader in readers:
             for k, t in enumerate(list(reader.inputs)):
                 if t is src:

