@@ -19,11 +19,13 @@ from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spe
 from onnxcompress.pipeline.provenance import data_record, load_reference, load_with_record
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
 from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
+from onnxcompress.quant.channels import LayerOutliers, layer_input_outliers
 from onnxcompress.runtime.data import CalibSource, data_dims, open_source
 from onnxcompress.runtime.progress import steps
 from onnxcompress.runtime.tasks import TaskSpec, check_output_ranks
 
-__all__ = ["Report", "optimize", "inspect", "list_nodes", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
+__all__ = ["Report", "optimize", "inspect", "list_nodes", "activation_outliers", "compare", "sensitivity",
+           "DEFAULT_VALIDATION_SAMPLES", "OUTLIER_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None,
         check_requirements(rec, calib=calib)
         pipeline, rgate, name = rec.passes, rec.gate, rec.name
     check_pipeline(pipeline, calib=calib is not None)
-    return pipeline, {**rgate, **(gate or {})}, name
+    return pipeline, {**rgate, **{k: v for k, v in (gate or {}).items() if v is not None}}, name  # unset: recipe's
 
 
 def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = None, *,
@@ -238,6 +240,21 @@ def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None, *, 
     Symbolic dims as in :func:`inspect`."""
     loaded = serde.load_model(model)
     return node_list(loaded, _inspect_dims(loaded, dims, calib, data, preprocess))
+
+
+#: Calibration samples :func:`activation_outliers` reads at most.
+OUTLIER_SAMPLES = 256
+
+
+def activation_outliers(model: serde.ModelSource, calib: Any, dims: dict[str, int] | None = None, *,
+                        preprocess: Any = None, samples: int = OUTLIER_SAMPLES, batch_size: int = 32,
+                        progress: bool = False) -> list[LayerOutliers]:
+    """Per-channel outlier statistics of every MatMul/Gemm input (constant weight) over the first
+    ``samples`` of ``calib`` (``max / median`` of the per-channel ``max|x|``), and whether ``smooth``
+    can migrate them (see :func:`onnxcompress.quant.channels.layer_input_outliers`)."""
+    loaded = serde.load_model(model)
+    source = open_source(calib, loaded, preprocess=preprocess, limit=samples, dims=dims)
+    return layer_input_outliers(loaded, source, batch_size=batch_size, progress=progress)
 
 
 def _inspect_dims(model: onnx.ModelProto, dims: dict[str, int] | None, calib: Any, data: Any, preprocess: Any) -> Dims:

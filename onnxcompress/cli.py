@@ -29,6 +29,7 @@ from onnxcompress.reporting.display import (
     show_bench,
     show_metrics,
     show_nodes,
+    show_outliers,
     show_passes,
     show_report,
     show_validation,
@@ -234,15 +235,18 @@ def _print_report(obj: dict, console: Console, report: api.Report) -> None:
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Write metrics as JSON ('-' for stdout).")
 @click.option("--top", default=10, show_default=True, help="Show the N nodes with the most MACs.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=N", help=DIM_HELP)
-@click.option("--calib", default=None, metavar="PATH", help="Data whose first sample gives the symbolic dims.")
-@click.option("--data", default=None, metavar="PATH", help="As --calib (used when --calib is not given).")
+@click.option("--calib", default=None, metavar="PATH",
+              help="Data whose first sample gives the symbolic dims; its first 256 samples also give the activation "
+                   "outlier statistics of every MatMul/Gemm input (per-channel max|x|: max / median).")
+@click.option("--data", default=None, metavar="PATH", help="As --calib for the dims (used when --calib is not given).")
 @click.option("--preprocess", default=None, metavar="SPEC|TOML", help=PREPROCESS_HELP)
 @click.option("--nodes", "all_nodes", is_flag=True,
               help="Also list every node: name (what exclude= takes), op type, output shapes.")
 @click.pass_obj
 def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple[str, ...], calib: str | None,
             data: str | None, preprocess: str | None, all_nodes: bool) -> None:
-    """Size, parameters, MACs (per node and total) and op counts of MODEL, at the shapes of --calib/--data."""
+    """Size, parameters, MACs (per node and total) and op counts of MODEL, at the shapes of --calib/--data;
+    with --calib, activation outlier statistics per MatMul/Gemm input (whether ``smooth`` will help)."""
     metrics = api.inspect(model, parse_dims(dims), calib=calib, data=data, preprocess=preprocess)
     used = {name: d["value"] for name, d in metrics.dims.items()}  # the same shapes, resolved once
     nodes = api.list_nodes(model, used) if all_nodes else None
@@ -250,9 +254,14 @@ def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple
         show_metrics(_console(), metrics, top)
         if nodes is not None:
             show_nodes(_console(), nodes)
+    outliers = api.activation_outliers(model, calib, used, preprocess=preprocess) if calib is not None else None
+    if outliers is not None and json_path != "-" and not obj["quiet"]:
+        show_outliers(_console(), outliers)
     payload = metrics.as_dict()
     if nodes is not None:
         payload["nodes"] = [dataclasses.asdict(n) for n in nodes]
+    if outliers is not None:
+        payload["activation_outliers"] = [o.as_dict() for o in outliers]
     _write_json(json_path, payload)
 
 

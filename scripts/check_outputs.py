@@ -111,8 +111,12 @@ def _compare(old: dict, new: dict) -> list[str]:
         if a is None or b is None:
             diffs.append(f"{key}: {'new' if a is None else 'missing'}")
             continue
+        gained: list[str] = []
         a = {**a, "json": _digest(a.get("report"))}
-        b = {**b, "json": _digest(b.get("report"))}
+        b = {**b, "report": _without_gained(a.get("report"), b.get("report"), key, gained)}
+        b["json"] = _digest(b.get("report"))
+        if gained and a["json"] == b["json"]:
+            print(f"note: {key}: the report gained {', '.join(gained)} (tolerated: reports may gain keys)")
         for field in ("exit", "onnx", "json"):
             if a.get(field) != b.get(field):
                 diffs.append(f"{key}: {field} differs ({a.get(field)} -> {b.get(field)})")
@@ -120,6 +124,21 @@ def _compare(old: dict, new: dict) -> list[str]:
                     diffs += _report_diff(*(_strip({k: v for k, v in (r.get("report") or {}).items()
                                                     if k not in _PROVENANCE_KEYS}) for r in (a, b)), key)
     return diffs
+
+
+def _without_gained(old, new, where: str, gained: list[str]):
+    """``new`` without the dict keys ``old`` does not have (recorded in ``gained``): reports may gain keys."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = {}
+        for k, v in new.items():
+            if k not in old:
+                gained.append(f"{where}.{k}")
+                continue
+            out[k] = _without_gained(old[k], v, f"{where}.{k}", gained)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [_without_gained(x, y, f"{where}[{i}]", gained) for i, (x, y) in enumerate(zip(old, new))]
+    return new
 
 
 def _report_diff(a, b, where: str, depth: int = 0) -> list[str]:

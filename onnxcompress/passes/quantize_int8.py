@@ -16,6 +16,7 @@ from onnxcompress.core.graph import check_names
 from onnxcompress.core.pass_api import FLOAT_REFERENCE, Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
 from onnxcompress.quant.cpu import cpu_flags, has_vnni
+from onnxcompress.quant.dynamic import quantize_dynamic_graph
 from onnxcompress.quant.latency import island_layers, model_ratios, time_layers
 from onnxcompress.quant.observers import DEFAULT_BINS, METHODS
 from onnxcompress.quant.options import QuantConfig
@@ -124,6 +125,17 @@ class QuantizeInt8(Pass):
         never saturate. The pass reads ``/proc/cpuinfo`` for this (the one thing it reads from
         the machine); the context slot :data:`CPU_FLAGS` overrides it.
 
+    ``dynamic`` (see :mod:`onnxcompress.quant.dynamic`): for transformers. Every MatMul/Gemm with
+    a constant 2-D weight becomes ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_s * W_s)``
+    (``+ bias``), which onnxruntime fuses into ``DynamicQuantizeMatMul``: the activation's uint8
+    scale and zero point are taken from each input at run time, so no calibration is needed;
+    weights int8 per output column. LayerNorm, Softmax, GELU and the attention-score MatMuls (both
+    operands activations) stay float. Combines with ``exclude`` and the mixed-precision targets
+    (layers are the MatMul/Gemm nodes; calibration data is then needed to check the target), not
+    with ``weights_only``, ``symmetric_activations``, ``latency_aware`` or ``cache``; ``method`` and
+    ``percentile`` do not apply. On paraphrase-MiniLM-L3, run ``smooth`` first (recipe
+    ``int8-dynamic``).
+
     Mixed precision (``max_drop`` / ``min_cosine`` / ``min_sqnr``):
         Quantize everything, compare with the float model on the calibration data (onnxruntime,
         optimizations off, one thread). While the target fails, the most sensitive remaining
@@ -158,14 +170,16 @@ class QuantizeInt8(Pass):
         the measurements (tests); the timings are left in :data:`LATENCY_TIMINGS`.
 
     Context:
-        Needs calibration data unless ``weights_only``. Writes the float model it quantized to
+        Needs calibration data unless ``weights_only`` or ``dynamic`` (without a mixed-precision
+        target). Writes the float model it quantized to
         :data:`~onnxcompress.core.pass_api.FLOAT_REFERENCE` (``bias_correction``'s reference).
 
     Stats:
         ``quantized_<Op>`` per op type, ``relu_folded``, ``clip_folded``, ``tensors_calibrated``,
         ``calib_samples``, ``cache_tensors`` (tensors read from the cache), ``q_inserted``,
         ``dq_inserted``, ``weights_int8``, ``weights_shared``, ``bias_int32``,
-        ``constants_quantized``, ``excluded``, ``degenerate_ranges``, ``vnni``; with mixed
+        ``constants_quantized``, ``excluded``, ``degenerate_ranges``, ``vnni``; with ``dynamic``
+        ``dynamic_quantize_inserted`` and ``bias_float`` instead of the Q/DQ and bias counters; with mixed
         precision ``fallback_layers``, ``mixed_cosine``, ``mixed_drop``, ``mixed_bound``; with
         ``latency_aware`` ``latency_measured``, ``latency_kept_float`` and the model-check
         stats above; with either, ``exclude_spec``.
@@ -182,6 +196,8 @@ class QuantizeInt8(Pass):
         "reduce_range": Option(bool, False, "7-bit weights (no u8s8 saturation on CPUs without VNNI)"),
         "exclude": Option(list, [], "node names or op types kept float"),
         "weights_only": Option(bool, False, "int8 weights only, float compute; no calibration"),
+        "dynamic": Option(bool, False, "MatMul/Gemm with activations quantized at run time "
+                                       "(DynamicQuantizeLinear + MatMulInteger); no calibration"),
         "cache": Option(str, "", "calibration cache file (.npz): reused across methods"),
         "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
         "max_drop": Option(float, None, "mixed precision: max accuracy drop in points on the calibration data "
@@ -205,13 +221,23 @@ class QuantizeInt8(Pass):
         return QuantConfig.from_options(self.opts)
 
     def check_options(self) -> None:
-        """Mixed precision and ``latency_aware`` need full quantization."""
-        if self.opts["weights_only"] and self._selective():
+        """Mixed precision and ``latency_aware`` need full quantization; ``dynamic`` takes no static settings."""
+        o = self.opts
+        if o["weights_only"] and self._selective():
             raise InputError("quantize_int8: max_drop, min_cosine, min_sqnr and latency_aware need full quantization, "
                              "not weights_only")
+        if o["dynamic"]:
+            clash = [k for k in ("weights_only", "symmetric_activations", "latency_aware") if o[k]] + (
+                ["cache"] if o["cache"] else [])
+            if clash:
+                raise InputError(f"quantize_int8: dynamic=true does not combine with {', '.join(clash)} "
+                                 "(activations are quantized at run time, uint8 asymmetric)")
 
     def needs_calibration(self) -> bool:
-        """Activation ranges come from calibration data (``weights_only`` needs none)."""
+        """Activation ranges come from calibration data (``weights_only`` needs none; ``dynamic`` none
+        unless a mixed-precision target must be checked on data)."""
+        if self.opts["dynamic"]:
+            return self._mixed_target()
         return not self.opts["weights_only"]
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -224,7 +250,11 @@ class QuantizeInt8(Pass):
         graph.toposort()
         if self._selective():
             return self._run_selective(graph, ctx, cfg, result)
-        reference = _deferred_export(graph)  # before any weight is read: shares the input's protobuf weights
+        reference = _deferred_export(graph)
+        if cfg.dynamic:
+            ctx.put(FLOAT_REFERENCE, reference)
+            result.modified = quantize_dynamic_graph(graph, cfg, result, ctx.logger)
+            return result  # before any weight is read: shares the input's protobuf weights
         plan = plan_placement(graph, cfg, result, ctx.logger)
         if not plan.groups:
             return result

@@ -18,6 +18,7 @@ class QuantConfig:
     reduce_range: bool = False
     exclude: tuple[str, ...] = ()
     weights_only: bool = False
+    dynamic: bool = False
 
     @property
     def weight_qmax(self) -> int:
@@ -29,4 +30,4 @@ class QuantConfig:
         """The settings that parsed ``quantize_int8`` options describe."""
         return cls(per_channel=opts["per_channel"], symmetric_activations=opts["symmetric_activations"],
                    reduce_range=opts["reduce_range"], exclude=tuple(opts["exclude"]),
-                   weights_only=opts["weights_only"])
+                   weights_only=opts["weights_only"], dynamic=bool(opts.get("dynamic", False)))

@@ -2,7 +2,8 @@
 
 A *layer* is one quantized group of :func:`onnxcompress.quant.placement.plan_placement` (a Conv, Gemm,
 MatMul, Add, Mul, Concat, pooling or ConvTranspose node, with the Relu/Clip folded into it),
-named by its node name. Keeping a layer float means excluding its node, exactly as the pass
+named by its node name (with ``dynamic``: one MatMul/Gemm of
+:func:`onnxcompress.quant.dynamic.plan_dynamic`, and nothing to calibrate). Keeping a layer float means excluding its node, exactly as the pass
 option ``exclude`` does, so any mixed-precision decision is reproduced by an ``exclude=`` spec.
 
 * :class:`Quantizer` — a float model prepared for quantization: calibrated **once** (histograms
@@ -28,6 +29,7 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
+from onnxcompress.quant.dynamic import plan_dynamic, quantize_dynamic_graph
 from onnxcompress.quant.observers import DEFAULT_BINS, compute_range
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams, activation_params
@@ -135,19 +137,24 @@ class Quantizer:
         graph = serde.to_graph(model)
         graph.toposort()
         self.base = PassResult()
-        plan = plan_placement(graph, cfg, self.base, self.logger)
-        groups = [g for g in plan.groups if g.kind in _LAYER_KINDS]
-        self.layers = [g.node.name for g in groups]
-        self.ops = {g.node.name: g.node.op for g in groups}
-        unnamed = [g.node.op for g in groups if not g.node.name]
+        if cfg.dynamic:
+            nodes = plan_dynamic(graph, cfg, self.base, self.logger)
+        else:
+            nodes = [g.node for g in plan_placement(graph, cfg, self.base, self.logger).groups if g.kind in _LAYER_KINDS]
+        self.layers = [n.name for n in nodes]
+        self.ops = {n.name: n.op for n in nodes}
+        unnamed = [n.op for n in nodes if not n.name]
         if unnamed:
             raise InputError(f"quantize_int8: a {unnamed[0]} node has no name (normalize names them); cannot select it")
-        self._needed = _tensors_any_variant(graph)
+        self._needed = [] if cfg.dynamic else _tensors_any_variant(graph)
 
     def calibrate(self, source: CalibSource, *, batch_size: int = 32, cache: str | None = None,
                   progress: bool = False) -> Calibration:
         """Collect histograms of every tensor any variant may quantize, in one pass over ``source``."""
         self._source, self._batch_size = source, batch_size
+        if self.cfg.dynamic:  # ranges are taken at run time
+            self.calib = Calibration({})
+            return self.calib
         self.calib = collect_statistics(self.model, self._needed, source, batch_size=batch_size, bins=DEFAULT_BINS,
                                         cache=cache, progress=progress)
         return self.calib
@@ -174,6 +181,9 @@ class Quantizer:
         cfg = replace(self.cfg, exclude=tuple(self.cfg.exclude) + tuple(sorted(set(float_layers))))
         graph = serde.to_graph(self.model)
         graph.toposort()
+        if cfg.dynamic:
+            result.modified |= quantize_dynamic_graph(graph, cfg, result, self.logger)
+            return graph
         plan = plan_placement(graph, cfg, result, self.logger)
         self.ensure_calibrated(plan.calibrated())
         params = plan_params(plan, self.calib, cfg, self.method, self.percentile, result, self.logger, self._ranges)

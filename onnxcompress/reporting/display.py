@@ -15,10 +15,11 @@ from onnxcompress.core.shapes import describe_dims
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.sensitivity import LayerScore, SensitivityReport
 from onnxcompress.pipeline.validate import ValidationReport
+from onnxcompress.quant.channels import LayerOutliers
 from onnxcompress.runtime.bench import _MIB, BenchReport
 
-__all__ = ["show_report", "show_metrics", "show_nodes", "show_validation", "show_passes", "show_bench",
-           "show_sensitivity", "human_bytes", "human_count"]
+__all__ = ["show_report", "show_metrics", "show_nodes", "show_outliers", "show_validation", "show_passes",
+           "show_bench", "show_sensitivity", "human_bytes", "human_count"]
 
 
 def human_bytes(n: float) -> str:
@@ -73,6 +74,22 @@ def show_nodes(console: Console, nodes: list[NodeInfo]) -> None:
     for i, n in enumerate(nodes):
         outs = ", ".join(f"{name} {shape if shape else '?'}" for name, shape in n.outputs.items())
         t.add_row(str(i), n.name, n.op_type, outs)
+    console.print(t)
+
+
+def show_outliers(console: Console, layers: list[LayerOutliers]) -> None:
+    """The ``inspect --calib`` outlier view: per MatMul/Gemm input, ``max / median`` of the per-channel
+    ``max|x|`` (above ~10: a few channels carry outliers, ``smooth`` before int8 helps where it can act)."""
+    t = Table(title="activation outliers per linear-layer input (per-channel max|x|)")
+    for col in ("node", "op", "channels", "max", "median", "max/median", "smooth"):
+        t.add_column(col, justify="left" if col in ("node", "op", "smooth") else "right")
+    for o in layers:
+        s = o.stats
+        ratio = f"{s.ratio:.1f}" if math.isfinite(s.ratio) else "inf"
+        t.add_row(o.node, o.op, str(s.channels), f"{s.max:.3g}", f"{s.median:.3g}", ratio,
+                  "yes" if o.smoothable else o.reason)
+    if not layers:
+        t.add_row("(no MatMul/Gemm with a constant weight)", "", "", "", "", "", "")
     console.print(t)
 
 
