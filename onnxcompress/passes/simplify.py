@@ -25,13 +25,20 @@ log = logging.getLogger(__name__)
 
 #: Decline code when the weights exceed protobuf's 2 GB limit (onnxsim needs one serialized model).
 R_TOO_LARGE = "onnxsim_skipped_over_2gb"
+#: Decline code when onnxsim's constant folding grew the weights by more than ``max_fold_bytes``
+#: (int8 weights dequantized by ``Cast -> Mul`` become float): onnxsim is rerun without folding.
+R_GREW = "onnxsim_folding_grew_weights"
 
-#: onnx-optimizer passes (run by onnxsim) that are not exact: they change results beyond float
-#: rounding on some inputs. ``fuse_bn_into_conv`` is skipped too: BN folding is ``fold_bn``'s job.
-_INEXACT_OPTIMIZERS = (
+#: onnx-optimizer passes (run by onnxsim) that are switched off: those that are not exact (they
+#: change results beyond float rounding on some inputs), and two exact ones said below.
+_SKIPPED_OPTIMIZERS = (
     "fuse_bn_into_conv",  # fold_bn does this, with its own checks and report
     "fuse_consecutive_log_softmax",  # Log(Softmax(x)) -> LogSoftmax(x): no more -inf where x underflows
     "eliminate_nop_monotone_argmax",  # ArgMax(Exp(x)) -> ArgMax(x): ties from saturation differ
+    # exact, but on [batch, seq, d] activations it wraps each projection in Reshape -> Gemm ->
+    # Reshape, which hides transformer blocks from onnxruntime's fusions and from our analysis
+    "fuse_matmul_add_bias_into_gemm",
+    "fuse_matmul_add_bias_into_gemm_batched",
 )
 #: Operators whose result is random: never folded.
 _NONDETERMINISTIC = frozenset(
@@ -87,8 +94,10 @@ class Simplify(Pass):
     3. Constant folding (option ``fold_constants``): nodes of the default domain whose inputs are
        all constants are evaluated once in onnxruntime (optimizations off) and replaced by their
        results. Random ops, Dropout, nodes with subgraphs, and results that are not plain numeric
-       tensors are left alone, as is any result larger than ``max_fold_bytes`` that is bigger
-       than the constants it is computed from (e.g. an ``Expand`` to a 100 MB tensor).
+       tensors are left alone. Folding may make the weights grow past the constants they are
+       computed from by ``max_fold_bytes`` in all (no ``Expand`` to a 100 MB tensor, no int8
+       weights turned float by folding their ``Cast -> Mul`` dequantization); onnxsim's own folding
+       is held to the same total, or rerun without folding (decline ``onnxsim_folding_grew_weights``).
        (Subgraphs of exact ops -- ``Unsqueeze``, ``Reshape``, ``Cast``, ``+ - * /``... -- were
        already folded before any pass, by :mod:`onnxcompress.core.fold`, whatever this option
        says: this step folds the rest.)
@@ -102,7 +111,8 @@ class Simplify(Pass):
     ``onnxsim_nodes_removed``, ``identities_removed``, ``dropouts_removed``, ``constants_folded``,
     ``dead_nodes_removed``. ``modified`` is true only when the graph changed.
 
-    Declines (codes): ``onnxsim_failed``, ``onnxsim_skipped_over_2gb``; Identity/Dropout kept:
+    Declines (codes): ``onnxsim_failed``, ``onnxsim_skipped_over_2gb``,
+    ``onnxsim_folding_grew_weights``; Identity/Dropout kept:
     ``dropout_mask_used``, ``dropout_training_mode``, ``dropout_mode_not_constant``,
     ``input_omitted``, ``graph_output_fed_by_input_or_constant``; not folded:
     ``cannot_evaluate``, ``value_not_computed``, ``dtype_not_folded``, ``result_too_large``,
@@ -115,7 +125,7 @@ class Simplify(Pass):
     options: ClassVar[dict[str, Option]] = {
         "onnxsim": Option(bool, True, "run onnxsim first (shape inference, folding, exact fusions)"),
         "fold_constants": Option(bool, True, "fold nodes whose inputs are all constants"),
-        "max_fold_bytes": Option(int, 1 << 20, "largest folded result allowed to grow past its source constants",
+        "max_fold_bytes": Option(int, 1 << 20, "bytes that folding may add to the weights in all (and largest growing result)",
                                  interval="[0, inf)"),
     }
 
@@ -193,6 +203,11 @@ def _run_onnxsim(graph: gs.Graph, opts: dict[str, Any], result: PassResult, logg
         return _onnxsim_failed(graph, _short(exc), result, logger)
     if not _same_names(new_graph, inputs, outputs):
         return _onnxsim_failed(graph, "changed the graph inputs or outputs", result, logger)
+    grown = constants_nbytes(new_graph) - constants_nbytes(graph)
+    if opts["fold_constants"] and grown > opts["max_fold_bytes"]:
+        # e.g. int8 weights dequantized by Cast -> Mul: folding stores them as float, 4x larger
+        result.decline("<model>", R_GREW, f"weights +{grown} bytes; rerun without its constant folding", logger=logger)
+        return _run_onnxsim(graph, {**opts, "fold_constants": False}, result, logger)
     result.count("onnxsim_nodes_removed", len(graph.nodes) - len(new_graph.nodes))
     if proto.same_computation(simplified, model):
         return graph  # onnxsim only added shape information or renamed nothing: keep ours
@@ -244,7 +259,7 @@ def _onnxsim_call(model: onnx.ModelProto, opts: dict[str, Any]) -> onnx.ModelPro
             check_n=0,  # no random-input check: exactness comes from the options below
             perform_optimization=True,
             skip_fuse_bn=True,
-            skipped_optimizers=list(_INEXACT_OPTIMIZERS),
+            skipped_optimizers=list(_SKIPPED_OPTIMIZERS),
             skip_constant_folding=not opts["fold_constants"],
             include_subgraph=False,
             tensor_size_threshold=f"{max(int(opts['max_fold_bytes']), 1)}B",
@@ -355,10 +370,11 @@ def _fold_constants(graph: gs.Graph, limit: int, result: PassResult, logger: log
     values = _evaluate(graph, nodes, result, logger)
     sources = _source_bytes(nodes)
     outputs = {id(t) for t in graph.outputs}
+    budget = [limit]
     for node in nodes:
         if node.op == "Constant":
             continue  # evaluated for its consumers; normalize turns the foldable ones into initializers
-        blocker = _fold_blocker(node, values, sources, limit)
+        blocker = _fold_blocker(node, values, sources, limit, budget)
         if blocker:
             result.decline(node.name or node.outputs[0].name, *blocker, logger=logger)
             continue
@@ -453,8 +469,11 @@ def _source_bytes(nodes: list[gs.Node]) -> dict[int, int]:
 
 
 def _fold_blocker(node: gs.Node, values: dict[str, np.ndarray], sources: dict[int, int],
-                  limit: int) -> tuple[str, str] | None:
-    """Why ``node`` is not replaced by its values (decline code, detail), or ``None``."""
+                  limit: int, budget: list[int]) -> tuple[str, str] | None:
+    """Why ``node`` is not replaced by its values (decline code, detail), or ``None``.
+
+    A fold may make the weights grow past its source constants by at most ``budget[0]`` bytes in
+    all (what a fold spends is taken off it), and a growing result may not exceed ``limit``."""
     for tensor in node.outputs:
         if tensor.is_empty():
             continue
@@ -463,8 +482,12 @@ def _fold_blocker(node: gs.Node, values: dict[str, np.ndarray], sources: dict[in
             return "value_not_computed", ""
         if value.dtype.name not in _FOLDABLE_DTYPES:
             return "dtype_not_folded", str(value.dtype)
-        if value.nbytes > limit and value.nbytes > sources.get(id(tensor), 0):
-            return "result_too_large", f"{value.nbytes} bytes"
+        growth = value.nbytes - sources.get(id(tensor), 0)
+        if growth > 0 and (value.nbytes > limit or growth > budget[0]):
+            return "result_too_large", f"{value.nbytes} bytes, {growth} more than its source constants"
+    for tensor in node.outputs:
+        if not tensor.is_empty():
+            budget[0] -= max(values[tensor.name].nbytes - sources.get(id(tensor), 0), 0)
     return None
 
 

@@ -14,7 +14,7 @@ from onnxcompress.core.pass_api import Numerics, PassContext, PassResult
 from onnxcompress.passes import simplify as simplify_module
 from onnxcompress.passes.simplify import Simplify
 from onnxcompress.pipeline.manager import get_pass, registry
-from tests.helpers.builders import parse
+from tests.helpers.builders import make_model, node, parse
 from tests.helpers.graphs import op_types
 from tests.helpers.runs import ort_run, run_passes
 from tests.helpers.tensors import random_feeds
@@ -173,7 +173,44 @@ def test_small_expand_folded_large_expand_kept(spec):
     assert list(expand.output) == ["big"]
     assert all(i.name != "big" for i in new.graph.initializer)
     if spec.endswith("false"):
-        assert ("big", "result_too_large", "2097152 bytes") in result.declined
+        assert ("big", "result_too_large", "2097152 bytes, 2097132 more than its source constants") in result.declined
+
+
+def _dequantized_weights(n: int = 4, rows: int = 256) -> onnx.ModelProto:
+    """``n`` int8 weights dequantized in the graph (``Cast -> Mul``), as already-quantized exports
+    store them: folding would make each 4x larger."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], {}
+    x = "x"
+    for i in range(n):
+        inits[f"q{i}"] = rng.integers(-127, 128, size=(rows, rows), dtype=np.int8)
+        inits[f"s{i}"] = np.array(0.01, dtype=np.float32)
+        nodes += [node("Cast", [f"q{i}"], f"c{i}", to=onnx.TensorProto.FLOAT), node("Mul", [f"c{i}", f"s{i}"], f"w{i}"),
+                  node("MatMul", [x, f"w{i}"], f"y{i}")]
+        x = f"y{i}"
+    nodes.append(node("Identity", [x], "y"))
+    return make_model(nodes, {"x": ["N", rows]}, ["y"], inits)
+
+
+@pytest.mark.parametrize("spec", MODES)
+def test_dequantization_chains_not_folded_past_the_growth_budget(spec):
+    model = _dequantized_weights()  # 4 x 64 KiB of int8 -> 4 x 256 KiB of float if folded
+    new, result = simplify(model, spec + ":max_fold_bytes=300000")
+    folded = sum(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 for i in new.graph.initializer)
+    assert folded <= 1  # one weight's growth (196,608 bytes) fits the 300,000-byte budget, two do not
+    assert sum(n.op_type == "Cast" for n in new.graph.node) >= 3
+    np.testing.assert_allclose(*[ort_run(m, random_feeds(m))[0] for m in (model, new)], rtol=1e-5, atol=1e-5)
+    if spec == "simplify":
+        assert any(d[1] == "onnxsim_folding_grew_weights" for d in result.declined)
+
+
+def test_matmul_add_on_token_rows_stays_matmul():
+    """onnxsim's MatMul+Add -> Gemm fusion wraps 3-D projections in Reshapes: it is switched off."""
+    w, b = np.ones((8, 8), np.float32), np.ones(8, np.float32)
+    model = make_model([node("MatMul", ["x", "w"], "m"), node("Add", ["m", "b"], "y")], {"x": ["N", 5, 8]}, ["y"],
+                       {"w": w, "b": b})
+    new, _ = simplify(model)
+    assert sorted(op_types(new)) == ["Add", "MatMul"]
 
 
 # ---------------------------------------------------------------- negative cases
