@@ -23,6 +23,7 @@ __all__ = [
     "const_values",
     "constant_info",
     "constants_nbytes",
+    "has_float_weight",
     "has_padding",
     "node_label",
     "opt_input",
@@ -61,6 +62,13 @@ def constant_info(tensor: gs.Tensor | None) -> tuple[np.dtype, tuple[int, ...]] 
         return np.dtype(np.float32), tuple(int(d) for d in tensor._values.tensor.dims)
     values = const_values(tensor)
     return None if values is None else (values.dtype, values.shape)
+
+
+def has_float_weight(node: gs.Node, min_rank: int = 2) -> bool:
+    """Whether ``node`` reads a float constant of at least ``min_rank`` dims (a weight): what a pass
+    that rewrites weights names in a decline when it leaves such a node alone."""
+    return any((info := constant_info(t)) is not None and info[0].kind == "f" and len(info[1]) >= min_rank
+               for t in node.inputs)
 
 
 def constants_nbytes(graph: gs.Graph) -> int:

@@ -111,7 +111,8 @@ class QuantizeInt8(Pass):
         or not per-channel); ``unsupported_dtype`` (non-float32 data, unknown types);
         ``unsupported_layout``; ``all_inputs_constant``; ``already_quantized``;
         ``concat_only_feeds_output``, ``static_input`` (computed from shapes and constants only),
-        ``no_quantized_neighbour`` (kept float). Tensors whose calibrated range is empty
+        ``no_quantized_neighbour`` (kept float); ``op_not_supported`` (a node with float weights
+        this quantizer has no form for, e.g. ``com.microsoft.Attention``: detail the op). Tensors whose calibrated range is empty
         (``min == max``) are still quantized, with scale 1, and listed as ``degenerate_range``.
 
     CPU note:

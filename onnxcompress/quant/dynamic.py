@@ -46,6 +46,7 @@ from onnxcompress.quant.placement import (
     R_LAYOUT,
     R_QUANTIZED,
     R_WEIGHT,
+    decline_unsupported,
     tensor_dtypes,
 )
 
@@ -88,6 +89,7 @@ def plan_dynamic(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
     chosen = []
     for node in graph.nodes:
         if node.op not in DYNAMIC_OPS:
+            decline_unsupported(node, result, logger)
             continue
         if node.name in excluded or node.op in excluded:
             result.decline(node_label(node), R_EXCLUDED, logger=logger)

@@ -104,6 +104,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcompress.core import graph as core_graph
 from onnxcompress.core.graph import clip_bounds, const_values, constant_info, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import infer_graph
@@ -112,9 +113,11 @@ from onnxcompress.quant.options import QuantConfig
 __all__ = [
     "DECLINE_REASONS",
     "SATURATION",
+    "decline_unsupported",
     "KINDS",
     "QUANTIZED_OPS",
     "R_ISOLATED",
+    "R_OP",
     "R_OUTPUT_CONCAT",
     "R_QUANTIZED",
     "R_STATIC",
@@ -165,10 +168,11 @@ R_QUANTIZED = "already_quantized"  # detail: the quantized op types found
 R_OUTPUT_CONCAT = "concat_only_feeds_output"  # kept float
 R_STATIC = "static_input"  # computed from shapes and constants only: kept float
 R_ISOLATED = "no_quantized_neighbour"  # no path to a quantized Conv/Gemm/MatMul: kept float
+R_OP = "op_not_supported"  # a node with float weights this quantizer has no form for (detail: op)
 
 #: Every decline code the placement (or the pass, for ranges) gives when it leaves something alone.
 DECLINE_REASONS = (R_EXCLUDED, R_WEIGHT, R_BIAS, R_DTYPE, R_LAYOUT, R_ALL_CONSTANT, R_DEGENERATE, R_QUANTIZED,
-                   R_OUTPUT_CONCAT, R_STATIC, R_ISOLATED)
+                   R_OUTPUT_CONCAT, R_STATIC, R_ISOLATED, R_OP)
 
 _FLOAT = onnx.TensorProto.FLOAT
 
@@ -344,6 +348,13 @@ def _check(node: gs.Node, kind: str, dtypes: dict[str, int], weights_only: bool)
     return None
 
 
+def decline_unsupported(node: gs.Node, result: PassResult, logger: logging.Logger) -> None:
+    """Record ``op_not_supported`` for a node with float weights that the quantizer leaves float
+    (e.g. onnxruntime's fused ``com.microsoft.Attention``, an embedding ``Gather``)."""
+    if core_graph.has_float_weight(node):
+        result.decline(node_label(node), R_OP, f"{node.domain + '.' if node.domain else ''}{node.op}", logger=logger)
+
+
 def _attach_activation(group: QdqGroup, excluded: set[str], graph_outputs: set[str]) -> None:
     """Fold a Relu/Clip that alone consumes ``group``'s output into the group (rule 2)."""
     out = group.node.outputs[0]
@@ -376,6 +387,8 @@ def _candidates(graph: gs.Graph, cfg: QuantConfig, result: PassResult,
     groups, passthrough, off = [], [], set()
     for node in graph.nodes:
         kind = _kind(node)
+        if kind is None:
+            decline_unsupported(node, result, logger)
         if kind is None or (cfg.weights_only and kind not in ("compute", "weights")):
             continue
         is_excluded = node.name in excluded or node.op in excluded

@@ -20,6 +20,7 @@ from onnxcompress.quant import count_unfused_qdq, integer_op_counts, placement, 
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams
 from onnxcompress.quant.placement import R_EXCLUDED, R_ISOLATED, R_OUTPUT_CONCAT, R_QUANTIZED, R_STATIC
+from onnxcompress.runtime.data import open_source
 from tests.helpers.builders import make_model
 from tests.helpers.graphs import consumers, initializers, op_types, producers
 from tests.helpers.quant import compare, qdq_params, quantize
@@ -432,3 +433,14 @@ def test_inputs_of_saturating_activations_are_clamped(monkeypatch):
 
     assert sqnr(ref[1], new[1]) > sqnr(ref[1], old[1]) + 3  # the score p (its own 1/255 grid limits the gain)
     assert sqnr(ref[0], new[0]) > sqnr(ref[0], old[0])  # y, after the SiLU: its own Q/DQ dominates
+
+
+
+@pytest.mark.parametrize("spec", ["quantize_int8", "quantize_int8:dynamic=true"])
+def test_fused_attention_declined_by_name(spec):
+    """onnxruntime's fused ops carry a third of a BERT's weights: leaving them float is said, per node."""
+    model = serde.load_model("models/text_ortfused.onnx")
+    _, result = quantize(model, spec, calib=open_source("models/text_calib.npz", model, limit=8))
+    declined = {(d.where, d.detail) for d in result.declined if d.code == placement.R_OP}
+    assert ("Attention_0", "com.microsoft.Attention") in declined
+    assert ("EmbedLayerNormalization_0", "com.microsoft.EmbedLayerNormalization") in declined
