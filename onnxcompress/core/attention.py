@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import const_values, node_label, opt_input, weight_layout
@@ -465,7 +464,9 @@ def _act_kind(nodes: list[gs.Node]) -> str:
 def _ffn_from(up: Linear, graph_outputs: set[int], limit: int = 32) -> tuple[Linear, list[gs.Node]] | None:
     """The down projection reached from ``up`` through element-wise ops only, and those ops."""
     seen = {id(up.output)}
-    queue, act, downs = [up.output], [], []
+    queue = [up.output]
+    act: list[gs.Node] = []
+    downs: list[Linear] = []
     while queue:
         t = queue.pop()
         if id(t) in graph_outputs:
