@@ -172,7 +172,10 @@ def _infer_in_place(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _all_shaped(model: onnx.ModelProto) -> bool:
-    known = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}
+    """Every node output has a shape, none with a dim onnx gave up on (``unk__N``: e.g. a Slice
+    whose ends are computed; symbolic inference usually resolves those)."""
+    known = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")
+             and not any(d.dim_param.startswith("unk__") for d in v.type.tensor_type.shape.dim)}
     known |= {v.name for v in model.graph.input} | {i.name for i in model.graph.initializer}
     known |= {v.name for v in model.graph.output}
     return all(out in known for node in model.graph.node for out in node.output if out)
