@@ -33,6 +33,7 @@ __all__ = [
     "R_NO_QK",
     "R_NO_PV",
     "R_NO_PROJECTION",
+    "R_NON_CONSTANT",
     "R_HEAD_MISMATCH",
     "AttentionBlock",
     "FFN",
@@ -50,6 +51,7 @@ R_NO_PROJECTION = "projection_not_found"
 R_HEAD_MISMATCH = "head_shape_mismatch"
 R_DYNAMIC_HEADS = "dynamic_head_count"
 R_GQA = "grouped_query_attention"
+R_NON_CONSTANT = "non_constant_weight"
 
 _MS = "com.microsoft"
 #: Ops allowed between an FFN's up and down projection (the activation).
@@ -320,6 +322,22 @@ def _qk_matmul(t: gs.Tensor, nodes: list[gs.Node], depth: int = 6) -> gs.Node | 
     return None
 
 
+def _no_projection(inputs: Iterable[gs.Tensor]) -> str:
+    """Why no projection was found behind ``inputs``: a MatMul/Gemm whose weight is computed, or none."""
+    for t in inputs:
+        node = _producer(t)
+        for _ in range(8):
+            if node is None:
+                break
+            if node.op in ("MatMul", "Gemm"):
+                if len(node.inputs) > 1 and const_values(node.inputs[1]) is None:
+                    return R_NON_CONSTANT
+                break
+            data = [x for x in node.inputs[:1 if node.op == "Reshape" else None] if const_values(x) is None]
+            node = _producer(data[0]) if data else None
+    return R_NO_PROJECTION
+
+
 def _label(linears: Iterable[Linear | None], fallback: gs.Node) -> str:
     names = [lin.node.name for lin in linears if lin is not None and lin.node.name]
     prefix = names[0] if names else ""
@@ -398,7 +416,7 @@ def _decomposed(softmax: gs.Node) -> AttentionBlock | Unrecognised:
     sides = [_heads_in(qk.inputs[0], nodes), _heads_in(qk.inputs[1], nodes), _heads_in(pv.inputs[1], nodes)]
     o, merges = _heads_out(pv.outputs[0], nodes)
     if o is None or any(s is None for s in sides):
-        return Unrecognised(node_label(softmax), R_NO_PROJECTION)
+        return Unrecognised(node_label(softmax), _no_projection([qk.inputs[0], qk.inputs[1], pv.inputs[1]]))
     return _assemble("decomposed", softmax, pv.outputs[0], [s for s in sides if s is not None], o, merges, nodes)
 
 
@@ -416,7 +434,7 @@ def _opset23(node: gs.Node) -> AttentionBlock | Unrecognised:
             sides.append(_heads_in(t, nodes))
     o, merges = _heads_out(node.outputs[0], nodes)
     if o is None or any(s is None for s in sides):
-        return Unrecognised(node_label(node), R_NO_PROJECTION)
+        return Unrecognised(node_label(node), _no_projection(node.inputs[:3]))
     heads = int(node.attrs.get("q_num_heads", 0))
     if three_d and heads != int(node.attrs.get("kv_num_heads", 0)):
         return Unrecognised(node_label(node), R_GQA)

@@ -25,13 +25,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.attention import AttentionBlock, Linear
+from onnxcompress.core.attention import R_NON_CONSTANT, AttentionBlock, Linear
 from onnxcompress.core.graph import Names, const_values
 from onnxcompress.runtime.data import CalibSource
 
 __all__ = [
     "R_GRAPH_OUTPUT",
-    "R_NON_CONSTANT",
     "R_OUTSIDE_READ",
     "R_PER_HEAD_BIAS",
     "R_SHARED",
@@ -48,7 +47,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 R_SHARED = "shared_weight"
-R_NON_CONSTANT = "non_constant_weight"
 R_GRAPH_OUTPUT = "graph_output_inside_block"
 R_OUTSIDE_READ = "head_tensor_read_outside_block"
 R_SHARED_SHAPE = "shared_shape_subgraph"
