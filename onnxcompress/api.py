@@ -11,8 +11,10 @@ from typing import Any
 import onnx
 
 from onnxcompress.core import serde
+from onnxcompress.core.attention import find_blocks, summarize
 from onnxcompress.core.errors import GateFailed, InputError
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
+from onnxcompress.core.normalize import normalize
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
 from onnxcompress.core.shapes import Dims
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
@@ -23,7 +25,8 @@ from onnxcompress.runtime.data import CalibSource, data_dims, open_source
 from onnxcompress.runtime.progress import steps
 from onnxcompress.runtime.tasks import TaskSpec, check_output_ranks
 
-__all__ = ["Report", "optimize", "inspect", "list_nodes", "compare", "sensitivity", "DEFAULT_VALIDATION_SAMPLES"]
+__all__ = ["Report", "optimize", "inspect", "list_nodes", "transformer_blocks", "compare", "sensitivity",
+           "DEFAULT_VALIDATION_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,12 @@ def list_nodes(model: serde.ModelSource, dims: dict[str, int] | None = None, *, 
     Symbolic dims as in :func:`inspect`."""
     loaded = serde.load_model(model)
     return node_list(loaded, _inspect_dims(loaded, dims, calib, data, preprocess))
+
+
+def transformer_blocks(model: serde.ModelSource) -> dict[str, list[dict[str, object]]]:
+    """Attention blocks, FFNs and unrecognised attention-like nodes of a model
+    (:func:`onnxcompress.core.attention.summarize`; the graph normalised as the passes see it)."""
+    return summarize(find_blocks(serde.to_graph(normalize(serde.load_model(model)))))
 
 
 def _inspect_dims(model: onnx.ModelProto, dims: dict[str, int] | None, calib: Any, data: Any, preprocess: Any) -> Dims:

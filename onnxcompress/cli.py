@@ -31,6 +31,7 @@ from onnxcompress.reporting.display import (
     show_nodes,
     show_passes,
     show_report,
+    show_transformer,
     show_validation,
 )
 from onnxcompress.runtime import bench as _bench
@@ -246,11 +247,16 @@ def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple
     metrics = api.inspect(model, parse_dims(dims), calib=calib, data=data, preprocess=preprocess)
     used = {name: d["value"] for name, d in metrics.dims.items()}  # the same shapes, resolved once
     nodes = api.list_nodes(model, used) if all_nodes else None
+    blocks = api.transformer_blocks(model)
     if json_path != "-" and not obj["quiet"]:
         show_metrics(_console(), metrics, top)
+        if blocks["attention"]:
+            show_transformer(_console(), blocks)
         if nodes is not None:
             show_nodes(_console(), nodes)
     payload = metrics.as_dict()
+    if blocks["attention"]:
+        payload["transformer"] = blocks
     if nodes is not None:
         payload["nodes"] = [dataclasses.asdict(n) for n in nodes]
     _write_json(json_path, payload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import site
 from pathlib import Path
 
@@ -114,3 +115,18 @@ def test_real_minilm_graphs(relative, styles):
     found = blocks_of(onnx.load(path))
     assert [(b.style, b.heads, b.head_dim, b.problem) for b in found.attention] == [(styles[0], 12, 32, None)] * 3
     assert [f.width for f in found.ffn] == [1536] * 3 and not found.unrecognised
+
+
+def test_inspect_lists_blocks(tmp_path, capsys):
+    from onnxcompress.cli import main
+
+    path = tmp_path / "enc.onnx"
+    onnx.save(encoder(heads=4, dim=32, ffn=64), path)
+    assert main(["inspect", str(path), "--dim", "batch=1", "--dim", "seq=16", "--json", "-"]) == 0
+    blocks = json.loads(capsys.readouterr().out)["transformer"]
+    assert [(b["name"], b["heads"], b["head_dim"], b["problem"]) for b in blocks["attention"]] == [
+        ("layer0.attention", 4, 8, None), ("layer1.attention", 4, 8, None)]
+    assert blocks["attention"][0]["qkvo"][3] == "layer0.attention.output/MatMul"
+    assert [(f["width"], f["activation"]) for f in blocks["ffn"]] == [(64, "gelu_erf")] * 2
+    assert main(["inspect", str(path), "--dim", "batch=1", "--dim", "seq=16"]) == 0
+    assert "transformer blocks" in capsys.readouterr().out

@@ -43,6 +43,7 @@ __all__ = [
     "Unrecognised",
     "find_blocks",
     "linear_at",
+    "summarize",
 ]
 
 R_NO_QK = "no_qk_matmul_before_softmax"
@@ -346,7 +347,8 @@ def _label(linears: Iterable[Linear | None], fallback: gs.Node) -> str:
             prefix = prefix[:-1]
     cut = max(prefix.rfind("/"), prefix.rfind("."))
     prefix = prefix[:cut].rstrip("/.") if cut > 0 else ""
-    return prefix or node_label(fallback)
+    label = node_label(fallback)
+    return prefix or (label[:label.rfind("/")] if label.rfind("/") > 0 else label)
 
 
 def _flat_entries(reshapes: Iterable[gs.Node], heads: int, dh: int, out: list[ShapeEntry]) -> str | None:
@@ -540,6 +542,33 @@ def find_blocks(graph: gs.Graph) -> TransformerBlocks:
             out.attention.append(found)
         else:
             out.unrecognised.append(found)
+    _unique(out.attention)
     used = {id(lin.node) for b in out.attention for lin in (b.q, b.k, b.v, b.o, b.qkv) if lin is not None}
     out.ffn = _find_ffns(graph, used)
+    _unique(out.ffn)
     return out
+
+
+def _unique(items: list[AttentionBlock] | list[FFN]) -> None:
+    """Give repeated names a ``#2``, ``#3``, ... suffix (names key the per-block choices)."""
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.name] = seen.get(item.name, 0) + 1
+        if seen[item.name] > 1:
+            item.name = f"{item.name}#{seen[item.name]}"
+
+
+def summarize(found: TransformerBlocks) -> dict[str, list[dict[str, object]]]:
+    """A JSON-ready summary (what ``inspect`` shows): per block its style, heads, head size and
+    projection node names; per FFN its width, activation and projections; the unrecognised ones."""
+    def names(*lins: Linear | None) -> list[str | None]:
+        return [None if lin is None else node_label(lin.node) for lin in lins]
+
+    return {
+        "attention": [{"name": b.name, "style": b.style, "heads": b.heads, "head_dim": b.head_dim,
+                       "qkvo": names(b.q, b.k, b.v, b.o) if b.qkv is None else names(b.qkv, b.qkv, b.qkv, b.o),
+                       "head_literals": len(b.shapes), "problem": b.problem} for b in found.attention],
+        "ffn": [{"name": f.name, "width": f.width, "activation": f.act_kind, "up": node_label(f.up.node),
+                 "down": node_label(f.down.node)} for f in found.ffn],
+        "unrecognised": [{"node": u.node, "reason": u.reason} for u in found.unrecognised],
+    }
