@@ -43,7 +43,6 @@ __all__ = [
     "Unrecognised",
     "find_blocks",
     "linear_at",
-    "summarize",
 ]
 
 R_NO_QK = "no_qk_matmul_before_softmax"
@@ -244,8 +243,9 @@ def _tail(reshape: gs.Node, count: int) -> list[tuple[gs.Node, int, int, int]] |
 
 
 def _main_consumer(t: gs.Tensor) -> gs.Node | None:
-    """The one consumer of ``t`` that is not a ``Shape`` (shape reads are checked by the passes)."""
-    users = [c for c in t.outputs if c.op != "Shape"]
+    """The one consumer of ``t`` that is not a ``Shape`` (shape reads are checked by the passes) or
+    an ``IsNaN`` (dynamo's guard on fully masked rows)."""
+    users = [c for c in t.outputs if c.op not in ("Shape", "IsNaN")]
     return users[0] if len(users) == 1 else None
 
 
@@ -274,20 +274,52 @@ class _Side:
     flats: list[gs.Node]
 
 
-def _heads_in(t: gs.Tensor, nodes: list[gs.Node]) -> _Side | None:
-    """Back from an operand of ``Q·Kᵀ``/``P·V`` (or a 4-D Attention input) to its projection."""
-    node = _producer(t)
-    while node is not None and (node.op == "Transpose" or (node.op in ("Mul", "Div") and any(
-            _scalar_const(x) for x in node.inputs))):
-        nodes.append(node)
-        data = [x for x in node.inputs if const_values(x) is None]
-        node = _producer(data[0]) if len(data) == 1 else None
-    if node is None or node.op != "Reshape":
+_PATH_OPS = ("Transpose", "Reshape", "Mul", "Div")
+
+
+def _path_input(node: gs.Node) -> gs.Tensor | None:
+    """The input that continues a head path back: a Transpose/Reshape's data; for a scale Mul/Div
+    the operand a path op produced (the other, a constant or computed scale, stays)."""
+    if node.op in ("Transpose", "Reshape"):
+        return node.inputs[0]
+    data = [x for x in node.inputs if const_values(x) is None]
+    on_path = [x for x in data if (p := _producer(x)) is not None and p.op in _PATH_OPS]
+    pick = on_path if len(on_path) == 1 else data
+    if len(pick) != 1 or any((v := const_values(x)) is not None and v.size != 1 for x in node.inputs):
         return None
-    nodes.append(node)
-    flats: list[gs.Node] = []
-    lin = _projection(node.inputs[0], nodes, flats)
-    return None if lin is None else _Side(lin, node, flats)
+    return pick[0]
+
+
+def _adaptive(reshape: gs.Node) -> bool:
+    """A Reshape whose target has no positive literal (``-1``/``0`` and dims read at run time, as
+    dynamo writes around ``K``): it follows the head count by itself."""
+    values = const_values(reshape.inputs[1])
+    if values is not None:
+        return bool((values <= 0).all())
+    concat = _producer(reshape.inputs[1])
+    return concat is not None and concat.op == "Concat" and all(
+        (v := const_values(x)) is None or bool((v <= 0).all()) for x in concat.inputs)
+
+
+def _heads_in(t: gs.Tensor, nodes: list[gs.Node]) -> _Side | None:
+    """Back from an operand of ``Q·Kᵀ``/``P·V`` (or a 4-D Attention input) through transposes,
+    scales and self-adapting reshapes to the head-splitting Reshape and its projection."""
+    node = _producer(t)
+    for _ in range(12):
+        if node is None or node.op not in _PATH_OPS:
+            return None
+        if node.op == "Reshape":
+            flats: list[gs.Node] = []
+            lin = _projection(node.inputs[0], [], flats)
+            if lin is not None:
+                nodes += [node, *flats]
+                return _Side(lin, node, flats)
+            if not _adaptive(node):
+                return None
+        nodes.append(node)
+        nxt = _path_input(node)
+        node = _producer(nxt) if nxt is not None else None
+    return None
 
 
 def _heads_out(t: gs.Tensor, nodes: list[gs.Node]) -> tuple[Linear | None, list[gs.Node]]:
@@ -411,8 +443,13 @@ def _decomposed(softmax: gs.Node) -> AttentionBlock | Unrecognised:
     qk = _qk_matmul(softmax.inputs[0], nodes)
     if qk is None:
         return Unrecognised(node_label(softmax), R_NO_QK)
-    pv = _main_consumer(softmax.outputs[0])
-    if pv is None or pv.op != "MatMul" or pv.inputs[0] is not softmax.outputs[0]:
+    probs = softmax.outputs[0]
+    pv = _main_consumer(probs)
+    if pv is not None and pv.op == "Where":  # dynamo: Where(IsNaN(p), 0, p), rows with every key masked
+        nodes += [pv, *[c for c in probs.outputs if c.op == "IsNaN"]]
+        probs = pv.outputs[0]
+        pv = _main_consumer(probs)
+    if pv is None or pv.op != "MatMul" or pv.inputs[0] is not probs:
         return Unrecognised(node_label(softmax), R_NO_PV)
     nodes += [qk, pv]
     sides = [_heads_in(qk.inputs[0], nodes), _heads_in(qk.inputs[1], nodes), _heads_in(pv.inputs[1], nodes)]
@@ -557,18 +594,3 @@ def _unique(items: list[AttentionBlock] | list[FFN]) -> None:
         if seen[item.name] > 1:
             item.name = f"{item.name}#{seen[item.name]}"
 
-
-def summarize(found: TransformerBlocks) -> dict[str, list[dict[str, object]]]:
-    """A JSON-ready summary (what ``inspect`` shows): per block its style, heads, head size and
-    projection node names; per FFN its width, activation and projections; the unrecognised ones."""
-    def names(*lins: Linear | None) -> list[str | None]:
-        return [None if lin is None else node_label(lin.node) for lin in lins]
-
-    return {
-        "attention": [{"name": b.name, "style": b.style, "heads": b.heads, "head_dim": b.head_dim,
-                       "qkvo": names(b.q, b.k, b.v, b.o) if b.qkv is None else names(b.qkv, b.qkv, b.qkv, b.o),
-                       "head_literals": len(b.shapes), "problem": b.problem} for b in found.attention],
-        "ffn": [{"name": f.name, "width": f.width, "activation": f.act_kind, "up": node_label(f.up.node),
-                 "down": node_label(f.down.node)} for f in found.ffn],
-        "unrecognised": [{"node": u.node, "reason": u.reason} for u in found.unrecognised],
-    }

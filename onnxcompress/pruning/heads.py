@@ -34,7 +34,6 @@ __all__ = [
     "R_OUTSIDE_READ",
     "R_PER_HEAD_BIAS",
     "R_SHARED",
-    "R_SHARED_SHAPE",
     "block_problem",
     "head_columns",
     "head_scores",
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 R_SHARED = "shared_weight"
 R_GRAPH_OUTPUT = "graph_output_inside_block"
 R_OUTSIDE_READ = "head_tensor_read_outside_block"
-R_SHARED_SHAPE = "shared_shape_subgraph"
 R_PER_HEAD_BIAS = "per_head_attention_bias"
 
 
@@ -117,6 +115,22 @@ def _mask_problem(block: AttentionBlock) -> str | None:
     return None
 
 
+#: Shape arithmetic a ``Shape`` read may flow through on its way back into the block.
+_SHAPE_MATH = frozenset({"Gather", "Slice", "Cast", "Unsqueeze", "Squeeze", "Concat", "Div", "Mul", "Add", "Sub",
+                         "Sqrt", "Reciprocal"})
+
+
+def _feeds_block(t: gs.Tensor, inside: set[int], depth: int = 10) -> bool:
+    """Every use of ``t`` (a shape read) ends, through shape arithmetic, in a node of the block:
+    a computed Reshape target or the ``1/√dh`` scale, which read the pruned tensors themselves."""
+    for c in t.outputs:
+        if id(c) in inside:
+            continue
+        if depth == 0 or c.op not in _SHAPE_MATH or not all(_feeds_block(o, inside, depth - 1) for o in c.outputs):
+            return False
+    return True
+
+
 def block_problem(graph: gs.Graph, block: AttentionBlock) -> str | None:
     """Why ``block`` cannot lose heads (a reason code), or ``None``."""
     problem = block.problem or _weights_problem(block) or _mask_problem(block)
@@ -132,11 +146,8 @@ def block_problem(graph: gs.Graph, block: AttentionBlock) -> str | None:
         for c in t.outputs:
             if id(c) in inside:
                 continue
-            if c.op != "Shape" or id(t) not in safe or not _reads_batch_seq(c):
+            if c.op != "Shape" or not ((id(t) in safe and _reads_batch_seq(c)) or _feeds_block(c.outputs[0], inside)):
                 return R_OUTSIDE_READ
-    for e in block.shapes:
-        if e.holder is not e.reshape and any(id(c) not in inside for c in e.holder.outputs[0].outputs):
-            return R_SHARED_SHAPE
     return None
 
 
@@ -182,12 +193,29 @@ def prune_block(graph: gs.Graph, block: AttentionBlock, keep: Sequence[int] | np
     for t in _carried(block)[0]:
         if isinstance(t, gs.Variable):
             t.shape = None  # stale annotations (exporters' value_info) would contradict the new widths
+    clones: dict[int, gs.Node] = {}
     for e in block.shapes:
-        values = const_values(e.holder.inputs[e.input_index])
+        holder = e.holder if e.holder is e.reshape else _own_concat(graph, e.holder, block, clones, names)
+        values = const_values(holder.inputs[e.input_index])
         assert values is not None
         new = values.copy()
         new.reshape(-1)[e.position] = kept * e.unit
-        _replace(e.holder, e.input_index, new, names, f"{e.holder.inputs[e.input_index].name}_heads")
+        _replace(holder, e.input_index, new, names, f"{holder.inputs[e.input_index].name}_heads")
+
+
+def _own_concat(graph: gs.Graph, concat: gs.Node, block: AttentionBlock, clones: dict[int, gs.Node],
+                names: Names) -> gs.Node:
+    """A copy of a shape ``Concat`` for this block's Reshapes only (dynamo computes one target for
+    the Q/K/V Reshapes of every layer; blocks may keep different head counts)."""
+    if id(concat) not in clones:
+        out = gs.Variable(names.fresh(f"{concat.outputs[0].name}_heads"), dtype=concat.outputs[0].dtype)
+        clone = gs.Node("Concat", names.fresh(f"{concat.name or 'Concat'}_heads"), dict(concat.attrs),
+                        list(concat.inputs), [out])
+        graph.nodes.append(clone)
+        for reshape in {id(e.reshape): e.reshape for e in block.shapes if e.holder is concat}.values():
+            reshape.inputs[1] = out
+        clones[id(concat)] = clone
+    return clones[id(concat)]
 
 
 def mask_heads(block: AttentionBlock, drop: Sequence[int] | np.ndarray, graph: gs.Graph) -> None:
