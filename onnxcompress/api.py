@@ -11,8 +11,11 @@ from typing import Any
 import onnx
 
 from onnxcompress.core import serde
+from onnxcompress.core.attention import Linear, TransformerBlocks, find_blocks
 from onnxcompress.core.errors import GateFailed, InputError
+from onnxcompress.core.graph import node_label
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
+from onnxcompress.core.normalize import normalize
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
 from onnxcompress.core.shapes import Dims
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
@@ -24,8 +27,8 @@ from onnxcompress.runtime.data import CalibSource, data_dims, open_source
 from onnxcompress.runtime.progress import steps
 from onnxcompress.runtime.tasks import TaskSpec, check_output_ranks
 
-__all__ = ["Report", "optimize", "inspect", "list_nodes", "activation_outliers", "compare", "sensitivity",
-           "DEFAULT_VALIDATION_SAMPLES", "OUTLIER_SAMPLES"]
+__all__ = ["Report", "optimize", "inspect", "list_nodes", "activation_outliers", "transformer_blocks", "compare",
+           "sensitivity", "DEFAULT_VALIDATION_SAMPLES", "OUTLIER_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +258,28 @@ def activation_outliers(model: serde.ModelSource, calib: Any, dims: dict[str, in
     loaded = serde.load_model(model)
     source = open_source(calib, loaded, preprocess=preprocess, limit=samples, dims=dims)
     return layer_input_outliers(loaded, source, batch_size=batch_size, progress=progress)
+
+
+def transformer_blocks(model: serde.ModelSource) -> dict[str, list[dict[str, object]]]:
+    """Attention blocks, FFNs and unrecognised attention-like nodes of a model
+    (:func:`onnxcompress.core.attention.find_blocks` on the graph normalised as the passes see it)."""
+    return _summarize(find_blocks(serde.to_graph(normalize(serde.load_model(model)))))
+
+
+def _summarize(found: TransformerBlocks) -> dict[str, list[dict[str, object]]]:
+    """A JSON-ready summary (what ``inspect`` shows): per block its style, heads, head size and
+    projection node names; per FFN its width, activation and projections; the unrecognised ones."""
+    def names(*lins: Linear | None) -> list[str | None]:
+        return [None if lin is None else node_label(lin.node) for lin in lins]
+
+    return {
+        "attention": [{"name": b.name, "style": b.style, "heads": b.heads, "head_dim": b.head_dim,
+                       "qkvo": names(b.q, b.k, b.v, b.o) if b.qkv is None else names(b.qkv, b.qkv, b.qkv, b.o),
+                       "head_literals": len(b.shapes), "problem": b.problem} for b in found.attention],
+        "ffn": [{"name": f.name, "width": f.width, "activation": f.act_kind, "up": node_label(f.up.node),
+                 "down": node_label(f.down.node)} for f in found.ffn],
+        "unrecognised": [{"node": u.node, "reason": u.reason} for u in found.unrecognised],
+    }
 
 
 def _inspect_dims(model: onnx.ModelProto, dims: dict[str, int] | None, calib: Any, data: Any, preprocess: Any) -> Dims:

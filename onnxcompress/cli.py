@@ -32,6 +32,7 @@ from onnxcompress.reporting.display import (
     show_outliers,
     show_passes,
     show_report,
+    show_transformer,
     show_validation,
 )
 from onnxcompress.runtime import bench as _bench
@@ -250,14 +251,19 @@ def inspect(obj: dict, model: Path, json_path: str | None, top: int, dims: tuple
     metrics = api.inspect(model, parse_dims(dims), calib=calib, data=data, preprocess=preprocess)
     used = {name: d["value"] for name, d in metrics.dims.items()}  # the same shapes, resolved once
     nodes = api.list_nodes(model, used) if all_nodes else None
+    blocks = api.transformer_blocks(model)
     if json_path != "-" and not obj["quiet"]:
         show_metrics(_console(), metrics, top)
+        if blocks["attention"]:
+            show_transformer(_console(), blocks)
         if nodes is not None:
             show_nodes(_console(), nodes)
     outliers = api.activation_outliers(model, calib, used, preprocess=preprocess) if calib is not None else None
     if outliers is not None and json_path != "-" and not obj["quiet"]:
         show_outliers(_console(), outliers)
     payload = metrics.as_dict()
+    if blocks["attention"]:
+        payload["transformer"] = blocks
     if nodes is not None:
         payload["nodes"] = [dataclasses.asdict(n) for n in nodes]
     if outliers is not None:

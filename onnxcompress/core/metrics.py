@@ -22,7 +22,7 @@ from onnxcompress.core.shapes import (
     DEFAULT,
     Dims,
     concrete_inputs,
-    infer_shapes,
+    infer_shapes_filled,
     resolve_dims,
     symbolic_dims,
     with_concrete_inputs,
@@ -104,7 +104,7 @@ def _inferred(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None
     """The concrete input shapes, the model inferred at them, every known tensor shape, the dims used."""
     resolved = dims if isinstance(dims, Dims) else resolve_dims(model, dims)
     shapes_in = concrete_inputs(model, resolved)
-    inferred = infer_shapes(with_concrete_inputs(model, shapes_in))
+    inferred = infer_shapes_filled(with_concrete_inputs(model, shapes_in))
     return shapes_in, inferred, _shape_map(inferred), resolved
 
 

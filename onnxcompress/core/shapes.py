@@ -34,6 +34,7 @@ __all__ = [
     "describe_dims",
     "dim_name",
     "infer_graph",
+    "infer_shapes_filled",
     "infer_shapes",
     "light_model",
     "parse_dims",
@@ -87,6 +88,36 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             return symbolic
     except Exception as exc:
         log.debug("symbolic shape inference failed: %s", exc)
+    return inferred
+
+
+def _gave_up(vi: onnx.ValueInfoProto) -> bool:
+    """Whether onnx's inference left a dim of ``vi`` as one of its ``unk__N`` placeholders."""
+    return any(d.dim_param.startswith("unk__") for d in vi.type.tensor_type.shape.dim)
+
+
+def infer_shapes_filled(model: onnx.ModelProto) -> onnx.ModelProto:
+    """:func:`infer_shapes`, then, for the tensors onnx gave up on (``unk__N`` dims, e.g. after a
+    ``Slice`` whose ends are computed, as in transformer position embeddings), the shapes of
+    onnxruntime's symbolic inference where it finds them all. For MAC counting at concrete input
+    dims; the passes keep :func:`infer_shapes`."""
+    inferred = infer_shapes(model)
+    if not any(_gave_up(vi) for vi in inferred.graph.value_info):
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
+    except Exception as exc:
+        log.debug("symbolic shape inference failed: %s", exc)
+        return inferred
+    if symbolic is None:
+        return inferred
+    found = {vi.name: vi for vi in symbolic.graph.value_info
+             if all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+    for vi in inferred.graph.value_info:
+        if _gave_up(vi) and vi.name in found:
+            vi.CopyFrom(found[vi.name])
     return inferred
 
 

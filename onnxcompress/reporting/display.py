@@ -18,8 +18,8 @@ from onnxcompress.pipeline.validate import ValidationReport
 from onnxcompress.quant.channels import LayerOutliers
 from onnxcompress.runtime.bench import _MIB, BenchReport
 
-__all__ = ["show_report", "show_metrics", "show_nodes", "show_outliers", "show_validation", "show_passes",
-           "show_bench", "show_sensitivity", "human_bytes", "human_count"]
+__all__ = ["show_report", "show_metrics", "show_nodes", "show_outliers", "show_transformer", "show_validation",
+           "show_passes", "show_bench", "show_sensitivity", "human_bytes", "human_count"]
 
 
 def human_bytes(n: float) -> str:
@@ -64,6 +64,22 @@ def show_metrics(console: Console, m: ModelMetrics, top: int = 10) -> None:
         for n in sorted(m.per_node, key=lambda n: -n.macs)[:top]:
             nodes.add_row(n.name or "?", n.op_type, f"{n.macs:,}", f"{100 * n.macs / m.macs:.1f}%")
         console.print(nodes)
+
+
+def show_transformer(console: Console, blocks: dict) -> None:
+    """The ``inspect`` view of transformer structure: attention blocks (heads × head size), FFN
+    widths, and attention-like nodes that were not recognised (with the reason)."""
+    t = Table(title="transformer blocks")
+    for col in ("block", "kind", "heads", "head_dim", "width", "notes"):
+        t.add_column(col, justify="right" if col in ("heads", "head_dim", "width") else "left")
+    for b in blocks["attention"]:
+        t.add_row(b["name"], f"attention ({b['style']})", str(b["heads"]), str(b["head_dim"]),
+                  str(b["heads"] * b["head_dim"]), b["problem"] or "")
+    for f in blocks["ffn"]:
+        t.add_row(f["name"], "ffn", "", "", str(f["width"]), f["activation"])
+    for u in blocks["unrecognised"]:
+        t.add_row(u["node"], "not recognised", "", "", "", u["reason"])
+    console.print(t)
 
 
 def show_nodes(console: Console, nodes: list[NodeInfo]) -> None:
