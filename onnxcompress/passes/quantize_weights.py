@@ -95,7 +95,8 @@ class QuantizeWeights(Pass):
     Hessian ``H = XᵀX`` of the layer's calibration inputs (``damp``, ``act_order``; static
     block scales); ``kmeans`` (:mod:`onnxcompress.quant.codebook`) fits a per-layer codebook,
     weighted by ``diag H`` when calibration data is given, else data-free. Embedding tables are
-    always rounded to nearest (k-means with ``method=kmeans``); they have no input Hessian.
+    always rounded to nearest (k-means with ``method=kmeans``); they have no input Hessian;
+    ``gather_block_size`` gives them their own block size (the table often dominates the file).
 
     Fires when: a MatMul's input 1 / a Gemm's ``B`` is a float32 2-D constant (``ops`` has
     ``matmul``), or a ``Gather`` (axis 0) reads a float32 2-D constant table with computed
@@ -136,6 +137,8 @@ class QuantizeWeights(Pass):
         "format": Option(str, "dq", "dq (standard DequantizeLinear, opset 21) or matmulnbits (onnxruntime)",
                          choices=("dq", "matmulnbits")),
         "ops": Option(list, ["matmul"], "which constant weights: matmul (MatMul/Gemm) and/or gather (embeddings)"),
+        "gather_block_size": Option(int, None, "block_size of embedding tables (default: block_size)",
+                                    interval="[-1, inf)"),
         "search": Option(bool, True, "search each block's range shrink for the least rounding error"),
         "damp": Option(float, DEFAULT_DAMP, "gptq: relative Hessian damping", interval="(0, inf)"),
         "act_order": Option(bool, False, "gptq: round the most excited input rows first"),
@@ -161,9 +164,11 @@ class QuantizeWeights(Pass):
             raise InputError(f"pass {self.name}: format=matmulnbits: bits must be 2, 4 or 8")
         if "gather" in o["ops"] and o["method"] != "kmeans" and o["bits"] not in (4, 8):
             raise InputError(f"pass {self.name}: ops=gather: bits must be 4 or 8")
-        b = o["block_size"]
-        if o["format"] == "matmulnbits" and o["method"] != "kmeans" and b > 0 and (b < 16 or b & (b - 1)):
-            raise InputError(f"pass {self.name}: format=matmulnbits: block_size must be a power of 2 >= 16 (or 0)")
+        for key in ("block_size", "gather_block_size"):
+            b = o[key]
+            if o["format"] == "matmulnbits" and o["method"] != "kmeans" and b is not None and b > 0 \
+                    and (b < 16 or b & (b - 1)):
+                raise InputError(f"pass {self.name}: format=matmulnbits: {key} must be a power of 2 >= 16 (or 0)")
         if o["format"] == "dq" or o["method"] == "kmeans":
             self.min_opset = 21  # type: ignore[misc]  # DequantizeLinear's block_size, int4/uint4 types
 
@@ -224,7 +229,7 @@ class QuantizeWeights(Pass):
     def _format_problem(self, node: gs.Node, values: np.ndarray) -> tuple[str, str] | None:
         o = self.opts
         if node.op == "Gather" and o["method"] != "kmeans":
-            d, block = values.shape[1], self._block(values.shape[1])
+            d, block = values.shape[1], self._block(values.shape[1], gather=True)
             if (o["format"] == "matmulnbits" or o["bits"] == 4) and d % block:
                 return "block_not_dividing", f"table width {d}, block {block}"
             if o["bits"] == 4 and d % 2:
@@ -241,8 +246,10 @@ class QuantizeWeights(Pass):
                 return "gemm_attributes", "MatMulNBits needs transA=0, alpha=beta=1 and a constant [N] bias"
         return None
 
-    def _block(self, k: int) -> int:
+    def _block(self, k: int, gather: bool = False) -> int:
         b = self.opts["block_size"]
+        if gather and self.opts["gather_block_size"] is not None:
+            b = self.opts["gather_block_size"]
         if self.opts["format"] == "matmulnbits":
             return _pow2_at_least(k) if b <= 0 else b
         return k if b <= 0 else b
@@ -308,7 +315,7 @@ class QuantizeWeights(Pass):
             weights = None if h is None else np.diag(h)[:, None]
             book, idx = kmeans_codebook(w, o["bits"], weights=weights, seed=ctx.seed)
             return None, (book, idx), float(np.linalg.norm(book[idx] - w)) / norm
-        block = self._block(w.shape[0])
+        block = self._block(w.shape[0], gather=t.kind == "Gather")
         if o["method"] == "gptq" and h is not None:
             q = gptq(w, h, o["bits"], block, o["symmetric"], damp=o["damp"], act_order=o["act_order"],
                      search=o["search"])

@@ -204,6 +204,14 @@ def test_gather_dequantizes_only_the_gathered_rows(spec):
     np.testing.assert_allclose(ort_run(new, {"ids": ids})[0], np.maximum(deq[ids], 0), rtol=1e-5, atol=1e-5)
 
 
+def test_gather_block_size_is_the_tables_own():
+    model = encoder(dim=64, ffn=128)
+    new, _ = run_checked(model, f"{SIZE}:ops=matmul|gather:gather_block_size=16", ["weight_not_constant"])
+    shapes = {t.name: tuple(t.dims) for t in new.graph.initializer}
+    assert shapes["embeddings.word_scale"] == (50, 4)  # 64 / 16 blocks per row
+    assert shapes["layer0.ffn.intermediate.weight_scale"] == (2, 128)  # 64 / 32 blocks per column
+
+
 def test_kmeans_form_expands_a_codebook_in_graph():
     model = matmul_model(k=64, n=32)
     new, result = run_checked(model, f"{SIZE}:method=kmeans:bits=3", [])
