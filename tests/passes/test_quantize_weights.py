@@ -351,11 +351,28 @@ def test_slower_than_float_is_warned_and_recorded(caplog):
         _, records = run_passes(model, "quantize_weights:bits=8:format=matmulnbits", ctx)
     stats = records[0].result.stats
     assert stats["latency_ratio"] == 2.6 and stats["latency_slower"] == 1 and len(seen) == 1
+    assert stats["latency_scope"] == "model" and set(seen[0].float_feeds) == {"x"}
     assert any("2.60× the float time" in r.getMessage() for r in caplog.records)
     assert ops_of(seen[0].int8_model) == ["MatMulNBits"] and ops_of(seen[0].float_model) == ["MatMul"]
     _, records = run_passes(model, "quantize_weights:bits=8:format=matmulnbits:prefer=size",
                             PassContext(values={LATENCY_TIMER: timer}))
     assert "latency_ratio" not in records[0].result.stats and len(seen) == 1
+
+
+def test_layers_are_timed_alone_when_the_model_cannot_run():
+    model = encoder(vocab=50)
+    seen = []
+
+    def timer(pair):
+        seen.append(pair)
+        if "input_ids" in pair.float_feeds:
+            raise RuntimeError("indices element out of data bounds")  # as random token ids may be
+        return 0.9
+
+    _, records = run_passes(model, "quantize_weights", PassContext(values={LATENCY_TIMER: timer}))
+    stats = records[0].result.stats
+    assert stats["latency_scope"] == "layers" and stats["latency_ratio"] == 0.9 and stats["latency_slower"] == 0
+    assert len(seen) == 1 + 3  # the model, then the three layer shapes: [32×32], [32×64], [64×32]
 
 
 # ---------------------------------------------------------------------------------- real models
