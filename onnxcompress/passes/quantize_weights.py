@@ -370,7 +370,7 @@ class QuantizeWeights(Pass):
     def _model_latency(self, snapshot: gs.Graph, graph: gs.Graph, ctx: PassContext, result: PassResult) -> bool:
         """Time the whole float and quantized models (one sample of the calibration data, else
         seeded random inputs); False when they could not be run (then the layers are timed alone)."""
-        timer = ctx.get(LATENCY_TIMER) or (lambda pair: measure_ratio(pair, rounds=30))
+        timer = ctx.get(LATENCY_TIMER) or (lambda pair: measure_ratio(pair, rounds=60))
         snapshot.producer_name, snapshot.producer_version = graph.producer_name, graph.producer_version
         float_model = serde.to_model(snapshot)
         try:
