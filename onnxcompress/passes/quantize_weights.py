@@ -150,7 +150,7 @@ class QuantizeWeights(Pass):
         "damp": Option(float, DEFAULT_DAMP, "gptq: relative Hessian damping", interval="(0, inf)"),
         "act_order": Option(bool, False, "gptq: round the most excited input rows first"),
         "accuracy_level": Option(int, 0, "matmulnbits: onnxruntime's accuracy_level (4: int8 activations)",
-                                 choices=(0, 1, 2, 3, 4), interval="[0, 4]"),
+                                 interval="[0, 4]"),
         "prefer": Option(str, "speed", "speed: time quantized layers and warn when slower than float; size: don't",
                          choices=("speed", "size")),
         "batch_size": Option(int, 8, "gptq/kmeans calibration batch size", interval="[1, inf)"),
