@@ -7,9 +7,11 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from onnxcompress.core.errors import InputError
 
@@ -25,6 +27,8 @@ __all__ = [
     "constants_nbytes",
     "has_float_weight",
     "has_padding",
+    "lowbit_constant",
+    "relazy_lowbit",
     "node_label",
     "opt_input",
     "uncached_values",
@@ -256,3 +260,30 @@ def check_names(graph: gs.Graph, names: Iterable[str], *, owner: str, option: st
     what = "node" + (", tensor" if tensors else "") + (" or op type" if op_types else "")
     hint = f"; close: {', '.join(close)}" if close else "; `onnxcompress inspect --nodes MODEL` lists them"
     raise InputError(f"{owner}: {option}={unknown[0]!r} names no {what} of the model{hint}")
+
+
+#: Sub-byte integer element types (numpy holds them as ml_dtypes arrays, one byte per element).
+LOWBIT_TYPES = ("int4", "uint4", "int2", "uint2")
+
+
+def lowbit_constant(name: str, codes: np.ndarray, dtype: str) -> gs.Constant:
+    """A constant of sub-byte integer type ``dtype`` (``int4``, ``uint4``, ``int2``, ``uint2``)
+    holding integer ``codes`` (packed two or four to a byte in the file)."""
+    if dtype not in LOWBIT_TYPES:
+        raise ValueError(f"{dtype!r} is not one of {LOWBIT_TYPES}")
+    arr = np.asarray(codes).astype(getattr(ml_dtypes, dtype))
+    return gs.Constant(name, gs.ir.tensor.LazyValues(numpy_helper.from_array(arr, name)))
+
+
+def relazy_lowbit(graph: gs.Graph) -> int:
+    """Give every sub-byte constant read into numpy (``.values``) its packed protobuf back, which
+    graphsurgeon's exporter needs (it cannot convert those arrays itself); returns how many."""
+    names = {np.dtype(getattr(ml_dtypes, t)) for t in LOWBIT_TYPES}
+    done = 0
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for tensor in g.tensors().values():
+            values = tensor._values if isinstance(tensor, gs.Constant) else None
+            if isinstance(values, np.ndarray) and values.dtype in names:
+                tensor._values = gs.ir.tensor.LazyValues(numpy_helper.from_array(values, tensor.name))
+                done += 1
+    return done

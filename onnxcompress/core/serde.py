@@ -26,6 +26,7 @@ from onnx import external_data_helper, numpy_helper
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.fileio import FileRecord
+from onnxcompress.core.graph import relazy_lowbit
 
 __all__ = [
     "ModelSource", "KNOWN_DOMAINS", "MIN_OPSET", "PROTO_LIMIT", "EXTERNAL_THRESHOLD", "size_limits", "load_model",
@@ -483,6 +484,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         template: The model the graph came from; its ``ir_version``, producer, doc string,
             model version and metadata are carried over.
     """
+    relazy_lowbit(graph)
     with weights_set_aside(graph) as big:
         model = gs.export_onnx(graph, do_type_check=False)
     _fill_weights(model, big)
@@ -491,6 +493,8 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         listed = {i.name for i in model.graph.input}
         if model.ir_version < 4 and any(t.name not in listed for t in model.graph.initializer):
             model.ir_version = 4  # IR < 4 requires every initializer to be a graph input
+        if model.ir_version < 10 and any(t.data_type in _IR10_TYPES for t in model.graph.initializer):
+            model.ir_version = 10  # int4/uint4 tensors need IR 10
         model.producer_name = template.producer_name
         model.producer_version = template.producer_version
         model.domain = template.domain
@@ -500,6 +504,9 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.M
         model.metadata_props.extend(template.metadata_props)
     return model
 
+
+#: Element types IR 10 introduced.
+_IR10_TYPES = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
 
 #: Constants at least this big are exported by :func:`to_model` with a single copy.
 _BIG_CONSTANT = 1 << 20
