@@ -44,6 +44,7 @@ shape-vector tracing), built from :mod:`.handlers_common`.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import onnx_graphsurgeon as gs
 
@@ -61,6 +62,7 @@ from onnxcompress.pruning.handlers_channelwise import (
 )
 from onnxcompress.pruning.handlers_common import Handler, _frozen
 from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _slice, _split
+from onnxcompress.pruning.handlers_last import _reduce_last, _reshape_last
 from onnxcompress.pruning.handlers_reshape import _reshape, _transpose
 from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
 from onnxcompress.pruning.shape_trace import _shape_op
@@ -68,6 +70,7 @@ from onnxcompress.pruning.types import (
     R_CONTROL_FLOW,
     R_LAST_AXIS,
     R_NO_HANDLER,
+    R_NORMALIZES,
     R_SHAPE_READ,
     GraphInfo,
     NodeSpec,
@@ -75,6 +78,7 @@ from onnxcompress.pruning.types import (
 
 __all__ = [
     "HANDLERS",
+    "LAST_AXIS_HANDLERS",
     "LAST_AXIS_OPS",
     "handle",
 ]
@@ -108,6 +112,7 @@ HANDLERS: dict[str, Handler] = {
     "Squeeze": _squeeze, "Unsqueeze": _squeeze, "Transpose": _transpose, "Shape": _shape_op,
     "Size": _frozen(R_SHAPE_READ), "Concat": _concat, "Split": _split, "Slice": _slice,
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul,
+    "LayerNormalization": _frozen(R_NORMALIZES),
 }
 
 
@@ -116,9 +121,28 @@ HANDLERS: dict[str, Handler] = {
 LAST_AXIS_OPS = frozenset({*_UNARY_OPS, *_BINARY, "Clip", "PRelu"})
 
 
+#: Handlers of the non-elementwise ops that read last-axis tensors (:mod:`.handlers_last`).
+LAST_AXIS_HANDLERS: dict[str, Handler] = {
+    "MatMul": _matmul, "Reshape": _reshape_last, "Shape": _shape_op, "LayerNormalization": _frozen(R_NORMALIZES),
+    **{op: _reduce_last for op in _REDUCE_OPS if not op.startswith("Arg")},
+}
+
+
+def _handle_last(node: gs.Node, g: GraphInfo, handler: Handler | None) -> NodeSpec:
+    """A node touching a :attr:`GraphInfo.last` tensor, handled in the last-axis view of ``g``."""
+    view = replace(g, last_axis=True)
+    if handler is not None and node.op in LAST_AXIS_OPS:
+        return handler(node, view)
+    if handler is not None and node.op in LAST_AXIS_HANDLERS:
+        return LAST_AXIS_HANDLERS[node.op](node, view)
+    return NodeSpec(node, view).freeze(None, R_NO_HANDLER if handler is None else R_LAST_AXIS)
+
+
 def handle(node: gs.Node, g: GraphInfo) -> NodeSpec:
     """The spec of ``node``: its handler's, or every channel tensor frozen (no handler)."""
     handler = HANDLERS.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
+    if g.last and not g.last_axis and any(t.name in g.last for t in [*node.inputs, *node.outputs]):
+        return _handle_last(node, g, handler)
     if handler is None:
         return NodeSpec(node, g).freeze(None, R_NO_HANDLER)
     if g.last_axis and node.op not in LAST_AXIS_OPS:

@@ -104,16 +104,18 @@ def _activation_tensors(analysis: Analysis, group: Group) -> list[str]:
 
 
 class _AbsMean:
-    """Streaming per-channel mean of ``|x|``."""
+    """Streaming per-channel mean of ``|x|`` (channels on axis 1, or the last axis for ``last``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, last: frozenset[str] = frozenset()) -> None:
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self.last = last
 
     def __call__(self, batch: Any, tensors: dict[str, np.ndarray]) -> None:
         for name, x in tensors.items():
             x = np.abs(np.asarray(x, dtype=np.float64))
-            per_channel = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+            axis = x.ndim - 1 if name in self.last else 1
+            per_channel = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
             self.sums[name] = self.sums.get(name, 0.0) + per_channel.sum(axis=1)
             self.counts[name] = self.counts.get(name, 0) + per_channel.shape[1]
 
@@ -134,7 +136,7 @@ def activation_scores(analysis: Analysis, groups: list[Group], calib: Any, *, ba
 
     wanted = {g.index: _activation_tensors(analysis, g) for g in groups}
     names = sorted({n for ns in wanted.values() for n in ns})
-    acc = _AbsMean()
+    acc = _AbsMean(analysis.info.last)
     if names:
         capture(serde.to_model(analysis.graph), names, calib, acc, batch_size=batch_size, progress=progress)
     out = {}
