@@ -4,7 +4,8 @@ Every handler takes a node and the graph facts and returns a :class:`~.spec.Node
 
 * weight layers (sources of free output channels, consumers of input channels): ``Conv``
   (``group == 1``), ``ConvTranspose`` (``group == 1``), ``Gemm`` (``transA == 0``, ``transB``
-  respected), ``MatMul`` with a constant 2-D weight and a 2-D input;
+  respected), ``MatMul`` with a constant 2-D weight and a 2-D input, or a ``[..., d]`` input whose
+  channels are on the last axis (a transformer's linear layer, :mod:`.layout`);
 * depthwise ``Conv``/``ConvTranspose`` (``group == Cin``, ``m = Cout / Cin``): input channel ``i``
   is output channels ``[i*m, (i+1)*m)``; ``group`` is rewritten;
 * grouped ``Conv``/``ConvTranspose`` (``1 < group < Cin``): a weight layer whose input and
@@ -29,6 +30,11 @@ A walker that follows one producer's channels forward reads the same table node 
 through :func:`.flow.channel_flow` (``equalize`` does). With :attr:`GraphInfo.last_axis
 <.types.GraphInfo>` (the channels of a MatMul's output are on its last axis) only the
 elementwise ops of :data:`LAST_AXIS_OPS` are followed; any other op freezes.
+
+A node that touches a tensor of :attr:`GraphInfo.last <.types.GraphInfo>` (channels on the last
+axis: ``[batch, seq, dim]``) gets the last-axis view of the facts: elementwise ops as above,
+MatMul, Reshape, Shape, LayerNormalization and reductions through :data:`LAST_AXIS_HANDLERS`
+(:mod:`.handlers_last`), any other op freezes.
 
 Each handler also gives ``const_fn``: the op applied to per-channel constants, used to carry the
 constant output of a removed channel (its bias through BN, activations, pools, ...) to the next

@@ -11,8 +11,10 @@ Criteria:
     * ``activation``: mean ``|x|`` per channel over calibration data, for the tensors the
       group's consumers read (or the producers' outputs when nothing reads them).
     * ``auto``: ``bn_scale`` for every group that has a BatchNormalization (or kept gammas),
-      ``l1`` for the others -- the same scores as ``bn_scale``, but the ``l1`` groups are the
-      expected case, not a fallback (:attr:`Scores.used` counts both).
+      ``activation`` for the groups of transformer linear layers (:func:`last_axis_group`: FFN
+      neurons) when calibration data is given, ``l1`` for the others -- the same scores as
+      ``bn_scale``, but the ``l1`` groups are the expected case, not a fallback
+      (:attr:`Scores.used` counts each).
 
 :func:`normalize` divides each group's scores by their mean, which makes scores of different
 groups comparable for a global ranking.
@@ -31,7 +33,8 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.pruning.dependency import Analysis, Group
 from onnxcompress.pruning.types import ROLE_GAMMA, ROLE_W_IN, ROLE_W_OUT, ParamRef
 
-__all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "normalize", "score_groups", "weight_scores"]
+__all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "last_axis_group", "normalize", "score_groups",
+           "weight_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,23 @@ def activation_scores(analysis: Analysis, groups: list[Group], calib: Any, *, ba
     return out
 
 
+def last_axis_group(analysis: Analysis, group: Group) -> bool:
+    """Whether ``group`` is the channels of transformer linear layers: one of its tensors has its
+    channels on the last axis (:attr:`~.types.GraphInfo.last`), or a producer reads a ``Reshape``
+    of such a tensor (``[1, s, d] -> [s, d] -> Gemm``)."""
+    last = analysis.info.last
+    if not last:
+        return False
+    if any(name in last for name in group.tensors):
+        return True
+    for spec in analysis.specs:
+        if spec.layer is not None and spec.layer.out in group.source_tensors:
+            x = spec.node.inputs[0]
+            if any(n.op == "Reshape" and n.inputs[0].name in last for n in x.inputs):
+                return True
+    return False
+
+
 def score_groups(analysis: Analysis, criterion: str, *, calib: Any = None, gammas: dict[str, np.ndarray] | None = None,
                  include_inputs: bool = False, progress: bool = False) -> Scores:
     """Scores of every non-frozen group of ``analysis`` under ``criterion``.
@@ -162,11 +182,17 @@ def score_groups(analysis: Analysis, criterion: str, *, calib: Any = None, gamma
         raise InputError(f"prune_channels: unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     groups = [g for g in analysis.groups if g.frozen is None]
     scores = Scores()
+    measured = groups if criterion == "activation" else []
+    if criterion == "auto" and calib is not None:
+        measured = [g for g in groups if last_axis_group(analysis, g)]
+    if measured or criterion == "activation":
+        for index, values in activation_scores(analysis, measured, calib, progress=progress).items():
+            scores.record(index, values, "activation")
     if criterion == "activation":
-        for index, values in activation_scores(analysis, groups, calib, progress=progress).items():
-            scores.record(index, values, criterion)
         return scores
     for g in groups:
+        if g.index in scores.values:
+            continue
         if criterion in ("bn_scale", "auto"):
             found = bn_scores(g, gammas)
             if found is not None:
