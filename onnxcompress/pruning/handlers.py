@@ -68,7 +68,7 @@ from onnxcompress.pruning.handlers_channelwise import (
 )
 from onnxcompress.pruning.handlers_common import Handler, _frozen
 from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _slice, _split
-from onnxcompress.pruning.handlers_last import _reduce_last, _reshape_last
+from onnxcompress.pruning.handlers_last import _reduce_last, _reshape_last, heads_reason
 from onnxcompress.pruning.handlers_reshape import _reshape, _transpose
 from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
 from onnxcompress.pruning.shape_trace import _shape_op
@@ -153,4 +153,4 @@ def handle(node: gs.Node, g: GraphInfo) -> NodeSpec:
         return NodeSpec(node, g).freeze(None, R_NO_HANDLER)
     if g.last_axis and node.op not in LAST_AXIS_OPS:
         return NodeSpec(node, g).freeze(None, R_LAST_AXIS)
-    return handler(node, g)
+    return heads_reason(handler(node, g)) if node.op == "Reshape" else handler(node, g)

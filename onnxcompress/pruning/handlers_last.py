@@ -37,7 +37,7 @@ from onnxcompress.pruning.types import (
     RewriteContext,
 )
 
-__all__ = ["_reduce_last", "_reshape_last"]
+__all__ = ["_reduce_last", "_reshape_last", "heads_reason"]
 
 Dims = tuple[int | None, ...]
 
@@ -47,6 +47,22 @@ def _splits_heads(a: Dims, b: Dims) -> bool:
     if len(b) != len(a) + 1 or a[-1] is None or b[-1] is None or b[-2] is None:
         return False
     return b[-2] > 1 and b[-2] * b[-1] == a[-1]
+
+
+def heads_reason(spec: NodeSpec) -> NodeSpec:
+    """A Reshape between a Gemm's ``[s, H*dh]`` and ``[b, s, H, dh]`` (either way; the fixed-shape
+    Gemm style) that its handler froze as mixing channels is the split into (or merge of) attention
+    heads: say so (``attention_heads``)."""
+    node, g = spec.node, spec.info
+    if node.op != "Reshape" or not any(r == R_RESHAPE for _, r in spec.freezes):
+        return spec
+    xs, ys = g.shape(node.inputs[0]), out_shape(node, g, _target(node, g)) if len(node.inputs) > 1 else None
+    if xs is None or ys is None:
+        return spec
+    flat, split = (xs, ys) if len(xs) == 2 else (ys, xs)
+    if len(flat) == 2 and len(split) == 4 and _splits_heads(flat, split[1:]):
+        spec.freezes = [(t, R_HEADS if r == R_RESHAPE else r) for t, r in spec.freezes]
+    return spec
 
 
 def _on_last(t: gs.Tensor, g: GraphInfo) -> bool:

