@@ -68,7 +68,7 @@ from onnxcompress.pruning.handlers_channelwise import (
 )
 from onnxcompress.pruning.handlers_common import Handler, _frozen
 from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _slice, _split
-from onnxcompress.pruning.handlers_last import _reduce_last, _reshape_last, heads_reason
+from onnxcompress.pruning.handlers_last import MS_GELU_OPS, _ms_gelu, _reduce_last, _reshape_last, heads_reason
 from onnxcompress.pruning.handlers_reshape import _reshape, _transpose
 from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
 from onnxcompress.pruning.shape_trace import _shape_op
@@ -137,6 +137,8 @@ LAST_AXIS_HANDLERS: dict[str, Handler] = {
 def _handle_last(node: gs.Node, g: GraphInfo, handler: Handler | None) -> NodeSpec:
     """A node touching a :attr:`GraphInfo.last` tensor, handled in the last-axis view of ``g``."""
     view = replace(g, last_axis=True)
+    if node.domain == "com.microsoft" and node.op in MS_GELU_OPS:
+        return _ms_gelu(node, view)
     if handler is not None and node.op in LAST_AXIS_OPS:
         return handler(node, view)
     if handler is not None and node.op in LAST_AXIS_HANDLERS:

@@ -12,6 +12,8 @@
   H*dh] <-> [b, s, H, dh]``, freezes with ``attention_heads``: whole heads are removed by
   ``prune_heads``, never single channels. Any other reshape of these tensors freezes
   (``reshape_mixes_channels``);
+* onnxruntime's fused ``com.microsoft`` ``BiasGelu``/``FastGelu``/``Gelu``/``QuickGelu``: the
+  same channels, a constant bias sliced with them;
 * ``LayerNormalization`` freezes with ``normalizes_over_channels`` (the residual stream between
   blocks); reductions over the last axis with ``reduces_over_channels``; anything else with
   ``channels_not_on_axis_1``.
@@ -22,12 +24,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.pruning.handlers_common import _identity_fn
+from onnxcompress.pruning.handlers_channelwise import _gelu, _sigmoid
+from onnxcompress.pruning.handlers_common import _const_operand, _identity_fn, _input, _nan
 from onnxcompress.pruning.handlers_reshape import _concat_writer, _constant_writer, _target, _zero_copies, out_shape
 from onnxcompress.pruning.shape_trace import Element
 from onnxcompress.pruning.types import (
     R_HEADS,
     R_LAST_AXIS,
+    R_NONCONST,
     R_REDUCES,
     R_RESHAPE,
     R_RESHAPE_TARGET,
@@ -37,7 +41,10 @@ from onnxcompress.pruning.types import (
     RewriteContext,
 )
 
-__all__ = ["_reduce_last", "_reshape_last", "heads_reason"]
+__all__ = ["MS_GELU_OPS", "_ms_gelu", "_reduce_last", "_reshape_last", "heads_reason"]
+
+#: onnxruntime's fused GELUs (``com.microsoft``): ``y = gelu(x + bias)``, elementwise per channel.
+MS_GELU_OPS = ("BiasGelu", "FastGelu", "Gelu", "QuickGelu")
 
 Dims = tuple[int | None, ...]
 
@@ -136,3 +143,31 @@ def _reduce_last(node: gs.Node, g: GraphInfo) -> NodeSpec:
     if rank is not None and axes is not None and (rank - 1) in {int(a) % rank for a in np.asarray(axes).reshape(-1)}:
         return spec.freeze(None, R_REDUCES)
     return spec.freeze(None, R_REDUCES if axes is None else R_LAST_AXIS)
+
+
+def _ms_gelu(node: gs.Node, g: GraphInfo) -> NodeSpec:
+    """``com.microsoft`` BiasGelu / FastGelu / Gelu / QuickGelu: the same channels in and out; a
+    constant bias (input 1) is sliced with them; a non-constant one freezes."""
+    spec = NodeSpec(node, g)
+    x, y = node.inputs[0], node.outputs[0]
+    rank, c = g.rank(y), g.channels(y)
+    if rank is None or c is None:
+        return spec.freeze(None, R_UNKNOWN_DIM)
+    bias_t = _input(node, 1)
+    bias = None
+    if bias_t is not None:
+        if g.const(bias_t) is None:
+            return spec.freeze(None, R_NONCONST)
+        bias = _const_operand(spec, 1, rank, c, y)
+        if bias is False:
+            return spec
+    if not spec.identity(x, y):
+        return spec
+    alpha = float(node.attrs.get("alpha", 1.702))
+    fn = (lambda v: v * _sigmoid(alpha * v)) if node.op == "QuickGelu" else _gelu("tanh" if node.op == "FastGelu" else "none")
+    if bias_t is not None and bias is None:
+        spec.const_fn = lambda get: {y.name: _nan(c)}
+    else:
+        b = 0.0 if bias is None else bias
+        spec.const_fn = lambda get: {y.name: fn(get(x.name) + b)}
+    return spec

@@ -9,7 +9,8 @@ axis, so its input and output channels are the last axis. :func:`last_axis_tenso
   rank-2 side a ``Gemm``/``MatMul`` reads or writes (the ``Reshape -> Gemm -> Reshape`` style of
   fixed-shape exports);
 * spread: through elementwise ops (:data:`.handlers.LAST_AXIS_OPS`: bias ``Add``, the GELU
-  chain, activations) to every operand and output of the same rank.
+  chain, activations; onnxruntime's fused ``com.microsoft`` GELUs) to every operand and output of
+  the same rank.
 
 Rank-2 tensors need no entry (axis 1 is their last axis). Every other op that touches one of
 these tensors is handled by :mod:`.handlers_last` (MatMul, Reshape, Shape) or frozen.
@@ -17,9 +18,11 @@ these tensors is handled by :mod:`.handlers_last` (MatMul, Reshape, Shape) or fr
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.pruning.handlers import LAST_AXIS_OPS
+from onnxcompress.pruning.handlers_last import MS_GELU_OPS
 from onnxcompress.pruning.types import GraphInfo
 
 __all__ = ["last_axis_tensors"]
@@ -62,6 +65,20 @@ def _seeds(graph: gs.Graph, info: GraphInfo) -> set[str]:
     return found
 
 
+def _fill_output(node: gs.Node, info: GraphInfo) -> None:
+    """The shape of an elementwise op's output that inference left unknown (a contrib op): its
+    variable inputs' common shape, when constants do not broadcast beyond it."""
+    y = node.outputs[0]
+    if info.shape(y) is not None:
+        return
+    shapes = {info.shape(t) for t in node.inputs if isinstance(t, gs.Variable)}
+    if len(shapes) != 1 or None in shapes:
+        return
+    shape = shapes.pop()
+    if all(np.ndim(t.values) <= len(shape) for t in node.inputs if isinstance(t, gs.Constant)):
+        info.shapes[y.name] = shape
+
+
 def last_axis_tensors(graph: gs.Graph, info: GraphInfo) -> frozenset[str]:
     """Names of the rank >= 3 tensors of ``graph`` whose channels are on the last axis."""
     found = _seeds(graph, info)
@@ -73,8 +90,11 @@ def last_axis_tensors(graph: gs.Graph, info: GraphInfo) -> frozenset[str]:
             continue
         rank = info.rank(t)
         for node in [*t.inputs, *t.outputs]:
-            if not _default(node) or node.op not in LAST_AXIS_OPS:
+            elementwise = node.op in LAST_AXIS_OPS if _default(node) else \
+                node.domain == "com.microsoft" and node.op in MS_GELU_OPS
+            if not elementwise:
                 continue
+            _fill_output(node, info)
             for other in [*node.inputs, *node.outputs]:
                 if isinstance(other, gs.Variable) and other.name and other.name not in found \
                         and info.rank(other) == rank:

@@ -120,6 +120,22 @@ def test_activation_forms_are_exact(form):
     assert report.compensated == 1 and report.uncompensated == 0
 
 
+@pytest.mark.parametrize("op", ["BiasGelu", "FastGelu"])
+def test_onnxruntime_fused_gelu_with_bias_is_exact(op):
+    """onnxruntime's fusion: ``MatMul -> com.microsoft BiasGelu(x, bias) -> MatMul``."""
+    rng = np.random.default_rng(0)
+    nodes = [node("MatMul", ["x", "w1"], "h"), node("Add", ["h", "b1"], "a"), node("MatMul", ["a", "w2"], "d"),
+             node("Add", ["d", "b2"], "y")]
+    inits = {"w1": rand(rng, 16, 24, scale=0.4), "b1": rand(rng, 24, scale=1.0), "w2": rand(rng, 24, 8, scale=0.4),
+             "b2": rand(rng, 8, scale=0.4)}
+    model = make_model(nodes, {"x": ["N", "S", 16]}, ["y"], inits)
+    model.graph.node[1].op_type, model.graph.node[1].domain = op, "com.microsoft"
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    pruned, analysis, remove, report = assert_equivalent(model)
+    assert [analysis.groups[gi].name for gi, ch in remove.items() if len(ch)] == ["h"]
+    assert report.compensated == 1 and report.uncompensated == 0
+
+
 def test_matmul_without_bias_add_gets_one_for_its_compensation():
     model = ffn("Sigmoid", bias=False)  # sigmoid(0) = 0.5: the removed neurons still contribute
     model.graph.node[-1].op_type = "Mul"  # the down MatMul is followed by a Mul, not a bias Add
