@@ -440,3 +440,22 @@ def test_driver_errors() -> None:
         refit(teacher, teacher, [LayerTarget("conv2", "c1", out_keep=[0, 1, 2, 3])], data)
     with pytest.raises(InputError, match="kept channels"):
         refit(teacher, teacher, [LayerTarget("conv2", "c2", in_keep=[8])], data)
+
+
+def test_matmul_on_token_rows_refits_the_bias_of_its_add():
+    """``[N, S, 12] @ W + b`` (a transformer linear layer): rows are N·S tokens; with ``fit_bias``
+    the bias in the Add after the MatMul is solved and written there, the target is the Add's output."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"]),
+             helper.make_node("Relu", ["y"], ["z"])]
+    w, b = rng.standard_normal((12, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    teacher = make_model(nodes, {"x": ["N", "S", 12]}, ["z"], {"w": w, "b": b})
+    student = make_model(nodes, {"x": ["N", "S", 12]}, ["z"], {"w": 0.5 * w, "b": 0 * b})
+    data = RandomSource(input_specs(teacher), count=8, seed=0, dims={"N": 2, "S": 5})
+    graph, stats = reconstruct_layers(serde.to_graph(student), teacher, [LayerTarget("h", "y", fit_bias=True)], data)
+    assert stats[0].error_after < 1e-3 < 0.1 < stats[0].error_before
+    fixed = {t.name: t.values for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    assert np.allclose(fixed[stats[0].weight], w, atol=1e-2) and np.allclose(fixed[stats[0].bias], b, atol=1e-2)
+    plain = make_model([nodes[0], helper.make_node("Relu", ["h"], ["z"])], {"x": ["N", "S", 12]}, ["z"], {"w": w})
+    with pytest.raises(InputError, match="no bias input"):
+        reconstruct_layers(serde.to_graph(plain), plain, [LayerTarget("h", "h", fit_bias=True)], data)

@@ -20,7 +20,7 @@ from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
 from onnxcompress.pruning.select import Budget, plan_removal
 from onnxcompress.pruning.types import slug
-from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
+from onnxcompress.reconstruct.layerview import SUPPORTED_OPS, bias_add
 from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
 
 __all__ = [
@@ -65,7 +65,8 @@ class PruneChannels(Pass):
         (weight ``[g*co, ci, k, k] -> [g*co', ci', k, k]``, ``group`` unchanged). Each *group*
         (all channels sharing the same producers) is scored (``criterion``: ``l1``/``l2``
         filter norms, ``bn_scale`` ``|gamma|``, ``activation`` mean ``|x|`` on calibration data,
-        ``auto`` (default): ``bn_scale`` where the group has a BN, else ``l1``) and the lowest
+        ``auto`` (default): ``bn_scale`` where the group has a BN, ``activation`` for transformer
+        FFN neurons when calibration data is given, else ``l1``) and the lowest
         ``ratio`` of it is removed (``scope=global``: one ranking of scores normalised by each
         group's mean; block-constrained groups: the lowest ``k`` of every block). A removed channel outputs the constant ``act(bias)`` in the *zeroed original*
         (its filter set to 0); that constant is folded into the next layer's bias -- exactly
@@ -73,7 +74,14 @@ class PruneChannels(Pass):
         padded kxk convs and ConvTranspose. ``steps=N`` prunes ``1-(1-ratio)^(1/N)`` per round,
         re-analysing and re-scoring each time. Before the analysis, ``Reshape(Reshape(x))``
         chains are merged (exact; tf2onnx's ``[N,C,1,1] -> [N,1,1,C] -> [N,C]`` flatten would
-        otherwise freeze the last stage). Shapes are traced with the symbolic input dims fixed
+        otherwise freeze the last stage). Transformers: the channels of ``[batch, seq, dim]``
+        activations are on the last axis (:mod:`onnxcompress.pruning.layout`); a MatMul with a
+        constant 2-D weight (or a ``Reshape [s, d] -> Gemm -> Reshape [1, s, d]``) is a weight
+        layer on token rows, so an FFN's intermediate neurons (up columns, bias, GELU in any
+        form, down rows) are a group; the residual stream freezes at its LayerNormalization
+        (``normalizes_over_channels``) and the Q/K/V channels at the reshape into heads
+        (``attention_heads``: ``prune_heads`` removes whole heads). The down projection's
+        compensation goes into its bias ``Add``, which its refit fits too. Shapes are traced with the symbolic input dims fixed
         where the run knows them (``ctx.dims.known()``: ``--dim``, else the calibration data's
         shapes; guessed values are never used), so a Flatten of a spatially symbolic tensor has a
         known size when the data gives it (else its group freezes, ``unknown_channel_dim``).
@@ -123,7 +131,7 @@ class PruneChannels(Pass):
     numerics = Numerics.LOSSY
     options: ClassVar[Mapping[str, Option]] = {
         "ratio": Option(float, 0.3, "fraction of each group's channels to remove", interval="[0, 1)"),
-        "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, else l1)",
+        "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, activation for transformer FFN neurons with calibration data, else l1)",
                             choices=CRITERIA),
         "scope": Option(str, "local", "local: same ratio per group; global: one ranking", choices=("local", "global")),
         "max_group_ratio": Option(float, 0.9, "never remove more than this fraction of a group", interval="(0, 1]"),
@@ -236,7 +244,7 @@ class PruneChannels(Pass):
                 result.decline(node_label(layer.node), R_RECONSTRUCT_OP, logger=ctx.logger)
                 continue
             out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
-            targets.append(LayerTarget(node=node_label(layer.node), target=layer.out, out_keep=out_keep))
+            targets.append(_target(graph, layer, out_keep))
         if not targets:
             return None
         try:
@@ -249,6 +257,16 @@ class PruneChannels(Pass):
             return None
         _reconstruct_stats(stats, result)
         return fixed
+
+
+def _target(graph: gs.Graph, layer: PrunedLayer, out_keep: list[int] | None) -> LayerTarget:
+    """What to refit ``layer`` to: its output, or for a MatMul with a bias ``Add`` after it (a
+    transformer's linear layer on ``[..., k]`` rows, which holds the folded bias compensation) the
+    Add's output, refitting the Add's bias too (the names are the original model's)."""
+    found = bias_add(layer.node, {t.name for t in graph.outputs}) if layer.node.op == "MatMul" else None
+    if found is None:
+        return LayerTarget(node=node_label(layer.node), target=layer.out, out_keep=out_keep)
+    return LayerTarget(node=node_label(layer.node), target=found[0].outputs[0].name, out_keep=out_keep, fit_bias=True)
 
 
 def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:

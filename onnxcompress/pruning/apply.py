@@ -12,7 +12,8 @@ producer filters are zero -- a constant (bias, carried through BN, activations, 
 ``const_fn`` in :mod:`.handlers`). Its contribution is folded into each consumer's bias:
 ``b'[o] += sum_k W[o, c, k] * v_c`` for a Conv (exact without padding; with padding the border
 pixels differ), ``alpha * sum_rows B[rows(c), o] * v_c`` for Gemm/MatMul (exact; a MatMul
-becomes a Gemm to hold the bias, a missing bias is added), the same over the kernel divided by
+becomes a Gemm to hold the bias, a missing bias is added; a MatMul on ``[..., k]`` rows, which
+cannot, takes it in the constant of its bias ``Add``, or in a new ``Add`` after it), the same over the kernel divided by
 the stride product for a ConvTranspose (approximate); a grouped conv's output channel only takes
 the removed channels of its own input block.
 
@@ -33,6 +34,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core.graph import has_padding
 from onnxcompress.pruning.dependency import Analysis
 from onnxcompress.pruning.types import ROLE_W_IN, ROLE_W_OUT, Layer, RewriteContext
+from onnxcompress.reconstruct.layerview import bias_add
 
 __all__ = ["ApplyReport", "Namer", "PrunedLayer", "apply_pruning", "mask_channels", "mask_inputs", "removed_mask"]
 
@@ -280,7 +282,11 @@ def _slice_params(analysis: Analysis, rm: np.ndarray, deltas: dict[int, np.ndarr
                 cache[key] = namer.constant(const.name, values)
             nodes[nid].inputs[index] = cache[key]
     for nid, delta in deltas.items():
-        _write_bias(layers[nid], delta, namer, kept)
+        layer = layers[nid]
+        if layer.kind == "matmul" and analysis.info.rank(layer.node.inputs[0]) != 2:
+            _add_bias(analysis, layer, delta, namer, kept)
+        else:
+            _write_bias(layer, delta, namer, kept)
 
 
 def _write_bias(layer: Layer, delta: np.ndarray, namer: Namer, kept) -> None:
@@ -296,6 +302,26 @@ def _write_bias(layer: Layer, delta: np.ndarray, namer: Namer, kept) -> None:
         node.inputs[2] = bias
     else:
         node.inputs.append(bias)
+
+
+def _add_bias(analysis: Analysis, layer: Layer, delta: np.ndarray, namer: Namer, kept) -> None:
+    """Fold ``delta`` into a MatMul on ``[..., k]`` rows (it cannot become a Gemm): into the
+    constant of the bias ``Add`` after it, else into a new ``Add`` that takes over its output."""
+    node = layer.node
+    values = np.take(delta, kept(layer.out))
+    found = bias_add(node, analysis.info.outputs)
+    if found is not None:
+        add, index = found
+        old = add.inputs[index]
+        new = (np.asarray(old.values, np.float64) + values.reshape(old.values.shape)).astype(old.values.dtype)
+        add.inputs[index] = namer.constant(old.name, new)
+        return
+    out = node.outputs[0]
+    mid = gs.Variable(namer.fresh(out.name), dtype=out.dtype, shape=out.shape)
+    node.outputs[0] = mid
+    bias = namer.constant(f"{node.name or out.name}_bias", values.astype(node.inputs[1].values.dtype))
+    analysis.graph.nodes.append(gs.Node("Add", namer.fresh(f"{node.name or out.name}_bias_add"), inputs=[mid, bias],
+                                        outputs=[out]))
 
 
 def _changed(analysis: Analysis, kept, names: list[str]) -> bool:
@@ -351,7 +377,7 @@ def _update_shapes(analysis: Analysis, kept) -> None:
         if n == count or t is None or t.shape is None:
             continue
         shape = list(t.shape)
-        shape[1] = n
+        shape[analysis.info.channel_axis(name, len(shape))] = n
         t.shape = shape
 
 

@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import connected_components
 from onnxcompress.core.graph import node_label
 from onnxcompress.core.shapes import infer_graph
 from onnxcompress.pruning.handlers import handle
+from onnxcompress.pruning.layout import last_axis_tensors
 from onnxcompress.pruning.types import (
     R_CONTROL_FLOW,
     R_EXCLUDED,
@@ -186,6 +187,7 @@ def analyze(graph: gs.Graph, *, protect_io: bool = True, exclude: tuple[str, ...
         dims: Symbolic input dims to trace shapes at (see :func:`graph_info`).
     """
     info = graph_info(graph, dims)
+    info.last = last_axis_tensors(graph, info)
     specs = [handle(n, info) for n in graph.nodes]
     offsets, counts = _slot_table(graph, info)
     comp = _components(specs, offsets, sum(counts.values()))

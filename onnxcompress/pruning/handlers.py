@@ -4,7 +4,8 @@ Every handler takes a node and the graph facts and returns a :class:`~.spec.Node
 
 * weight layers (sources of free output channels, consumers of input channels): ``Conv``
   (``group == 1``), ``ConvTranspose`` (``group == 1``), ``Gemm`` (``transA == 0``, ``transB``
-  respected), ``MatMul`` with a constant 2-D weight and a 2-D input;
+  respected), ``MatMul`` with a constant 2-D weight and a 2-D input, or a ``[..., d]`` input whose
+  channels are on the last axis (a transformer's linear layer, :mod:`.layout`);
 * depthwise ``Conv``/``ConvTranspose`` (``group == Cin``, ``m = Cout / Cin``): input channel ``i``
   is output channels ``[i*m, (i+1)*m)``; ``group`` is rewritten;
 * grouped ``Conv``/``ConvTranspose`` (``1 < group < Cin``): a weight layer whose input and
@@ -30,6 +31,11 @@ through :func:`.flow.channel_flow` (``equalize`` does). With :attr:`GraphInfo.la
 <.types.GraphInfo>` (the channels of a MatMul's output are on its last axis) only the
 elementwise ops of :data:`LAST_AXIS_OPS` are followed; any other op freezes.
 
+A node that touches a tensor of :attr:`GraphInfo.last <.types.GraphInfo>` (channels on the last
+axis: ``[batch, seq, dim]``) gets the last-axis view of the facts: elementwise ops as above,
+MatMul, Reshape, Shape, LayerNormalization and reductions through :data:`LAST_AXIS_HANDLERS`
+(:mod:`.handlers_last`), any other op freezes.
+
 Each handler also gives ``const_fn``: the op applied to per-channel constants, used to carry the
 constant output of a removed channel (its bias through BN, activations, pools, ...) to the next
 weight layer, where it is folded into the bias.
@@ -44,6 +50,7 @@ shape-vector tracing), built from :mod:`.handlers_common`.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import onnx_graphsurgeon as gs
 
@@ -61,6 +68,7 @@ from onnxcompress.pruning.handlers_channelwise import (
 )
 from onnxcompress.pruning.handlers_common import Handler, _frozen
 from onnxcompress.pruning.handlers_coupling import _BINARY, _binary, _concat, _flatten, _slice, _split
+from onnxcompress.pruning.handlers_last import MS_GELU_OPS, _ms_gelu, _reduce_last, _reshape_last, heads_reason
 from onnxcompress.pruning.handlers_reshape import _reshape, _transpose
 from onnxcompress.pruning.handlers_weights import _conv, _conv_transpose, _gemm, _matmul
 from onnxcompress.pruning.shape_trace import _shape_op
@@ -68,6 +76,7 @@ from onnxcompress.pruning.types import (
     R_CONTROL_FLOW,
     R_LAST_AXIS,
     R_NO_HANDLER,
+    R_NORMALIZES,
     R_SHAPE_READ,
     GraphInfo,
     NodeSpec,
@@ -75,6 +84,7 @@ from onnxcompress.pruning.types import (
 
 __all__ = [
     "HANDLERS",
+    "LAST_AXIS_HANDLERS",
     "LAST_AXIS_OPS",
     "handle",
 ]
@@ -108,6 +118,7 @@ HANDLERS: dict[str, Handler] = {
     "Squeeze": _squeeze, "Unsqueeze": _squeeze, "Transpose": _transpose, "Shape": _shape_op,
     "Size": _frozen(R_SHAPE_READ), "Concat": _concat, "Split": _split, "Slice": _slice,
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul,
+    "LayerNormalization": _frozen(R_NORMALIZES),
 }
 
 
@@ -116,11 +127,32 @@ HANDLERS: dict[str, Handler] = {
 LAST_AXIS_OPS = frozenset({*_UNARY_OPS, *_BINARY, "Clip", "PRelu"})
 
 
+#: Handlers of the non-elementwise ops that read last-axis tensors (:mod:`.handlers_last`).
+LAST_AXIS_HANDLERS: dict[str, Handler] = {
+    "MatMul": _matmul, "Reshape": _reshape_last, "Shape": _shape_op, "LayerNormalization": _frozen(R_NORMALIZES),
+    **{op: _reduce_last for op in _REDUCE_OPS if not op.startswith("Arg")},
+}
+
+
+def _handle_last(node: gs.Node, g: GraphInfo, handler: Handler | None) -> NodeSpec:
+    """A node touching a :attr:`GraphInfo.last` tensor, handled in the last-axis view of ``g``."""
+    view = replace(g, last_axis=True)
+    if node.domain == "com.microsoft" and node.op in MS_GELU_OPS:
+        return _ms_gelu(node, view)
+    if handler is not None and node.op in LAST_AXIS_OPS:
+        return handler(node, view)
+    if handler is not None and node.op in LAST_AXIS_HANDLERS:
+        return LAST_AXIS_HANDLERS[node.op](node, view)
+    return NodeSpec(node, view).freeze(None, R_NO_HANDLER if handler is None else R_LAST_AXIS)
+
+
 def handle(node: gs.Node, g: GraphInfo) -> NodeSpec:
     """The spec of ``node``: its handler's, or every channel tensor frozen (no handler)."""
     handler = HANDLERS.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
+    if g.last and not g.last_axis and any(t.name in g.last for t in [*node.inputs, *node.outputs]):
+        return _handle_last(node, g, handler)
     if handler is None:
         return NodeSpec(node, g).freeze(None, R_NO_HANDLER)
     if g.last_axis and node.op not in LAST_AXIS_OPS:
         return NodeSpec(node, g).freeze(None, R_LAST_AXIS)
-    return handler(node, g)
+    return heads_reason(handler(node, g)) if node.op == "Reshape" else handler(node, g)

@@ -205,7 +205,8 @@ def _matmul(node: gs.Node, g: GraphInfo) -> NodeSpec:
     if w is None:
         spec.freeze(None, R_NONCONST)
         return _frozen_layer(spec, R_NONCONST)
-    if w.ndim != 2 or g.rank(x) != 2:
+    rows = g.rank(x) == 2 or (g.last_axis and (g.rank(x) or 0) >= 3)  # [..., d] rows in the last-axis view
+    if w.ndim != 2 or not rows:
         return _frozen_layer(spec, R_UNSUPPORTED if g.rank(x) is not None else R_UNKNOWN_DIM)
     if not _check_io(spec, w.shape[0], w.shape[1]):
         return spec

@@ -11,8 +11,10 @@ Criteria:
     * ``activation``: mean ``|x|`` per channel over calibration data, for the tensors the
       group's consumers read (or the producers' outputs when nothing reads them).
     * ``auto``: ``bn_scale`` for every group that has a BatchNormalization (or kept gammas),
-      ``l1`` for the others -- the same scores as ``bn_scale``, but the ``l1`` groups are the
-      expected case, not a fallback (:attr:`Scores.used` counts both).
+      ``activation`` for the groups of transformer linear layers (:func:`last_axis_group`: FFN
+      neurons) when calibration data is given, ``l1`` for the others -- the same scores as
+      ``bn_scale``, but the ``l1`` groups are the expected case, not a fallback
+      (:attr:`Scores.used` counts each).
 
 :func:`normalize` divides each group's scores by their mean, which makes scores of different
 groups comparable for a global ranking.
@@ -31,7 +33,8 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.pruning.dependency import Analysis, Group
 from onnxcompress.pruning.types import ROLE_GAMMA, ROLE_W_IN, ROLE_W_OUT, ParamRef
 
-__all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "normalize", "score_groups", "weight_scores"]
+__all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "last_axis_group", "normalize", "score_groups",
+           "weight_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +107,18 @@ def _activation_tensors(analysis: Analysis, group: Group) -> list[str]:
 
 
 class _AbsMean:
-    """Streaming per-channel mean of ``|x|``."""
+    """Streaming per-channel mean of ``|x|`` (channels on axis 1, or the last axis for ``last``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, last: frozenset[str] = frozenset()) -> None:
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self.last = last
 
     def __call__(self, batch: Any, tensors: dict[str, np.ndarray]) -> None:
         for name, x in tensors.items():
             x = np.abs(np.asarray(x, dtype=np.float64))
-            per_channel = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+            axis = x.ndim - 1 if name in self.last else 1
+            per_channel = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
             self.sums[name] = self.sums.get(name, 0.0) + per_channel.sum(axis=1)
             self.counts[name] = self.counts.get(name, 0) + per_channel.shape[1]
 
@@ -134,7 +139,7 @@ def activation_scores(analysis: Analysis, groups: list[Group], calib: Any, *, ba
 
     wanted = {g.index: _activation_tensors(analysis, g) for g in groups}
     names = sorted({n for ns in wanted.values() for n in ns})
-    acc = _AbsMean()
+    acc = _AbsMean(analysis.info.last)
     if names:
         capture(serde.to_model(analysis.graph), names, calib, acc, batch_size=batch_size, progress=progress)
     out = {}
@@ -149,6 +154,23 @@ def activation_scores(analysis: Analysis, groups: list[Group], calib: Any, *, ba
     return out
 
 
+def last_axis_group(analysis: Analysis, group: Group) -> bool:
+    """Whether ``group`` is the channels of transformer linear layers: one of its tensors has its
+    channels on the last axis (:attr:`~.types.GraphInfo.last`), or a producer reads a ``Reshape``
+    of such a tensor (``[1, s, d] -> [s, d] -> Gemm``)."""
+    last = analysis.info.last
+    if not last:
+        return False
+    if any(name in last for name in group.tensors):
+        return True
+    for spec in analysis.specs:
+        if spec.layer is not None and spec.layer.out in group.source_tensors:
+            x = spec.node.inputs[0]
+            if any(n.op == "Reshape" and n.inputs[0].name in last for n in x.inputs):
+                return True
+    return False
+
+
 def score_groups(analysis: Analysis, criterion: str, *, calib: Any = None, gammas: dict[str, np.ndarray] | None = None,
                  include_inputs: bool = False, progress: bool = False) -> Scores:
     """Scores of every non-frozen group of ``analysis`` under ``criterion``.
@@ -160,11 +182,17 @@ def score_groups(analysis: Analysis, criterion: str, *, calib: Any = None, gamma
         raise InputError(f"prune_channels: unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     groups = [g for g in analysis.groups if g.frozen is None]
     scores = Scores()
+    measured = groups if criterion == "activation" else []
+    if criterion == "auto" and calib is not None:
+        measured = [g for g in groups if last_axis_group(analysis, g)]
+    if measured or criterion == "activation":
+        for index, values in activation_scores(analysis, measured, calib, progress=progress).items():
+            scores.record(index, values, "activation")
     if criterion == "activation":
-        for index, values in activation_scores(analysis, groups, calib, progress=progress).items():
-            scores.record(index, values, criterion)
         return scores
     for g in groups:
+        if g.index in scores.values:
+            continue
         if criterion in ("bn_scale", "auto"):
             found = bn_scores(g, gammas)
             if found is not None:

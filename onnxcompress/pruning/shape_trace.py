@@ -114,13 +114,14 @@ def _shape_op(node: gs.Node, g: GraphInfo) -> NodeSpec:
         return spec.freeze([x], R_SHAPE_READ)
     start = _axis(int(node.attrs.get("start", 0)), rank)
     end = _axis(int(node.attrs.get("end", rank)), rank) if "end" in node.attrs else rank
-    if not start <= CHANNEL_AXIS < end:
+    axis = g.axis(rank)  # the last axis in the last-axis view (a transformer's [b, s, d])
+    if not start <= axis < end:
         return spec
-    index = CHANNEL_AXIS - start
+    index = axis - start
     out = node.outputs[0]
     if out.name not in g.outputs and all(_reads_index(c, g, index, end - start) is False for c in out.outputs):
         return spec
-    if _channel_use_follows(out, x, g):
+    if axis == CHANNEL_AXIS and _channel_use_follows(out, x, g):
         return spec
     return spec.freeze([x], R_SHAPE_READ)
 

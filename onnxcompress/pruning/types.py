@@ -31,10 +31,12 @@ __all__ = [
     "R_GRAPH_INPUT",
     "R_GRAPH_OUTPUT",
     "R_GROUPED",
+    "R_HEADS",
     "R_LAST_AXIS",
     "R_MISMATCH",
     "R_MOVES_AXIS",
     "R_NONCONST",
+    "R_NORMALIZES",
     "R_NO_HANDLER",
     "R_REDUCES",
     "R_RESHAPE",
@@ -77,12 +79,14 @@ R_UNSUPPORTED = "unsupported_attributes"
 R_SHAPE_READ = "shape_read"
 R_TRAINING = "training_mode"
 R_LAST_AXIS = "channels_not_on_axis_1"
+R_HEADS = "attention_heads"
+R_NORMALIZES = "normalizes_over_channels"
 
 #: Every reason (a decline code) a channel, and so its group, can be frozen or pinned.
 FREEZE_REASONS = (
     R_NO_HANDLER, R_CONTROL_FLOW, R_GRAPH_INPUT, R_GRAPH_OUTPUT, R_UNKNOWN_DIM, R_MISMATCH, R_NONCONST,
     R_GROUPED, R_SHARED, R_EXCLUDED, R_REDUCES, R_MOVES_AXIS, R_RESHAPE, R_RESHAPE_TARGET, R_BROADCAST,
-    R_CONSTANT, R_UNSUPPORTED, R_SHAPE_READ, R_TRAINING, R_LAST_AXIS,
+    R_CONSTANT, R_UNSUPPORTED, R_SHAPE_READ, R_TRAINING, R_LAST_AXIS, R_HEADS, R_NORMALIZES,
 )
 
 ROLE_W_OUT = "w_out"  #: A producer's output filters (weight), used by importance scores.
@@ -212,6 +216,9 @@ class GraphInfo:
             only the ops of :data:`.handlers.LAST_AXIS_OPS` are followed.
         symbols: Tensor name -> the symbolic name of each dim (``None`` where none), as shape
             inference left them: two dims of one name are equal (the batch of two tensors).
+        last: Tensors of rank >= 3 whose channels are on the last axis (a transformer's
+            ``[batch, seq, dim]`` activations, found by :func:`.layout.last_axis_tensors`);
+            every other tensor has its channels on :data:`CHANNEL_AXIS`.
     """
 
     shapes: dict[str, tuple[int | None, ...]]
@@ -219,6 +226,7 @@ class GraphInfo:
     outputs: frozenset[str] = frozenset()
     last_axis: bool = False
     symbols: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
+    last: frozenset[str] = frozenset()
 
     def same_dim(self, a: str, i: int, b: str, j: int) -> bool:
         """Whether dim ``i`` of tensor ``a`` is known to equal dim ``j`` of tensor ``b``."""
@@ -245,12 +253,17 @@ class GraphInfo:
         """The channel axis of a rank-``rank`` tensor: :data:`CHANNEL_AXIS`, or the last one."""
         return rank - 1 if self.last_axis else CHANNEL_AXIS
 
+    def channel_axis(self, name: str, rank: int) -> int:
+        """The channel axis of tensor ``name`` of rank ``rank`` (the last one for :attr:`last` tensors)."""
+        return rank - 1 if self.last_axis or name in self.last else CHANNEL_AXIS
+
     def channels(self, tensor: gs.Tensor) -> int | None:
         """Static size of the channel axis, or ``None`` (unknown, or rank < 2; < 1 on the last axis)."""
         shape = self.shape(tensor)
-        if shape is None or len(shape) <= (0 if self.last_axis else CHANNEL_AXIS):
+        on_last = self.last_axis or tensor.name in self.last
+        if shape is None or len(shape) <= (0 if on_last else CHANNEL_AXIS):
             return None
-        return shape[self.axis(len(shape))]
+        return shape[len(shape) - 1 if on_last else CHANNEL_AXIS]
 
     @staticmethod
     def const(tensor: gs.Tensor | None) -> np.ndarray | None:

@@ -29,6 +29,7 @@ __all__ = [
     "ConvView",
     "GemmView",
     "LayerView",
+    "bias_add",
     "channel_features",
     "conv_geometry",
     "im2col",
@@ -386,6 +387,28 @@ class GemmView(LayerView):
         return [idx]
 
 
+def bias_add(node: gs.Node, outputs: set[str] | frozenset[str] = frozenset()) -> tuple[gs.Node, int] | None:
+    """``(add, index)`` when the only reader of MatMul ``node``'s output is an ``Add`` of a constant
+    bias on the last axis (input ``index``, ``n`` values): the bias of a MatMul on ``[..., k]`` rows
+    (a transformer's linear layer). ``None`` otherwise, or when the output is one of ``outputs``."""
+    y = node.outputs[0]
+    readers = list({id(n): n for n in y.outputs}.values())
+    w = node.inputs[1] if node.op == "MatMul" and len(node.inputs) == 2 else None
+    if w is None or not isinstance(w, gs.Constant) or y.name in outputs or len(readers) != 1:
+        return None
+    add = readers[0]
+    if add.op != "Add" or (add.domain or "") not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    index = 1 if add.inputs[0] is y else 0
+    b = add.inputs[index]
+    if add.inputs[1 - index] is not y or not isinstance(b, gs.Constant) or not isinstance(b.values, np.ndarray):
+        return None
+    n = np.shape(w.values)[-1]
+    if b.values.size != n or b.values.shape[-1] != n:
+        return None
+    return add, index
+
+
 def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None, *,
                fit_bias: bool | None = None, out_keep: Sequence[int] | None = None) -> LayerView:
     """The :class:`LayerView` of a Conv, Gemm or MatMul node with constant ``weight`` (and ``bias``).
@@ -394,8 +417,9 @@ def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None
         node: The node.
         weight: Its weight (input 1) in ONNX layout.
         bias: Its bias (input 2), if any.
-        fit_bias: Solve for a bias (default: Conv/Gemm yes, MatMul no). When ``False`` an existing
-            bias is kept fixed and subtracted from the targets.
+        fit_bias: Solve for a bias (default: Conv/Gemm yes, MatMul no; a MatMul may fit the bias
+            of the ``Add`` after it, :func:`bias_add`, given as ``bias``). When ``False`` an
+            existing bias is kept fixed and subtracted from the targets.
         out_keep: Channels of the target tensor the node's outputs correspond to (when the node's
             outputs were pruned): axis 1 for Conv, the last axis for Gemm/MatMul.
 
@@ -406,7 +430,7 @@ def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None
         raise InputError(f"node {node.name!r}: cannot reconstruct {node.op} (only {sorted(SUPPORTED_OPS)})")
     if fit_bias is None:
         fit_bias = node.op != "MatMul"
-    if fit_bias and node.op == "MatMul":
-        raise InputError(f"MatMul {node.name!r}: has no bias input to fit")
+    if fit_bias and node.op == "MatMul" and bias is None:
+        raise InputError(f"MatMul {node.name!r}: has no bias input (nor bias Add) to fit")
     cls = ConvView if node.op == "Conv" else GemmView
     return cls(node, np.asarray(weight), bias, fit_bias, out_keep)

@@ -44,6 +44,7 @@ from onnxcompress.reconstruct.layerview import (
     CHUNK_BYTES,
     SUPPORTED_OPS,
     LayerView,
+    bias_add,
     layer_view,
 )
 from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, LstsqAccumulator
@@ -82,7 +83,9 @@ class LayerTarget:
             whose channels were already removed, leave this ``None``.
         out_keep: Channels of ``target`` that the node's outputs correspond to, when the node's
             own outputs were pruned.
-        fit_bias: Solve for a bias (default: Conv/Gemm yes, MatMul no).
+        fit_bias: Solve for a bias (default: Conv/Gemm yes, MatMul no; a MatMul on ``[..., k]``
+            rows followed by an ``Add`` of a constant bias fits that bias, and ``target`` is
+            then the Add's output).
     """
 
     node: str
@@ -238,6 +241,9 @@ def _views(graph: gs.Graph, plans: list[_Plan]) -> list[LayerView]:
         node = graph.nodes[p.index]
         weight = _const_input(node, 1, p.label)
         bias = _const_input(node, 2, p.label)
+        found = bias_add(node) if node.op == "MatMul" and p.target.fit_bias else None
+        if found is not None:
+            bias = np.asarray(found[0].inputs[found[1]].values).reshape(-1)
         views.append(layer_view(node, weight, bias, fit_bias=p.target.fit_bias, out_keep=p.target.out_keep))
     return views
 
@@ -383,7 +389,13 @@ def _write(graph: gs.Graph, index: int, view: LayerView, W: np.ndarray,
     old_w, old_b = node.inputs[1], opt_input(node, 2)
     node.inputs[1] = _new_constant(graph, names, f"{old_w.name}_refit", weight.astype(old_w.values.dtype))
     new_b = None
-    if bias is not None:
+    found = bias_add(node) if node.op == "MatMul" and bias is not None else None
+    if found is not None:  # the bias lives in the Add after the MatMul
+        add, i = found
+        old_b = add.inputs[i]
+        new_b = _new_constant(graph, names, f"{old_b.name}_refit", bias.astype(old_b.values.dtype).reshape(old_b.shape))
+        add.inputs[i] = new_b
+    elif bias is not None:
         bdtype = old_b.values.dtype if old_b is not None else old_w.values.dtype
         base = f"{old_b.name}_refit" if old_b is not None else f"{node_label(node)}_bias_refit"
         new_b = _new_constant(graph, names, base, bias.astype(bdtype).reshape(-1))

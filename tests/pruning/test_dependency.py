@@ -234,11 +234,14 @@ def test_exclude_by_node_and_tensor_name():
     assert groups_of(model, exclude=["nope"]).unknown_excludes == ["nope"]
 
 
-def test_matmul_with_3d_input_is_frozen():
+def test_matmul_with_3d_input_prunes_the_last_axis():
+    """``[N, 4, 16] @ W`` acts on the last axis: its output columns are a group (the graph output's are not)."""
     rng = np.random.default_rng(0)
     nodes = [node("MatMul", ["x", "w1"], "h"), node("Relu", ["h"], "hr"), node("MatMul", ["hr", "w2"], "y")]
     model = make_model(nodes, {"x": ["N", 4, 16]}, ["y"], {"w1": rand(rng, 16, 12, scale=0.4), "w2": rand(rng, 12, 5, scale=0.4)})
-    assert all(g.frozen for g in groups_of(model).groups)
+    groups = by_name(groups_of(model))
+    assert groups["h"].frozen is None and groups["h"].size == 12
+    assert groups["y"].frozen == "graph_output"
 
 
 def test_shape_read_of_batch_dim_is_harmless_but_channel_read_freezes():
