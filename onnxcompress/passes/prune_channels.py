@@ -20,7 +20,7 @@ from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
 from onnxcompress.pruning.select import Budget, plan_removal
 from onnxcompress.pruning.types import slug
-from onnxcompress.reconstruct.layerview import SUPPORTED_OPS, bias_add
+from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
 from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
 
 __all__ = [
@@ -244,7 +244,7 @@ class PruneChannels(Pass):
                 result.decline(node_label(layer.node), R_RECONSTRUCT_OP, logger=ctx.logger)
                 continue
             out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
-            targets.append(_target(graph, layer, out_keep))
+            targets.append(LayerTarget.of(layer.node, graph, layer.out, out_keep))
         if not targets:
             return None
         try:
@@ -259,16 +259,6 @@ class PruneChannels(Pass):
         return fixed
 
 
-def _target(graph: gs.Graph, layer: PrunedLayer, out_keep: list[int] | None) -> LayerTarget:
-    """What to refit ``layer`` to: its output, or for a MatMul with a bias ``Add`` after it (a
-    transformer's linear layer on ``[..., k]`` rows, which holds the folded bias compensation) the
-    Add's output, refitting the Add's bias too (the names are the original model's)."""
-    found = bias_add(layer.node, {t.name for t in graph.outputs}) if layer.node.op == "MatMul" else None
-    if found is None:
-        return LayerTarget(node=node_label(layer.node), target=layer.out, out_keep=out_keep)
-    return LayerTarget(node=node_label(layer.node), target=found[0].outputs[0].name, out_keep=out_keep, fit_bias=True)
-
-
 def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:
     result.stats["reconstructed_layers"] = len(stats)
     before = [float(s.error_before) for s in stats if hasattr(s, "error_before")]
@@ -276,7 +266,6 @@ def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:
     if before and after:
         result.stats["reconstruct_error_before"] = round(float(np.mean(before)), 6)
         result.stats["reconstruct_error_after"] = round(float(np.mean(after)), 6)
-
 
 
 def _merge_layers(layers: dict[str, PrunedLayer], new: list[PrunedLayer]) -> None:

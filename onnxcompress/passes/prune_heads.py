@@ -13,7 +13,6 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import serde
 from onnxcompress.core.attention import AttentionBlock, find_blocks
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.graph import node_label
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.heads import block_problem, head_scores, prune_block, select_heads, weight_scores
 from onnxcompress.reconstruct.refit import LayerTarget, reconstruct_layers
@@ -135,8 +134,7 @@ class PruneHeads(Pass):
         if ctx.calib is None:
             result.decline("reconstruct", R_NO_CALIB, logger=ctx.logger)
             return None
-        targets = [LayerTarget(node=node_label(b.o.node), target=b.o.node.outputs[0].name)
-                   for b in blocks if b.o is not None]
+        targets = [LayerTarget.of(b.o.node, graph) for b in blocks if b.o is not None]
         try:
             fixed, stats = reconstruct_layers(graph, original, targets, ctx.calib, seed=ctx.seed, progress=ctx.progress)
         except InputError as exc:

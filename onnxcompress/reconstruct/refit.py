@@ -94,6 +94,17 @@ class LayerTarget:
     out_keep: Sequence[int] | None = None
     fit_bias: bool | None = None
 
+    @classmethod
+    def of(cls, node: gs.Node, graph: gs.Graph, target: str | None = None,
+           out_keep: Sequence[int] | None = None) -> LayerTarget:
+        """Refit ``node`` to ``target`` (default: its output's name); a MatMul whose output only
+        feeds the ``Add`` of a constant bias (a transformer's linear layer on ``[..., k]`` rows)
+        is refit with that bias, against the Add's output."""
+        found = bias_add(node, {t.name for t in graph.outputs}) if node.op == "MatMul" else None
+        if found is None:
+            return cls(node=node_label(node), target=target or node.outputs[0].name, out_keep=out_keep)
+        return cls(node=node_label(node), target=found[0].outputs[0].name, out_keep=out_keep, fit_bias=True)
+
 
 @dataclass
 class LayerStats:
