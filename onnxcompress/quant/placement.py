@@ -169,6 +169,9 @@ R_OUTPUT_CONCAT = "concat_only_feeds_output"  # kept float
 R_STATIC = "static_input"  # computed from shapes and constants only: kept float
 R_ISOLATED = "no_quantized_neighbour"  # no path to a quantized Conv/Gemm/MatMul: kept float
 R_OP = "op_not_supported"  # a node with float weights this quantizer has no form for (detail: op)
+#: Standard ops whose float constant inputs are weights (custom-domain ops: any such input).
+_WEIGHT_READERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Einsum", "LSTM", "GRU", "RNN",
+                             "Attention"})
 
 #: Every decline code the placement (or the pass, for ranges) gives when it leaves something alone.
 DECLINE_REASONS = (R_EXCLUDED, R_WEIGHT, R_BIAS, R_DTYPE, R_LAYOUT, R_ALL_CONSTANT, R_DEGENERATE, R_QUANTIZED,
@@ -351,7 +354,7 @@ def _check(node: gs.Node, kind: str, dtypes: dict[str, int], weights_only: bool)
 def decline_unsupported(node: gs.Node, result: PassResult, logger: logging.Logger) -> None:
     """Record ``op_not_supported`` for a node with float weights that the quantizer leaves float
     (e.g. onnxruntime's fused ``com.microsoft.Attention``, an embedding ``Gather``)."""
-    if core_graph.has_float_weight(node):
+    if ((node.domain or "") not in ("", "ai.onnx") or node.op in _WEIGHT_READERS) and core_graph.has_float_weight(node):
         result.decline(node_label(node), R_OP, f"{node.domain + '.' if node.domain else ''}{node.op}", logger=logger)
 
 
