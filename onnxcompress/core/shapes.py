@@ -10,6 +10,7 @@ The :class:`Dims` it returns carries each value's source, for logs, tables and J
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,15 +81,32 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         inferred = copy.deepcopy(model)
     if _all_shaped(inferred):
         return inferred
+    symbolic = _symbolic(inferred)
+    return inferred if symbolic is None else symbolic
+
+
+@functools.cache
+def _symbolic_inference() -> Any:
+    """onnxruntime's ``SymbolicShapeInference`` class, or None (warned once) where it cannot load."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError as exc:  # it needs sympy, a dependency of ours (onnxruntime no longer installs it)
+        log.warning("onnxruntime's symbolic shape inference is unavailable (%s): shapes after com.microsoft "
+                    "ops stay unknown", exc)
+        return None
+    return SymbolicShapeInference
 
-        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
-        if symbolic is not None:
-            return symbolic
+
+def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference (it knows the com.microsoft ops), or None."""
+    inference = _symbolic_inference()
+    if inference is None:
+        return None
+    try:
+        return inference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     except Exception as exc:
         log.debug("symbolic shape inference failed: %s", exc)
-    return inferred
+        return None
 
 
 def _gave_up(vi: onnx.ValueInfoProto) -> bool:
@@ -104,13 +122,7 @@ def infer_shapes_filled(model: onnx.ModelProto) -> onnx.ModelProto:
     inferred = infer_shapes(model)
     if not any(_gave_up(vi) for vi in inferred.graph.value_info):
         return inferred
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
-    except Exception as exc:
-        log.debug("symbolic shape inference failed: %s", exc)
-        return inferred
+    symbolic = _symbolic(inferred)
     if symbolic is None:
         return inferred
     found = {vi.name: vi for vi in symbolic.graph.value_info
