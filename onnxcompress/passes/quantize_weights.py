@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.graph import Names, const_values, node_label, opt_input
+from onnxcompress.core.graph import Names, const_values, has_float_weight, node_label, opt_input
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.core.shapes import concrete_shapes
 from onnxcompress.quant.codebook import kmeans_codebook
@@ -22,7 +22,7 @@ from onnxcompress.quant.weight_rewrite import codebook_weight, dq_weight, gather
 from onnxcompress.quant.weightonly import BlockQuant, rtn
 from onnxcompress.runtime.bench import bench_inputs
 
-__all__ = ["LATENCY_TIMER", "QuantizeWeights"]
+__all__ = ["LATENCY_TIMER", "R_SLOWER", "SLOWER", "QuantizeWeights"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,10 @@ _THROUGH_DATA = frozenset({"Cast", "DequantizeLinear", "Reshape", "Transpose", "
 _THROUGH_ALL = frozenset({"Mul", "Sub", "Add"})
 #: Rows (product of the leading dims of a MatMul input) the latency check uses when shapes are unknown.
 DEFAULT_ROWS = 128
-#: Quantized/float time ratio above which the pass warns (when ``prefer=speed``).
+#: Quantized/float time ratio above which ``prefer=speed`` keeps a weight float (5 %: timing noise).
 SLOWER = 1.05
+#: Decline code of a weight kept float because its quantized form ran slower here.
+R_SLOWER = "slower_than_float"
 
 
 @dataclass
@@ -47,6 +49,18 @@ class _Target:
     weight: gs.Constant
     w: np.ndarray  # [K, N]: the weight as y = x·W (a Gather table transposed: [D, V])
     transposed: bool = False
+
+
+@dataclass
+class _Edit:
+    """One rewritten weight: what to undo when its layer is measured slower than float."""
+
+    target: _Target
+    inputs: list[gs.Tensor]  # the node's inputs and outputs before the rewrite
+    outputs: list[gs.Tensor]
+    nodes: list[gs.Node]  # the nodes the rewrite added
+    nbytes: int  # bytes of their constants
+    quant: BlockQuant | None = None
 
 
 def _quantized_source(tensor: gs.Tensor, depth: int = 4) -> bool:
@@ -109,21 +123,32 @@ class QuantizeWeights(Pass):
     ``weight_is_graph_output``; ``unsupported_dtype``; ``unsupported_shape`` (not 2-D);
     ``all_inputs_constant``; ``gemm_attributes`` (MatMulNBits: ``transA``, ``alpha``, ``beta`` or
     a non-vector ``C``); ``block_not_dividing`` (a table width the block does not divide, for
-    ``GatherBlockQuantized`` and packed 4-bit rows); ``unknown_rank`` (gather indices).
+    ``GatherBlockQuantized`` and packed 4-bit rows); ``unknown_rank`` (gather indices);
+    ``small_table`` (an embedding table with fewer than ``gather_min_rows`` rows: position and
+    token-type tables hold little of the file, and each quantized table adds a few nodes to every
+    run); ``op_not_supported`` (a custom-domain node holding float weights, e.g. onnxruntime's fused
+    ``Attention`` or ``EmbedLayerNormalization``: left float);
+    ``slower_than_float`` (``prefer=speed``: measured slower than float here, see Latency).
     A ``K`` the block does not divide is fine: ``DequantizeLinear`` takes a short last block and
     ``MatMulNBits`` pads it with the zero point.
 
-    Latency (``prefer=speed``, the default): the float and the quantized model are timed on this
-    machine (onnxruntime optimizations on, one thread, interleaved rounds, median of paired
-    ratios; one sample of the calibration data, else seeded random inputs); when the quantized
-    model is more than 5 % slower, a warning is logged (stats ``latency_ratio``,
-    ``latency_slower``, ``latency_scope=model``). When the models cannot run on those inputs
-    (random token ids), each distinct quantized layer shape is timed alone instead
-    (``latency_scope=layers``; this overstates the cost: an isolated float weight stays in
-    cache). ``prefer=size`` skips the timing. The weights are quantized either way: the user
-    asked for this pass; the report says what it costs here. On paraphrase-MiniLM-L3 (1 thread,
-    64 tokens): 4-bit ``MatMulNBits`` 0.98× float, 4-bit ``dq`` 1.06× (onnxruntime fuses it into
-    MatMulNBits with int8 activations), 8-bit ``MatMulNBits`` 2.5× (slow kernel), 8-bit ``dq`` 1.05×.
+    Latency (``prefer=speed``, the default): a format slower than float on this CPU is not kept.
+    The float and the quantized model are timed on this machine (onnxruntime optimizations on,
+    one thread, interleaved rounds, median of paired ratios; one sample of the calibration data,
+    else seeded random inputs; stats ``latency_ratio``, ``latency_scope=model``). Within 5 % of
+    float (timing noise) everything stays. Slower: each distinct quantized layer shape is timed
+    alone, the layers slower than float are reverted to their float weights (declined
+    ``slower_than_float``, detail ``layer 1.31× float``), the model is timed again
+    (``latency_ratio_kept``) and, if still slower, every remaining weight is reverted (detail
+    ``model 1.08× float``; embedding tables are only reverted this way). When the models cannot
+    run on the timing inputs (random token ids), only the layer timings decide
+    (``latency_scope=layers``; this overstates the cost: an isolated float weight stays in cache).
+    Stats ``latency_slower``, ``latency_reverted``. ``prefer=size`` skips the timing and keeps
+    every quantized weight. On paraphrase-MiniLM-L3 (1 thread, 64 tokens): 4-bit
+    ``MatMulNBits`` 0.98× float, 4-bit ``dq`` 1.06× (onnxruntime fuses it into MatMulNBits with
+    int8 activations), 8-bit ``MatMulNBits`` 2.5× (slow kernel: reverted unless ``prefer=size``),
+    8-bit ``dq`` 1.05×. **With prefer=speed the output depends on timings, hence on the machine
+    and its load**; ``prefer=size`` does not.
 
     Stats: ``quantized_MatMul``/``_Gemm``/``_Gather``, ``weight_bytes_before``/``_after`` (the
     quantized weights' float and quantized sizes), ``weight_error`` (mean relative error of the
@@ -146,12 +171,15 @@ class QuantizeWeights(Pass):
         "ops": Option(list, ["matmul"], "which constant weights: matmul (MatMul/Gemm) and/or gather (embeddings)"),
         "gather_block_size": Option(int, None, "block_size of embedding tables (default: block_size)",
                                     interval="[-1, inf)"),
+        "gather_min_rows": Option(int, 1024, "ops=gather: tables with fewer rows (position, token-type "
+                                             "embeddings) stay float", interval="[0, inf)"),
         "search": Option(bool, True, "search each block's range shrink for the least rounding error"),
         "damp": Option(float, DEFAULT_DAMP, "gptq: relative Hessian damping", interval="(0, inf)"),
         "act_order": Option(bool, False, "gptq: round the most excited input rows first"),
         "accuracy_level": Option(int, 0, "matmulnbits: onnxruntime's accuracy_level (4: int8 activations)",
                                  interval="[0, 4]"),
-        "prefer": Option(str, "speed", "speed: time quantized layers and warn when slower than float; size: don't",
+        "prefer": Option(str, "speed", "speed: time the result here and keep float what runs slower; "
+                                            "size: keep every quantized weight",
                          choices=("speed", "size")),
         "batch_size": Option(int, 8, "gptq/kmeans calibration batch size", interval="[1, inf)"),
     }
@@ -191,10 +219,12 @@ class QuantizeWeights(Pass):
             ops.add("Gather")
         targets = []
         for node in graph.nodes:
-            if node.op in ops:
+            if node.op in ops and (node.domain or "") in ("", "ai.onnx"):
                 t = self._candidate(node, outputs, result)
                 if t is not None:
                     targets.append(t)
+            elif (node.domain or "") not in ("", "ai.onnx") and has_float_weight(node):
+                result.decline(node_label(node), "op_not_supported", f"{node.domain}.{node.op}")
         return targets
 
     def _candidate(self, node: gs.Node, outputs: set[str], result: PassResult) -> _Target | None:
@@ -235,6 +265,8 @@ class QuantizeWeights(Pass):
 
     def _format_problem(self, node: gs.Node, values: np.ndarray) -> tuple[str, str] | None:
         o = self.opts
+        if node.op == "Gather" and values.shape[0] < o["gather_min_rows"]:
+            return "small_table", f"{values.shape[0]} rows < gather_min_rows={o['gather_min_rows']}"
         if node.op == "Gather" and o["method"] != "kmeans":
             d, block = values.shape[1], self._block(values.shape[1], gather=True)
             if (o["format"] == "matmulnbits" or o["bits"] == 4) and d % block:
@@ -274,27 +306,23 @@ class QuantizeWeights(Pass):
         snapshot = graph.copy() if self.opts["prefer"] == "speed" else None  # shares the arrays: no copy
         names = Names(graph)
         errors: list[float] = []
-        before = after = 0
-        timed: dict[tuple, tuple[_Target, BlockQuant]] = {}
+        edits: list[_Edit] = []
         for t in targets:
             h = hessians.get(t.node.inputs[0].name) if t.kind != "Gather" else None
             q, book, err = self._quantize(t, h, ctx, result)
             errors.append(err)
-            before += t.w.nbytes
-            after += self._emit(graph, names, t, q, book)
+            edits.append(self._emit(graph, names, t, q, book))
             result.count(f"quantized_{t.kind}")
-            if q is not None and t.kind != "Gather":
-                timed.setdefault((t.kind, t.w.shape, t.transposed), (t, q))
-        result.stats.update(weight_bytes_before=int(before), weight_bytes_after=int(after),
-                            weight_error=round(float(np.mean(errors)), 6))
+        result.stats.update(weight_error=round(float(np.mean(errors)), 6))
         for key in ("output_error_rtn", "output_error"):
             if key in result.stats:
                 result.stats[key] = round(result.stats[key] / max(1, result.stats["gptq_layers"]), 6)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        result.modified = True
-        if snapshot is not None and timed:
-            if not self._model_latency(snapshot, graph, ctx, result):
-                self._latency(graph, list(timed.values()), ctx, result)
+        if snapshot is not None:
+            edits = self._keep_fast(snapshot, graph, edits, ctx, result)
+        result.stats.update(weight_bytes_before=int(sum(e.target.w.nbytes for e in edits)),
+                            weight_bytes_after=int(sum(e.nbytes for e in edits)))
+        result.modified = bool(edits)
         return result
 
     def _hessians(self, graph: gs.Graph, targets: list[_Target], ctx: PassContext,
@@ -337,9 +365,10 @@ class QuantizeWeights(Pass):
         return q, None, float(np.linalg.norm(q.dequantize() - w)) / norm
 
     def _emit(self, graph: gs.Graph, names: Names, t: _Target, q: BlockQuant | None,
-              book: tuple[np.ndarray, np.ndarray] | None) -> int:
-        """Rewrite ``t``'s node; returns the bytes of the new constants."""
+              book: tuple[np.ndarray, np.ndarray] | None) -> _Edit:
+        """Rewrite ``t``'s node; returns the edit (with the bytes of the new constants)."""
         node, base = t.node, t.weight.name
+        edit = _Edit(t, list(node.inputs), list(node.outputs), [], 0, q)
         index = 0 if t.kind == "Gather" else 1
         if book is not None:
             nodes, out = codebook_weight(names, book[0], book[1], self.opts["bits"], base,
@@ -363,53 +392,114 @@ class QuantizeWeights(Pass):
             nodes = [dq]
             node.inputs[index] = out
         graph.nodes.extend(nodes)
-        return _new_bytes(nodes)
+        edit.nodes, edit.nbytes = nodes, _new_bytes(nodes)
+        return edit
+
+    @staticmethod
+    def _revert(graph: gs.Graph, edit: _Edit) -> None:
+        """Put ``edit``'s node back as it was (its new nodes disconnected; cleanup drops them)."""
+        for n in edit.nodes:
+            n.inputs.clear()
+            n.outputs.clear()
+        node = edit.target.node
+        node.inputs.clear()
+        node.outputs.clear()
+        node.inputs.extend(edit.inputs)
+        node.outputs.extend(edit.outputs)
+        if all(n is not node for n in graph.nodes):
+            graph.nodes.append(node)
 
     # ------------------------------------------------------------------------------ latency
 
-    def _model_latency(self, snapshot: gs.Graph, graph: gs.Graph, ctx: PassContext, result: PassResult) -> bool:
-        """Time the whole float and quantized models (one sample of the calibration data, else
-        seeded random inputs); False when they could not be run (then the layers are timed alone)."""
-        timer = ctx.get(LATENCY_TIMER) or (lambda pair: measure_ratio(pair, rounds=60))
+    def _keep_fast(self, snapshot: gs.Graph, graph: gs.Graph, edits: list[_Edit], ctx: PassContext,
+                   result: PassResult) -> list[_Edit]:
+        """``prefer=speed``: undo what runs slower than float on this machine; returns the edits kept.
+
+        The whole model is timed first (quantized vs ``snapshot``, the float graph). Within
+        :data:`SLOWER` of float: everything stays. Slower, or not runnable on the timing inputs:
+        each distinct layer shape is timed alone and the layers slower than float are reverted
+        (``slower_than_float``, detail ``layer 1.31× float``); if the model was timed, it is timed
+        again and, still slower, every remaining layer is reverted (detail ``model 1.08× float``).
+        """
+        timer = ctx.get(LATENCY_TIMER)
+        ratio = self._model_ratio(snapshot, graph, ctx, timer)
+        if ratio is not None:
+            result.stats.update(latency_ratio=round(ratio, 3), latency_scope="model", latency_slower=int(ratio > SLOWER))
+            if ratio <= SLOWER:
+                return edits
+        layers = self._layer_ratios(graph, edits, ctx, timer)
+        if ratio is None:
+            values = list(layers.values())
+            result.stats.update(latency_scope="layers", latency_slower=sum(r > SLOWER for r in values))
+            if values:
+                result.stats["latency_ratio"] = round(float(np.median(values)), 3)
+        slow = [e for e in edits if layers.get(id(e), 0.0) > SLOWER]
+        kept = self._undo(graph, edits, slow, lambda e: f"layer {layers[id(e)]:.2f}× float", ctx, result)
+        if ratio is None or not kept:
+            return kept
+        after = self._model_ratio(snapshot, graph, ctx, timer) if slow else ratio
+        if after is not None and after <= SLOWER:
+            result.stats["latency_ratio_kept"] = round(after, 3)
+            return kept
+        detail = f"model {after if after is not None else ratio:.2f}× float"
+        return self._undo(graph, kept, kept, lambda e: detail, ctx, result)
+
+    def _undo(self, graph: gs.Graph, edits: list[_Edit], slow: list[_Edit], detail: Callable[[_Edit], str],
+              ctx: PassContext, result: PassResult) -> list[_Edit]:
+        """Revert ``slow`` (declined ``slower_than_float``); returns the other edits."""
+        if not slow:
+            return edits
+        gone = {id(e) for e in slow}
+        for e in slow:
+            self._revert(graph, e)
+            result.decline(node_label(e.target.node), R_SLOWER, detail(e))
+            result.count(f"quantized_{e.target.kind}", -1)
+            result.count("latency_reverted")
+        for key in [k for k, v in result.stats.items() if k.startswith("quantized_") and v == 0]:
+            del result.stats[key]
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        ctx.logger.warning("quantize_weights: %d of %d quantized weights run slower than float here (format=%s, "
+                           "bits=%d, e.g. %s): kept float; prefer=size keeps them quantized", len(slow), len(edits),
+                           self.opts["format"], self.opts["bits"], detail(slow[0]))
+        return [e for e in edits if id(e) not in gone]
+
+    def _model_ratio(self, snapshot: gs.Graph, graph: gs.Graph, ctx: PassContext, timer) -> float | None:
+        """Quantized / float time of the whole model (one sample of the calibration data, else seeded
+        random inputs); None when the models cannot run on those inputs (e.g. random token ids)."""
+        timer = timer or (lambda pair: measure_ratio(pair, rounds=60))
         snapshot.producer_name, snapshot.producer_version = graph.producer_name, graph.producer_version
         float_model = serde.to_model(snapshot)
         try:
             dims = {n: v for n, v in ctx.dims.values.items() if n not in ctx.dims.batch} if ctx.dims else None
             feeds = bench_inputs(float_model, data=ctx.calib, dims=dims, seed=ctx.seed)
-            ratio = float(timer(LayerPair(float_model, serde.to_model(graph), feeds, feeds)))
+            return float(timer(LayerPair(float_model, serde.to_model(graph), feeds, feeds)))
         except Exception as exc:  # e.g. random token ids out of an embedding's range
             log.info("quantize_weights: whole-model timing failed (%s); timing the layers alone", exc)
-            return False
-        result.stats.update(latency_ratio=round(ratio, 3), latency_scope="model", latency_slower=int(ratio > SLOWER))
-        if ratio > SLOWER:
-            ctx.logger.warning("quantize_weights: the quantized model runs %.2f× the float time here (format=%s, "
-                               "bits=%d); prefer=size silences this", ratio, self.opts["format"], self.opts["bits"])
-        return True
+            return None
 
-    def _latency(self, graph: gs.Graph, layers: list[tuple[_Target, BlockQuant]], ctx: PassContext,
-                 result: PassResult) -> None:
-        """Time each distinct layer shape alone, quantized vs float (isolated layers keep their float
-        weights in cache, so this overstates the cost: the fallback of :meth:`_model_latency`)."""
-        timer = ctx.get(LATENCY_TIMER) or (lambda pair: measure_ratio(pair, rounds=20))
+    def _layer_ratios(self, graph: gs.Graph, edits: list[_Edit], ctx: PassContext, timer) -> dict[int, float]:
+        """``{id(edit): quantized / float time}`` of each MatMul/Gemm edit, one timing per distinct
+        shape, the layer alone (an isolated float weight stays in cache: this overstates the cost)."""
+        timer = timer or (lambda pair: measure_ratio(pair, rounds=20))
         shapes = concrete_shapes(serde.to_model(graph), ctx.dims)
-        ratios = []
-        for t, q in layers:
-            a = shapes.get(t.node.inputs[0].name) if t.node.inputs else None
-            rows = int(np.prod(a[:-1])) if a is not None and len(a) >= 2 else DEFAULT_ROWS
-            try:
-                ratio = float(timer(self._layer_pair(t, q, rows, ctx.seed)))
-            except Exception as exc:  # a timing failure must not fail the pass
-                log.debug("latency of %s not measured: %s", t.kind, exc)
+        by_shape: dict[tuple, float | None] = {}
+        out = {}
+        for e in edits:
+            t = e.target
+            if t.kind == "Gather" or e.quant is None:
                 continue
-            ratios.append(ratio)
-            if ratio > SLOWER:
-                result.count("latency_slower")
-                ctx.logger.warning("quantize_weights: %s [%d×%d] runs %.2f× the float time here (format=%s, bits=%d); "
-                                   "prefer=size silences this", t.kind, *t.w.shape, ratio, self.opts["format"],
-                                   self.opts["bits"])
-        if ratios:
-            result.stats.update(latency_ratio=round(float(np.median(ratios)), 3), latency_scope="layers")
-            result.stats.setdefault("latency_slower", 0)
+            a = shapes.get(e.inputs[0].name)
+            rows = int(np.prod(a[:-1])) if a is not None and len(a) >= 2 else DEFAULT_ROWS
+            key = (t.kind, t.w.shape, t.transposed, rows)
+            if key not in by_shape:
+                try:
+                    by_shape[key] = float(timer(self._layer_pair(t, e.quant, rows, ctx.seed)))
+                except Exception as exc:  # a timing failure must not fail the pass
+                    log.debug("latency of %s not measured: %s", t.kind, exc)
+                    by_shape[key] = None
+            if by_shape[key] is not None:
+                out[id(e)] = by_shape[key]
+        return out
 
     def _layer_pair(self, t: _Target, q: BlockQuant, rows: int, seed: int) -> LayerPair:
         """One-layer float and quantized models of ``t`` (``[rows, K]`` input)."""

