@@ -419,14 +419,17 @@ def with_concrete_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -
 
 
 def concrete_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None = None,
-                    batch: int | None = None) -> dict[str, tuple[int, ...]]:
+                    batch: int | None = None, *, filled: bool = False) -> dict[str, tuple[int, ...]]:
     """Every tensor whose shape is fully known once the graph inputs' symbolic dims are fixed as
     :func:`concrete_inputs` fixes them (``dims`` by name, ``batch`` for batch dims, else the defaults).
 
-    Shape inference runs on a weight-less copy; a failure gives ``{}``.
+    Shape inference runs on a weight-less copy; a failure gives ``{}``. ``filled``: with
+    :func:`infer_shapes_filled` (onnxruntime's symbolic inference where onnx gives up, e.g. after
+    a transformer's computed position ``Slice``).
     """
     try:
-        inferred = infer_shapes(with_concrete_inputs(model, concrete_inputs(model, dims, batch)))
+        infer = infer_shapes_filled if filled else infer_shapes
+        inferred = infer(with_concrete_inputs(model, concrete_inputs(model, dims, batch)))
     except Exception as exc:
         log.debug("shape inference failed: %s", exc)
         return {}

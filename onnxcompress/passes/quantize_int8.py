@@ -132,9 +132,10 @@ class QuantizeInt8(Pass):
     scale and zero point are taken from each input at run time, so no calibration is needed;
     weights int8 per output column. LayerNorm, Softmax, GELU and the attention-score MatMuls (both
     operands activations) stay float. Combines with ``exclude`` and the mixed-precision targets
-    (layers are the MatMul/Gemm nodes; calibration data is then needed to check the target), not
-    with ``weights_only``, ``symmetric_activations``, ``latency_aware`` or ``cache``; ``method`` and
-    ``percentile`` do not apply. On paraphrase-MiniLM-L3, run ``smooth`` first (recipe
+    (layers are the MatMul/Gemm nodes; calibration data is then needed to check the target) and
+    ``latency_aware`` (each MatMul/Gemm timed float vs its dynamic int8 form, the activation's
+    run-time quantization included; no calibration needed), not with ``weights_only``,
+    ``symmetric_activations`` or ``cache``; ``method`` and ``percentile`` do not apply. On paraphrase-MiniLM-L3, run ``smooth`` first (recipe
     ``int8-dynamic``).
 
     Mixed precision (``max_drop`` / ``min_cosine`` / ``min_sqnr``):
@@ -228,7 +229,7 @@ class QuantizeInt8(Pass):
             raise InputError("quantize_int8: max_drop, min_cosine, min_sqnr and latency_aware need full quantization, "
                              "not weights_only")
         if o["dynamic"]:
-            clash = [k for k in ("weights_only", "symmetric_activations", "latency_aware") if o[k]] + (
+            clash = [k for k in ("weights_only", "symmetric_activations") if o[k]] + (
                 ["cache"] if o["cache"] else [])
             if clash:
                 raise InputError(f"quantize_int8: dynamic=true does not combine with {', '.join(clash)} "

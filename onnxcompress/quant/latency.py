@@ -11,6 +11,10 @@ Both run in onnxruntime with its graph optimizations **on** (as deployed), one t
 interleaved rounds; the result is the median over rounds of ``t_int8 / t_float`` measured in the
 same round (:func:`onnxcompress.runtime.bench.paired_ratio`).
 
+With ``dynamic`` (:func:`dynamic_layer_models`) a MatMul/Gemm is timed as float vs
+``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` on a float input: the activation's
+run-time quantization is part of the layer's cost.
+
 Add, Mul, Concat and pooling layers are not timed: :func:`island_layers` keeps float every
 group of them that no quantized compute layer touches (looking through MaxPool/Reshape/Flatten/...
 and Relu/Clip), since it would only add Q/DQ work.
@@ -36,6 +40,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import serde
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import Dims, concrete_shapes
+from onnxcompress.quant.dynamic import quantize_dynamic_graph
 from onnxcompress.quant.placement import KINDS, plan_placement
 from onnxcompress.quant.rewrite import apply_plan
 from onnxcompress.quant.sensitivity import Quantizer, plan_params
@@ -49,6 +54,7 @@ __all__ = [
     "LayerTiming",
     "ModelTimer",
     "Timer",
+    "dynamic_layer_models",
     "island_layers",
     "layer_models",
     "measure_ratio",
@@ -194,6 +200,25 @@ def layer_models(quantizer: Quantizer, node: gs.Node, act: gs.Node | None, shape
     return LayerPair(float_model, serde.to_model(graph, quantizer.model), feeds, int8_feeds)
 
 
+def dynamic_layer_models(quantizer: Quantizer, node: gs.Node, shapes: dict[str, list[int]], seed: int = 0) -> LayerPair:
+    """The float and dynamic-int8 forms of one MatMul/Gemm (``quantize_int8:dynamic``): the int8 one
+    is ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` (onnxruntime fuses it into
+    ``DynamicQuantizeMatMul``), so the activation's run-time quantization is counted in the layer
+    (in the model, Q/K/V share one). Both take the same float input (standard normal).
+
+    Raises:
+        KeyError: An input shape is unknown.
+    """
+    opset = serde.model_opset(quantizer.model) or 13
+    float_model = serde.to_model(_tiny_graph(node, None, shapes, opset), quantizer.model)
+    graph = _tiny_graph(node, None, shapes, opset)
+    quantize_dynamic_graph(graph, quantizer.cfg, PassResult())
+    graph.cleanup().toposort()
+    rng = np.random.default_rng(seed)
+    feeds = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in graph.inputs}
+    return LayerPair(float_model, serde.to_model(graph, quantizer.model), feeds, feeds)
+
+
 # ---------------------------------------------------------------------------------- timing
 
 
@@ -264,7 +289,7 @@ def time_layers(quantizer: Quantizer, *, batch: int = 1, margin: float = 0.05, t
         dims: The run's symbolic input dims (the shapes the layers see; ``None``: the defaults).
     """
     timer = timer or _default_timer(rounds)
-    shapes = concrete_shapes(quantizer.model, dims, batch)
+    shapes = concrete_shapes(quantizer.model, dims, batch, filled=quantizer.cfg.dynamic)
     graph = serde.to_graph(quantizer.model)
     nodes = {n.name: n for n in graph.nodes}
     outputs = {t.name for t in graph.outputs}
@@ -273,7 +298,8 @@ def time_layers(quantizer: Quantizer, *, batch: int = 1, margin: float = 0.05, t
     for name in track(layers, "timing layers", total=len(layers), enabled=progress):
         node = nodes[name]
         try:
-            models = layer_models(quantizer, node, _folded_activation(node, outputs), shapes)
+            models = (dynamic_layer_models(quantizer, node, shapes) if quantizer.cfg.dynamic
+                      else layer_models(quantizer, node, _folded_activation(node, outputs), shapes))
         except KeyError as exc:
             out.append(LayerTiming(name, node.op, None, reason=f"shape of {exc.args[0]} unknown"))
             continue

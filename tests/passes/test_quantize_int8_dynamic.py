@@ -102,7 +102,8 @@ def test_options_and_calibration_requirement():
     assert not cls(dynamic=True).needs_calibration()
     assert cls(dynamic=True, min_cosine=0.99).needs_calibration()
     assert cls().needs_calibration()
-    for bad in ({"weights_only": True}, {"symmetric_activations": True}, {"latency_aware": True}):
+    assert not cls(dynamic=True, latency_aware=True).needs_calibration()  # timings need no calibration
+    for bad in ({"weights_only": True}, {"symmetric_activations": True}, {"cache": "c.npz"}):
         with pytest.raises(InputError, match="dynamic"):
             cls(dynamic=True, **bad)
 
@@ -150,3 +151,59 @@ def test_smoothed_encoder_keeps_onnxruntime_fusions(tmp_path):
     fused = ops(onnx.load(str(tmp_path / "opt.onnx")))
     assert fused["Gelu"] == 2 and fused["Erf"] == 0, fused
     assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 12, fused
+
+
+# ---------------------------------------------------------------------------------- latency_aware
+
+
+KEPT = [*DECLINE_REASONS, "kept_float_int8_slower", "kept_float_int8_model_slower"]
+
+
+def _dyn_timers(slow: dict[str, float], models: tuple[float, ...], seen: list) -> dict:
+    """Injected timings: per layer (checking the one-layer pair: float MatMul vs its dynamic int8 form,
+    same float feeds) and per whole model (float, all int8, per-layer choice)."""
+    from onnxcompress.passes.quantize_int8 import LATENCY_TIMER, MODEL_TIMER
+
+    def layer(name, pair):
+        assert [n.op_type for n in pair.float_model.graph.node] == ["MatMul"]
+        assert "DynamicQuantizeLinear" in ops(pair.int8_model) and "MatMulInteger" in ops(pair.int8_model)
+        assert pair.float_feeds is pair.int8_feeds
+        ref, got = ort_run(pair.float_model, pair.float_feeds)[0], ort_run(pair.int8_model, pair.int8_feeds)[0]
+        assert cosine(ref, got) > 0.99
+        seen.append(name)
+        return slow.get(name, 0.5)
+
+    return {LATENCY_TIMER: layer, MODEL_TIMER: lambda ms: list(models[:len(ms)])}
+
+
+def test_latency_aware_keeps_float_the_layers_slower_in_int8():
+    model = encoder(layers=1)
+    seen: list = []
+    ctx = PassContext(values=_dyn_timers({"layer0.ffn.output/MatMul": 1.4}, (1.0, 0.6, 0.55), seen))
+    new, result = run_checked(model, f"{DYN}:latency_aware=true", KEPT, ctx)
+    assert len(seen) == 6  # Q, K, V, O, FFN up, FFN down: the projections only
+    assert [(d.where, d.detail) for d in result.declined if d.code == "kept_float_int8_slower"] == [
+        ("layer0.ffn.output/MatMul", "1.40×")]
+    assert result.stats["quantized_MatMul"] == 5 and result.stats["latency_choice"] == "per-layer"
+    assert result.stats["exclude_spec"] == "exclude=layer0.ffn.output/MatMul"
+    assert ops(new)["MatMulInteger"] == 5
+    feeds = token_feeds(2, 9)
+    assert emb_cosine(model, new, feeds) > 0.99
+
+
+def test_latency_aware_keeps_everything_int8_when_faster():
+    model = encoder(layers=1)
+    seen: list = []
+    ctx = PassContext(values=_dyn_timers({}, (1.0, 0.6), seen))
+    new, result = run_checked(model, f"{DYN}:latency_aware=true", KEPT, ctx)
+    assert len(seen) == 6 and result.stats["quantized_MatMul"] == 6 and result.stats["latency_kept_float"] == 0
+    assert not [d for d in result.declined if d.code.startswith("kept_float")]
+
+
+def test_latency_aware_all_float_when_every_int8_variant_is_slower():
+    model = encoder(layers=1)
+    ctx = PassContext(values=_dyn_timers({"layer0.ffn.output/MatMul": 1.4}, (1.0, 1.3, 1.2), []))
+    new, result = run_checked(model, f"{DYN}:latency_aware=true", KEPT, ctx)
+    assert not result.modified and "MatMulInteger" not in ops(new)
+    assert collections.Counter(d.code for d in result.declined if d.code.startswith("kept_float")) == {
+        "kept_float_int8_model_slower": 5, "kept_float_int8_slower": 1}
