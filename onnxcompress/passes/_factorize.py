@@ -111,6 +111,11 @@ class FactorizePass(Pass):
         """The factors of ``layer`` (whitened by ``layer.sigma`` when set), or raise :class:`Decline`."""
         raise NotImplementedError
 
+    def slower(self, layer: FactorLayer, fz: Factorization, ctx: PassContext) -> tuple[str, str] | None:
+        """``(decline code, detail)`` when ``fz`` would not run faster than ``layer`` here (default: never
+        measured, the MAC rule alone decides)."""
+        return None
+
     # ---- driver
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Scan, gather statistics, factorize what pays, refit; see the module docs."""
@@ -239,6 +244,10 @@ class FactorizePass(Pass):
         if ratio >= self.opts["max_mac_ratio"]:
             detail = f"MAC ratio {ratio:.2f} >= {self.opts['max_mac_ratio']:g}, ranks {fz.ranks}"
             result.decline(layer.where, R_NOT_PAY, detail, logger=ctx.logger)
+            return None
+        slower = self.slower(layer, fz, ctx)
+        if slower is not None:
+            result.decline(layer.where, *slower, logger=ctx.logger)
             return None
         error = relative_error(layer.weight.astype(np.float64), fz.approx)
         if len(layer.node.inputs[1].outputs) > 1:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import weight_layout
-from onnxcompress.core.pass_api import Option, register
+from onnxcompress.core import serde
+from onnxcompress.core.pass_api import Option, PassContext, PassResult, Slot, register
 from onnxcompress.lowrank.factorize import (
     COMMON_REASONS,
     R_ATTRS,
@@ -29,16 +30,24 @@ from onnxcompress.lowrank.linalg import (
     svd_macs,
 )
 from onnxcompress.passes._factorize import COMMON_OPTIONS, FactorizePass
+from onnxcompress.quant.latency import LayerPair, measure_ratio
 
-__all__ = ["FactorizeSvd", "DECLINE_REASONS", "R_KXK", "R_SPATIAL_RANK"]
+__all__ = ["DECLINE_REASONS", "LATENCY_TIMER", "R_KXK", "R_NOT_FASTER", "R_SPATIAL_RANK", "FactorizeSvd", "factor_pair"]
 
 log = logging.getLogger(__name__)
 
 R_KXK = "kxk_conv_needs_spatial"  # k×k conv without spatial=true
 R_SPATIAL_RANK = "spatial_needs_2d_kernel"
+R_NOT_FASTER = "not_faster"  # latency_aware: the factors do not run faster than the layer here
 
 #: Every decline code :class:`FactorizeSvd` may give.
-DECLINE_REASONS = COMMON_REASONS + (R_KXK, R_SPATIAL_RANK)
+DECLINE_REASONS = COMMON_REASONS + (R_KXK, R_SPATIAL_RANK, R_NOT_FASTER)
+#: ``latency_aware``: the factors must take less than ``1 - SPEEDUP_MARGIN`` of the layer's time.
+SPEEDUP_MARGIN = 0.05
+#: Context slot (given by the caller): ``timer(LayerPair) -> t_factors / t_layer`` replacing the
+#: onnxruntime measurement of ``latency_aware`` (tests).
+LATENCY_TIMER = Slot("factorize_svd_latency_timer", Callable, "the factorization latency timer",
+                     "replaces latency_aware's timings")
 
 _PAD_ATTRS = ("pads", "auto_pad", "strides", "dilations")
 
@@ -80,6 +89,9 @@ class FactorizeSvd(FactorizePass):
         (``transA=1``, ``alpha=0``); ``grouped_conv`` (grouped or depthwise); ``tiny_layer``;
         ``kxk_conv_needs_spatial`` (a k×k conv without ``spatial=true``);
         ``spatial_needs_2d_kernel``; ``does_not_pay`` (detail: the MAC ratio and ranks);
+        ``not_faster`` (``latency_aware``: a Gemm/MatMul whose two factors, timed on this machine
+        in onnxruntime at the layer's rows, one thread, take more than 95 % of its time; detail the
+        ratio and rank: **the output then depends on the machine**);
         ``calibration_statistics_failed`` (then plain).
         A weight shared with other nodes is never edited: the factors are new constants, the
         other users keep the original (``shared_copied``).
@@ -97,8 +109,32 @@ class FactorizeSvd(FactorizePass):
 
     name = "factorize_svd"
     ops = frozenset({"Gemm", "MatMul", "Conv"})
+    reads = (*FactorizePass.reads, LATENCY_TIMER)
     options: ClassVar[Mapping[str, Option]] = {
-        **COMMON_OPTIONS, "spatial": Option(bool, False, "factorize k×k Conv into k×1 then 1×k")}
+        **COMMON_OPTIONS, "spatial": Option(bool, False, "factorize k×k Conv into k×1 then 1×k"),
+        "latency_aware": Option(bool, False, "Gemm/MatMul: time the two factors against the layer here "
+                                             "(float, onnxruntime, 1 thread); decline those not faster")}
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """:meth:`FactorizePass.run`, with this run's latency timings (``latency_aware``) cached by shape."""
+        self._timed: dict[tuple[int, int, int, int], float] = {}
+        return super().run(graph, ctx)
+
+    def slower(self, layer: FactorLayer, fz: Factorization, ctx: PassContext) -> tuple[str, str] | None:
+        """``latency_aware``: a Gemm/MatMul whose factors do not run faster than it here (one timing
+        per distinct ``(rows, in, out, rank)``) is declined ``not_faster``."""
+        if not self.opts["latency_aware"] or layer.kind not in ("gemm", "matmul"):
+            return None
+        (k, n), r = layer.channels, fz.ranks[0]
+        key = (max(layer.rows, 1), k, n, r)
+        cache = self._timed
+        if key not in cache:
+            timer = ctx.get(LATENCY_TIMER) or (lambda pair: measure_ratio(pair, rounds=30))
+            cache[key] = float(timer(factor_pair(*key, seed=ctx.seed)))
+        ratio = cache[key]
+        if ratio < 1.0 - SPEEDUP_MARGIN:
+            return None
+        return R_NOT_FASTER, f"{ratio:.2f}× the layer's time at rank {r} ({key[0]} rows, {k}→{n})"
 
     def classify(self, node: gs.Node, weight: np.ndarray) -> str:
         """``gemm``, ``matmul``, ``conv1x1`` or ``spatial``; raises :class:`Decline` otherwise."""
@@ -185,6 +221,24 @@ class FactorizeSvd(FactorizePass):
         w_in, (h_out, w_out) = layer.in_spatial[1], layer.out_spatial
         macs = spatial_svd_macs(cin, cout, (kh, kw), r, h_out * w_in, h_out * w_out)
         return Factorization(factors, approx, (r,), macs)
+
+
+def factor_pair(rows: int, k: int, n: int, r: int, seed: int = 0) -> LayerPair:
+    """``x [rows, k] · W [k, n]`` and ``(x · A [k, r]) · B [r, n]`` as two runnable models (random
+    weights: float MatMul time does not depend on the values); the pair's second model is the factors."""
+    rng = np.random.default_rng(seed)
+    models = []
+    for shapes in (((k, n),), ((k, r), (r, n))):
+        x = gs.Variable("x", np.float32, [rows, k])
+        nodes, cur = [], x
+        for i, shape in enumerate(shapes):
+            out = gs.Variable(f"y{i}", np.float32, [rows, shape[1]])
+            w = gs.Constant(f"w{i}", rng.standard_normal(shape).astype(np.float32))
+            nodes.append(gs.Node("MatMul", f"mm{i}", {}, [cur, w], [out]))
+            cur = out
+        models.append(serde.to_model(gs.Graph(nodes=nodes, inputs=[x], outputs=[cur], opset=17)))
+    feeds = {"x": rng.standard_normal((rows, k)).astype(np.float32)}
+    return LayerPair(models[0], models[1], feeds, feeds)
 
 
 def _split_attrs(attrs: dict, kernel: tuple[int, int]) -> tuple[dict, dict]:

@@ -342,3 +342,46 @@ def test_data_aware_spatial_and_deterministic() -> None:
     test = {"x": images(19, 32)}
     assert rel_err(model, first, test) < 0.7 * rel_err(model, plain, test)
     assert result.stats["macs_after"] < 0.7 * result.stats["macs_before"]
+
+
+# ---------------------------------------------------------------- latency_aware
+
+
+def _matmul_pair_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Two MatMuls on ``x [N, 6, 64]``: ``64 -> 64`` and ``64 -> 128`` (low rank enough to pay in MACs)."""
+    w1 = (rand(rng, 64, 8, scale=0.3) @ rand(rng, 8, 64, scale=0.3)).astype(np.float32)
+    w2 = (rand(rng, 64, 8, scale=0.3) @ rand(rng, 8, 128, scale=0.3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], "mm1"), helper.make_node("MatMul", ["h", "W2"], ["y"], "mm2")]
+    return make_model(nodes, {"x": ["N", 6, 64]}, ["y"], {"W1": w1, "W2": w2})
+
+
+def test_latency_aware_declines_factors_that_are_not_faster() -> None:
+    from onnxcompress.passes.factorize_svd import LATENCY_TIMER, R_NOT_FASTER
+
+    model = _matmul_pair_model(np.random.default_rng(3))
+    seen = []
+
+    def timer(pair):
+        k, n = pair.float_model.graph.initializer[0].dims
+        seen.append((pair.float_feeds["x"].shape, k, n, [tuple(i.dims) for i in pair.int8_model.graph.initializer]))
+        assert op_types(pair.int8_model) == ["MatMul", "MatMul"] and op_types(pair.float_model) == ["MatMul"]
+        return 1.1 if n == 128 else 0.6
+
+    new, result = factorize(model, "factorize_svd:rank=8:latency_aware=true", PassContext(values={LATENCY_TIMER: timer}))
+    assert seen == [((6, 64), 64, 64, [(64, 8), (8, 64)]), ((6, 64), 64, 128, [(64, 8), (8, 128)])]
+    assert result.where_codes() == [("mm2", R_NOT_FASTER)]
+    assert result.declined[0].detail == "1.10× the layer's time at rank 8 (6 rows, 64→128)"
+    assert result.stats["layers_factorized"] == 1 and op_types(new) == ["MatMul", "MatMul", "MatMul"]
+    assert max_diff(model, new) < 1e-3  # rank 8 is the weights' rank: exact up to rounding
+
+
+def test_latency_aware_off_or_faster_keeps_every_factorization() -> None:
+    from onnxcompress.passes.factorize_svd import LATENCY_TIMER
+
+    model = _matmul_pair_model(np.random.default_rng(3))
+    calls = []
+    ctx = PassContext(values={LATENCY_TIMER: lambda pair: calls.append(pair) or 0.5})
+    _, result = factorize(model, "factorize_svd:rank=8:latency_aware=true", ctx)
+    assert result.stats["layers_factorized"] == 2 and len(calls) == 2
+    _, result = factorize(model, "factorize_svd:rank=8", ctx)  # off: never timed
+    assert result.stats["layers_factorized"] == 2 and len(calls) == 2
