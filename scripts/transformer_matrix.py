@@ -9,7 +9,8 @@ Prints a Markdown table: exit code as the CLI would give it (0 written, 1 gate f
 3 internal error), whether the graph changed, the top decline codes, accuracy before -> after.
 Also runs onnxruntime's ``quantize_dynamic`` on each fixture for comparison (``--ort``).
 
-    python scripts/transformer_matrix.py [--only text_ts,vit_ts] [--pipelines quantize_int8,int8-dynamic] [--ort]
+    python scripts/transformer_matrix.py [--only text_ts,vit_ts] [--pipelines quantize_int8,int8-dynamic] \
+        [--spec quantize_weights:prefer=size] [--ort]
 """
 
 from __future__ import annotations
@@ -99,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--data-samples", type=int, default=128)
     parser.add_argument("--pipelines", default="", help="comma-separated pass and recipe names (default: all)")
+    parser.add_argument("--spec", action="append", default=[], help="also this pass list (repeatable)")
     parser.add_argument("--ort", action="store_true", help="also onnxruntime's quantize_dynamic")
     args = parser.parse_args(argv)
     manifest = json.loads((MODELS / "models.json").read_text()).get("transformers", {})
     names = args.only.split(",") if args.only else sorted(manifest)
     wanted = set(args.pipelines.split(",")) if args.pipelines else None
     jobs = [{"passes": pipeline_for(p)} for p in registry() if wanted is None or p in wanted] + [
-        {"recipe": r} for r in builtin_recipes() if wanted is None or r in wanted]
+        {"recipe": r} for r in builtin_recipes() if wanted is None or r in wanted] + [{"passes": p} for p in args.spec]
     print("| fixture | pipeline | exit | changed | accuracy (float -> result) | top declines | note |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
