@@ -9,8 +9,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import weight_layout
 from onnxcompress.core import serde
+from onnxcompress.core.graph import weight_layout
 from onnxcompress.core.pass_api import Option, PassContext, PassResult, Slot, register
 from onnxcompress.lowrank.factorize import (
     COMMON_REASONS,
