@@ -219,8 +219,9 @@ class LimitedSource(CalibSource):
 
 def input_shapes(model: onnx.ModelProto, names: set[str], dims: Dims | None = None) -> dict[str, tuple[int, ...]]:
     """Fully known shapes of the tensors ``names`` at batch 1, other symbolic input dims at the run's
-    ``dims`` (``None``: the defaults of :func:`onnxcompress.core.shapes.concrete_inputs`)."""
-    return {name: shape for name, shape in concrete_shapes(model, dims, batch=1).items() if name in names}
+    ``dims`` (``None``: the defaults of :func:`onnxcompress.core.shapes.concrete_inputs`); onnxruntime's
+    symbolic inference fills what onnx's gives up on (a transformer's rows after a computed ``Slice``)."""
+    return {name: shape for name, shape in concrete_shapes(model, dims, batch=1, filled=True).items() if name in names}
 
 
 def conv_attrs(attrs: Mapping[str, object]) -> dict:
