@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             log.error("variant %s failed: %s: %s", name, type(exc).__name__, exc)
             rows.append((f"ours {name}", Path(), 0.0, {"error": f"{type(exc).__name__}: {exc}"}))
     for spec in args.candidate:
-        name, sep, file = spec.partition("=")
+        name, sep, file = spec.rpartition("=")  # the name may hold "=" (a spec), the path not
         if not sep or not Path(file).is_file():
             raise SystemExit(f"--candidate {spec!r}: expected NAME=FILE.onnx (an existing file)")
         rows.append((name, Path(file), 0.0, {}))
