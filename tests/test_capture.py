@@ -63,3 +63,14 @@ def test_statistics_with_and_without_budget_are_identical():
     for n in ("h", "y"):
         for k, v in stats[0][n].to_arrays().items():
             np.testing.assert_array_equal(v, stats[1][n].to_arrays()[k])
+
+
+def test_progress_of_samples_shows_samples_per_second():
+    import types
+
+    from onnxcompress.runtime.progress import _rate_column, track
+
+    column = _rate_column()
+    assert column.render(types.SimpleNamespace(fields={"samples": True}, speed=12.34)).plain == "12.3 samples/s"
+    assert column.render(types.SimpleNamespace(fields={}, speed=12.34)).plain == ""
+    assert list(track([[1, 2], [3]], "x", enabled=False, unit=len)) == [[1, 2], [3]]

@@ -102,17 +102,19 @@ class FrontierStore:
         self._dir = Path(tempfile.mkdtemp(prefix="onnxcompress-frontier-"))
         self._files: list[dict[str, Path | np.ndarray]] = []
         self._memory, self._held = memory, 0
+        self._sizes: list[int] = []
         self._ids: dict[str, int] = {}
         self.dtypes: dict[str, np.dtype] = {}
         self.progress = progress
         for i, batch in enumerate(batches):
             self._files.append({})
+            self._sizes.append(len(batch.feeds[next(iter(batch.feeds))]) if batch.feeds else 0)
             self._save(i, batch.feeds)
 
     @property
     def samples(self) -> int:
         """Samples stored."""
-        return sum(len(self._load(f, next(iter(f)))) for f in self._files if f)
+        return sum(self._sizes)
 
     @staticmethod
     def _load(files: dict[str, Path | np.ndarray], name: str) -> np.ndarray:
@@ -138,7 +140,7 @@ class FrontierStore:
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
         feeds = proto.feed_names(model)
         session = make_session(model)
-        for i in track(range(len(self._files)), label, enabled=self.progress):
+        for i in track(range(len(self._files)), label, enabled=self.progress, unit=self._sizes.__getitem__):
             batch = Batch({n: np.asarray(self._load(self._files[i], n)) for n in feeds})
             values = dict(zip(outputs, session.run(outputs, batch.feeds)))
             if consume is not None:
