@@ -86,6 +86,10 @@ def run_child(args: list[str], env: dict[str, str] | None = None) -> dict:
             "err": lines[-1] if lines else ""}
 
 
+#: The checkout whose onnxcompress is measured (``--code``).
+CODE = {"root": ROOT}
+
+
 def measure(step: str, model: Path, calib: Path | None, work: Path, extra: list[str] | None = None) -> dict:
     """One step on one model, in a child process."""
     out = work / f"out_{step}.onnx"
@@ -97,7 +101,7 @@ def measure(step: str, model: Path, calib: Path | None, work: Path, extra: list[
         check = list(extra or ["--no-validate"])
         row = run_child([sys.executable, "-m", "onnxcompress", "-q", "optimize", str(model), "--passes", spec,
                          *data, *check, "-o", str(out), "--external-data"],
-                        env={"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+                        env={"PYTHONPATH": str(CODE["root"]) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     for p in (out, out.with_name(out.name + ".data")):
         p.unlink(missing_ok=True)
     return row
@@ -176,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-dir", type=Path, default=None, help="folder for the large model (kept; default: temporary)")
     ap.add_argument("--large-pairs", type=int, default=17, help="large model Gemm pairs (17: 2.3 GB)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--code", type=Path, default=ROOT, help="measure the onnxcompress of this checkout (default: this one)")
     args = ap.parse_args(argv)
+    CODE["root"] = args.code.resolve()
     steps = [s for s in args.steps.split(",") if s]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         ap.error(f"unknown step {unknown[0]!r}")
     models = [m for m in args.models.split(",") if m]
     head = machine_line()
-    print(f"machine: {head}", flush=True)
+    print(f"machine: {head}; code: {CODE['root']}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-tool-") as tmp:
         work = Path(tmp)
