@@ -20,6 +20,7 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.core.shapes import infer_shapes
 
 __all__ = [
+    "typed_inputs",
     "untyped_outputs",
     "produced_names",
     "feed_names",
@@ -87,6 +88,16 @@ def untyped_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.value_info[:]
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return model
+
+
+def typed_inputs(model: onnx.ModelProto, dtypes: Mapping[str, np.dtype]) -> onnx.ModelProto:
+    """``model`` (edited in place and returned) with the graph inputs ``dtypes`` names typed by
+    it, without shapes (tensors of a graph cut at intermediate tensors)."""
+    for vi in model.graph.input:
+        if vi.name in dtypes:
+            vi.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[vi.name]))
+            vi.type.tensor_type.ClearField("shape")
     return model
 
 

@@ -65,25 +65,31 @@ def frontier(graph: gs.Graph, depth: dict[str, int], level: int) -> list[str]:
 
 def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
     """The part of ``graph`` that computes ``outputs`` from the tensors ``inputs`` (fed at run
-    time) and constants; unused inputs are dropped, outputs untyped (onnxruntime infers them).
+    time) and constants: only the nodes between them, exported without copying the graph; the
+    inputs it reads are typed by ``inputs``, the outputs untyped (onnxruntime infers them).
 
     Raises:
-        RuntimeError: The segment reads a computed tensor that is neither an input nor its own.
+        RuntimeError: The segment reads a computed tensor that is not among ``inputs``.
     """
-    sub = graph.copy()
-    tensors = sub.tensors()
-    sub.inputs = [tensors[n] for n in inputs]
-    for t in sub.inputs:
-        t.dtype, t.shape = inputs[t.name], None
-        t.inputs.clear()
-    sub.outputs = [tensors[n] for n in dict.fromkeys(outputs)]
-    sub.cleanup(remove_unused_graph_inputs=True).toposort()
-    fed = {t.name for t in sub.inputs}
-    for node in sub.nodes:
+    tensors = graph.tensors()
+    wanted = [tensors[n] for n in dict.fromkeys(outputs)]
+    needed: set[int] = set()
+    stack = list(wanted)
+    while stack:
+        t = stack.pop()
+        if t.name in inputs or not t.inputs or id(t.inputs[0]) in needed:
+            continue
+        needed.add(id(t.inputs[0]))
+        stack.extend(x for x in t.inputs[0].inputs if x.name)
+    nodes = [n for n in graph.nodes if id(n) in needed]
+    fed = sorted({t.name for n in nodes for t in n.inputs if t.name in inputs})
+    for node in nodes:
         for t in node.inputs:
-            if isinstance(t, gs.Variable) and t.name and not t.inputs and t.name not in fed:
+            if isinstance(t, gs.Variable) and t.name and not t.inputs and t.name not in inputs:
                 raise RuntimeError(f"segment reads {t.name!r}, which is not on the frontier")
-    return proto.untyped_outputs(serde.to_model(sub))
+    sub = gs.Graph(nodes=nodes, inputs=[tensors[n] for n in fed], outputs=wanted, opset=graph.opset,
+                   import_domains=graph.import_domains, ir_version=graph.ir_version)
+    return proto.typed_inputs(proto.untyped_outputs(serde.to_model(sub)), {n: inputs[n] for n in fed})
 
 
 class FrontierStore:
