@@ -32,7 +32,7 @@ from onnxcompress.quant.bias_correction import (
 )
 from onnxcompress.quant.sensitivity import Evaluator
 from onnxcompress.quant.staged import FrontierStore, frontier, tensor_depths
-from onnxcompress.runtime.capture import capture
+from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
 from onnxcompress.runtime.data import Batch
 
 __all__ = ["BiasCorrection", "CHECK_TOLERANCE_DB", "R_NO_REFERENCE", "R_NO_COUNTERPART", "R_MISMATCH", "R_DOES_NOT_PAY"]
@@ -303,7 +303,7 @@ class BiasCorrection(Pass):
 
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
         seen = capture(model, sorted({n for n, _ in wanted.values()}), data, consume,
-                       batch_size=self.opts["batch_size"], progress=ctx.progress)
+                       batch_size=self.opts["batch_size"], progress=ctx.progress, max_bytes=CAPTURE_BUDGET)
         if seen == 0:
             raise InputError("bias_correction: the calibration data has no samples")
         result.count("runs")

@@ -80,7 +80,10 @@ class ChannelMoments:
         self.count = 0
 
     def update(self, array: np.ndarray) -> None:
-        """Add every element of ``array`` to its channel's sums (float64, in cache-sized blocks)."""
+        """Add every element of ``array`` to its channel's sums (float64, in cache-sized blocks).
+
+        Axis 0 is the sample axis (unless it is the channel axis): samples are added one by one,
+        so the sums do not depend on how the samples were cut into batches."""
         values = np.asarray(array)
         axis = self.axis % values.ndim
         channels = values.shape[axis]
@@ -88,14 +91,20 @@ class ChannelMoments:
             self.total, self.squares = np.zeros(channels), np.zeros(channels)
         if channels != len(self.total):
             raise ValueError(f"channel count changed from {len(self.total)} to {channels}")
-        pre = int(np.prod(values.shape[:axis], dtype=np.int64))
-        blocks = values.reshape(pre, channels, -1)
+        if values.ndim == 1 or axis == 0:  # no sample axis to split on
+            self._add(values.reshape(1, channels, -1))
+        else:  # one sample at a time: the same sums however the samples are split into batches
+            for sample in values:
+                self._add(sample.reshape(-1, channels, int(np.prod(values.shape[axis + 1:], dtype=np.int64))))
+        self.count += values.size // max(channels, 1)
+
+    def _add(self, blocks: np.ndarray) -> None:
+        """Add ``[rows, channels, positions]`` in float64, a few rows at a time (cache-sized)."""
         step = max(1, _BLOCK // max(blocks[0].size, 1))
-        for start in range(0, pre, step):
+        for start in range(0, len(blocks), step):
             x = blocks[start:start + step].astype(np.float64)
             self.total += x.sum(axis=(0, 2))
             self.squares += np.einsum("bcp,bcp->c", x, x)
-        self.count += values.size // max(channels, 1)
 
     @property
     def channels(self) -> int:

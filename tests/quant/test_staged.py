@@ -73,3 +73,17 @@ def test_store_keeps_tensors_in_memory_up_to_its_budget_then_on_disk():
         store.keep_only([])
         assert all(not f for f in store._files)
 
+
+
+@pytest.mark.parametrize("shape,axis", [((12, 5, 7, 3), 1), ((12, 9, 6), -1), ((12, 4), 1)])
+def test_channel_moments_do_not_depend_on_how_samples_are_batched(shape, axis):
+    from onnxcompress.quant.bias_correction import ChannelMoments
+
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32) * 3 + 1
+    whole, parts = ChannelMoments(axis), ChannelMoments(axis)
+    whole.update(x)
+    for cut in ((0, 1), (1, 6), (6, 12)):
+        parts.update(x[cut[0]:cut[1]])
+    assert np.array_equal(whole.mean(), parts.mean()) and np.array_equal(whole.var(), parts.var())
+    others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    np.testing.assert_allclose(whole.mean(), x.astype(np.float64).mean(axis=others), rtol=1e-12)
