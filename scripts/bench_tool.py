@@ -75,11 +75,12 @@ quantize_static(sys.argv[1], sys.argv[3], Reader(arrays), quant_format=QuantForm
 """
 
 
-def run_child(args: list[str], env: dict[str, str] | None = None) -> dict:
+def run_child(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict:
     """Run ``args`` in a child process: wall seconds, peak RSS (bytes), exit code, last stderr line."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})},
+                                cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         err.seek(0)
@@ -103,7 +104,7 @@ def measure(step: str, model: Path, calib: Path | None, work: Path, extra: list[
         check = list(extra or ["--no-validate"])
         row = run_child([sys.executable, "-m", "onnxcompress", "-q", "optimize", str(model), "--passes", spec,
                          *data, *check, "-o", str(out), "--external-data"],
-                        env={"PYTHONPATH": str(CODE["root"]) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+                        env={"PYTHONPATH": str(CODE["root"])}, cwd=CODE["root"])  # -m puts the cwd first
     for p in (out, out.with_name(out.name + ".data")):
         p.unlink(missing_ok=True)
     return row
