@@ -320,7 +320,7 @@ def sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, **kwargs
 
     A thin wrapper of :func:`onnxcompress.pipeline.sensitivity.layer_sensitivity` (same keyword
     arguments: ``method``, ``options``, ``prepare``, ``batch_size``, ``samples``, ``seed``,
-    ``dims``, ``preprocess``, ``progress``, ``name``, ``slices``); returns its ``SensitivityReport``.
+    ``dims``, ``preprocess``, ``progress``, ``name``, ``slices``, ``jobs``); returns its ``SensitivityReport``.
     """
     from onnxcompress.pipeline.sensitivity import layer_sensitivity
 

@@ -375,10 +375,12 @@ def report_cmd(obj: dict, inputs: tuple[Path, ...], output: Path, as_html: bool,
 @click.option("--top", default=20, show_default=True, help="Layers shown in the table and plot (0: all).")
 @click.option("--slices", default=None, metavar="OUT:START:STOP,...",
               help="Channel slices (axis 1) scored like whole outputs, replacing the automatic ones.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Worker processes scoring layers (0: one per core); the ranking is the same for any number.")
 @_data_options
 @click.pass_obj
 def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: str, qopts: str | None, prepare: str,
-                json_path: str | None, plot_path: Path | None, top: int, slices: str | None, **kw) -> None:
+                json_path: str | None, plot_path: Path | None, top: int, slices: str | None, jobs: int, **kw) -> None:
     """Quantize one layer at a time (the rest float) and rank layers by the output SQNR they cost
     (the worst over outputs and channel slices)."""
     from onnxcompress.pipeline.sensitivity import parse_options
@@ -390,7 +392,7 @@ def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: st
     report = api.sensitivity(model, calib, data, method=method, options=parse_options(qopts), prepare=prepare,
                              batch_size=kw["batch_size"], samples=kw["samples"], seed=kw["seed"],
                              dims=parse_dims(kw["dims"]), preprocess=kw["preprocess"], progress=obj["progress"],
-                             name=str(model), slices=slices)
+                             name=str(model), slices=slices, jobs=jobs)
     if json_path != "-" and not obj["quiet"]:
         show_sensitivity(_console(), report, top)
     _write_json(json_path, report.as_dict())

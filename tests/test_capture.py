@@ -36,3 +36,41 @@ g (float[N,3] x) => (float[N,3] y) <float[3] b = {1.0, 1.0, 1.0}> { y = Add(x, b
     with pytest.raises(InputError, match="not produced"):
         with_outputs(m, ["nope"])
     assert [o.name for o in with_outputs(MODEL, ["h"]).graph.output] == ["y", "h"]
+
+
+def test_memory_budget_cuts_batches_into_runs_whatever_the_number_of_samples():
+    """The capture never holds more than one run: with a budget of 5 samples' tensors, every
+    consumer call gets at most 5 samples, for 12 or 60 samples alike, and sees every sample once."""
+    per_sample = 3 * 4 * 2  # h and y: float32[3] each
+    for total in (12, 60):
+        src = RandomSource(input_specs(MODEL), total, seed=3)
+        sizes, xs = [], []
+        capture(MODEL, ["h", "y", "x"], src, lambda b, t, sizes=sizes, xs=xs: (sizes.append(len(b)), xs.append(t["x"])),
+                batch_size=32, max_bytes=5 * per_sample)
+        assert sizes[0] == 1 and max(sizes) == 5 and sum(sizes) == total
+        np.testing.assert_array_equal(np.concatenate(xs), np.concatenate([b.feeds["x"] for b in src.batches(32)]))
+
+
+def test_statistics_with_and_without_budget_are_identical():
+    from onnxcompress.quant.observers import HistogramCollector
+
+    src = RandomSource(input_specs(MODEL), 40, seed=4)
+    stats = []
+    for budget in (None, 50):
+        c = {n: HistogramCollector(64) for n in ("h", "y")}
+        capture(MODEL, ["h", "y"], src, lambda b, t, c=c: [c[n].update(t[n]) for n in c], batch_size=16, max_bytes=budget)
+        stats.append(c)
+    for n in ("h", "y"):
+        for k, v in stats[0][n].to_arrays().items():
+            np.testing.assert_array_equal(v, stats[1][n].to_arrays()[k])
+
+
+def test_progress_of_samples_shows_samples_per_second():
+    import types
+
+    from onnxcompress.runtime.progress import _rate_column, track
+
+    column = _rate_column()
+    assert column.render(types.SimpleNamespace(fields={"samples": True}, speed=12.34)).plain == "12.3 samples/s"
+    assert column.render(types.SimpleNamespace(fields={}, speed=12.34)).plain == ""
+    assert list(track([[1, 2], [3]], "x", enabled=False, unit=len)) == [[1, 2], [3]]

@@ -31,7 +31,8 @@ from onnxcompress.quant.bias_correction import (
     reference_name,
 )
 from onnxcompress.quant.sensitivity import Evaluator
-from onnxcompress.runtime.capture import capture
+from onnxcompress.quant.staged import FrontierStore, frontier, tensor_depths
+from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
 from onnxcompress.runtime.data import Batch
 
 __all__ = ["BiasCorrection", "CHECK_TOLERANCE_DB", "R_NO_REFERENCE", "R_NO_COUNTERPART", "R_MISMATCH", "R_DOES_NOT_PAY"]
@@ -225,22 +226,69 @@ class BiasCorrection(Pass):
         names = Names(graph)
         levels = sorted({s.level for s in sites})
         result.stats["levels"] = len(levels)
-        rel = []
-        for level in levels:
-            batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
+        rel: list[float] = []
+        if not self.opts["sequential"]:
             graph.toposort()
-            wanted = {i: (s.measured.name, s.axis) for i, s, _ in batch}
-            quant = self._measure(_truncated(graph, [n for n, _ in wanted.values()]), wanted, ctx, result)
-            for i, site, ref in batch:
-                delta = ref.mean() - quant[i].mean()
-                apply_correction(graph, names, site, delta, result)
-                result.count("layers_corrected")
-                rel.append(_relative(delta, ref))
-                ctx.logger.debug("bias_correction %s: mean |delta| %.4g (%.3g of the channel std)", site.label,
-                                 float(np.abs(delta).mean()), rel[-1])
+            wanted = {i: (s.measured.name, s.axis) for i, (s, _) in enumerate(kept)}
+            self._apply(graph, names, kept, self._measure(_truncated(graph, [n for n, _ in wanted.values()]), wanted,
+                                                          ctx, result), ctx, result, rel)
+        else:
+            self._sequential(graph, names, kept, levels, ctx, result, rel)
         if rel:
             result.stats["mean_abs_delta_rel"] = round(float(np.mean(rel)), 6)
             result.stats["max_abs_delta_rel"] = round(float(np.max(rel)), 6)
+
+    def _sequential(self, graph: gs.Graph, names: Names, kept: list[tuple[BiasSite, ChannelMoments]],
+                    levels: list[int], ctx: PassContext, result: PassResult, rel: list[float]) -> None:
+        """Level by level from stored frontier tensors (see :mod:`onnxcompress.quant.staged`)."""
+        data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
+        by_node = {id(s.target): s.level for s, _ in kept}
+        with FrontierStore(data.batches(self.opts["batch_size"]), progress=ctx.progress) as store:
+            if store.samples == 0:
+                raise InputError("bias_correction: the calibration data has no samples")
+            self._advance(graph, store, by_node, 0)
+            for level in levels:
+                batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
+                graph.toposort()
+                inputs = frontier(graph, tensor_depths(graph, by_node), level)
+                moments = {i: ChannelMoments(s.axis) for i, s, _ in batch}
+
+                def consume(_batch, values, batch=batch, moments=moments) -> None:
+                    for i, s, _ in batch:
+                        moments[i].update(values[s.measured.name])
+
+                store.run(graph, inputs, sorted({s.measured.name for _, s, _ in batch}), consume,
+                          label=f"bias_correction level {level}")
+                result.count("runs")
+                self._apply(graph, names, [(s, ref) for _, s, ref in batch], [moments[i] for i, _, _ in batch],
+                            ctx, result, rel)
+                if level != levels[-1]:
+                    self._advance(graph, store, by_node, level)
+            result.stats["calib_samples"] = store.samples
+
+    @staticmethod
+    def _advance(graph: gs.Graph, store: FrontierStore, by_node: dict[int, int], level: int) -> None:
+        """Move the stored frontier past ``level``: compute its depth-``level`` tensors the next levels read."""
+        graph.toposort()
+        depth = tensor_depths(graph, by_node)
+        fed = [t.name for t in graph.inputs]
+        now, later = frontier(graph, depth, level) if level else fed, frontier(graph, depth, level + 1)
+        new = [n for n in later if depth[n] == level and n not in fed]
+        if new:
+            store.run(graph, now, new, keep=True, label="bias_correction frontier")
+        store.keep_only(later)
+
+    def _apply(self, graph: gs.Graph, names: Names, pairs, quant, ctx: PassContext, result: PassResult,
+               rel: list[float]) -> None:
+        """Shift each site's bias by ``reference mean - measured mean``."""
+        quant = list(quant.values()) if isinstance(quant, dict) else list(quant)
+        for (site, ref), measured in zip(pairs, quant):
+            delta = ref.mean() - measured.mean()
+            apply_correction(graph, names, site, delta, result)
+            result.count("layers_corrected")
+            rel.append(_relative(delta, ref))
+            ctx.logger.debug("bias_correction %s: mean |delta| %.4g (%.3g of the channel std)", site.label,
+                             float(np.abs(delta).mean()), rel[-1])
 
     def _measure(self, model: onnx.ModelProto, wanted: dict[int, tuple[str, int]], ctx: PassContext,
                  result: PassResult) -> dict[int, ChannelMoments]:
@@ -255,7 +303,7 @@ class BiasCorrection(Pass):
 
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
         seen = capture(model, sorted({n for n, _ in wanted.values()}), data, consume,
-                       batch_size=self.opts["batch_size"], progress=ctx.progress)
+                       batch_size=self.opts["batch_size"], progress=ctx.progress, max_bytes=CAPTURE_BUDGET)
         if seen == 0:
             raise InputError("bias_correction: the calibration data has no samples")
         result.count("runs")

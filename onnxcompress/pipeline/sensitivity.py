@@ -94,7 +94,7 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
                       options: dict[str, Any] | None = None, prepare: str = "fold_bn", batch_size: int = 32,
                       samples: int | None = None, seed: int = 0, dims: dict[str, int] | None = None,
                       preprocess: Any = None, progress: bool = False, name: str | None = None,
-                      slices: str | None = None) -> SensitivityReport:
+                      slices: str | None = None, jobs: int = 1) -> SensitivityReport:
     """Rank the layers of ``model`` by the output SQNR they cost when quantized alone.
 
     The model is first run through ``prepare`` (``fold_bn`` by default, as in the usual
@@ -120,6 +120,7 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
         progress: Progress bars.
         name: Model name for the report (default: the path, else ``"model"``).
         slices: ``--slices`` spec (``OUTPUT:START[:STOP],...``) replacing automatic slices.
+        jobs: Worker processes scoring layers (0: one per core); the ranking does not depend on it.
 
     Raises:
         InputError: Bad model, data or options.
@@ -140,7 +141,7 @@ def layer_sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, *,
     spec = parse_slices(slices, [o.name for o in prepared.graph.output]) if slices else None
     evaluate = Evaluator(prepared, data_src, batch_size=batch_size, slices=spec)
     baseline = evaluate(quantizer.export())
-    ranked = rank_layers(quantizer, evaluate, progress=progress)
+    ranked = rank_layers(quantizer, evaluate, progress=progress, jobs=jobs or os.cpu_count() or 1)
     macs = {n.name: n.macs for n in model_metrics(prepared, run_dims).per_node}
     layers = [LayerScore(layer, quantizer.ops[layer], macs.get(layer, 0), fid.sqnr_db, fid.cosine, fid.worst)
               for layer, fid in ranked]

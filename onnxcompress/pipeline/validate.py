@@ -277,7 +277,7 @@ def compare_models(ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibSourc
     accs = {n: OutputAccumulator(n, slices.get(n), auto_slice) for n in names}
     tasks: _Tasks | None = None
     samples = 0
-    for batch in track(data.batches(batch_size), "validating", enabled=progress):
+    for batch in track(data.batches(batch_size), "validating", enabled=progress, unit=len):
         ref_out = [np.asarray(r) for r in _run(ref_sess, names, batch.feeds, InputError, "the original model")]
         cand_out = [np.asarray(c) for c in _run(cand_sess, names, batch.feeds, PassFailed, "the optimized model")]
         for name, r, c in zip(names, ref_out, cand_out):

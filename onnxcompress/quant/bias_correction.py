@@ -62,6 +62,10 @@ R_NO_INT32 = "no_int32_bias"  # input or weight scale not per tensor / per outpu
 _COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+#: Values converted to float64 at once by :meth:`ChannelMoments.update`.
+_BLOCK = 1 << 18
+
+
 class ChannelMoments:
     """Streaming per-channel mean and variance (float64 sums; memory: 3 vectors).
 
@@ -76,17 +80,31 @@ class ChannelMoments:
         self.count = 0
 
     def update(self, array: np.ndarray) -> None:
-        """Add every element of ``array`` to its channel's sums."""
-        values = np.asarray(array, np.float64)
+        """Add every element of ``array`` to its channel's sums (float64, in cache-sized blocks).
+
+        Axis 0 is the sample axis (unless it is the channel axis): samples are added one by one,
+        so the sums do not depend on how the samples were cut into batches."""
+        values = np.asarray(array)
         axis = self.axis % values.ndim
-        others = tuple(i for i in range(values.ndim) if i != axis)
+        channels = values.shape[axis]
         if self.total is None:
-            self.total, self.squares = np.zeros(values.shape[axis]), np.zeros(values.shape[axis])
-        if values.shape[axis] != len(self.total):
-            raise ValueError(f"channel count changed from {len(self.total)} to {values.shape[axis]}")
-        self.total += values.sum(axis=others)
-        self.squares += np.square(values).sum(axis=others)
-        self.count += values.size // max(values.shape[axis], 1)
+            self.total, self.squares = np.zeros(channels), np.zeros(channels)
+        if channels != len(self.total):
+            raise ValueError(f"channel count changed from {len(self.total)} to {channels}")
+        if values.ndim == 1 or axis == 0:  # no sample axis to split on
+            self._add(values.reshape(1, channels, -1))
+        else:  # one sample at a time: the same sums however the samples are split into batches
+            for sample in values:
+                self._add(sample.reshape(-1, channels, int(np.prod(values.shape[axis + 1:], dtype=np.int64))))
+        self.count += values.size // max(channels, 1)
+
+    def _add(self, blocks: np.ndarray) -> None:
+        """Add ``[rows, channels, positions]`` in float64, a few rows at a time (cache-sized)."""
+        step = max(1, _BLOCK // max(blocks[0].size, 1))
+        for start in range(0, len(blocks), step):
+            x = blocks[start:start + step].astype(np.float64)
+            self.total += x.sum(axis=(0, 2))
+            self.squares += np.einsum("bcp,bcp->c", x, x)
 
     @property
     def channels(self) -> int:

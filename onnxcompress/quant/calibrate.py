@@ -11,7 +11,7 @@ import onnx
 
 from onnxcompress.quant.cache import cache_key, load_cache, save_cache
 from onnxcompress.quant.observers import DEFAULT_BINS, HistogramCollector
-from onnxcompress.runtime.capture import capture
+from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
 from onnxcompress.runtime.data import Batch, CalibSource
 
 __all__ = ["Calibration", "collect_statistics"]
@@ -44,7 +44,8 @@ def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_si
         for name in names:
             collectors[name].update(tensors[name])
 
-    samples = capture(model, names, source, consume, batch_size=batch_size, progress=progress)
+    samples = capture(model, names, source, consume, batch_size=batch_size, progress=progress,
+                      max_bytes=CAPTURE_BUDGET)
     return collectors, samples
 
 

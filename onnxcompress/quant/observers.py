@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 __all__ = [
+    "CHUNK",
     "DEFAULT_BINS",
     "METHODS",
     "RANGE_RULES",
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 
 #: Bins per side of the ``|x|`` histograms (TensorRT uses 2048 too).
 DEFAULT_BINS = 2048
+#: Values binned at once by :meth:`HistogramCollector.update` (small enough to stay in cache).
+CHUNK = 1 << 16
 #: Calibration methods, in the order the CLI lists them.
 _KL_EPS = 1e-6
 
@@ -89,12 +92,23 @@ class HistogramCollector:
         self.neg = np.zeros(bins, np.int64)
 
     def update(self, x: np.ndarray) -> None:
-        """Add the values of ``x`` (any shape; non-finite values are ignored)."""
+        """Add the values of ``x`` (any shape; non-finite values are ignored).
+
+        The values are read in chunks of :data:`CHUNK` (min, max and binning of a chunk while it
+        is in cache, with reused buffers): one pass over memory, and the same histogram as binning
+        all at once (see the module docstring).
+        """
         a = np.asarray(x).ravel()
-        if a.dtype not in (np.float32, np.float64):
-            a = a.astype(np.float64)
         if not a.size:
             return
+        idx = np.empty(min(a.size, CHUNK), np.intp)
+        buf = np.empty(min(a.size, CHUNK), np.float64 if a.dtype != np.float32 else np.float32)
+        for start in range(0, a.size, CHUNK):
+            self._update_chunk(a[start:start + CHUNK], buf, idx)
+
+    def _update_chunk(self, a: np.ndarray, buf: np.ndarray, idx: np.ndarray) -> None:
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float64)
         lo, hi = float(a.min()), float(a.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             finite = np.isfinite(a)
@@ -110,22 +124,27 @@ class HistogramCollector:
             self.zeros += a.size
             return
         self._cover(amax)
-        self._add(a)
+        self._add(a, buf, idx)
 
-    def _add(self, a: np.ndarray) -> None:
+    def _add(self, a: np.ndarray, buf: np.ndarray, idx: np.ndarray) -> None:
         """One ``bincount`` of ``floor(x / w) + bins``; exact zeros come out of the first positive bin.
 
         For ``x < 0`` this puts ``|x|`` in ``(k w, (k+1) w]`` (the upper edge closed), for ``x > 0``
         in ``[k w, (k+1) w)``. Binning by ``floor`` with a power-of-two ``w`` is exact and merges
         exactly when ``w`` doubles, on both sides.
         """
-        if self.width < 2.0**-100:  # keep 1 / width finite in the arithmetic below
+        if self.width < 2.0**-100 or a.dtype != buf.dtype:  # keep 1 / width finite in the arithmetic below
             a = a.astype(np.float64)
-        signed = a * a.dtype.type(1.0 / self.width)  # exact: the width is a power of two
+            signed = np.empty(a.size, np.float64)
+        else:
+            signed = buf[: a.size]
+        np.multiply(a, a.dtype.type(1.0 / self.width), out=signed)  # exact: the width is a power of two
         np.floor(signed, out=signed)
         signed += self.bins
-        both = np.bincount(signed.astype(np.intp), minlength=2 * self.bins)[: 2 * self.bins]
-        zeros = int(a.size - np.count_nonzero(a))
+        index = idx[: a.size]
+        index[...] = signed
+        both = np.bincount(index, minlength=2 * self.bins)[: 2 * self.bins]
+        zeros = int(a.size - np.count_nonzero(a)) if both[self.bins] else 0  # zeros land in that bin
         self.zeros += zeros
         self.pos += both[self.bins:]
         self.pos[0] -= zeros

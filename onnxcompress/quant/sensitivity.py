@@ -18,8 +18,10 @@ option ``exclude`` does, so any mixed-precision decision is reproduced by an ``e
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -329,19 +331,45 @@ class Evaluator:
 
 
 def rank_layers(quantizer: Quantizer, evaluate: Evaluator, *, layers: Iterable[str] | None = None,
-                progress: bool = False) -> list[tuple[str, Fidelity]]:
+                progress: bool = False, jobs: int = 1) -> list[tuple[str, Fidelity]]:
     """Quantize each layer alone (everything else float) and sort, most sensitive first.
 
     Order: lowest SQNR, then lowest cosine, then graph order (deterministic for equal scores).
+    With ``jobs > 1`` the layers are scored by that many forked worker processes, which share
+    the one calibration and the float outputs of the parent; every layer is scored exactly as
+    in one process (single-threaded sessions), so the ranking does not depend on ``jobs``.
     """
     chosen = list(quantizer.layers if layers is None else layers)
-    scores = []
-    for index, layer in enumerate(track(chosen, "sensitivity", total=len(chosen), enabled=progress)):
-        fid = evaluate(quantizer.export(quantizer.only(layer)))
-        log.debug("sensitivity %s: SQNR %.2f dB, cosine %.6f", layer, fid.sqnr_db, fid.cosine)
-        scores.append((fid.sqnr_db, fid.cosine, index, layer, fid))
+    jobs = max(1, min(jobs, len(chosen)))
+    if jobs > 1 and "fork" not in mp.get_all_start_methods():
+        log.info("sensitivity: no fork on this platform; scoring layers in one process")
+        jobs = 1
+    tasks = list(enumerate(chosen))
+    _SHARED.update(quantizer=quantizer, evaluate=evaluate)
+    try:
+        if jobs == 1:
+            scored = list(track(map(_score_layer, tasks), "sensitivity", total=len(tasks), enabled=progress))
+        else:
+            with mp.get_context("fork").Pool(jobs) as pool:
+                scored = list(track(pool.imap(_score_layer, tasks), f"sensitivity ({jobs} jobs)", total=len(tasks),
+                                    enabled=progress))
+    finally:
+        _SHARED.clear()
+    scores = [(fid.sqnr_db, fid.cosine, index, layer, fid) for index, layer, fid in scored]
     scores.sort(key=lambda s: s[:3])
     return [(s[3], s[4]) for s in scores]
+
+
+#: The quantizer and evaluator of the running :func:`rank_layers` (inherited by forked workers).
+_SHARED: dict[str, Any] = {}
+
+
+def _score_layer(task: tuple[int, str]) -> tuple[int, str, Fidelity]:
+    index, layer = task
+    quantizer, evaluate = _SHARED["quantizer"], _SHARED["evaluate"]
+    fid = evaluate(quantizer.export(quantizer.only(layer)))
+    log.debug("sensitivity %s: SQNR %.2f dB, cosine %.6f", layer, fid.sqnr_db, fid.cosine)
+    return index, layer, fid
 
 
 # --------------------------------------------------------------------------------- report

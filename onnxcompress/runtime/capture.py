@@ -17,7 +17,7 @@ from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["Consumer", "capture"]
+__all__ = ["CAPTURE_BUDGET", "Consumer", "capture"]
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,24 @@ log = logging.getLogger(__name__)
 Consumer = Callable[[Batch, dict[str, np.ndarray]], None]
 
 
+#: Default bytes of captured tensors per run for callers that stream them (statistics, means): the
+#: batch is split so that one run's captured tensors stay under it, whatever the number of samples.
+CAPTURE_BUDGET = 128 * 2**20
+
+
 def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, consume: Consumer, *,
-            batch_size: int = 32, threads: int = 0, progress: bool = False) -> int:
+            batch_size: int = 32, threads: int = 0, progress: bool = False,
+            max_bytes: int | None = None) -> int:
     """Run ``model`` on ``data`` and call ``consume(batch, tensors)`` for every batch.
 
     ``names`` may mix node outputs, graph inputs and initializers; inputs come from the batch and
-    initializers from the model.
+    initializers from the model. Only the tensors of one run are alive at a time: they are handed
+    to ``consume`` and dropped before the next run.
+
+    Args:
+        max_bytes: Split each batch into runs whose captured tensors take at most about this many
+            bytes (measured on a first run of one sample; at least one sample per run). ``None``
+            runs whole batches. Consumers must accept any batch size (streaming sums do).
 
     Returns:
         The number of samples seen.
@@ -40,11 +52,41 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
     inputs = set(proto.feed_names(model))
     computed = [n for n in names if n not in constants and n not in inputs]
     session = make_session(proto.with_outputs(model, computed), threads=threads) if computed else None
+    fixed = any(s.batch_dim_static() is not None for s in getattr(data, "specs", ()))  # a fixed batch cannot be cut
+    budget = _Budget(None if fixed else max_bytes)
     seen = 0
-    for batch in track(data.batches(batch_size), "capturing", enabled=progress):
-        values = dict(zip(computed, session.run(computed, batch.feeds))) if session else {}
-        values.update({n: batch.feeds[n] for n in names if n in inputs})
-        values.update(constants)
-        consume(batch, values)
-        seen += len(batch)
+    for batch in track(data.batches(batch_size), "capturing", enabled=progress, unit=len):
+        start = 0
+        while start < len(batch):
+            part = budget.cut(batch, start)
+            values = dict(zip(computed, session.run(computed, part.feeds))) if session else {}
+            budget.measure(values, len(part))
+            values.update({n: part.feeds[n] for n in names if n in inputs})
+            values.update(constants)
+            consume(part, values)
+            del values
+            start += len(part)
+            seen += len(part)
     return seen
+
+
+class _Budget:
+    """Samples per run under ``max_bytes`` of captured tensors: one sample first, then as measured."""
+
+    def __init__(self, max_bytes: int | None):
+        self.max_bytes = max_bytes
+        self.step: int | None = None if max_bytes is None else 1
+        self.measured = False
+
+    def cut(self, batch: Batch, start: int) -> Batch:
+        if self.step is None or (start == 0 and self.step >= len(batch)):
+            return batch
+        return batch.slice(start, min(start + self.step, len(batch)))
+
+    def measure(self, values: dict[str, np.ndarray], samples: int) -> None:
+        if self.max_bytes is None or self.measured or not samples:
+            return
+        per_sample = sum(v.nbytes for v in values.values()) / samples
+        self.step = max(1, int(self.max_bytes // max(per_sample, 1.0)))
+        self.measured = True
+        log.debug("capture: %.1f MB per sample, %d samples per run", per_sample / 1e6, self.step)

@@ -68,6 +68,10 @@ class Batch:
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values()))) if self.feeds else 0
 
+    def slice(self, start: int, stop: int) -> Batch:
+        """Samples ``start:stop`` (views of the arrays, no copy)."""
+        return _slice(self, start, stop)
+
 
 @dataclass(frozen=True)
 class InputSpec:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -39,7 +39,21 @@ def _new_progress() -> Any:
 
     console = Console(file=sys.stderr)
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), _rate_column(), console=console, transient=True)
+
+
+def _rate_column() -> Any:
+    """``12.3 samples/s`` for bars that count samples (``track(..., unit=...)``), else nothing."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class SamplesPerSecond(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            if not task.fields.get("samples") or not task.speed:
+                return Text("")
+            return Text(f"{task.speed:.1f} samples/s", style="progress.data.speed")
+
+    return SamplesPerSecond()
 
 
 @contextmanager
@@ -64,7 +78,8 @@ def _length(items: Iterable[Any], total: int | None) -> int | None:
     return len(items) if hasattr(items, "__len__") else None
 
 
-def track(items: Iterable[T], description: str, *, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+def track(items: Iterable[T], description: str, *, total: int | None = None, enabled: bool = True,
+          unit: Callable[[T], int] | None = None) -> Iterator[T]:
     """Iterate ``items`` with a transient progress bar on stderr when enabled and a terminal.
 
     Args:
@@ -72,16 +87,18 @@ def track(items: Iterable[T], description: str, *, total: int | None = None, ena
         description: Text left of the bar.
         total: Number of items (taken from ``len(items)`` when it has one; else the bar pulses).
         enabled: False shows nothing (``-q``, library default).
+        unit: Samples in an item (e.g. ``len`` of a batch): the bar then counts samples and shows
+            samples/s.
     """
     if not active(enabled):
         yield from items
         return
     with _shared() as progress:
-        task = progress.add_task(description, total=_length(items, total))
+        task = progress.add_task(description, total=None if unit else _length(items, total), samples=bool(unit))
         try:
             for item in items:
                 yield item
-                progress.advance(task)
+                progress.advance(task, unit(item) if unit else 1)
         finally:
             progress.remove_task(task)
 

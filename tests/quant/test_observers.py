@@ -146,3 +146,47 @@ def test_a_new_method_is_one_table_entry(monkeypatch, rng):
     obs = make_observer("half_minmax")
     obs.update(np.array([-4.0, 2.0]))
     assert obs.range() == (-2.0, 1.0)
+
+
+def _one_shot(values: np.ndarray, bins: int) -> tuple[float, np.ndarray, np.ndarray, int]:
+    """Reference: the whole array binned at once by ``floor(x / w) + bins`` (the pre-chunking code)."""
+    amax = float(np.abs(values).max())
+    _, exp = math.frexp(amax / bins)
+    w = math.ldexp(1.0, exp)
+    both = np.bincount((np.floor(values.astype(np.float64) / w) + bins).astype(np.intp), minlength=2 * bins)
+    zeros = int(values.size - np.count_nonzero(values))
+    pos = both[bins:].copy()
+    pos[0] -= zeros
+    return w, pos, both[bins - 1::-1], zeros
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_chunked_single_pass_equals_binning_all_at_once(dtype):
+    from onnxcompress.quant.observers import CHUNK
+
+    rng = np.random.default_rng(5)
+    parts = [(rng.standard_normal(CHUNK * 2 + 17) * s).astype(dtype) for s in (0.5, 3.0, 40.0)]
+    parts[1][::5] = 0
+    c = HistogramCollector(256)
+    for p in parts:
+        c.update(p.reshape(-1, 1))
+    everything = np.concatenate(parts)
+    w, pos, neg, zeros = _one_shot(everything, 256)
+    assert (c.width, c.zeros, c.count) == (w, zeros, everything.size)
+    np.testing.assert_array_equal(c.pos, pos)
+    np.testing.assert_array_equal(c.neg, neg)
+    assert compute_range(c, "minmax") == (float(everything.min()), float(everything.max()))  # exactly
+
+
+def test_one_collection_serves_every_method_like_separate_observers():
+    rng = np.random.default_rng(6)
+    batches = [np.maximum(rng.standard_normal(50_000).astype(np.float32) * 2 - 0.3, -0.5) for _ in range(3)]
+    shared = HistogramCollector()
+    for b in batches:
+        shared.update(b)
+    for method in METHODS:
+        alone = make_observer(method)
+        for b in batches:
+            alone.update(b)
+        for symmetric in (False, True):
+            assert compute_range(shared, method, symmetric=symmetric) == alone.range(symmetric=symmetric)

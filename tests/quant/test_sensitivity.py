@@ -276,3 +276,22 @@ def test_cli_slices_column_and_bad_slice(tmp_path, capsys):
     assert main([*args, "--slices", "y:3:2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "empty slice" in err[0]
+
+
+def test_jobs_two_gives_the_same_ranking_as_one(caplog):
+    data = np.load("models/digits_calib.npz")
+    calib = [{k: data[k][:16] for k in data.files if k not in ("labels", "label")}]
+    with caplog.at_level(logging.INFO, logger="onnxcompress.quant.calibrate"):
+        one = layer_sensitivity("models/resnet_digits.onnx", calib, jobs=1).as_dict()
+    two = layer_sensitivity("models/resnet_digits.onnx", calib, jobs=2).as_dict()
+    assert calibration_runs(caplog.records) == 1
+    assert len(one["layers"]) > 5 and one == two
+
+
+def test_jobs_option_on_the_cli(tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["-q", "sensitivity", "models/resnet_digits.onnx", "--calib", "models/digits_calib.npz",
+                 "--samples", "8", "--jobs", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["layers"]
+    assert main(["-q", "sensitivity", "models/resnet_digits.onnx", "--calib", "models/digits_calib.npz",
+                 "--jobs", "-1"]) == 2

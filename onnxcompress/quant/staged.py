@@ -1,0 +1,176 @@
+"""Level-by-level runs over calibration data without rerunning the prefix (for bias correction).
+
+Sequential bias correction measures the layers of level ``L`` on the model whose levels ``< L``
+are already corrected. Running the model from its inputs for every level costs one prefix per
+level (quadratic in depth). Here every tensor gets a *depth*: the highest level of the corrected
+layers it depends on (0 for none; constants have none). A correction of level ``L`` changes only
+tensors of depth ``>= L``, so the tensors of depth ``< L`` that nodes of depth ``>= L`` read (the
+*frontier*) are final once levels ``< L`` are corrected. They are kept per batch in ``.npy`` files
+in a temporary folder; level ``L`` is measured by running only the level's layers from the
+frontier, and after its correction the frontier moves on by running only the nodes of depth ``L``.
+Every node runs once per step it belongs to (a corrected layer twice), on the same batches, so the
+measured values are the ones a full run of the partly corrected model gives, bit for bit; memory
+is one batch of frontier tensors, whatever the number of samples (disk: the frontier of all samples).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.core import proto, serde
+from onnxcompress.runtime.data import Batch
+from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.session import make_session
+
+__all__ = ["FrontierStore", "tensor_depths", "frontier", "segment_model"]
+
+log = logging.getLogger(__name__)
+
+
+def tensor_depths(graph: gs.Graph, levels: dict[int, int]) -> dict[str, int]:
+    """Depth of every tensor computed from the graph inputs (``graph`` sorted); constants are left out.
+
+    Args:
+        levels: ``{id(node): level}`` of the nodes a correction changes (the layers' bias adders).
+    """
+    depth = {t.name: 0 for t in graph.inputs}
+    for node in graph.nodes:
+        ins = [depth[t.name] for t in node.inputs if t.name in depth]
+        if not ins and id(node) not in levels:
+            continue  # constant-only: recomputed inside every segment that needs it
+        d = levels.get(id(node), max(ins, default=0))
+        for out in node.outputs:
+            depth[out.name] = d
+    return depth
+
+
+def frontier(graph: gs.Graph, depth: dict[str, int], level: int) -> list[str]:
+    """Tensors of depth ``< level`` read by nodes of depth ``>= level`` (sorted names)."""
+    names = set()
+    for node in graph.nodes:
+        outs = [depth[t.name] for t in node.outputs if t.name in depth]
+        if not outs or outs[0] < level:
+            continue
+        names.update(t.name for t in node.inputs if t.name in depth and depth[t.name] < level)
+    return sorted(names)
+
+
+def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
+    """The part of ``graph`` that computes ``outputs`` from the tensors ``inputs`` (fed at run
+    time) and constants: only the nodes between them, exported without copying the graph; the
+    inputs it reads are typed by ``inputs``, the outputs untyped (onnxruntime infers them).
+
+    Raises:
+        RuntimeError: The segment reads a computed tensor that is not among ``inputs``.
+    """
+    tensors = graph.tensors()
+    wanted = [tensors[n] for n in dict.fromkeys(outputs)]
+    needed: set[int] = set()
+    stack = list(wanted)
+    while stack:
+        t = stack.pop()
+        if t.name in inputs or not t.inputs or id(t.inputs[0]) in needed:
+            continue
+        needed.add(id(t.inputs[0]))
+        stack.extend(x for x in t.inputs[0].inputs if x.name)
+    nodes = [n for n in graph.nodes if id(n) in needed]
+    fed = sorted({t.name for n in nodes for t in n.inputs if t.name in inputs})
+    for node in nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Variable) and t.name and not t.inputs and t.name not in inputs:
+                raise RuntimeError(f"segment reads {t.name!r}, which is not on the frontier")
+    sub = gs.Graph(nodes=nodes, inputs=[tensors[n] for n in fed], outputs=wanted, opset=graph.opset,
+                   import_domains=graph.import_domains, ir_version=graph.ir_version)
+    return proto.typed_inputs(proto.untyped_outputs(serde.to_model(sub)), {n: inputs[n] for n in fed})
+
+
+class FrontierStore:
+    """Per batch, named tensors in ``.npy`` files in a temporary folder (one batch in memory).
+
+    Tensors stay in memory while all of them together take at most ``memory`` bytes; beyond
+    that, new ones go to files, so memory stays bounded whatever the number of samples.
+
+    Args:
+        batches: The calibration batches (read once, their feeds stored).
+        progress: Show a bar while storing and running.
+        memory: Bytes of tensors kept in memory (the rest on disk).
+    """
+
+    def __init__(self, batches, progress: bool = False, memory: int = 256 * 2**20):
+        self._dir = Path(tempfile.mkdtemp(prefix="onnxcompress-frontier-"))
+        self._files: list[dict[str, Path | np.ndarray]] = []
+        self._memory, self._held = memory, 0
+        self._sizes: list[int] = []
+        self._ids: dict[str, int] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.progress = progress
+        for i, batch in enumerate(batches):
+            self._files.append({})
+            self._sizes.append(len(batch.feeds[next(iter(batch.feeds))]) if batch.feeds else 0)
+            self._save(i, batch.feeds)
+
+    @property
+    def samples(self) -> int:
+        """Samples stored."""
+        return sum(self._sizes)
+
+    @staticmethod
+    def _load(files: dict[str, Path | np.ndarray], name: str) -> np.ndarray:
+        where = files[name]
+        return where if isinstance(where, np.ndarray) else np.load(where, mmap_mode="r")
+
+    def _save(self, i: int, arrays: dict[str, np.ndarray]) -> None:
+        for name, value in arrays.items():
+            self.dtypes[name] = value.dtype
+            if self._held + value.nbytes <= self._memory:
+                self._files[i][name] = value
+                self._held += value.nbytes
+                continue
+            path = self._dir / f"{i}_{self._ids.setdefault(name, len(self._ids))}.npy"
+            np.save(path, np.ascontiguousarray(value))
+            self._files[i][name] = path
+
+    def run(self, graph: gs.Graph, inputs: list[str], outputs: list[str],
+            consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *, keep: bool = False,
+            label: str = "segment") -> None:
+        """Run the segment ``inputs -> outputs`` of ``graph`` on every stored batch; hand the outputs
+        to ``consume`` and, with ``keep``, store them as frontier tensors."""
+        model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
+        feeds = proto.feed_names(model)
+        session = make_session(model)
+        for i in track(range(len(self._files)), label, enabled=self.progress, unit=self._sizes.__getitem__):
+            batch = Batch({n: np.asarray(self._load(self._files[i], n)) for n in feeds})
+            values = dict(zip(outputs, session.run(outputs, batch.feeds)))
+            if consume is not None:
+                consume(batch, values)
+            if keep:
+                self._save(i, values)
+
+    def keep_only(self, names: list[str]) -> None:
+        """Delete the stored tensors not in ``names``."""
+        wanted = set(names)
+        for files in self._files:
+            for name in [n for n in files if n not in wanted]:
+                where = files.pop(name)
+                if isinstance(where, np.ndarray):
+                    self._held -= where.nbytes
+                else:
+                    where.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove the folder."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> FrontierStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

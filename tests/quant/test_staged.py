@@ -1,0 +1,89 @@
+"""Bias correction level by level from stored frontiers (quant.staged) equals rerunning the prefix."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcompress.passes import bias_correction as bc_pass
+from onnxcompress.quant.staged import FrontierStore, frontier, tensor_depths
+from onnxcompress.runtime.data import open_source
+from tests.helpers.quant import quantize
+
+RESNET = "models/resnet_digits.onnx"
+
+
+def _old_sequential(self, graph, names, kept, levels, ctx, result, rel):
+    """The previous implementation: every level measured by a run of the truncated graph from the inputs."""
+    for level in levels:
+        batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
+        graph.toposort()
+        wanted = {i: (s.measured.name, s.axis) for i, s, _ in batch}
+        quant = self._measure(bc_pass._truncated(graph, [n for n, _ in wanted.values()]), wanted, ctx, result)
+        self._apply(graph, names, [(s, ref) for _, s, ref in batch], [quant[i] for i, _, _ in batch], ctx, result, rel)
+
+
+def _calib(model: onnx.ModelProto, n: int = 24):
+    data = np.load("models/digits_calib.npz")
+    return open_source([{k: data[k][:n] for k in data.files if k not in ("labels", "label")}], model)
+
+
+@pytest.mark.parametrize("memory", [256 * 2**20, 0])  # frontier in memory, or all on disk
+def test_staged_bias_correction_equals_rerunning_the_prefix(monkeypatch, memory):
+    model = onnx.load(RESNET)
+    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:check=false"
+    monkeypatch.setattr(bc_pass.FrontierStore.__init__, "__defaults__", (False, memory))
+    new, res_new = quantize(model, spec, calib=_calib(model))
+    with monkeypatch.context() as m:
+        m.setattr(bc_pass.BiasCorrection, "_sequential", _old_sequential)
+        old, res_old = quantize(model, spec, calib=_calib(model))
+    assert res_new.stats["levels"] > 3 and res_new.stats["layers_corrected"] == res_old.stats["layers_corrected"]
+    assert new.SerializeToString() == old.SerializeToString()
+
+
+def test_depths_and_frontier_on_a_residual_block():
+    import onnx_graphsurgeon as gs
+
+    from tests.helpers.builders import parse
+
+    m = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3] x) => (float[N,3] y) <float[3] c = {1.0, 2.0, 3.0}> {
+  a = Add(x, c)
+  b = Relu(a)
+  d = Mul(b, c)
+  e = Neg(d)
+  y = Add(e, b)
+}""")
+    g = gs.import_onnx(m)
+    nodes = {n.outputs[0].name: n for n in g.nodes}
+    levels = {id(nodes["a"]): 1, id(nodes["d"]): 2}
+    depth = tensor_depths(g, levels)
+    assert depth == {"x": 0, "a": 1, "b": 1, "d": 2, "e": 2, "y": 2}
+    assert frontier(g, depth, 1) == ["x"]
+    assert frontier(g, depth, 2) == ["b"]  # read by Mul (depth 2) and by the residual Add
+
+
+def test_store_keeps_tensors_in_memory_up_to_its_budget_then_on_disk():
+    batches = [type("B", (), {"feeds": {"x": np.full((4, 3), i, np.float32)}})() for i in range(5)]
+    with FrontierStore(batches, memory=2 * 48) as store:  # two batches fit in memory, three go to disk
+        held = [f["x"] for f in store._files]
+        assert sum(isinstance(h, np.ndarray) for h in held) == 2
+        assert store.samples == 20
+        store.keep_only([])
+        assert all(not f for f in store._files)
+
+
+
+@pytest.mark.parametrize("shape,axis", [((12, 5, 7, 3), 1), ((12, 9, 6), -1), ((12, 4), 1)])
+def test_channel_moments_do_not_depend_on_how_samples_are_batched(shape, axis):
+    from onnxcompress.quant.bias_correction import ChannelMoments
+
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32) * 3 + 1
+    whole, parts = ChannelMoments(axis), ChannelMoments(axis)
+    whole.update(x)
+    for cut in ((0, 1), (1, 6), (6, 12)):
+        parts.update(x[cut[0]:cut[1]])
+    assert np.array_equal(whole.mean(), parts.mean()) and np.array_equal(whole.var(), parts.var())
+    others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    np.testing.assert_allclose(whole.mean(), x.astype(np.float64).mean(axis=others), rtol=1e-12)
