@@ -117,6 +117,8 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
 
     Returns:
         ``(model, report)``; ``report.extra``: files and data used, ``report.before.dims``: the dims' sources.
+        A pass with ``dry_run=true`` (``prune_channels``) only reports its plan: no validation,
+        ``report.extra["dry_run"]`` is True and the model is unchanged by that pass.
 
     Raises:
         InputError: Bad model, reference, data or pipeline (options, order, missing ``calib``: before loading).
@@ -124,7 +126,11 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
     start, (pipeline, overrides, recipe_name) = time.perf_counter(), _pipeline(passes, recipe, calib, gate)
+    dry_run = any(p.opts.get("dry_run") for p in pipeline)  # a plan only: nothing to validate
+    validate = validate and not dry_run
     inp = _load(model, reference, validate, slices, task)  # a bad task or slice fails before any pass runs
+    if dry_run:
+        inp.extra["dry_run"] = True
     calib_src, data_src, run_dims = _sources(inp.box[0], calib, data if validate else None, preprocess, samples, seed,
                                              dims)
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=inp.slices, dims=run_dims)
