@@ -195,7 +195,7 @@ def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int
             log.info("prune_channels: MAC target %.3f not reachable; the plan stops at %.3f", target,
                      current / model.total)
             break
-        gi = _finishing_move(groups, state, levels, errors, removed, size, model, goal) or min(moves)[3]
+        gi = min(moves)[3]
         state[gi] += 1
         removed[gi] = levels[gi][state[gi]] / size[gi]
         current = model.macs(removed)
@@ -204,27 +204,6 @@ def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int
     _give_back(groups, state, levels, errors, removed, size, model, goal)
     counts = {gi: levels[gi][s] for gi, s in state.items()}
     return plan_for_counts(groups, levels, errors, counts, model, target, method)
-
-
-def _finishing_move(groups: list[Group], state: dict[int, int], levels: dict[int, list[int]],
-                    errors: dict[int, np.ndarray], removed: dict[int, float], size: dict[int, int],
-                    model: MacModel, goal: float) -> int | None:
-    """When some single next-level move reaches ``goal``: the one landing closest above ``goal - tol``
-    at the least error (``tol`` = 1 % of the model), so that coarse levels do not overshoot."""
-    tol = 0.01 * model.total
-    best = None
-    for g in groups:
-        s = state[g.index]
-        if s + 1 >= len(levels[g.index]):
-            continue
-        trial = dict(removed)
-        trial[g.index] = levels[g.index][s + 1] / size[g.index]
-        after = model.macs(trial)
-        if after > goal + 1e-9:
-            continue
-        key = (after < goal - tol, float(errors[g.index][s + 1] - errors[g.index][s]), -after, g.name)
-        best = min(best, (key, g.index)) if best is not None else (key, g.index)
-    return None if best is None else best[1]
 
 
 def _give_back(groups: list[Group], state: dict[int, int], levels: dict[int, list[int]], errors: dict[int, np.ndarray],
