@@ -3,7 +3,7 @@
 The MAC model: every weight layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) costs
 ``base * f_out * f_in``, ``base`` its MACs at the run's dims, ``f_out`` the kept fraction of its
 output channels and ``f_in`` of its input channels (1 for a depthwise conv, whose weight has one
-input column per output channel). A tensor holding channels of several groups (a Concat) keeps
+input column per output channel; ConvTranspose likewise for ``f_out``). A tensor holding channels of several groups (a Concat) keeps
 ``1 - sum_g share_g * removed_g / size_g``. Other ops' MACs (attention score MatMuls) are fixed.
 The achieved ratio is measured on the pruned graph afterwards; the model is exact for Conv/Gemm
 chains and only assumes, within a tensor, that a group's removals are spread evenly.
@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import node_label
 from onnxcompress.pruning.dependency import Analysis, Group
@@ -60,20 +61,13 @@ class MacModel:
         self.total = float(total)
         self.terms: list[_Term] = []
         self.by_group: dict[int, list[int]] = {}
-        for layer in analysis.layers:
-            base = float(node_macs.get(node_label(layer.node), 0))
-            if base <= 0:
+        for node in analysis.graph.nodes:
+            base = float(node_macs.get(node_label(node), 0)) if node.op in _MAC_OPS else 0.0
+            factors = _factors(analysis, node) if base > 0 else None
+            if not factors:
                 continue
-            outs = _shares(analysis, layer.out)
-            weight = layer.node.inputs[1]
-            shape = getattr(weight, "shape", None) or ()
-            depthwise = len(shape) > layer.in_axis and shape[layer.in_axis] == 1 and \
-                analysis.counts.get(layer.inp, 1) > 1
-            ins = {} if depthwise else _shares(analysis, layer.inp)
-            if not outs and not ins:
-                continue
-            self.terms.append(_Term(base, outs, ins))
-            for g in set(outs) | set(ins):
+            self.terms.append(_Term(base, *factors))
+            for g in set(factors[0]) | set(factors[1]):
                 self.by_group.setdefault(g, []).append(len(self.terms) - 1)
         self._fixed = self.total - sum(t.base for t in self.terms)
 
@@ -92,6 +86,32 @@ class MacModel:
             out.update(self.terms[i].outs)
             out.update(self.terms[i].ins)
         return out
+
+
+#: Ops whose MACs :func:`~onnxcompress.core.metrics.model_metrics` counts.
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _factors(analysis: Analysis, node) -> tuple[dict[int, float], dict[int, float]] | None:
+    """The group shares of the two channel counts a weight layer's MACs are proportional to.
+
+    Conv: ``prod(y) * prod(w[1:])``: the output channels, and the input channels unless the weight
+    has one input column per group (depthwise). ConvTranspose: ``prod(x) * prod(w[1:])``: the input
+    channels, and the output channels unless it is depthwise (``group == C_in``). Gemm/MatMul: output columns times the
+    input's channels. ``None`` without a constant weight or any pruned channel."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = tuple(getattr(weight, "shape", None) or ()) if isinstance(weight, gs.Constant) else ()
+    if not shape:
+        return None
+    x, y = node.inputs[0].name, node.outputs[0].name
+    if node.op == "Conv":
+        out, inp = _shares(analysis, y), (_shares(analysis, x) if len(shape) > 1 and shape[1] > 1 else {})
+    elif node.op == "ConvTranspose":
+        depthwise = int(node.attrs.get("group", 1)) == shape[0] > 1  # w[1] = the multiplier, fixed
+        inp, out = _shares(analysis, x), ({} if depthwise else _shares(analysis, y))
+    else:
+        out, inp = _shares(analysis, y), _shares(analysis, x)
+    return (out, inp) if out or inp else None
 
 
 def _shares(analysis: Analysis, tensor: str) -> dict[int, float]:
