@@ -74,10 +74,11 @@ class Row:
         return 100.0 * (self.acc_before - self.acc_after)
 
 
-def uniform_ratio_for(path: str, target: float, prefix: str, calib: str | None) -> float:
+def uniform_ratio_for(path: str, target: float, prefix: str, calib: str | None, options: str = "") -> float:
     """Smallest uniform ``ratio`` (0.01 steps) whose predicted MAC ratio is <= ``target`` (dry runs)."""
     def predicted(r: float) -> float:
-        _, report = onnxcompress.optimize(path, f"{prefix}prune_channels:ratio={r:.2f}:dry_run=true", calib=calib)
+        spec = f"{prefix}prune_channels:ratio={r:.2f}{options}:dry_run=true"
+        _, report = onnxcompress.optimize(path, spec, calib=calib)
         return [p for p in report.passes if p.name == "prune_channels"][0].result.stats["macs_predicted"]
 
     lo, hi = 0, 95  # in hundredths
@@ -202,7 +203,7 @@ def cls(args: argparse.Namespace, tmp: Path) -> list[Row]:
     np.savez(test, **cls_dataset(args.cls_test, 2))
     rows = []
     for target in args.cls_macs:
-        ratio = uniform_ratio_for(str(path), target, "fold_bn,", str(calib))
+        ratio = uniform_ratio_for(str(path), target, "fold_bn,", str(calib), args.cls_options)
         for mode, opt in (("macs", f"macs={target}"), ("uniform", f"ratio={ratio}")):
             spec = f"fold_bn,prune_channels:{opt}{args.cls_options}"
             rows.append(run_variant("ppocrv5 cls", str(path), spec, target, mode, str(calib), str(test)))
