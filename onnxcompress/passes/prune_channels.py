@@ -13,8 +13,8 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import check_names, node_label
-from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.core.metrics import model_metrics
+from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
 from onnxcompress.pruning.budget import BudgetPlan, MacModel, allocate, plan_for_counts
 from onnxcompress.pruning.dependency import Analysis, analyze
@@ -124,7 +124,23 @@ class PruneChannels(Pass):
         declines (``reconstruction_needs_calibration``, ``reconstruction_unsupported_op``,
         ``reconstruction_failed``).
 
+    Budget:
+        ``macs=M`` (instead of ``ratio``; both, or ``macs`` with ``scope``, is a parse error)
+        removes channels until the model's MACs at the run's dims are about ``M`` times the
+        original's, group by group where it costs the least predicted error per MAC saved
+        (:mod:`onnxcompress.pruning.budget`); the predicted error of each group at each removal
+        count is measured on ``sens_samples`` calibration samples with the group pruned alone, or
+        without data is the share of its importance removed (:mod:`onnxcompress.pruning.sensitivity`).
+        ``max_group_ratio`` caps every group; ``round_to`` sets the steps. The achieved ratio
+        (``macs_ratio``) is measured on the pruned graph; a miss larger than
+        :data:`MACS_TOLERANCE` (frozen or capped groups, or coarse steps) is logged as a warning.
+        With ``steps=N`` round ``k`` aims at ``M**(k/N)``. ``dry_run=true`` computes the plan
+        of the first round (``ratio`` or ``macs``) and changes nothing: stats ``plan`` (one row per
+        prunable group: ``group``, ``anchor``, ``kept``, ``total``, ``macs`` after, ``predicted_error``).
+
     Stats:
+        ``macs_target``, ``macs_predicted``, ``macs_ratio``, ``sensitivity`` (``measured`` or
+        ``importance``), ``predicted_error``, ``plan`` (``macs=`` or ``dry_run``), ``dry_run``;
         ``groups_found``, ``groups_pruned``, ``groups_frozen``, ``groups_frozen_<reason>``,
         ``reshapes_merged`` (when any),
         ``groups_skipped_small``, ``channels_before``/``channels_after``,

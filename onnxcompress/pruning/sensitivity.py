@@ -18,10 +18,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
-from onnxcompress.core import serde
+from onnxcompress.core import proto, serde
 from onnxcompress.pruning.apply import removed_mask
 from onnxcompress.pruning.dependency import Analysis, Group
 from onnxcompress.pruning.select import Budget, choose
@@ -50,9 +48,7 @@ class MaskedError:
     def __init__(self, analysis: Analysis, calib, samples: int = 64, batch_size: int = 32):
         self.analysis = analysis
         self.model = serde.to_model(analysis.graph)
-        self.index = {init.name: i for i, init in enumerate(self.model.graph.initializer)}
-        self.refs = [ref for spec in analysis.specs for ref in spec.params
-                     if ref.role == ROLE_W_OUT and ref.constant.name in self.index]
+        self.refs = [ref for spec in analysis.specs for ref in spec.params if ref.role == ROLE_W_OUT]
         self.feeds = []
         seen = 0
         for batch in calib.batches(batch_size):
@@ -79,18 +75,11 @@ class MaskedError:
             values = ref.zero(changed.get(name, ref.constant.values), gone)
             if values is not None:
                 changed[name] = values
-        inits = self.model.graph.initializer
-        saved: dict[int, onnx.TensorProto] = {}
+        saved = proto.swap_initializers(self.model, changed)
         try:
-            for name, values in changed.items():
-                i = self.index[name]
-                saved[i] = onnx.TensorProto()
-                saved[i].CopyFrom(inits[i])
-                inits[i].CopyFrom(numpy_helper.from_array(np.asarray(values), name))
             got = self._run()
         finally:
-            for i, proto in saved.items():
-                inits[i].CopyFrom(proto)
+            proto.swap_initializers(self.model, saved)
         return _relative_error(self.reference, got)
 
 
