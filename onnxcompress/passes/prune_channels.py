@@ -134,9 +134,10 @@ class PruneChannels(Pass):
         ``max_group_ratio`` caps every group; ``round_to`` sets the steps. The achieved ratio
         (``macs_ratio``) is measured on the pruned graph; a miss larger than
         :data:`MACS_TOLERANCE` (frozen or capped groups, or coarse steps) is logged as a warning.
-        With ``steps=N`` round ``k`` aims at ``M**(k/N)``. ``dry_run=true`` computes the plan
-        of the first round (``ratio`` or ``macs``) and changes nothing: stats ``plan`` (one row per
-        prunable group: ``group``, ``anchor``, ``kept``, ``total``, ``macs`` after, ``predicted_error``).
+        With ``steps=N`` round ``k`` aims at ``M**(k/N)`` (coarse steps may then undershoot).
+        ``dry_run=true`` computes the plan as one round (``ratio`` or ``macs``) and changes
+        nothing: stats ``plan`` (one row per prunable group: ``group``, ``anchor``, ``kept``,
+        ``total``, ``macs`` after, ``predicted_error``).
 
     Stats:
         ``macs_target``, ``macs_predicted``, ``macs_ratio``, ``sensitivity`` (``measured`` or
@@ -247,7 +248,7 @@ class PruneChannels(Pass):
         return result
 
     def _dry_run(self, graph: gs.Graph, ctx: PassContext, result: PassResult, seed: int) -> PassResult:
-        """The plan of the first round (stats ``plan``: one row per prunable group); the graph is untouched."""
+        """The plan as one round (stats ``plan``: one row per prunable group); the graph is untouched."""
         o = self.opts
         analysis = analyze(graph, protect_io=o["protect_io"], exclude=o["exclude"],
                            dims=ctx.dims.known() if ctx.dims is not None else None)
