@@ -170,3 +170,19 @@ def test_without_reconstruction_the_budget_run_equals_the_zeroed_original_off_bo
     got, ref = ort_run(new, feeds)[0], ort_run(model, feeds)[0]
     assert got.shape == ref.shape and np.isfinite(got).all()
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.5
+
+
+def test_steps_reach_the_budget_gradually():
+    model = two_groups(a_matters=True)
+    new, records = run_passes(model, "prune_channels:macs=0.6:steps=2:round_to=1", ctx_with_calib(model))
+    achieved = macs(new) / macs(model)
+    assert abs(achieved - 0.6) <= 0.03
+    assert records[0].result.stats["macs_ratio"] == pytest.approx(achieved, abs=1e-4)
+
+
+def test_nothing_prunable_keeps_the_model_and_warns(caplog):
+    model = two_groups(a_matters=True)
+    with caplog.at_level(logging.WARNING):
+        new, records = run_passes(model, "prune_channels:macs=0.5:exclude=a|b")
+    assert not records[0].result.modified and records[0].result.stats["macs_ratio"] == 1.0
+    assert any("target 0.500" in r.getMessage() for r in caplog.records)
