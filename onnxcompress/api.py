@@ -124,9 +124,9 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         GateFailed: Validation failed and ``force`` is False (carries ``.report`` and ``.model``).
     """
     start, (pipeline, overrides, recipe_name) = time.perf_counter(), _pipeline(passes, recipe, calib, gate)
-    inp = _load(model, reference, validate, slices, task)  # a bad task or slice fails before any pass runs
-    calib_src, data_src, run_dims = _sources(inp.box[0], calib, data if validate else None, preprocess, samples, seed,
-                                             dims)
+    inp = _load(model, reference, validate, slices, task, pipeline)  # a bad task or slice fails before any pass runs
+    validate = validate and not inp.extra.get("dry_run")
+    calib_src, data_src, run_dims = _sources(inp.box[0], calib, data if validate else None, preprocess, samples, seed, dims)
     ctx = PassContext(calib=calib_src, seed=seed, progress=progress, slices=inp.slices, dims=run_dims)
     with steps([p.name for p in pipeline] + (["validate"] if validate else []), "optimize", enabled=progress) as bar:
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
@@ -159,11 +159,14 @@ class _Inputs:
 
 
 def _load(model: serde.ModelSource, reference: serde.ModelSource | None, validate: bool, slices: str | None,
-          task: str | TaskSpec | None) -> _Inputs:
+          task: str | TaskSpec | None, pipeline: Sequence[Pass] = ()) -> _Inputs:
     """Load the input (and reference) with their records (``input_model``, ``reference``: the input's
     record unless a reference is given; None without validation); parse ``slices`` and ``task``,
-    refusing a task that no output's declared type can fit."""
+    refusing a task that no output's declared type can fit. A pass with ``dry_run=true``
+    (``prune_channels``: its plan only, the model unchanged) means no validation: ``extra["dry_run"]``."""
     task_spec = TaskSpec.of(task)
+    dry_run = any(p.opts.get("dry_run") for p in pipeline)
+    validate = validate and not dry_run
     if reference is not None and not validate:
         raise InputError("--reference needs validation (drop --no-validate)")
     loaded, record = load_with_record(model)
@@ -171,7 +174,8 @@ def _load(model: serde.ModelSource, reference: serde.ModelSource | None, validat
     if ref_record is None and validate:
         ref_record = {**(record or {"path": None, "sha256": None}), "given": False}
     spec = _output_options(loaded, slices, task_spec)
-    return _Inputs([loaded], ref, {"input_model": record, "reference": ref_record}, spec, task_spec)
+    extra = {"input_model": record, "reference": ref_record, **({"dry_run": True} if dry_run else {})}
+    return _Inputs([loaded], ref, extra, spec, task_spec)
 
 
 def _output_options(model: onnx.ModelProto, slices: str | None, task: TaskSpec) -> SliceSpec | None:

@@ -206,6 +206,12 @@ def optimize(obj: dict, model: Path, output: Path | None, spec: str | None, reci
         _print_report(show, console, exc.report)
         _write_json(json_path, {"model": str(model), "output": None, **exc.report.as_dict(), "output_model": None})
         raise
+    if report.extra.get("dry_run"):
+        _print_report(show, console, report)
+        _write_json(json_path, {"model": str(model), "output": None, **report.as_dict(), "output_model": None})
+        if not show["quiet"]:
+            console.print("dry run: the plan above; no model written")
+        return
     serde.save_model(result, output, external=external_data, protect=model)
     _print_report(show, console, report)
     data_files = [output.name + ".data"] if serde.saves_external(result, external_data) else []

@@ -30,6 +30,7 @@ __all__ = [
     "identity_model",
     "hoist_subgraph_initializers",
     "same_computation",
+    "swap_initializers",
 ]
 
 
@@ -48,6 +49,21 @@ def initializer_arrays(model: onnx.ModelProto, names: Iterable[str]) -> dict[str
     """The values of those of ``names`` that are main-graph initializers."""
     wanted = set(names)
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+
+
+def swap_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray | onnx.TensorProto]
+                      ) -> dict[str, onnx.TensorProto]:
+    """Replace, in place, the values of the main-graph initializers named in ``values``; returns the
+    replaced ones (``swap_initializers(model, returned)`` restores them)."""
+    old: dict[str, onnx.TensorProto] = {}
+    for init in model.graph.initializer:
+        new = values.get(init.name)
+        if new is None:
+            continue
+        old[init.name] = onnx.TensorProto()
+        old[init.name].CopyFrom(init)
+        init.CopyFrom(new if isinstance(new, onnx.TensorProto) else numpy_helper.from_array(np.asarray(new), init.name))
+    return old
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

@@ -13,17 +13,21 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import check_names, node_label
+from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
+from onnxcompress.pruning.budget import BudgetPlan, MacModel, allocate, plan_for_counts
 from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
-from onnxcompress.pruning.select import Budget, plan_removal
+from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_removal
+from onnxcompress.pruning.sensitivity import MaskedError, importance_errors, measured_errors
 from onnxcompress.pruning.types import slug
 from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
 from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
 
 __all__ = [
+    "MACS_TOLERANCE",
     "R_NO_CALIB",
     "R_SMALL",
     "PruneChannels",
@@ -37,6 +41,14 @@ R_NO_CALIB = "reconstruction_needs_calibration"
 R_RECONSTRUCT_OP = "reconstruction_unsupported_op"
 R_RECONSTRUCT_FAILED = "reconstruction_failed"
 R_SMALL = "group_smaller_than_round_to"
+
+#: Largest gap between the achieved and the target MAC ratio (``macs=``) that passes without a warning.
+MACS_TOLERANCE = 0.02
+
+
+def _macs(graph: gs.Graph, ctx: PassContext) -> int:
+    """The graph's MACs at the run's dims."""
+    return model_metrics(serde.to_model(graph), ctx.dims).macs
 
 
 def _param_count(graph: gs.Graph) -> int:
@@ -112,7 +124,24 @@ class PruneChannels(Pass):
         declines (``reconstruction_needs_calibration``, ``reconstruction_unsupported_op``,
         ``reconstruction_failed``).
 
+    Budget:
+        ``macs=M`` (instead of ``ratio``; both, or ``macs`` with ``scope``, is a parse error)
+        removes channels until the model's MACs at the run's dims are about ``M`` times the
+        original's, group by group where it costs the least predicted error per MAC saved
+        (:mod:`onnxcompress.pruning.budget`); the predicted error of each group at each removal
+        count is measured on ``sens_samples`` calibration samples with the group pruned alone, or
+        without data is the share of its importance removed (:mod:`onnxcompress.pruning.sensitivity`).
+        ``max_group_ratio`` caps every group; ``round_to`` sets the steps. The achieved ratio
+        (``macs_ratio``) is measured on the pruned graph; a miss larger than
+        :data:`MACS_TOLERANCE` (frozen or capped groups, or coarse steps) is logged as a warning.
+        With ``steps=N`` round ``k`` aims at ``M**(k/N)`` (coarse steps may then undershoot).
+        ``dry_run=true`` computes the plan as one round (``ratio`` or ``macs``) and changes
+        nothing: stats ``plan`` (one row per prunable group: ``group``, ``anchor``, ``kept``,
+        ``total``, ``macs`` after, ``predicted_error``).
+
     Stats:
+        ``macs_target``, ``macs_predicted``, ``macs_ratio``, ``sensitivity`` (``measured`` or
+        ``importance``), ``predicted_error``, ``plan`` (``macs=`` or ``dry_run``), ``dry_run``;
         ``groups_found``, ``groups_pruned``, ``groups_frozen``, ``groups_frozen_<reason>``,
         ``reshapes_merged`` (when any),
         ``groups_skipped_small``, ``channels_before``/``channels_after``,
@@ -131,6 +160,12 @@ class PruneChannels(Pass):
     numerics = Numerics.LOSSY
     options: ClassVar[Mapping[str, Option]] = {
         "ratio": Option(float, 0.3, "fraction of each group's channels to remove", interval="[0, 1)"),
+        "macs": Option(float, None, "target MAC ratio of the whole model at the run's dims, distributed over groups "
+                       "by sensitivity (measured on --calib, else importance); excludes ratio and scope",
+                       interval="(0, 1]"),
+        "sens_samples": Option(int, 64, "calibration samples used to measure each group's sensitivity (macs=)",
+                               interval="[1, inf)"),
+        "dry_run": Option(bool, False, "compute the per-group plan (stats 'plan') and change nothing"),
         "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, activation for transformer FFN neurons with calibration data, else l1)",
                             choices=CRITERIA),
         "scope": Option(str, "local", "local: same ratio per group; global: one ranking", choices=("local", "global")),
@@ -146,6 +181,22 @@ class PruneChannels(Pass):
 
     reads = (BN_GAMMA,)
 
+    def __init__(self, **opts):
+        self.given = frozenset(opts)
+        super().__init__(**opts)
+
+    def check_options(self) -> None:
+        """``macs`` excludes ``ratio`` and ``scope`` (it sets every group's ratio itself).
+
+        Raises:
+            InputError: Both given.
+        """
+        if self.opts["macs"] is not None:
+            both = sorted({"ratio", "scope"} & self.given)
+            if both:
+                raise InputError(f"pass {self.name}: give ratio= (uniform) or macs= (a MAC budget), not both "
+                                 f"(got macs and {both[0]})")
+
     def needs_calibration(self) -> bool:
         """``criterion=activation`` scores channels on calibration data."""
         return bool(self.opts["criterion"] == "activation")
@@ -159,11 +210,14 @@ class PruneChannels(Pass):
             result.stats["reshapes_merged"] = merged
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         check_names(graph, o["exclude"], owner=self.name, tensors=True)
+        seed = ctx.seed if o["seed"] is None else o["seed"]
+        if o["dry_run"]:
+            return self._dry_run(graph, ctx, result, seed)
         original = serde.to_model(graph) if o["reconstruct"] and ctx.calib is not None else None
         result.stats["params_before"] = _param_count(graph)
-        seed = ctx.seed if o["seed"] is None else o["seed"]
         step_ratio = 1.0 - (1.0 - o["ratio"]) ** (1.0 / o["steps"])
         budget = Budget(step_ratio, o["scope"], o["max_group_ratio"], o["round_to"], seed)
+        macs_before = _macs(graph, ctx) if o["macs"] is not None else None
         pruned: set[str] = set()
         layers: dict[str, PrunedLayer] = {}
         for step in range(o["steps"]):
@@ -171,7 +225,8 @@ class PruneChannels(Pass):
                                dims=ctx.dims.known() if ctx.dims is not None else None)
             if step == 0:
                 self._report_groups(analysis, result, ctx)
-            removed = self._step(analysis, budget, ctx, result, first=step == 0)
+            goal = None if macs_before is None else macs_before * o["macs"] ** ((step + 1) / o["steps"])
+            removed = self._step(analysis, budget, ctx, result, first=step == 0, goal=goal)
             if removed is None:
                 break
             pruned.update(analysis.groups[gi].name for gi, ch in removed[0].items() if len(ch))
@@ -180,6 +235,9 @@ class PruneChannels(Pass):
         result.stats["groups_pruned"] = len(pruned)
         result.stats["channels_after"] = result.stats["channels_before"] - result.stats.get("channels_removed", 0)
         result.stats["params_after"] = _param_count(graph)
+        if macs_before:
+            result.stats["macs_ratio"] = round(_macs(graph, ctx) / macs_before, 4)
+            self._check_budget(result, ctx)
         result.modified = bool(pruned)
         if pruned and o["reconstruct"]:
             refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
@@ -189,8 +247,63 @@ class PruneChannels(Pass):
                 result.stats["params_after"] = _param_count(refitted)
         return result
 
+    def _dry_run(self, graph: gs.Graph, ctx: PassContext, result: PassResult, seed: int) -> PassResult:
+        """The plan as one round (stats ``plan``: one row per prunable group); the graph is untouched."""
+        o = self.opts
+        analysis = analyze(graph, protect_io=o["protect_io"], exclude=o["exclude"],
+                           dims=ctx.dims.known() if ctx.dims is not None else None)
+        self._report_groups(analysis, result, ctx)
+        budget = Budget(o["ratio"], o["scope"], o["max_group_ratio"], o["round_to"], seed)
+        scores = score_groups(analysis, o["criterion"], calib=ctx.calib, gammas=ctx.get(BN_GAMMA),
+                              progress=ctx.progress)
+        values = normalize(scores.values) if budget.scope == "global" else scores.values
+        goal = None if o["macs"] is None else _macs(graph, ctx) * o["macs"]
+        plan = self._budget_plan(analysis, values, budget, ctx, goal)
+        self._plan_stats(plan, result)
+        result.stats["dry_run"] = True
+        result.modified = False
+        return result
+
+    def _budget_plan(self, analysis: Analysis, values: dict[int, np.ndarray], budget: Budget, ctx: PassContext,
+                     goal: float | None) -> BudgetPlan:
+        """Removals per group: the MAC ``goal`` met by sensitivity, or (``None``) ``budget``'s uniform ratio."""
+        groups = eligible_groups(analysis, values, budget)
+        steps = {g.index: levels(g, values[g.index], budget) for g in groups}
+        metrics = model_metrics(serde.to_model(analysis.graph), ctx.dims)
+        model = MacModel(analysis, {n.name: n.macs for n in metrics.per_node}, metrics.macs)
+        if ctx.calib is not None and goal is not None:
+            evaluate = MaskedError(analysis, ctx.calib, samples=self.opts["sens_samples"])
+            errors = measured_errors(evaluate, groups, values, steps, budget, progress=ctx.progress)
+            method = "measured"
+        else:
+            errors = {g.index: importance_errors(g, values[g.index], steps[g.index], budget) for g in groups}
+            method = "importance"
+        if goal is None:
+            counts = {gi: len(ch) for gi, ch in plan_removal(analysis, values, budget).remove.items()}
+            return plan_for_counts(groups, steps, errors, counts, model, None, method)
+        target = min(goal / model.total, 1.0) if model.total > 0 else 1.0
+        return allocate(groups, steps, errors, model, target, method)
+
+    @staticmethod
+    def _plan_stats(plan: BudgetPlan, result: PassResult) -> None:
+        if plan.target is not None:
+            result.stats["macs_target"] = round(plan.target, 4)
+        result.stats["macs_predicted"] = round(plan.predicted, 4)
+        result.stats["sensitivity"] = plan.method
+        result.stats["predicted_error"] = round(plan.error, 6)
+        result.stats["plan"] = plan.as_dicts()
+
+    def _check_budget(self, result: PassResult, ctx: PassContext) -> None:
+        """Warn when the achieved MAC ratio misses the target by more than :data:`MACS_TOLERANCE`."""
+        target, got = self.opts["macs"], result.stats["macs_ratio"]
+        result.stats["macs_target"] = target
+        if abs(got - target) > MACS_TOLERANCE:
+            ctx.logger.warning("prune_channels: MAC ratio %.3f, target %.3f (%s)", got, target,
+                               "frozen or capped groups leave too little to prune" if got > target else
+                               "the MAC model missed")
+
     def _step(self, analysis: Analysis, budget: Budget, ctx: PassContext, result: PassResult,
-              first: bool) -> tuple[dict[int, np.ndarray], ApplyReport] | None:
+              first: bool, goal: float | None = None) -> tuple[dict[int, np.ndarray], ApplyReport] | None:
         """One round: score, select, apply. ``None`` when nothing is removed."""
         scores = score_groups(analysis, self.opts["criterion"], calib=ctx.calib,
                               gammas=ctx.get(BN_GAMMA), progress=ctx.progress)
@@ -199,7 +312,12 @@ class PruneChannels(Pass):
             for name, n in sorted(scores.used.items()):
                 result.stats[f"criterion_{name}"] = n
         values = normalize(scores.values) if budget.scope == "global" else scores.values
-        plan = plan_removal(analysis, values, budget)
+        counts = None
+        if goal is not None:
+            bplan = self._budget_plan(analysis, values, budget, ctx, goal)
+            self._plan_stats(bplan, result)
+            counts = bplan.counts
+        plan = plan_removal(analysis, values, budget, counts=counts)
         if first:
             result.stats["groups_skipped_small"] = len(plan.skipped_small)
             for name in plan.skipped_small:

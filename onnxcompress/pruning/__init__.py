@@ -8,6 +8,9 @@ Modules:
       channels (the ``equalize`` pass).
     * :mod:`.importance`: channel scores per group (``l1``, ``l2``, ``bn_scale``, ``activation``).
     * :mod:`.select`: which channels go (ratio, scope, ``max_group_ratio``, ``round_to``).
+    * :mod:`.budget`: a MAC budget distributed over groups (the MAC model, greedy allocation).
+    * :mod:`.sensitivity`: each group's predicted output error per removal count (measured on
+      calibration data, or from importance).
     * :mod:`.apply`: rewrite the graph without them (with bias compensation), or zero them
       (``mask_channels``: the zeroed original; ``mask_inputs``: the exact reference without
       compensation).

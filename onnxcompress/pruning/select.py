@@ -28,7 +28,7 @@ import numpy as np
 
 from onnxcompress.pruning.dependency import Analysis, Group
 
-__all__ = ["Budget", "Plan", "max_removal", "plan_removal", "round_keep"]
+__all__ = ["Budget", "Plan", "choose", "eligible_groups", "levels", "max_removal", "plan_removal", "round_keep"]
 
 log = logging.getLogger(__name__)
 
@@ -173,30 +173,54 @@ def _blocked_choice(group: Group, scores: np.ndarray, want: int, budget: Budget)
     return np.sort(np.concatenate(chosen)).astype(np.int64), relaxed
 
 
-def plan_removal(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budget) -> Plan:
+def eligible_groups(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budget) -> list[Group]:
+    """The groups a budget may prune (not frozen, scored, >= 2 channels, not below ``round_to``)."""
+    return _eligible(analysis, scores, budget, Plan())
+
+
+def choose(group: Group, scores: np.ndarray, want: int, budget: Budget) -> tuple[np.ndarray, bool]:
+    """``(channels to remove, round_to relaxed)`` when ``group`` should lose about ``want`` channels
+    (``round_to``, the cap and block constraints applied)."""
+    if group.blocks is not None:
+        return _blocked_choice(group, scores, want, budget)
+    n = _count(group, want, budget)
+    return np.sort(_order(group, scores, budget.seed)[:n]), False
+
+
+def levels(group: Group, scores: np.ndarray, budget: Budget) -> list[int]:
+    """Every removal count :func:`choose` can give for ``group``, ascending (starts with 0)."""
+    if group.blocks is None:
+        return sorted({_count(group, want, budget) for want in range(1, group.size)} | {0})
+    return sorted({len(choose(group, scores, want, budget)[0]) for want in range(1, group.size)} | {0})
+
+
+def plan_removal(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budget,
+                 counts: dict[int, int] | None = None) -> Plan:
     """Choose the channels to remove.
 
     Args:
         analysis: The dependency analysis.
         scores: Group index -> channel scores (normalised per group for ``global``).
         budget: Ratio, scope and constraints.
+        counts: Group index -> channels to remove (a non-uniform allocation, e.g. from
+            :mod:`.budget`); replaces ``budget.ratio`` and ``scope`` (groups not listed keep all).
     """
     plan = Plan()
     groups = _eligible(analysis, scores, budget, plan)
-    if budget.scope == "global":
+    if counts is not None:
+        wants = dict(counts)
+    elif budget.scope == "global":
         wants = _global_counts(groups, scores, budget)
     else:
         wants = {g.index: math.floor(budget.ratio * g.size + 0.5) for g in groups}
     for g in groups:
-        if g.blocks is not None:
-            chosen, relaxed = _blocked_choice(g, scores[g.index], wants.get(g.index, 0), budget)
-            if relaxed:
-                plan.relaxed.append(g.name)
-                log.info("prune_channels: group %s: round_to=%d relaxed (its grouped-conv blocks allow no "
-                         "multiple)", g.name, budget.round_to)
-        else:
-            n = _count(g, wants.get(g.index, 0), budget)
-            chosen = np.sort(_order(g, scores[g.index], budget.seed)[:n])
+        if counts is not None and not wants.get(g.index, 0):
+            continue
+        chosen, relaxed = choose(g, scores[g.index], wants.get(g.index, 0), budget)
+        if relaxed:
+            plan.relaxed.append(g.name)
+            log.info("prune_channels: group %s: round_to=%d relaxed (its grouped-conv blocks allow no "
+                     "multiple)", g.name, budget.round_to)
         if len(chosen):
             plan.remove[g.index] = chosen
     plan.restored = _keep_tensors_nonempty(analysis, plan, scores)

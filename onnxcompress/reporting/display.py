@@ -128,6 +128,7 @@ def show_report(console: Console, before: ModelMetrics, after: ModelMetrics, rec
     if before.dims:
         console.print(_shapes_line(before), markup=False, highlight=False)
     _show_passes_run(console, records)
+    _show_plans(console, records)
     if validation is not None:
         show_validation(console, validation)
 
@@ -142,13 +143,34 @@ def _show_passes_run(console: Console, records: list[PassRecord]) -> None:
     for col in ("pass", "numerics", "changed", "MACs", "stats", "declined (code × count)", "s"):
         t.add_column(col)
     for r in records:
-        stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items() if v)
+        stats = ", ".join(f"{k}={_num(v)}" for k, v in r.result.stats.items()
+                          if v and not isinstance(v, (list, dict)))
         declined = "; ".join(f"{code} ×{n}" for code, n in r.result.decline_counts().items())
         macs = _ratio(r.macs_before, r.macs_after or 0) if r.macs_before is not None and r.macs_after != r.macs_before \
             else "-"
         t.add_row(r.name, r.numerics.name.lower(), "yes" if r.result.modified else "no", macs, stats or "-",
                   declined or "-", f"{r.seconds:.2f}")
     console.print(t)
+
+
+def _show_plans(console: Console, records: list[PassRecord]) -> None:
+    """Per-group pruning plans (``prune_channels`` stats ``plan``: ``macs=`` or ``dry_run``)."""
+    for r in records:
+        plan = r.result.stats.get("plan")
+        if not isinstance(plan, list) or not plan:
+            continue
+        st = r.result.stats
+        title = (f"{r.name} plan{' (dry run: nothing written)' if st.get('dry_run') else ''}: MACs "
+                 f"{_num(st.get('macs_predicted'))} predicted" + (f", target {_num(st.get('macs_target'))}"
+                                                                  if st.get("macs_target") else "")
+                 + f", error by {st.get('sensitivity')}")
+        t = Table(title=title)
+        for col in ("group (anchor node)", "kept / total", "MACs", "predicted error"):
+            t.add_column(col, justify="left" if col.startswith("group") else "right")
+        for row in plan:
+            t.add_row(str(row["anchor"]), f"{row['kept']} / {row['total']}", f"{row['macs']:,}",
+                      f"{row['predicted_error']:.4g}")
+        console.print(t)
 
 
 def _num(v: float) -> str:

@@ -39,7 +39,7 @@ def document_blocks(inputs: Inputs, title: str, top: int, plot: Callable | None,
 
 
 def _stats_text(stats: dict) -> str:
-    items = [(k, v) for k, v in (stats or {}).items() if v]
+    items = [(k, v) for k, v in (stats or {}).items() if v and not isinstance(v, (list, dict))]
     return ", ".join(f"{k}={fmt_number(v, '.4g') if isinstance(v, float) else v}" for k, v in items) or "-"
 
 

