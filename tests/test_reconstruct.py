@@ -358,8 +358,8 @@ def test_independent_layers_share_a_run(caplog: pytest.LogCaptureFixture) -> Non
     layers = [LayerTarget("cc", "c"), LayerTarget("cb", "b"), LayerTarget("ca", "a")]
     with caplog.at_level("DEBUG", logger="onnxcompress.reconstruct.refit"):
         _fixed, stats = refit(student, teacher, layers, calib(teacher, 32), batch_size=16)
-    runs = [r.getMessage() for r in caplog.records if "in one run" in r.getMessage()]
-    assert runs == ["refitting ['ca', 'cb'] in one run", "refitting ['cc'] in one run"]
+    runs = [r.getMessage() for r in caplog.records if "in one round" in r.getMessage()]
+    assert runs == ["refitting ['ca', 'cb'] in one round", "refitting ['cc'] in one round"]
     assert [s.node for s in stats] == ["ca", "cb", "cc"] and stats[1].error_after < 1e-3
 
 

@@ -18,10 +18,16 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.linalg
 
-__all__ = ["DEFAULT_RIDGE", "LstsqAccumulator"]
+__all__ = ["DEFAULT_RIDGE", "PRECISIONS", "UPCAST_SHARE", "LstsqAccumulator"]
 
 #: Default relative ridge: λ = ridge · trace(XᵀX) / n_features (on centered features with a bias).
 DEFAULT_RIDGE = 1e-4
+
+#: ``precision`` values: products of a chunk's rows in float32, float64, or float32 unless the first
+#: chunk shows float32's rounding would matter next to the ridge (then float64 for the whole problem).
+PRECISIONS = ("float32", "float64", "auto")
+#: ``auto`` keeps float32 while ``‖G32 − G64‖_F`` on the first chunk stays below this share of the ridge λ.
+UPCAST_SHARE = 0.01
 
 _DEAD = 1e-14  # a feature whose (centered) energy is below this fraction of the largest is dropped
 _COND = 1e-12  # (min / max Cholesky diagonal)² below this: treat the system as ill-conditioned
@@ -41,12 +47,22 @@ class LstsqAccumulator:
         dtype: Accumulation dtype.
         groups: Number of independent problems of the same size (grouped convolutions);
             ``add`` then takes ``[groups, n, ...]`` arrays and ``solve`` a ``group`` index.
+        precision: dtype of the per-chunk products (:data:`PRECISIONS`); the sums over chunks are
+            kept in ``dtype``. ``auto`` compares float32 with float64 on the first chunk and keeps
+            float32 when its rounding error in ``XᵀX`` is below :data:`UPCAST_SHARE` of the ridge
+            λ that ``ridge_hint`` gives (``upcast`` says whether it went to float64).
+        ridge_hint: The relative ridge the solve will use (for ``auto``).
     """
 
     def __init__(self, n_features: int, n_targets: int, fit_bias: bool = True,
-                 dtype: np.dtype | type = np.float64, groups: int = 1):
+                 dtype: np.dtype | type = np.float64, groups: int = 1, precision: str = "float64",
+                 ridge_hint: float = DEFAULT_RIDGE):
         if n_features < 0 or n_targets < 1 or groups < 1:
             raise ValueError("need n_features >= 0, n_targets >= 1, groups >= 1")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {PRECISIONS}")
+        self.precision, self.ridge_hint, self.upcast = precision, ridge_hint, False
+        self.work = np.dtype(np.float32 if precision != "float64" else dtype)
         self.n_features, self.n_targets, self.groups = n_features, n_targets, groups
         self.fit_bias = fit_bias
         self.dtype = np.dtype(dtype)
@@ -63,8 +79,8 @@ class LstsqAccumulator:
         self.last_solver = ""
 
     def _as_groups(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        X = np.asarray(X, dtype=self.dtype)
-        Y = np.asarray(Y, dtype=self.dtype)
+        X = np.asarray(X, dtype=self.work)
+        Y = np.asarray(Y, dtype=self.work)
         if X.ndim == 2:
             X = X[None]
         if Y.ndim == 1:
@@ -79,20 +95,38 @@ class LstsqAccumulator:
 
     def add(self, X: np.ndarray, Y: np.ndarray) -> None:
         """Accumulate rows: ``X`` is ``[n, F]`` (or ``[groups, n, F]``), ``Y`` ``[n, T]``."""
+        first = self.n_samples == 0
         X, Y = self._as_groups(X, Y)
         if X.shape[1] == 0:
             return
-        if self.n_samples == 0 and self.fit_bias:
-            self.x0, self.y0 = X.mean(axis=1), Y.mean(axis=1)
-        Xs = X - self.x0[:, None, :]
-        Ys = Y - self.y0[:, None, :]
+        if first and self.fit_bias:
+            self.x0, self.y0 = X.mean(axis=1, dtype=self.dtype), Y.mean(axis=1, dtype=self.dtype)
+        if first and self.precision == "auto":
+            X, Y = self._choose_precision(X, Y)
+        Xs = X - self.x0[:, None, :].astype(self.work)
+        Ys = Y - self.y0[:, None, :].astype(self.work)
         Xt = Xs.transpose(0, 2, 1)
         self.xx += Xt @ Xs
         self.xy += Xt @ Ys
-        self.sx += Xs.sum(axis=1)
-        self.sy += Ys.sum(axis=1)
-        self.yy += np.einsum("gnt,gnt->gt", Ys, Ys)
+        self.sx += Xs.sum(axis=1, dtype=self.dtype)
+        self.sy += Ys.sum(axis=1, dtype=self.dtype)
+        self.yy += np.einsum("gnt,gnt->gt", Ys, Ys, dtype=self.dtype)
         self.n_samples += X.shape[1]
+
+    def _choose_precision(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Go to float64 (``upcast``) when float32's rounding in this chunk's ``XᵀX`` is not small
+        next to the ridge λ; returns the chunk in the dtype kept."""
+        Xs = X.astype(np.float64) - self.x0[:, None, :]
+        g64 = Xs.transpose(0, 2, 1) @ Xs
+        X32 = Xs.astype(np.float32)
+        g32 = (X32.transpose(0, 2, 1) @ X32).astype(np.float64)
+        f = max(1, self.n_features)
+        lam = self.ridge_hint * np.trace(g64, axis1=1, axis2=2) / f
+        err = np.sqrt(np.sum((g64 - g32) ** 2, axis=(1, 2)))
+        if np.all(err <= UPCAST_SHARE * lam) and np.all(lam > 0):
+            return X, Y
+        self.upcast, self.work = True, np.dtype(self.dtype)
+        return X.astype(self.dtype), Y.astype(self.dtype)
 
     def gram(self, group: int = 0) -> np.ndarray:
         """The accumulated (shifted) ``XᵀX`` of ``group`` as a full symmetric matrix."""
