@@ -228,12 +228,24 @@ class _Runs:
     """The student and the teacher, each run only where a round needs it (:class:`SegmentRunner`)."""
 
     def __init__(self, graph: gs.Graph, teacher: onnx.ModelProto, data: CalibSource, opts: _Options):
-        fixed = {s.batch_dim_static() for s in data.specs} - {None}
-        native = max(fixed) if fixed else None
-        self.student = SegmentRunner(graph, native=native, threads=opts.threads, cache_bytes=opts.cache_bytes)
-        self.teacher = SegmentRunner(serde.to_graph(teacher), native=native, threads=opts.threads,
-                                     cache_bytes=opts.cache_bytes)
-        self.data, self.batch_size = data, opts.batch_size
+        self.student = SegmentRunner(graph, threads=opts.threads, cache_bytes=opts.cache_bytes)
+        self.teacher = SegmentRunner(serde.to_graph(teacher), threads=opts.threads, cache_bytes=opts.cache_bytes)
+        self.data, self.batch_size, self.stacked = data, opts.batch_size, False
+
+    def check_batching(self, plans: list[_Plan]) -> None:
+        """Stack the samples of a fixed-batch model into batches of ``batch_size`` when both graphs
+        compute the same that way (checked on the first batch)."""
+        fixed = {s.batch_dim_static() for s in self.data.specs} - {None}
+        if not fixed or self.batch_size <= max(fixed):
+            return
+        first = next(iter(batches(self.data, self.batch_size)), None)
+        if first is None:
+            return
+        native = max(fixed)
+        self.stacked = self.student.batchable([p.input for p in plans], first, native) and \
+            self.teacher.batchable([p.target.target for p in plans], first, native)
+        log.debug("fixed batch %d: %s", native, f"stacked into batches of {self.batch_size}" if self.stacked
+                  else "run at that size")
 
     def prepare(self, group: list[_Plan], later: list[_Plan]) -> None:
         stale = self.student.topo.downstream(p.index for p in group + later)
@@ -245,7 +257,8 @@ class _Runs:
 
     def batches(self) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], int]]:
         """``(index, student tensors, teacher tensors, samples)`` per batch."""
-        for index, batch in enumerate(batches(self.data, self.batch_size)):
+        source = batches(self.data, self.batch_size) if self.stacked else self.data.batches(self.batch_size)
+        for index, batch in enumerate(source):
             yield index, self.student.run(index, batch), self.teacher.run(index, batch), len(batch)
 
     def close(self) -> None:
@@ -521,8 +534,9 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
                     rows_per_feature, cache_bytes)
     rounds = _rounds(graph, plans, group_independent)
     runs = _Runs(graph, teacher, data, opts)
+    runs.check_batching(plans)
     if rows_per_feature is not None:
-        opts.n_batches = sum(1 for _ in batches(data, batch_size))
+        opts.n_batches = sum(1 for _ in (batches(data, batch_size) if runs.stacked else data.batches(batch_size)))
     try:
         for r, group in enumerate(track(rounds, f"refitting {len(plans)} layers in {len(rounds)} rounds",
                                         total=len(rounds), enabled=progress)):

@@ -12,9 +12,10 @@ between steps. Rerunning the whole graph at each step costs ``steps × network``
   downstream of a node the caller says it will still edit) and that a later step will read; the
   rest is dropped as soon as the step is done. Above ``cache_bytes`` the frontier goes to ``.npy``
   files in a temporary folder, so resident memory does not grow with the number of samples;
-* runs **batches of ``batch_size``** even when the model's batch dim is fixed: the segment's inputs
-  carry no shape, and the first batch of every segment is checked against a run at the model's own
-  batch size (a segment that hard-codes its batch, e.g. in a Reshape, falls back to that size).
+* runs **batches of ``batch_size``** even when the model's batch dim is fixed (:func:`batches`):
+  the segment's inputs carry no shape; :meth:`SegmentRunner.batchable` checks on one batch that
+  the graph computes the same as on pieces of its own batch size (a graph that hard-codes its
+  batch, e.g. in a Reshape, is then run at that size).
 
 The caller says which batches exist (:func:`batches`, the same sequence at every step) and what it
 will still edit (``stale``: node indices whose outputs may still change).
@@ -181,15 +182,12 @@ class SegmentRunner:
 
     Args:
         graph: The graph (topologically sorted); read at every step, so edits show.
-        native: The model's own batch size when it is fixed (segments that do not run at other
-            batch sizes are run in pieces of it), else ``None``.
         threads: onnxruntime intra-op threads (0: one per core).
         cache_bytes: Frontier bytes held in memory before spilling to disk.
     """
 
-    def __init__(self, graph: gs.Graph, *, native: int | None = None, threads: int = 0,
-                 cache_bytes: int = CACHE_BYTES):
-        self.graph, self.native, self.threads = graph, native, threads
+    def __init__(self, graph: gs.Graph, *, threads: int = 0, cache_bytes: int = CACHE_BYTES):
+        self.graph, self.threads = graph, threads
         self.topo = _Topology(graph)
         self.store = FrontierStore(cache_bytes)
         self.known: set[str] = set()
@@ -200,7 +198,6 @@ class SegmentRunner:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.session: ort.InferenceSession | None = None
-        self.pieces: int | None = None
         #: Segments run and nodes run over all steps (one count per segment, not per batch).
         self.segments, self.nodes_run = 0, 0
 
@@ -223,7 +220,7 @@ class SegmentRunner:
         self.nodes = sorted(run)
         self.inputs = sorted({n for i in run for n in self.topo.reads[i]} - produced)
         self.outputs = [n for n in computed if n in produced] + sorted((self.keep & produced) - set(computed))
-        self.session, self.pieces = None, None
+        self.session = None
         if self.nodes:
             self.segments += 1
             self.nodes_run += len(self.nodes)
@@ -231,7 +228,7 @@ class SegmentRunner:
     def run(self, index: int, batch: Batch) -> dict[str, np.ndarray]:
         """The wanted tensors for batch ``index``; updates that batch's frontier."""
         feeds = {n: batch.feeds[n] if n in self.topo.feeds else self.store.get((index, n)) for n in self.inputs}
-        values = dict(zip(self.outputs, self._run(feeds, len(batch)))) if self.nodes else {}
+        values = dict(zip(self.outputs, self._run(feeds))) if self.nodes else {}
         out = {}
         for name in self.wanted:
             if name in values:
@@ -251,35 +248,34 @@ class SegmentRunner:
         self.store.close()
         self.session = None
 
-    def _run(self, feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.session is None:
             dtypes = {name: feeds[name].dtype for name in self.inputs}
             model = proto.segment_model(self.graph, [self.graph.nodes[i] for i in self.nodes], dtypes, self.outputs)
             self.session = make_session(model, threads=self.threads)
-        if self.pieces is None:
-            self.pieces = self._check(feeds, n)
-        if not self.pieces or n <= self.pieces:
-            return self.session.run(self.outputs, feeds)
-        parts = [self.session.run(self.outputs, {k: v[s:s + self.pieces] for k, v in feeds.items()})
-                 for s in range(0, n, self.pieces)]
-        return [np.concatenate(p) for p in zip(*parts)]
+        return self.session.run(self.outputs, feeds)
 
-    def _check(self, feeds: dict[str, np.ndarray], n: int) -> int:
-        """0 when the segment runs at batch ``n`` like at the model's own batch size, else that size."""
-        native = self.native
-        if native is None or n <= native:
-            return 0
+    def batchable(self, wanted: Sequence[str], batch: Batch, native: int) -> bool:
+        """Whether the graph computes ``wanted`` on ``batch`` as on its pieces of ``native`` samples
+        (a graph may hard-code its batch size, e.g. in a Reshape): concatenated along axis 0, the
+        pieces' results must equal the whole batch's."""
+        if len(batch) <= native:
+            return True
+        names = [n for n in dict.fromkeys(wanted) if n in self.topo.producer]
+        run, _ = self.topo.closure(names, set())
+        if not run:
+            return True
+        feeds = {n: batch.feeds[n] for n in sorted({x for i in run for x in self.topo.reads[i]} & self.topo.feeds)}
+        model = proto.segment_model(self.graph, [self.graph.nodes[i] for i in sorted(run)],
+                                    {k: v.dtype for k, v in feeds.items()}, names)
+        session = make_session(model, threads=self.threads)
         try:
-            whole = self.session.run(self.outputs, feeds)
+            whole = session.run(names, feeds)
         except _RUN_ERRORS as exc:
-            log.debug("segment does not run at batch %d (%s): batches of %d", n, str(exc).splitlines()[0], native)
-            return native
-        part = self.session.run(self.outputs, {k: v[:native] for k, v in feeds.items()})
-        for a, b in zip(whole, part):
-            if a.shape[:1] != (n,) or not _close(a[:native], b):
-                log.debug("segment output differs at batch %d: batches of %d", n, native)
-                return native
-        return 0
+            log.debug("graph does not run at batch %d (%s)", len(batch), str(exc).splitlines()[0])
+            return False
+        parts = [session.run(names, {k: v[s:s + native] for k, v in feeds.items()}) for s in range(0, len(batch), native)]
+        return all(_close(a, np.concatenate(p)) for a, p in zip(whole, zip(*parts)))
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
