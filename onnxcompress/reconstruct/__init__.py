@@ -10,6 +10,6 @@ accuracy back" with the original model as the teacher.
 
 from __future__ import annotations
 
-from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
+from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers, refit_summary
 
-__all__ = ["LayerStats", "LayerTarget", "reconstruct_layers"]
+__all__ = ["LayerStats", "LayerTarget", "reconstruct_layers", "refit_summary"]

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
-__all__ = ["DEFAULT_RIDGE", "PRECISIONS", "UPCAST_SHARE", "LstsqAccumulator"]
+__all__ = ["DEFAULT_RIDGE", "PRECISIONS", "UPCAST_TOL", "LstsqAccumulator"]
 
 #: Default relative ridge: λ = ridge · trace(XᵀX) / n_features (on centered features with a bias).
 DEFAULT_RIDGE = 1e-4
@@ -26,8 +27,9 @@ DEFAULT_RIDGE = 1e-4
 #: ``precision`` values: products of a chunk's rows in float32, float64, or float32 unless the first
 #: chunk shows float32's rounding would matter next to the ridge (then float64 for the whole problem).
 PRECISIONS = ("float32", "float64", "auto")
-#: ``auto`` keeps float32 while ``‖G32 − G64‖_F`` on the first chunk stays below this share of the ridge λ.
-UPCAST_SHARE = 0.01
+#: ``auto`` keeps float32 while, on the first chunk, the solution from float32 products changes the
+#: layer's output by less than this (relative to the output of the float64 solution).
+UPCAST_TOL = 1e-3
 
 _DEAD = 1e-14  # a feature whose (centered) energy is below this fraction of the largest is dropped
 _COND = 1e-12  # (min / max Cholesky diagonal)² below this: treat the system as ill-conditioned
@@ -48,9 +50,9 @@ class LstsqAccumulator:
         groups: Number of independent problems of the same size (grouped convolutions);
             ``add`` then takes ``[groups, n, ...]`` arrays and ``solve`` a ``group`` index.
         precision: dtype of the per-chunk products (:data:`PRECISIONS`); the sums over chunks are
-            kept in ``dtype``. ``auto`` compares float32 with float64 on the first chunk and keeps
-            float32 when its rounding error in ``XᵀX`` is below :data:`UPCAST_SHARE` of the ridge
-            λ that ``ridge_hint`` gives (``upcast`` says whether it went to float64).
+            kept in ``dtype``. ``auto`` solves the first chunk's ridge problem (``ridge_hint``) from
+            float32 and from float64 products and keeps float32 when the two solutions' outputs
+            agree within :data:`UPCAST_TOL` (``upcast`` says whether it went to float64).
         ridge_hint: The relative ridge the solve will use (for ``auto``).
     """
 
@@ -105,28 +107,26 @@ class LstsqAccumulator:
             X, Y = self._choose_precision(X, Y)
         Xs = X - self.x0[:, None, :].astype(self.work)
         Ys = Y - self.y0[:, None, :].astype(self.work)
-        Xt = Xs.transpose(0, 2, 1)
-        self.xx += Xt @ Xs
-        self.xy += Xt @ Ys
+        for g in range(self.groups):
+            self.xx[g] += _gram(Xs[g])
+        self.xy += Xs.transpose(0, 2, 1) @ Ys
         self.sx += Xs.sum(axis=1, dtype=self.dtype)
         self.sy += Ys.sum(axis=1, dtype=self.dtype)
         self.yy += np.einsum("gnt,gnt->gt", Ys, Ys, dtype=self.dtype)
         self.n_samples += X.shape[1]
 
     def _choose_precision(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Go to float64 (``upcast``) when float32's rounding in this chunk's ``XᵀX`` is not small
-        next to the ridge λ; returns the chunk in the dtype kept."""
-        Xs = X.astype(np.float64) - self.x0[:, None, :]
-        g64 = Xs.transpose(0, 2, 1) @ Xs
-        X32 = Xs.astype(np.float32)
-        g32 = (X32.transpose(0, 2, 1) @ X32).astype(np.float64)
-        f = max(1, self.n_features)
-        lam = self.ridge_hint * np.trace(g64, axis1=1, axis2=2) / f
-        err = np.sqrt(np.sum((g64 - g32) ** 2, axis=(1, 2)))
-        if np.all(err <= UPCAST_SHARE * lam) and np.all(lam > 0):
-            return X, Y
-        self.upcast, self.work = True, np.dtype(self.dtype)
-        return X.astype(self.dtype), Y.astype(self.dtype)
+        """Go to float64 (``upcast``) when, on this chunk, the ridge solution from float32 products
+        moves the layer's output by more than :data:`UPCAST_TOL` (relative) from the float64 one;
+        returns the chunk in the dtype kept."""
+        Xs, Ys = X.astype(np.float64) - self.x0[:, None, :], Y.astype(np.float64) - self.y0[:, None, :]
+        X32, Y32 = Xs.astype(np.float32), Ys.astype(np.float32)
+        Xt, X32t = Xs.transpose(0, 2, 1), X32.transpose(0, 2, 1)
+        for g64, d64, g32, d32 in zip(Xt @ Xs, Xt @ Ys, (X32t @ X32).astype(np.float64), (X32t @ Y32).astype(np.float64)):
+            if not _close_solutions(g64, d64, g32, d32, self.ridge_hint):
+                self.upcast, self.work = True, np.dtype(self.dtype)
+                return X.astype(self.dtype), Y.astype(self.dtype)
+        return X, Y
 
     def gram(self, group: int = 0) -> np.ndarray:
         """The accumulated (shifted) ``XᵀX`` of ``group`` as a full symmetric matrix."""
@@ -229,3 +229,27 @@ class LstsqAccumulator:
         """``‖X·W + b − Y‖ / ‖Y‖`` over everything accumulated (0 when ``Y`` is all zero)."""
         res, ysq = self.residual_norms(W, b, keep, group)
         return math.sqrt(res / ysq) if ysq > 0 else 0.0
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    """``xᵀx`` of ``x [n, F]`` by BLAS ``syrk`` (half the work of a product), made symmetric."""
+    syrk = scipy.linalg.blas.ssyrk if x.dtype == np.float32 else scipy.linalg.blas.dsyrk
+    upper = syrk(1.0, x.T, trans=0, lower=0)  # x.T is Fortran-ordered: no copy
+    return upper + np.triu(upper, 1).T
+
+
+def _close_solutions(g64: np.ndarray, d64: np.ndarray, g32: np.ndarray, d32: np.ndarray, ridge: float) -> bool:
+    """Whether ridge solutions of ``(g32, d32)`` and ``(g64, d64)`` give outputs within :data:`UPCAST_TOL`
+    (``‖X·(w32 − w64)‖ ≤ tol·‖X·w64‖`` measured with ``g64``; ``w32 − w64`` to first order,
+    ``A⁻¹((d32 − d64) − (g32 − g64)·w64)`` with ``A = g64 + λI``: one Cholesky factorization)."""
+    lam = ridge * float(np.trace(g64)) / max(1, g64.shape[0])
+    if not lam > 0:
+        return False
+    a = g64 + lam * np.eye(g64.shape[0])
+    try:
+        factor = scipy.linalg.cho_factor(a, check_finite=False)
+    except np.linalg.LinAlgError:
+        return False
+    w64 = scipy.linalg.cho_solve(factor, d64, check_finite=False)
+    dw = scipy.linalg.cho_solve(factor, (d32 - d64) - (g32 - g64) @ w64, check_finite=False)
+    return float(np.sum(dw * (g64 @ dw))) <= UPCAST_TOL**2 * float(np.sum(w64 * (g64 @ w64)))

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core import proto, serde
+from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import Names, const_values, node_label, opt_input
 from onnxcompress.reconstruct.layerview import (
@@ -59,6 +59,7 @@ __all__ = [
     "LayerStats",
     "LayerTarget",
     "reconstruct_layers",
+    "refit_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,30 @@ class LayerStats:
     holdout_after: float | None = None
     ridge: float | None = None
     rejected: bool = False
+    upcast: bool = False
+
+    @property
+    def underdetermined(self) -> bool:
+        """Fewer rows than unknowns per group (kept features and the bias): the refit mostly
+        follows the ridge."""
+        return self.positions < self.kept_features // max(1, self.groups) + 1
+
+
+def refit_summary(stats: Sequence[LayerStats]) -> dict[str, float | int]:
+    """Pass statistics of a reconstruction: layers, mean relative errors before/after, rows used
+    vs features (sums, the least ratio), layers with fewer rows than features and layers whose
+    normal equations went to float64."""
+    if not stats:
+        return {"reconstructed_layers": 0}
+    ratios = [s.positions / max(1, s.kept_features // max(1, s.groups) + 1) for s in stats]
+    return {"reconstructed_layers": len(stats),
+            "reconstruct_error_before": round(float(np.mean([s.error_before for s in stats])), 6),
+            "reconstruct_error_after": round(float(np.mean([s.error_after for s in stats])), 6),
+            "reconstruct_rows": int(sum(s.positions for s in stats)),
+            "reconstruct_features": int(sum(s.kept_features for s in stats)),
+            "reconstruct_min_rows_per_feature": round(float(min(ratios)), 2),
+            "reconstruct_underdetermined": sum(1 for s in stats if s.underdetermined),
+            "reconstruct_float64": sum(1 for s in stats if s.upcast)}
 
 
 @dataclass
@@ -228,8 +253,9 @@ class _Runs:
     """The student and the teacher, each run only where a round needs it (:class:`SegmentRunner`)."""
 
     def __init__(self, graph: gs.Graph, teacher: onnx.ModelProto, data: CalibSource, opts: _Options):
-        self.student = SegmentRunner(graph, threads=opts.threads, cache_bytes=opts.cache_bytes)
-        self.teacher = SegmentRunner(serde.to_graph(teacher), threads=opts.threads, cache_bytes=opts.cache_bytes)
+        half = opts.cache_bytes // 2  # the budget is shared by the two frontiers
+        self.student = SegmentRunner(graph, threads=opts.threads, cache_bytes=half)
+        self.teacher = SegmentRunner(serde.to_graph(teacher), threads=opts.threads, cache_bytes=half)
         self.data, self.batch_size, self.stacked = data, opts.batch_size, False
 
     def check_batching(self, plans: list[_Plan]) -> None:
@@ -415,9 +441,13 @@ def _finish(graph: gs.Graph, plan: _Plan, view: LayerView, acc: LstsqAccumulator
     stats = LayerStats(plan.label, view.op_type, plan.target.target, rel(before), rel(after), samples,
                        positions, view.groups, view.n_features * view.groups, kept,
                        "+".join(sorted(solvers)), weight, bias)
+    stats.upcast = acc.upcast or (hold is not None and hold.upcast)
     if checked is not None:
         stats.ridge, stats.holdout_before, stats.holdout_after, stats.rejected = \
             checked[0], checked[1], checked[2], not checked[3]
+    if stats.underdetermined:
+        log.warning("refit %s: under-determined, %d rows for %d features per group (more calibration data "
+                    "or a larger max_positions helps)", stats.node, positions, kept // max(1, view.groups) + 1)
     log.info("refit %s (%s): relative error %.4g -> %.4g on %d samples, %d positions%s",
              stats.node, stats.op_type, stats.error_before, stats.error_after, samples, positions,
              "" if checked is None else f"; held out {checked[1]:.4g} -> {checked[2]:.4g} (ridge {checked[0]:g})"

@@ -261,6 +261,7 @@ class SegmentRunner:
         pieces' results must equal the whole batch's."""
         if len(batch) <= native:
             return True
+        batch = Batch({k: v[:2 * native] for k, v in batch.feeds.items()})  # two pieces tell
         names = [n for n in dict.fromkeys(wanted) if n in self.topo.producer]
         run, _ = self.topo.closure(names, set())
         if not run:
