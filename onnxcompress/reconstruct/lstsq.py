@@ -30,6 +30,8 @@ PRECISIONS = ("float32", "float64", "auto")
 #: ``auto`` keeps float32 while, on the first chunk, the solution from float32 products changes the
 #: layer's output by less than this (relative to the output of the float64 solution).
 UPCAST_TOL = 1e-3
+#: Rows of the first chunk the ``auto`` check looks at.
+CHECK_ROWS = 2048
 
 _DEAD = 1e-14  # a feature whose (centered) energy is below this fraction of the largest is dropped
 _COND = 1e-12  # (min / max Cholesky diagonal)² below this: treat the system as ill-conditioned
@@ -119,7 +121,9 @@ class LstsqAccumulator:
         """Go to float64 (``upcast``) when, on this chunk, the ridge solution from float32 products
         moves the layer's output by more than :data:`UPCAST_TOL` (relative) from the float64 one;
         returns the chunk in the dtype kept."""
-        Xs, Ys = X.astype(np.float64) - self.x0[:, None, :], Y.astype(np.float64) - self.y0[:, None, :]
+        rows = slice(0, CHECK_ROWS)  # enough rows to see float32's rounding; the cost is the F³ factorization
+        Xs = X[:, rows].astype(np.float64) - self.x0[:, None, :]
+        Ys = Y[:, rows].astype(np.float64) - self.y0[:, None, :]
         X32, Y32 = Xs.astype(np.float32), Ys.astype(np.float32)
         Xt, X32t = Xs.transpose(0, 2, 1), X32.transpose(0, 2, 1)
         for g64, d64, g32, d32 in zip(Xt @ Xs, Xt @ Ys, (X32t @ X32).astype(np.float64), (X32t @ Y32).astype(np.float64)):
