@@ -48,7 +48,7 @@ from onnxcompress.reconstruct.layerview import (
     layer_view,
 )
 from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, PRECISIONS, LstsqAccumulator
-from onnxcompress.runtime.data import CalibSource
+from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import CACHE_BYTES, SegmentRunner, batches, subgraph_names
 
@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 #: Default bound on the output positions (rows) sampled per batch and layer.
 DEFAULT_MAX_POSITIONS = 4096
+
+#: Default bound on the input bytes of one ORT run (about 13 images of 224×224×3 float32).
+INPUT_BYTES = 8 * 2**20
 
 #: Default bound on the rows per feature of one layer over all the data (rows ≫ features: subsample).
 DEFAULT_ROWS_PER_FEATURE = 64.0
@@ -186,6 +189,7 @@ class _Options:
     rows_per_feature: float | None = None
     cache_bytes: int = CACHE_BYTES
     n_batches: int = 0
+    run_share: float = 1.0
     stats: list[LayerStats] = field(default_factory=list)
 
 
@@ -258,20 +262,27 @@ class _Runs:
         self.teacher = SegmentRunner(serde.to_graph(teacher), threads=opts.threads, cache_bytes=half)
         self.data, self.batch_size, self.stacked = data, opts.batch_size, False
 
-    def check_batching(self, plans: list[_Plan]) -> None:
-        """Stack the samples of a fixed-batch model into batches of ``batch_size`` when both graphs
-        compute the same that way (checked on the first batch)."""
-        fixed = {s.batch_dim_static() for s in self.data.specs} - {None}
-        if not fixed or self.batch_size <= max(fixed):
-            return
-        first = next(iter(batches(self.data, self.batch_size)), None)
+    def plan_batches(self, plans: list[_Plan], input_bytes: int) -> None:
+        """Samples per run: ``batch_size``, fewer when their inputs pass ``input_bytes`` (large images:
+        the activations of a run are a multiple of its inputs). A fixed-batch model's samples are
+        stacked when both graphs compute the same that way (checked on the first batch)."""
+        first = next(iter(self.data.batches(self.batch_size)), None)
         if first is None:
             return
-        native = max(fixed)
+        per_sample = max(1, sum(v.nbytes for v in first.feeds.values()) // max(1, len(first)))
+        fixed = {s.batch_dim_static() for s in self.data.specs} - {None}
+        native = max(fixed) if fixed else 1
+        self.batch_size = max(native, min(self.batch_size, input_bytes // per_sample))
+        if not fixed or self.batch_size <= native:
+            return
+        first = next(iter(batches(self.data, self.batch_size)))
         self.stacked = self.student.batchable([p.input for p in plans], first, native) and \
             self.teacher.batchable([p.target.target for p in plans], first, native)
         log.debug("fixed batch %d: %s", native, f"stacked into batches of {self.batch_size}" if self.stacked
                   else "run at that size")
+
+    def source(self) -> Iterator[Batch]:
+        return batches(self.data, self.batch_size) if self.stacked else self.data.batches(self.batch_size)
 
     def prepare(self, group: list[_Plan], later: list[_Plan]) -> None:
         stale = self.student.topo.downstream(p.index for p in group + later)
@@ -283,8 +294,7 @@ class _Runs:
 
     def batches(self) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], int]]:
         """``(index, student tensors, teacher tensors, samples)`` per batch."""
-        source = batches(self.data, self.batch_size) if self.stacked else self.data.batches(self.batch_size)
-        for index, batch in enumerate(source):
+        for index, batch in enumerate(self.source()):
             yield index, self.student.run(index, batch), self.teacher.run(index, batch), len(batch)
 
     def close(self) -> None:
@@ -311,7 +321,7 @@ def _row_caps(views: list[LayerView], opts: _Options) -> list[int | None]:
     many rows per feature over all the data (seeded subsampling when rows ≫ features)."""
     caps = []
     for view in views:
-        cap = opts.max_positions
+        cap = None if opts.max_positions is None else math.ceil(opts.max_positions * opts.run_share)
         if opts.rows_per_feature is not None and opts.n_batches:
             share = math.ceil(opts.rows_per_feature * (view.n_features + 1) / opts.n_batches)
             cap = share if cap is None else min(cap, share)
@@ -506,7 +516,7 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
                        progress: bool = False, group_independent: bool = True, threads: int = 0,
                        chunk_bytes: int = CHUNK_BYTES, holdout: float = 0.0, precision: str = "auto",
                        rows_per_feature: float | None = DEFAULT_ROWS_PER_FEATURE,
-                       cache_bytes: int = CACHE_BYTES) -> tuple[gs.Graph, list[LayerStats]]:
+                       cache_bytes: int = CACHE_BYTES, input_bytes: int = INPUT_BYTES) -> tuple[gs.Graph, list[LayerStats]]:
     """Refit ``layers`` of ``student`` so that their outputs match tensors of ``teacher``.
 
     Layers are refit by depth (a round: the layers whose inputs depend on no layer not yet refit);
@@ -524,7 +534,7 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
         layers: What to refit (Conv, Gemm or MatMul nodes with constant weights).
         data: Calibration samples (read once per round).
         ridge: Relative ridge (see :meth:`LstsqAccumulator.solve`).
-        batch_size: Samples per ORT run.
+        batch_size: Samples per ORT run (see ``input_bytes``).
         max_positions: Rows (output positions) used per batch and layer, sampled with ``seed``
             (``None``: all).
         seed: Seed of the row sampling.
@@ -544,6 +554,9 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
             data, drawn with ``seed`` (``None``: only ``max_positions`` bounds them). The data is
             counted once first.
         cache_bytes: Frontier bytes held in memory before spilling to a temporary folder.
+        input_bytes: Bound on the input bytes of one ORT run: with large inputs a run takes fewer
+            samples than ``batch_size`` (and ``max_positions`` shrinks in proportion), which bounds
+            the memory of the activations.
 
     Returns:
         ``(graph, stats)``: the refitted copy and one :class:`LayerStats` per layer, in the order
@@ -564,9 +577,10 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
                     rows_per_feature, cache_bytes)
     rounds = _rounds(graph, plans, group_independent)
     runs = _Runs(graph, teacher, data, opts)
-    runs.check_batching(plans)
+    runs.plan_batches(plans, input_bytes)
+    opts.run_share = runs.batch_size / batch_size
     if rows_per_feature is not None:
-        opts.n_batches = sum(1 for _ in (batches(data, batch_size) if runs.stacked else data.batches(batch_size)))
+        opts.n_batches = sum(1 for _ in runs.source())
     try:
         for r, group in enumerate(track(rounds, f"refitting {len(plans)} layers in {len(rounds)} rounds",
                                         total=len(rounds), enabled=progress)):

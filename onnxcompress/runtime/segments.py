@@ -43,7 +43,7 @@ __all__ = ["CACHE_BYTES", "FrontierStore", "SegmentRunner", "batches", "subgraph
 log = logging.getLogger(__name__)
 
 #: Frontier bytes held in memory before it spills to disk.
-CACHE_BYTES = 384 * 2**20
+CACHE_BYTES = 256 * 2**20
 
 _RUN_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
                ort.capi.onnxruntime_pybind11_state.RuntimeException)
@@ -252,7 +252,7 @@ class SegmentRunner:
         if self.session is None:
             dtypes = {name: feeds[name].dtype for name in self.inputs}
             model = proto.segment_model(self.graph, [self.graph.nodes[i] for i in self.nodes], dtypes, self.outputs)
-            self.session = make_session(model, threads=self.threads)
+            self.session = make_session(model, threads=self.threads, arena=False)
         return self.session.run(self.outputs, feeds)
 
     def batchable(self, wanted: Sequence[str], batch: Batch, native: int) -> bool:
@@ -269,7 +269,7 @@ class SegmentRunner:
         feeds = {n: batch.feeds[n] for n in sorted({x for i in run for x in self.topo.reads[i]} & self.topo.feeds)}
         model = proto.segment_model(self.graph, [self.graph.nodes[i] for i in sorted(run)],
                                     {k: v.dtype for k, v in feeds.items()}, names)
-        session = make_session(model, threads=self.threads)
+        session = make_session(model, threads=self.threads, arena=False)
         try:
             whole = session.run(names, feeds)
         except _RUN_ERRORS as exc:
