@@ -16,13 +16,18 @@ Three modules:
 * :mod:`onnxcompress.reconstruct.layerview` — :class:`LayerView` (:func:`layer_view`) maps a Conv / Gemm /
   MatMul input to feature rows (im2col for Conv, per group), its output to target rows and its
   weights to ``[groups, features, targets]`` and back.
-* this module — :func:`reconstruct_layers` drives the refit of a list of :class:`LayerTarget` in
-  topological order, capturing the student's activations from the already-refitted student, and
-  writes the new weights. Every public name of the two modules above is re-exported here.
+* this module — :func:`reconstruct_layers` drives the refit of a list of :class:`LayerTarget` by
+  depth (one pass over the data per depth; the layers of one depth together), the student's
+  activations coming from the already-refitted student, and writes the new weights. Each pass runs
+  only the segments of the student and of the teacher it needs
+  (:class:`onnxcompress.runtime.segments.SegmentRunner`), so the two networks are run about once
+  each in total, in batches of up to ``batch_size`` samples even for a fixed-batch model.
 
-Memory: a batch's activations are held once (as :mod:`onnxcompress.runtime.capture` hands them over); the
-im2col matrix is built for at most ``chunk_bytes`` worth of rows at a time, only at the sampled
-output positions (``max_positions`` per batch).
+Memory: per batch, the frontier tensors later passes start from (in memory up to ``cache_bytes``,
+then in a temporary folder), the current batch's activations (a run takes at most ``input_bytes``
+of inputs), the im2col matrix for at most ``chunk_bytes`` worth of sampled rows, and the normal
+equations (``groups × features²`` per layer of the round): nothing grows with the number of samples
+but the spilled frontier on disk.
 """
 
 from __future__ import annotations
