@@ -524,14 +524,10 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
                        cache_bytes: int = CACHE_BYTES, input_bytes: int = INPUT_BYTES) -> tuple[gs.Graph, list[LayerStats]]:
     """Refit ``layers`` of ``student`` so that their outputs match tensors of ``teacher``.
 
-    Layers are refit by depth (a round: the layers whose inputs depend on no layer not yet refit);
-    each layer's inputs come from the student with every earlier round already refitted, and its
-    targets from the teacher on the same batch, so errors do not compound. Each round is one pass
-    over the data, and each pass runs only the part of the student and of the teacher it needs
-    (:class:`~onnxcompress.runtime.segments.SegmentRunner`: from the kept frontier to the round's
-    tensors), in batches of ``batch_size`` even for a model with a fixed batch size. Each refit
-    writes new initializers (shared or not, the old arrays are never modified; an old initializer
-    nobody uses any more is removed).
+    Layers are refit by depth, one pass over the data per depth (see the module); inputs come from
+    the student with every earlier depth refitted, targets from the teacher on the same batch, so
+    errors do not compound. Each refit writes new initializers (the old arrays are never modified;
+    one nobody uses any more is removed).
 
     Args:
         student: The compressed model's graph (not modified; topologically sorted).
@@ -540,28 +536,24 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
         data: Calibration samples (read once per round).
         ridge: Relative ridge (see :meth:`LstsqAccumulator.solve`).
         batch_size: Samples per ORT run (see ``input_bytes``).
-        max_positions: Rows (output positions) used per batch and layer, sampled with ``seed``
-            (``None``: all).
+        max_positions: Rows per batch and layer, sampled with ``seed`` (``None``: all).
         seed: Seed of the row sampling.
         progress: Show a progress bar over the rounds.
         group_independent: Refit the layers of one depth in one round (same result as one layer
             per round, fewer passes).
         threads: ORT intra-op threads (0: one per core).
         chunk_bytes: Bound on one chunk of the im2col feature matrix.
-        holdout: Share of the sampled rows (drawn with ``seed``) kept out of the fit, in ``[0, 1)``.
-            When > 0, each layer is solved for every ridge of ``ridge·RIDGE_STEPS``, the one with
-            the least residual on the held-out rows is taken, and the refit is rejected (the node
-            keeps its weights, ``LayerStats.rejected``) unless it beats the old weights there: a
-            guard against overfitting when the rows barely outnumber the features.
+        holdout: Share of the sampled rows (drawn with ``seed``) kept out of the fit, in ``[0, 1)``:
+            each layer is solved for every ridge of ``ridge·RIDGE_STEPS``, the best on the held-out
+            rows is taken, and the refit is rejected (``LayerStats.rejected``, weights kept) unless
+            it beats the old weights there (a guard against overfitting on few rows).
         precision: Products of the normal equations in ``float32``, ``float64`` or ``auto``
             (float32 unless float64 matters next to the ridge; :class:`LstsqAccumulator`).
         rows_per_feature: At most this many rows per feature (and bias) per layer over all the
-            data, drawn with ``seed`` (``None``: only ``max_positions`` bounds them). The data is
-            counted once first.
+            data, drawn with ``seed`` (``None``: only ``max_positions``); the data is counted first.
         cache_bytes: Frontier bytes held in memory before spilling to a temporary folder.
-        input_bytes: Bound on the input bytes of one ORT run: with large inputs a run takes fewer
-            samples than ``batch_size`` (and ``max_positions`` shrinks in proportion), which bounds
-            the memory of the activations.
+        input_bytes: Bound on the input bytes of one ORT run: larger inputs, fewer samples per run
+            (``max_positions`` in proportion), so the activations' memory is bounded.
 
     Returns:
         ``(graph, stats)``: the refitted copy and one :class:`LayerStats` per layer, in the order
@@ -580,15 +572,21 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
         raise InputError(f"precision={precision!r}: one of {', '.join(PRECISIONS)}")
     opts = _Options(ridge, batch_size, max_positions, seed, progress, threads, chunk_bytes, holdout, precision,
                     rows_per_feature, cache_bytes)
-    rounds = _rounds(graph, plans, group_independent)
+    _run_rounds(graph, _rounds(graph, plans, group_independent), teacher, data, opts, input_bytes)
+    return graph, opts.stats
+
+
+def _run_rounds(graph: gs.Graph, rounds: list[list[_Plan]], teacher: onnx.ModelProto, data: CalibSource,
+                opts: _Options, input_bytes: int) -> None:
     runs = _Runs(graph, teacher, data, opts)
-    runs.plan_batches(plans, input_bytes)
-    opts.run_share = runs.batch_size / batch_size
-    if rows_per_feature is not None:
+    runs.plan_batches([p for g in rounds for p in g], input_bytes)
+    opts.run_share = runs.batch_size / opts.batch_size
+    if opts.rows_per_feature is not None:
         opts.n_batches = sum(1 for _ in runs.source())
+    n = sum(len(g) for g in rounds)
     try:
-        for r, group in enumerate(track(rounds, f"refitting {len(plans)} layers in {len(rounds)} rounds",
-                                        total=len(rounds), enabled=progress)):
+        for r, group in enumerate(track(rounds, f"refitting {n} layers in {len(rounds)} rounds",
+                                        total=len(rounds), enabled=opts.progress)):
             log.debug("refitting %s in one round", [p.label for p in group])
             runs.prepare(group, [p for g in rounds[r + 1:] for p in g])
             _refit_round(graph, group, runs, opts)
@@ -597,4 +595,3 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
     log.debug("reconstruction: %d rounds, student %d segments (%d nodes), teacher %d segments (%d nodes)",
               len(rounds), runs.student.segments, runs.student.nodes_run, runs.teacher.segments,
               runs.teacher.nodes_run)
-    return graph, opts.stats
