@@ -249,11 +249,12 @@ def _close_solutions(g64: np.ndarray, d64: np.ndarray, g32: np.ndarray, d32: np.
     lam = ridge * float(np.trace(g64)) / max(1, g64.shape[0])
     if not lam > 0:
         return False
-    a = g64 + lam * np.eye(g64.shape[0])
-    try:
+    a = (g64 + lam * np.eye(g64.shape[0])).astype(np.float32)  # a float32 factorization is enough to
+    try:                                                         # measure; if it fails, so may float32
         factor = scipy.linalg.cho_factor(a, check_finite=False)
     except np.linalg.LinAlgError:
         return False
-    w64 = scipy.linalg.cho_solve(factor, d64, check_finite=False)
-    dw = scipy.linalg.cho_solve(factor, (d32 - d64) - (g32 - g64) @ w64, check_finite=False)
+    w64 = scipy.linalg.cho_solve(factor, d64.astype(np.float32), check_finite=False).astype(np.float64)
+    rhs = ((d32 - d64) - (g32 - g64) @ w64).astype(np.float32)
+    dw = scipy.linalg.cho_solve(factor, rhs, check_finite=False).astype(np.float64)
     return float(np.sum(dw * (g64 @ dw))) <= UPCAST_TOL**2 * float(np.sum(w64 * (g64 @ w64)))
