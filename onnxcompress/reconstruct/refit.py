@@ -76,7 +76,7 @@ DEFAULT_MAX_POSITIONS = 4096
 INPUT_BYTES = 8 * 2**20
 
 #: Default bound on the rows per feature of one layer over all the data (rows ≫ features: subsample).
-DEFAULT_ROWS_PER_FEATURE = 64.0
+DEFAULT_ROWS_PER_FEATURE = 128.0
 
 #: With a holdout, the relative ridges tried are ``ridge`` times these; the best on the held-out rows wins.
 RIDGE_STEPS = (1.0, 1e2, 1e4)
