@@ -324,7 +324,9 @@ def test_refit_after_pruning_input_channels() -> None:
 def test_refit_of_unperturbed_layers_returns_the_weights() -> None:
     teacher = small_net()
     layers = [LayerTarget("conv1", "c1"), LayerTarget("conv2", "c2"), LayerTarget("fc", "out")]
-    fixed, stats = refit(teacher, teacher, layers, calib(teacher), batch_size=128, ridge=1e-10)
+    # float64 products: with float32 ones the residuals computed from the statistics carry ~1e-4 of
+    # cancellation noise (the weights are still within 1e-4), too much for this exact-fit check
+    fixed, stats = refit(teacher, teacher, layers, calib(teacher), batch_size=128, ridge=1e-10, precision="float64")
     for name in ("conv1", "conv2", "fc"):
         for index in (1, 2):
             old, new = weight(teacher, name, index), weight(fixed, name, index)
@@ -358,8 +360,8 @@ def test_independent_layers_share_a_run(caplog: pytest.LogCaptureFixture) -> Non
     layers = [LayerTarget("cc", "c"), LayerTarget("cb", "b"), LayerTarget("ca", "a")]
     with caplog.at_level("DEBUG", logger="onnxcompress.reconstruct.refit"):
         _fixed, stats = refit(student, teacher, layers, calib(teacher, 32), batch_size=16)
-    runs = [r.getMessage() for r in caplog.records if "in one run" in r.getMessage()]
-    assert runs == ["refitting ['ca', 'cb'] in one run", "refitting ['cc'] in one run"]
+    runs = [r.getMessage() for r in caplog.records if "in one round" in r.getMessage()]
+    assert runs == ["refitting ['ca', 'cb'] in one round", "refitting ['cc'] in one round"]
     assert [s.node for s in stats] == ["ca", "cb", "cc"] and stats[1].error_after < 1e-3
 
 

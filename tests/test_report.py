@@ -306,7 +306,7 @@ def test_reconstruct_shows_a_bar_over_layers_only_with_progress(monkeypatch) -> 
     for flag in (True, False):
         reconstruct.reconstruct_layers(serde.to_graph(teacher), teacher, layers, RandomSource(input_specs(teacher), 32, seed=1),
                                        batch_size=32, progress=flag)
-    assert calls == [("refitting 2 layers in 2 runs", True), ("refitting 2 layers in 2 runs", False)]
+    assert calls == [("refitting 2 layers in 2 rounds", True), ("refitting 2 layers in 2 rounds", False)]
 
 
 def test_summary_uses_the_worst_slice_and_names_it(tmp_path) -> None:

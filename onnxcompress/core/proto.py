@@ -27,6 +27,7 @@ __all__ = [
     "initializer_arrays",
     "with_outputs",
     "nodes_model",
+    "segment_model",
     "identity_model",
     "hoist_subgraph_initializers",
     "same_computation",
@@ -129,6 +130,20 @@ def nodes_model(graph: gs.Graph, nodes: list[gs.Node], outputs: list[gs.Tensor],
     del model.graph.value_info[:]
     del model.graph.output[:]
     model.graph.output.extend(onnx.ValueInfoProto(name=t.name) for t in outputs)
+    return model
+
+
+def segment_model(graph: gs.Graph, nodes: list[gs.Node], inputs: Mapping[str, np.dtype],
+                  outputs: list[str]) -> onnx.ModelProto:
+    """A model of ``nodes`` of ``graph`` (a part of it, cut anywhere) fed by the tensors ``inputs``
+    (name → dtype; typed graph inputs without a shape, so any batch size runs) and computing
+    ``outputs``; constants the nodes read become initializers, recorded shapes are dropped (they may
+    carry a fixed batch size: onnxruntime infers them)."""
+    made = {t.name: t for node in nodes for t in node.outputs}
+    model = nodes_model(graph, nodes, [made[n] for n in outputs], {})
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
+        for name, dtype in inputs.items())
     return model
 
 

@@ -24,7 +24,7 @@ from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_re
 from onnxcompress.pruning.sensitivity import MaskedError, importance_errors, measured_errors
 from onnxcompress.pruning.types import slug
 from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
-from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
+from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers, refit_summary
 
 __all__ = [
     "MACS_TOLERANCE",
@@ -378,12 +378,7 @@ class PruneChannels(Pass):
 
 
 def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:
-    result.stats["reconstructed_layers"] = len(stats)
-    before = [float(s.error_before) for s in stats if hasattr(s, "error_before")]
-    after = [float(s.error_after) for s in stats if hasattr(s, "error_after")]
-    if before and after:
-        result.stats["reconstruct_error_before"] = round(float(np.mean(before)), 6)
-        result.stats["reconstruct_error_after"] = round(float(np.mean(after)), 6)
+    result.stats.update(refit_summary(stats))
 
 
 def _merge_layers(layers: dict[str, PrunedLayer], new: list[PrunedLayer]) -> None:

@@ -15,7 +15,7 @@ from onnxcompress.core.attention import AttentionBlock, find_blocks
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.heads import block_problem, head_scores, prune_block, select_heads, weight_scores
-from onnxcompress.reconstruct.refit import LayerTarget, reconstruct_layers
+from onnxcompress.reconstruct.refit import LayerTarget, reconstruct_layers, refit_summary
 
 __all__ = ["R_NO_ATTENTION", "R_NO_CALIB", "PruneHeads"]
 
@@ -141,7 +141,5 @@ class PruneHeads(Pass):
             result.decline("reconstruct", R_RECONSTRUCT_FAILED, str(exc).splitlines()[0] if str(exc) else "",
                            logger=ctx.logger)
             return None
-        result.stats["reconstructed_layers"] = len(stats)
-        result.stats["reconstruct_error_before"] = round(float(np.mean([s.error_before for s in stats])), 6)
-        result.stats["reconstruct_error_after"] = round(float(np.mean([s.error_after for s in stats])), 6)
+        result.stats.update(refit_summary(stats))
         return fixed

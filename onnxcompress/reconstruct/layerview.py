@@ -38,7 +38,7 @@ __all__ = [
     "sample_rows",
 ]
 
-#: Upper bound on the bytes of one chunk of the float64 feature matrix.
+#: Upper bound on the bytes of one chunk of the feature matrix.
 CHUNK_BYTES = 32 * 2**20
 #: Op types a :class:`LayerView` exists for.
 SUPPORTED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -167,6 +167,8 @@ class LayerView:
     """
 
     op_type = ""
+    #: dtype of the feature and target rows (float32 halves the cost of the normal equations).
+    dtype: np.dtype | type = np.float64
 
     def __init__(self, groups: int, n_features: int, n_targets: int, fit_bias: bool,
                  out_keep: Sequence[int] | None):
@@ -239,7 +241,7 @@ class LayerView:
             rng = rng if rng is not None else np.random.default_rng(0)
             rows = sample_rows(self._rows(state), max_positions, rng)
         width = self.groups * (self.n_features + self.n_targets)
-        step = max(1, chunk_bytes // (8 * max(1, width)))
+        step = max(1, chunk_bytes // (np.dtype(self.dtype).itemsize * max(1, width)))
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
             yield self._gather_x(state, part), self._gather_y(ystate, part)
@@ -281,7 +283,7 @@ class ConvView(LayerView):
 
     def _gather_x(self, state: tuple, rows: np.ndarray) -> np.ndarray:
         xp, geom, _ = state
-        cols = im2col(xp, geom, rows, padded=True).astype(np.float64)
+        cols = im2col(xp, geom, rows, padded=True).astype(self.dtype, copy=False)
         return cols.reshape(len(rows), self.groups, self.n_features).transpose(1, 0, 2)
 
     def _target_rows(self, y: np.ndarray, state: tuple) -> np.ndarray:
@@ -294,9 +296,9 @@ class ConvView(LayerView):
 
     def _gather_y(self, y3: np.ndarray, rows: np.ndarray) -> np.ndarray:
         batch, pos = np.divmod(rows, y3.shape[2])
-        out = y3[batch, :, pos].astype(np.float64).reshape(len(rows), self.groups, self.n_targets)
+        out = y3[batch, :, pos].astype(self.dtype, copy=False).reshape(len(rows), self.groups, self.n_targets)
         out = out.transpose(1, 0, 2)
-        return out if self.fit_bias else out - self.bias.reshape(self.groups, 1, self.n_targets)
+        return out if self.fit_bias else out - self.bias.reshape(self.groups, 1, self.n_targets).astype(self.dtype)
 
     def to_matrix(self) -> tuple[np.ndarray, np.ndarray]:
         w = self.weight.astype(np.float64).reshape(self.groups, self.n_targets, self.n_features)
@@ -356,7 +358,7 @@ class GemmView(LayerView):
         return state.shape[0]
 
     def _gather_x(self, state: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return state[rows].astype(np.float64)[None]
+        return state[rows].astype(self.dtype, copy=False)[None]
 
     def _target_rows(self, y: np.ndarray, state: np.ndarray) -> np.ndarray:
         y2 = self._select_out(y, y.ndim - 1).reshape(-1, self.n_targets)
@@ -365,8 +367,8 @@ class GemmView(LayerView):
         return y2
 
     def _gather_y(self, y2: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        out = y2[rows].astype(np.float64)[None]
-        return out if self.fit_bias else out - self.bias
+        out = y2[rows].astype(self.dtype, copy=False)[None]
+        return out if self.fit_bias else out - self.bias.astype(self.dtype)
 
     def to_matrix(self) -> tuple[np.ndarray, np.ndarray]:
         w = self.weight.astype(np.float64)
@@ -410,7 +412,8 @@ def bias_add(node: gs.Node, outputs: set[str] | frozenset[str] = frozenset()) ->
 
 
 def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None, *,
-               fit_bias: bool | None = None, out_keep: Sequence[int] | None = None) -> LayerView:
+               fit_bias: bool | None = None, out_keep: Sequence[int] | None = None,
+               dtype: np.dtype | type = np.float64) -> LayerView:
     """The :class:`LayerView` of a Conv, Gemm or MatMul node with constant ``weight`` (and ``bias``).
 
     Args:
@@ -422,6 +425,7 @@ def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None
             existing bias is kept fixed and subtracted from the targets.
         out_keep: Channels of the target tensor the node's outputs correspond to (when the node's
             outputs were pruned): axis 1 for Conv, the last axis for Gemm/MatMul.
+        dtype: dtype of the rows :meth:`LayerView.pairs` yields.
 
     Raises:
         InputError: Unsupported op or layout.
@@ -433,4 +437,6 @@ def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None
     if fit_bias and node.op == "MatMul" and bias is None:
         raise InputError(f"MatMul {node.name!r}: has no bias input (nor bias Add) to fit")
     cls = ConvView if node.op == "Conv" else GemmView
-    return cls(node, np.asarray(weight), bias, fit_bias, out_keep)
+    view = cls(node, np.asarray(weight), bias, fit_bias, out_keep)
+    view.dtype = dtype
+    return view

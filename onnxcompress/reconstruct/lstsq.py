@@ -17,11 +17,21 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
-__all__ = ["DEFAULT_RIDGE", "LstsqAccumulator"]
+__all__ = ["DEFAULT_RIDGE", "PRECISIONS", "UPCAST_TOL", "LstsqAccumulator"]
 
 #: Default relative ridge: λ = ridge · trace(XᵀX) / n_features (on centered features with a bias).
 DEFAULT_RIDGE = 1e-4
+
+#: ``precision`` values: products of a chunk's rows in float32, float64, or float32 unless the first
+#: chunk shows float32's rounding would matter next to the ridge (then float64 for the whole problem).
+PRECISIONS = ("float32", "float64", "auto")
+#: ``auto`` keeps float32 while, on the first chunk, the solution from float32 products changes the
+#: layer's output by less than this (relative to the output of the float64 solution).
+UPCAST_TOL = 1e-3
+#: Rows of the first chunk the ``auto`` check looks at.
+CHECK_ROWS = 2048
 
 _DEAD = 1e-14  # a feature whose (centered) energy is below this fraction of the largest is dropped
 _COND = 1e-12  # (min / max Cholesky diagonal)² below this: treat the system as ill-conditioned
@@ -41,12 +51,22 @@ class LstsqAccumulator:
         dtype: Accumulation dtype.
         groups: Number of independent problems of the same size (grouped convolutions);
             ``add`` then takes ``[groups, n, ...]`` arrays and ``solve`` a ``group`` index.
+        precision: dtype of the per-chunk products (:data:`PRECISIONS`); the sums over chunks are
+            kept in ``dtype``. ``auto`` solves the first chunk's ridge problem (``ridge_hint``) from
+            float32 and from float64 products and keeps float32 when the two solutions' outputs
+            agree within :data:`UPCAST_TOL` (``upcast`` says whether it went to float64).
+        ridge_hint: The relative ridge the solve will use (for ``auto``).
     """
 
     def __init__(self, n_features: int, n_targets: int, fit_bias: bool = True,
-                 dtype: np.dtype | type = np.float64, groups: int = 1):
+                 dtype: np.dtype | type = np.float64, groups: int = 1, precision: str = "float64",
+                 ridge_hint: float = DEFAULT_RIDGE):
         if n_features < 0 or n_targets < 1 or groups < 1:
             raise ValueError("need n_features >= 0, n_targets >= 1, groups >= 1")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {PRECISIONS}")
+        self.precision, self.ridge_hint, self.upcast = precision, ridge_hint, False
+        self.work = np.dtype(np.float32 if precision != "float64" else dtype)
         self.n_features, self.n_targets, self.groups = n_features, n_targets, groups
         self.fit_bias = fit_bias
         self.dtype = np.dtype(dtype)
@@ -63,8 +83,8 @@ class LstsqAccumulator:
         self.last_solver = ""
 
     def _as_groups(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        X = np.asarray(X, dtype=self.dtype)
-        Y = np.asarray(Y, dtype=self.dtype)
+        X = np.asarray(X, dtype=self.work)
+        Y = np.asarray(Y, dtype=self.work)
         if X.ndim == 2:
             X = X[None]
         if Y.ndim == 1:
@@ -79,20 +99,38 @@ class LstsqAccumulator:
 
     def add(self, X: np.ndarray, Y: np.ndarray) -> None:
         """Accumulate rows: ``X`` is ``[n, F]`` (or ``[groups, n, F]``), ``Y`` ``[n, T]``."""
+        first = self.n_samples == 0
         X, Y = self._as_groups(X, Y)
         if X.shape[1] == 0:
             return
-        if self.n_samples == 0 and self.fit_bias:
-            self.x0, self.y0 = X.mean(axis=1), Y.mean(axis=1)
-        Xs = X - self.x0[:, None, :]
-        Ys = Y - self.y0[:, None, :]
-        Xt = Xs.transpose(0, 2, 1)
-        self.xx += Xt @ Xs
-        self.xy += Xt @ Ys
-        self.sx += Xs.sum(axis=1)
-        self.sy += Ys.sum(axis=1)
-        self.yy += np.einsum("gnt,gnt->gt", Ys, Ys)
+        if first and self.fit_bias:
+            self.x0, self.y0 = X.mean(axis=1, dtype=self.dtype), Y.mean(axis=1, dtype=self.dtype)
+        if first and self.precision == "auto":
+            X, Y = self._choose_precision(X, Y)
+        Xs = X - self.x0[:, None, :].astype(self.work)
+        Ys = Y - self.y0[:, None, :].astype(self.work)
+        for g in range(self.groups):
+            self.xx[g] += _gram(Xs[g])
+        self.xy += Xs.transpose(0, 2, 1) @ Ys
+        self.sx += Xs.sum(axis=1, dtype=self.dtype)
+        self.sy += Ys.sum(axis=1, dtype=self.dtype)
+        self.yy += np.einsum("gnt,gnt->gt", Ys, Ys, dtype=self.dtype)
         self.n_samples += X.shape[1]
+
+    def _choose_precision(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Go to float64 (``upcast``) when, on this chunk, the ridge solution from float32 products
+        moves the layer's output by more than :data:`UPCAST_TOL` (relative) from the float64 one;
+        returns the chunk in the dtype kept."""
+        rows = slice(0, CHECK_ROWS)  # enough rows to see float32's rounding; the cost is the F³ factorization
+        Xs = X[:, rows].astype(np.float64) - self.x0[:, None, :]
+        Ys = Y[:, rows].astype(np.float64) - self.y0[:, None, :]
+        X32, Y32 = Xs.astype(np.float32), Ys.astype(np.float32)
+        Xt, X32t = Xs.transpose(0, 2, 1), X32.transpose(0, 2, 1)
+        for g64, d64, g32, d32 in zip(Xt @ Xs, Xt @ Ys, (X32t @ X32).astype(np.float64), (X32t @ Y32).astype(np.float64)):
+            if not _close_solutions(g64, d64, g32, d32, self.ridge_hint):
+                self.upcast, self.work = True, np.dtype(self.dtype)
+                return X.astype(self.dtype), Y.astype(self.dtype)
+        return X, Y
 
     def gram(self, group: int = 0) -> np.ndarray:
         """The accumulated (shifted) ``XᵀX`` of ``group`` as a full symmetric matrix."""
@@ -195,3 +233,28 @@ class LstsqAccumulator:
         """``‖X·W + b − Y‖ / ‖Y‖`` over everything accumulated (0 when ``Y`` is all zero)."""
         res, ysq = self.residual_norms(W, b, keep, group)
         return math.sqrt(res / ysq) if ysq > 0 else 0.0
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    """``xᵀx`` of ``x [n, F]`` by BLAS ``syrk`` (half the work of a product), made symmetric."""
+    syrk = scipy.linalg.blas.ssyrk if x.dtype == np.float32 else scipy.linalg.blas.dsyrk
+    upper = syrk(1.0, x.T, trans=0, lower=0)  # x.T is Fortran-ordered: no copy
+    return upper + np.triu(upper, 1).T
+
+
+def _close_solutions(g64: np.ndarray, d64: np.ndarray, g32: np.ndarray, d32: np.ndarray, ridge: float) -> bool:
+    """Whether ridge solutions of ``(g32, d32)`` and ``(g64, d64)`` give outputs within :data:`UPCAST_TOL`
+    (``‖X·(w32 − w64)‖ ≤ tol·‖X·w64‖`` measured with ``g64``; ``w32 − w64`` to first order,
+    ``A⁻¹((d32 − d64) − (g32 − g64)·w64)`` with ``A = g64 + λI``: one Cholesky factorization)."""
+    lam = ridge * float(np.trace(g64)) / max(1, g64.shape[0])
+    if not lam > 0:
+        return False
+    a = (g64 + lam * np.eye(g64.shape[0])).astype(np.float32)  # a float32 factorization is enough to
+    try:                                                         # measure; if it fails, so may float32
+        factor = scipy.linalg.cho_factor(a, check_finite=False)
+    except np.linalg.LinAlgError:
+        return False
+    w64 = scipy.linalg.cho_solve(factor, d64.astype(np.float32), check_finite=False).astype(np.float64)
+    rhs = ((d32 - d64) - (g32 - g64) @ w64).astype(np.float32)
+    dw = scipy.linalg.cho_solve(factor, rhs, check_finite=False).astype(np.float64)
+    return float(np.sum(dw * (g64 @ dw))) <= UPCAST_TOL**2 * float(np.sum(w64 * (g64 @ w64)))

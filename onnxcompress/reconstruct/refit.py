@@ -16,13 +16,18 @@ Three modules:
 * :mod:`onnxcompress.reconstruct.layerview` — :class:`LayerView` (:func:`layer_view`) maps a Conv / Gemm /
   MatMul input to feature rows (im2col for Conv, per group), its output to target rows and its
   weights to ``[groups, features, targets]`` and back.
-* this module — :func:`reconstruct_layers` drives the refit of a list of :class:`LayerTarget` in
-  topological order, capturing the student's activations from the already-refitted student, and
-  writes the new weights. Every public name of the two modules above is re-exported here.
+* this module — :func:`reconstruct_layers` drives the refit of a list of :class:`LayerTarget` by
+  depth (one pass over the data per depth; the layers of one depth together), the student's
+  activations coming from the already-refitted student, and writes the new weights. Each pass runs
+  only the segments of the student and of the teacher it needs
+  (:class:`onnxcompress.runtime.segments.SegmentRunner`), so the two networks are run about once
+  each in total, in batches of up to ``batch_size`` samples even for a fixed-batch model.
 
-Memory: a batch's activations are held once (as :mod:`onnxcompress.runtime.capture` hands them over); the
-im2col matrix is built for at most ``chunk_bytes`` worth of rows at a time, only at the sampled
-output positions (``max_positions`` per batch).
+Memory: per batch, the frontier tensors later passes start from (in memory up to ``cache_bytes``,
+then in a temporary folder), the current batch's activations (a run takes at most ``input_bytes``
+of inputs), the im2col matrix for at most ``chunk_bytes`` worth of sampled rows, and the normal
+equations (``groups × features²`` per layer of the round): nothing grows with the number of samples
+but the spilled frontier on disk.
 """
 
 from __future__ import annotations
@@ -30,14 +35,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core import proto, serde
+from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import Names, const_values, node_label, opt_input
 from onnxcompress.reconstruct.layerview import (
@@ -47,24 +52,31 @@ from onnxcompress.reconstruct.layerview import (
     bias_add,
     layer_view,
 )
-from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, LstsqAccumulator
-from onnxcompress.runtime.capture import capture
-from onnxcompress.runtime.data import CalibSource
+from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, PRECISIONS, LstsqAccumulator
+from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.progress import track
-from onnxcompress.runtime.session import make_session
+from onnxcompress.runtime.segments import CACHE_BYTES, SegmentRunner, batches, subgraph_names
 
 __all__ = [
     "DEFAULT_MAX_POSITIONS",
+    "DEFAULT_ROWS_PER_FEATURE",
     "RIDGE_STEPS",
     "LayerStats",
     "LayerTarget",
     "reconstruct_layers",
+    "refit_summary",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Default bound on the output positions (rows) sampled per batch and layer.
 DEFAULT_MAX_POSITIONS = 4096
+
+#: Default bound on the input bytes of one ORT run (about 13 images of 224×224×3 float32).
+INPUT_BYTES = 8 * 2**20
+
+#: Default bound on the rows per feature of one layer over all the data (rows ≫ features: subsample).
+DEFAULT_ROWS_PER_FEATURE = 128.0
 
 #: With a holdout, the relative ridges tried are ``ridge`` times these; the best on the held-out rows wins.
 RIDGE_STEPS = (1.0, 1e2, 1e4)
@@ -134,6 +146,30 @@ class LayerStats:
     holdout_after: float | None = None
     ridge: float | None = None
     rejected: bool = False
+    upcast: bool = False
+
+    @property
+    def underdetermined(self) -> bool:
+        """Fewer rows than unknowns per group (kept features and the bias): the refit mostly
+        follows the ridge."""
+        return self.positions < self.kept_features // max(1, self.groups) + 1
+
+
+def refit_summary(stats: Sequence[LayerStats]) -> dict[str, float | int]:
+    """Pass statistics of a reconstruction: layers, mean relative errors before/after, rows used
+    vs features (sums, the least ratio), layers with fewer rows than features and layers whose
+    normal equations went to float64."""
+    if not stats:
+        return {"reconstructed_layers": 0}
+    ratios = [s.positions / max(1, s.kept_features // max(1, s.groups) + 1) for s in stats]
+    return {"reconstructed_layers": len(stats),
+            "reconstruct_error_before": round(float(np.mean([s.error_before for s in stats])), 6),
+            "reconstruct_error_after": round(float(np.mean([s.error_after for s in stats])), 6),
+            "reconstruct_rows": int(sum(s.positions for s in stats)),
+            "reconstruct_features": int(sum(s.kept_features for s in stats)),
+            "reconstruct_min_rows_per_feature": round(float(min(ratios)), 2),
+            "reconstruct_underdetermined": sum(1 for s in stats if s.underdetermined),
+            "reconstruct_float64": sum(1 for s in stats if s.upcast)}
 
 
 @dataclass
@@ -154,19 +190,12 @@ class _Options:
     threads: int
     chunk_bytes: int = CHUNK_BYTES
     holdout: float = 0.0
+    precision: str = "auto"
+    rows_per_feature: float | None = None
+    cache_bytes: int = CACHE_BYTES
+    n_batches: int = 0
+    run_share: float = 1.0
     stats: list[LayerStats] = field(default_factory=list)
-
-
-def _subgraph_names(node: gs.Node) -> set[str]:
-    """Names the subgraphs of ``node`` read (from anywhere: inner or outer tensors)."""
-    names: set[str] = set()
-    for value in node.attrs.values():
-        for g in value if isinstance(value, list) else [value]:
-            if isinstance(g, gs.Graph):
-                for sub in g.nodes:
-                    names.update(x.name for x in sub.inputs)
-                    names |= _subgraph_names(sub)
-    return names
 
 
 def _const_input(node: gs.Node, i: int, label: str) -> np.ndarray | None:
@@ -200,8 +229,7 @@ def _resolve(graph: gs.Graph, layers: Sequence[LayerTarget]) -> list[_Plan]:
     return sorted(plans, key=lambda p: p.index)
 
 
-def _ancestors(graph: gs.Graph, name: str) -> set[int]:
-    producer = {o.name: i for i, n in enumerate(graph.nodes) for o in n.outputs if o.name}
+def _ancestors(graph: gs.Graph, name: str, producer: dict[str, int]) -> set[int]:
     found: set[int] = set()
     stack = [name]
     while stack:
@@ -210,43 +238,76 @@ def _ancestors(graph: gs.Graph, name: str) -> set[int]:
             continue
         found.add(idx)
         node = graph.nodes[idx]
-        stack.extend([x.name for x in node.inputs] + sorted(_subgraph_names(node)))
+        stack.extend([x.name for x in node.inputs] + sorted(subgraph_names(node)))
     return found
 
 
 def _rounds(graph: gs.Graph, plans: list[_Plan], together: bool) -> list[list[_Plan]]:
-    """Split ``plans`` (topologically sorted) into runs whose inputs don't depend on each other."""
+    """``plans`` (topologically sorted) by depth: a plan's round is one after the last round of a
+    plan its input depends on, so the layers of a round are independent and refit on one pass."""
     if not together:
         return [[p] for p in plans]
-    rounds: list[list[_Plan]] = []
+    producer = {o.name: i for i, n in enumerate(graph.nodes) for o in n.outputs if o.name}
+    depth: dict[int, int] = {}
     for plan in plans:
-        deps = _ancestors(graph, plan.input)
-        if rounds and not any(p.index in deps for p in rounds[-1]):
-            rounds[-1].append(plan)
-        else:
-            rounds.append([plan])
+        deps = _ancestors(graph, plan.input, producer)
+        depth[plan.index] = 1 + max((depth[p.index] for p in plans if p.index in deps and p.index in depth), default=-1)
+    rounds: list[list[_Plan]] = [[] for _ in range(1 + max(depth.values(), default=-1))]
+    for plan in plans:
+        rounds[depth[plan.index]].append(plan)
     return rounds
 
 
-class _Teacher:
-    """One session over the teacher exposing every target; run per batch."""
+class _Runs:
+    """The student and the teacher, each run only where a round needs it (:class:`SegmentRunner`)."""
 
-    def __init__(self, teacher: onnx.ModelProto, names: Sequence[str], threads: int):
-        produced = proto.produced_names(teacher)
-        self.inputs = set(proto.feed_names(teacher))
-        bad = [n for n in names if n not in produced and n not in self.inputs]
-        if bad:
-            raise InputError(f"teacher has no tensor {bad[0]!r} computed from its inputs")
-        self.computed = sorted({n for n in names if n in produced})
-        self.session = make_session(proto.with_outputs(teacher, self.computed), threads=threads) if self.computed else None
+    def __init__(self, graph: gs.Graph, teacher: onnx.ModelProto, data: CalibSource, opts: _Options):
+        half = opts.cache_bytes // 2  # the budget is shared by the two frontiers
+        self.student = SegmentRunner(graph, threads=opts.threads, cache_bytes=half)
+        self.teacher = SegmentRunner(serde.to_graph(teacher), threads=opts.threads, cache_bytes=half)
+        self.data, self.batch_size, self.stacked = data, opts.batch_size, False
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = dict(zip(self.computed, self.session.run(self.computed, feeds))) if self.session else {}
-        values.update({n: feeds[n] for n in self.inputs if n in feeds})
-        return values
+    def plan_batches(self, plans: list[_Plan], input_bytes: int) -> None:
+        """Samples per run: ``batch_size``, fewer when their inputs pass ``input_bytes`` (large images:
+        the activations of a run are a multiple of its inputs). A fixed-batch model's samples are
+        stacked when both graphs compute the same that way (checked on the first batch)."""
+        first = next(iter(self.data.batches(self.batch_size)), None)
+        if first is None:
+            return
+        per_sample = max(1, sum(v.nbytes for v in first.feeds.values()) // max(1, len(first)))
+        fixed = {s.batch_dim_static() for s in self.data.specs} - {None}
+        native = max(fixed) if fixed else 1
+        self.batch_size = max(native, min(self.batch_size, input_bytes // per_sample))
+        if not fixed or self.batch_size <= native:
+            return
+        first = next(iter(batches(self.data, self.batch_size)))
+        self.stacked = self.student.batchable([p.input for p in plans], first, native) and \
+            self.teacher.batchable([p.target.target for p in plans], first, native)
+        log.debug("fixed batch %d: %s", native, f"stacked into batches of {self.batch_size}" if self.stacked
+                  else "run at that size")
+
+    def source(self) -> Iterator[Batch]:
+        return batches(self.data, self.batch_size) if self.stacked else self.data.batches(self.batch_size)
+
+    def prepare(self, group: list[_Plan], later: list[_Plan]) -> None:
+        stale = self.student.topo.downstream(p.index for p in group + later)
+        self.student.prepare([p.input for p in group], [p.input for p in later], stale)
+        try:
+            self.teacher.prepare([p.target.target for p in group], [p.target.target for p in later], set())
+        except KeyError as exc:
+            raise InputError(f"teacher has no tensor {exc.args[0]!r} computed from its inputs") from None
+
+    def batches(self) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], int]]:
+        """``(index, student tensors, teacher tensors, samples)`` per batch."""
+        for index, batch in enumerate(self.source()):
+            yield index, self.student.run(index, batch), self.teacher.run(index, batch), len(batch)
+
+    def close(self) -> None:
+        self.student.close()
+        self.teacher.close()
 
 
-def _views(graph: gs.Graph, plans: list[_Plan]) -> list[LayerView]:
+def _views(graph: gs.Graph, plans: list[_Plan], dtype: type) -> list[LayerView]:
     views = []
     for p in plans:
         node = graph.nodes[p.index]
@@ -255,36 +316,50 @@ def _views(graph: gs.Graph, plans: list[_Plan]) -> list[LayerView]:
         found = bias_add(node) if node.op == "MatMul" and p.target.fit_bias else None
         if found is not None:
             bias = np.asarray(found[0].inputs[found[1]].values).reshape(-1)
-        views.append(layer_view(node, weight, bias, fit_bias=p.target.fit_bias, out_keep=p.target.out_keep))
+        views.append(layer_view(node, weight, bias, fit_bias=p.target.fit_bias, out_keep=p.target.out_keep,
+                                dtype=dtype))
     return views
 
 
-def _refit_round(graph: gs.Graph, plans: list[_Plan], teacher: _Teacher, data: CalibSource,
-                 opts: _Options) -> None:
-    views = _views(graph, plans)
-    accs = [LstsqAccumulator(v.n_features, v.n_targets, v.fit_bias, groups=v.groups) for v in views]
-    holds = [LstsqAccumulator(v.n_features, v.n_targets, v.fit_bias, groups=v.groups) for v in views] \
-        if opts.holdout > 0 else None
+def _row_caps(views: list[LayerView], opts: _Options) -> list[int | None]:
+    """Rows drawn per batch and layer: ``max_positions``, and with ``rows_per_feature`` at most that
+    many rows per feature over all the data (seeded subsampling when rows ≫ features)."""
+    caps = []
+    for view in views:
+        cap = None if opts.max_positions is None else math.ceil(opts.max_positions * opts.run_share)
+        if opts.rows_per_feature is not None and opts.n_batches:
+            share = math.ceil(opts.rows_per_feature * (view.n_features + 1) / opts.n_batches)
+            cap = share if cap is None else min(cap, share)
+        caps.append(cap)
+    return caps
+
+
+def _refit_round(graph: gs.Graph, plans: list[_Plan], runs: _Runs, opts: _Options) -> None:
+    dtype = np.float64 if opts.precision == "float64" else np.float32
+    views = _views(graph, plans, dtype)
+
+    def accumulator(v: LayerView) -> LstsqAccumulator:
+        return LstsqAccumulator(v.n_features, v.n_targets, v.fit_bias, groups=v.groups, precision=opts.precision,
+                                ridge_hint=opts.ridge)
+
+    accs = [accumulator(v) for v in views]
+    holds = [accumulator(v) for v in views] if opts.holdout > 0 else None
     rngs = [np.random.default_rng([opts.seed, p.index]) for p in plans]
     splits = [np.random.default_rng([opts.seed, p.index, 1]) for p in plans]
-    positions = [0] * len(plans)
-
-    def consume(batch, tensors: dict[str, np.ndarray]) -> None:
-        targets = teacher(batch.feeds)
+    positions, caps, samples, count = [0] * len(plans), _row_caps(views, opts), 0, 0
+    for _, tensors, targets, n in runs.batches():
+        samples, count = samples + n, count + 1
         for i, (plan, view) in enumerate(zip(plans, views)):
             x, y = tensors[plan.input], targets[plan.target.target]
-            for X, Y in view.pairs(x, y, max_positions=opts.max_positions, rng=rngs[i],
-                                   chunk_bytes=opts.chunk_bytes):
+            for X, Y in view.pairs(x, y, max_positions=caps[i], rng=rngs[i], chunk_bytes=opts.chunk_bytes):
                 if holds is None:
                     accs[i].add(X, Y)
                 else:
                     _add_split(accs[i], holds[i], X, Y, opts.holdout, splits[i])
                 positions[i] += X.shape[1]
-
-    samples = capture(serde.to_model(graph), [p.input for p in plans], data, consume, batch_size=opts.batch_size,
-                      threads=opts.threads, progress=opts.progress)
     if samples == 0:
         raise InputError("no calibration samples")
+    opts.n_batches = count
     for i, (plan, view, acc, pos) in enumerate(zip(plans, views, accs, positions)):
         hold = None if holds is None else holds[i]
         opts.stats.append(_finish(graph, plan, view, acc, opts.ridge, samples, pos, hold))
@@ -381,9 +456,13 @@ def _finish(graph: gs.Graph, plan: _Plan, view: LayerView, acc: LstsqAccumulator
     stats = LayerStats(plan.label, view.op_type, plan.target.target, rel(before), rel(after), samples,
                        positions, view.groups, view.n_features * view.groups, kept,
                        "+".join(sorted(solvers)), weight, bias)
+    stats.upcast = acc.upcast or (hold is not None and hold.upcast)
     if checked is not None:
         stats.ridge, stats.holdout_before, stats.holdout_after, stats.rejected = \
             checked[0], checked[1], checked[2], not checked[3]
+    if stats.underdetermined:
+        log.warning("refit %s: under-determined, %d rows for %d features per group (more calibration data "
+                    "or a larger max_positions helps)", stats.node, positions, kept // max(1, view.groups) + 1)
     log.info("refit %s (%s): relative error %.4g -> %.4g on %d samples, %d positions%s",
              stats.node, stats.op_type, stats.error_before, stats.error_after, samples, positions,
              "" if checked is None else f"; held out {checked[1]:.4g} -> {checked[2]:.4g} (ridge {checked[0]:g})"
@@ -440,36 +519,41 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
                        data: CalibSource, *, ridge: float = DEFAULT_RIDGE, batch_size: int = 32,
                        max_positions: int | None = DEFAULT_MAX_POSITIONS, seed: int = 0,
                        progress: bool = False, group_independent: bool = True, threads: int = 0,
-                       chunk_bytes: int = CHUNK_BYTES, holdout: float = 0.0) -> tuple[gs.Graph, list[LayerStats]]:
+                       chunk_bytes: int = CHUNK_BYTES, holdout: float = 0.0, precision: str = "auto",
+                       rows_per_feature: float | None = DEFAULT_ROWS_PER_FEATURE,
+                       cache_bytes: int = CACHE_BYTES, input_bytes: int = INPUT_BYTES) -> tuple[gs.Graph, list[LayerStats]]:
     """Refit ``layers`` of ``student`` so that their outputs match tensors of ``teacher``.
 
-    Layers are processed in the student's topological order; each layer's inputs are captured from
-    the student with every earlier layer already refitted, and its targets from the teacher on the
-    same batch, so errors do not compound. Each refit writes new initializers (shared or not, the
-    old arrays are never modified; an old initializer nobody uses any more is removed).
+    Layers are refit by depth, one pass over the data per depth (see the module); inputs come from
+    the student with every earlier depth refitted, targets from the teacher on the same batch, so
+    errors do not compound. Each refit writes new initializers (the old arrays are never modified;
+    one nobody uses any more is removed).
 
     Args:
-        student: The compressed model's graph (not modified).
+        student: The compressed model's graph (not modified; topologically sorted).
         teacher: The original model; must take the same inputs.
         layers: What to refit (Conv, Gemm or MatMul nodes with constant weights).
-        data: Calibration samples.
+        data: Calibration samples (read once per round).
         ridge: Relative ridge (see :meth:`LstsqAccumulator.solve`).
-        batch_size: Samples per ORT run.
-        max_positions: Rows (output positions) used per batch and layer, sampled with ``seed``
-            (``None``: all). Cost per batch grows with rows × features²; a few thousand rows
-            per batch is plenty for the normal equations.
-        seed: Seed of the position sampling.
-        progress: Show a progress bar over the layers and one per capture run.
-        group_independent: Refit in one run all consecutive layers whose inputs do not depend on
-            each other (same result as one layer per run, fewer runs).
-        threads: ORT intra-op threads (0: default).
+        batch_size: Samples per ORT run (see ``input_bytes``).
+        max_positions: Rows per batch and layer, sampled with ``seed`` (``None``: all).
+        seed: Seed of the row sampling.
+        progress: Show a progress bar over the rounds.
+        group_independent: Refit the layers of one depth in one round (same result as one layer
+            per round, fewer passes).
+        threads: ORT intra-op threads (0: one per core).
         chunk_bytes: Bound on one chunk of the im2col feature matrix.
-        holdout: Share of the sampled rows (drawn with ``seed``) kept out of the fit, in ``[0, 1)``.
-            When > 0, each layer is solved for every ridge of ``ridge·RIDGE_STEPS``, the one with
-            the least residual on the held-out rows is taken, and the refit is rejected (the node
-            keeps its weights, ``LayerStats.rejected``) unless it beats the old weights there: a
-            guard against overfitting when the rows barely outnumber the features (few, small
-            calibration images; many im2col features).
+        holdout: Share of the sampled rows (drawn with ``seed``) kept out of the fit, in ``[0, 1)``:
+            each layer is solved for every ridge of ``ridge·RIDGE_STEPS``, the best on the held-out
+            rows is taken, and the refit is rejected (``LayerStats.rejected``, weights kept) unless
+            it beats the old weights there (a guard against overfitting on few rows).
+        precision: Products of the normal equations in ``float32``, ``float64`` or ``auto``
+            (float32 unless float64 matters next to the ridge; :class:`LstsqAccumulator`).
+        rows_per_feature: At most this many rows per feature (and bias) per layer over all the
+            data, drawn with ``seed`` (``None``: only ``max_positions``); the data is counted first.
+        cache_bytes: Frontier bytes held in memory before spilling to a temporary folder.
+        input_bytes: Bound on the input bytes of one ORT run: larger inputs, fewer samples per run
+            (``max_positions`` in proportion), so the activations' memory is bounded.
 
     Returns:
         ``(graph, stats)``: the refitted copy and one :class:`LayerStats` per layer, in the order
@@ -482,12 +566,32 @@ def reconstruct_layers(student: gs.Graph, teacher: onnx.ModelProto, layers: Sequ
     graph = student.copy()
     graph.producer_name, graph.producer_version = student.producer_name, student.producer_version
     plans = _resolve(graph, layers)
-    teach = _Teacher(teacher, sorted({p.target.target for p in plans}), threads)
     if not 0.0 <= holdout < 1.0:
         raise InputError(f"holdout={holdout}: must lie in [0, 1)")
-    opts = _Options(ridge, batch_size, max_positions, seed, progress, threads, chunk_bytes, holdout)
-    rounds = _rounds(graph, plans, group_independent)
-    for group in track(rounds, f"refitting {len(plans)} layers in {len(rounds)} runs", total=len(rounds), enabled=progress):
-        log.debug("refitting %s in one run", [p.label for p in group])
-        _refit_round(graph, group, teach, data, opts)
+    if precision not in PRECISIONS:
+        raise InputError(f"precision={precision!r}: one of {', '.join(PRECISIONS)}")
+    opts = _Options(ridge, batch_size, max_positions, seed, progress, threads, chunk_bytes, holdout, precision,
+                    rows_per_feature, cache_bytes)
+    _run_rounds(graph, _rounds(graph, plans, group_independent), teacher, data, opts, input_bytes)
     return graph, opts.stats
+
+
+def _run_rounds(graph: gs.Graph, rounds: list[list[_Plan]], teacher: onnx.ModelProto, data: CalibSource,
+                opts: _Options, input_bytes: int) -> None:
+    runs = _Runs(graph, teacher, data, opts)
+    runs.plan_batches([p for g in rounds for p in g], input_bytes)
+    opts.run_share = runs.batch_size / opts.batch_size
+    if opts.rows_per_feature is not None:
+        opts.n_batches = sum(1 for _ in runs.source())
+    n = sum(len(g) for g in rounds)
+    try:
+        for r, group in enumerate(track(rounds, f"refitting {n} layers in {len(rounds)} rounds",
+                                        total=len(rounds), enabled=opts.progress)):
+            log.debug("refitting %s in one round", [p.label for p in group])
+            runs.prepare(group, [p for g in rounds[r + 1:] for p in g])
+            _refit_round(graph, group, runs, opts)
+    finally:
+        runs.close()
+    log.debug("reconstruction: %d rounds, student %d segments (%d nodes), teacher %d segments (%d nodes)",
+              len(rounds), runs.student.segments, runs.student.nodes_run, runs.teacher.segments,
+              runs.teacher.nodes_run)

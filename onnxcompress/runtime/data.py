@@ -50,6 +50,7 @@ __all__ = [
     "data_dims",
     "input_specs",
     "open_source",
+    "rebatch",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,11 @@ def _rebatch(chunks: Iterable[Batch], size: int, limit: int | None) -> Iterator[
             break
     if have:
         yield _concat(pending)
+
+
+def rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
+    """``batches`` re-cut into batches of ``size`` samples (samples of different shapes apart)."""
+    return _rebatch(batches, size, None)
 
 
 def _sample_shapes(batch: Batch) -> dict[str, tuple[int, ...]]:
