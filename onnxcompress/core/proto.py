@@ -20,8 +20,6 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.core.shapes import infer_shapes
 
 __all__ = [
-    "typed_inputs",
-    "untyped_outputs",
     "produced_names",
     "feed_names",
     "initializer_arrays",
@@ -96,26 +94,6 @@ def _tensor_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
     inferred = infer_shapes(light)
     return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
             if vi.name in set(names) and vi.type.tensor_type.elem_type}
-
-
-def untyped_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (edited in place and returned) with its outputs and value_info untyped:
-    onnxruntime infers them (intermediate tensors of a graph rarely carry their types)."""
-    names = [o.name for o in model.graph.output]
-    del model.graph.value_info[:]
-    del model.graph.output[:]
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    return model
-
-
-def typed_inputs(model: onnx.ModelProto, dtypes: Mapping[str, np.dtype]) -> onnx.ModelProto:
-    """``model`` (edited in place and returned) with the graph inputs ``dtypes`` names typed by
-    it, without shapes (tensors of a graph cut at intermediate tensors)."""
-    for vi in model.graph.input:
-        if vi.name in dtypes:
-            vi.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[vi.name]))
-            vi.type.tensor_type.ClearField("shape")
-    return model
 
 
 def nodes_model(graph: gs.Graph, nodes: list[gs.Node], outputs: list[gs.Tensor],

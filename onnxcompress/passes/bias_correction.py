@@ -31,7 +31,7 @@ from onnxcompress.quant.bias_correction import (
     reference_name,
 )
 from onnxcompress.quant.sensitivity import Evaluator
-from onnxcompress.quant.staged import FrontierStore, frontier, tensor_depths
+from onnxcompress.quant.staged import StagedBatches, frontier, tensor_depths
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
 from onnxcompress.runtime.data import Batch
 
@@ -243,7 +243,7 @@ class BiasCorrection(Pass):
         """Level by level from stored frontier tensors (see :mod:`onnxcompress.quant.staged`)."""
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
         by_node = {id(s.target): s.level for s, _ in kept}
-        with FrontierStore(data.batches(self.opts["batch_size"]), progress=ctx.progress) as store:
+        with StagedBatches(data.batches(self.opts["batch_size"]), progress=ctx.progress) as store:
             if store.samples == 0:
                 raise InputError("bias_correction: the calibration data has no samples")
             self._advance(graph, store, by_node, 0)
@@ -267,7 +267,7 @@ class BiasCorrection(Pass):
             result.stats["calib_samples"] = store.samples
 
     @staticmethod
-    def _advance(graph: gs.Graph, store: FrontierStore, by_node: dict[int, int], level: int) -> None:
+    def _advance(graph: gs.Graph, store: StagedBatches, by_node: dict[int, int], level: int) -> None:
         """Move the stored frontier past ``level``: compute its depth-``level`` tensors the next levels read."""
         graph.toposort()
         depth = tensor_depths(graph, by_node)

@@ -16,21 +16,19 @@ is one batch of frontier tensors, whatever the number of samples (disk: the fron
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core import proto, serde
+from onnxcompress.core import proto
 from onnxcompress.runtime.data import Batch
 from onnxcompress.runtime.progress import track
+from onnxcompress.runtime.segments import FrontierStore
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["FrontierStore", "tensor_depths", "frontier", "segment_model"]
+__all__ = ["StagedBatches", "tensor_depths", "frontier", "segment_model"]
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +63,14 @@ def frontier(graph: gs.Graph, depth: dict[str, int], level: int) -> list[str]:
 
 def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
     """The part of ``graph`` that computes ``outputs`` from the tensors ``inputs`` (fed at run
-    time) and constants: only the nodes between them, exported without copying the graph; the
-    inputs it reads are typed by ``inputs``, the outputs untyped (onnxruntime infers them).
+    time) and constants (:func:`onnxcompress.core.proto.segment_model` of the nodes between them).
 
     Raises:
         RuntimeError: The segment reads a computed tensor that is not among ``inputs``.
     """
     tensors = graph.tensors()
-    wanted = [tensors[n] for n in dict.fromkeys(outputs)]
     needed: set[int] = set()
-    stack = list(wanted)
+    stack = [tensors[n] for n in dict.fromkeys(outputs)]
     while stack:
         t = stack.pop()
         if t.name in inputs or not t.inputs or id(t.inputs[0]) in needed:
@@ -82,61 +78,46 @@ def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[st
         needed.add(id(t.inputs[0]))
         stack.extend(x for x in t.inputs[0].inputs if x.name)
     nodes = [n for n in graph.nodes if id(n) in needed]
-    fed = sorted({t.name for n in nodes for t in n.inputs if t.name in inputs})
     for node in nodes:
         for t in node.inputs:
             if isinstance(t, gs.Variable) and t.name and not t.inputs and t.name not in inputs:
                 raise RuntimeError(f"segment reads {t.name!r}, which is not on the frontier")
-    sub = gs.Graph(nodes=nodes, inputs=[tensors[n] for n in fed], outputs=wanted, opset=graph.opset,
-                   import_domains=graph.import_domains, ir_version=graph.ir_version)
-    return proto.typed_inputs(proto.untyped_outputs(serde.to_model(sub)), {n: inputs[n] for n in fed})
+    fed = sorted({t.name for n in nodes for t in n.inputs if t.name in inputs})
+    return proto.segment_model(graph, nodes, {n: inputs[n] for n in fed}, list(dict.fromkeys(outputs)))
 
 
-class FrontierStore:
-    """Per batch, named tensors in ``.npy`` files in a temporary folder (one batch in memory).
-
-    Tensors stay in memory while all of them together take at most ``memory`` bytes; beyond
-    that, new ones go to files, so memory stays bounded whatever the number of samples.
+class StagedBatches:
+    """The calibration batches' feeds, then frontier tensors, per batch in a
+    :class:`~onnxcompress.runtime.segments.FrontierStore` (in memory up to ``memory`` bytes, then
+    in ``.npy`` files), so memory stays bounded whatever the number of samples.
 
     Args:
         batches: The calibration batches (read once, their feeds stored).
-        progress: Show a bar while storing and running.
+        progress: Show a bar while running.
         memory: Bytes of tensors kept in memory (the rest on disk).
     """
 
-    def __init__(self, batches, progress: bool = False, memory: int = 256 * 2**20):
-        self._dir = Path(tempfile.mkdtemp(prefix="onnxcompress-frontier-"))
-        self._files: list[dict[str, Path | np.ndarray]] = []
-        self._memory, self._held = memory, 0
+    def __init__(self, batches: Iterable[Batch], progress: bool = False, memory: int = 256 * 2**20):
+        self._store = FrontierStore(memory)
+        self._names: list[set[str]] = []
         self._sizes: list[int] = []
-        self._ids: dict[str, int] = {}
         self.dtypes: dict[str, np.dtype] = {}
         self.progress = progress
-        for i, batch in enumerate(batches):
-            self._files.append({})
+        for batch in batches:
+            self._names.append(set())
             self._sizes.append(len(batch.feeds[next(iter(batch.feeds))]) if batch.feeds else 0)
-            self._save(i, batch.feeds)
+            self._save(len(self._names) - 1, batch.feeds)
 
     @property
     def samples(self) -> int:
         """Samples stored."""
         return sum(self._sizes)
 
-    @staticmethod
-    def _load(files: dict[str, Path | np.ndarray], name: str) -> np.ndarray:
-        where = files[name]
-        return where if isinstance(where, np.ndarray) else np.load(where, mmap_mode="r")
-
     def _save(self, i: int, arrays: dict[str, np.ndarray]) -> None:
         for name, value in arrays.items():
             self.dtypes[name] = value.dtype
-            if self._held + value.nbytes <= self._memory:
-                self._files[i][name] = value
-                self._held += value.nbytes
-                continue
-            path = self._dir / f"{i}_{self._ids.setdefault(name, len(self._ids))}.npy"
-            np.save(path, np.ascontiguousarray(value))
-            self._files[i][name] = path
+            self._store.put((i, name), value)
+            self._names[i].add(name)
 
     def run(self, graph: gs.Graph, inputs: list[str], outputs: list[str],
             consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *, keep: bool = False,
@@ -146,8 +127,8 @@ class FrontierStore:
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
         feeds = proto.feed_names(model)
         session = make_session(model)
-        for i in track(range(len(self._files)), label, enabled=self.progress, unit=self._sizes.__getitem__):
-            batch = Batch({n: np.asarray(self._load(self._files[i], n)) for n in feeds})
+        for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
+            batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
             values = dict(zip(outputs, session.run(outputs, batch.feeds)))
             if consume is not None:
                 consume(batch, values)
@@ -157,19 +138,16 @@ class FrontierStore:
     def keep_only(self, names: list[str]) -> None:
         """Delete the stored tensors not in ``names``."""
         wanted = set(names)
-        for files in self._files:
-            for name in [n for n in files if n not in wanted]:
-                where = files.pop(name)
-                if isinstance(where, np.ndarray):
-                    self._held -= where.nbytes
-                else:
-                    where.unlink(missing_ok=True)
+        for i, held in enumerate(self._names):
+            for name in held - wanted:
+                self._store.drop((i, name))
+            held &= wanted
 
     def close(self) -> None:
-        """Remove the folder."""
-        shutil.rmtree(self._dir, ignore_errors=True)
+        """Remove the stored tensors and their folder."""
+        self._store.close()
 
-    def __enter__(self) -> FrontierStore:
+    def __enter__(self) -> StagedBatches:
         return self
 
     def __exit__(self, *_: object) -> None:

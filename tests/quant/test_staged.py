@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from onnxcompress.passes import bias_correction as bc_pass
-from onnxcompress.quant.staged import FrontierStore, frontier, tensor_depths
+from onnxcompress.quant.staged import StagedBatches, frontier, tensor_depths
 from onnxcompress.runtime.data import open_source
 from tests.helpers.quant import quantize
 
@@ -33,7 +33,7 @@ def _calib(model: onnx.ModelProto, n: int = 24):
 def test_staged_bias_correction_equals_rerunning_the_prefix(monkeypatch, memory):
     model = onnx.load(RESNET)
     spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:check=false"
-    monkeypatch.setattr(bc_pass.FrontierStore.__init__, "__defaults__", (False, memory))
+    monkeypatch.setattr(bc_pass.StagedBatches.__init__, "__defaults__", (False, memory))
     new, res_new = quantize(model, spec, calib=_calib(model))
     with monkeypatch.context() as m:
         m.setattr(bc_pass.BiasCorrection, "_sequential", _old_sequential)
@@ -66,12 +66,12 @@ g (float[N,3] x) => (float[N,3] y) <float[3] c = {1.0, 2.0, 3.0}> {
 
 def test_store_keeps_tensors_in_memory_up_to_its_budget_then_on_disk():
     batches = [type("B", (), {"feeds": {"x": np.full((4, 3), i, np.float32)}})() for i in range(5)]
-    with FrontierStore(batches, memory=2 * 48) as store:  # two batches fit in memory, three go to disk
-        held = [f["x"] for f in store._files]
-        assert sum(isinstance(h, np.ndarray) for h in held) == 2
+    with StagedBatches(batches, memory=2 * 48) as store:  # two batches fit in memory, three go to disk
+        assert len(store._store.memory) == 2 and len(store._store.files) == 3
         assert store.samples == 20
+        assert np.array_equal(store._store.get((4, "x")), np.full((4, 3), 4, np.float32))
         store.keep_only([])
-        assert all(not f for f in store._files)
+        assert not store._store.keys() and all(not n for n in store._names)
 
 
 
