@@ -376,7 +376,7 @@ def auto(model: serde.ModelSource, calib: Any, data: Any = None, *, target: Any 
          max_drop: float | None = None, min_cosine: float | None = None, budget_minutes: float = 10.0,
          seed: int = 0, jobs: int = 0, ray: str | None = None, cache_dir: str | os.PathLike | None = None,
          samples: int | None = None, batch_size: int = 32, space: Space | None = None, recipe: Any = None,
-         progress: bool = False) -> AutoResult:
+         latency_runs: int = 200, progress: bool = False) -> AutoResult:
     """Search pruning, factorization, quantization and their combinations for the model that meets
     ``target`` within the quality bound (see :mod:`onnxcompress.pipeline.auto` for the strategy).
 
@@ -397,6 +397,7 @@ def auto(model: serde.ModelSource, calib: Any, data: Any = None, *, target: Any 
         space: The settings tried per technique (:class:`~onnxcompress.pipeline.auto_space.Space`).
         recipe: A recipe (name or TOML) whose ``[auto]`` table gives ``target``/``max_drop``/``min_cosine``
             defaults.
+        latency_runs: Timed rounds of the latency stage (every passing candidate and the original).
         progress: Progress bars on stderr.
 
     Returns:
@@ -422,7 +423,7 @@ def auto(model: serde.ModelSource, calib: Any, data: Any = None, *, target: Any 
     cache = EvalCache(cache_dir if cache_dir is not None else _default_cache_dir())
     original, sha = _stage_original(cache, loaded)
     settings = AutoSettings(targets, gate, quality, calib, data, sha, fingerprint(calib), fingerprint(data), seed,
-                            samples, batch_size, budget_minutes * 60.0, space or Space(), progress)
+                            samples, batch_size, budget_minutes * 60.0, space or Space(), progress, latency_runs)
     executor = make_executor(jobs, ray)
     try:
         result = search(loaded, original, settings, _auto_evaluate, executor, cache)

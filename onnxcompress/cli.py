@@ -22,6 +22,7 @@ from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
 from onnxcompress.core.fileio import atomic_write, file_record
 from onnxcompress.core.pass_api import Numerics
 from onnxcompress.core.shapes import parse_dims
+from onnxcompress.pipeline.auto_space import parse_space
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
 from onnxcompress.pipeline.validate import Gate, gate_problem
@@ -413,10 +414,15 @@ def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: st
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Evaluation cache (default ~/.cache/onnxcompress/auto): a rerun resumes.")
 @click.option("--recipe", default=None, metavar="NAME|TOML", help="A recipe whose [auto] table gives the defaults.")
+@click.option("--space", default=None, metavar="KEY=V|V,...",
+              help="Settings tried per technique, e.g. 'prune=0.25|0.5,lowrank=,quant=int8' (empty: off; "
+                   "default prune=0.25|0.375|0.5|0.625, lowrank=0.9|0.8, quant=int8|int8-mixed).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output model (default: <model name>.auto.onnx in the current folder).")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Every candidate, the winner and the signals as JSON.")
 @click.option("--samples", type=int, default=None, help="Use at most N validation samples.")
+@click.option("--latency-runs", type=int, default=200, show_default=True,
+              help="Timed rounds of the latency stage (paired, 1 thread).")
 @click.option("--seed", default=0, show_default=True, help="Seed of every pass and of the latency rounds.")
 @click.pass_obj
 def auto_cmd(obj: dict, model: Path, output: Path | None, json_path: str | None, **kw) -> None:
@@ -428,7 +434,8 @@ def auto_cmd(obj: dict, model: Path, output: Path | None, json_path: str | None,
     result = api.auto(model, kw["calib"], kw["data"], target=list(kw["targets"]) or None, max_drop=kw["max_drop"],
                       min_cosine=kw["min_cosine"], budget_minutes=kw["budget_minutes"], seed=kw["seed"],
                       jobs=kw["jobs"], ray=kw["ray"], cache_dir=kw["cache_dir"], samples=kw["samples"],
-                      recipe=kw["recipe"], progress=obj["progress"])
+                      recipe=kw["recipe"], space=parse_space(kw["space"]), latency_runs=kw["latency_runs"],
+                      progress=obj["progress"])
     payload = {"model": str(model), "output": str(output) if result.model is not None else None, **result.as_dict()}
     payload["reproduce"] = _reproduce(model, kw, result) if result.spec else None
     _write_json(json_path, payload)

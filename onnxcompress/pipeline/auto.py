@@ -6,7 +6,7 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
 1. **Cheap signals** (no validation): the original's size and MACs; the share of weights in
    MatMul/Gemm (weight-only low-bit joins the space only where it is ≥ 25 %); float vs int8 latency
    measured once on this machine (a quick int8 model, paired interleaved rounds): when int8 is not
-   faster here and latency is the only target, int8 leaves the space.
+   faster here and latency is the only target, int8 leaves the space. Cached with the evaluations.
 2. **One technique at a time**: per technique, a binary search over its ladder (prune ratio,
    factorization energy; weakest → strongest) finds the strongest setting that passes the quality
    gate on its own; quantization takes the first passing choice in order (plain ``int8``, then the
@@ -154,6 +154,16 @@ class _Run:
         return bool(rec and rec.get("passed"))
 
 
+def _signals(model: onnx.ModelProto, s: AutoSettings, cache: EvalCache) -> dict:
+    """:func:`_cheap_signals`, cached like evaluations (a resumed search makes the same choices)."""
+    name = "signals-" + job_key(s.model_sha, "signals", s.calib_sha, s.data_sha, s.seed, {}, None)
+    found = cache.read(name)
+    if found is None:
+        found = _cheap_signals(model, s)
+        cache.put(name, found)
+    return found
+
+
 def _cheap_signals(model: onnx.ModelProto, s: AutoSettings) -> dict:
     """Size and MACs of the original, the MatMul/Gemm weight share, and float vs int8 latency here."""
     metrics = model_metrics(model)
@@ -299,7 +309,7 @@ def search(model: onnx.ModelProto, model_path: str | Path, settings: AutoSetting
            executor: Executor, cache: EvalCache) -> AutoResult:
     """Run the whole search (see the module docstring); ``evaluate`` builds and validates one job."""
     run = _Run(str(model_path), settings, evaluate, executor, cache)
-    signals = _cheap_signals(model, settings)
+    signals = _signals(model, settings, cache)
     space = _space(settings, signals)
     signals["space"] = {"prune": list(space.prune), "lowrank": list(space.lowrank), "quant": list(space.quant)}
     best = _singles(run, space)

@@ -104,17 +104,21 @@ class EvalCache:
 
     def get(self, key: str) -> dict | None:
         """The cached record of ``key`` (None when missing, unreadable or without its model)."""
-        path = self.folder / f"{key}.json"
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        record = self.read(key)
+        if record is None or (record.get("error") is None and not self.model_path(key).is_file()):
             return None
-        if record.get("error") is None and not self.model_path(key).is_file():
+        return record
+
+    def read(self, name: str) -> dict | None:
+        """The JSON object stored as ``name`` (None when missing or unreadable)."""
+        try:
+            record = json.loads((self.folder / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return None
         return record if isinstance(record, dict) else None
 
     def put(self, key: str, record: dict) -> None:
-        """Store ``record`` (atomically; the model file is already there)."""
+        """Store ``record`` as ``key`` (atomically; for an evaluation, its model file is already there)."""
         text = json.dumps(record, sort_keys=True, default=str)
         atomic_write(self.folder / f"{key}.json", lambda fh: fh.write(text.encode("utf-8")))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from onnxcompress.core.errors import InputError
 
 __all__ = ["Candidate", "Space", "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets",
-           "TARGET_KINDS"]
+           "parse_space", "TARGET_KINDS"]
 
 #: ``quantize_int8``'s mixed-precision target when plain int8 fails the gate (the float fallback).
 MIXED_COSINE = 0.999
@@ -156,3 +156,29 @@ def parse_targets(items: list[str] | tuple[str, ...] | str | dict | None) -> Tar
             raise InputError(f"--target {kind} given twice")
         out[kind] = ratio
     return Targets(tuple(out.items()))
+
+
+def parse_space(text: str | None) -> Space:
+    """``prune=0.25|0.5,lowrank=,quant=int8`` → :class:`Space` (keys: prune, lowrank, quant,
+    weight_only; ``|`` between settings; an empty value turns the technique off; keys not given keep
+    their defaults).
+
+    Raises:
+        InputError: An unknown key, a value that is not a number where one is expected, a bad setting.
+    """
+    if not text:
+        return Space()
+    fields_: dict[str, tuple] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in ("prune", "lowrank", "quant", "weight_only"):
+            raise InputError(f"--space {item!r}: expected KEY=V|V|... with KEY one of prune, lowrank, quant, weight_only")
+        parts = [v.strip() for v in value.split("|") if v.strip()]
+        if key in ("prune", "lowrank"):
+            try:
+                fields_[key] = tuple(float(v) for v in parts)
+            except ValueError:
+                raise InputError(f"--space {item!r}: {key} settings must be numbers") from None
+        else:
+            fields_[key] = tuple(parts)
+    return Space(**fields_)
