@@ -11,7 +11,9 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    factorization energy; weakest → strongest) finds the strongest setting that passes the quality
    gate on its own; quantization takes the first passing choice in order (plain ``int8``, then the
    mixed-precision fallback ``int8-mixed``, whose most sensitive layers stay float by per-layer
-   sensitivity). The probes of every technique run together, in parallel.
+   sensitivity). The probes of every technique run together, in parallel, and each round also
+   evaluates the combination of the bests found so far (greedy: a good model early, should the
+   budget run out).
 3. **Combinations** of the per-technique bests (every subset of two or more, in the order
    prune → factorize → quantize). A combination that fails the gate **backtracks**: its pruning
    steps down one rung, else its factorization, else ``int8`` becomes ``int8-mixed``; the new
@@ -51,7 +53,7 @@ __all__ = ["AutoSettings", "AutoResult", "search", "choose", "BACKTRACK_ROUNDS",
 log = logging.getLogger(__name__)
 
 #: Rounds of backtracking over failed combinations.
-BACKTRACK_ROUNDS = 3
+BACKTRACK_ROUNDS = 2
 #: Weight-only low-bit joins the space when MatMul/Gemm hold at least this share of the weight bytes.
 WEIGHT_ONLY_SHARE = 0.25
 #: Calibration samples of the quick int8 model used to time int8 vs float.
@@ -134,20 +136,22 @@ class _Run:
         return Job(self.model_path, c.spec, s.calib, s.data, s.seed, dict(s.gate), s.samples, s.batch_size, {}, key,
                    str(self.cache.model_path(key)))
 
-    def run(self, candidates: list[Candidate], stage: str) -> None:
-        """Evaluate the new ones of ``candidates`` (unless the budget is spent)."""
+    def run(self, candidates: list[Candidate], stage: str | None = None) -> None:
+        """Evaluate the new ones of ``candidates`` (unless the budget is spent); ``stage`` names them
+        (default: ``single`` or ``combination``)."""
         new = list(dict.fromkeys(c for c in candidates if c not in self.records))
         if not new or self.over_budget():
             return
         jobs = [self.job(c) for c in new]
         results, ran = run_jobs(self.evaluate, jobs, self.cache, self.executor, progress=self.s.progress,
-                                label=f"auto: {stage}")
+                                label=f"auto: {stage or 'round'} ({len(new)})")
         self.evaluated += ran
         self.cached += len(jobs) - ran
         for c, job, rec in zip(new, jobs, results):
-            self.records[c] = {"label": c.label(), "spec": c.spec, "candidate": c.as_dict(), "stage": stage,
+            named = stage or ("single" if c.techniques == 1 else "combination")
+            self.records[c] = {"label": c.label(), "spec": c.spec, "candidate": c.as_dict(), "stage": named,
                                "key": job.key, "model_path": job.output, **rec}
-            log.info("auto %s: %s -> %s", stage, c.label(), "pass" if rec.get("passed") else rec.get("failures"))
+            log.info("auto %s: %s -> %s", named, c.label(), "pass" if rec.get("passed") else rec.get("failures"))
 
     def passed(self, c: Candidate) -> bool:
         rec = self.records.get(c)
@@ -214,7 +218,10 @@ def _singles(run: _Run, space: Space) -> dict[str, Candidate]:
         batch = list(probes.values()) + ([q_next] if q_next else [])
         if not batch:
             break
-        run.run(batch, "single")
+        so_far = [ladders[k][lo] for k, (lo, _) in bounds.items() if lo >= 0] + \
+            ([best["quant"]] if "quant" in best else [])
+        greedy = [_combine(tuple(so_far))] if len(so_far) > 1 else []  # the bests so far, combined
+        run.run(batch + [c for c in greedy if c not in run.records])
         for k, c in probes.items():
             i = ladders[k].index(c)
             bounds[k][0 if run.passed(c) else 1] = i
