@@ -393,11 +393,9 @@ def auto(model: serde.ModelSource, calib: Any, data: Any = None, *, target: Any 
         jobs: Evaluations in parallel in a local process pool (0: one per core; 1: in this process).
         ray: ``"auto"`` (local Ray, or the one initialised) or a cluster address; needs ``[distributed]``.
         cache_dir: Where evaluations are cached (default ``~/.cache/onnxcompress/auto``): a rerun resumes.
-        samples, batch_size: Validation samples (at most) and batch size.
+        samples, batch_size, latency_runs: Validation samples (at most), batch size, timed latency rounds.
         space: The settings tried per technique (:class:`~onnxcompress.pipeline.auto_space.Space`).
-        recipe: A recipe (name or TOML) whose ``[auto]`` table gives ``target``/``max_drop``/``min_cosine``
-            defaults.
-        latency_runs: Timed rounds of the latency stage (every passing candidate and the original).
+        recipe: A recipe whose ``[auto]`` table gives ``target``/``max_drop``/``min_cosine`` defaults.
         progress: Progress bars on stderr.
 
     Returns:
