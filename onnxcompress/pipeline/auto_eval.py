@@ -173,8 +173,11 @@ class _RayExecutor(Executor):
             raise InputError("--ray needs Ray: pip install 'onnxcompress[distributed]'") from None
         self.ray = ray
         if not ray.is_initialized():
-            ray.init(address=None if address == "auto" else address, include_dashboard=False,
-                     log_to_driver=False, ignore_reinit_error=True)
+            try:
+                ray.init(address=None if address == "auto" else address, include_dashboard=False,
+                         log_to_driver=False, ignore_reinit_error=True)
+            except Exception as exc:  # connection refused, bad address, cluster version mismatch
+                raise InputError(f"--ray {address}: cannot start or reach Ray ({str(exc).splitlines()[0]})") from None
 
     def map(self, fn: Evaluate, jobs: Sequence[Job]) -> Iterator[tuple[int, dict]]:
         remote = self.ray.remote(num_cpus=1)(fn)
