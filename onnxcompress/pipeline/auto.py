@@ -11,7 +11,8 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    factorization energy; weakest → strongest) finds the strongest setting that passes the quality
    gate on its own; quantization takes the first passing choice in order (plain ``int8``, then the
    mixed-precision fallback ``int8-mixed``, whose most sensitive layers stay float by per-layer
-   sensitivity). The probes of every technique run together, in parallel, and each round also
+   sensitivity); a setting that changes neither MACs nor size (nothing pays) does not count. The
+   probes of every technique run together, in parallel, and each round also
    evaluates the combination of the bests found so far (greedy: a good model early, should the
    budget run out).
 3. **Combinations** of the per-technique bests (every subset of two or more, in the order
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 BACKTRACK_ROUNDS = 2
 #: Weight-only low-bit joins the space when MatMul/Gemm hold at least this share of the weight bytes.
 WEIGHT_ONLY_SHARE = 0.25
+#: A single technique whose MACs and size ratios both stay above this did nothing and is not combined.
+NO_EFFECT = 0.98
 #: Calibration samples of the quick int8 model used to time int8 vs float.
 SIGNAL_SAMPLES = 32
 
@@ -157,6 +160,12 @@ class _Run:
         rec = self.records.get(c)
         return bool(rec and rec.get("passed"))
 
+    def useful(self, c: Candidate) -> bool:
+        """Passed and changed something: a technique that finds nothing to do here (MACs and size
+        within :data:`NO_EFFECT` of the original) is not combined."""
+        rec = self.records.get(c)
+        return self.passed(c) and min(rec.get("macs_ratio") or 1.0, rec.get("size_ratio") or 1.0) < NO_EFFECT  # type: ignore[union-attr]
+
 
 def _signals(model: onnx.ModelProto, s: AutoSettings, cache: EvalCache) -> dict:
     """:func:`_cheap_signals`, cached like evaluations (a resumed search makes the same choices)."""
@@ -224,9 +233,9 @@ def _singles(run: _Run, space: Space) -> dict[str, Candidate]:
         run.run(batch + [c for c in greedy if c not in run.records])
         for k, c in probes.items():
             i = ladders[k].index(c)
-            bounds[k][0 if run.passed(c) else 1] = i
+            bounds[k][0 if run.useful(c) else 1] = i
         for c in quant:
-            if "quant" not in best and run.passed(c):
+            if "quant" not in best and run.useful(c):
                 best["quant"] = c
     for k, (lo, _) in bounds.items():
         if lo >= 0:
