@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 BACKTRACK_ROUNDS = 2
 #: Weight-only low-bit joins the space when MatMul/Gemm hold at least this share of the weight bytes.
 WEIGHT_ONLY_SHARE = 0.25
-#: A single technique whose MACs and size ratios both stay above this did nothing and is not combined.
+#: A single technique whose MACs (quantization: size) ratio stays above this did nothing; it is not combined.
 NO_EFFECT = 0.98
 #: Calibration samples of the quick int8 model used to time int8 vs float.
 SIGNAL_SAMPLES = 32
@@ -161,10 +161,12 @@ class _Run:
         return bool(rec and rec.get("passed"))
 
     def useful(self, c: Candidate) -> bool:
-        """Passed and changed something: a technique that finds nothing to do here (MACs and size
-        within :data:`NO_EFFECT` of the original) is not combined."""
-        rec = self.records.get(c)
-        return self.passed(c) and min(rec.get("macs_ratio") or 1.0, rec.get("size_ratio") or 1.0) < NO_EFFECT  # type: ignore[union-attr]
+        """Passed and did its job: pruning and factorization cut MACs, quantization the size, below
+        :data:`NO_EFFECT` (``fold_bn``/``simplify`` alone also shrink the file, so size does not count
+        for the first two); a technique that finds nothing to do here is not combined."""
+        rec = self.records.get(c) or {}
+        ratio = rec.get("size_ratio") if c.quant else rec.get("macs_ratio")
+        return self.passed(c) and (ratio if ratio is not None else 1.0) < NO_EFFECT
 
 
 def _signals(model: onnx.ModelProto, s: AutoSettings, cache: EvalCache) -> dict:
