@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from onnxcompress._version import __version__
-from onnxcompress.api import Report, compare, inspect, optimize, sensitivity
+from onnxcompress.api import Report, auto, compare, inspect, optimize, sensitivity
 from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError, PassFailed
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot, register
+from onnxcompress.pipeline.auto import AutoResult
 from onnxcompress.pipeline.manager import PassManager, get_pass, parse_spec, registry
 from onnxcompress.runtime.data import Batch, CalibSource, open_source
 from onnxcompress.runtime.preprocess import Preprocess
@@ -16,6 +17,8 @@ __all__ = [
     "inspect",
     "compare",
     "sensitivity",
+    "auto",
+    "AutoResult",
     "Report",
     "Batch",
     "CalibSource",

@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
 
 from onnxcompress.core import serde
 from onnxcompress.core.attention import Linear, TransformerBlocks, find_blocks
-from onnxcompress.core.errors import GateFailed, InputError
+from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
+from onnxcompress.core.fileio import atomic_write
 from onnxcompress.core.graph import node_label
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
 from onnxcompress.core.normalize import normalize
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
 from onnxcompress.core.shapes import Dims
+from onnxcompress.pipeline.auto import AutoResult, AutoSettings, search
+from onnxcompress.pipeline.auto_eval import EvalCache, Job, fingerprint, make_executor
+from onnxcompress.pipeline.auto_space import Space, parse_targets
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, parse_spec
 from onnxcompress.pipeline.provenance import data_record, load_reference, load_with_record
 from onnxcompress.pipeline.recipes import Recipe, check_requirements, load_recipe
-from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, parse_slices
+from onnxcompress.pipeline.validate import Gate, SliceSpec, ValidationReport, compare_models, gate_problem, parse_slices
 from onnxcompress.quant.channels import LayerOutliers, layer_input_outliers
+from onnxcompress.reporting.pareto import pareto_front
 from onnxcompress.runtime.data import CalibSource, data_dims, open_source
 from onnxcompress.runtime.progress import steps
 from onnxcompress.runtime.tasks import TaskSpec, check_output_ranks
 
 __all__ = ["Report", "optimize", "inspect", "list_nodes", "activation_outliers", "transformer_blocks", "compare",
-           "sensitivity", "DEFAULT_VALIDATION_SAMPLES", "OUTLIER_SAMPLES"]
+           "sensitivity", "auto", "auto_gate", "AUTO_COSINE_FLOOR", "DEFAULT_VALIDATION_SAMPLES",
+           "OUTLIER_SAMPLES"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +90,8 @@ def _pipeline(passes: str | Sequence[Pass] | None, recipe: str | Recipe | None,
     else:
         rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or "default")
         check_requirements(rec, calib=calib)
+        if not rec.passes:
+            raise InputError(f"recipe {rec.name} has no passes, only an [auto] table: use onnxcompress auto --recipe")
         pipeline, rgate, name = rec.passes, rec.gate, rec.name
     check_pipeline(pipeline, calib=calib is not None)
     return pipeline, {**rgate, **{k: v for k, v in (gate or {}).items() if v is not None}}, name  # unset: recipe's
@@ -329,3 +341,154 @@ def sensitivity(model: serde.ModelSource, calib: Any, data: Any = None, **kwargs
     from onnxcompress.pipeline.sensitivity import layer_sensitivity
 
     return layer_sensitivity(model, calib, data, **kwargs)
+
+
+#: Cosine floor of the gate when ``auto`` judges by accuracy (``max_drop``): it only catches broken models.
+AUTO_COSINE_FLOOR = 0.95
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "onnxcompress" / "auto"
+
+
+def auto_gate(max_drop: float | None, min_cosine: float | None) -> tuple[dict[str, float], str]:
+    """The gate thresholds ``auto`` gives ``optimize`` and the quality that ranks candidates:
+    ``max_drop`` → accuracy drop ≤ it (and cosine ≥ :data:`AUTO_COSINE_FLOOR` unless ``min_cosine``);
+    ``min_cosine`` alone → cosine ≥ it (the lossy gate's other defaults stay, as in ``optimize``)."""
+    if max_drop is None and min_cosine is None:
+        raise InputError("auto needs a quality bound: --max-drop POINTS (with labels in --data) or --min-cosine C")
+    gate: dict[str, float] = {}
+    for key, value in (("max_top1_drop", max_drop), ("min_cosine", min_cosine)):
+        problem = None if value is None else gate_problem(key, value)
+        if problem:
+            raise InputError(f"--{'max-drop' if key == 'max_top1_drop' else 'min-cosine'} {value:g}: {problem}")
+    if max_drop is not None:
+        gate["max_top1_drop"] = float(max_drop)
+        gate["min_cosine"] = AUTO_COSINE_FLOOR if min_cosine is None else float(min_cosine)
+        return gate, "accuracy"
+    gate["min_cosine"] = float(min_cosine)  # type: ignore[arg-type]
+    return gate, "cosine"
+
+
+def _has_labels(data: Any, model: onnx.ModelProto) -> bool:
+    source = open_source(data, model, limit=1)
+    return any(batch.labels is not None for batch in source.batches(1))
+
+
+def auto(model: serde.ModelSource, calib: Any, data: Any = None, *, target: Any = None,
+         max_drop: float | None = None, min_cosine: float | None = None, budget_minutes: float = 10.0,
+         seed: int = 0, jobs: int = 0, ray: str | None = None, cache_dir: str | os.PathLike | None = None,
+         samples: int | None = None, batch_size: int = 32, space: Space | None = None, recipe: Any = None,
+         latency_runs: int = 200, progress: bool = False) -> AutoResult:
+    """Search pruning, factorization, quantization and their combinations for the model that meets
+    ``target`` within the quality bound (see :mod:`onnxcompress.pipeline.auto` for the strategy).
+
+    Args:
+        model: Path, bytes or ``ModelProto`` (never modified).
+        calib: Calibration data (needed: every technique searched is data-aware).
+        data: Validation data (default ``calib``); labels make ``max_drop`` an accuracy bound.
+        target: ``"latency=0.5"``, ``["latency=0.5", "size=0.25"]`` or ``{"size": 0.1}``: upper bounds
+            on candidate / original ratios; all must hold; the first is minimised.
+        max_drop: Accuracy points the winner may lose on ``data`` (needs labels).
+        min_cosine: Cosine floor of every output vs the original.
+        budget_minutes: Stop launching evaluations after this long (the best found so far wins).
+        seed: Seed of every pass and of the latency rounds: same inputs and seed, same winner and bytes.
+        jobs: Evaluations in parallel in a local process pool (0: one per core; 1: in this process).
+        ray: ``"auto"`` (local Ray, or the one initialised) or a cluster address; needs ``[distributed]``.
+        cache_dir: Where evaluations are cached (default ``~/.cache/onnxcompress/auto``): a rerun resumes.
+        samples, batch_size, latency_runs: Validation samples (at most), batch size, timed latency rounds.
+        space: The settings tried per technique (:class:`~onnxcompress.pipeline.auto_space.Space`).
+        recipe: A recipe whose ``[auto]`` table gives ``target``/``max_drop``/``min_cosine`` defaults.
+        progress: Progress bars on stderr.
+
+    Returns:
+        An :class:`AutoResult`: ``winner`` (record with ``spec``), ``model`` (the winner, byte-identical to
+        ``optimize(model, winner spec, ...)`` with the same data, seed and gate), every candidate's
+        record (``candidates`` in :meth:`AutoResult.as_dict`, Pareto front marked), the signals used.
+        ``winner`` is None when no candidate met the targets (``best`` is the closest one).
+
+    Raises:
+        InputError: Bad model, data, target, quality bound or options.
+    """
+    if recipe is not None:
+        target, max_drop, min_cosine = _recipe_auto(recipe, target, max_drop, min_cosine)
+    targets, (gate, quality) = parse_targets(target), auto_gate(max_drop, min_cosine)
+    if calib is None:
+        raise InputError("auto needs --calib (every technique it searches is data-aware)")
+    if budget_minutes <= 0:
+        raise InputError(f"--budget-minutes must be positive, got {budget_minutes:g}")
+    loaded = serde.load_model(model)
+    data = calib if data is None else data
+    if quality == "accuracy" and not _has_labels(data, loaded):
+        raise InputError("--max-drop needs labels in --data (a 'labels' array); use --min-cosine otherwise")
+    cache = EvalCache(cache_dir if cache_dir is not None else _default_cache_dir())
+    original, sha = _stage_original(cache, loaded)
+    settings = AutoSettings(targets, gate, quality, calib, data, sha, fingerprint(calib), fingerprint(data), seed,
+                            samples, batch_size, budget_minutes * 60.0, space or Space(), progress, latency_runs)
+    executor = make_executor(jobs, ray)
+    try:
+        result = search(loaded, original, settings, _auto_evaluate, executor, cache)
+    finally:
+        executor.close()
+    _mark_front(result)
+    if result.winner is not None:
+        result.model = serde.load_model(result.winner["model_path"])
+    return result
+
+
+def _recipe_auto(recipe: Any, target: Any, max_drop: float | None,
+                 min_cosine: float | None) -> tuple[Any, float | None, float | None]:
+    """``target`` and the quality bound, the recipe's ``[auto]`` table filling what was not given."""
+    defaults = load_recipe(recipe).auto
+    target = target if target is not None else defaults.get("target")
+    if max_drop is None and min_cosine is None:
+        max_drop, min_cosine = defaults.get("max_drop"), defaults.get("min_cosine")
+    return target, max_drop, min_cosine
+
+
+def _stage_original(cache: EvalCache, model: onnx.ModelProto) -> tuple[Path, str]:
+    """The model written once into the cache folder (what every job reads) and its sha256."""
+    blob = model.SerializeToString(deterministic=True)
+    sha = hashlib.sha256(blob).hexdigest()
+    path = cache.folder / f"original-{sha[:32]}.onnx"
+    if not path.is_file():
+        atomic_write(path, lambda fh: fh.write(blob))
+    return path, sha
+
+
+def _mark_front(result: AutoResult) -> None:
+    """``front`` on every record: passed, timed, and no other is both at least as fast and as good."""
+    timed = [r for r in result.records if r.get("passed") and r.get("latency_ratio") is not None]
+    key = "accuracy" if result.quality == "accuracy" else "cosine"
+    flags = pareto_front([(r["latency_ratio"], r.get(key) or 0.0) for r in timed])
+    for r in result.records:
+        r["front"] = False
+    for r, front in zip(timed, flags):
+        r["front"] = front
+
+
+def _auto_evaluate(job: Job) -> dict:
+    """One ``auto`` candidate: :func:`optimize` with the job's spec, data, seed and gate (``force``: a
+    failing candidate is a result); the model is written to ``job.output``."""
+    start = time.perf_counter()
+    try:
+        result, report = optimize(job.model, job.spec, calib=job.calib, data=job.data, gate=job.gate, force=True,
+                                  seed=job.seed, batch_size=job.batch_size, samples=job.samples)
+    except OnnxCompressError as exc:
+        return {"passed": False, "failures": [str(exc)], "error": type(exc).__name__,
+                "seconds": round(time.perf_counter() - start, 2)}
+    serde.save_model(result, job.output)
+    outputs = report.validation.outputs if report.validation else []
+    scored = [o for o in outputs if o.cand_accuracy is not None]
+    acc = scored[0] if scored else None
+    return {"passed": report.passed, "failures": report.validation.failures if report.validation else [],
+            "error": None, "file_bytes": report.after.file_bytes, "macs": report.after.macs,
+            "size_ratio": round(report.after.file_bytes / max(1, report.before.file_bytes), 4),
+            "macs_ratio": round(report.after.macs / max(1, report.before.macs), 4),
+            "accuracy": None if acc is None else round(100 * acc.cand_accuracy, 4),
+            "ref_accuracy": None if acc is None or acc.ref_accuracy is None else round(100 * acc.ref_accuracy, 4),
+            "accuracy_drop": None if acc is None or acc.top1_drop is None else round(acc.top1_drop, 4),
+            "cosine": round(min((o.cosine for o in outputs), default=1.0), 6),
+            "sqnr_db": round(min((o.sqnr_db for o in outputs), default=math.inf), 3) if outputs else None,
+            "seconds": round(time.perf_counter() - start, 2)}

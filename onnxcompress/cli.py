@@ -22,6 +22,7 @@ from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
 from onnxcompress.core.fileio import atomic_write, file_record
 from onnxcompress.core.pass_api import Numerics
 from onnxcompress.core.shapes import parse_dims
+from onnxcompress.pipeline.auto_space import parse_space
 from onnxcompress.pipeline.manager import registry
 from onnxcompress.pipeline.recipes import builtin_recipes, load_recipe
 from onnxcompress.pipeline.validate import Gate, gate_problem
@@ -404,6 +405,66 @@ def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: st
     _write_json(json_path, report.as_dict())
     if plot_path is not None:
         plot_sensitivity(report, plot_path, top)
+
+
+@cli.command(name="auto")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", default=None, metavar="PATH", help="Calibration data (required: every technique is data-aware).")
+@click.option("--data", default=None, metavar="PATH", help="Validation data; labels make --max-drop accuracy points.")
+@click.option("--target", "targets", multiple=True, metavar="KIND=R",
+              help="latency=R, size=R or macs=R: candidate/original ratio bound (repeatable; all must hold; the "
+                   "first is minimised).")
+@click.option("--max-drop", type=float, default=None, help="Accuracy points the result may lose on --data.")
+@click.option("--min-cosine", type=float, default=None, help="Cosine floor of every output vs the original.")
+@click.option("--budget-minutes", type=float, default=10.0, show_default=True, help="Stop launching evaluations after N minutes.")
+@click.option("--jobs", type=int, default=0, show_default=True, help="Parallel evaluations (0: one per core; 1: in-process).")
+@click.option("--ray", default=None, metavar="auto|ADDRESS", help="Evaluate on Ray (pip install 'onnxcompress[distributed]').")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Evaluation cache (default ~/.cache/onnxcompress/auto): a rerun resumes.")
+@click.option("--recipe", default=None, metavar="NAME|TOML", help="A recipe whose [auto] table gives the defaults.")
+@click.option("--space", default=None, metavar="KEY=V|V,...",
+              help="Settings tried per technique, e.g. 'prune=0.25|0.5,lowrank=,quant=int8' (empty: off; "
+                   "default prune=0.25|0.375|0.5|0.625, lowrank=0.9|0.8, quant=int8|int8-mixed).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output model (default: <model name>.auto.onnx in the current folder).")
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Every candidate, the winner and the signals as JSON.")
+@click.option("--samples", type=int, default=None, help="Use at most N validation samples.")
+@click.option("--latency-runs", type=int, default=200, show_default=True,
+              help="Timed rounds of the latency stage (paired, 1 thread).")
+@click.option("--seed", default=0, show_default=True, help="Seed of every pass and of the latency rounds.")
+@click.pass_obj
+def auto_cmd(obj: dict, model: Path, output: Path | None, json_path: str | None, **kw) -> None:
+    """Search pruning, factorization and int8 (and their combinations) for the model that meets the
+    --target ratios within --max-drop / --min-cosine; exit 1 (nothing written) when none does."""
+    output = output or Path(model.name.removesuffix(".onnx") + ".auto.onnx")
+    if output.exists() and model.exists() and output.resolve() == model.resolve():
+        raise InputError(f"{output}: output path is the input model; choose another output")
+    result = api.auto(model, kw["calib"], kw["data"], target=list(kw["targets"]) or None, max_drop=kw["max_drop"],
+                      min_cosine=kw["min_cosine"], budget_minutes=kw["budget_minutes"], seed=kw["seed"],
+                      jobs=kw["jobs"], ray=kw["ray"], cache_dir=kw["cache_dir"], samples=kw["samples"],
+                      recipe=kw["recipe"], space=parse_space(kw["space"]), latency_runs=kw["latency_runs"],
+                      progress=obj["progress"])
+    payload = {"model": str(model), "output": str(output) if result.model is not None else None, **result.as_dict()}
+    payload["reproduce"] = _reproduce(model, kw, result) if result.spec else None
+    _write_json(json_path, payload)
+    if not obj["quiet"] and json_path != "-":
+        from onnxcompress.reporting.auto_view import show_auto
+        show_auto(_console(), payload, payload["reproduce"])
+    if result.model is None:
+        raise GateFailed("no candidate met the targets within the quality bound; nothing written")
+    serde.save_model(result.model, output, protect=model)
+    if not obj["quiet"] and json_path != "-":
+        _console().print(f"wrote {output}")
+
+
+def _reproduce(model: Path, kw: dict, result: api.AutoResult) -> str:
+    """The ``optimize`` command that rebuilds the winner, byte for byte, and applies the same gate."""
+    flags = {"max_top1_drop": "--max-top1-drop", "min_cosine": "--min-cosine"}
+    gate = " ".join(f"{flags[k]} {v:g}" for k, v in result.gate.items())
+    data = kw["data"] if kw["data"] is not None else kw["calib"]
+    samples = f" --samples {kw['samples']}" if kw["samples"] else ""
+    return (f"onnxcompress optimize {model} --passes {result.spec} --calib {kw['calib']} --data {data} {gate}"
+            f"{samples} --seed {kw['seed']}")
 
 
 #: Options of the command group that may also be given after the subcommand.

@@ -198,7 +198,7 @@ def test_pipeline_label_keeps_only_non_default_options() -> None:
 @pytest.mark.parametrize("text, message", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"hello": 1}', "not the JSON of optimize, bench or sensitivity"),
+    ('{"hello": 1}', "not the JSON of optimize, bench, sensitivity or auto"),
     ('{"machine": {}, "models": [{"name": "m.onnx"}]}', "missing key 'median_ms'"),
     ('{"before": {}, "after": {}, "passes": []}', "missing key 'file_bytes'"),
 ])

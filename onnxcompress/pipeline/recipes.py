@@ -20,6 +20,10 @@ gate thresholds (:func:`~onnxcompress.pipeline.validate.gate_problem`).
     [[pass]]
     name = "prune_channels"
     ratio = 0.3
+
+An optional ``[auto]`` table gives ``onnxcompress auto --recipe`` its defaults: ``target`` (a list of
+``"latency=0.5"``-style strings), ``max_drop`` and/or ``min_cosine``. A recipe with an ``[auto]``
+table may have no ``[[pass]]`` (then it serves ``auto`` only).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ __all__ = [
     "load_recipe",
 ]
 
-_TOP_KEYS = {"description", "gate", "pass", "requires"}
+_TOP_KEYS = {"auto", "description", "gate", "pass", "requires"}
+_AUTO_KEYS = {"target", "max_drop", "min_cosine"}
 
 #: What a recipe may require (``requires = [...]``) and how the error message asks for it.
 REQUIREMENTS = {"calib": "calibration data (give --calib PATH, or calib=... in the API)"}
@@ -58,6 +63,7 @@ class Recipe:
     passes: list[Pass]
     gate: dict[str, float] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
+    auto: dict = field(default_factory=dict)
 
 
 def _builtin_dir() -> Path:
@@ -94,14 +100,35 @@ def load_recipe(ref: str | os.PathLike) -> Recipe:
     if unknown:
         raise InputError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
     entries = data.get("pass", [])
-    if not isinstance(entries, list) or not entries:
-        raise InputError(f"{path}: a recipe needs at least one [[pass]] table")
+    if not isinstance(entries, list) or not (entries or "auto" in data):
+        raise InputError(f"{path}: a recipe needs at least one [[pass]] table (or an [auto] table)")
     passes = [_pass(path, entry) for entry in entries]
     try:
         check_pipeline(passes)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    return Recipe(path.stem, str(data.get("description", "")), passes, _gate(path, data), _requires(path, data, passes))
+    return Recipe(path.stem, str(data.get("description", "")), passes, _gate(path, data), _requires(path, data, passes),
+                  _auto(path, data))
+
+
+def _auto(path: Path, data: dict) -> dict:
+    """The ``[auto]`` table, its keys and value types checked (values are checked by ``auto``)."""
+    table = data.get("auto", {})
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: [auto] must be a table")
+    unknown = sorted(set(table) - _AUTO_KEYS)
+    if unknown:
+        raise InputError(f"{path}: [auto] unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(_AUTO_KEYS))}")
+    target = table.get("target")
+    if isinstance(target, str):
+        table = {**table, "target": [target]}
+    elif target is not None and not (isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        raise InputError(f"{path}: [auto] target must be a list of strings like \"latency=0.5\"")
+    for key in ("max_drop", "min_cosine"):
+        value = table.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"{path}: [auto] {key} must be a number")
+    return dict(table)
 
 
 def _pass(path: Path, entry: object) -> Pass:

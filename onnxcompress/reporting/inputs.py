@@ -1,4 +1,4 @@
-"""The report's inputs: the JSON files ``optimize``, ``bench`` and ``sensitivity`` write, read,
+"""The report's inputs: the JSON files ``optimize``, ``bench``, ``sensitivity`` and ``auto`` write, read,
 told apart by their keys, checked against the fields the report uses, and labelled by file name."""
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ class Inputs:
     runs: list[Source] = field(default_factory=list)
     benches: list[Source] = field(default_factory=list)
     sensitivities: list[Source] = field(default_factory=list)
+    autos: list[Source] = field(default_factory=list)
 
     def all(self) -> list[Source]:
-        """Every source: runs, then benches, then sensitivity scans."""
-        return self.runs + self.benches + self.sensitivities
+        """Every source: runs, then benches, then sensitivity scans, then auto searches."""
+        return self.runs + self.benches + self.sensitivities + self.autos
 
 
 def _read_json(path: Path) -> Any:
@@ -53,14 +54,16 @@ def _read_json(path: Path) -> Any:
 
 def _kind(path: Path, data: Any) -> str:
     if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object written by optimize, bench or sensitivity")
+        raise InputError(f"{path}: expected a JSON object written by optimize, bench, sensitivity or auto")
+    if data.get("kind") == "auto":
+        return "auto"
     if data.get("kind") == "sensitivity" or "layers" in data:
         return "sensitivity"
     if {"before", "after", "passes"} <= set(data):
         return "optimize"
     if {"machine", "models"} <= set(data):
         return "bench"
-    raise InputError(f"{path}: not the JSON of optimize, bench or sensitivity (keys: {', '.join(sorted(data)[:6])})")
+    raise InputError(f"{path}: not the JSON of optimize, bench, sensitivity or auto (keys: {', '.join(sorted(data)[:6])})")
 
 
 _NUM = (int, float)
@@ -70,6 +73,8 @@ _SCHEMA: dict[str, dict[str, Any]] = {
                  "passes": [{"pass": str}]},
     "bench": {"models": [{"name": str, "median_ms": _NUM, "p90_ms": _NUM, "min_ms": _NUM}]},
     "sensitivity": {"layers": [{"node": str}]},
+    "auto": {"targets": dict, "gate": dict, "signals": dict, "evaluated": int, "cached": int,
+             "candidates": [{"spec": str, "label": str}]},
 }
 
 
@@ -116,6 +121,6 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> Inputs:
         data = _read_json(path)
         kind = _kind(path, data)
         _check(data, _SCHEMA[kind], path.name)
-        getattr(inputs, {"optimize": "runs", "bench": "benches", "sensitivity": "sensitivities"}[kind]).append(
+        getattr(inputs, {"optimize": "runs", "bench": "benches", "sensitivity": "sensitivities", "auto": "autos"}[kind]).append(
             Source(str(path), kind, label, data))
     return inputs

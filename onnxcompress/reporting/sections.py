@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onnxcompress._version import __version__
+from onnxcompress.reporting.auto_view import auto_section
 from onnxcompress.reporting.chains import Lineage, link_runs
 from onnxcompress.reporting.display import human_bytes, human_count
 from onnxcompress.reporting.document import Block, Heading, Para, Table
@@ -35,6 +36,8 @@ def document_blocks(inputs: Inputs, title: str, top: int, plot: Callable | None,
         blocks += bench_section(inputs.benches)
     if inputs.runs and inputs.benches:
         blocks += pareto_section(inputs, lineages, plot)
+    if inputs.autos:
+        blocks += auto_section(inputs.autos, plot)
     return blocks
 
 

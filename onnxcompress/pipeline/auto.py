@@ -1,0 +1,342 @@
+"""``auto``: search prune ratio, factorization, quantization and their combinations for the model that
+meets latency/size/MAC targets within an accuracy budget.
+
+Strategy (deterministic for a seed; every step is logged and every evaluated candidate is kept):
+
+1. **Cheap signals** (no validation): the original's size and MACs; the share of weights in
+   MatMul/Gemm (weight-only low-bit joins the space only where it is ≥ 25 %); float vs int8 latency
+   measured once on this machine (a quick int8 model, paired interleaved rounds): when int8 is not
+   faster here and latency is the only target, int8 leaves the space. Cached with the evaluations.
+2. **One technique at a time**: per technique, a binary search over its ladder (prune ratio,
+   factorization energy; weakest → strongest) finds the strongest setting that passes the quality
+   gate on its own; quantization takes the first passing choice in order (plain ``int8``, then the
+   mixed-precision fallback ``int8-mixed``, whose most sensitive layers stay float by per-layer
+   sensitivity); a setting that changes neither MACs nor size (nothing pays) does not count. The
+   probes of every technique run together, in parallel, and each round also
+   evaluates the combination of the bests found so far (greedy: a good model early, should the
+   budget run out).
+3. **Combinations** of the per-technique bests (every subset of two or more, in the order
+   prune → factorize → quantize). A combination that fails the gate **backtracks**: its pruning
+   steps down one rung, else its factorization, else ``int8`` becomes ``int8-mixed``; the new
+   candidates are evaluated, up to :data:`BACKTRACK_ROUNDS` rounds.
+4. **Latency**, in a separate serial stage in this process (no evaluation running beside it): every
+   candidate that passed the gate is timed against the float original in one interleaved run
+   (:func:`onnxcompress.runtime.bench.bench`, 1 thread, paired ratios).
+
+The winner is the candidate that passes the gate and every target with the smallest value of the
+**first** target (latency rounded to 0.01, so timing noise does not reorder near-ties), then the
+best quality, then the spec. Steps 2–3 stop launching work once ``budget_seconds`` is spent.
+Size and MAC targets are deterministic; a latency target depends on the timings measured here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxcompress.core.metrics import model_metrics
+from onnxcompress.core.pass_api import PassContext
+from onnxcompress.pipeline.auto_eval import EvalCache, Executor, Job, job_key, run_jobs
+from onnxcompress.pipeline.auto_space import Candidate, Space, Targets
+from onnxcompress.pipeline.manager import PassManager, parse_spec
+from onnxcompress.runtime.bench import bench
+from onnxcompress.runtime.data import open_source
+
+__all__ = ["AutoSettings", "AutoResult", "search", "choose", "BACKTRACK_ROUNDS", "WEIGHT_ONLY_SHARE"]
+
+log = logging.getLogger(__name__)
+
+#: Rounds of backtracking over failed combinations.
+BACKTRACK_ROUNDS = 2
+#: Weight-only low-bit joins the space when MatMul/Gemm hold at least this share of the weight bytes.
+WEIGHT_ONLY_SHARE = 0.25
+#: A single technique whose MACs (quantization: size) ratio stays above this did nothing; it is not combined.
+NO_EFFECT = 0.98
+#: Calibration samples of the quick int8 model used to time int8 vs float.
+SIGNAL_SAMPLES = 32
+
+
+@dataclass
+class AutoSettings:
+    """What the search needs besides the model and the evaluation function."""
+
+    targets: Targets
+    gate: dict
+    quality: str  # "accuracy" or "cosine": what ranks candidates
+    calib: Any
+    data: Any
+    model_sha: str
+    calib_sha: str
+    data_sha: str
+    seed: int = 0
+    samples: int | None = None
+    batch_size: int = 32
+    budget_seconds: float = 600.0
+    space: Space = field(default_factory=Space)
+    progress: bool = False
+    latency_runs: int = 200
+
+
+@dataclass
+class AutoResult:
+    """The search's outcome: every evaluated candidate (``records``, in evaluation order), the winner
+    among them (None when nothing met the targets; ``best`` is then the closest one)."""
+
+    records: list[dict]
+    winner: dict | None
+    best: dict | None
+    targets: Targets
+    gate: dict
+    quality: str
+    signals: dict
+    machine: str
+    evaluated: int
+    cached: int
+    budget_exhausted: bool
+    seconds: float = 0.0
+    model: onnx.ModelProto | None = None
+
+    @property
+    def spec(self) -> str | None:
+        """The ``--passes`` spec of the winner."""
+        return None if self.winner is None else self.winner["spec"]
+
+    def as_dict(self) -> dict:
+        """JSON-ready form (``kind: auto``)."""
+        return {"kind": "auto", "targets": self.targets.as_dict(), "gate": self.gate, "quality": self.quality,
+                "winner": self.winner, "best": self.best, "spec": self.spec, "signals": self.signals,
+                "machine": self.machine, "evaluated": self.evaluated, "cached": self.cached,
+                "budget_exhausted": self.budget_exhausted, "seconds": round(self.seconds, 2),
+                "candidates": self.records}
+
+
+class _Run:
+    """One search: jobs out, records in, the clock."""
+
+    def __init__(self, model_path: str, settings: AutoSettings, evaluate: Callable[[Job], dict],
+                 executor: Executor, cache: EvalCache):
+        self.model_path, self.s, self.evaluate, self.executor, self.cache = model_path, settings, evaluate, executor, cache
+        self.records: dict[Candidate, dict] = {}
+        self.start = time.monotonic()
+        self.evaluated = self.cached = 0
+        self.exhausted = False
+
+    def over_budget(self) -> bool:
+        if time.monotonic() - self.start > self.s.budget_seconds:
+            self.exhausted = True
+        return self.exhausted
+
+    def job(self, c: Candidate) -> Job:
+        s = self.s
+        key = job_key(s.model_sha, c.spec, s.calib_sha, s.data_sha, s.seed, s.gate, s.samples)
+        return Job(self.model_path, c.spec, s.calib, s.data, s.seed, dict(s.gate), s.samples, s.batch_size, {}, key,
+                   str(self.cache.model_path(key)))
+
+    def run(self, candidates: list[Candidate], stage: str | None = None) -> None:
+        """Evaluate the new ones of ``candidates`` (unless the budget is spent); ``stage`` names them
+        (default: ``single`` or ``combination``)."""
+        new = list(dict.fromkeys(c for c in candidates if c not in self.records))
+        if not new or self.over_budget():
+            return
+        jobs = [self.job(c) for c in new]
+        results, ran = run_jobs(self.evaluate, jobs, self.cache, self.executor, progress=self.s.progress,
+                                label=f"auto: {stage or 'round'} ({len(new)})")
+        self.evaluated += ran
+        self.cached += len(jobs) - ran
+        for c, job, rec in zip(new, jobs, results):
+            named = stage or ("single" if c.techniques == 1 else "combination")
+            self.records[c] = {"label": c.label(), "spec": c.spec, "candidate": c.as_dict(), "stage": named,
+                               "key": job.key, "model_path": job.output, **rec}
+            log.info("auto %s: %s -> %s", named, c.label(), "pass" if rec.get("passed") else rec.get("failures"))
+
+    def passed(self, c: Candidate) -> bool:
+        rec = self.records.get(c)
+        return bool(rec and rec.get("passed"))
+
+    def useful(self, c: Candidate) -> bool:
+        """Passed and did its job: pruning and factorization cut MACs, quantization the size, below
+        :data:`NO_EFFECT` (``fold_bn``/``simplify`` alone also shrink the file, so size does not count
+        for the first two); a technique that finds nothing to do here is not combined."""
+        rec = self.records.get(c) or {}
+        ratio = rec.get("size_ratio") if c.quant else rec.get("macs_ratio")
+        return self.passed(c) and (ratio if ratio is not None else 1.0) < NO_EFFECT
+
+
+def _signals(model: onnx.ModelProto, s: AutoSettings, cache: EvalCache) -> dict:
+    """:func:`_cheap_signals`, cached like evaluations (a resumed search makes the same choices)."""
+    name = "signals-" + job_key(s.model_sha, "signals", s.calib_sha, s.data_sha, s.seed, {}, None)
+    found = cache.read(name)
+    if found is None:
+        found = _cheap_signals(model, s)
+        cache.put(name, found)
+    return found
+
+
+def _cheap_signals(model: onnx.ModelProto, s: AutoSettings) -> dict:
+    """Size and MACs of the original, the MatMul/Gemm weight share, and float vs int8 latency here."""
+    metrics = model_metrics(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    nbytes = {n: len(i.raw_data) or 4 * max(1, len(i.float_data)) for n, i in inits.items()}
+    linear = {x for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for x in n.input if x in inits}
+    share = sum(nbytes[n] for n in linear) / max(1, sum(nbytes.values()))
+    signals: dict[str, Any] = {"file_bytes": metrics.file_bytes, "macs": metrics.macs, "matmul_weight_share":
+                               round(share, 4), "int8_latency_ratio": None}
+    if s.calib is None:
+        return signals
+    try:
+        calib = open_source(s.calib, model, limit=SIGNAL_SAMPLES, seed=s.seed)
+        quick, _ = PassManager(parse_spec("fold_bn,quantize_int8"), PassContext(calib=calib, seed=s.seed)).run(model)
+        report = bench([model, quick], threads=1, warmup=5, runs=60, data=s.data, seed=s.seed)
+        signals["int8_latency_ratio"] = round(report.models[1].ratio_vs_first, 3)
+    except Exception as exc:
+        log.warning("auto: could not time int8 vs float (%s); int8 stays in the space", exc)
+    return signals
+
+
+def _space(s: AutoSettings, signals: dict) -> Space:
+    """The space after the cheap signals: weight-only bits only where MatMul/Gemm weights matter, int8
+    dropped when it is slower here and only latency counts."""
+    quant = list(s.space.quant)
+    if signals["matmul_weight_share"] >= WEIGHT_ONLY_SHARE:
+        quant += [q for q in s.space.weight_only if q not in quant]
+    ratio = signals.get("int8_latency_ratio")
+    if ratio is not None and ratio > 0.95 and [k for k, _ in s.targets.items] == ["latency"]:
+        log.info("auto: int8 is not faster than float here (%.2f); latency search without int8", ratio)
+        quant = [q for q in quant if not q.startswith("int8")]
+    return replace(s.space, quant=tuple(quant), weight_only=())
+
+
+def _singles(run: _Run, space: Space) -> dict[str, Candidate]:
+    """Step 2: the strongest passing setting per technique (binary search on prune and lowrank,
+    first passing quantization in order)."""
+    ladders: dict[str, list[Candidate]] = {
+        "prune": [Candidate(prune=r) for r in sorted(space.prune)],
+        "lowrank": [Candidate(lowrank=e) for e in sorted(space.lowrank, reverse=True)],
+    }
+    bounds = {k: [-1, len(v)] for k, v in ladders.items() if v}  # [strongest passing, weakest failing]
+    quant = [Candidate(quant=q) for q in space.quant]
+    best: dict[str, Candidate] = {}
+    while not run.over_budget():
+        probes = {k: ladders[k][(lo + hi + 1) // 2] for k, (lo, hi) in bounds.items() if hi - lo > 1}
+        q_next = next((c for c in quant if c not in run.records), None) if "quant" not in best else None
+        batch = list(probes.values()) + ([q_next] if q_next else [])
+        if not batch:
+            break
+        so_far = [ladders[k][lo] for k, (lo, _) in bounds.items() if lo >= 0] + \
+            ([best["quant"]] if "quant" in best else [])
+        greedy = [_combine(tuple(so_far))] if len(so_far) > 1 else []  # the bests so far, combined
+        run.run(batch + [c for c in greedy if c not in run.records])
+        for k, c in probes.items():
+            i = ladders[k].index(c)
+            bounds[k][0 if run.useful(c) else 1] = i
+        for c in quant:
+            if "quant" not in best and run.useful(c):
+                best["quant"] = c
+    for k, (lo, _) in bounds.items():
+        if lo >= 0:
+            best[k] = ladders[k][lo]
+    return best
+
+
+def _combine(parts: tuple[Candidate, ...]) -> Candidate:
+    c = Candidate()
+    for p in parts:
+        c = Candidate(p.prune or c.prune, p.lowrank or c.lowrank, p.quant or c.quant)
+    return c
+
+
+def _step_down(c: Candidate, space: Space) -> Candidate | None:
+    """The next weaker candidate when ``c`` fails: pruning one rung down, else factorization, else
+    mixed-precision int8; None when nothing is left to relax."""
+    weaker_p = [r for r in sorted(space.prune) if r < c.prune]
+    if c.prune and weaker_p:
+        return replace(c, prune=weaker_p[-1])
+    weaker_e = [e for e in sorted(space.lowrank) if e > c.lowrank]
+    if c.lowrank and weaker_e:
+        return replace(c, lowrank=weaker_e[0])
+    if c.quant == "int8" and "int8-mixed" in space.quant:
+        return replace(c, quant="int8-mixed")
+    return None
+
+
+def _combinations(run: _Run, best: dict[str, Candidate], space: Space) -> None:
+    """Step 3: every combination of two or more per-technique bests, with backtracking on failures."""
+    parts = [best[k] for k in ("prune", "lowrank", "quant") if k in best]
+    todo = [_combine(p) for n in range(len(parts), 1, -1) for p in itertools.combinations(parts, n)]
+    for round_ in range(BACKTRACK_ROUNDS + 1):
+        run.run(todo, "combination" if round_ == 0 else f"backtrack {round_}")
+        failed = [c for c in todo if c in run.records and not run.passed(c)]
+        todo = [s for s in (_step_down(c, space) for c in failed) if s is not None and s not in run.records]
+        if not todo:
+            break
+
+
+def _latency(run: _Run, model: onnx.ModelProto) -> tuple[str, float | None]:
+    """Step 4: every passing candidate timed against the original, in one interleaved run; returns
+    the machine line and the original's median ms."""
+    passing = [rec for rec in run.records.values() if rec.get("passed")]
+    if not passing:
+        return "", None
+    report = bench([model, *[rec["model_path"] for rec in passing]], threads=1, warmup=10, runs=run.s.latency_runs,
+                   data=run.s.data, seed=run.s.seed, progress=run.s.progress)
+    for rec, m in zip(passing, report.models[1:]):
+        rec["latency_ratio"], rec["median_ms"] = round(m.ratio_vs_first, 4), round(m.median_ms, 4)
+    return report.machine.line(), round(report.models[0].median_ms, 4)
+
+
+def _ratios(rec: dict) -> dict[str, float | None]:
+    return {"latency": rec.get("latency_ratio"), "size": rec.get("size_ratio"), "macs": rec.get("macs_ratio")}
+
+
+def _quality(rec: dict, quality: str) -> float:
+    value = rec.get("accuracy") if quality == "accuracy" else rec.get("cosine")
+    return float("-inf") if value is None else float(value)
+
+
+def choose(records: list[dict], targets: Targets, quality: str) -> tuple[dict | None, dict | None]:
+    """(winner, best): the winner passes the gate and every target with the smallest first-target
+    value (latency rounded to 0.01), then the best quality, then the spec; without one, ``best`` is
+    the passing candidate closest to the targets (smallest worst ratio / bound)."""
+    def value(rec: dict) -> float:
+        v = _ratios(rec)[targets.primary]
+        return float("inf") if v is None else round(v, 2) if targets.primary == "latency" else v
+
+    passing = [r for r in records if r.get("passed")]
+    for r in records:
+        r["misses"] = targets.misses(_ratios(r)) if r.get("passed") else []
+    feasible = [r for r in passing if not r["misses"]]
+    if feasible:
+        win = min(feasible, key=lambda r: (value(r), -_quality(r, quality), r["spec"]))
+        return win, win
+
+    def distance(rec: dict) -> float:
+        return max((_ratios(rec).get(k) or float("inf")) / b for k, b in targets.items)
+
+    best = min(passing, key=lambda r: (distance(r), r["spec"])) if passing else None
+    return None, best
+
+
+def search(model: onnx.ModelProto, model_path: str | Path, settings: AutoSettings, evaluate: Callable[[Job], dict],
+           executor: Executor, cache: EvalCache) -> AutoResult:
+    """Run the whole search (see the module docstring); ``evaluate`` builds and validates one job."""
+    run = _Run(str(model_path), settings, evaluate, executor, cache)
+    signals = _signals(model, settings, cache)
+    space = _space(settings, signals)
+    signals["space"] = {"prune": list(space.prune), "lowrank": list(space.lowrank), "quant": list(space.quant)}
+    best = _singles(run, space)
+    signals["single_best"] = {k: c.label() for k, c in best.items()}
+    _combinations(run, best, space)
+    machine, signals["latency_base_ms"] = _latency(run, model)
+    records = list(run.records.values())
+    winner, best_rec = choose(records, settings.targets, settings.quality)
+    for rec in records:
+        rec["winner"] = rec is winner
+    return AutoResult(records, winner, best_rec, settings.targets, settings.gate, settings.quality, signals, machine,
+                      run.evaluated, run.cached, run.exhausted, time.monotonic() - run.start)

@@ -1,0 +1,184 @@
+"""The search space of ``auto``: a :class:`Candidate` (prune ratio, factorization energy, quantization)
+and the one mapping from a candidate to the ``--passes`` spec that builds it (:func:`candidate_spec`).
+
+Order of the techniques in a spec: prune → fold BN → factorize → simplify → quantize (pruning needs
+the BN gammas and the float graph; factorization works on the pruned float layers; quantization last,
+on the final float graph). Targets (``latency=R``, ``size=R``, ``macs=R``) are parsed here too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from onnxcompress.core.errors import InputError
+
+__all__ = ["Candidate", "Space", "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets",
+           "parse_space", "TARGET_KINDS"]
+
+#: ``quantize_int8``'s mixed-precision target when plain int8 fails the gate (the float fallback).
+MIXED_COSINE = 0.999
+
+#: Quantization choices and the pass spec of each.
+QUANT_SPECS: dict[str, str] = {
+    "int8": "quantize_int8",
+    "int8-mixed": f"quantize_int8:min_cosine={MIXED_COSINE}",
+    "w8": "quantize_weights:bits=8",
+    "w4": "quantize_weights:bits=4:method=gptq",
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search space. ``prune``: ``prune_channels`` ratio (0: none); ``lowrank``:
+    ``factorize_tucker`` energy (0: none); ``quant``: a key of :data:`QUANT_SPECS` ('' : float)."""
+
+    prune: float = 0.0
+    lowrank: float = 0.0
+    quant: str = ""
+
+    @property
+    def spec(self) -> str:
+        """The ``--passes`` spec (see :func:`candidate_spec`)."""
+        return candidate_spec(self)
+
+    @property
+    def techniques(self) -> int:
+        """How many techniques it combines."""
+        return sum(1 for on in (self.prune, self.lowrank, self.quant) if on)
+
+    def label(self) -> str:
+        """Short name: ``prune 0.5 + tucker 0.9 + int8``."""
+        parts = ([f"prune {self.prune:g}"] if self.prune else []) + \
+            ([f"tucker {self.lowrank:g}"] if self.lowrank else []) + ([self.quant] if self.quant else [])
+        return " + ".join(parts) or "float"
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"prune": self.prune, "lowrank": self.lowrank, "quant": self.quant}
+
+
+def candidate_spec(c: Candidate) -> str:
+    """The pipeline that builds ``c``; the only place that maps a candidate onto passes (pruning by
+    ``prune_channels:ratio=``; a MAC-budget form can replace it here)."""
+    parts = [f"prune_channels:ratio={c.prune:g}"] if c.prune else []
+    parts.append("fold_bn")
+    if c.lowrank:
+        parts.append(f"factorize_tucker:energy={c.lowrank:g}")
+    parts.append("simplify")
+    if c.quant:
+        parts.append(QUANT_SPECS[c.quant])
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Space:
+    """The settings tried per technique, weakest first (the search looks for the strongest that
+    passes the quality gate on its own, then combines). ``quant`` in the order tried; a failing
+    ``int8`` falls back to ``int8-mixed`` when listed."""
+
+    prune: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625)
+    lowrank: tuple[float, ...] = (0.9, 0.8)
+    quant: tuple[str, ...] = ("int8", "int8-mixed")
+    weight_only: tuple[str, ...] = ("w8", "w4")
+
+    def __post_init__(self) -> None:
+        for r in self.prune:
+            if not 0 < r < 1:
+                raise InputError(f"auto: prune ratio {r} must be in (0, 1)")
+        for e in self.lowrank:
+            if not 0 < e <= 1:
+                raise InputError(f"auto: factorization energy {e} must be in (0, 1]")
+        for q in (*self.quant, *self.weight_only):
+            if q not in QUANT_SPECS:
+                raise InputError(f"auto: unknown quantization {q!r}; valid: {', '.join(QUANT_SPECS)}")
+
+
+#: Target kinds and what their ratio compares (candidate / original).
+TARGET_KINDS = {"latency": "paired latency ratio", "size": "file size ratio", "macs": "MACs ratio"}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Upper bounds on candidate / original ratios, in the order given (the first is the objective)."""
+
+    items: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+
+    def get(self, kind: str) -> float | None:
+        """The bound on ``kind``, or None."""
+        return dict(self.items).get(kind)
+
+    @property
+    def primary(self) -> str:
+        """The first target's kind (what the winner minimises)."""
+        return self.items[0][0] if self.items else "latency"
+
+    def misses(self, ratios: dict[str, float | None]) -> list[str]:
+        """The targets ``ratios`` miss (a missing ratio misses), e.g. ``latency 0.62 > 0.5``."""
+        out = []
+        for kind, bound in self.items:
+            value = ratios.get(kind)
+            if value is None or not value <= bound:
+                out.append(f"{kind} {'?' if value is None else f'{value:.3f}'} > {bound:g}")
+        return out
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        return dict(self.items)
+
+
+def parse_targets(items: list[str] | tuple[str, ...] | str | dict | None) -> Targets:
+    """``["latency=0.5", "size=0.25"]`` (or one comma-separated string, or a dict) → :class:`Targets`.
+
+    Raises:
+        InputError: An unknown kind, a value that is not a ratio in (0, 1], a kind given twice, none.
+    """
+    if isinstance(items, dict):
+        pairs = [f"{k}={v}" for k, v in items.items()]
+    elif isinstance(items, str):
+        pairs = [s for s in items.split(",") if s.strip()]
+    else:
+        pairs = [s for item in (items or []) for s in str(item).split(",") if s.strip()]
+    if not pairs:
+        raise InputError("auto needs at least one --target (latency=R, size=R or macs=R)")
+    out: dict[str, float] = {}
+    for pair in pairs:
+        kind, _, value = pair.strip().partition("=")
+        if kind not in TARGET_KINDS:
+            raise InputError(f"--target {pair!r}: unknown kind {kind!r}; valid: {', '.join(TARGET_KINDS)}")
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise InputError(f"--target {pair!r}: expected {kind}=R with R a ratio in (0, 1]") from None
+        if not (math.isfinite(ratio) and 0 < ratio <= 1):
+            raise InputError(f"--target {pair!r}: the ratio must be in (0, 1]")
+        if kind in out:
+            raise InputError(f"--target {kind} given twice")
+        out[kind] = ratio
+    return Targets(tuple(out.items()))
+
+
+def parse_space(text: str | None) -> Space:
+    """``prune=0.25|0.5,lowrank=,quant=int8`` → :class:`Space` (keys: prune, lowrank, quant,
+    weight_only; ``|`` between settings; an empty value turns the technique off; keys not given keep
+    their defaults).
+
+    Raises:
+        InputError: An unknown key, a value that is not a number where one is expected, a bad setting.
+    """
+    if not text:
+        return Space()
+    fields_: dict[str, tuple] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in ("prune", "lowrank", "quant", "weight_only"):
+            raise InputError(f"--space {item!r}: expected KEY=V|V|... with KEY one of prune, lowrank, quant, weight_only")
+        parts = [v.strip() for v in value.split("|") if v.strip()]
+        if key in ("prune", "lowrank"):
+            try:
+                fields_[key] = tuple(float(v) for v in parts)
+            except ValueError:
+                raise InputError(f"--space {item!r}: {key} settings must be numbers") from None
+        else:
+            fields_[key] = tuple(parts)
+    return Space(**fields_)
