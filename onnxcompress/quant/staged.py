@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import proto
 from onnxcompress.runtime.data import Batch
 from onnxcompress.runtime.progress import track
-from onnxcompress.runtime.segments import FrontierStore
+from onnxcompress.runtime.segments import FrontierStore, Topology
 from onnxcompress.runtime.session import make_session
 
 __all__ = ["StagedBatches", "tensor_depths", "frontier", "segment_model"]
@@ -68,21 +68,12 @@ def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[st
     Raises:
         RuntimeError: The segment reads a computed tensor that is not among ``inputs``.
     """
-    tensors = graph.tensors()
-    needed: set[int] = set()
-    stack = [tensors[n] for n in dict.fromkeys(outputs)]
-    while stack:
-        t = stack.pop()
-        if t.name in inputs or not t.inputs or id(t.inputs[0]) in needed:
-            continue
-        needed.add(id(t.inputs[0]))
-        stack.extend(x for x in t.inputs[0].inputs if x.name)
-    nodes = [n for n in graph.nodes if id(n) in needed]
-    for node in nodes:
-        for t in node.inputs:
-            if isinstance(t, gs.Variable) and t.name and not t.inputs and t.name not in inputs:
-                raise RuntimeError(f"segment reads {t.name!r}, which is not on the frontier")
-    fed = sorted({t.name for n in nodes for t in n.inputs if t.name in inputs})
+    run, leaves = Topology(graph).closure(outputs, set(inputs))
+    missing = sorted(leaves - set(inputs))
+    if missing:
+        raise RuntimeError(f"segment reads {missing[0]!r}, which is not on the frontier")
+    nodes = [graph.nodes[i] for i in sorted(run)]
+    fed = sorted(leaves)
     return proto.segment_model(graph, nodes, {n: inputs[n] for n in fed}, list(dict.fromkeys(outputs)))
 
 

@@ -38,7 +38,7 @@ from onnxcompress.core.graph import const_values
 from onnxcompress.runtime.data import Batch, CalibSource, rebatch
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["CACHE_BYTES", "FrontierStore", "SegmentRunner", "batches", "subgraph_names"]
+__all__ = ["CACHE_BYTES", "FrontierStore", "SegmentRunner", "Topology", "batches", "subgraph_names"]
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class FrontierStore:
             self.folder = None
 
 
-class _Topology:
+class Topology:
     """Who produces and who reads each tensor of a graph (constants and empty names left out)."""
 
     def __init__(self, graph: gs.Graph):
@@ -188,7 +188,7 @@ class SegmentRunner:
 
     def __init__(self, graph: gs.Graph, *, threads: int = 0, cache_bytes: int = CACHE_BYTES):
         self.graph, self.threads = graph, threads
-        self.topo = _Topology(graph)
+        self.topo = Topology(graph)
         self.store = FrontierStore(cache_bytes)
         self.known: set[str] = set()
         self.keep: set[str] = set()
