@@ -52,7 +52,7 @@ from onnxcompress.pruning.types import (
     ParamRef,
 )
 
-__all__ = ["Analysis", "Group", "analyze", "graph_info", "refine_blocks"]
+__all__ = ["Analysis", "Group", "analyze", "block_weights", "graph_info", "refine_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class Group:
         params: Every constant slice the group touches.
         blocks: Block label of each group channel under the grouped-conv constraints (``-1``:
             unconstrained), or ``None`` when no grouped conv constrains the group.
+        block_weights: Channels each block label loses per unit (a budget shared by groups joined
+            through grouped convs, e.g. ShuffleNet's stage streams), or ``None``: one each.
     """
 
     index: int
@@ -91,6 +93,7 @@ class Group:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     params: list[ParamRef] = field(default_factory=list)
     blocks: np.ndarray | None = None
+    block_weights: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -115,6 +118,8 @@ class Analysis:
         groups: The groups, sorted by name.
         unknown_excludes: Names in ``exclude`` that match no node or tensor.
         comp_blocks: Component id -> block label under the grouped-conv constraints.
+        joined: Group key -> the key of the joint group it is part of (a shared budget).
+        key_weights: Group key -> channels each block label loses per unit (absent: 1 each).
     """
 
     graph: gs.Graph
@@ -129,6 +134,8 @@ class Analysis:
     groups: list[Group]
     unknown_excludes: list[str] = field(default_factory=list)
     comp_blocks: dict[int, int] = field(default_factory=dict)
+    joined: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict)
+    key_weights: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict)
 
     def slots(self, tensor: str) -> np.ndarray:
         """Slot ids of ``tensor``'s channels."""
@@ -300,28 +307,112 @@ def _mark_shared(analysis: Analysis, mark) -> None:
 
 
 def _block_constraints(analysis: Analysis, mark) -> None:
-    """Turn the specs' block constraints into :attr:`Analysis.comp_blocks` (or pins and freezes)."""
+    """Turn the specs' block constraints into :attr:`Analysis.comp_blocks` (or pins and freezes).
+
+    Groups that share a constrained tensor (a grouped conv reading a Concat of several producers,
+    ShuffleNet's stage streams) and that would all be frozen each under its own rule (the others'
+    channels pinned) are tried as one group under a shared budget (:attr:`Analysis.joined`): kept
+    when their joint rule is solvable without any pin, else each keeps its own rule.
+    """
     sig = _signatures(analysis)
+    cons = [(f"{node_label(s.node)} ({s.node.op})", t, np.asarray(labels, dtype=np.int64))
+            for s in analysis.specs for t, labels in s.blocks if t in analysis.offsets]
+    joined = _joined_keys(analysis, sig, cons)
+    if joined:
+        frozen = _frozen_alone(analysis, sig, cons)
+        joined = {k: v for k, v in joined.items() if all(j in frozen for j, u in joined.items() if u == v)}
+    if joined:
+        pins: list = []
+        trial = _run_constraints(analysis, _rekey(sig, joined), cons, lambda *a: pins.append(a))
+        bad = {key for key, ok in trial.items() if not ok} | {k for p in pins for k in p[1]}
+        joined = {k: v for k, v in joined.items() if v not in bad}
+        analysis.joined = joined
+        sig = _rekey(sig, joined)
+    _run_constraints(analysis, sig, cons, lambda tensor, key, idx, where: mark(tensor, idx, R_GROUPED, where),
+                     apply=True)
+
+
+def _joined_keys(analysis: Analysis, sig: dict[int, set[str]], cons) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Group key -> the key of the union of the groups that share a constrained tensor with it."""
+    parent: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def find(k):
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
+    for _, tensor, _ in cons:
+        keys = {tuple(sorted(sig[int(c)])) for c in analysis.components(tensor) if int(c) in sig}
+        first, *rest = sorted(keys) or [None]
+        for k in rest:
+            parent[find(k)] = find(first)
+    members: dict = {}
+    for k in parent:
+        members.setdefault(find(k), []).append(k)
+    out = {}
+    for keys in members.values():
+        if len(keys) > 1:
+            union = tuple(sorted({n for k in keys for n in k}))
+            out.update((k, union) for k in keys)
+    return out
+
+
+def _frozen_alone(analysis: Analysis, sig: dict[int, set[str]], cons) -> set[tuple[str, ...]]:
+    """The group keys none of whose channels could go under their own rules (pins, marks, unsolvable)."""
+    pinned: set[int] = set()
+
+    def pin(tensor, keys, idx, where):
+        comps = analysis.components(tensor)
+        pinned.update(int(c) for c in (comps if idx is None else comps[np.asarray(idx)]))
+
+    solved = _run_constraints(analysis, sig, cons, pin)
+    by_key: dict[tuple[str, ...], list[int]] = {}
+    for c, names in sig.items():
+        by_key.setdefault(tuple(sorted(names)), []).append(c)
+    return {key for key, comps in by_key.items()
+            if not solved.get(key, True) or all(c in pinned or c in analysis.marks for c in comps)}
+
+
+def _rekey(sig: dict[int, set[str]], joined: dict) -> dict[int, set[str]]:
+    return {c: set(joined.get(tuple(sorted(names)), names)) for c, names in sig.items()}
+
+
+def _run_constraints(analysis: Analysis, sig: dict[int, set[str]], cons, pin, apply: bool = False) -> dict:
+    """Apply the constraints ``cons`` under signatures ``sig``; ``{group key: solvable}``.
+
+    ``pin(tensor, key, indices, where)`` receives every pin; with ``apply`` the labels and block
+    weights go into the analysis and unsolvable groups are frozen.
+    """
     per_key: dict[tuple[str, ...], list[dict[int, int]]] = {}
-    for spec in analysis.specs:
-        where = f"{node_label(spec.node)} ({spec.node.op})"
-        for tensor, labels in spec.blocks:
-            if tensor not in analysis.offsets:
-                continue
-            found = _tensor_blocks(analysis, sig, tensor, np.asarray(labels, dtype=np.int64),
-                                   lambda idx, t=tensor, w=where: mark(t, idx, R_GROUPED, w))
-            if found is not None:
-                per_key.setdefault(found[0], []).append(found[1])
+    for where, tensor, labels in cons:
+        found = _tensor_blocks(analysis, sig, tensor, labels,
+                               lambda idx, t=tensor, w=where: pin(t, _key_at(analysis, sig, t, idx), idx, w))
+        if found is not None:
+            per_key.setdefault(found[0], []).append(found[1])
+    solved = {}
     for key, constraints in per_key.items():
         comps = sorted({c for m in constraints for c in m})
         stacked = np.array([[m.get(c, -1) for m in constraints] for c in comps], dtype=np.int64)
-        labels = refine_blocks(stacked)
-        if labels is None:
+        labels = _refined(stacked)
+        weights = block_weights(stacked, labels)
+        solved[key] = weights is not None
+        if not apply:
+            continue
+        if weights is None:
             members = [c for c, names in sig.items() if tuple(sorted(names)) == key]
             for c in members:
                 analysis.marks.setdefault(c, {}).setdefault(R_GROUPED, []).append("incompatible grouped convs")
             continue
         analysis.comp_blocks.update((c, int(b)) for c, b in zip(comps, labels) if b >= 0)
+        if np.any(weights != 1):
+            analysis.key_weights[key] = weights
+    return solved
+
+
+def _key_at(analysis: Analysis, sig: dict[int, set[str]], tensor: str, idx) -> set[tuple[str, ...]]:
+    """The group keys of the pinned channels of ``tensor`` (``idx`` ``None``: all of them)."""
+    comps = analysis.components(tensor) if idx is None else analysis.components(tensor)[np.asarray(idx)]
+    return {tuple(sorted(sig[int(c)])) for c in comps if int(c) in sig}
 
 
 def _tensor_blocks(analysis: Analysis, sig: dict[int, set[str]], tensor: str, labels: np.ndarray,
@@ -376,16 +467,85 @@ def refine_blocks(stacked: np.ndarray) -> np.ndarray | None:
         block would not give equal counts per block of some constraint (its blocks contain
         different numbers of refined blocks).
     """
-    labels = np.full(len(stacked), -1, dtype=np.int64)
-    covered = (stacked >= 0).any(axis=1)
-    if covered.any():
-        _, inverse = np.unique(stacked[covered], axis=0, return_inverse=True)
-        labels[covered] = inverse.reshape(-1)
+    labels = _refined(stacked)
     for col in stacked.T:
         per_block = {len(np.unique(labels[col == b])) for b in np.unique(col[col >= 0])}
         if len(per_block) > 1:
             return None
     return labels
+
+
+def _refined(stacked: np.ndarray) -> np.ndarray:
+    """The common refinement of the constraints' blocks (one label per distinct row; ``-1``: free)."""
+    labels = np.full(len(stacked), -1, dtype=np.int64)
+    covered = (stacked >= 0).any(axis=1)
+    if covered.any():
+        _, inverse = np.unique(stacked[covered], axis=0, return_inverse=True)
+        labels[covered] = inverse.reshape(-1)
+    return labels
+
+
+def block_weights(stacked: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """How many channels each refined block loses per unit, so that every constraint holds.
+
+    Args:
+        stacked: ``[channels, constraints]`` block labels (as for :func:`refine_blocks`).
+        labels: The refined labels (:func:`refine_blocks`).
+
+    Returns:
+        One positive integer weight per refined label (all 1 when equal counts per refined block
+        satisfy every constraint, the rule :func:`refine_blocks` checks), else a positive integer
+        solution of the block-sum equations (:func:`_smallest_positive`; a budget shared by the
+        groups of ShuffleNet's stage streams, whose grouped convs' blocks hold different numbers of
+        refined blocks), else ``None``.
+    """
+    n = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
+    rows = []
+    for col in stacked.T:
+        sums = []
+        for b in np.unique(col[col >= 0]):
+            row = np.zeros(n)
+            for lab in np.unique(labels[col == b]):
+                row[lab] += 1
+            sums.append(row)
+        rows += [r - sums[0] for r in sums[1:]]
+    if not rows or not np.any(rows):
+        return np.ones(n, dtype=np.int64)
+    system = np.array(rows)
+    if not np.abs(system @ np.ones(n)).max() > 0:
+        return np.ones(n, dtype=np.int64)
+    sizes = np.bincount(labels[labels >= 0], minlength=n)
+    return _smallest_positive(system, sizes)
+
+
+def _smallest_positive(system: np.ndarray, sizes: np.ndarray, span: int = 8) -> np.ndarray | None:
+    """A positive integer ``w`` with ``system @ w == 0``: among small integer combinations
+    (coefficients in ``[-span, span]``) of a rational basis, the one whose unit removes the smallest
+    fraction of any block (the finest steps), then the most proportional to ``sizes``. Equal-sized
+    blocks make ``sizes`` itself a solution: the fallback when the search finds none (or the space
+    has more than 3 dimensions); ``None`` only if it is not one."""
+    import sympy
+
+    basis = sympy.Matrix(system.astype(np.int64).tolist()).nullspace()
+    if not basis:
+        return None
+    fallback = sizes // np.gcd.reduce(sizes) if np.all(sizes > 0) and not np.abs(system @ sizes).max() else None
+    if len(basis) > 3:
+        return None if fallback is None else fallback.astype(np.int64)
+    vecs = []
+    for b in basis:
+        den = sympy.ilcm(*[sympy.fraction(x)[1] for x in b])
+        vecs.append([int(x * den) for x in b])
+    base = np.array(vecs, dtype=np.int64)  # [dims, n]
+    grid = np.stack(np.meshgrid(*[np.arange(-span, span + 1)] * len(base), indexing="ij"), -1).reshape(-1, len(base))
+    cand = grid @ base
+    cand = cand[np.all(cand > 0, axis=1)]
+    if not len(cand):
+        return None if fallback is None else fallback.astype(np.int64)
+    per = cand / np.maximum(sizes, 1)  # the fraction of each block one unit removes
+    spread = per.max(axis=1) / per.min(axis=1)
+    best = cand[np.lexsort((cand.sum(axis=1), np.round(spread, 9), np.round(per.max(axis=1), 9)))[0]]
+    return best // np.gcd.reduce(best)
 
 
 def _signatures(analysis: Analysis) -> dict[int, set[str]]:
@@ -395,7 +555,7 @@ def _signatures(analysis: Analysis) -> dict[int, set[str]]:
             if name in analysis.offsets:
                 for c in np.unique(analysis.components(name)):
                     sig.setdefault(int(c), set()).add(name)
-    return sig
+    return _rekey(sig, analysis.joined) if analysis.joined else sig
 
 
 def _build_groups(analysis: Analysis) -> None:
@@ -409,7 +569,9 @@ def _build_groups(analysis: Analysis) -> None:
     analysis.comp_local = np.full(ncomp, -1, dtype=np.int64)
     named = sorted(("+".join(sorted(labels[t] for t in key)), key) for key in keys)
     for index, (name, key) in enumerate(named):
-        first = analysis.components(key[0])  # may also hold other groups' channels (a conv added to a concat)
+        # the sources' channels in order (a joined group's sources hold different parts of it; a
+        # source may also hold other groups' channels: a conv added to a concat)
+        first = np.concatenate([analysis.components(t) for t in key])
         _, pos = np.unique(first, return_index=True)
         comps = first[np.sort(pos)]
         comps = comps[np.isin(comps, keys[key])]
@@ -437,7 +599,8 @@ def _make_group(analysis: Analysis, index: int, name: str, key: tuple[str, ...],
     if any(int(c) in analysis.comp_blocks for c in comps):
         blocks = np.array([analysis.comp_blocks.get(int(c), -1) for c in comps], dtype=np.int64)
     return Group(index, name, comps, removable, dict(sorted(reasons.items())), frozen, sorted(blockers)[:8],
-                 sorted(labels[t] for t in key), list(key), blocks=blocks)
+                 sorted(labels[t] for t in key), list(key), blocks=blocks,
+                 block_weights=analysis.key_weights.get(key) if blocks is not None else None)
 
 
 def _fill_members(analysis: Analysis) -> None:
