@@ -13,15 +13,15 @@ without pins.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from onnxcompress.core.graph import node_label
 from onnxcompress.pruning.types import R_GROUPED
 
-if TYPE_CHECKING:
-    from onnxcompress.pruning.dependency import Analysis
+#: :class:`.dependency.Analysis` (that module imports this one; no import back, no cycle).
+Analysis = Any
 
 __all__ = ["block_constraints", "block_weights", "refine_blocks", "signatures"]
 

@@ -38,7 +38,7 @@ from scipy.sparse.csgraph import connected_components
 
 from onnxcompress.core.graph import node_label
 from onnxcompress.core.shapes import infer_graph
-from onnxcompress.pruning.blocks import block_constraints, block_weights, refine_blocks, signatures
+from onnxcompress.pruning.blocks import block_constraints, signatures
 from onnxcompress.pruning.handlers import handle
 from onnxcompress.pruning.layout import last_axis_tensors
 from onnxcompress.pruning.types import (
@@ -54,7 +54,7 @@ from onnxcompress.pruning.types import (
     ParamRef,
 )
 
-__all__ = ["Analysis", "Group", "analyze", "block_weights", "graph_info", "refine_blocks"]
+__all__ = ["Analysis", "Group", "analyze", "graph_info"]
 
 log = logging.getLogger(__name__)
 

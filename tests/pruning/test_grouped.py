@@ -8,7 +8,8 @@ import pytest
 from onnx import numpy_helper
 
 from onnxcompress.core import serde
-from onnxcompress.pruning.dependency import analyze, block_weights, refine_blocks
+from onnxcompress.pruning.blocks import block_weights, refine_blocks
+from onnxcompress.pruning.dependency import analyze
 from onnxcompress.pruning.select import Budget, plan_removal
 from tests.helpers.builders import make_model, node
 from tests.helpers.pruning import X, assert_equivalent, bn, bn_node, build, prune, zeroed
