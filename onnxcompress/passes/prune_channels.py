@@ -74,7 +74,9 @@ class PruneChannels(Pass):
         copy); a channel shuffle (Reshape -> Transpose -> Reshape, ``g`` groups) removes one
         channel of every group at once; a grouped conv (``group=g``) splits
         its input and output channels into ``g`` blocks that must each lose the same count
-        (weight ``[g*co, ci, k, k] -> [g*co', ci', k, k]``, ``group`` unchanged). Each *group*
+        (weight ``[g*co, ci, k, k] -> [g*co', ci', k, k]``, ``group`` unchanged); producers whose
+        channels share such blocks and would each be frozen alone (ShuffleNet's stage streams)
+        form one group with one budget. Each *group*
         (all channels sharing the same producers) is scored (``criterion``: ``l1``/``l2``
         filter norms, ``bn_scale`` ``|gamma|``, ``activation`` mean ``|x|`` on calibration data,
         ``auto`` (default): ``bn_scale`` where the group has a BN, ``activation`` for transformer
@@ -109,7 +111,8 @@ class PruneChannels(Pass):
     Declines:
         One decline per frozen group, with the code of its main reason (from
         :data:`~onnxcompress.pruning.types.FREEZE_REASONS`: ``no_handler``, ``grouped_conv`` --
-        blocks that span several groups or do not merge --, ``reduces_over_channels``,
+        blocks that span several groups one of which can prune alone, or channels spread over
+        some blocks only --, ``reduces_over_channels``,
         ``reshape_mixes_channels`` (the batch dim changes, or channels neither stay, merge nor
         split evenly), ``reshape_target_untraced`` (a computed target whose channel entry cannot
         be traced or rewritten), ``graph_input``/``graph_output``, ``shared_weight``,

@@ -17,9 +17,11 @@ one block label per group channel, ``-1`` for channels no grouped conv constrain
 of other groups there are pinned (``grouped_conv``). A coupled channel that has as many slots in
 every block (a channel shuffle couples one channel of each block) needs no label; one whose slots
 lie in one block is labelled with it; one spread over some blocks only is pinned. Several
-constraints on one group are merged into their common refinement when it implies all of them;
-the tensor (or group) is frozen (``grouped_conv``) when the labelled channels have different
-numbers of slots in their blocks, or constraints do not merge.
+constraints on one group are merged into their common refinement, whose blocks lose channels in
+fixed proportions (:attr:`Group.block_weights`) that satisfy all of them; the tensor is frozen
+(``grouped_conv``) when the labelled channels have different numbers of slots in their blocks.
+Groups that would each be frozen by such pins (ShuffleNet's stage streams) are joined into one
+group with one budget when that needs no pin (:mod:`.blocks`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from scipy.sparse.csgraph import connected_components
 
 from onnxcompress.core.graph import node_label
 from onnxcompress.core.shapes import infer_graph
+from onnxcompress.pruning.blocks import block_constraints, signatures
 from onnxcompress.pruning.handlers import handle
 from onnxcompress.pruning.layout import last_axis_tensors
 from onnxcompress.pruning.types import (
@@ -43,7 +46,6 @@ from onnxcompress.pruning.types import (
     R_EXCLUDED,
     R_GRAPH_INPUT,
     R_GRAPH_OUTPUT,
-    R_GROUPED,
     R_NO_HANDLER,
     R_SHARED,
     GraphInfo,
@@ -52,7 +54,7 @@ from onnxcompress.pruning.types import (
     ParamRef,
 )
 
-__all__ = ["Analysis", "Group", "analyze", "graph_info", "refine_blocks"]
+__all__ = ["Analysis", "Group", "analyze", "graph_info"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class Group:
         params: Every constant slice the group touches.
         blocks: Block label of each group channel under the grouped-conv constraints (``-1``:
             unconstrained), or ``None`` when no grouped conv constrains the group.
+        block_weights: Channels each block label loses per unit (a budget shared by groups joined
+            through grouped convs, e.g. ShuffleNet's stage streams), or ``None``: one each.
     """
 
     index: int
@@ -91,6 +95,7 @@ class Group:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     params: list[ParamRef] = field(default_factory=list)
     blocks: np.ndarray | None = None
+    block_weights: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -115,6 +120,8 @@ class Analysis:
         groups: The groups, sorted by name.
         unknown_excludes: Names in ``exclude`` that match no node or tensor.
         comp_blocks: Component id -> block label under the grouped-conv constraints.
+        joined: Group key -> the key of the joint group it is part of (a shared budget).
+        key_weights: Group key -> channels each block label loses per unit (absent: 1 each).
     """
 
     graph: gs.Graph
@@ -129,6 +136,8 @@ class Analysis:
     groups: list[Group]
     unknown_excludes: list[str] = field(default_factory=list)
     comp_blocks: dict[int, int] = field(default_factory=dict)
+    joined: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict)
+    key_weights: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict)
 
     def slots(self, tensor: str) -> np.ndarray:
         """Slot ids of ``tensor``'s channels."""
@@ -205,7 +214,7 @@ def analyze(graph: gs.Graph, *, protect_io: bool = True, exclude: tuple[str, ...
     unknown = _mark_exclude(graph, exclude, offsets, mark)
     _mark_subgraph_reads(graph, offsets, mark)
     analysis = Analysis(graph, info, specs, offsets, counts, comp, np.full(0, -1), np.full(0, -1), marks, [], unknown)
-    _block_constraints(analysis, mark)
+    block_constraints(analysis, mark)
     _mark_shared(analysis, mark)
     _build_groups(analysis)
     return analysis
@@ -282,7 +291,7 @@ def _mark_shared(analysis: Analysis, mark) -> None:
     for spec in analysis.specs:
         for ref in spec.params:
             by_const.setdefault(id(ref.constant), []).append(ref)
-    sig = _signatures(analysis)
+    sig = signatures(analysis)
 
     def candidates(ref: ParamRef) -> tuple[int, ...]:
         comps = analysis.comp[analysis.offsets[ref.tensor] + ref.slots.reshape(-1)]
@@ -290,116 +299,17 @@ def _mark_shared(analysis: Analysis, mark) -> None:
 
     for refs in by_const.values():
         const = refs[0].constant
-        signatures = set()
+        slicings = set()
         for user in const.outputs:
             mine = [r for r in refs if r.node is user and r.tensor in analysis.offsets]
-            signatures.add(tuple(sorted((r.index, r.axis, candidates(r)) for r in mine)))
-        if len(signatures) > 1:
+            slicings.add(tuple(sorted((r.index, r.axis, candidates(r)) for r in mine)))
+        if len(slicings) > 1:
             for r in refs:
                 mark(r.tensor, r.slots, R_SHARED, const.name)
 
 
-def _block_constraints(analysis: Analysis, mark) -> None:
-    """Turn the specs' block constraints into :attr:`Analysis.comp_blocks` (or pins and freezes)."""
-    sig = _signatures(analysis)
-    per_key: dict[tuple[str, ...], list[dict[int, int]]] = {}
-    for spec in analysis.specs:
-        where = f"{node_label(spec.node)} ({spec.node.op})"
-        for tensor, labels in spec.blocks:
-            if tensor not in analysis.offsets:
-                continue
-            found = _tensor_blocks(analysis, sig, tensor, np.asarray(labels, dtype=np.int64),
-                                   lambda idx, t=tensor, w=where: mark(t, idx, R_GROUPED, w))
-            if found is not None:
-                per_key.setdefault(found[0], []).append(found[1])
-    for key, constraints in per_key.items():
-        comps = sorted({c for m in constraints for c in m})
-        stacked = np.array([[m.get(c, -1) for m in constraints] for c in comps], dtype=np.int64)
-        labels = refine_blocks(stacked)
-        if labels is None:
-            members = [c for c, names in sig.items() if tuple(sorted(names)) == key]
-            for c in members:
-                analysis.marks.setdefault(c, {}).setdefault(R_GROUPED, []).append("incompatible grouped convs")
-            continue
-        analysis.comp_blocks.update((c, int(b)) for c, b in zip(comps, labels) if b >= 0)
-
-
-def _tensor_blocks(analysis: Analysis, sig: dict[int, set[str]], tensor: str, labels: np.ndarray,
-                   pin) -> tuple[tuple[str, ...], dict[int, int]] | None:
-    """One grouped conv's rule on ``tensor`` (every block loses as many channels) as block labels
-    of the components of one group: ``(group key, {component: block})``, or ``None``.
-
-    The rule is kept for the group with the most channels in ``tensor``; the channels of other
-    groups there are pinned (``pin(indices)``), channels of no group never change. A component
-    with as many channels in every block needs no label; one inside a single block is labelled
-    with it (all such components must have the same number of channels there); one spread over
-    some blocks only is pinned, and so are the labelled ones when some block has none of them
-    (that block can lose nothing). ``None`` (the tensor frozen) when the multiplicities differ.
-    """
-    comps = analysis.components(tensor)
-    owner = [tuple(sorted(sig[int(c)])) if int(c) in sig else None for c in comps]
-    sizes = Counter(o for o in owner if o is not None)
-    if not sizes:
-        return None
-    key = max(sizes, key=lambda k: (sizes[k], k))
-    other = np.array([o is not None and o != key for o in owner])
-    if other.any():
-        pin(np.flatnonzero(other))
-    mine = np.array([o == key for o in owner])
-    uniq, inverse = np.unique(comps[mine], return_inverse=True)
-    counts = np.zeros((len(uniq), int(labels.max()) + 1), dtype=np.int64)
-    np.add.at(counts, (inverse.reshape(-1), labels[mine]), 1)
-    uniform = np.all(counts == counts[:, :1], axis=1)
-    single = (counts > 0).sum(axis=1) == 1
-    spread = ~uniform & ~single
-    if spread.any():
-        pin(np.flatnonzero(mine)[spread[inverse.reshape(-1)]])
-    labelled = single & ~uniform
-    if len(set(counts.max(axis=1)[labelled].tolist())) > 1:
-        pin(None)
-        return None
-    block = np.argmax(counts, axis=1)
-    if labelled.any() and len(np.unique(block[labelled])) < counts.shape[1]:
-        pin(np.flatnonzero(mine)[labelled[inverse.reshape(-1)]])  # a block without any: none may go
-        return None
-    return key, {int(c): int(block[k]) for k, c in enumerate(uniq) if labelled[k]}
-
-
-def refine_blocks(stacked: np.ndarray) -> np.ndarray | None:
-    """One block label per channel whose "equal count per block" rule implies every column's.
-
-    Args:
-        stacked: ``[channels, constraints]`` block labels (``-1``: the constraint does not cover it).
-
-    Returns:
-        Labels of the common refinement (``-1``: free), or ``None`` if equal counts per refined
-        block would not give equal counts per block of some constraint (its blocks contain
-        different numbers of refined blocks).
-    """
-    labels = np.full(len(stacked), -1, dtype=np.int64)
-    covered = (stacked >= 0).any(axis=1)
-    if covered.any():
-        _, inverse = np.unique(stacked[covered], axis=0, return_inverse=True)
-        labels[covered] = inverse.reshape(-1)
-    for col in stacked.T:
-        per_block = {len(np.unique(labels[col == b])) for b in np.unique(col[col >= 0])}
-        if len(per_block) > 1:
-            return None
-    return labels
-
-
-def _signatures(analysis: Analysis) -> dict[int, set[str]]:
-    sig: dict[int, set[str]] = {}
-    for spec in analysis.specs:
-        for name in spec.sources:
-            if name in analysis.offsets:
-                for c in np.unique(analysis.components(name)):
-                    sig.setdefault(int(c), set()).add(name)
-    return sig
-
-
 def _build_groups(analysis: Analysis) -> None:
-    sig = _signatures(analysis)
+    sig = signatures(analysis)
     ncomp = int(analysis.comp.max()) + 1 if len(analysis.comp) else 0
     keys: dict[tuple[str, ...], list[int]] = {}
     for c, names in sig.items():
@@ -409,7 +319,9 @@ def _build_groups(analysis: Analysis) -> None:
     analysis.comp_local = np.full(ncomp, -1, dtype=np.int64)
     named = sorted(("+".join(sorted(labels[t] for t in key)), key) for key in keys)
     for index, (name, key) in enumerate(named):
-        first = analysis.components(key[0])  # may also hold other groups' channels (a conv added to a concat)
+        # the sources' channels in order (a joined group's sources hold different parts of it; a
+        # source may also hold other groups' channels: a conv added to a concat)
+        first = np.concatenate([analysis.components(t) for t in key])
         _, pos = np.unique(first, return_index=True)
         comps = first[np.sort(pos)]
         comps = comps[np.isin(comps, keys[key])]
@@ -437,7 +349,8 @@ def _make_group(analysis: Analysis, index: int, name: str, key: tuple[str, ...],
     if any(int(c) in analysis.comp_blocks for c in comps):
         blocks = np.array([analysis.comp_blocks.get(int(c), -1) for c in comps], dtype=np.int64)
     return Group(index, name, comps, removable, dict(sorted(reasons.items())), frozen, sorted(blockers)[:8],
-                 sorted(labels[t] for t in key), list(key), blocks=blocks)
+                 sorted(labels[t] for t in key), list(key), blocks=blocks,
+                 block_weights=analysis.key_weights.get(key) if blocks is not None else None)
 
 
 def _fill_members(analysis: Analysis) -> None:

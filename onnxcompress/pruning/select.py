@@ -9,7 +9,8 @@ in a block-constrained group every other block gets one back too).
 Ties are broken by a permutation seeded with ``seed``, so the choice is deterministic.
 
 Groups read or written by grouped convs (:attr:`~.dependency.Group.blocks`) lose the same number
-``k`` of channels from every block: within each block the ``k`` least important removable
+``k`` of channels from every block (``k * w`` from a block of weight ``w`` in groups joined under a
+shared budget, :attr:`~.dependency.Group.block_weights`): within each block the ``k`` least important removable
 channels go (channels outside any block: the same fraction, by score, not rounded). ``k``
 follows the group's target fraction of the smallest block, capped so that every block keeps at
 least one channel. ``round_to`` then applies per block (each block keeps a multiple of it) if
@@ -140,14 +141,17 @@ def _global_counts(groups: list[Group], scores: dict[int, np.ndarray], budget: B
     return counts
 
 
-def _block_count(target: float, sizes: np.ndarray, cap: int, round_to: int) -> tuple[int, bool]:
-    """``(k, relaxed)``: channels per block, nearest to ``target`` among the ``round_to``-valid ones."""
+def _block_count(target: float, sizes: np.ndarray, cap: int, round_to: int,
+                 weights: np.ndarray | None = None) -> tuple[int, bool]:
+    """``(k, relaxed)``: units per block (block ``b`` loses ``k * weights[b]``), nearest to ``target``
+    among the ``round_to``-valid ones."""
+    w = np.ones(len(sizes), dtype=np.int64) if weights is None else weights
     floor_kept = min(round_to, int(sizes.sum()))  # like plain groups: never below round_to
-    candidates = [k for k in range(cap + 1) if int((sizes - k).sum()) >= floor_kept]
+    candidates = [k for k in range(cap + 1) if int((sizes - k * w).sum()) >= floor_kept]
     if round_to <= 1:
         return min(candidates, key=lambda c: (abs(c - target), c)), False
-    rules = (lambda k: all((s - k) % round_to == 0 and s - k >= round_to for s in sizes),  # per block
-             lambda k: int((sizes - k).sum()) % round_to == 0)  # the blocks' total
+    rules = (lambda k: all((s - k * x) % round_to == 0 and s - k * x >= round_to for s, x in zip(sizes, w)),
+             lambda k: int((sizes - k * w).sum()) % round_to == 0)  # the blocks' total
     for rule in rules:
         valid = [k for k in candidates[1:] if rule(k)]
         if valid:
@@ -163,10 +167,11 @@ def _blocked_choice(group: Group, scores: np.ndarray, want: int, budget: Budget)
     frac = want / group.size
     blocks = np.unique(labels[labels >= 0])
     sizes = np.array([int(np.sum(labels == b)) for b in blocks])
+    weights = np.ones(len(blocks), dtype=np.int64) if group.block_weights is None else group.block_weights[blocks]
     cap = min(min(math.floor(budget.max_group_ratio * s + 1e-9), s - 1, int(np.sum(group.removable & (labels == b))))
-              for b, s in zip(blocks, sizes))
-    k, relaxed = _block_count(frac * sizes.min(), sizes, max(cap, 0), budget.round_to)
-    chosen = [order[labels[order] == b][:k] for b in blocks]
+              // int(w) for b, s, w in zip(blocks, sizes, weights))
+    k, relaxed = _block_count(frac * (sizes / weights).min(), sizes, max(cap, 0), budget.round_to, weights)
+    chosen = [order[labels[order] == b][:k * int(w)] for b, w in zip(blocks, weights)]
     free = order[labels[order] < 0]
     n_free = int(np.sum(labels < 0))
     chosen.append(free[:min(math.floor(frac * n_free + 0.5), math.floor(budget.max_group_ratio * n_free + 1e-9))])
@@ -248,15 +253,16 @@ def _keep_tensors_nonempty(analysis: Analysis, plan: Plan, scores: dict[int, np.
 
 
 def _give_back(group: Group, removed: np.ndarray, local: int, scores: np.ndarray) -> np.ndarray:
-    """``local``, plus (block-constrained groups) the best removed channel of every other block."""
+    """``local``, plus (block-constrained groups) the best removed channels of every block: one
+    unit of each (``block_weights`` channels; one each without weights), ``local`` counting in its own."""
     labels = group.blocks
     if labels is None or labels[local] < 0:
         return np.asarray([local], dtype=np.int64)
     back = [local]
     for b in np.unique(labels[labels >= 0]):
-        if b == labels[local]:
-            continue
-        mine = removed[labels[removed] == b]
-        if len(mine):
-            back.append(int(mine[np.lexsort((-mine, scores[mine]))[-1]]))
+        n = 1 if group.block_weights is None else int(group.block_weights[b])
+        n -= int(b == labels[local])
+        mine = removed[(labels[removed] == b) & (removed != local)]
+        if len(mine) and n > 0:
+            back += [int(m) for m in mine[np.lexsort((-mine, scores[mine]))[::-1][:n]]]
     return np.asarray(back, dtype=np.int64)

@@ -8,7 +8,8 @@ import pytest
 from onnx import numpy_helper
 
 from onnxcompress.core import serde
-from onnxcompress.pruning.dependency import analyze, refine_blocks
+from onnxcompress.pruning.blocks import block_weights, refine_blocks
+from onnxcompress.pruning.dependency import analyze
 from onnxcompress.pruning.select import Budget, plan_removal
 from tests.helpers.builders import make_model, node
 from tests.helpers.pruning import X, assert_equivalent, bn, bn_node, build, prune, zeroed
@@ -65,10 +66,28 @@ def _two_readers(g_p: int, g_q: int) -> onnx.ModelProto:
     return make_model(nodes, X, ["y"], inits)
 
 
-def test_incompatible_grouped_readers_freeze_the_group():
-    groups = {g.name: g for g in analyze(serde.to_graph(_two_readers(3, 2))).groups}
-    assert groups["a"].frozen == groups["p+q"].frozen == "grouped_conv"
-    assert any("incompatible" in b for b in groups["a"].blockers)
+def test_non_nested_grouped_readers_share_a_weighted_budget():
+    """group 3 and group 2 on 12 channels: refined blocks [0,4) [4,6) [6,8) [8,12) lose 2, 1, 1, 2
+    channels per unit, so every block of both convs loses the same count."""
+    model = _two_readers(3, 2)
+    groups = {g.name: g for g in analyze(serde.to_graph(model)).groups}
+    assert groups["a"].frozen is None and groups["a"].block_weights.tolist() == [2, 1, 1, 2]
+    _, analysis, remove, _ = assert_equivalent(model)
+    group = analysis.group("a")
+    removed = np.flatnonzero(np.isin(group.tensors["ar"], remove[group.index]))  # channels of ar
+    for g in (3, 2):
+        assert len(set(np.bincount(removed // (12 // g), minlength=g).tolist())) == 1
+    assert len(removed)
+
+
+def test_block_weights_rules():
+    g2, g4 = np.repeat(np.arange(2), 8), np.repeat(np.arange(4), 4)
+    stacked = np.stack([g2, g4], axis=1)
+    assert block_weights(stacked, refine_blocks(stacked)).tolist() == [1, 1, 1, 1]  # nested: one each
+    partial = np.where(np.arange(16) < 8, g4, -1)  # [0,4) [4,8) [8,16): g2 needs c0 + c1 == c2
+    stacked = np.stack([g2, partial], axis=1)
+    labels = np.unique(stacked, axis=0, return_inverse=True)[1].reshape(-1)
+    assert block_weights(stacked, labels).tolist() == [1, 1, 2]
 
 
 def test_nested_grouped_readers_merge():
