@@ -18,8 +18,8 @@ from onnxcompress.core.shapes import concrete_shapes
 from onnxcompress.quant.codebook import kmeans_codebook
 from onnxcompress.quant.gptq import DEFAULT_DAMP, collect_hessians, gptq, output_error
 from onnxcompress.quant.latency import LayerPair, measure_ratio
-from onnxcompress.quant.weight_rewrite import codebook_weight, dq_weight, gather_rows, matmulnbits_node
-from onnxcompress.quant.weightonly import BlockQuant, rtn
+from onnxcompress.quant.weight_rewrite import codebook_weight, dq_conv_weight, dq_weight, gather_rows, matmulnbits_node
+from onnxcompress.quant.weightonly import BlockQuant, ConvLayout, conv_layout, rtn
 from onnxcompress.runtime.bench import bench_inputs
 
 __all__ = ["LATENCY_TIMER", "R_SLOWER", "SLOWER", "QuantizeWeights"]
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 #: onnxruntime measurement (tests).
 LATENCY_TIMER = Slot("quantize_weights_latency_timer", Callable, "the weight-only latency timer",
                      "replaces quantize_weights' per-shape timings")
-_OPS = ("matmul", "gather")
+_OPS = ("matmul", "gather", "conv")
+_CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 #: Ops a dequantization chain passes through: data input only / every input.
 _THROUGH_DATA = frozenset({"Cast", "DequantizeLinear", "Reshape", "Transpose", "Identity", "Unsqueeze", "Squeeze"})
 _THROUGH_ALL = frozenset({"Mul", "Sub", "Add"})
@@ -45,10 +46,11 @@ R_SLOWER = "slower_than_float"
 @dataclass
 class _Target:
     node: gs.Node
-    kind: str  # "MatMul", "Gemm" or "Gather"
+    kind: str  # "MatMul", "Gemm", "Gather", "Conv" or "ConvTranspose"
     weight: gs.Constant
-    w: np.ndarray  # [K, N]: the weight as y = x·W (a Gather table transposed: [D, V])
+    w: np.ndarray  # [K, N]: the weight as y = x·W (a Gather table transposed: [D, V]; a conv: its layout's matrix)
     transposed: bool = False
+    layout: ConvLayout | None = None  # convs
 
 
 @dataclass
@@ -188,7 +190,9 @@ class QuantizeWeights(Pass):
         o = self.opts
         bad = sorted(set(o["ops"]) - set(_OPS))
         if bad or not o["ops"]:
-            raise InputError(f"pass {self.name}: ops={'|'.join(o['ops'])}: expected matmul and/or gather")
+            raise InputError(f"pass {self.name}: ops={'|'.join(o['ops'])}: expected matmul, gather and/or conv")
+        if "conv" in o["ops"] and o["method"] != "rtn":
+            raise InputError(f"pass {self.name}: ops=conv: method=rtn only (gptq and kmeans: matmul and gather)")
         if o["method"] == "kmeans":
             if o["format"] != "dq":
                 raise InputError(f"pass {self.name}: method=kmeans has its own form (codebook Gather); drop format=")
@@ -217,6 +221,8 @@ class QuantizeWeights(Pass):
         ops = {"MatMul", "Gemm"} if "matmul" in self.opts["ops"] else set()
         if "gather" in self.opts["ops"]:
             ops.add("Gather")
+        if "conv" in self.opts["ops"]:
+            ops |= _CONV_OPS
         targets = []
         for node in graph.nodes:
             if node.op in ops and (node.domain or "") in ("", "ai.onnx"):
@@ -239,6 +245,9 @@ class QuantizeWeights(Pass):
             result.decline(label, *why)
             return None
         values = const_values(tensor)
+        if node.op in _CONV_OPS:
+            layout = conv_layout(node.op, values.shape, self.opts["block_size"])
+            return _Target(node, node.op, tensor, layout.matrix(values), layout=layout)
         transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
         w = values.T if gather or transposed else values
         return _Target(node, node.op, tensor, w, transposed)
@@ -255,7 +264,7 @@ class QuantizeWeights(Pass):
         values = const_values(tensor)
         if values is None or values.dtype != np.float32:
             return "unsupported_dtype", str(None if values is None else values.dtype)
-        if values.ndim != 2:
+        if values.ndim != 2 and not (node.op in _CONV_OPS and values.ndim >= 3):
             return "unsupported_shape", f"{tuple(values.shape)}"
         if len({id(n) for n in tensor.outputs}) > 1:
             return "weight_shared", f"{tensor.name} is read by {len(tensor.outputs)} nodes"
@@ -265,6 +274,8 @@ class QuantizeWeights(Pass):
 
     def _format_problem(self, node: gs.Node, values: np.ndarray) -> tuple[str, str] | None:
         o = self.opts
+        if node.op in _CONV_OPS and o["format"] != "dq":
+            return "format_not_supported", f"{node.op}: format={o['format']} has no conv form (format=dq has)"
         if node.op == "Gather" and values.shape[0] < o["gather_min_rows"]:
             return "small_table", f"{values.shape[0]} rows < gather_min_rows={o['gather_min_rows']}"
         if node.op == "Gather" and o["method"] != "kmeans":
@@ -332,7 +343,7 @@ class QuantizeWeights(Pass):
             return {}
         if ctx.calib is None:
             raise InputError(f"pass {self.name}: method={method} needs calibration data (--calib)")
-        inputs = {t.node.inputs[0].name: t.w.shape[0] for t in targets if t.kind != "Gather"}
+        inputs = {t.node.inputs[0].name: t.w.shape[0] for t in targets if t.kind in ("MatMul", "Gemm")}
         if not inputs:
             return {}
         hs, samples = collect_hessians(serde.to_model(graph), sorted(inputs.items()), ctx.calib,
@@ -352,7 +363,7 @@ class QuantizeWeights(Pass):
             weights = None if h is None else np.diag(h)[:, None]
             book, idx = kmeans_codebook(w, o["bits"], weights=weights, seed=ctx.seed)
             return None, (book, idx), float(np.linalg.norm(book[idx] - w)) / norm
-        block = self._block(w.shape[0], gather=t.kind == "Gather")
+        block = (t.layout.block or w.shape[0]) if t.layout else self._block(w.shape[0], gather=t.kind == "Gather")
         if o["method"] == "gptq" and h is not None:
             q = gptq(w, h, o["bits"], block, o["symmetric"], damp=o["damp"], act_order=o["act_order"],
                      search=o["search"])
@@ -374,6 +385,10 @@ class QuantizeWeights(Pass):
             nodes, out = codebook_weight(names, book[0], book[1], self.opts["bits"], base,
                                          transposed=t.transposed or t.kind == "Gather")
             node.inputs[index] = out
+        elif t.layout is not None:
+            dq, out = dq_conv_weight(names, q, t.layout, base)
+            nodes = [dq]
+            node.inputs[1] = out
         elif t.kind == "Gather":
             ids, out = node.inputs[1], node.outputs[0]
             rank = len(ids.shape) if ids.shape is not None else 0
@@ -486,7 +501,7 @@ class QuantizeWeights(Pass):
         out = {}
         for e in edits:
             t = e.target
-            if t.kind == "Gather" or e.quant is None:
+            if t.kind not in ("MatMul", "Gemm") or e.quant is None:
                 continue
             a = shapes.get(e.inputs[0].name)
             rows = int(np.prod(a[:-1])) if a is not None and len(a) >= 2 else DEFAULT_ROWS
