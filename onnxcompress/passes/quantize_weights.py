@@ -104,6 +104,14 @@ class QuantizeWeights(Pass):
     scales, then a blocked ``DequantizeLinear`` (``format=matmulnbits``:
     ``com.microsoft.GatherBlockQuantized``); bits 4 or 8, blocks along ``D``.
 
+    Convolutions (``ops=conv``, ``format=dq``, ``method=rtn``): ``y = Conv(x, DequantizeLinear(W_q,
+    s, axis=0), b)`` per output channel (``block_size`` 0 or -1, and depthwise or any conv with
+    fewer input channels per group than ``block_size``), else blocked along the input channels
+    (``axis=1``, ``block_size``: one scale per block, output channel and kernel position);
+    ``ConvTranspose``: axes swapped. Biases stay float. onnxruntime (1.32) does not fold that
+    ``DequantizeLinear`` into a float weight: it runs each inference (``prefer=speed`` times the
+    whole model; convs have no one-layer timing, so a slower model reverts them all).
+
     Math (see :mod:`onnxcompress.quant.weightonly`): blocks of ``block_size`` rows of ``W``
     along ``K`` per output column (0 or -1: one block per column), symmetric signed codes
     (``s = max|w| / (2^(b−1) − 1)``) or asymmetric with integer zero points; ``search`` picks
@@ -117,7 +125,8 @@ class QuantizeWeights(Pass):
 
     Fires when: a MatMul's input 1 / a Gemm's ``B`` is a float32 2-D constant (``ops`` has
     ``matmul``), or a ``Gather`` (axis 0) reads a float32 2-D constant table with computed
-    indices (``ops`` has ``gather``).
+    indices (``ops`` has ``gather``), or a Conv/ConvTranspose weight is a float32 constant of
+    rank ≥ 3 (``ops`` has ``conv``; gptq and kmeans refuse ``ops=conv`` when parsed).
 
     Declines (codes): ``weight_not_constant``; ``already_quantized`` (the weight is computed
     from an integer constant, e.g. ``INT8 → Cast → Mul → MatMul``: left alone);
@@ -130,6 +139,7 @@ class QuantizeWeights(Pass):
     token-type tables hold little of the file, and each quantized table adds a few nodes to every
     run); ``op_not_supported`` (a custom-domain node holding float weights, e.g. onnxruntime's fused
     ``Attention`` or ``EmbedLayerNormalization``: left float);
+    ``format_not_supported`` (a conv with ``format=matmulnbits``: no conv form; left float);
     ``slower_than_float`` (``prefer=speed``: measured slower than float here, see Latency).
     A ``K`` the block does not divide is fine: ``DequantizeLinear`` takes a short last block and
     ``MatMulNBits`` pads it with the zero point.
@@ -170,7 +180,8 @@ class QuantizeWeights(Pass):
                          choices=("rtn", "gptq", "kmeans")),
         "format": Option(str, "dq", "dq (standard DequantizeLinear, opset 21) or matmulnbits (onnxruntime)",
                          choices=("dq", "matmulnbits")),
-        "ops": Option(list, ["matmul"], "which constant weights: matmul (MatMul/Gemm) and/or gather (embeddings)"),
+        "ops": Option(list, ["matmul"], "which constant weights: matmul (MatMul/Gemm), gather (embeddings) "
+                                        "and/or conv (Conv/ConvTranspose; rtn, format=dq)"),
         "gather_block_size": Option(int, None, "block_size of embedding tables (default: block_size)",
                                     interval="[-1, inf)"),
         "gather_min_rows": Option(int, 1024, "ops=gather: tables with fewer rows (position, token-type "

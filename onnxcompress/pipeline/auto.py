@@ -4,7 +4,9 @@ meets latency/size/MAC targets within an accuracy budget.
 Strategy (deterministic for a seed; every step is logged and every evaluated candidate is kept):
 
 1. **Cheap signals** (no validation): the original's size and MACs; the share of weights in
-   MatMul/Gemm (weight-only low-bit joins the space only where it is ≥ 25 %); float vs int8 latency
+   MatMul/Gemm and in Conv/ConvTranspose (weight-only low-bit of those joins the space only where
+   it is ≥ 25 %; with size as the first target it is tried before int8, 4 bits first, and the
+   combinations are tried with int8 as well); float vs int8 latency
    measured once on this machine (a quick int8 model, paired interleaved rounds): when int8 is not
    faster here and latency is the only target, int8 leaves the space. Cached with the evaluations.
 2. **One technique at a time**: per technique, a binary search over its ladder (prune ratio,
@@ -281,6 +283,9 @@ def _combinations(run: _Run, best: dict[str, Candidate], space: Space) -> None:
     """Step 3: every combination of two or more per-technique bests, with backtracking on failures."""
     parts = [best[k] for k in ("prune", "lowrank", "quant") if k in best]
     todo = [_combine(p) for n in range(len(parts), 1, -1) for p in itertools.combinations(parts, n)]
+    if "quant" in best and not best["quant"].quant.startswith("int8") and "int8" in space.quant:
+        # weight-only won the single step (size first): the int8 combinations are tried as well
+        todo += [replace(c, quant="int8") for c in todo if c.quant and replace(c, quant="int8") not in todo]
     for round_ in range(BACKTRACK_ROUNDS + 1):
         run.run(todo, "combination" if round_ == 0 else f"backtrack {round_}")
         failed = [c for c in todo if c in run.records and not run.passed(c)]

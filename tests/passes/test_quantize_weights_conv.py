@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import PassContext
+from onnxcompress.passes.quantize_weights import LATENCY_TIMER
 from onnxcompress.pipeline.manager import parse_spec
 from onnxcompress.quant.weightonly import conv_layout, rtn
 from tests.helpers.builders import make_model, node
@@ -147,3 +148,26 @@ def test_conv_pass_is_deterministic():
     a, _ = run_passes(model, f"{SIZE}:bits=4", PassContext(seed=4))
     b, _ = run_passes(model, f"{SIZE}:bits=4", PassContext(seed=4))
     assert a.SerializeToString() == b.SerializeToString()
+
+
+@pytest.mark.parametrize("ratio", [1.3, 1.02])
+def test_prefer_speed_reverts_convs_when_the_model_runs_slower(ratio):
+    """onnxruntime (1.32) keeps DequantizeLinear → Conv as two nodes (no folding of the constant
+    weight): the model timing decides; convs have no one-layer timing, so slower means all revert."""
+    model = conv_model()
+    seen = []
+
+    def timer(pair):
+        seen.append(pair)
+        return ratio
+
+    new, records = run_passes(model, "quantize_weights:ops=conv:bits=4", PassContext(values={LATENCY_TIMER: timer}))
+    result = records[0].result
+    assert len(seen) == 1 and result.stats["latency_scope"] == "model"
+    if ratio > 1.05:
+        assert not result.modified and [n.op_type for n in new.graph.node] == ["Conv"]
+        assert [(d.code, d.detail) for d in result.declined] == [("slower_than_float", "model 1.30× float")]
+        x = feeds(model)
+        np.testing.assert_array_equal(ort_run(new, x)[0], ort_run(model, x)[0])
+    else:
+        assert result.modified and result.stats["quantized_Conv"] == 1 and not result.declined
