@@ -189,7 +189,7 @@ def _cheap_signals(model: onnx.ModelProto, s: AutoSettings) -> dict:
     total = max(1, sum(nbytes.values()))
     share = {}
     for key, ops in (("matmul", ("MatMul", "Gemm")), ("conv", ("Conv", "ConvTranspose"))):
-        held = {x for n in model.graph.node if n.op_type in ops for x in n.input[1:2] if x in inits}
+        held = {x for n in model.graph.node if n.op_type in ops for x in n.input if x in inits}
         share[key] = round(sum(nbytes[n] for n in held) / total, 4)
     signals: dict[str, Any] = {"file_bytes": metrics.file_bytes, "macs": metrics.macs, "matmul_weight_share":
                                share["matmul"], "conv_weight_share": share["conv"], "int8_latency_ratio": None}
