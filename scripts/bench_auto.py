@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="per search")
     parser.add_argument("--cache-dir", type=Path, default=None, help="evaluation cache (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write all numbers here")
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated auto targets (default {','.join(TARGETS)})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     if missing_data():
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache_dir or tmp / "cache"
         for name, path in select_models(args.models)[0]:
             rows = [_recipe(path, recipe, tmp / f"{name}.{recipe}.onnx") for recipe in RECIPES]
-            for target in TARGETS:
+            for target in [t for t in args.targets.split(",") if t]:
                 rows.append(_search(path, target, args, cache))
                 print(f"  {name}: auto {target} done ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
             results.append(_measure(name, path, rows, args.runs))

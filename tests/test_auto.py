@@ -24,8 +24,8 @@ from onnxcompress.pipeline.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "concat_digits.onnx"
-SPACE = Space(prune=(0.25,), lowrank=(), quant=("int8",))
-SPACE_CLI = "prune=0.25,lowrank=,quant=int8"
+SPACE = Space(prune=(0.25,), lowrank=(), quant=("int8",), weight_only=())
+SPACE_CLI = "prune=0.25,lowrank=,quant=int8,weight_only="
 COMBO = "prune_channels:ratio=0.25,fold_bn,simplify,quantize_int8"
 
 
@@ -205,3 +205,19 @@ def test_recipe_auto_table(tmp_path):
     path.write_text('[auto]\ntargets = ["size=0.3"]\n')
     with pytest.raises(InputError, match="unknown key 'targets'"):
         load_recipe(path)
+
+
+def _space_for(targets: str, **signals):
+    from onnxcompress.pipeline.auto import AutoSettings, _space
+
+    s = AutoSettings(parse_targets(targets), {}, "accuracy", None, None, "m", "c", "d")
+    return _space(s, {"matmul_weight_share": 0.0, "conv_weight_share": 0.0, **signals}).quant
+
+
+def test_conv_weight_only_joins_where_convs_hold_the_weights():
+    assert _space_for("size=0.1", conv_weight_share=0.9) == ("cw4", "cw8", "int8", "int8-mixed")  # 4 bits first
+    assert _space_for("latency=0.5", conv_weight_share=0.9) == ("int8", "int8-mixed", "cw8", "cw4")
+    assert _space_for("size=0.1", conv_weight_share=0.1) == ("int8", "int8-mixed")
+    assert _space_for("size=0.1", matmul_weight_share=0.5) == ("w4", "w8", "int8", "int8-mixed")
+    assert "ops=matmul|conv:bits=4" in Candidate(prune=0.5, quant="cw4").spec
+    onnxcompress.parse_spec(Candidate(prune=0.5, quant="cw4").spec)

@@ -18,8 +18,8 @@ from onnxcompress.core.shapes import concrete_shapes
 from onnxcompress.quant.codebook import kmeans_codebook
 from onnxcompress.quant.gptq import DEFAULT_DAMP, collect_hessians, gptq, output_error
 from onnxcompress.quant.latency import LayerPair, measure_ratio
-from onnxcompress.quant.weight_rewrite import codebook_weight, dq_weight, gather_rows, matmulnbits_node
-from onnxcompress.quant.weightonly import BlockQuant, rtn
+from onnxcompress.quant.weight_rewrite import codebook_weight, dq_conv_weight, dq_weight, gather_rows, matmulnbits_node
+from onnxcompress.quant.weightonly import BlockQuant, ConvLayout, conv_layout, rtn
 from onnxcompress.runtime.bench import bench_inputs
 
 __all__ = ["LATENCY_TIMER", "R_SLOWER", "SLOWER", "QuantizeWeights"]
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 #: onnxruntime measurement (tests).
 LATENCY_TIMER = Slot("quantize_weights_latency_timer", Callable, "the weight-only latency timer",
                      "replaces quantize_weights' per-shape timings")
-_OPS = ("matmul", "gather")
+_OPS = ("matmul", "gather", "conv")
+_CONV_OPS = frozenset({"Conv", "ConvTranspose"})
 #: Ops a dequantization chain passes through: data input only / every input.
 _THROUGH_DATA = frozenset({"Cast", "DequantizeLinear", "Reshape", "Transpose", "Identity", "Unsqueeze", "Squeeze"})
 _THROUGH_ALL = frozenset({"Mul", "Sub", "Add"})
@@ -45,10 +46,11 @@ R_SLOWER = "slower_than_float"
 @dataclass
 class _Target:
     node: gs.Node
-    kind: str  # "MatMul", "Gemm" or "Gather"
+    kind: str  # "MatMul", "Gemm", "Gather", "Conv" or "ConvTranspose"
     weight: gs.Constant
-    w: np.ndarray  # [K, N]: the weight as y = x·W (a Gather table transposed: [D, V])
+    w: np.ndarray  # [K, N]: the weight as y = x·W (a Gather table transposed: [D, V]; a conv: its layout's matrix)
     transposed: bool = False
+    layout: ConvLayout | None = None  # convs
 
 
 @dataclass
@@ -102,6 +104,14 @@ class QuantizeWeights(Pass):
     scales, then a blocked ``DequantizeLinear`` (``format=matmulnbits``:
     ``com.microsoft.GatherBlockQuantized``); bits 4 or 8, blocks along ``D``.
 
+    Convolutions (``ops=conv``, ``format=dq``, ``method=rtn``): ``y = Conv(x, DequantizeLinear(W_q,
+    s, axis=0), b)`` per output channel (``block_size`` 0 or -1, and depthwise or any conv with
+    fewer input channels per group than ``block_size``), else blocked along the input channels
+    (``axis=1``, ``block_size``: one scale per block, output channel and kernel position);
+    ``ConvTranspose``: axes swapped. Biases stay float. onnxruntime (1.32) does not fold that
+    ``DequantizeLinear`` into a float weight: it runs each inference (``prefer=speed`` times the
+    whole model; convs have no one-layer timing, so a slower model reverts them all).
+
     Math (see :mod:`onnxcompress.quant.weightonly`): blocks of ``block_size`` rows of ``W``
     along ``K`` per output column (0 or -1: one block per column), symmetric signed codes
     (``s = max|w| / (2^(b−1) − 1)``) or asymmetric with integer zero points; ``search`` picks
@@ -115,7 +125,8 @@ class QuantizeWeights(Pass):
 
     Fires when: a MatMul's input 1 / a Gemm's ``B`` is a float32 2-D constant (``ops`` has
     ``matmul``), or a ``Gather`` (axis 0) reads a float32 2-D constant table with computed
-    indices (``ops`` has ``gather``).
+    indices (``ops`` has ``gather``), or a Conv/ConvTranspose weight is a float32 constant of
+    rank ≥ 3 (``ops`` has ``conv``; gptq and kmeans refuse ``ops=conv`` when parsed).
 
     Declines (codes): ``weight_not_constant``; ``already_quantized`` (the weight is computed
     from an integer constant, e.g. ``INT8 → Cast → Mul → MatMul``: left alone);
@@ -128,6 +139,7 @@ class QuantizeWeights(Pass):
     token-type tables hold little of the file, and each quantized table adds a few nodes to every
     run); ``op_not_supported`` (a custom-domain node holding float weights, e.g. onnxruntime's fused
     ``Attention`` or ``EmbedLayerNormalization``: left float);
+    ``format_not_supported`` (a conv with ``format=matmulnbits``: no conv form; left float);
     ``slower_than_float`` (``prefer=speed``: measured slower than float here, see Latency).
     A ``K`` the block does not divide is fine: ``DequantizeLinear`` takes a short last block and
     ``MatMulNBits`` pads it with the zero point.
@@ -168,7 +180,8 @@ class QuantizeWeights(Pass):
                          choices=("rtn", "gptq", "kmeans")),
         "format": Option(str, "dq", "dq (standard DequantizeLinear, opset 21) or matmulnbits (onnxruntime)",
                          choices=("dq", "matmulnbits")),
-        "ops": Option(list, ["matmul"], "which constant weights: matmul (MatMul/Gemm) and/or gather (embeddings)"),
+        "ops": Option(list, ["matmul"], "which constant weights: matmul (MatMul/Gemm), gather (embeddings) "
+                                        "and/or conv (Conv/ConvTranspose; rtn, format=dq)"),
         "gather_block_size": Option(int, None, "block_size of embedding tables (default: block_size)",
                                     interval="[-1, inf)"),
         "gather_min_rows": Option(int, 1024, "ops=gather: tables with fewer rows (position, token-type "
@@ -188,7 +201,9 @@ class QuantizeWeights(Pass):
         o = self.opts
         bad = sorted(set(o["ops"]) - set(_OPS))
         if bad or not o["ops"]:
-            raise InputError(f"pass {self.name}: ops={'|'.join(o['ops'])}: expected matmul and/or gather")
+            raise InputError(f"pass {self.name}: ops={'|'.join(o['ops'])}: expected matmul, gather and/or conv")
+        if "conv" in o["ops"] and o["method"] != "rtn":
+            raise InputError(f"pass {self.name}: ops=conv: method=rtn only (gptq and kmeans: matmul and gather)")
         if o["method"] == "kmeans":
             if o["format"] != "dq":
                 raise InputError(f"pass {self.name}: method=kmeans has its own form (codebook Gather); drop format=")
@@ -217,6 +232,8 @@ class QuantizeWeights(Pass):
         ops = {"MatMul", "Gemm"} if "matmul" in self.opts["ops"] else set()
         if "gather" in self.opts["ops"]:
             ops.add("Gather")
+        if "conv" in self.opts["ops"]:
+            ops |= _CONV_OPS
         targets = []
         for node in graph.nodes:
             if node.op in ops and (node.domain or "") in ("", "ai.onnx"):
@@ -239,6 +256,9 @@ class QuantizeWeights(Pass):
             result.decline(label, *why)
             return None
         values = const_values(tensor)
+        if node.op in _CONV_OPS:
+            layout = conv_layout(node.op, values.shape, self.opts["block_size"])
+            return _Target(node, node.op, tensor, layout.matrix(values), layout=layout)
         transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
         w = values.T if gather or transposed else values
         return _Target(node, node.op, tensor, w, transposed)
@@ -255,7 +275,7 @@ class QuantizeWeights(Pass):
         values = const_values(tensor)
         if values is None or values.dtype != np.float32:
             return "unsupported_dtype", str(None if values is None else values.dtype)
-        if values.ndim != 2:
+        if values.ndim != 2 and not (node.op in _CONV_OPS and values.ndim >= 3):
             return "unsupported_shape", f"{tuple(values.shape)}"
         if len({id(n) for n in tensor.outputs}) > 1:
             return "weight_shared", f"{tensor.name} is read by {len(tensor.outputs)} nodes"
@@ -265,6 +285,8 @@ class QuantizeWeights(Pass):
 
     def _format_problem(self, node: gs.Node, values: np.ndarray) -> tuple[str, str] | None:
         o = self.opts
+        if node.op in _CONV_OPS and o["format"] != "dq":
+            return "format_not_supported", f"{node.op}: format={o['format']} has no conv form (format=dq has)"
         if node.op == "Gather" and values.shape[0] < o["gather_min_rows"]:
             return "small_table", f"{values.shape[0]} rows < gather_min_rows={o['gather_min_rows']}"
         if node.op == "Gather" and o["method"] != "kmeans":
@@ -332,7 +354,7 @@ class QuantizeWeights(Pass):
             return {}
         if ctx.calib is None:
             raise InputError(f"pass {self.name}: method={method} needs calibration data (--calib)")
-        inputs = {t.node.inputs[0].name: t.w.shape[0] for t in targets if t.kind != "Gather"}
+        inputs = {t.node.inputs[0].name: t.w.shape[0] for t in targets if t.kind in ("MatMul", "Gemm")}
         if not inputs:
             return {}
         hs, samples = collect_hessians(serde.to_model(graph), sorted(inputs.items()), ctx.calib,
@@ -352,7 +374,7 @@ class QuantizeWeights(Pass):
             weights = None if h is None else np.diag(h)[:, None]
             book, idx = kmeans_codebook(w, o["bits"], weights=weights, seed=ctx.seed)
             return None, (book, idx), float(np.linalg.norm(book[idx] - w)) / norm
-        block = self._block(w.shape[0], gather=t.kind == "Gather")
+        block = (t.layout.block or w.shape[0]) if t.layout else self._block(w.shape[0], gather=t.kind == "Gather")
         if o["method"] == "gptq" and h is not None:
             q = gptq(w, h, o["bits"], block, o["symmetric"], damp=o["damp"], act_order=o["act_order"],
                      search=o["search"])
@@ -374,6 +396,10 @@ class QuantizeWeights(Pass):
             nodes, out = codebook_weight(names, book[0], book[1], self.opts["bits"], base,
                                          transposed=t.transposed or t.kind == "Gather")
             node.inputs[index] = out
+        elif t.layout is not None:
+            dq, out = dq_conv_weight(names, q, t.layout, base)
+            nodes = [dq]
+            node.inputs[1] = out
         elif t.kind == "Gather":
             ids, out = node.inputs[1], node.outputs[0]
             rank = len(ids.shape) if ids.shape is not None else 0
@@ -486,7 +512,7 @@ class QuantizeWeights(Pass):
         out = {}
         for e in edits:
             t = e.target
-            if t.kind == "Gather" or e.quant is None:
+            if t.kind not in ("MatMul", "Gemm") or e.quant is None:
                 continue
             a = shapes.get(e.inputs[0].name)
             rows = int(np.prod(a[:-1])) if a is not None and len(a) >= 2 else DEFAULT_ROWS

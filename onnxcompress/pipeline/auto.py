@@ -4,7 +4,9 @@ meets latency/size/MAC targets within an accuracy budget.
 Strategy (deterministic for a seed; every step is logged and every evaluated candidate is kept):
 
 1. **Cheap signals** (no validation): the original's size and MACs; the share of weights in
-   MatMul/Gemm (weight-only low-bit joins the space only where it is ≥ 25 %); float vs int8 latency
+   MatMul/Gemm and in Conv/ConvTranspose (weight-only low-bit of those joins the space only where
+   it is ≥ 25 %; with size as the first target it is tried before int8, 4 bits first, and the
+   combinations are tried with int8 as well); float vs int8 latency
    measured once on this machine (a quick int8 model, paired interleaved rounds): when int8 is not
    faster here and latency is the only target, int8 leaves the space. Cached with the evaluations.
 2. **One technique at a time**: per technique, a binary search over its ladder (prune ratio,
@@ -44,7 +46,7 @@ import onnx
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pipeline.auto_eval import EvalCache, Executor, Job, job_key, run_jobs
-from onnxcompress.pipeline.auto_space import Candidate, Space, Targets
+from onnxcompress.pipeline.auto_space import CONV_WEIGHT_ONLY, Candidate, Space, Targets
 from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.runtime.bench import bench
 from onnxcompress.runtime.data import open_source
@@ -184,10 +186,13 @@ def _cheap_signals(model: onnx.ModelProto, s: AutoSettings) -> dict:
     metrics = model_metrics(model)
     inits = {i.name: i for i in model.graph.initializer}
     nbytes = {n: len(i.raw_data) or 4 * max(1, len(i.float_data)) for n, i in inits.items()}
-    linear = {x for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for x in n.input if x in inits}
-    share = sum(nbytes[n] for n in linear) / max(1, sum(nbytes.values()))
+    total = max(1, sum(nbytes.values()))
+    share = {}
+    for key, ops in (("matmul", ("MatMul", "Gemm")), ("conv", ("Conv", "ConvTranspose"))):
+        held = {x for n in model.graph.node if n.op_type in ops for x in n.input if x in inits}
+        share[key] = round(sum(nbytes[n] for n in held) / total, 4)
     signals: dict[str, Any] = {"file_bytes": metrics.file_bytes, "macs": metrics.macs, "matmul_weight_share":
-                               round(share, 4), "int8_latency_ratio": None}
+                               share["matmul"], "conv_weight_share": share["conv"], "int8_latency_ratio": None}
     if s.calib is None:
         return signals
     try:
@@ -201,11 +206,17 @@ def _cheap_signals(model: onnx.ModelProto, s: AutoSettings) -> dict:
 
 
 def _space(s: AutoSettings, signals: dict) -> Space:
-    """The space after the cheap signals: weight-only bits only where MatMul/Gemm weights matter, int8
-    dropped when it is slower here and only latency counts."""
+    """The space after the cheap signals: weight-only bits only where MatMul/Gemm (conv choices: Conv)
+    weights matter, tried before int8, 4 bits first, when size is the first target; int8 dropped when
+    it is slower here and only latency counts."""
     quant = list(s.space.quant)
-    if signals["matmul_weight_share"] >= WEIGHT_ONLY_SHARE:
-        quant += [q for q in s.space.weight_only if q not in quant]
+    conv = signals.get("conv_weight_share", 0.0) >= WEIGHT_ONLY_SHARE
+    matmul = signals["matmul_weight_share"] >= WEIGHT_ONLY_SHARE
+    weight_only = [q for q in s.space.weight_only if q not in quant and (conv if q in CONV_WEIGHT_ONLY else matmul)]
+    if s.targets.primary == "size":
+        quant = sorted(weight_only, key=lambda q: not q.endswith("4")) + quant
+    else:
+        quant += weight_only
     ratio = signals.get("int8_latency_ratio")
     if ratio is not None and ratio > 0.95 and [k for k, _ in s.targets.items] == ["latency"]:
         log.info("auto: int8 is not faster than float here (%.2f); latency search without int8", ratio)
@@ -254,7 +265,7 @@ def _combine(parts: tuple[Candidate, ...]) -> Candidate:
 
 def _step_down(c: Candidate, space: Space) -> Candidate | None:
     """The next weaker candidate when ``c`` fails: pruning one rung down, else factorization, else
-    mixed-precision int8; None when nothing is left to relax."""
+    mixed-precision int8 (4-bit weight-only: 8-bit); None when nothing is left to relax."""
     weaker_p = [r for r in sorted(space.prune) if r < c.prune]
     if c.prune and weaker_p:
         return replace(c, prune=weaker_p[-1])
@@ -263,6 +274,8 @@ def _step_down(c: Candidate, space: Space) -> Candidate | None:
         return replace(c, lowrank=weaker_e[0])
     if c.quant == "int8" and "int8-mixed" in space.quant:
         return replace(c, quant="int8-mixed")
+    if c.quant in ("w4", "cw4") and c.quant.replace("4", "8") in space.quant:
+        return replace(c, quant=c.quant.replace("4", "8"))
     return None
 
 
@@ -270,6 +283,9 @@ def _combinations(run: _Run, best: dict[str, Candidate], space: Space) -> None:
     """Step 3: every combination of two or more per-technique bests, with backtracking on failures."""
     parts = [best[k] for k in ("prune", "lowrank", "quant") if k in best]
     todo = [_combine(p) for n in range(len(parts), 1, -1) for p in itertools.combinations(parts, n)]
+    if "quant" in best and not best["quant"].quant.startswith("int8") and "int8" in space.quant:
+        # weight-only won the single step (size first): the int8 combinations are tried as well
+        todo += [replace(c, quant="int8") for c in todo if c.quant and replace(c, quant="int8") not in todo]
     for round_ in range(BACKTRACK_ROUNDS + 1):
         run.run(todo, "combination" if round_ == 0 else f"backtrack {round_}")
         failed = [c for c in todo if c in run.records and not run.passed(c)]

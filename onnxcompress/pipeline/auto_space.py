@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from onnxcompress.core.errors import InputError
 
-__all__ = ["Candidate", "Space", "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets",
+__all__ = ["CONV_WEIGHT_ONLY", "Candidate", "Space", "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets",
            "parse_space", "TARGET_KINDS"]
 
 #: ``quantize_int8``'s mixed-precision target when plain int8 fails the gate (the float fallback).
@@ -25,7 +25,11 @@ QUANT_SPECS: dict[str, str] = {
     "int8-mixed": f"quantize_int8:min_cosine={MIXED_COSINE}",
     "w8": "quantize_weights:bits=8",
     "w4": "quantize_weights:bits=4:method=gptq",
+    "cw8": "quantize_weights:ops=matmul|conv:bits=8:block_size=0:prefer=size",
+    "cw4": "quantize_weights:ops=matmul|conv:bits=4:block_size=32:prefer=size",
 }
+#: Weight-only choices that quantize Conv weights (they join the space where convs hold the weights).
+CONV_WEIGHT_ONLY = ("cw8", "cw4")
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Space:
     prune: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625)
     lowrank: tuple[float, ...] = (0.9, 0.8)
     quant: tuple[str, ...] = ("int8", "int8-mixed")
-    weight_only: tuple[str, ...] = ("w8", "w4")
+    weight_only: tuple[str, ...] = ("w8", "w4", "cw8", "cw4")
 
     def __post_init__(self) -> None:
         for r in self.prune:

@@ -2,6 +2,8 @@
 
 * :func:`dq_weight` — standard ``DequantizeLinear`` (opset 21: ``block_size`` along ``K``;
   int4/uint4/int8/uint8 codes; per-channel: per-axis scales) whose output replaces the weight.
+* :func:`dq_conv_weight` — the same for a Conv/ConvTranspose weight (per output channel, or
+  blocks along the input channels; see :class:`onnxcompress.quant.weightonly.ConvLayout`).
 * :func:`matmulnbits_node` — onnxruntime's ``com.microsoft.MatMulNBits``: unsigned codes packed
   low bits first along ``K`` into ``B [N, k_blocks, block·bits/8]``, scales ``[N, k_blocks]``,
   zero points packed the same way (symmetric: omitted, the default ``2^(bits−1)`` is used, so
@@ -26,9 +28,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import Names, lowbit_constant
-from onnxcompress.quant.weightonly import BlockQuant, pack_bits
+from onnxcompress.quant.weightonly import BlockQuant, ConvLayout, pack_bits
 
-__all__ = ["MS_DOMAIN", "codebook_weight", "dq_weight", "gather_rows", "matmulnbits_node", "unsigned_codes"]
+__all__ = ["MS_DOMAIN", "codebook_weight", "dq_conv_weight", "dq_weight", "gather_rows", "matmulnbits_node", "unsigned_codes"]
 
 #: onnxruntime's contrib-op domain.
 MS_DOMAIN = "com.microsoft"
@@ -56,6 +58,20 @@ def dq_weight(names: Names, q: BlockQuant, base: str, transposed: bool = False) 
     out = gs.Variable(names.fresh(f"{base}_dq"), np.float32, [n, k] if transposed else [k, n])
     node = gs.Node("DequantizeLinear", names.fresh(f"{base}_DequantizeLinear"), attrs, inputs, [out])
     return node, out
+
+
+def dq_conv_weight(names: Names, q: BlockQuant, layout: ConvLayout, base: str) -> tuple[gs.Node, gs.Variable]:
+    """A ``DequantizeLinear`` giving a Conv/ConvTranspose weight quantized as ``q`` (the ``[K, N]``
+    matrix of ``layout``): per-axis scales on the output-channel axis, or blocked along the
+    input-channel axis (opset 21 ``block_size``)."""
+    inputs: list[gs.Tensor] = [
+        _codes_constant(names, f"{base}_q", layout.tensor(q.codes), q.bits, q.symmetric),
+        gs.Constant(names.fresh(f"{base}_scale"), layout.tensor(q.scale.astype(np.float32)))]
+    if q.zero is not None:
+        inputs.append(_codes_constant(names, f"{base}_zero", layout.tensor(q.zero), q.bits, False))
+    attrs = {"axis": layout.axis, "block_size": layout.block} if layout.block else {"axis": layout.axis}
+    out = gs.Variable(names.fresh(f"{base}_dq"), np.float32, list(layout.shape))
+    return gs.Node("DequantizeLinear", names.fresh(f"{base}_DequantizeLinear"), attrs, inputs, [out]), out
 
 
 def unsigned_codes(q: BlockQuant) -> np.ndarray:

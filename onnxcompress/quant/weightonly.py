@@ -29,8 +29,10 @@ import numpy as np
 __all__ = [
     "SEARCH_RATIOS",
     "BlockQuant",
+    "ConvLayout",
     "block_scales",
     "codes_for",
+    "conv_layout",
     "pack_bits",
     "qrange",
     "rtn",
@@ -182,3 +184,45 @@ def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
     mask = np.uint8((1 << bits) - 1)
     c = (np.asarray(packed, np.uint8)[..., None] >> shifts) & mask
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+@dataclass(frozen=True)
+class ConvLayout:
+    """How a Conv/ConvTranspose weight maps to the ``[K, N]`` matrix the block math works on.
+
+    Per output channel (``block == 0``): ``N`` is the output-channel ``axis`` (0 for Conv, 1 for
+    ConvTranspose), ``K`` every other element. Blocked: ``K`` is the input-channel ``axis`` (1 for
+    Conv, 0 for ConvTranspose) cut in blocks of ``block``, ``N`` every other element (one scale
+    per block, output channel and kernel position: ``DequantizeLinear``'s blocked layout).
+    """
+
+    shape: tuple[int, ...]
+    axis: int
+    block: int
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """The ``[K, N]`` matrix of weight ``w``."""
+        if self.block:
+            return np.moveaxis(w, self.axis, 0).reshape(self.shape[self.axis], -1)
+        return np.moveaxis(w, self.axis, -1).reshape(-1, self.shape[self.axis])
+
+    def tensor(self, a: np.ndarray) -> np.ndarray:
+        """A ``[rows, N]`` matrix (codes: ``rows = K``; block scales: one row per block) back in
+        the weight's layout (per channel: ``[1, N]`` scales become the 1-D ``[N]`` vector)."""
+        if not self.block:
+            if a.shape[0] == 1:
+                return np.ascontiguousarray(a[0])
+            moved = tuple(d for i, d in enumerate(self.shape) if i != self.axis) + (self.shape[self.axis],)
+            return np.ascontiguousarray(np.moveaxis(a.reshape(moved), -1, self.axis))
+        rest = tuple(d for i, d in enumerate(self.shape) if i != self.axis)
+        return np.ascontiguousarray(np.moveaxis(a.reshape((a.shape[0],) + rest), 0, self.axis))
+
+
+def conv_layout(op: str, shape: tuple[int, ...], block_size: int) -> ConvLayout:
+    """The layout of a ``Conv``/``ConvTranspose`` weight quantized in blocks of ``block_size`` input
+    channels; per output channel when ``block_size <= 0`` or the weight has fewer input channels
+    (per group) than one block (depthwise convs, first layers)."""
+    out_axis, in_axis = (0, 1) if op == "Conv" else (1, 0)
+    if block_size <= 0 or shape[in_axis] < block_size:
+        return ConvLayout(tuple(shape), out_axis, 0)
+    return ConvLayout(tuple(shape), in_axis, block_size)

@@ -345,7 +345,7 @@ def test_blocks_that_do_not_fit_a_table_decline():
 
 @pytest.mark.parametrize("spec, message", [
     ("bits=3", "bits must be 4 or 8"), ("bits=2:ops=gather:format=matmulnbits", "ops=gather"),
-    ("format=matmulnbits:block_size=24", "power of 2"), ("ops=conv", "matmul and/or gather"),
+    ("format=matmulnbits:block_size=24", "power of 2"), ("ops=pool", "matmul, gather and/or conv"),
     ("method=kmeans:format=matmulnbits", "kmeans"), ("format=matmulnbits:bits=3", "2, 4 or 8")])
 def test_option_combinations_refused(spec, message):
     with pytest.raises(InputError, match=message):
