@@ -108,6 +108,22 @@ if __name__ != "__main__":
         differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         assert not differ, f"output differs in a fresh process with another PYTHONHASHSEED: {differ}"
 
+    def test_refit_bytes_do_not_depend_on_the_blas_thread_count(model):
+        """Least-squares refits on all the calibration data (big enough for OpenBLAS to split its
+        work) give the same bytes with one BLAS thread (as in Ray workers) or two."""
+        from threadpoolctl import threadpool_limits
+
+        def run() -> bytes:
+            ctx = PassContext(calib=open_source(str(CALIB), model), seed=SEED)
+            out, _ = PassManager(parse_spec("prune_channels:ratio=0.5"), ctx).run(serde.load_model(model))
+            return out.SerializeToString()
+
+        with threadpool_limits(limits=2, user_api="blas"):
+            two = run()
+        with threadpool_limits(limits=1, user_api="blas"):
+            one = run()
+        assert two == one
+
     def test_table_names_only_known_options_or_future_passes():
         """A typo in :data:`OPTIONS` would silently test defaults: every key must be an option of
         its pass (passes not registered yet are allowed)."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
+from threadpoolctl import threadpool_limits
 
 from onnxcompress import passes as _builtin  # noqa: F401 - importing registers the built-in passes
 from onnxcompress.core import serde
@@ -29,6 +30,11 @@ from onnxcompress.runtime.data import CalibSource, data_dims
 __all__ = ["NO_CALIB", "RELEASE_BYTES", "PassManager", "check_pipeline", "get_pass", "parse_spec", "registry"]
 
 log = logging.getLogger(__name__)
+
+# BLAS_THREADS_NOTE: passes run with single-threaded BLAS. OpenBLAS splits products and
+# factorizations differently for different thread counts, so least-squares refits (pruning,
+# factorization) gave other bytes under OMP_NUM_THREADS=1 (as in Ray workers) than with one
+# thread per core. One thread keeps "same input, options and seed => same bytes" on any core count.
 
 
 def registry() -> dict[str, type[Pass]]:
@@ -155,7 +161,8 @@ class PassManager:
         """``p.run`` with the context bound to ``p`` (it reads and writes only the slots it declares)."""
         self.ctx.bind(p)
         try:
-            return p.run(graph, self.ctx)
+            with threadpool_limits(limits=1, user_api="blas"):  # see BLAS_THREADS_NOTE
+                return p.run(graph, self.ctx)
         finally:
             self.ctx.bind(None)
 
