@@ -31,7 +31,7 @@ from onnxcompress.core.graph import relazy_lowbit
 __all__ = [
     "ModelSource", "KNOWN_DOMAINS", "MIN_OPSET", "PROTO_LIMIT", "EXTERNAL_THRESHOLD", "size_limits", "load_model",
     "load_model_file", "save_model", "saves_external", "check_model", "to_graph", "to_model", "detach_weights",
-    "weights_nbytes", "model_opset", "model_bytes", "skeleton_model",
+    "weights_nbytes", "tensor_nbytes", "model_opset", "model_bytes", "skeleton_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -385,6 +385,7 @@ def _append_external(init: onnx.TensorProto, dest: onnx.TensorProto, location: s
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of ``tensor``'s values from its dims and type (0 when the type is unknown), wherever they are stored."""
     if not tensor.data_type:
         return 0
     try:

@@ -43,6 +43,7 @@ from typing import Any
 
 import onnx
 
+from onnxcompress.core import serde
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pipeline.auto_eval import EvalCache, Executor, Job, job_key, run_jobs
@@ -185,7 +186,7 @@ def _cheap_signals(model: onnx.ModelProto, s: AutoSettings) -> dict:
     """Size and MACs of the original, the MatMul/Gemm weight share, and float vs int8 latency here."""
     metrics = model_metrics(model)
     inits = {i.name: i for i in model.graph.initializer}
-    nbytes = {n: len(i.raw_data) or 4 * max(1, len(i.float_data)) for n, i in inits.items()}
+    nbytes = {n: serde.tensor_nbytes(i) for n, i in inits.items()}
     total = max(1, sum(nbytes.values()))
     share = {}
     for key, ops in (("matmul", ("MatMul", "Gemm")), ("conv", ("Conv", "ConvTranspose"))):
