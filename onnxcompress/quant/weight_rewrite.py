@@ -49,28 +49,30 @@ def dq_weight(names: Names, q: BlockQuant, base: str, transposed: bool = False) 
     per_channel = q.scale.shape[0] == 1 and q.block >= k
     axis = (0 if transposed else 1) if per_channel else (1 if transposed else 0)
     scale = q.scale[0] if per_channel else t(q.scale)
-    inputs: list[gs.Tensor] = [_codes_constant(names, f"{base}_q", t(q.codes), q.bits, q.symmetric),
-                               gs.Constant(names.fresh(f"{base}_scale"), np.ascontiguousarray(scale, np.float32))]
-    if q.zero is not None:
-        zero = q.zero[0] if per_channel else t(q.zero)
-        inputs.append(_codes_constant(names, f"{base}_zero", zero, q.bits, False))
+    zero = None if q.zero is None else q.zero[0] if per_channel else t(q.zero)
     attrs = {"axis": axis} if per_channel else {"axis": axis, "block_size": q.block}
-    out = gs.Variable(names.fresh(f"{base}_dq"), np.float32, [n, k] if transposed else [k, n])
-    node = gs.Node("DequantizeLinear", names.fresh(f"{base}_DequantizeLinear"), attrs, inputs, [out])
-    return node, out
+    return _dq_node(names, q, base, t(q.codes), np.ascontiguousarray(scale, np.float32), zero, attrs,
+                    [n, k] if transposed else [k, n])
 
 
 def dq_conv_weight(names: Names, q: BlockQuant, layout: ConvLayout, base: str) -> tuple[gs.Node, gs.Variable]:
     """A ``DequantizeLinear`` giving a Conv/ConvTranspose weight quantized as ``q`` (the ``[K, N]``
     matrix of ``layout``): per-axis scales on the output-channel axis, or blocked along the
     input-channel axis (opset 21 ``block_size``)."""
-    inputs: list[gs.Tensor] = [
-        _codes_constant(names, f"{base}_q", layout.tensor(q.codes), q.bits, q.symmetric),
-        gs.Constant(names.fresh(f"{base}_scale"), layout.tensor(q.scale.astype(np.float32)))]
-    if q.zero is not None:
-        inputs.append(_codes_constant(names, f"{base}_zero", layout.tensor(q.zero), q.bits, False))
+    zero = None if q.zero is None else layout.tensor(q.zero)
     attrs = {"axis": layout.axis, "block_size": layout.block} if layout.block else {"axis": layout.axis}
-    out = gs.Variable(names.fresh(f"{base}_dq"), np.float32, list(layout.shape))
+    return _dq_node(names, q, base, layout.tensor(q.codes), layout.tensor(q.scale.astype(np.float32)), zero, attrs,
+                    list(layout.shape))
+
+
+def _dq_node(names: Names, q: BlockQuant, base: str, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
+             attrs: dict, shape: list[int]) -> tuple[gs.Node, gs.Variable]:
+    """``DequantizeLinear(codes, scale[, zero])`` with ``attrs``, giving a float tensor of ``shape``."""
+    inputs: list[gs.Tensor] = [_codes_constant(names, f"{base}_q", codes, q.bits, q.symmetric),
+                               gs.Constant(names.fresh(f"{base}_scale"), scale)]
+    if zero is not None:
+        inputs.append(_codes_constant(names, f"{base}_zero", zero, q.bits, False))
+    out = gs.Variable(names.fresh(f"{base}_dq"), np.float32, shape)
     return gs.Node("DequantizeLinear", names.fresh(f"{base}_DequantizeLinear"), attrs, inputs, [out]), out
 
 
