@@ -350,3 +350,11 @@ def test_decline_codes_are_stable_identifiers():
     assert len(codes) > 80
     bad = [(where, code) for where, code in codes if not re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", code)]
     assert not bad, bad
+
+
+def test_toml_booleans_given_to_a_str_option():
+    """``reduce_range = true`` in a recipe reaches an ``auto|true|false`` option as the word."""
+    opt = Option(str, "auto", "tri-state", choices=("auto", "true", "false"))
+    assert opt.parse("k", True) == "true" and opt.parse("k", False) == "false" and opt.parse("k", "auto") == "auto"
+    with pytest.raises(InputError, match="expected one of"):
+        opt.parse("k", "maybe")

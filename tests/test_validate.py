@@ -8,6 +8,7 @@ from onnx import numpy_helper
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.pass_api import Numerics
 from onnxcompress.pipeline.validate import Gate, compare_models, parse_slices
+from onnxcompress.quant.cpu import cpu_flags, has_vnni
 from onnxcompress.runtime.data import IterableSource, RandomSource, input_specs
 from onnxcompress.runtime.fidelity import auto_slices
 from tests.helpers.builders import make_model, node, parse, yolo_like
@@ -179,3 +180,43 @@ def test_slices_out_of_range_for_the_output_shape():
 g (float[N,4] x) => (float[N] y) { ax = Constant <value = int64[1] {1}> () y = ReduceSum <keepdims = 0> (x, ax) }""")
     with pytest.raises(InputError, match="rank 1"):
         compare_models(rank1, rank1, RandomSource(input_specs(rank1), 2), slices={"y": [(0, 1)]})
+
+
+def _qdq_conv(w_q: np.ndarray) -> onnx.ModelProto:
+    """x -> Q/DQ (uint8, scale 1/255) -> Conv with DQ(int8 weights w_q, scale 0.01) -> Q/DQ."""
+    c = w_q.shape[1]
+    m = make_model([node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                    node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+                    node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+                    node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]), node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])],
+                   {"x": ["N", c, 6, 6]}, ["y"],
+                   {"xs": np.float32(1 / 255), "xz": np.uint8(0), "w": w_q, "ws": np.full(len(w_q), 0.01, np.float32),
+                    "wz": np.zeros(len(w_q), np.int8), "ys": np.float32(1.0), "yz": np.uint8(128)}, opset=19)
+    return m
+
+
+def test_quantized_candidates_run_as_deployed(monkeypatch):
+    """The reference and a float candidate run with optimizations off; a Q/DQ candidate runs with them
+    on (onnxruntime's integer kernels, what a user's default session runs)."""
+    import onnxcompress.pipeline.validate as validate
+    seen: list[bool] = []
+    real = validate.make_session
+    monkeypatch.setattr(validate, "make_session", lambda m, **kw: seen.append(kw.get("optimize", False)) or real(m, **kw))
+    q = _qdq_conv(np.random.default_rng(0).integers(-20, 20, (4, 8, 3, 3)).astype(np.int8))
+    rep = compare_models(q, q, RandomSource(input_specs(q), 4))
+    assert seen == [False, True] and rep.candidate_optimized and rep.as_dict()["candidate_optimized"] is True
+    seen.clear()
+    m = _cls(W)
+    rep = compare_models(m, _cls(W), RandomSource(input_specs(m), 4))
+    assert seen == [False, False] and not rep.candidate_optimized
+
+
+@pytest.mark.skipif(has_vnni(cpu_flags()) is not False, reason="u8s8 saturation happens only on x86 CPUs without VNNI")
+def test_gate_sees_u8s8_saturation_on_cpus_without_vnni():
+    """8-bit weights at +-127 against full-range uint8 inputs: pairs of products overflow 16 bits in
+    onnxruntime's AVX2 kernel. The fake-quant graph does not show it; the gate must."""
+    w = np.where(np.random.default_rng(1).random((4, 16, 3, 3)) < 0.5, -127, 127).astype(np.int8)
+    q = _qdq_conv(w)
+    feeds = [{"x": np.ones((1, 16, 6, 6), np.float32)}]
+    rep = compare_models(q, q, IterableSource(feeds, input_specs(q)))
+    assert rep.outputs[0].max_abs > 1.0  # the same model, run as deployed, disagrees with its fake-quant

@@ -139,6 +139,8 @@ class Option:
             raise ValueError(raw)
         if self.type in (int, float) and isinstance(raw, bool):
             raise TypeError(raw)
+        if self.type is str and isinstance(raw, bool):
+            return "true" if raw else "false"  # a TOML boolean given to a str option (e.g. "auto|true|false")
         return self.type(raw)
 
 

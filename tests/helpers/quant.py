@@ -16,10 +16,12 @@ from tests.helpers.graphs import initializers, producers
 from tests.helpers.runs import cosine, ort_run, run_passes
 from tests.helpers.tensors import calib_for, feeds_for, rand
 
-__all__ = ["NO_VNNI", "calibration_runs", "compare", "conv_classifier", "qdq_params", "quantize"]
+__all__ = ["NO_VNNI", "VNNI", "calibration_runs", "compare", "conv_classifier", "qdq_params", "quantize"]
 
 #: CPU flags without VNNI, so tests do not depend on the machine.
 NO_VNNI = {"avx2"}
+#: CPU flags :func:`quantize` pins by default: 8-bit weights (``reduce_range=auto``) on any machine.
+VNNI = {"avx2", "avx512_vnni"}
 
 
 def conv_classifier(rng: np.random.Generator, mid: int = 4) -> onnx.ModelProto:
@@ -40,10 +42,10 @@ def conv_classifier(rng: np.random.Generator, mid: int = 4) -> onnx.ModelProto:
 
 def quantize(model: onnx.ModelProto, spec: str = "quantize_int8", *, calib: Any = "auto",
              values: dict | None = None) -> tuple[onnx.ModelProto, PassResult]:
-    """Run ``spec`` through the PassManager (CPU flags pinned to no-VNNI unless given); returns the
+    """Run ``spec`` through the PassManager (CPU flags pinned to VNNI unless given); returns the
     checked model and the last pass's result. ``calib="auto"``: :func:`calib_for` the model."""
     source = calib_for(model) if isinstance(calib, str) and calib == "auto" else calib
-    ctx = PassContext(calib=source, values={CPU_FLAGS: NO_VNNI, **(values or {})})
+    ctx = PassContext(calib=source, values={CPU_FLAGS: VNNI, **(values or {})})
     new, records = run_passes(model, spec, ctx)
     onnx.checker.check_model(new, full_check=True)
     return new, records[-1].result

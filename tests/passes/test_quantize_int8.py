@@ -160,22 +160,31 @@ def test_degenerate_range_uses_safe_scale():
     np.testing.assert_allclose(ort_run(q, feeds_for(model))[0], ort_run(model, feeds_for(model))[0], atol=0.1)
 
 
-def test_vnni_warning_and_reduce_range(caplog):
+def _weight_qmax(q: onnx.ModelProto) -> int:
+    return max(int(np.abs(qdq_params(q, n.input[1])[0].astype(int)).max()) for n in q.graph.node if n.op_type == "Conv")
+
+
+def test_reduce_range_auto_follows_the_cpu(caplog):
+    """Without VNNI, onnxruntime's u8s8 kernels saturate with 8-bit weights: auto gives 7 bits there."""
     model = conv_relu_conv(np.random.default_rng(9))
     with caplog.at_level(logging.WARNING):
-        _, result = quantize(model)
-    assert result.stats["vnni"] is False and "no VNNI" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        _, result = quantize(model, values={CPU_FLAGS: {"avx2", "avx512_vnni"}})
-    assert result.stats["vnni"] is True and "VNNI" not in caplog.text
-    with caplog.at_level(logging.WARNING):
-        q, result = quantize(model, "quantize_int8:reduce_range=true")
-    assert "VNNI" not in caplog.text
-    for node in (n for n in q.graph.node if n.op_type == "Conv"):
-        wq = qdq_params(q, node.input[1])[0]
-        assert np.abs(wq.astype(int)).max() == 64
+        q, result = quantize(model, values={CPU_FLAGS: NO_VNNI})
+    assert result.stats["vnni"] is False and result.stats["reduce_range"] is True
+    assert _weight_qmax(q) == 64 and "VNNI" not in caplog.text
     assert compare(model, q) >= 0.99
+    q, result = quantize(model, values={CPU_FLAGS: {"avx2", "avx512_vnni"}})
+    assert result.stats["vnni"] is True and result.stats["reduce_range"] is False and _weight_qmax(q) == 127
+
+
+def test_reduce_range_forced_either_way(caplog):
+    model = conv_relu_conv(np.random.default_rng(9))
+    with caplog.at_level(logging.WARNING):
+        q, result = quantize(model, "quantize_int8:reduce_range=false", values={CPU_FLAGS: NO_VNNI})
+    assert _weight_qmax(q) == 127 and "no VNNI" in caplog.text  # asked for: kept, with the warning
+    q, _ = quantize(model, "quantize_int8:reduce_range=true", values={CPU_FLAGS: {"avx2", "avx512_vnni"}})
+    assert _weight_qmax(q) == 64
+    with pytest.raises(InputError, match="reduce_range"):
+        quantize(model, "quantize_int8:reduce_range=maybe")
 
 
 def test_symmetric_activations():
