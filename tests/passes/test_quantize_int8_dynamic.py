@@ -54,14 +54,15 @@ def test_gemm_encoder():
     assert emb_cosine(model, new, token_feeds(1, 8, seed=2)) > 0.995
 
 
-def _dynamic_reference(x: np.ndarray, w_kn: np.ndarray) -> np.ndarray:
-    """The ONNX DynamicQuantizeLinear + MatMulInteger math in numpy, per-column int8 weights."""
+def _dynamic_reference(x: np.ndarray, w_kn: np.ndarray, qmax: int = 127) -> np.ndarray:
+    """The ONNX DynamicQuantizeLinear + MatMulInteger math in numpy, per-column int8 weights
+    (``qmax`` 64: 7-bit weights, ``reduce_range``)."""
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     s = np.float32((hi - lo) / 255.0)
     z = np.clip(np.round(-lo / s), 0, 255)
     xq = np.clip(np.round(x / s) + z, 0, 255)
-    ws = (np.abs(w_kn).max(axis=0) / 127.0).astype(np.float32)
-    wq = np.clip(np.round(w_kn / ws.astype(np.float64)), -127, 127)
+    ws = (np.abs(w_kn).max(axis=0) / qmax).astype(np.float32)
+    wq = np.clip(np.round(w_kn / ws.astype(np.float64)), -qmax, qmax)
     return ((xq - z) @ wq).astype(np.float32) * (s * ws)
 
 
@@ -78,11 +79,12 @@ def test_numerics_match_the_integer_math(gemm):
         nodes = [node("MatMul", ["x", "W"], "y")]
         inits = {"W": w}
     model = make_model(nodes, {"x": [4, 5]}, ["y"], inits)
-    new, _ = run_checked(model, DYN, DECLINE_REASONS)
+    new, result = run_checked(model, DYN, DECLINE_REASONS)  # reduce_range=auto: 7-bit weights without VNNI
+    qmax = 64 if result.stats["reduce_range"] else 127
     x = rng.standard_normal((4, 5)).astype(np.float32)
     got = ort_run(new, {"x": x})[0]
-    expect = _dynamic_reference(x, w * 0.5) + 2.0 * inits["C"].astype(np.float32) if gemm \
-        else _dynamic_reference(x, w)
+    expect = _dynamic_reference(x, w * 0.5, qmax) + 2.0 * inits["C"].astype(np.float32) if gemm \
+        else _dynamic_reference(x, w, qmax)
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
 
 
