@@ -19,8 +19,12 @@ from tests.helpers.tensors import calib_for, feeds_for, rand
 __all__ = ["NO_VNNI", "VNNI", "calibration_runs", "compare", "conv_classifier", "qdq_params", "quantize"]
 
 #: CPU flags without VNNI, so tests do not depend on the machine.
+#: Flags of a CPU without VNNI: ``reduce_range=auto`` gives 7-bit weights, which onnxruntime's
+#: integer kernels run exactly on every CPU. Tests that judge a model as deployed (``compare_models``
+#: runs quantized candidates with ORT optimizations on) pin these.
 NO_VNNI = {"avx2"}
-#: CPU flags :func:`quantize` pins by default: 8-bit weights (``reduce_range=auto``) on any machine.
+#: CPU flags :func:`quantize` pins by default: 8-bit weights on any machine (structure tests; judged
+#: as fake-quant, with ORT optimizations off, the numbers are the same on every CPU).
 VNNI = {"avx2", "avx512_vnni"}
 
 
@@ -42,7 +46,7 @@ def conv_classifier(rng: np.random.Generator, mid: int = 4) -> onnx.ModelProto:
 
 def quantize(model: onnx.ModelProto, spec: str = "quantize_int8", *, calib: Any = "auto",
              values: dict | None = None) -> tuple[onnx.ModelProto, PassResult]:
-    """Run ``spec`` through the PassManager (CPU flags pinned to VNNI unless given); returns the
+    """Run ``spec`` through the PassManager (CPU flags pinned to :data:`VNNI` unless given); returns the
     checked model and the last pass's result. ``calib="auto"``: :func:`calib_for` the model."""
     source = calib_for(model) if isinstance(calib, str) and calib == "auto" else calib
     ctx = PassContext(calib=source, values={CPU_FLAGS: VNNI, **(values or {})})
