@@ -57,14 +57,20 @@ DEFAULT_SPECS = ("fold_bn,quantize_int8", "fold_bn,quantize_int8,bias_correction
 SIZE = 320
 
 
-def ours(model: onnx.ModelProto, spec: str, calib: Path, out: Path) -> float:
+#: quantize_int8 stats copied into a row (what ``method=auto`` and mixed precision decided).
+DECISIONS = ("method_chosen", "method_sqnr", "fallback_layers", "mixed_sqnr", "exclude_spec")
+
+
+def ours(model: onnx.ModelProto, spec: str, calib: Path, out: Path) -> tuple[float, dict]:
+    """Seconds to quantize, and the quantize_int8 decisions (:data:`DECISIONS`) found in the report."""
     from onnxcompress import api
 
     start = time.perf_counter()
-    result, _ = api.optimize(model, spec, calib=str(calib), validate=False,
-                             dims={"height": SIZE, "width": SIZE})
+    result, report = api.optimize(model, spec, calib=str(calib), validate=False,
+                                  dims={"height": SIZE, "width": SIZE})
     onnx.save(result, out)
-    return time.perf_counter() - start
+    stats = next((r.result.stats for r in report.passes if r.name == "quantize_int8"), {})
+    return time.perf_counter() - start, {k: stats[k] for k in DECISIONS if k in stats}
 
 
 def ort_static(path: Path, method: str, calib: np.ndarray, out: Path, tmp: Path) -> float:
@@ -177,10 +183,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     np.savez(tmp / "bench_input.npz", images=test[:1])
     np.savez(tmp / "calib.npz", images=calib)
     variants: list[tuple[str, Path, float]] = [("float", path, 0.0)]
+    decisions: dict[str, dict] = {}
     for i, spec in enumerate(args.specs):
         out = tmp / f"ours{i}.onnx"
-        variants.append((f"ours: {spec}", out, ours(model, spec, tmp / "calib.npz", out)))
-        log.info("%s: %.0f s", spec, variants[-1][2])
+        seconds, decisions[f"ours: {spec}"] = ours(model, spec, tmp / "calib.npz", out)
+        variants.append((f"ours: {spec}", out, seconds))
+        log.info("%s: %.0f s %s", spec, seconds, decisions[f"ours: {spec}"])
     for method in args.ort:
         out = tmp / f"ort_{method}.onnx"
         variants.append((f"ort {method}", out, ort_static(path, method, calib, out, tmp)))
@@ -191,7 +199,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         got = ref if name == "float" else outputs(p, test)
         rows.append({"variant": name, "seconds": round(seconds, 1), "score_sqnr_db": round(sqnr(ref[:, 4:], got[:, 4:]), 2),
                      "box_sqnr_db": round(sqnr(ref[:, :4], got[:, :4]), 2), "speedup": round(ratio, 3),
-                     "size_mib": round(p.stat().st_size / 2**20, 2), **agreement(ref, got)})
+                     "size_mib": round(p.stat().st_size / 2**20, 2), **agreement(ref, got),
+                     **({"decisions": decisions[name]} if decisions.get(name) else {})})
         if args.diagnose and name != "float":
             rows[-1]["diagnosis"] = diagnose(ref, got)
     crops = f" + random_crops(per_photo={args.calib_crops}, seed=5)" if args.calib_crops else ""
