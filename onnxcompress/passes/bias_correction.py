@@ -168,7 +168,9 @@ class BiasCorrection(Pass):
         on their own), compared after every correction is in place. ``float_outputs`` (the reference's
         outputs, captured with its moments) and ``tail`` (the corrected model's outputs per batch, from
         the last staged run) are the same numbers a run would give, so they are not recomputed."""
-        evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"],
+        # threads=0 (every core), like the measuring runs: this pass already relies on onnxruntime's
+        # results not depending on the thread count
+        evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"], threads=0,
                              slices=dict(ctx.slices) if ctx.slices else None, outputs=float_outputs)
         old = evaluate(_exported(before))
         new = evaluate.score(lambda i, _batch: tail[i]) if tail is not None else evaluate(_exported(after))
