@@ -30,7 +30,7 @@ from onnxcompress.quant.bias_correction import (
     find_sites,
     reference_name,
 )
-from onnxcompress.quant.sensitivity import Evaluator
+from onnxcompress.quant.sensitivity import REFERENCE_BUDGET, Evaluator
 from onnxcompress.quant.staged import StagedBatches, frontier, tensor_depths
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
 from onnxcompress.runtime.data import Batch
@@ -147,23 +147,33 @@ class BiasCorrection(Pass):
                 result.decline(site.label, R_NO_REFERENCE, logger=ctx.logger)
             return result
         result.stats["reference"] = label
-        moments = self._reference_moments(reference, sites, ctx, result)
+        # the check compares on every calibration sample: the float outputs then come with the moments
+        checked = self.opts["check"] and not self.opts["samples"]
+        outputs = [o.name for o in reference.graph.output] if checked else []
+        moments, float_outputs = self._reference_moments(reference, sites, ctx, result, outputs)
         kept = [(s, moments[i]) for i, s in enumerate(sites) if i in moments]
         before = graph.copy() if self.opts["check"] and kept else None
-        self._correct(graph, kept, ctx, result)
+        tail = self._correct(graph, kept, ctx, result, outputs if float_outputs is not None else [])
         result.modified = result.stats.get("layers_corrected", 0) > 0
-        if before is not None and result.modified and not self._pays(before, graph, reference, ctx, result):
+        if (before is not None and result.modified
+                and not self._pays(before, graph, reference, ctx, result, float_outputs, tail)):
             result.graph, result.modified = before, False
         return result
 
     def _pays(self, before: gs.Graph, after: gs.Graph, reference: onnx.ModelProto, ctx: PassContext,
-              result: PassResult) -> bool:
+              result: PassResult, float_outputs: dict[str, np.ndarray] | None = None,
+              tail: list[list[np.ndarray]] | None = None) -> bool:
         """Whether the corrected graph is closer to ``reference`` than the uncorrected one on the
         calibration data: worst SQNR over outputs and channel slices (a detector's score rows count
-        on their own), compared after every correction is in place."""
-        evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"],
-                             slices=dict(ctx.slices) if ctx.slices else None)
-        old, new = evaluate(_exported(before)), evaluate(_exported(after))
+        on their own), compared after every correction is in place. ``float_outputs`` (the reference's
+        outputs, captured with its moments) and ``tail`` (the corrected model's outputs per batch, from
+        the last staged run) are the same numbers a run would give, so they are not recomputed."""
+        # threads=0 (every core), like the measuring runs: this pass already relies on onnxruntime's
+        # results not depending on the thread count
+        evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"], threads=0,
+                             slices=dict(ctx.slices) if ctx.slices else None, outputs=float_outputs)
+        old = evaluate(_exported(before))
+        new = evaluate.score(lambda i, _batch: tail[i]) if tail is not None else evaluate(_exported(after))
         result.stats.update(check_sqnr_before=_db(old.sqnr_db), check_sqnr_after=_db(new.sqnr_db))
         if new.sqnr_db >= old.sqnr_db - CHECK_TOLERANCE_DB:
             return True
@@ -194,8 +204,11 @@ class BiasCorrection(Pass):
         return stored, "float"
 
     def _reference_moments(self, reference: onnx.ModelProto, sites: list[BiasSite], ctx: PassContext,
-                           result: PassResult) -> dict[int, ChannelMoments]:
-        """One run of the reference: per-channel moments of each site's counterpart, by site index."""
+                           result: PassResult, outputs: list[str]
+                           ) -> tuple[dict[int, ChannelMoments], dict[str, np.ndarray] | None]:
+        """One run of the reference: per-channel moments of each site's counterpart, by site index,
+        and the values of ``outputs`` over every sample in the same run (``None`` when there are
+        none or they exceed :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET`)."""
         produced = proto.produced_names(reference)
         wanted: dict[int, tuple[str, int]] = {}
         for i, site in enumerate(sites):
@@ -204,19 +217,21 @@ class BiasCorrection(Pass):
                 result.decline(site.label, R_NO_COUNTERPART, logger=ctx.logger)
             else:
                 wanted[i] = (name, site.axis)
-        moments = self._measure(reference, wanted, ctx, result)
+        kept = _Kept(outputs)
+        moments = self._measure(reference, wanted, ctx, result, kept)
         for i, site in enumerate(sites):
             m = moments.get(i)
             if m is not None and m.channels != site.channels:
                 result.decline(site.label, R_MISMATCH, f"{m.channels} vs {site.channels}", logger=ctx.logger)
                 del moments[i]
-        return moments
+        return moments, kept.arrays()
 
     # -- correction
 
     def _correct(self, graph: gs.Graph, kept: list[tuple[BiasSite, ChannelMoments]], ctx: PassContext,
-                 result: PassResult) -> None:
-        """Measure and correct ``kept`` (site, reference moments) level by level."""
+                 result: PassResult, outputs: list[str]) -> list[list[np.ndarray]] | None:
+        """Measure and correct ``kept`` (site, reference moments) level by level; the corrected
+        model's ``outputs`` per batch when the sequential runs give them (see :meth:`_sequential`)."""
         sites = [s for s, _ in kept]
         if self.opts["sequential"]:
             assign_levels(graph, sites)
@@ -227,20 +242,25 @@ class BiasCorrection(Pass):
         levels = sorted({s.level for s in sites})
         result.stats["levels"] = len(levels)
         rel: list[float] = []
+        tail = None
         if not self.opts["sequential"]:
             graph.toposort()
             wanted = {i: (s.measured.name, s.axis) for i, (s, _) in enumerate(kept)}
             self._apply(graph, names, kept, self._measure(_truncated(graph, [n for n, _ in wanted.values()]), wanted,
                                                           ctx, result), ctx, result, rel)
         else:
-            self._sequential(graph, names, kept, levels, ctx, result, rel)
+            tail = self._sequential(graph, names, kept, levels, ctx, result, rel, outputs)
         if rel:
             result.stats["mean_abs_delta_rel"] = round(float(np.mean(rel)), 6)
             result.stats["max_abs_delta_rel"] = round(float(np.max(rel)), 6)
+        return tail
 
     def _sequential(self, graph: gs.Graph, names: Names, kept: list[tuple[BiasSite, ChannelMoments]],
-                    levels: list[int], ctx: PassContext, result: PassResult, rel: list[float]) -> None:
-        """Level by level from stored frontier tensors (see :mod:`onnxcompress.quant.staged`)."""
+                    levels: list[int], ctx: PassContext, result: PassResult, rel: list[float],
+                    outputs: list[str]) -> list[list[np.ndarray]] | None:
+        """Level by level from stored frontier tensors (see :mod:`onnxcompress.quant.staged`); then,
+        with ``outputs``, the rest of the corrected model from the last level's frontier: its
+        ``outputs`` per batch (``None`` when they need tensors that are no longer stored)."""
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
         by_node = {id(s.target): s.level for s, _ in kept}
         with StagedBatches(data.batches(self.opts["batch_size"]), progress=ctx.progress) as store:
@@ -249,7 +269,7 @@ class BiasCorrection(Pass):
             self._advance(graph, store, by_node, 0)
             for level in levels:
                 batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
-                graph.toposort()
+                # sorted by the _advance just before (the graph has not changed since)
                 inputs = frontier(graph, tensor_depths(graph, by_node), level)
                 moments = {i: ChannelMoments(s.axis) for i, s, _ in batch}
 
@@ -265,6 +285,7 @@ class BiasCorrection(Pass):
                 if level != levels[-1]:
                     self._advance(graph, store, by_node, level)
             result.stats["calib_samples"] = store.samples
+            return _tail(graph, store, inputs, outputs) if outputs else None
 
     @staticmethod
     def _advance(graph: gs.Graph, store: StagedBatches, by_node: dict[int, int], level: int) -> None:
@@ -291,18 +312,21 @@ class BiasCorrection(Pass):
                              float(np.abs(delta).mean()), rel[-1])
 
     def _measure(self, model: onnx.ModelProto, wanted: dict[int, tuple[str, int]], ctx: PassContext,
-                 result: PassResult) -> dict[int, ChannelMoments]:
-        """Stream ``{key: (tensor, axis)}`` of ``model`` over the calibration data into moments."""
+                 result: PassResult, kept: _Kept | None = None) -> dict[int, ChannelMoments]:
+        """Stream ``{key: (tensor, axis)}`` of ``model`` over the calibration data into moments
+        (and hand the tensors ``kept`` asks for to it in the same run)."""
         moments = {key: ChannelMoments(axis) for key, (_, axis) in wanted.items()}
         if not wanted:
             return moments
+        kept = kept or _Kept([])
 
         def consume(_batch, values: dict[str, np.ndarray]) -> None:
             for key, (name, _) in wanted.items():
                 moments[key].update(values[name])
+            kept.add(values)
 
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
-        seen = capture(model, sorted({n for n, _ in wanted.values()}), data, consume,
+        seen = capture(model, sorted({n for n, _ in wanted.values()} | set(kept.names)), data, consume,
                        batch_size=self.opts["batch_size"], progress=ctx.progress, max_bytes=CAPTURE_BUDGET)
         if seen == 0:
             raise InputError("bias_correction: the calibration data has no samples")
@@ -327,6 +351,45 @@ class _Limited:
                               None if batch.labels is None else batch.labels[:left])
             left -= len(batch)
             yield batch
+
+
+class _Kept:
+    """Values of a few tensors over every sample, kept while they fit in
+    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET` (then dropped for good)."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.parts: list[dict[str, np.ndarray]] | None = [] if names else None
+        self.used = 0
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        if self.parts is None:
+            return
+        part = {n: values[n] for n in self.names}
+        self.used += sum(v.nbytes for v in part.values())
+        self.parts = None if self.used > REFERENCE_BUDGET else [*self.parts, part]
+
+    def arrays(self) -> dict[str, np.ndarray] | None:
+        """``{name: values of every sample}`` (``None`` when dropped or never asked for)."""
+        if not self.parts:
+            return None
+        return {n: np.concatenate([p[n] for p in self.parts]) for n in self.names}
+
+
+def _tail(graph: gs.Graph, store: StagedBatches, inputs: list[str], outputs: list[str]) -> list[list[np.ndarray]] | None:
+    """``outputs`` of ``graph`` per stored batch, run from the stored tensors ``inputs``; ``None``
+    when they need a tensor that is not stored, or are not all float outputs of ``graph``."""
+    if sorted(outputs) != sorted(t.name for t in graph.outputs):
+        return None
+    graph.toposort()
+    got: list[list[np.ndarray]] = []
+    try:
+        store.run(graph, inputs, outputs, lambda _batch, values: got.append([values[n] for n in outputs]),
+                  label="bias_correction outputs")
+    except RuntimeError as exc:  # an output needs tensors no longer stored: the check runs the model
+        log.debug("bias_correction: outputs not from the stored frontier (%s)", exc)
+        return None
+    return got
 
 
 def _exported(graph: gs.Graph) -> onnx.ModelProto:

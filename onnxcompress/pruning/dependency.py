@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from onnxcompress.core.graph import node_label
 from onnxcompress.core.shapes import infer_graph
@@ -237,6 +235,9 @@ def _components(specs: list[NodeSpec], offsets: dict[str, int], total: int) -> n
             if a in offsets and b in offsets:
                 rows.append(offsets[a] + ia)
                 cols.append(offsets[b] + ib)
+    from scipy.sparse import coo_matrix  # imported here: scipy.sparse costs start-up time to every run
+    from scipy.sparse.csgraph import connected_components
+
     r, c = np.concatenate(rows), np.concatenate(cols)
     matrix = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(total, total))
     _, labels = connected_components(matrix, directed=False)

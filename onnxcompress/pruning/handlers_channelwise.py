@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.special import erf
 
 from onnxcompress.pruning.handlers_common import (
     Vec,
@@ -56,11 +55,18 @@ def _sigmoid(v: Vec) -> Vec:
     return 1.0 / (1.0 + np.exp(-v))
 
 
+def _erf(v: Vec) -> Vec:
+    """``scipy.special.erf`` (imported on first use: scipy costs start-up time to every run)."""
+    from scipy.special import erf as scipy_erf
+
+    return scipy_erf(v)
+
+
 def _gelu(approximate: str) -> Callable[[Vec], Vec]:
     """ONNX ``Gelu`` (opset 20): exact (``0.5 x (1 + erf(x / sqrt 2))``) or ``tanh``."""
     if approximate in ("tanh", "b'tanh'"):
         return lambda v: 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
-    return lambda v: 0.5 * v * (1.0 + erf(v / np.sqrt(2.0)))
+    return lambda v: 0.5 * v * (1.0 + _erf(v / np.sqrt(2.0)))
 
 
 def _unary_fn(node: gs.Node) -> Callable[[Vec], Vec] | None:
@@ -82,7 +88,7 @@ def _unary_fn(node: gs.Node) -> Callable[[Vec], Vec] | None:
         "Mish": lambda v: v * np.tanh(np.logaddexp(0.0, v)),
         "Neg": np.negative, "Abs": np.abs, "Exp": np.exp, "Floor": np.floor, "Ceil": np.ceil,
         "Log": np.log, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Sin": np.sin, "Cos": np.cos,
-        "Sign": np.sign, "Round": np.round, "Erf": erf,
+        "Sign": np.sign, "Round": np.round, "Erf": _erf,
         "Gelu": _gelu(str(a.get("approximate", "none"))),
         "Identity": lambda v: v, "Dropout": lambda v: v,
     }

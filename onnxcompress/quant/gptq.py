@@ -24,7 +24,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-import scipy.linalg
 
 from onnxcompress.quant.weightonly import BlockQuant, block_scales, qrange
 from onnxcompress.reconstruct.lstsq import LstsqAccumulator
@@ -42,6 +41,8 @@ LAZY_ROWS = 128
 def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹`` (damping raised until positive definite)."""
     k = h.shape[0]
+    import scipy.linalg  # here: scipy costs start-up time to every run
+
     mean = float(np.mean(np.diag(h))) or 1.0
     for extra in (1.0, 10.0, 100.0, 1000.0):
         a = h + (damp * extra) * mean * np.eye(k)

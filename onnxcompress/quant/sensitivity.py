@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +37,7 @@ from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams, activation_params
 from onnxcompress.quant.placement import KINDS, R_DEGENERATE, QdqPlan, plan_placement, tensor_dtypes
 from onnxcompress.quant.rewrite import apply_plan
-from onnxcompress.runtime.data import CalibSource
+from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.fidelity import OutputAccumulator, OutputMetrics, ReferenceScales, SliceSpec, worst
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
@@ -283,20 +283,32 @@ class Evaluator:
         threads: Intra-op threads (1: results do not depend on the machine's core count).
         budget: Bytes of reference outputs kept in memory.
         slices: Given channel slices per output (``--slices``); other outputs get automatic ones.
+        outputs: The float model's outputs on ``data`` when the caller already ran it (``{output:
+            values of every sample, in order}``, every output of ``reference``): not run again.
     """
 
     def __init__(self, reference: onnx.ModelProto, data: CalibSource, *, batch_size: int = 32, threads: int = 1,
-                 budget: int = REFERENCE_BUDGET, slices: SliceSpec | None = None):
+                 budget: int = REFERENCE_BUDGET, slices: SliceSpec | None = None,
+                 outputs: dict[str, np.ndarray] | None = None):
         self.data, self.batch_size, self.threads = data, batch_size, threads
-        self._ref_session = make_session(reference, threads=threads)
-        self.names = [o.name for o in self._ref_session.get_outputs()]
+        self._reference = reference
+        self._session: Any = None
+        self.names = [o.name for o in reference.graph.output]
         scales = ReferenceScales()
-        self._cached: list[list[np.ndarray]] | None = self._cache_reference(budget, scales)
+        self._cached: list[list[np.ndarray]] | None = (self._cache_reference(budget, scales) if outputs is None
+                                                       else self._split_known(outputs, scales))
         if not self.samples:
             raise InputError(f"{data.description}: no samples")
         self.slices = scales.slices(slices)
         for name, (cuts, source) in self.slices.items():
             log.debug("evaluator: %s slices of %s: %s", source, name, cuts)
+
+    @property
+    def _ref_session(self) -> Any:
+        """The float model's session (made on first use: not at all when its outputs were given)."""
+        if self._session is None:
+            self._session = make_session(self._reference, threads=self.threads)
+        return self._session
 
     def _cache_reference(self, budget: int, scales: ReferenceScales) -> list[list[np.ndarray]] | None:
         kept: list[list[np.ndarray]] | None = []
@@ -315,16 +327,34 @@ class Evaluator:
                 kept.append(outs)
         return kept
 
+    def _split_known(self, outputs: dict[str, np.ndarray], scales: ReferenceScales) -> list[list[np.ndarray]]:
+        """Given float outputs cut into the batches of ``data`` (what :meth:`_cache_reference` keeps)."""
+        kept: list[list[np.ndarray]] = []
+        self.samples, self.has_labels = 0, False
+        for batch in self.data.batches(self.batch_size):
+            outs = [outputs[name][self.samples:self.samples + len(batch)] for name in self.names]
+            for name, out in zip(self.names, outs):
+                scales.add(name, out)
+            kept.append(outs)
+            self.samples += len(batch)
+            self.has_labels |= batch.labels is not None
+        return kept
+
     def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
         """Fidelity of ``candidate`` (same inputs and outputs as the reference)."""
         session = make_session(candidate, threads=self.threads)
+        return self.score(lambda _i, batch: session.run(self.names, batch.feeds))
+
+    def score(self, run: Callable[[int, Batch], list[np.ndarray]]) -> Fidelity:
+        """Fidelity of a candidate given as ``run(batch index, batch) -> its outputs`` (in
+        :attr:`names` order) on each batch of the data: a caller that already has them need not rerun."""
         accs = {}
         for n in self.names:
             cuts, source = self.slices.get(n, ([], "user"))
             accs[n] = OutputAccumulator(n, cuts, auto=False, source=source)
         for i, batch in enumerate(self.data.batches(self.batch_size)):
             ref = self._cached[i] if self._cached is not None else self._ref_session.run(self.names, batch.feeds)
-            cand = session.run(self.names, batch.feeds)
+            cand = run(i, batch)
             for name, r, c in zip(self.names, ref, cand):
                 accs[name].add(np.asarray(r), np.asarray(c), batch.labels)
         return Fidelity.of([a.result() for a in accs.values()])

@@ -16,8 +16,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.linalg
-import scipy.linalg.blas
 
 __all__ = ["DEFAULT_RIDGE", "PRECISIONS", "UPCAST_TOL", "LstsqAccumulator"]
 
@@ -196,6 +194,8 @@ class LstsqAccumulator:
         return w
 
     def _solve_spd(self, a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        import scipy.linalg  # imported where used: scipy costs start-up time to runs that never solve
+
         try:
             factor = scipy.linalg.cho_factor(a, lower=False, check_finite=False)
             dg = np.abs(np.diag(factor[0]))
@@ -237,6 +237,8 @@ class LstsqAccumulator:
 
 def _gram(x: np.ndarray) -> np.ndarray:
     """``xᵀx`` of ``x [n, F]`` by BLAS ``syrk`` (half the work of a product), made symmetric."""
+    import scipy.linalg.blas
+
     syrk = scipy.linalg.blas.ssyrk if x.dtype == np.float32 else scipy.linalg.blas.dsyrk
     upper = syrk(1.0, x.T, trans=0, lower=0)  # x.T is Fortran-ordered: no copy
     return upper + np.triu(upper, 1).T
@@ -246,6 +248,8 @@ def _close_solutions(g64: np.ndarray, d64: np.ndarray, g32: np.ndarray, d32: np.
     """Whether ridge solutions of ``(g32, d32)`` and ``(g64, d64)`` give outputs within :data:`UPCAST_TOL`
     (``‖X·(w32 − w64)‖ ≤ tol·‖X·w64‖`` measured with ``g64``; ``w32 − w64`` to first order,
     ``A⁻¹((d32 − d64) − (g32 − g64)·w64)`` with ``A = g64 + λI``: one Cholesky factorization)."""
+    import scipy.linalg
+
     lam = ridge * float(np.trace(g64)) / max(1, g64.shape[0])
     if not lam > 0:
         return False

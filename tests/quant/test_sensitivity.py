@@ -148,6 +148,35 @@ def test_evaluator_recomputes_when_over_budget():
     assert ranked[0][0] == "conv_a"
 
 
+def test_evaluator_with_given_float_outputs_does_not_run_the_float_model(monkeypatch):
+    rng = np.random.default_rng(7)
+    model = conv_classifier(rng)
+    data = open_source([outlier_data(rng, 40)], model)  # 40 samples: batches of 16, 16, 8
+    q = Quantizer(model, QuantConfig())
+    q.calibrate(data)
+    cand = q.export()
+    computed = Evaluator(model, data, batch_size=16)
+    outputs = {"y": np.concatenate([b[0] for b in computed._cached])}
+    monkeypatch.setattr("onnxcompress.quant.sensitivity.make_session", _refuse_float(model))
+    given = Evaluator(model, data, batch_size=16, outputs=outputs)
+    assert given._session is None and given.samples == 40 and given.slices == computed.slices
+    assert given(cand) == computed(cand)
+    bad = Evaluator(model, data, batch_size=16, outputs={"y": outputs["y"] + 1.0})  # really used, not rerun
+    assert bad(cand) != computed(cand)
+    runs = []
+    by_batch = computed.score(lambda i, batch: runs.append(i) or [given._cached[i][0]])
+    assert runs == [0, 1, 2] and by_batch.sqnr_db == math.inf
+
+
+def _refuse_float(model: onnx.ModelProto):
+    from onnxcompress.runtime.session import make_session
+
+    def make(candidate, **kw):
+        assert candidate is not model, "the float model was run"
+        return make_session(candidate, **kw)
+    return make
+
+
 @pytest.fixture()
 def fixture_files(tmp_path):
     rng = np.random.default_rng(8)

@@ -14,14 +14,16 @@ from tests.helpers.quant import quantize
 RESNET = "models/resnet_digits.onnx"
 
 
-def _old_sequential(self, graph, names, kept, levels, ctx, result, rel):
-    """The previous implementation: every level measured by a run of the truncated graph from the inputs."""
+def _old_sequential(self, graph, names, kept, levels, ctx, result, rel, outputs):
+    """The previous implementation: every level measured by a run of the truncated graph from the inputs
+    (no outputs of the corrected model: the check, when on, runs it)."""
     for level in levels:
         batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
         graph.toposort()
         wanted = {i: (s.measured.name, s.axis) for i, s, _ in batch}
         quant = self._measure(bc_pass._truncated(graph, [n for n, _ in wanted.values()]), wanted, ctx, result)
         self._apply(graph, names, [(s, ref) for _, s, ref in batch], [quant[i] for i, _, _ in batch], ctx, result, rel)
+    return None
 
 
 def _calib(model: onnx.ModelProto, n: int = 24):
@@ -87,3 +89,22 @@ def test_channel_moments_do_not_depend_on_how_samples_are_batched(shape, axis):
     assert np.array_equal(whole.mean(), parts.mean()) and np.array_equal(whole.var(), parts.var())
     others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
     np.testing.assert_allclose(whole.mean(), x.astype(np.float64).mean(axis=others), rtol=1e-12)
+
+
+def test_check_from_captured_outputs_equals_rerunning_the_models(monkeypatch):
+    """The check scores the float outputs captured with the reference moments and the corrected
+    model's outputs from the last staged run: the same decision and SQNRs as running both models."""
+    model = onnx.load(RESNET)
+    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8"
+    tails = []
+    real_tail = bc_pass._tail
+    monkeypatch.setattr(bc_pass, "_tail", lambda *a: tails.append(real_tail(*a)) or tails[-1])
+    new, res_new = quantize(model, spec, calib=_calib(model, 20))
+    assert tails and tails[0] is not None and len(tails[0]) == 3  # 20 samples: batches of 8, 8, 4
+    with monkeypatch.context() as m:
+        m.setattr(bc_pass, "_tail", lambda *a: None)
+        m.setattr(bc_pass._Kept, "arrays", lambda self: None)
+        old, res_old = quantize(model, spec, calib=_calib(model, 20))
+    keys = ("check_sqnr_before", "check_sqnr_after", "layers_corrected")
+    assert [res_new.stats[k] for k in keys] == [res_old.stats[k] for k in keys]
+    assert new.SerializeToString() == old.SerializeToString()
