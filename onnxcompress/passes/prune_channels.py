@@ -86,7 +86,9 @@ class PruneChannels(Pass):
         (its filter set to 0); that constant is folded into the next layer's bias -- exactly
         for 1x1 convs without padding, Gemm and MatMul, approximately (border pixels) for
         padded kxk convs and ConvTranspose. ``steps=N`` prunes ``1-(1-ratio)^(1/N)`` per round,
-        re-analysing and re-scoring each time. Before the analysis, ``Reshape(Reshape(x))``
+        re-analysing and re-scoring each time; with ``refit_steps=true`` the layers changed so far
+        are refitted (against the original) after every round but the last, so the next round
+        scores, measures and prunes the refitted model. Before the analysis, ``Reshape(Reshape(x))``
         chains are merged (exact; tf2onnx's ``[N,C,1,1] -> [N,1,1,C] -> [N,C]`` flatten would
         otherwise freeze the last stage). Transformers: the channels of ``[batch, seq, dim]``
         activations are on the last axis (:mod:`onnxcompress.pruning.layout`); a MatMul with a
@@ -156,7 +158,10 @@ class PruneChannels(Pass):
         ``criterion_bn_scale`` and ``criterion_l1``), ``groups_round_to_relaxed`` (grouped-conv
         groups whose block counts allow no multiple of ``round_to``),
         ``reconstructed_layers``, ``reconstruct_error_before``/``reconstruct_error_after`` (mean
-        relative output error of the refitted layers on calibration data).
+        relative output error of the refitted layers on calibration data),
+        ``reconstruct_per_layer`` (one row per refitted layer: ``node``, ``op``,
+        ``error_before``/``error_after`` -- ``‖X·W + b − Y‖ / ‖Y‖`` with the pruned and the refitted
+        weights --, ``rows`` used and ``features`` solved for per group, bias included).
     """
 
     name = "prune_channels"
@@ -178,6 +183,8 @@ class PruneChannels(Pass):
         "exclude": Option(list, [], "node or tensor names whose groups are frozen"),
         "protect_io": Option(bool, True, "never change the channels of graph outputs"),
         "steps": Option(int, 1, "prune gradually in N rounds, re-scoring each round", interval="[1, inf)"),
+        "refit_steps": Option(bool, False, "with steps=N and reconstruct: refit after every round, so the next "
+                              "round scores and measures the refitted model (else one refit at the end)"),
         "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
         "seed": Option(int, None, "tie-breaking seed (default: the pipeline's seed)"),
     }
@@ -189,11 +196,14 @@ class PruneChannels(Pass):
         super().__init__(**opts)
 
     def check_options(self) -> None:
-        """``macs`` excludes ``ratio`` and ``scope`` (it sets every group's ratio itself).
+        """``macs`` excludes ``ratio`` and ``scope`` (it sets every group's ratio itself);
+        ``refit_steps`` needs ``steps >= 2`` and ``reconstruct``.
 
         Raises:
-            InputError: Both given.
+            InputError: Both given, or ``refit_steps`` without rounds to refit between.
         """
+        if self.opts["refit_steps"] and (self.opts["steps"] < 2 or not self.opts["reconstruct"]):
+            raise InputError(f"pass {self.name}: refit_steps=true needs steps >= 2 and reconstruct=true")
         if self.opts["macs"] is not None:
             both = sorted({"ratio", "scope"} & self.given)
             if both:
@@ -218,9 +228,32 @@ class PruneChannels(Pass):
             return self._dry_run(graph, ctx, result, seed)
         original = serde.to_model(graph) if o["reconstruct"] and ctx.calib is not None else None
         result.stats["params_before"] = _param_count(graph)
+        macs_before = _macs(graph, ctx) if o["macs"] is not None else None
+        given = graph
+        graph, pruned, layers = self._rounds(graph, ctx, result, seed, macs_before, original)
+        result.stats["groups_pruned"] = len(pruned)
+        result.stats["channels_after"] = result.stats["channels_before"] - result.stats.get("channels_removed", 0)
+        result.stats["params_after"] = _param_count(graph)
+        if macs_before:
+            result.stats["macs_ratio"] = round(_macs(graph, ctx) / macs_before, 4)
+            self._check_budget(result, ctx)
+        result.modified = bool(pruned)
+        result.graph = graph if graph is not given else None  # refit_steps: a refitted copy
+        if pruned and o["reconstruct"]:
+            refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
+                                         result, seed)
+            if refitted is not None:
+                result.graph = refitted
+                result.stats["params_after"] = _param_count(refitted)
+        return result
+
+    def _rounds(self, graph: gs.Graph, ctx: PassContext, result: PassResult, seed: int, macs_before: int | None,
+                original: onnx.ModelProto | None) -> tuple[gs.Graph, set[str], dict[str, PrunedLayer]]:
+        """The ``steps`` rounds of analysis, scoring, selection and removal (with ``refit_steps``, a
+        refit after every round but the last); the pruned graph, the groups pruned, the layers changed."""
+        o = self.opts
         step_ratio = 1.0 - (1.0 - o["ratio"]) ** (1.0 / o["steps"])
         budget = Budget(step_ratio, o["scope"], o["max_group_ratio"], o["round_to"], seed)
-        macs_before = _macs(graph, ctx) if o["macs"] is not None else None
         pruned: set[str] = set()
         layers: dict[str, PrunedLayer] = {}
         for step in range(o["steps"]):
@@ -235,20 +268,11 @@ class PruneChannels(Pass):
             pruned.update(analysis.groups[gi].name for gi, ch in removed[0].items() if len(ch))
             _merge_layers(layers, removed[1].layers)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        result.stats["groups_pruned"] = len(pruned)
-        result.stats["channels_after"] = result.stats["channels_before"] - result.stats.get("channels_removed", 0)
-        result.stats["params_after"] = _param_count(graph)
-        if macs_before:
-            result.stats["macs_ratio"] = round(_macs(graph, ctx) / macs_before, 4)
-            self._check_budget(result, ctx)
-        result.modified = bool(pruned)
-        if pruned and o["reconstruct"]:
-            refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
-                                         result, seed)
-            if refitted is not None:
-                result.graph = refitted
-                result.stats["params_after"] = _param_count(refitted)
-        return result
+            if o["refit_steps"] and o["reconstruct"] and step + 1 < o["steps"]:
+                refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
+                                             result, seed)
+                graph = graph if refitted is None else refitted
+        return graph, pruned, layers
 
     def _dry_run(self, graph: gs.Graph, ctx: PassContext, result: PassResult, seed: int) -> PassResult:
         """The plan as one round (stats ``plan``: one row per prunable group); the graph is untouched."""
@@ -382,6 +406,10 @@ class PruneChannels(Pass):
 
 def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:
     result.stats.update(refit_summary(stats))
+    result.stats["reconstruct_per_layer"] = [
+        {"node": s.node, "op": s.op_type, "error_before": round(s.error_before, 6),
+         "error_after": round(s.error_after, 6), "rows": s.positions,
+         "features": s.kept_features // max(1, s.groups) + 1} for s in stats]
 
 
 def _merge_layers(layers: dict[str, PrunedLayer], new: list[PrunedLayer]) -> None:
