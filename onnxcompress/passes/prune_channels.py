@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import ClassVar
 
 import numpy as np
@@ -21,13 +22,14 @@ from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
 from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_removal
-from onnxcompress.pruning.sensitivity import MaskedError, importance_errors, measured_errors
+from onnxcompress.pruning.sensitivity import MaskedError, RefitMaskedError, importance_errors, measured_errors
 from onnxcompress.pruning.types import slug
 from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
 from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers, refit_summary
 
 __all__ = [
     "MACS_TOLERANCE",
+    "POOLS",
     "R_NO_CALIB",
     "R_SMALL",
     "PruneChannels",
@@ -41,6 +43,9 @@ R_NO_CALIB = "reconstruction_needs_calibration"
 R_RECONSTRUCT_OP = "reconstruction_unsupported_op"
 R_RECONSTRUCT_FAILED = "reconstruction_failed"
 R_SMALL = "group_smaller_than_round_to"
+
+#: Producers of a pooled vector (an SE/attention block's input): ``se=stats`` refits only the bias of its readers.
+POOLS = ("GlobalAveragePool", "ReduceMean")
 
 #: Largest gap between the achieved and the target MAC ratio (``macs=``) that passes without a warning.
 MACS_TOLERANCE = 0.02
@@ -125,7 +130,9 @@ class PruneChannels(Pass):
         With ``reconstruct`` and calibration data, every Conv/Gemm/MatMul whose input channels
         were removed is refitted by least squares to the original model's output of the same
         node (``onnxcompress.reconstruct.refit.reconstruct_layers``; ``out_keep`` selects the
-        kept output channels); without calibration data, for other ops or when it fails it
+        kept output channels; ``se=stats``: a layer reading a ``GlobalAveragePool``/``ReduceMean``,
+        one row per sample, keeps its weights on the kept channels and only its bias is refitted,
+        ``b = mean(Y) − mean(X)·W``: the original's output mean); without calibration data, for other ops or when it fails it
         declines (``reconstruction_needs_calibration``, ``reconstruction_unsupported_op``,
         ``reconstruction_failed``).
 
@@ -135,7 +142,10 @@ class PruneChannels(Pass):
         original's, group by group where it costs the least predicted error per MAC saved
         (:mod:`onnxcompress.pruning.budget`); the predicted error of each group at each removal
         count is measured on ``sens_samples`` calibration samples with the group pruned alone, or
-        without data is the share of its importance removed (:mod:`onnxcompress.pruning.sensitivity`).
+        without data is the share of its importance removed (:mod:`onnxcompress.pruning.sensitivity`);
+        ``sensitivity=refit`` measures it with the dense Conv/Gemm/MatMul readers of the zeroed
+        channels refitted by least squares to their own outputs on the same samples (what the
+        reconstruction will recover, to first order; stats ``sensitivity`` ``measured_refit``).
         ``max_group_ratio`` caps every group; ``round_to`` sets the steps. The achieved ratio
         (``macs_ratio``) is measured on the pruned graph; a miss larger than
         :data:`MACS_TOLERANCE` (frozen or capped groups, or coarse steps) is logged as a warning.
@@ -173,6 +183,9 @@ class PruneChannels(Pass):
                        interval="(0, 1]"),
         "sens_samples": Option(int, 64, "calibration samples used to measure each group's sensitivity (macs=)",
                                interval="[1, inf)"),
+        "sensitivity": Option(str, "masked", "macs= with --calib: measure each group's error with its channels "
+                              "zeroed (masked), or zeroed and their dense readers refitted by least squares (refit)",
+                              choices=("masked", "refit")),
         "dry_run": Option(bool, False, "compute the per-group plan (stats 'plan') and change nothing"),
         "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, activation for transformer FFN neurons with calibration data, else l1)",
                             choices=CRITERIA),
@@ -186,6 +199,9 @@ class PruneChannels(Pass):
         "refit_steps": Option(bool, False, "with steps=N and reconstruct: refit after every round, so the next "
                               "round scores and measures the refitted model (else one refit at the end)"),
         "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
+        "se": Option(str, "refit", "layers reading a global pool (SE/attention scales): refit (least squares) or "
+                     "stats (keep their weights, refit the bias to the original's output mean)",
+                     choices=("refit", "stats")),
         "seed": Option(int, None, "tie-breaking seed (default: the pipeline's seed)"),
     }
 
@@ -299,9 +315,10 @@ class PruneChannels(Pass):
         metrics = model_metrics(serde.to_model(analysis.graph), ctx.dims)
         model = MacModel(analysis, {n.name: n.macs for n in metrics.per_node}, metrics.macs)
         if ctx.calib is not None and goal is not None:
-            evaluate = MaskedError(analysis, ctx.calib, samples=self.opts["sens_samples"])
+            refit = self.opts["sensitivity"] == "refit"
+            evaluate = (RefitMaskedError if refit else MaskedError)(analysis, ctx.calib, samples=self.opts["sens_samples"])
             errors = measured_errors(evaluate, groups, values, steps, budget, progress=ctx.progress)
-            method = "measured"
+            method = "measured_refit" if refit else "measured"
         else:
             errors = {g.index: importance_errors(g, values[g.index], steps[g.index], budget) for g in groups}
             method = "importance"
@@ -389,7 +406,9 @@ class PruneChannels(Pass):
                 result.decline(node_label(layer.node), R_RECONSTRUCT_OP, logger=ctx.logger)
                 continue
             out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
-            targets.append(LayerTarget.of(layer.node, graph, layer.out, out_keep))
+            target = LayerTarget.of(layer.node, graph, layer.out, out_keep)
+            pooled = any(n.op in POOLS for n in layer.node.inputs[0].inputs)
+            targets.append(replace(target, bias_only=True) if pooled and self.opts["se"] == "stats" else target)
         if not targets:
             return None
         try:

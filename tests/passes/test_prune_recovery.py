@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from onnxcompress.core import proto
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pipeline.manager import parse_spec
@@ -85,3 +86,96 @@ def test_refit_steps_is_deterministic():
     a, _ = run_passes(model, spec, ctx(model))
     b, _ = run_passes(model, spec, ctx(model))
     assert a.SerializeToString() == b.SerializeToString()
+
+
+# ---- se=stats: the readers of a pooled vector keep their weights, only the bias is refitted
+
+def se_block(seed: int = 0, c: int = 16) -> onnx.ModelProto:
+    """conv(c) -> relu -> SE (GAP -> conv s1 -> relu -> conv s2 -> HardSigmoid) -> Mul -> conv(4)."""
+    rng = np.random.default_rng(seed)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a", pads=[1, 1, 1, 1]), node("Relu", ["a"], "ar"),
+             node("GlobalAveragePool", ["ar"], "p"), node("Conv", ["p", "ws1", "bs1"], "s1"), node("Relu", ["s1"], "s1r"),
+             node("Conv", ["s1r", "ws2", "bs2"], "s2"), node("HardSigmoid", ["s2"], "g"), node("Mul", ["ar", "g"], "m"),
+             node("Conv", ["m", "w3", "b3"], "y")]
+    params = {"w1": rand(rng, c, 3, 3, 3, scale=0.4), "b1": rand(rng, c, scale=0.2),
+              "ws1": rand(rng, 4, c, 1, 1, scale=0.5), "bs1": rand(rng, 4, scale=0.2),
+              "ws2": rand(rng, c, 4, 1, 1, scale=0.5), "bs2": rand(rng, c, scale=0.2),
+              "w3": rand(rng, 4, c, 1, 1, scale=0.4), "b3": rand(rng, 4, scale=0.2)}
+    return make_model(nodes, X, ["y"], params)
+
+
+def weights(model: onnx.ModelProto, conv_out: str) -> list[np.ndarray]:
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.output[0] == conv_out)
+    return [init[name] for name in conv.input[1:]]
+
+
+def test_se_option_parses():
+    assert parse_spec("prune_channels")[0].opts["se"] == "refit"
+    assert parse_spec("prune_channels:se=stats")[0].opts["se"] == "stats"
+    with pytest.raises(InputError, match="option se="):
+        parse_spec("prune_channels:se=keep")
+
+
+def test_se_stats_keeps_the_pooled_readers_weights_and_matches_the_mean():
+    model = se_block()
+    spec = "prune_channels:ratio=0.5:round_to=8"  # the SE's own 4 channels stay (fewer than round_to)
+    new, records = run_passes(model, spec + ":se=stats", ctx(model, 16))
+    refit, _ = run_passes(model, spec, ctx(model, 16))
+    onnx.checker.check_model(new, full_check=True)
+    w_orig, b_orig = weights(model, "s1")
+    (w_new, b_new), (w_refit, _) = weights(new, "s1"), weights(refit, "s1")
+    kept = [i for i in range(16) if any(np.allclose(weights(new, "a")[0][j], weights(model, "a")[0][i])
+                                        for j in range(8))]
+    assert len(kept) == 8 and w_new.shape == (4, 8, 1, 1)
+    np.testing.assert_array_equal(w_new, w_orig[:, kept])  # the original's weights on the kept channels
+    assert not np.allclose(w_refit, w_orig[:, kept]) and not np.allclose(b_new, b_orig)
+    # the bias makes the mean of s1 over the calibration samples equal the original's
+    feeds = next(iter(ctx(model, 16).calib.batches(16))).feeds
+    means = [ort_run(proto.with_outputs(m, ["s1"]), feeds)[-1].mean(axis=(0, 2, 3)) for m in (model, new)]
+    np.testing.assert_allclose(means[1], means[0], rtol=1e-4, atol=1e-5)
+    rows = {r["node"]: r for r in records[0].result.stats["reconstruct_per_layer"]}
+    assert rows["s1"]["error_after"] <= rows["s1"]["error_before"]
+
+
+def test_se_stats_without_a_pool_changes_nothing():
+    model = chain()
+    spec = "prune_channels:ratio=0.5:round_to=1"
+    a, _ = run_passes(model, spec, ctx(model))
+    b, _ = run_passes(model, spec + ":se=stats", ctx(model))
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+# ---- sensitivity=refit
+
+def test_sensitivity_option_parses():
+    assert parse_spec("prune_channels:macs=0.5")[0].opts["sensitivity"] == "masked"
+    with pytest.raises(InputError, match="option sensitivity="):
+        parse_spec("prune_channels:macs=0.5:sensitivity=exact")
+
+
+def test_refit_sensitivity_is_at_most_the_masked_one():
+    """Each branch reaches the output through one 1x1 conv, refitted to its own output on the same
+    samples: the least-squares error cannot exceed the zeroed filters' (a feasible point)."""
+    from tests.passes.test_prune_budget import two_groups
+
+    model = two_groups(a_matters=True)
+    plans = {}
+    for sens in ("masked", "refit"):
+        _, records = run_passes(model, f"prune_channels:macs=0.6:round_to=1:dry_run=true:sensitivity={sens}",
+                                ctx(model, 16))
+        stats = records[0].result.stats
+        assert stats["sensitivity"] == {"masked": "measured", "refit": "measured_refit"}[sens]
+        plans[sens] = {r["group"]: r for r in stats["plan"]}
+    errors = [(plans["refit"][g]["predicted_error"], plans["masked"][g]["predicted_error"]) for g in plans["masked"]]
+    assert all(r <= m * (1 + 1e-3) + 1e-9 for r, m in errors)
+    assert any(r < 0.9 * m for r, m in errors if m > 0)
+
+
+def test_refit_sensitivity_prunes_a_valid_model_to_the_budget():
+    from tests.passes.test_prune_budget import two_groups
+
+    model = two_groups(a_matters=False)
+    new, records = run_passes(model, "prune_channels:macs=0.6:round_to=1:sensitivity=refit", ctx(model, 16))
+    onnx.checker.check_model(new, full_check=True)
+    assert abs(records[0].result.stats["macs_ratio"] - 0.6) <= 0.02
