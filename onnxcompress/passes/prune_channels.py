@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.graph import check_names, node_label
+from onnxcompress.core.graph import check_names, const_values, node_label
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
@@ -33,6 +33,7 @@ __all__ = [
     "R_NO_CALIB",
     "R_SMALL",
     "PruneChannels",
+    "activation_after",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,11 @@ class PruneChannels(Pass):
         node (``onnxcompress.reconstruct.refit.reconstruct_layers``; ``out_keep`` selects the
         kept output channels; ``se=stats``: a layer reading a ``GlobalAveragePool``/``ReduceMean``,
         one row per sample, keeps its weights on the kept channels and only its bias is refitted,
-        ``b = mean(Y) − mean(X)·W``: the original's output mean); without calibration data, for other ops or when it fails it
+        ``b = mean(Y) − mean(X)·W``: the original's output mean; ``post_act=true``: for a layer whose
+        output only feeds a ReLU or a hard-swish (``HardSwish``, or Paddle's ``x·Clip(x+3, 0, 6)/6``),
+        a target where the original's activation is flat (``t <= 0``, ``<= −3``) becomes the
+        layer's current output clipped to ``[t, 0]`` (``[t, −3]``): the error that counts is the one
+        after the activation, one Gauss-Newton-like step from the pruned weights); without calibration data, for other ops or when it fails it
         declines (``reconstruction_needs_calibration``, ``reconstruction_unsupported_op``,
         ``reconstruction_failed``).
 
@@ -199,6 +204,8 @@ class PruneChannels(Pass):
         "refit_steps": Option(bool, False, "with steps=N and reconstruct: refit after every round, so the next "
                               "round scores and measures the refitted model (else one refit at the end)"),
         "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
+        "post_act": Option(bool, False, "refit a layer followed by ReLU/hard-swish only where the original's "
+                           "activation is not flat (targets in the flat region just need to stay there)"),
         "se": Option(str, "refit", "layers reading a global pool (SE/attention scales): refit (least squares) or "
                      "stats (keep their weights, refit the bias to the original's output mean)",
                      choices=("refit", "stats")),
@@ -407,8 +414,9 @@ class PruneChannels(Pass):
                 continue
             out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
             target = LayerTarget.of(layer.node, graph, layer.out, out_keep)
-            pooled = any(n.op in POOLS for n in layer.node.inputs[0].inputs)
-            targets.append(replace(target, bias_only=True) if pooled and self.opts["se"] == "stats" else target)
+            pooled = any(n.op in POOLS for n in layer.node.inputs[0].inputs) and self.opts["se"] == "stats"
+            act = activation_after(layer.node.outputs[0]) if self.opts["post_act"] and target.target == layer.out else None
+            targets.append(replace(target, bias_only=pooled, activation=act))
         if not targets:
             return None
         try:
@@ -421,6 +429,24 @@ class PruneChannels(Pass):
             return None
         _reconstruct_stats(stats, result)
         return fixed
+
+
+def activation_after(tensor: gs.Tensor) -> str | None:
+    """``relu`` or ``hardswish`` when ``tensor`` is only read by that activation (``HardSwish``, or the
+    ``x * Clip(x + 3, 0, 6) / 6`` of Paddle exports), else ``None``."""
+    readers = list({id(n): n for n in tensor.outputs}.values())
+    ops = sorted(n.op for n in readers)
+    if ops in (["Relu"], ["HardSwish"]):
+        return ops[0].lower()
+    if ops != ["Add", "Mul"]:
+        return None
+    add = readers[0] if readers[0].op == "Add" else readers[1]
+    three = [const_values(t) for t in add.inputs if t is not tensor]
+    clips = add.outputs[0].outputs
+    if len(three) != 1 or three[0] is None or not np.allclose(three[0], 3.0) or [n.op for n in clips] != ["Clip"]:
+        return None
+    low = const_values(clips[0].inputs[1]) if len(clips[0].inputs) > 1 else clips[0].attrs.get("min")
+    return "hardswish" if low is not None and np.allclose(low, 0.0) else None
 
 
 def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:

@@ -57,15 +57,8 @@ from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import CACHE_BYTES, SegmentRunner, batches, subgraph_names
 
-__all__ = [
-    "DEFAULT_MAX_POSITIONS",
-    "DEFAULT_ROWS_PER_FEATURE",
-    "RIDGE_STEPS",
-    "LayerStats",
-    "LayerTarget",
-    "reconstruct_layers",
-    "refit_summary",
-]
+__all__ = ["DEFAULT_MAX_POSITIONS", "DEFAULT_ROWS_PER_FEATURE", "RIDGE_STEPS", "LayerStats", "LayerTarget",
+           "reconstruct_layers", "refit_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +92,8 @@ class LayerTarget:
             rows followed by an ``Add`` of a constant bias fits that bias, and ``target`` is
             then the Add's output).
         bias_only: Keep the weights, solve for the bias alone, ``mean(Y) − mean(X)·W`` (few rows: SE's pooled vector).
+        activation: The teacher's activation after ``target`` (``relu``, ``hardswish``): its flat region is relaxed
+            (:meth:`~onnxcompress.reconstruct.layerview.LayerView.relax`; the errors are then on relaxed targets).
     """
 
     node: str
@@ -107,6 +102,7 @@ class LayerTarget:
     out_keep: Sequence[int] | None = None
     fit_bias: bool | None = None
     bias_only: bool = False
+    activation: str | None = None
 
     @classmethod
     def of(cls, node: gs.Node, graph: gs.Graph, target: str | None = None,
@@ -319,7 +315,7 @@ def _views(graph: gs.Graph, plans: list[_Plan], dtype: type) -> list[LayerView]:
         if found is not None:
             bias = np.asarray(found[0].inputs[found[1]].values).reshape(-1)
         views.append(layer_view(node, weight, bias, fit_bias=p.target.fit_bias, out_keep=p.target.out_keep,
-                                dtype=dtype))
+                                dtype=dtype, activation=p.target.activation))
     return views
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
-from onnxcompress.core import proto
+from onnxcompress.core import proto, serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import PassContext
+from onnxcompress.passes.prune_channels import activation_after
 from onnxcompress.pipeline.manager import parse_spec
+from onnxcompress.reconstruct.layerview import layer_view
 from onnxcompress.runtime.data import RandomSource, input_specs
 from tests.helpers.builders import make_model, node
 from tests.helpers.pruning import bn, bn_node
@@ -179,3 +182,79 @@ def test_refit_sensitivity_prunes_a_valid_model_to_the_budget():
     new, records = run_passes(model, "prune_channels:macs=0.6:round_to=1:sensitivity=refit", ctx(model, 16))
     onnx.checker.check_model(new, full_check=True)
     assert abs(records[0].result.stats["macs_ratio"] - 0.6) <= 0.02
+
+
+# ---- post_act=true: targets in the flat region of a following ReLU / hard-swish are relaxed
+
+def hardswish_chain(three: float = 3.0, low: float = 0.0) -> gs.Graph:
+    """x -> Conv -> (Paddle hard-swish: x * Clip(x + three, low, 6) / 6)."""
+    nodes = [node("Conv", ["x", "w"], "c"), node("Add", ["c", "three"], "a"), node("Clip", ["a", "lo", "hi"], "k"),
+             node("Mul", ["c", "k"], "m"), node("Div", ["m", "six"], "y")]
+    params = {"w": np.ones((4, 3, 1, 1)), "three": np.float32(three), "lo": np.float32(low), "hi": np.float32(6),
+              "six": np.float32(6)}
+    return serde.to_graph(make_model(nodes, {"x": [1, 3, 4, 4]}, ["y"], params))
+
+
+def conv_output(graph: gs.Graph) -> gs.Tensor:
+    return next(n for n in graph.nodes if n.op == "Conv").outputs[0]
+
+
+@pytest.mark.parametrize("op, want", [("Relu", "relu"), ("HardSwish", "hardswish"), ("Sigmoid", None)])
+def test_activation_after_single_ops(op, want):
+    graph = serde.to_graph(make_model([node("Conv", ["x", "w"], "c"), node(op, ["c"], "y")], {"x": [1, 3, 4, 4]},
+                                      ["y"], {"w": np.ones((4, 3, 1, 1))}))
+    assert activation_after(conv_output(graph)) == want
+
+
+@pytest.mark.parametrize("three, low, want", [(3.0, 0.0, "hardswish"), (2.0, 0.0, None), (3.0, -1.0, None)])
+def test_activation_after_paddle_hardswish(three, low, want):
+    assert activation_after(conv_output(hardswish_chain(three, low))) == want
+
+
+def test_relax_keeps_active_targets_and_clips_flat_ones():
+    graph = hardswish_chain()
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    view = layer_view(conv, np.ones((4, 3, 1, 1), np.float32), np.zeros(4, np.float32), fit_bias=True,
+                      activation="relu")
+    X = np.array([[[1.0, 0, 0], [-2, 0, 0], [-0.5, 0, 0], [2, 0, 0]]])  # z = X @ 1 = x0 for every target
+    Y = np.array([[[0.5] * 4, [-1] * 4, [-1] * 4, [-3] * 4]])
+    got = view.relax(X, Y)
+    np.testing.assert_allclose(got[0, :, 0], [0.5, -1.0, -0.5, 0.0])  # active kept; flat: clip(z, y, 0)
+    plain = layer_view(conv, np.ones((4, 3, 1, 1), np.float32), np.zeros(4, np.float32), fit_bias=True)
+    np.testing.assert_array_equal(plain.relax(X, Y), Y)
+    with pytest.raises(InputError, match="activation 'gelu'"):
+        layer_view(conv, np.ones((4, 3, 1, 1), np.float32), activation="gelu")
+
+
+def test_post_act_option_and_equivalence_without_activations():
+    assert parse_spec("prune_channels")[0].opts["post_act"] is False
+    with pytest.raises(InputError, match="option post_act="):
+        parse_spec("prune_channels:post_act=maybe")
+    model = two_layers_linear()
+    spec = "prune_channels:ratio=0.5:round_to=1"
+    a, _ = run_passes(model, spec, ctx(model))
+    b, _ = run_passes(model, spec + ":post_act=true", ctx(model))
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def two_layers_linear(seed: int = 0) -> onnx.ModelProto:
+    """conv(16) -> relu -> conv(8): the refitted conv's output is a graph output, no activation after it."""
+    rng = np.random.default_rng(seed)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a"), node("Relu", ["a"], "ar"), node("Conv", ["ar", "w2", "b2"], "y")]
+    return make_model(nodes, X, ["y"], {"w1": rand(rng, 16, 3, 1, 1, scale=0.4), "b1": rand(rng, 16, scale=0.2),
+                                        "w2": rand(rng, 8, 16, 1, 1, scale=0.4), "b2": rand(rng, 8, scale=0.2)})
+
+
+def test_post_act_lowers_the_error_after_the_activation():
+    """``b`` feeds a ReLU: relaxing its flat targets leaves the post-ReLU error on the calibration data no
+    larger than the plain refit's (the relaxed problem's solution only frees the flat region)."""
+    model = chain()
+    spec = "prune_channels:ratio=0.5:round_to=1:exclude=br"  # b's 16 outputs stay, its inputs go
+    plain, _ = run_passes(model, spec, ctx(model))
+    post, records = run_passes(model, spec + ":post_act=true", ctx(model))
+    onnx.checker.check_model(post, full_check=True)
+    assert plain.SerializeToString() != post.SerializeToString()
+    feeds = next(iter(ctx(model).calib.batches(32))).feeds
+    ref = ort_run(proto.with_outputs(model, ["br"]), feeds)[-1]
+    err = [float(np.sum((ort_run(proto.with_outputs(m, ["br"]), feeds)[-1] - ref) ** 2)) for m in (plain, post)]
+    assert err[1] <= err[0] * 1.01
