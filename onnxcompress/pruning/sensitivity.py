@@ -7,6 +7,9 @@ a group's channels, for the budget allocation of :mod:`.budget`.
   computes before reconstruction) and the relative squared output error
   ``sum |y - y0|^2 / sum |y0|^2`` on the first ``samples`` calibration samples is measured (the
   worst over the float outputs); the curve between probes is linear, and made non-decreasing.
+* ``measured_refit`` (:class:`RefitMaskedError`): as ``measured``, with the dense Conv/Gemm/MatMul
+  readers of the zeroed channels refitted by ridge least squares to their own outputs (normal
+  equations accumulated once, solved per probe for the kept inputs): what reconstruction recovers.
 * ``importance`` (no data): the fraction of the group's importance (its channel scores) removed.
 
 Groups are pruned alone, so the allocation treats errors as additive: a first-order model, made
