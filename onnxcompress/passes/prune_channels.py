@@ -160,7 +160,7 @@ class PruneChannels(Pass):
         ``total``, ``macs`` after, ``predicted_error``).
 
     Stats:
-        ``macs_target``, ``macs_predicted``, ``macs_ratio``, ``sensitivity`` (``measured`` or
+        ``macs_target``, ``macs_predicted``, ``macs_ratio``, ``sensitivity`` (``measured``, ``measured_refit`` or
         ``importance``), ``predicted_error``, ``plan`` (``macs=`` or ``dry_run``), ``dry_run``;
         ``groups_found``, ``groups_pruned``, ``groups_frozen``, ``groups_frozen_<reason>``,
         ``reshapes_merged`` (when any),
