@@ -23,6 +23,7 @@ Usage::
     python scripts/bench_prune_budget.py                       # both parts, macs 0.5 (fixtures), 0.75,0.6 (cls)
     python scripts/bench_prune_budget.py --part cls --cls-macs 0.75,0.6 --json out.json
     python scripts/bench_prune_budget.py --part fixtures --models resnet,vgg --macs 0.5
+    python scripts/bench_prune_budget.py --part cls --skip-uniform --cls-options :round_to=4:se=stats
 """
 
 from __future__ import annotations
@@ -203,8 +204,11 @@ def cls(args: argparse.Namespace, tmp: Path) -> list[Row]:
     np.savez(test, **cls_dataset(args.cls_test, 2))
     rows = []
     for target in args.cls_macs:
-        ratio = uniform_ratio_for(str(path), target, "fold_bn,", str(calib), args.cls_options)
-        for mode, opt in (("macs", f"macs={target}"), ("uniform", f"ratio={ratio}")):
+        variants = [("macs", f"macs={target}")]
+        if not args.skip_uniform:
+            ratio = uniform_ratio_for(str(path), target, "fold_bn,", str(calib), args.cls_options)
+            variants.append(("uniform", f"ratio={ratio}"))
+        for mode, opt in variants:
             spec = f"fold_bn,prune_channels:{opt}{args.cls_options}"
             rows.append(run_variant("ppocrv5 cls", str(path), spec, target, mode, str(calib), str(test)))
             log.info("%s", rows[-1])
@@ -233,6 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cls-calib", type=int, default=256)
     p.add_argument("--cls-test", type=int, default=400)
     p.add_argument("--cls-options", default="", help="extra prune_channels options, e.g. :round_to=4")
+    p.add_argument("--skip-uniform", action="store_true", help="ppocr cls: only the macs= rows (no uniform ratio)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.macs = [float(v) for v in args.macs.split(",")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import ClassVar
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.graph import check_names, node_label
+from onnxcompress.core.graph import check_names, const_values, node_label
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
@@ -21,16 +22,18 @@ from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
 from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_removal
-from onnxcompress.pruning.sensitivity import MaskedError, importance_errors, measured_errors
+from onnxcompress.pruning.sensitivity import MaskedError, RefitMaskedError, importance_errors, measured_errors
 from onnxcompress.pruning.types import slug
 from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
 from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers, refit_summary
 
 __all__ = [
     "MACS_TOLERANCE",
+    "POOLS",
     "R_NO_CALIB",
     "R_SMALL",
     "PruneChannels",
+    "activation_after",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,9 @@ R_NO_CALIB = "reconstruction_needs_calibration"
 R_RECONSTRUCT_OP = "reconstruction_unsupported_op"
 R_RECONSTRUCT_FAILED = "reconstruction_failed"
 R_SMALL = "group_smaller_than_round_to"
+
+#: Producers of a pooled vector (an SE/attention block's input): ``se=stats`` refits only the bias of its readers.
+POOLS = ("GlobalAveragePool", "ReduceMean")
 
 #: Largest gap between the achieved and the target MAC ratio (``macs=``) that passes without a warning.
 MACS_TOLERANCE = 0.02
@@ -86,7 +92,9 @@ class PruneChannels(Pass):
         (its filter set to 0); that constant is folded into the next layer's bias -- exactly
         for 1x1 convs without padding, Gemm and MatMul, approximately (border pixels) for
         padded kxk convs and ConvTranspose. ``steps=N`` prunes ``1-(1-ratio)^(1/N)`` per round,
-        re-analysing and re-scoring each time. Before the analysis, ``Reshape(Reshape(x))``
+        re-analysing and re-scoring each time; with ``refit_steps=true`` the layers changed so far
+        are refitted (against the original) after every round but the last, so the next round
+        scores, measures and prunes the refitted model. Before the analysis, ``Reshape(Reshape(x))``
         chains are merged (exact; tf2onnx's ``[N,C,1,1] -> [N,1,1,C] -> [N,C]`` flatten would
         otherwise freeze the last stage). Transformers: the channels of ``[batch, seq, dim]``
         activations are on the last axis (:mod:`onnxcompress.pruning.layout`); a MatMul with a
@@ -123,7 +131,13 @@ class PruneChannels(Pass):
         With ``reconstruct`` and calibration data, every Conv/Gemm/MatMul whose input channels
         were removed is refitted by least squares to the original model's output of the same
         node (``onnxcompress.reconstruct.refit.reconstruct_layers``; ``out_keep`` selects the
-        kept output channels); without calibration data, for other ops or when it fails it
+        kept output channels; ``se=stats``: a layer reading a ``GlobalAveragePool``/``ReduceMean``,
+        one row per sample, keeps its weights on the kept channels and only its bias is refitted,
+        ``b = mean(Y) − mean(X)·W``: the original's output mean; ``post_act=true``: for a layer whose
+        output only feeds a ReLU or a hard-swish (``HardSwish``, or Paddle's ``x·Clip(x+3, 0, 6)/6``),
+        a target where the original's activation is flat (``t <= 0``, ``<= −3``) becomes the
+        layer's current output clipped to ``[t, 0]`` (``[t, −3]``): the error that counts is the one
+        after the activation, one Gauss-Newton-like step from the pruned weights); without calibration data, for other ops or when it fails it
         declines (``reconstruction_needs_calibration``, ``reconstruction_unsupported_op``,
         ``reconstruction_failed``).
 
@@ -133,7 +147,10 @@ class PruneChannels(Pass):
         original's, group by group where it costs the least predicted error per MAC saved
         (:mod:`onnxcompress.pruning.budget`); the predicted error of each group at each removal
         count is measured on ``sens_samples`` calibration samples with the group pruned alone, or
-        without data is the share of its importance removed (:mod:`onnxcompress.pruning.sensitivity`).
+        without data is the share of its importance removed (:mod:`onnxcompress.pruning.sensitivity`);
+        ``sensitivity=refit`` measures it with the dense Conv/Gemm/MatMul readers of the zeroed
+        channels refitted by least squares to their own outputs on the same samples (what the
+        reconstruction will recover, to first order; stats ``sensitivity`` ``measured_refit``).
         ``max_group_ratio`` caps every group; ``round_to`` sets the steps. The achieved ratio
         (``macs_ratio``) is measured on the pruned graph; a miss larger than
         :data:`MACS_TOLERANCE` (frozen or capped groups, or coarse steps) is logged as a warning.
@@ -143,7 +160,7 @@ class PruneChannels(Pass):
         ``total``, ``macs`` after, ``predicted_error``).
 
     Stats:
-        ``macs_target``, ``macs_predicted``, ``macs_ratio``, ``sensitivity`` (``measured`` or
+        ``macs_target``, ``macs_predicted``, ``macs_ratio``, ``sensitivity`` (``measured``, ``measured_refit`` or
         ``importance``), ``predicted_error``, ``plan`` (``macs=`` or ``dry_run``), ``dry_run``;
         ``groups_found``, ``groups_pruned``, ``groups_frozen``, ``groups_frozen_<reason>``,
         ``reshapes_merged`` (when any),
@@ -156,7 +173,10 @@ class PruneChannels(Pass):
         ``criterion_bn_scale`` and ``criterion_l1``), ``groups_round_to_relaxed`` (grouped-conv
         groups whose block counts allow no multiple of ``round_to``),
         ``reconstructed_layers``, ``reconstruct_error_before``/``reconstruct_error_after`` (mean
-        relative output error of the refitted layers on calibration data).
+        relative output error of the refitted layers on calibration data),
+        ``reconstruct_per_layer`` (one row per refitted layer: ``node``, ``op``,
+        ``error_before``/``error_after`` -- ``‖X·W + b − Y‖ / ‖Y‖`` with the pruned and the refitted
+        weights --, ``rows`` used and ``features`` solved for per group, bias included).
     """
 
     name = "prune_channels"
@@ -168,6 +188,9 @@ class PruneChannels(Pass):
                        interval="(0, 1]"),
         "sens_samples": Option(int, 64, "calibration samples used to measure each group's sensitivity (macs=)",
                                interval="[1, inf)"),
+        "sensitivity": Option(str, "masked", "macs= with --calib: measure each group's error with its channels "
+                              "zeroed (masked), or zeroed and their dense readers refitted by least squares (refit)",
+                              choices=("masked", "refit")),
         "dry_run": Option(bool, False, "compute the per-group plan (stats 'plan') and change nothing"),
         "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, activation for transformer FFN neurons with calibration data, else l1)",
                             choices=CRITERIA),
@@ -178,7 +201,14 @@ class PruneChannels(Pass):
         "exclude": Option(list, [], "node or tensor names whose groups are frozen"),
         "protect_io": Option(bool, True, "never change the channels of graph outputs"),
         "steps": Option(int, 1, "prune gradually in N rounds, re-scoring each round", interval="[1, inf)"),
+        "refit_steps": Option(bool, False, "with steps=N and reconstruct: refit after every round, so the next "
+                              "round scores and measures the refitted model (else one refit at the end)"),
         "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
+        "post_act": Option(bool, False, "refit a layer followed by ReLU/hard-swish only where the original's "
+                           "activation is not flat (targets in the flat region just need to stay there)"),
+        "se": Option(str, "refit", "layers reading a global pool (SE/attention scales): refit (least squares) or "
+                     "stats (keep their weights, refit the bias to the original's output mean)",
+                     choices=("refit", "stats")),
         "seed": Option(int, None, "tie-breaking seed (default: the pipeline's seed)"),
     }
 
@@ -189,11 +219,14 @@ class PruneChannels(Pass):
         super().__init__(**opts)
 
     def check_options(self) -> None:
-        """``macs`` excludes ``ratio`` and ``scope`` (it sets every group's ratio itself).
+        """``macs`` excludes ``ratio`` and ``scope`` (it sets every group's ratio itself);
+        ``refit_steps`` needs ``steps >= 2`` and ``reconstruct``.
 
         Raises:
-            InputError: Both given.
+            InputError: Both given, or ``refit_steps`` without rounds to refit between.
         """
+        if self.opts["refit_steps"] and (self.opts["steps"] < 2 or not self.opts["reconstruct"]):
+            raise InputError(f"pass {self.name}: refit_steps=true needs steps >= 2 and reconstruct=true")
         if self.opts["macs"] is not None:
             both = sorted({"ratio", "scope"} & self.given)
             if both:
@@ -218,9 +251,32 @@ class PruneChannels(Pass):
             return self._dry_run(graph, ctx, result, seed)
         original = serde.to_model(graph) if o["reconstruct"] and ctx.calib is not None else None
         result.stats["params_before"] = _param_count(graph)
+        macs_before = _macs(graph, ctx) if o["macs"] is not None else None
+        given = graph
+        graph, pruned, layers = self._rounds(graph, ctx, result, seed, macs_before, original)
+        result.stats["groups_pruned"] = len(pruned)
+        result.stats["channels_after"] = result.stats["channels_before"] - result.stats.get("channels_removed", 0)
+        result.stats["params_after"] = _param_count(graph)
+        if macs_before:
+            result.stats["macs_ratio"] = round(_macs(graph, ctx) / macs_before, 4)
+            self._check_budget(result, ctx)
+        result.modified = bool(pruned)
+        result.graph = graph if graph is not given else None  # refit_steps: a refitted copy
+        if pruned and o["reconstruct"]:
+            refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
+                                         result, seed)
+            if refitted is not None:
+                result.graph = refitted
+                result.stats["params_after"] = _param_count(refitted)
+        return result
+
+    def _rounds(self, graph: gs.Graph, ctx: PassContext, result: PassResult, seed: int, macs_before: int | None,
+                original: onnx.ModelProto | None) -> tuple[gs.Graph, set[str], dict[str, PrunedLayer]]:
+        """The ``steps`` rounds of analysis, scoring, selection and removal (with ``refit_steps``, a
+        refit after every round but the last); the pruned graph, the groups pruned, the layers changed."""
+        o = self.opts
         step_ratio = 1.0 - (1.0 - o["ratio"]) ** (1.0 / o["steps"])
         budget = Budget(step_ratio, o["scope"], o["max_group_ratio"], o["round_to"], seed)
-        macs_before = _macs(graph, ctx) if o["macs"] is not None else None
         pruned: set[str] = set()
         layers: dict[str, PrunedLayer] = {}
         for step in range(o["steps"]):
@@ -235,20 +291,11 @@ class PruneChannels(Pass):
             pruned.update(analysis.groups[gi].name for gi, ch in removed[0].items() if len(ch))
             _merge_layers(layers, removed[1].layers)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        result.stats["groups_pruned"] = len(pruned)
-        result.stats["channels_after"] = result.stats["channels_before"] - result.stats.get("channels_removed", 0)
-        result.stats["params_after"] = _param_count(graph)
-        if macs_before:
-            result.stats["macs_ratio"] = round(_macs(graph, ctx) / macs_before, 4)
-            self._check_budget(result, ctx)
-        result.modified = bool(pruned)
-        if pruned and o["reconstruct"]:
-            refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
-                                         result, seed)
-            if refitted is not None:
-                result.graph = refitted
-                result.stats["params_after"] = _param_count(refitted)
-        return result
+            if o["refit_steps"] and o["reconstruct"] and step + 1 < o["steps"]:
+                refitted = self._reconstruct(original, graph, [p for p in layers.values() if p.in_changed], ctx,
+                                             result, seed)
+                graph = graph if refitted is None else refitted
+        return graph, pruned, layers
 
     def _dry_run(self, graph: gs.Graph, ctx: PassContext, result: PassResult, seed: int) -> PassResult:
         """The plan as one round (stats ``plan``: one row per prunable group); the graph is untouched."""
@@ -275,9 +322,10 @@ class PruneChannels(Pass):
         metrics = model_metrics(serde.to_model(analysis.graph), ctx.dims)
         model = MacModel(analysis, {n.name: n.macs for n in metrics.per_node}, metrics.macs)
         if ctx.calib is not None and goal is not None:
-            evaluate = MaskedError(analysis, ctx.calib, samples=self.opts["sens_samples"])
+            refit = self.opts["sensitivity"] == "refit"
+            evaluate = (RefitMaskedError if refit else MaskedError)(analysis, ctx.calib, samples=self.opts["sens_samples"])
             errors = measured_errors(evaluate, groups, values, steps, budget, progress=ctx.progress)
-            method = "measured"
+            method = "measured_refit" if refit else "measured"
         else:
             errors = {g.index: importance_errors(g, values[g.index], steps[g.index], budget) for g in groups}
             method = "importance"
@@ -365,7 +413,10 @@ class PruneChannels(Pass):
                 result.decline(node_label(layer.node), R_RECONSTRUCT_OP, logger=ctx.logger)
                 continue
             out_keep = layer.kept_out.tolist() if len(layer.kept_out) < layer.out_count else None
-            targets.append(LayerTarget.of(layer.node, graph, layer.out, out_keep))
+            target = LayerTarget.of(layer.node, graph, layer.out, out_keep)
+            pooled = any(n.op in POOLS for n in layer.node.inputs[0].inputs) and self.opts["se"] == "stats"
+            act = activation_after(layer.node.outputs[0]) if self.opts["post_act"] and target.target == layer.out else None
+            targets.append(replace(target, bias_only=pooled, activation=act))
         if not targets:
             return None
         try:
@@ -380,8 +431,30 @@ class PruneChannels(Pass):
         return fixed
 
 
+def activation_after(tensor: gs.Tensor) -> str | None:
+    """``relu`` or ``hardswish`` when ``tensor`` is only read by that activation (``HardSwish``, or the
+    ``x * Clip(x + 3, 0, 6) / 6`` of Paddle exports), else ``None``."""
+    readers = list({id(n): n for n in tensor.outputs}.values())
+    ops = sorted(n.op for n in readers)
+    if ops in (["Relu"], ["HardSwish"]):
+        return ops[0].lower()
+    if ops != ["Add", "Mul"]:
+        return None
+    add = readers[0] if readers[0].op == "Add" else readers[1]
+    three = [const_values(t) for t in add.inputs if t is not tensor]
+    clips = add.outputs[0].outputs
+    if len(three) != 1 or three[0] is None or not np.allclose(three[0], 3.0) or [n.op for n in clips] != ["Clip"]:
+        return None
+    low = const_values(clips[0].inputs[1]) if len(clips[0].inputs) > 1 else clips[0].attrs.get("min")
+    return "hardswish" if low is not None and np.allclose(low, 0.0) else None
+
+
 def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:
     result.stats.update(refit_summary(stats))
+    result.stats["reconstruct_per_layer"] = [
+        {"node": s.node, "op": s.op_type, "error_before": round(s.error_before, 6),
+         "error_after": round(s.error_after, 6), "rows": s.positions,
+         "features": s.kept_features // max(1, s.groups) + 1} for s in stats]
 
 
 def _merge_layers(layers: dict[str, PrunedLayer], new: list[PrunedLayer]) -> None:

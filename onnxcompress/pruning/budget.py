@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core.graph import node_label
 from onnxcompress.pruning.dependency import Analysis, Group
 
-__all__ = ["BudgetPlan", "GroupPlan", "MacModel", "allocate", "plan_for_counts"]
+__all__ = ["OVERSHOOT", "BudgetPlan", "GroupPlan", "MacModel", "allocate", "plan_for_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class MacModel:
             out.update(self.terms[i].ins)
         return out
 
+
+#: Undershoot of the MAC target (ratio) that :func:`allocate` accepts before replanning.
+OVERSHOOT = 0.02
 
 #: Ops whose MACs :func:`~onnxcompress.core.metrics.model_metrics` counts.
 _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -188,8 +191,13 @@ def plan_for_counts(groups: list[Group], levels: dict[int, list[int]], errors: d
 
 
 def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int, np.ndarray], model: MacModel,
-             target: float, method: str) -> BudgetPlan:
+             target: float, method: str, tolerance: float = OVERSHOOT) -> BudgetPlan:
     """Removal counts reaching ``target`` (MAC ratio) at the least summed predicted error.
+
+    A greedy step of a coarse group (a joined group loses tens of channels per level) can overshoot:
+    when the plan lands more than ``tolerance`` below ``target``, the allocation is redone with each
+    pruned group held one level lower, and of those that land within ``tolerance`` the one with the
+    least predicted error replaces it (none: the greedy plan stays).
 
     Args:
         groups: Eligible groups.
@@ -198,7 +206,29 @@ def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int
         model: The MAC model.
         target: Target MAC ratio of the whole model.
         method: How ``errors`` were obtained (recorded in the plan).
+        tolerance: Undershoot of ``target`` accepted without trying the alternatives.
     """
+    plan = _greedy(groups, levels, errors, model, target, method)
+    if plan.predicted >= target - tolerance:
+        return plan
+    plans = [plan]
+    for gi, n in sorted(plan.counts.items()):
+        lv = {**levels, gi: [v for v in levels[gi] if v < n]}
+        err = {**errors, gi: errors[gi][:len(lv[gi])]}
+        counts = _greedy(groups, lv, err, model, target, method).counts
+        plans.append(plan_for_counts(groups, levels, errors, counts, model, target, method))
+
+    within = [p for p in plans[1:] if target - tolerance <= p.predicted <= target + 1e-9]
+    best = min(within, key=lambda p: p.error) if within else plan
+    if best is not plan:
+        log.info("prune_channels: a coarse step overshot the MAC target %.3f (%.3f); replanned to %.3f", target,
+                 plan.predicted, best.predicted)
+    return best
+
+
+def _greedy(groups: list[Group], levels: dict[int, list[int]], errors: dict[int, np.ndarray], model: MacModel,
+            target: float, method: str) -> BudgetPlan:
+    """The greedy allocation: the cheapest error per MAC saved first, then levels given back."""
     size = {g.index: g.size for g in groups}
     state = {g.index: 0 for g in groups}
     removed = {g.index: 0.0 for g in groups}

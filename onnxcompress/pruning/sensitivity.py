@@ -7,6 +7,9 @@ a group's channels, for the budget allocation of :mod:`.budget`.
   computes before reconstruction) and the relative squared output error
   ``sum |y - y0|^2 / sum |y0|^2`` on the first ``samples`` calibration samples is measured (the
   worst over the float outputs); the curve between probes is linear, and made non-decreasing.
+* ``measured_refit`` (:class:`RefitMaskedError`): as ``measured``, with the dense Conv/Gemm/MatMul
+  readers of the zeroed channels refitted by ridge least squares to their own outputs (normal
+  equations accumulated once, solved per probe for the kept inputs): what reconstruction recovers.
 * ``importance`` (no data): the fraction of the group's importance (its channel scores) removed.
 
 Groups are pruned alone, so the allocation treats errors as additive: a first-order model, made
@@ -23,11 +26,14 @@ from onnxcompress.core import proto, serde
 from onnxcompress.pruning.apply import removed_mask
 from onnxcompress.pruning.dependency import Analysis, Group
 from onnxcompress.pruning.select import Budget, choose
-from onnxcompress.pruning.types import ROLE_W_OUT
+from onnxcompress.pruning.types import ROLE_W_IN, ROLE_W_OUT
+from onnxcompress.reconstruct.layerview import SUPPORTED_OPS, layer_view
+from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, LstsqAccumulator
+from onnxcompress.reconstruct.refit import DEFAULT_MAX_POSITIONS
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["MaskedError", "importance_errors", "measured_errors"]
+__all__ = ["MaskedError", "RefitMaskedError", "importance_errors", "measured_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +67,94 @@ class MaskedError:
         self.outputs = [o.name for o in self.model.graph.output]
         self.reference = self._run()
 
-    def _run(self) -> list[list[np.ndarray]]:
-        session = make_session(self.model)
-        return [session.run(self.outputs, feeds) for feeds in self.feeds]
-
-    def error(self, remove: dict[int, np.ndarray]) -> float:
-        """Worst relative squared error over the float outputs with ``remove``'s channels zeroed."""
-        rm = removed_mask(self.analysis, remove)
-        changed: dict[str, np.ndarray] = {}
+    def _changes(self, rm: np.ndarray, changed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """New initializer values (on top of ``changed``): the producers' filters of the removed
+        channels (mask ``rm``) zeroed."""
+        changed = {} if changed is None else changed
         for ref in self.refs:
             name = ref.constant.name
             gone = rm[self.analysis.comp[self.analysis.offsets[ref.tensor] + ref.slots]]
             values = ref.zero(changed.get(name, ref.constant.values), gone)
             if values is not None:
                 changed[name] = values
-        saved = proto.swap_initializers(self.model, changed)
+        return changed
+
+    def _run(self) -> list[list[np.ndarray]]:
+        session = make_session(self.model)
+        return [session.run(self.outputs, feeds) for feeds in self.feeds]
+
+    def error(self, remove: dict[int, np.ndarray]) -> float:
+        """Worst relative squared error over the float outputs with ``remove``'s channels zeroed."""
+        saved = proto.swap_initializers(self.model, self._changes(removed_mask(self.analysis, remove)))
         try:
             got = self._run()
         finally:
             proto.swap_initializers(self.model, saved)
         return _relative_error(self.reference, got)
+
+
+class RefitMaskedError(MaskedError):
+    """:class:`MaskedError` with the readers of the zeroed channels refitted: each dense Conv /
+    Gemm / MatMul reading a group's channels gets, for the channels kept, the ridge least-squares
+    weights and bias that best reproduce its output on the same samples (normal equations
+    accumulated once on the unpruned model, :class:`~onnxcompress.reconstruct.lstsq.LstsqAccumulator`,
+    solved per probe with ``keep``): the error the pass's reconstruction leaves, to first order.
+
+    Args:
+        max_rows: Rows drawn per batch and layer (seeded) for the normal equations.
+    """
+
+    def __init__(self, analysis: Analysis, calib, samples: int = 64, batch_size: int = 32,
+                 max_rows: int = DEFAULT_MAX_POSITIONS):
+        super().__init__(analysis, calib, samples, batch_size)
+        self.readers = [ref for spec in analysis.specs for ref in spec.params if _dense_reader(ref)]
+        nodes = list({id(r.node): r.node for r in self.readers}.values())
+        self.views, self.accs = {}, {}
+        for node in nodes:
+            bias = node.inputs[2].values if len(node.inputs) > 2 else None
+            view = layer_view(node, node.inputs[1].values, bias, fit_bias=bias is not None)
+            self.views[id(node)] = view
+            self.accs[id(node)] = LstsqAccumulator(view.n_features, view.n_targets, view.fit_bias)
+        names = [n for node in nodes for n in (node.inputs[0].name, node.outputs[0].name)]
+        names = [n for n in dict.fromkeys(names) if n not in self.feeds[0]] if self.feeds else []
+        if nodes and self.feeds:
+            session = make_session(proto.with_outputs(self.model, names))
+            rng = np.random.default_rng(0)
+            for feeds in self.feeds:
+                got = {**feeds, **dict(zip(names, session.run(names, feeds)))}
+                for node in nodes:
+                    x, y = got[node.inputs[0].name], got[node.outputs[0].name]
+                    for X, Y in self.views[id(node)].pairs(x, y, max_positions=max_rows, rng=rng):
+                        self.accs[id(node)].add(X, Y)
+
+    def _changes(self, rm: np.ndarray, changed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        changed = {} if changed is None else changed
+        gone_by_node: dict[int, tuple] = {}
+        for ref in self.readers:
+            gone = rm[self.analysis.comp[self.analysis.offsets[ref.tensor] + ref.slots]]
+            if gone.any():
+                prev = gone_by_node.get(id(ref.node), (ref.node, np.zeros(len(gone), bool)))[1]
+                gone_by_node[id(ref.node)] = (ref.node, prev | gone)
+        for key, (node, gone) in gone_by_node.items():
+            view, acc = self.views[key], self.accs[key]
+            kept = np.flatnonzero(~gone)
+            keep = view.feature_keep(kept)[0] if node.op == "Conv" else kept
+            w, b = acc.solve(DEFAULT_RIDGE, keep=keep)
+            full = np.zeros((1, view.n_features, view.n_targets))
+            full[0, keep] = w
+            weight, bias = view.from_matrix(full, None if b is None else b[None])
+            changed[node.inputs[1].name] = weight.astype(node.inputs[1].values.dtype)
+            if bias is not None:
+                changed[node.inputs[2].name] = bias.astype(node.inputs[2].values.dtype).reshape(node.inputs[2].shape)
+        return super()._changes(rm, changed)  # then the zeroed filters, also of a refitted reader
+
+
+def _dense_reader(ref) -> bool:
+    """An input-column reference of a Conv (``group`` 1) / Gemm / MatMul weight, the weight not shared."""
+    node = ref.node
+    return (ref.role == ROLE_W_IN and ref.index == 1 and ref.block_axis is None and node.op in SUPPORTED_OPS
+            and int(node.attrs.get("group", 1)) == 1 and len(ref.slots) == np.shape(node.inputs[1].values)[ref.axis]
+            and len(node.inputs[1].outputs) == 1)
 
 
 def _relative_error(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:

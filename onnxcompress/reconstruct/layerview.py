@@ -24,6 +24,7 @@ from onnxcompress.core.graph import weight_layout
 
 __all__ = [
     "CHUNK_BYTES",
+    "FLAT_BELOW",
     "SUPPORTED_OPS",
     "ConvGeometry",
     "ConvView",
@@ -42,6 +43,8 @@ __all__ = [
 CHUNK_BYTES = 32 * 2**20
 #: Op types a :class:`LayerView` exists for.
 SUPPORTED_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+#: Activations whose output is flat (0) below a threshold of their input: ``relu`` (0), ``hardswish`` (-3).
+FLAT_BELOW = {"relu": 0.0, "hardswish": -3.0}
 
 
 # --------------------------------------------------------------------------- conv geometry
@@ -176,6 +179,10 @@ class LayerView:
         self.fit_bias = fit_bias
         self.out_keep = None if out_keep is None else np.asarray(out_keep, dtype=np.int64)
         self.attr_updates: dict[str, float] = {}
+        #: The activation after the target (a key of :data:`FLAT_BELOW`): targets in its flat region
+        #: are relaxed (:meth:`relax`). ``None``: plain least squares on the pre-activation target.
+        self.activation: str | None = None
+        self._current: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- subclasses implement these
     def _prepare(self, x: np.ndarray) -> object:
@@ -244,7 +251,23 @@ class LayerView:
         step = max(1, chunk_bytes // (np.dtype(self.dtype).itemsize * max(1, width)))
         for start in range(0, len(rows), step):
             part = rows[start:start + step]
-            yield self._gather_x(state, part), self._gather_y(ystate, part)
+            X = self._gather_x(state, part)
+            yield X, self.relax(X, self._gather_y(ystate, part))
+
+    def relax(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """Targets ``Y`` that only matter after the activation: where the teacher's ``Y`` lies in the flat
+        region (``Y <= t``, :data:`FLAT_BELOW`) any value ``<= t`` gives the same output, so the target
+        becomes the node's current output ``Z = X·W + b`` clipped to ``[Y, t]`` (no pull while ``Z``
+        stays flat, a pull to ``t`` otherwise). Unchanged without an activation or a fitted bias."""
+        flat = FLAT_BELOW.get(self.activation or "")
+        if flat is None or not self.fit_bias:
+            return Y
+        if self._current is None:
+            w, b = self.to_matrix()
+            self._current = w.astype(self.dtype), b[:, None, :].astype(self.dtype)
+        z = X @ self._current[0] + self._current[1]
+        dead = np.less_equal(Y, flat)
+        return np.where(dead, np.clip(z, Y, flat), Y).astype(Y.dtype, copy=False)
 
     def _select_out(self, y: np.ndarray, axis: int) -> np.ndarray:
         if self.out_keep is not None:
@@ -413,7 +436,7 @@ def bias_add(node: gs.Node, outputs: set[str] | frozenset[str] = frozenset()) ->
 
 def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None, *,
                fit_bias: bool | None = None, out_keep: Sequence[int] | None = None,
-               dtype: np.dtype | type = np.float64) -> LayerView:
+               dtype: np.dtype | type = np.float64, activation: str | None = None) -> LayerView:
     """The :class:`LayerView` of a Conv, Gemm or MatMul node with constant ``weight`` (and ``bias``).
 
     Args:
@@ -426,6 +449,7 @@ def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None
         out_keep: Channels of the target tensor the node's outputs correspond to (when the node's
             outputs were pruned): axis 1 for Conv, the last axis for Gemm/MatMul.
         dtype: dtype of the rows :meth:`LayerView.pairs` yields.
+        activation: The activation after the target (:data:`FLAT_BELOW`; :meth:`LayerView.relax`).
 
     Raises:
         InputError: Unsupported op or layout.
@@ -438,5 +462,7 @@ def layer_view(node: gs.Node, weight: np.ndarray, bias: np.ndarray | None = None
         raise InputError(f"MatMul {node.name!r}: has no bias input (nor bias Add) to fit")
     cls = ConvView if node.op == "Conv" else GemmView
     view = cls(node, np.asarray(weight), bias, fit_bias, out_keep)
-    view.dtype = dtype
+    if activation is not None and activation not in FLAT_BELOW:
+        raise InputError(f"activation {activation!r}: one of {sorted(FLAT_BELOW)}")
+    view.dtype, view.activation = dtype, activation
     return view

@@ -157,7 +157,7 @@ class LstsqAccumulator:
         return (c + c.T) / 2, d, self.x0[group][idx] + mu_x, self.y0[group] + mu_y
 
     def solve(self, ridge: float = DEFAULT_RIDGE, keep: Sequence[int] | np.ndarray | None = None,
-              group: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+              group: int = 0, fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Ridge least squares from the accumulated statistics.
 
         Args:
@@ -165,6 +165,8 @@ class LstsqAccumulator:
                 features; centered when fitting a bias). The bias is not penalized.
             keep: Solve using only these feature columns (as if the others were removed).
             group: Which problem, for grouped accumulators.
+            fixed: Keep these weights (``[len(keep), T]``) and solve for the bias alone:
+                ``mean(Y) − mean(X)·W`` (``last_solver`` is then ``mean``).
 
         Returns:
             ``(W, b)``: ``W`` is ``[len(keep), T]`` (rows of constant or all-zero features are 0),
@@ -177,7 +179,11 @@ class LstsqAccumulator:
             raise ValueError("no samples accumulated")
         idx = self._index(keep)
         c, d, mean_x, mean_y = self._centered(group, idx)
-        w = self._solve_normal(c, d, ridge)
+        if fixed is not None:
+            self.last_solver = "mean"
+            w = np.asarray(fixed, np.float64).reshape(len(idx), self.n_targets)
+        else:
+            w = self._solve_normal(c, d, ridge)
         return w, (mean_y - mean_x @ w if self.fit_bias else None)
 
     def _solve_normal(self, c: np.ndarray, d: np.ndarray, ridge: float) -> np.ndarray:

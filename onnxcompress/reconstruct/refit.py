@@ -57,15 +57,8 @@ from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import CACHE_BYTES, SegmentRunner, batches, subgraph_names
 
-__all__ = [
-    "DEFAULT_MAX_POSITIONS",
-    "DEFAULT_ROWS_PER_FEATURE",
-    "RIDGE_STEPS",
-    "LayerStats",
-    "LayerTarget",
-    "reconstruct_layers",
-    "refit_summary",
-]
+__all__ = ["DEFAULT_MAX_POSITIONS", "DEFAULT_ROWS_PER_FEATURE", "RIDGE_STEPS", "LayerStats", "LayerTarget",
+           "reconstruct_layers", "refit_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +91,9 @@ class LayerTarget:
         fit_bias: Solve for a bias (default: Conv/Gemm yes, MatMul no; a MatMul on ``[..., k]``
             rows followed by an ``Add`` of a constant bias fits that bias, and ``target`` is
             then the Add's output).
+        bias_only: Keep the weights, solve for the bias alone, ``mean(Y) − mean(X)·W`` (few rows: SE's pooled vector).
+        activation: The teacher's activation after ``target`` (``relu``, ``hardswish``): its flat region is relaxed
+            (:meth:`~onnxcompress.reconstruct.layerview.LayerView.relax`; the errors are then on relaxed targets).
     """
 
     node: str
@@ -105,6 +101,8 @@ class LayerTarget:
     in_keep: Sequence[int] | None = None
     out_keep: Sequence[int] | None = None
     fit_bias: bool | None = None
+    bias_only: bool = False
+    activation: str | None = None
 
     @classmethod
     def of(cls, node: gs.Node, graph: gs.Graph, target: str | None = None,
@@ -317,7 +315,7 @@ def _views(graph: gs.Graph, plans: list[_Plan], dtype: type) -> list[LayerView]:
         if found is not None:
             bias = np.asarray(found[0].inputs[found[1]].values).reshape(-1)
         views.append(layer_view(node, weight, bias, fit_bias=p.target.fit_bias, out_keep=p.target.out_keep,
-                                dtype=dtype))
+                                dtype=dtype, activation=p.target.activation))
     return views
 
 
@@ -417,14 +415,15 @@ def _choose_ridge(view: LayerView, acc: LstsqAccumulator, hold: LstsqAccumulator
 
 
 def _solve_layer(view: LayerView, acc: LstsqAccumulator, keeps: list[np.ndarray] | None,
-                 ridge: float) -> tuple[np.ndarray, np.ndarray, list[float], set[str]]:
-    """New ``(W, b)`` and ``[res_before², res_after², ‖Y‖²]`` summed over groups, and solvers used."""
+                 ridge: float, bias_only: bool = False) -> tuple[np.ndarray, np.ndarray, list[float], set[str]]:
+    """New ``(W, b)``, ``[res_before², res_after², ‖Y‖²]`` summed over groups, solvers used (``mean``: bias_only)."""
     w_cur, b_cur = view.to_matrix()
     w_new, b_new = np.zeros_like(w_cur), b_cur.copy()
     sums, solvers = [0.0, 0.0, 0.0], set()
     for g in range(view.groups):
         keep = None if keeps is None else keeps[g]
-        w, b = acc.solve(ridge, keep=keep, group=g)
+        fixed = (w_cur[g] if keep is None else w_cur[g][keep]) if bias_only and view.fit_bias else None
+        w, b = acc.solve(ridge, keep=keep, group=g, fixed=fixed)
         solvers.add(acc.last_solver)
         before, ysq = acc.residual_norms(w_cur[g], b_cur[g] if view.fit_bias else None, group=g)
         after, _ = acc.residual_norms(w, b, keep=keep, group=g)
@@ -439,11 +438,12 @@ def _finish(graph: gs.Graph, plan: _Plan, view: LayerView, acc: LstsqAccumulator
             ridge: float, samples: int, positions: int, hold: LstsqAccumulator | None = None) -> LayerStats:
     keeps = view.feature_keep(plan.target.in_keep)
     checked: tuple[float, float, float, bool] | None = None
+    acc, hold = (_merged(acc, hold), None) if hold is not None and plan.target.bias_only else (acc, hold)
     if hold is not None and hold.n_samples > 0 and acc.n_samples > 0:
         checked = _choose_ridge(view, acc, hold, keeps, ridge)
         ridge = checked[0]
         acc = _merged(acc, hold)  # the chosen ridge, solved on every row
-    w_new, b_new, (before, after, ysq), solvers = _solve_layer(view, acc, keeps, ridge)
+    w_new, b_new, (before, after, ysq), solvers = _solve_layer(view, acc, keeps, ridge, plan.target.bias_only)
     if checked is not None and not checked[3]:
         node = graph.nodes[plan.index]
         weight, bias_t = node.inputs[1].name, opt_input(node, 2)
@@ -453,9 +453,8 @@ def _finish(graph: gs.Graph, plan: _Plan, view: LayerView, acc: LstsqAccumulator
         weight, bias = _write(graph, plan.index, view, w_new, b_new)
     rel = (lambda r: math.sqrt(r / ysq)) if ysq > 0 else (lambda r: 0.0)
     kept = view.n_features * view.groups if keeps is None else sum(len(k) for k in keeps)
-    stats = LayerStats(plan.label, view.op_type, plan.target.target, rel(before), rel(after), samples,
-                       positions, view.groups, view.n_features * view.groups, kept,
-                       "+".join(sorted(solvers)), weight, bias)
+    stats = LayerStats(plan.label, view.op_type, plan.target.target, rel(before), rel(after), samples, positions,
+                       view.groups, view.n_features * view.groups, kept, "+".join(sorted(solvers)), weight, bias)
     stats.upcast = acc.upcast or (hold is not None and hold.upcast)
     if checked is not None:
         stats.ridge, stats.holdout_before, stats.holdout_after, stats.rejected = \

@@ -56,3 +56,25 @@ def test_allocation_prefers_the_cheap_group_and_meets_the_goal():
     # the cap: levels end at max_group_ratio
     capped = Budget(0.0, round_to=1, max_group_ratio=0.25)
     assert max(levels(groups[0], scores[cheap], capped)) <= 0.25 * groups[0].size
+
+
+def test_a_coarse_step_that_overshoots_is_replanned():
+    """The cheapest group only has one coarse level (a joined group's step): taken greedily it lands far
+    below the target; the replanned allocation reaches the target within the tolerance with the fine
+    groups instead (at a higher predicted error)."""
+    model = build("conv_chain")
+    analysis, macs = mac_model(model)
+    scores = {g.index: np.arange(g.size, dtype=float) for g in analysis.groups if g.frozen is None}
+    budget = Budget(0.0, round_to=1)
+    groups = eligible_groups(analysis, scores, budget)
+    steps = {g.index: levels(g, scores[g.index], budget) for g in groups}
+    coarse = groups[0].index
+    steps[coarse] = [0, steps[coarse][-1]]  # all or nothing
+    errors = {g.index: np.asarray(steps[g.index], float) * (1e-6 if g.index == coarse else 1.0) for g in groups}
+    alone = {g.index: (steps[coarse][-1] / g.size if g.index == coarse else 0.0) for g in groups}
+    target = (1.0 + macs.macs(alone) / macs.total) / 2  # halfway: the coarse step overshoots by a lot
+    plan = allocate(groups, steps, errors, macs, target, "measured", tolerance=0.06)  # the fine steps: ~0.1
+    assert target - 0.06 <= plan.predicted <= target
+    assert plan.counts.get(coarse, 0) == 0
+    greedy = allocate(groups, steps, errors, macs, target, "measured", tolerance=1.0)  # no replanning
+    assert greedy.counts.get(coarse, 0) == steps[coarse][-1] and greedy.predicted < target - 0.06
