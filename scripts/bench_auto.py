@@ -103,7 +103,8 @@ def _table(results: list[dict]) -> str:
         for r in res["rows"]:
             met = "" if r["met"] is None else "yes" if r["met"] else "**no**"
             search = f"{r['seconds']:.0f} ({r['evaluated']})" if "evaluated" in r else f"{r['seconds']:.0f}"
-            lines.append(f"| {res['model']} | {r['variant']} | `{r['spec']}` | {_fmt(r.get('latency_ratio'), '.3f')} "
+            spec = str(r["spec"]).replace("|", "\\|")  # a Markdown cell
+            lines.append(f"| {res['model']} | {r['variant']} | `{spec}` | {_fmt(r.get('latency_ratio'), '.3f')} "
                          f"| {_fmt(r.get('vs_best_recipe'), '.2f', '×')} | {_fmt(r['size_ratio'], '.3f', '×')} | "
                          f"{_fmt(r['macs_ratio'], '.3f', '×')} | {_fmt(r['change'], '+.2f')} ({r['gate']}) | {met} "
                          f"| {search} |")
