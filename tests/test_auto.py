@@ -266,6 +266,9 @@ def test_combinations_prune_one_way_and_prefilter_by_estimate():
     run = _StubRun("size=0.1", singles)  # estimates 0.15 (uniform + int8) and 0.09 (budget + int8)
     _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
     assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]
+    run = _StubRun("size=0.1", {k: v for k, v in singles.items() if k != q})  # int8 never ran alone: kept
+    _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    assert len(run.asked[0]) == 2
     run = _StubRun("size=0.01", singles)  # none comes close: all are evaluated
     _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
     assert len(run.asked[0]) == 2

@@ -23,7 +23,7 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    prune → factorize → quantize; one way of pruning per candidate, each combined with the rest).
    With a size or MAC target, a combination whose size/MACs estimated from its parts' single
    records (the product of their ratios) miss a target by more than :data:`PREFILTER_SLACK` is
-   not evaluated (unless every one would). A combination that fails the gate **backtracks**: its pruning
+   not evaluated (unless every one would; one with a part never evaluated alone always is). A combination that fails the gate **backtracks**: its pruning
    steps down one rung, else its factorization, else ``int8`` becomes ``int8-mixed``; the new
    candidates are evaluated, up to :data:`BACKTRACK_ROUNDS` rounds.
 4. **Latency**, in a separate serial stage in this process (no evaluation running beside it): every
@@ -324,16 +324,21 @@ def _combinations(run: _Run, best: dict[str, Candidate], space: Space) -> None:
             break
 
 
-def _estimate(run: _Run, c: Candidate) -> dict[str, float]:
+def _estimate(run: _Run, c: Candidate) -> dict[str, float] | None:
     """Size and MACs ratios of a combination predicted from its parts' single-technique records
-    (products: each technique shrinks what the others left)."""
+    (products: each technique shrinks what the others left); None when a part was not evaluated
+    alone (e.g. int8 after weight-only passed first)."""
     est = {"size": 1.0, "macs": 1.0}
     for part in (Candidate(prune=c.prune), Candidate(budget=c.budget), Candidate(lowrank=c.lowrank),
                  Candidate(quant=c.quant)):
-        rec = run.records.get(part) if part.techniques else None
+        if not part.techniques:
+            continue
+        rec = run.records.get(part) or {}
         for kind in est:
-            value = (rec or {}).get(f"{kind}_ratio")
-            est[kind] *= 1.0 if value is None else float(value)
+            value = rec.get(f"{kind}_ratio")
+            if value is None:
+                return None
+            est[kind] *= float(value)
     return est
 
 
@@ -344,7 +349,11 @@ def _prefilter(run: _Run, todo: list[Candidate]) -> list[Candidate]:
     bounds = [(k, b) for k, b in run.s.targets.items if k in ("size", "macs")]
     if not bounds:
         return todo
-    keep = [c for c in todo if all(_estimate(run, c)[k] <= b * PREFILTER_SLACK for k, b in bounds)]
+    def close(c: Candidate) -> bool:
+        est = _estimate(run, c)
+        return est is None or all(est[k] <= b * PREFILTER_SLACK for k, b in bounds)
+
+    keep = [c for c in todo if close(c)]
     for c in todo:
         if c not in keep and keep:
             log.info("auto: skipped %s (estimated %s)", c.label(), _estimate(run, c))
