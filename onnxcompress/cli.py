@@ -424,7 +424,8 @@ def sensitivity(obj: dict, model: Path, calib: str, data: str | None, method: st
 @click.option("--recipe", default=None, metavar="NAME|TOML", help="A recipe whose [auto] table gives the defaults.")
 @click.option("--space", default=None, metavar="KEY=V|V,...",
               help="Settings tried per technique, e.g. 'prune=0.25|0.5,lowrank=,quant=int8' (empty: off; "
-                   "default prune=0.25|0.375|0.5|0.625, lowrank=0.9|0.8, quant=int8|int8-mixed).")
+                   "default prune=0.25|0.375|0.5|0.625, prune_macs=0.5|0.4|0.3|0.25 (MAC budget by "
+                   "sensitivity), lowrank=0.9|0.8, quant=int8|int8-mixed).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output model (default: <model name>.auto.onnx in the current folder).")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Every candidate, the winner and the signals as JSON.")

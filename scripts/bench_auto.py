@@ -20,7 +20,8 @@ Usage::
     python scripts/bench_auto.py [--models resnet,mobilenetv2,vgg,concat] [--jobs 2] [--runs 200]
                                  [--cache-dir DIR] [--budget-minutes 10] [--json out.json]
 
-Prints a Markdown table with the machine line above it. Not a test.
+Prints a Markdown table with the machine line above it; ``--json`` also keeps every candidate each
+search evaluated (label, spec, gate, accuracy drop, cosine, size, MACs, search-stage latency). Not a test.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def _search(path: Path, target: str, args: argparse.Namespace, cache: Path) -> d
             "evaluated": result.evaluated, "cached": result.cached, "accuracy": rec.get("accuracy"),
             "change": None if rec.get("accuracy_drop") is None else -rec["accuracy_drop"],
             "size_ratio": rec.get("size_ratio"), "macs_ratio": rec.get("macs_ratio"),
-            "search_latency_ratio": rec.get("latency_ratio"), "gate": "pass" if rec.get("passed") else "fail"}
+            "search_latency_ratio": rec.get("latency_ratio"), "gate": "pass" if rec.get("passed") else "fail",
+            "candidates": [{k: r.get(k) for k in ("label", "spec", "stage", "passed", "accuracy_drop", "cosine",
+                                                  "size_ratio", "macs_ratio", "latency_ratio")}
+                           for r in result.records]}
 
 
 def _recipe(path: Path, recipe: str, out: Path) -> dict:
@@ -99,7 +103,8 @@ def _table(results: list[dict]) -> str:
         for r in res["rows"]:
             met = "" if r["met"] is None else "yes" if r["met"] else "**no**"
             search = f"{r['seconds']:.0f} ({r['evaluated']})" if "evaluated" in r else f"{r['seconds']:.0f}"
-            lines.append(f"| {res['model']} | {r['variant']} | `{r['spec']}` | {_fmt(r.get('latency_ratio'), '.3f')} "
+            spec = str(r["spec"]).replace("|", "\\|")  # a Markdown cell
+            lines.append(f"| {res['model']} | {r['variant']} | `{spec}` | {_fmt(r.get('latency_ratio'), '.3f')} "
                          f"| {_fmt(r.get('vs_best_recipe'), '.2f', '×')} | {_fmt(r['size_ratio'], '.3f', '×')} | "
                          f"{_fmt(r['macs_ratio'], '.3f', '×')} | {_fmt(r['change'], '+.2f')} ({r['gate']}) | {met} "
                          f"| {search} |")

@@ -24,8 +24,8 @@ from onnxcompress.pipeline.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "concat_digits.onnx"
-SPACE = Space(prune=(0.25,), lowrank=(), quant=("int8",), weight_only=())
-SPACE_CLI = "prune=0.25,lowrank=,quant=int8,weight_only="
+SPACE = Space(prune=(0.25,), prune_macs=(), lowrank=(), quant=("int8",), weight_only=())
+SPACE_CLI = "prune=0.25,prune_macs=,lowrank=,quant=int8,weight_only="
 COMBO = "prune_channels:ratio=0.25,fold_bn,simplify,quantize_int8"
 
 
@@ -173,6 +173,9 @@ def test_targets_and_space_parsing():
     with pytest.raises(InputError, match="given twice"):
         parse_targets("size=0.5,size=0.4")
     assert parse_space("prune=0.5|0.25,lowrank=") == Space(prune=(0.5, 0.25), lowrank=())
+    assert parse_space("prune_macs=0.3|0.5") == Space(prune_macs=(0.3, 0.5))
+    with pytest.raises(InputError, match="prune MAC target"):
+        parse_space("prune_macs=1.5")
     with pytest.raises(InputError, match="unknown quantization"):
         parse_space("quant=int3")
 
@@ -182,6 +185,12 @@ def test_candidate_spec_order():
     assert candidate_spec(c) == "prune_channels:ratio=0.5,fold_bn,factorize_tucker:energy=0.9,simplify,quantize_int8"
     assert Candidate().spec == "fold_bn,simplify"
     onnxcompress.parse_spec(c.spec)  # every spec the search can produce parses
+    b = Candidate(budget=0.3, quant="int8")
+    assert b.spec.startswith("prune_channels:macs=0.3:max_group_ratio=") and b.spec.endswith(",quantize_int8")
+    assert b.label() == "prune macs 0.3 + int8" and b.techniques == 2
+    onnxcompress.parse_spec(b.spec)
+    with pytest.raises(InputError, match="not both"):
+        Candidate(prune=0.5, budget=0.3)
 
 
 def test_choose_prefers_the_first_target_then_quality():
@@ -221,3 +230,45 @@ def test_conv_weight_only_joins_where_convs_hold_the_weights():
     assert _space_for("size=0.1", matmul_weight_share=0.5) == ("w4", "w8", "int8", "int8-mixed")
     assert "ops=matmul|conv:bits=4" in Candidate(prune=0.5, quant="cw4").spec
     onnxcompress.parse_spec(Candidate(prune=0.5, quant="cw4").spec)
+
+
+class _StubRun:
+    """Stands in for the search's run: single records given, every combination asked for is recorded
+    as failing (so backtracking shows), nothing is evaluated."""
+
+    def __init__(self, targets: str, singles: dict):
+        from onnxcompress.pipeline.auto import AutoSettings
+
+        self.s = AutoSettings(parse_targets(targets), {}, "accuracy", None, None, "m", "c", "d")
+        self.records = {c: {"passed": True, **rec} for c, rec in singles.items()}
+        self.asked: list[list[Candidate]] = []
+
+    def run(self, candidates, stage=None):
+        self.asked.append(list(candidates))
+        for c in candidates:
+            self.records.setdefault(c, {"passed": False})
+
+    def passed(self, c):
+        return bool(self.records.get(c, {}).get("passed"))
+
+
+def test_combinations_prune_one_way_and_prefilter_by_estimate():
+    from onnxcompress.pipeline.auto import _combinations
+
+    uni, bud, q = Candidate(prune=0.5), Candidate(budget=0.3), Candidate(quant="int8")
+    singles = {uni: {"size_ratio": 0.5, "macs_ratio": 0.28}, bud: {"size_ratio": 0.3, "macs_ratio": 0.3},
+               q: {"size_ratio": 0.3, "macs_ratio": 1.0}}
+    space = Space(prune=(0.375, 0.5), prune_macs=(0.4, 0.3), lowrank=())
+    run = _StubRun("latency=0.5", singles)
+    _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    assert run.asked[0] == [Candidate(prune=0.5, quant="int8"), Candidate(budget=0.3, quant="int8")]
+    assert run.asked[1] == [Candidate(prune=0.375, quant="int8"), Candidate(budget=0.4, quant="int8")]  # backtrack
+    run = _StubRun("size=0.1", singles)  # estimates 0.15 (uniform + int8) and 0.09 (budget + int8)
+    _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]
+    run = _StubRun("size=0.1", {k: v for k, v in singles.items() if k != q})  # int8 never ran alone: kept
+    _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    assert len(run.asked[0]) == 2
+    run = _StubRun("size=0.01", singles)  # none comes close: all are evaluated
+    _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    assert len(run.asked[0]) == 2

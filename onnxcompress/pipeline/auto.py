@@ -9,8 +9,10 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    combinations are tried with int8 as well); float vs int8 latency
    measured once on this machine (a quick int8 model, paired interleaved rounds): when int8 is not
    faster here and latency is the only target, int8 leaves the space. Cached with the evaluations.
-2. **One technique at a time**: per technique, a binary search over its ladder (prune ratio,
-   factorization energy; weakest → strongest) finds the strongest setting that passes the quality
+2. **One technique at a time**: per technique, a binary search over its ladder (uniform prune
+   ratio; MAC-budget pruning ``prune_channels:macs=M``, whose per-group ratios follow each group's
+   measured sensitivity, capped at :data:`~.auto_space.BUDGET_MAX_GROUP_RATIO`; factorization
+   energy; weakest → strongest) finds the strongest setting that passes the quality
    gate on its own; quantization takes the first passing choice in order (plain ``int8``, then the
    mixed-precision fallback ``int8-mixed``, whose most sensitive layers stay float by per-layer
    sensitivity); a setting that changes neither MACs nor size (nothing pays) does not count. The
@@ -18,7 +20,10 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    evaluates the combination of the bests found so far (greedy: a good model early, should the
    budget run out).
 3. **Combinations** of the per-technique bests (every subset of two or more, in the order
-   prune → factorize → quantize). A combination that fails the gate **backtracks**: its pruning
+   prune → factorize → quantize; one way of pruning per candidate, each combined with the rest).
+   With a size or MAC target, a combination whose size/MACs estimated from its parts' single
+   records (the product of their ratios) miss a target by more than :data:`PREFILTER_SLACK` is
+   not evaluated (unless every one would; one with a part never evaluated alone always is). A combination that fails the gate **backtracks**: its pruning
    steps down one rung, else its factorization, else ``int8`` becomes ``int8-mixed``; the new
    candidates are evaluated, up to :data:`BACKTRACK_ROUNDS` rounds.
 4. **Latency**, in a separate serial stage in this process (no evaluation running beside it): every
@@ -62,6 +67,11 @@ BACKTRACK_ROUNDS = 2
 WEIGHT_ONLY_SHARE = 0.25
 #: A single technique whose MACs (quantization: size) ratio stays above this did nothing; it is not combined.
 NO_EFFECT = 0.98
+#: The two ways of pruning (uniform ratio, MAC budget): a candidate uses at most one.
+PRUNINGS = ("prune", "budget")
+#: A combination whose estimated size/MACs exceed a size/MAC target by more than this factor is not
+#: evaluated (unless no combination comes that close).
+PREFILTER_SLACK = 1.25
 #: Calibration samples of the quick int8 model used to time int8 vs float.
 SIGNAL_SAMPLES = 32
 
@@ -230,6 +240,7 @@ def _singles(run: _Run, space: Space) -> dict[str, Candidate]:
     first passing quantization in order)."""
     ladders: dict[str, list[Candidate]] = {
         "prune": [Candidate(prune=r) for r in sorted(space.prune)],
+        "budget": [Candidate(budget=m) for m in sorted(space.prune_macs, reverse=True)],
         "lowrank": [Candidate(lowrank=e) for e in sorted(space.lowrank, reverse=True)],
     }
     bounds = {k: [-1, len(v)] for k, v in ladders.items() if v}  # [strongest passing, weakest failing]
@@ -241,7 +252,9 @@ def _singles(run: _Run, space: Space) -> dict[str, Candidate]:
         batch = list(probes.values()) + ([q_next] if q_next else [])
         if not batch:
             break
-        so_far = [ladders[k][lo] for k, (lo, _) in bounds.items() if lo >= 0] + \
+        found = {k: ladders[k][lo] for k, (lo, _) in bounds.items() if lo >= 0}
+        pruning = _smallest_macs(run, [found[k] for k in PRUNINGS if k in found])
+        so_far = pruning + [found[k] for k in found if k not in PRUNINGS] + \
             ([best["quant"]] if "quant" in best else [])
         greedy = [_combine(tuple(so_far))] if len(so_far) > 1 else []  # the bests so far, combined
         run.run(batch + [c for c in greedy if c not in run.records])
@@ -257,10 +270,19 @@ def _singles(run: _Run, space: Space) -> dict[str, Candidate]:
     return best
 
 
+def _smallest_macs(run: _Run, prunings: list[Candidate]) -> list[Candidate]:
+    """The one of ``prunings`` (uniform, MAC budget) with the smallest MACs ratio (ties: the first),
+    as a list; empty when there is none."""
+    def macs(c: Candidate) -> float:
+        ratio = (run.records.get(c) or {}).get("macs_ratio")
+        return 1.0 if ratio is None else float(ratio)
+    return [min(prunings, key=macs)] if prunings else []
+
+
 def _combine(parts: tuple[Candidate, ...]) -> Candidate:
     c = Candidate()
     for p in parts:
-        c = Candidate(p.prune or c.prune, p.lowrank or c.lowrank, p.quant or c.quant)
+        c = Candidate(p.prune or c.prune, p.lowrank or c.lowrank, p.quant or c.quant, p.budget or c.budget)
     return c
 
 
@@ -270,6 +292,9 @@ def _step_down(c: Candidate, space: Space) -> Candidate | None:
     weaker_p = [r for r in sorted(space.prune) if r < c.prune]
     if c.prune and weaker_p:
         return replace(c, prune=weaker_p[-1])
+    weaker_m = [m for m in sorted(space.prune_macs) if m > c.budget]
+    if c.budget and weaker_m:
+        return replace(c, budget=weaker_m[0])
     weaker_e = [e for e in sorted(space.lowrank) if e > c.lowrank]
     if c.lowrank and weaker_e:
         return replace(c, lowrank=weaker_e[0])
@@ -282,17 +307,57 @@ def _step_down(c: Candidate, space: Space) -> Candidate | None:
 
 def _combinations(run: _Run, best: dict[str, Candidate], space: Space) -> None:
     """Step 3: every combination of two or more per-technique bests, with backtracking on failures."""
-    parts = [best[k] for k in ("prune", "lowrank", "quant") if k in best]
-    todo = [_combine(p) for n in range(len(parts), 1, -1) for p in itertools.combinations(parts, n)]
+    others = [best[k] for k in ("lowrank", "quant") if k in best]
+    todo: list[Candidate] = []
+    for pruning in [[best[k]] for k in PRUNINGS if k in best] or [[]]:  # one way of pruning per candidate
+        parts = pruning + others
+        todo += [_combine(p) for n in range(len(parts), 1, -1) for p in itertools.combinations(parts, n)]
     if "quant" in best and not best["quant"].quant.startswith("int8") and "int8" in space.quant:
         # weight-only won the single step (size first): the int8 combinations are tried as well
         todo += [replace(c, quant="int8") for c in todo if c.quant and replace(c, quant="int8") not in todo]
+    todo = _prefilter(run, list(dict.fromkeys(todo)))
     for round_ in range(BACKTRACK_ROUNDS + 1):
         run.run(todo, "combination" if round_ == 0 else f"backtrack {round_}")
         failed = [c for c in todo if c in run.records and not run.passed(c)]
         todo = [s for s in (_step_down(c, space) for c in failed) if s is not None and s not in run.records]
         if not todo:
             break
+
+
+def _estimate(run: _Run, c: Candidate) -> dict[str, float] | None:
+    """Size and MACs ratios of a combination predicted from its parts' single-technique records
+    (products: each technique shrinks what the others left); None when a part was not evaluated
+    alone (e.g. int8 after weight-only passed first)."""
+    est = {"size": 1.0, "macs": 1.0}
+    for part in (Candidate(prune=c.prune), Candidate(budget=c.budget), Candidate(lowrank=c.lowrank),
+                 Candidate(quant=c.quant)):
+        if not part.techniques:
+            continue
+        rec = run.records.get(part) or {}
+        for kind in est:
+            value = rec.get(f"{kind}_ratio")
+            if value is None:
+                return None
+            est[kind] *= float(value)
+    return est
+
+
+def _prefilter(run: _Run, todo: list[Candidate]) -> list[Candidate]:
+    """The combinations worth evaluating: those whose estimated size/MACs (:func:`_estimate`) come
+    within :data:`PREFILTER_SLACK` of every size/MAC target; all of them when none does (the search
+    then reports the closest)."""
+    bounds = [(k, b) for k, b in run.s.targets.items if k in ("size", "macs")]
+    if not bounds:
+        return todo
+    def close(c: Candidate) -> bool:
+        est = _estimate(run, c)
+        return est is None or all(est[k] <= b * PREFILTER_SLACK for k, b in bounds)
+
+    keep = [c for c in todo if close(c)]
+    for c in todo:
+        if c not in keep and keep:
+            log.info("auto: skipped %s (estimated %s)", c.label(), _estimate(run, c))
+    return keep or todo
 
 
 def _latency(run: _Run, model: onnx.ModelProto) -> tuple[str, float | None]:
@@ -346,7 +411,8 @@ def search(model: onnx.ModelProto, model_path: str | Path, settings: AutoSetting
     run = _Run(str(model_path), settings, evaluate, executor, cache)
     signals = _signals(model, settings, cache)
     space = _space(settings, signals)
-    signals["space"] = {"prune": list(space.prune), "lowrank": list(space.lowrank), "quant": list(space.quant)}
+    signals["space"] = {"prune": list(space.prune), "prune_macs": list(space.prune_macs),
+                        "lowrank": list(space.lowrank), "quant": list(space.quant)}
     best = _singles(run, space)
     signals["single_best"] = {k: c.label() for k, c in best.items()}
     _combinations(run, best, space)

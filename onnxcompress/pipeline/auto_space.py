@@ -1,5 +1,5 @@
-"""The search space of ``auto``: a :class:`Candidate` (prune ratio, factorization energy, quantization)
-and the one mapping from a candidate to the ``--passes`` spec that builds it (:func:`candidate_spec`).
+"""The search space of ``auto``: a :class:`Candidate` (uniform prune ratio or a MAC budget spread over
+the channel groups by sensitivity, factorization energy, quantization) and the one mapping from a candidate to the ``--passes`` spec that builds it (:func:`candidate_spec`).
 
 Order of the techniques in a spec: prune → fold BN → factorize → simplify → quantize (pruning needs
 the BN gammas and the float graph; factorization works on the pruned float layers; quantization last,
@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 
 from onnxcompress.core.errors import InputError
 
-__all__ = ["CONV_WEIGHT_ONLY", "Candidate", "Space", "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets",
+__all__ = ["BUDGET_MAX_GROUP_RATIO", "BUDGET_SENS_SAMPLES", "CONV_WEIGHT_ONLY", "Candidate", "Space", "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets",
            "parse_space", "TARGET_KINDS"]
 
 #: ``quantize_int8``'s mixed-precision target when plain int8 fails the gate (the float fallback).
 MIXED_COSINE = 0.999
+
+#: ``prune_channels:macs=`` candidates: no group loses more than this share of its channels (the
+#: pass's default 0.9 lets the allocation empty a cheap-looking group, which the accuracy gate then
+#: fails on the fixtures: MobileNetV2 ``macs=0.4`` −1.67 points at 0.9, −0.56 at 0.5).
+BUDGET_MAX_GROUP_RATIO = 0.6
+#: Calibration samples the MAC-budget pruning measures each group's sensitivity on.
+BUDGET_SENS_SAMPLES = 32
 
 #: Quantization choices and the pass spec of each.
 QUANT_SPECS: dict[str, str] = {
@@ -35,11 +42,18 @@ CONV_WEIGHT_ONLY = ("cw8", "cw4")
 @dataclass(frozen=True)
 class Candidate:
     """One point of the search space. ``prune``: ``prune_channels`` ratio (0: none); ``lowrank``:
-    ``factorize_tucker`` energy (0: none); ``quant``: a key of :data:`QUANT_SPECS` ('' : float)."""
+    ``factorize_tucker`` energy (0: none); ``quant``: a key of :data:`QUANT_SPECS` ('' : float);
+    ``budget``: ``prune_channels:macs=`` target MAC ratio, non-uniform by per-group sensitivity
+    (0: none; a candidate prunes one way, never both)."""
 
     prune: float = 0.0
     lowrank: float = 0.0
     quant: str = ""
+    budget: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.prune and self.budget:
+            raise InputError("auto: a candidate prunes by ratio or by MAC budget, not both")
 
     @property
     def spec(self) -> str:
@@ -49,23 +63,27 @@ class Candidate:
     @property
     def techniques(self) -> int:
         """How many techniques it combines."""
-        return sum(1 for on in (self.prune, self.lowrank, self.quant) if on)
+        return sum(1 for on in (self.prune or self.budget, self.lowrank, self.quant) if on)
 
     def label(self) -> str:
-        """Short name: ``prune 0.5 + tucker 0.9 + int8``."""
+        """Short name: ``prune 0.5 + tucker 0.9 + int8`` (MAC budget: ``prune macs 0.3``)."""
         parts = ([f"prune {self.prune:g}"] if self.prune else []) + \
+            ([f"prune macs {self.budget:g}"] if self.budget else []) + \
             ([f"tucker {self.lowrank:g}"] if self.lowrank else []) + ([self.quant] if self.quant else [])
         return " + ".join(parts) or "float"
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
-        return {"prune": self.prune, "lowrank": self.lowrank, "quant": self.quant}
+        return {"prune": self.prune, "budget": self.budget, "lowrank": self.lowrank, "quant": self.quant}
 
 
 def candidate_spec(c: Candidate) -> str:
     """The pipeline that builds ``c``; the only place that maps a candidate onto passes (pruning by
-    ``prune_channels:ratio=``; a MAC-budget form can replace it here)."""
+    ``prune_channels:ratio=`` or ``prune_channels:macs=``)."""
     parts = [f"prune_channels:ratio={c.prune:g}"] if c.prune else []
+    if c.budget:
+        parts.append(f"prune_channels:macs={c.budget:g}:max_group_ratio={BUDGET_MAX_GROUP_RATIO:g}"
+                     f":sens_samples={BUDGET_SENS_SAMPLES}")
     parts.append("fold_bn")
     if c.lowrank:
         parts.append(f"factorize_tucker:energy={c.lowrank:g}")
@@ -79,9 +97,11 @@ def candidate_spec(c: Candidate) -> str:
 class Space:
     """The settings tried per technique, weakest first (the search looks for the strongest that
     passes the quality gate on its own, then combines). ``quant`` in the order tried; a failing
-    ``int8`` falls back to ``int8-mixed`` when listed."""
+    ``int8`` falls back to ``int8-mixed`` when listed. ``prune_macs``: MAC-budget pruning targets
+    (``prune_channels:macs=``; in any order, the weakest is the largest)."""
 
     prune: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625)
+    prune_macs: tuple[float, ...] = (0.5, 0.4, 0.3, 0.25)
     lowrank: tuple[float, ...] = (0.9, 0.8)
     quant: tuple[str, ...] = ("int8", "int8-mixed")
     weight_only: tuple[str, ...] = ("w8", "w4", "cw8", "cw4")
@@ -90,6 +110,9 @@ class Space:
         for r in self.prune:
             if not 0 < r < 1:
                 raise InputError(f"auto: prune ratio {r} must be in (0, 1)")
+        for m in self.prune_macs:
+            if not 0 < m < 1:
+                raise InputError(f"auto: prune MAC target {m} must be in (0, 1)")
         for e in self.lowrank:
             if not 0 < e <= 1:
                 raise InputError(f"auto: factorization energy {e} must be in (0, 1]")
@@ -163,7 +186,7 @@ def parse_targets(items: list[str] | tuple[str, ...] | str | dict | None) -> Tar
 
 
 def parse_space(text: str | None) -> Space:
-    """``prune=0.25|0.5,lowrank=,quant=int8`` → :class:`Space` (keys: prune, lowrank, quant,
+    """``prune=0.25|0.5,lowrank=,quant=int8`` → :class:`Space` (keys: prune, prune_macs, lowrank, quant,
     weight_only; ``|`` between settings; an empty value turns the technique off; keys not given keep
     their defaults).
 
@@ -175,10 +198,11 @@ def parse_space(text: str | None) -> Space:
     fields_: dict[str, tuple] = {}
     for item in text.split(","):
         key, sep, value = item.strip().partition("=")
-        if not sep or key not in ("prune", "lowrank", "quant", "weight_only"):
-            raise InputError(f"--space {item!r}: expected KEY=V|V|... with KEY one of prune, lowrank, quant, weight_only")
+        if not sep or key not in ("prune", "prune_macs", "lowrank", "quant", "weight_only"):
+            raise InputError(f"--space {item!r}: expected KEY=V|V|... with KEY one of prune, prune_macs, lowrank, "
+                             "quant, weight_only")
         parts = [v.strip() for v in value.split("|") if v.strip()]
-        if key in ("prune", "lowrank"):
+        if key in ("prune", "prune_macs", "lowrank"):
             try:
                 fields_[key] = tuple(float(v) for v in parts)
             except ValueError:
