@@ -357,17 +357,19 @@ def _groups(row: Row) -> str:
 def _cell(v: Variant) -> str:
     if v.error:
         return f"error: {v.error}"
-    return f"{v.metric:.3f} (gate {v.gate}; MACs {v.macs:.2f}×; latency {v.latency:.2f}×)"
+    macs = f"MACs {v.macs:.2f}×, " if v.macs < 0.999 else ""
+    return f"{v.metric:.3f} ({macs}gate {v.gate}, latency {v.latency:.2f}×)"
 
 
 def markdown(rows: list[Row]) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table, then the calibration and evaluation sets of each model."""
     specs = [v.spec.replace("recipe:", "") for v in rows[0].variants] if rows else []
-    lines = ["| model | task metric | calibration / evaluation | groups found / pruned / frozen (reasons) | original | "
-             + " | ".join(f"`{s}`" for s in specs) + " |", "|" + " --- |" * (5 + len(specs))]
+    lines = ["| model | task metric | groups found / pruned / frozen (reasons) | original | "
+             + " | ".join(f"`{s}`" for s in specs) + " |", "|" + " --- |" * (4 + len(specs))]
     for r in rows:
-        lines.append(f"| {r.key} | {r.what} | {r.calib} / {r.test} | {_groups(r)} | {r.original:.3f} | "
+        lines.append(f"| {r.key} | {r.what} | {_groups(r)} | {r.original:.3f} | "
                      + " | ".join(_cell(v) for v in r.variants) + " |")
+    lines += ["", "Calibration / evaluation sets:"] + [f"- {r.key}: {r.calib} / {r.test}" for r in rows]
     return "\n".join(lines)
 
 
@@ -381,6 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gate-samples", type=int, default=16, help="evaluation samples the gate sees (default 16)")
     p.add_argument("--runs", type=int, default=20, help="latency rounds (0: no latency)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="print the table of earlier --json files (concatenated) instead of measuring")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     return args
@@ -390,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("onnxcompress").setLevel(logging.ERROR)
+    if args.from_json:
+        loaded = [r for path in args.from_json for r in json.loads(path.read_text())]
+        print(markdown([Row(**{**r, "variants": [Variant(**v) for v in r["variants"]]}) for r in loaded]))
+        print("\n" + "\n".join(sorted({r["machine"] for r in loaded if r["machine"]})))
+        return 0
     rows = []
     for key in (k.strip() for k in args.models.split(",") if k.strip()):
         if key not in MODELS:

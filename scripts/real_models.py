@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import real_model_files as files
-from real_model_files import CATALOG, ZOO, MissingModel, RealModel, load_model, locate, symbolic_dims
+from real_model_files import CATALOG, PPOCR, ZOO, MissingModel, RealModel, load_model, locate, symbolic_dims
 
 import onnxcompress
 from onnxcompress.core import serde
@@ -79,9 +79,10 @@ FOLD_TOL = 1e-4
 
 
 MODELS = tuple(CATALOG[k] for k in ("nudenet", "opennsfw", "craftnet", "refinenet"))
-BY_KEY = {m.key: m for m in (*MODELS, *ZOO.values())}
+BY_KEY = {m.key: m for m in (*CATALOG.values(), *PPOCR.values(), *ZOO.values())}
 SPEC = f"prune_channels:ratio={RATIO}"
-DEFAULT_SIZE = {"nudenet": 320, "craftnet": 320, "refinenet": 160}
+DEFAULT_SIZE = {"nudenet": 320, "craftnet": 320, "refinenet": 160, "ppocr_det": 320, "ppocr_rec": 320,
+                "ddddocr_ocr": 160, "ddddocr_ocr_old": 160}
 
 
 def input_shapes(spec: RealModel, size: int | None = None) -> dict[str, tuple[int, ...]]:
