@@ -384,7 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=20, help="latency rounds (0: no latency)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
-                   help="print the table of earlier --json files (concatenated) instead of measuring")
+                   help="print the table of earlier --json files (a model in several: the last) instead of measuring")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     return args
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("onnxcompress").setLevel(logging.ERROR)
     if args.from_json:
-        loaded = [r for path in args.from_json for r in json.loads(path.read_text())]
+        loaded = list({r["key"]: r for path in args.from_json for r in json.loads(path.read_text())}.values())
         print(markdown([Row(**{**r, "variants": [Variant(**v) for v in r["variants"]]}) for r in loaded]))
         print("\n" + "\n".join(sorted({r["machine"] for r in loaded if r["machine"]})))
         return 0
