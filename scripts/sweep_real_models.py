@@ -23,6 +23,7 @@ Usage::
 
     python scripts/sweep_real_models.py                      # every model x every pass
     python scripts/sweep_real_models.py --models refinenet --passes fold_bn,simplify --json out.json
+    python scripts/sweep_real_models.py --passes prune_channels --data task   # task data, not random
 
 Exit code 1 if any cell is CRASH or INVALID, 2 if no model is installed, else 0.
 """
@@ -149,9 +150,19 @@ def sweep_cell(key: str, model: onnx.ModelProto, name: str, shapes: dict, calib:
     return cell
 
 
+def task_samples(key: str, n_calib: int, n_data: int) -> tuple[dict, list, list]:
+    """``(shapes, calib, data)`` from the model's offline task (``scripts/real_model_tasks.py``):
+    rendered text, captchas or photos instead of random inputs."""
+    from real_model_tasks import build_task
+
+    task = build_task(key, n_calib, n_data)
+    return {k: v.shape for k, v in task.calib[0].items()}, task.calib, task.test[:n_data]
+
+
 def sweep_model(key: str, passes: list[str], n_calib: int, n_data: int, seed: int,
-                size: int | None = None) -> list[Cell]:
-    """Every pass of ``passes`` on the model ``key``.
+                size: int | None = None, data_kind: str = "random") -> list[Cell]:
+    """Every pass of ``passes`` on the model ``key``; ``data_kind``: ``random`` (seeded uniform
+    inputs) or ``task`` (:func:`task_samples`).
 
     Raises:
         MissingModel: The package is not installed.
@@ -159,8 +170,11 @@ def sweep_model(key: str, passes: list[str], n_calib: int, n_data: int, seed: in
     spec = MODELS[key]
     path = locate(spec)
     model = onnx.load(str(path))
-    shapes = input_shapes(spec, size)
-    calib, data = samples(shapes, n_calib, seed), samples(shapes, n_data, seed + 1)
+    if data_kind == "task":
+        shapes, calib, data = task_samples(key, n_calib, n_data)
+    else:
+        shapes = input_shapes(spec, size)
+        calib, data = samples(shapes, n_calib, seed), samples(shapes, n_data, seed + 1)
     full = _passes_full_check(model)
     cells = []
     for name in passes:
@@ -192,6 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=4, help="random validation samples (default 4)")
     p.add_argument("--size", type=int, default=None, help="free spatial dims (default: per model)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=("random", "task"), default="random",
+                   help="calibration/validation samples: seeded random (default) or the models' offline tasks "
+                        "(scripts/task_data.py: rendered text, captchas, photos)")
     p.add_argument("--json", type=Path, default=None, help="write every cell here")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks of crashes")
     return p.parse_args(argv)
@@ -212,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     cells, ran = [], []
     for key in keys:
         try:
-            cells += sweep_model(key, passes, args.calib, args.samples, args.seed, args.size)
+            cells += sweep_model(key, passes, args.calib, args.samples, args.seed, args.size, args.data)
             ran.append(key)
         except MissingModel as exc:
             print(f"skipping {key}: {exc}", file=sys.stderr)
