@@ -114,11 +114,11 @@ def file_record(path: str | os.PathLike, external_data: Sequence[str] = ()) -> F
 ROWS_BYTES = 32 * 2**20
 
 
-def array_rows(path: str | os.PathLike, chunk_bytes: int = ROWS_BYTES,
+def array_rows(path: str | os.PathLike, chunk_bytes: int | None = None,
                ranks: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The arrays of an ``.npz`` file (keyed as ``np.load`` keys them) or of an ``.npy`` file (key
     ``""``), a few leading-axis rows at a time: each dict holds the same rows of every array, about
-    ``chunk_bytes`` in all, so a file larger than memory is read in constant memory. Arrays that
+    ``chunk_bytes`` (default :data:`ROWS_BYTES`) in all, so a file larger than memory is read in constant memory. Arrays that
     cannot be cut that way (scalars, Fortran order, objects, leading axes of different lengths, or
     an array named in ``ranks`` with another rank: a single sample stored without its sample axis)
     come whole, in one dict. The rows are the file's bytes, in order (concatenated, the chunks equal
@@ -127,6 +127,7 @@ def array_rows(path: str | os.PathLike, chunk_bytes: int = ROWS_BYTES,
     Raises:
         OSError, ValueError, zipfile.BadZipFile: The file cannot be read as numpy arrays.
     """
+    chunk_bytes = ROWS_BYTES if chunk_bytes is None else chunk_bytes
     if Path(path).suffix == ".npy":
         with open(path, "rb") as fh:
             yield from _rows({"": fh}, chunk_bytes, ranks or {}, lambda: {"": np.load(path, allow_pickle=False)})
