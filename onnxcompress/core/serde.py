@@ -570,7 +570,7 @@ def _exported_as_is(tensor: gs.Constant) -> bool:
 def _onnx_dtype(tensor: gs.Constant) -> int | None:
     values = tensor._values
     if isinstance(values, gs.ir.tensor.LazyValues):
-        return getattr(values, "header", values.tensor).data_type
+        return (values.header if isinstance(values, SpilledValues) else values.tensor).data_type
     try:
         return onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
     except (KeyError, ValueError, TypeError):
