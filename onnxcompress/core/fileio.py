@@ -138,8 +138,8 @@ def array_rows(path: str | os.PathLike, chunk_bytes: int | None = None,
         try:
             yield from _rows(handles, chunk_bytes, ranks or {}, lambda: _load_npz(path))
         finally:
-            for fh in handles.values():
-                fh.close()
+            for member in handles.values():
+                member.close()
 
 
 def _load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -175,7 +175,7 @@ def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype] | None:
 
 def _read_rows(fh, rows: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     out = np.empty((rows, *shape[1:]), dtype=dtype)
-    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    view, done = out.reshape(-1).view(np.uint8).data, 0
     while done < len(view):
         got = fh.readinto(view[done:])
         if not got:

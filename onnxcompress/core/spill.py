@@ -88,7 +88,7 @@ class SpilledValues(gs.ir.tensor.LazyValues):
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * get_itemsize(self.dtype)
 
     @property
-    def tensor(self) -> onnx.TensorProto:  # type: ignore[override]
+    def tensor(self) -> onnx.TensorProto:
         full = onnx.TensorProto()
         full.CopyFrom(self.header)
         full.raw_data = self.raw()
