@@ -3,6 +3,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from onnxcompress.core import fileio
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.shapes import parse_dims
 from onnxcompress.runtime.data import (
@@ -34,6 +35,47 @@ def test_npz_batches_and_labels(tmp_path):
     assert [len(b) for b in batches] == [4, 4, 2]
     assert np.array_equal(np.concatenate([b.labels for b in batches]), np.arange(10))
     assert np.array_equal(batches[1].feeds["x"][0], np.arange(48 * 4, 48 * 5).reshape(3, 4, 4))
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_is_read_a_few_samples_at_a_time(tmp_path, monkeypatch, save):
+    x = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
+    save(tmp_path / "d.npz", x=x, labels=np.arange(10))
+    whole = list(FileSource(tmp_path / "d.npz", input_specs(IMG)).batches(4))
+    monkeypatch.setattr(fileio, "ROWS_BYTES", 3 * 48 * 4)  # three samples per read
+    chunks = list(fileio.array_rows(tmp_path / "d.npz"))
+    assert [len(c["x"]) for c in chunks] == [2, 2, 2, 2, 2]  # 3 samples' bytes hold 2 with their labels
+    cut = list(FileSource(tmp_path / "d.npz", input_specs(IMG)).batches(4))
+    assert [len(b) for b in cut] == [len(b) for b in whole] == [4, 4, 2]
+    for a, b in zip(whole, cut):
+        assert np.array_equal(a.feeds["x"], b.feeds["x"]) and np.array_equal(a.labels, b.labels)
+    assert np.array_equal(np.concatenate([b.feeds["x"] for b in cut]), x)
+
+
+def test_npz_memory_does_not_grow_with_the_file(tmp_path):
+    import tracemalloc
+
+    np.savez(tmp_path / "big.npz", x=np.ones((2000, 3, 4, 4), np.float32) * np.arange(2000, dtype=np.float32)[:, None, None, None])
+    src = FileSource(tmp_path / "big.npz", input_specs(IMG))
+    src_total = 0.0
+    tracemalloc.start()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fileio, "ROWS_BYTES", 4096)
+            for b in src.batches(8):
+                src_total += float(b.feeds["x"][:, 0, 0, 0].sum())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert src_total == sum(range(2000))
+    assert peak < 100_000  # the file holds 384 kB; one read 4 kB, one batch 1.5 kB
+
+
+def test_npz_with_a_rank_reduced_single_sample_is_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "ROWS_BYTES", 16)  # would cut the sample's first axis
+    np.savez(tmp_path / "one.npz", x=np.arange(48, dtype=np.float32).reshape(3, 4, 4))
+    (b,) = list(FileSource(tmp_path / "one.npz", input_specs(IMG)).batches())
+    assert np.array_equal(b.feeds["x"][0], np.arange(48, dtype=np.float32).reshape(3, 4, 4))
 
 
 def test_folder_streams_files_in_order_and_limit(tmp_path):

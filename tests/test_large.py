@@ -215,6 +215,26 @@ def test_detach_weights_makes_the_graph_independent_of_the_model():
     assert np.array_equal(graph.tensors()["fc2"].values, numpy_helper.to_array(_big_model().graph.initializer[6]))
 
 
+def test_detached_big_weights_live_in_a_file_and_export_whole():
+    from onnxcompress.core.spill import SpilledValues
+
+    m = _with_constant_node()
+    graph = serde.to_graph(m)
+    want = {i.name: i.SerializeToString() for i in serde.to_model(graph).graph.initializer}
+    serde.detach_weights(graph)
+    spilled = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant) and isinstance(t._values, SpilledValues)}
+    assert spilled == {i.name for i in m.graph.initializer if len(i.raw_data) >= SMALL}
+    assert spilled  # the model has weights of 1 MiB and more
+    direct = gs.export_onnx(graph, do_type_check=False)  # graphsurgeon's own export (segment models) reads the file
+    assert {i.name: i.SerializeToString() for i in direct.graph.initializer} == want
+    name = sorted(spilled)[0]
+    lazy = graph.tensors()[name]._values
+    values = graph.tensors()[name].values
+    before = values.copy()
+    values[0] = 7.0  # an edit of the read array stays private to it (copy-on-write map)
+    assert np.array_equal(lazy.load(), before) and not np.array_equal(values, before)
+
+
 class _Spy(Pass):
     """Test pass: zeroes the caller's model's weights, then records what the graph holds."""
 

@@ -1,5 +1,6 @@
 """Atomic writes of non-model files (JSON reports, Markdown, PNG; models go through :mod:`serde`),
-TOML reading, and file records (path, sha256, size) that let reports tell which file a run read."""
+TOML reading, file records (path, sha256, size) that let reports tell which file a run read, and
+``.npy``/``.npz`` arrays read a few rows at a time (:func:`array_rows`)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import hashlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from onnxcompress.core.errors import InputError
 
-__all__ = ["atomic_write", "read_toml", "FileRecord", "sha256_file", "file_record"]
+__all__ = ["ROWS_BYTES", "array_rows", "atomic_write", "read_toml", "FileRecord", "sha256_file", "file_record"]
 
 
 def _umask() -> int:
@@ -104,3 +108,77 @@ def file_record(path: str | os.PathLike, external_data: Sequence[str] = ()) -> F
     """The :class:`FileRecord` of a file on disk, hashed by streaming it (:func:`sha256_file`)."""
     digest, size = sha256_file(path)
     return FileRecord(str(path), digest, size, tuple(external_data))
+
+
+#: Bytes of rows (all arrays together) :func:`array_rows` reads at a time.
+ROWS_BYTES = 32 * 2**20
+
+
+def array_rows(path: str | os.PathLike, chunk_bytes: int | None = None,
+               ranks: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The arrays of an ``.npz`` file (keyed as ``np.load`` keys them) or of an ``.npy`` file (key
+    ``""``), a few leading-axis rows at a time: each dict holds the same rows of every array, about
+    ``chunk_bytes`` (default :data:`ROWS_BYTES`) in all, so a file larger than memory is read in constant memory. Arrays that
+    cannot be cut that way (scalars, Fortran order, objects, leading axes of different lengths, or
+    an array named in ``ranks`` with another rank: a single sample stored without its sample axis)
+    come whole, in one dict. The rows are the file's bytes, in order (concatenated, the chunks equal
+    ``np.load``'s arrays).
+
+    Raises:
+        OSError, ValueError, zipfile.BadZipFile: The file cannot be read as numpy arrays.
+    """
+    chunk_bytes = ROWS_BYTES if chunk_bytes is None else chunk_bytes
+    if Path(path).suffix == ".npy":
+        with open(path, "rb") as fh:
+            yield from _rows({"": fh}, chunk_bytes, ranks or {}, lambda: {"": np.load(path, allow_pickle=False)})
+        return
+    with zipfile.ZipFile(path) as zf:
+        members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
+        handles = {key: zf.open(name) for key, name in members.items()}
+        try:
+            yield from _rows(handles, chunk_bytes, ranks or {}, lambda: _load_npz(path))
+        finally:
+            for member in handles.values():
+                member.close()
+
+
+def _load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _rows(handles: dict[str, Any], chunk_bytes: int, ranks: dict[str, int],
+          whole: Callable[[], dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    found = {key: _npy_header(fh) for key, fh in handles.items()}
+    heads = {k: h for k, h in found.items() if h is not None}
+    lengths = {shape[0] if shape else -1 for shape, _, _ in heads.values()}
+    if not heads or len(heads) < len(found) or len(lengths) != 1 or -1 in lengths or \
+            any(fortran or dtype.hasobject for _, fortran, dtype in heads.values()) or \
+            any(len(heads[k][0]) != rank for k, rank in ranks.items() if k in heads):
+        yield whole()
+        return
+    count = lengths.pop()
+    row_bytes = {k: int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize for k, (shape, _, dtype) in heads.items()}
+    step = max(1, chunk_bytes // max(1, sum(row_bytes.values())))
+    for start in range(0, max(count, 1), step):
+        rows = min(step, count - start)
+        yield {k: _read_rows(handles[k], rows, shape, dtype) for k, (shape, _, dtype) in heads.items()}
+
+
+def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """``(shape, fortran_order, dtype)`` of an ``.npy`` stream; ``None`` for a format version this
+    reader leaves to ``np.load`` (3.0: UTF-8 field names)."""
+    version = np.lib.format.read_magic(fh)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    return None if read is None else read(fh)
+
+
+def _read_rows(fh, rows: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    out = np.empty((rows, *shape[1:]), dtype=dtype)
+    view, done = out.reshape(-1).view(np.uint8).data, 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise ValueError(f"array data ends after {done} of {len(view)} bytes")
+        done += got
+    return out

@@ -61,9 +61,11 @@ def constant_info(tensor: gs.Tensor | None) -> tuple[np.dtype, tuple[int, ...]] 
     A float32 constant not yet read from its protobuf stays unread (no numpy copy is made just to
     look at it: on a large model that would hold every weight twice).
     """
-    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues) \
-            and tensor._values.tensor.data_type == onnx.TensorProto.FLOAT:
-        return np.dtype(np.float32), tuple(int(d) for d in tensor._values.tensor.dims)
+    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues):
+        header = getattr(tensor._values, "header", None)  # spilled values: the tensor without its data
+        proto = tensor._values.tensor if header is None else header
+        if proto.data_type == onnx.TensorProto.FLOAT:
+            return np.dtype(np.float32), tuple(int(d) for d in proto.dims)
     values = const_values(tensor)
     return None if values is None else (values.dtype, values.shape)
 

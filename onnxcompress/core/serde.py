@@ -27,6 +27,7 @@ from onnx import external_data_helper, numpy_helper
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.fileio import FileRecord
 from onnxcompress.core.graph import relazy_lowbit
+from onnxcompress.core.spill import SpilledValues, SpillFile, copy_except, copy_field, spill, spillable
 
 __all__ = [
     "ModelSource", "KNOWN_DOMAINS", "MIN_OPSET", "PROTO_LIMIT", "EXTERNAL_THRESHOLD", "size_limits", "load_model",
@@ -372,7 +373,7 @@ def _append_external(init: onnx.TensorProto, dest: onnx.TensorProto, location: s
     """Fill ``dest`` with ``init``'s header and an external reference; write the bytes if ``fh``."""
     for name in _TENSOR_HEADER:
         if name in init.DESCRIPTOR.fields_by_name:
-            _copy_field(init, dest, init.DESCRIPTOR.fields_by_name[name])
+            copy_field(init, dest, init.DESCRIPTOR.fields_by_name[name])
     raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
     if fh is not None:
         fh.seek(offset)
@@ -395,30 +396,14 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
 
 
-def _copy_field(src, dest, fd) -> None:
-    if fd.is_repeated:
-        getattr(dest, fd.name).extend(getattr(src, fd.name))
-    elif fd.message_type is not None:
-        if src.HasField(fd.name):
-            getattr(dest, fd.name).CopyFrom(getattr(src, fd.name))
-    elif src.HasField(fd.name) if fd.has_presence else True:
-        setattr(dest, fd.name, getattr(src, fd.name))
-
-
-def _copy_except(src, dest, skip: frozenset[str]) -> None:
-    for fd in src.DESCRIPTOR.fields:
-        if fd.name not in skip:
-            _copy_field(src, dest, fd)
-
-
 def skeleton_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without the main graph's initializers (everything else is copied).
 
     Copies field by field: building it never touches, copies or moves the weights.
     """
     skeleton = onnx.ModelProto()
-    _copy_except(model, skeleton, frozenset({"graph"}))
-    _copy_except(model.graph, skeleton.graph, frozenset({"initializer"}))
+    copy_except(model, skeleton, frozenset({"graph"}))
+    copy_except(model.graph, skeleton.graph, frozenset({"initializer"}))
     return skeleton
 
 
@@ -428,27 +413,35 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def detach_weights(graph: gs.Graph) -> int:
-    """Make ``graph`` independent of the ``ModelProto`` it was imported from; returns tensors copied.
+    """Make ``graph`` independent of the ``ModelProto`` it was imported from; returns tensors moved.
 
     :func:`to_graph` shares the model's weights: every constant's lazy values point into the
     model's protobuf arena, and the graph's ``import_domains`` are the model's own repeated field,
     so while the graph lives, the whole model does (protobuf frees an arena only as a whole). Here
-    each lazily loaded tensor is copied into a standalone message (its own arena, freed as soon as
-    the constant is read into numpy or dropped) and the opset imports are copied, in the graph,
-    its subgraphs, its functions and node attributes. Values stay lazy, so exporting the graph
-    gives the same bytes as before. Costs one copy of the weights while the model is still alive;
-    only worth it when the caller drops the model right after.
+    each lazily loaded tensor of at least 1 MiB and a plain type is written to an unlinked
+    temporary file (:mod:`onnxcompress.core.spill`: read back through a map, so it costs no memory
+    until read), any other one copied into a standalone message (its own arena), and the opset
+    imports are copied, in the graph, its subgraphs, its functions and node attributes. Values stay
+    lazy, so exporting the graph gives the same bytes as before. Costs one tensor at a time while the
+    model is alive; only worth it when the caller drops the model right after.
     """
-    copied = 0
+    moved, file = 0, None
     for g in _graphs_and_functions(graph):
         if g.import_domains is not None:
             g.import_domains = [_standalone(d) for d in g.import_domains]
         for tensor in _constants_of(g):
             values = tensor._values
-            if isinstance(values, gs.ir.tensor.LazyValues) and not isinstance(values, _Header):
+            if not isinstance(values, gs.ir.tensor.LazyValues) or isinstance(values, (_Header, SpilledValues)):
+                continue
+            if spillable(values.tensor, _BIG_CONSTANT):
+                file = file or SpillFile()
+                tensor._values = spill(values.tensor, file)
+            else:
                 tensor._values = type(values)(_standalone(values.tensor))
-                copied += 1
-    return copied
+            moved += 1
+    if file is not None:
+        file.flush()
+    return moved
 
 
 def _standalone(message):
@@ -550,12 +543,14 @@ def _big_constants(graph: gs.Graph, min_bytes: int, keep_int64: bool):
         if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs.ir.tensor.SparseValues):
             continue
         values = tensor._values
-        if isinstance(values, gs.ir.tensor.LazyValues):
+        if isinstance(values, SpilledValues):
+            ok = True  # exported with a header, always (its ``tensor`` is read from the file)
+        elif isinstance(values, gs.ir.tensor.LazyValues):
             ok = values.tensor.HasField("raw_data") and not external_data_helper.uses_external_data(values.tensor)
         else:
             ok = isinstance(values, np.ndarray) and tensor.data_location in (None, onnx.TensorProto.DEFAULT) \
                 and _onnx_dtype(tensor) is not None and _exported_as_is(tensor)
-        if not ok or getattr(values, "nbytes", 0) < min_bytes:
+        if not ok or (getattr(values, "nbytes", 0) < min_bytes and not isinstance(values, SpilledValues)):
             continue
         if keep_int64 and _onnx_dtype(tensor) == onnx.TensorProto.INT64 and len(values.shape) <= 1:
             continue
@@ -575,7 +570,7 @@ def _exported_as_is(tensor: gs.Constant) -> bool:
 def _onnx_dtype(tensor: gs.Constant) -> int | None:
     values = tensor._values
     if isinstance(values, gs.ir.tensor.LazyValues):
-        return values.tensor.data_type
+        return (values.header if isinstance(values, SpilledValues) else values.tensor).data_type
     try:
         return onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
     except (KeyError, ValueError, TypeError):
@@ -590,7 +585,9 @@ def _fill_weights(model: onnx.ModelProto, big: dict[str, object]) -> None:
         values = big.get(init.name)
         if values is None:
             continue
-        if isinstance(values, gs.ir.tensor.LazyValues):
+        if isinstance(values, SpilledValues):
+            init.raw_data = values.raw()
+        elif isinstance(values, gs.ir.tensor.LazyValues):
             init.raw_data = values.tensor.raw_data
         else:
             init.raw_data = np.ascontiguousarray(values).tobytes()

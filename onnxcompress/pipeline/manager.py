@@ -173,8 +173,9 @@ class PassManager:
             model: The input model.
             owned: The caller keeps no reference to ``model`` (pass it as ``run(box.pop())``).
                 Then, for models with at least ``release_bytes`` of weights, each pass's
-                input model is freed as soon as its graph is built (the graph takes a copy of the
-                weights, :func:`~onnxcompress.core.serde.detach_weights`), so the input's weights never
+                input model is freed as soon as its graph is built (the graph's big weights go to
+                an unlinked temporary file, mapped back when read:
+                :func:`~onnxcompress.core.serde.detach_weights`), so the input's weights never
                 coexist with what the pass reads, builds and exports. Models under the threshold
                 run exactly as without it.
 

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.fileio import array_rows
 from onnxcompress.core.index_inputs import IntegerDomain, integer_domains
 from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims, symbolic_dims
 from onnxcompress.runtime.preprocess import Preprocess, check_channels, parse_preprocess
@@ -256,20 +257,24 @@ class FileSource(CalibSource):
 
     def _chunks(self) -> Iterator[Batch]:
         for file in self.files:
-            yield _fit_all(self.specs, self._read(file), str(file))
+            for arrays in self._read(file):
+                yield _fit_all(self.specs, arrays, str(file))
 
-    def _read(self, file: Path) -> dict[str, Any]:
-        try:
-            if file.suffix == ".npy":
-                if len(self.specs) != 1:
-                    raise InputError(f"{file}: .npy files need a single-input model; use .npz keyed by input name")
-                return {self.specs[0].name: np.load(file, allow_pickle=False)}
-            with np.load(file, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{file}: cannot read array file ({type(exc).__name__}: {exc})") from None
+    def _read(self, file: Path) -> Iterator[dict[str, Any]]:
+        """The file's arrays, a few samples at a time (:func:`~onnxcompress.core.fileio.array_rows`:
+        memory does not grow with the file)."""
+        if file.suffix == ".npy" and len(self.specs) != 1:
+            raise InputError(f"{file}: .npy files need a single-input model; use .npz keyed by input name")
+        ranks = {s.name: len(s.shape) for s in self.specs}
+        rows = array_rows(file, ranks={"": len(self.specs[0].shape)} if file.suffix == ".npy" else ranks)
+        while True:
+            try:
+                arrays = next(rows)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise InputError(f"{file}: cannot read array file ({type(exc).__name__}: {exc})") from None
+            yield {self.specs[0].name: arrays[""]} if file.suffix == ".npy" else arrays
 
 
 class ImageFolderSource(CalibSource):

@@ -43,7 +43,7 @@ __all__ = ["CACHE_BYTES", "FrontierStore", "SegmentRunner", "Topology", "batches
 log = logging.getLogger(__name__)
 
 #: Frontier bytes held in memory before it spills to disk.
-CACHE_BYTES = 256 * 2**20
+CACHE_BYTES = 64 * 2**20
 
 _RUN_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
                ort.capi.onnxruntime_pybind11_state.RuntimeException)
