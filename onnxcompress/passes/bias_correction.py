@@ -355,7 +355,8 @@ class _Limited:
 
 class _Kept:
     """Values of a few tensors over every sample, kept while they fit in
-    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET` (then dropped for good)."""
+    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET` and every batch has the same shape
+    past the sample axis (variable-length data cannot be stacked): otherwise dropped for good."""
 
     def __init__(self, names: list[str]):
         self.names = list(names)
@@ -367,7 +368,8 @@ class _Kept:
             return
         part = {n: values[n] for n in self.names}
         self.used += sum(v.nbytes for v in part.values())
-        self.parts = None if self.used > REFERENCE_BUDGET else [*self.parts, part]
+        ragged = bool(self.parts) and any(v.shape[1:] != self.parts[0][n].shape[1:] for n, v in part.items())
+        self.parts = None if self.used > REFERENCE_BUDGET or ragged else [*self.parts, part]
 
     def arrays(self) -> dict[str, np.ndarray] | None:
         """``{name: values of every sample}`` (``None`` when dropped or never asked for)."""
@@ -386,7 +388,8 @@ def _tail(graph: gs.Graph, store: StagedBatches, inputs: list[str], outputs: lis
     try:
         store.run(graph, inputs, outputs, lambda _batch, values: got.append([values[n] for n in outputs]),
                   label="bias_correction outputs")
-    except RuntimeError as exc:  # an output needs tensors no longer stored: the check runs the model
+    except (RuntimeError, KeyError) as exc:  # an output needs tensors no longer stored, or is one
+        # of the stored inputs itself (no node of the segment makes it): the check runs the model
         log.debug("bias_correction: outputs not from the stored frontier (%s)", exc)
         return None
     return got
