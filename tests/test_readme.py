@@ -36,14 +36,14 @@ def test_library_api_examples_run(monkeypatch, capsys):
 
 
 def test_quick_start_command(tmp_path):
-    """Command 1 as written, with a smaller search space (prune 0.5 and int8: three evaluations; the
+    """Command 1 as written, with a smaller search space (uniform prune 0.5 and int8: three evaluations; the
     README's full search takes minutes) and a private cache: it prints the chosen pipeline, speed-up,
     size and accuracy, and writes a valid model."""
     line = next(l for l in _section("Quick start").splitlines() if l.startswith("pip install . && "))
     args = shlex.split(line.split("&&", 1)[1])
     assert args[:2] == ["onnxcompress", "auto"]
     args = [str(ROOT / a) if a.startswith("models/") else a for a in args[1:]]
-    args += ["--space", "prune=0.5,lowrank=,quant=int8", "--cache-dir", str(tmp_path / "cache"), "--latency-runs", "30"]
+    args += ["--space", "prune=0.5,prune_macs=,lowrank=,quant=int8", "--cache-dir", str(tmp_path / "cache"), "--latency-runs", "30"]
     proc = subprocess.run([sys.executable, "-m", "onnxcompress", *args], cwd=tmp_path, capture_output=True, text=True,
                           env=python_env())
     assert proc.returncode == 0, proc.stderr
