@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.spill import header_of
 
 __all__ = [
     "WEIGHT_OPS",
@@ -62,8 +63,7 @@ def constant_info(tensor: gs.Tensor | None) -> tuple[np.dtype, tuple[int, ...]] 
     look at it: on a large model that would hold every weight twice).
     """
     if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues):
-        header = getattr(tensor._values, "header", None)  # spilled values: the tensor without its data
-        proto = tensor._values.tensor if header is None else header
+        proto = header_of(tensor._values)  # a spilled tensor's data stays in its file
         if proto.data_type == onnx.TensorProto.FLOAT:
             return np.dtype(np.float32), tuple(int(d) for d in proto.dims)
     values = const_values(tensor)

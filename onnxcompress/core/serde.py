@@ -27,7 +27,7 @@ from onnx import external_data_helper, numpy_helper
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.fileio import FileRecord
 from onnxcompress.core.graph import relazy_lowbit
-from onnxcompress.core.spill import SpilledValues, SpillFile, copy_except, copy_field, spill, spillable
+from onnxcompress.core.spill import SpilledValues, SpillFile, copy_except, copy_field, header_of, spill, spillable
 
 __all__ = [
     "ModelSource", "KNOWN_DOMAINS", "MIN_OPSET", "PROTO_LIMIT", "EXTERNAL_THRESHOLD", "size_limits", "load_model",
@@ -570,7 +570,7 @@ def _exported_as_is(tensor: gs.Constant) -> bool:
 def _onnx_dtype(tensor: gs.Constant) -> int | None:
     values = tensor._values
     if isinstance(values, gs.ir.tensor.LazyValues):
-        return (values.header if isinstance(values, SpilledValues) else values.tensor).data_type
+        return header_of(values).data_type
     try:
         return onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
     except (KeyError, ValueError, TypeError):

@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 
-__all__ = ["SpillFile", "SpilledValues", "copy_except", "copy_field", "spill", "spillable"]
+__all__ = ["SpillFile", "SpilledValues", "copy_except", "copy_field", "header_of", "spill", "spillable"]
 
 #: Element types whose raw bytes are the numpy array's (``numpy_helper.to_array`` is a plain view).
 _PLAIN = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -103,6 +103,11 @@ class SpilledValues(gs.ir.tensor.LazyValues):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(self.header.data_type)
         mapped = mmap.mmap(self.file.fh.fileno(), self.length, access=mmap.ACCESS_COPY, offset=self.offset)
         return np.frombuffer(mapped, dtype=dtype).reshape(self.shape)
+
+
+def header_of(values: gs.ir.tensor.LazyValues) -> onnx.TensorProto:
+    """The ``TensorProto`` describing lazy ``values`` (type, dims) without reading a spilled tensor's data."""
+    return values.header if isinstance(values, SpilledValues) else values.tensor
 
 
 def spillable(tensor: onnx.TensorProto, min_bytes: int) -> bool:

@@ -295,8 +295,7 @@ class Evaluator:
         self._session: Any = None
         self.names = [o.name for o in reference.graph.output]
         scales = ReferenceScales()
-        self._cached: list[list[np.ndarray]] | None = (self._cache_reference(budget, scales) if outputs is None
-                                                       else self._split_known(outputs, scales))
+        self._cached = self._cache_reference(budget, scales, outputs)
         if not self.samples:
             raise InputError(f"{data.description}: no samples")
         self.slices = scales.slices(slices)
@@ -310,34 +309,27 @@ class Evaluator:
             self._session = make_session(self._reference, threads=self.threads)
         return self._session
 
-    def _cache_reference(self, budget: int, scales: ReferenceScales) -> list[list[np.ndarray]] | None:
+    def _cache_reference(self, budget: int, scales: ReferenceScales,
+                         given: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]] | None:
+        """The float outputs per batch (``None`` past ``budget``: rerun with every candidate), from a
+        run of the float model or cut from ``given`` (already in memory: always kept)."""
         kept: list[list[np.ndarray]] | None = []
         used, self.samples, self.has_labels = 0, 0, False
         for batch in self.data.batches(self.batch_size):
-            outs = self._ref_session.run(self.names, batch.feeds)
+            if given is None:
+                outs = self._ref_session.run(self.names, batch.feeds)
+            else:
+                outs = [given[name][self.samples:self.samples + len(batch)] for name in self.names]
             for name, out in zip(self.names, outs):
                 scales.add(name, np.asarray(out))
             used += sum(o.nbytes for o in outs)
             self.samples += len(batch)
             self.has_labels |= batch.labels is not None
-            if kept is not None and used > budget:
+            if kept is not None and given is None and used > budget:
                 log.info("float outputs exceed %d MiB: the float model reruns with every candidate", budget >> 20)
                 kept = None
             if kept is not None:
                 kept.append(outs)
-        return kept
-
-    def _split_known(self, outputs: dict[str, np.ndarray], scales: ReferenceScales) -> list[list[np.ndarray]]:
-        """Given float outputs cut into the batches of ``data`` (what :meth:`_cache_reference` keeps)."""
-        kept: list[list[np.ndarray]] = []
-        self.samples, self.has_labels = 0, False
-        for batch in self.data.batches(self.batch_size):
-            outs = [outputs[name][self.samples:self.samples + len(batch)] for name in self.names]
-            for name, out in zip(self.names, outs):
-                scales.add(name, out)
-            kept.append(outs)
-            self.samples += len(batch)
-            self.has_labels |= batch.labels is not None
         return kept
 
     def __call__(self, candidate: onnx.ModelProto) -> Fidelity:

@@ -25,9 +25,8 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int
     Args:
         model: The model; above ~1.8 GB of weights it is written to a temporary folder with
             external data and loaded from there.
-        optimize: Enable ORT's graph optimizations. Validation leaves them off for the reference (and for a
-            float candidate), so ORT's own
-            fusions cannot hide (or cause) a difference.
+        optimize: Enable ORT's graph optimizations. Validation leaves them off for the reference
+            and for a float candidate, so ORT's own fusions cannot hide (or cause) a difference.
         threads: Intra-op threads (0: ORT's default).
         providers: Execution providers (default CPU).
         log_severity: ORT's own log level (3: errors, 4: fatal only).
