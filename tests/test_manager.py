@@ -78,6 +78,32 @@ def test_manager_runs_and_reports():
     assert records[0].as_dict()["numerics"] == "exact"
 
 
+class NeedsNewOpset(Noop):
+    """Needs opset 21 and may change nothing (as when quantize_weights reverts every layer)."""
+
+    name = "needs_opset_for_test"
+    min_opset = 21
+
+
+def test_a_pass_that_changes_nothing_keeps_the_input_opset():
+    model = parse(MODEL)
+    out, _ = PassManager([NeedsNewOpset()]).run(model)
+    assert out.opset_import[0].version == 17
+    assert out.SerializeToString() == PassManager([]).run(model)[0].SerializeToString()
+
+
+def test_a_pass_that_changes_the_graph_gets_the_opset_it_needs():
+    class Renames(NeedsNewOpset):
+        name = "needs_opset_renames_for_test"
+
+        def run(self, graph, ctx):
+            graph.nodes[0].name = "renamed"
+            return PassResult(modified=True)
+
+    out, _ = PassManager([Renames()]).run(parse(MODEL))
+    assert out.opset_import[0].version == 21 and out.graph.node[0].name == "renamed"
+
+
 def test_manager_names_failing_pass():
     mgr = PassManager([Noop(), Breaks()])
     assert mgr.numerics == Numerics.LOSSY

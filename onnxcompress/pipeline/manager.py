@@ -220,12 +220,14 @@ class PassManager:
         """One pass on the model in ``box`` (taken out, so that releasing it frees its weights; see
         :meth:`run`): build its graph, run it, export and check the result, which goes back in ``box``."""
         model = box.pop()
+        release = owned and p.releases_input and serde.weights_nbytes(model) >= self.release_bytes
+        unchanged: onnx.ModelProto | None = None  # what a pass that changes nothing returns
         if p.min_opset and (serde.model_opset(model) or 0) < p.min_opset:
+            unchanged = None if release else model  # a released input is not kept for this
             model = upgrade_opset(model, p.min_opset)
         graph = serde.to_graph(model)
         template = model
-        kept: onnx.ModelProto | None = model
-        release = owned and p.releases_input and serde.weights_nbytes(model) >= self.release_bytes
+        kept: onnx.ModelProto | None = model if unchanged is None else unchanged
         if release:
             template = serde.skeleton_model(model)
             serde.detach_weights(graph)
