@@ -16,7 +16,8 @@ from onnxcompress.core.graph import Names, const_values, has_float_weight, node_
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.core.shapes import concrete_shapes
 from onnxcompress.quant.codebook import kmeans_codebook
-from onnxcompress.quant.gptq import DEFAULT_DAMP, collect_hessians, gptq, output_error
+from onnxcompress.quant.gptq import (DEFAULT_DAMP, HessianInput, collect_hessians, conv_rows, gptq, gptq_conv,
+                                     im2col_matrix, output_error)
 from onnxcompress.quant.latency import LayerPair, measure_ratio
 from onnxcompress.quant.weight_rewrite import codebook_weight, dq_conv_weight, dq_weight, gather_rows, matmulnbits_node
 from onnxcompress.quant.weightonly import BlockQuant, ConvLayout, conv_layout, rtn
@@ -195,6 +196,11 @@ class QuantizeWeights(Pass):
                                             "size: keep every quantized weight",
                          choices=("speed", "size")),
         "batch_size": Option(int, 8, "gptq/kmeans calibration batch size", interval="[1, inf)"),
+        "fallback_bits": Option(int, 0, "bits of the layers whose error at bits exceeds max_error (0: none; "
+                                        "more than bits)", interval="[0, 8]"),
+        "max_error": Option(float, 0.05, "fallback_bits: a layer's largest relative error at bits (output "
+                                         "error on the calibration Hessian with gptq, else weight error)",
+                            interval="(0, inf)"),
     }
 
     def check_options(self) -> None:
@@ -202,8 +208,13 @@ class QuantizeWeights(Pass):
         bad = sorted(set(o["ops"]) - set(_OPS))
         if bad or not o["ops"]:
             raise InputError(f"pass {self.name}: ops={'|'.join(o['ops'])}: expected matmul, gather and/or conv")
-        if "conv" in o["ops"] and o["method"] != "rtn":
-            raise InputError(f"pass {self.name}: ops=conv: method=rtn only (gptq and kmeans: matmul and gather)")
+        if "conv" in o["ops"] and o["method"] == "kmeans":
+            raise InputError(f"pass {self.name}: ops=conv: method=rtn or gptq (kmeans: matmul and gather)")
+        fb = o["fallback_bits"]
+        if fb and (o["method"] == "kmeans" or fb <= o["bits"]
+                   or fb not in ((4, 8) if o["format"] == "dq" else (2, 4, 8))):
+            raise InputError(f"pass {self.name}: fallback_bits={fb}: must be more than bits={o['bits']} and a width of "
+                             f"format={o['format']} (dq: 4 or 8; matmulnbits: 2, 4 or 8); not with method=kmeans")
         if o["method"] == "kmeans":
             if o["format"] != "dq":
                 raise InputError(f"pass {self.name}: method=kmeans has its own form (codebook Gather); drop format=")
@@ -330,7 +341,7 @@ class QuantizeWeights(Pass):
         errors: list[float] = []
         edits: list[_Edit] = []
         for t in targets:
-            h = hessians.get(t.node.inputs[0].name) if t.kind != "Gather" else None
+            h = hessians.get(_hessian_key(t)) if t.kind != "Gather" else None
             q, book, err = self._quantize(t, h, ctx, result)
             errors.append(err)
             edits.append(self._emit(graph, names, t, q, book))
@@ -354,10 +365,17 @@ class QuantizeWeights(Pass):
             return {}
         if ctx.calib is None:
             raise InputError(f"pass {self.name}: method={method} needs calibration data (--calib)")
-        inputs = {t.node.inputs[0].name: t.w.shape[0] for t in targets if t.kind in ("MatMul", "Gemm")}
+        inputs = {_hessian_key(t): HessianInput(_hessian_key(t), t.node.inputs[0].name, t.w.shape[0])
+                  for t in targets if t.kind in ("MatMul", "Gemm")}
+        for t in targets:
+            if t.kind == "Conv" and method == "gptq" and t.node.attrs.get("group", 1) == 1:
+                kernel = tuple(t.weight.shape[2:])
+                attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in t.node.attrs.items()}
+                inputs[_hessian_key(t)] = HessianInput(_hessian_key(t), t.node.inputs[0].name,
+                                                       int(np.prod(t.weight.shape[1:])), conv_rows(attrs, kernel))
         if not inputs:
             return {}
-        hs, samples = collect_hessians(serde.to_model(graph), sorted(inputs.items()), ctx.calib,
+        hs, samples = collect_hessians(serde.to_model(graph), [inputs[k] for k in sorted(inputs)], ctx.calib,
                                        batch_size=self.opts["batch_size"], progress=ctx.progress)
         if samples == 0:
             raise InputError(f"pass {self.name}: no calibration samples")
@@ -366,7 +384,8 @@ class QuantizeWeights(Pass):
 
     def _quantize(self, t: _Target, h: np.ndarray | None, ctx: PassContext,
                   result: PassResult) -> tuple[BlockQuant | None, tuple[np.ndarray, np.ndarray] | None, float]:
-        """``(block quantization or None, (codebook, indices) or None, relative weight error)``."""
+        """``(block quantization or None, (codebook, indices) or None, relative weight error)``; with
+        ``fallback_bits``, a layer whose error at ``bits`` exceeds ``max_error`` takes those bits."""
         o = self.opts
         w = t.w
         norm = float(np.linalg.norm(w)) or 1.0
@@ -374,17 +393,37 @@ class QuantizeWeights(Pass):
             weights = None if h is None else np.diag(h)[:, None]
             book, idx = kmeans_codebook(w, o["bits"], weights=weights, seed=ctx.seed)
             return None, (book, idx), float(np.linalg.norm(book[idx] - w)) / norm
-        block = (t.layout.block or w.shape[0]) if t.layout else self._block(w.shape[0], gather=t.kind == "Gather")
-        if o["method"] == "gptq" and h is not None:
-            q = gptq(w, h, o["bits"], block, o["symmetric"], damp=o["damp"], act_order=o["act_order"],
-                     search=o["search"])
-            base = rtn(w, o["bits"], block, o["symmetric"], o["search"])
-            result.count("gptq_layers")
-            result.count("output_error_rtn", output_error(h, w, base.dequantize()))
-            result.count("output_error", output_error(h, w, q.dequantize()))
-        else:
-            q = rtn(w, o["bits"], block, o["symmetric"], o["search"])
+        q, err = self._round(t, h, o["bits"], result)
+        if o["fallback_bits"] and err > o["max_error"]:
+            q, err_fb = self._round(t, h, o["fallback_bits"], None)
+            result.count("fallback_layers")
+            result.stats.setdefault("fallback", []).append(f"{node_label(t.node)}: {err:.4f} -> {err_fb:.4f}")
         return q, None, float(np.linalg.norm(q.dequantize() - w)) / norm
+
+    def _round(self, t: _Target, h: np.ndarray | None, bits: int,
+               result: PassResult | None) -> tuple[BlockQuant, float]:
+        """``t`` rounded at ``bits`` (GPTQ where a Hessian is known, else to nearest) and its error:
+        the relative layer output error on the Hessian, else the relative weight error. ``result``:
+        where the GPTQ layer stats go (None: not counted)."""
+        o = self.opts
+        w = t.w
+        block = (t.layout.block or w.shape[0]) if t.layout else self._block(w.shape[0], gather=t.kind == "Gather")
+        base = rtn(w, bits, block, o["symmetric"], o["search"])
+        if o["method"] != "gptq" or h is None:
+            return base, float(np.linalg.norm(base.dequantize() - w)) / (float(np.linalg.norm(w)) or 1.0)
+        if t.layout is not None:
+            q = gptq_conv(const_values(t.weight), h, t.layout, bits, o["symmetric"], damp=o["damp"],
+                          act_order=o["act_order"], search=o["search"])
+            w_im = im2col_matrix(const_values(t.weight))
+            err_rtn, err = (output_error(h, w_im, im2col_matrix(t.layout.tensor(x.dequantize()))) for x in (base, q))
+        else:
+            q = gptq(w, h, bits, block, o["symmetric"], damp=o["damp"], act_order=o["act_order"], search=o["search"])
+            err_rtn, err = output_error(h, w, base.dequantize()), output_error(h, w, q.dequantize())
+        if result is not None:
+            result.count("gptq_layers")
+            result.count("output_error_rtn", err_rtn)
+            result.count("output_error", err)
+        return q, err
 
     def _emit(self, graph: gs.Graph, names: Names, t: _Target, q: BlockQuant | None,
               book: tuple[np.ndarray, np.ndarray] | None) -> _Edit:
@@ -544,6 +583,12 @@ class QuantizeWeights(Pass):
             models.append(serde.to_model(g))
         feeds = {"x": np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)}
         return LayerPair(models[0], models[1], feeds, feeds)
+
+
+def _hessian_key(t: _Target) -> str:
+    """The key of ``t``'s input Hessian: a MatMul/Gemm's input tensor (layers reading one tensor share
+    it), a Conv's (unshared) weight name (its patches depend on its own geometry)."""
+    return f"{t.weight.name}@conv" if t.layout is not None else t.node.inputs[0].name
 
 
 def _new_bytes(nodes: list[gs.Node]) -> int:
