@@ -170,6 +170,8 @@ def conv_rows(attrs: dict, kernel: tuple[int, ...]) -> Callable[[np.ndarray], np
     """A :attr:`HessianInput.rows` for a Conv (``group=1``) with these attributes: the im2col
     patches of a batch ``[N, Cin, *spatial]`` at every output position (geometry resolved per batch,
     ``auto_pad`` included)."""
+    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+
     def rows(x: np.ndarray) -> np.ndarray:
         return im2col(x, conv_geometry(attrs, kernel, x.shape[2:]))
     return rows
