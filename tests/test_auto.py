@@ -229,6 +229,8 @@ def test_conv_weight_only_joins_where_convs_hold_the_weights():
     assert _space_for("size=0.1", conv_weight_share=0.1) == ("int8", "int8-mixed")
     assert _space_for("size=0.1", matmul_weight_share=0.5) == ("w4", "w8", "int8", "int8-mixed")
     assert "ops=matmul|conv:bits=4" in Candidate(prune=0.5, quant="cw4").spec
+    assert "method=gptq" in Candidate(quant="cw4").spec  # 4-bit convs round with GPTQ (auto always has --calib)
+    assert "method" not in Candidate(quant="cw8").spec
     onnxcompress.parse_spec(Candidate(prune=0.5, quant="cw4").spec)
 
 

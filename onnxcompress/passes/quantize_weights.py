@@ -15,8 +15,8 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import Names, const_values, has_float_weight, node_label, opt_input
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.core.shapes import concrete_shapes
+from onnxcompress.quant import gptq as gq
 from onnxcompress.quant.codebook import kmeans_codebook
-from onnxcompress.quant.gptq import DEFAULT_DAMP, collect_hessians, gptq, output_error
 from onnxcompress.quant.latency import LayerPair, measure_ratio
 from onnxcompress.quant.weight_rewrite import codebook_weight, dq_conv_weight, dq_weight, gather_rows, matmulnbits_node
 from onnxcompress.quant.weightonly import BlockQuant, ConvLayout, conv_layout, rtn
@@ -86,7 +86,7 @@ def _pow2_at_least(n: int) -> int:
 
 @register
 class QuantizeWeights(Pass):
-    """Weight-only low-bit quantization (4/8-bit, blocks; rtn, GPTQ or k-means); float compute.
+    """Weight-only low-bit quantization (4/8-bit or a per-layer mix, blocks; rtn, GPTQ or k-means); float compute.
 
     Before: ``y = MatMul(x, W)`` (``W`` a float constant ``[K, N]``; Gemm: ``B``, ``transB``),
     ``e = Gather(T, ids)`` (an embedding table ``T [V, D]``, with ``ops=matmul|gather``).
@@ -104,7 +104,7 @@ class QuantizeWeights(Pass):
     scales, then a blocked ``DequantizeLinear`` (``format=matmulnbits``:
     ``com.microsoft.GatherBlockQuantized``); bits 4 or 8, blocks along ``D``.
 
-    Convolutions (``ops=conv``, ``format=dq``, ``method=rtn``): ``y = Conv(x, DequantizeLinear(W_q,
+    Convolutions (``ops=conv``, ``format=dq``, ``method=rtn|gptq``): ``y = Conv(x, DequantizeLinear(W_q,
     s, axis=0), b)`` per output channel (``block_size`` 0 or -1, and depthwise or any conv with
     fewer input channels per group than ``block_size``), else blocked along the input channels
     (``axis=1``, ``block_size``: one scale per block, output channel and kernel position);
@@ -126,7 +126,10 @@ class QuantizeWeights(Pass):
     Fires when: a MatMul's input 1 / a Gemm's ``B`` is a float32 2-D constant (``ops`` has
     ``matmul``), or a ``Gather`` (axis 0) reads a float32 2-D constant table with computed
     indices (``ops`` has ``gather``), or a Conv/ConvTranspose weight is a float32 constant of
-    rank ≥ 3 (``ops`` has ``conv``; gptq and kmeans refuse ``ops=conv`` when parsed).
+    rank ≥ 3 (``ops`` has ``conv``; kmeans refuses it; gptq: ``group=1`` Convs on their im2col
+    Hessian, :func:`~onnxcompress.quant.gptq.gptq_conv`; grouped convs, ConvTranspose: rtn).
+    ``fallback_bits``: a layer whose relative error at ``bits`` (output error on the Hessian where
+    GPTQ ran, else weight error) exceeds ``max_error`` takes ``fallback_bits`` (``fallback_layers``).
 
     Declines (codes): ``weight_not_constant``; ``already_quantized`` (the weight is computed
     from an integer constant, e.g. ``INT8 → Cast → Mul → MatMul``: left alone);
@@ -187,7 +190,7 @@ class QuantizeWeights(Pass):
         "gather_min_rows": Option(int, 1024, "ops=gather: tables with fewer rows (position, token-type "
                                              "embeddings) stay float", interval="[0, inf)"),
         "search": Option(bool, True, "search each block's range shrink for the least rounding error"),
-        "damp": Option(float, DEFAULT_DAMP, "gptq: relative Hessian damping", interval="(0, inf)"),
+        "damp": Option(float, gq.DEFAULT_DAMP, "gptq: relative Hessian damping", interval="(0, inf)"),
         "act_order": Option(bool, False, "gptq: round the most excited input rows first"),
         "accuracy_level": Option(int, 0, "matmulnbits: onnxruntime's accuracy_level (4: int8 activations)",
                                  interval="[0, 4]"),
@@ -195,6 +198,10 @@ class QuantizeWeights(Pass):
                                             "size: keep every quantized weight",
                          choices=("speed", "size")),
         "batch_size": Option(int, 8, "gptq/kmeans calibration batch size", interval="[1, inf)"),
+        "fallback_bits": Option(int, 0, "bits of the layers whose error at bits exceeds max_error (0: none; "
+                                        "more than bits)", interval="[0, 8]"),
+        "max_error": Option(float, 0.05, "fallback_bits: a layer's largest relative error at bits (gptq: output "
+                                         "error on the calibration Hessian; else weight error)", interval="(0, inf)"),
     }
 
     def check_options(self) -> None:
@@ -202,8 +209,13 @@ class QuantizeWeights(Pass):
         bad = sorted(set(o["ops"]) - set(_OPS))
         if bad or not o["ops"]:
             raise InputError(f"pass {self.name}: ops={'|'.join(o['ops'])}: expected matmul, gather and/or conv")
-        if "conv" in o["ops"] and o["method"] != "rtn":
-            raise InputError(f"pass {self.name}: ops=conv: method=rtn only (gptq and kmeans: matmul and gather)")
+        if "conv" in o["ops"] and o["method"] == "kmeans":
+            raise InputError(f"pass {self.name}: ops=conv: method=rtn or gptq (kmeans: matmul and gather)")
+        fb = o["fallback_bits"]
+        if fb and (o["method"] == "kmeans" or fb <= o["bits"]
+                   or fb not in ((4, 8) if o["format"] == "dq" else (2, 4, 8))):
+            raise InputError(f"pass {self.name}: fallback_bits={fb}: must be more than bits={o['bits']} and a width of "
+                             f"format={o['format']} (dq: 4 or 8; matmulnbits: 2, 4 or 8); not with method=kmeans")
         if o["method"] == "kmeans":
             if o["format"] != "dq":
                 raise InputError(f"pass {self.name}: method=kmeans has its own form (codebook Gather); drop format=")
@@ -330,7 +342,7 @@ class QuantizeWeights(Pass):
         errors: list[float] = []
         edits: list[_Edit] = []
         for t in targets:
-            h = hessians.get(t.node.inputs[0].name) if t.kind != "Gather" else None
+            h = hessians.get(_hessian_key(t)) if t.kind != "Gather" else None
             q, book, err = self._quantize(t, h, ctx, result)
             errors.append(err)
             edits.append(self._emit(graph, names, t, q, book))
@@ -354,10 +366,15 @@ class QuantizeWeights(Pass):
             return {}
         if ctx.calib is None:
             raise InputError(f"pass {self.name}: method={method} needs calibration data (--calib)")
-        inputs = {t.node.inputs[0].name: t.w.shape[0] for t in targets if t.kind in ("MatMul", "Gemm")}
+        inputs = {_hessian_key(t): gq.HessianInput(_hessian_key(t), t.node.inputs[0].name, t.w.shape[0])
+                  for t in targets if t.kind in ("MatMul", "Gemm")}
+        for t in (t for t in targets if t.kind == "Conv" and method == "gptq" and t.node.attrs.get("group", 1) == 1):
+            shape = t.weight.shape
+            inputs[_hessian_key(t)] = gq.HessianInput(_hessian_key(t), t.node.inputs[0].name, int(np.prod(shape[1:])),
+                                                      gq.conv_rows(t.node.attrs, tuple(shape[2:])))
         if not inputs:
             return {}
-        hs, samples = collect_hessians(serde.to_model(graph), sorted(inputs.items()), ctx.calib,
+        hs, samples = gq.collect_hessians(serde.to_model(graph), [inputs[k] for k in sorted(inputs)], ctx.calib,
                                        batch_size=self.opts["batch_size"], progress=ctx.progress)
         if samples == 0:
             raise InputError(f"pass {self.name}: no calibration samples")
@@ -374,17 +391,35 @@ class QuantizeWeights(Pass):
             weights = None if h is None else np.diag(h)[:, None]
             book, idx = kmeans_codebook(w, o["bits"], weights=weights, seed=ctx.seed)
             return None, (book, idx), float(np.linalg.norm(book[idx] - w)) / norm
-        block = (t.layout.block or w.shape[0]) if t.layout else self._block(w.shape[0], gather=t.kind == "Gather")
-        if o["method"] == "gptq" and h is not None:
-            q = gptq(w, h, o["bits"], block, o["symmetric"], damp=o["damp"], act_order=o["act_order"],
-                     search=o["search"])
-            base = rtn(w, o["bits"], block, o["symmetric"], o["search"])
-            result.count("gptq_layers")
-            result.count("output_error_rtn", output_error(h, w, base.dequantize()))
-            result.count("output_error", output_error(h, w, q.dequantize()))
-        else:
-            q = rtn(w, o["bits"], block, o["symmetric"], o["search"])
+        q, err = self._round(t, h, o["bits"], result)
+        if o["fallback_bits"] and err > o["max_error"]:
+            q, err_fb = self._round(t, h, o["fallback_bits"], None)
+            result.count("fallback_layers")
+            result.stats.setdefault("fallback", []).append(f"{node_label(t.node)}: {err:.4f} -> {err_fb:.4f}")
         return q, None, float(np.linalg.norm(q.dequantize() - w)) / norm
+
+    def _round(self, t: _Target, h: np.ndarray | None, bits: int,
+               result: PassResult | None) -> tuple[BlockQuant, float]:
+        """``t`` at ``bits`` (GPTQ given a Hessian, else rtn) and its relative output (else weight) error."""
+        o = self.opts
+        w = t.w
+        block = (t.layout.block or w.shape[0]) if t.layout else self._block(w.shape[0], gather=t.kind == "Gather")
+        base = rtn(w, bits, block, o["symmetric"], o["search"])
+        if o["method"] != "gptq" or h is None:
+            return base, float(np.linalg.norm(base.dequantize() - w)) / (float(np.linalg.norm(w)) or 1.0)
+        if t.layout is not None:
+            q = gq.gptq_conv(const_values(t.weight), h, t.layout, bits, o["symmetric"], damp=o["damp"],
+                          act_order=o["act_order"], search=o["search"])
+            w_im = gq.im2col_matrix(const_values(t.weight))
+            err_rtn, err = (gq.output_error(h, w_im, gq.im2col_matrix(t.layout.tensor(x.dequantize())))
+                            for x in (base, q))
+        else:
+            q = gq.gptq(w, h, bits, block, o["symmetric"], damp=o["damp"], act_order=o["act_order"], search=o["search"])
+            err_rtn, err = gq.output_error(h, w, base.dequantize()), gq.output_error(h, w, q.dequantize())
+        for key, value in (("gptq_layers", 1), ("output_error_rtn", err_rtn), ("output_error", err)):
+            if result is not None:
+                result.count(key, value)
+        return q, err
 
     def _emit(self, graph: gs.Graph, names: Names, t: _Target, q: BlockQuant | None,
               book: tuple[np.ndarray, np.ndarray] | None) -> _Edit:
@@ -544,6 +579,11 @@ class QuantizeWeights(Pass):
             models.append(serde.to_model(g))
         feeds = {"x": np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)}
         return LayerPair(models[0], models[1], feeds, feeds)
+
+
+def _hessian_key(t: _Target) -> str:
+    """``t``'s Hessian key: a MatMul/Gemm's input (shared by its readers), else the conv's own weight."""
+    return f"{t.weight.name}@conv" if t.layout is not None else t.node.inputs[0].name
 
 
 def _new_bytes(nodes: list[gs.Node]) -> int:

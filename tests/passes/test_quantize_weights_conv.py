@@ -12,7 +12,9 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.passes.quantize_weights import LATENCY_TIMER
 from onnxcompress.pipeline.manager import parse_spec
+from onnxcompress.quant.gptq import HessianInput, collect_hessians, conv_rows
 from onnxcompress.quant.weightonly import conv_layout, rtn
+from onnxcompress.runtime.data import open_source
 from tests.helpers.builders import make_model, node
 from tests.helpers.graphs import initializers
 from tests.helpers.runs import ort_run, run_checked, run_passes
@@ -136,8 +138,12 @@ def test_matmulnbits_format_declines_convs_and_keeps_matmuls():
     assert result.stats["quantized_MatMul"] == 1 and "quantized_Conv" not in result.stats
 
 
-@pytest.mark.parametrize("spec", ["quantize_weights:ops=conv:method=gptq", "quantize_weights:ops=matmul|conv:method=kmeans",
-                                  "quantize_weights:ops=conv|pool"])
+@pytest.mark.parametrize("spec", ["quantize_weights:ops=matmul|conv:method=kmeans", "quantize_weights:ops=conv|pool",
+                                  "quantize_weights:ops=conv:fallback_bits=4", "quantize_weights:ops=conv:fallback_bits=9",
+                                  "quantize_weights:ops=conv:bits=8:fallback_bits=4",
+                                  "quantize_weights:method=kmeans:fallback_bits=8",
+                                  "quantize_weights:format=matmulnbits:bits=4:fallback_bits=5",
+                                  "quantize_weights:ops=conv:fallback_bits=8:max_error=0"])
 def test_conv_option_combinations_refused(spec):
     with pytest.raises(InputError):
         parse_spec(spec)
@@ -171,3 +177,100 @@ def test_prefer_speed_reverts_convs_when_the_model_runs_slower(ratio):
         np.testing.assert_array_equal(ort_run(new, x)[0], ort_run(model, x)[0])
     else:
         assert result.modified and result.stats["quantized_Conv"] == 1 and not result.declined
+
+
+# ------------------------------------------------------------------------- GPTQ on im2col, 8/4 mix
+
+GPTQ = f"{SIZE}:method=gptq"
+
+
+def conv_calib(model: onnx.ModelProto, n: int = 24, seed: int = 5, hw: int = 9):
+    cin = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((cin, 4))  # correlated channels (as real activations are): an informative Hessian
+    z = rng.standard_normal((n, 4, hw, hw))
+    x = (np.einsum("cr,nrhw->nchw", mix, z) + 0.2 * rng.standard_normal((n, cin, hw, hw))).astype(np.float32)
+    return open_source([{"x": x[i: i + 1]} for i in range(n)], model), x
+
+
+def test_conv_rows_hessian_is_the_patch_gram():
+    model = conv_model(cin=4, cout=3, k=3)
+    source, x = conv_calib(model, n=3, hw=5)
+    hs, samples = collect_hessians(model, [HessianInput("c", "x", 36, conv_rows({"pads": [1, 1, 1, 1]}, (3, 3)))],
+                                   source, batch_size=2)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    patches = [xp[n, :, i:i + 3, j:j + 3].reshape(-1) for n in range(3) for i in range(5) for j in range(5)]
+    p = np.array(patches)
+    assert samples == 3
+    np.testing.assert_allclose(hs["c"], p.T @ p, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("block", [0, 16])
+def test_gptq_conv_output_error_matches_onnxruntime_and_beats_rtn(block):
+    model = conv_model(cin=32, cout=16)
+    source, x = conv_calib(model)
+    spec = f"{GPTQ}:bits=4:block_size={block}"
+    new, result = run_checked(model, spec, [], PassContext(calib=source))
+    st = result.stats
+    assert st["gptq_layers"] == 1 and st["quantized_Conv"] == 1 and st["calib_samples"] == 24
+    assert st["output_error"] < 0.8 * st["output_error_rtn"]
+    b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b")).reshape(1, -1, 1, 1)
+    ref = ort_run(model, {"x": x})[0]
+    got = ort_run(new, {"x": x})[0]
+    # the pass's error is the layer's relative output error on its calibration data
+    assert rel(got - b, ref - b) == pytest.approx(st["output_error"], rel=1e-3)
+    rtn_model, _ = run_passes(model, f"{SIZE}:bits=4:block_size={block}")
+    assert rel(ort_run(rtn_model, {"x": x})[0] - b, ref - b) == pytest.approx(st["output_error_rtn"], rel=1e-3)
+    types = {t.name: t.data_type for t in new.graph.initializer}
+    assert types[new.graph.node[0].input[0]] == TensorProto.INT4
+    again, _ = run_passes(model, spec, PassContext(calib=source))
+    assert again.SerializeToString() == new.SerializeToString()
+
+
+def test_gptq_conv_skips_grouped_convs_and_declines_as_rtn():
+    dw = conv_model(cin=16, cout=16, group=16)
+    source, x = conv_calib(dw)
+    new, result = run_checked(dw, f"{GPTQ}:bits=8", [], PassContext(calib=source))
+    assert result.stats["quantized_Conv"] == 1 and "gptq_layers" not in result.stats  # no Hessian per group
+    rtn_model, _ = run_passes(dw, f"{SIZE}:bits=8")
+    np.testing.assert_array_equal(ort_run(new, {"x": x})[0], ort_run(rtn_model, {"x": x})[0])
+
+
+def fallback_model() -> onnx.ModelProto:
+    """A 3×3 depthwise conv (9 weights per channel, one of them an outlier 3× the largest of the rest:
+    4 bits lose ~10 %) then a 1×1 conv (~5 % at 4 bits)."""
+    rng = np.random.default_rng(2)
+    dw = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
+    dw[:, 0, 0, 0] = 3 * np.abs(dw).max(axis=(1, 2, 3))
+    inits = {"D": dw,
+             "P": (rng.standard_normal((32, 16, 1, 1)) / 4).astype(np.float32)}
+    return make_model([node("Conv", ["x", "D"], "d", group=16, pads=[1, 1, 1, 1]), node("Conv", ["d", "P"], "y")],
+                      {"x": ["N", 16, "H", "W"]}, ["y"], inits)
+
+
+@pytest.mark.parametrize("max_error", [1e-4, 0.08, 10.0])
+def test_fallback_bits_keep_the_layers_over_max_error_at_8_bits(max_error):
+    model = fallback_model()
+    source, x = conv_calib(model)
+    new, result = run_checked(model, f"{GPTQ}:bits=4:block_size=0:fallback_bits=8:max_error={max_error}", [],
+                              PassContext(calib=source))
+    types = {t.name: t.data_type for t in new.graph.initializer}
+    bits = {n.output[0]: types[n.input[0]] for n in new.graph.node if n.op_type == "DequantizeLinear"}
+    got = [bits[n.input[1]] for n in new.graph.node if n.op_type == "Conv"]
+    expect = {1e-4: [TensorProto.INT8] * 2, 0.08: [TensorProto.INT8, TensorProto.INT4],
+              10.0: [TensorProto.INT4] * 2}[max_error]
+    assert got == expect
+    assert result.stats.get("fallback_layers", 0) == sum(t == TensorProto.INT8 for t in got)
+    ref = ort_run(model, {"x": x})[0]
+    assert rel(ort_run(new, {"x": x})[0], ref) < (0.01 if max_error < 1e-3 else 0.2)
+
+
+def test_gptq_conv_leaves_shared_and_output_weights_alone():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    model = make_model([node("Conv", ["x", "W"], "a", pads=[1, 1, 1, 1]), node("Conv", ["a", "W"], "y", pads=[1, 1, 1, 1])],
+                       {"x": ["N", 8, "H", "W"]}, ["y"], {"W": w})
+    source, _ = conv_calib(model, n=4)
+    new, result = run_checked(model, GPTQ, ["weight_shared"], PassContext(calib=source))
+    assert not result.modified and result.decline_counts() == {"weight_shared": 2}
+    np.testing.assert_array_equal(initializers(new)["W"], w)
