@@ -354,18 +354,18 @@ def _grid_error(x: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, *,
         step = np.maximum(hi - lo, 1e-30) / 255.0
         zp, qmin, qmax = np.clip(np.round(-lo / step), 0, 255), 0.0, 255.0
     err = np.zeros(step.shape)
-    step_col, zp_col = step[:, None], zp[:, None]
+    # clip(r + zp, qmin, qmax) - zp == clip(r, qmin - zp, qmax - zp): r, zp and the bounds are
+    # integers (exact in float64), and a rounded value too large for r + zp to be exact is clipped
+    # to the same bound either way
+    step_col, low, high = step[:, None], (qmin - zp)[:, None], (qmax - zp)[:, None]
     work = np.empty((step.size, min(x.size, 1024)))
     for start in range(0, x.size, 1024):  # bounded temporaries: candidates x 1024 values
         xs, ns = x[start:start + 1024], n[start:start + 1024]
         t = work[:, : xs.size]
-        # in place, the same operations in the same order as
-        # ((xs - (clip(round(xs / step) + zp) - zp) * step) ** 2 * ns).sum(1): the same bits
+        # in place: ((xs - (clip(round(xs / step) + zp) - zp) * step) ** 2 * ns).sum(1), the same bits
         np.divide(xs[None, :], step_col, out=t)
         np.round(t, out=t)
-        t += zp_col
-        np.clip(t, qmin, qmax, out=t)
-        t -= zp_col
+        np.clip(t, low, high, out=t)
         t *= step_col
         np.subtract(xs[None, :], t, out=t)
         np.square(t, out=t)
