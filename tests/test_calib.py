@@ -86,6 +86,28 @@ def test_folder_streams_files_in_order_and_limit(tmp_path):
     assert [len(b) for b in src.batches(5)] == [5, 2]
 
 
+def test_count_reads_headers_only_and_falls_back_to_a_full_read(tmp_path, monkeypatch):
+    for i in range(3):
+        _npz(tmp_path / f"part{i}.npz", n=3 + i)
+    src, limited = open_source(tmp_path, IMG), open_source(tmp_path, IMG, limit=7)
+
+    def no_data(*_a):
+        raise AssertionError("data read")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(fileio, "_read_rows", no_data)
+        assert src.count() == 12  # 3 + 4 + 5, from the headers
+        assert limited.count() == 7
+    np.savez(tmp_path / "part3.npz", x=np.zeros((3, 4, 4), np.float32))  # one sample, no sample axis: read whole
+    assert open_source(tmp_path, IMG).count() == 13 == sum(len(b) for b in open_source(tmp_path, IMG).batches())
+
+
+def test_a_bad_first_file_fails_on_its_first_row(tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((500, 3, 4, 5), np.float32))
+    with pytest.raises(InputError, match="expects shape"):
+        FileSource(tmp_path / "bad.npz", input_specs(IMG))
+
+
 def test_single_sample_gets_batch_axis_and_float64_cast(tmp_path):
     np.save(tmp_path / "one.npy", np.ones((3, 4, 4), np.float64))
     (b,) = list(open_source(tmp_path, IMG).batches())

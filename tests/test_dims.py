@@ -238,3 +238,17 @@ def test_a_dim_seen_twice_in_one_input_must_agree():
     with pytest.raises(InputError, match="'S' is 5 in input 'x' but 4 in input 'x'"):
         resolve_dims(model, None, {"x": (1, 3, 5, 4)}, "--calib d.npz")
     assert resolve_dims(model, None, {"x": (1, 3, 5, 5)}, "--calib d.npz").values["S"] == 5
+
+
+def test_symbolic_shape_inference_loads_without_torch():
+    """onnxruntime's symbolic shape inference (MAC counts where onnx gives up) is loaded from its
+    file: the ``onnxruntime.tools`` package ``__init__`` imports torch when installed (seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from onnxcompress.core import shapes; c = shapes._symbolic_inference(); "
+            "assert c is not None and c.__name__ == 'SymbolicShapeInference', c; "
+            "assert 'torch' not in sys.modules and 'onnxruntime.tools' not in sys.modules; "
+            "from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference as S; assert S is c")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from onnxcompress.core.graph import const_values, node_label, opt_input, weight_layout
+from onnxcompress.core.graph import const_values, constant_info, node_label, opt_input, weight_layout
 
 __all__ = [
     "R_DYNAMIC_HEADS",
@@ -84,8 +84,8 @@ class Linear:
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's shape (empty when it is not a constant)."""
-        values = const_values(self.weight)
-        return () if values is None else tuple(int(d) for d in values.shape)
+        info = constant_info(self.weight)  # the header only: no copy of a weight not read yet
+        return () if info is None else tuple(int(d) for d in info[1])
 
     @property
     def out_features(self) -> int:
@@ -197,13 +197,13 @@ def linear_at(node: gs.Node) -> Linear | None:
     ``Add`` of a constant vector as its bias; ``None`` for anything else."""
     if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
-    w = const_values(node.inputs[1])
-    if w is None or w.ndim != 2 or (node.op == "Gemm" and int(node.attrs.get("transA", 0))):
+    w = constant_info(node.inputs[1])  # its shape from the header: the weight itself stays unread
+    if w is None or len(w[1]) != 2 or (node.op == "Gemm" and int(node.attrs.get("transA", 0))):
         return None
     layout = weight_layout(node, 2)
     assert layout is not None
     out = node.outputs[0]
-    n_out = int(w.shape[layout.out_axis])
+    n_out = int(w[1][layout.out_axis])
     if node.op == "Gemm":
         return Linear(node, node.inputs[1], layout.out_axis, layout.in_axis, opt_input(node, 2), None, out)
     bias, bias_node = None, None

@@ -4,6 +4,7 @@ TOML reading, file records (path, sha256, size) that let reports tell which file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -18,7 +19,7 @@ import numpy as np
 
 from onnxcompress.core.errors import InputError
 
-__all__ = ["ROWS_BYTES", "array_rows", "atomic_write", "read_toml", "FileRecord", "sha256_file", "file_record"]
+__all__ = ["ROWS_BYTES", "array_rows", "array_row_count", "atomic_write", "read_toml", "FileRecord", "sha256_file", "file_record"]
 
 
 def _umask() -> int:
@@ -128,15 +129,44 @@ def array_rows(path: str | os.PathLike, chunk_bytes: int | None = None,
         OSError, ValueError, zipfile.BadZipFile: The file cannot be read as numpy arrays.
     """
     chunk_bytes = ROWS_BYTES if chunk_bytes is None else chunk_bytes
+    with _handles(path) as (handles, whole):
+        heads = _row_heads(handles, ranks or {})
+        if heads is None:
+            yield whole()
+            return
+        count = next(iter(heads.values()))[0][0]
+        row_bytes = {k: int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize for k, (shape, _, dtype) in heads.items()}
+        step = max(1, chunk_bytes // max(1, sum(row_bytes.values())))
+        for start in range(0, max(count, 1), step):
+            rows = min(step, count - start)
+            yield {k: _read_rows(handles[k], rows, shape, dtype) for k, (shape, _, dtype) in heads.items()}
+
+
+def array_row_count(path: str | os.PathLike, ranks: dict[str, int] | None = None) -> int | None:
+    """The number of leading-axis rows :func:`array_rows` would cut the file into, read from the
+    arrays' headers alone (no data read); ``None`` when the file comes whole (see there).
+
+    Raises:
+        OSError, ValueError, zipfile.BadZipFile: The file cannot be read as numpy arrays.
+    """
+    with _handles(path) as (handles, _whole):
+        heads = _row_heads(handles, ranks or {})
+    return None if heads is None else int(next(iter(heads.values()))[0][0])
+
+
+@contextlib.contextmanager
+def _handles(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any], Callable[[], dict[str, np.ndarray]]]]:
+    """Open streams of the file's arrays (keyed as :func:`array_rows` keys them) and a reader of
+    the whole file."""
     if Path(path).suffix == ".npy":
         with open(path, "rb") as fh:
-            yield from _rows({"": fh}, chunk_bytes, ranks or {}, lambda: {"": np.load(path, allow_pickle=False)})
+            yield {"": fh}, lambda: {"": np.load(path, allow_pickle=False)}
         return
     with zipfile.ZipFile(path) as zf:
         members = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
         handles = {key: zf.open(name) for key, name in members.items()}
         try:
-            yield from _rows(handles, chunk_bytes, ranks or {}, lambda: _load_npz(path))
+            yield handles, lambda: _load_npz(path)
         finally:
             for member in handles.values():
                 member.close()
@@ -147,22 +177,16 @@ def _load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-def _rows(handles: dict[str, Any], chunk_bytes: int, ranks: dict[str, int],
-          whole: Callable[[], dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+def _row_heads(handles: dict[str, Any], ranks: dict[str, int]) -> dict[str, tuple] | None:
+    """Every array's ``(shape, fortran, dtype)`` header if all can be cut by rows alike, else ``None``."""
     found = {key: _npy_header(fh) for key, fh in handles.items()}
     heads = {k: h for k, h in found.items() if h is not None}
     lengths = {shape[0] if shape else -1 for shape, _, _ in heads.values()}
     if not heads or len(heads) < len(found) or len(lengths) != 1 or -1 in lengths or \
             any(fortran or dtype.hasobject for _, fortran, dtype in heads.values()) or \
             any(len(heads[k][0]) != rank for k, rank in ranks.items() if k in heads):
-        yield whole()
-        return
-    count = lengths.pop()
-    row_bytes = {k: int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize for k, (shape, _, dtype) in heads.items()}
-    step = max(1, chunk_bytes // max(1, sum(row_bytes.values())))
-    for start in range(0, max(count, 1), step):
-        rows = min(step, count - start)
-        yield {k: _read_rows(handles[k], rows, shape, dtype) for k, (shape, _, dtype) in heads.items()}
+        return None
+    return heads
 
 
 def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype] | None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import importlib.util
 import logging
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -85,16 +89,41 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred if symbolic is None else symbolic
 
 
+#: onnxruntime's symbolic shape inference module (a file of its ``tools`` folder).
+_SYMBOLIC_MODULE = "onnxruntime.tools.symbolic_shape_infer"
+
+
 @functools.cache
 def _symbolic_inference() -> Any:
     """onnxruntime's ``SymbolicShapeInference`` class, or None (warned once) where it cannot load."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        return _symbolic_module().SymbolicShapeInference
     except ImportError as exc:  # it needs sympy, a dependency of ours (onnxruntime no longer installs it)
         log.warning("onnxruntime's symbolic shape inference is unavailable (%s): shapes after com.microsoft "
                     "ops stay unknown", exc)
         return None
-    return SymbolicShapeInference
+
+
+def _symbolic_module() -> Any:
+    """The module of :data:`_SYMBOLIC_MODULE`, loaded from its file without running the
+    ``onnxruntime.tools`` package's ``__init__``: that imports torch whenever torch is installed
+    (seconds of start-up, several times the inference itself, for nothing used here)."""
+    if _SYMBOLIC_MODULE in sys.modules:
+        return sys.modules[_SYMBOLIC_MODULE]
+    package = importlib.util.find_spec("onnxruntime")
+    path = Path(package.origin).parent / "tools" / "symbolic_shape_infer.py" if package and package.origin else None
+    if path is None or not path.is_file():
+        return importlib.import_module(_SYMBOLIC_MODULE)
+    spec = importlib.util.spec_from_file_location(_SYMBOLIC_MODULE, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_SYMBOLIC_MODULE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_SYMBOLIC_MODULE]
+        raise
+    return module
 
 
 def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -354,10 +354,23 @@ def _grid_error(x: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, *,
         step = np.maximum(hi - lo, 1e-30) / 255.0
         zp, qmin, qmax = np.clip(np.round(-lo / step), 0, 255), 0.0, 255.0
     err = np.zeros(step.shape)
+    # clip(r + zp, qmin, qmax) - zp == clip(r, qmin - zp, qmax - zp): r, zp and the bounds are
+    # integers (exact in float64), and a rounded value too large for r + zp to be exact is clipped
+    # to the same bound either way
+    step_col, low, high = step[:, None], (qmin - zp)[:, None], (qmax - zp)[:, None]
+    work = np.empty((step.size, min(x.size, 1024)))
     for start in range(0, x.size, 1024):  # bounded temporaries: candidates x 1024 values
         xs, ns = x[start:start + 1024], n[start:start + 1024]
-        q = np.clip(np.round(xs[None, :] / step[:, None]) + zp[:, None], qmin, qmax)
-        err += (((xs[None, :] - (q - zp[:, None]) * step[:, None]) ** 2) * ns[None, :]).sum(axis=1)
+        t = work[:, : xs.size]
+        # in place: ((xs - (clip(round(xs / step) + zp) - zp) * step) ** 2 * ns).sum(1), the same bits
+        np.divide(xs[None, :], step_col, out=t)
+        np.round(t, out=t)
+        np.clip(t, low, high, out=t)
+        t *= step_col
+        np.subtract(xs[None, :], t, out=t)
+        np.square(t, out=t)
+        t *= ns[None, :]
+        err += t.sum(axis=1)
     return err
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.fileio import array_rows
+from onnxcompress.core.fileio import array_row_count, array_rows
 from onnxcompress.core.index_inputs import IntegerDomain, integer_domains
 from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims, symbolic_dims
 from onnxcompress.runtime.preprocess import Preprocess, check_channels, parse_preprocess
@@ -248,7 +248,11 @@ class FileSource(CalibSource):
         self.files = self._files()
         if not self.files:
             raise InputError(f"{self.path}: no .npz or .npy files found")
-        next(iter(self._chunks()), None)  # fail early on a bad first file
+        first = self._read(self.files[0], chunk_bytes=1)  # fail early on a bad first file (one row read)
+        arrays = next(first, None)
+        first.close()
+        if arrays is not None:
+            _fit_all(self.specs, arrays, str(self.files[0]))
 
     def _files(self) -> list[Path]:
         if self.path.is_file():
@@ -260,13 +264,29 @@ class FileSource(CalibSource):
             for arrays in self._read(file):
                 yield _fit_all(self.specs, arrays, str(file))
 
-    def _read(self, file: Path) -> Iterator[dict[str, Any]]:
+    def count(self) -> int:
+        """Number of samples, from the arrays' headers when every file is cut by rows (no data read)."""
+        total = 0
+        for file in self.files:
+            try:
+                rows = None if file.suffix == ".npy" and len(self.specs) != 1 else \
+                    array_row_count(file, ranks=self._ranks(file))
+            except Exception:  # the full read reports it
+                rows = None
+            if rows is None:
+                return super().count()
+            total += rows
+        return total if self.limit is None else min(total, self.limit)
+
+    def _ranks(self, file: Path) -> dict[str, int]:
+        return {"": len(self.specs[0].shape)} if file.suffix == ".npy" else {s.name: len(s.shape) for s in self.specs}
+
+    def _read(self, file: Path, chunk_bytes: int | None = None) -> Iterator[dict[str, Any]]:
         """The file's arrays, a few samples at a time (:func:`~onnxcompress.core.fileio.array_rows`:
         memory does not grow with the file)."""
         if file.suffix == ".npy" and len(self.specs) != 1:
             raise InputError(f"{file}: .npy files need a single-input model; use .npz keyed by input name")
-        ranks = {s.name: len(s.shape) for s in self.specs}
-        rows = array_rows(file, ranks={"": len(self.specs[0].shape)} if file.suffix == ".npy" else ranks)
+        rows = array_rows(file, chunk_bytes, ranks=self._ranks(file))
         while True:
             try:
                 arrays = next(rows)
