@@ -14,7 +14,10 @@ model in the same run. Two starting points per fixture:
 
 Usage::
 
-    python scripts/bench_merge_parallel_convs.py [--models concat] [--runs 600] [--repeat 3]
+    python scripts/bench_merge_parallel_convs.py [--models concat] [--runs 600] [--repeat 3] [--pad-kernels]
+
+``--pad-kernels`` also merges 'same'-padded convs of different kernel sizes (1x1 zero-padded to 3x3):
+fewer nodes, more MACs, exact only up to float rounding.
 
 Prints the number of merged groups, the max |difference| and the ratio (merged / unmerged). Not a test.
 """
@@ -44,28 +47,48 @@ from onnxcompress.runtime.data import open_source
 PRUNE = "prune_channels:macs=0.25:max_group_ratio=0.6:sens_samples=32,fold_bn,simplify"
 
 
-def _groups(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
-    """Conv groups with one input, equal attributes and constant weights used by no other node."""
+def _same_padded(n: onnx.NodeProto) -> bool:
+    """Odd square-or-not kernel with 'same' padding k//2 on every side."""
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    ks = list(a.get("kernel_shape", []))
+    return bool(ks) and all(k % 2 for k in ks) and list(a.get("pads", [0] * 2 * len(ks))) == [k // 2 for k in ks] * 2
+
+
+def _groups(model: onnx.ModelProto, pad: bool = False) -> list[list[onnx.NodeProto]]:
+    """Conv groups with one input, equal attributes and constant weights used by no other node.
+
+    With ``pad``, kernel sizes may differ when every conv has 'same' padding (smaller kernels are
+    zero-padded to the largest)."""
     inits = {i.name for i in model.graph.initializer}
     uses = collections.Counter(i for n in model.graph.node for i in n.input)
     by_key: dict[tuple, list[onnx.NodeProto]] = collections.defaultdict(list)
     for n in model.graph.node:
         params = list(n.input[1:])
         if n.op_type == "Conv" and params and all(p in inits and uses[p] == 1 for p in params):
-            attrs = tuple(sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute))
+            free = ("kernel_shape", "pads") if pad and _same_padded(n) else ()
+            attrs = tuple(sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute
+                                 if a.name not in free))
             by_key[(n.input[0], attrs)].append(n)
     return [g for g in by_key.values() if len(g) > 1]
 
 
-def merge(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def _pad_to(w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``w`` zero-padded (centred) to spatial ``shape``."""
+    extra = [((t - s) // 2, (t - s) // 2) for s, t in zip(w.shape[2:], shape)]
+    return np.pad(w, [(0, 0), (0, 0), *extra])
+
+
+def merge(model: onnx.ModelProto, pad: bool = False) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every group of :func:`_groups` merged into Conv + Split."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
-    groups = _groups(out)
+    groups = _groups(out, pad)
     for k, convs in enumerate(groups):
         ws = [numpy_helper.to_array(inits[n.input[1]]) for n in convs]
+        big = max(range(len(ws)), key=lambda i: ws[i].size // ws[i].shape[0])
+        ws = [_pad_to(w, ws[big].shape[2:]) for w in ws]
         bs = [numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 else np.zeros(w.shape[0], w.dtype)
               for n, w in zip(convs, ws)]
         names = [f"merged{k}_{s}" for s in ("W", "B", "split", "Y")]
@@ -73,7 +96,7 @@ def merge(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                               numpy_helper.from_array(np.concatenate(bs), names[1]),
                               numpy_helper.from_array(np.array([w.shape[0] for w in ws], np.int64), names[2])])
         conv = helper.make_node("Conv", [convs[0].input[0], names[0], names[1]], [names[3]], name=f"merged{k}")
-        conv.attribute.extend(convs[0].attribute)
+        conv.attribute.extend(convs[big].attribute)
         split = helper.make_node("Split", [names[3], names[2]], [n.output[0] for n in convs], name=f"merged{k}_split",
                                  axis=1)
         at = list(g.node).index(convs[0])
@@ -109,6 +132,8 @@ def main() -> int:
     parser.add_argument("--models", default="concat")
     parser.add_argument("--runs", type=int, default=600)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pad-kernels", action="store_true",
+                        help="also merge 'same'-padded convs of different kernel sizes (smaller kernels zero-padded)")
     args = parser.parse_args()
     found, _ = select_models(args.models)
     print(machine_info("CPUExecutionProvider", 1, True).line())
@@ -117,10 +142,10 @@ def main() -> int:
     for name, path in found:
         original = serde.load_model(path)
         lossless = run("fold_bn,simplify", original)
-        merged, count = merge(lossless)
+        merged, count = merge(lossless, args.pad_kernels)
         pruned = run(PRUNE, original)
         pairs = {"lossless": (lossless, merged),
-                 "auto (prune+int8)": (run("quantize_int8", pruned), run("quantize_int8", merge(pruned)[0]))}
+                 "auto (prune+int8)": (run("quantize_int8", pruned), run("quantize_int8", merge(pruned, args.pad_kernels)[0]))}
         for label, (base, cand) in pairs.items():
             diff = f"{max_diff(base, cand):.3g}" if label == "lossless" else "–"
             ratios = [bench([base, cand], threads=1, runs=args.runs, warmup=20, data=str(TEST), seed=r)
