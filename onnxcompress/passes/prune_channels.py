@@ -151,6 +151,13 @@ class PruneChannels(Pass):
         ``sensitivity=refit`` measures it with the dense Conv/Gemm/MatMul readers of the zeroed
         channels refitted by least squares to their own outputs on the same samples (what the
         reconstruction will recover, to first order; stats ``sensitivity`` ``measured_refit``).
+        ``ratio=R:allocate=sensitivity`` spends a channel budget the same way: ``R`` of all the
+        eligible groups' channels go, group by group where the predicted error per channel removed
+        is least (the same allocator on a :class:`~onnxcompress.pruning.budget.ChannelModel`);
+        ``allocate=uniform`` (default) removes ``R`` of every group.
+        The measured error is the worst relative squared error over the float outputs and over
+        the blocks of an output's axis-1 channels of clearly different scale (a YOLO head's box
+        rows and class-score rows, as the lossy gate slices them).
         ``max_group_ratio`` caps every group; ``round_to`` sets the steps. The achieved ratio
         (``macs_ratio``) is measured on the pruned graph; a miss larger than
         :data:`MACS_TOLERANCE` (frozen or capped groups, or coarse steps) is logged as a warning.

@@ -121,7 +121,7 @@ def test_channel_model_allocates_by_error_per_channel():
             self.index, self.name, self.size, self.sources = index, name, 10, []
 
     groups = [G(0, "cheap"), G(1, "costly")]
-    lv = {0: list(range(0, 10)), 1: list(range(0, 10))}
+    lv = {0: list(range(10)), 1: list(range(10))}
     errors = {0: np.arange(10) * 0.01, 1: np.arange(10) * 1.0}
     model = ChannelModel(groups)
     assert model.total == 20 and model.macs({0: 0.5}) == 15 and model.neighbours(0) == set()
