@@ -6,7 +6,8 @@ a group's channels, for the budget allocation of :mod:`.budget`.
   model: the producers' filters of the chosen channels set to 0, which is what the pruned model
   computes before reconstruction) and the relative squared output error
   ``sum |y - y0|^2 / sum |y0|^2`` on the first ``samples`` calibration samples is measured (the
-  worst over the float outputs); the curve between probes is linear, and made non-decreasing.
+  worst over the float outputs and over their blocks of channels of clearly different scale, as
+  the gate slices them: a YOLO head's box rows and class-score rows); the curve between probes is linear, and made non-decreasing.
 * ``measured_refit`` (:class:`RefitMaskedError`): as ``measured``, with the dense Conv/Gemm/MatMul
   readers of the zeroed channels refitted by ridge least squares to their own outputs (normal
   equations accumulated once, solved per probe for the kept inputs): what reconstruction recovers.
