@@ -276,6 +276,7 @@ class Variant:
     spec: str
     metric: float = math.nan
     gate: str = ""
+    cosine: float = math.nan
     macs: float = math.nan
     latency: float = math.nan
     seconds: float = 0.0
@@ -311,6 +312,9 @@ def compress(model: onnx.ModelProto, spec: str, task: Task, dims: dict[str, int]
         return var, None
     var.seconds = round(time.perf_counter() - start, 1)
     var.gate = "pass" if report.validation is None or report.validation.passed else "FAIL"
+    if report.validation is not None:
+        var.cosine = min((c for o in report.validation.outputs for c in (o.cosine, *(x.cosine for x in o.slices))),
+                         default=1.0)
     var.macs = report.after.macs / report.before.macs if report.before.macs else math.nan
     if any(r.name == "prune_channels" for r in report.passes):
         var.stats = prune_stats(report)
@@ -360,7 +364,9 @@ def _cell(v: Variant) -> str:
     if v.error:
         return f"error: {v.error}"
     macs = f"MACs {v.macs:.2f}×, " if v.macs < 0.999 else ""
-    return f"{v.metric:.3f} ({macs}gate {v.gate}, latency {v.latency:.2f}×)"
+    cos = f" cos {v.cosine:.4f}" if v.gate == "FAIL" and not math.isnan(v.cosine) else ""
+    lat = f", latency {v.latency:.2f}×" if not math.isnan(v.latency) else ""
+    return f"{v.metric:.3f} ({macs}gate {v.gate}{cos}{lat})"
 
 
 def markdown(rows: list[Row]) -> str:

@@ -17,7 +17,7 @@ from onnxcompress.core.graph import check_names, const_values, node_label
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassContext, PassResult, register
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
-from onnxcompress.pruning.budget import BudgetPlan, MacModel, allocate, plan_for_counts
+from onnxcompress.pruning.budget import BudgetPlan, ChannelModel, MacModel, allocate, plan_for_counts
 from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
 from onnxcompress.pruning.prepare import merge_reshapes
@@ -151,6 +151,13 @@ class PruneChannels(Pass):
         ``sensitivity=refit`` measures it with the dense Conv/Gemm/MatMul readers of the zeroed
         channels refitted by least squares to their own outputs on the same samples (what the
         reconstruction will recover, to first order; stats ``sensitivity`` ``measured_refit``).
+        ``ratio=R:allocate=sensitivity`` spends a channel budget the same way: ``R`` of all the
+        eligible groups' channels go, group by group where the predicted error per channel removed
+        is least (the same allocator on a :class:`~onnxcompress.pruning.budget.ChannelModel`);
+        ``allocate=uniform`` (default) removes ``R`` of every group.
+        The measured error is the worst relative squared error over the float outputs and over
+        the blocks of an output's axis-1 channels of clearly different scale (a YOLO head's box
+        rows and class-score rows, as the lossy gate slices them).
         ``max_group_ratio`` caps every group; ``round_to`` sets the steps. The achieved ratio
         (``macs_ratio``) is measured on the pruned graph; a miss larger than
         :data:`MACS_TOLERANCE` (frozen or capped groups, or coarse steps) is logged as a warning.
@@ -191,6 +198,9 @@ class PruneChannels(Pass):
         "sensitivity": Option(str, "masked", "macs= with --calib: measure each group's error with its channels "
                               "zeroed (masked), or zeroed and their dense readers refitted by least squares (refit)",
                               choices=("masked", "refit")),
+        "allocate": Option(str, "uniform", "ratio=: remove the same ratio of every group (uniform), or the ratio of "
+                           "all prunable channels, spread over groups by sensitivity (measured on --calib, else "
+                           "importance) and capped by max_group_ratio", choices=("uniform", "sensitivity")),
         "dry_run": Option(bool, False, "compute the per-group plan (stats 'plan') and change nothing"),
         "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, activation for transformer FFN neurons with calibration data, else l1)",
                             choices=CRITERIA),
@@ -227,8 +237,11 @@ class PruneChannels(Pass):
         """
         if self.opts["refit_steps"] and (self.opts["steps"] < 2 or not self.opts["reconstruct"]):
             raise InputError(f"pass {self.name}: refit_steps=true needs steps >= 2 and reconstruct=true")
+        if self.opts["allocate"] == "sensitivity" and "scope" in self.given:
+            raise InputError(f"pass {self.name}: allocate=sensitivity sets every group's ratio itself; "
+                             "scope= applies to allocate=uniform only")
         if self.opts["macs"] is not None:
-            both = sorted({"ratio", "scope"} & self.given)
+            both = sorted({"ratio", "scope", "allocate"} & self.given)
             if both:
                 raise InputError(f"pass {self.name}: give ratio= (uniform) or macs= (a MAC budget), not both "
                                  f"(got macs and {both[0]})")
@@ -316,12 +329,14 @@ class PruneChannels(Pass):
 
     def _budget_plan(self, analysis: Analysis, values: dict[int, np.ndarray], budget: Budget, ctx: PassContext,
                      goal: float | None) -> BudgetPlan:
-        """Removals per group: the MAC ``goal`` met by sensitivity, or (``None``) ``budget``'s uniform ratio."""
+        """Removals per group: the MAC ``goal`` met by sensitivity, or (``None``) ``budget``'s ratio: of
+        every group (``allocate=uniform``) or of all the groups' channels, spread by sensitivity."""
         groups = eligible_groups(analysis, values, budget)
         steps = {g.index: levels(g, values[g.index], budget) for g in groups}
         metrics = model_metrics(serde.to_model(analysis.graph), ctx.dims)
         model = MacModel(analysis, {n.name: n.macs for n in metrics.per_node}, metrics.macs)
-        if ctx.calib is not None and goal is not None:
+        spread = goal is None and self._spreads()
+        if ctx.calib is not None and (goal is not None or spread):
             refit = self.opts["sensitivity"] == "refit"
             evaluate = (RefitMaskedError if refit else MaskedError)(analysis, ctx.calib, samples=self.opts["sens_samples"])
             errors = measured_errors(evaluate, groups, values, steps, budget, progress=ctx.progress)
@@ -329,11 +344,18 @@ class PruneChannels(Pass):
         else:
             errors = {g.index: importance_errors(g, values[g.index], steps[g.index], budget) for g in groups}
             method = "importance"
+        if spread:
+            counts = allocate(groups, steps, errors, ChannelModel(groups), 1.0 - budget.ratio, method).counts
+            return plan_for_counts(groups, steps, errors, counts, model, None, method)
         if goal is None:
             counts = {gi: len(ch) for gi, ch in plan_removal(analysis, values, budget).remove.items()}
             return plan_for_counts(groups, steps, errors, counts, model, None, method)
         target = min(goal / model.total, 1.0) if model.total > 0 else 1.0
         return allocate(groups, steps, errors, model, target, method)
+
+    def _spreads(self) -> bool:
+        """``ratio`` is a budget of all the groups' channels spread by sensitivity (not ``macs``)."""
+        return self.opts["macs"] is None and self.opts["allocate"] == "sensitivity"
 
     @staticmethod
     def _plan_stats(plan: BudgetPlan, result: PassResult) -> None:
@@ -364,7 +386,7 @@ class PruneChannels(Pass):
                 result.stats[f"criterion_{name}"] = n
         values = normalize(scores.values) if budget.scope == "global" else scores.values
         counts = None
-        if goal is not None:
+        if goal is not None or self._spreads():
             bplan = self._budget_plan(analysis, values, budget, ctx, goal)
             self._plan_stats(bplan, result)
             counts = bplan.counts

@@ -15,6 +15,10 @@ fraction of the group's importance removed.
 Allocation (:func:`allocate`): greedy, starting from nothing removed; each move takes one group one
 level further, the group whose cheapest path ahead (within a few levels) costs the least predicted
 error per MAC saved; it stops as soon as the predicted MACs reach the target.
+
+A channel budget (``ratio=R`` with ``allocate=sensitivity``) runs the same allocator on a
+:class:`ChannelModel`: the "cost" is the number of channels kept in the eligible groups, the
+target ``1 - R``, so the greedy move is the least predicted error per channel removed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core.graph import node_label
 from onnxcompress.pruning.dependency import Analysis, Group
 
-__all__ = ["OVERSHOOT", "BudgetPlan", "GroupPlan", "MacModel", "allocate", "plan_for_counts"]
+__all__ = ["OVERSHOOT", "BudgetPlan", "ChannelModel", "GroupPlan", "MacModel", "allocate", "plan_for_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,31 @@ class MacModel:
             out.update(self.terms[i].outs)
             out.update(self.terms[i].ins)
         return out
+
+
+class ChannelModel:
+    """The channels kept in ``groups`` as a function of the fraction of each group removed: the cost
+    model of a channel budget, with :class:`MacModel`'s interface (``macs`` = channels kept).
+
+    Args:
+        groups: The eligible groups; ``total`` is the sum of their sizes.
+    """
+
+    def __init__(self, groups: list[Group]):
+        self.size = {g.index: float(g.size) for g in groups}
+        self.total = float(sum(self.size.values()))
+
+    def macs(self, removed: dict[int, float]) -> float:
+        """Channels kept when each group loses the fraction ``removed[g]``."""
+        return sum(self.group_macs(g, removed) for g in self.size)
+
+    def group_macs(self, index: int, removed: dict[int, float]) -> float:
+        """Channels kept in group ``index``."""
+        return self.size.get(index, 0.0) * (1.0 - removed.get(index, 0.0))
+
+    def neighbours(self, index: int) -> set[int]:
+        """None: one group's count never changes another's."""
+        return set()
 
 
 #: Undershoot of the MAC target (ratio) that :func:`allocate` accepts before replanning.
@@ -177,7 +206,8 @@ class BudgetPlan:
 
 
 def plan_for_counts(groups: list[Group], levels: dict[int, list[int]], errors: dict[int, np.ndarray],
-                    counts: dict[int, int], model: MacModel, target: float | None, method: str) -> BudgetPlan:
+                    counts: dict[int, int], model: MacModel | ChannelModel, target: float | None,
+                    method: str) -> BudgetPlan:
     """A :class:`BudgetPlan` describing ``counts`` (removals per group, each one of its levels)."""
     removed = {g.index: counts.get(g.index, 0) / g.size for g in groups}
     rows = []
@@ -190,7 +220,8 @@ def plan_for_counts(groups: list[Group], levels: dict[int, list[int]], errors: d
     return BudgetPlan(target, predicted, int(model.total), method, rows, {k: v for k, v in counts.items() if v})
 
 
-def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int, np.ndarray], model: MacModel,
+def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int, np.ndarray],
+             model: MacModel | ChannelModel,
              target: float, method: str, tolerance: float = OVERSHOOT) -> BudgetPlan:
     """Removal counts reaching ``target`` (MAC ratio) at the least summed predicted error.
 
@@ -203,8 +234,9 @@ def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int
         groups: Eligible groups.
         levels: Group index -> achievable removal counts, ascending, starting with 0.
         errors: Group index -> predicted error at each level (0 at level 0).
-        model: The MAC model.
-        target: Target MAC ratio of the whole model.
+        model: The MAC model (or a :class:`ChannelModel`: the target is then the fraction of the
+            groups' channels kept).
+        target: Target MAC ratio of the whole model (channel ratio with a :class:`ChannelModel`).
         method: How ``errors`` were obtained (recorded in the plan).
         tolerance: Undershoot of ``target`` accepted without trying the alternatives.
     """
@@ -226,8 +258,8 @@ def allocate(groups: list[Group], levels: dict[int, list[int]], errors: dict[int
     return best
 
 
-def _greedy(groups: list[Group], levels: dict[int, list[int]], errors: dict[int, np.ndarray], model: MacModel,
-            target: float, method: str) -> BudgetPlan:
+def _greedy(groups: list[Group], levels: dict[int, list[int]], errors: dict[int, np.ndarray],
+            model: MacModel | ChannelModel, target: float, method: str) -> BudgetPlan:
     """The greedy allocation: the cheapest error per MAC saved first, then levels given back."""
     size = {g.index: g.size for g in groups}
     state = {g.index: 0 for g in groups}
@@ -257,7 +289,7 @@ def _greedy(groups: list[Group], levels: dict[int, list[int]], errors: dict[int,
 
 
 def _give_back(groups: list[Group], state: dict[int, int], levels: dict[int, list[int]], errors: dict[int, np.ndarray],
-               removed: dict[int, float], size: dict[int, int], model: MacModel, goal: float) -> None:
+               removed: dict[int, float], size: dict[int, int], model: MacModel | ChannelModel, goal: float) -> None:
     """Undo single levels (most error saved first) while the MACs stay within ``goal``."""
     while True:
         best = None
@@ -279,7 +311,8 @@ def _give_back(groups: list[Group], state: dict[int, int], levels: dict[int, lis
 
 
 def _best_move(gi: int, state: dict[int, int], levels: dict[int, list[int]], errors: dict[int, np.ndarray],
-               removed: dict[int, float], size: dict[int, int], model: MacModel) -> tuple[float, float] | None:
+               removed: dict[int, float], size: dict[int, int],
+               model: MacModel | ChannelModel) -> tuple[float, float] | None:
     """``(error per MAC saved, MACs saved by the next level)`` of the best path ahead, or ``None``."""
     s, lv = state[gi], levels[gi]
     if s + 1 >= len(lv):

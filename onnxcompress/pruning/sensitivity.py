@@ -6,7 +6,8 @@ a group's channels, for the budget allocation of :mod:`.budget`.
   model: the producers' filters of the chosen channels set to 0, which is what the pruned model
   computes before reconstruction) and the relative squared output error
   ``sum |y - y0|^2 / sum |y0|^2`` on the first ``samples`` calibration samples is measured (the
-  worst over the float outputs); the curve between probes is linear, and made non-decreasing.
+  worst over the float outputs and over their blocks of channels of clearly different scale, as
+  the gate slices them: a YOLO head's box rows and class-score rows); the curve between probes is linear, and made non-decreasing.
 * ``measured_refit`` (:class:`RefitMaskedError`): as ``measured``, with the dense Conv/Gemm/MatMul
   readers of the zeroed channels refitted by ridge least squares to their own outputs (normal
   equations accumulated once, solved per probe for the kept inputs): what reconstruction recovers.
@@ -30,6 +31,7 @@ from onnxcompress.pruning.types import ROLE_W_IN, ROLE_W_OUT
 from onnxcompress.reconstruct.layerview import SUPPORTED_OPS, layer_view
 from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, LstsqAccumulator
 from onnxcompress.reconstruct.refit import DEFAULT_MAX_POSITIONS
+from onnxcompress.runtime.fidelity import MAX_SLICE_CHANNELS, auto_slices
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
@@ -158,15 +160,31 @@ def _dense_reader(ref) -> bool:
 
 
 def _relative_error(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
+    """Worst relative squared error over the float outputs and, for an output whose channels (axis 1)
+    fall into blocks of clearly different scale (a YOLO head's boxes and class scores,
+    :func:`~onnxcompress.runtime.fidelity.auto_slices`, as the lossy gate slices it), over each block."""
     worst = 0.0
     for k in range(len(ref[0]) if ref else 0):
         if not np.issubdtype(np.asarray(ref[0][k]).dtype, np.floating):
             continue
-        num = sum(float(np.sum((np.asarray(g[k], np.float64) - np.asarray(r[k], np.float64)) ** 2))
-                  for r, g in zip(ref, got))
-        den = sum(float(np.sum(np.asarray(r[k], np.float64) ** 2)) for r in ref)
-        worst = max(worst, num / den if den > 0 else (0.0 if num == 0 else np.inf))
+        num, den = _channel_sums([r[k] for r in ref], [g[k] for g in got])
+        count = sum(np.size(r[k]) for r in ref) / max(len(den), 1)
+        spans = [(0, len(den))] + auto_slices(np.sqrt(den / max(count, 1.0))) if len(den) <= MAX_SLICE_CHANNELS else []
+        for a, b in spans or [(0, len(den))]:
+            n, d = float(num[a:b].sum()), float(den[a:b].sum())
+            worst = max(worst, n / d if d > 0 else (0.0 if n == 0 else np.inf))
     return worst
+
+
+def _channel_sums(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel of axis 1 (one channel below rank 3): summed squared error and squared reference."""
+    num = den = 0.0
+    for r, g in zip(ref, got):
+        r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64)
+        axes = tuple(i for i in range(r64.ndim) if i != 1) if r64.ndim >= 3 else None
+        num = num + np.atleast_1d(np.sum((g64 - r64) ** 2, axis=axes))
+        den = den + np.atleast_1d(np.sum(r64 ** 2, axis=axes))
+    return np.asarray(num, np.float64), np.asarray(den, np.float64)
 
 
 def importance_errors(group: Group, scores: np.ndarray, levels: list[int], budget: Budget) -> np.ndarray:
