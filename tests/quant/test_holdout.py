@@ -16,7 +16,6 @@ from tests.helpers.quant import quantize
 from tests.helpers.runs import ort_run
 from tests.helpers.tensors import rand
 
-
 #: Samples held out by holdout=0.25 among 32: every 4th (3, 7, ..., 31).
 HELD = np.arange(32) % 4 == 3
 
