@@ -59,7 +59,7 @@ SIZE = 320
 
 
 #: quantize_int8 stats copied into a row (what ``method=auto`` and mixed precision decided).
-DECISIONS = ("method_chosen", "method_sqnr", "fallback_layers", "mixed_sqnr", "exclude_spec")
+DECISIONS = ("method_chosen", "method_sqnr", "fallback_layers", "mixed_sqnr", "holdout_samples", "exclude_spec")
 
 
 def ours(model: onnx.ModelProto, spec: str, calib: Path, out: Path) -> tuple[float, dict]:

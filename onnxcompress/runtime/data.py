@@ -48,6 +48,7 @@ __all__ = [
     "ImageFolderSource",
     "RandomSource",
     "IterableSource",
+    "SplitSource",
     "data_dims",
     "input_specs",
     "open_source",
@@ -482,6 +483,43 @@ class IterableSource(CalibSource):
                 self._pending = None
                 return
             self._cache.append(self._fit(len(self._cache), item))
+
+
+class SplitSource(CalibSource):
+    """One side of a deterministic split of another source, spread evenly over it (no randomness).
+
+    Sample ``i`` (0-based, in the source's order) is *held out* when
+    ``floor((i + 1) * fraction) > floor(i * fraction)``: ``floor(n * fraction)`` of ``n`` samples,
+    every ``1 / fraction``-th one, so a set sorted by class or by source still lands on both sides.
+
+    Args:
+        source: The whole set.
+        fraction: Share of samples held out, in ``[0, 1]``.
+        held: ``True``: the held-out samples; ``False``: the others.
+    """
+
+    def __init__(self, source: CalibSource, fraction: float, held: bool):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"split fraction {fraction} not in [0, 1]")
+        super().__init__(source.specs)
+        self.source, self.fraction, self.held = source, fraction, held
+        side = "held out" if held else "kept"
+        self.description = f"{source.description} ({side}: every sample i with floor((i+1)*{fraction:g}) " \
+                           f"{'>' if held else '=='} floor(i*{fraction:g}))"
+
+    def picked(self, index: np.ndarray) -> np.ndarray:
+        """Whether each sample index is on this side."""
+        out = np.floor((index + 1) * self.fraction) > np.floor(index * self.fraction)
+        return out if self.held else ~out
+
+    def _chunks(self) -> Iterator[Batch]:
+        seen = 0
+        for batch in self.source.batches():
+            take = np.flatnonzero(self.picked(np.arange(seen, seen + len(batch))))
+            seen += len(batch)
+            if len(take):
+                labels = batch.labels[take] if batch.labels is not None else None
+                yield Batch({k: v[take] for k, v in batch.feeds.items()}, labels)
 
 
 def open_source(data: Any, model: onnx.ModelProto, *, preprocess: str | Preprocess | None = None,
