@@ -76,6 +76,17 @@ g (float[N,4] x) => (float[N,4] z) { z = Identity(x) }""")
         compare_models(ref, broken, RandomSource(input_specs(ref), 2))
 
 
+def test_candidate_fixed_at_batch_one_is_fed_single_samples():
+    """A candidate whose batch dim was fixed to 1 (onnxruntime's quantize_static leaves some so)
+    is compared sample by sample, not refused because the reference accepts batches."""
+    ref = _cls(W)
+    cand = _cls(W)
+    cand.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    cand.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    rep = compare_models(ref, cand, RandomSource(input_specs(ref), 5))
+    assert rep.samples == 5 and rep.outputs[0].max_abs == 0
+
+
 def test_output_shape_change_detected():
     ref = _cls(W)
     cand = _cls(np.concatenate([W, W[:, :1]], 1))

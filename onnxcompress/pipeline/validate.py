@@ -31,7 +31,7 @@ import onnx
 from onnxcompress.core.errors import InputError, PassFailed
 from onnxcompress.core.pass_api import Numerics
 from onnxcompress.quant.placement import QUANTIZED_OPS
-from onnxcompress.runtime.data import CalibSource
+from onnxcompress.runtime.data import CalibSource, input_specs
 from onnxcompress.runtime.fidelity import OutputAccumulator, OutputMetrics, SliceMetrics, SliceSpec
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
@@ -287,6 +287,9 @@ def compare_models(ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibSourc
     accs = {n: OutputAccumulator(n, slices.get(n), auto_slice) for n in names}
     tasks: _Tasks | None = None
     samples = 0
+    fixed = {spec.batch_dim_static() for spec in input_specs(cand)} - {None}
+    if len(fixed) == 1:  # a candidate fixed at one batch size (as some quantizers leave it) is fed that
+        batch_size = fixed.pop()
     for batch in track(data.batches(batch_size), "validating", enabled=progress, unit=len):
         ref_out = [np.asarray(r) for r in _run(ref_sess, names, batch.feeds, InputError, "the original model")]
         cand_out = [np.asarray(c) for c in _run(cand_sess, names, batch.feeds, PassFailed, "the optimized model")]
