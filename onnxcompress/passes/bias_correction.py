@@ -32,6 +32,7 @@ from onnxcompress.quant.bias_correction import (
     dequantized_reference,
     find_sites,
     reference_name,
+    sort_appended,
 )
 from onnxcompress.quant.sensitivity import Evaluator
 from onnxcompress.quant.staged import StagedBatches, frontier, tensor_depths
@@ -291,7 +292,7 @@ class BiasCorrection(Pass):
             self._advance(graph, store, by_node, 0)
             for level in levels:
                 batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
-                # sorted by the _advance just before (the graph has not changed since)
+                # sorted: by run(), then by sort_appended after each level's corrections
                 inputs = frontier(graph, tensor_depths(graph, by_node), level)
                 moments = {i: ChannelMoments(s.axis) for i, s, _ in batch}
 
@@ -302,8 +303,10 @@ class BiasCorrection(Pass):
                 store.run(graph, inputs, sorted({s.measured.name for _, s, _ in batch}), consume,
                           label=f"bias_correction level {level}")
                 result.count("runs")
+                start = len(graph.nodes)
                 self._apply(graph, names, [(s, ref) for _, s, ref in batch], [moments[i] for i, _, _ in batch],
                             ctx, result, rel)
+                sort_appended(graph, start)  # the order graph.toposort() gives, without its cost
                 if level != levels[-1]:
                     self._advance(graph, store, by_node, level)
             result.stats["calib_samples"] = store.samples
@@ -311,8 +314,8 @@ class BiasCorrection(Pass):
 
     @staticmethod
     def _advance(graph: gs.Graph, store: StagedBatches, by_node: dict[int, int], level: int) -> None:
-        """Move the stored frontier past ``level``: compute its depth-``level`` tensors the next levels read."""
-        graph.toposort()
+        """Move the stored frontier past ``level``: compute its depth-``level`` tensors the next levels
+        read (``graph`` sorted)."""
         depth = tensor_depths(graph, by_node)
         fed = [t.name for t in graph.inputs]
         now, later = frontier(graph, depth, level) if level else fed, frontier(graph, depth, level + 1)
@@ -377,10 +380,9 @@ class _Limited:
 
 def _tail(graph: gs.Graph, store: StagedBatches, inputs: list[str], outputs: list[str]) -> list[list[np.ndarray]] | None:
     """``outputs`` of ``graph`` per stored batch, run from the stored tensors ``inputs``; ``None``
-    when they need a tensor that is not stored, or are not all float outputs of ``graph``."""
+    when they need a tensor that is not stored, or are not all float outputs of ``graph`` (sorted)."""
     if sorted(outputs) != sorted(t.name for t in graph.outputs):
         return None
-    graph.toposort()
     got: list[list[np.ndarray]] = []
     try:
         store.run(graph, inputs, outputs, lambda _batch, values: got.append([values[n] for n in outputs]),

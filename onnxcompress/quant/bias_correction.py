@@ -45,6 +45,7 @@ __all__ = [
     "dequantized_reference",
     "bias_values",
     "apply_correction",
+    "sort_appended",
     "R_NOT_QUANTIZED",
     "R_WEIGHT",
     "R_LAYOUT",
@@ -513,3 +514,31 @@ def _create_bias(graph: gs.Graph, names: Names, site: BiasSite, delta: np.ndarra
     else:
         node.inputs.append(tensor)
     result.count("bias_added")
+
+
+def sort_appended(graph: gs.Graph, start: int) -> None:
+    """Reorder ``graph.nodes``, sorted up to ``start`` and followed by nodes reading only constants
+    (what :func:`apply_correction` appends), exactly as ``graph.toposort()`` would, in linear time.
+
+    onnx-graphsurgeon sorts stably by depth, the nodes met in a walk of the list, producers first:
+    on such a list the appended nodes (depth 0) come after the other depth-0 nodes, in the order
+    of their first reader. Other lists (an appended node reading a computed tensor, subgraphs)
+    get ``graph.toposort()``.
+    """
+    old, new = graph.nodes[:start], graph.nodes[start:]
+    if not new:
+        return
+    if any(t.inputs for n in new for t in n.inputs) or any(True for n in graph.nodes for _ in n.subgraphs()):
+        graph.toposort()
+        return
+    where = {id(n): i for i, n in enumerate(old)}
+    first: dict[int, tuple[int, int]] = {}
+    for i, node in enumerate(old):
+        for j, t in enumerate(node.inputs):
+            for producer in t.inputs:
+                first.setdefault(id(producer), (i, j))
+    if any(id(n) not in first or id(n) in where for n in new):  # an unread appended node
+        graph.toposort()
+        return
+    end = next((i for i, n in enumerate(old) if any(t.inputs for t in n.inputs)), len(old))
+    graph.nodes = old[:end] + sorted(new, key=lambda n: first[id(n)]) + old[end:]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.pass_api import Numerics, PassContext, Slot
+from onnxcompress.core.graph import Names
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult, Slot
 from onnxcompress.passes.bias_correction import R_NO_REFERENCE
 from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.quant import count_unfused_qdq
@@ -18,8 +20,11 @@ from onnxcompress.quant.bias_correction import (
     R_NO_BIAS_PATH,
     R_NOT_QUANTIZED,
     R_WEIGHT,
-    ChannelMoments,
     FLOAT_STATISTICS,
+    ChannelMoments,
+    apply_correction,
+    find_sites,
+    sort_appended,
 )
 from onnxcompress.runtime.data import open_source
 from tests.helpers.builders import make_model
@@ -378,3 +383,30 @@ def test_float_statistics_gathered_only_when_a_later_pass_reads_them():
     other = Slot("other", int, "another slot")
     ctx = PassContext()
     assert not ctx.wanted(FLOAT_STATISTICS) and not ctx.wanted(other)  # outside a pipeline: nothing is wanted
+
+
+@pytest.mark.parametrize("make", [conv_chain, lambda: conv_chain(bias2=False), lambda: gemm_model(bias=False)])
+def test_sort_appended_gives_the_toposort_order(make):
+    """After corrections append their bias DequantizeLinears, sort_appended orders the nodes exactly
+    as onnx-graphsurgeon's toposort (the exported bytes depend on it); an appended node reading a
+    computed tensor falls back to toposort."""
+    model = make()
+    q, _ = quantize(model, COARSE, calib=shifted_source(model))
+    for reverse in (False, True):
+        graph = serde.to_graph(q).toposort()
+        names, sites = Names(graph), find_sites(graph, PassResult())
+        start = len(graph.nodes)
+        for site in (list(reversed(sites)) if reverse else sites):
+            apply_correction(graph, names, site, np.full(site.channels, 0.01), PassResult())
+        assert len(graph.nodes) > start + 1  # int32 biases: new DQs, appended
+        expected = [n.name for n in graph.copy().toposort().nodes]
+        sort_appended(graph, start)
+        assert [n.name for n in graph.nodes] == expected
+    graph = serde.to_graph(q).toposort()
+    start, tensor = len(graph.nodes), graph.nodes[-1].outputs[0]
+    late = gs.Variable("late", dtype=np.float32)
+    graph.nodes.append(gs.Node("Identity", "late_identity", inputs=[tensor], outputs=[late]))
+    graph.outputs.append(late)
+    expected = [n.name for n in graph.copy().toposort().nodes]
+    sort_appended(graph, start)
+    assert [n.name for n in graph.nodes] == expected
