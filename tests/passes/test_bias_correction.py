@@ -16,11 +16,11 @@ from onnxcompress.passes.bias_correction import R_NO_REFERENCE
 from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.bias_correction import (
+    FLOAT_STATISTICS,
     R_BIAS_CONST,
     R_NO_BIAS_PATH,
     R_NOT_QUANTIZED,
     R_WEIGHT,
-    FLOAT_STATISTICS,
     ChannelMoments,
     apply_correction,
     find_sites,
