@@ -80,7 +80,9 @@ class BiasCorrection(Pass):
     Order (``sequential``, default): layers are corrected level by level in topological order,
     each level measured on the model with the earlier levels already corrected (layers that do
     not depend on each other share a run), so corrections do not double count. One float run
-    plus one run per level; ``sequential=false`` measures every layer in one run (one-shot).
+    plus one run per level (no float run when ``quantize_int8`` gathered the float channel means and
+    outputs in its calibration run: :data:`~onnxcompress.quant.bias_correction.FLOAT_STATISTICS`,
+    stat ``float_statistics``; the same numbers); ``sequential=false`` measures every layer in one run (one-shot).
     Means are streamed (three float64 vectors per layer), so memory does not grow with samples.
 
     Fires on:
