@@ -114,7 +114,8 @@ class BiasCorrection(Pass):
         ``bias_clipped``, ``levels``, ``runs`` (model runs over the calibration data),
         ``calib_samples``, ``mean_abs_delta_rel`` / ``max_abs_delta_rel`` (mean over channels of
         ``|delta|``, relative to the float output's per-channel standard deviation, averaged /
-        max over layers), ``reference`` (``float`` or ``dequantized``), ``check_sqnr_before`` /
+        max over layers), ``reference`` (``float`` or ``dequantized``), ``float_statistics``
+        (``reused``: the float means came from ``quantize_int8``'s run), ``check_sqnr_before`` /
         ``check_sqnr_after`` (with ``check``).
     """
 
