@@ -23,6 +23,7 @@ from onnxcompress.core.pass_api import (
     register,
 )
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, get_pass, parse_spec, registry
+from onnxcompress.quant.bias_correction import FLOAT_STATISTICS
 from tests.helpers.builders import parse
 
 MODEL = """<ir_version: 8, opset_import: ["" : 17]>
@@ -218,7 +219,9 @@ def test_slot_values_are_type_checked():
 def test_builtin_slots_are_declared_by_their_passes():
     passes = registry()
     assert passes["fold_bn"].writes == (BN_GAMMA,) and BN_GAMMA in passes["prune_channels"].reads
-    assert FLOAT_REFERENCE in passes["quantize_int8"].writes and passes["bias_correction"].reads == (FLOAT_REFERENCE,)
+    assert FLOAT_REFERENCE in passes["quantize_int8"].writes and passes["bias_correction"].reads == (
+        FLOAT_REFERENCE, FLOAT_STATISTICS)
+    assert FLOAT_STATISTICS in passes["quantize_int8"].writes  # optional: bias_correction measures without it
     assert get_pass("bias_correction")().required_reads() == (FLOAT_REFERENCE,)
     assert get_pass("bias_correction")(reference="dequantized").required_reads() == ()
     assert get_pass("prune_channels")().required_reads() == ()

@@ -202,6 +202,7 @@ class PassContext:
     values: InitVar[Mapping[Slot, Any] | None] = None
     _slots: dict[Slot, Any] = field(default_factory=dict, init=False, repr=False)
     _bound: Pass | None = field(default=None, init=False, repr=False)
+    _later: frozenset[Slot] = field(default=frozenset(), init=False, repr=False)
 
     def __post_init__(self, values: Mapping[Slot, Any] | None) -> None:
         for slot, value in (values or {}).items():
@@ -236,10 +237,15 @@ class PassContext:
         """The slots holding a value."""
         return frozenset(self._slots)
 
-    def bind(self, p: Pass | None) -> None:
+    def bind(self, p: Pass | None, later: frozenset[Slot] = frozenset()) -> None:
         """Check :meth:`get`/:meth:`put` against ``p``'s declarations until unbound (``None``);
-        the manager binds each pass while it runs."""
-        self._bound = p
+        the manager binds each pass while it runs, with ``later``: the slots the passes after it read."""
+        self._bound, self._later = p, later if p is not None else frozenset()
+
+    def wanted(self, slot: Slot) -> bool:
+        """Whether a pass after the running one reads ``slot`` (known when the manager runs the
+        pipeline; ``False`` otherwise): a pass may skip work that only fills such a slot."""
+        return slot in self._later
 
 
 def _type_name(t: Any) -> str:

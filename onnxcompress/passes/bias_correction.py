@@ -22,15 +22,19 @@ from onnxcompress.core.pass_api import (
     register,
 )
 from onnxcompress.quant.bias_correction import (
+    FLOAT_STATISTICS,
     BiasSite,
     ChannelMoments,
+    FloatStatistics,
+    KeptValues,
     apply_correction,
     assign_levels,
     dequantized_reference,
     find_sites,
     reference_name,
+    sort_appended,
 )
-from onnxcompress.quant.sensitivity import REFERENCE_BUDGET, Evaluator
+from onnxcompress.quant.sensitivity import Evaluator
 from onnxcompress.quant.staged import StagedBatches, frontier, tensor_depths
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
 from onnxcompress.runtime.data import Batch
@@ -76,7 +80,9 @@ class BiasCorrection(Pass):
     Order (``sequential``, default): layers are corrected level by level in topological order,
     each level measured on the model with the earlier levels already corrected (layers that do
     not depend on each other share a run), so corrections do not double count. One float run
-    plus one run per level; ``sequential=false`` measures every layer in one run (one-shot).
+    plus one run per level (no float run when ``quantize_int8`` gathered the float channel means and
+    outputs in its calibration run: :data:`~onnxcompress.quant.bias_correction.FLOAT_STATISTICS`,
+    stat ``float_statistics``; the same numbers); ``sequential=false`` measures every layer in one run (one-shot).
     Means are streamed (three float64 vectors per layer), so memory does not grow with samples.
 
     Fires on:
@@ -108,7 +114,8 @@ class BiasCorrection(Pass):
         ``bias_clipped``, ``levels``, ``runs`` (model runs over the calibration data),
         ``calib_samples``, ``mean_abs_delta_rel`` / ``max_abs_delta_rel`` (mean over channels of
         ``|delta|``, relative to the float output's per-channel standard deviation, averaged /
-        max over layers), ``reference`` (``float`` or ``dequantized``), ``check_sqnr_before`` /
+        max over layers), ``reference`` (``float`` or ``dequantized``), ``float_statistics``
+        (``reused``: the float means came from ``quantize_int8``'s run), ``check_sqnr_before`` /
         ``check_sqnr_after`` (with ``check``).
     """
 
@@ -123,7 +130,7 @@ class BiasCorrection(Pass):
         "check": Option(bool, True, "keep the correction only if it brings the outputs closer to the float model's "
                                     "on the calibration data (worst output or channel slice)"),
     }
-    reads = (FLOAT_REFERENCE,)
+    reads = (FLOAT_REFERENCE, FLOAT_STATISTICS)
 
     def required_reads(self) -> tuple[Slot, ...]:
         """The float reference, unless ``reference=dequantized``."""
@@ -217,14 +224,33 @@ class BiasCorrection(Pass):
                 result.decline(site.label, R_NO_COUNTERPART, logger=ctx.logger)
             else:
                 wanted[i] = (name, site.axis)
-        kept = _Kept(outputs)
-        moments = self._measure(reference, wanted, ctx, result, kept)
+        stored = self._stored(ctx, wanted, outputs)
+        if stored is not None:  # quantize_int8's calibration run measured them: no float run here
+            moments = {i: stored.moments[name] for i, (name, _) in wanted.items()}
+            kept = stored.kept if outputs else KeptValues([])
+            result.stats.update(calib_samples=stored.samples, float_statistics="reused")
+        else:
+            kept = KeptValues(outputs)
+            moments = self._measure(reference, wanted, ctx, result, kept)
         for i, site in enumerate(sites):
             m = moments.get(i)
             if m is not None and m.channels != site.channels:
                 result.decline(site.label, R_MISMATCH, f"{m.channels} vs {site.channels}", logger=ctx.logger)
                 del moments[i]
         return moments, kept.arrays()
+
+    def _stored(self, ctx: PassContext, wanted: dict[int, tuple[str, int]], outputs: list[str]
+                ) -> FloatStatistics | None:
+        """The :data:`FLOAT_STATISTICS` left by ``quantize_int8`` when they hold what this run needs
+        (every wanted tensor on its axis, ``outputs``) over the same data and batch size, else ``None``."""
+        stats = ctx.get(FLOAT_STATISTICS)
+        if stats is None or self.opts["reference"] != "float" or self.opts["samples"]:
+            return None
+        if stats.source is not ctx.calib or stats.batch_size != self.opts["batch_size"] or not stats.samples:
+            return None
+        if any(name not in stats.moments or stats.moments[name].axis != axis for name, axis in wanted.values()):
+            return None
+        return stats if not outputs or list(outputs) == stats.kept.names else None
 
     # -- correction
 
@@ -269,7 +295,7 @@ class BiasCorrection(Pass):
             self._advance(graph, store, by_node, 0)
             for level in levels:
                 batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
-                # sorted by the _advance just before (the graph has not changed since)
+                # sorted: by run(), then by sort_appended after each level's corrections
                 inputs = frontier(graph, tensor_depths(graph, by_node), level)
                 moments = {i: ChannelMoments(s.axis) for i, s, _ in batch}
 
@@ -280,8 +306,10 @@ class BiasCorrection(Pass):
                 store.run(graph, inputs, sorted({s.measured.name for _, s, _ in batch}), consume,
                           label=f"bias_correction level {level}")
                 result.count("runs")
+                start = len(graph.nodes)
                 self._apply(graph, names, [(s, ref) for _, s, ref in batch], [moments[i] for i, _, _ in batch],
                             ctx, result, rel)
+                sort_appended(graph, start)  # the order graph.toposort() gives, without its cost
                 if level != levels[-1]:
                     self._advance(graph, store, by_node, level)
             result.stats["calib_samples"] = store.samples
@@ -289,8 +317,8 @@ class BiasCorrection(Pass):
 
     @staticmethod
     def _advance(graph: gs.Graph, store: StagedBatches, by_node: dict[int, int], level: int) -> None:
-        """Move the stored frontier past ``level``: compute its depth-``level`` tensors the next levels read."""
-        graph.toposort()
+        """Move the stored frontier past ``level``: compute its depth-``level`` tensors the next levels
+        read (``graph`` sorted)."""
         depth = tensor_depths(graph, by_node)
         fed = [t.name for t in graph.inputs]
         now, later = frontier(graph, depth, level) if level else fed, frontier(graph, depth, level + 1)
@@ -312,13 +340,13 @@ class BiasCorrection(Pass):
                              float(np.abs(delta).mean()), rel[-1])
 
     def _measure(self, model: onnx.ModelProto, wanted: dict[int, tuple[str, int]], ctx: PassContext,
-                 result: PassResult, kept: _Kept | None = None) -> dict[int, ChannelMoments]:
+                 result: PassResult, kept: KeptValues | None = None) -> dict[int, ChannelMoments]:
         """Stream ``{key: (tensor, axis)}`` of ``model`` over the calibration data into moments
         (and hand the tensors ``kept`` asks for to it in the same run)."""
         moments = {key: ChannelMoments(axis) for key, (_, axis) in wanted.items()}
         if not wanted:
             return moments
-        kept = kept or _Kept([])
+        kept = kept or KeptValues([])
 
         def consume(_batch, values: dict[str, np.ndarray]) -> None:
             for key, (name, _) in wanted.items():
@@ -353,37 +381,11 @@ class _Limited:
             yield batch
 
 
-class _Kept:
-    """Values of a few tensors over every sample, kept while they fit in
-    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET` and every batch has the same shape
-    past the sample axis (variable-length data cannot be stacked): otherwise dropped for good."""
-
-    def __init__(self, names: list[str]):
-        self.names = list(names)
-        self.parts: list[dict[str, np.ndarray]] | None = [] if names else None
-        self.used = 0
-
-    def add(self, values: dict[str, np.ndarray]) -> None:
-        if self.parts is None:
-            return
-        part = {n: values[n] for n in self.names}
-        self.used += sum(v.nbytes for v in part.values())
-        ragged = bool(self.parts) and any(v.shape[1:] != self.parts[0][n].shape[1:] for n, v in part.items())
-        self.parts = None if self.used > REFERENCE_BUDGET or ragged else [*self.parts, part]
-
-    def arrays(self) -> dict[str, np.ndarray] | None:
-        """``{name: values of every sample}`` (``None`` when dropped or never asked for)."""
-        if not self.parts:
-            return None
-        return {n: np.concatenate([p[n] for p in self.parts]) for n in self.names}
-
-
 def _tail(graph: gs.Graph, store: StagedBatches, inputs: list[str], outputs: list[str]) -> list[list[np.ndarray]] | None:
     """``outputs`` of ``graph`` per stored batch, run from the stored tensors ``inputs``; ``None``
-    when they need a tensor that is not stored, or are not all float outputs of ``graph``."""
+    when they need a tensor that is not stored, or are not all float outputs of ``graph`` (sorted)."""
     if sorted(outputs) != sorted(t.name for t in graph.outputs):
         return None
-    graph.toposort()
     got: list[list[np.ndarray]] = []
     try:
         store.run(graph, inputs, outputs, lambda _batch, values: got.append([values[n] for n in outputs]),

@@ -14,6 +14,7 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import check_names
 from onnxcompress.core.pass_api import FLOAT_REFERENCE, Numerics, Option, Pass, PassContext, PassResult, Slot, register
+from onnxcompress.quant.bias_correction import FLOAT_STATISTICS, FloatStatistics
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
 from onnxcompress.quant.cpu import cpu_flags, has_vnni
 from onnxcompress.quant.dynamic import quantize_dynamic_graph
@@ -250,7 +251,7 @@ class QuantizeInt8(Pass):
     }
 
     reads = (CPU_FLAGS, LATENCY_TIMER, MODEL_TIMER)
-    writes = (FLOAT_REFERENCE, LATENCY_TIMINGS)
+    writes = (FLOAT_REFERENCE, FLOAT_STATISTICS, LATENCY_TIMINGS)
 
     def _config(self, ctx: PassContext | None = None) -> QuantConfig:
         flags = ctx.get(CPU_FLAGS) if ctx is not None else None
@@ -329,8 +330,16 @@ class QuantizeInt8(Pass):
     def _calibrate(self, graph: gs.Graph, plan: QdqPlan, ctx: PassContext, result: PassResult) -> Calibration:
         model = serde.to_model(graph)
         names = plan.calibrated()
+        # a later bias_correction reads the float model's channel means and outputs: gathered in this
+        # run (from the tensors it captures anyway), so that pass need not run the float model again
+        stats = (FloatStatistics.for_graph(graph, ctx.calib, self.opts["batch_size"])
+                 if ctx.wanted(FLOAT_STATISTICS) and not self.opts["cache"] else None)
         calib = collect_statistics(model, names, ctx.calib, batch_size=self.opts["batch_size"], bins=DEFAULT_BINS,
-                                   cache=self.opts["cache"] or None, progress=ctx.progress)
+                                   cache=self.opts["cache"] or None,
+                                   progress=ctx.progress, observe=stats.update if stats is not None else None,
+                                   also=stats.names if stats is not None else [])
+        if stats is not None and calib.samples:
+            ctx.put(FLOAT_STATISTICS, stats)
         result.stats["tensors_calibrated"] = len(names)
         result.stats["calib_samples"] = calib.samples
         result.stats["cache_tensors"] = len(calib.cached)

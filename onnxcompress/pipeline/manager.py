@@ -159,7 +159,8 @@ class PassManager:
 
     def _call(self, p: Pass, graph: gs.Graph) -> PassResult:
         """``p.run`` with the context bound to ``p`` (it reads and writes only the slots it declares)."""
-        self.ctx.bind(p)
+        later = self.passes[self.passes.index(p) + 1:] if p in self.passes else []
+        self.ctx.bind(p, frozenset(slot for q in later for slot in q.reads))
         try:
             with threadpool_limits(limits=1, user_api="blas"):  # see BLAS_THREADS_NOTE
                 return p.run(graph, self.ctx)

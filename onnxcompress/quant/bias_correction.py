@@ -28,11 +28,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import Names, broadcast_along, const_values, node_label, opt_input, weight_layout
-from onnxcompress.core.pass_api import PassResult
+from onnxcompress.core.pass_api import PassResult, Slot
 from onnxcompress.quant.params import INT32_MAX, QParams, activation_params, quantize_bias, quantize_values
+from onnxcompress.quant.sensitivity import REFERENCE_BUDGET
+from onnxcompress.runtime.data import Batch
 
 __all__ = [
     "ChannelMoments",
+    "KeptValues",
+    "FloatStatistics",
+    "FLOAT_STATISTICS",
     "BiasSite",
     "find_sites",
     "assign_levels",
@@ -40,6 +45,7 @@ __all__ = [
     "dequantized_reference",
     "bias_values",
     "apply_correction",
+    "sort_appended",
     "R_NOT_QUANTIZED",
     "R_WEIGHT",
     "R_LAYOUT",
@@ -118,6 +124,84 @@ class ChannelMoments:
     def var(self) -> np.ndarray:
         """Per-channel (population) variance."""
         return np.maximum(self.squares / max(self.count, 1) - np.square(self.mean()), 0.0)
+
+
+class KeptValues:
+    """Values of a few tensors over every sample, kept while they fit in
+    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET` and every batch has the same shape
+    past the sample axis (variable-length data cannot be stacked): otherwise dropped for good."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.parts: list[dict[str, np.ndarray]] | None = [] if names else None
+        self.used = 0
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        """Keep ``values``' tensors of :attr:`names` (one batch)."""
+        if self.parts is None:
+            return
+        part = {n: values[n] for n in self.names}
+        self.used += sum(v.nbytes for v in part.values())
+        ragged = bool(self.parts) and any(v.shape[1:] != self.parts[0][n].shape[1:] for n, v in part.items())
+        self.parts = None if self.used > REFERENCE_BUDGET or ragged else [*self.parts, part]
+
+    def arrays(self) -> dict[str, np.ndarray] | None:
+        """``{name: values of every sample}`` (``None`` when dropped or never asked for)."""
+        if not self.parts:
+            return None
+        return {n: np.concatenate([p[n] for p in self.parts]) for n in self.names}
+
+
+class FloatStatistics:
+    """What ``bias_correction`` needs from the float model, gathered in another pass's run of it
+    over the same data (``quantize_int8``'s calibration): per-channel moments of layer outputs
+    and the graph outputs (:class:`KeptValues`). Fed batch by batch through :meth:`update`.
+
+    Attributes:
+        source: The calibration source the run read (reused only for the same object).
+        batch_size: Its batch size.
+        moments: ``{float tensor name: moments}`` (axis 1 for Conv/ConvTranspose/Gemm outputs,
+            -1 for the Add after a MatMul).
+        kept: The graph outputs' values over every sample.
+        samples: Samples seen.
+    """
+
+    def __init__(self, source, batch_size: int, axes: dict[str, int], outputs: list[str]):
+        self.source, self.batch_size = source, batch_size
+        self.moments = {name: ChannelMoments(axis) for name, axis in axes.items()}
+        self.kept = KeptValues(outputs)
+        self.samples = 0
+
+    @classmethod
+    def for_graph(cls, graph: gs.Graph, source, batch_size: int) -> FloatStatistics:
+        """Statistics of the float ``graph``'s layer outputs (what :class:`BiasSite` measures) and
+        graph outputs; :attr:`names` are the tensors a run must capture for them."""
+        axes = {}
+        for node in graph.nodes:
+            out = node.outputs[0] if node.outputs else None
+            if node.op in ("Conv", "ConvTranspose", "Gemm"):
+                axes[out.name] = 1
+            elif node.op == "MatMul" and len(out.outputs) == 1 and out.outputs[0].op == "Add":
+                axes[out.outputs[0].outputs[0].name] = -1
+        return cls(source, batch_size, axes, [t.name for t in graph.outputs])
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors :meth:`update` reads."""
+        return list(dict.fromkeys([*self.moments, *self.kept.names]))
+
+    def update(self, batch: Batch, values: dict[str, np.ndarray]) -> None:
+        """Add one run's tensors (a :data:`~onnxcompress.runtime.capture.Consumer`)."""
+        for name, m in self.moments.items():
+            m.update(values[name])
+        self.kept.add(values)
+        self.samples += len(batch)
+
+
+#: :class:`FloatStatistics` of the float model ``quantize_int8`` quantized, gathered during its
+#: calibration run; ``bias_correction`` uses them instead of running that model again.
+FLOAT_STATISTICS = Slot("float_statistics", FloatStatistics, "the float model's channel statistics",
+                        "channel moments and outputs of the float model from quantize_int8's calibration run")
 
 
 @dataclass
@@ -430,3 +514,31 @@ def _create_bias(graph: gs.Graph, names: Names, site: BiasSite, delta: np.ndarra
     else:
         node.inputs.append(tensor)
     result.count("bias_added")
+
+
+def sort_appended(graph: gs.Graph, start: int) -> None:
+    """Reorder ``graph.nodes``, sorted up to ``start`` and followed by nodes reading only constants
+    (what :func:`apply_correction` appends), exactly as ``graph.toposort()`` would, in linear time.
+
+    onnx-graphsurgeon sorts stably by depth, the nodes met in a walk of the list, producers first:
+    on such a list the appended nodes (depth 0) come after the other depth-0 nodes, in the order
+    of their first reader. Other lists (an appended node reading a computed tensor, subgraphs)
+    get ``graph.toposort()``.
+    """
+    old, new = graph.nodes[:start], graph.nodes[start:]
+    if not new:
+        return
+    if any(t.inputs for n in new for t in n.inputs) or any(True for n in graph.nodes for _ in n.subgraphs()):
+        graph.toposort()
+        return
+    where = {id(n): i for i, n in enumerate(old)}
+    first: dict[int, tuple[int, int]] = {}
+    for i, node in enumerate(old):
+        for j, t in enumerate(node.inputs):
+            for producer in t.inputs:
+                first.setdefault(id(producer), (i, j))
+    if any(id(n) not in first or id(n) in where for n in new):  # an unread appended node
+        graph.toposort()
+        return
+    end = next((i for i, n in enumerate(old) if any(t.inputs for t in n.inputs)), len(old))
+    graph.nodes = old[:end] + sorted(new, key=lambda n: first[id(n)]) + old[end:]

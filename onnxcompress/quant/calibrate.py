@@ -11,7 +11,7 @@ import onnx
 
 from onnxcompress.quant.cache import cache_key, load_cache, save_cache
 from onnxcompress.quant.observers import DEFAULT_BINS, HistogramCollector
-from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
+from onnxcompress.runtime.capture import CAPTURE_BUDGET, Consumer, capture
 from onnxcompress.runtime.data import Batch, CalibSource
 
 __all__ = ["Calibration", "collect_statistics"]
@@ -37,26 +37,33 @@ class Calibration:
 
 
 def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_size: int, bins: int,
-         progress: bool) -> tuple[dict[str, HistogramCollector], int]:
+         progress: bool, observe: Consumer | None = None, also: list[str] = ()) -> tuple[dict[str, HistogramCollector], int]:
     collectors = {n: HistogramCollector(bins) for n in names}
 
-    def consume(_batch: Batch, tensors: dict[str, np.ndarray]) -> None:
+    def consume(batch: Batch, tensors: dict[str, np.ndarray]) -> None:
         for name in names:
             collectors[name].update(tensors[name])
+        if observe is not None:
+            observe(batch, tensors)
 
-    samples = capture(model, names, source, consume, batch_size=batch_size, progress=progress,
+    samples = capture(model, [*names, *also], source, consume, batch_size=batch_size, progress=progress,
                       max_bytes=CAPTURE_BUDGET)
     return collectors, samples
 
 
 def collect_statistics(model: onnx.ModelProto, names: list[str], source: CalibSource, *, batch_size: int = 32,
                        bins: int = DEFAULT_BINS, cache: str | os.PathLike | None = None,
-                       progress: bool = False) -> Calibration:
+                       progress: bool = False, observe: Consumer | None = None,
+                       also: list[str] = ()) -> Calibration:
     """Histograms of the tensors ``names`` of ``model`` over ``source``.
 
     With ``cache``, tensors already stored under the same model/data/settings key are read from
     the file and only the others are calibrated (no model run at all when every tensor is
-    there); the union is written back.
+    there); the union is written back. ``observe(batch, tensors)`` also sees every run's
+    tensors (those of ``names`` not read from the cache, and ``also``: tensors captured for it
+    only), e.g. to gather other statistics in the same run. The statistics do not depend on
+    ``also`` (values are the same whatever the model's outputs, and the histograms do not depend
+    on how the samples are split into runs).
 
     Raises:
         InputError: The data does not fit the model, or the cache file is unreadable.
@@ -69,7 +76,7 @@ def collect_statistics(model: onnx.ModelProto, names: list[str], source: CalibSo
     samples = 0
     fresh: dict[str, HistogramCollector] = {}
     if missing:
-        fresh, samples = _run(model, missing, source, batch_size, bins, progress)
+        fresh, samples = _run(model, missing, source, batch_size, bins, progress, observe, list(also))
         log.info("calibrated %d tensors on %d samples", len(missing), samples)
     if cache and missing:
         save_cache(cache, key, {**stored, **fresh})

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.pass_api import Numerics, PassContext
+from onnxcompress.core.graph import Names
+from onnxcompress.core.pass_api import Numerics, PassContext, PassResult, Slot
 from onnxcompress.passes.bias_correction import R_NO_REFERENCE
 from onnxcompress.pipeline.manager import get_pass, parse_spec
 from onnxcompress.quant import count_unfused_qdq
 from onnxcompress.quant.bias_correction import (
+    FLOAT_STATISTICS,
     R_BIAS_CONST,
     R_NO_BIAS_PATH,
     R_NOT_QUANTIZED,
     R_WEIGHT,
     ChannelMoments,
+    apply_correction,
+    find_sites,
+    sort_appended,
 )
 from onnxcompress.runtime.data import open_source
 from tests.helpers.builders import make_model
@@ -96,7 +102,8 @@ def test_conv_chain_mean_error_shrinks_and_model_stays_fused():
     model = conv_chain()
     q, qc, result = correct(model)
     assert result.modified and result.stats["layers_corrected"] == 2 and result.stats["reference"] == "float"
-    assert result.stats["levels"] == 2 and result.stats["runs"] == 3  # float run + one per level
+    # one per level: the float moments come from quantize_int8's calibration run
+    assert result.stats["levels"] == 2 and result.stats["runs"] == 2 and result.stats["float_statistics"] == "reused"
     assert result.stats["check_sqnr_after"] > result.stats["check_sqnr_before"]  # the check kept it
     before, after = channel_mean_error(model, q), channel_mean_error(model, qc)
     assert after < 0.5 * before, (before, after)
@@ -319,3 +326,87 @@ def test_a_correction_that_does_not_pay_is_not_kept(monkeypatch):
         np.testing.assert_array_equal(initializers(qc)[name], value)
     _, unchecked, result = correct(model, bc="bias_correction:check=false")
     assert result.modified and output_error(model, unchecked) > output_error(model, q)
+
+
+def _counting_capture(monkeypatch) -> list[int]:
+    """Count the float-model runs bias_correction makes itself (its ``capture`` calls)."""
+    import onnxcompress.passes.bias_correction as bc
+
+    calls: list[int] = []
+    real = bc.capture
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bc, "capture", spy)
+    return calls
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: conv_chain(extra_output=True), (3, 8, 8)),
+                                         (lambda: conv_chain(bias2=False, depthwise=True), (3, 8, 8)),
+                                         (lambda: gemm_model(trans_b=0), (3, 8, 8)),
+                                         (matmul_model, (4, 8))])
+def test_float_statistics_reused_with_the_same_bytes(monkeypatch, make, shape):
+    """quantize_int8's calibration run leaves the float moments and outputs (FLOAT_STATISTICS):
+    bias_correction then does not run the float model, and writes the same bytes as when it does."""
+    model = make()
+    calls = _counting_capture(monkeypatch)
+    reused, result = quantize(model, f"{COARSE},bias_correction", calib=shifted_source(model, shape=shape))
+    assert result.stats["float_statistics"] == "reused" and calls == []
+    monkeypatch.setattr(PassContext, "wanted", lambda self, slot: False)  # quantize_int8 then gathers nothing
+    alone, result_alone = quantize(model, f"{COARSE},bias_correction", calib=shifted_source(model, shape=shape))
+    assert "float_statistics" not in result_alone.stats and calls == [1]
+    assert reused.SerializeToString() == alone.SerializeToString()
+    assert {k: v for k, v in result.stats.items() if k not in ("float_statistics", "runs")} == \
+        {k: v for k, v in result_alone.stats.items() if k != "runs"}
+    assert result.stats["runs"] == result_alone.stats["runs"] - 1
+
+
+def test_float_statistics_only_for_the_same_data_and_batch(monkeypatch):
+    """Other samples or another batch size than quantize_int8's: bias_correction runs the float model."""
+    model = conv_chain()
+    calls = _counting_capture(monkeypatch)
+    for bc in ("bias_correction:samples=40", "bias_correction:batch_size=16"):
+        result = quantize(model, f"{COARSE},{bc}", calib=shifted_source(model))[1]
+        assert "float_statistics" not in result.stats and result.stats["layers_corrected"] == 2
+    assert len(calls) == 2
+
+
+def test_float_statistics_gathered_only_when_a_later_pass_reads_them():
+    model = conv_chain()
+    for spec, gathered in ((COARSE, False), (f"{COARSE},bias_correction", True),
+                           (f"{COARSE},bias_correction:reference=dequantized", True)):
+        ctx = PassContext(calib=shifted_source(model))
+        run_passes(model, spec, ctx)
+        assert (FLOAT_STATISTICS in ctx.provided()) is gathered, spec
+    other = Slot("other", int, "another slot")
+    ctx = PassContext()
+    assert not ctx.wanted(FLOAT_STATISTICS) and not ctx.wanted(other)  # outside a pipeline: nothing is wanted
+
+
+@pytest.mark.parametrize("make", [conv_chain, lambda: conv_chain(bias2=False), lambda: gemm_model(bias=False)])
+def test_sort_appended_gives_the_toposort_order(make):
+    """After corrections append their bias DequantizeLinears, sort_appended orders the nodes exactly
+    as onnx-graphsurgeon's toposort (the exported bytes depend on it); an appended node reading a
+    computed tensor falls back to toposort."""
+    model = make()
+    q, _ = quantize(model, COARSE, calib=shifted_source(model))
+    for reverse in (False, True):
+        graph = serde.to_graph(q).toposort()
+        names, sites = Names(graph), find_sites(graph, PassResult())
+        start = len(graph.nodes)
+        for site in (list(reversed(sites)) if reverse else sites):
+            apply_correction(graph, names, site, np.full(site.channels, 0.01), PassResult())
+        assert len(graph.nodes) > start + 1  # int32 biases: new DQs, appended
+        expected = [n.name for n in graph.copy().toposort().nodes]
+        sort_appended(graph, start)
+        assert [n.name for n in graph.nodes] == expected
+    graph = serde.to_graph(q).toposort()
+    start, tensor = len(graph.nodes), graph.nodes[-1].outputs[0]
+    late = gs.Variable("late", dtype=np.float32)
+    graph.nodes.append(gs.Node("Identity", "late_identity", inputs=[tensor], outputs=[late]))
+    graph.outputs.append(late)
+    expected = [n.name for n in graph.copy().toposort().nodes]
+    sort_appended(graph, start)
+    assert [n.name for n in graph.nodes] == expected

@@ -103,7 +103,7 @@ def test_check_from_captured_outputs_equals_rerunning_the_models(monkeypatch):
     assert tails and tails[0] is not None and len(tails[0]) == 3  # 20 samples: batches of 8, 8, 4
     with monkeypatch.context() as m:
         m.setattr(bc_pass, "_tail", lambda *a: None)
-        m.setattr(bc_pass._Kept, "arrays", lambda self: None)
+        m.setattr(bc_pass.KeptValues, "arrays", lambda self: None)
         old, res_old = quantize(model, spec, calib=_calib(model, 20))
     keys = ("check_sqnr_before", "check_sqnr_after", "layers_corrected")
     assert [res_new.stats[k] for k in keys] == [res_old.stats[k] for k in keys]
