@@ -287,7 +287,7 @@ def compare_models(ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibSourc
     accs = {n: OutputAccumulator(n, slices.get(n), auto_slice) for n in names}
     tasks: _Tasks | None = None
     samples = 0
-    fixed = {spec.batch_dim_static() for spec in input_specs(cand)} - {None}
+    fixed = {b for b in (spec.batch_dim_static() for spec in input_specs(cand)) if b is not None}
     if len(fixed) == 1:  # a candidate fixed at one batch size (as some quantizers leave it) is fed that
         batch_size = fixed.pop()
     for batch in track(data.batches(batch_size), "validating", enabled=progress, unit=len):
