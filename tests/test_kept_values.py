@@ -1,4 +1,5 @@
-"""KeptValues (graph outputs kept over every sample for bias_correction's check) holds copies:
+"""KeptValues (graph outputs kept over every sample for bias_correction's check) and StagedBatches
+(frontier tensors) hold copies:
 an onnxruntime output array is a view whose base pins the session's whole memory arena, so
 keeping the view would keep the calibration run's arena alive for the rest of the pipeline."""
 
@@ -51,3 +52,21 @@ def test_kept_values_drop_ragged_batches():
     kept.add({"y": np.zeros((2, 3), np.float32)})
     kept.add({"y": np.zeros((2, 4), np.float32)})
     assert kept.arrays() is None
+
+
+def test_staged_frontier_tensors_own_their_memory():
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.quant.staged import StagedBatches
+
+    src = RandomSource(input_specs(MODEL), 6, seed=2)
+    graph = gs.import_onnx(MODEL)
+    with StagedBatches(src.batches(4)) as store:
+        store.run(graph, ["x"], ["h"], keep=True)
+        stored = [store._store.get((i, "h")) for i in range(2)]
+        assert all(a.base is None for a in stored)  # not onnxruntime's views (they pin its arena)
+        got = []
+        store.run(graph, ["h"], ["y"], lambda _b, v: got.append(v["y"]))
+    x = np.concatenate([b.feeds["x"] for b in src.batches(4)])
+    np.testing.assert_array_equal(np.concatenate(stored), np.maximum(x, 0))
+    np.testing.assert_array_equal(np.concatenate(got), -np.maximum(x, 0))
