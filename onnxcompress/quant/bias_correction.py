@@ -140,7 +140,8 @@ class KeptValues:
         """Keep ``values``' tensors of :attr:`names` (one batch)."""
         if self.parts is None:
             return
-        part = {n: values[n] for n in self.names}
+        # copies: an onnxruntime output is a view that keeps its session's whole memory arena alive
+        part = {n: np.array(values[n], copy=True) for n in self.names}
         self.used += sum(v.nbytes for v in part.values())
         ragged = bool(self.parts) and any(v.shape[1:] != self.parts[0][n].shape[1:] for n, v in part.items())
         self.parts = None if self.used > REFERENCE_BUDGET or ragged else [*self.parts, part]

@@ -123,8 +123,8 @@ class StagedBatches:
             values = dict(zip(outputs, session.run(outputs, batch.feeds)))
             if consume is not None:
                 consume(batch, values)
-            if keep:
-                self._save(i, values)
+            if keep:  # copies: an onnxruntime output is a view that pins its session's whole memory arena
+                self._save(i, {n: np.array(v, copy=True) for n, v in values.items()})
 
     def keep_only(self, names: list[str]) -> None:
         """Delete the stored tensors not in ``names``."""

@@ -1,0 +1,72 @@
+"""KeptValues (graph outputs kept over every sample for bias_correction's check) and StagedBatches
+(frontier tensors) hold copies:
+an onnxruntime output array is a view whose base pins the session's whole memory arena, so
+keeping the view would keep the calibration run's arena alive for the rest of the pipeline."""
+
+import gc
+import weakref
+
+import numpy as np
+
+from onnxcompress.quant.bias_correction import FloatStatistics, KeptValues
+from onnxcompress.runtime.capture import capture
+from onnxcompress.runtime.data import RandomSource, input_specs
+from tests.helpers.builders import parse
+
+MODEL = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3] x) => (float[N,3] y) {
+  h = Relu(x)
+  y = Neg(h)
+}""")
+
+
+def test_kept_values_hold_no_reference_to_the_given_arrays():
+    base = np.arange(12, dtype=np.float32).reshape(4, 3).copy()  # owns its memory
+    gone = weakref.ref(base)
+    kept = KeptValues(["y"])
+    kept.add({"y": base[:2], "other": base})
+    kept.add({"y": base[2:]})
+    del base
+    gc.collect()
+    assert gone() is None  # neither the views nor their base outlive the call
+    np.testing.assert_array_equal(kept.arrays()["y"], np.arange(12, dtype=np.float32).reshape(4, 3))
+
+
+def test_kept_onnxruntime_outputs_own_their_memory():
+    src = RandomSource(input_specs(MODEL), 10, seed=1)
+    stats = FloatStatistics(src, 4, {}, ["y"])
+    seen = []
+
+    def consume(batch, values):
+        assert values["y"].base is not None  # what onnxruntime hands out: a view of its buffer
+        seen.append(-np.maximum(batch.feeds["x"], 0))
+        stats.update(batch, values)
+
+    assert capture(MODEL, ["y"], src, consume, batch_size=4) == 10
+    assert stats.samples == 10 and all(p["y"].base is None for p in stats.kept.parts)
+    np.testing.assert_array_equal(stats.kept.arrays()["y"], np.concatenate(seen))
+
+
+def test_kept_values_drop_ragged_batches():
+    kept = KeptValues(["y"])
+    kept.add({"y": np.zeros((2, 3), np.float32)})
+    kept.add({"y": np.zeros((2, 4), np.float32)})
+    assert kept.arrays() is None
+
+
+def test_staged_frontier_tensors_own_their_memory():
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.quant.staged import StagedBatches
+
+    src = RandomSource(input_specs(MODEL), 6, seed=2)
+    graph = gs.import_onnx(MODEL)
+    with StagedBatches(src.batches(4)) as store:
+        store.run(graph, ["x"], ["h"], keep=True)
+        stored = [store._store.get((i, "h")) for i in range(2)]
+        assert all(a.base is None for a in stored)  # not onnxruntime's views (they pin its arena)
+        got = []
+        store.run(graph, ["h"], ["y"], lambda _b, v: got.append(v["y"]))
+    x = np.concatenate([b.feeds["x"] for b in src.batches(4)])
+    np.testing.assert_array_equal(np.concatenate(stored), np.maximum(x, 0))
+    np.testing.assert_array_equal(np.concatenate(got), -np.maximum(x, 0))
