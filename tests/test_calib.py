@@ -102,6 +102,31 @@ def test_count_reads_headers_only_and_falls_back_to_a_full_read(tmp_path, monkey
     assert open_source(tmp_path, IMG).count() == 13 == sum(len(b) for b in open_source(tmp_path, IMG).batches())
 
 
+SEQ = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,2,L] x) => (float[N,2,L] y) { y = Relu(x) }""")
+SEQ1 = parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,2,L] x) => (float[1,2,L] y) { y = Relu(x) }""")
+
+
+@pytest.mark.parametrize("model", [SEQ, SEQ1])
+def test_batch_counts_come_from_the_headers(tmp_path, monkeypatch, model):
+    from onnxcompress.runtime.segments import batch_count, batches
+
+    for i, (n, length) in enumerate([(3, 5), (4, 5), (2, 7), (5, 5), (1, 5)]):  # stretches of 7, 2 and 6 samples
+        np.savez(tmp_path / f"part{i}.npz", x=np.ones((n, 2, length), np.float32), labels=np.arange(n))
+    for limit in (None, 3, 7, 8, 12, 100):
+        src = open_source(tmp_path, model, limit=limit)
+        for size in (1, 2, 4, 32):
+            want = [sum(1 for _ in src.batches(size)), sum(1 for _ in batches(src, size))]
+            with monkeypatch.context() as mp:
+                mp.setattr(fileio, "_read_rows", lambda *_a: pytest.fail("data read"))
+                assert [src.batch_count(size), batch_count(src, size)] == want, (limit, size)
+    assert open_source(tmp_path, SEQ).shape_runs() == [7, 2, 6]
+    np.savez(tmp_path / "part2.npz", x=np.ones((0, 2, 7), np.float32), labels=np.arange(0))  # empty file: read
+    src = open_source(tmp_path, SEQ)
+    assert src.shape_runs() is None and src.batch_count(4) == sum(1 for _ in src.batches(4))
+
+
 def test_a_bad_first_file_fails_on_its_first_row(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((500, 3, 4, 5), np.float32))
     with pytest.raises(InputError, match="expects shape"):

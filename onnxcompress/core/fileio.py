@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxcompress.core.errors import InputError
 
-__all__ = ["ROWS_BYTES", "array_rows", "array_row_count", "atomic_write", "read_toml", "FileRecord", "sha256_file", "file_record"]
+__all__ = ["ROWS_BYTES", "array_rows", "array_row_shapes", "atomic_write", "read_toml", "FileRecord", "sha256_file", "file_record"]
 
 
 def _umask() -> int:
@@ -142,16 +142,20 @@ def array_rows(path: str | os.PathLike, chunk_bytes: int | None = None,
             yield {k: _read_rows(handles[k], rows, shape, dtype) for k, (shape, _, dtype) in heads.items()}
 
 
-def array_row_count(path: str | os.PathLike, ranks: dict[str, int] | None = None) -> int | None:
-    """The number of leading-axis rows :func:`array_rows` would cut the file into, read from the
-    arrays' headers alone (no data read); ``None`` when the file comes whole (see there).
+def array_row_shapes(path: str | os.PathLike,
+                     ranks: dict[str, int] | None = None) -> tuple[int, dict[str, tuple[int, ...]]] | None:
+    """``(rows, {key: shape of one row})``: the number of leading-axis rows :func:`array_rows` would
+    cut the file into and the shape of a row of each array, read from the arrays' headers alone (no
+    data read); ``None`` when the file comes whole (see there).
 
     Raises:
         OSError, ValueError, zipfile.BadZipFile: The file cannot be read as numpy arrays.
     """
     with _handles(path) as (handles, _whole):
         heads = _row_heads(handles, ranks or {})
-    return None if heads is None else int(next(iter(heads.values()))[0][0])
+    if heads is None:
+        return None
+    return int(next(iter(heads.values()))[0][0]), {k: tuple(shape[1:]) for k, (shape, _, _) in heads.items()}
 
 
 @contextlib.contextmanager

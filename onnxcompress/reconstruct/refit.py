@@ -55,7 +55,7 @@ from onnxcompress.reconstruct.layerview import (
 from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, PRECISIONS, LstsqAccumulator
 from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.progress import track
-from onnxcompress.runtime.segments import CACHE_BYTES, SegmentRunner, batches, subgraph_names
+from onnxcompress.runtime.segments import CACHE_BYTES, SegmentRunner, batch_count, batches, subgraph_names
 
 __all__ = ["DEFAULT_MAX_POSITIONS", "DEFAULT_ROWS_PER_FEATURE", "RIDGE_STEPS", "LayerStats", "LayerTarget",
            "reconstruct_layers", "refit_summary"]
@@ -286,6 +286,10 @@ class _Runs:
 
     def source(self) -> Iterator[Batch]:
         return batches(self.data, self.batch_size) if self.stacked else self.data.batches(self.batch_size)
+
+    def count(self) -> int:
+        """Batches per pass (as many as :meth:`source` yields; from the files' headers when they tell)."""
+        return batch_count(self.data, self.batch_size) if self.stacked else self.data.batch_count(self.batch_size)
 
     def prepare(self, group: list[_Plan], later: list[_Plan]) -> None:
         stale = self.student.topo.downstream(p.index for p in group + later)
@@ -581,7 +585,7 @@ def _run_rounds(graph: gs.Graph, rounds: list[list[_Plan]], teacher: onnx.ModelP
     runs.plan_batches([p for g in rounds for p in g], input_bytes)
     opts.run_share = runs.batch_size / opts.batch_size
     if opts.rows_per_feature is not None:
-        opts.n_batches = sum(1 for _ in runs.source())
+        opts.n_batches = runs.count()
     n = sum(len(g) for g in rounds)
     try:
         for r, group in enumerate(track(rounds, f"refitting {n} layers in {len(rounds)} rounds",

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.fileio import array_row_count, array_rows
+from onnxcompress.core.fileio import array_row_shapes, array_rows
 from onnxcompress.core.index_inputs import IntegerDomain, integer_domains
 from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims, symbolic_dims
 from onnxcompress.runtime.preprocess import Preprocess, check_channels, parse_preprocess
@@ -223,18 +223,38 @@ class CalibSource:
 
     def batches(self, batch_size: int = 32) -> Iterator[Batch]:
         """Yield batches of ``batch_size`` samples (or the model's fixed batch size)."""
+        yield from _rebatch(self._chunks(), self._size(batch_size), self.limit)
+
+    def _size(self, batch_size: int) -> int:
         fixed = {s.batch_dim_static() for s in self.specs} - {None}
-        size = fixed.pop() if len(fixed) == 1 else batch_size
-        yield from _rebatch(self._chunks(), max(1, size), self.limit)
+        return max(1, fixed.pop() if len(fixed) == 1 else batch_size)
+
+    def batch_count(self, batch_size: int = 32) -> int:
+        """How many batches :meth:`batches` yields (no data read when :meth:`shape_runs` knows)."""
+        size = self._size(batch_size)
+        found = self.cut_count(size)
+        return sum(1 for _ in self.batches(batch_size)) if found is None else found
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Iterate feed dicts (the shape onnxruntime's data readers produce)."""
         for batch in self.batches():
             yield batch.feeds
 
+    def shape_runs(self) -> list[int] | None:
+        """The numbers of samples in the stretches of consecutive samples of the same shapes (limit
+        applied), known without reading the data; ``None`` when only reading the data tells (here)."""
+        return None
+
+    def cut_count(self, size: int) -> int | None:
+        """How many batches of ``size`` samples the samples fall into, a batch never holding samples of
+        two shapes (what :func:`rebatch` cuts them into), from :meth:`shape_runs`; ``None`` when unknown."""
+        runs = self.shape_runs()
+        return None if runs is None else sum(-(-n // max(1, size)) for n in runs)
+
     def count(self) -> int:
-        """Number of samples (iterates the source once)."""
-        return sum(len(b) for b in self.batches())
+        """Number of samples (from :meth:`shape_runs` when known, else iterating the source once)."""
+        runs = self.shape_runs()
+        return sum(len(b) for b in self.batches()) if runs is None else sum(runs)
 
 
 class FileSource(CalibSource):
@@ -265,19 +285,28 @@ class FileSource(CalibSource):
             for arrays in self._read(file):
                 yield _fit_all(self.specs, arrays, str(file))
 
-    def count(self) -> int:
-        """Number of samples, from the arrays' headers when every file is cut by rows (no data read)."""
-        total = 0
+    def shape_runs(self) -> list[int] | None:
+        """From the arrays' headers (no data read) when every file is cut by rows and holds samples."""
+        runs: list[int] = []
+        last, left = None, self.limit
         for file in self.files:
+            if left is not None and left <= 0:
+                break
             try:
-                rows = None if file.suffix == ".npy" and len(self.specs) != 1 else \
-                    array_row_count(file, ranks=self._ranks(file))
+                found = None if file.suffix == ".npy" and len(self.specs) != 1 else \
+                    array_row_shapes(file, ranks=self._ranks(file))
             except Exception:  # the full read reports it
-                rows = None
-            if rows is None:
-                return super().count()
-            total += rows
-        return total if self.limit is None else min(total, self.limit)
+                found = None
+            if found is None or found[0] == 0:  # an empty file may split a stretch: read the data
+                return None
+            rows = found[0] if left is None else min(found[0], left)
+            shapes = {self.specs[0].name if k == "" else k: v for k, v in found[1].items() if k not in LABEL_KEYS}
+            if runs and shapes == last:
+                runs[-1] += rows
+            else:
+                runs.append(rows)
+            last, left = shapes, None if left is None else left - rows
+        return runs
 
     def _ranks(self, file: Path) -> dict[str, int]:
         return {"": len(self.specs[0].shape)} if file.suffix == ".npy" else {s.name: len(s.shape) for s in self.specs}

@@ -38,7 +38,7 @@ from onnxcompress.core.graph import const_values
 from onnxcompress.runtime.data import Batch, CalibSource, rebatch
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["CACHE_BYTES", "FrontierStore", "SegmentRunner", "Topology", "batches", "subgraph_names"]
+__all__ = ["CACHE_BYTES", "FrontierStore", "SegmentRunner", "Topology", "batch_count", "batches", "subgraph_names"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,16 @@ def batches(data: CalibSource, batch_size: int) -> Iterator[Batch]:
     if not fixed:
         return data.batches(batch_size)
     return rebatch(data.batches(batch_size), max(batch_size, max(fixed)))
+
+
+def batch_count(data: CalibSource, batch_size: int) -> int:
+    """How many batches :func:`batches` yields (no data read when the source knows its
+    :meth:`~onnxcompress.runtime.data.CalibSource.shape_runs`)."""
+    fixed = {s.batch_dim_static() for s in data.specs} - {None}
+    if not fixed:
+        return data.batch_count(batch_size)
+    found = data.cut_count(max(batch_size, max(fixed)))
+    return sum(1 for _ in batches(data, batch_size)) if found is None else found
 
 
 def subgraph_names(node: gs.Node) -> set[str]:
