@@ -10,8 +10,9 @@ Cases (each ``fold_bn,prune_channels:ratio=R`` with reconstruction, ``--no-valid
   ``scripts/photos.py``, ratio 0.3.
 
 Each run is a fresh ``python -m onnxcompress optimize`` child process (in the temporary folder, so
-the tree on ``PYTHONPATH`` is the one imported); its peak resident memory is
-``ru_maxrss`` from ``os.wait4``. ``--baseline COMMIT`` (default b421723, main before this engine)
+the tree on ``PYTHONPATH`` is the one imported); its peak resident memory is its own ``ru_maxrss``
+(``scripts/child_peak.py``: started from a relay, since a child of this process would report at
+least this process's own peak, which making 512 crops raises to 1.3 GB). ``--baseline COMMIT`` (default b421723, main before this engine)
 runs the same command with that commit's package (``git archive`` into a temporary folder), in the
 same invocation, so the ratio compares like with like on a shared machine. The pass's stats (layers
 refit, mean relative errors before/after) are printed beside, from ``--json``.
@@ -30,13 +31,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import child_peak
 
 CASES = {"digits": ("digits", 200, 0.5), "nsfw64": ("opennsfw", 64, 0.3), "nsfw512": ("opennsfw", 512, 0.3)}
 
@@ -85,12 +86,11 @@ def _run(tree: Path, model: Path, calib: Path, ratio: float, work: Path, tag: st
     cmd = [sys.executable, "-m", "onnxcompress", "optimize", str(model), "-o", str(out), "--calib", str(calib),
            "--passes", f"fold_bn,prune_channels:ratio={ratio}", "--no-validate", "-q", "--json", str(report)]
     env = dict(os.environ, PYTHONPATH=str(tree))
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    row = {"tag": tag, "wall_s": round(wall, 1), "peak_mb": round(usage.ru_maxrss / 1024), "exit": os.waitstatus_to_exitcode(status)}
+    with tempfile.TemporaryFile() as err_fh:
+        rc, wall, peak = child_peak.run(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=err_fh)
+        err_fh.seek(0)
+        err = err_fh.read().decode(errors="replace")
+    row = {"tag": tag, "wall_s": round(wall, 1), "peak_mb": round(peak / 2**20), "exit": rc}
     if row["exit"] != 0:
         row["error"] = err.strip().splitlines()[-1:] if err.strip() else ""
         return row

@@ -4,8 +4,8 @@
 Every measurement runs in a fresh child process (``python -m onnxcompress -q optimize MODEL
 --passes SPEC --calib DATA --no-validate``, or a child calling onnxruntime's ``quantize_static``
 with MinMax or Entropy on the same data, QDQ, batch 1 as its data readers are usually written); its
-wall time is measured around the child and its peak resident memory is ``os.wait4``'s
-``ru_maxrss``. Both include Python's start-up and imports (about 2-3 s for either tool). The
+wall time is measured around the child and its peak resident memory is its own ``ru_maxrss``
+(``scripts/child_peak.py``: a child started directly would report at least this process's peak). Both include Python's start-up and imports (about 2-3 s for either tool). The
 measured checkout's modules are compiled to bytecode first (``compileall``), as an installed package
 is: with ``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile them from source again.
 
@@ -42,7 +42,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,16 +82,13 @@ quantize_static(sys.argv[1], sys.argv[3], Reader(arrays), quant_format=QuantForm
 
 def run_child(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict:
     """Run ``args`` in a child process: wall seconds, peak RSS (bytes), exit code, last stderr line."""
-    start = time.perf_counter()
+    from child_peak import run  # the child's own peak, not this process's (see there)
+
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})},
-                                cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
+        rc, seconds, peak = run(args, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})}, cwd=cwd)
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
-    return {"seconds": seconds, "peak": usage.ru_maxrss * 1024, "rc": os.waitstatus_to_exitcode(status),
-            "err": lines[-1] if lines else ""}
+    return {"seconds": seconds, "peak": peak, "rc": rc, "err": lines[-1] if lines else ""}
 
 
 #: The checkout whose onnxcompress is measured (``--code``).

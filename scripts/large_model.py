@@ -13,7 +13,7 @@ holds more than one weight in memory. Its shape gives every measured step work:
 
 Each step runs the CLI in a fresh subprocess (``python -m onnxcompress optimize big.onnx
 --passes X -o out.onnx --external-data --no-validate -q``; ``inspect`` for the first) and its
-peak resident memory is read from ``os.wait4``'s ``ru_maxrss``. The table shows the weights'
+peak resident memory is its own ``ru_maxrss`` (``scripts/child_peak.py``). The table shows the weights'
 size, the peak, their ratio (the target is about 2×), wall time, the output's size on disk and
 whether the step exited 0. ``--validate N`` validates instead with N random samples (two
 onnxruntime sessions on top: expect more memory).
@@ -155,18 +155,16 @@ def run_step(step: str, model: Path, workdir: Path, validate: int) -> dict:
         args = ["optimize", str(model), "--passes", STEPS[step], "-o", str(out), "--external-data", *check]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     log = workdir / f"{step}.stderr"
-    start = time.perf_counter()
+    from child_peak import run  # the child's own peak, not this process's (which made the model)
+
     with open(log, "wb") as err_fh:
-        proc = subprocess.Popen([sys.executable, "-m", "onnxcompress", "-q", *args], env=env,
+        rc, seconds, peak = run([sys.executable, "-m", "onnxcompress", "-q", *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=err_fh)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
-    proc.returncode = rc = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
     size = _files_bytes(out) if out.exists() else 0
     err = log.read_text(errors="replace").strip().splitlines()
     for p in (out, out.with_name(out.name + ".data"), log):
         p.unlink(missing_ok=True)
-    return {"step": step, "peak": usage.ru_maxrss * 1024, "seconds": seconds, "out_bytes": size, "rc": rc,
+    return {"step": step, "peak": peak, "seconds": seconds, "out_bytes": size, "rc": rc,
             "err": err[-1] if err else ""}
 
 
