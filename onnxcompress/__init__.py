@@ -8,7 +8,8 @@ from onnxcompress.core.errors import GateFailed, InputError, OnnxCompressError, 
 from onnxcompress.core.pass_api import Numerics, Option, Pass, PassContext, PassResult, Slot, register
 from onnxcompress.pipeline.auto import AutoResult
 from onnxcompress.pipeline.manager import PassManager, get_pass, parse_spec, registry
-from onnxcompress.runtime.data import Batch, CalibSource, open_source
+from onnxcompress.runtime.batching import Batch
+from onnxcompress.runtime.data import CalibSource, open_source
 from onnxcompress.runtime.preprocess import Preprocess
 
 __all__ = [

@@ -44,7 +44,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core.graph import Names, weight_layout
 from onnxcompress.core.shapes import Dims, concrete_shapes
-from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.batching import Batch
+from onnxcompress.runtime.data import CalibSource
 
 __all__ = [
     "R_EXCLUDED",

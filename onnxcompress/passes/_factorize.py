@@ -43,8 +43,9 @@ from onnxcompress.lowrank.factorize import (
 from onnxcompress.lowrank.linalg import DEFAULT_ENERGY, GramAccumulator, RankRule, relative_error
 from onnxcompress.reconstruct.layerview import conv_geometry, layer_view, sample_rows
 from onnxcompress.reconstruct.refit import LayerStats, LayerTarget, reconstruct_layers
+from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.capture import capture
-from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.data import CalibSource
 
 __all__ = ["COMMON_OPTIONS", "MAX_GRAM_DIM_LIMIT", "FactorizePass"]
 

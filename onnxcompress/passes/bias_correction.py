@@ -36,8 +36,8 @@ from onnxcompress.quant.bias_correction import (
 )
 from onnxcompress.quant.sensitivity import Evaluator
 from onnxcompress.quant.staged import StagedBatches, frontier, tensor_depths
+from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
-from onnxcompress.runtime.data import Batch
 
 __all__ = ["BiasCorrection", "CHECK_TOLERANCE_DB", "R_NO_REFERENCE", "R_NO_COUNTERPART", "R_MISMATCH", "R_DOES_NOT_PAY"]
 

@@ -31,7 +31,7 @@ from onnxcompress.core.graph import Names, broadcast_along, const_values, node_l
 from onnxcompress.core.pass_api import PassResult, Slot
 from onnxcompress.quant.params import INT32_MAX, QParams, activation_params, quantize_bias, quantize_values
 from onnxcompress.quant.sensitivity import REFERENCE_BUDGET
-from onnxcompress.runtime.data import Batch
+from onnxcompress.runtime.batching import Batch
 
 __all__ = [
     "ChannelMoments",

@@ -11,8 +11,9 @@ import onnx
 
 from onnxcompress.quant.cache import cache_key, load_cache, save_cache
 from onnxcompress.quant.observers import DEFAULT_BINS, HistogramCollector
+from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, Consumer, capture
-from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.data import CalibSource
 
 __all__ = ["Calibration", "collect_statistics"]
 

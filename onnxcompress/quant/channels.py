@@ -18,8 +18,9 @@ import onnx
 from onnxcompress.core import serde
 from onnxcompress.core.graph import node_label
 from onnxcompress.quant.smoothing import find_groups, graph_shapes, linear_reader
+from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.capture import capture
-from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.data import CalibSource
 
 __all__ = ["ChannelStats", "LayerOutliers", "channel_absmax", "layer_input_outliers", "outlier_stats"]
 

@@ -37,7 +37,8 @@ from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams, activation_params
 from onnxcompress.quant.placement import KINDS, R_DEGENERATE, QdqPlan, plan_placement, tensor_dtypes
 from onnxcompress.quant.rewrite import apply_plan
-from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.batching import Batch
+from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.fidelity import OutputAccumulator, OutputMetrics, ReferenceScales, SliceSpec, worst
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session

@@ -23,7 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core import proto
-from onnxcompress.runtime.data import Batch
+from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import FrontierStore, Topology
 from onnxcompress.runtime.session import make_session

@@ -45,15 +45,10 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.graph import Names, const_values, node_label, opt_input
-from onnxcompress.reconstruct.layerview import (
-    CHUNK_BYTES,
-    SUPPORTED_OPS,
-    LayerView,
-    bias_add,
-    layer_view,
-)
+from onnxcompress.reconstruct.layerview import CHUNK_BYTES, SUPPORTED_OPS, LayerView, bias_add, layer_view
 from onnxcompress.reconstruct.lstsq import DEFAULT_RIDGE, PRECISIONS, LstsqAccumulator
-from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.batching import Batch
+from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import CACHE_BYTES, SegmentRunner, batch_count, batches, subgraph_names
 

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from onnxcompress.core import proto
-from onnxcompress.runtime.data import Batch, CalibSource
+from onnxcompress.runtime.batching import Batch
+from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,11 @@ from onnxcompress.core.errors import InputError
 from onnxcompress.core.fileio import array_row_shapes, array_rows
 from onnxcompress.core.index_inputs import IntegerDomain, integer_domains
 from onnxcompress.core.shapes import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, Dims, dim_name, resolve_dims, symbolic_dims
+from onnxcompress.runtime.batching import Batch, cut_count, rebatch
 from onnxcompress.runtime.preprocess import Preprocess, check_channels, parse_preprocess
 
 __all__ = [
     "LABEL_KEYS",
-    "Batch",
     "InputSpec",
     "CalibSource",
     "FileSource",
@@ -52,28 +52,12 @@ __all__ = [
     "data_dims",
     "input_specs",
     "open_source",
-    "rebatch",
 ]
 
 log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("labels", "label")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-@dataclass
-class Batch:
-    """One batch: arrays keyed by input name (leading sample axis) and optional labels."""
-
-    feeds: dict[str, np.ndarray]
-    labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(next(iter(self.feeds.values()))) if self.feeds else 0
-
-    def slice(self, start: int, stop: int) -> Batch:
-        """Samples ``start:stop`` (views of the arrays, no copy)."""
-        return _slice(self, start, stop)
 
 
 @dataclass(frozen=True)
@@ -155,55 +139,6 @@ def _fit_all(specs: list[InputSpec], arrays: dict[str, Any], where: str) -> Batc
     return Batch(fitted, labels)
 
 
-def _rebatch(chunks: Iterable[Batch], size: int, limit: int | None) -> Iterator[Batch]:
-    """Re-cut a stream of chunks into batches of ``size`` samples. Only samples of the same shapes
-    share a batch: a chunk whose per-sample shapes differ from the pending ones (variable-length
-    sequences) first flushes them, so a batch may be smaller than ``size``."""
-    pending: list[Batch] = []
-    have = seen = 0
-    for chunk in chunks:
-        if limit is not None and seen + len(chunk) > limit:
-            chunk = _slice(chunk, 0, limit - seen)
-        seen += len(chunk)
-        if pending and _sample_shapes(chunk) != _sample_shapes(pending[0]):
-            yield _concat(pending)
-            pending, have = [], 0
-        pending.append(chunk)
-        have += len(chunk)
-        while have >= size:
-            merged = _concat(pending)
-            yield _slice(merged, 0, size)
-            rest = _slice(merged, size, have)
-            pending, have = ([rest] if len(rest) else []), have - size
-        if limit is not None and seen >= limit:
-            break
-    if have:
-        yield _concat(pending)
-
-
-def rebatch(batches: Iterable[Batch], size: int) -> Iterator[Batch]:
-    """``batches`` re-cut into batches of ``size`` samples (samples of different shapes apart)."""
-    return _rebatch(batches, size, None)
-
-
-def _sample_shapes(batch: Batch) -> dict[str, tuple[int, ...]]:
-    return {k: v.shape[1:] for k, v in batch.feeds.items()}
-
-
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    labels = batch.labels[start:stop] if batch.labels is not None else None
-    return Batch({k: v[start:stop] for k, v in batch.feeds.items()}, labels)
-
-
-def _concat(batches: list[Batch]) -> Batch:
-    if len(batches) == 1:
-        return batches[0]
-    feeds = {k: np.concatenate([b.feeds[k] for b in batches]) for k in batches[0].feeds}
-    has_labels = all(b.labels is not None for b in batches)
-    labels = np.concatenate([b.labels for b in batches]) if has_labels else None
-    return Batch(feeds, labels)
-
-
 class CalibSource:
     """Base class: a re-iterable stream of input samples checked against a model's inputs.
 
@@ -223,7 +158,7 @@ class CalibSource:
 
     def batches(self, batch_size: int = 32) -> Iterator[Batch]:
         """Yield batches of ``batch_size`` samples (or the model's fixed batch size)."""
-        yield from _rebatch(self._chunks(), self._size(batch_size), self.limit)
+        yield from rebatch(self._chunks(), self._size(batch_size), self.limit)
 
     def _size(self, batch_size: int) -> int:
         fixed = {s.batch_dim_static() for s in self.specs} - {None}
@@ -249,7 +184,7 @@ class CalibSource:
         """How many batches of ``size`` samples the samples fall into, a batch never holding samples of
         two shapes (what :func:`rebatch` cuts them into), from :meth:`shape_runs`; ``None`` when unknown."""
         runs = self.shape_runs()
-        return None if runs is None else sum(-(-n // max(1, size)) for n in runs)
+        return None if runs is None else cut_count(runs, size)
 
     def count(self) -> int:
         """Number of samples (from :meth:`shape_runs` when known, else iterating the source once)."""

@@ -35,7 +35,8 @@ import onnxruntime as ort
 
 from onnxcompress.core import proto
 from onnxcompress.core.graph import const_values
-from onnxcompress.runtime.data import Batch, CalibSource, rebatch
+from onnxcompress.runtime.batching import Batch, rebatch
+from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.session import make_session
 
 __all__ = ["CACHE_BYTES", "FrontierStore", "SegmentRunner", "Topology", "batch_count", "batches", "subgraph_names"]
