@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -32,17 +33,20 @@ CAPTURE_BUDGET = 128 * 2**20
 
 def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, consume: Consumer, *,
             batch_size: int = 32, threads: int = 0, progress: bool = False,
-            max_bytes: int | None = None) -> int:
+            max_bytes: int | None = None, overlap: bool = False) -> int:
     """Run ``model`` on ``data`` and call ``consume(batch, tensors)`` for every batch.
 
     ``names`` may mix node outputs, graph inputs and initializers; inputs come from the batch and
-    initializers from the model. Only the tensors of one run are alive at a time: they are handed
-    to ``consume`` and dropped before the next run.
+    initializers from the model. Only the tensors of one run are alive at a time (two with
+    ``overlap``): they are handed to ``consume`` and dropped before the next run.
 
     Args:
         max_bytes: Split each batch into runs whose captured tensors take at most about this many
             bytes (measured on a first run of one sample; at least one sample per run). ``None``
             runs whole batches. Consumers must accept any batch size (streaming sums do).
+        overlap: Consume each run in a worker thread while onnxruntime computes the next one
+            (numpy and onnxruntime release the GIL). The consumer still sees the runs one at a
+            time and in order; two runs are alive at once, so each gets half of ``max_bytes``.
 
     Returns:
         The number of samples seen.
@@ -53,21 +57,56 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
     computed = [n for n in names if n not in constants and n not in inputs]
     session = make_session(proto.with_outputs(model, computed), threads=threads) if computed else None
     fixed = any(s.batch_dim_static() is not None for s in getattr(data, "specs", ()))  # a fixed batch cannot be cut
-    budget = _Budget(None if fixed else max_bytes)
+    budget = _Budget(None if fixed or max_bytes is None else max_bytes // (2 if overlap else 1))
     seen = 0
-    for batch in track(data.batches(batch_size), "capturing", enabled=progress, unit=len):
-        start = 0
-        while start < len(batch):
-            part = budget.cut(batch, start)
-            values = dict(zip(computed, session.run(computed, part.feeds))) if session else {}
-            budget.measure(values, len(part))
-            values.update({n: part.feeds[n] for n in names if n in inputs})
-            values.update(constants)
-            consume(part, values)
-            del values
-            start += len(part)
-            seen += len(part)
+    with _Consumer(consume, overlap) as handoff:
+        for batch in track(data.batches(batch_size), "capturing", enabled=progress, unit=len):
+            start = 0
+            while start < len(batch):
+                part = budget.cut(batch, start)
+                values = dict(zip(computed, session.run(computed, part.feeds))) if session else {}
+                budget.measure(values, len(part))
+                values.update({n: part.feeds[n] for n in names if n in inputs})
+                values.update(constants)
+                handoff.give(part, values)
+                del values
+                start += len(part)
+                seen += len(part)
     return seen
+
+
+class _Consumer:
+    """Calls ``consume`` on each run, in order: directly, or (``overlap``) in one worker thread, waiting
+    for the previous run's call before handing over the next run (at most two runs alive).
+    The worker's exception is raised in the caller."""
+
+    def __init__(self, consume: Consumer, overlap: bool):
+        self.consume = consume
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxcompress-capture") if overlap else None
+        self.pending: Future[None] | None = None
+
+    def give(self, batch: Batch, values: dict[str, np.ndarray]) -> None:
+        if self.pool is None:
+            self.consume(batch, values)
+            return
+        self.wait()
+        self.pending = self.pool.submit(self.consume, batch, values)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __enter__(self) -> _Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Budget:
