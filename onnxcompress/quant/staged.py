@@ -23,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core import proto
+from onnxcompress.runtime.capture import Handoff
 from onnxcompress.runtime.data import Batch
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import FrontierStore, Topology
@@ -118,13 +119,19 @@ class StagedBatches:
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
         feeds = proto.feed_names(model)
         session = make_session(model)
-        for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
-            batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
-            values = dict(zip(outputs, session.run(outputs, batch.feeds)))
+
+        def take(i: int, batch: Batch, values: dict[str, np.ndarray]) -> None:
             if consume is not None:
                 consume(batch, values)
             if keep:  # copies: an onnxruntime output is a view that pins its session's whole memory arena
                 self._save(i, {n: np.array(v, copy=True) for n, v in values.items()})
+
+        # batch i is consumed and stored in a worker thread while onnxruntime runs batch i + 1: the
+        # main thread only reads the inputs of later batches, stored before this run
+        with Handoff(take, overlap=True) as handoff:
+            for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
+                batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
+                handoff.give(i, batch, dict(zip(outputs, session.run(outputs, batch.feeds))))
 
     def keep_only(self, names: list[str]) -> None:
         """Delete the stored tensors not in ``names``."""

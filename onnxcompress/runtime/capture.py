@@ -18,7 +18,7 @@ from onnxcompress.runtime.data import Batch, CalibSource
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["CAPTURE_BUDGET", "Consumer", "capture"]
+__all__ = ["CAPTURE_BUDGET", "Consumer", "Handoff", "capture"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
     fixed = any(s.batch_dim_static() is not None for s in getattr(data, "specs", ()))  # a fixed batch cannot be cut
     budget = _Budget(None if fixed or max_bytes is None else max_bytes // (2 if overlap else 1))
     seen = 0
-    with _Consumer(consume, overlap) as handoff:
+    with Handoff(consume, overlap) as handoff:
         for batch in track(data.batches(batch_size), "capturing", enabled=progress, unit=len):
             start = 0
             while start < len(batch):
@@ -75,29 +75,32 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
     return seen
 
 
-class _Consumer:
-    """Calls ``consume`` on each run, in order: directly, or (``overlap``) in one worker thread, waiting
-    for the previous run's call before handing over the next run (at most two runs alive).
-    The worker's exception is raised in the caller."""
+class Handoff:
+    """Calls ``consume(*args)`` for each :meth:`give`, in order: directly, or (``overlap``) in one
+    worker thread, waiting for the previous call before handing over the next (so the caller
+    computes item ``k + 1`` while ``k`` is consumed: at most two items alive). The worker's
+    exception is raised in the caller (at the next :meth:`give` or on leaving the ``with``)."""
 
-    def __init__(self, consume: Consumer, overlap: bool):
+    def __init__(self, consume: Callable[..., None], overlap: bool):
         self.consume = consume
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxcompress-capture") if overlap else None
         self.pending: Future[None] | None = None
 
-    def give(self, batch: Batch, values: dict[str, np.ndarray]) -> None:
+    def give(self, *args: object) -> None:
+        """Consume ``args`` (in the worker: after the previous item's call has returned)."""
         if self.pool is None:
-            self.consume(batch, values)
+            self.consume(*args)
             return
         self.wait()
-        self.pending = self.pool.submit(self.consume, batch, values)
+        self.pending = self.pool.submit(self.consume, *args)
 
     def wait(self) -> None:
+        """Wait for the pending call (raising its exception)."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.result()
 
-    def __enter__(self) -> _Consumer:
+    def __enter__(self) -> Handoff:
         return self
 
     def __exit__(self, *exc: object) -> None:
