@@ -108,3 +108,20 @@ def test_overlap_raises_the_consumers_error():
     with pytest.raises(ValueError, match="consumer failed"):
         capture(MODEL, ["h"], src, consume, batch_size=4, overlap=True)
     assert len(calls) <= 3
+
+
+def test_overlap_is_dropped_when_one_sample_exceeds_half_the_budget():
+    """Two runs alive must still fit the budget: with room for 1.5 samples the runs hold one sample
+    each and are consumed in the caller's thread, one after the other."""
+    import threading
+
+    per_sample = 3 * 4 * 2
+    src = RandomSource(input_specs(MODEL), 6, seed=5)
+    sizes, threads = [], set()
+
+    def consume(b, t):
+        sizes.append(len(b))
+        threads.add(threading.current_thread().name)
+
+    capture(MODEL, ["h", "y"], src, consume, batch_size=8, max_bytes=per_sample * 3 // 2, overlap=True)
+    assert sizes == [1] * 6 and threads == {threading.current_thread().name}

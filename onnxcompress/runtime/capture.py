@@ -46,7 +46,9 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
             runs whole batches. Consumers must accept any batch size (streaming sums do).
         overlap: Consume each run in a worker thread while onnxruntime computes the next one
             (numpy and onnxruntime release the GIL). The consumer still sees the runs one at a
-            time and in order; two runs are alive at once, so each gets half of ``max_bytes``.
+            time and in order. Two runs are then alive at once, so each gets half of
+            ``max_bytes``; when one sample's tensors (or a batch that cannot be cut) exceed that
+            half, the runs are consumed one after the other as without ``overlap``.
 
     Returns:
         The number of samples seen.
@@ -57,15 +59,16 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
     computed = [n for n in names if n not in constants and n not in inputs]
     session = make_session(proto.with_outputs(model, computed), threads=threads) if computed else None
     fixed = any(s.batch_dim_static() is not None for s in getattr(data, "specs", ()))  # a fixed batch cannot be cut
-    budget = _Budget(None if fixed or max_bytes is None else max_bytes // (2 if overlap else 1))
+    budget = _Budget(max_bytes, overlap, cut=not fixed)
     seen = 0
-    with Handoff(consume, overlap) as handoff:
+    with Handoff(consume, budget.overlap) as handoff:
         for batch in track(data.batches(batch_size), "capturing", enabled=progress, unit=len):
             start = 0
             while start < len(batch):
                 part = budget.cut(batch, start)
                 values = dict(zip(computed, session.run(computed, part.feeds))) if session else {}
                 budget.measure(values, len(part))
+                handoff.overlap = budget.overlap
                 values.update({n: part.feeds[n] for n in names if n in inputs})
                 values.update(constants)
                 handoff.give(part, values)
@@ -83,15 +86,18 @@ class Handoff:
 
     def __init__(self, consume: Callable[..., None], overlap: bool):
         self.consume = consume
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxcompress-capture") if overlap else None
+        self.overlap = overlap  # may change between items (off: the next item is consumed in the caller)
+        self.pool: ThreadPoolExecutor | None = None
         self.pending: Future[None] | None = None
 
     def give(self, *args: object) -> None:
         """Consume ``args`` (in the worker: after the previous item's call has returned)."""
-        if self.pool is None:
+        self.wait()
+        if not self.overlap:
             self.consume(*args)
             return
-        self.wait()
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxcompress-capture")
         self.pending = self.pool.submit(self.consume, *args)
 
     def wait(self) -> None:
@@ -113,11 +119,16 @@ class Handoff:
 
 
 class _Budget:
-    """Samples per run under ``max_bytes`` of captured tensors: one sample first, then as measured."""
+    """Samples per run under ``max_bytes`` of captured tensors: one sample first (consumed before the
+    next run), then as measured; with ``overlap``, half of ``max_bytes`` per run, or no overlap when
+    one sample (or, where batches cannot be ``cut``, one batch) takes more than that half."""
 
-    def __init__(self, max_bytes: int | None):
+    def __init__(self, max_bytes: int | None, overlap: bool, *, cut: bool = True):
         self.max_bytes = max_bytes
-        self.step: int | None = None if max_bytes is None else 1
+        self.wanted = overlap
+        self.overlap = overlap and max_bytes is None  # with a budget: decided once measured
+        self.can_cut = cut
+        self.step: int | None = 1 if max_bytes is not None and cut else None
         self.measured = False
 
     def cut(self, batch: Batch, start: int) -> Batch:
@@ -128,7 +139,10 @@ class _Budget:
     def measure(self, values: dict[str, np.ndarray], samples: int) -> None:
         if self.max_bytes is None or self.measured or not samples:
             return
-        per_sample = sum(v.nbytes for v in values.values()) / samples
-        self.step = max(1, int(self.max_bytes // max(per_sample, 1.0)))
         self.measured = True
-        log.debug("capture: %.1f MB per sample, %d samples per run", per_sample / 1e6, self.step)
+        size = max(sum(v.nbytes for v in values.values()) / (samples if self.can_cut else 1), 1.0)
+        self.overlap = self.wanted and 2 * size <= self.max_bytes
+        if self.can_cut:
+            self.step = max(1, int(self.max_bytes // (2 if self.overlap else 1) // size))
+        log.debug("capture: %.1f MB per %s, %s per run, overlap %s", size / 1e6,
+                  "sample" if self.can_cut else "batch", self.step or "whole batches", self.overlap)

@@ -77,9 +77,10 @@ def test_store_keeps_tensors_in_memory_up_to_its_budget_then_on_disk():
 
 
 
-def test_run_consumes_and_stores_each_batch_in_order_off_the_main_thread():
+def test_run_consumes_and_stores_each_batch_in_order_off_the_main_thread(monkeypatch):
     """Batch i is consumed and stored by one worker thread while onnxruntime runs batch i + 1; the
-    consumer still sees the batches in order and the stored tensors are the run's values."""
+    consumer still sees the batches in order and the stored tensors are the run's values. When two
+    batches' outputs exceed OVERLAP_BYTES, the caller consumes them itself."""
     import threading
 
     import onnx_graphsurgeon as gs
@@ -102,6 +103,10 @@ g (float[N,3] x) => (float[N,3] y) { a = Relu(x)
         assert len(threads) == 1 and threading.current_thread().name not in threads
         for i in range(5):
             np.testing.assert_array_equal(store._store.get((i, "a")), np.full((2, 3), max(i - 2.0, 0.0), np.float32))
+        seen.clear(), threads.clear()
+        monkeypatch.setattr("onnxcompress.quant.staged.OVERLAP_BYTES", 2 * 2 * 3 * 4 - 1)  # two batches do not fit
+        store.run(g, ["x"], ["a"], consume)
+        assert seen == [-2.0, -1.0, 0.0, 1.0, 2.0] and threads == {threading.current_thread().name}
 
 
 @pytest.mark.parametrize("shape,axis", [((12, 5, 7, 3), 1), ((12, 9, 6), -1), ((12, 4), 1)])
