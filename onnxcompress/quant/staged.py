@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: :meth:`StagedBatches.run` consumes a batch while the next one runs when two batches' outputs
 #: take at most this many bytes (else one after the other).
-OVERLAP_BYTES = 2 * CAPTURE_BUDGET
+OVERLAP_BYTES = CAPTURE_BUDGET
 
 
 def tensor_depths(graph: gs.Graph, levels: dict[int, int]) -> dict[str, int]:

@@ -212,3 +212,21 @@ def test_mse_two_sided_descent_skips_searches_it_already_made(rng, monkeypatch):
     monkeypatch.setattr(observers, "_search", lambda *a: calls.append(1) or real(*a))
     assert compute_range(c, "mse") == (lo, hi)
     assert len(calls) < 6
+
+
+def test_ranges_are_computed_in_threads_in_order(monkeypatch):
+    """plan_params computes the tensors' ranges in RANGE_THREADS threads (each search is numpy work
+    on its own histogram); the results come back in the items' order."""
+    import threading
+
+    from onnxcompress.quant import sensitivity
+
+    monkeypatch.setattr(sensitivity, "RANGE_THREADS", 2)
+    names = set()
+
+    def work(i):
+        names.add(threading.current_thread().name)
+        return i * i
+
+    assert sensitivity._in_threads(work, list(range(40))) == [i * i for i in range(40)]
+    assert threading.current_thread().name not in names
