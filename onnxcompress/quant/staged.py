@@ -23,19 +23,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.core import proto
-from onnxcompress.runtime.capture import CAPTURE_BUDGET, Handoff
 from onnxcompress.runtime.data import Batch
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import FrontierStore, Topology
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["OVERLAP_BYTES", "StagedBatches", "tensor_depths", "frontier", "segment_model"]
+__all__ = ["StagedBatches", "tensor_depths", "frontier", "segment_model"]
 
 log = logging.getLogger(__name__)
-
-#: :meth:`StagedBatches.run` consumes a batch while the next one runs when two batches' outputs
-#: take at most this many bytes (else one after the other).
-OVERLAP_BYTES = CAPTURE_BUDGET
 
 
 def tensor_depths(graph: gs.Graph, levels: dict[int, int]) -> dict[str, int]:
@@ -123,24 +118,13 @@ class StagedBatches:
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
         feeds = proto.feed_names(model)
         session = make_session(model)
-
-        def take(i: int, batch: Batch, values: dict[str, np.ndarray]) -> None:
+        for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
+            batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
+            values = dict(zip(outputs, session.run(outputs, batch.feeds)))
             if consume is not None:
                 consume(batch, values)
             if keep:  # copies: an onnxruntime output is a view that pins its session's whole memory arena
                 self._save(i, {n: np.array(v, copy=True) for n, v in values.items()})
-
-        # once the first batch shows that two batches' outputs fit OVERLAP_BYTES, batch i is consumed
-        # and stored in a worker thread while onnxruntime runs batch i + 1: the main thread only
-        # reads the inputs of later batches, stored before this run
-        with Handoff(take, overlap=False) as handoff:
-            for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
-                batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
-                values = dict(zip(outputs, session.run(outputs, batch.feeds)))
-                if i == 0:
-                    handoff.overlap = 2 * sum(v.nbytes for v in values.values()) <= OVERLAP_BYTES
-                handoff.give(i, batch, values)
-                del values
 
     def keep_only(self, names: list[str]) -> None:
         """Delete the stored tensors not in ``names``."""

@@ -77,38 +77,6 @@ def test_store_keeps_tensors_in_memory_up_to_its_budget_then_on_disk():
 
 
 
-def test_run_consumes_and_stores_each_batch_in_order_off_the_main_thread(monkeypatch):
-    """Batch i is consumed and stored by one worker thread while onnxruntime runs batch i + 1; the
-    consumer still sees the batches in order and the stored tensors are the run's values. When two
-    batches' outputs exceed OVERLAP_BYTES, the caller consumes them itself."""
-    import threading
-
-    import onnx_graphsurgeon as gs
-
-    from tests.helpers.builders import parse
-
-    g = gs.import_onnx(parse("""<ir_version: 8, opset_import: ["" : 17]>
-g (float[N,3] x) => (float[N,3] y) { a = Relu(x)
-  y = Neg(a) }"""))
-    batches = [type("B", (), {"feeds": {"x": np.full((2, 3), i - 2.0, np.float32)}})() for i in range(5)]
-    seen, threads = [], set()
-
-    def consume(batch, values):
-        seen.append(float(batch.feeds["x"][0, 0]))
-        threads.add(threading.current_thread().name)
-
-    with StagedBatches(batches) as store:
-        store.run(g, ["x"], ["a"], consume, keep=True)
-        assert seen == [-2.0, -1.0, 0.0, 1.0, 2.0]
-        assert len(threads) == 1 and threading.current_thread().name not in threads
-        for i in range(5):
-            np.testing.assert_array_equal(store._store.get((i, "a")), np.full((2, 3), max(i - 2.0, 0.0), np.float32))
-        seen.clear(), threads.clear()
-        monkeypatch.setattr("onnxcompress.quant.staged.OVERLAP_BYTES", 2 * 2 * 3 * 4 - 1)  # two batches do not fit
-        store.run(g, ["x"], ["a"], consume)
-        assert seen == [-2.0, -1.0, 0.0, 1.0, 2.0] and threads == {threading.current_thread().name}
-
-
 @pytest.mark.parametrize("shape,axis", [((12, 5, 7, 3), 1), ((12, 9, 6), -1), ((12, 4), 1)])
 def test_channel_moments_do_not_depend_on_how_samples_are_batched(shape, axis):
     from onnxcompress.quant.bias_correction import ChannelMoments
