@@ -74,3 +74,54 @@ def test_progress_of_samples_shows_samples_per_second():
     assert column.render(types.SimpleNamespace(fields={"samples": True}, speed=12.34)).plain == "12.3 samples/s"
     assert column.render(types.SimpleNamespace(fields={}, speed=12.34)).plain == ""
     assert list(track([[1, 2], [3]], "x", enabled=False, unit=len)) == [[1, 2], [3]]
+
+
+def test_overlap_consumes_runs_in_order_in_one_worker_with_half_the_budget():
+    """With ``overlap`` two runs are alive at once (one consumed while the next is computed): each run
+    gets half the budget, and one worker thread sees every sample once, in order."""
+    import threading
+
+    per_sample = 3 * 4 * 2
+    src = RandomSource(input_specs(MODEL), 30, seed=5)
+    sizes, xs, threads = [], [], set()
+
+    def consume(b, t):
+        sizes.append(len(b))
+        xs.append(t["x"])
+        threads.add(threading.current_thread().name)
+
+    assert capture(MODEL, ["h", "y", "x"], src, consume, batch_size=8, max_bytes=5 * per_sample, overlap=True) == 30
+    assert sizes[0] == 1 and max(sizes) == 2 and sum(sizes) == 30
+    np.testing.assert_array_equal(np.concatenate(xs), np.concatenate([b.feeds["x"] for b in src.batches(8)]))
+    assert len(threads) == 1 and threading.current_thread().name not in threads
+
+
+def test_overlap_raises_the_consumers_error():
+    src = RandomSource(input_specs(MODEL), 12, seed=5)
+    calls = []
+
+    def consume(b, t):
+        calls.append(len(b))
+        if len(calls) == 2:
+            raise ValueError("consumer failed")
+
+    with pytest.raises(ValueError, match="consumer failed"):
+        capture(MODEL, ["h"], src, consume, batch_size=4, overlap=True)
+    assert len(calls) <= 3
+
+
+def test_overlap_is_dropped_when_one_sample_exceeds_half_the_budget():
+    """Two runs alive must still fit the budget: with room for 1.5 samples the runs hold one sample
+    each and are consumed in the caller's thread, one after the other."""
+    import threading
+
+    per_sample = 3 * 4 * 2
+    src = RandomSource(input_specs(MODEL), 6, seed=5)
+    sizes, threads = [], set()
+
+    def consume(b, t):
+        sizes.append(len(b))
+        threads.add(threading.current_thread().name)
+
+    capture(MODEL, ["h", "y"], src, consume, batch_size=8, max_bytes=per_sample * 3 // 2, overlap=True)
+    assert sizes == [1] * 6 and threads == {threading.current_thread().name}

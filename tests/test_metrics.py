@@ -44,3 +44,33 @@ def test_gemm_and_matmul():
     assert m.macs == 32 * 16 + 5 * 32 and m.params == 32 * 16 + 32 * 5
     assert m.outputs == {"y": [1, 5]}
     assert m.file_bytes > 4 * (32 * 16 + 32 * 5)
+
+
+def _gives_up_off_the_mac_path():
+    """A Conv, and a NonZero whose data-dependent shape onnx's inference gives up on (read by
+    nothing the MAC count needs: its Shape has a known shape)."""
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"]), helper.make_node("NonZero", ["x"], ["nz"]),
+             helper.make_node("Shape", ["nz"], ["s"]), helper.make_node("Cast", ["s"], ["z"], to=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", 1, None), helper.make_tensor_value_info("z", 1, None)],
+                          [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_symbolic_inference_only_when_the_mac_count_reads_a_shape_onnx_gave_up_on(monkeypatch):
+    """onnxruntime's symbolic inference (a sympy import: seconds) runs for the MAC count only when a
+    tensor it reads is among those onnx's inference gave up on; ``node_list`` (every shape) still asks."""
+    from onnxcompress.core import shapes
+    from onnxcompress.core.metrics import node_list
+
+    model = _gives_up_off_the_mac_path()
+    assert any(shapes._gave_up(vi) for vi in shapes.infer_shapes(model).graph.value_info)
+    calls = []
+    real = shapes._symbolic
+    monkeypatch.setattr(shapes, "_symbolic", lambda m: calls.append(1) or real(m))
+    metrics = model_metrics(model)
+    assert not calls
+    assert metrics.macs == 4 * 6 * 6 * 3 * 3 * 3 and metrics.outputs == {"y": [1, 4, 6, 6], "z": [2]}
+    node_list(model)
+    assert calls

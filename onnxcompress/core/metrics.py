@@ -79,6 +79,10 @@ def _prod(xs) -> int:
     return int(np.prod(xs, dtype=np.int64)) if len(xs) else 1
 
 
+#: The ops :func:`_node_macs` counts.
+_MAC_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     def shape(i: int, outputs: bool = False):
         names = node.output if outputs else node.input
@@ -99,12 +103,24 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
-def _inferred(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None
+def _read_shapes(model: onnx.ModelProto) -> set[str]:
+    """The tensors whose shapes :func:`model_metrics` reads: the graph outputs, and the first two
+    inputs and first output of the nodes whose MACs :func:`_node_macs` counts."""
+    names = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type in _MAC_OPS:
+            names.update(node.input[:2])
+            names.update(node.output[:1])
+    return names
+
+
+def _inferred(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None, only: set[str] | None = None
               ) -> tuple[dict[str, list[int]], onnx.ModelProto, dict[str, list[int]], Dims]:
-    """The concrete input shapes, the model inferred at them, every known tensor shape, the dims used."""
+    """The concrete input shapes, the model inferred at them, every known tensor shape (those of
+    ``only`` when given: others may stay unknown), the dims used."""
     resolved = dims if isinstance(dims, Dims) else resolve_dims(model, dims)
     shapes_in = concrete_inputs(model, resolved)
-    inferred = infer_shapes_filled(with_concrete_inputs(model, shapes_in))
+    inferred = infer_shapes_filled(with_concrete_inputs(model, shapes_in), only)
     return shapes_in, inferred, _shape_map(inferred), resolved
 
 
@@ -142,7 +158,7 @@ def model_metrics(model: onnx.ModelProto, dims: Mapping[str, int] | Dims | None 
         dims: The resolved symbolic input dims (:func:`~onnxcompress.core.shapes.resolve_dims`), or
             values by name (others: batch dims 1, other dims :data:`~onnxcompress.core.shapes.DEFAULT_DYNAMIC_DIM`).
     """
-    shapes_in, inferred, known, resolved = _inferred(model, dims)
+    shapes_in, inferred, known, resolved = _inferred(model, dims, _read_shapes(model))
     per_node = [NodeMacs(n.name or n.output[0], n.op_type, _node_macs(n, known)) for n in inferred.graph.node]
     params = sum(_prod(list(i.dims)) for i in model.graph.initializer)
     params += sum(_prod(list(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"

@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,13 +143,20 @@ def _gave_up(vi: onnx.ValueInfoProto) -> bool:
     return any(d.dim_param.startswith("unk__") for d in vi.type.tensor_type.shape.dim)
 
 
-def infer_shapes_filled(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes_filled(model: onnx.ModelProto, only: Collection[str] | None = None) -> onnx.ModelProto:
     """:func:`infer_shapes`, then, for the tensors onnx gave up on (``unk__N`` dims, e.g. after a
     ``Slice`` whose ends are computed, as in transformer position embeddings), the shapes of
     onnxruntime's symbolic inference where it finds them all. For MAC counting at concrete input
-    dims; the passes keep :func:`infer_shapes`."""
+    dims; the passes keep :func:`infer_shapes`.
+
+    Args:
+        only: The tensors whose shapes the caller reads: symbolic inference (and its sympy import,
+            seconds) runs only when onnx gave up on one of them (default: on any tensor). The
+            shapes of these tensors are the same either way.
+    """
     inferred = infer_shapes(model)
-    if not any(_gave_up(vi) for vi in inferred.graph.value_info):
+    wanted = None if only is None else set(only)
+    if not any(_gave_up(vi) and (wanted is None or vi.name in wanted) for vi in inferred.graph.value_info):
         return inferred
     symbolic = _symbolic(inferred)
     if symbolic is None:

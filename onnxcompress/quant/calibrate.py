@@ -48,7 +48,7 @@ def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_si
             observe(batch, tensors)
 
     samples = capture(model, [*names, *also], source, consume, batch_size=batch_size, progress=progress,
-                      max_bytes=CAPTURE_BUDGET)
+                      max_bytes=CAPTURE_BUDGET, overlap=True)
     return collectors, samples
 
 

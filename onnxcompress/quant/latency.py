@@ -236,8 +236,8 @@ def measure_ratio(pair: LayerPair, *, rounds: int = 40, warmup: int = 5, target_
     Each timed sample repeats the run enough times to last about ``target_ms``, so sub-0.1 ms
     layers are not dominated by timer resolution.
     """
-    runs = [(make_session(pair.float_model, optimize=True, threads=1), pair.float_feeds),
-            (make_session(pair.int8_model, optimize=True, threads=1), pair.int8_feeds)]
+    runs = [(make_session(pair.float_model, optimize=True, threads=1, spin=True), pair.float_feeds),
+            (make_session(pair.int8_model, optimize=True, threads=1, spin=True), pair.int8_feeds)]
     for s, feeds in runs:
         for _ in range(warmup):
             s.run(None, feeds)

@@ -389,13 +389,23 @@ def _mse_range(c: HistogramCollector, symmetric: bool) -> tuple[float, float]:
         t = _search(lambda t: _grid_error(x, n, -t, t, symmetric=True), c.amax)
         return -t, t
     lo, hi = min(c.min, 0.0), max(c.max, 0.0)
+    # a side searched again from the same other bound gives the same result: once a round leaves a
+    # bound where it was, the rest of the descent repeats itself and is read from here
+    found: dict[tuple[bool, float], float] = {}
+
+    def best(upper: bool, other: float) -> float:
+        if (upper, other) not in found:
+            found[upper, other] = (
+                _search(lambda h: _grid_error(x, n, np.full(h.shape, other), h, symmetric=False), max(c.max, 0.0))
+                if upper else
+                -_search(lambda m: _grid_error(x, n, -m, np.full(m.shape, other), symmetric=False), -min(c.min, 0.0)))
+        return found[upper, other]
+
     for _ in range(3):  # coordinate descent; one pass suffices for one-sided tensors
         if hi > 0:
-            hi = _search(lambda h, lo=lo: _grid_error(x, n, np.full(h.shape, lo), h, symmetric=False),
-                         max(c.max, 0.0))
+            hi = best(True, lo)
         if lo < 0:
-            lo = -_search(lambda m, hi=hi: _grid_error(x, n, -m, np.full(m.shape, hi), symmetric=False),
-                          -min(c.min, 0.0))
+            lo = best(False, hi)
         if lo == 0.0 or hi == 0.0:
             break
     return lo, hi

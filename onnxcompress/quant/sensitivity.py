@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,13 +86,18 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
     """
     cache = ranges_cache if ranges_cache is not None else {}
 
-    def rng(name: str) -> tuple[float, float]:
+    def key(name: str) -> tuple[str, str, float, bool]:
         symmetric = cfg.symmetric_activations and name not in plan.one_sided
         how = "minmax" if name in plan.unclipped else method  # qdq rule 13
-        key = (name, how, percentile, symmetric)
-        if key not in cache:
-            cache[key] = compute_range(calib.collectors[name], how, percentile=percentile, symmetric=symmetric)
-        lo, hi = cache[key]
+        return name, how, percentile, symmetric
+
+    keys = {name: key(name) for name in plan.calibrated()}
+    missing = [k for k in dict.fromkeys(keys.values()) if k not in cache]
+    cache.update(zip(missing, _in_threads(
+        lambda k: compute_range(calib.collectors[k[0]], k[1], percentile=k[2], symmetric=k[3]), missing)))
+
+    def rng(name: str) -> tuple[float, float]:
+        lo, hi = cache[keys[name]]
         if name in plan.bounds:
             lo, hi = max(lo, plan.bounds[name][0]), min(hi, plan.bounds[name][1])
         return lo, hi
@@ -109,6 +116,19 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
             result.count("degenerate_ranges")
         params[name] = p
     return params
+
+
+#: Threads computing ranges (each tensor's search is numpy work on its own histogram, which releases
+#: the GIL; a tensor's range does not depend on the thread it is computed in).
+RANGE_THREADS = min(4, os.cpu_count() or 1)
+
+
+def _in_threads(work: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[work(i) for i in items]``, in :data:`RANGE_THREADS` threads."""
+    if RANGE_THREADS < 2 or len(items) < 2:
+        return [work(i) for i in items]
+    with ThreadPoolExecutor(min(RANGE_THREADS, len(items)), thread_name_prefix="onnxcompress-ranges") as pool:
+        return list(pool.map(work, items))
 
 
 # --------------------------------------------------------------------------------- quantizer

@@ -424,7 +424,7 @@ def _run_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], name: s
 def _session(model: onnx.ModelProto, name: str, provider: str, threads: int, optimize: bool) -> ort.InferenceSession:
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
-        session = make_session(model, optimize=optimize, threads=threads, providers=providers)
+        session = make_session(model, optimize=optimize, threads=threads, providers=providers, spin=True)
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
     except _ORT_ERRORS as exc:

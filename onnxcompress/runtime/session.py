@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0,
                  providers: list[str] | None = None, log_severity: int = 3,
-                 optimized_model_path: str | Path | None = None, arena: bool = True) -> ort.InferenceSession:
+                 optimized_model_path: str | Path | None = None, arena: bool = True,
+                 spin: bool = False) -> ort.InferenceSession:
     """Create an inference session for ``model``.
 
     Args:
@@ -33,6 +34,10 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int
         optimized_model_path: Where ORT writes the graph it will run (after its optimizations).
         arena: Use ORT's CPU memory arena (faster allocations; it keeps its peak until the
             session goes): off for sessions that run a few times on large batches.
+        spin: Let onnxruntime's intra-op threads busy-wait for work between and after runs (its
+            default). Off here: the tool's runs alternate with numpy work on the outputs, which the
+            spinning threads would compete with for the cores (capture on opennsfw: ~1/3 of the
+            process's CPU time); on where a run's latency is what is measured.
 
     Raises:
         InputError: onnxruntime refuses the model.
@@ -43,6 +48,8 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = False, threads: int
     opts.intra_op_num_threads = threads
     opts.log_severity_level = log_severity
     opts.enable_cpu_mem_arena = arena
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
     providers = providers or ["CPUExecutionProvider"]

@@ -190,3 +190,43 @@ def test_one_collection_serves_every_method_like_separate_observers():
             alone.update(b)
         for symmetric in (False, True):
             assert compute_range(shared, method, symmetric=symmetric) == alone.range(symmetric=symmetric)
+
+
+def test_mse_two_sided_descent_skips_searches_it_already_made(rng, monkeypatch):
+    """The asymmetric two-sided search alternates hi and lo for three rounds; once a bound comes
+    back where it was, the remaining searches would repeat earlier ones with the same arguments:
+    they are not run again, and the range is the one the full three rounds give."""
+    from onnxcompress.quant import observers
+
+    x = rng.standard_normal(N)
+    x = x / (1.0 + np.exp(-x))  # SiLU: a short negative tail
+    c = collect(x)
+    xs, n = observers._signed_centres(c)
+    lo, hi = c.min, c.max
+    for _ in range(3):  # the descent, every search run
+        hi = observers._search(lambda h, lo=lo: observers._grid_error(xs, n, np.full(h.shape, lo), h, symmetric=False), c.max)
+        lo = -observers._search(lambda m, hi=hi: observers._grid_error(xs, n, -m, np.full(m.shape, hi), symmetric=False),
+                                -c.min)
+    calls = []
+    real = observers._search
+    monkeypatch.setattr(observers, "_search", lambda *a: calls.append(1) or real(*a))
+    assert compute_range(c, "mse") == (lo, hi)
+    assert len(calls) < 6
+
+
+def test_ranges_are_computed_in_threads_in_order(monkeypatch):
+    """plan_params computes the tensors' ranges in RANGE_THREADS threads (each search is numpy work
+    on its own histogram); the results come back in the items' order."""
+    import threading
+
+    from onnxcompress.quant import sensitivity
+
+    monkeypatch.setattr(sensitivity, "RANGE_THREADS", 2)
+    names = set()
+
+    def work(i):
+        names.add(threading.current_thread().name)
+        return i * i
+
+    assert sensitivity._in_threads(work, list(range(40))) == [i * i for i in range(40)]
+    assert threading.current_thread().name not in names
