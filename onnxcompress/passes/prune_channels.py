@@ -137,7 +137,11 @@ class PruneChannels(Pass):
         output only feeds a ReLU or a hard-swish (``HardSwish``, or Paddle's ``x·Clip(x+3, 0, 6)/6``),
         a target where the original's activation is flat (``t <= 0``, ``<= −3``) becomes the
         layer's current output clipped to ``[t, 0]`` (``[t, −3]``): the error that counts is the one
-        after the activation, one Gauss-Newton-like step from the pruned weights); without calibration data, for other ops or when it fails it
+        after the activation, one Gauss-Newton-like step from the pruned weights; ``refit_holdout=F``: a share
+        ``F`` of each layer's sampled rows is held out, the ridge (``1e-4``, ``1e-2`` or ``1`` relative) with the
+        least held-out error is kept and a refit that does not beat the pruned weights there is rejected --
+        deep layers with few rows per feature otherwise fit the calibration set and blow up on other
+        inputs); without calibration data, for other ops or when it fails it
         declines (``reconstruction_needs_calibration``, ``reconstruction_unsupported_op``,
         ``reconstruction_failed``).
 
@@ -183,7 +187,9 @@ class PruneChannels(Pass):
         relative output error of the refitted layers on calibration data),
         ``reconstruct_per_layer`` (one row per refitted layer: ``node``, ``op``,
         ``error_before``/``error_after`` -- ``‖X·W + b − Y‖ / ‖Y‖`` with the pruned and the refitted
-        weights --, ``rows`` used and ``features`` solved for per group, bias included).
+        weights --, ``rows`` used and ``features`` solved for per group, bias included; with
+        ``refit_holdout`` also ``holdout_before``/``holdout_after``, ``ridge`` and ``rejected``),
+        ``reconstruct_rejected`` (``refit_holdout``: refits rejected on the held-out rows).
     """
 
     name = "prune_channels"
@@ -214,6 +220,9 @@ class PruneChannels(Pass):
         "refit_steps": Option(bool, False, "with steps=N and reconstruct: refit after every round, so the next "
                               "round scores and measures the refitted model (else one refit at the end)"),
         "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
+        "refit_holdout": Option(float, 0.0, "share of the sampled calibration rows held out of each refit to choose "
+                                "its ridge and reject a refit that does not beat the pruned weights there (0: off)",
+                                interval="[0, 1)"),
         "post_act": Option(bool, False, "refit a layer followed by ReLU/hard-swish only where the original's "
                            "activation is not flat (targets in the flat region just need to stay there)"),
         "se": Option(str, "refit", "layers reading a global pool (SE/attention scales): refit (least squares) or "
@@ -443,7 +452,7 @@ class PruneChannels(Pass):
             return None
         try:
             fixed, stats = reconstruct_layers(graph, original, targets, ctx.calib, seed=seed,
-                                                     progress=ctx.progress)
+                                              progress=ctx.progress, holdout=self.opts["refit_holdout"])
         except InputError as exc:
             ctx.logger.debug("prune_channels: reconstruction failed: %s", exc)
             result.decline("reconstruct", R_RECONSTRUCT_FAILED, str(exc).splitlines()[0] if str(exc) else "",
@@ -473,10 +482,21 @@ def activation_after(tensor: gs.Tensor) -> str | None:
 
 def _reconstruct_stats(stats: list[LayerStats], result: PassResult) -> None:
     result.stats.update(refit_summary(stats))
-    result.stats["reconstruct_per_layer"] = [
-        {"node": s.node, "op": s.op_type, "error_before": round(s.error_before, 6),
-         "error_after": round(s.error_after, 6), "rows": s.positions,
-         "features": s.kept_features // max(1, s.groups) + 1} for s in stats]
+    result.stats["reconstruct_per_layer"] = [_layer_row(s) for s in stats]
+    if any(s.ridge is not None for s in stats):  # refit_holdout: a ridge was chosen per layer
+        result.stats["reconstruct_rejected"] = sum(1 for s in stats if s.rejected)
+
+
+def _layer_row(s: LayerStats) -> dict[str, object]:
+    """One row of ``reconstruct_per_layer`` (with ``refit_holdout``: the held-out errors, the ridge
+    chosen and whether the refit was rejected)."""
+    row: dict[str, object] = {"node": s.node, "op": s.op_type, "error_before": round(s.error_before, 6),
+                              "error_after": round(s.error_after, 6), "rows": s.positions,
+                              "features": s.kept_features // max(1, s.groups) + 1}
+    if s.ridge is not None:
+        row.update(holdout_before=round(s.holdout_before or 0.0, 6), holdout_after=round(s.holdout_after or 0.0, 6),
+                   ridge=s.ridge, rejected=s.rejected)
+    return row
 
 
 def _merge_layers(layers: dict[str, PrunedLayer], new: list[PrunedLayer]) -> None:

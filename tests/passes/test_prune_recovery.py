@@ -258,3 +258,75 @@ def test_post_act_lowers_the_error_after_the_activation():
     ref = ort_run(proto.with_outputs(model, ["br"]), feeds)[-1]
     err = [float(np.sum((ort_run(proto.with_outputs(m, ["br"]), feeds)[-1] - ref) ** 2)) for m in (plain, post)]
     assert err[1] <= err[0] * 1.01
+
+
+# ---- refit_holdout: each refit's ridge chosen on held-out rows, a refit that does not beat the pruned weights rejected
+
+def wide(seed: int = 0, c1: int = 64) -> onnx.ModelProto:
+    """conv(c1) -> relu -> 3x3 conv(16) -> relu -> conv(4): the 3x3 conv's refit has c1/2 * 9 + 1 features,
+    more than the rows of a few 8x8 samples (6x6 positions each)."""
+    rng = np.random.default_rng(seed)
+    nodes = [node("Conv", ["x", "w1", "b1"], "a", pads=[1, 1, 1, 1]), node("Relu", ["a"], "ar"),
+             node("Conv", ["ar", "w2", "b2"], "b"), node("Relu", ["b"], "br"), node("Conv", ["br", "w3", "b3"], "y")]
+    params = {"w1": rand(rng, c1, 3, 3, 3, scale=0.4), "b1": rand(rng, c1, scale=0.2),
+              "w2": rand(rng, 16, c1, 3, 3, scale=0.2), "b2": rand(rng, 16, scale=0.2),
+              "w3": rand(rng, 4, 16, 1, 1, scale=0.4), "b3": rand(rng, 4, scale=0.2)}
+    return make_model(nodes, X, ["y"], params)
+
+
+WIDE_SPEC = "prune_channels:ratio=0.5:round_to=1"
+
+
+def test_refit_holdout_parses():
+    assert parse_spec("prune_channels")[0].opts["refit_holdout"] == 0.0
+    assert parse_spec("prune_channels:refit_holdout=0.2")[0].opts["refit_holdout"] == 0.2
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(InputError, match="refit_holdout"):
+            parse_spec(f"prune_channels:refit_holdout={bad}")
+
+
+def test_refit_holdout_zero_is_the_default():
+    model = wide()
+    a, ra = run_passes(model, WIDE_SPEC, ctx(model, 4))
+    b, _ = run_passes(model, WIDE_SPEC + ":refit_holdout=0", ctx(model, 4))
+    assert a.SerializeToString() == b.SerializeToString()
+    assert "reconstruct_rejected" not in ra[0].result.stats
+    assert all("ridge" not in r for r in ra[0].result.stats["reconstruct_per_layer"])
+
+
+def test_refit_holdout_regularises_an_underdetermined_refit():
+    """4 samples give 144 rows for the 3x3 conv's 289 features: the plain refit fits them; held-out rows
+    choose a larger ridge, and the pruned model is closer to the original on other inputs."""
+    model = wide()
+    plain, _ = run_passes(model, WIDE_SPEC, ctx(model, 4))
+    held, records = run_passes(model, WIDE_SPEC + ":refit_holdout=0.25", ctx(model, 4))
+    onnx.checker.check_model(held, full_check=True)
+    stats = records[0].result.stats
+    rows = {r["node"]: r for r in stats["reconstruct_per_layer"]}
+    assert rows["b"]["rows"] < rows["b"]["features"] and rows["b"]["ridge"] > 1e-4
+    assert stats["reconstruct_rejected"] == 0 and not rows["b"]["rejected"]
+    assert rows["b"]["holdout_after"] < rows["b"]["holdout_before"]
+    assert output_error(model, held) < 0.95 * output_error(model, plain)
+
+
+def test_refit_holdout_rejected_refit_keeps_the_pruned_weights():
+    """With 2 samples no ridge beats the pruned weights of ``b`` on its held-out rows: ``b`` keeps the
+    weights plain pruning gives it (bias compensation included), ``y`` is still refitted."""
+    model = wide()
+    held, records = run_passes(model, WIDE_SPEC + ":refit_holdout=0.25", ctx(model, 2))
+    bare, _ = run_passes(model, WIDE_SPEC + ":reconstruct=false", ctx(model, 2))
+    stats = records[0].result.stats
+    rows = {r["node"]: r for r in stats["reconstruct_per_layer"]}
+    assert rows["b"]["rejected"] and not rows["y"]["rejected"] and stats["reconstruct_rejected"] == 1
+    for got, want in zip(weights(held, "b"), weights(bare, "b"), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(weights(held, "y")[0], weights(bare, "y")[0])
+    assert output_error(model, held) < output_error(model, bare)
+
+
+def test_refit_holdout_is_deterministic():
+    model = wide()
+    spec = WIDE_SPEC + ":refit_holdout=0.25"
+    a, _ = run_passes(model, spec, ctx(model, 4))
+    b, _ = run_passes(model, spec, ctx(model, 4))
+    assert a.SerializeToString() == b.SerializeToString()
