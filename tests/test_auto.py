@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,9 @@ def test_targets_and_space_parsing():
         parse_targets("size=0.5,size=0.4")
     assert parse_space("prune=0.5|0.25,lowrank=") == Space(prune=(0.5, 0.25), lowrank=())
     assert parse_space("prune_macs=0.3|0.5") == Space(prune_macs=(0.3, 0.5))
+    assert parse_space("align=8|16").align == (8, 16) and parse_space("align=").align == ()
+    with pytest.raises(InputError, match="align"):
+        parse_space("align=1")
     with pytest.raises(InputError, match="prune MAC target"):
         parse_space("prune_macs=1.5")
     with pytest.raises(InputError, match="unknown quantization"):
@@ -191,6 +195,12 @@ def test_candidate_spec_order():
     onnxcompress.parse_spec(b.spec)
     with pytest.raises(InputError, match="not both"):
         Candidate(prune=0.5, budget=0.3)
+    a = Candidate(budget=0.3, quant="int8", align=16)
+    assert a.spec == b.spec.replace(",fold_bn", ":round_to=16,fold_bn") and a.label() == "prune macs 0.3 /16 + int8"
+    assert Candidate(prune=0.5, align=16).spec.startswith("prune_channels:ratio=0.5:round_to=16,")
+    assert onnxcompress.parse_spec(a.spec)[0].opts["round_to"] == 16
+    with pytest.raises(InputError, match="does not prune"):
+        Candidate(quant="int8", align=16)
 
 
 def test_choose_prefers_the_first_target_then_quality():
@@ -260,7 +270,7 @@ def test_combinations_prune_one_way_and_prefilter_by_estimate():
     uni, bud, q = Candidate(prune=0.5), Candidate(budget=0.3), Candidate(quant="int8")
     singles = {uni: {"size_ratio": 0.5, "macs_ratio": 0.28}, bud: {"size_ratio": 0.3, "macs_ratio": 0.3},
                q: {"size_ratio": 0.3, "macs_ratio": 1.0}}
-    space = Space(prune=(0.375, 0.5), prune_macs=(0.4, 0.3), lowrank=())
+    space = Space(prune=(0.375, 0.5), prune_macs=(0.4, 0.3), lowrank=(), align=())  # aligned: the next test
     run = _StubRun("latency=0.5", singles)
     _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
     assert run.asked[0] == [Candidate(prune=0.5, quant="int8"), Candidate(budget=0.3, quant="int8")]
@@ -274,3 +284,22 @@ def test_combinations_prune_one_way_and_prefilter_by_estimate():
     run = _StubRun("size=0.01", singles)  # none comes close: all are evaluated
     _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
     assert len(run.asked[0]) == 2
+
+
+def test_latency_target_also_tries_the_pruning_bests_aligned():
+    from onnxcompress.pipeline.auto import _combinations
+
+    bud, q = Candidate(budget=0.3), Candidate(quant="int8")
+    singles = {bud: {"size_ratio": 0.3, "macs_ratio": 0.3}, q: {"size_ratio": 0.3, "macs_ratio": 1.0}}
+    space = Space(prune=(), prune_macs=(0.4, 0.3), lowrank=())
+    run = _StubRun("latency=0.5", singles)
+    _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    aligned = Candidate(budget=0.3, align=16)
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8"), replace(aligned, quant="int8"), aligned]
+    assert replace(aligned, budget=0.4) in run.asked[1]  # backtracking keeps the alignment
+    run = _StubRun("size=0.5", singles)  # no latency target: channel counts need no alignment
+    _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]
+    run = _StubRun("latency=0.5", singles)
+    _combinations(run, {"budget": bud, "quant": q}, replace(space, align=()))  # type: ignore[arg-type]
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]

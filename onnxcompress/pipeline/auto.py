@@ -21,7 +21,9 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    budget run out).
 3. **Combinations** of the per-technique bests (every subset of two or more, in the order
    prune → factorize → quantize; one way of pruning per candidate, each combined with the rest).
-   With a size or MAC target, a combination whose size/MACs estimated from its parts' single
+   With a latency target each pruning best also comes **aligned** (``round_to=16``, see
+   :data:`~.auto_space.LAYOUT_ALIGN`: onnxruntime runs convs in its fast blocked layout only on
+   channel counts that are multiples of its block), alone and in every combination. With a size or MAC target, a combination whose size/MACs estimated from its parts' single
    records (the product of their ratios) miss a target by more than :data:`PREFILTER_SLACK` is
    not evaluated (unless every one would; one with a part never evaluated alone always is). A combination that fails the gate **backtracks**: its pruning
    steps down one rung, else its factorization, else ``int8`` becomes ``int8-mixed``; the new
@@ -282,8 +284,18 @@ def _smallest_macs(run: _Run, prunings: list[Candidate]) -> list[Candidate]:
 def _combine(parts: tuple[Candidate, ...]) -> Candidate:
     c = Candidate()
     for p in parts:
-        c = Candidate(p.prune or c.prune, p.lowrank or c.lowrank, p.quant or c.quant, p.budget or c.budget)
+        c = Candidate(prune=p.prune or c.prune, lowrank=p.lowrank or c.lowrank, quant=p.quant or c.quant,
+                      budget=p.budget or c.budget, align=p.align or c.align)
     return c
+
+
+def _prunings(run: _Run, best: dict[str, Candidate], space: Space) -> list[Candidate]:
+    """The per-kind pruning bests and, with a latency target, each of them aligned to every
+    ``space.align`` (kept channels a multiple of it: onnxruntime's blocked conv layout)."""
+    found = [best[k] for k in PRUNINGS if k in best]
+    if run.s.targets.get("latency") is None:
+        return found
+    return found + [replace(p, align=a) for p in found for a in space.align]
 
 
 def _step_down(c: Candidate, space: Space) -> Candidate | None:
@@ -306,12 +318,15 @@ def _step_down(c: Candidate, space: Space) -> Candidate | None:
 
 
 def _combinations(run: _Run, best: dict[str, Candidate], space: Space) -> None:
-    """Step 3: every combination of two or more per-technique bests, with backtracking on failures."""
+    """Step 3: every combination of two or more per-technique bests, with backtracking on failures
+    (with a latency target, also the aligned pruning bests, alone and combined: :func:`_prunings`)."""
     others = [best[k] for k in ("lowrank", "quant") if k in best]
     todo: list[Candidate] = []
-    for pruning in [[best[k]] for k in PRUNINGS if k in best] or [[]]:  # one way of pruning per candidate
+    for pruning in [[p] for p in _prunings(run, best, space)] or [[]]:  # one way of pruning per candidate
         parts = pruning + others
-        todo += [_combine(p) for n in range(len(parts), 1, -1) for p in itertools.combinations(parts, n)]
+        least = 1 if pruning and pruning[0].align else 2  # an aligned pruning was not evaluated alone
+        todo += [_combine(p) for n in range(len(parts), least - 1, -1) for p in itertools.combinations(parts, n)
+                 if least == 2 or pruning[0] in p]
     if "quant" in best and not best["quant"].quant.startswith("int8") and "int8" in space.quant:
         # weight-only won the single step (size first): the int8 combinations are tried as well
         todo += [replace(c, quant="int8") for c in todo if c.quant and replace(c, quant="int8") not in todo]
@@ -329,8 +344,8 @@ def _estimate(run: _Run, c: Candidate) -> dict[str, float] | None:
     (products: each technique shrinks what the others left); None when a part was not evaluated
     alone (e.g. int8 after weight-only passed first)."""
     est = {"size": 1.0, "macs": 1.0}
-    for part in (Candidate(prune=c.prune), Candidate(budget=c.budget), Candidate(lowrank=c.lowrank),
-                 Candidate(quant=c.quant)):
+    pruning = [Candidate(prune=c.prune, budget=c.budget, align=c.align)] if c.prune or c.budget else []
+    for part in (*pruning, Candidate(lowrank=c.lowrank), Candidate(quant=c.quant)):
         if not part.techniques:
             continue
         rec = run.records.get(part) or {}
