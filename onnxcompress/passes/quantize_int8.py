@@ -229,6 +229,9 @@ class QuantizeInt8(Pass):
         "reduce_range": Option(str, "auto", "7-bit weights (no u8s8 saturation on CPUs without VNNI); auto: "
                                             "on this CPU exactly when it lacks VNNI", choices=REDUCE_RANGE_CHOICES),
         "exclude": Option(list, [], "node names or op types kept float"),
+        "share_concat_scales": Option(bool, False, "a Concat input read by nothing else is quantized with the "
+                                                   "Concat output's scale and zero point (one rounding, not two; "
+                                                   "onnxruntime's QLinearConcat then copies it)"),
         "weights_only": Option(bool, False, "int8 weights only, float compute; no calibration"),
         "dynamic": Option(bool, False, "MatMul/Gemm with activations quantized at run time "
                                        "(DynamicQuantizeLinear + MatMulInteger); no calibration"),

@@ -91,6 +91,11 @@ Rules:
     SiLU spans about [-120, 110]; clamped to [-8, 110] its step halves. The class logits before a
     detector's score Sigmoid get the same treatment.
 
+15. With ``share_concat_scales``, a quantized Concat input that nothing else reads and that is no
+    graph output takes the Concat output's scale and zero point (``QdqPlan.concat_inputs``): the
+    Concat's range covers its inputs', so the value is rounded once on the grid the Concat writes
+    anyway instead of twice, and onnxruntime's ``QLinearConcat`` copies it instead of requantizing.
+
 ConvTranspose has no integer kernel on the CPU provider, so it keeps float compute with an int8
 weight (a ``weights`` group) and its activations are not quantized on its account.
 """
@@ -219,6 +224,8 @@ class QdqPlan:
             (rule 14).
         consumers: ``{tensor: [(group, input index)]}`` quantized slots reading each tensor.
         unclipped: Tensors whose range is their calibrated min/max whatever the method (rule 13).
+        concat_inputs: ``{tensor: Concat output}`` for the quantized Concat inputs that nothing else
+            reads and that are no graph output (they may share the Concat's parameters, rule 15).
     """
 
     groups: list[QdqGroup] = field(default_factory=list)
@@ -228,6 +235,7 @@ class QdqPlan:
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     consumers: dict[str, list[tuple[QdqGroup, int]]] = field(default_factory=dict)
     unclipped: set[str] = field(default_factory=set)
+    concat_inputs: dict[str, str] = field(default_factory=dict)
 
     def calibrated(self) -> list[str]:
         """Tensors whose range must be measured (shared ones reuse another's)."""
@@ -510,7 +518,22 @@ def _place(graph: gs.Graph, excluded: set[str], groups: list[QdqGroup], passthro
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     plan = QdqPlan(groups=sorted(groups, key=lambda g: order[id(g.node)]))
     _fill_tensors(graph, plan, in_q | out_q)
+    plan.concat_inputs = _concat_inputs(plan, graph_outputs)
     return plan
+
+
+def _concat_inputs(plan: QdqPlan, graph_outputs: set[str]) -> dict[str, str]:
+    """Rule 15: ``{input: Concat output}`` for every quantized Concat's own-grid inputs that only it reads."""
+    quantized = set(plan.tensors) - set(plan.shared)
+    out: dict[str, str] = {}
+    for g in plan.groups:
+        if g.kind != "variadic" or g.act is not None or g.output.name not in quantized:
+            continue
+        for t in g.node.inputs:
+            if (not isinstance(t, gs.Constant) and t.name in quantized and t.name not in graph_outputs
+                    and len(t.outputs) == 1 and t.outputs[0] is g.node and t.name != g.output.name):
+                out[t.name] = g.output.name
+    return out
 
 
 def _isolated(graph: gs.Graph, plan: QdqPlan) -> list[QdqGroup]:

