@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "concat_digits.onnx"
 SPACE = Space(prune=(0.25,), prune_macs=(), lowrank=(), quant=("int8",), weight_only=())
 SPACE_CLI = "prune=0.25,prune_macs=,lowrank=,quant=int8,weight_only="
-COMBO = "prune_channels:ratio=0.25,fold_bn,simplify,quantize_int8"
+COMBO = "prune_channels:ratio=0.25,fold_bn,simplify,quantize_int8:share_concat_scales=true"
 
 
 @pytest.fixture(scope="module")
@@ -186,11 +186,12 @@ def test_targets_and_space_parsing():
 
 def test_candidate_spec_order():
     c = Candidate(prune=0.5, lowrank=0.9, quant="int8")
-    assert candidate_spec(c) == "prune_channels:ratio=0.5,fold_bn,factorize_tucker:energy=0.9,simplify,quantize_int8"
+    assert candidate_spec(c) == ("prune_channels:ratio=0.5,fold_bn,factorize_tucker:energy=0.9,simplify,"
+                                 "quantize_int8:share_concat_scales=true")
     assert Candidate().spec == "fold_bn,simplify"
     onnxcompress.parse_spec(c.spec)  # every spec the search can produce parses
     b = Candidate(budget=0.3, quant="int8")
-    assert b.spec.startswith("prune_channels:macs=0.3:max_group_ratio=") and b.spec.endswith(",quantize_int8")
+    assert b.spec.startswith("prune_channels:macs=0.3:max_group_ratio=") and b.spec.endswith(",quantize_int8:share_concat_scales=true")
     assert b.label() == "prune macs 0.3 + int8" and b.techniques == 2
     onnxcompress.parse_spec(b.spec)
     with pytest.raises(InputError, match="not both"):
@@ -303,3 +304,26 @@ def test_latency_target_also_tries_the_pruning_bests_aligned():
     run = _StubRun("latency=0.5", singles)
     _combinations(run, {"budget": bud, "quant": q}, replace(space, align=()))  # type: ignore[arg-type]
     assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]
+
+
+def test_latency_target_also_tries_int8_with_the_slower_layers_float():
+    from onnxcompress.pipeline.auto import _combinations
+
+    bud, q = Candidate(budget=0.3), Candidate(quant="int8")
+    singles = {bud: {"size_ratio": 0.3, "macs_ratio": 0.3}, q: {"size_ratio": 0.3, "macs_ratio": 1.0}}
+    space = Space(prune=(), prune_macs=(0.4, 0.3), lowrank=(), align=(), int8_float=("stem",))
+    run = _StubRun("latency=0.5", singles)
+    _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    both = Candidate(budget=0.3, quant="int8")
+    assert run.asked[0] == [both, replace(q, float_layers=("stem",)), replace(both, float_layers=("stem",))]
+    assert run.asked[0][1].spec == "fold_bn,simplify,quantize_int8:share_concat_scales=true:float_pools=true:exclude=stem"
+    assert run.asked[0][1].label() == "int8 (1 float)"
+    assert _space_for("latency=0.5", int8_slower_layers=["stem"]) == ("int8", "int8-mixed")
+    from onnxcompress.pipeline.auto import AutoSettings, _space
+
+    for targets, expect in (("latency=0.5", ("stem",)), ("size=0.5", ())):
+        s = AutoSettings(parse_targets(targets), {}, "accuracy", None, None, "m", "c", "d")
+        signals = {"matmul_weight_share": 0.0, "conv_weight_share": 0.0, "int8_slower_layers": ["stem"]}
+        assert _space(s, signals).int8_float == expect  # only a latency target keeps layers float for speed
+    with pytest.raises(InputError, match="not int8"):
+        Candidate(prune=0.5, float_layers=("stem",))

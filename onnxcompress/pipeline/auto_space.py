@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from onnxcompress.core.errors import InputError
 
 __all__ = ["BUDGET_MAX_GROUP_RATIO", "BUDGET_SENS_SAMPLES", "CONV_WEIGHT_ONLY", "LAYOUT_ALIGN", "Candidate", "Space",
-           "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets", "parse_space", "TARGET_KINDS"]
+           "Targets", "INT8_SPEC", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets", "parse_space", "TARGET_KINDS"]
 
 #: ``quantize_int8``'s mixed-precision target when plain int8 fails the gate (the float fallback).
 MIXED_COSINE = 0.999
@@ -26,10 +26,16 @@ BUDGET_MAX_GROUP_RATIO = 0.6
 #: Calibration samples the MAC-budget pruning measures each group's sensitivity on.
 BUDGET_SENS_SAMPLES = 32
 
+#: ``quantize_int8`` as the search uses it: a Concat input read by nothing else shares the Concat's
+#: scale (one rounding instead of two, and onnxruntime's QLinearConcat copies it instead of
+#: requantizing: concat fixture pruned + int8 0.54x -> 0.52x float at the same accuracy); the same
+#: bytes as plain ``quantize_int8`` on a model without Concat.
+INT8_SPEC = "quantize_int8:share_concat_scales=true"
+
 #: Quantization choices and the pass spec of each.
 QUANT_SPECS: dict[str, str] = {
-    "int8": "quantize_int8",
-    "int8-mixed": f"quantize_int8:min_cosine={MIXED_COSINE}",
+    "int8": INT8_SPEC,
+    "int8-mixed": f"{INT8_SPEC}:min_cosine={MIXED_COSINE}",
     "w8": "quantize_weights:bits=8",
     "w4": "quantize_weights:bits=4:method=gptq",
     "cw8": "quantize_weights:ops=matmul|conv:bits=8:block_size=0:prefer=size",
@@ -56,15 +62,19 @@ class Candidate:
     ``factorize_tucker`` energy (0: none); ``quant``: a key of :data:`QUANT_SPECS` ('' : float);
     ``budget``: ``prune_channels:macs=`` target MAC ratio, non-uniform by per-group sensitivity
     (0: none; a candidate prunes one way, never both); ``align``: the pruning keeps a multiple of
-    this many channels per group (``round_to=``; 0: the pass's default, 8)."""
+    this many channels per group (``round_to=``; 0: the pass's default, 8); ``float_layers``: with
+    int8, these layers stay float (``exclude=``, with ``float_pools=true``)."""
 
     prune: float = 0.0
     lowrank: float = 0.0
     quant: str = ""
     budget: float = 0.0
     align: int = 0
+    float_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.float_layers and not self.quant.startswith("int8"):
+            raise InputError("auto: float_layers applies to int8; this candidate is not int8")
         if self.prune and self.budget:
             raise InputError("auto: a candidate prunes by ratio or by MAC budget, not both")
         if self.align and not (self.prune or self.budget):
@@ -86,12 +96,14 @@ class Candidate:
         parts = ([f"prune {self.prune:g}{aligned}"] if self.prune else []) + \
             ([f"prune macs {self.budget:g}{aligned}"] if self.budget else []) + \
             ([f"tucker {self.lowrank:g}"] if self.lowrank else []) + ([self.quant] if self.quant else [])
+        if self.float_layers:
+            parts[-1] += f" ({len(self.float_layers)} float)"
         return " + ".join(parts) or "float"
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
         return {"prune": self.prune, "budget": self.budget, "lowrank": self.lowrank, "quant": self.quant,
-                "align": self.align}
+                "align": self.align, "float_layers": list(self.float_layers)}
 
 
 def candidate_spec(c: Candidate) -> str:
@@ -107,7 +119,8 @@ def candidate_spec(c: Candidate) -> str:
         parts.append(f"factorize_tucker:energy={c.lowrank:g}")
     parts.append("simplify")
     if c.quant:
-        parts.append(QUANT_SPECS[c.quant])
+        parts.append(QUANT_SPECS[c.quant] + (f":float_pools=true:exclude={'|'.join(c.float_layers)}"
+                                             if c.float_layers else ""))
     return ",".join(parts)
 
 
@@ -118,7 +131,9 @@ class Space:
     ``int8`` falls back to ``int8-mixed`` when listed. ``prune_macs``: MAC-budget pruning targets
     (``prune_channels:macs=``; in any order, the weakest is the largest). ``align``: with a latency
     target, the best pruning of each kind is also tried keeping a multiple of each of these many
-    channels per group (see :data:`LAYOUT_ALIGN`)."""
+    channels per group (see :data:`LAYOUT_ALIGN`). ``int8_float``: layers whose int8 form is slower
+    than float here (set from the cheap signals, not by ``--space``); with a latency target, every
+    int8 candidate is also tried with them kept float."""
 
     prune: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625)
     prune_macs: tuple[float, ...] = (0.5, 0.4, 0.3, 0.25)
@@ -126,6 +141,7 @@ class Space:
     quant: tuple[str, ...] = ("int8", "int8-mixed")
     weight_only: tuple[str, ...] = ("w8", "w4", "cw8", "cw4")
     align: tuple[int, ...] = (LAYOUT_ALIGN,)
+    int8_float: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for a in self.align:

@@ -39,6 +39,7 @@ class QuantConfig:
     weights_only: bool = False
     dynamic: bool = False
     share_concat_scales: bool = False
+    float_pools: bool = False
 
     @property
     def weight_qmax(self) -> int:
@@ -52,4 +53,5 @@ class QuantConfig:
         return cls(per_channel=opts["per_channel"], symmetric_activations=opts["symmetric_activations"],
                    reduce_range=resolve_reduce_range(opts["reduce_range"], flags), exclude=tuple(opts["exclude"]),
                    weights_only=opts["weights_only"], dynamic=bool(opts.get("dynamic", False)),
-                   share_concat_scales=bool(opts.get("share_concat_scales", False)))
+                   share_concat_scales=bool(opts.get("share_concat_scales", False)),
+                   float_pools=bool(opts.get("float_pools", False)))

@@ -90,11 +90,7 @@ Rules:
     outputs' grids, so those values need no levels of their own. A YOLOv8 conv output before its
     SiLU spans about [-120, 110]; clamped to [-8, 110] its step halves. The class logits before a
     detector's score Sigmoid get the same treatment.
-
-15. With ``share_concat_scales``, a quantized Concat input that nothing else reads and that is no
-    graph output takes the Concat output's scale and zero point (``QdqPlan.concat_inputs``): the
-    Concat's range covers its inputs', so the value is rounded once on the grid the Concat writes
-    anyway instead of twice, and onnxruntime's ``QLinearConcat`` copies it instead of requantizing.
+15. ``share_concat_scales``: Concat inputs on the Concat's grid (:mod:`onnxcompress.quant.concat_scales`).
 
 ConvTranspose has no integer kernel on the CPU provider, so it keeps float compute with an int8
 weight (a ``weights`` group) and its activations are not quantized on its account.
@@ -113,6 +109,7 @@ from onnxcompress.core import graph as core_graph
 from onnxcompress.core.graph import clip_bounds, const_values, constant_info, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import infer_graph
+from onnxcompress.quant.concat_scales import concat_inputs
 from onnxcompress.quant.options import QuantConfig
 
 __all__ = [
@@ -224,8 +221,7 @@ class QdqPlan:
             (rule 14).
         consumers: ``{tensor: [(group, input index)]}`` quantized slots reading each tensor.
         unclipped: Tensors whose range is their calibrated min/max whatever the method (rule 13).
-        concat_inputs: ``{tensor: Concat output}`` for the quantized Concat inputs that nothing else
-            reads and that are no graph output (they may share the Concat's parameters, rule 15).
+        concat_inputs: ``{tensor: Concat output}``: Concat inputs only it reads, no graph output (rule 15).
     """
 
     groups: list[QdqGroup] = field(default_factory=list)
@@ -518,22 +514,9 @@ def _place(graph: gs.Graph, excluded: set[str], groups: list[QdqGroup], passthro
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     plan = QdqPlan(groups=sorted(groups, key=lambda g: order[id(g.node)]))
     _fill_tensors(graph, plan, in_q | out_q)
-    plan.concat_inputs = _concat_inputs(plan, graph_outputs)
+    plan.concat_inputs = concat_inputs(plan, graph_outputs)
     return plan
 
-
-def _concat_inputs(plan: QdqPlan, graph_outputs: set[str]) -> dict[str, str]:
-    """Rule 15: ``{input: Concat output}`` for every quantized Concat's own-grid inputs that only it reads."""
-    quantized = set(plan.tensors) - set(plan.shared)
-    out: dict[str, str] = {}
-    for g in plan.groups:
-        if g.kind != "variadic" or g.act is not None or g.output.name not in quantized:
-            continue
-        for t in g.node.inputs:
-            if (not isinstance(t, gs.Constant) and t.name in quantized and t.name not in graph_outputs
-                    and len(t.outputs) == 1 and t.outputs[0] is g.node and t.name != g.output.name):
-                out[t.name] = g.output.name
-    return out
 
 
 def _isolated(graph: gs.Graph, plan: QdqPlan) -> list[QdqGroup]:
@@ -606,9 +589,6 @@ def _saturation_bounds(graph: gs.Graph, plan: QdqPlan, wanted: set[str]) -> None
         hi = SATURATION if all(n.op == "Sigmoid" for n in readers) else np.inf
         lo0, hi0 = plan.bounds.get(name, (-np.inf, np.inf))
         plan.bounds[name] = (max(lo0, -SATURATION), min(hi0, hi))
-
-
-# ------------------------------------------------------------------------------------ rewriting
 
 
 def _is_silu(node: gs.Node) -> bool:

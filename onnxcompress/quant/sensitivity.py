@@ -31,7 +31,9 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
+from onnxcompress.quant.concat_scales import share_concat_params
 from onnxcompress.quant.dynamic import plan_dynamic, quantize_dynamic_graph
+from onnxcompress.quant.float_pools import with_float_pools
 from onnxcompress.quant.observers import DEFAULT_BINS, compute_range
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams, activation_params
@@ -49,7 +51,6 @@ __all__ = [
     "Quantizer",
     "plan_params",
     "rank_layers",
-    "share_concat_params",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,23 +113,6 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
     if cfg.share_concat_scales:
         share_concat_params(plan, params)
     return params
-
-
-def share_concat_params(plan: QdqPlan, params: dict[str, QParams]) -> list[str]:
-    """Give every input of :attr:`~onnxcompress.quant.placement.QdqPlan.concat_inputs` its Concat
-    output's scale and zero point, in place (placement rule 15); returns the tensors changed.
-
-    The Concat's range is the union of its inputs' (:func:`plan_params`), so such an input is
-    rounded once, on the grid the Concat writes anyway, instead of on its own grid and then again
-    on the Concat's; onnxruntime's ``QLinearConcat`` then copies that input instead of
-    requantizing it (concat fixture, pruned + int8: 0.54x -> 0.52x float, the same accuracy).
-    """
-    changed = []
-    for name, out in plan.concat_inputs.items():
-        if name in params and out in params:
-            params[name] = params[out]
-            changed.append(name)
-    return changed
 
 
 # --------------------------------------------------------------------------------- quantizer
@@ -207,6 +191,7 @@ class Quantizer:
         if cfg.dynamic:
             result.modified |= quantize_dynamic_graph(graph, cfg, result, self.logger)
             return graph
+        cfg = with_float_pools(graph, cfg)
         plan = plan_placement(graph, cfg, result, self.logger)
         self.ensure_calibrated(plan.calibrated())
         params = plan_params(plan, self.calib, cfg, self.method, self.percentile, result, self.logger, self._ranges)
