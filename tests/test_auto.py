@@ -295,9 +295,12 @@ def test_latency_target_also_tries_the_pruning_bests_aligned():
     space = Space(prune=(), prune_macs=(0.4, 0.3), lowrank=())
     run = _StubRun("latency=0.5", singles)
     _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
-    aligned = Candidate(budget=0.3, align=16)
-    assert run.asked[0] == [Candidate(budget=0.3, quant="int8"), replace(aligned, quant="int8"), aligned]
+    aligned, capped = Candidate(budget=0.3, align=16), Candidate(budget=0.3, align=16, cap=0.75)
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8"), replace(aligned, quant="int8"), aligned,
+                            replace(capped, quant="int8"), capped]
     assert replace(aligned, budget=0.4) in run.asked[1]  # backtracking keeps the alignment
+    assert replace(capped, budget=0.4) in run.asked[1] and ":max_group_ratio=0.75:" in capped.spec
+    assert capped.label() == "prune macs 0.3 /16 cap 0.75"
     run = _StubRun("size=0.5", singles)  # no latency target: channel counts need no alignment
     _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
     assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]

@@ -58,7 +58,7 @@ from onnxcompress.core import serde
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pipeline.auto_eval import EvalCache, Executor, Job, job_key, run_jobs
-from onnxcompress.pipeline.auto_space import CONV_WEIGHT_ONLY, INT8_SPEC, Candidate, Space, Targets
+from onnxcompress.pipeline.auto_space import ALIGNED_CAP, CONV_WEIGHT_ONLY, INT8_SPEC, Candidate, Space, Targets
 from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.runtime.bench import bench
 from onnxcompress.runtime.data import open_source
@@ -305,17 +305,19 @@ def _combine(parts: tuple[Candidate, ...]) -> Candidate:
     c = Candidate()
     for p in parts:
         c = Candidate(prune=p.prune or c.prune, lowrank=p.lowrank or c.lowrank, quant=p.quant or c.quant,
-                      budget=p.budget or c.budget, align=p.align or c.align)
+                      budget=p.budget or c.budget, align=p.align or c.align, cap=p.cap or c.cap)
     return c
 
 
 def _prunings(run: _Run, best: dict[str, Candidate], space: Space) -> list[Candidate]:
     """The per-kind pruning bests and, with a latency target, each of them aligned to every
-    ``space.align`` (kept channels a multiple of it: onnxruntime's blocked conv layout)."""
+    ``space.align`` (kept channels a multiple of it: onnxruntime's blocked conv layout), the
+    MAC-budget one also with the looser :data:`~.auto_space.ALIGNED_CAP`."""
     found = [best[k] for k in PRUNINGS if k in best]
     if run.s.targets.get("latency") is None:
         return found
-    return found + [replace(p, align=a) for p in found for a in space.align]
+    aligned = [replace(p, align=a) for p in found for a in space.align]
+    return found + aligned + [replace(p, cap=ALIGNED_CAP) for p in aligned if p.budget]
 
 
 def _step_down(c: Candidate, space: Space) -> Candidate | None:
@@ -367,7 +369,7 @@ def _estimate(run: _Run, c: Candidate) -> dict[str, float] | None:
     (products: each technique shrinks what the others left); None when a part was not evaluated
     alone (e.g. int8 after weight-only passed first)."""
     est = {"size": 1.0, "macs": 1.0}
-    pruning = [Candidate(prune=c.prune, budget=c.budget, align=c.align)] if c.prune or c.budget else []
+    pruning = [Candidate(prune=c.prune, budget=c.budget, align=c.align, cap=c.cap)] if c.prune or c.budget else []
     for part in (*pruning, Candidate(lowrank=c.lowrank), Candidate(quant=c.quant)):
         if not part.techniques:
             continue
