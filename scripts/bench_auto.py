@@ -19,6 +19,7 @@ Usage::
 
     python scripts/bench_auto.py [--models resnet,mobilenetv2,vgg,concat] [--jobs 2] [--runs 200]
                                  [--cache-dir DIR] [--budget-minutes 10] [--json out.json]
+                                 [--targets latency=0.5,size=0.1] [--also-space SPEC] [--compare-json PATH]
 
 Prints a Markdown table with the machine line above it; ``--json`` also keeps every candidate each
 search evaluated (label, spec, gate, accuracy drop, cosine, size, MACs, search-stage latency). Not a test.
@@ -42,14 +43,16 @@ TARGETS = ("latency=0.5", "size=0.1")
 MAX_DROP = 1.0
 
 
-def _search(path: Path, target: str, args: argparse.Namespace, cache: Path) -> dict:
+def _search(path: Path, target: str, args: argparse.Namespace, cache: Path, space: str | None = None) -> dict:
     import onnxcompress
+    from onnxcompress.pipeline.auto_space import parse_space
 
     start = time.perf_counter()
     result = onnxcompress.auto(path, str(CALIB), str(TEST), target=target, max_drop=MAX_DROP, jobs=args.jobs,
-                               cache_dir=cache, budget_minutes=args.budget_minutes, seed=0)
+                               cache_dir=cache, budget_minutes=args.budget_minutes, seed=0, space=parse_space(space))
     rec = result.winner or result.best or {}
-    return {"variant": f"auto {target}", "spec": rec.get("spec"), "met": result.winner is not None,
+    variant = f"auto {target}" + (f" (--space {space})" if space else "")
+    return {"variant": variant, "spec": rec.get("spec"), "met": result.winner is not None,
             "model_path": rec.get("model_path"), "seconds": time.perf_counter() - start,
             "evaluated": result.evaluated, "cached": result.cached, "accuracy": rec.get("accuracy"),
             "change": None if rec.get("accuracy_drop") is None else -rec["accuracy_drop"],
@@ -76,6 +79,18 @@ def _recipe(path: Path, recipe: str, out: Path) -> dict:
             "macs_ratio": report.after.macs / report.before.macs, "gate": "pass" if report.passed else "fail"}
 
 
+def _earlier(name: str, path: Path | None) -> list[dict]:
+    """The auto rows of model ``name`` in an earlier run's ``--json`` (e.g. of the previous commit),
+    relabelled ``before: …``, to be timed again in this run's bench beside this run's rows."""
+    if path is None:
+        return []
+    found = [r for res in json.loads(path.read_text()) if res["model"] == name for r in res["rows"]]
+    keep = ("spec", "met", "model_path", "seconds", "evaluated", "accuracy", "change", "size_ratio", "macs_ratio",
+            "gate")
+    return [{**{k: r.get(k) for k in keep}, "variant": f"before: {r['variant']}", "met": None}
+            for r in found if r["variant"].startswith("auto") and r.get("model_path")]
+
+
 def _measure(name: str, path: Path, rows: list[dict], runs: int) -> dict:
     from onnxcompress.runtime.bench import bench
 
@@ -86,7 +101,7 @@ def _measure(name: str, path: Path, rows: list[dict], runs: int) -> dict:
     passing = [r["latency_ratio"] for r in timed if r["variant"].startswith("recipe") and r["gate"] == "pass"]
     best = min(passing) if passing else None
     for r in timed:
-        if r["variant"].startswith("auto") and best is not None:
+        if "auto " in r["variant"] and best is not None:
             r["vs_best_recipe"] = best / r["latency_ratio"]
     return {"model": name, "float_median_ms": report.models[0].median_ms, "machine": report.machine.line(),
             "best_recipe_latency": best, "rows": rows}
@@ -120,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="evaluation cache (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated auto targets (default {','.join(TARGETS)})")
+    parser.add_argument("--also-space", default=None, metavar="SPEC",
+                        help="also run each search with this --space (e.g. 'align=' for the space without aligned "
+                             "pruning), timed in the same bench run: a before/after comparison")
+    parser.add_argument("--compare-json", type=Path, default=None, metavar="PATH",
+                        help="an earlier run's --json (its --cache-dir kept): its auto winners are timed again in "
+                             "this run's bench, labelled 'before: …' (before/after in one run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     if missing_data():
@@ -132,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in select_models(args.models)[0]:
             rows = [_recipe(path, recipe, tmp / f"{name}.{recipe}.onnx") for recipe in RECIPES]
             for target in [t for t in args.targets.split(",") if t]:
-                rows.append(_search(path, target, args, cache))
-                print(f"  {name}: auto {target} done ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
+                for space in [None] + ([args.also_space] if args.also_space is not None else []):
+                    rows.append(_search(path, target, args, cache, space))
+                    print(f"  {name}: {rows[-1]['variant']} done ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
+            rows += _earlier(name, args.compare_json)
             results.append(_measure(name, path, rows, args.runs))
     print(f"onnxcompress auto vs the single-technique recipes — calib {CALIB.name}, test {TEST.name} (360 samples); "
           f"gate: accuracy drop ≤ {MAX_DROP:g} point, cosine ≥ 0.95; latency: paired median ratio vs the float "

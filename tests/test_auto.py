@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "concat_digits.onnx"
 SPACE = Space(prune=(0.25,), prune_macs=(), lowrank=(), quant=("int8",), weight_only=())
 SPACE_CLI = "prune=0.25,prune_macs=,lowrank=,quant=int8,weight_only="
-COMBO = "prune_channels:ratio=0.25,fold_bn,simplify,quantize_int8"
+COMBO = "prune_channels:ratio=0.25,fold_bn,simplify,quantize_int8:share_concat_scales=true"
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,9 @@ def test_targets_and_space_parsing():
         parse_targets("size=0.5,size=0.4")
     assert parse_space("prune=0.5|0.25,lowrank=") == Space(prune=(0.5, 0.25), lowrank=())
     assert parse_space("prune_macs=0.3|0.5") == Space(prune_macs=(0.3, 0.5))
+    assert parse_space("align=8|16").align == (8, 16) and parse_space("align=").align == ()
+    with pytest.raises(InputError, match="align"):
+        parse_space("align=1")
     with pytest.raises(InputError, match="prune MAC target"):
         parse_space("prune_macs=1.5")
     with pytest.raises(InputError, match="unknown quantization"):
@@ -182,15 +186,22 @@ def test_targets_and_space_parsing():
 
 def test_candidate_spec_order():
     c = Candidate(prune=0.5, lowrank=0.9, quant="int8")
-    assert candidate_spec(c) == "prune_channels:ratio=0.5,fold_bn,factorize_tucker:energy=0.9,simplify,quantize_int8"
+    assert candidate_spec(c) == ("prune_channels:ratio=0.5,fold_bn,factorize_tucker:energy=0.9,simplify,"
+                                 "quantize_int8:share_concat_scales=true")
     assert Candidate().spec == "fold_bn,simplify"
     onnxcompress.parse_spec(c.spec)  # every spec the search can produce parses
     b = Candidate(budget=0.3, quant="int8")
-    assert b.spec.startswith("prune_channels:macs=0.3:max_group_ratio=") and b.spec.endswith(",quantize_int8")
+    assert b.spec.startswith("prune_channels:macs=0.3:max_group_ratio=") and b.spec.endswith(",quantize_int8:share_concat_scales=true")
     assert b.label() == "prune macs 0.3 + int8" and b.techniques == 2
     onnxcompress.parse_spec(b.spec)
     with pytest.raises(InputError, match="not both"):
         Candidate(prune=0.5, budget=0.3)
+    a = Candidate(budget=0.3, quant="int8", align=16)
+    assert a.spec == b.spec.replace(",fold_bn", ":round_to=16,fold_bn") and a.label() == "prune macs 0.3 /16 + int8"
+    assert Candidate(prune=0.5, align=16).spec.startswith("prune_channels:ratio=0.5:round_to=16,")
+    assert onnxcompress.parse_spec(a.spec)[0].opts["round_to"] == 16
+    with pytest.raises(InputError, match="does not prune"):
+        Candidate(quant="int8", align=16)
 
 
 def test_choose_prefers_the_first_target_then_quality():
@@ -260,7 +271,7 @@ def test_combinations_prune_one_way_and_prefilter_by_estimate():
     uni, bud, q = Candidate(prune=0.5), Candidate(budget=0.3), Candidate(quant="int8")
     singles = {uni: {"size_ratio": 0.5, "macs_ratio": 0.28}, bud: {"size_ratio": 0.3, "macs_ratio": 0.3},
                q: {"size_ratio": 0.3, "macs_ratio": 1.0}}
-    space = Space(prune=(0.375, 0.5), prune_macs=(0.4, 0.3), lowrank=())
+    space = Space(prune=(0.375, 0.5), prune_macs=(0.4, 0.3), lowrank=(), align=())  # aligned: the next test
     run = _StubRun("latency=0.5", singles)
     _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
     assert run.asked[0] == [Candidate(prune=0.5, quant="int8"), Candidate(budget=0.3, quant="int8")]
@@ -274,3 +285,48 @@ def test_combinations_prune_one_way_and_prefilter_by_estimate():
     run = _StubRun("size=0.01", singles)  # none comes close: all are evaluated
     _combinations(run, {"prune": uni, "budget": bud, "quant": q}, space)  # type: ignore[arg-type]
     assert len(run.asked[0]) == 2
+
+
+def test_latency_target_also_tries_the_pruning_bests_aligned():
+    from onnxcompress.pipeline.auto import _combinations
+
+    bud, q = Candidate(budget=0.3), Candidate(quant="int8")
+    singles = {bud: {"size_ratio": 0.3, "macs_ratio": 0.3}, q: {"size_ratio": 0.3, "macs_ratio": 1.0}}
+    space = Space(prune=(), prune_macs=(0.4, 0.3), lowrank=())
+    run = _StubRun("latency=0.5", singles)
+    _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    aligned, capped = Candidate(budget=0.3, align=16), Candidate(budget=0.3, align=16, cap=0.75)
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8"), replace(aligned, quant="int8"), aligned,
+                            replace(capped, quant="int8"), capped]
+    assert replace(aligned, budget=0.4) in run.asked[1]  # backtracking keeps the alignment
+    assert replace(capped, budget=0.4) in run.asked[1] and ":max_group_ratio=0.75:" in capped.spec
+    assert capped.label() == "prune macs 0.3 /16 cap 0.75"
+    run = _StubRun("size=0.5", singles)  # no latency target: channel counts need no alignment
+    _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]
+    run = _StubRun("latency=0.5", singles)
+    _combinations(run, {"budget": bud, "quant": q}, replace(space, align=()))  # type: ignore[arg-type]
+    assert run.asked[0] == [Candidate(budget=0.3, quant="int8")]
+
+
+def test_latency_target_also_tries_int8_with_the_slower_layers_float():
+    from onnxcompress.pipeline.auto import _combinations
+
+    bud, q = Candidate(budget=0.3), Candidate(quant="int8")
+    singles = {bud: {"size_ratio": 0.3, "macs_ratio": 0.3}, q: {"size_ratio": 0.3, "macs_ratio": 1.0}}
+    space = Space(prune=(), prune_macs=(0.4, 0.3), lowrank=(), align=(), int8_float=("stem",))
+    run = _StubRun("latency=0.5", singles)
+    _combinations(run, {"budget": bud, "quant": q}, space)  # type: ignore[arg-type]
+    both = Candidate(budget=0.3, quant="int8")
+    assert run.asked[0] == [both, replace(q, float_layers=("stem",)), replace(both, float_layers=("stem",))]
+    assert run.asked[0][1].spec == "fold_bn,simplify,quantize_int8:share_concat_scales=true:float_pools=true:exclude=stem"
+    assert run.asked[0][1].label() == "int8 (1 float)"
+    assert _space_for("latency=0.5", int8_slower_layers=["stem"]) == ("int8", "int8-mixed")
+    from onnxcompress.pipeline.auto import AutoSettings, _space
+
+    for targets, expect in (("latency=0.5", ("stem",)), ("size=0.5", ())):
+        s = AutoSettings(parse_targets(targets), {}, "accuracy", None, None, "m", "c", "d")
+        signals = {"matmul_weight_share": 0.0, "conv_weight_share": 0.0, "int8_slower_layers": ["stem"]}
+        assert _space(s, signals).int8_float == expect  # only a latency target keeps layers float for speed
+    with pytest.raises(InputError, match="not int8"):
+        Candidate(prune=0.5, float_layers=("stem",))

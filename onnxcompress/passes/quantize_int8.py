@@ -18,6 +18,7 @@ from onnxcompress.quant.bias_correction import FLOAT_STATISTICS, FloatStatistics
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
 from onnxcompress.quant.cpu import cpu_flags, has_vnni
 from onnxcompress.quant.dynamic import quantize_dynamic_graph
+from onnxcompress.quant.float_pools import with_float_pools
 from onnxcompress.quant.latency import island_layers, model_ratios, time_layers
 from onnxcompress.quant.observers import DEFAULT_BINS, METHODS
 from onnxcompress.quant.options import REDUCE_RANGE_CHOICES, QuantConfig
@@ -229,6 +230,12 @@ class QuantizeInt8(Pass):
         "reduce_range": Option(str, "auto", "7-bit weights (no u8s8 saturation on CPUs without VNNI); auto: "
                                             "on this CPU exactly when it lacks VNNI", choices=REDUCE_RANGE_CHOICES),
         "exclude": Option(list, [], "node names or op types kept float"),
+        "float_pools": Option(bool, False, "a layer kept float whose Relu/Clip output goes through a MaxPool: pool "
+                                           "before the activation (exact), so onnxruntime keeps the pooling float "
+                                           "instead of running it on uint8 in NCHW layout"),
+        "share_concat_scales": Option(bool, False, "a Concat input read by nothing else is quantized with the "
+                                                   "Concat output's scale and zero point (one rounding, not two; "
+                                                   "onnxruntime's QLinearConcat then copies it)"),
         "weights_only": Option(bool, False, "int8 weights only, float compute; no calibration"),
         "dynamic": Option(bool, False, "MatMul/Gemm with activations quantized at run time "
                                        "(DynamicQuantizeLinear + MatMulInteger); no calibration"),
@@ -299,6 +306,7 @@ class QuantizeInt8(Pass):
             ctx.put(FLOAT_REFERENCE, reference)
             result.modified = quantize_dynamic_graph(graph, cfg, result, ctx.logger)
             return result  # before any weight is read: shares the input's protobuf weights
+        cfg = with_float_pools(graph, cfg)
         plan = plan_placement(graph, cfg, result, ctx.logger)
         if not plan.groups:
             return result

@@ -8,7 +8,9 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    it is ≥ 25 %; with size as the first target it is tried before int8, 4 bits first, and the
    combinations are tried with int8 as well); float vs int8 latency
    measured once on this machine (a quick int8 model, paired interleaved rounds): when int8 is not
-   faster here and latency is the only target, int8 leaves the space. Cached with the evaluations.
+   faster here and latency is the only target, int8 leaves the space; and each layer's int8 vs
+   float latency (``quantize_int8:latency_aware``): those at least :data:`INT8_SLOWER` times slower
+   in int8 are tried float (step 3). Cached with the evaluations.
 2. **One technique at a time**: per technique, a binary search over its ladder (uniform prune
    ratio; MAC-budget pruning ``prune_channels:macs=M``, whose per-group ratios follow each group's
    measured sensitivity, capped at :data:`~.auto_space.BUDGET_MAX_GROUP_RATIO`; factorization
@@ -21,9 +23,13 @@ Strategy (deterministic for a seed; every step is logged and every evaluated can
    budget run out).
 3. **Combinations** of the per-technique bests (every subset of two or more, in the order
    prune → factorize → quantize; one way of pruning per candidate, each combined with the rest).
-   With a size or MAC target, a combination whose size/MACs estimated from its parts' single
+   With a latency target each pruning best also comes **aligned** (``round_to=16``, see
+   :data:`~.auto_space.LAYOUT_ALIGN`: onnxruntime runs convs in its fast blocked layout only on
+   channel counts that are multiples of its block), alone and in every combination. With a size or MAC target, a combination whose size/MACs estimated from its parts' single
    records (the product of their ratios) miss a target by more than :data:`PREFILTER_SLACK` is
-   not evaluated (unless every one would; one with a part never evaluated alone always is). A combination that fails the gate **backtracks**: its pruning
+   not evaluated (unless every one would; one with a part never evaluated alone always is). With a
+   latency target, every int8 candidate also comes with the layers timed slower in int8 than in
+   float in step 1 kept float (``exclude=``, ``float_pools=true``). A combination that fails the gate **backtracks**: its pruning
    steps down one rung, else its factorization, else ``int8`` becomes ``int8-mixed``; the new
    candidates are evaluated, up to :data:`BACKTRACK_ROUNDS` rounds.
 4. **Latency**, in a separate serial stage in this process (no evaluation running beside it): every
@@ -52,7 +58,7 @@ from onnxcompress.core import serde
 from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import PassContext
 from onnxcompress.pipeline.auto_eval import EvalCache, Executor, Job, job_key, run_jobs
-from onnxcompress.pipeline.auto_space import CONV_WEIGHT_ONLY, Candidate, Space, Targets
+from onnxcompress.pipeline.auto_space import ALIGNED_CAP, CONV_WEIGHT_ONLY, INT8_SPEC, Candidate, Space, Targets
 from onnxcompress.pipeline.manager import PassManager, parse_spec
 from onnxcompress.runtime.bench import bench
 from onnxcompress.runtime.data import open_source
@@ -74,6 +80,9 @@ PRUNINGS = ("prune", "budget")
 PREFILTER_SLACK = 1.25
 #: Calibration samples of the quick int8 model used to time int8 vs float.
 SIGNAL_SAMPLES = 32
+#: A layer whose int8 form is at least this many times slower than its float form (timed alone) is
+#: also tried float in int8 candidates when latency is a target (:func:`_int8_slower_layers`).
+INT8_SLOWER = 1.25
 
 
 @dataclass
@@ -184,7 +193,7 @@ class _Run:
 
 def _signals(model: onnx.ModelProto, s: AutoSettings, cache: EvalCache) -> dict:
     """:func:`_cheap_signals`, cached like evaluations (a resumed search makes the same choices)."""
-    name = "signals-" + job_key(s.model_sha, "signals", s.calib_sha, s.data_sha, s.seed, {}, None)
+    name = "signals2-" + job_key(s.model_sha, "signals", s.calib_sha, s.data_sha, s.seed, {}, None)
     found = cache.read(name)
     if found is None:
         found = _cheap_signals(model, s)
@@ -203,17 +212,29 @@ def _cheap_signals(model: onnx.ModelProto, s: AutoSettings) -> dict:
         held = {x for n in model.graph.node if n.op_type in ops for x in n.input if x in inits}
         share[key] = round(sum(nbytes[n] for n in held) / total, 4)
     signals: dict[str, Any] = {"file_bytes": metrics.file_bytes, "macs": metrics.macs, "matmul_weight_share":
-                               share["matmul"], "conv_weight_share": share["conv"], "int8_latency_ratio": None}
+                               share["matmul"], "conv_weight_share": share["conv"], "int8_latency_ratio": None,
+                               "int8_slower_layers": []}
     if s.calib is None:
         return signals
     try:
         calib = open_source(s.calib, model, limit=SIGNAL_SAMPLES, seed=s.seed)
-        quick, _ = PassManager(parse_spec("fold_bn,quantize_int8"), PassContext(calib=calib, seed=s.seed)).run(model)
+        quick, _ = PassManager(parse_spec(f"fold_bn,{INT8_SPEC}"), PassContext(calib=calib, seed=s.seed)).run(model)
         report = bench([model, quick], threads=1, warmup=5, runs=60, data=s.data, seed=s.seed)
         signals["int8_latency_ratio"] = round(report.models[1].ratio_vs_first, 3)
+        signals["int8_slower_layers"] = _int8_slower_layers(model, calib, s.seed)
     except Exception as exc:
         log.warning("auto: could not time int8 vs float (%s); int8 stays in the space", exc)
     return signals
+
+
+def _int8_slower_layers(model: onnx.ModelProto, calib: Any, seed: int) -> list[str]:
+    """The layers ``quantize_int8:latency_aware`` times at least :data:`INT8_SLOWER` times slower in
+    int8 than in float here, one layer at a time (with the Add/Concat/pool islands they leave), as
+    its reproducing ``exclude=`` list (e.g. an image stem conv with one input channel: 2.5x)."""
+    spec = f"fold_bn,quantize_int8:latency_aware=true:latency_check=false:latency_margin={INT8_SLOWER - 1:g}"
+    _, records = PassManager(parse_spec(spec), PassContext(calib=calib, seed=seed)).run(model)
+    excluded = str(records[-1].result.stats.get("exclude_spec", "")).partition("=")[2]
+    return [name for name in excluded.split("|") if name]
 
 
 def _space(s: AutoSettings, signals: dict) -> Space:
@@ -232,7 +253,8 @@ def _space(s: AutoSettings, signals: dict) -> Space:
     if ratio is not None and ratio > 0.95 and [k for k, _ in s.targets.items] == ["latency"]:
         log.info("auto: int8 is not faster than float here (%.2f); latency search without int8", ratio)
         quant = [q for q in quant if not q.startswith("int8")]
-    return replace(s.space, quant=tuple(quant), weight_only=())
+    slower = tuple(signals.get("int8_slower_layers") or ()) if s.targets.get("latency") is not None else ()
+    return replace(s.space, quant=tuple(quant), weight_only=(), int8_float=slower)
 
 
 def _singles(run: _Run, space: Space) -> dict[str, Candidate]:
@@ -282,8 +304,20 @@ def _smallest_macs(run: _Run, prunings: list[Candidate]) -> list[Candidate]:
 def _combine(parts: tuple[Candidate, ...]) -> Candidate:
     c = Candidate()
     for p in parts:
-        c = Candidate(p.prune or c.prune, p.lowrank or c.lowrank, p.quant or c.quant, p.budget or c.budget)
+        c = Candidate(prune=p.prune or c.prune, lowrank=p.lowrank or c.lowrank, quant=p.quant or c.quant,
+                      budget=p.budget or c.budget, align=p.align or c.align, cap=p.cap or c.cap)
     return c
+
+
+def _prunings(run: _Run, best: dict[str, Candidate], space: Space) -> list[Candidate]:
+    """The per-kind pruning bests and, with a latency target, each of them aligned to every
+    ``space.align`` (kept channels a multiple of it: onnxruntime's blocked conv layout), the
+    MAC-budget one also with the looser :data:`~.auto_space.ALIGNED_CAP`."""
+    found = [best[k] for k in PRUNINGS if k in best]
+    if run.s.targets.get("latency") is None:
+        return found
+    aligned = [replace(p, align=a) for p in found for a in space.align]
+    return found + aligned + [replace(p, cap=ALIGNED_CAP) for p in aligned if p.budget]
 
 
 def _step_down(c: Candidate, space: Space) -> Candidate | None:
@@ -306,15 +340,21 @@ def _step_down(c: Candidate, space: Space) -> Candidate | None:
 
 
 def _combinations(run: _Run, best: dict[str, Candidate], space: Space) -> None:
-    """Step 3: every combination of two or more per-technique bests, with backtracking on failures."""
+    """Step 3: every combination of two or more per-technique bests, with backtracking on failures
+    (with a latency target, also the aligned pruning bests, alone and combined: :func:`_prunings`)."""
     others = [best[k] for k in ("lowrank", "quant") if k in best]
     todo: list[Candidate] = []
-    for pruning in [[best[k]] for k in PRUNINGS if k in best] or [[]]:  # one way of pruning per candidate
+    for pruning in [[p] for p in _prunings(run, best, space)] or [[]]:  # one way of pruning per candidate
         parts = pruning + others
-        todo += [_combine(p) for n in range(len(parts), 1, -1) for p in itertools.combinations(parts, n)]
+        least = 1 if pruning and pruning[0].align else 2  # an aligned pruning was not evaluated alone
+        todo += [_combine(p) for n in range(len(parts), least - 1, -1) for p in itertools.combinations(parts, n)
+                 if least == 2 or pruning[0] in p]
     if "quant" in best and not best["quant"].quant.startswith("int8") and "int8" in space.quant:
         # weight-only won the single step (size first): the int8 combinations are tried as well
         todo += [replace(c, quant="int8") for c in todo if c.quant and replace(c, quant="int8") not in todo]
+    if space.int8_float and "quant" in best and best["quant"].quant == "int8":
+        # int8 where it pays: the layers timed slower in int8 stay float (alone and in every combination)
+        todo += [replace(c, float_layers=space.int8_float) for c in [best["quant"], *todo] if c.quant == "int8"]
     todo = _prefilter(run, list(dict.fromkeys(todo)))
     for round_ in range(BACKTRACK_ROUNDS + 1):
         run.run(todo, "combination" if round_ == 0 else f"backtrack {round_}")
@@ -329,8 +369,8 @@ def _estimate(run: _Run, c: Candidate) -> dict[str, float] | None:
     (products: each technique shrinks what the others left); None when a part was not evaluated
     alone (e.g. int8 after weight-only passed first)."""
     est = {"size": 1.0, "macs": 1.0}
-    for part in (Candidate(prune=c.prune), Candidate(budget=c.budget), Candidate(lowrank=c.lowrank),
-                 Candidate(quant=c.quant)):
+    pruning = [Candidate(prune=c.prune, budget=c.budget, align=c.align, cap=c.cap)] if c.prune or c.budget else []
+    for part in (*pruning, Candidate(lowrank=c.lowrank), Candidate(quant=c.quant)):
         if not part.techniques:
             continue
         rec = run.records.get(part) or {}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from onnxcompress.core.errors import InputError
 
-__all__ = ["BUDGET_MAX_GROUP_RATIO", "BUDGET_SENS_SAMPLES", "CONV_WEIGHT_ONLY", "Candidate", "Space", "Targets", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets",
-           "parse_space", "TARGET_KINDS"]
+__all__ = ["BUDGET_MAX_GROUP_RATIO", "BUDGET_SENS_SAMPLES", "CONV_WEIGHT_ONLY", "LAYOUT_ALIGN", "ALIGNED_CAP", "Candidate", "Space",
+           "Targets", "INT8_SPEC", "QUANT_SPECS", "MIXED_COSINE", "candidate_spec", "parse_targets", "parse_space", "TARGET_KINDS"]
 
 #: ``quantize_int8``'s mixed-precision target when plain int8 fails the gate (the float fallback).
 MIXED_COSINE = 0.999
@@ -26,10 +26,16 @@ BUDGET_MAX_GROUP_RATIO = 0.6
 #: Calibration samples the MAC-budget pruning measures each group's sensitivity on.
 BUDGET_SENS_SAMPLES = 32
 
+#: ``quantize_int8`` as the search uses it: a Concat input read by nothing else shares the Concat's
+#: scale (one rounding instead of two, and onnxruntime's QLinearConcat copies it instead of
+#: requantizing: concat fixture pruned + int8 0.54x -> 0.52x float at the same accuracy); the same
+#: bytes as plain ``quantize_int8`` on a model without Concat.
+INT8_SPEC = "quantize_int8:share_concat_scales=true"
+
 #: Quantization choices and the pass spec of each.
 QUANT_SPECS: dict[str, str] = {
-    "int8": "quantize_int8",
-    "int8-mixed": f"quantize_int8:min_cosine={MIXED_COSINE}",
+    "int8": INT8_SPEC,
+    "int8-mixed": f"{INT8_SPEC}:min_cosine={MIXED_COSINE}",
     "w8": "quantize_weights:bits=8",
     "w4": "quantize_weights:bits=4:method=gptq",
     "cw8": "quantize_weights:ops=matmul|conv:bits=8:block_size=0:prefer=size",
@@ -41,22 +47,47 @@ QUANT_SPECS: dict[str, str] = {
 #: points, concat ``ratio=0.5`` −8.1), GPTQ passes (−0.28, −0.56).
 CONV_WEIGHT_ONLY = ("cw8", "cw4")
 
+#: Kept channels per pruned group a multiple of this (``prune_channels:round_to=``), tried beside the
+#: pass's default 8 when latency is a target: onnxruntime's CPU provider runs convs in its blocked
+#: NCHWc layout only where the channel counts are multiples of its block (16 channels on AVX-512,
+#: 8 on AVX2; 16 suits both); elsewhere it adds reorder nodes or falls back to plain NCHW convs. On
+#: the MobileNetV2 fixture (Xeon with AVX-512) ``prune_channels:macs=0.25`` keeping multiples of 8
+#: runs at 0.56x float, keeping multiples of 16 (MACs 0.35x instead of 0.26x) at 0.48x.
+LAYOUT_ALIGN = 16
+#: ``max_group_ratio`` of the aligned MAC-budget pruning tried beside the default cap: kept counts in
+#: multiples of 16 leave groups of 24-48 channels little room under 0.6 (48 can only go to 32), 0.75
+#: lets 64 go to 16 and 48 to 16 (MobileNetV2 ``macs=0.2``: 0.39x float at -0.83 points, against
+#: 0.48x capped at 0.6; on concat it fails the gate, so both are tried).
+ALIGNED_CAP = 0.75
+
 
 @dataclass(frozen=True)
 class Candidate:
     """One point of the search space. ``prune``: ``prune_channels`` ratio (0: none); ``lowrank``:
     ``factorize_tucker`` energy (0: none); ``quant``: a key of :data:`QUANT_SPECS` ('' : float);
     ``budget``: ``prune_channels:macs=`` target MAC ratio, non-uniform by per-group sensitivity
-    (0: none; a candidate prunes one way, never both)."""
+    (0: none; a candidate prunes one way, never both); ``align``: the pruning keeps a multiple of
+    this many channels per group (``round_to=``; 0: the pass's default, 8); ``float_layers``: with
+    int8, these layers stay float (``exclude=``, with ``float_pools=true``); ``cap``: the MAC-budget
+    pruning's ``max_group_ratio`` (0: :data:`BUDGET_MAX_GROUP_RATIO`)."""
 
     prune: float = 0.0
     lowrank: float = 0.0
     quant: str = ""
     budget: float = 0.0
+    align: int = 0
+    float_layers: tuple[str, ...] = ()
+    cap: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.cap and not self.budget:
+            raise InputError("auto: cap applies to MAC-budget pruning; this candidate has none")
+        if self.float_layers and not self.quant.startswith("int8"):
+            raise InputError("auto: float_layers applies to int8; this candidate is not int8")
         if self.prune and self.budget:
             raise InputError("auto: a candidate prunes by ratio or by MAC budget, not both")
+        if self.align and not (self.prune or self.budget):
+            raise InputError("auto: align applies to pruning; this candidate does not prune")
 
     @property
     def spec(self) -> str:
@@ -70,29 +101,35 @@ class Candidate:
 
     def label(self) -> str:
         """Short name: ``prune 0.5 + tucker 0.9 + int8`` (MAC budget: ``prune macs 0.3``)."""
-        parts = ([f"prune {self.prune:g}"] if self.prune else []) + \
-            ([f"prune macs {self.budget:g}"] if self.budget else []) + \
+        aligned = (f" /{self.align}" if self.align else "") + (f" cap {self.cap:g}" if self.cap else "")
+        parts = ([f"prune {self.prune:g}{aligned}"] if self.prune else []) + \
+            ([f"prune macs {self.budget:g}{aligned}"] if self.budget else []) + \
             ([f"tucker {self.lowrank:g}"] if self.lowrank else []) + ([self.quant] if self.quant else [])
+        if self.float_layers:
+            parts[-1] += f" ({len(self.float_layers)} float)"
         return " + ".join(parts) or "float"
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
-        return {"prune": self.prune, "budget": self.budget, "lowrank": self.lowrank, "quant": self.quant}
+        return {"prune": self.prune, "budget": self.budget, "lowrank": self.lowrank, "quant": self.quant,
+                "align": self.align, "float_layers": list(self.float_layers), "cap": self.cap}
 
 
 def candidate_spec(c: Candidate) -> str:
     """The pipeline that builds ``c``; the only place that maps a candidate onto passes (pruning by
     ``prune_channels:ratio=`` or ``prune_channels:macs=``)."""
-    parts = [f"prune_channels:ratio={c.prune:g}"] if c.prune else []
+    aligned = f":round_to={c.align}" if c.align else ""
+    parts = [f"prune_channels:ratio={c.prune:g}{aligned}"] if c.prune else []
     if c.budget:
-        parts.append(f"prune_channels:macs={c.budget:g}:max_group_ratio={BUDGET_MAX_GROUP_RATIO:g}"
-                     f":sens_samples={BUDGET_SENS_SAMPLES}")
+        parts.append(f"prune_channels:macs={c.budget:g}:max_group_ratio={c.cap or BUDGET_MAX_GROUP_RATIO:g}"
+                     f":sens_samples={BUDGET_SENS_SAMPLES}{aligned}")
     parts.append("fold_bn")
     if c.lowrank:
         parts.append(f"factorize_tucker:energy={c.lowrank:g}")
     parts.append("simplify")
     if c.quant:
-        parts.append(QUANT_SPECS[c.quant])
+        parts.append(QUANT_SPECS[c.quant] + (f":float_pools=true:exclude={'|'.join(c.float_layers)}"
+                                             if c.float_layers else ""))
     return ",".join(parts)
 
 
@@ -101,15 +138,24 @@ class Space:
     """The settings tried per technique, weakest first (the search looks for the strongest that
     passes the quality gate on its own, then combines). ``quant`` in the order tried; a failing
     ``int8`` falls back to ``int8-mixed`` when listed. ``prune_macs``: MAC-budget pruning targets
-    (``prune_channels:macs=``; in any order, the weakest is the largest)."""
+    (``prune_channels:macs=``; in any order, the weakest is the largest). ``align``: with a latency
+    target, the best pruning of each kind is also tried keeping a multiple of each of these many
+    channels per group (see :data:`LAYOUT_ALIGN`). ``int8_float``: layers whose int8 form is slower
+    than float here (set from the cheap signals, not by ``--space``); with a latency target, every
+    int8 candidate is also tried with them kept float."""
 
     prune: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625)
     prune_macs: tuple[float, ...] = (0.5, 0.4, 0.3, 0.25)
     lowrank: tuple[float, ...] = (0.9, 0.8)
     quant: tuple[str, ...] = ("int8", "int8-mixed")
     weight_only: tuple[str, ...] = ("w8", "w4", "cw8", "cw4")
+    align: tuple[int, ...] = (LAYOUT_ALIGN,)
+    int8_float: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for a in self.align:
+            if not (isinstance(a, int) and a >= 2):
+                raise InputError(f"auto: align {a} must be an integer >= 2")
         for r in self.prune:
             if not 0 < r < 1:
                 raise InputError(f"auto: prune ratio {r} must be in (0, 1)")
@@ -190,7 +236,7 @@ def parse_targets(items: list[str] | tuple[str, ...] | str | dict | None) -> Tar
 
 def parse_space(text: str | None) -> Space:
     """``prune=0.25|0.5,lowrank=,quant=int8`` → :class:`Space` (keys: prune, prune_macs, lowrank, quant,
-    weight_only; ``|`` between settings; an empty value turns the technique off; keys not given keep
+    weight_only, align; ``|`` between settings; an empty value turns the technique off; keys not given keep
     their defaults).
 
     Raises:
@@ -201,15 +247,20 @@ def parse_space(text: str | None) -> Space:
     fields_: dict[str, tuple] = {}
     for item in text.split(","):
         key, sep, value = item.strip().partition("=")
-        if not sep or key not in ("prune", "prune_macs", "lowrank", "quant", "weight_only"):
+        if not sep or key not in ("prune", "prune_macs", "lowrank", "quant", "weight_only", "align"):
             raise InputError(f"--space {item!r}: expected KEY=V|V|... with KEY one of prune, prune_macs, lowrank, "
-                             "quant, weight_only")
+                             "quant, weight_only, align")
         parts = [v.strip() for v in value.split("|") if v.strip()]
         if key in ("prune", "prune_macs", "lowrank"):
             try:
                 fields_[key] = tuple(float(v) for v in parts)
             except ValueError:
                 raise InputError(f"--space {item!r}: {key} settings must be numbers") from None
+        elif key == "align":
+            try:
+                fields_[key] = tuple(int(v) for v in parts)
+            except ValueError:
+                raise InputError(f"--space {item!r}: align settings must be integers") from None
         else:
             fields_[key] = tuple(parts)
     return Space(**fields_)

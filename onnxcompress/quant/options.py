@@ -38,6 +38,8 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     weights_only: bool = False
     dynamic: bool = False
+    share_concat_scales: bool = False
+    float_pools: bool = False
 
     @property
     def weight_qmax(self) -> int:
@@ -50,4 +52,6 @@ class QuantConfig:
         (this machine's when ``None``; see :func:`resolve_reduce_range`)."""
         return cls(per_channel=opts["per_channel"], symmetric_activations=opts["symmetric_activations"],
                    reduce_range=resolve_reduce_range(opts["reduce_range"], flags), exclude=tuple(opts["exclude"]),
-                   weights_only=opts["weights_only"], dynamic=bool(opts.get("dynamic", False)))
+                   weights_only=opts["weights_only"], dynamic=bool(opts.get("dynamic", False)),
+                   share_concat_scales=bool(opts.get("share_concat_scales", False)),
+                   float_pools=bool(opts.get("float_pools", False)))

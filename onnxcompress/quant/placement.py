@@ -90,6 +90,7 @@ Rules:
     outputs' grids, so those values need no levels of their own. A YOLOv8 conv output before its
     SiLU spans about [-120, 110]; clamped to [-8, 110] its step halves. The class logits before a
     detector's score Sigmoid get the same treatment.
+15. ``share_concat_scales``: Concat inputs on the Concat's grid (:mod:`onnxcompress.quant.concat_scales`).
 
 ConvTranspose has no integer kernel on the CPU provider, so it keeps float compute with an int8
 weight (a ``weights`` group) and its activations are not quantized on its account.
@@ -108,6 +109,7 @@ from onnxcompress.core import graph as core_graph
 from onnxcompress.core.graph import clip_bounds, const_values, constant_info, node_label, opt_input, weight_layout
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.core.shapes import infer_graph
+from onnxcompress.quant.concat_scales import concat_inputs
 from onnxcompress.quant.options import QuantConfig
 
 __all__ = [
@@ -219,6 +221,7 @@ class QdqPlan:
             (rule 14).
         consumers: ``{tensor: [(group, input index)]}`` quantized slots reading each tensor.
         unclipped: Tensors whose range is their calibrated min/max whatever the method (rule 13).
+        concat_inputs: ``{tensor: Concat output}``: Concat inputs only it reads, no graph output (rule 15).
     """
 
     groups: list[QdqGroup] = field(default_factory=list)
@@ -228,6 +231,7 @@ class QdqPlan:
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     consumers: dict[str, list[tuple[QdqGroup, int]]] = field(default_factory=dict)
     unclipped: set[str] = field(default_factory=set)
+    concat_inputs: dict[str, str] = field(default_factory=dict)
 
     def calibrated(self) -> list[str]:
         """Tensors whose range must be measured (shared ones reuse another's)."""
@@ -510,7 +514,9 @@ def _place(graph: gs.Graph, excluded: set[str], groups: list[QdqGroup], passthro
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     plan = QdqPlan(groups=sorted(groups, key=lambda g: order[id(g.node)]))
     _fill_tensors(graph, plan, in_q | out_q)
+    plan.concat_inputs = concat_inputs(plan, graph_outputs)
     return plan
+
 
 
 def _isolated(graph: gs.Graph, plan: QdqPlan) -> list[QdqGroup]:
@@ -583,9 +589,6 @@ def _saturation_bounds(graph: gs.Graph, plan: QdqPlan, wanted: set[str]) -> None
         hi = SATURATION if all(n.op == "Sigmoid" for n in readers) else np.inf
         lo0, hi0 = plan.bounds.get(name, (-np.inf, np.inf))
         plan.bounds[name] = (max(lo0, -SATURATION), min(hi0, hi))
-
-
-# ------------------------------------------------------------------------------------ rewriting
 
 
 def _is_silu(node: gs.Node) -> bool:

@@ -33,7 +33,9 @@ from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.pass_api import PassResult
 from onnxcompress.quant.calibrate import Calibration, collect_statistics
+from onnxcompress.quant.concat_scales import share_concat_params
 from onnxcompress.quant.dynamic import plan_dynamic, quantize_dynamic_graph
+from onnxcompress.quant.float_pools import with_float_pools
 from onnxcompress.quant.observers import DEFAULT_BINS, compute_range
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams, activation_params
@@ -72,7 +74,8 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
 
     A Concat's output range is the union of its inputs' ranges (it only copies their values); a
     folded Clip/Relu clamps the range to its bounds. Degenerate ranges are declined (reported)
-    and counted in ``result``.
+    and counted in ``result``. With ``cfg.share_concat_scales`` a Concat input that only the
+    Concat reads takes the Concat output's parameters (:func:`share_concat_params`).
 
     Args:
         plan: From :func:`plan_placement`.
@@ -115,6 +118,8 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
             result.decline(name, R_DEGENERATE, f"min = max = {lo:g}", logger=logger)
             result.count("degenerate_ranges")
         params[name] = p
+    if cfg.share_concat_scales:
+        share_concat_params(plan, params)
     return params
 
 
@@ -207,6 +212,7 @@ class Quantizer:
         if cfg.dynamic:
             result.modified |= quantize_dynamic_graph(graph, cfg, result, self.logger)
             return graph
+        cfg = with_float_pools(graph, cfg)
         plan = plan_placement(graph, cfg, result, self.logger)
         self.ensure_calibrated(plan.calibrated())
         params = plan_params(plan, self.calib, cfg, self.method, self.percentile, result, self.logger, self._ranges)

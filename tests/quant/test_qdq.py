@@ -12,7 +12,8 @@ from onnxcompress.quant.params import activation_params, quantize_bias, quantize
 from tests.helpers.builders import make_model
 from tests.helpers.graphs import consumers, producers
 from tests.helpers.quant import compare, qdq_params, quantize
-from tests.helpers.tensors import rand
+from tests.helpers.runs import ort_run
+from tests.helpers.tensors import feeds_for, rand
 
 X = {"x": ["N", 3, 8, 8]}
 
@@ -200,6 +201,43 @@ def test_concat_and_constant_operand():
     assert result.stats["quantized_Concat"] == 1 and result.stats["constants_quantized"] == 1
     assert compare(model, q) >= 0.99
     check_fused(q, "QLinearConcat", "QLinearMul")
+
+
+def _concat_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Three conv branches into a Concat; ``yc`` is also read by a Relu that is a graph output."""
+    init = {**conv_weights(rng, "a", 4, 3), **conv_weights(rng, "b", 4, 3), **conv_weights(rng, "c", 4, 3),
+            **conv_weights(rng, "d", 5, 12)}
+    init["b_W"] = init["b_W"] * np.float32(0.1)  # a branch with a much narrower range than the Concat's
+    nodes = [conv("x", "ya", "a_W", "a_B"), conv("x", "yb", "b_W", "b_B"), conv("x", "yc", "c_W", "c_B"),
+             helper.make_node("Relu", ["yc"], ["side"]),
+             helper.make_node("Concat", ["ya", "yb", "yc"], ["cat"], axis=1), conv("cat", "y", "d_W", "d_B")]
+    return make_model(nodes, X, ["y", "side"], init)
+
+
+def test_share_concat_scales_rounds_concat_inputs_once_on_the_concat_grid():
+    model = _concat_model(np.random.default_rng(16))
+    own, _ = quantize(model)
+    shared, _ = quantize(model, "quantize_int8:share_concat_scales=true")
+    _, s_cat, z_cat, _ = qdq_params(shared, "cat")
+    for name in ("ya", "yb"):  # read only by the Concat: the Concat's scale and zero point
+        _, s, z, _ = qdq_params(shared, name)
+        assert (s, z) == (s_cat, z_cat)
+    assert qdq_params(own, "yb")[1] < s_cat  # by default each input keeps its own grid
+    assert qdq_params(shared, "yc")[1] != s_cat  # also read by the Relu: its own grid
+    assert compare(model, shared) >= 0.99
+    check_fused(shared, "QLinearConv", "QLinearConcat")
+    # one rounding instead of two: the shared model's Concat output is at least as close to float's
+    feeds = feeds_for(model, 16)
+    probe = [_with_output(m, "cat") for m in (model, own, shared)]
+    ref, a, b = (ort_run(m, feeds)[-1] for m in probe)
+    assert np.abs(b - ref).mean() <= np.abs(a - ref).mean()
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return m
 
 
 @pytest.mark.parametrize("op", ["MaxPool", "Resize", "Reshape"])
