@@ -38,7 +38,6 @@ from onnxcompress.reporting.display import (
 )
 from onnxcompress.runtime import bench as _bench
 from onnxcompress.runtime.detection import DET_LAYOUTS
-from onnxcompress.runtime.memory import return_large_blocks
 from onnxcompress.runtime.tasks import TASKS, TaskSpec
 
 __all__ = ["DIM_HELP", "GLOBAL_FLAGS", "PREPROCESS_HELP", "cli", "hoist_global_flags", "main"]
@@ -491,7 +490,6 @@ def hoist_global_flags(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to exit codes and one-line messages."""
     args = hoist_global_flags(sys.argv[1:] if argv is None else list(argv))
-    return_large_blocks()  # large blocks go back to the system when freed (runtime.memory)
     try:
         cli.main(args=args, prog_name="onnxcompress", standalone_mode=False)
         return 0

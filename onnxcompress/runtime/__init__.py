@@ -8,7 +8,6 @@
 * :mod:`.capture` — run a model exposing intermediate tensors, batch by batch.
 * :mod:`.bench` — interleaved latency rounds, paired ratios, machine and memory facts.
 * :mod:`.progress` — one nested progress display on stderr.
-* :mod:`.memory` — the C allocator's policy for large blocks (set by the CLI's entry point).
 * :mod:`.tasks` — task metrics vs a reference model (classification, detection, embedding,
   segmentation), streaming; :mod:`.detection` — YOLO-style decoding, NMS and box matching.
 """
