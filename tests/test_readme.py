@@ -43,7 +43,7 @@ def test_quick_start_command(tmp_path):
     args = shlex.split(line.split("&&", 1)[1])
     assert args[:2] == ["onnxcompress", "auto"]
     args = [str(ROOT / a) if a.startswith("models/") else a for a in args[1:]]
-    args += ["--space", "prune=0.5,prune_macs=,lowrank=,quant=int8", "--cache-dir", str(tmp_path / "cache"), "--latency-runs", "30"]
+    args += ["--space", "prune=0.5,prune_macs=,lowrank=,quant=int8", "--cache-dir", str(tmp_path / "cache"), "--latency-runs", "30", "--budget-minutes", "10"]
     proc = subprocess.run([sys.executable, "-m", "onnxcompress", *args], cwd=tmp_path, capture_output=True, text=True,
                           env=python_env())
     assert proc.returncode == 0, proc.stderr
