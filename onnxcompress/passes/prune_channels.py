@@ -137,7 +137,7 @@ class PruneChannels(Pass):
         output only feeds a ReLU or a hard-swish (``HardSwish``, or Paddle's ``x·Clip(x+3, 0, 6)/6``),
         a target where the original's activation is flat (``t <= 0``, ``<= −3``) becomes the
         layer's current output clipped to ``[t, 0]`` (``[t, −3]``): the error that counts is the one
-        after the activation, one Gauss-Newton-like step from the pruned weights; ``refit_holdout=F``: a share
+        after the activation, one Gauss-Newton-like step from the pruned weights; ``refit_holdout=F`` (default 0.2, as factorization's): a share
         ``F`` of each layer's sampled rows is held out, the ridge (``1e-4``, ``1e-2`` or ``1`` relative) with the
         least held-out error is kept and a refit that does not beat the pruned weights there is rejected --
         deep layers with few rows per feature otherwise fit the calibration set and blow up on other
@@ -220,8 +220,9 @@ class PruneChannels(Pass):
         "refit_steps": Option(bool, False, "with steps=N and reconstruct: refit after every round, so the next "
                               "round scores and measures the refitted model (else one refit at the end)"),
         "reconstruct": Option(bool, True, "least-squares reconstruction of the next layers (needs --calib)"),
-        "refit_holdout": Option(float, 0.0, "share of the sampled calibration rows held out of each refit to choose "
-                                "its ridge and reject a refit that does not beat the pruned weights there (0: off)",
+        "refit_holdout": Option(float, 0.2, "share of the sampled calibration rows held out of each refit to choose "
+                                "its ridge and reject a refit that does not beat the pruned weights there (0: off, "
+                                "a plain least-squares fit on every row)",
                                 interval="[0, 1)"),
         "post_act": Option(bool, False, "refit a layer followed by ReLU/hard-swish only where the original's "
                            "activation is not flat (targets in the flat region just need to stay there)"),

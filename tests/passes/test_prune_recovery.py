@@ -278,27 +278,30 @@ WIDE_SPEC = "prune_channels:ratio=0.5:round_to=1"
 
 
 def test_refit_holdout_parses():
-    assert parse_spec("prune_channels")[0].opts["refit_holdout"] == 0.0
-    assert parse_spec("prune_channels:refit_holdout=0.2")[0].opts["refit_holdout"] == 0.2
+    assert parse_spec("prune_channels")[0].opts["refit_holdout"] == 0.2
+    assert parse_spec("prune_channels:refit_holdout=0")[0].opts["refit_holdout"] == 0.0
     for bad in ("1", "-0.1", "x"):
         with pytest.raises(InputError, match="refit_holdout"):
             parse_spec(f"prune_channels:refit_holdout={bad}")
 
 
-def test_refit_holdout_zero_is_the_default():
+def test_refit_holdout_defaults_to_a_fifth_and_zero_turns_it_off():
     model = wide()
     a, ra = run_passes(model, WIDE_SPEC, ctx(model, 4))
-    b, _ = run_passes(model, WIDE_SPEC + ":refit_holdout=0", ctx(model, 4))
+    b, _ = run_passes(model, WIDE_SPEC + ":refit_holdout=0.2", ctx(model, 4))
+    c, rc = run_passes(model, WIDE_SPEC + ":refit_holdout=0", ctx(model, 4))
     assert a.SerializeToString() == b.SerializeToString()
-    assert "reconstruct_rejected" not in ra[0].result.stats
-    assert all("ridge" not in r for r in ra[0].result.stats["reconstruct_per_layer"])
+    assert all("ridge" in r for r in ra[0].result.stats["reconstruct_per_layer"])
+    assert a.SerializeToString() != c.SerializeToString()
+    assert "reconstruct_rejected" not in rc[0].result.stats
+    assert all("ridge" not in r for r in rc[0].result.stats["reconstruct_per_layer"])
 
 
 def test_refit_holdout_regularises_an_underdetermined_refit():
     """4 samples give 144 rows for the 3x3 conv's 289 features: the plain refit fits them; held-out rows
     choose a larger ridge, and the pruned model is closer to the original on other inputs."""
     model = wide()
-    plain, _ = run_passes(model, WIDE_SPEC, ctx(model, 4))
+    plain, _ = run_passes(model, WIDE_SPEC + ":refit_holdout=0", ctx(model, 4))
     held, records = run_passes(model, WIDE_SPEC + ":refit_holdout=0.25", ctx(model, 4))
     onnx.checker.check_model(held, full_check=True)
     stats = records[0].result.stats
