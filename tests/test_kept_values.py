@@ -70,3 +70,18 @@ def test_staged_frontier_tensors_own_their_memory():
     x = np.concatenate([b.feeds["x"] for b in src.batches(4)])
     np.testing.assert_array_equal(np.concatenate(stored), np.maximum(x, 0))
     np.testing.assert_array_equal(np.concatenate(got), -np.maximum(x, 0))
+
+
+def test_pruning_sensitivity_reference_owns_its_memory():
+    """MaskedError keeps the unpruned model's outputs for every group it measures: copies, not views."""
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.pruning.dependency import analyze
+    from onnxcompress.pruning.sensitivity import MaskedError
+    from tests.passes.test_prune_budget import two_groups
+
+    model = two_groups(a_matters=True)
+    src = RandomSource(input_specs(model), 8, seed=3)
+    evaluate = MaskedError(analyze(gs.import_onnx(model)), src, samples=8, batch_size=4)
+    assert all(out.base is None for outs in evaluate.reference for out in outs)
+    assert evaluate.error({}) == 0.0

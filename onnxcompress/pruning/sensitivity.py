@@ -67,7 +67,8 @@ class MaskedError:
             seen += take
         self.samples = seen
         self.outputs = [o.name for o in self.model.graph.output]
-        self.reference = self._run()
+        # copies: an onnxruntime output is a view that keeps its session's whole memory arena alive
+        self.reference = [[np.array(out, copy=True) for out in outs] for outs in self._run()]
 
     def _changes(self, rm: np.ndarray, changed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """New initializer values (on top of ``changed``): the producers' filters of the removed
