@@ -22,7 +22,7 @@ from onnxcompress.pruning.dependency import Analysis, analyze
 from onnxcompress.pruning.importance import CRITERIA, Scores, normalize, score_groups
 from onnxcompress.pruning.obs import ObsOptions, ObsReport
 from onnxcompress.pruning.prepare import merge_reshapes
-from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_removal
+from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_removal, uniform_count
 from onnxcompress.pruning.sensitivity import MaskedError, RefitMaskedError, importance_errors, measured_errors
 from onnxcompress.pruning.types import slug
 from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
@@ -441,8 +441,11 @@ class PruneChannels(Pass):
     def _score(self, analysis: Analysis, ctx: PassContext, budget: Budget) -> Scores:
         """Every prunable group's channel scores under ``criterion``."""
         o = self.opts
+        counts = None  # a uniform local ratio fixes every group's count: the greedy stops there
+        if o["criterion"] == "obs" and o["macs"] is None and not self._spreads() and budget.scope == "local":
+            counts = {g.index: uniform_count(g, budget) for g in analysis.groups if g.frozen is None}
         obs = ObsOptions(max_features=o["obs_features"], damp=o["obs_damp"], limit=budget.max_group_ratio,
-                         seed=budget.seed)
+                         counts=counts, seed=budget.seed)
         return score_groups(analysis, o["criterion"], calib=ctx.calib, gammas=ctx.get(BN_GAMMA),
                             progress=ctx.progress, obs=obs)
 

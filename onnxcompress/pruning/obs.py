@@ -14,7 +14,8 @@ by ``ΔE_b = tr(W_bᵀ ([H⁻¹]_bb)⁻¹ W_b)``; a channel's cost is the sum ov
 ``ΔE_b / E_r`` (``E_r = tr(WᵀHW)``, the reader's output energy, so readers are comparable).
 Greedily, the cheapest removable channel goes and every reader's weights and inverse are updated
 for it (``W -= H⁻¹[:, b] ([H⁻¹]_bb)⁻¹ W_b``, ``H⁻¹ -= H⁻¹[:, b] ([H⁻¹]_bb)⁻¹ H⁻¹[b, :]``), until
-``limit`` of the group is gone; the channels left are ranked by their cost at that point.
+``limit`` of the group is gone (or the count a uniform budget fixes); the channels left are
+ranked by their cost at that point.
 
 The order is returned as scores (the cumulative cost at each channel's removal, made strictly
 increasing), so the budget (``ratio``, ``macs``, ``allocate``, ``round_to``) decides how many go
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,8 @@ class ObsOptions:
         max_features: Features kept per reader (seeded subsampling above it).
         damp: Relative dampening of ``H`` (``λ = damp · mean(diag H)``).
         limit: Greedy removals per group, as a fraction of it (the budget's ``max_group_ratio``).
+        counts: Group index -> greedy removals, when the budget already fixes them (a uniform
+            ratio): the greedy stops there (the rest is ranked by its cost at that point).
         seed: Seed of the subsampling and of the tie-breaking.
         max_rows: Rows (output positions) drawn per run and reader.
         batch_size: Calibration batch size.
@@ -75,6 +79,7 @@ class ObsOptions:
     max_features: int = 4096
     damp: float = 0.01
     limit: float = 0.9
+    counts: Mapping[int, int] | None = None
     seed: int = 0
     max_rows: int = 2048
     batch_size: int = 32
@@ -176,40 +181,69 @@ def _readers(group: Group, opts: ObsOptions) -> list[_Reader] | str:
     return out
 
 
-def removal_cost(hinv: np.ndarray, w: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """``tr(W_bᵀ ([H⁻¹]_bb)⁻¹ W_b)`` for each row ``b`` of ``blocks`` (``[m, s]`` feature indices):
-    the least squared output error added by removing those features, the others refitted."""
-    hbb = hinv[blocks[:, :, None], blocks[:, None, :]]
-    wb = w[blocks]
-    return np.einsum("mst,mst->m", wb, np.linalg.solve(hbb, wb))
+def removal_cost(hbb: np.ndarray, wb: np.ndarray) -> np.ndarray:
+    """``tr(W_bᵀ ([H⁻¹]_bb)⁻¹ W_b)`` for a stack of blocks (``hbb`` ``[m, s, s]``, the inverse's
+    diagonal blocks; ``wb`` ``[m, s, T]``, the weight rows): the least squared output error that
+    removing each block's features adds when the other features are refitted."""
+    outer = wb @ wb.transpose(0, 2, 1)  # W_b·W_bᵀ [m, s, s]: tr(W_bᵀ A W_b) = <A, W_b·W_bᵀ>
+    return np.einsum("msu,msu->m", np.linalg.inv(hbb), outer)
+
+
+def _spd_inverse(h: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix (Cholesky; eigenvalues clipped if that fails)."""
+    import scipy.linalg  # imported where used, like the solver
+
+    try:
+        factor, info = scipy.linalg.lapack.dpotrf(h, lower=0)
+        if info == 0:
+            inv, info = scipy.linalg.lapack.dpotri(factor, lower=0)
+            if info == 0:
+                return np.triu(inv) + np.triu(inv, 1).T
+    except np.linalg.LinAlgError:
+        pass
+    vals, vecs = np.linalg.eigh(h)
+    return (vecs / np.maximum(vals, 1e-12 * max(float(vals.max()), 1e-300))) @ vecs.T
 
 
 class _Surgeon:
-    """One reader's ``W`` and dampened ``H⁻¹``, downdated as channels go."""
+    """One reader's ``W`` and dampened ``H⁻¹``, updated as channels go.
+
+    ``H⁻¹`` is kept as the initial inverse minus a low-rank term ``L·Lᵀ`` (one ``s``-column block
+    per removal: ``H⁻¹[:, b]·M^(-1/2)``, ``M = [H⁻¹]_bb``), and its diagonal blocks (what the costs
+    need) are updated in place: each removal costs ``O(F·r·s)`` (``r`` features removed so far)
+    instead of a full ``F×F`` update."""
 
     def __init__(self, reader: _Reader, size: int, damp: float):
-        import scipy.linalg  # imported where used, like the solver
-
         h = reader.acc.covariance()
         self.w = reader.view.to_matrix()[0][0][reader.feats].astype(np.float64)
         energy = float(np.sum(self.w * (h @ self.w)))
         self.scale = 1.0 / energy if energy > 0 else 0.0
         lam = damp * float(np.mean(np.diag(h))) if len(h) else 0.0
         h[np.diag_indices_from(h)] += lam if lam > 0 else 1.0
-        self.hinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h), np.eye(len(h)))
+        self.hinv = _spd_inverse(h)
         self.blocks = [np.flatnonzero(reader.owner == c) for c in range(size)]
         self.sizes = np.array([len(b) for b in self.blocks])
+        self.low = np.zeros((len(h), 0))
+        self.used = 0
+        #: block size -> (channels, their feature indices [m, s], current diagonal blocks [m, s, s])
+        self.stacks = {}
+        for s in np.unique(self.sizes[self.sizes > 0]):
+            chans = np.flatnonzero(self.sizes == s)
+            idx = np.stack([self.blocks[c] for c in chans])
+            self.stacks[int(s)] = (chans, idx, self.hinv[idx[:, :, None], idx[:, None, :]])
+        self.where = {int(c): (int(s), i) for s, (chans, _, _) in self.stacks.items() for i, c in enumerate(chans)}
 
     def costs(self, channels: np.ndarray) -> np.ndarray:
         """Scaled ``ΔE`` of removing each of ``channels`` now."""
         out = np.zeros(len(channels))
         if self.scale == 0.0:
             return out
-        sizes = self.sizes[channels]
-        for s in np.unique(sizes[sizes > 0]):
-            pos = np.flatnonzero(sizes == s)
-            blocks = np.stack([self.blocks[c] for c in channels[pos]])
-            out[pos] = removal_cost(self.hinv, self.w, blocks) * self.scale
+        for s, (chans, idx, diag) in self.stacks.items():
+            rows = np.searchsorted(chans, channels)
+            hit = (rows < len(chans)) & (chans[np.minimum(rows, len(chans) - 1)] == channels)
+            if hit.any():
+                sel = rows[hit]
+                out[hit] = removal_cost(diag[sel], self.w[idx[sel]]) * self.scale
         return out
 
     def remove(self, channel: int) -> None:
@@ -217,12 +251,22 @@ class _Surgeon:
         b = self.blocks[channel]
         if not len(b):
             return
-        k = np.linalg.solve(self.hinv[np.ix_(b, b)], self.hinv[b]).T  # H⁻¹[:, b] ([H⁻¹]_bb)⁻¹
-        self.w -= k @ self.w[b]
-        self.hinv -= k @ self.hinv[b]
+        g = self.hinv[:, b] - self.low[:, :self.used] @ self.low[b, :self.used].T  # current H⁻¹[:, b]
+        vals, vecs = np.linalg.eigh((g[b] + g[b].T) / 2)
+        root = vecs / np.sqrt(np.maximum(vals, 1e-12 * max(float(vals.max()), 1e-300)))  # M^(-1/2), up to a rotation
+        c = g @ root
+        self.w -= c @ (root.T @ self.w[b])
         self.w[b] = 0.0
-        self.hinv[b] = 0.0
-        self.hinv[:, b] = 0.0
+        if self.used + len(b) > self.low.shape[1]:
+            grow = max(len(b), self.low.shape[1])
+            self.low = np.concatenate([self.low, np.zeros((len(self.low), grow))], axis=1)
+        self.low[:, self.used:self.used + len(b)] = c
+        self.used += len(b)
+        for chans, idx, diag in self.stacks.values():
+            cb = c[idx]  # [m, s, len(b)]
+            diag -= np.einsum("msk,muk->msu", cb, cb)
+        s, i = self.where[int(channel)]
+        self.stacks[s][2][i] = np.eye(s)  # removed: never a candidate again; keep the block invertible
 
 
 def _greedy(group: Group, readers: list[_Reader], opts: ObsOptions) -> np.ndarray:
@@ -231,6 +275,8 @@ def _greedy(group: Group, readers: list[_Reader], opts: ObsOptions) -> np.ndarra
     surgeons = [_Surgeon(r, n, opts.damp) for r in readers if r.acc.n_samples]
     left = group.removable.copy()
     steps = min(int(left.sum()), n - 1, math.floor(opts.limit * n + 1e-9))
+    if opts.counts is not None:
+        steps = min(steps, opts.counts.get(group.index, 0))
     tiebreak = np.random.default_rng([opts.seed, group.index]).permutation(n)
     order, raw, total = [], [], 0.0
     for _ in range(steps):
