@@ -19,9 +19,10 @@ from onnxcompress.core.pass_api import BN_GAMMA, Numerics, Option, Pass, PassCon
 from onnxcompress.pruning.apply import ApplyReport, PrunedLayer, apply_pruning
 from onnxcompress.pruning.budget import BudgetPlan, ChannelModel, MacModel, allocate, plan_for_counts
 from onnxcompress.pruning.dependency import Analysis, analyze
-from onnxcompress.pruning.importance import CRITERIA, normalize, score_groups
+from onnxcompress.pruning.importance import CRITERIA, Scores, normalize, score_groups
+from onnxcompress.pruning.obs import ObsOptions, ObsReport
 from onnxcompress.pruning.prepare import merge_reshapes
-from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_removal
+from onnxcompress.pruning.select import Budget, eligible_groups, levels, plan_removal, uniform_count
 from onnxcompress.pruning.sensitivity import MaskedError, RefitMaskedError, importance_errors, measured_errors
 from onnxcompress.pruning.types import slug
 from onnxcompress.reconstruct.layerview import SUPPORTED_OPS
@@ -86,7 +87,16 @@ class PruneChannels(Pass):
         (all channels sharing the same producers) is scored (``criterion``: ``l1``/``l2``
         filter norms, ``bn_scale`` ``|gamma|``, ``activation`` mean ``|x|`` on calibration data,
         ``auto`` (default): ``bn_scale`` where the group has a BN, ``activation`` for transformer
-        FFN neurons when calibration data is given, else ``l1``) and the lowest
+        FFN neurons when calibration data is given, else ``l1``; ``obs`` (calibration data,
+        :mod:`onnxcompress.pruning.obs`): per group and dense reader (Conv ``group`` 1, Gemm,
+        MatMul) the Gram matrix ``H = XᵀX`` of the reader's input features (im2col patches, ``k·k``
+        per channel) on the graph being pruned, dampened by ``obs_damp · mean(diag H)``, at most
+        ``obs_features`` features per reader (seeded subsampling of kernel positions above it);
+        removing a channel's features ``b`` with the others refitted costs
+        ``tr(W_bᵀ ([H⁻¹]_bb)⁻¹ W_b)``, summed over the readers each divided by its output energy;
+        the cheapest goes, ``W`` and ``H⁻¹`` are updated, and so on: the budget sets how many go,
+        this order which; a group with grouped-conv blocks or a reader that is not dense is scored
+        as ``auto`` does, stats ``obs_fallback_<reason>``) and the lowest
         ``ratio`` of it is removed (``scope=global``: one ranking of scores normalised by each
         group's mean; block-constrained groups: the lowest ``k`` of every block). A removed channel outputs the constant ``act(bias)`` in the *zeroed original*
         (its filter set to 0); that constant is folded into the next layer's bias -- exactly
@@ -181,7 +191,12 @@ class PruneChannels(Pass):
         ``bias_compensated``, ``bias_compensation_approx``, ``channels_uncompensated``,
         ``channels_restored`` (given back so no tensor is empty), ``bn_scale_fallback_l1``,
         ``criterion_<name>`` (groups scored with each criterion, e.g. ``auto`` gives
-        ``criterion_bn_scale`` and ``criterion_l1``), ``groups_round_to_relaxed`` (grouped-conv
+        ``criterion_bn_scale`` and ``criterion_l1``), with ``criterion=obs`` ``obs_fallback`` and
+        ``obs_fallback_<reason>`` (groups scored as ``auto``: ``grouped_conv``, ``reader_not_dense``,
+        ``no_dense_reader``, ``too_many_features``), ``obs_readers`` (Gram matrices accumulated),
+        ``obs_features_max`` (most features of one), ``obs_readers_subsampled``, ``obs_rows_min``
+        (fewest rows one was accumulated from), ``obs_passes`` (passes over the calibration data),
+        ``groups_round_to_relaxed`` (grouped-conv
         groups whose block counts allow no multiple of ``round_to``),
         ``reconstructed_layers``, ``reconstruct_error_before``/``reconstruct_error_after`` (mean
         relative output error of the refitted layers on calibration data),
@@ -208,8 +223,12 @@ class PruneChannels(Pass):
                            "all prunable channels, spread over groups by sensitivity (measured on --calib, else "
                            "importance) and capped by max_group_ratio", choices=("uniform", "sensitivity")),
         "dry_run": Option(bool, False, "compute the per-group plan (stats 'plan') and change nothing"),
-        "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, activation for transformer FFN neurons with calibration data, else l1)",
+        "criterion": Option(str, "auto", "channel importance (auto: bn_scale where a BN follows, activation for transformer FFN neurons with calibration data, else l1; obs: the greedy order of least reader output error after an optimal refit, on --calib)",
                             choices=CRITERIA),
+        "obs_features": Option(int, 4096, "criterion=obs: input features per reader (kernel positions subsampled, "
+                               "seeded, above it)", interval="[1, inf)"),
+        "obs_damp": Option(float, 0.01, "criterion=obs: relative dampening of each reader's Gram matrix "
+                           "(lambda = obs_damp * mean diagonal)", interval="(0, inf)"),
         "scope": Option(str, "local", "local: same ratio per group; global: one ranking", choices=("local", "global")),
         "max_group_ratio": Option(float, 0.9, "never remove more than this fraction of a group", interval="(0, 1]"),
         "round_to": Option(int, 8, "kept channels a multiple of N (groups with >= N channels; smaller ones are left alone)",
@@ -240,11 +259,14 @@ class PruneChannels(Pass):
 
     def check_options(self) -> None:
         """``macs`` excludes ``ratio`` and ``scope`` (it sets every group's ratio itself);
-        ``refit_steps`` needs ``steps >= 2`` and ``reconstruct``.
+        ``refit_steps`` needs ``steps >= 2`` and ``reconstruct``; ``obs_*`` need ``criterion=obs``.
 
         Raises:
-            InputError: Both given, or ``refit_steps`` without rounds to refit between.
+            InputError: Both given, ``refit_steps`` without rounds to refit between, or ``obs_*``
+                without ``criterion=obs``.
         """
+        if self.opts["criterion"] != "obs" and {"obs_features", "obs_damp"} & self.given:
+            raise InputError(f"pass {self.name}: obs_features/obs_damp apply to criterion=obs only")
         if self.opts["refit_steps"] and (self.opts["steps"] < 2 or not self.opts["reconstruct"]):
             raise InputError(f"pass {self.name}: refit_steps=true needs steps >= 2 and reconstruct=true")
         if self.opts["allocate"] == "sensitivity" and "scope" in self.given:
@@ -257,8 +279,8 @@ class PruneChannels(Pass):
                                  f"(got macs and {both[0]})")
 
     def needs_calibration(self) -> bool:
-        """``criterion=activation`` scores channels on calibration data."""
-        return bool(self.opts["criterion"] == "activation")
+        """``criterion=activation``/``obs`` score channels on calibration data."""
+        return bool(self.opts["criterion"] in ("activation", "obs"))
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Analyse, score, select and remove channels ``steps`` times; then reconstruct if asked."""
@@ -327,8 +349,7 @@ class PruneChannels(Pass):
                            dims=ctx.dims.known() if ctx.dims is not None else None)
         self._report_groups(analysis, result, ctx)
         budget = Budget(o["ratio"], o["scope"], o["max_group_ratio"], o["round_to"], seed)
-        scores = score_groups(analysis, o["criterion"], calib=ctx.calib, gammas=ctx.get(BN_GAMMA),
-                              progress=ctx.progress)
+        scores = self._score(analysis, ctx, budget)
         values = normalize(scores.values) if budget.scope == "global" else scores.values
         goal = None if o["macs"] is None else _macs(graph, ctx) * o["macs"]
         plan = self._budget_plan(analysis, values, budget, ctx, goal)
@@ -388,12 +409,12 @@ class PruneChannels(Pass):
     def _step(self, analysis: Analysis, budget: Budget, ctx: PassContext, result: PassResult,
               first: bool, goal: float | None = None) -> tuple[dict[int, np.ndarray], ApplyReport] | None:
         """One round: score, select, apply. ``None`` when nothing is removed."""
-        scores = score_groups(analysis, self.opts["criterion"], calib=ctx.calib,
-                              gammas=ctx.get(BN_GAMMA), progress=ctx.progress)
+        scores = self._score(analysis, ctx, budget)
         if first:
             result.stats["bn_scale_fallback_l1"] = len(scores.fallbacks)
             for name, n in sorted(scores.used.items()):
                 result.stats[f"criterion_{name}"] = n
+            _obs_stats(scores.obs, result, ctx)
         values = normalize(scores.values) if budget.scope == "global" else scores.values
         counts = None
         if goal is not None or self._spreads():
@@ -417,6 +438,17 @@ class PruneChannels(Pass):
         result.count("channels_uncompensated", report.uncompensated)
         ctx.logger.debug("prune_channels: removed %d channels in %d groups", report.removed, len(plan.remove))
         return plan.remove, report
+
+    def _score(self, analysis: Analysis, ctx: PassContext, budget: Budget) -> Scores:
+        """Every prunable group's channel scores under ``criterion``."""
+        o = self.opts
+        counts = None  # a uniform local ratio fixes every group's count: the greedy stops there
+        if o["criterion"] == "obs" and o["macs"] is None and not self._spreads() and budget.scope == "local":
+            counts = {g.index: uniform_count(g, budget) for g in analysis.groups if g.frozen is None}
+        obs = ObsOptions(max_features=o["obs_features"], damp=o["obs_damp"], limit=budget.max_group_ratio,
+                         counts=counts, seed=budget.seed)
+        return score_groups(analysis, o["criterion"], calib=ctx.calib, gammas=ctx.get(BN_GAMMA),
+                            progress=ctx.progress, obs=obs)
 
     @staticmethod
     def _report_groups(analysis: Analysis, result: PassResult, ctx: PassContext) -> None:
@@ -461,6 +493,19 @@ class PruneChannels(Pass):
             return None
         _reconstruct_stats(stats, result)
         return fixed
+
+
+def _obs_stats(report: ObsReport | None, result: PassResult, ctx: PassContext) -> None:
+    """``criterion=obs``: groups scored with the default criterion (by reason), features and rows."""
+    if report is None:
+        return
+    result.stats["obs_fallback"] = len(report.fallbacks)
+    for name, reason in sorted(report.fallbacks.items()):
+        result.count(f"obs_fallback_{reason}")
+        ctx.logger.info("prune_channels: group %s scored with the default criterion (obs: %s)", name, reason)
+    result.stats.update(obs_readers=report.readers, obs_features_max=report.features_max,
+                        obs_readers_subsampled=report.subsampled, obs_rows_min=report.rows_min,
+                        obs_passes=report.passes)
 
 
 def activation_after(tensor: gs.Tensor) -> str | None:

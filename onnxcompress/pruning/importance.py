@@ -15,6 +15,10 @@ Criteria:
       neurons) when calibration data is given, ``l1`` for the others -- the same scores as
       ``bn_scale``, but the ``l1`` groups are the expected case, not a fallback
       (:attr:`Scores.used` counts each).
+    * ``obs`` (calibration data): the greedy order of least output error of the group's dense
+      readers with their other inputs refitted (:mod:`.obs`); a group it cannot score (grouped
+      conv, a reader that is not dense, too many features) is scored as ``auto`` does and listed
+      in :attr:`Scores.obs`'s fallbacks.
 
 :func:`normalize` divides each group's scores by their mean, which makes scores of different
 groups comparable for a global ranking.
@@ -31,6 +35,7 @@ import numpy as np
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.pruning.dependency import Analysis, Group
+from onnxcompress.pruning.obs import ObsOptions, ObsReport, obs_scores
 from onnxcompress.pruning.types import ROLE_GAMMA, ROLE_W_IN, ROLE_W_OUT, ParamRef
 
 __all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "last_axis_group", "normalize", "score_groups",
@@ -39,7 +44,7 @@ __all__ = ["CRITERIA", "Scores", "activation_scores", "bn_scores", "last_axis_gr
 log = logging.getLogger(__name__)
 
 #: Valid ``criterion`` values.
-CRITERIA = ("auto", "l1", "l2", "bn_scale", "activation")
+CRITERIA = ("auto", "l1", "l2", "bn_scale", "activation", "obs")
 
 
 @dataclass
@@ -50,11 +55,13 @@ class Scores:
         values: Group index -> scores.
         fallbacks: Names of groups scored with ``l1`` because ``bn_scale`` had nothing to use.
         used: Criterion actually used -> number of groups scored with it.
+        obs: What ``criterion=obs`` did (its fallbacks, features, rows), else ``None``.
     """
 
     values: dict[int, np.ndarray] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
     used: dict[str, int] = field(default_factory=dict)
+    obs: ObsReport | None = None
 
     def record(self, index: int, values: np.ndarray, criterion: str) -> None:
         """Store one group's scores and count the criterion used."""
@@ -172,16 +179,24 @@ def last_axis_group(analysis: Analysis, group: Group) -> bool:
 
 
 def score_groups(analysis: Analysis, criterion: str, *, calib: Any = None, gammas: dict[str, np.ndarray] | None = None,
-                 include_inputs: bool = False, progress: bool = False) -> Scores:
-    """Scores of every non-frozen group of ``analysis`` under ``criterion``.
+                 include_inputs: bool = False, progress: bool = False, obs: ObsOptions | None = None) -> Scores:
+    """Scores of every non-frozen group of ``analysis`` under ``criterion`` (``obs``: with ``obs``'s
+    settings, default :class:`~.obs.ObsOptions`).
 
     Raises:
-        InputError: Unknown criterion, or ``activation`` without calibration data.
+        InputError: Unknown criterion, or ``activation``/``obs`` without calibration data.
     """
     if criterion not in CRITERIA:
         raise InputError(f"prune_channels: unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     groups = [g for g in analysis.groups if g.frozen is None]
     scores = Scores()
+    if criterion == "obs":
+        if calib is None:
+            raise InputError("prune_channels: criterion=obs needs calibration data (give --calib or calib=...)")
+        scores.obs = obs_scores(analysis, groups, calib, obs or ObsOptions(), progress=progress)
+        for index, values in sorted(scores.obs.values.items()):
+            scores.record(index, values, "obs")
+        criterion, groups = "auto", [g for g in groups if g.index not in scores.values]
     measured = groups if criterion == "activation" else []
     if criterion == "auto" and calib is not None:
         measured = [g for g in groups if last_axis_group(analysis, g)]

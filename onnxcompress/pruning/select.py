@@ -29,7 +29,8 @@ import numpy as np
 
 from onnxcompress.pruning.dependency import Analysis, Group
 
-__all__ = ["Budget", "Plan", "choose", "eligible_groups", "levels", "max_removal", "plan_removal", "round_keep"]
+__all__ = ["Budget", "Plan", "choose", "eligible_groups", "levels", "max_removal", "plan_removal", "round_keep",
+           "uniform_count", "uniform_want"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,16 @@ def choose(group: Group, scores: np.ndarray, want: int, budget: Budget) -> tuple
     return np.sort(_order(group, scores, budget.seed)[:n]), False
 
 
+def uniform_want(group: Group, budget: Budget) -> int:
+    """Channels ``budget.ratio`` asks of ``group`` under a uniform local budget (before rounding)."""
+    return math.floor(budget.ratio * group.size + 0.5)
+
+
+def uniform_count(group: Group, budget: Budget) -> int:
+    """Channels a uniform local budget removes from ``group`` (``round_to``, cap and blocks applied)."""
+    return len(choose(group, np.zeros(group.size), uniform_want(group, budget), budget)[0])
+
+
 def levels(group: Group, scores: np.ndarray, budget: Budget) -> list[int]:
     """Every removal count :func:`choose` can give for ``group``, ascending (starts with 0)."""
     if group.blocks is None:
@@ -217,7 +228,7 @@ def plan_removal(analysis: Analysis, scores: dict[int, np.ndarray], budget: Budg
     elif budget.scope == "global":
         wants = _global_counts(groups, scores, budget)
     else:
-        wants = {g.index: math.floor(budget.ratio * g.size + 0.5) for g in groups}
+        wants = {g.index: uniform_want(g, budget) for g in groups}
     for g in groups:
         if counts is not None and not wants.get(g.index, 0):
             continue

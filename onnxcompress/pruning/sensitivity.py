@@ -35,7 +35,7 @@ from onnxcompress.runtime.fidelity import MAX_SLICE_CHANNELS, auto_slices
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["MaskedError", "RefitMaskedError", "importance_errors", "measured_errors"]
+__all__ = ["MaskedError", "RefitMaskedError", "dense_reader", "importance_errors", "measured_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class RefitMaskedError(MaskedError):
     def __init__(self, analysis: Analysis, calib, samples: int = 64, batch_size: int = 32,
                  max_rows: int = DEFAULT_MAX_POSITIONS):
         super().__init__(analysis, calib, samples, batch_size)
-        self.readers = [ref for spec in analysis.specs for ref in spec.params if _dense_reader(ref)]
+        self.readers = [ref for spec in analysis.specs for ref in spec.params if dense_reader(ref)]
         nodes = list({id(r.node): r.node for r in self.readers}.values())
         self.views, self.accs = {}, {}
         for node in nodes:
@@ -152,7 +152,7 @@ class RefitMaskedError(MaskedError):
         return super()._changes(rm, changed)  # then the zeroed filters, also of a refitted reader
 
 
-def _dense_reader(ref) -> bool:
+def dense_reader(ref) -> bool:
     """An input-column reference of a Conv (``group`` 1) / Gemm / MatMul weight, the weight not shared."""
     node = ref.node
     return (ref.role == ROLE_W_IN and ref.index == 1 and ref.block_axis is None and node.op in SUPPORTED_OPS

@@ -254,6 +254,15 @@ class LayerView:
             X = self._gather_x(state, part)
             yield X, self.relax(X, self._gather_y(ystate, part))
 
+    def feature_chunks(self, x: np.ndarray, rows: np.ndarray,
+                       chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """Feature rows ``[g, n, F]`` of input ``x`` at ``rows``, in chunks of at most ``chunk_bytes``
+        (for statistics of the inputs alone, e.g. a Gram matrix)."""
+        state = self._prepare(x)
+        step = max(1, chunk_bytes // (np.dtype(self.dtype).itemsize * max(1, self.groups * self.n_features)))
+        for start in range(0, len(rows), step):
+            yield self._gather_x(state, rows[start:start + step])
+
     def relax(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """Targets ``Y`` that only matter after the activation: where the teacher's ``Y`` lies in the flat
         region (``Y <= t``, :data:`FLAT_BELOW`) any value ``<= t`` gives the same output, so the target

@@ -135,6 +135,13 @@ class LstsqAccumulator:
         xx = self.xx[group]
         return (xx + xx.T) / 2
 
+    def covariance(self, group: int = 0) -> np.ndarray:
+        """``XᵀX`` over all features, centered when fitting a bias (the matrix a refit with a bias
+        solves with): the Hessian of the output error in the weights, up to a factor 2."""
+        if self.n_samples == 0:
+            raise ValueError("no samples accumulated")
+        return self._centered(group, self._index(None))[0]
+
     def _index(self, keep: Sequence[int] | np.ndarray | None) -> np.ndarray:
         if keep is None:
             return np.arange(self.n_features)
