@@ -12,7 +12,7 @@ is: with ``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile them
 Steps: ``fold_bn``; ``prune`` (``fold_bn,prune_channels:ratio=0.3``, least-squares reconstruction
 on the calibration data); ``factorize`` (``fold_bn,factorize_svd``, data-aware); ``q_<method>``
 (``fold_bn,quantize_int8:method=<method>`` for minmax, percentile, entropy, mse — mse is the
-default); ``int8`` (the ``int8`` recipe: ``fold_bn,quantize_int8,bias_correction``); ``ort_minmax``
+default); ``q_sample`` (``q_mse`` with ``hist_sample=65536``: sampled histograms); ``int8`` (the ``int8`` recipe: ``fold_bn,quantize_int8,bias_correction``); ``ort_minmax``
 and ``ort_entropy``.
 
 Models: ``fixtures`` (the CNN fixtures in ``models/`` on ``models/digits_calib.npz``),
@@ -57,6 +57,7 @@ STEPS = {
     "q_percentile": "fold_bn,quantize_int8:method=percentile",
     "q_entropy": "fold_bn,quantize_int8:method=entropy",
     "q_mse": "fold_bn,quantize_int8",
+    "q_sample": "fold_bn,quantize_int8:hist_sample=65536",
     "int8": "fold_bn,quantize_int8,bias_correction",
     "ort_minmax": None,
     "ort_entropy": None,

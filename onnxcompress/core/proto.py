@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxcompress.core.errors import InputError
-from onnxcompress.core.shapes import infer_shapes
+from onnxcompress.core.shapes import infer_shapes, light_model
 
 __all__ = [
     "produced_names",
@@ -89,9 +89,9 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 def _tensor_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
     if not names:
         return {}
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    inferred = infer_shapes(light)
+    # element types do not depend on weight values: infer on a weight-less copy (a full one cost
+    # ddddocr_ocr's capture several copies of its 54 MB of weights at once in shape inference)
+    inferred = infer_shapes(light_model(model))
     return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
             if vi.name in set(names) and vi.type.tensor_type.elem_type}
 

@@ -20,7 +20,7 @@ from onnxcompress.quant.cpu import cpu_flags, has_vnni
 from onnxcompress.quant.dynamic import quantize_dynamic_graph
 from onnxcompress.quant.float_pools import with_float_pools
 from onnxcompress.quant.latency import island_layers, model_ratios, time_layers
-from onnxcompress.quant.observers import DEFAULT_BINS, METHODS
+from onnxcompress.quant.observers import DEFAULT_BINS, METHODS, SAMPLE_BLOCK
 from onnxcompress.quant.options import REDUCE_RANGE_CHOICES, QuantConfig
 from onnxcompress.quant.params import QParams
 from onnxcompress.quant.placement import R_EXCLUDED, QdqPlan, plan_placement
@@ -241,6 +241,8 @@ class QuantizeInt8(Pass):
                                        "(DynamicQuantizeLinear + MatMulInteger); no calibration"),
         "cache": Option(str, "", "calibration cache file (.npz): reused across methods"),
         "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
+        "hist_sample": Option(int, 0, "bin at most about this many values of each tensor per calibration run "
+                              "(min/max stay exact; faster, approximate ranges); 0: every value", interval="[0, inf)"),
         "max_drop": Option(float, None, "mixed precision: max accuracy drop in points on the calibration data "
                                         "(top-1 disagreement without labels)", interval="[0, inf)"),
         "min_cosine": Option(float, None, "mixed precision: min cosine vs float over outputs and channel slices "
@@ -277,6 +279,8 @@ class QuantizeInt8(Pass):
         if o["weights_only"] and self._selective():
             raise InputError("quantize_int8: max_drop, min_cosine, min_sqnr and latency_aware need full quantization, "
                              "not weights_only")
+        if 0 < o["hist_sample"] < SAMPLE_BLOCK:
+            raise InputError(f"quantize_int8: hist_sample must be 0 (every value) or at least {SAMPLE_BLOCK}")
         if o["dynamic"]:
             clash = [k for k in ("weights_only", "symmetric_activations") if o[k]] + (
                 ["cache"] if o["cache"] else [])
@@ -343,7 +347,7 @@ class QuantizeInt8(Pass):
         stats = (FloatStatistics.for_graph(graph, ctx.calib, self.opts["batch_size"])
                  if ctx.wanted(FLOAT_STATISTICS) and not self.opts["cache"] else None)
         calib = collect_statistics(model, names, ctx.calib, batch_size=self.opts["batch_size"], bins=DEFAULT_BINS,
-                                   cache=self.opts["cache"] or None,
+                                   cache=self.opts["cache"] or None, sample=self.opts["hist_sample"],
                                    progress=ctx.progress, observe=stats.update if stats is not None else None,
                                    also=stats.names if stats is not None else [])
         if stats is not None and calib.samples:
@@ -378,7 +382,7 @@ class QuantizeInt8(Pass):
             return result
         fit, judge = self._split(ctx, result)
         calib = q.calibrate(fit, batch_size=self.opts["batch_size"], cache=self.opts["cache"] or None,
-                            progress=ctx.progress)
+                            progress=ctx.progress, sample=self.opts["hist_sample"])
         result.stats.update(tensors_calibrated=len(calib.collectors), calib_samples=calib.samples,
                             cache_tensors=len(calib.cached))
         kept: dict[str, tuple[str, str]] = {}  # layer kept float: (decline code, detail)

@@ -79,12 +79,16 @@ def data_fingerprint(source: CalibSource) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: onnx.ModelProto, source: CalibSource, *, batch_size: int, bins: int) -> str:
-    """The key of the statistics of ``model`` on ``source`` (hex SHA-256)."""
+def cache_key(model: onnx.ModelProto, source: CalibSource, *, batch_size: int, bins: int, sample: int = 0) -> str:
+    """The key of the statistics of ``model`` on ``source`` (hex SHA-256); ``sample`` (sampled
+    histograms, see :class:`~onnxcompress.quant.observers.HistogramCollector`) is part of it when set."""
     h = hashlib.sha256()
     h.update(hashlib.sha256(model.SerializeToString(deterministic=True)).digest())
     h.update(data_fingerprint(source).encode())
-    h.update(json.dumps({"batch_size": batch_size, "bins": bins, "version": CACHE_VERSION}).encode())
+    settings = {"batch_size": batch_size, "bins": bins, "version": CACHE_VERSION}
+    if sample:
+        settings["sample"] = sample
+    h.update(json.dumps(settings).encode())
     return h.hexdigest()
 
 

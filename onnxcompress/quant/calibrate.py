@@ -38,8 +38,9 @@ class Calibration:
 
 
 def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_size: int, bins: int,
-         progress: bool, observe: Consumer | None = None, also: list[str] = ()) -> tuple[dict[str, HistogramCollector], int]:
-    collectors = {n: HistogramCollector(bins) for n in names}
+         progress: bool, observe: Consumer | None = None, also: list[str] = (),
+         sample: int = 0) -> tuple[dict[str, HistogramCollector], int]:
+    collectors = {n: HistogramCollector(bins, sample=sample) for n in names}
 
     def consume(batch: Batch, tensors: dict[str, np.ndarray]) -> None:
         for name in names:
@@ -55,7 +56,7 @@ def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_si
 def collect_statistics(model: onnx.ModelProto, names: list[str], source: CalibSource, *, batch_size: int = 32,
                        bins: int = DEFAULT_BINS, cache: str | os.PathLike | None = None,
                        progress: bool = False, observe: Consumer | None = None,
-                       also: list[str] = ()) -> Calibration:
+                       also: list[str] = (), sample: int = 0) -> Calibration:
     """Histograms of the tensors ``names`` of ``model`` over ``source``.
 
     With ``cache``, tensors already stored under the same model/data/settings key are read from
@@ -66,18 +67,22 @@ def collect_statistics(model: onnx.ModelProto, names: list[str], source: CalibSo
     ``also`` (values are the same whatever the model's outputs, and the histograms do not depend
     on how the samples are split into runs).
 
+    ``sample`` (> 0): bin at most about that many values of each tensor per run (``min``/``max``
+    stay exact; see :class:`HistogramCollector`): faster, approximate histograms, which then do
+    depend on how the samples are split into runs. 0 (the default): every value.
+
     Raises:
         InputError: The data does not fit the model, or the cache file is unreadable.
     """
     names = list(dict.fromkeys(names))
-    key = cache_key(model, source, batch_size=batch_size, bins=bins) if cache else ""
+    key = cache_key(model, source, batch_size=batch_size, bins=bins, sample=sample) if cache else ""
     stored = load_cache(cache, key) if cache else {}
     cached = [n for n in names if n in stored]
     missing = [n for n in names if n not in stored]
     samples = 0
     fresh: dict[str, HistogramCollector] = {}
     if missing:
-        fresh, samples = _run(model, missing, source, batch_size, bins, progress, observe, list(also))
+        fresh, samples = _run(model, missing, source, batch_size, bins, progress, observe, list(also), sample)
         log.info("calibrated %d tensors on %d samples", len(missing), samples)
     if cache and missing:
         save_cache(cache, key, {**stored, **fresh})

@@ -106,14 +106,16 @@ def quantize_weight(w: np.ndarray, axis: int | None, *, qmax: int = 127,
     Returns:
         ``(int8 weight, params)``; all-zero channels get scale 1.
     """
-    amax = _reduce_except(w.astype(np.float64), axis)
+    amax = _reduce_except(w, axis).astype(np.float64)  # |w| and max are exact: the same as in float64
     scale = np.where(amax > 0, amax / qmax, _SAFE_SCALE)
     if min_scale is not None:
         scale = np.maximum(scale, min_scale)
     scale32 = scale.astype(np.float32)
     scale64 = scale32.astype(np.float64)
-    q = np.clip(np.round(w.astype(np.float64) / (scale64 if axis is None else broadcast_along(scale64, w.ndim, axis))),
-                -qmax, qmax)
+    q = w.astype(np.float64)  # then in place: clip(round(w / s)), the same values, one float64 copy
+    q /= scale64 if axis is None else broadcast_along(scale64, w.ndim, axis)
+    np.round(q, out=q)
+    np.clip(q, -qmax, qmax, out=q)
     params = QParams(scale32, np.zeros(scale32.shape, np.int8), axis if scale32.ndim else None)
     return q.astype(np.int8), params
 

@@ -177,14 +177,15 @@ class Quantizer:
         self._needed = [] if cfg.dynamic else _tensors_any_variant(graph)
 
     def calibrate(self, source: CalibSource, *, batch_size: int = 32, cache: str | None = None,
-                  progress: bool = False) -> Calibration:
-        """Collect histograms of every tensor any variant may quantize, in one pass over ``source``."""
-        self._source, self._batch_size = source, batch_size
+                  progress: bool = False, sample: int = 0) -> Calibration:
+        """Collect histograms of every tensor any variant may quantize, in one pass over ``source``
+        (``sample``: see :func:`~onnxcompress.quant.calibrate.collect_statistics`)."""
+        self._source, self._batch_size, self._sample = source, batch_size, sample
         if self.cfg.dynamic:  # ranges are taken at run time
             self.calib = Calibration({})
             return self.calib
         self.calib = collect_statistics(self.model, self._needed, source, batch_size=batch_size, bins=DEFAULT_BINS,
-                                        cache=cache, progress=progress)
+                                        cache=cache, progress=progress, sample=sample)
         return self.calib
 
     def ensure_calibrated(self, names: list[str]) -> None:
@@ -193,7 +194,7 @@ class Quantizer:
         if missing:
             log.info("calibrating %d more tensors: %s", len(missing), ", ".join(missing[:3]))
             extra = collect_statistics(self.model, missing, self._source, batch_size=self._batch_size,
-                                       bins=DEFAULT_BINS)
+                                       bins=DEFAULT_BINS, sample=self._sample)
             self.calib.collectors.update(extra.collectors)
 
     def build(self, float_layers: Iterable[str] = (), result: PassResult | None = None) -> gs.Graph:

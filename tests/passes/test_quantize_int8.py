@@ -252,6 +252,32 @@ def test_cache_hit_skips_the_model_runs(tmp_path):
     assert CountingSource.runs == 2
 
 
+def test_hist_sample_bins_a_sample_of_large_runs_only(tmp_path):
+    """``hist_sample``: runs of at most twice that many values per tensor are binned whole (the
+    same model as without it); above, a sample, keyed apart in the cache; too small is refused."""
+    rng = np.random.default_rng(15)
+    model = conv_relu_conv(rng)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rand(rng, 48, 3, 8, 8, scale=0.5))
+    cache = tmp_path / "stats.npz"
+    source = CountingSource(data, input_specs(model))
+
+    def run(spec: str):
+        ctx = PassContext(calib=source, values={CPU_FLAGS: NO_VNNI})
+        return PassManager(parse_spec(spec), ctx).run(model)[0].SerializeToString()
+
+    exact = run("quantize_int8")
+    assert run("quantize_int8:hist_sample=4096") == exact  # at most 32 x 3 x 8 x 8 = 6144 values per run
+    CountingSource.runs = 0
+    sampled = run(f"quantize_int8:hist_sample=64:cache={cache}")
+    assert sampled != exact and run(f"quantize_int8:hist_sample=64:cache={cache}") == sampled
+    assert CountingSource.runs == 1
+    run(f"quantize_int8:cache={cache}")
+    assert CountingSource.runs == 2, "exact statistics must not come from a sampled cache"
+    with pytest.raises(InputError, match="hist_sample"):
+        run("quantize_int8:hist_sample=63")
+
+
 @pytest.mark.parametrize("name", ["resnet_digits", "mobilenetv2_digits"])
 def test_fixture_models_fuse_completely(name):
     path = MODELS / f"{name}.onnx"

@@ -230,3 +230,56 @@ def test_ranges_are_computed_in_threads_in_order(monkeypatch):
 
     assert sensitivity._in_threads(work, list(range(40))) == [i * i for i in range(40)]
     assert threading.current_thread().name not in names
+
+
+def test_sampled_histogram_keeps_exact_extremes_and_weights_the_sample():
+    from onnxcompress.quant.observers import SAMPLE_BLOCK
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(1_000_003).astype(np.float32)
+    x[::3] = 0.0
+    x[123_457] = 9.5  # an outlier the sample almost surely misses: min/max must still see it
+    c = HistogramCollector(256, sample=50_000)
+    c.update(x)
+    k = x.size // 50_000
+    binned = (c.pos.sum() + c.neg.sum() + c.zeros)
+    assert (c.count, c.min, c.max) == (x.size, float(x.min()), 9.5)
+    assert binned % k == 0 and abs(binned - x.size) <= (k + 1) * SAMPLE_BLOCK  # each sampled value counts k times
+    assert abs(c.zeros / binned - 1 / 3) < 0.01
+    again = HistogramCollector(256, sample=50_000)
+    again.update(x)
+    np.testing.assert_array_equal(again.pos, c.pos)  # seeded: the same sample every time
+    exact = HistogramCollector(256)
+    exact.update(x)
+    lo, hi = compute_range(c, "percentile", percentile=99.0)  # (a 99.99 % tail is 2 values of this sample)
+    elo, ehi = compute_range(exact, "percentile", percentile=99.0)
+    assert abs(hi - ehi) < 0.02 * ehi and abs(lo - elo) < 0.02 * abs(elo)
+    # the mse optimum is flat: the sample moves the range more than the error it gives on all the values
+    from onnxcompress.quant.observers import _grid_error, _signed_centres
+
+    centres, counts = _signed_centres(exact)
+    err = [_grid_error(centres, counts, np.array([r[0]]), np.array([r[1]]), symmetric=False)[0]
+           for r in (compute_range(c, "mse"), compute_range(exact, "mse"))]
+    assert err[0] < 1.1 * err[1]  # (1.06 here: a 5 % sample)
+
+
+def test_sampled_histogram_does_not_follow_a_layout_stride():
+    """Every other value (one channel of two in a channels-last layout, say) is a large one: a sample
+    taking every k-th value for an even k would see only one kind."""
+    x = np.tile(np.array([0.25, 8.0], np.float32), 400_000)
+    c = HistogramCollector(256, sample=20_000)
+    c.update(x)
+    assert c.pos.sum() > 0 and abs(c.pos[c.pos > 0].min() / c.pos.sum() - 0.5) < 1e-6
+
+
+def test_small_updates_are_binned_exactly_with_sample():
+    rng = np.random.default_rng(8)
+    parts = [rng.standard_normal(n).astype(np.float32) for n in (10_000, 19_999, 5)]
+    c, exact = HistogramCollector(sample=10_000), HistogramCollector()
+    for p in parts:
+        c.update(p)
+        exact.update(p)
+    np.testing.assert_array_equal(c.pos, exact.pos)
+    np.testing.assert_array_equal(c.neg, exact.neg)
+    with pytest.raises(ValueError):
+        HistogramCollector(sample=10)
