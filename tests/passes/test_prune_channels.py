@@ -53,7 +53,8 @@ def test_registered_with_options():
     assert cls is PruneChannels and cls.numerics is Numerics.LOSSY
     assert set(cls.options) == {"ratio", "criterion", "scope", "max_group_ratio", "round_to", "exclude",
                                 "protect_io", "steps", "reconstruct", "seed", "macs", "sens_samples", "dry_run",
-                                "refit_steps", "se", "sensitivity", "post_act", "allocate", "refit_holdout"}
+                                "refit_steps", "se", "sensitivity", "post_act", "allocate", "refit_holdout",
+                                "obs_damp", "obs_features"}
     for bad in ("ratio=1.5", "round_to=0", "steps=0", "criterion=random", "max_group_ratio=0", "macs=0",
                 "macs=1.5", "sens_samples=0"):
         with pytest.raises(InputError, match=f"^pass prune_channels: option {bad.split('=')[0]}="):
