@@ -52,7 +52,7 @@ def test_memory_budget_cuts_batches_into_runs_whatever_the_number_of_samples():
 
 
 def test_statistics_with_and_without_budget_are_identical():
-    from onnxcompress.quant.observers import HistogramCollector
+    from onnxcompress.quant.histogram import HistogramCollector
 
     src = RandomSource(input_specs(MODEL), 40, seed=4)
     stats = []

@@ -19,8 +19,9 @@ from onnxcompress.quant.calibrate import Calibration, collect_statistics
 from onnxcompress.quant.cpu import cpu_flags, has_vnni
 from onnxcompress.quant.dynamic import quantize_dynamic_graph
 from onnxcompress.quant.float_pools import with_float_pools
+from onnxcompress.quant.histogram import DEFAULT_BINS, SAMPLE_BLOCK
 from onnxcompress.quant.latency import island_layers, model_ratios, time_layers
-from onnxcompress.quant.observers import DEFAULT_BINS, METHODS, SAMPLE_BLOCK
+from onnxcompress.quant.observers import METHODS
 from onnxcompress.quant.options import REDUCE_RANGE_CHOICES, QuantConfig
 from onnxcompress.quant.params import QParams
 from onnxcompress.quant.placement import R_EXCLUDED, QdqPlan, plan_placement

@@ -238,7 +238,7 @@ class _Surgeon:
         out = np.zeros(len(channels))
         if self.scale == 0.0:
             return out
-        for s, (chans, idx, diag) in self.stacks.items():
+        for chans, idx, diag in self.stacks.values():
             rows = np.searchsorted(chans, channels)
             hit = (rows < len(chans)) & (chans[np.minimum(rows, len(chans) - 1)] == channels)
             if hit.any():
@@ -262,7 +262,7 @@ class _Surgeon:
             self.low = np.concatenate([self.low, np.zeros((len(self.low), grow))], axis=1)
         self.low[:, self.used:self.used + len(b)] = c
         self.used += len(b)
-        for chans, idx, diag in self.stacks.values():
+        for _chans, idx, diag in self.stacks.values():
             cb = c[idx]  # [m, s, len(b)]
             diag -= np.einsum("msk,muk->msu", cb, cb)
         s, i = self.where[int(channel)]

@@ -29,11 +29,10 @@ from onnxcompress.quant.fusion import (
     ort_optimized_model,
     unfused_qdq,
 )
+from onnxcompress.quant.histogram import DEFAULT_BINS, HistogramCollector
 from onnxcompress.quant.observers import (
-    DEFAULT_BINS,
     METHODS,
     EntropyObserver,
-    HistogramCollector,
     MinMaxObserver,
     MseObserver,
     Observer,

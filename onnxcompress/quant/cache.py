@@ -30,7 +30,7 @@ import onnx
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.fileio import atomic_write
-from onnxcompress.quant.observers import HistogramCollector
+from onnxcompress.quant.histogram import HistogramCollector
 from onnxcompress.runtime.data import CalibSource, FileSource, ImageFolderSource, RandomSource
 
 __all__ = ["CACHE_VERSION", "cache_key", "data_fingerprint", "load_cache", "save_cache"]
@@ -81,7 +81,7 @@ def data_fingerprint(source: CalibSource) -> str:
 
 def cache_key(model: onnx.ModelProto, source: CalibSource, *, batch_size: int, bins: int, sample: int = 0) -> str:
     """The key of the statistics of ``model`` on ``source`` (hex SHA-256); ``sample`` (sampled
-    histograms, see :class:`~onnxcompress.quant.observers.HistogramCollector`) is part of it when set."""
+    histograms, see :class:`~onnxcompress.quant.histogram.HistogramCollector`) is part of it when set."""
     h = hashlib.sha256()
     h.update(hashlib.sha256(model.SerializeToString(deterministic=True)).digest())
     h.update(data_fingerprint(source).encode())

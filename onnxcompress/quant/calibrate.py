@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.quant.cache import cache_key, load_cache, save_cache
-from onnxcompress.quant.observers import DEFAULT_BINS, HistogramCollector
+from onnxcompress.quant.histogram import DEFAULT_BINS, HistogramCollector
 from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, Consumer, capture
 from onnxcompress.runtime.data import CalibSource

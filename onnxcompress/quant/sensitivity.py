@@ -36,7 +36,8 @@ from onnxcompress.quant.calibrate import Calibration, collect_statistics
 from onnxcompress.quant.concat_scales import share_concat_params
 from onnxcompress.quant.dynamic import plan_dynamic, quantize_dynamic_graph
 from onnxcompress.quant.float_pools import with_float_pools
-from onnxcompress.quant.observers import DEFAULT_BINS, compute_range
+from onnxcompress.quant.histogram import DEFAULT_BINS
+from onnxcompress.quant.observers import compute_range
 from onnxcompress.quant.options import QuantConfig
 from onnxcompress.quant.params import QParams, activation_params
 from onnxcompress.quant.placement import KINDS, R_DEGENERATE, QdqPlan, plan_placement, tensor_dtypes

@@ -162,7 +162,7 @@ def _one_shot(values: np.ndarray, bins: int) -> tuple[float, np.ndarray, np.ndar
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_chunked_single_pass_equals_binning_all_at_once(dtype):
-    from onnxcompress.quant.observers import CHUNK
+    from onnxcompress.quant.histogram import CHUNK
 
     rng = np.random.default_rng(5)
     parts = [(rng.standard_normal(CHUNK * 2 + 17) * s).astype(dtype) for s in (0.5, 3.0, 40.0)]
@@ -233,7 +233,7 @@ def test_ranges_are_computed_in_threads_in_order(monkeypatch):
 
 
 def test_sampled_histogram_keeps_exact_extremes_and_weights_the_sample():
-    from onnxcompress.quant.observers import SAMPLE_BLOCK
+    from onnxcompress.quant.histogram import SAMPLE_BLOCK
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal(1_000_003).astype(np.float32)
