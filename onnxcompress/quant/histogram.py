@@ -68,7 +68,7 @@ class HistogramCollector:
         if self.sample and a.size >= 2 * self.sample:
             self._update_sampled(a)
             return
-        self._bin(a, lambda part: self._update_chunk(part))
+        self._bin(a, self._update_chunk)
 
     def _update_sampled(self, a: np.ndarray) -> None:
         """``min``, ``max`` and ``count`` over all of ``a``; the histograms from a sample.
@@ -78,23 +78,13 @@ class HistogramCollector:
         tensor of this size) is binned, each count weighing ``k``. Contiguous blocks at random
         places keep the sample from following a stride of the layout (every other channel, say).
         """
-        lo, hi = float(a.min()), float(a.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            finite = np.isfinite(a)
-            log.debug("ignoring %d non-finite values", int((~finite).sum()))
-            a = a[finite]
-            if a.size < 2 * self.sample:
-                if a.size:
-                    self._bin(a, lambda part: self._update_chunk(part))
-                return
-            lo, hi = float(a.min()), float(a.max())
-        self.count += a.size
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        amax = max(hi, -lo)
-        if amax == 0.0:
-            self.zeros += a.size
+        a, lo, hi = _finite_part(a)
+        if a.size < 2 * self.sample:  # non-finite values dropped: too few left to sample
+            if a.size:
+                self._bin(a, self._update_chunk)
             return
-        self._cover(amax)
+        if not self._account(a, lo, hi):
+            return
         weight = a.size // self.sample
         blocks = a.size // SAMPLE_BLOCK
         picked = a[: blocks * SAMPLE_BLOCK].reshape(blocks, SAMPLE_BLOCK)[_sample_blocks(blocks, weight)].ravel()
@@ -117,22 +107,21 @@ class HistogramCollector:
     def _update_chunk(self, a: np.ndarray) -> None:
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            finite = np.isfinite(a)
-            log.debug("ignoring %d non-finite values", int((~finite).sum()))
-            a = a[finite]
-            if not a.size:
-                return
-            lo, hi = float(a.min()), float(a.max())
+        a, lo, hi = _finite_part(a)
+        if a.size and self._account(a, lo, hi):
+            self._add(a)
+
+    def _account(self, a: np.ndarray, lo: float, hi: float) -> bool:
+        """Count ``a`` (finite, with extremes ``lo``/``hi``) and widen the bins to cover it; False
+        when it is all zeros (counted, nothing to bin)."""
         self.count += a.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         amax = max(hi, -lo)
         if amax == 0.0:
             self.zeros += a.size
-            return
+            return False
         self._cover(amax)
-        self._add(a)
+        return True
 
     def _add(self, a: np.ndarray, weight: int = 1) -> None:
         """One ``bincount`` of ``floor(x / w) + bins``; exact zeros come out of the first positive bin.
@@ -219,6 +208,19 @@ class HistogramCollector:
 
 
 _LANES: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+
+def _finite_part(a: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``a`` without its non-finite values, and its min and max (NaN when nothing is left)."""
+    lo, hi = float(a.min()), float(a.max())
+    if math.isfinite(lo) and math.isfinite(hi):
+        return a, lo, hi
+    finite = np.isfinite(a)
+    log.debug("ignoring %d non-finite values", int((~finite).sum()))
+    a = a[finite]
+    if not a.size:
+        return a, math.nan, math.nan
+    return a, float(a.min()), float(a.max())
 
 
 def _lane_offsets(bins: int, dtype: np.dtype) -> np.ndarray:
