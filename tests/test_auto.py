@@ -330,3 +330,41 @@ def test_latency_target_also_tries_int8_with_the_slower_layers_float():
         assert _space(s, signals).int8_float == expect  # only a latency target keeps layers float for speed
     with pytest.raises(InputError, match="not int8"):
         Candidate(prune=0.5, float_layers=("stem",))
+
+
+def test_choose_breaks_latency_ties_by_quality_then_macs():
+    recs = [{"spec": "a", "passed": True, "latency_ratio": 0.2186, "macs_ratio": 0.25, "size_ratio": 0.09, "accuracy": 99.0},
+            {"spec": "b", "passed": True, "latency_ratio": 0.2196, "macs_ratio": 0.19, "size_ratio": 0.06, "accuracy": 99.0},
+            {"spec": "c", "passed": True, "latency_ratio": 0.2202, "macs_ratio": 0.10, "size_ratio": 0.05, "accuracy": 98.0}]
+    win, _ = choose(recs, Targets((("latency", 0.5),)), "accuracy")
+    assert win["spec"] == "b"  # all round to 0.22; c is less accurate; b has fewer MACs than a
+    recs[1]["latency_ratio"] = 0.2251  # rounds to 0.23: no longer tied
+    assert choose(recs, Targets((("latency", 0.5),)), "accuracy")[0]["spec"] == "a"
+
+
+def test_near_fastest_candidates_are_timed_again_alone(monkeypatch):
+    from types import SimpleNamespace
+
+    from onnxcompress.pipeline import auto
+
+    calls = []
+
+    def fake_bench(models, **kw):
+        calls.append((list(models[1:]), kw["runs"]))
+        again = {"a.onnx": 0.233, "b.onnx": 0.210}
+        return SimpleNamespace(models=[None, *[SimpleNamespace(ratio_vs_first=again[p], median_ms=1.0)
+                                               for p in models[1:]]])
+
+    monkeypatch.setattr(auto, "bench", fake_bench)
+    passing = [{"spec": "a", "model_path": "a.onnx", "latency_ratio": 0.2186},
+               {"spec": "b", "model_path": "b.onnx", "latency_ratio": 0.2196},
+               {"spec": "far", "model_path": "far.onnx", "latency_ratio": 0.30}]  # over 10 % slower: not again
+    run = SimpleNamespace(s=SimpleNamespace(targets=Targets((("latency", 0.5),)), latency_runs=50, data=None, seed=0,
+                                            progress=False))
+    auto._confirm(run, None, passing)
+    assert calls == [(["a.onnx", "b.onnx"], 100)]
+    assert [r["latency_ratio"] for r in passing] == [0.233, 0.210, 0.30]
+    assert passing[0]["latency_ratio_all"] == 0.2186 and "latency_ratio_all" not in passing[2]
+    run.s.targets = Targets((("size", 0.5),))  # no latency target: nothing timed again
+    auto._confirm(run, None, passing)
+    assert len(calls) == 1
