@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # this checkout first
 from fixtures import CALIB, MODELS, TEST, missing_data, select_models
 
 RECIPES = ("prune", "lowrank", "int8")
@@ -59,7 +59,8 @@ def _search(path: Path, target: str, args: argparse.Namespace, cache: Path, spac
             "size_ratio": rec.get("size_ratio"), "macs_ratio": rec.get("macs_ratio"),
             "search_latency_ratio": rec.get("latency_ratio"), "gate": "pass" if rec.get("passed") else "fail",
             "candidates": [{k: r.get(k) for k in ("label", "spec", "stage", "passed", "accuracy_drop", "cosine",
-                                                  "size_ratio", "macs_ratio", "latency_ratio")}
+                                                  "size_ratio", "macs_ratio", "latency_ratio",
+                                                  "latency_ratio_all")}
                            for r in result.records]}
 
 

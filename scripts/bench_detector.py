@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np
 import onnx
+from checkout import env as checkout_env
 from photos import photos, random_crops
 from real_model_files import CATALOG, MissingModel, locate
 
@@ -162,7 +163,7 @@ def latency(paths: list[Path], data: Path, threads: int, runs: int) -> tuple[lis
     out = data.parent / "bench.json"
     cmd = [sys.executable, "-m", "onnxcompress", "-q", "bench", *map(str, paths), "--data", str(data),
            "--threads", str(threads), "--runs", str(runs), "--json", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=checkout_env())
     rep = json.loads(out.read_text())
     return [1.0 / m["ratio_vs_first"] for m in rep["models"]], rep["machine"]
 

@@ -32,9 +32,11 @@ import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # this checkout first
 
 from fixtures import CALIB, TEST, missing_data, select_models
 

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's onnxcompress, not an installed copy
 MODELS = ("resnet_digits", "mobilenetv2_digits", "vgg_digits", "concat_digits")
 OURS = ("minmax", "entropy", "percentile", "mse")
 ORT = ("MinMax", "Entropy")

@@ -9,7 +9,7 @@ removed (decline lists are reduced to the declined names, whose reasons may be r
     python scripts/check_outputs.py --compare outputs.json    # exit 1 on any difference
     python scripts/check_outputs.py --compare outputs.json --only equalize,default   # a subset
 
-Runs go through the installed CLI in subprocesses (``--jobs`` at a time).
+Runs go through the CLI of this checkout (first on ``PYTHONPATH``) in subprocesses (``--jobs`` at a time).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from checkout import env as checkout_env
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 FIXTURES = ("resnet_digits", "mobilenetv2_digits", "vgg_digits", "concat_digits")
@@ -35,7 +37,7 @@ _PROVENANCE_KEYS = ("model", "output", "input_model", "output_model", "reference
 def _jobs() -> list[tuple[str, str, str]]:
     recipes = sorted(p.stem for p in (ROOT / "passes").glob("*.toml"))
     out = subprocess.run([sys.executable, "-m", "onnxcompress", "passes", "--json"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=checkout_env())
     passes = sorted(p["name"] for p in json.loads(out.stdout)["passes"])
     jobs = []
     for model in FIXTURES:
@@ -74,7 +76,7 @@ def _run(job: tuple[str, str, str], tmp: Path) -> dict:
     cmd = [sys.executable, "-m", "onnxcompress", "-q", "optimize", str(MODELS / f"{model}.onnx"), f"--{kind}", name,
            "--calib", str(MODELS / "digits_calib.npz"), "--data", str(MODELS / "digits_test.npz"),
            "--seed", "0", "--force", "--json", str(json_path), "-o", str(onnx_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp, env=checkout_env())
     row = {"exit": proc.returncode}
     if onnx_path.exists():
         row["onnx"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()

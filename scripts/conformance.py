@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # this checkout first
 from onnxcompress.pipeline import conformance, conformance_cases
 
 log = logging.getLogger("conformance")

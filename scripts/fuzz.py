@@ -45,6 +45,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hseed
 from hypothesis import strategies as st
 
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # this checkout first
+
 from onnxcompress.cli import main as cli_main
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError

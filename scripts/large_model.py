@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -153,9 +152,11 @@ def run_step(step: str, model: Path, workdir: Path, validate: int) -> dict:
     else:
         check = ["--samples", str(validate), "--batch-size", str(validate)] if validate else ["--no-validate"]
         args = ["optimize", str(model), "--passes", STEPS[step], "-o", str(out), "--external-data", *check]
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    log = workdir / f"{step}.stderr"
+    from checkout import env as checkout_env
     from child_peak import run  # the child's own peak, not this process's (which made the model)
+
+    env = checkout_env(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    log = workdir / f"{step}.stderr"
 
     with open(log, "wb") as err_fh:
         rc, seconds, peak = run([sys.executable, "-m", "onnxcompress", "-q", *args], env=env,
