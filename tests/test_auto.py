@@ -368,3 +368,19 @@ def test_near_fastest_candidates_are_timed_again_alone(monkeypatch):
     run.s.targets = Targets((("size", 0.5),))  # no latency target: nothing timed again
     auto._confirm(run, None, passing)
     assert len(calls) == 1
+
+
+def test_four_bit_combinations_first_backtrack_to_the_plain_refit():
+    from onnxcompress.pipeline.auto import _step_down
+
+    space = Space(quant=("cw8", "cw4"))
+    c = Candidate(budget=0.3, quant="cw4")
+    plain = _step_down(c, space)
+    assert plain == Candidate(budget=0.3, quant="cw4", plain=True)
+    assert ":refit_holdout=0" in plain.spec and plain.label() == "prune macs 0.3 plain + cw4"
+    assert onnxcompress.parse_spec(plain.spec)[0].opts["refit_holdout"] == 0
+    assert _step_down(plain, space) == Candidate(budget=0.4, quant="cw4", plain=True)  # then the pruning weakens
+    assert _step_down(Candidate(budget=0.3, quant="int8"), Space()) == Candidate(budget=0.4, quant="int8")  # int8: no
+    assert _step_down(Candidate(quant="cw4"), space) == Candidate(quant="cw8")  # nothing pruned: no plain rung
+    with pytest.raises(InputError, match="does not prune"):
+        Candidate(quant="cw4", plain=True)

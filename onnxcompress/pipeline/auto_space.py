@@ -69,7 +69,9 @@ class Candidate:
     (0: none; a candidate prunes one way, never both); ``align``: the pruning keeps a multiple of
     this many channels per group (``round_to=``; 0: the pass's default, 8); ``float_layers``: with
     int8, these layers stay float (``exclude=``, with ``float_pools=true``); ``cap``: the MAC-budget
-    pruning's ``max_group_ratio`` (0: :data:`BUDGET_MAX_GROUP_RATIO`)."""
+    pruning's ``max_group_ratio`` (0: :data:`BUDGET_MAX_GROUP_RATIO`); ``plain``: the pruning's
+    reconstruction is the plain least-squares refit (``refit_holdout=0``), not the default with a
+    held-out ridge choice."""
 
     prune: float = 0.0
     lowrank: float = 0.0
@@ -78,6 +80,7 @@ class Candidate:
     align: int = 0
     float_layers: tuple[str, ...] = ()
     cap: float = 0.0
+    plain: bool = False
 
     def __post_init__(self) -> None:
         if self.cap and not self.budget:
@@ -86,8 +89,8 @@ class Candidate:
             raise InputError("auto: float_layers applies to int8; this candidate is not int8")
         if self.prune and self.budget:
             raise InputError("auto: a candidate prunes by ratio or by MAC budget, not both")
-        if self.align and not (self.prune or self.budget):
-            raise InputError("auto: align applies to pruning; this candidate does not prune")
+        if (self.align or self.plain) and not (self.prune or self.budget):
+            raise InputError("auto: align and plain apply to pruning; this candidate does not prune")
 
     @property
     def spec(self) -> str:
@@ -101,7 +104,8 @@ class Candidate:
 
     def label(self) -> str:
         """Short name: ``prune 0.5 + tucker 0.9 + int8`` (MAC budget: ``prune macs 0.3``)."""
-        aligned = (f" /{self.align}" if self.align else "") + (f" cap {self.cap:g}" if self.cap else "")
+        aligned = (f" /{self.align}" if self.align else "") + (f" cap {self.cap:g}" if self.cap else "") + \
+            (" plain" if self.plain else "")
         parts = ([f"prune {self.prune:g}{aligned}"] if self.prune else []) + \
             ([f"prune macs {self.budget:g}{aligned}"] if self.budget else []) + \
             ([f"tucker {self.lowrank:g}"] if self.lowrank else []) + ([self.quant] if self.quant else [])
@@ -112,13 +116,13 @@ class Candidate:
     def as_dict(self) -> dict:
         """JSON-ready form."""
         return {"prune": self.prune, "budget": self.budget, "lowrank": self.lowrank, "quant": self.quant,
-                "align": self.align, "float_layers": list(self.float_layers), "cap": self.cap}
+                "align": self.align, "float_layers": list(self.float_layers), "cap": self.cap, "plain": self.plain}
 
 
 def candidate_spec(c: Candidate) -> str:
     """The pipeline that builds ``c``; the only place that maps a candidate onto passes (pruning by
     ``prune_channels:ratio=`` or ``prune_channels:macs=``)."""
-    aligned = f":round_to={c.align}" if c.align else ""
+    aligned = (f":round_to={c.align}" if c.align else "") + (":refit_holdout=0" if c.plain else "")
     parts = [f"prune_channels:ratio={c.prune:g}{aligned}"] if c.prune else []
     if c.budget:
         parts.append(f"prune_channels:macs={c.budget:g}:max_group_ratio={c.cap or BUDGET_MAX_GROUP_RATIO:g}"
