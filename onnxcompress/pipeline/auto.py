@@ -422,12 +422,19 @@ def _latency(run: _Run, model: onnx.ModelProto) -> tuple[str, float | None]:
     passing = [rec for rec in run.records.values() if rec.get("passed")]
     if not passing:
         return "", None
-    report = bench([model, *[rec["model_path"] for rec in passing]], threads=1, warmup=10, runs=run.s.latency_runs,
-                   data=run.s.data, seed=run.s.seed, progress=run.s.progress)
-    for rec, m in zip(passing, report.models[1:]):
-        rec["latency_ratio"], rec["median_ms"] = round(m.ratio_vs_first, 4), round(m.median_ms, 4)
+    report = _time(run, model, passing, run.s.latency_runs)
     _confirm(run, model, passing)
     return report.machine.line(), round(report.models[0].median_ms, 4)
+
+
+def _time(run: _Run, model: onnx.ModelProto, recs: list[dict], runs: int) -> Any:
+    """``recs``' models timed against ``model`` in one interleaved run of ``runs`` rounds; their
+    ``latency_ratio`` and ``median_ms`` set from it. Returns the bench report."""
+    report = bench([model, *[rec["model_path"] for rec in recs]], threads=1, warmup=10, runs=runs,
+                   data=run.s.data, seed=run.s.seed, progress=run.s.progress)
+    for rec, m in zip(recs, report.models[1:]):
+        rec["latency_ratio"], rec["median_ms"] = round(m.ratio_vs_first, 4), round(m.median_ms, 4)
+    return report
 
 
 def _confirm(run: _Run, model: onnx.ModelProto, passing: list[dict]) -> None:
@@ -436,9 +443,8 @@ def _confirm(run: _Run, model: onnx.ModelProto, passing: list[dict]) -> None:
     Close timings among dozens of interleaved models do not always hold in a smaller run (resnet
     fixture, 2026-12-05: `macs=0.25` vs `ratio=0.625` pruning + int8 at 0.2186 vs 0.2196 in the
     search's run of 26 models, 0.233 vs 0.210 in ``bench_auto.py``'s run of 7), and rounding to
-    0.01 then let the spec decide. The candidates within
-    :data:`CONFIRM_MARGIN` of the fastest (at most
-    :data:`CONFIRM_MAX`) are timed again with the original, twice the rounds; their
+    0.01 then let the spec decide. The candidates within :data:`CONFIRM_MARGIN` of the fastest (at
+    most :data:`CONFIRM_MAX`) are timed again with the original, twice the rounds; their
     ``latency_ratio`` becomes that run's (the first kept as ``latency_ratio_all``)."""
     if run.s.targets.get("latency") is None or len(passing) < 2:
         return
@@ -447,11 +453,9 @@ def _confirm(run: _Run, model: onnx.ModelProto, passing: list[dict]) -> None:
                   key=lambda r: (r["latency_ratio"], r["spec"]))[:CONFIRM_MAX]
     if len(near) < 2:
         return
-    report = bench([model, *[rec["model_path"] for rec in near]], threads=1, warmup=10, runs=2 * run.s.latency_runs,
-                   data=run.s.data, seed=run.s.seed, progress=run.s.progress)
-    for rec, m in zip(near, report.models[1:]):
+    for rec in near:
         rec["latency_ratio_all"] = rec["latency_ratio"]
-        rec["latency_ratio"], rec["median_ms"] = round(m.ratio_vs_first, 4), round(m.median_ms, 4)
+    _time(run, model, near, 2 * run.s.latency_runs)
 
 
 def _ratios(rec: dict) -> dict[str, float | None]:
