@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VIEWS", "photo_sources", "photos", "random_crops", "main"]
+__all__ = ["VIEWS", "photo_sources", "photos", "random_crops", "photo_calibration", "photo_calibration_note", "main"]
 
 log = logging.getLogger("photos")
 
@@ -111,6 +111,33 @@ def random_crops(size: int = 320, per_photo: int = 14, seed: int = 123) -> np.nd
             a = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
             out.append(a[:, ::-1] if rng.random() < 0.5 else a)
     return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2))
+
+
+#: Seed of the random crops that extend a calibration set past the fixed views (the evaluation
+#: crops of ``scripts/real_model_tasks.py`` use 123, ``scripts/diag_yolo_scores.py``'s second set 7).
+CALIB_CROP_SEED = 99
+
+
+def _view_count() -> int:
+    return len(VIEWS) * len(photo_sources())
+
+
+def photo_calibration(size: int, count: int) -> np.ndarray:
+    """``count`` calibration images (NCHW): the fixed views first, then seeded random crops
+    (:data:`CALIB_CROP_SEED`) once the views run out."""
+    views = min(count, _view_count())
+    parts = [photos(size, views)]
+    if count > views:
+        per_photo = -(-(count - views) // len(photo_sources()))
+        parts.append(random_crops(size, per_photo=per_photo, seed=CALIB_CROP_SEED)[:count - views])
+    return np.concatenate(parts)
+
+
+def photo_calibration_note(count: int, size: int) -> str:
+    """What :func:`photo_calibration` gives, for reports."""
+    views = min(count, _view_count())
+    more = f" + {count - views} random crops (seed {CALIB_CROP_SEED})" if count > views else ""
+    return f"photos.py views 0..{views - 1} at {size}{more}"
 
 
 def main(argv: list[str] | None = None) -> int:
