@@ -16,7 +16,7 @@ is one batch of frontier tensors, whatever the number of samples (disk: the fron
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import numpy as np
 import onnx
@@ -111,11 +111,13 @@ class StagedBatches:
             self._names[i].add(name)
 
     def run(self, graph: gs.Graph, inputs: list[str], outputs: list[str],
-            consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *, keep: bool = False,
-            label: str = "segment") -> None:
+            consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *,
+            keep: bool | Collection[str] = False, label: str = "segment") -> None:
         """Run the segment ``inputs -> outputs`` of ``graph`` on every stored batch; hand the outputs
-        to ``consume`` and, with ``keep``, store them as frontier tensors."""
+        to ``consume`` and store them as frontier tensors: all with ``keep=True``, else those named
+        in ``keep``."""
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
+        stored = set(outputs) if keep is True else set(keep or ())
         feeds = proto.feed_names(model)
         session = make_session(model)
         for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
@@ -123,8 +125,8 @@ class StagedBatches:
             values = dict(zip(outputs, session.run(outputs, batch.feeds)))
             if consume is not None:
                 consume(batch, values)
-            if keep:  # copies: an onnxruntime output is a view that pins its session's whole memory arena
-                self._save(i, {n: np.array(v, copy=True) for n, v in values.items()})
+            if stored:  # copies: an onnxruntime output is a view that pins its session's whole memory arena
+                self._save(i, {n: np.array(v, copy=True) for n, v in values.items() if n in stored})
 
     def keep_only(self, names: list[str]) -> None:
         """Delete the stored tensors not in ``names``."""
