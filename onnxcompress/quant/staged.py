@@ -119,14 +119,16 @@ class StagedBatches:
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
         stored = set(outputs) if keep is True else set(keep or ())
         feeds = proto.feed_names(model)
-        session = make_session(model)
+        # no arena: each output is its own allocation, so a stored output pins nothing else and is
+        # kept as it is (a copy of every frontier tensor cost more than the arena saves in two or three runs)
+        session = make_session(model, arena=False)
         for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
             batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
             values = dict(zip(outputs, session.run(outputs, batch.feeds)))
             if consume is not None:
                 consume(batch, values)
-            if stored:  # copies: an onnxruntime output is a view that pins its session's whole memory arena
-                self._save(i, {n: np.array(v, copy=True) for n, v in values.items() if n in stored})
+            if stored:
+                self._save(i, {n: v for n, v in values.items() if n in stored})
 
     def keep_only(self, names: list[str]) -> None:
         """Delete the stored tensors not in ``names``."""
