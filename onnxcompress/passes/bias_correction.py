@@ -84,6 +84,10 @@ class BiasCorrection(Pass):
     outputs in its calibration run: :data:`~onnxcompress.quant.bias_correction.FLOAT_STATISTICS`,
     stat ``float_statistics``; the same numbers); ``sequential=false`` measures every layer in one run (one-shot).
     Means are streamed (three float64 vectors per layer), so memory does not grow with samples.
+    ``optimize`` (default on): the sequential runs and the check run the QDQ model with onnxruntime's
+    graph optimizations, so the quantized layers run onnxruntime's int8 kernels, as the saved model
+    will (the layers measured stay float: their output is what is compared); ~1.4x faster on
+    ResNet-50. Off: every measured value is bit for bit that of a run without optimizations.
 
     Fires on:
         Conv / ConvTranspose / Gemm / MatMul whose weight is a DequantizeLinear of an integer
@@ -127,6 +131,9 @@ class BiasCorrection(Pass):
         "sequential": Option(bool, True, "correct level by level on the already-corrected model (else one shot)"),
         "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
         "samples": Option(int, 0, "calibration samples used (0: all)", interval="[0, inf)"),
+        "optimize": Option(bool, True, "measure (sequential) and check with onnxruntime's graph optimizations on: "
+                                       "int8 kernels, as deployed, and faster; false: values of the QDQ model run "
+                                       "without optimizations"),
         "check": Option(bool, True, "keep the correction only if it brings the outputs closer to the float model's "
                                     "on the calibration data (worst output or channel slice)"),
     }
@@ -178,7 +185,8 @@ class BiasCorrection(Pass):
         # threads=0 (every core), like the measuring runs: this pass already relies on onnxruntime's
         # results not depending on the thread count
         evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"], threads=0,
-                             slices=dict(ctx.slices) if ctx.slices else None, outputs=float_outputs)
+                             slices=dict(ctx.slices) if ctx.slices else None, outputs=float_outputs,
+                             optimize=self.opts["optimize"])
         old = evaluate(_exported(before))
         new = evaluate.score(lambda i, _batch: tail[i]) if tail is not None else evaluate(_exported(after))
         result.stats.update(check_sqnr_before=_db(old.sqnr_db), check_sqnr_after=_db(new.sqnr_db))
@@ -289,7 +297,8 @@ class BiasCorrection(Pass):
         ``outputs`` per batch (``None`` when they need tensors that are no longer stored)."""
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
         by_node = {id(s.target): s.level for s, _ in kept}
-        with StagedBatches(data.batches(self.opts["batch_size"]), progress=ctx.progress) as store:
+        with StagedBatches(data.batches(self.opts["batch_size"]), progress=ctx.progress,
+                           optimize=self.opts["optimize"]) as store:
             if store.samples == 0:
                 raise InputError("bias_correction: the calibration data has no samples")
             # level L is measured in the run that moves the frontier past level L - 1 (one run per level)

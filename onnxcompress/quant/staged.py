@@ -86,14 +86,18 @@ class StagedBatches:
         batches: The calibration batches (read once, their feeds stored).
         progress: Show a bar while running.
         memory: Bytes of tensors kept in memory (the rest on disk).
+        optimize: Run the segments with onnxruntime's graph optimizations (a QDQ segment then runs
+            int8 kernels, as deployed; its values are no longer bit for bit those of a full run
+            without optimizations).
     """
 
-    def __init__(self, batches: Iterable[Batch], progress: bool = False, memory: int = 256 * 2**20):
+    def __init__(self, batches: Iterable[Batch], progress: bool = False, memory: int = 256 * 2**20,
+                 optimize: bool = False):
         self._store = FrontierStore(memory)
         self._names: list[set[str]] = []
         self._sizes: list[int] = []
         self.dtypes: dict[str, np.dtype] = {}
-        self.progress = progress
+        self.progress, self.optimize = progress, optimize
         for batch in batches:
             self._names.append(set())
             self._sizes.append(len(batch.feeds[next(iter(batch.feeds))]) if batch.feeds else 0)
@@ -121,7 +125,7 @@ class StagedBatches:
         feeds = proto.feed_names(model)
         # no arena: each output is its own allocation, so a stored output pins nothing else and is
         # kept as it is (a copy of every frontier tensor cost more than the arena saves in two or three runs)
-        session = make_session(model, arena=False)
+        session = make_session(model, arena=False, optimize=self.optimize)
         for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
             batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
             values = dict(zip(outputs, session.run(outputs, batch.feeds)))
