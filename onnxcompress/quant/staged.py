@@ -51,14 +51,29 @@ def tensor_depths(graph: gs.Graph, levels: dict[int, int]) -> dict[str, int]:
 
 
 def frontier(graph: gs.Graph, depth: dict[str, int], level: int) -> list[str]:
-    """Tensors of depth ``< level`` read by nodes of depth ``>= level`` (sorted names)."""
+    """Tensors of depth ``< level`` read by nodes of depth ``>= level`` (sorted names); the output of
+    a DequantizeLinear of a computed tensor is replaced by that (quantized) tensor, see :func:`_stored`."""
     names = set()
     for node in graph.nodes:
         outs = [depth[t.name] for t in node.outputs if t.name in depth]
         if not outs or outs[0] < level:
             continue
-        names.update(t.name for t in node.inputs if t.name in depth and depth[t.name] < level)
+        names.update(_stored(t, depth) for t in node.inputs if t.name in depth and depth[t.name] < level)
     return sorted(names)
+
+
+def _stored(tensor: gs.Tensor, depth: dict[str, int]) -> str:
+    """The name of the tensor to store for ``tensor``: the input of the DequantizeLinear that makes it
+    when that input is computed (of the same depth) and its scale and zero point are not, else its own.
+    A quarter of the bytes, and the segment that reads it recomputes the DequantizeLinear, so with
+    onnxruntime's graph optimizations its layers start from int8 values and run its int8 kernels."""
+    dq = tensor.inputs[0] if tensor.inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or not dq.inputs:
+        return tensor.name
+    source = dq.inputs[0].name
+    if depth.get(source) != depth[tensor.name] or any(t.name in depth for t in dq.inputs[1:]):
+        return tensor.name
+    return source
 
 
 def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
