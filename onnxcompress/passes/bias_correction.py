@@ -372,7 +372,7 @@ class _LevelRun:
     def __init__(self, kept: list[tuple[BiasSite, ChannelMoments]], level: int):
         self.level = level
         self.batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
-        self.moments = {i: ChannelMoments(s.axis) for i, s, _ in self.batch}
+        self.moments = {i: ChannelMoments(s.axis, variance=False) for i, s, _ in self.batch}  # only means
         self.names = sorted({s.measured.name for _, s, _ in self.batch})
 
     def consume(self, _batch: Batch, values: dict[str, np.ndarray]) -> None:

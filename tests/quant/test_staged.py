@@ -131,3 +131,15 @@ def test_optimized_runs_measure_within_noise_of_unoptimized_ones(monkeypatch):
     data = _calib(model, 64)
     sqnr = [min(o.sqnr_db for o in compare_models(model, m, data).outputs) for m in (fast, slow)]
     assert abs(sqnr[0] - sqnr[1]) < 0.3, sqnr
+
+
+def test_channel_moments_without_variance_give_the_same_means():
+    from onnxcompress.quant.bias_correction import ChannelMoments
+
+    x = np.random.default_rng(3).standard_normal((6, 4, 5, 5)).astype(np.float32)
+    full, means = ChannelMoments(1), ChannelMoments(1, variance=False)
+    full.update(x)
+    means.update(x)
+    assert np.array_equal(full.mean(), means.mean()) and full.var().shape == (4,)
+    with pytest.raises(ValueError, match="variance"):
+        means.var()
