@@ -86,8 +86,10 @@ class BiasCorrection(Pass):
     Means are streamed (three float64 vectors per layer), so memory does not grow with samples.
     ``optimize`` (default on): the sequential runs and the check run the QDQ model with onnxruntime's
     graph optimizations, so the quantized layers run onnxruntime's int8 kernels, as the saved model
-    will (the layers measured stay float: their output is what is compared); ~1.4x faster on
-    ResNet-50. Off: every measured value is bit for bit that of a run without optimizations.
+    will (the layers measured stay float: their output is what is compared), and much faster (opennsfw's
+    ResNet-50, 64 images: this pass 6.3 -> 3.2 s with the int8 frontier of :mod:`~onnxcompress.quant.staged`;
+    the fixtures' SQNRs unchanged). Off: every measured value is bit for bit that of a full run
+    without optimizations.
 
     Fires on:
         Conv / ConvTranspose / Gemm / MatMul whose weight is a DequantizeLinear of an integer

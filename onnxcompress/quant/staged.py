@@ -6,10 +6,13 @@ level (quadratic in depth). Here every tensor gets a *depth*: the highest level 
 layers it depends on (0 for none; constants have none). A correction of level ``L`` changes only
 tensors of depth ``>= L``, so the tensors of depth ``< L`` that nodes of depth ``>= L`` read (the
 *frontier*) are final once levels ``< L`` are corrected. They are kept per batch in ``.npy`` files
-in a temporary folder; level ``L`` is measured by running only the level's layers from the
-frontier, and after its correction the frontier moves on by running only the nodes of depth ``L``.
-Every node runs once per step it belongs to (a corrected layer twice), on the same batches, so the
-measured values are the ones a full run of the partly corrected model gives, bit for bit; memory
+in a temporary folder; after level ``L - 1`` is corrected one run from the frontier computes the
+nodes of depth ``L - 1`` (the frontier moves on) and level ``L``'s layers (measured): one run per level.
+A frontier tensor made by a DequantizeLinear is stored as its quantized input (the next segment
+dequantizes it again). Every node runs once per step it belongs to (a corrected layer twice), on the
+same batches, so without graph optimizations the measured values are the ones a full run of the
+partly corrected model gives, bit for bit (with them, a segment's int8 kernels may round
+differently from the float path); memory
 is one batch of frontier tensors, whatever the number of samples (disk: the frontier of all samples).
 """
 
