@@ -84,6 +84,12 @@ class BiasCorrection(Pass):
     outputs in its calibration run: :data:`~onnxcompress.quant.bias_correction.FLOAT_STATISTICS`,
     stat ``float_statistics``; the same numbers); ``sequential=false`` measures every layer in one run (one-shot).
     Means are streamed (three float64 vectors per layer), so memory does not grow with samples.
+    ``optimize`` (default on): the sequential runs and the check run the QDQ model with onnxruntime's
+    graph optimizations, so the quantized layers run onnxruntime's int8 kernels, as the saved model
+    will (the layers measured stay float: their output is what is compared), and much faster (opennsfw's
+    ResNet-50, 64 images: this pass 6.3 -> 3.2 s with the int8 frontier of :mod:`~onnxcompress.quant.staged`;
+    the fixtures' SQNRs unchanged). Off: every measured value is bit for bit that of a full run
+    without optimizations.
 
     Fires on:
         Conv / ConvTranspose / Gemm / MatMul whose weight is a DequantizeLinear of an integer
@@ -127,6 +133,9 @@ class BiasCorrection(Pass):
         "sequential": Option(bool, True, "correct level by level on the already-corrected model (else one shot)"),
         "batch_size": Option(int, 32, "calibration batch size", interval="[1, inf)"),
         "samples": Option(int, 0, "calibration samples used (0: all)", interval="[0, inf)"),
+        "optimize": Option(bool, True, "measure (sequential) and check with onnxruntime's graph optimizations on: "
+                                       "int8 kernels, as deployed, and faster; false: values of the QDQ model run "
+                                       "without optimizations"),
         "check": Option(bool, True, "keep the correction only if it brings the outputs closer to the float model's "
                                     "on the calibration data (worst output or channel slice)"),
     }
@@ -178,7 +187,8 @@ class BiasCorrection(Pass):
         # threads=0 (every core), like the measuring runs: this pass already relies on onnxruntime's
         # results not depending on the thread count
         evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"], threads=0,
-                             slices=dict(ctx.slices) if ctx.slices else None, outputs=float_outputs)
+                             slices=dict(ctx.slices) if ctx.slices else None, outputs=float_outputs,
+                             optimize=self.opts["optimize"])
         old = evaluate(_exported(before))
         new = evaluate.score(lambda i, _batch: tail[i]) if tail is not None else evaluate(_exported(after))
         result.stats.update(check_sqnr_before=_db(old.sqnr_db), check_sqnr_after=_db(new.sqnr_db))
@@ -289,42 +299,37 @@ class BiasCorrection(Pass):
         ``outputs`` per batch (``None`` when they need tensors that are no longer stored)."""
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
         by_node = {id(s.target): s.level for s, _ in kept}
-        with StagedBatches(data.batches(self.opts["batch_size"]), progress=ctx.progress) as store:
+        with StagedBatches(data.batches(self.opts["batch_size"]), progress=ctx.progress,
+                           optimize=self.opts["optimize"]) as store:
             if store.samples == 0:
                 raise InputError("bias_correction: the calibration data has no samples")
-            self._advance(graph, store, by_node, 0)
-            for level in levels:
-                batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
-                # sorted: by run(), then by sort_appended after each level's corrections
-                inputs = frontier(graph, tensor_depths(graph, by_node), level)
-                moments = {i: ChannelMoments(s.axis) for i, s, _ in batch}
-
-                def consume(_batch, values, batch=batch, moments=moments) -> None:
-                    for i, s, _ in batch:
-                        moments[i].update(values[s.measured.name])
-
-                store.run(graph, inputs, sorted({s.measured.name for _, s, _ in batch}), consume,
-                          label=f"bias_correction level {level}")
+            # level L is measured in the run that moves the frontier past level L - 1 (one run per level)
+            step = _LevelRun(kept, levels[0])
+            self._advance(graph, store, by_node, 0, step)
+            for k, level in enumerate(levels):
                 result.count("runs")
                 start = len(graph.nodes)
-                self._apply(graph, names, [(s, ref) for _, s, ref in batch], [moments[i] for i, _, _ in batch],
-                            ctx, result, rel)
+                self._apply(graph, names, [(s, ref) for _, s, ref in step.batch],
+                            [step.moments[i] for i, _, _ in step.batch], ctx, result, rel)
                 sort_appended(graph, start)  # the order graph.toposort() gives, without its cost
-                if level != levels[-1]:
-                    self._advance(graph, store, by_node, level)
+                if k + 1 < len(levels):
+                    step = _LevelRun(kept, levels[k + 1])
+                    self._advance(graph, store, by_node, level, step)
             result.stats["calib_samples"] = store.samples
+            inputs = frontier(graph, tensor_depths(graph, by_node), levels[-1])
             return _tail(graph, store, inputs, outputs) if outputs else None
 
     @staticmethod
-    def _advance(graph: gs.Graph, store: StagedBatches, by_node: dict[int, int], level: int) -> None:
-        """Move the stored frontier past ``level``: compute its depth-``level`` tensors the next levels
-        read (``graph`` sorted)."""
+    def _advance(graph: gs.Graph, store: StagedBatches, by_node: dict[int, int], level: int,
+                 step: _LevelRun) -> None:
+        """Move the stored frontier past ``level`` (compute its depth-``level`` tensors the next levels
+        read) and, in the same run, measure ``step``'s layers (level ``level + 1``; ``graph`` sorted)."""
         depth = tensor_depths(graph, by_node)
         fed = [t.name for t in graph.inputs]
         now, later = frontier(graph, depth, level) if level else fed, frontier(graph, depth, level + 1)
         new = [n for n in later if depth[n] == level and n not in fed]
-        if new:
-            store.run(graph, now, new, keep=True, label="bias_correction frontier")
+        store.run(graph, now, [*new, *step.names], step.consume, keep=new,
+                  label=f"bias_correction level {step.level}")
         store.keep_only(later)
 
     def _apply(self, graph: gs.Graph, names: Names, pairs, quant, ctx: PassContext, result: PassResult,
@@ -361,6 +366,20 @@ class BiasCorrection(Pass):
         result.count("runs")
         result.stats["calib_samples"] = seen
         return moments
+
+
+class _LevelRun:
+    """The layers of one level and their channel moments, filled by :meth:`consume` (one run)."""
+
+    def __init__(self, kept: list[tuple[BiasSite, ChannelMoments]], level: int):
+        self.level = level
+        self.batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
+        self.moments = {i: ChannelMoments(s.axis, variance=False) for i, s, _ in self.batch}  # only means
+        self.names = sorted({s.measured.name for _, s, _ in self.batch})
+
+    def consume(self, _batch: Batch, values: dict[str, np.ndarray]) -> None:
+        for i, s, _ in self.batch:
+            self.moments[i].update(values[s.measured.name])
 
 
 class _Limited:

@@ -77,10 +77,11 @@ class ChannelMoments:
 
     Args:
         axis: The channel axis of the arrays given to :meth:`update` (negative counts from the end).
+        variance: Also sum the squares (:meth:`var`); off where only the mean is used.
     """
 
-    def __init__(self, axis: int):
-        self.axis = axis
+    def __init__(self, axis: int, variance: bool = True):
+        self.axis, self.variance = axis, variance
         self.total: np.ndarray | None = None
         self.squares: np.ndarray | None = None
         self.count = 0
@@ -110,7 +111,8 @@ class ChannelMoments:
         for start in range(0, len(blocks), step):
             x = blocks[start:start + step].astype(np.float64)
             self.total += x.sum(axis=(0, 2))
-            self.squares += np.einsum("bcp,bcp->c", x, x)
+            if self.variance:
+                self.squares += np.einsum("bcp,bcp->c", x, x)
 
     @property
     def channels(self) -> int:
@@ -122,7 +124,9 @@ class ChannelMoments:
         return self.total / max(self.count, 1)
 
     def var(self) -> np.ndarray:
-        """Per-channel (population) variance."""
+        """Per-channel (population) variance (with ``variance`` on)."""
+        if not self.variance:
+            raise ValueError("these moments were gathered without their variance")
         return np.maximum(self.squares / max(self.count, 1) - np.square(self.mean()), 0.0)
 
 

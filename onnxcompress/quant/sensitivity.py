@@ -312,14 +312,16 @@ class Evaluator:
         threads: Intra-op threads (1: results do not depend on the machine's core count).
         budget: Bytes of reference outputs kept in memory.
         slices: Given channel slices per output (``--slices``); other outputs get automatic ones.
+        optimize: Run the candidates with onnxruntime's graph optimizations (the reference stays
+            without: ``outputs`` or a run with optimizations off).
         outputs: The float model's outputs on ``data`` when the caller already ran it (``{output:
             values of every sample, in order}``, every output of ``reference``): not run again.
     """
 
     def __init__(self, reference: onnx.ModelProto, data: CalibSource, *, batch_size: int = 32, threads: int = 1,
-                 budget: int = REFERENCE_BUDGET, slices: SliceSpec | None = None,
+                 budget: int = REFERENCE_BUDGET, slices: SliceSpec | None = None, optimize: bool = False,
                  outputs: dict[str, np.ndarray] | None = None):
-        self.data, self.batch_size, self.threads = data, batch_size, threads
+        self.data, self.batch_size, self.threads, self.optimize = data, batch_size, threads, optimize
         self._reference = reference
         self._session: Any = None
         self.names = [o.name for o in reference.graph.output]
@@ -363,7 +365,7 @@ class Evaluator:
 
     def __call__(self, candidate: onnx.ModelProto) -> Fidelity:
         """Fidelity of ``candidate`` (same inputs and outputs as the reference)."""
-        session = make_session(candidate, threads=self.threads)
+        session = make_session(candidate, threads=self.threads, optimize=self.optimize)
         return self.score(lambda _i, batch: session.run(self.names, batch.feeds))
 
     def score(self, run: Callable[[int, Batch], list[np.ndarray]]) -> Fidelity:

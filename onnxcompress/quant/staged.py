@@ -6,17 +6,20 @@ level (quadratic in depth). Here every tensor gets a *depth*: the highest level 
 layers it depends on (0 for none; constants have none). A correction of level ``L`` changes only
 tensors of depth ``>= L``, so the tensors of depth ``< L`` that nodes of depth ``>= L`` read (the
 *frontier*) are final once levels ``< L`` are corrected. They are kept per batch in ``.npy`` files
-in a temporary folder; level ``L`` is measured by running only the level's layers from the
-frontier, and after its correction the frontier moves on by running only the nodes of depth ``L``.
-Every node runs once per step it belongs to (a corrected layer twice), on the same batches, so the
-measured values are the ones a full run of the partly corrected model gives, bit for bit; memory
+in a temporary folder; after level ``L - 1`` is corrected one run from the frontier computes the
+nodes of depth ``L - 1`` (the frontier moves on) and level ``L``'s layers (measured): one run per level.
+A frontier tensor made by a DequantizeLinear is stored as its quantized input (the next segment
+dequantizes it again). Every node runs once per step it belongs to (a corrected layer twice), on the
+same batches, so without graph optimizations the measured values are the ones a full run of the
+partly corrected model gives, bit for bit (with them, a segment's int8 kernels may round
+differently from the float path); memory
 is one batch of frontier tensors, whatever the number of samples (disk: the frontier of all samples).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import numpy as np
 import onnx
@@ -51,14 +54,29 @@ def tensor_depths(graph: gs.Graph, levels: dict[int, int]) -> dict[str, int]:
 
 
 def frontier(graph: gs.Graph, depth: dict[str, int], level: int) -> list[str]:
-    """Tensors of depth ``< level`` read by nodes of depth ``>= level`` (sorted names)."""
+    """Tensors of depth ``< level`` read by nodes of depth ``>= level`` (sorted names); the output of
+    a DequantizeLinear of a computed tensor is replaced by that (quantized) tensor, see :func:`_stored`."""
     names = set()
     for node in graph.nodes:
         outs = [depth[t.name] for t in node.outputs if t.name in depth]
         if not outs or outs[0] < level:
             continue
-        names.update(t.name for t in node.inputs if t.name in depth and depth[t.name] < level)
+        names.update(_stored(t, depth) for t in node.inputs if t.name in depth and depth[t.name] < level)
     return sorted(names)
+
+
+def _stored(tensor: gs.Tensor, depth: dict[str, int]) -> str:
+    """The name of the tensor to store for ``tensor``: the input of the DequantizeLinear that makes it
+    when that input is computed (of the same depth) and its scale and zero point are not, else its own.
+    A quarter of the bytes, and the segment that reads it recomputes the DequantizeLinear, so with
+    onnxruntime's graph optimizations its layers start from int8 values and run its int8 kernels."""
+    dq = tensor.inputs[0] if tensor.inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or not dq.inputs:
+        return tensor.name
+    source = dq.inputs[0].name
+    if depth.get(source) != depth[tensor.name] or any(t.name in depth for t in dq.inputs[1:]):
+        return tensor.name
+    return source
 
 
 def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[str]) -> onnx.ModelProto:
@@ -86,14 +104,18 @@ class StagedBatches:
         batches: The calibration batches (read once, their feeds stored).
         progress: Show a bar while running.
         memory: Bytes of tensors kept in memory (the rest on disk).
+        optimize: Run the segments with onnxruntime's graph optimizations (a QDQ segment then runs
+            int8 kernels, as deployed; its values are no longer bit for bit those of a full run
+            without optimizations).
     """
 
-    def __init__(self, batches: Iterable[Batch], progress: bool = False, memory: int = 256 * 2**20):
+    def __init__(self, batches: Iterable[Batch], progress: bool = False, memory: int = 256 * 2**20,
+                 optimize: bool = False):
         self._store = FrontierStore(memory)
         self._names: list[set[str]] = []
         self._sizes: list[int] = []
         self.dtypes: dict[str, np.dtype] = {}
-        self.progress = progress
+        self.progress, self.optimize = progress, optimize
         for batch in batches:
             self._names.append(set())
             self._sizes.append(len(batch.feeds[next(iter(batch.feeds))]) if batch.feeds else 0)
@@ -111,20 +133,24 @@ class StagedBatches:
             self._names[i].add(name)
 
     def run(self, graph: gs.Graph, inputs: list[str], outputs: list[str],
-            consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *, keep: bool = False,
-            label: str = "segment") -> None:
+            consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *,
+            keep: bool | Collection[str] = False, label: str = "segment") -> None:
         """Run the segment ``inputs -> outputs`` of ``graph`` on every stored batch; hand the outputs
-        to ``consume`` and, with ``keep``, store them as frontier tensors."""
+        to ``consume`` and store them as frontier tensors: all with ``keep=True``, else those named
+        in ``keep``."""
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
+        stored = set(outputs) if keep is True else set(keep or ())
         feeds = proto.feed_names(model)
-        session = make_session(model)
+        # no arena: each output is its own allocation, so a stored output pins nothing else and is
+        # kept as it is (a copy of every frontier tensor cost more than the arena saves in two or three runs)
+        session = make_session(model, arena=False, optimize=self.optimize)
         for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
             batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
             values = dict(zip(outputs, session.run(outputs, batch.feeds)))
             if consume is not None:
                 consume(batch, values)
-            if keep:  # copies: an onnxruntime output is a view that pins its session's whole memory arena
-                self._save(i, {n: np.array(v, copy=True) for n, v in values.items()})
+            if stored:
+                self._save(i, {n: v for n, v in values.items() if n in stored})
 
     def keep_only(self, names: list[str]) -> None:
         """Delete the stored tensors not in ``names``."""

@@ -34,8 +34,8 @@ def _calib(model: onnx.ModelProto, n: int = 24):
 @pytest.mark.parametrize("memory", [256 * 2**20, 0])  # frontier in memory, or all on disk
 def test_staged_bias_correction_equals_rerunning_the_prefix(monkeypatch, memory):
     model = onnx.load(RESNET)
-    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:check=false"
-    monkeypatch.setattr(bc_pass.StagedBatches.__init__, "__defaults__", (False, memory))
+    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:check=false:optimize=false"
+    monkeypatch.setattr(bc_pass.StagedBatches.__init__, "__defaults__", (False, memory, False))
     new, res_new = quantize(model, spec, calib=_calib(model))
     with monkeypatch.context() as m:
         m.setattr(bc_pass.BiasCorrection, "_sequential", _old_sequential)
@@ -95,7 +95,7 @@ def test_check_from_captured_outputs_equals_rerunning_the_models(monkeypatch):
     """The check scores the float outputs captured with the reference moments and the corrected
     model's outputs from the last staged run: the same decision and SQNRs as running both models."""
     model = onnx.load(RESNET)
-    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8"
+    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:optimize=false"
     tails = []
     real_tail = bc_pass._tail
     monkeypatch.setattr(bc_pass, "_tail", lambda *a: tails.append(real_tail(*a)) or tails[-1])
@@ -108,3 +108,38 @@ def test_check_from_captured_outputs_equals_rerunning_the_models(monkeypatch):
     keys = ("check_sqnr_before", "check_sqnr_after", "layers_corrected")
     assert [res_new.stats[k] for k in keys] == [res_old.stats[k] for k in keys]
     assert new.SerializeToString() == old.SerializeToString()
+
+
+def test_optimized_runs_measure_within_noise_of_unoptimized_ones(monkeypatch):
+    """optimize=true (the default) runs the QDQ segments with onnxruntime's int8 kernels: the
+    corrections may differ slightly from optimize=false, the layers corrected and the outcome do not."""
+    from onnxcompress.pipeline.validate import compare_models
+
+    model = onnx.load(RESNET)
+    results, seen = {}, []
+    real = bc_pass.StagedBatches.__init__
+    monkeypatch.setattr(bc_pass.StagedBatches, "__init__", lambda self, *a, **k: seen.append(k["optimize"])
+                        or real(self, *a, **k))
+    for flag in ("true", "false"):
+        spec = f"fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:optimize={flag}"
+        out, res = quantize(model, spec, calib=_calib(model))
+        results[flag] = (out, res)
+    (fast, res_fast), (slow, res_slow) = results["true"], results["false"]
+    assert seen == [True, False]
+    for key in ("layers_corrected", "levels", "runs"):
+        assert res_fast.stats[key] == res_slow.stats[key]
+    data = _calib(model, 64)
+    sqnr = [min(o.sqnr_db for o in compare_models(model, m, data).outputs) for m in (fast, slow)]
+    assert abs(sqnr[0] - sqnr[1]) < 0.3, sqnr
+
+
+def test_channel_moments_without_variance_give_the_same_means():
+    from onnxcompress.quant.bias_correction import ChannelMoments
+
+    x = np.random.default_rng(3).standard_normal((6, 4, 5, 5)).astype(np.float32)
+    full, means = ChannelMoments(1), ChannelMoments(1, variance=False)
+    full.update(x)
+    means.update(x)
+    assert np.array_equal(full.mean(), means.mean()) and full.var().shape == (4,)
+    with pytest.raises(ValueError, match="variance"):
+        means.var()
