@@ -24,8 +24,8 @@ def test_kept_values_hold_no_reference_to_the_given_arrays():
     base = np.arange(12, dtype=np.float32).reshape(4, 3).copy()  # owns its memory
     gone = weakref.ref(base)
     kept = KeptValues(["y"])
-    kept.add({"y": base[:2], "other": base})
-    kept.add({"y": base[2:]})
+    kept.add({"y": base[:2], "other": base}, 2)
+    kept.add({"y": base[2:]}, 2)
     del base
     gc.collect()
     assert gone() is None  # neither the views nor their base outlive the call
@@ -49,8 +49,20 @@ def test_kept_onnxruntime_outputs_own_their_memory():
 
 def test_kept_values_drop_ragged_batches():
     kept = KeptValues(["y"])
-    kept.add({"y": np.zeros((2, 3), np.float32)})
-    kept.add({"y": np.zeros((2, 4), np.float32)})
+    kept.add({"y": np.zeros((2, 3), np.float32)}, 2)
+    kept.add({"y": np.zeros((2, 4), np.float32)}, 2)
+    assert kept.arrays() is None
+
+
+def test_kept_values_drop_outputs_whose_axis_0_is_not_the_samples():
+    """A sequence-first output ``[T, N, C]`` (ddddocr's CTC head): cutting the concatenation back
+    into batches by its axis 0 would hand the check another tensor, so nothing is kept."""
+    kept = KeptValues(["y"])
+    kept.add({"y": np.zeros((2, 3), np.float32)}, 2)
+    kept.add({"y": np.zeros((16, 1, 3), np.float32)}, 1)
+    assert kept.arrays() is None
+    kept = KeptValues(["y"])
+    kept.add({"y": np.zeros((16, 1, 3), np.float32)}, 1)
     assert kept.arrays() is None
 
 

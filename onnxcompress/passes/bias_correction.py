@@ -353,10 +353,10 @@ class BiasCorrection(Pass):
             return moments
         kept = kept or KeptValues([])
 
-        def consume(_batch, values: dict[str, np.ndarray]) -> None:
+        def consume(batch: Batch, values: dict[str, np.ndarray]) -> None:
             for key, (name, _) in wanted.items():
                 moments[key].update(values[name])
-            kept.add(values)
+            kept.add(values, len(batch))
 
         data = _Limited(ctx.calib, self.opts["samples"]) if self.opts["samples"] else ctx.calib
         seen = capture(model, sorted({n for n, _ in wanted.values()} | set(kept.names)), data, consume,

@@ -132,17 +132,23 @@ class ChannelMoments:
 
 class KeptValues:
     """Values of a few tensors over every sample, kept while they fit in
-    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET` and every batch has the same shape
-    past the sample axis (variable-length data cannot be stacked): otherwise dropped for good."""
+    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET`, every batch has the same shape
+    past the sample axis (variable-length data cannot be stacked) and axis 0 is the sample axis:
+    otherwise dropped for good."""
 
     def __init__(self, names: list[str]):
         self.names = list(names)
         self.parts: list[dict[str, np.ndarray]] | None = [] if names else None
         self.used = 0
 
-    def add(self, values: dict[str, np.ndarray]) -> None:
-        """Keep ``values``' tensors of :attr:`names` (one batch)."""
+    def add(self, values: dict[str, np.ndarray], samples: int) -> None:
+        """Keep ``values``' tensors of :attr:`names` (one batch of ``samples`` samples). A tensor whose
+        axis 0 is not the sample axis (e.g. a sequence-first ``[T, N, C]`` output) cannot be cut back
+        into batches: everything is dropped."""
         if self.parts is None:
+            return
+        if any(np.ndim(values[n]) == 0 or np.shape(values[n])[0] != samples for n in self.names):
+            self.parts = None
             return
         # copies: an onnxruntime output is a view that keeps its session's whole memory arena alive
         part = {n: np.array(values[n], copy=True) for n in self.names}
@@ -199,7 +205,7 @@ class FloatStatistics:
         """Add one run's tensors (a :data:`~onnxcompress.runtime.capture.Consumer`)."""
         for name, m in self.moments.items():
             m.update(values[name])
-        self.kept.add(values)
+        self.kept.add(values, len(batch))
         self.samples += len(batch)
 
 

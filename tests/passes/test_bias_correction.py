@@ -274,6 +274,20 @@ def test_intermediate_graph_output_and_dynamic_spatial_dims():
     assert a.shape == (2, 6, 5, 7) and y.shape == (2, 5, 5, 7)
 
 
+def test_fixed_batch_model_with_a_sequence_first_output():
+    """ddddocr's CTC head: batch fixed at 1 and the output ``[W, 1, C]`` (axis 0 is not the sample
+    axis). The check must not cut quantize_int8's kept float outputs by axis 0 (it used to compare
+    a ``[1, 1, C]`` slice with the ``[W, 1, C]`` output and fail the pipeline)."""
+    model = conv_chain(10)
+    nodes = [*model.graph.node, helper.make_node("Transpose", ["y"], ["t"], name="seq_first", perm=[3, 0, 1, 2])]
+    fixed = make_model(nodes, {"x": [1, 3, 8, 8]}, ["t"], initializers(model))
+    qc, result = quantize(fixed, f"{COARSE},bias_correction", calib=shifted_source(fixed))
+    assert result.stats["layers_corrected"] == 2 and "check_sqnr_after" in result.stats
+    assert result.stats["check_sqnr_after"] > result.stats["check_sqnr_before"]
+    feeds = {"x": rand(np.random.default_rng(3), 1, 3, 8, 8, scale=0.5)}
+    assert ort_run(qc, feeds)[0].shape == ort_run(fixed, feeds)[0].shape == (8, 1, 5, 8)
+
+
 def test_sequential_beats_one_shot_and_samples_option():
     model = conv_chain(8)
     seq = correct(model)[1]
