@@ -133,7 +133,7 @@ def photo_calibration(size: int, count: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def photo_calibration_note(count: int, size: int) -> str:
+def photo_calibration_note(size: int, count: int) -> str:
     """What :func:`photo_calibration` gives, for reports."""
     views = min(count, _view_count())
     more = f" + {count - views} random crops (seed {CALIB_CROP_SEED})" if count > views else ""

@@ -218,7 +218,7 @@ def build_task(key: str, n_calib: int, n_test: int) -> Task:
     if key == "nudenet":
         test = random_crops(320, per_photo=max(1, nt // 10))
         return Task(td.feeds("images", photo_calibration(320, nc)), td.feeds("images", test),
-                    box_agreement(decode), "box agreement F1 vs original", photo_calibration_note(nc, 320),
+                    box_agreement(decode), "box agreement F1 vs original", photo_calibration_note(320, nc),
                     f"{len(test)} random crops of the photos (seed 123)")
     if key == "opennsfw":
         nt = min(nt, 60 - nc)
