@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VIEWS", "photo_sources", "photos", "random_crops", "photo_calibration", "photo_calibration_note", "main"]
+__all__ = ["VIEWS", "photo_sources", "photos", "random_crops", "photo_calibration", "main"]
 
 log = logging.getLogger("photos")
 
@@ -118,26 +118,17 @@ def random_crops(size: int = 320, per_photo: int = 14, seed: int = 123) -> np.nd
 CALIB_CROP_SEED = 99
 
 
-def _view_count() -> int:
-    return len(VIEWS) * len(photo_sources())
-
-
-def photo_calibration(size: int, count: int) -> np.ndarray:
-    """``count`` calibration images (NCHW): the fixed views first, then seeded random crops
-    (:data:`CALIB_CROP_SEED`) once the views run out."""
-    views = min(count, _view_count())
-    parts = [photos(size, views)]
+def photo_calibration(size: int, count: int) -> tuple[np.ndarray, str]:
+    """``count`` calibration images (NCHW) and what they are: the fixed views first, then seeded
+    random crops (:data:`CALIB_CROP_SEED`) once the views run out."""
+    n_photos = len(photo_sources())
+    views = min(count, len(VIEWS) * n_photos)
+    parts, note = [photos(size, views)], f"photos.py views 0..{views - 1} at {size}"
     if count > views:
-        per_photo = -(-(count - views) // len(photo_sources()))
+        per_photo = -(-(count - views) // n_photos)
         parts.append(random_crops(size, per_photo=per_photo, seed=CALIB_CROP_SEED)[:count - views])
-    return np.concatenate(parts)
-
-
-def photo_calibration_note(size: int, count: int) -> str:
-    """What :func:`photo_calibration` gives, for reports."""
-    views = min(count, _view_count())
-    more = f" + {count - views} random crops (seed {CALIB_CROP_SEED})" if count > views else ""
-    return f"photos.py views 0..{views - 1} at {size}{more}"
+        note += f" + {count - views} random crops (seed {CALIB_CROP_SEED})"
+    return np.concatenate(parts), note
 
 
 def main(argv: list[str] | None = None) -> int:

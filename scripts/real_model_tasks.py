@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import numpy as np
 import onnx
 import task_data as td
-from photos import photo_calibration, photo_calibration_note, random_crops
+from photos import photo_calibration, random_crops
 from real_model_files import CATALOG, PPOCR, MissingModel, RealModel, locate, symbolic_dims
 
 import onnxcompress
@@ -217,9 +217,9 @@ def build_task(key: str, n_calib: int, n_test: int) -> Task:
     nc, nt = n_calib, n_test
     if key == "nudenet":
         test = random_crops(320, per_photo=max(1, nt // 10))
-        return Task(td.feeds("images", photo_calibration(320, nc)), td.feeds("images", test),
-                    box_agreement(decode), "box agreement F1 vs original", photo_calibration_note(320, nc),
-                    f"{len(test)} random crops of the photos (seed 123)")
+        calib, note = photo_calibration(320, nc)
+        return Task(td.feeds("images", calib), td.feeds("images", test), box_agreement(decode),
+                    "box agreement F1 vs original", note, f"{len(test)} random crops of the photos (seed 123)")
     if key == "opennsfw":
         nt = min(nt, 60 - nc)
         return Task(td.feeds("input:0", td.nsfw_photos(nc)), td.feeds("input:0", td.nsfw_photos(nt, nc)),

@@ -80,7 +80,7 @@ def test_staged_frontier_tensors_come_from_sessions_without_an_arena(monkeypatch
     src = RandomSource(input_specs(MODEL), 6, seed=2)
     graph = gs.import_onnx(MODEL)
     with StagedBatches(src.batches(4)) as store:
-        store.run(graph, ["x"], ["h"], keep=True)
+        store.run(graph, ["x"], ["h"], keep=["h"])
         stored = [store._store.get((i, "h")) for i in range(2)]
         got = []
         store.run(graph, ["h"], ["y"], lambda _b, v: got.append(v["y"]))

@@ -134,12 +134,11 @@ class StagedBatches:
 
     def run(self, graph: gs.Graph, inputs: list[str], outputs: list[str],
             consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *,
-            keep: bool | Collection[str] = False, label: str = "segment") -> None:
+            keep: Collection[str] = (), label: str = "segment") -> None:
         """Run the segment ``inputs -> outputs`` of ``graph`` on every stored batch; hand the outputs
-        to ``consume`` and store them as frontier tensors: all with ``keep=True``, else those named
-        in ``keep``."""
+        to ``consume`` and store those named in ``keep`` as frontier tensors."""
         model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
-        stored = set(outputs) if keep is True else set(keep or ())
+        stored = set(keep)
         feeds = proto.feed_names(model)
         # no arena: each output is its own allocation, so a stored output pins nothing else and is
         # kept as it is (a copy of every frontier tensor cost more than the arena saves in two or three runs)
