@@ -8,6 +8,12 @@ removed (decline lists are reduced to the declined names, whose reasons may be r
     python scripts/check_outputs.py --write outputs.json      # record
     python scripts/check_outputs.py --compare outputs.json    # exit 1 on any difference
     python scripts/check_outputs.py --compare outputs.json --only equalize,default   # a subset
+    python scripts/check_outputs.py --write real.json --real ddddocr_ocr,refinenet --only none
+
+``--real KEYS`` adds installed real models (``scripts/real_model_files.py``'s CATALOG) at the sweep's
+input sizes, each optimized with ``fold_bn,quantize_int8`` on :data:`REAL_SAMPLES` seeded uniform
+samples (calibration and validation): shapes the fixtures never have (ddddocr_ocr's CTC head, which
+onnx's shape inference leaves unknown) reach the reported MACs.
 
 Runs go through the CLI of this checkout (first on ``PYTHONPATH``) in subprocesses (``--jobs`` at a time).
 """
@@ -32,17 +38,45 @@ _TIMING_KEYS = {"seconds", "elapsed", "wall_seconds"}
 #: Where a run's files and data came from (paths in temporary folders; the models' hashes are compared
 #: as ``onnx`` already): left out of the report's digest.
 _PROVENANCE_KEYS = ("model", "output", "input_model", "output_model", "reference", "calibration", "preprocess")
+#: The pipeline and the calibration samples of each ``--real`` model.
+REAL_SPEC, REAL_SAMPLES = "fold_bn,quantize_int8", 16
+
+#: One run: label, ``passes`` or ``recipe``, its name, the model file, the calibration and validation data.
+Job = tuple[str, str, str, Path, Path, Path]
 
 
-def _jobs() -> list[tuple[str, str, str]]:
+def _jobs() -> list[Job]:
     recipes = sorted(p.stem for p in (ROOT / "passes").glob("*.toml"))
     out = subprocess.run([sys.executable, "-m", "onnxcompress", "passes", "--json"],
                          capture_output=True, text=True, check=True, env=checkout_env())
     passes = sorted(p["name"] for p in json.loads(out.stdout)["passes"])
-    jobs = []
+    jobs: list[Job] = []
     for model in FIXTURES:
-        jobs += [(model, "recipe", r) for r in recipes]
-        jobs += [(model, "passes", p) for p in passes]
+        path, calib, test = MODELS / f"{model}.onnx", MODELS / "digits_calib.npz", MODELS / "digits_test.npz"
+        jobs += [(model, "recipe", r, path, calib, test) for r in recipes]
+        jobs += [(model, "passes", p, path, calib, test) for p in passes]
+    return jobs
+
+
+def _real_jobs(keys: str, folder: Path) -> list[Job]:
+    """``--real``: each installed model of ``keys`` with its seeded data written into ``folder``."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import numpy as np
+    from real_model_files import CATALOG, MissingModel, locate
+    from sweep_real_models import input_shapes, samples
+
+    jobs: list[Job] = []
+    for key in [k for k in keys.split(",") if k]:
+        try:
+            path = Path(locate(CATALOG[key]))
+        except MissingModel as exc:
+            print(f"{key}: skipped ({exc})")
+            continue
+        shapes = input_shapes(CATALOG[key])
+        rows = samples(shapes, REAL_SAMPLES, seed=0)
+        data = folder / f"{key}.npz"
+        np.savez(data, **{k: np.concatenate([r[k] for r in rows]) for k in shapes})
+        jobs.append((key, "passes", REAL_SPEC, path, data, data))
     return jobs
 
 
@@ -69,19 +103,19 @@ def _relative(text: str) -> str:
     return text.replace(str(ROOT), "<root>").replace("/work/main", "<root>")
 
 
-def _run(job: tuple[str, str, str], tmp: Path) -> dict:
-    model, kind, name = job
+def _run(job: Job, tmp: Path) -> dict:
+    model, kind, name, path, calib, data = job
     stem = f"{model}.{name}"
     onnx_path, json_path = tmp / f"{stem}.onnx", tmp / f"{stem}.json"
-    cmd = [sys.executable, "-m", "onnxcompress", "-q", "optimize", str(MODELS / f"{model}.onnx"), f"--{kind}", name,
-           "--calib", str(MODELS / "digits_calib.npz"), "--data", str(MODELS / "digits_test.npz"),
+    cmd = [sys.executable, "-m", "onnxcompress", "-q", "optimize", str(path), f"--{kind}", name,
+           "--calib", str(calib), "--data", str(data),
            "--seed", "0", "--force", "--json", str(json_path), "-o", str(onnx_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp, env=checkout_env())
     row = {"exit": proc.returncode}
     if onnx_path.exists():
         row["onnx"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     if json_path.exists():
-        report = _strip(json.loads(json_path.read_text()))
+        report = _strip(json.loads(json_path.read_text().replace(str(tmp), "<tmp>")))  # --real data lives there
         row["json"] = _digest(report)
         row["report"] = report
     if proc.returncode not in (0, 1):
@@ -97,11 +131,11 @@ def _digest(report: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
 
 
-def fingerprint(jobs: int, only: set[str] | None = None) -> dict:
-    """``{"model kind name": {"exit", "onnx", "json", "report"}}`` for every run (or the passes and
-    recipes named in ``only``)."""
-    todo = [j for j in _jobs() if not only or j[2] in only]
+def fingerprint(jobs: int, only: set[str] | None = None, real: str = "") -> dict:
+    """``{"model kind name": {"exit", "onnx", "json", "report"}}`` for every fixture run (or the
+    passes and recipes named in ``only``) and every ``real`` model's run."""
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        todo = [j for j in _jobs() if not only or j[2] in only] + _real_jobs(real, Path(tmp))
         rows = list(pool.map(lambda j: _run(j, Path(tmp)), todo))
     return {k: v for row in rows for k, v in row.items()}
 
@@ -160,9 +194,12 @@ def main() -> int:
     ap.add_argument("--write", type=Path, help="record the fingerprints here")
     ap.add_argument("--compare", type=Path, help="compare with fingerprints recorded earlier")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated pass and recipe names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated pass and recipe names (default: all; "
+                                               "'none': no fixture run)")
+    ap.add_argument("--real", default="", help="also these real models (comma-separated keys of "
+                                               f"scripts/real_model_files.py's CATALOG), with {REAL_SPEC}")
     args = ap.parse_args()
-    rows = fingerprint(args.jobs, {s for s in args.only.split(",") if s} or None)
+    rows = fingerprint(args.jobs, {s for s in args.only.split(",") if s} or None, args.real)
     if args.write:
         args.write.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
     print(f"{len(rows)} runs: " + ", ".join(f"exit {c}: {sum(r['exit'] == c for r in rows.values())}"
