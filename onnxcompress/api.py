@@ -144,9 +144,9 @@ def optimize(model: serde.ModelSource, passes: str | Sequence[Pass] | None = Non
         manager = PassManager(pipeline, ctx, on_pass=_chain(bar.done, on_pass))
         before = model_metrics(inp.box[0], run_dims)
         original = (inp.box[0] if inp.ref is None else inp.ref) if validate else None  # else the input may be freed
-        result, records = manager.run(inp.box.pop(), owned=original is None or inp.ref is not None)
-        report = Report(before, model_metrics(result, run_dims), records, manager.numerics, recipe=recipe_name,
-                        extra=inp.extra)
+        result, records = manager.run(inp.box.pop(), owned=original is None or inp.ref is not None, metrics=before)
+        assert manager.metrics is not None  # run measured the model it returned
+        report = Report(before, manager.metrics, records, manager.numerics, recipe=recipe_name, extra=inp.extra)
         source = None if original is None else \
             data_src or _validation_source(None, calib, original, seed, samples, run_dims, preprocess)
         if original is not None and source is not None:

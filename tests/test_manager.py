@@ -22,6 +22,8 @@ from onnxcompress.core.pass_api import (
     Slot,
     register,
 )
+from onnxcompress.core.metrics import model_metrics
+from onnxcompress.pipeline import manager as manager_module
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, get_pass, parse_spec, registry
 from onnxcompress.quant.bias_correction import FLOAT_STATISTICS
 from tests.helpers.builders import parse
@@ -103,6 +105,68 @@ def test_a_pass_that_changes_the_graph_gets_the_opset_it_needs():
 
     out, _ = PassManager([Renames()]).run(parse(MODEL))
     assert out.opset_import[0].version == 21 and out.graph.node[0].name == "renamed"
+
+
+class RenamesFirst(NeedsNewOpset):
+    """Renames the first node (a change that needs opset 21)."""
+
+    name = "renames_first_for_test"
+
+    def run(self, graph, ctx):
+        graph.nodes[0].name = "renamed"
+        return PassResult(modified=True)
+
+
+def _named(text: str = MODEL):
+    """``text`` with every node named: normalisation leaves it as it is."""
+    model = parse(text)
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+    return model
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The models the manager measures, in order."""
+    seen = []
+    monkeypatch.setattr(manager_module, "model_metrics", lambda m, dims: seen.append(m) or model_metrics(m, dims))
+    return seen
+
+
+def test_the_callers_metrics_are_used_when_normalisation_changes_nothing(measured):
+    model = _named()
+    given = model_metrics(model)
+    mgr = PassManager([Noop(), NeedsNewOpset()])
+    out, records = mgr.run(model, metrics=given)
+    assert out is model and mgr.metrics is given and measured == []
+    assert [(r.macs_before, r.macs_after) for r in records] == [(given.macs, given.macs)] * 2
+
+
+def test_a_normalised_input_is_measured_whatever_the_caller_gives(measured):
+    model = parse(MODEL)  # unnamed nodes: normalisation names them
+    given = model_metrics(model)
+    mgr = PassManager([Noop()])
+    out, _ = mgr.run(model, metrics=given)
+    assert out is not model and measured == [out]
+    assert mgr.metrics == model_metrics(out) and mgr.metrics.file_bytes != given.file_bytes
+
+
+def test_the_metrics_are_those_of_the_returned_model_measured_once_per_change(measured):
+    mgr = PassManager([Noop(), RenamesFirst(), Noop()])
+    out, records = mgr.run(_named(), metrics=model_metrics(_named()))
+    assert measured == [out] and mgr.metrics == model_metrics(out) and mgr.metrics.opset == 21
+    assert [r.macs_after for r in records] == [0, 0, 0]
+
+
+def test_an_unchanged_model_exported_again_is_measured_again(measured):
+    """Released (``owned``) and upgraded for a pass that then changes nothing: the returned model
+    is the re-exported one at the new opset, which the metrics describe."""
+    model = _named()
+    given = model_metrics(model)
+    mgr = PassManager([NeedsNewOpset(), Noop()], release_bytes=0)
+    out, _ = mgr.run(model, owned=True, metrics=given)
+    assert out.opset_import[0].version == 21 and measured == [out]
+    assert mgr.metrics == model_metrics(out) and mgr.metrics.opset == 21 and given.opset == 17
 
 
 def test_manager_names_failing_pass():

@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from onnxcompress import passes as _builtin  # noqa: F401 - importing registers the built-in passes
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError, PassFailed
-from onnxcompress.core.metrics import model_metrics
+from onnxcompress.core.metrics import ModelMetrics, model_metrics
 from onnxcompress.core.normalize import normalize, upgrade_opset
 from onnxcompress.core.pass_api import Numerics, Pass, PassContext, PassRecord, PassResult, Slot, registered
 from onnxcompress.core.shapes import Dims
@@ -125,6 +125,9 @@ class PassManager:
         release_bytes: Weights from which :meth:`run` with ``owned`` releases each pass's input
             (default :data:`RELEASE_BYTES`).
 
+    After :meth:`run`, :attr:`metrics` holds the :class:`~onnxcompress.core.metrics.ModelMetrics`
+    of the model it returned, at the context's dims (measured once: the last pass's MACs come from them).
+
     Raises:
         InputError: The pipeline fails :func:`check_pipeline` (slots already in ``ctx`` count as
             written; calibration data is ``ctx.calib``).
@@ -138,6 +141,7 @@ class PassManager:
         self.on_pass = on_pass
         check_pipeline(self.passes, calib=self.ctx.calib is not None, provided=self.ctx.provided())
         self.release_bytes = release_bytes
+        self.metrics: ModelMetrics | None = None
 
     @property
     def numerics(self) -> Numerics:
@@ -167,7 +171,8 @@ class PassManager:
         finally:
             self.ctx.bind(None)
 
-    def run(self, model: onnx.ModelProto, *, owned: bool = False) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    def run(self, model: onnx.ModelProto, *, owned: bool = False,
+            metrics: ModelMetrics | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
         """Run the pipeline on ``model`` (not modified) and return the new model and the records.
 
         Args:
@@ -179,33 +184,43 @@ class PassManager:
                 :func:`~onnxcompress.core.serde.detach_weights`), so the input's weights never
                 coexist with what the pass reads, builds and exports. Models under the threshold
                 run exactly as without it.
+            metrics: ``model``'s metrics at the context's dims, when the caller has them: used
+                rather than measured again when normalisation leaves the model as it is.
 
         Raises:
             PassFailed: A pass raised or left an invalid model.
         """
         box = [normalize(model)]  # the pass's input is only ever referenced from here (see _step)
+        if box[0] is not model:  # normalised: another model, measured below
+            metrics = None
         del model
         full = self.check and _passes_full_check(box[0])
         dims = self._dims(box[0])
-        macs = model_metrics(box[0], dims).macs
+        self.metrics = metrics if metrics is not None else model_metrics(box[0], dims)
+        macs, stale = self.metrics.macs, False  # stale: the model was re-exported, unchanged, since measured
         records: list[PassRecord] = []
         for p in self.passes:
             done = ", ".join(r.name for r in records)
             start = time.perf_counter()
             try:
-                result = self._step(p, box, owned=owned, full=full)
+                result, replaced = self._step(p, box, owned=owned, full=full)
             except InputError:
                 raise
             except Exception as exc:
                 log.debug("pass %s failed", p.name, exc_info=True)
                 raise PassFailed(f"pass {p.name} failed after [{done}]: {type(exc).__name__}: {exc}") from exc
             seconds = time.perf_counter() - start
-            before, macs = macs, model_metrics(box[0], dims).macs if result.modified else macs
+            if result.modified:
+                self.metrics = model_metrics(box[0], dims)
+            stale = not result.modified and (stale or replaced)
+            before, macs = macs, self.metrics.macs if result.modified else macs
             record = PassRecord(p.name, dict(p.opts), p.effective_numerics(), result, seconds, before, macs)
             records.append(record)
             log.info("%s: %s", p.name, _stat_line(result))
             if self.on_pass:
                 self.on_pass(record)
+        if stale:
+            self.metrics = model_metrics(box[0], dims)
         return box.pop(), records
 
     def _dims(self, model: onnx.ModelProto) -> Dims:
@@ -217,9 +232,10 @@ class PassManager:
                                       hint="calibration data, or PassContext(dims=...)")
         return self.ctx.dims
 
-    def _step(self, p: Pass, box: list[onnx.ModelProto], *, owned: bool, full: bool) -> PassResult:
+    def _step(self, p: Pass, box: list[onnx.ModelProto], *, owned: bool, full: bool) -> tuple[PassResult, bool]:
         """One pass on the model in ``box`` (taken out, so that releasing it frees its weights; see
-        :meth:`run`): build its graph, run it, export and check the result, which goes back in ``box``."""
+        :meth:`run`): build its graph, run it, export and check the result, which goes back in
+        ``box``. Returns the pass's result and whether the model in ``box`` is another one."""
         model = box.pop()
         release = owned and p.releases_input and serde.weights_nbytes(model) >= self.release_bytes
         unchanged: onnx.ModelProto | None = None  # what a pass that changes nothing returns
@@ -238,11 +254,12 @@ class PassManager:
         if release:  # what the pass dropped (often in reference cycles) goes before the export
             gc.collect()
         box.append(self._finish(kept, template, graph, result, full))
+        replaced = box[0] is not kept
         if release:  # nothing keeps this pass's arrays alive while the next one runs
             del graph
             result.graph = None
             gc.collect()
-        return result
+        return result, replaced
 
 
 def _reexport(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
