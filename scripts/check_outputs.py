@@ -34,7 +34,7 @@ from checkout import env as checkout_env
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 FIXTURES = ("resnet_digits", "mobilenetv2_digits", "vgg_digits", "concat_digits")
-_TIMING_KEYS = {"seconds", "elapsed", "wall_seconds"}
+_TIMING_KEYS = {"seconds", "elapsed", "wall_seconds", "latency_ratio"}  # latency_ratio: measured (quantize_weights)
 #: Where a run's files and data came from (paths in temporary folders; the models' hashes are compared
 #: as ``onnx`` already): left out of the report's digest.
 _PROVENANCE_KEYS = ("model", "output", "input_model", "output_model", "reference", "calibration", "preprocess")
