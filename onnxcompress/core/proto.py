@@ -72,8 +72,8 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     Raises:
         InputError: A name is not a tensor produced by a node of the main graph.
     """
-    names = list(dict.fromkeys(names))
-    unknown = [n for n in names if n not in produced_names(model)]
+    names, produced = list(dict.fromkeys(names)), produced_names(model)
+    unknown = [n for n in names if n not in produced]
     if unknown:
         raise InputError(f"cannot capture {unknown[:3]}: not produced by any node")
     exposed = onnx.ModelProto()
