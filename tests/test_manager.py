@@ -10,6 +10,7 @@ import pytest
 
 from onnxcompress.core import pass_api
 from onnxcompress.core.errors import InputError, PassFailed
+from onnxcompress.core.metrics import model_metrics
 from onnxcompress.core.pass_api import (
     BN_GAMMA,
     FLOAT_REFERENCE,
@@ -22,7 +23,6 @@ from onnxcompress.core.pass_api import (
     Slot,
     register,
 )
-from onnxcompress.core.metrics import model_metrics
 from onnxcompress.pipeline import manager as manager_module
 from onnxcompress.pipeline.manager import PassManager, check_pipeline, get_pass, parse_spec, registry
 from onnxcompress.quant.bias_correction import FLOAT_STATISTICS

@@ -1,7 +1,13 @@
 import numpy as np
+import onnx
+import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress.core.metrics import model_metrics
+from onnxcompress.core import serde
+from onnxcompress.core.metrics import model_bytes, model_metrics
+from tests.helpers.runs import ROOT
+
+MODELS = ROOT / "models"
 
 
 def _conv_model(group=1, transpose=False):
@@ -74,3 +80,31 @@ def test_symbolic_inference_only_when_the_mac_count_reads_a_shape_onnx_gave_up_o
     assert metrics.macs == 4 * 6 * 6 * 3 * 3 * 3 and metrics.outputs == {"y": [1, 4, 6, 6], "z": [2]}
     node_list(model)
     assert calls
+
+
+@pytest.mark.parametrize("raw_bytes", [0, 1, 100, 127, 128, 200, 16383, 16384, 70000])
+def test_model_bytes_is_the_serialized_size(raw_bytes):
+    """Weights counted by their length (not serialized): every length-prefix size, raw and typed data,
+    a weight without data (external), and a model without a graph."""
+    w = numpy_helper.from_array(np.arange(raw_bytes, dtype=np.uint8), "w")
+    w.doc_string = "d" * raw_bytes  # the header grows too
+    typed = helper.make_tensor("t", onnx.TensorProto.FLOAT, [raw_bytes // 4], np.ones(raw_bytes // 4).tolist())
+    stub = onnx.TensorProto(name="e", data_type=onnx.TensorProto.FLOAT, dims=[4], data_location=onnx.TensorProto.EXTERNAL)
+    stub.external_data.add(key="location", value="e.bin")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g" * raw_bytes,
+                              [helper.make_tensor_value_info("x", 1, [1])], [helper.make_tensor_value_info("y", 1, [1])],
+                              [w, typed, stub])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert model_bytes(model) == model.ByteSize() == len(model.SerializeToString())
+    del model.graph.initializer[:]
+    assert model_bytes(model) == model.ByteSize()
+    model.ClearField("graph")
+    assert model_bytes(model) == model.ByteSize()
+
+
+def test_model_bytes_of_the_fixtures_and_above_2gb(monkeypatch):
+    for name in ("resnet_digits", "mobilenetv2_digits"):
+        model = serde.load_model(MODELS / f"{name}.onnx")
+        assert model_bytes(model) == model.ByteSize() == (MODELS / f"{name}.onnx").stat().st_size
+    monkeypatch.setattr(serde, "EXTERNAL_THRESHOLD", 1000)  # above it: the weights' size, an estimate
+    assert model_bytes(model) == serde.weights_nbytes(model)

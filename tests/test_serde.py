@@ -9,10 +9,8 @@ from onnx import helper, numpy_helper
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
 from onnxcompress.core.shapes import infer_graph, infer_shapes, shape_model
-from tests.helpers.runs import ROOT, ort_run
+from tests.helpers.runs import ort_run
 from tests.helpers.tensors import random_feeds
-
-MODELS = ROOT / "models"
 
 TEXT = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,{rows}] x) => (float[N,{cols}] y) {{
@@ -209,31 +207,3 @@ def test_to_model_exports_loaded_weights_once():
     assert list(serde._big_constants(graph, 1 << 20, False))  # set aside (single-copy export)
     out = serde.to_model(graph)
     assert np.array_equal(numpy_helper.to_array(out.graph.initializer[0]), w)
-
-
-@pytest.mark.parametrize("raw_bytes", [0, 1, 100, 127, 128, 200, 16383, 16384, 70000])
-def test_model_bytes_is_the_serialized_size(raw_bytes):
-    """Weights counted by their length (not serialized): every length-prefix size, raw and typed data,
-    a weight without data (external), and a model without a graph."""
-    w = numpy_helper.from_array(np.arange(raw_bytes, dtype=np.uint8), "w")
-    w.doc_string = "d" * raw_bytes  # the header grows too
-    typed = helper.make_tensor("t", onnx.TensorProto.FLOAT, [raw_bytes // 4], np.ones(raw_bytes // 4).tolist())
-    stub = onnx.TensorProto(name="e", data_type=onnx.TensorProto.FLOAT, dims=[4], data_location=onnx.TensorProto.EXTERNAL)
-    stub.external_data.add(key="location", value="e.bin")
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g" * raw_bytes,
-                              [helper.make_tensor_value_info("x", 1, [1])], [helper.make_tensor_value_info("y", 1, [1])],
-                              [w, typed, stub])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert serde.model_bytes(model) == model.ByteSize() == len(model.SerializeToString())
-    del model.graph.initializer[:]
-    assert serde.model_bytes(model) == model.ByteSize()
-    model.ClearField("graph")
-    assert serde.model_bytes(model) == model.ByteSize()
-
-
-def test_model_bytes_of_the_fixtures_and_above_2gb(monkeypatch):
-    for name in ("resnet_digits", "mobilenetv2_digits"):
-        model = serde.load_model(MODELS / f"{name}.onnx")
-        assert serde.model_bytes(model) == model.ByteSize() == (MODELS / f"{name}.onnx").stat().st_size
-    monkeypatch.setattr(serde, "EXTERNAL_THRESHOLD", 1000)  # above it: the weights' size, an estimate
-    assert serde.model_bytes(model) == serde.weights_nbytes(model)

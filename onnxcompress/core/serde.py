@@ -32,7 +32,7 @@ from onnxcompress.core.spill import SpilledValues, SpillFile, copy_except, copy_
 __all__ = [
     "ModelSource", "KNOWN_DOMAINS", "MIN_OPSET", "PROTO_LIMIT", "EXTERNAL_THRESHOLD", "size_limits", "load_model",
     "load_model_file", "save_model", "saves_external", "check_model", "to_graph", "to_model", "detach_weights",
-    "weights_nbytes", "tensor_nbytes", "model_opset", "model_bytes", "skeleton_model",
+    "weights_nbytes", "tensor_nbytes", "model_opset", "skeleton_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -245,53 +245,6 @@ def weights_nbytes(model: onnx.ModelProto) -> int:
         n = int(np.prod(init.dims)) if init.dims else 1
         total += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize if init.data_type else 0
     return total
-
-
-def _varint_bytes(value: int) -> int:
-    """Bytes of ``value`` (>= 0) as a protobuf varint."""
-    return max(1, -(-value.bit_length() // 7))
-
-
-def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes (weights included); estimated from the weights above 2 GB.
-
-    Exactly ``model.ByteSize()``, without serializing the weights as that does (0.07 s for a 54 MB
-    model): the sizes of the messages around each weight's ``raw_data`` plus its length and length prefix.
-    """
-    nbytes = weights_nbytes(model)
-    if nbytes > EXTERNAL_THRESHOLD:
-        return nbytes
-    top = onnx.ModelProto()
-    copy_except(model, top, frozenset({"graph"}))
-    if not model.HasField("graph"):
-        return top.ByteSize()
-    graph = onnx.GraphProto()
-    copy_except(model.graph, graph, frozenset({"initializer"}))
-    size = graph.ByteSize()
-    for init in model.graph.initializer:
-        size += _field_bytes(_GRAPH_INITIALIZER, _tensor_bytes(init))
-    return top.ByteSize() + _field_bytes(_MODEL_GRAPH, size)
-
-
-#: The tag sizes of ``ModelProto.graph``, ``GraphProto.initializer`` and ``TensorProto.raw_data``.
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW = (
-    _varint_bytes(fd.number << 3) for fd in (onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"],
-                                             onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"],
-                                             onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"]))
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """``tensor.ByteSize()``; its ``raw_data`` counted by length, not serialized."""
-    if not tensor.HasField("raw_data"):
-        return tensor.ByteSize()
-    header = onnx.TensorProto()
-    copy_except(tensor, header, frozenset({"raw_data"}))
-    return header.ByteSize() + _field_bytes(_TENSOR_RAW, len(tensor.raw_data))
-
-
-def _field_bytes(tag: int, length: int) -> int:
-    """Bytes of a length-delimited field: its tag, the length as a varint, the payload."""
-    return tag + _varint_bytes(length) + length
 
 
 def check_model(model: onnx.ModelProto, *, full: bool = True) -> None:
