@@ -27,6 +27,11 @@ photos from ``scripts/photos.py`` in its BGR-mean preprocessing; skipped when no
     python scripts/bench_tool.py --models opennsfw --images 64 --steps q_mse,int8,ort_minmax
     python scripts/bench_tool.py --models real --steps ort_minmax,q_mse,int8 --repeat 2
     python scripts/bench_tool.py --models large --large-dir /data/big   # keeps the generated model
+    python scripts/bench_tool.py --models real --steps ort_minmax,q_mse --repeat 3 --baseline-code /work/main
+
+``--baseline-code PATH`` also measures every onnxcompress step with the checkout at ``PATH``, in the
+same rounds (rows ``STEP@base``): two versions compared under the same load, each against the
+same onnxruntime MinMax runs.
 
 Prints a Markdown table (and writes it with ``--out``) under a machine line (CPU, cores, VNNI, load).
 On a shared machine use ``--repeat 2`` or more: each round runs the steps in a rotated order and
@@ -92,8 +97,10 @@ def run_child(args: list[str], env: dict[str, str] | None = None, cwd: Path | No
     return {"seconds": seconds, "peak": peak, "rc": rc, "err": lines[-1] if lines else ""}
 
 
-#: The checkout whose onnxcompress is measured (``--code``).
-CODE = {"root": ROOT}
+#: The checkout whose onnxcompress is measured (``--code``), and the one of ``STEP@base`` steps (``--baseline-code``).
+CODE = {"root": ROOT, "base": ROOT}
+#: The suffix of a step run with ``--baseline-code``'s checkout.
+BASE = "@base"
 
 
 def measure(step: str, model: Path, calib: Path | None, work: Path, extra: list[str] | None = None) -> dict:
@@ -102,12 +109,13 @@ def measure(step: str, model: Path, calib: Path | None, work: Path, extra: list[
     if step.startswith("ort_"):
         row = run_child([sys.executable, "-c", _ORT_CHILD, str(model), str(calib), str(out), step[4:]])
     else:
-        spec = STEPS[step.split("+")[0]]
+        spec = STEPS[step.removesuffix(BASE).split("+")[0]]
         data = ["--calib", str(calib)] if calib is not None else []
         check = list(extra or ["--no-validate"])
+        root = CODE["base"] if step.endswith(BASE) else CODE["root"]
         row = run_child([sys.executable, "-m", "onnxcompress", "-q", "optimize", str(model), "--passes", spec,
                          *data, *check, "-o", str(out), "--external-data"],
-                        env={"PYTHONPATH": str(CODE["root"])}, cwd=CODE["root"])  # -m puts the cwd first
+                        env={"PYTHONPATH": str(root)}, cwd=root)  # -m puts the cwd first
     for p in (out, out.with_name(out.name + ".data")):
         p.unlink(missing_ok=True)
     return row
@@ -213,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     ap.add_argument("--repeat", type=int, default=1, help="rounds per model, order rotated; fastest time reported")
     ap.add_argument("--code", type=Path, default=ROOT, help="measure the onnxcompress of this checkout (default: this one)")
+    ap.add_argument("--baseline-code", type=Path, default=None,
+                    help=f"also measure each onnxcompress step with this checkout, in the same rounds (STEP{BASE})")
     args = ap.parse_args(argv)
-    CODE["root"] = args.code.resolve()
+    CODE["root"] = CODE["base"] = args.code.resolve()
     steps = [s for s in args.steps.split(",") if s]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         ap.error(f"unknown step {unknown[0]!r}")
+    if args.baseline_code is not None:
+        CODE["base"] = args.baseline_code.resolve()
+        steps += [s + BASE for s in steps if not s.startswith("ort_")]
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in ("fixtures", "opennsfw", "real", "large")]
     if bad:
@@ -228,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in args.real.split(",") if k and k not in CATALOG]
     if bad:
         ap.error(f"unknown real model {bad[0]!r} ({', '.join(CATALOG)})")
-    compileall.compile_dir(str(CODE["root"] / "onnxcompress"), quiet=1)  # like an installed package
+    for root in {CODE["root"], CODE["base"]}:
+        compileall.compile_dir(str(root / "onnxcompress"), quiet=1)  # like an installed package
     head = machine_line()
-    print(f"machine: {head}; code: {CODE['root']}", flush=True)
+    base = f"; {BASE}: {CODE['base']}" if args.baseline_code is not None else ""
+    print(f"machine: {head}; code: {CODE['root']}{base}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-tool-") as tmp:
         work = Path(tmp)
