@@ -35,7 +35,8 @@ same onnxruntime MinMax runs.
 
 Prints a Markdown table (and writes it with ``--out``) under a machine line (CPU, cores, VNNI, load).
 On a shared machine use ``--repeat 2`` or more: each round runs the steps in a rotated order and
-the table keeps each step's fastest time (and highest peak).
+the table keeps each step's fastest time, its least CPU time (user + system, all threads: less
+sensitive to the load than the wall time) and its highest peak.
 """
 
 from __future__ import annotations
@@ -87,14 +88,15 @@ quantize_static(sys.argv[1], sys.argv[3], Reader(arrays), quant_format=QuantForm
 
 
 def run_child(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict:
-    """Run ``args`` in a child process: wall seconds, peak RSS (bytes), exit code, last stderr line."""
-    from child_peak import run  # the child's own peak, not this process's (see there)
+    """Run ``args`` in a child process: wall seconds, peak RSS (bytes), CPU seconds, exit code, last stderr line."""
+    from child_peak import run_usage  # the child's own peak, not this process's (see there)
 
     with tempfile.TemporaryFile() as err:
-        rc, seconds, peak = run(args, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})}, cwd=cwd)
+        rc, seconds, peak, cpu = run_usage(args, stdout=subprocess.DEVNULL, stderr=err,
+                                           env={**os.environ, **(env or {})}, cwd=cwd)
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
-    return {"seconds": seconds, "peak": peak, "rc": rc, "err": lines[-1] if lines else ""}
+    return {"seconds": seconds, "peak": peak, "cpu": cpu, "rc": rc, "err": lines[-1] if lines else ""}
 
 
 #: The checkout whose onnxcompress is measured (``--code``), and the one of ``STEP@base`` steps (``--baseline-code``).
@@ -194,16 +196,17 @@ def large_model(folder: Path, pairs: int) -> tuple[Path, Path, int]:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: model, step, seconds, peak MB, time and memory vs onnxruntime MinMax on that model."""
+    """Markdown: model, step, seconds, CPU seconds, peak MB, time and memory vs onnxruntime MinMax on that model."""
     base = {r["model"]: r for r in rows if r["step"] == "ort_minmax" and r["rc"] == 0}
-    lines = ["| model | step | seconds | peak RSS MB | time / ORT MinMax | peak / ORT MinMax | ok |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| model | step | seconds | CPU s | peak RSS MB | time / ORT MinMax | peak / ORT MinMax | ok |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         b = base.get(r["model"])
         t = f"{r['seconds'] / b['seconds']:.2f}" if b else ""
         m = f"{r['peak'] / b['peak']:.2f}" if b else ""
         ok = "yes" if r["rc"] == 0 else f"rc={r['rc']}: {r['err'][:60]}"
-        lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak'] / 1e6:.0f} | {t} | {m} | {ok} |")
+        lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r.get('cpu', 0.0):.1f} | "
+                     f"{r['peak'] / 1e6:.0f} | {t} | {m} | {ok} |")
     return "\n".join(lines)
 
 
@@ -289,6 +292,7 @@ def _rounds(name: str, model: Path, calib: Path, steps: list[str], work: Path, r
                 old["peak"] = max(old["peak"], row["peak"])
                 old["rc"] = old["rc"] or row["rc"]
                 old["seconds"] = min(old["seconds"], row["seconds"])
+                old["cpu"] = min(old["cpu"], row["cpu"])
     return [best[s] for s in steps]
 
 
