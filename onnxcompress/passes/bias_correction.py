@@ -34,8 +34,9 @@ from onnxcompress.quant.bias_correction import (
     reference_name,
     sort_appended,
 )
+from onnxcompress.quant.linear_mean import LinearSums, linear_sums
 from onnxcompress.quant.sensitivity import Evaluator
-from onnxcompress.quant.staged import StagedBatches, frontier, tensor_depths
+from onnxcompress.quant.staged import StagedBatches, frontier, stored_name, tensor_depths
 from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, capture
 
@@ -136,6 +137,10 @@ class BiasCorrection(Pass):
         "optimize": Option(bool, True, "measure (sequential) and check with onnxruntime's graph optimizations on: "
                                        "int8 kernels, as deployed, and faster; false: values of the QDQ model run "
                                        "without optimizations"),
+        "measure": Option(str, "sums", "sums: a Conv/Gemm/MatMul+Add layer's output means follow from sums of its "
+                                       "input (the layer is not run in float; same means up to float64 rounding); "
+                                       "run: its output is computed and averaged (sequential only)",
+                          choices=("sums", "run")),
         "check": Option(bool, True, "keep the correction only if it brings the outputs closer to the float model's "
                                     "on the calibration data (worst output or channel slice)"),
     }
@@ -304,8 +309,9 @@ class BiasCorrection(Pass):
             if store.samples == 0:
                 raise InputError("bias_correction: the calibration data has no samples")
             # level L is measured in the run that moves the frontier past level L - 1 (one run per level)
+            sums = self.opts["measure"] == "sums"
             step = _LevelRun(kept, levels[0])
-            self._advance(graph, store, by_node, 0, step)
+            self._advance(graph, store, by_node, 0, step, sums)
             for k, level in enumerate(levels):
                 result.count("runs")
                 start = len(graph.nodes)
@@ -314,21 +320,23 @@ class BiasCorrection(Pass):
                 sort_appended(graph, start)  # the order graph.toposort() gives, without its cost
                 if k + 1 < len(levels):
                     step = _LevelRun(kept, levels[k + 1])
-                    self._advance(graph, store, by_node, level, step)
+                    self._advance(graph, store, by_node, level, step, sums)
             result.stats["calib_samples"] = store.samples
             inputs = frontier(graph, tensor_depths(graph, by_node), levels[-1])
             return _tail(graph, store, inputs, outputs) if outputs else None
 
     @staticmethod
     def _advance(graph: gs.Graph, store: StagedBatches, by_node: dict[int, int], level: int,
-                 step: _LevelRun) -> None:
+                 step: _LevelRun, sums: bool) -> None:
         """Move the stored frontier past ``level`` (compute its depth-``level`` tensors the next levels
-        read) and, in the same run, measure ``step``'s layers (level ``level + 1``; ``graph`` sorted)."""
+        read) and, in the same run, measure ``step``'s layers (level ``level + 1``; ``graph`` sorted;
+        from sums of their inputs with ``sums``, where they allow it)."""
         depth = tensor_depths(graph, by_node)
         fed = [t.name for t in graph.inputs]
         now, later = frontier(graph, depth, level) if level else fed, frontier(graph, depth, level + 1)
         new = [n for n in later if depth[n] == level and n not in fed]
-        store.run(graph, now, [*new, *step.names], step.consume, keep=new,
+        step.plan(depth, {*now, *new}, sums)
+        store.run(graph, now, [*new, *step.names], step.consume, keep=new, read=[n for n in step.sources if n in now],
                   label=f"bias_correction level {step.level}")
         store.keep_only(later)
 
@@ -369,17 +377,30 @@ class BiasCorrection(Pass):
 
 
 class _LevelRun:
-    """The layers of one level and their channel moments, filled by :meth:`consume` (one run)."""
+    """The layers of one level and their output means, filled by :meth:`consume` (one run): from
+    sums of their inputs (:mod:`onnxcompress.quant.linear_mean`) where :meth:`plan` finds them
+    available, else from their outputs (``names``: the run computes them)."""
 
     def __init__(self, kept: list[tuple[BiasSite, ChannelMoments]], level: int):
         self.level = level
         self.batch = [(i, s, ref) for i, (s, ref) in enumerate(kept) if s.level == level]
-        self.moments = {i: ChannelMoments(s.axis, variance=False) for i, s, _ in self.batch}  # only means
-        self.names = sorted({s.measured.name for _, s, _ in self.batch})
+        self.moments: dict[int, ChannelMoments | LinearSums] = {}
+        self.names: list[str] = []
+        self.sources: list[str] = []
+
+    def plan(self, depth: dict[str, int], available: set[str], sums: bool) -> None:
+        """Choose each layer's measure: sums of an ``available`` input (with ``sums``), else its output."""
+        for i, s, _ in self.batch:
+            found = linear_sums(s, lambda t: stored_name(t, depth) if t.name in depth else "") if sums else None
+            self.moments[i] = found if found is not None and found.source in available else \
+                ChannelMoments(s.axis, variance=False)  # only means
+        self.names = sorted({s.measured.name for i, s, _ in self.batch if isinstance(self.moments[i], ChannelMoments)})
+        self.sources = sorted({m.source for m in self.moments.values() if isinstance(m, LinearSums)})
 
     def consume(self, _batch: Batch, values: dict[str, np.ndarray]) -> None:
         for i, s, _ in self.batch:
-            self.moments[i].update(values[s.measured.name])
+            m = self.moments[i]
+            m.update(values[m.source if isinstance(m, LinearSums) else s.measured.name])
 
 
 class _Limited:

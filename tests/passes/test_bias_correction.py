@@ -93,9 +93,12 @@ def correct(model: onnx.ModelProto, quant: str = COARSE, bc: str = "bias_correct
 def test_pass_contract():
     cls = get_pass("bias_correction")
     assert cls.numerics == Numerics.APPROX
-    assert set(cls.options) == {"reference", "sequential", "batch_size", "samples", "check", "optimize"}
+    assert set(cls.options) == {"reference", "sequential", "batch_size", "samples", "check", "optimize",
+                                 "measure"}
     with pytest.raises(InputError, match="expected one of"):
         parse_spec("bias_correction:reference=auto")
+    with pytest.raises(InputError, match="expected one of"):
+        parse_spec("bias_correction:measure=float")
     with pytest.raises(InputError):
         parse_spec("bias_correction:optimize=maybe")
 
