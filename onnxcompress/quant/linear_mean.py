@@ -83,8 +83,8 @@ class ConvSums(LinearSums):
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values)
-        if x.dtype.kind in "iu":
-            part = x.sum(axis=0, dtype=np.int64)  # exact: independent of how samples are batched
+        if x.dtype.kind in "iu" and x.itemsize == 1:  # exact (|sum| < 2^31 below 2^23 samples a batch),
+            part = x.sum(axis=0, dtype=np.int32).astype(np.int64)  # so independent of how samples are batched
         else:
             part = np.zeros(x.shape[1:])
             for sample in x:  # one sample at a time, like ChannelMoments: batching does not change the sum
