@@ -83,14 +83,16 @@ class ConvSums(LinearSums):
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values)
-        if x.dtype.kind in "iu" and x.itemsize == 1:  # exact (|sum| < 2^31 below 2^23 samples a batch),
-            part = x.sum(axis=0, dtype=np.int32).astype(np.int64)  # so independent of how samples are batched
+        exact = x.dtype.kind in "iu" and x.itemsize == 1  # integer sums: exact, so batching does not matter
+        entry = self.totals.get(tuple(x.shape[2:]))
+        if entry is None:
+            entry = self.totals[tuple(x.shape[2:])] = [np.zeros(x.shape[1:], np.int64 if exact else np.float64), 0]
+        total = entry[0]
+        if exact and len(x) > 1:
+            total += x.sum(axis=0, dtype=np.int32)  # |sum| < 2^31 below 2^23 samples a batch
         else:
-            part = np.zeros(x.shape[1:])
             for sample in x:  # one sample at a time, like ChannelMoments: batching does not change the sum
-                part += sample
-        entry = self.totals.setdefault(tuple(x.shape[2:]), [0, 0])
-        entry[0] = entry[0] + part
+                total += sample
         entry[1] += len(x)
 
     def mean(self) -> np.ndarray:
