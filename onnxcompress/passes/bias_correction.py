@@ -174,7 +174,7 @@ class BiasCorrection(Pass):
         moments, float_outputs = self._reference_moments(reference, sites, ctx, result, outputs)
         kept = [(s, moments[i]) for i, s in enumerate(sites) if i in moments]
         before = graph.copy() if self.opts["check"] and kept else None
-        tail = self._correct(graph, kept, ctx, result, outputs if float_outputs is not None else [])
+        tail = self._correct(graph, kept, ctx, result, outputs if float_outputs.runs() is not None else [])
         result.modified = result.stats.get("layers_corrected", 0) > 0
         if (before is not None and result.modified
                 and not self._pays(before, graph, reference, ctx, result, float_outputs, tail)):
@@ -182,7 +182,7 @@ class BiasCorrection(Pass):
         return result
 
     def _pays(self, before: gs.Graph, after: gs.Graph, reference: onnx.ModelProto, ctx: PassContext,
-              result: PassResult, float_outputs: dict[str, np.ndarray] | None = None,
+              result: PassResult, float_outputs: KeptValues | None = None,
               tail: list[list[np.ndarray]] | None = None) -> bool:
         """Whether the corrected graph is closer to ``reference`` than the uncorrected one on the
         calibration data: worst SQNR over outputs and channel slices (a detector's score rows count
@@ -191,8 +191,10 @@ class BiasCorrection(Pass):
         the last staged run) are the same numbers a run would give, so they are not recomputed."""
         # threads=0 (every core), like the measuring runs: this pass already relies on onnxruntime's
         # results not depending on the thread count
+        by_sample = float_outputs.arrays() if float_outputs is not None else None
         evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"], threads=0,
-                             slices=dict(ctx.slices) if ctx.slices else None, outputs=float_outputs,
+                             slices=dict(ctx.slices) if ctx.slices else None, outputs=by_sample,
+                             runs=float_outputs.runs() if float_outputs is not None and by_sample is None else None,
                              optimize=self.opts["optimize"])
         old = evaluate(_exported(before))
         new = evaluate.score(lambda i, _batch: tail[i]) if tail is not None else evaluate(_exported(after))
@@ -227,10 +229,10 @@ class BiasCorrection(Pass):
 
     def _reference_moments(self, reference: onnx.ModelProto, sites: list[BiasSite], ctx: PassContext,
                            result: PassResult, outputs: list[str]
-                           ) -> tuple[dict[int, ChannelMoments], dict[str, np.ndarray] | None]:
+                           ) -> tuple[dict[int, ChannelMoments], KeptValues]:
         """One run of the reference: per-channel moments of each site's counterpart, by site index,
-        and the values of ``outputs`` over every sample in the same run (``None`` when there are
-        none or they exceed :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET`)."""
+        and the values of ``outputs`` in the same run (none kept when there are none or they exceed
+        :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET`)."""
         produced = proto.produced_names(reference)
         wanted: dict[int, tuple[str, int]] = {}
         for i, site in enumerate(sites):
@@ -252,7 +254,7 @@ class BiasCorrection(Pass):
             if m is not None and m.channels != site.channels:
                 result.decline(site.label, R_MISMATCH, f"{m.channels} vs {site.channels}", logger=ctx.logger)
                 del moments[i]
-        return moments, kept.arrays()
+        return moments, kept
 
     def _stored(self, ctx: PassContext, wanted: dict[int, tuple[str, int]], outputs: list[str]
                 ) -> FloatStatistics | None:

@@ -312,17 +312,19 @@ class Evaluator:
             without: ``outputs`` or a run with optimizations off).
         outputs: The float model's outputs on ``data`` when the caller already ran it (``{output:
             values of every sample, in order}``, every output of ``reference``): not run again.
+        runs: The same, run by run (``[(samples, outputs in order)]``): used for each batch of
+            ``data`` that is that run (same index and sample count), the float model run for the others.
     """
 
     def __init__(self, reference: onnx.ModelProto, data: CalibSource, *, batch_size: int = 32, threads: int = 1,
                  budget: int = REFERENCE_BUDGET, slices: SliceSpec | None = None, optimize: bool = False,
-                 outputs: dict[str, np.ndarray] | None = None):
+                 outputs: dict[str, np.ndarray] | None = None, runs: list[tuple[int, list[np.ndarray]]] | None = None):
         self.data, self.batch_size, self.threads, self.optimize = data, batch_size, threads, optimize
         self._reference = reference
         self._session: Any = None
         self.names = [o.name for o in reference.graph.output]
         scales = ReferenceScales()
-        self._cached = self._cache_reference(budget, scales, outputs)
+        self._cached = self._cache_reference(budget, scales, outputs, runs)
         if not self.samples:
             raise InputError(f"{data.description}: no samples")
         self.slices = scales.slices(slices)
@@ -336,23 +338,25 @@ class Evaluator:
             self._session = make_session(self._reference, threads=self.threads)
         return self._session
 
-    def _cache_reference(self, budget: int, scales: ReferenceScales,
-                         given: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]] | None:
+    def _cache_reference(self, budget: int, scales: ReferenceScales, given: dict[str, np.ndarray] | None = None,
+                         runs: list[tuple[int, list[np.ndarray]]] | None = None) -> list[list[np.ndarray]] | None:
         """The float outputs per batch (``None`` past ``budget``: rerun with every candidate), from a
-        run of the float model or cut from ``given`` (already in memory: always kept)."""
+        run of the float model, cut from ``given`` or taken from ``runs`` (already in memory: kept)."""
         kept: list[list[np.ndarray]] | None = []
         used, self.samples, self.has_labels = 0, 0, False
-        for batch in self.data.batches(self.batch_size):
-            if given is None:
-                outs = self._ref_session.run(self.names, batch.feeds)
-            else:
+        for i, batch in enumerate(self.data.batches(self.batch_size)):
+            if given is not None:
                 outs = [given[name][self.samples:self.samples + len(batch)] for name in self.names]
+            elif runs is not None and i < len(runs) and runs[i][0] == len(batch):
+                outs = runs[i][1]
+            else:
+                outs = self._ref_session.run(self.names, batch.feeds)
             for name, out in zip(self.names, outs):
                 scales.add(name, np.asarray(out))
             used += sum(o.nbytes for o in outs)
             self.samples += len(batch)
             self.has_labels |= batch.labels is not None
-            if kept is not None and given is None and used > budget:
+            if kept is not None and given is None and runs is None and used > budget:
                 log.info("float outputs exceed %d MiB: the float model reruns with every candidate", budget >> 20)
                 kept = None
             if kept is not None:
