@@ -12,7 +12,9 @@ is: with ``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile them
 Steps: ``fold_bn``; ``prune`` (``fold_bn,prune_channels:ratio=0.3``, least-squares reconstruction
 on the calibration data); ``factorize`` (``fold_bn,factorize_svd``, data-aware); ``q_<method>``
 (``fold_bn,quantize_int8:method=<method>`` for minmax, percentile, entropy, mse — mse is the
-default); ``q_sample`` (``q_mse`` with ``hist_sample=65536``: sampled histograms); ``int8`` (the ``int8`` recipe: ``fold_bn,quantize_int8,bias_correction``); ``ort_minmax``
+default); ``q_sample`` (``q_mse`` with ``hist_sample=65536``: sampled histograms); ``int8`` (the ``int8`` recipe: ``fold_bn,quantize_int8,bias_correction``); ``int8_run`` (the same with
+``bias_correction:measure=run``: each level's layers run in float and are averaged, as before the
+input sums); ``ort_minmax``
 and ``ort_entropy``.
 
 Models: ``fixtures`` (the CNN fixtures in ``models/`` on ``models/digits_calib.npz``),
@@ -65,6 +67,7 @@ STEPS = {
     "q_mse": "fold_bn,quantize_int8",
     "q_sample": "fold_bn,quantize_int8:hist_sample=65536",
     "int8": "fold_bn,quantize_int8,bias_correction",
+    "int8_run": "fold_bn,quantize_int8,bias_correction:measure=run",
     "ort_minmax": None,
     "ort_entropy": None,
 }

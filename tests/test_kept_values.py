@@ -43,7 +43,7 @@ def test_kept_onnxruntime_outputs_own_their_memory():
         stats.update(batch, values)
 
     assert capture(MODEL, ["y"], src, consume, batch_size=4) == 10
-    assert stats.samples == 10 and all(p["y"].base is None for p in stats.kept.parts)
+    assert stats.samples == 10 and all(p["y"].base is None for _, p in stats.kept.parts)
     np.testing.assert_array_equal(stats.kept.arrays()["y"], np.concatenate(seen))
 
 
@@ -54,16 +54,18 @@ def test_kept_values_drop_ragged_batches():
     assert kept.arrays() is None
 
 
-def test_kept_values_drop_outputs_whose_axis_0_is_not_the_samples():
+def test_kept_values_of_outputs_whose_axis_0_is_not_the_samples_are_kept_run_by_run():
     """A sequence-first output ``[T, N, C]`` (ddddocr's CTC head): cutting the concatenation back
-    into batches by its axis 0 would hand the check another tensor, so nothing is kept."""
+    into batches by its axis 0 would hand the check another tensor, so it is not stacked; the runs
+    are kept as they are, for batches that are those runs."""
     kept = KeptValues(["y"])
     kept.add({"y": np.zeros((2, 3), np.float32)}, 2)
-    kept.add({"y": np.zeros((16, 1, 3), np.float32)}, 1)
+    kept.add({"y": np.ones((16, 1, 3), np.float32)}, 1)
     assert kept.arrays() is None
+    assert [(n, v[0].shape) for n, v in kept.runs()] == [(2, (2, 3)), (1, (16, 1, 3))]
     kept = KeptValues(["y"])
     kept.add({"y": np.zeros((16, 1, 3), np.float32)}, 1)
-    assert kept.arrays() is None
+    assert kept.arrays() is None and len(kept.runs()) == 1
 
 
 def test_staged_frontier_tensors_come_from_sessions_without_an_arena(monkeypatch):

@@ -131,36 +131,44 @@ class ChannelMoments:
 
 
 class KeptValues:
-    """Values of a few tensors over every sample, kept while they fit in
-    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET`, every batch has the same shape
-    past the sample axis (variable-length data cannot be stacked) and axis 0 is the sample axis:
-    otherwise dropped for good."""
+    """Values of a few tensors, run by run, kept while they fit in
+    :data:`~onnxcompress.quant.sensitivity.REFERENCE_BUDGET` (past it: dropped for good).
+
+    :meth:`arrays` stacks them by sample (when axis 0 is the sample axis of every run and the runs
+    stack); :meth:`runs` gives them run by run, for a consumer whose batches are those runs
+    (e.g. a fixed-batch model's sequence-first ``[T, 1, C]`` output, which cannot be cut by sample).
+    """
 
     def __init__(self, names: list[str]):
         self.names = list(names)
-        self.parts: list[dict[str, np.ndarray]] | None = [] if names else None
+        self.parts: list[tuple[int, dict[str, np.ndarray]]] | None = [] if names else None
         self.used = 0
 
     def add(self, values: dict[str, np.ndarray], samples: int) -> None:
-        """Keep ``values``' tensors of :attr:`names` (one batch of ``samples`` samples). A tensor whose
-        axis 0 is not the sample axis (e.g. a sequence-first ``[T, N, C]`` output) cannot be cut back
-        into batches: everything is dropped."""
+        """Keep ``values``' tensors of :attr:`names` (one run of ``samples`` samples)."""
         if self.parts is None:
-            return
-        if any(np.ndim(values[n]) == 0 or np.shape(values[n])[0] != samples for n in self.names):
-            self.parts = None
             return
         # copies: an onnxruntime output is a view that keeps its session's whole memory arena alive
         part = {n: np.array(values[n], copy=True) for n in self.names}
         self.used += sum(v.nbytes for v in part.values())
-        ragged = bool(self.parts) and any(v.shape[1:] != self.parts[0][n].shape[1:] for n, v in part.items())
-        self.parts = None if self.used > REFERENCE_BUDGET or ragged else [*self.parts, part]
+        self.parts = None if self.used > REFERENCE_BUDGET else [*self.parts, (samples, part)]
 
     def arrays(self) -> dict[str, np.ndarray] | None:
-        """``{name: values of every sample}`` (``None`` when dropped or never asked for)."""
+        """``{name: values of every sample}``; ``None`` when dropped, never asked for, or when the
+        runs do not stack along a sample axis 0 (ragged shapes, or axis 0 is not the samples)."""
         if not self.parts:
             return None
-        return {n: np.concatenate([p[n] for p in self.parts]) for n in self.names}
+        first = self.parts[0][1]
+        for samples, part in self.parts:
+            if any(v.ndim == 0 or v.shape[0] != samples or v.shape[1:] != first[n].shape[1:] for n, v in part.items()):
+                return None
+        return {n: np.concatenate([p[n] for _, p in self.parts]) for n in self.names}
+
+    def runs(self) -> list[tuple[int, list[np.ndarray]]] | None:
+        """``[(samples, values in names order)]`` per run (``None`` when dropped or never asked for)."""
+        if not self.parts:
+            return None
+        return [(samples, [p[n] for n in self.names]) for samples, p in self.parts]
 
 
 class FloatStatistics:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,6 +43,7 @@ from onnxcompress.quant.rewrite import apply_plan
 from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.fidelity import OutputAccumulator, OutputMetrics, ReferenceScales, SliceSpec, worst
+from onnxcompress.runtime.parallel import CORE_THREADS, in_threads
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
@@ -126,15 +125,12 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
 
 #: Threads computing ranges (each tensor's search is numpy work on its own histogram, which releases
 #: the GIL; a tensor's range does not depend on the thread it is computed in).
-RANGE_THREADS = min(4, os.cpu_count() or 1)
+RANGE_THREADS = CORE_THREADS
 
 
 def _in_threads(work: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     """``[work(i) for i in items]``, in :data:`RANGE_THREADS` threads."""
-    if RANGE_THREADS < 2 or len(items) < 2:
-        return [work(i) for i in items]
-    with ThreadPoolExecutor(min(RANGE_THREADS, len(items)), thread_name_prefix="onnxcompress-ranges") as pool:
-        return list(pool.map(work, items))
+    return in_threads(work, items, RANGE_THREADS, "onnxcompress-ranges")
 
 
 # --------------------------------------------------------------------------------- quantizer
@@ -316,17 +312,19 @@ class Evaluator:
             without: ``outputs`` or a run with optimizations off).
         outputs: The float model's outputs on ``data`` when the caller already ran it (``{output:
             values of every sample, in order}``, every output of ``reference``): not run again.
+        runs: The same, run by run (``[(samples, outputs in order)]``): used for each batch of
+            ``data`` that is that run (same index and sample count), the float model run for the others.
     """
 
     def __init__(self, reference: onnx.ModelProto, data: CalibSource, *, batch_size: int = 32, threads: int = 1,
                  budget: int = REFERENCE_BUDGET, slices: SliceSpec | None = None, optimize: bool = False,
-                 outputs: dict[str, np.ndarray] | None = None):
+                 outputs: dict[str, np.ndarray] | None = None, runs: list[tuple[int, list[np.ndarray]]] | None = None):
         self.data, self.batch_size, self.threads, self.optimize = data, batch_size, threads, optimize
         self._reference = reference
         self._session: Any = None
         self.names = [o.name for o in reference.graph.output]
         scales = ReferenceScales()
-        self._cached = self._cache_reference(budget, scales, outputs)
+        self._cached = self._cache_reference(budget, scales, outputs, runs)
         if not self.samples:
             raise InputError(f"{data.description}: no samples")
         self.slices = scales.slices(slices)
@@ -340,23 +338,25 @@ class Evaluator:
             self._session = make_session(self._reference, threads=self.threads)
         return self._session
 
-    def _cache_reference(self, budget: int, scales: ReferenceScales,
-                         given: dict[str, np.ndarray] | None = None) -> list[list[np.ndarray]] | None:
+    def _cache_reference(self, budget: int, scales: ReferenceScales, given: dict[str, np.ndarray] | None = None,
+                         runs: list[tuple[int, list[np.ndarray]]] | None = None) -> list[list[np.ndarray]] | None:
         """The float outputs per batch (``None`` past ``budget``: rerun with every candidate), from a
-        run of the float model or cut from ``given`` (already in memory: always kept)."""
+        run of the float model, cut from ``given`` or taken from ``runs`` (already in memory: kept)."""
         kept: list[list[np.ndarray]] | None = []
         used, self.samples, self.has_labels = 0, 0, False
-        for batch in self.data.batches(self.batch_size):
-            if given is None:
-                outs = self._ref_session.run(self.names, batch.feeds)
-            else:
+        for i, batch in enumerate(self.data.batches(self.batch_size)):
+            if given is not None:
                 outs = [given[name][self.samples:self.samples + len(batch)] for name in self.names]
+            elif runs is not None and i < len(runs) and runs[i][0] == len(batch):
+                outs = runs[i][1]
+            else:
+                outs = self._ref_session.run(self.names, batch.feeds)
             for name, out in zip(self.names, outs):
                 scales.add(name, np.asarray(out))
             used += sum(o.nbytes for o in outs)
             self.samples += len(batch)
             self.has_labels |= batch.labels is not None
-            if kept is not None and given is None and used > budget:
+            if kept is not None and given is None and runs is None and used > budget:
                 log.info("float outputs exceed %d MiB: the float model reruns with every candidate", budget >> 20)
                 kept = None
             if kept is not None:

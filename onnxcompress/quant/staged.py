@@ -31,7 +31,7 @@ from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.segments import FrontierStore, Topology
 from onnxcompress.runtime.session import make_session
 
-__all__ = ["StagedBatches", "tensor_depths", "frontier", "segment_model"]
+__all__ = ["StagedBatches", "tensor_depths", "frontier", "stored_name", "segment_model"]
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,17 @@ def tensor_depths(graph: gs.Graph, levels: dict[int, int]) -> dict[str, int]:
 
 def frontier(graph: gs.Graph, depth: dict[str, int], level: int) -> list[str]:
     """Tensors of depth ``< level`` read by nodes of depth ``>= level`` (sorted names); the output of
-    a DequantizeLinear of a computed tensor is replaced by that (quantized) tensor, see :func:`_stored`."""
+    a DequantizeLinear of a computed tensor is replaced by that (quantized) tensor, see :func:`stored_name`."""
     names = set()
     for node in graph.nodes:
         outs = [depth[t.name] for t in node.outputs if t.name in depth]
         if not outs or outs[0] < level:
             continue
-        names.update(_stored(t, depth) for t in node.inputs if t.name in depth and depth[t.name] < level)
+        names.update(stored_name(t, depth) for t in node.inputs if t.name in depth and depth[t.name] < level)
     return sorted(names)
 
 
-def _stored(tensor: gs.Tensor, depth: dict[str, int]) -> str:
+def stored_name(tensor: gs.Tensor, depth: dict[str, int]) -> str:
     """The name of the tensor to store for ``tensor``: the input of the DequantizeLinear that makes it
     when that input is computed (of the same depth) and its scale and zero point are not, else its own.
     A quarter of the bytes, and the segment that reads it recomputes the DequantizeLinear, so with
@@ -134,18 +134,22 @@ class StagedBatches:
 
     def run(self, graph: gs.Graph, inputs: list[str], outputs: list[str],
             consume: Callable[[Batch, dict[str, np.ndarray]], None] | None = None, *,
-            keep: Collection[str] = (), label: str = "segment") -> None:
-        """Run the segment ``inputs -> outputs`` of ``graph`` on every stored batch; hand the outputs
-        to ``consume`` and store those named in ``keep`` as frontier tensors."""
-        model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
+            keep: Collection[str] = (), read: Collection[str] = (), label: str = "segment") -> None:
+        """Run the segment ``inputs -> outputs`` of ``graph`` on every stored batch; hand the outputs,
+        and the stored tensors named in ``read``, to ``consume``; store the outputs named in ``keep``
+        as frontier tensors. Without ``outputs`` nothing runs (``consume`` sees ``read`` only)."""
         stored = set(keep)
-        feeds = proto.feed_names(model)
-        # no arena: each output is its own allocation, so a stored output pins nothing else and is
-        # kept as it is (a copy of every frontier tensor cost more than the arena saves in two or three runs)
-        session = make_session(model, arena=False, optimize=self.optimize)
+        session, feeds = None, []
+        if outputs:
+            model = segment_model(graph, {n: self.dtypes[n] for n in inputs}, outputs)
+            feeds = proto.feed_names(model)
+            # no arena: each output is its own allocation, so a stored output pins nothing else and is
+            # kept as it is (a copy of every frontier tensor cost more than the arena saves in two or three runs)
+            session = make_session(model, arena=False, optimize=self.optimize)
         for i in track(range(len(self._names)), label, enabled=self.progress, unit=self._sizes.__getitem__):
             batch = Batch({n: np.asarray(self._store.get((i, n))) for n in feeds})
-            values = dict(zip(outputs, session.run(outputs, batch.feeds)))
+            values = dict(zip(outputs, session.run(outputs, batch.feeds))) if session is not None else {}
+            values.update({n: np.asarray(self._store.get((i, n))) for n in read})
             if consume is not None:
                 consume(batch, values)
             if stored:

@@ -35,6 +35,7 @@ __all__ = [
     "conv_geometry",
     "im2col",
     "layer_view",
+    "node_attrs",
     "pad_input",
     "sample_rows",
 ]
@@ -61,7 +62,8 @@ class ConvGeometry:
     out: tuple[int, ...]
 
 
-def _attrs(node: gs.Node) -> dict:
+def node_attrs(node: gs.Node) -> dict:
+    """``node.attrs`` with byte strings decoded (``auto_pad``)."""
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in node.attrs.items()}
 
 
@@ -294,7 +296,7 @@ class ConvView(LayerView):
 
     def __init__(self, node: gs.Node, weight: np.ndarray, bias: np.ndarray | None,
                  fit_bias: bool, out_keep: Sequence[int] | None):
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         group = weight_layout(node, weight.ndim).group
         cout, cg = weight.shape[:2]
         if weight.ndim < 3 or cout % group:
@@ -355,7 +357,7 @@ class GemmView(LayerView):
 
     def __init__(self, node: gs.Node, weight: np.ndarray, bias: np.ndarray | None,
                  fit_bias: bool, out_keep: Sequence[int] | None):
-        attrs = _attrs(node) if node.op == "Gemm" else {}
+        attrs = node_attrs(node) if node.op == "Gemm" else {}
         layout = weight_layout(node)
         if layout.trans_a:
             raise InputError(f"Gemm {node.name!r}: transA=1 is not supported")

@@ -22,6 +22,7 @@ from onnxcompress.quant.bias_correction import (
     R_NOT_QUANTIZED,
     R_WEIGHT,
     ChannelMoments,
+    KeptValues,
     apply_correction,
     find_sites,
     sort_appended,
@@ -93,9 +94,12 @@ def correct(model: onnx.ModelProto, quant: str = COARSE, bc: str = "bias_correct
 def test_pass_contract():
     cls = get_pass("bias_correction")
     assert cls.numerics == Numerics.APPROX
-    assert set(cls.options) == {"reference", "sequential", "batch_size", "samples", "check", "optimize"}
+    assert set(cls.options) == {"reference", "sequential", "batch_size", "samples", "check", "optimize",
+                                 "measure"}
     with pytest.raises(InputError, match="expected one of"):
         parse_spec("bias_correction:reference=auto")
+    with pytest.raises(InputError, match="expected one of"):
+        parse_spec("bias_correction:measure=float")
     with pytest.raises(InputError):
         parse_spec("bias_correction:optimize=maybe")
 
@@ -284,6 +288,13 @@ def test_fixed_batch_model_with_a_sequence_first_output():
     qc, result = quantize(fixed, f"{COARSE},bias_correction", calib=shifted_source(fixed))
     assert result.stats["layers_corrected"] == 2 and "check_sqnr_after" in result.stats
     assert result.stats["check_sqnr_after"] > result.stats["check_sqnr_before"]
+    # the kept float outputs are used run by run (one sample a run): the same check as rerunning the float model
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(KeptValues, "runs", lambda self: None)
+        again, rerun = quantize(fixed, f"{COARSE},bias_correction", calib=shifted_source(fixed))
+    assert [result.stats[k] for k in ("check_sqnr_before", "check_sqnr_after")] == \
+        [rerun.stats[k] for k in ("check_sqnr_before", "check_sqnr_after")]
+    assert again.SerializeToString() == qc.SerializeToString()
     feeds = {"x": rand(np.random.default_rng(3), 1, 3, 8, 8, scale=0.5)}
     assert ort_run(qc, feeds)[0].shape == ort_run(fixed, feeds)[0].shape == (8, 1, 5, 8)
 

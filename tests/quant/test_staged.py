@@ -34,7 +34,7 @@ def _calib(model: onnx.ModelProto, n: int = 24):
 @pytest.mark.parametrize("memory", [256 * 2**20, 0])  # frontier in memory, or all on disk
 def test_staged_bias_correction_equals_rerunning_the_prefix(monkeypatch, memory):
     model = onnx.load(RESNET)
-    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:check=false:optimize=false"
+    spec = "fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:check=false:optimize=false:measure=run"
     monkeypatch.setattr(bc_pass.StagedBatches.__init__, "__defaults__", (False, memory, False))
     new, res_new = quantize(model, spec, calib=_calib(model))
     with monkeypatch.context() as m:
@@ -143,3 +143,37 @@ def test_channel_moments_without_variance_give_the_same_means():
     assert np.array_equal(full.mean(), means.mean()) and full.var().shape == (4,)
     with pytest.raises(ValueError, match="variance"):
         means.var()
+
+
+@pytest.mark.parametrize("optimize", ["false", "true"])
+def test_means_from_input_sums_correct_like_measured_outputs(monkeypatch, optimize):
+    """measure=sums (the default) takes each layer's output means from sums of its input: every
+    layer is summed, not run; the corrections match measure=run's to rounding (the first levels,
+    before a rounding flip of an int32 bias can carry on) and the outcome is within noise."""
+    from onnxcompress.pipeline.validate import compare_models
+    from onnxcompress.quant.linear_mean import LinearSums
+
+    model = onnx.load(RESNET)
+    deltas: dict[str, list] = {"sums": [], "run": []}
+    real = bc_pass.BiasCorrection._apply
+
+    def record(self, graph, names, pairs, quant, ctx, result, rel):
+        quant = list(quant)
+        deltas[self.opts["measure"]] += [(type(m), ref.mean() - m.mean()) for (_, ref), m in zip(pairs, quant)]
+        return real(self, graph, names, pairs, quant, ctx, result, rel)
+
+    monkeypatch.setattr(bc_pass.BiasCorrection, "_apply", record)
+    out = {}
+    for how in ("sums", "run"):
+        spec = f"fold_bn,quantize_int8:method=minmax,bias_correction:batch_size=8:optimize={optimize}:measure={how}"
+        out[how] = quantize(model, spec, calib=_calib(model))
+    assert all(issubclass(kind, LinearSums) for kind, _ in deltas["sums"])
+    assert not any(issubclass(kind, LinearSums) for kind, _ in deltas["run"])
+    assert len(deltas["sums"]) == len(deltas["run"]) == out["sums"][1].stats["layers_corrected"] > 5
+    first = deltas["sums"][0][1], deltas["run"][0][1]
+    np.testing.assert_allclose(first[0], first[1], rtol=1e-4, atol=1e-6 * np.abs(first[1]).max())
+    for key in ("layers_corrected", "levels", "runs"):
+        assert out["sums"][1].stats[key] == out["run"][1].stats[key]
+    data = _calib(model, 64)
+    sqnr = [min(o.sqnr_db for o in compare_models(model, out[h][0], data).outputs) for h in ("sums", "run")]
+    assert abs(sqnr[0] - sqnr[1]) < 0.3, sqnr
