@@ -312,8 +312,9 @@ class Evaluator:
             without: ``outputs`` or a run with optimizations off).
         outputs: The float model's outputs on ``data`` when the caller already ran it (``{output:
             values of every sample, in order}``, every output of ``reference``): not run again.
-        runs: The same, run by run (``[(samples, outputs in order)]``): used for each batch of
-            ``data`` that is that run (same index and sample count), the float model run for the others.
+        runs: The same, run by run (``[(samples, outputs in order)]``, the runs in the data's
+            order): used for each batch of ``data`` that is a run (the same first sample and sample
+            count), the float model run for the others.
     """
 
     def __init__(self, reference: onnx.ModelProto, data: CalibSource, *, batch_size: int = 32, threads: int = 1,
@@ -344,11 +345,14 @@ class Evaluator:
         run of the float model, cut from ``given`` or taken from ``runs`` (already in memory: kept)."""
         kept: list[list[np.ndarray]] | None = []
         used, self.samples, self.has_labels = 0, 0, False
-        for i, batch in enumerate(self.data.batches(self.batch_size)):
+        starts = np.cumsum([0] + [n for n, _ in runs or []]).tolist()
+        by_start = {start: run for start, run in zip(starts, runs or [])}  # a run is a batch if it starts and ends there
+        for batch in self.data.batches(self.batch_size):
+            run = by_start.get(self.samples)
             if given is not None:
                 outs = [given[name][self.samples:self.samples + len(batch)] for name in self.names]
-            elif runs is not None and i < len(runs) and runs[i][0] == len(batch):
-                outs = runs[i][1]
+            elif run is not None and run[0] == len(batch):
+                outs = run[1]
             else:
                 outs = self._ref_session.run(self.names, batch.feeds)
             for name, out in zip(self.names, outs):

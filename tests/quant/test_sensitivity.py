@@ -169,16 +169,20 @@ def test_evaluator_with_given_float_outputs_does_not_run_the_float_model(monkeyp
 
 
 def test_evaluator_with_float_outputs_run_by_run_runs_the_float_model_only_where_they_differ():
-    """``runs``: the float outputs of the batches that are those runs (same index and sample count)
-    are used as given; a batch that is not (here the last one: 8 samples, the run 4) is computed."""
+    """``runs``: the float outputs of the batches that are runs (the same first sample and sample
+    count) are used as given; the others are computed: here the runs are cut 8 + 8 + 16 + 4 + 4, so
+    only the third one is a batch (samples 16-31)."""
     rng = np.random.default_rng(7)
     model = conv_classifier(rng)
     data = open_source([outlier_data(rng, 40)], model)  # batches of 16, 16, 8
     computed = Evaluator(model, data, batch_size=16)
-    runs = [(16, computed._cached[0]), (16, [computed._cached[1][0] + 1.0]), (4, computed._cached[2])]
+    first, second, last = computed._cached
+    runs = [(8, [first[0][:8]]), (8, [first[0][8:] + 1.0]), (16, [second[0] + 1.0]), (4, [last[0][:4] + 1.0]),
+            (4, [last[0][4:] + 1.0])]
     given = Evaluator(model, data, batch_size=16, runs=runs)
-    assert np.array_equal(given._cached[1][0], computed._cached[1][0] + 1.0)  # used as given
-    assert given._session is not None and np.array_equal(given._cached[2][0], computed._cached[2][0])  # computed
+    assert np.array_equal(given._cached[1][0], second[0] + 1.0)  # used as given
+    assert given._session is not None  # the others computed
+    assert np.array_equal(given._cached[0][0], first[0]) and np.array_equal(given._cached[2][0], last[0])
 
 
 def _refuse_float(model: onnx.ModelProto):
