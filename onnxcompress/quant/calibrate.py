@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import onnx
@@ -16,7 +14,6 @@ from onnxcompress.quant.histogram import DEFAULT_BINS, HistogramCollector
 from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.capture import CAPTURE_BUDGET, Consumer, capture
 from onnxcompress.runtime.data import CalibSource
-from onnxcompress.runtime.parallel import CORE_THREADS, in_threads
 
 __all__ = ["Calibration", "collect_statistics"]
 
@@ -44,18 +41,15 @@ def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_si
          progress: bool, observe: Consumer | None = None, also: list[str] = (),
          sample: int = 0) -> tuple[dict[str, HistogramCollector], int]:
     collectors = {n: HistogramCollector(bins, sample=sample) for n in names}
-    threads = [1]  # a run consumed while onnxruntime waits (too big to overlap) spreads over the cores
 
     def consume(batch: Batch, tensors: dict[str, np.ndarray]) -> None:
-        work: list[Callable[[], None]] = [partial(collectors[n].update, tensors[n])
-                                          for n in sorted(names, key=lambda n: -tensors[n].size)]  # largest first
+        for name in names:
+            collectors[name].update(tensors[name])
         if observe is not None:
-            work.append(partial(observe, batch, tensors))
-        in_threads(lambda task: task(), work, threads[0], "onnxcompress-histograms")
+            observe(batch, tensors)
 
     samples = capture(model, [*names, *also], source, consume, batch_size=batch_size, progress=progress,
-                      max_bytes=CAPTURE_BUDGET, overlap=True,
-                      on_overlap=lambda beside: threads.__setitem__(0, 1 if beside else CORE_THREADS))
+                      max_bytes=CAPTURE_BUDGET, overlap=True)
     return collectors, samples
 
 

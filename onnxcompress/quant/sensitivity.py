@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,7 +45,6 @@ from onnxcompress.quant.rewrite import apply_plan
 from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.data import CalibSource
 from onnxcompress.runtime.fidelity import OutputAccumulator, OutputMetrics, ReferenceScales, SliceSpec, worst
-from onnxcompress.runtime.parallel import CORE_THREADS, in_threads
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
 
@@ -125,12 +126,15 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
 
 #: Threads computing ranges (each tensor's search is numpy work on its own histogram, which releases
 #: the GIL; a tensor's range does not depend on the thread it is computed in).
-RANGE_THREADS = CORE_THREADS
+RANGE_THREADS = min(4, os.cpu_count() or 1)
 
 
 def _in_threads(work: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     """``[work(i) for i in items]``, in :data:`RANGE_THREADS` threads."""
-    return in_threads(work, items, RANGE_THREADS, "onnxcompress-ranges")
+    if RANGE_THREADS < 2 or len(items) < 2:
+        return [work(i) for i in items]
+    with ThreadPoolExecutor(min(RANGE_THREADS, len(items)), thread_name_prefix="onnxcompress-ranges") as pool:
+        return list(pool.map(work, items))
 
 
 # --------------------------------------------------------------------------------- quantizer

@@ -34,8 +34,7 @@ CAPTURE_BUDGET = 128 * 2**20
 
 def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, consume: Consumer, *,
             batch_size: int = 32, threads: int = 0, progress: bool = False,
-            max_bytes: int | None = None, overlap: bool = False,
-            on_overlap: Callable[[bool], None] | None = None) -> int:
+            max_bytes: int | None = None, overlap: bool = False) -> int:
     """Run ``model`` on ``data`` and call ``consume(batch, tensors)`` for every batch.
 
     ``names`` may mix node outputs, graph inputs and initializers; inputs come from the batch and
@@ -51,8 +50,6 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
             time and in order. Two runs are then alive at once, so each gets half of
             ``max_bytes``; when one sample's tensors (or a batch that cannot be cut) exceed that
             half, the runs are consumed one after the other as without ``overlap``.
-        on_overlap: Told before each run is consumed whether it is consumed beside onnxruntime
-            (``True``) or while onnxruntime waits (``False``: the consumer may use every core).
 
     Returns:
         The number of samples seen.
@@ -73,8 +70,6 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
                 values = dict(zip(computed, session.run(computed, part.feeds))) if session else {}
                 budget.measure(values, len(part))
                 handoff.overlap = budget.overlap
-                if on_overlap is not None:
-                    on_overlap(handoff.overlap)
                 values.update({n: part.feeds[n] for n in names if n in inputs})
                 values.update(constants)
                 handoff.give(part, values)
