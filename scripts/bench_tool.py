@@ -163,20 +163,11 @@ def opennsfw_data(images: int, path: Path) -> Path | None:
 def real_models(keys: str, count: int, work: Path) -> list[tuple[str, Path, Path]]:
     """``(label, model file, calibration file)`` of each installed real model of the sweep
     (``scripts/sweep_real_models.py``: its input sizes and seeded uniform [0, 1) samples)."""
-    from real_model_files import CATALOG, MissingModel, locate
-    from sweep_real_models import input_shapes, samples
+    from real_model_files import CATALOG
+    from sweep_real_models import seeded_files
 
     found = []
-    for key in [k for k in keys.split(",") if k] or list(CATALOG):
-        try:
-            model = Path(locate(CATALOG[key]))
-        except MissingModel as exc:
-            print(f"{key}: skipped ({exc})")
-            continue
-        shapes = input_shapes(CATALOG[key])
-        rows = samples(shapes, count, seed=0)
-        calib = work / f"{key}.npz"
-        np.savez(calib, **{k: np.concatenate([r[k] for r in rows]) for k in shapes})
+    for key, model, calib, shapes in seeded_files([k for k in keys.split(",") if k] or list(CATALOG), count, work):
         size = "x".join(str(d) for d in next(iter(shapes.values()))[1:])
         found.append((f"{key} ({size}, {count} samples)", model, calib))
     return found

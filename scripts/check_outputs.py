@@ -61,23 +61,10 @@ def _jobs() -> list[Job]:
 def _real_jobs(keys: str, folder: Path) -> list[Job]:
     """``--real``: each installed model of ``keys`` with its seeded data written into ``folder``."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import numpy as np
-    from real_model_files import CATALOG, MissingModel, locate
-    from sweep_real_models import input_shapes, samples
+    from sweep_real_models import seeded_files
 
-    jobs: list[Job] = []
-    for key in [k for k in keys.split(",") if k]:
-        try:
-            path = Path(locate(CATALOG[key]))
-        except MissingModel as exc:
-            print(f"{key}: skipped ({exc})")
-            continue
-        shapes = input_shapes(CATALOG[key])
-        rows = samples(shapes, REAL_SAMPLES, seed=0)
-        data = folder / f"{key}.npz"
-        np.savez(data, **{k: np.concatenate([r[k] for r in rows]) for k in shapes})
-        jobs.append((key, "passes", REAL_SPEC, path, data, data))
-    return jobs
+    return [(key, "passes", REAL_SPEC, path, data, data)
+            for key, path, data, _ in seeded_files([k for k in keys.split(",") if k], REAL_SAMPLES, folder)]
 
 
 def _strip(value):

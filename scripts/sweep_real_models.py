@@ -88,6 +88,24 @@ def samples(shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> list[d
     return [{k: rng.random(s, dtype=np.float32) for k, s in sorted(shapes.items())} for _ in range(count)]
 
 
+def seeded_files(keys: list[str], count: int, folder: Path) -> list[tuple[str, Path, Path, dict[str, tuple[int, ...]]]]:
+    """``(key, model file, .npz of count seeded samples at the sweep's sizes, input shapes)`` of each
+    installed model of ``keys`` (the others are skipped, with a line saying why)."""
+    found = []
+    for key in keys:
+        try:
+            model = Path(locate(CATALOG[key]))
+        except MissingModel as exc:
+            print(f"{key}: skipped ({exc})")
+            continue
+        shapes = input_shapes(CATALOG[key])
+        rows = samples(shapes, count, seed=0)
+        data = folder / f"{key}.npz"
+        np.savez(data, **{k: np.concatenate([r[k] for r in rows]) for k in shapes})
+        found.append((key, model, data, shapes))
+    return found
+
+
 def _worst(report: Any) -> str:
     """The weakest validation metric of a report, as text."""
     if report is None or report.validation is None:
