@@ -100,17 +100,17 @@ class ConvSums(LinearSums):
         positions = 0
         for shape in sorted(self.totals):
             total, samples = self.totals[shape]
-            window = self._window_sums(self.dequant.sums(total, samples), shape)
+            window, per_sample = self._window_sums(self.dequant.sums(total, samples), shape)
             groups = self.group
             w = self.weight.reshape(groups, self.weight.shape[0] // groups, self.weight.shape[1], -1)
             u = window.reshape(groups, self.weight.shape[1], -1)
             out += np.einsum("gmik,gik->gm", w, u).reshape(-1)
-            geom = conv_geometry(self.attrs, self.weight.shape[2:], shape)
-            positions += samples * int(np.prod(geom.out))
+            positions += samples * per_sample
         return out / max(positions, 1) + self.bias
 
-    def _window_sums(self, total: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """``U[i, k]``: the input sum under kernel offset ``k`` over every output position."""
+    def _window_sums(self, total: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+        """``U[i, k]``, the input sum under kernel offset ``k`` over every output position, and the
+        number of output positions per sample."""
         geom = conv_geometry(self.attrs, self.weight.shape[2:], shape)
         padded = pad_input(total[None], geom)[0]
         window = np.empty((total.shape[0], *geom.kernel))
@@ -119,7 +119,7 @@ class ConvSums(LinearSums):
             cut = tuple(slice(k * d, k * d + (o - 1) * s + 1, s)
                         for k, d, o, s in zip(offset, geom.dilations, geom.out, geom.strides))
             window[(slice(None), *offset)] = padded[(slice(None), *cut)].sum(axis=spatial)
-        return window
+        return window, int(np.prod(geom.out))
 
 
 class RowSums(LinearSums):
