@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.quant.weightonly import BlockQuant, ConvLayout, block_scales, qrange
-from onnxcompress.reconstruct.layerview import conv_geometry, im2col
+from onnxcompress.reconstruct.layerview import conv_geometry, decoded_attrs, im2col
 from onnxcompress.reconstruct.lstsq import LstsqAccumulator
 from onnxcompress.runtime.capture import capture
 from onnxcompress.runtime.data import CalibSource
@@ -170,7 +170,7 @@ def conv_rows(attrs: dict, kernel: tuple[int, ...]) -> Callable[[np.ndarray], np
     """A :attr:`HessianInput.rows` for a Conv (``group=1``) with these attributes: the im2col
     patches of a batch ``[N, Cin, *spatial]`` at every output position (geometry resolved per batch,
     ``auto_pad`` included)."""
-    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    attrs = decoded_attrs(attrs)
 
     def rows(x: np.ndarray) -> np.ndarray:
         return im2col(x, conv_geometry(attrs, kernel, x.shape[2:]))

@@ -33,6 +33,7 @@ __all__ = [
     "bias_add",
     "channel_features",
     "conv_geometry",
+    "decoded_attrs",
     "im2col",
     "layer_view",
     "node_attrs",
@@ -62,9 +63,14 @@ class ConvGeometry:
     out: tuple[int, ...]
 
 
+def decoded_attrs(attrs: dict) -> dict:
+    """``attrs`` with byte strings decoded (``auto_pad``)."""
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+
+
 def node_attrs(node: gs.Node) -> dict:
     """``node.attrs`` with byte strings decoded (``auto_pad``)."""
-    return {k: v.decode() if isinstance(v, bytes) else v for k, v in node.attrs.items()}
+    return decoded_attrs(node.attrs)
 
 
 def _same_pads(size: int, k: int, s: int, d: int, lower: bool) -> tuple[int, int, int]:
