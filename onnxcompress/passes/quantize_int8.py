@@ -26,7 +26,7 @@ from onnxcompress.quant.options import REDUCE_RANGE_CHOICES, QuantConfig
 from onnxcompress.quant.params import QParams
 from onnxcompress.quant.placement import R_EXCLUDED, QdqPlan, plan_placement
 from onnxcompress.quant.rewrite import apply_plan
-from onnxcompress.quant.sensitivity import Evaluator, Fidelity, Quantizer, plan_params, rank_layers
+from onnxcompress.quant.sensitivity import Evaluator, Fidelity, Quantizer, measured_tensors, plan_params, rank_layers
 from onnxcompress.runtime.data import CalibSource, SplitSource
 
 __all__ = [
@@ -342,7 +342,7 @@ class QuantizeInt8(Pass):
 
     def _calibrate(self, graph: gs.Graph, plan: QdqPlan, ctx: PassContext, result: PassResult) -> Calibration:
         model = serde.to_model(graph)
-        names = plan.calibrated()
+        names = measured_tensors(plan)
         # a later bias_correction reads the float model's channel means and outputs: gathered in this
         # run (from the tensors it captures anyway), so that pass need not run the float model again
         stats = (FloatStatistics.for_graph(graph, ctx.calib, self.opts["batch_size"])

@@ -68,12 +68,13 @@ R_NO_INT32 = "no_int32_bias"  # input or weight scale not per tensor / per outpu
 _COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-#: Values converted to float64 at once by :meth:`ChannelMoments.update`.
-_BLOCK = 1 << 18
-
-
 class ChannelMoments:
-    """Streaming per-channel mean and variance (float64 sums; memory: 3 vectors).
+    """Streaming per-channel mean and variance (memory: 3 vectors).
+
+    The sums behind the mean are float64 (each value is widened as it is added); the sums of
+    squares behind the variance are taken in the arrays' own precision (float32 for activations)
+    and added up in float64: the variance only feeds reported statistics, and widening every value
+    a second time doubled the cost of this class on a ResNet-50.
 
     Args:
         axis: The channel axis of the arrays given to :meth:`update` (negative counts from the end).
@@ -87,7 +88,7 @@ class ChannelMoments:
         self.count = 0
 
     def update(self, array: np.ndarray) -> None:
-        """Add every element of ``array`` to its channel's sums (float64, in cache-sized blocks).
+        """Add every element of ``array`` to its channel's sums.
 
         Axis 0 is the sample axis (unless it is the channel axis): samples are added one by one,
         so the sums do not depend on how the samples were cut into batches."""
@@ -105,14 +106,11 @@ class ChannelMoments:
                 self._add(sample.reshape(-1, channels, int(np.prod(values.shape[axis + 1:], dtype=np.int64))))
         self.count += values.size // max(channels, 1)
 
-    def _add(self, blocks: np.ndarray) -> None:
-        """Add ``[rows, channels, positions]`` in float64, a few rows at a time (cache-sized)."""
-        step = max(1, _BLOCK // max(blocks[0].size, 1))
-        for start in range(0, len(blocks), step):
-            x = blocks[start:start + step].astype(np.float64)
-            self.total += x.sum(axis=(0, 2))
-            if self.variance:
-                self.squares += np.einsum("bcp,bcp->c", x, x)
+    def _add(self, block: np.ndarray) -> None:
+        """Add ``[rows, channels, positions]``: float64 sums, squares in ``block``'s precision."""
+        self.total += np.add.reduce(block, axis=2, dtype=np.float64).sum(axis=0)
+        if self.variance:
+            self.squares += np.einsum("rcp,rcp->c", block, block)
 
     @property
     def channels(self) -> int:

@@ -43,7 +43,7 @@ from onnxcompress.core.shapes import Dims, concrete_shapes
 from onnxcompress.quant.dynamic import quantize_dynamic_graph
 from onnxcompress.quant.placement import KINDS, plan_placement
 from onnxcompress.quant.rewrite import apply_plan
-from onnxcompress.quant.sensitivity import Quantizer, plan_params
+from onnxcompress.quant.sensitivity import Quantizer, measured_tensors, plan_params
 from onnxcompress.runtime.bench import bench, paired_ratio, round_order
 from onnxcompress.runtime.progress import track
 from onnxcompress.runtime.session import make_session
@@ -187,7 +187,7 @@ def layer_models(quantizer: Quantizer, node: gs.Node, act: gs.Node | None, shape
     graph = _tiny_graph(node, act, shapes, opset)
     scratch = PassResult()
     plan = plan_placement(graph, quantizer.cfg, scratch)
-    quantizer.ensure_calibrated(plan.calibrated())
+    quantizer.ensure_calibrated(measured_tensors(plan))
     params = plan_params(plan, quantizer.calib, quantizer.cfg, quantizer.method, quantizer.percentile, scratch)
     rng = np.random.default_rng(seed)
     feeds = {}

@@ -53,6 +53,8 @@ __all__ = [
     "Evaluator",
     "Fidelity",
     "Quantizer",
+    "derived_tensors",
+    "measured_tensors",
     "plan_params",
     "rank_layers",
 ]
@@ -68,19 +70,36 @@ _ACTIVATIONS = ("Relu", "Clip")
 # --------------------------------------------------------------------------------- parameters
 
 
+def derived_tensors(plan: QdqPlan) -> list[str]:
+    """Calibrated Concat outputs (no folded activation) whose range :func:`plan_params` takes as the
+    union of their calibrated inputs' ranges (a Concat only copies its inputs' values)."""
+    calibrated = set(plan.calibrated())
+    return [g.output.name for g in plan.groups
+            if g.kind == "variadic" and g.act is None and g.output.name in calibrated
+            and any(t.name in calibrated for t in g.node.inputs)]
+
+
+def measured_tensors(plan: QdqPlan) -> list[str]:
+    """The tensors of ``plan.calibrated()`` whose statistics :func:`plan_params` reads: all but the
+    :func:`derived_tensors`."""
+    derived = set(derived_tensors(plan))
+    return [t for t in plan.calibrated() if t not in derived]
+
+
 def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str, percentile: float,
                 result: PassResult, logger: logging.Logger | None = None,
                 ranges_cache: dict | None = None) -> dict[str, QParams]:
     """Scale and zero point of every tensor of ``plan.calibrated()`` from its calibrated range.
 
-    A Concat's output range is the union of its inputs' ranges (it only copies their values); a
+    A Concat's output range is the union of its inputs' ranges (it only copies their values: its
+    own statistics are not needed, see :func:`derived_tensors`); a
     folded Clip/Relu clamps the range to its bounds. Degenerate ranges are declined (reported)
     and counted in ``result``. With ``cfg.share_concat_scales`` a Concat input that only the
     Concat reads takes the Concat output's parameters (:func:`share_concat_params`).
 
     Args:
         plan: From :func:`plan_placement`.
-        calib: Statistics of (at least) every tensor of ``plan.calibrated()``.
+        calib: Statistics of (at least) every tensor of ``measured_tensors(plan)``.
         cfg: Settings (``symmetric_activations``).
         method: Range rule (see :func:`onnxcompress.quant.observers.compute_range`).
         percentile: For ``method="percentile"``.
@@ -95,7 +114,7 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
         how = "minmax" if name in plan.unclipped else method  # qdq rule 13
         return name, how, percentile, symmetric
 
-    keys = {name: key(name) for name in plan.calibrated()}
+    keys = {name: key(name) for name in measured_tensors(plan)}
     missing = [k for k in dict.fromkeys(keys.values()) if k not in cache]
     cache.update(zip(missing, _in_threads(
         lambda k: compute_range(calib.collectors[k[0]], k[1], percentile=k[2], symmetric=k[3]), missing)))
@@ -106,12 +125,12 @@ def plan_params(plan: QdqPlan, calib: Calibration, cfg: QuantConfig, method: str
             lo, hi = max(lo, plan.bounds[name][0]), min(hi, plan.bounds[name][1])
         return lo, hi
 
-    ranges = {name: rng(name) for name in plan.calibrated()}
-    for group in plan.groups:
-        out = group.output.name
-        inputs = [ranges[t.name] for t in group.node.inputs if t.name in ranges]
-        if group.kind == "variadic" and group.act is None and out in ranges and inputs:
-            ranges[out] = (min(r[0] for r in inputs), max(r[1] for r in inputs))
+    ranges = {name: rng(name) for name in keys}
+    derived = set(derived_tensors(plan))
+    for group in plan.groups:  # in graph order: a Concat of Concats sees its inputs' unions
+        if group.output.name in derived:
+            inputs = [ranges[t.name] for t in group.node.inputs if t.name in ranges]
+            ranges[group.output.name] = (min(r[0] for r in inputs), max(r[1] for r in inputs))
     params = {}
     for name, (lo, hi) in ranges.items():
         p = activation_params(lo, hi, symmetric=cfg.symmetric_activations, one_sided=name in plan.one_sided)
@@ -216,7 +235,7 @@ class Quantizer:
             return graph
         cfg = with_float_pools(graph, cfg)
         plan = plan_placement(graph, cfg, result, self.logger)
-        self.ensure_calibrated(plan.calibrated())
+        self.ensure_calibrated(measured_tensors(plan))
         params = plan_params(plan, self.calib, cfg, self.method, self.percentile, result, self.logger, self._ranges)
         if plan.groups:
             apply_plan(graph, plan, params, cfg, result)

@@ -233,6 +233,36 @@ def test_share_concat_scales_rounds_concat_inputs_once_on_the_concat_grid():
     assert np.abs(b - ref).mean() <= np.abs(a - ref).mean()
 
 
+def test_concat_output_range_is_its_inputs_union_without_measuring_it(monkeypatch):
+    """The Concat output's range is the union of its inputs' (it copies their values): its statistics
+    are not gathered, and the model is the same bytes as when they are; a Concat followed by a
+    folded Relu clamps values, so that one is measured."""
+    import onnxcompress.passes.quantize_int8 as pass_module
+
+    asked: list[list[str]] = []
+    real = pass_module.collect_statistics
+    monkeypatch.setattr(pass_module, "collect_statistics",
+                        lambda m, names, *a, **k: asked.append(list(names)) or real(m, names, *a, **k))
+    model = _concat_model(np.random.default_rng(16))
+    q, result = quantize(model)
+    assert "cat" not in asked[-1] and {"ya", "yb", "yc"} <= set(asked[-1])
+    assert result.stats["tensors_calibrated"] == len(asked[-1])
+    monkeypatch.setattr(pass_module, "measured_tensors", lambda plan: plan.calibrated())  # measure it too
+    every, _ = quantize(model)
+    assert "cat" in asked[-1] and every.SerializeToString() == q.SerializeToString()
+    # negative: a Relu folded into the Concat's output clamps it; that range is measured
+    monkeypatch.undo()
+    monkeypatch.setattr(pass_module, "collect_statistics",
+                        lambda m, names, *a, **k: asked.append(list(names)) or real(m, names, *a, **k))
+    relu = onnx.ModelProto()
+    relu.CopyFrom(model)
+    cat = next(n for n in relu.graph.node if n.op_type == "Concat")
+    cat.output[0] = "cat_pre"
+    relu.graph.node.insert(list(relu.graph.node).index(cat) + 1, helper.make_node("Relu", ["cat_pre"], ["cat"]))
+    quantize(relu)
+    assert "cat" in asked[-1]
+
+
 def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
