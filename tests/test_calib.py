@@ -52,6 +52,36 @@ def test_npz_is_read_a_few_samples_at_a_time(tmp_path, monkeypatch, save):
     assert np.array_equal(np.concatenate([b.feeds["x"] for b in cut]), x)
 
 
+def test_stored_npz_members_are_read_from_the_file_directly(tmp_path, monkeypatch):
+    """Uncompressed members skip zipfile's reader (its local header's extra field is skipped by its
+    own length); compressed ones still go through it."""
+    import zipfile
+
+    x = np.random.default_rng(1).standard_normal((6, 3, 4, 4)).astype(np.float32)
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as zf:
+        info = zipfile.ZipInfo("x.npy")
+        info.extra = b"\xfe\xca\x04\x00pad!"  # a private extra block (id 0xcafe, 4 bytes)
+        zf.writestr(info, _npy_bytes(x))
+        zf.writestr(zipfile.ZipInfo("labels.npy"), _npy_bytes(np.arange(6)), compress_type=zipfile.ZIP_DEFLATED)
+    opened: list[str] = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(getattr(name, "filename", name))
+                        or real_open(self, name, *a, **k))
+    monkeypatch.setattr(fileio, "ROWS_BYTES", 2 * 48 * 4)
+    chunks = list(fileio.array_rows(tmp_path / "d.npz"))
+    assert opened == ["labels.npy"]
+    assert np.array_equal(np.concatenate([c["x"] for c in chunks]), x)
+    assert np.array_equal(np.concatenate([c["labels"] for c in chunks]), np.arange(6))
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
 def test_npz_memory_does_not_grow_with_the_file(tmp_path):
     import tracemalloc
 
