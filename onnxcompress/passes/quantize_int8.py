@@ -95,8 +95,12 @@ class QuantizeInt8(Pass):
         the anchors that hold objects (nudenet's YOLOv8n: where the float score is above 0.1 the
         class logits come out 0.32 low on average with ``mse``, 0.15 with ``minmax``, which
         ``auto`` chose); see README "Detector-grade int8". A
-        Concat's output range is the union of its inputs' ranges (it only copies their values);
-        a folded Clip clamps the range to its bounds.
+        Concat's output range is the union of its inputs' ranges (it only copies their values;
+        its own statistics are not gathered); a folded Clip clamps the range to its bounds.
+        Tensors whose range is their min/max (every tensor with ``minmax``, a SiLU output with
+        any method) are calibrated without histograms (min/max only: the same ranges, without
+        binning, which is most of the calibration's cost), except with ``cache``, which keeps
+        full histograms for runs with other methods.
 
     Placement (see :mod:`onnxcompress.quant.placement`): Q/DQ around Conv, Gemm, MatMul (constant
     weights), Add, Mul, Concat, AveragePool, GlobalAveragePool; a Relu/Clip that alone follows
@@ -347,8 +351,12 @@ class QuantizeInt8(Pass):
         # run (from the tensors it captures anyway), so that pass need not run the float model again
         stats = (FloatStatistics.for_graph(graph, ctx.calib, self.opts["batch_size"])
                  if ctx.wanted(FLOAT_STATISTICS) and not self.opts["cache"] else None)
+        # ranges read from min/max alone need no histogram (binning is most of the calibration's cost);
+        # a cache keeps every histogram, for runs with other methods
+        minmax = [] if self.opts["cache"] else names if self.opts["method"] == "minmax" else \
+            [n for n in names if n in plan.unclipped]
         calib = collect_statistics(model, names, ctx.calib, batch_size=self.opts["batch_size"], bins=DEFAULT_BINS,
-                                   cache=self.opts["cache"] or None, sample=self.opts["hist_sample"],
+                                   cache=self.opts["cache"] or None, sample=self.opts["hist_sample"], minmax=minmax,
                                    progress=ctx.progress, observe=stats.update if stats is not None else None,
                                    also=stats.names if stats is not None else [])
         if stats is not None and calib.samples:

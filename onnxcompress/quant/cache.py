@@ -37,8 +37,8 @@ __all__ = ["CACHE_VERSION", "cache_key", "data_fingerprint", "load_cache", "save
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever the statistics or the file layout change meaning.
-CACHE_VERSION = 1
+#: Bumped whenever the statistics or the file layout change meaning (2: ``meta`` gained ``minmax_only``).
+CACHE_VERSION = 2
 _FIELDS = ("meta", "pos", "neg")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,8 +40,8 @@ class Calibration:
 
 def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_size: int, bins: int,
          progress: bool, observe: Consumer | None = None, also: list[str] = (),
-         sample: int = 0) -> tuple[dict[str, HistogramCollector], int]:
-    collectors = {n: HistogramCollector(bins, sample=sample) for n in names}
+         sample: int = 0, minmax: Collection[str] = ()) -> tuple[dict[str, HistogramCollector], int]:
+    collectors = {n: HistogramCollector(bins, sample=sample, minmax_only=n in minmax) for n in names}
 
     def consume(batch: Batch, tensors: dict[str, np.ndarray]) -> None:
         for name in names:
@@ -56,7 +57,7 @@ def _run(model: onnx.ModelProto, names: list[str], source: CalibSource, batch_si
 def collect_statistics(model: onnx.ModelProto, names: list[str], source: CalibSource, *, batch_size: int = 32,
                        bins: int = DEFAULT_BINS, cache: str | os.PathLike | None = None,
                        progress: bool = False, observe: Consumer | None = None,
-                       also: list[str] = (), sample: int = 0) -> Calibration:
+                       also: list[str] = (), sample: int = 0, minmax: Collection[str] = ()) -> Calibration:
     """Histograms of the tensors ``names`` of ``model`` over ``source``.
 
     With ``cache``, tensors already stored under the same model/data/settings key are read from
@@ -71,22 +72,27 @@ def collect_statistics(model: onnx.ModelProto, names: list[str], source: CalibSo
     stay exact; see :class:`HistogramCollector`): faster, approximate histograms, which then do
     depend on how the samples are split into runs. 0 (the default): every value.
 
+    ``minmax``: tensors whose range will be their min/max whatever the method: their statistics
+    are min/max only (``HistogramCollector(minmax_only=True)``), nothing is binned. A cached
+    histogram serves them; a cached min/max-only entry does not serve a tensor outside ``minmax``.
+
     Raises:
         InputError: The data does not fit the model, or the cache file is unreadable.
     """
     names = list(dict.fromkeys(names))
     key = cache_key(model, source, batch_size=batch_size, bins=bins, sample=sample) if cache else ""
     stored = load_cache(cache, key) if cache else {}
-    cached = [n for n in names if n in stored]
-    missing = [n for n in names if n not in stored]
+    minmax = set(minmax)
+    cached = [n for n in names if n in stored and (not stored[n].minmax_only or n in minmax)]
+    missing = [n for n in names if n not in cached]
     samples = 0
     fresh: dict[str, HistogramCollector] = {}
     if missing:
-        fresh, samples = _run(model, missing, source, batch_size, bins, progress, observe, list(also), sample)
+        fresh, samples = _run(model, missing, source, batch_size, bins, progress, observe, list(also), sample, minmax)
         log.info("calibrated %d tensors on %d samples", len(missing), samples)
     if cache and missing:
         save_cache(cache, key, {**stored, **fresh})
     if cached:
         log.info("calibration cache: %d of %d tensors from %s", len(cached), len(names), cache)
-    collectors = {n: stored[n] if n in stored else fresh[n] for n in names}
+    collectors = {n: fresh[n] if n in fresh else stored[n] for n in names}
     return Calibration(collectors, samples, cached, key)

@@ -34,15 +34,19 @@ class HistogramCollector:
 
     Args:
         bins: Bins of each of the two ``|x|`` histograms (positive and negative part).
+        sample: Bin at most about this many values per :meth:`update` (see there); 0: all.
+        minmax_only: Keep ``count``, ``min``, ``max`` and the width, and bin nothing: for a tensor
+            whose range is its min/max whatever the method (binning is most of calibration's cost).
     """
 
-    def __init__(self, bins: int = DEFAULT_BINS, *, sample: int = 0):
+    def __init__(self, bins: int = DEFAULT_BINS, *, sample: int = 0, minmax_only: bool = False):
         if bins < 2 or bins & (bins - 1):
             raise ValueError(f"bins must be a power of two >= 2, got {bins}")
         if sample and sample < SAMPLE_BLOCK:
             raise ValueError(f"sample must be 0 (every value) or >= {SAMPLE_BLOCK}, got {sample}")
         self.bins = bins
         self.sample = sample
+        self.minmax_only = minmax_only
         self.count = 0
         self.zeros = 0
         self.min = math.inf
@@ -64,6 +68,11 @@ class HistogramCollector:
         """
         a = np.asarray(x).ravel()
         if not a.size:
+            return
+        if self.minmax_only:
+            a, lo, hi = _finite_part(a)
+            if a.size:
+                self._account(a, lo, hi)
             return
         if self.sample and a.size >= 2 * self.sample:
             self._update_sampled(a)
@@ -194,14 +203,14 @@ class HistogramCollector:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for a cache file (see :meth:`from_arrays`)."""
-        meta = np.array([self.count, self.zeros, self.min, self.max, self.width, self.bins], np.float64)
+        meta = np.array([self.count, self.zeros, self.min, self.max, self.width, self.bins, self.minmax_only], np.float64)
         return {"meta": meta, "pos": self.pos.copy(), "neg": self.neg.copy()}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> HistogramCollector:
         """Rebuild a collector saved by :meth:`to_arrays`."""
-        count, zeros, lo, hi, width, bins = (float(v) for v in arrays["meta"])
-        c = cls(int(bins))
+        count, zeros, lo, hi, width, bins, minmax_only = (float(v) for v in arrays["meta"])
+        c = cls(int(bins), minmax_only=bool(minmax_only))
         c.count, c.zeros, c.min, c.max, c.width = int(count), int(zeros), lo, hi, width
         c.pos, c.neg = arrays["pos"].astype(np.int64), arrays["neg"].astype(np.int64)
         return c

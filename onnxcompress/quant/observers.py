@@ -279,11 +279,13 @@ def compute_range(c: HistogramCollector, method: str, *, percentile: float = 99.
         ``(lo, hi)``; ``(0.0, 0.0)`` when nothing but zeros (or nothing) was seen.
 
     Raises:
-        ValueError: Unknown method.
+        ValueError: Unknown method, or a method other than ``minmax`` on min/max-only statistics.
     """
     rule = RANGE_RULES.get(method)
     if rule is None:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    if c.minmax_only and method != "minmax":
+        raise ValueError(f"calibration method {method!r} needs a histogram; these statistics are min/max only")
     if c.count == 0 or c.width == 0.0:
         return 0.0, 0.0
     return rule(c, symmetric, percentile)

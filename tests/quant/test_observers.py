@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from onnx import helper
 
 from onnxcompress.core.errors import InputError
 from onnxcompress.quant import METHODS, HistogramCollector, compute_range, load_cache, make_observer, save_cache
@@ -134,6 +135,42 @@ def test_cache_round_trip(tmp_path, rng):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="not a calibration cache"):
         load_cache(tmp_path / "bad.npz", "key1")
+
+
+def test_minmax_only_statistics_bin_nothing_and_serve_minmax_alone(tmp_path, rng):
+    x = np.concatenate([rng.standard_normal(70000), [np.nan, np.inf, 0.0]]).astype(np.float32)
+    full, lean = HistogramCollector(), HistogramCollector(minmax_only=True)
+    for part in (x[:1000], x * 3, x[:10]):
+        full.update(part)
+        lean.update(part)
+    assert (lean.count, lean.min, lean.max, lean.width) == (full.count, full.min, full.max, full.width)
+    assert not lean.pos.any() and not lean.neg.any()
+    for symmetric in (False, True):
+        assert compute_range(lean, "minmax", symmetric=symmetric) == compute_range(full, "minmax", symmetric=symmetric)
+    with pytest.raises(ValueError, match="min/max only"):
+        compute_range(lean, "mse")
+    save_cache(tmp_path / "c.npz", "k", {"lean": lean, "full": full})
+    back = load_cache(tmp_path / "c.npz", "k")
+    assert back["lean"].minmax_only and not back["full"].minmax_only
+
+
+def test_a_cached_minmax_only_entry_does_not_serve_a_histogram(tmp_path):
+    from onnxcompress.quant.calibrate import collect_statistics
+    from onnxcompress.runtime.data import IterableSource, input_specs
+    from tests.helpers.builders import make_model
+
+    model = make_model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])],
+                       {"x": [4, 8]}, ["y"], {})
+    feeds = [{"x": np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)}]
+    source = IterableSource(feeds, input_specs(model))
+    cache = tmp_path / "stats.npz"
+    first = collect_statistics(model, ["r", "y"], source, cache=cache, minmax=["r"])
+    assert first.collectors["r"].minmax_only and not first.collectors["y"].minmax_only
+    again = collect_statistics(model, ["r", "y"], source, cache=cache, minmax=["r"])
+    assert sorted(again.cached) == ["r", "y"] and again.samples == 0
+    full = collect_statistics(model, ["r", "y"], source, cache=cache)
+    assert full.cached == ["y"] and not full.collectors["r"].minmax_only and full.samples == 4
+    assert collect_statistics(model, ["r"], source, cache=cache, minmax=["r"]).cached == ["r"]  # a histogram serves
 
 
 def test_a_new_method_is_one_table_entry(monkeypatch, rng):

@@ -379,6 +379,28 @@ def test_excluding_a_conv_does_not_turn_its_add_float():
     assert compare(model, q) >= 0.99
 
 
+def test_min_max_ranges_bin_nothing_and_give_the_same_model(tmp_path, monkeypatch):
+    """method=minmax (every tensor), and a SiLU output under any method, get min/max-only statistics:
+    the same model as from full histograms (which a ``cache`` keeps, for runs with other methods)."""
+    import onnxcompress.passes.quantize_int8 as pass_module
+
+    rng = np.random.default_rng(12)
+    init = {**weights(rng, "a", 4, 3), **weights(rng, "b", 4, 4)}
+    nodes = [conv("x", "c", "a"), helper.make_node("Sigmoid", ["c"], ["sg"]),
+             helper.make_node("Mul", ["c", "sg"], ["silu"], name="silu_mul"), conv("silu", "y", "b")]
+    model = make_model(nodes, X, ["y"], init)
+    asked: list[tuple[list[str], list[str]]] = []
+    real = pass_module.collect_statistics
+    monkeypatch.setattr(pass_module, "collect_statistics", lambda m, names, *a, **k:
+                        asked.append((list(names), sorted(k.get("minmax", [])))) or real(m, names, *a, **k))
+    for method in ("mse", "minmax"):
+        q, _ = quantize(model, f"quantize_int8:method={method}")
+        names, lean = asked[-1]
+        assert lean == (sorted(names) if method == "minmax" else ["silu"])
+        full, _ = quantize(model, f"quantize_int8:method={method}:cache={tmp_path / method}.npz")
+        assert asked[-1][1] == [] and full.SerializeToString() == q.SerializeToString()
+
+
 def test_silu_output_keeps_its_full_range_whatever_the_method():
     """Conv -> SiLU (Sigmoid, Mul) -> Conv: the Mul output's scale is the min/max one under mse too."""
     rng = np.random.default_rng(12)
