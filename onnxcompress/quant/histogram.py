@@ -209,7 +209,8 @@ class HistogramCollector:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> HistogramCollector:
         """Rebuild a collector saved by :meth:`to_arrays`."""
-        count, zeros, lo, hi, width, bins, minmax_only = (float(v) for v in arrays["meta"])
+        count, zeros, lo, hi, width, bins, *flags = (float(v) for v in arrays["meta"])
+        minmax_only = flags[0] if flags else 0.0  # absent before cache version 2
         c = cls(int(bins), minmax_only=bool(minmax_only))
         c.count, c.zeros, c.min, c.max, c.width = int(count), int(zeros), lo, hi, width
         c.pos, c.neg = arrays["pos"].astype(np.int64), arrays["neg"].astype(np.int64)
