@@ -76,9 +76,9 @@ def test_progress_of_samples_shows_samples_per_second():
     assert list(track([[1, 2], [3]], "x", enabled=False, unit=len)) == [[1, 2], [3]]
 
 
-def test_overlap_consumes_runs_in_order_in_one_worker_with_half_the_budget():
+def test_overlap_consumes_runs_in_order_in_one_worker_with_a_quarter_of_the_budget():
     """With ``overlap`` two runs are alive at once (one consumed while the next is computed): each run
-    gets half the budget, and one worker thread sees every sample once, in order."""
+    aims at a quarter of the budget, and one worker thread sees every sample once, in order."""
     import threading
 
     per_sample = 3 * 4 * 2
@@ -90,7 +90,7 @@ def test_overlap_consumes_runs_in_order_in_one_worker_with_half_the_budget():
         xs.append(t["x"])
         threads.add(threading.current_thread().name)
 
-    assert capture(MODEL, ["h", "y", "x"], src, consume, batch_size=8, max_bytes=5 * per_sample, overlap=True) == 30
+    assert capture(MODEL, ["h", "y", "x"], src, consume, batch_size=8, max_bytes=9 * per_sample, overlap=True) == 30
     assert sizes[0] == 1 and max(sizes) == 2 and sum(sizes) == 30
     np.testing.assert_array_equal(np.concatenate(xs), np.concatenate([b.feeds["x"] for b in src.batches(8)]))
     assert len(threads) == 1 and threading.current_thread().name not in threads
