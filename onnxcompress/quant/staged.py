@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.core import proto
 from onnxcompress.runtime.batching import Batch
 from onnxcompress.runtime.progress import track
-from onnxcompress.runtime.segments import FrontierStore, Topology
+from onnxcompress.runtime.segments import FrontierStore, closure
 from onnxcompress.runtime.session import make_session
 
 __all__ = ["StagedBatches", "tensor_depths", "frontier", "stored_name", "segment_model"]
@@ -86,7 +86,7 @@ def segment_model(graph: gs.Graph, inputs: dict[str, np.dtype], outputs: list[st
     Raises:
         RuntimeError: The segment reads a computed tensor that is not among ``inputs``.
     """
-    run, leaves = Topology(graph).closure(outputs, set(inputs))
+    run, leaves = closure(graph, outputs, set(inputs))
     missing = sorted(leaves - set(inputs))
     if missing:
         raise RuntimeError(f"segment reads {missing[0]!r}, which is not on the frontier")

@@ -177,3 +177,30 @@ def test_means_from_input_sums_correct_like_measured_outputs(monkeypatch, optimi
     data = _calib(model, 64)
     sqnr = [min(o.sqnr_db for o in compare_models(model, out[h][0], data).outputs) for h in ("sums", "run")]
     assert abs(sqnr[0] - sqnr[1]) < 0.3, sqnr
+
+
+def test_closure_through_graph_links_equals_the_topology():
+    """``segments.closure`` walks the graph's own links; it finds what a full :class:`Topology` finds,
+    subgraph reads (an If branch reading an outer tensor) and graph inputs included."""
+    from onnx import parser
+
+    from onnxcompress.core import serde
+    from onnxcompress.runtime.segments import Topology, closure
+
+    model = parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2] x, bool c) => (float[2] y, float[2] z) <float[2] k = {1.0, 2.0}> {
+    a = Relu(x)
+    b = Mul(a, k)
+    t = If(c) <then_branch = g1 () => (float[2] tt) { tt = Add(b, a) },
+               else_branch = g2 () => (float[2] te) { te = Neg(a) }>
+    d = Sigmoid(t)
+    y = Add(d, b)
+    z = Sub(a, x)
+}""")
+    graph = serde.to_graph(model)
+    topology = Topology(graph)
+    for wanted, known in ((["y"], set()), (["y", "z"], {"a"}), (["y"], {"t"}), (["d"], {"b"}), (["z"], {"z"})):
+        assert closure(graph, wanted, known) == topology.closure(wanted, known), (wanted, known)
+    run, leaves = closure(graph, ["d"], {"b"})
+    assert {graph.nodes[i].op for i in run} == {"If", "Sigmoid", "Relu"} and leaves == {"b", "c", "x"}
+
