@@ -38,6 +38,25 @@ g (float[N,3] x) => (float[N,3] y) <float[3] b = {1.0, 1.0, 1.0}> { y = Add(x, b
     assert [o.name for o in with_outputs(MODEL, ["h"]).graph.output] == ["y", "h"]
 
 
+def test_exposing_adds_the_outputs_for_the_block_only():
+    """``exposing`` is ``with_outputs`` without a copy: the same outputs inside the block, the model
+    byte for byte as it was after it (also when the block or the name check fails)."""
+    from onnxcompress.core.proto import exposing
+
+    before = MODEL.SerializeToString()
+    with exposing(MODEL, ["h", "y"]) as exposed:
+        assert exposed is MODEL
+        assert exposed.graph.output == with_outputs(MODEL, ["h", "y"]).graph.output
+    assert MODEL.SerializeToString() == before
+    with pytest.raises(InputError, match="not produced"):
+        with exposing(MODEL, ["nope"]):
+            pass
+    with pytest.raises(RuntimeError):
+        with exposing(MODEL, ["h"]):
+            raise RuntimeError("session failed")
+    assert MODEL.SerializeToString() == before
+
+
 def test_memory_budget_cuts_batches_into_runs_whatever_the_number_of_samples():
     """The capture never holds more than one run: with a budget of 5 samples' tensors, every
     consumer call gets at most 5 samples, for 12 or 60 samples alike, and sees every sample once."""

@@ -9,7 +9,8 @@ warms onnxruntime up, and the two protobuf edits ``simplify`` does around onnxsi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -24,6 +25,7 @@ __all__ = [
     "feed_names",
     "initializer_arrays",
     "with_outputs",
+    "exposing",
     "nodes_model",
     "segment_model",
     "identity_model",
@@ -72,18 +74,39 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     Raises:
         InputError: A name is not a tensor produced by a node of the main graph.
     """
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend(_extra_outputs(model, names))
+    return exposed
+
+
+@contextlib.contextmanager
+def exposing(model: onnx.ModelProto, names: Iterable[str]) -> Iterator[onnx.ModelProto]:
+    """:func:`with_outputs` without the copy: ``model`` itself with the extra outputs, removed again
+    on leaving the block (for a session made from it: one copy of the weights fewer at its peak).
+
+    Raises:
+        InputError: A name is not a tensor produced by a node of the main graph.
+    """
+    extra = _extra_outputs(model, names)
+    count = len(model.graph.output)
+    model.graph.output.extend(extra)
+    try:
+        yield model
+    finally:
+        del model.graph.output[count:]
+
+
+def _extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> list[onnx.ValueInfoProto]:
+    """Typed outputs for the tensors ``names`` not yet outputs of ``model`` (checked: produced by a node)."""
     names, produced = list(dict.fromkeys(names)), produced_names(model)
     unknown = [n for n in names if n not in produced]
     if unknown:
         raise InputError(f"cannot capture {unknown[:3]}: not produced by any node")
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    types = _tensor_types(model, [n for n in names if n not in present])
-    for name in names:
-        if name not in present:
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    return exposed
+    present = {o.name for o in model.graph.output}
+    missing = [n for n in names if n not in present]
+    types = _tensor_types(model, missing)
+    return [onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None) for name in missing]
 
 
 def _tensor_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:

@@ -60,7 +60,10 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
     constants = proto.initializer_arrays(model, names)
     inputs = set(proto.feed_names(model))
     computed = [n for n in names if n not in constants and n not in inputs]
-    session = make_session(proto.with_outputs(model, computed), threads=threads) if computed else None
+    session = None
+    if computed:
+        with proto.exposing(model, computed) as exposed:
+            session = make_session(exposed, threads=threads)
     fixed = any(s.batch_dim_static() is not None for s in getattr(data, "specs", ()))  # a fixed batch cannot be cut
     budget = _Budget(max_bytes, overlap, cut=not fixed)
     seen = 0
