@@ -170,9 +170,9 @@ class Topology:
 
 
 def closure(graph: gs.Graph, wanted: Iterable[str], known: set[str]) -> tuple[set[int], set[str]]:
-    """:meth:`Topology.closure` of ``graph`` for one query, through the graph's own links: only the
-    nodes of the segment are read (a :class:`Topology` reads every node; once per query, that
-    was most of a level's cost in ``bias_correction`` on a 1000-node detector)."""
+    """:meth:`Topology.closure` of ``graph`` for one query: only the segment's nodes have their reads
+    worked out (a :class:`Topology` works out every node's; once per query, that was most of a
+    level's cost in ``bias_correction`` on a 1000-node detector)."""
     feeds = {t.name for t in graph.inputs if not isinstance(t, gs.Constant)}
     producer = {t.name: i for i, node in reversed(list(enumerate(graph.nodes))) for t in node.outputs if t.name}
     exists = producer.keys() | feeds
