@@ -186,7 +186,7 @@ class BiasCorrection(Pass):
         return result
 
     def _pays(self, before: gs.Graph, after: gs.Graph, reference: onnx.ModelProto, ctx: PassContext,
-              result: PassResult, float_outputs: KeptValues | None = None,
+              result: PassResult, float_outputs: KeptValues,
               tail: list[list[np.ndarray]] | None = None) -> bool:
         """Whether the corrected graph is closer to ``reference`` than the uncorrected one on the
         calibration data: worst SQNR over outputs and channel slices (a detector's score rows count
@@ -195,10 +195,10 @@ class BiasCorrection(Pass):
         the last staged run) are the same numbers a run would give, so they are not recomputed."""
         # threads=0 (every core), like the measuring runs: this pass already relies on onnxruntime's
         # results not depending on the thread count
-        by_sample = float_outputs.arrays() if float_outputs is not None else None
+        by_sample = float_outputs.arrays()
         evaluate = Evaluator(reference, ctx.calib, batch_size=self.opts["batch_size"], threads=0,
                              slices=dict(ctx.slices) if ctx.slices else None, outputs=by_sample,
-                             runs=float_outputs.runs() if float_outputs is not None and by_sample is None else None,
+                             runs=float_outputs.runs() if by_sample is None else None,
                              optimize=self.opts["optimize"])
         old = evaluate(_exported(before))
         new = evaluate.score(lambda i, _batch: tail[i]) if tail is not None else evaluate(_exported(after))
