@@ -15,7 +15,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["CHUNK", "DEFAULT_BINS", "SAMPLE_BLOCK", "SAMPLE_SEED", "HistogramCollector"]
+try:  # the compiled counting loop (pyproject's optional extension): same counts, ~3x faster
+    import _onnxcompress_histogram as _kernel
+except ImportError:  # no compiler at install time: numpy counts
+    _kernel = None
+
+__all__ = ["CHUNK", "DEFAULT_BINS", "SAMPLE_BLOCK", "SAMPLE_SEED", "HistogramCollector", "compiled"]
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +148,17 @@ class HistogramCollector:
         the counts are folded (:meth:`_fold`): runs of equal values (the zeros of a Relu output)
         then increment two counters in turn rather than one, which halves ``bincount``'s chain of
         dependent increments. The counts are the same integers.
+
+        With the compiled kernel (:func:`compiled`) one C loop does the same count, in the same
+        lanes, with the same exact arithmetic (``x * (1 / w)`` is exact, then ``floor``).
         """
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float64)
+        if _kernel is not None and self.width >= 2.0**-100:
+            zeros = _kernel.count(np.ascontiguousarray(a), 1.0 / self.width, self.bins, self._lanes, weight) * weight
+            self.zeros += zeros
+            self.pos[0] -= zeros
+            return
         buf, idx = self._buf, self._idx
         if self.width < 2.0**-100 or a.dtype != buf.dtype:  # keep 1 / width finite in the arithmetic below
             a = a.astype(np.float64)
@@ -215,6 +228,11 @@ class HistogramCollector:
         c.count, c.zeros, c.min, c.max, c.width = int(count), int(zeros), lo, hi, width
         c.pos, c.neg = arrays["pos"].astype(np.int64), arrays["neg"].astype(np.int64)
         return c
+
+
+def compiled() -> bool:
+    """Whether the compiled counting loop is installed (else numpy counts, to the same integers)."""
+    return _kernel is not None
 
 
 _LANES: dict[tuple[int, np.dtype], np.ndarray] = {}
