@@ -105,16 +105,14 @@ class HistogramCollector:
         self._bin(picked, lambda part: self._add(part, weight))
 
     def _bin(self, a: np.ndarray, each: Callable[[np.ndarray], None]) -> None:
-        """``each(chunk)`` for the :data:`CHUNK`-sized pieces of ``a`` with scratch buffers set up;
-        the lane counts they accumulate are folded into the histograms at the end."""
-        n = min(a.size, CHUNK)
-        self._idx = np.empty(n, np.int32)
-        self._buf = np.empty(n, np.float64 if a.dtype != np.float32 else np.float32)
-        self._lanes = np.zeros(4 * self.bins, np.int64)
+        """``each(chunk)`` for the :data:`CHUNK`-sized pieces of ``a``; the lane counts numpy's path
+        accumulates (in scratch buffers :meth:`_add` sets up on first use) are folded into the
+        histograms at the end."""
         try:
             for start in range(0, a.size, CHUNK):
                 each(a[start:start + CHUNK])
-            self._fold()
+            if self._lanes is not None:
+                self._fold()
         finally:
             self._idx = self._buf = self._lanes = None
 
@@ -149,16 +147,19 @@ class HistogramCollector:
         then increment two counters in turn rather than one, which halves ``bincount``'s chain of
         dependent increments. The counts are the same integers.
 
-        With the compiled kernel (:func:`compiled`) one C loop does the same count, in the same
-        lanes, with the same exact arithmetic (``x * (1 / w)`` is exact, then ``floor``).
+        With the compiled kernel (:func:`compiled`) one C loop does the same count, in lanes of its
+        own folded into the histograms before it returns, with the same exact arithmetic
+        (``x * (1 / w)`` is exact, then ``floor``).
         """
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float64)
         if _kernel is not None and self.width >= 2.0**-100:
-            zeros = _kernel.count(np.ascontiguousarray(a), 1.0 / self.width, self.bins, self._lanes, weight) * weight
-            self.zeros += zeros
-            self.pos[0] -= zeros
+            self.zeros += _kernel.count(np.ascontiguousarray(a), 1.0 / self.width, self.bins, self.pos, self.neg,
+                                        weight) * weight
             return
+        if self._lanes is None:  # scratch buffers, kept until the end of this update (see _bin)
+            self._idx, self._lanes = np.empty(CHUNK, np.int32), np.zeros(4 * self.bins, np.int64)
+            self._buf = np.empty(CHUNK, a.dtype)
         buf, idx = self._buf, self._idx
         if self.width < 2.0**-100 or a.dtype != buf.dtype:  # keep 1 / width finite in the arithmetic below
             a = a.astype(np.float64)
