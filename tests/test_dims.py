@@ -252,3 +252,40 @@ def test_symbolic_shape_inference_loads_without_torch():
             "from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference as S; assert S is c")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _computed_reshape(extra: list[onnx.NodeProto] = ()) -> onnx.ModelProto:
+    """``x`` reshaped to ``[2 * x.shape[0], -1]``: at opset 13 onnx's inference does not propagate
+    these shape values (at 17 it does), so the Reshape output ``r`` gets a type and no shape."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             helper.make_node("Mul", ["d0", "two"], ["d2"]),
+             helper.make_node("Unsqueeze", ["d2", "axes"], ["u"]),
+             helper.make_node("Concat", ["u", "m1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"]), *extra]
+    consts = [onnx.numpy_helper.from_array(np.array(0, np.int64), "i0"),
+              onnx.numpy_helper.from_array(np.array(2, np.int64), "two"),
+              onnx.numpy_helper.from_array(np.array([0], np.int64), "axes"),
+              onnx.numpy_helper.from_array(np.array([-1], np.int64), "m1")]
+    outputs = [helper.make_tensor_value_info(n.output[0], 0, None) for n in [nodes[6], *extra[-1:]]]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [4, 3, 8])], outputs, consts)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_types_only_inference_skips_the_symbolic_fallback_where_onnx_typed_every_tensor(monkeypatch):
+    from onnxcompress.core import shapes
+
+    calls = []
+    real = shapes._symbolic
+    monkeypatch.setattr(shapes, "_symbolic", lambda m: calls.append(1) or real(m))
+    typed = shapes.infer_shapes(_computed_reshape(), types_only=True)
+    assert not calls and {o.name: o.type.tensor_type.elem_type for o in typed.graph.output} == {"y": 1}
+    shapes.infer_shapes(_computed_reshape())  # shapes wanted: symbolic inference finds r's
+    assert calls == [1]
+    # an op onnx has no schema for leaves its output untyped: the fallback runs for types too
+    untyped = _computed_reshape([helper.make_node("Gelu", ["y"], ["g"], domain="com.microsoft"),
+                                 helper.make_node("Relu", ["g"], ["z"])])
+    typed = shapes.infer_shapes(untyped, types_only=True)
+    assert calls == [1, 1]
+    assert {o.name: o.type.tensor_type.elem_type for o in typed.graph.output} == {"y": 1, "z": 1}

@@ -114,7 +114,7 @@ def _tensor_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
         return {}
     # element types do not depend on weight values: infer on a weight-less copy (a full one cost
     # ddddocr_ocr's capture several copies of its 54 MB of weights at once in shape inference)
-    inferred = infer_shapes(light_model(model))
+    inferred = infer_shapes(light_model(model), types_only=True)
     return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
             if vi.name in set(names) and vi.type.tensor_type.elem_type}
 

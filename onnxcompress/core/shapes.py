@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import logging
 import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,11 +66,13 @@ DEFAULT = "default"
 BATCH = "batch"
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, *, types_only: bool = False) -> onnx.ModelProto:
     """Return a copy of ``model`` with inferred value_info.
 
     Uses onnx's inference with data propagation; where it leaves intermediate tensors without a
     shape (dynamic reshapes, unknown ops), falls back to onnxruntime's symbolic shape inference.
+    ``types_only``: the caller reads element types alone, so the fallback runs only where a tensor
+    has no element type (its sympy import and pure-Python pass cost ~0.5-1 s on an LSTM/CTC head).
     The input is never modified; on failure the best result so far is returned. Exception:
     above the 2 GB threshold (where onnx cannot serialize the model and a copy would double the
     memory) inference runs on a weight-less copy and its value_info is written into ``model``,
@@ -83,7 +85,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         log.debug("onnx shape inference failed: %s", exc)
         inferred = copy.deepcopy(model)
-    if _all_shaped(inferred):
+    if _all_typed(inferred) if types_only else _all_shaped(inferred):
         return inferred
     symbolic = _symbolic(inferred)
     return inferred if symbolic is None else symbolic
@@ -197,7 +199,8 @@ def shape_model(graph: gs.Graph) -> onnx.ModelProto:
     return light_model(model)
 
 
-def infer_graph(graph: gs.Graph, dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
+def infer_graph(graph: gs.Graph, dims: Mapping[str, int] | None = None, *, types_only: bool = False
+                ) -> onnx.ModelProto:
     """``infer_shapes(to_model(graph))`` without the weights: for reading shapes and types only.
 
     ``dims``: values of some symbolic input dims, by name (:meth:`Dims.known`), fixed on the graph's
@@ -207,14 +210,14 @@ def infer_graph(graph: gs.Graph, dims: Mapping[str, int] | None = None) -> onnx.
     int64 rank-<=1 ones, which inference may need the values of, kept whole). The result has the
     graph's own inputs, the inferred ``value_info`` and outputs, and its initializers as headers
     (name, dims, data type): initializers over 1 KiB carry **no data**. Memory and time do not
-    grow with the weights' size. ``graph`` is not modified.
+    grow with the weights' size. ``graph`` is not modified. ``types_only``: see :func:`infer_shapes`.
     """
     light = shape_model(graph)
     inits = {i.name for i in light.graph.initializer}
     stubs = [vi for vi in light.graph.input if vi.name not in inits and vi.name not in _graph_input_names(graph)]
     if dims:
         _fix_dims([vi for vi in light.graph.input if vi.name in _graph_input_names(graph)], dims)
-    inferred = infer_shapes(light)
+    inferred = infer_shapes(light, types_only=types_only)
     stub_names = {vi.name for vi in stubs}
     keep_inputs = [vi for vi in inferred.graph.input if vi.name not in stub_names]
     keep_info = [vi for vi in inferred.graph.value_info if vi.name not in stub_names]
@@ -251,7 +254,17 @@ def _infer_in_place(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _all_shaped(model: onnx.ModelProto) -> bool:
-    known = {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}
+    return _all_known(model, lambda t: t.HasField("shape"))
+
+
+def _all_typed(model: onnx.ModelProto) -> bool:
+    return _all_known(model, lambda t: bool(t.elem_type))
+
+
+def _all_known(model: onnx.ModelProto, known_in: Callable[[onnx.TypeProto.Tensor], bool]) -> bool:
+    """Whether every node output is a graph input, initializer or output, or has value_info with
+    ``known_in(tensor_type)``."""
+    known = {v.name for v in model.graph.value_info if known_in(v.type.tensor_type)}
     known |= {v.name for v in model.graph.input} | {i.name for i in model.graph.initializer}
     known |= {v.name for v in model.graph.output}
     return all(out in known for node in model.graph.node for out in node.output if out)

@@ -249,7 +249,7 @@ class QdqPlan:
 
 def tensor_dtypes(graph: gs.Graph) -> dict[str, int]:
     """ONNX element types of every typed tensor (one weight-less shape inference)."""
-    model = infer_graph(graph)
+    model = infer_graph(graph, types_only=True)
     out = {i.name: i.data_type for i in model.graph.initializer}
     for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         if vi.type.tensor_type.elem_type:
