@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.core import serde
 from onnxcompress.core.errors import InputError
+from onnxcompress.core.shape_values import fill_shapes, full_shapes
 
 __all__ = [
     "BATCH",
@@ -80,15 +81,20 @@ def infer_shapes(model: onnx.ModelProto, *, types_only: bool = False) -> onnx.Mo
     """
     if serde.weights_nbytes(model) > serde.EXTERNAL_THRESHOLD:
         return _infer_in_place(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:
-        log.debug("onnx shape inference failed: %s", exc)
-        inferred = copy.deepcopy(model)
+    inferred = _onnx_inferred(model)
     if _all_typed(inferred) if types_only else _all_shaped(inferred):
         return inferred
     symbolic = _symbolic(inferred)
     return inferred if symbolic is None else symbolic
+
+
+def _onnx_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's inference with data propagation (a copy of ``model`` where it fails)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        log.debug("onnx shape inference failed: %s", exc)
+        return copy.deepcopy(model)
 
 
 #: onnxruntime's symbolic shape inference module (a file of its ``tools`` folder).
@@ -153,11 +159,19 @@ def infer_shapes_filled(model: onnx.ModelProto, only: Collection[str] | None = N
 
     Args:
         only: The tensors whose shapes the caller reads: symbolic inference (and its sympy import,
-            seconds) runs only when onnx gave up on one of them (default: on any tensor). The
-            shapes of these tensors are the same either way.
+            seconds) runs only when neither onnx nor the shape arithmetic evaluated at these dims
+            (:func:`~onnxcompress.core.shape_values.fill_shapes`) finds all of theirs (default: on any tensor).
+            The shapes of these tensors are the same either way.
     """
-    inferred = infer_shapes(model)
     wanted = None if only is None else set(only)
+    if wanted is not None and serde.weights_nbytes(model) <= serde.EXTERNAL_THRESHOLD:
+        inferred = _onnx_inferred(model)
+        missing = wanted - full_shapes(inferred).keys()
+        if missing:
+            fill_shapes(light_model(model), inferred, missing)
+        if not wanted - full_shapes(inferred).keys():
+            return inferred
+    inferred = infer_shapes(model)
     if not any(_gave_up(vi) and (wanted is None or vi.name in wanted) for vi in inferred.graph.value_info):
         return inferred
     symbolic = _symbolic(inferred)
