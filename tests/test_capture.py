@@ -95,9 +95,9 @@ def test_progress_of_samples_shows_samples_per_second():
     assert list(track([[1, 2], [3]], "x", enabled=False, unit=len)) == [[1, 2], [3]]
 
 
-def test_overlap_consumes_runs_in_order_in_one_worker_with_a_quarter_of_the_budget():
+def test_overlap_consumes_runs_in_order_in_one_worker_with_an_eighth_of_the_budget():
     """With ``overlap`` two runs are alive at once (one consumed while the next is computed): each run
-    aims at a quarter of the budget, and one worker thread sees every sample once, in order."""
+    aims at an eighth of the budget, and one worker thread sees every sample once, in order."""
     import threading
 
     per_sample = 3 * 4 * 2
@@ -109,7 +109,7 @@ def test_overlap_consumes_runs_in_order_in_one_worker_with_a_quarter_of_the_budg
         xs.append(t["x"])
         threads.add(threading.current_thread().name)
 
-    assert capture(MODEL, ["h", "y", "x"], src, consume, batch_size=8, max_bytes=9 * per_sample, overlap=True) == 30
+    assert capture(MODEL, ["h", "y", "x"], src, consume, batch_size=8, max_bytes=17 * per_sample, overlap=True) == 30
     assert sizes[0] == 1 and max(sizes) == 2 and sum(sizes) == 30
     np.testing.assert_array_equal(np.concatenate(xs), np.concatenate([b.feeds["x"] for b in src.batches(8)]))
     assert len(threads) == 1 and threading.current_thread().name not in threads

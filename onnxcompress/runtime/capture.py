@@ -47,9 +47,10 @@ def capture(model: onnx.ModelProto, names: Iterable[str], data: CalibSource, con
             runs whole batches. Consumers must accept any batch size (streaming sums do).
         overlap: Consume each run in a worker thread while onnxruntime computes the next one
             (numpy and onnxruntime release the GIL). The consumer still sees the runs one at a
-            time and in order. Two runs are then alive at once: runs aim at a quarter of
-            ``max_bytes`` (half of it alive; a quarter or half made no difference to the time, and
-            nudenet's calibration peaked 65 MB lower), and one-sample runs of up to half of it
+            time and in order. Two runs are then alive at once: runs aim at an eighth of
+            ``max_bytes`` (a quarter of it alive: nudenet's calibration peaked 40 MB lower than with
+            a quarter per run, at onnxruntime MinMax's peak, and 65 MB lower than with half), and
+            one-sample runs of up to half of it
             still overlap; when one sample's tensors (or a batch that cannot be cut) exceed that
             half, the runs are consumed one after the other as without ``overlap``.
 
@@ -126,7 +127,7 @@ class Handoff:
 
 class _Budget:
     """Samples per run under ``max_bytes`` of captured tensors: one sample first (consumed before the
-    next run), then as measured; with ``overlap``, a quarter of ``max_bytes`` per run (at least one
+    next run), then as measured; with ``overlap``, an eighth of ``max_bytes`` per run (at least one
     sample), or no overlap when one sample (or, where batches cannot be ``cut``, one batch) takes
     more than half of it."""
 
@@ -150,6 +151,6 @@ class _Budget:
         size = max(sum(v.nbytes for v in values.values()) / (samples if self.can_cut else 1), 1.0)
         self.overlap = self.wanted and 2 * size <= self.max_bytes
         if self.can_cut:
-            self.step = max(1, int(self.max_bytes // (4 if self.overlap else 1) // size))
+            self.step = max(1, int(self.max_bytes // (8 if self.overlap else 1) // size))
         log.debug("capture: %.1f MB per %s, %s per run, overlap %s", size / 1e6,
                   "sample" if self.can_cut else "batch", self.step or "whole batches", self.overlap)
