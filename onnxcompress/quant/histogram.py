@@ -20,7 +20,7 @@ try:  # the compiled counting loop (pyproject's optional extension): same counts
 except ImportError:  # no compiler at install time: numpy counts
     _kernel = None
 
-__all__ = ["CHUNK", "DEFAULT_BINS", "SAMPLE_BLOCK", "SAMPLE_SEED", "HistogramCollector", "compiled"]
+__all__ = ["CHUNK", "DEFAULT_BINS", "SAMPLE_BLOCK", "SAMPLE_SEED", "HistogramCollector", "compiled", "grid_terms"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,18 @@ class HistogramCollector:
         c.count, c.zeros, c.min, c.max, c.width = int(count), int(zeros), lo, hi, width
         c.pos, c.neg = arrays["pos"].astype(np.int64), arrays["neg"].astype(np.int64)
         return c
+
+
+def grid_terms(x: np.ndarray, n: np.ndarray, step: np.ndarray, low: np.ndarray, high: np.ndarray,
+               out: np.ndarray) -> bool:
+    """``out[r] = (x - clip(round(x / step[r]), low[r], high[r]) * step[r]) ** 2 * n`` with the
+    compiled kernel, in one pass and to the same bits as numpy's passes (see
+    :func:`onnxcompress.quant.observers._grid_error`); False, nothing written, without it.
+    Every argument is a C-contiguous float64 array, ``out`` of ``len(step) x len(x)``."""
+    if _kernel is None:
+        return False
+    _kernel.grid_terms(x, n, step, low, high, out)
+    return True
 
 
 def compiled() -> bool:

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from onnxcompress.quant.histogram import DEFAULT_BINS, HistogramCollector
+from onnxcompress.quant.histogram import DEFAULT_BINS, HistogramCollector, grid_terms
 
 __all__ = [
     "METHODS",
@@ -196,10 +196,14 @@ def _grid_error(x: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, *,
     # integers (exact in float64), and a rounded value too large for r + zp to be exact is clipped
     # to the same bound either way
     step_col, low, high = step[:, None], (qmin - zp)[:, None], (qmax - zp)[:, None]
-    work = np.empty((step.size, min(x.size, 1024)))
+    flat = [np.ascontiguousarray(v.ravel(), np.float64) for v in (step, low, high)]
+    work = np.empty(step.size * min(x.size, 1024))
     for start in range(0, x.size, 1024):  # bounded temporaries: candidates x 1024 values
         xs, ns = x[start:start + 1024], n[start:start + 1024]
-        t = work[:, : xs.size]
+        t = work[: step.size * xs.size].reshape(step.size, xs.size)
+        if grid_terms(xs, ns, *flat, t):  # the compiled kernel: the same terms in one pass
+            err += t.sum(axis=1)
+            continue
         # in place: ((xs - (clip(round(xs / step) + zp) - zp) * step) ** 2 * ns).sum(1), the same bits
         np.divide(xs[None, :], step_col, out=t)
         np.round(t, out=t)

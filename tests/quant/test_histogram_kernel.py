@@ -84,3 +84,29 @@ def test_any_float32_values(monkeypatch, x):
 def test_a_view_that_is_not_contiguous_is_counted(monkeypatch):
     x = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
     _both(monkeypatch, [x[:, ::3], x.T])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_ranges_are_the_same_bits_with_the_compiled_grid(monkeypatch, symmetric):
+    """The MSE search's error terms computed by the kernel equal numpy's to the bit, so every
+    chosen range is the same float (relu-like, two-sided and spiky tensors, partial last chunks)."""
+    from onnxcompress.quant.observers import _grid_error, compute_range
+
+    rng = np.random.default_rng(4)
+    tensors = [np.maximum(rng.standard_normal(50_000), 0) * rng.gamma(2, 1, 50_000),
+               rng.standard_normal(70_000) * 3 + 1, np.clip(rng.standard_normal(20_000) * 4, -6, 6),
+               rng.laplace(size=30_000) ** 3]
+    for x in tensors:
+        c = HistogramCollector()
+        c.update(x.astype(np.float32))
+        fast = compute_range(c, "mse", symmetric=symmetric)
+        with monkeypatch.context() as m:
+            m.setattr(histogram, "_kernel", None)
+            assert compute_range(c, "mse", symmetric=symmetric) == fast
+    centres, counts = np.linspace(-5, 7, 1500), rng.integers(0, 50, 1500).astype(np.float64)
+    hi = np.linspace(0.5, 7, 256)
+    lo = np.full(256, -3.0)
+    fast = _grid_error(centres, counts, lo, hi, symmetric=symmetric)
+    with monkeypatch.context() as m:
+        m.setattr(histogram, "_kernel", None)
+        np.testing.assert_array_equal(_grid_error(centres, counts, lo, hi, symmetric=symmetric), fast)
