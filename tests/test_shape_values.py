@@ -74,3 +74,11 @@ def test_ops_it_does_not_evaluate_fall_back_to_symbolic_inference(symbolic_calls
     m = model_metrics(_reshaped_matmul(where=True))
     assert symbolic_calls == [1]
     assert m.macs == 12 * 8 * 5
+
+
+def test_an_initializer_whose_data_does_not_match_its_dims_is_not_read(symbolic_calls):
+    model = _reshaped_matmul()
+    bad = numpy_helper.from_array(np.zeros(3, np.int64), "odd")
+    bad.dims[:] = [2, 2]  # 24 bytes for 4 values, as a fuzzed file can hold
+    model.graph.initializer.append(bad)
+    assert model_metrics(model).macs == 12 * 8 * 5

@@ -93,8 +93,14 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
             if value is not None:
                 tensors[node.output[0]] = value
-    return {name: numpy_helper.to_array(t) for name, t in tensors.items()
-            if int(np.prod(list(t.dims), dtype=np.int64)) <= MAX_VALUES}
+    values = {}
+    for name, t in tensors.items():
+        if int(np.prod(list(t.dims), dtype=np.int64)) <= MAX_VALUES:
+            try:
+                values[name] = numpy_helper.to_array(t)
+            except Exception as exc:  # data that does not match its dims: not a value to reason with
+                log.debug("shape arithmetic: %s unreadable: %s", name, exc)
+    return values
 
 
 def _evaluate(model: onnx.ModelProto, values: dict[str, np.ndarray], shapes: dict[str, list[int]]
@@ -136,7 +142,7 @@ def _args(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, 
 def _gs_node(node: onnx.NodeProto) -> gs.Node:
     """The op type and attributes of ``node`` as :func:`~onnxcompress.core.fold.evaluate_node` reads them."""
     attrs = {}
-    for a in node.attribute:
+    for a in node.attribute:  # (a tensor attribute that does not decode raises: the node is not evaluated)
         value = onnx.helper.get_attribute_value(a)
         attrs[a.name] = gs.Constant(a.name, numpy_helper.to_array(value)) if isinstance(value, onnx.TensorProto) else value
     return gs.Node(op=node.op_type, attrs=attrs)
