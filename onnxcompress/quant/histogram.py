@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-try:  # the compiled counting loop (pyproject's optional extension): same counts, ~3x faster
+try:  # the compiled kernel (pyproject's optional extension): the same counts ~2.3x faster per value
     import _onnxcompress_histogram as _kernel
 except ImportError:  # no compiler at install time: numpy counts
     _kernel = None
@@ -244,7 +244,7 @@ def grid_terms(x: np.ndarray, n: np.ndarray, step: np.ndarray, low: np.ndarray, 
 
 
 def compiled() -> bool:
-    """Whether the compiled counting loop is installed (else numpy counts, to the same integers)."""
+    """Whether the compiled kernel is installed (else numpy counts and computes the MSE grid, to the same bits)."""
     return _kernel is not None
 
 
