@@ -63,7 +63,7 @@ def fill_shapes(light: onnx.ModelProto, inferred: onnx.ModelProto, wanted: Colle
         if not new:
             break
         values.update(new)
-        work = _frozen(work, new)
+        _freeze(work, new)
         try:
             last = onnx.shape_inference.infer_shapes(work, data_prop=True)
         except Exception as exc:  # onnx rejects the frozen copy: keep what was found
@@ -148,23 +148,21 @@ def _gs_node(node: onnx.NodeProto) -> gs.Node:
     return gs.Node(op=node.op_type, attrs=attrs)
 
 
-def _frozen(model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose nodes computing ``new`` are Constant nodes of those values."""
-    out = copy.deepcopy(model)
-    for node in out.graph.node:
+def _freeze(model: onnx.ModelProto, new: dict[str, np.ndarray]) -> None:
+    """Turn the nodes of ``model`` (the caller's own copy) computing ``new`` into Constant nodes of those values."""
+    for node in model.graph.node:
         if len(node.output) == 1 and node.output[0] in new:
             name, output = node.name, node.output[0]
             node.Clear()
             node.CopyFrom(onnx.helper.make_node("Constant", [], [output], name=name,
                                                 value=numpy_helper.from_array(new[output])))
-    return out
 
 
 def _write(inferred: onnx.ModelProto, found: dict[str, onnx.ValueInfoProto]) -> None:
     """``found`` (type and full shape) in place of ``inferred``'s value_info or output entry of
     the same name, or added to its value_info; graph inputs and initializers are left alone."""
     fixed = {i.name for i in inferred.graph.initializer} | {i.name for i in inferred.graph.input}
-    infos = {vi.name: vi for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    infos = {vi.name: vi for vi in _infos(inferred) if vi.name not in fixed}
     for name, vi in found.items():
         if name in fixed or (name in infos and _dims(infos[name]) is not None):
             continue

@@ -1,4 +1,5 @@
-/* Optional compiled kernel of onnxcompress.quant.histogram (module _onnxcompress_histogram).
+/* Optional compiled kernel of onnxcompress.quant.histogram (module _onnxcompress_histogram): count
+ * below, and grid_terms further down (the MSE range search's inner loop).
  *
  * count(values, scale, bins, pos, neg, weight) bins the values of a C-contiguous float32 or float64
  * buffer at floor(v * scale) into the two int64 |x| histograms of HistogramCollector (bins counters
@@ -18,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 1024
 
@@ -52,10 +54,11 @@
 DEFINE_COUNT(count_f32, float)
 DEFINE_COUNT(count_f64, double)
 
-static int is_int64(const Py_buffer *b, Py_ssize_t size)
+/* Whether the buffer's items are `itemsize` bytes of one of the struct format characters `codes`. */
+static int is_type(const Py_buffer *b, Py_ssize_t itemsize, const char *codes)
 {
-    return b->itemsize == 8 && b->format != NULL && b->format[1] == '\0' &&
-           (b->format[0] == 'q' || b->format[0] == 'l') && b->len == 8 * size;
+    return b->itemsize == itemsize && b->format != NULL && b->format[0] != '\0' && b->format[1] == '\0' &&
+           strchr(codes, b->format[0]) != NULL;
 }
 
 static int get(PyObject *obj, Py_buffer *view, int flags, Py_buffer **held, int *n)
@@ -93,10 +96,9 @@ static PyObject *count(PyObject *self, PyObject *args)
         get(pos_obj, &pos, PyBUF_WRITABLE, held, &held_n) < 0 ||
         get(neg_obj, &neg, PyBUF_WRITABLE, held, &held_n) < 0)
         goto done;
-    const char *fmt = values.format ? values.format : "B";
-    int f32 = values.itemsize == 4 && fmt[0] == 'f' && fmt[1] == '\0';
-    int f64 = values.itemsize == 8 && fmt[0] == 'd' && fmt[1] == '\0';
-    if (!(f32 || f64) || bins < 1 || bins > (1 << 20) || !is_int64(&pos, bins) || !is_int64(&neg, bins)) {
+    int f32 = is_type(&values, 4, "f"), f64 = is_type(&values, 8, "d");
+    if (!(f32 || f64) || bins < 1 || bins > (1 << 20) || !is_type(&pos, 8, "ql") || !is_type(&neg, 8, "ql") ||
+        pos.len != 8 * bins || neg.len != 8 * bins) {
         PyErr_SetString(PyExc_ValueError, "count: float32/float64 values and two int64 histograms of bins counters expected");
         goto done;
     }
@@ -147,11 +149,6 @@ static void grid_rows(const double *x, const double *n, Py_ssize_t cols, const d
     }
 }
 
-static int is_f64(const Py_buffer *b)
-{
-    return b->itemsize == 8 && b->format != NULL && b->format[0] == 'd' && b->format[1] == '\0';
-}
-
 static PyObject *grid_terms(PyObject *self, PyObject *args)
 {
     PyObject *objs[6];
@@ -167,7 +164,7 @@ static PyObject *grid_terms(PyObject *self, PyObject *args)
     Py_ssize_t cols = views[0].len / 8, rows = views[2].len / 8;
     int ok = 1;
     for (int i = 0; i < 6; i++)
-        ok = ok && is_f64(&views[i]);
+        ok = ok && is_type(&views[i], 8, "d");
     if (!ok || views[1].len != views[0].len || views[3].len != views[2].len || views[4].len != views[2].len ||
         views[5].len != 8 * rows * cols) {
         PyErr_SetString(PyExc_ValueError, "grid_terms: float64 x, n (same length), step, low, high (same length) "
@@ -198,7 +195,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_onnxcompress_histogram",
-    "Compiled counting loop of onnxcompress.quant.histogram (optional).", -1, methods,
+    "Compiled loops of onnxcompress.quant (optional): histogram counting and the MSE grid's terms.", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__onnxcompress_histogram(void)
